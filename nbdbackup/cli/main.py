@@ -1,0 +1,152 @@
+"""Entry point: argument parsing, logging, and the error -> exit code mapping.
+
+Each command lives in its own module under nbdbackup.cli.commands and exposes
+NAME, HELP, add_arguments(parser) and run(args) -> int. Command modules keep
+their top level light (no sqlalchemy/zstd imports) so start-up stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import os
+import pkgutil
+import signal
+import sys
+
+from .. import __version__
+from ..errors import ExitCode, NbdBackupError, exit_code_table
+
+log = logging.getLogger("nbdbackup")
+
+
+class Interrupted(BaseException):
+    """Raised from the SIGTERM handler so that finally-blocks run."""
+
+
+def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options valid both before and after the subcommand.
+
+    The copy on each subcommand uses SUPPRESS so that an option given before
+    the subcommand is not reset by the subparser's default.
+    """
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    g = parser.add_argument_group("common options")
+    g.add_argument("--repo", default=d(os.environ.get("NBDBACKUP_REPO")), metavar="PATH",
+                   help="repository directory (default: $NBDBACKUP_REPO)")
+    g.add_argument("--index-url", default=d(None), metavar="URL",
+                   help="SQLAlchemy URL of the index (default: SQLite file inside the repository)")
+    g.add_argument("--json", action="store_true", default=d(False), help="machine-readable output on stdout")
+    g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars or summaries")
+    g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log output (-vv for debug)")
+    g.add_argument("--log-file", default=d(None), metavar="PATH", help="also append logs to PATH")
+    g.add_argument("--lock-wait", type=float, default=d(0.0), metavar="SECONDS",
+                   help="wait up to SECONDS for a repository lock (default: do not wait)")
+
+
+EPILOG = "exit codes:\n" + exit_code_table()
+
+
+def command_modules():
+    from . import commands
+
+    mods = []
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        mods.append(importlib.import_module(f"{commands.__name__}.{info.name}"))
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdbackup",
+        description="Incremental, deduplicated backups of qemu/KVM disks over NBD.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nbdbackup {__version__}")
+    _add_common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in command_modules():
+        p = sub.add_parser(
+            mod.NAME,
+            help=mod.HELP,
+            description=getattr(mod, "DESCRIPTION", mod.HELP),
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        _add_common(p, suppress=True)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def setup_logging(verbose: int, log_file: str | None) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger()
+    root.handlers.clear()
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("nbdbackup: %(levelname)s: %(message)s"))
+    h.setLevel(level)
+    root.addHandler(h)
+    root.setLevel(level)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
+        fh.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+        root.addHandler(fh)
+        root.setLevel(min(level, fh.level))
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    try:
+        setup_logging(args.verbose, args.log_file)
+    except OSError as e:
+        print(f"nbdbackup: error: cannot open log file: {e}", file=sys.stderr)
+        return ExitCode.USAGE
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rc = args._run(args)
+        return int(rc or 0)
+    except NbdBackupError as e:
+        log.debug("error details", exc_info=True)
+        print(f"nbdbackup: error: {e.user_message()}", file=sys.stderr)
+        return int(e.exit_code)
+    except (KeyboardInterrupt, Interrupted):
+        print("nbdbackup: interrupted; nothing half-done was committed", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        return int(ExitCode.FAILURE)
+    except OSError as e:
+        log.debug("error details", exc_info=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"nbdbackup: error: no space left: {e}\n  hint: free space on the repository's "
+                  "file system and run the command again; committed backups are intact", file=sys.stderr)
+            return int(ExitCode.NO_SPACE)
+        print(f"nbdbackup: error: {e}", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+    except Exception as e:  # a bug: say so briefly, details with -v / --log-file
+        log.debug("internal error", exc_info=True)
+        print(f"nbdbackup: internal error: {type(e).__name__}: {e}\n"
+              "  hint: run again with -vv or --log-file for details, and report it", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

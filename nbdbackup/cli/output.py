@@ -1,0 +1,59 @@
+"""Shared output helpers for commands: JSON, human tables, progress bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def progress_enabled(args) -> bool:
+    """Bars only for a person watching: a TTY on stderr, and not --quiet/--json."""
+    return not getattr(args, "quiet", False) and not getattr(args, "json", False) and sys.stderr.isatty()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress_bar(args, total: int | None, desc: str, unit: str = "B"):
+    """A tqdm bar for bytes (rate and ETA), or a no-op when disabled."""
+    if not progress_enabled(args):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def summary(args, line: str) -> None:
+    """The one-line summary at the end of long work (stderr; not with --quiet/--json)."""
+    if not getattr(args, "quiet", False) and not getattr(args, "json", False):
+        print(line, file=sys.stderr)

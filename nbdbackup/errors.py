@@ -1,0 +1,147 @@
+"""Error types and the one exit-code table shared by every command.
+
+Each condition a user can hit maps to one exception class and one exit code.
+The CLI catches NbdBackupError, prints its message (what went wrong and what
+to do), and exits with its code; nothing else reaches the user as a traceback.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1              # generic failure
+    USAGE = 2                # bad command line, malformed URI, bad option value
+    LOCKED = 3               # repository or disk locked by another run
+    SOURCE_UNREACHABLE = 4   # cannot connect to / open the backup source or NBD target
+    VERIFY_FAILED = 5        # verify found damaged or missing data
+    NOT_A_REPOSITORY = 6     # path is not an nbdbackup repository
+    REPO_FORMAT = 7          # repository or index format is newer than this tool, or needs `nbdbackup migrate`
+    NO_SPACE = 8             # disk full (ENOSPC) while writing
+    REPO_DAMAGED = 9         # a pack or the index is damaged; committed data may be unreadable
+    PROTOCOL = 10            # the NBD peer broke the protocol (lying or broken server)
+    NOT_FOUND = 11           # no such backup, disk or export
+    SOURCE_FAILED = 12       # source failed mid-backup after retries; nothing was committed
+    INTERRUPTED = 130        # SIGINT/SIGTERM
+
+
+EXIT_CODE_HELP = {
+    ExitCode.OK: "success",
+    ExitCode.FAILURE: "generic failure",
+    ExitCode.USAGE: "usage error (bad option, malformed URI or argument)",
+    ExitCode.LOCKED: "repository locked: another run holds the lock",
+    ExitCode.SOURCE_UNREACHABLE: "source unreachable: cannot connect to or open the source/target",
+    ExitCode.VERIFY_FAILED: "verification failed: damaged or missing data found",
+    ExitCode.NOT_A_REPOSITORY: "not a repository (run `nbdbackup init`)",
+    ExitCode.REPO_FORMAT: "repository format too new for this tool, or index needs `nbdbackup migrate`",
+    ExitCode.NO_SPACE: "no space left on the repository's disk; nothing committed was harmed",
+    ExitCode.REPO_DAMAGED: "repository damaged (corrupt pack or index); see `verify`, `rebuild-index`",
+    ExitCode.PROTOCOL: "NBD protocol error: the peer misbehaved",
+    ExitCode.NOT_FOUND: "no such backup, disk or export",
+    ExitCode.SOURCE_FAILED: "source failed during the backup (after retries); nothing was committed",
+    ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
+}
+
+
+def exit_code_table() -> str:
+    """The exit-code table as text, for --help and the README."""
+    return "\n".join(f"  {int(c):>3}  {EXIT_CODE_HELP[c]}" for c in ExitCode)
+
+
+class NbdBackupError(Exception):
+    """Base class: a condition the user should read about, not a bug."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+    def user_message(self) -> str:
+        msg = str(self)
+        if self.hint:
+            msg += f"\n  hint: {self.hint}"
+        return msg
+
+
+class UsageError(NbdBackupError):
+    exit_code = ExitCode.USAGE
+
+
+class LockedError(NbdBackupError):
+    exit_code = ExitCode.LOCKED
+
+
+class SourceUnreachable(NbdBackupError):
+    exit_code = ExitCode.SOURCE_UNREACHABLE
+
+
+class VerifyFailed(NbdBackupError):
+    exit_code = ExitCode.VERIFY_FAILED
+
+
+class NotARepository(NbdBackupError):
+    exit_code = ExitCode.NOT_A_REPOSITORY
+
+
+class RepoFormatError(NbdBackupError):
+    exit_code = ExitCode.REPO_FORMAT
+
+
+class NoSpaceError(NbdBackupError):
+    exit_code = ExitCode.NO_SPACE
+
+
+class RepoDamaged(NbdBackupError):
+    exit_code = ExitCode.REPO_DAMAGED
+
+
+class NotFound(NbdBackupError):
+    exit_code = ExitCode.NOT_FOUND
+
+
+class SourceFailed(NbdBackupError):
+    exit_code = ExitCode.SOURCE_FAILED
+
+
+# --- NBD protocol errors (client and server side) ---------------------------
+
+class NbdError(NbdBackupError):
+    """Base for NBD problems."""
+
+    exit_code = ExitCode.PROTOCOL
+
+
+class NbdProtocolError(NbdError):
+    """The peer broke the protocol: bad magic, unknown chunk, wrong cookie..."""
+
+    exit_code = ExitCode.PROTOCOL
+
+
+class NbdConnectionError(NbdError):
+    """Could not connect, the connection dropped, or a socket operation timed out."""
+
+    exit_code = ExitCode.SOURCE_UNREACHABLE
+
+
+class NbdOptionError(NbdError):
+    """The server refused an option during the handshake (NBD_REP_ERR_*)."""
+
+    exit_code = ExitCode.SOURCE_UNREACHABLE
+
+    def __init__(self, message: str, *, reply_type: int = 0, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.reply_type = reply_type
+
+
+class NbdCommandError(NbdError):
+    """The server answered a transmission request with an errno."""
+
+    exit_code = ExitCode.SOURCE_FAILED
+
+    def __init__(self, message: str, *, errno: int, offset: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.offset = offset
