@@ -1,0 +1,51 @@
+"""What a backup source provides to the engine.
+
+A source (any NBD URI, a local image the tool manages, a live VM through QMP)
+turns "back up these disks" into NBD exports the engine reads, and owns the
+bitmap lifecycle around the commit. The engine calls, in order:
+
+    plans = source.prepare(repo, kind, no_fallback)   # exports are up
+    ... read each plan.uri, write a backup per plan ...
+    source.committed(plans, infos)   # only after the index commit succeeded
+or  source.failed(exc)               # on any failure before/at commit
+    source.close()                   # always, tears down what prepare() made
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DiskPlan:
+    disk: str                       # disk name in the repository
+    uri: str                        # NBD URI to read this disk from
+    kind: str                       # "full" or "incremental" (after any fallback)
+    bitmap_context: str | None = None   # meta context with the dirty set, e.g. "qemu:dirty-bitmap:x"
+    bitmap: str | None = None       # bitmap name recorded on the backup (the one read)
+    parent_id: str | None = None    # backup the dirty set is relative to (incremental only)
+    checkpoint: str | None = None   # bitmap generation this backup opens (recorded on the backup)
+    fallback_reason: str | None = None  # why an asked-for incremental became a full
+    extra: dict = field(default_factory=dict)   # source-private state
+
+
+class Source:
+    """Base class; see the module docstring for the call order."""
+
+    def prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
+        raise NotImplementedError
+
+    def committed(self, plans: list[DiskPlan], infos: list) -> None:
+        """All backups of *plans* are committed: advance bitmaps."""
+
+    def failed(self, exc: BaseException | None) -> None:
+        """The run failed: keep every change for the next run (merge bitmaps back)."""
+
+    def close(self) -> None:
+        """Always called: remove exports, stop servers, delete scratch files."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
