@@ -1,0 +1,83 @@
+"""The CLI shell: help, exit-code table, common options, packaging."""
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from support import nbdbackup, run
+
+from nbdbackup.errors import EXIT_CODE_HELP, ExitCode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_lists_commands_and_exit_codes():
+    out = nbdbackup("--help").stdout
+    for cmd in ("full", "incremental", "restore", "list", "serve", "init", "verify", "prune", "gc", "demo"):
+        assert re.search(rf"^\s+{cmd}\s", out, re.M), f"{cmd} missing from --help"
+    for code in ExitCode:
+        assert re.search(rf"^\s+{int(code)}\s+{re.escape(EXIT_CODE_HELP[code])}$", out, re.M)
+
+
+def test_readme_exit_code_table_matches_code():
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", readme, re.M))
+    assert {int(k) for k in rows} == {int(c) for c in ExitCode}
+    for code in ExitCode:
+        assert rows[str(int(code))].replace("`", "") == EXIT_CODE_HELP[code].replace("`", "")
+
+
+def test_no_command_is_usage_error():
+    p = nbdbackup(check=False)
+    assert p.returncode == ExitCode.USAGE
+
+
+def test_unknown_option_is_usage_error():
+    p = nbdbackup("list", "--no-such-option", check=False)
+    assert p.returncode == ExitCode.USAGE
+    assert "Traceback" not in p.stderr
+
+
+def test_common_options_after_subcommand(tmp_path):
+    # --repo after the command works the same as before it
+    repo = tmp_path / "r"
+    nbdbackup("init", "--repo", repo)
+    a = nbdbackup("list", "--repo", repo, "--json").stdout
+    b = nbdbackup("--repo", repo, "--json", "list").stdout
+    assert a == b
+
+
+def test_missing_repository_option(tmp_path):
+    p = nbdbackup("list", check=False, cwd=tmp_path)
+    assert p.returncode == ExitCode.USAGE
+    assert "NBDBACKUP_REPO" in p.stderr
+
+
+def test_not_a_repository(tmp_path):
+    p = nbdbackup("list", "--repo", tmp_path, check=False)
+    assert p.returncode == ExitCode.NOT_A_REPOSITORY
+    assert "Traceback" not in p.stderr
+
+
+def test_plain_wheel_ships_migrations_and_works(tmp_path):
+    """A non-editable install must carry the Alembic scripts and run `init`."""
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "wheels"), str(ROOT)], timeout=300)
+    wheel = next((tmp_path / "wheels").glob("nbdbackup-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "nbdbackup/_migrations/env.py" in names
+    assert any(n.startswith("nbdbackup/_migrations/versions/") and n.endswith(".py") for n in names)
+    target = tmp_path / "site"
+    run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        timeout=300)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
+    # run from an unrelated directory so the source tree cannot be imported
+    p = subprocess.run([sys.executable, "-c", "from nbdbackup.cli.main import run; run()",
+                        "init", "--repo", str(tmp_path / "repo")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    probe = subprocess.run([sys.executable, "-c", "import nbdbackup; print(nbdbackup.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert probe.stdout.startswith(str(target)), probe.stdout
