@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     PROTOCOL = 10            # the NBD peer broke the protocol (lying or broken server)
     NOT_FOUND = 11           # no such backup, disk or export
     SOURCE_FAILED = 12       # source failed mid-backup after retries; nothing was committed
+    CHAIN_BROKEN = 13        # incremental impossible (bitmap/parent missing or untrustworthy) with --no-fallback
     INTERRUPTED = 130        # SIGINT/SIGTERM
 
 
@@ -41,6 +42,7 @@ EXIT_CODE_HELP = {
     ExitCode.PROTOCOL: "NBD protocol error: the peer misbehaved",
     ExitCode.NOT_FOUND: "no such backup, disk or export",
     ExitCode.SOURCE_FAILED: "source failed during the backup (after retries); nothing was committed",
+    ExitCode.CHAIN_BROKEN: "incremental refused (--no-fallback): bitmap or parent backup missing or untrustworthy",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
 }
 
@@ -104,6 +106,12 @@ class NotFound(NbdBackupError):
 
 class SourceFailed(NbdBackupError):
     exit_code = ExitCode.SOURCE_FAILED
+
+
+class ChainBroken(NbdBackupError):
+    """An incremental cannot be trusted and --no-fallback forbids the full instead."""
+
+    exit_code = ExitCode.CHAIN_BROKEN
 
 
 # --- NBD protocol errors (client and server side) ---------------------------
