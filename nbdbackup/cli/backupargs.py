@@ -1,0 +1,102 @@
+"""Options shared by `full` and `incremental`, and the choice of source.
+
+Exactly one source option is given: --source URI (any NBD export) or
+--image PATH (an offline qcow2 the tool manages). Other sources add their
+option here and a branch in build_source().
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_CONNECTIONS = 4
+
+
+def connections_type(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return n
+
+
+def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> None:
+    src = p.add_argument_group("source (give exactly one)")
+    src.add_argument("--source", metavar="URI",
+                     help="any NBD export, e.g. nbd+unix:///vda?socket=/run/x.sock or nbd://host/export")
+    src.add_argument("--image", metavar="PATH",
+                     help="an offline qcow2 image: the tool runs qemu-nbd and keeps its own dirty bitmaps")
+    p.add_argument("--disk", metavar="NAME",
+                   help="disk name in the repository (required with --source; default with --image: "
+                        "the image's file name without extension)")
+    p.add_argument("--connections", type=connections_type, default=DEFAULT_CONNECTIONS, metavar="N",
+                   help=f"parallel NBD connections when the export allows it (default {DEFAULT_CONNECTIONS})")
+    if incremental:
+        p.add_argument("--bitmap", metavar="BITMAP",
+                       help="with --source: read changes from the export's qemu:dirty-bitmap:BITMAP")
+        p.add_argument("--since", metavar="BACKUP",
+                       help="with --source: the backup the bitmap's changes are relative to "
+                            "(default: the disk's latest backup)")
+        p.add_argument("--no-fallback", action="store_true",
+                       help="fail (exit 13) instead of taking a full backup when the incremental "
+                            "cannot be trusted (missing or inconsistent bitmap, parent gone)")
+
+
+def build_source(args, kind: str):
+    """The Source object for the options given; UsageError on a bad combination."""
+    from ..errors import UsageError
+
+    chosen = [o for o in ("source", "image") if getattr(args, o, None)]
+    if len(chosen) != 1:
+        raise UsageError("give exactly one of --source URI or --image PATH")
+    bitmap = getattr(args, "bitmap", None)
+    since = getattr(args, "since", None)
+    if args.image:
+        if bitmap or since:
+            raise UsageError("--bitmap and --since are for --source; with --image the tool "
+                             "tracks its own bitmaps and parents")
+        from ..sources.image import ImageSource
+
+        return ImageSource(args.image, args.disk, connections=args.connections)
+    if not args.disk:
+        raise UsageError("--disk NAME is required with --source")
+    from ..nbd.uri import parse_uri
+    from ..sources.nbd_uri import NbdUriSource
+
+    parse_uri(args.source)          # UsageError on a malformed URI, before anything starts
+    return NbdUriSource(args.source, args.disk, bitmap=bitmap, since=since)
+
+
+def run_backup_command(args, kind: str) -> int:
+    """Shared body of `full` and `incremental`."""
+    from ..engine.backup import BackupOptions, run_backup
+    from . import output
+    from .repoargs import open_repo
+
+    source = build_source(args, kind)
+    with open_repo(args) as repo:
+        opts = BackupOptions(connections=args.connections,
+                             no_fallback=getattr(args, "no_fallback", False),
+                             progress=lambda total, desc: output.progress_bar(args, total, desc))
+        infos = run_backup(repo, source, kind, opts)
+    if args.json:
+        output.print_json(infos[0].to_json() if len(infos) == 1 else [i.to_json() for i in infos])
+    else:
+        for info in infos:
+            output.summary(args, summary_line(info))
+    return 0
+
+
+def summary_line(info) -> str:
+    from .output import human_bytes
+
+    logical = max(info.read_bytes, 1)
+    ratio = info.read_bytes / info.stored_bytes if info.stored_bytes else float("inf")
+    rate = info.read_bytes / info.duration_s if info.duration_s else 0.0
+    ratio_txt = f"{ratio:.1f}x" if ratio != float("inf") else "all deduplicated"
+    del logical
+    return (f"{info.kind} backup {info.id} of {info.disk}: read {human_bytes(info.read_bytes)}, "
+            f"stored {human_bytes(info.stored_bytes)} new ({ratio_txt} dedup+compression), "
+            f"{info.duration_s:.1f}s ({human_bytes(rate)}/s)")

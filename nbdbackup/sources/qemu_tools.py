@@ -1,0 +1,192 @@
+"""Thin wrappers around qemu-img and a qemu-nbd child that dies with us.
+
+Used by the managed-image source. Each helper turns qemu's failure text into
+an error from errors.py; "Failed to get ... lock" means another process has
+the image open, which is reported as LockedError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ..errors import LockedError, NbdBackupError, SourceUnreachable
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+QEMU_TIMEOUT = 120.0
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or next((p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}")
+                                      if os.path.exists(p)), None)
+    if not path:
+        raise SourceUnreachable(f"{name} not found", hint="install Debian's qemu-utils package")
+    return path
+
+
+def _locked_error(path: str, stderr: str) -> NbdBackupError | None:
+    if "lock" in stderr and ("Failed to get" in stderr or "another process" in stderr):
+        return LockedError(f"image {path} is in use by another process (qemu holds its lock)",
+                           hint="shut the VM down (or stop whatever has the image open) and retry; "
+                                "for a running VM use --source/--qmp instead of --image")
+    return None
+
+
+def qemu_img(path: str, *args: str) -> str:
+    """Run `qemu-img ARGS... PATH`; return stdout or raise a clear error."""
+    cmd = [_tool("qemu-img"), *args, path]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SourceUnreachable(f"qemu-img {args[0]} on {path} timed out") from None
+    if p.returncode != 0:
+        err = p.stderr.strip()
+        raise _locked_error(path, err) or SourceUnreachable(f"qemu-img {args[0]} failed on {path}: {err}")
+    return p.stdout
+
+
+@dataclass
+class ImageBitmap:
+    name: str
+    flags: list[str]
+    granularity: int
+
+    @property
+    def in_use(self) -> bool:
+        """Left open by a writer that died: its contents cannot be trusted."""
+        return "in-use" in self.flags
+
+    @property
+    def enabled(self) -> bool:
+        return "auto" in self.flags
+
+
+@dataclass
+class ImageInfo:
+    path: str
+    format: str
+    size: int
+    bitmaps: list[ImageBitmap]
+
+
+def image_info(path: str) -> ImageInfo:
+    """`qemu-img info`; fails with LockedError when a writer has the image open."""
+    if not os.path.exists(path):
+        raise SourceUnreachable(f"image {path} does not exist")
+    out = json.loads(qemu_img(path, "info", "--output=json"))
+    spec = (out.get("format-specific") or {}).get("data") or {}
+    bitmaps = [ImageBitmap(b["name"], list(b.get("flags", [])), int(b.get("granularity", 0)))
+               for b in spec.get("bitmaps", [])]
+    return ImageInfo(path, out["format"], int(out["virtual-size"]), bitmaps)
+
+
+def bitmap_add(path: str, name: str) -> None:
+    qemu_img_bitmap(path, "--add", name)
+
+
+def qemu_img_bitmap(path: str, op: str, name: str) -> None:
+    # qemu-img bitmap OP -f qcow2 PATH NAME: the image comes before the name.
+    cmd = [_tool("qemu-img"), "bitmap", op, "-f", "qcow2", path, name]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SourceUnreachable(f"qemu-img bitmap {op} on {path} timed out") from None
+    if p.returncode != 0:
+        err = p.stderr.strip()
+        raise _locked_error(path, err) or SourceUnreachable(
+            f"qemu-img bitmap {op} {name} failed on {path}: {err}")
+
+
+def bitmap_remove(path: str, name: str) -> None:
+    qemu_img_bitmap(path, "--remove", name)
+
+
+def _die_with_parent(parent_pid: int):
+    """preexec_fn: ask the kernel to SIGKILL the child when our forking thread exits."""
+    def setup() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # parent died before prctl took effect
+            os._exit(1)
+    return setup
+
+
+class QemuNbd:
+    """A read-only qemu-nbd on a private unix socket, tied to our lifetime.
+
+    Must be started from the main thread: PR_SET_PDEATHSIG fires when the
+    *thread* that forked exits, and only the main thread lives as long as we do.
+    """
+
+    def __init__(self, image: str, fmt: str, *, connections: int, bitmap: str | None = None,
+                 start_timeout: float = 30.0):
+        self.image = image
+        self.dir = tempfile.mkdtemp(prefix="nbdbackup-nbd-")   # mode 0700: private
+        self.socket = os.path.join(self.dir, "nbd.sock")
+        cmd = [_tool("qemu-nbd"), "--read-only", "--persistent", "--shared", str(connections),
+               "--socket", self.socket, "--format", fmt, "--cache=none", "--aio=threads"]
+        if bitmap:
+            cmd += ["--bitmap", bitmap]
+        cmd.append(image)
+        self._stderr = tempfile.TemporaryFile(dir=self.dir)
+        log.debug("starting %s", " ".join(cmd))
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=self._stderr, preexec_fn=_die_with_parent(os.getpid()),
+                                         close_fds=True)
+        except OSError as e:
+            self._cleanup_dir()
+            raise SourceUnreachable(f"cannot start qemu-nbd: {e}") from None
+        try:
+            self._wait_ready(start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def _stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace").strip()
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self._stderr_text()
+                raise _locked_error(self.image, err) or SourceUnreachable(
+                    f"qemu-nbd could not serve {self.image}: {err or 'exit code %d' % self.proc.returncode}")
+            if os.path.exists(self.socket):
+                return
+            time.sleep(0.01)
+        raise SourceUnreachable(f"qemu-nbd did not start serving {self.image} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """Stop qemu-nbd (SIGTERM, then SIGKILL) and remove the private directory."""
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._cleanup_dir()
+
+    def _cleanup_dir(self) -> None:
+        if getattr(self, "_stderr", None) is not None:
+            self._stderr.close()
+            self._stderr = None
+        shutil.rmtree(self.dir, ignore_errors=True)
