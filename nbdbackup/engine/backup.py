@@ -1,0 +1,230 @@
+"""The backup pipeline: extents -> chunk actions -> parallel reads -> prepare -> put -> commit.
+
+Reads are spread over a connection pool by worker threads; each worker reads
+one chunk and prepares it (zero check, blake3, zstd: these release the GIL).
+The main thread walks extents, submits work, and puts prepared chunks into
+the writer (dedup lookups are batched there). At most `inflight` chunks are
+in flight, so memory does not depend on the disk size. Nothing is committed
+unless every chunk was read; the source learns the outcome (committed/failed)
+so it can advance or keep its bitmaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import NbdBackupError, NbdError, NbdProtocolError, SourceFailed
+from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs
+
+log = logging.getLogger(__name__)
+
+BASE_ALLOCATION = "base:allocation"
+
+
+@dataclass
+class BackupOptions:
+    connections: int = 4
+    no_fallback: bool = False
+    progress: Callable | None = None        # (total_bytes, description) -> bar with update()/close()
+    retries: int = 3                        # per chunk, with reconnect, before SourceFailed
+    retry_delay: float = 0.5                # first back-off, doubled each time
+    workers: int | None = None              # default: 2 per connection
+    inflight_bytes: int = 64 << 20          # bound on chunk data held in memory
+
+
+@dataclass
+class DiskStats:
+    read_bytes: int = 0         # bytes read from the source
+    data_bytes: int = 0         # of those, bytes in non-zero chunks
+    packed_bytes: int = 0       # their size after compression, before dedup
+    zero_chunks: int = 0
+    read_chunks: int = 0
+    inherited_chunks: int = 0
+
+
+@dataclass
+class BackupResult:
+    info: object                # repo BackupInfo
+    stats: DiskStats = field(default_factory=DiskStats)
+    fallback_reason: str | None = None
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_backup(repo, source, kind: str, opts: BackupOptions) -> list[BackupResult]:
+    """Back up every disk the source plans; commit them together; tell the source."""
+    plans = []
+    writers = []
+    try:
+        plans = source.prepare(repo, kind, opts.no_fallback)
+        results = []
+        for plan in plans:
+            w, stats, started = _backup_disk(repo, plan, opts, set_id=None)
+            writers.append((w, stats, started))
+            results.append(BackupResult(None, stats, plan.fallback_reason))
+        infos = _commit(repo, writers)
+        for r, info in zip(results, infos):
+            r.info = info
+    except BaseException as exc:
+        for w, _, _ in writers:
+            _abort_quietly(w)
+        source.failed(exc)
+        source.close()
+        raise
+    try:
+        source.committed(plans, infos)
+    finally:
+        source.close()
+    return results
+
+
+def _commit(repo, writers) -> list:
+    if len(writers) == 1:
+        w, stats, started = writers[0]
+        return [w.commit(read_bytes=stats.read_bytes, duration_s=time.monotonic() - started)]
+    now = time.monotonic()
+    return repo.commit_set([w for w, _, _ in writers],
+                           read_bytes=[s.read_bytes for _, s, _ in writers],
+                           duration_s=[now - t for _, _, t in writers])
+
+
+def _abort_quietly(w) -> None:
+    try:
+        w.abort()
+    except Exception as e:  # the original failure matters more
+        log.debug("abort failed: %s", e)
+
+
+def _backup_disk(repo, plan, opts: BackupOptions, set_id):
+    from ..nbd.pool import ConnectionPool
+
+    started = time.monotonic()
+    contexts = [BASE_ALLOCATION] + ([plan.bitmap_context] if plan.bitmap_context else [])
+    pool = ConnectionPool(plan.uri, connections=opts.connections, meta_contexts=contexts)
+    try:
+        if plan.bitmap_context and plan.bitmap_context not in pool.clients[0].contexts:
+            raise SourceFailed(f"the export stopped offering {plan.bitmap_context}")
+        size = pool.size
+        parent = repo.resolve(plan.parent_id) if plan.kind == "incremental" else None
+        w = repo.writer(plan.disk, kind=plan.kind, size=size, parent=parent, bitmap=plan.bitmap,
+                        checkpoint=plan.checkpoint, set_id=set_id, source=plan.extra.get("source"))
+        try:
+            stats = _pipeline(pool, w, plan, parent, size, opts)
+        except BaseException:
+            _abort_quietly(w)
+            raise
+    finally:
+        pool.close()
+    return w, stats, started
+
+
+def _force_from(parent, size: int, chunk_size: int) -> int | None:
+    """First chunk whose length or existence changed with a resize (read from there on)."""
+    if parent is None or parent.size == size:
+        return None
+    return min(parent.size, size) // chunk_size
+
+
+def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStats:
+    from ..nbd.extents import walk_extents
+
+    cs = w.chunk_size
+    full = plan.kind == "full"
+    stats = DiskStats()
+    bar = opts.progress(size, f"{plan.kind} {plan.disk}") if opts.progress else _NoBar()
+    workers = opts.workers or max(2, 2 * len(pool.clients))
+    inflight_max = max(workers + 2, opts.inflight_bytes // cs)
+    pending: deque = deque()
+
+    def read_and_prepare(index: int):
+        off = index * cs
+        length = min(cs, size - off)
+        data = _read_with_retries(pool, off, length, opts)
+        return length, w.prepare(data)
+
+    def put_done(block: bool) -> None:
+        while pending and (block or pending[0][1].done()):
+            index, fut = pending.popleft()
+            length, prepared = fut.result()
+            stats.read_bytes += length
+            stats.read_chunks += 1
+            if prepared.is_zero:
+                stats.zero_chunks += 1
+            else:
+                stats.data_bytes += prepared.raw_len
+                stats.packed_bytes += len(prepared.payload)
+            w.put(index, prepared)
+            bar.update(length)
+            block = False
+
+    extents = walk_extents(pool.clients[0], bitmap_context=plan.bitmap_context)
+    runs = chunk_runs(extents, chunk_size=cs, size=size, all_dirty=full,
+                      force_from=None if full else _force_from(parent, size, cs))
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbdbackup-read") as ex:
+            try:
+                for run in runs:
+                    if run.action == SKIP:
+                        stats.inherited_chunks += run.end - run.start
+                        bar.update(bytes_of(run, cs, size))
+                        continue
+                    if run.action == ZERO:
+                        stats.zero_chunks += run.end - run.start
+                        if not full:       # a full's unput positions are zero already
+                            for i in range(run.start, run.end):
+                                w.put_zero(i)
+                        bar.update(bytes_of(run, cs, size))
+                        continue
+                    assert run.action == READ
+                    for i in range(run.start, run.end):
+                        while len(pending) >= inflight_max:
+                            put_done(block=True)
+                        pending.append((i, ex.submit(read_and_prepare, i)))
+                        put_done(block=False)
+                while pending:
+                    put_done(block=True)
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
+    except NbdError as e:   # extent walk failed, or a read after retries
+        if isinstance(e, SourceFailed):
+            raise
+        raise SourceFailed(f"source {plan.disk} failed during the backup: {e}",
+                           hint="nothing was committed; check the NBD server and retry") from None
+    finally:
+        bar.close()
+    return stats
+
+
+def _read_with_retries(pool, offset: int, length: int, opts: BackupOptions):
+    delay = opts.retry_delay
+    for attempt in range(opts.retries + 1):
+        try:
+            data = pool.read(offset, length)
+            if len(data) != length:
+                raise NbdProtocolError(f"read of {length} bytes at {offset} returned {len(data)}")
+            return data
+        except NbdBackupError as e:
+            if not isinstance(e, NbdError) or attempt == opts.retries:
+                if isinstance(e, NbdError):
+                    raise SourceFailed(
+                        f"reading {length} bytes at offset {offset} failed after "
+                        f"{opts.retries + 1} attempts: {e}",
+                        hint="nothing was committed; check the NBD server and retry") from None
+                raise
+            log.warning("read at offset %d failed (%s); retrying in %.1fs", offset, e, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
