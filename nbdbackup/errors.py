@@ -100,6 +100,15 @@ class RepoDamaged(NbdBackupError):
     exit_code = ExitCode.REPO_DAMAGED
 
 
+class ChunkCorrupt(RepoDamaged):
+    """A chunk of a backup is missing or fails its check; .offset/.length: the disk byte range."""
+
+    def __init__(self, message: str, *, offset: int, length: int, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.offset = offset
+        self.length = length
+
+
 class NotFound(NbdBackupError):
     exit_code = ExitCode.NOT_FOUND
 
