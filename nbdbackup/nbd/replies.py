@@ -1,0 +1,342 @@
+"""Client side of the transmission phase: reading and checking replies.
+
+One ReplyReader per connection runs in its own thread. It matches each reply
+to its request by cookie and checks everything a server could get wrong
+(magic, chunk type, chunk range, overlap, coverage, DF, context ids). The
+first violation fails every outstanding request with an NbdProtocolError that
+says what the server did, and ends the connection.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import ssl
+import sys
+import threading
+from concurrent.futures import Future, InvalidStateError
+
+from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
+from . import proto
+from .client_options import TruncatedReply, recv_into_exact
+
+# A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).
+MAX_BLOCK_STATUS_CHUNK = 4 + 8 * (1 << 20)
+MAX_ERROR_CHUNK = 64 * 1024
+
+
+class Pending:
+    """One request waiting for its reply."""
+
+    __slots__ = ("cmd", "offset", "length", "future", "buf", "df", "req_one", "cookie",
+                 "ranges", "error", "extents", "content_chunks")
+
+    def __init__(self, cmd: int, offset: int, length: int, *, buf: memoryview | None = None,
+                 df: bool = False, req_one: bool = False):
+        self.cmd = cmd
+        self.offset = offset
+        self.length = length
+        self.future: Future = Future()
+        self.buf = buf
+        self.df = df
+        self.req_one = req_one
+        self.cookie = 0
+        self.ranges: list[tuple[int, int]] = []   # (offset, length) of data/hole chunks
+        self.error: NbdCommandError | None = None
+        self.extents: dict[str, list[tuple[int, int]]] = {}
+        self.content_chunks = 0
+
+    @property
+    def what(self) -> str:
+        return f"{proto.command_name(self.cmd)} [{self.offset}, +{self.length}]"
+
+
+def _resolve(f: Future, result=None, exc: BaseException | None = None) -> None:
+    try:
+        if exc is not None:
+            f.set_exception(exc)
+        else:
+            f.set_result(result)
+    except InvalidStateError:
+        pass   # cancelled by the caller
+
+
+class ReplyReader:
+    def __init__(self, sock, *, structured: bool, contexts: dict[str, int], timeout: float, size: int, name: str):
+        self.sock = sock
+        self.structured = structured
+        self.context_names = {cid: n for n, cid in contexts.items()}
+        self.timeout = timeout
+        self.size = size
+        self.name = name
+        self.error: NbdError | None = None
+        self.closing = False
+        self._pending: dict[int, Pending] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._hdr = bytearray(32)
+
+    # --- bookkeeping (called from sender threads) ------------------------------
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def add(self, p: Pending) -> None:
+        with self._lock:
+            self._pending[p.cookie] = p
+
+    def fail(self, err: NbdError) -> None:
+        """Fail every outstanding request; the connection is unusable from now on."""
+        with self._lock:
+            if self.error is None:
+                self.error = err
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._idle.notify_all()
+        for p in pending:
+            _resolve(p.future, exc=err)
+
+    def wait_idle(self, timeout: float) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: not self._pending or self.error is not None, timeout)
+
+    def _finish(self, p: Pending, result=None, exc=None) -> None:
+        with self._lock:
+            self._pending.pop(p.cookie, None)
+            if not self._pending:
+                self._idle.notify_all()
+        _resolve(p.future, result, exc)
+
+    # --- the receive loop ------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while True:
+                if not self._wait_for_header():
+                    return
+                self._one_reply()
+        except NbdError as e:
+            self.fail(e)
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            self.fail(NbdConnectionError(f"NBD receiver failed: {type(e).__name__}: {e}"))
+        finally:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _wait_for_header(self) -> bool:
+        """Block until a reply starts; False on an orderly end (EOF with nothing pending)."""
+        mv = memoryview(self._hdr)
+        while True:
+            try:
+                k = self.sock.recv_into(mv[:4], 4)
+            except socket.timeout:
+                if self._pending:
+                    raise NbdConnectionError(f"{self.name}: no reply within {self.timeout:g}s "
+                                             f"({len(self._pending)} requests outstanding)") from None
+                continue
+            except (OSError, ssl.SSLError) as e:
+                if self.closing or self.error is not None:
+                    self.fail(NbdConnectionError(f"connection to {self.name} was closed"))
+                    return False
+                raise NbdConnectionError(f"connection to {self.name} failed: {e}") from None
+            if k == 0:
+                if self._pending:
+                    raise NbdConnectionError(f"{self.name} closed the connection with "
+                                             f"{len(self._pending)} requests outstanding")
+                self.fail(NbdConnectionError(f"{self.name} closed the connection"))
+                return False
+            if k < 4:
+                recv_into_exact(self.sock, mv[k:4], "a reply header")
+            return True
+
+    def _recv(self, n: int, what: str) -> memoryview:
+        mv = memoryview(self._hdr)[4:4 + n] if n <= 28 else memoryview(bytearray(n))
+        recv_into_exact(self.sock, mv, what)
+        return mv
+
+    def _one_reply(self) -> None:
+        (magic,) = proto.U32.unpack_from(self._hdr)
+        if magic == proto.SIMPLE_REPLY_MAGIC:
+            self._simple_reply()
+        elif magic == proto.STRUCTURED_REPLY_MAGIC:
+            if not self.structured:
+                raise NbdProtocolError(f"{self.name} sent a structured reply, but structured replies "
+                                       "were not negotiated")
+            self._structured_chunk()
+        else:
+            raise NbdProtocolError(f"{self.name} sent a reply with bad magic {magic:#010x}")
+
+    def _lookup(self, cookie: int, kind: str) -> Pending:
+        with self._lock:
+            p = self._pending.get(cookie)
+        if p is None:
+            raise NbdProtocolError(f"{self.name} sent a {kind} with cookie {cookie:#x}, "
+                                   "which matches no outstanding request (wrong cookie)")
+        return p
+
+    def _simple_reply(self) -> None:
+        rest = self._recv(12, "a simple reply")
+        err, cookie = proto.U32.unpack_from(rest)[0], proto.U64.unpack_from(rest, 4)[0]
+        p = self._lookup(cookie, "simple reply")
+        if err:
+            self._finish(p, exc=NbdCommandError(f"{p.what} failed on the server: {proto.errno_name(err)}",
+                                                errno=err))
+            return
+        if p.cmd == proto.CMD_BLOCK_STATUS:
+            raise NbdProtocolError(f"{self.name} answered {p.what} with a simple reply without error")
+        if p.cmd == proto.CMD_READ:
+            # Structured servers must not do this, but the payload length is unambiguous.
+            recv_into_exact(self.sock, p.buf, f"the data of {p.what}")
+            self._finish(p, _read_result(p))
+            return
+        self._finish(p, None)
+
+    def _structured_chunk(self) -> None:
+        rest = self._recv(16, "a structured reply header")
+        flags, rtype = proto.U16.unpack_from(rest)[0], proto.U16.unpack_from(rest, 2)[0]
+        cookie, length = proto.U64.unpack_from(rest, 4)[0], proto.U32.unpack_from(rest, 12)[0]
+        p = self._lookup(cookie, f"structured reply chunk (type {rtype})")
+        done = bool(flags & proto.REPLY_FLAG_DONE)
+        if rtype == proto.REPLY_TYPE_NONE:
+            if length:
+                raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_NONE with {length} bytes of payload")
+            if not done:
+                raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_NONE without the DONE flag")
+        elif rtype == proto.REPLY_TYPE_OFFSET_DATA:
+            self._offset_data(p, length)
+        elif rtype == proto.REPLY_TYPE_OFFSET_HOLE:
+            self._offset_hole(p, length)
+        elif rtype == proto.REPLY_TYPE_BLOCK_STATUS:
+            self._block_status(p, length)
+        elif rtype & proto.REPLY_TYPE_ERROR_BIT:
+            self._error_chunk(p, rtype, length)
+        else:
+            raise NbdProtocolError(f"{self.name} sent unknown structured reply chunk type {rtype} "
+                                   f"for {p.what}")
+        if done:
+            self._complete(p)
+
+    def _check_content(self, p: Pending, kind: str, off: int, n: int) -> None:
+        if p.cmd != proto.CMD_READ:
+            raise NbdProtocolError(f"{self.name} sent {kind} in reply to {p.what}")
+        if n == 0:
+            raise NbdProtocolError(f"{self.name} sent an empty {kind} chunk for {p.what}")
+        if off < p.offset or off + n > p.offset + p.length:
+            raise NbdProtocolError(f"{self.name} sent a {kind} chunk [{off}, +{n}] outside its "
+                                   f"request {p.what}")
+        p.content_chunks += 1
+        if p.df and p.content_chunks > 1:
+            raise NbdProtocolError(f"{self.name} sent more than one content chunk for {p.what} "
+                                   "although it asked for no fragmentation (DF)")
+        p.ranges.append((off, n))
+
+    def _offset_data(self, p: Pending, length: int) -> None:
+        if length < 9:
+            raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_OFFSET_DATA of {length} bytes is too short")
+        (off,) = proto.U64.unpack(self._recv(8, "an OFFSET_DATA chunk"))
+        n = length - 8
+        self._check_content(p, "OFFSET_DATA", off, n)
+        start = off - p.offset
+        recv_into_exact(self.sock, p.buf[start:start + n], f"the data of {p.what}")
+
+    def _offset_hole(self, p: Pending, length: int) -> None:
+        if length != proto.OFFSET_HOLE_STRUCT.size:
+            raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_OFFSET_HOLE of {length} bytes (expected 12)")
+        off, n = proto.OFFSET_HOLE_STRUCT.unpack(self._recv(12, "an OFFSET_HOLE chunk"))
+        self._check_content(p, "OFFSET_HOLE", off, n)
+        # The buffer started zeroed and nothing else may write this range: nothing to do.
+
+    def _block_status(self, p: Pending, length: int) -> None:
+        if p.cmd != proto.CMD_BLOCK_STATUS:
+            raise NbdProtocolError(f"{self.name} sent block status in reply to {p.what}")
+        if length < 12 or (length - 4) % 8 or length > MAX_BLOCK_STATUS_CHUNK:
+            raise NbdProtocolError(f"{self.name}: block status chunk of {length} bytes is malformed")
+        data = self._recv(length, "a block status chunk")
+        (cid,) = proto.U32.unpack_from(data)
+        name = self.context_names.get(cid)
+        if name is None:
+            raise NbdProtocolError(f"{self.name} sent block status for context id {cid}, which was not negotiated")
+        if name in p.extents:
+            raise NbdProtocolError(f"{self.name} sent two block status chunks for {name} in one reply")
+        n = (length - 4) // 8
+        if p.req_one and n != 1:
+            raise NbdProtocolError(f"{self.name} sent {n} extents for {name} although REQ_ONE asked for one")
+        raw = memoryview(data)[4:].cast("B")
+        vals = _unpack_extents(raw)
+        extents: list[tuple[int, int]] = []
+        end = p.offset + p.length
+        pos = p.offset
+        for i in range(n):
+            elen, eflags = vals[2 * i], vals[2 * i + 1]
+            if elen == 0:
+                raise NbdProtocolError(f"{self.name} sent a zero-length extent for {name}")
+            if pos >= end:
+                raise NbdProtocolError(f"{self.name} sent extents for {name} past the end of the request "
+                                       f"{p.what}")
+            elen = min(elen, end - pos)   # the last extent may run past the request: clip it
+            extents.append((elen, eflags))
+            pos += elen
+        p.extents[name] = extents
+
+    def _error_chunk(self, p: Pending, rtype: int, length: int) -> None:
+        if length < 6 or length > MAX_ERROR_CHUNK:
+            raise NbdProtocolError(f"{self.name}: error chunk of {length} bytes is malformed")
+        data = self._recv(length, "an error chunk")
+        err, mlen = proto.ERROR_STRUCT.unpack_from(data)
+        if err == 0:
+            raise NbdProtocolError(f"{self.name} sent an error chunk with errno 0 for {p.what}")
+        if 6 + mlen > length:
+            raise NbdProtocolError(f"{self.name}: error chunk message runs past the chunk")
+        msg = bytes(data[6:6 + mlen]).decode(errors="replace")
+        offset = None
+        if rtype == proto.REPLY_TYPE_ERROR_OFFSET:
+            if length != 6 + mlen + 8:
+                raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_ERROR_OFFSET of {length} bytes is malformed")
+            (offset,) = proto.U64.unpack_from(data, 6 + mlen)
+            if not p.offset <= offset < p.offset + max(p.length, 1):
+                raise NbdProtocolError(f"{self.name} sent an error offset {offset} outside its request {p.what}")
+        text = f"{p.what} failed on the server: {proto.errno_name(err)}"
+        if offset is not None:
+            text += f" at offset {offset}"
+        if msg:
+            text += f" ({msg})"
+        if p.error is None:
+            p.error = NbdCommandError(text, errno=err, offset=offset)
+
+    def _complete(self, p: Pending) -> None:
+        if p.error is not None:
+            self._finish(p, exc=p.error)
+            return
+        if p.cmd == proto.CMD_READ:
+            pos = p.offset
+            for off, n in sorted(p.ranges):
+                if off < pos:
+                    raise NbdProtocolError(f"{self.name} sent overlapping chunks at offset {off} for {p.what}")
+                if off > pos:
+                    break
+                pos = off + n
+            if pos != p.offset + p.length:
+                raise NbdProtocolError(f"{self.name} finished {p.what} without sending data for "
+                                       f"[{pos}, ...): reply does not cover the request")
+            self._finish(p, _read_result(p))
+        elif p.cmd == proto.CMD_BLOCK_STATUS:
+            if not p.extents:
+                raise NbdProtocolError(f"{self.name} finished {p.what} without any extents")
+            self._finish(p, p.extents)
+        else:
+            self._finish(p, None)
+
+
+def _unpack_extents(raw: memoryview) -> array.array:
+    """Big-endian u32 pairs, decoded in C rather than per field in Python."""
+    a = array.array("I")
+    a.frombytes(raw)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a
+
+
+def _read_result(p: Pending):
+    """The whole bytearray when this request filled all of it, else the view."""
+    return p.buf.obj if p.buf.nbytes == len(p.buf.obj) else p.buf
