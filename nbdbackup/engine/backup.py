@@ -113,7 +113,7 @@ def _backup_disk(repo, plan, opts: BackupOptions, set_id):
     contexts = [BASE_ALLOCATION] + ([plan.bitmap_context] if plan.bitmap_context else [])
     pool = ConnectionPool(plan.uri, connections=opts.connections, meta_contexts=contexts)
     try:
-        if plan.bitmap_context and plan.bitmap_context not in pool.clients[0].contexts:
+        if plan.bitmap_context and plan.bitmap_context not in pool.contexts:
             raise SourceFailed(f"the export stopped offering {plan.bitmap_context}")
         size = pool.size
         parent = repo.resolve(plan.parent_id) if plan.kind == "incremental" else None
@@ -168,7 +168,7 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
             bar.update(length)
             block = False
 
-    extents = walk_extents(pool.clients[0], bitmap_context=plan.bitmap_context)
+    extents = walk_extents(pool, bitmap_context=plan.bitmap_context)
     runs = chunk_runs(extents, chunk_size=cs, size=size, all_dirty=full,
                       force_from=None if full else _force_from(parent, size, cs))
     try:
@@ -198,9 +198,7 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
                 for _, fut in pending:
                     fut.cancel()
                 raise
-    except NbdError as e:   # extent walk failed, or a read after retries
-        if isinstance(e, SourceFailed):
-            raise
+    except NbdError as e:   # the extent walk failed (the pool already retried with reconnect)
         raise SourceFailed(f"source {plan.disk} failed during the backup: {e}",
                            hint="nothing was committed; check the NBD server and retry") from None
     finally:

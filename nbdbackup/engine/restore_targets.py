@@ -156,30 +156,23 @@ class NbdTarget:
         from ..nbd.pool import ConnectionPool
 
         self.pool = ConnectionPool(uri, connections=connections, meta_contexts=[])
-        c0 = self.pool.clients[0]
-        if c0.read_only:
+        if self.pool.read_only:
             self.pool.close()
             raise UsageError(f"NBD target {uri} is read-only")
         if self.pool.size != size:
             self.pool.close()
             raise UsageError(f"NBD target {uri} has {self.pool.size} bytes, the backup has {size}",
                              hint="create or resize the target to exactly the backup's size")
-        self._next = 0
-
-    def _client(self):
-        clients = self.pool.clients
-        self._next = (self._next + 1) % len(clients)
-        return clients[self._next]
 
     def write(self, offset: int, data) -> None:
-        self._client().submit_write(offset, data).result()
+        self.pool.write(offset, data)
 
     def zero(self, offset: int, length: int) -> None:
-        self._client().submit_write_zeroes(offset, length).result()
+        self.pool.write_zeroes(offset, length)
 
     def finish(self) -> None:
-        for c in self.pool.clients:     # with multi-conn one would do; all is cheap and safe
-            c.flush()
+        # With multi-conn one FLUSH covers every connection; without it there is only one.
+        self.pool.flush()
         self.pool.close()
 
     def abort(self) -> None:
