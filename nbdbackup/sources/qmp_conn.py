@@ -1,0 +1,108 @@
+"""A synchronous QMP connection built on the asyncio `qemu.qmp` library.
+
+The library's client runs in a private event loop on a daemon thread, so the
+(synchronous, threaded) engine never shares an event loop with it. Every call
+has a timeout; a QMP socket that accepts but never greets (another client is
+already connected: each -qmp socket serves one) fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from ..errors import SourceFailed, SourceUnreachable
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
+
+
+class QmpCommandError(SourceFailed):
+    """qemu answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str):
+        super().__init__(f"QMP {command} failed: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class Qmp:
+    """One QMP session; use as a context manager or call close()."""
+
+    def __init__(self, path: str, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 command_timeout: float = COMMAND_TIMEOUT):
+        from qemu.qmp import QMPClient
+
+        self.path = path
+        self.command_timeout = command_timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
+        self._thread.start()
+        self._client = QMPClient("nbdbackup")
+        try:
+            self._run(self._client.connect(path), connect_timeout)
+        except FutureTimeout:
+            self.close()
+            raise SourceUnreachable(
+                f"QMP socket {path} accepted the connection but qemu did not greet within "
+                f"{connect_timeout:.0f}s", hint="each -qmp socket serves one client: is another "
+                "client (libvirt, a monitor) connected to it? give qemu a second -qmp socket") from None
+        except Exception as e:
+            self.close()
+            raise SourceUnreachable(f"cannot connect to QMP socket {path}: {_reason(e)}",
+                                    hint="is the VM running, and is PATH its -qmp unix socket?") from None
+
+    def _run(self, coro, timeout: float):
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            fut.cancel()
+            raise
+
+    def cmd(self, name: str, args: dict | None = None, *, timeout: float | None = None):
+        """Execute *name*; return its result or raise QmpCommandError / SourceFailed."""
+        from qemu.qmp import ExecuteError
+
+        log.debug("QMP -> %s %s", name, args or "")
+        try:
+            res = self._run(self._client.execute(name, args or None), timeout or self.command_timeout)
+        except ExecuteError as e:
+            log.debug("QMP <- %s error: %s", name, e.error.desc)
+            raise QmpCommandError(name, e.error.error_class, e.error.desc) from None
+        except FutureTimeout:
+            raise SourceFailed(f"QMP {name} got no answer within {timeout or self.command_timeout:.0f}s "
+                               f"on {self.path}") from None
+        except Exception as e:
+            raise SourceFailed(f"QMP connection to {self.path} failed during {name}: {_reason(e)}") from None
+        return res
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            if self._client.runstate.name != "IDLE":
+                self._run(self._client.disconnect(), 5.0)
+        except Exception as e:  # closing a broken session: nothing left to do
+            log.debug("QMP disconnect: %s", e)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _reason(e: BaseException) -> str:
+    # qemu.qmp wraps OS errors in ConnectError(msg, exc); show the root cause.
+    inner = getattr(e, "exc", None)
+    return f"{e}: {inner}" if inner is not None and str(inner) not in str(e) else str(e) or type(e).__name__
