@@ -1,0 +1,133 @@
+"""`nbdbackup serve`: export backups over NBD (read-only, or with throw-away overlays)."""
+
+from __future__ import annotations
+
+NAME = "serve"
+HELP = "serve backups over NBD (each backup by id, each disk's latest by disk name)"
+DESCRIPTION = """\
+Serve the repository's backups over NBD. Every backup is an export named by
+its id; each disk name is an alias of that disk's latest backup, bound when a
+client connects. Read-only unless --writable, which gives each backup a
+copy-on-write overlay (shared by all its clients, discarded when the server
+stops); the repository is never modified. Stop with SIGTERM or Ctrl-C."""
+
+
+def _size(text: str) -> int:
+    import argparse
+
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        n = int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 256M, 1G)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return n
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--listen", default="127.0.0.1:10809", metavar="unix:PATH|HOST:PORT",
+                   help="where to listen (default 127.0.0.1:10809; never all interfaces unless asked)")
+    p.add_argument("--writable", action="store_true",
+                   help="accept writes into a per-backup copy-on-write overlay (discarded on exit)")
+    p.add_argument("--overlay-dir", metavar="DIR", help="where overlay files go (default: a temp dir)")
+    p.add_argument("--cache-size", type=_size, default=256 << 20, metavar="SIZE",
+                   help="decompressed chunk cache shared by all clients (default 256M)")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="threads reading and decompressing chunks (default 4)")
+    g = p.add_argument_group("TLS (X.509)")
+    g.add_argument("--tls-cert", metavar="PEM", help="server certificate; turns TLS on and requires it")
+    g.add_argument("--tls-key", metavar="PEM", help="its private key (default: inside --tls-cert)")
+    g.add_argument("--tls-ca", metavar="PEM", help="CA that client certificates must chain to (asks for them)")
+
+
+def _banner(addr, exports, writable: bool) -> str:
+    if addr.unix:
+        uri = f"nbd+unix:///{{EXPORT}}?socket={addr.unix}"
+    else:
+        host = f"[{addr.host}]" if ":" in addr.host else addr.host
+        uri = f"nbd://{host}:{addr.port}/{{EXPORT}}"
+    lines = [f"nbdbackup serve: listening on {addr} ({'writable overlays' if writable else 'read-only'})"]
+    if exports:
+        lines.append(f"exports ({len(exports)}):")
+        lines += [f"  {name:<28} {desc}" for name, desc in exports[:50]]
+        if len(exports) > 50:
+            lines.append(f"  ... and {len(exports) - 50} more (nbdinfo --list)")
+        example = uri.replace("{EXPORT}", exports[0][0])
+        ro = "" if writable else ",readonly=on"
+        lines.append(f"example: qemu-system-x86_64 -m 1G -drive file={example},format=raw{ro}")
+    else:
+        lines.append("no backups yet; new ones appear without a restart")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import asyncio
+    import logging
+    import os
+    import shutil
+    import signal
+    import sys
+    import tempfile
+
+    from ...engine.exports import ChunkCache, RepoCatalog
+    from ...errors import UsageError
+    from ...nbd.server import ListenAddress, NbdServer, tls_server_context
+    from ...repo import Repository
+    from ..output import print_json
+
+    if not args.repo:
+        raise UsageError("no repository given", hint="use --repo PATH or set NBDBACKUP_REPO")
+    addr = ListenAddress.parse(args.listen)
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if (args.tls_key or args.tls_ca) and not args.tls_cert:
+        raise UsageError("--tls-key/--tls-ca need --tls-cert")
+    tls = tls_server_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    logging.getLogger("nbdbackup.server").setLevel(logging.INFO if args.verbose else logging.WARNING)
+
+    repo = Repository.open(args.repo, index_url=args.index_url, lock_wait=args.lock_wait)
+    overlay_dir = None
+    try:
+        if args.writable:
+            base = args.overlay_dir
+            if base:
+                os.makedirs(base, exist_ok=True)
+            # A private directory per server: its overlays are ours alone to delete.
+            overlay_dir = tempfile.mkdtemp(prefix="nbdbackup-overlay-", dir=base)
+        catalog = RepoCatalog(repo, ChunkCache(args.cache_size))
+        server = NbdServer(catalog, writable=args.writable, overlay_dir=overlay_dir, tls=tls,
+                           workers=args.workers)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await server.start(addr)
+                shown = addr
+                if addr.port == 0 and not addr.unix:
+                    shown = ListenAddress(host=addr.host, port=server.bound_ports()[0])
+                exports = await server.list_exports()
+                if args.json:
+                    print_json({"listen": str(shown), "writable": args.writable,
+                                "tls": tls is not None, "exports": [{"name": n, "description": d} for n, d in exports]})
+                if not args.quiet:
+                    print(_banner(shown, exports, args.writable), file=sys.stderr, flush=True)
+                await stop.wait()
+                if not args.quiet:
+                    print("nbdbackup serve: stopping", file=sys.stderr, flush=True)
+            finally:
+                await server.shutdown()
+
+        asyncio.run(main())
+    finally:
+        if overlay_dir:
+            shutil.rmtree(overlay_dir, ignore_errors=True)
+        close = getattr(repo, "close", None)
+        if close:
+            close()
+    return 0

@@ -1,0 +1,138 @@
+"""The bridge between the repository and the NBD server.
+
+RepoCatalog answers the server's ExportCatalog questions from the index:
+every backup is an export named by its id, and each disk name is an alias
+of that disk's latest backup, resolved when a client connects. Each call
+asks the index again, so a backup committed while the server runs shows up
+without a restart.
+
+Chunk bytes come only from BackupImage.read_chunk (the checked read path
+restore uses too), through one ChunkCache shared by all exports and
+connections; decompressed chunks never change, so sharing them is safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+
+class ChunkCache:
+    """Byte-bounded LRU of decompressed chunks; thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, max_bytes)
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self._d: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        # Called for every request on the event loop: keep it short.
+        with self._lock:
+            data = self._d.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return data
+
+    def put(self, key, data: bytes) -> None:
+        n = len(data)
+        if n > self.max_bytes:
+            return
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.used -= len(old)
+            self._d[key] = data
+            self.used += n
+            while self.used > self.max_bytes:
+                _, ev = self._d.popitem(last=False)
+                self.used -= len(ev)
+
+
+def describe_backup(info) -> str:
+    created = info.created.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"disk {info.disk}, {info.kind} backup, {created}, {info.size} bytes"
+
+
+class RepoBackend:
+    """One backup image as an ExportBackend."""
+
+    def __init__(self, img, key: str, cache: ChunkCache):
+        self.img = img
+        self.key = key
+        self.size = img.size
+        self.chunk_size = img.chunk_size
+        self.cache = cache
+        n = img.nchunks
+        self._zero = bytearray(n)
+        cs = self.chunk_size
+        for off, length, is_zero in img.extents():
+            if is_zero:
+                first = off // cs
+                last = min(n, (off + length + cs - 1) // cs)
+                self._zero[first:last] = b"\x01" * (last - first)
+
+    def is_zero(self, i: int) -> bool:
+        return self._zero[i] == 1
+
+    def cached_chunk(self, i: int) -> bytes | None:
+        return self.cache.get((self.key, i))
+
+    def read_chunk(self, i: int) -> bytes:
+        data = self.img.read_chunk(i)      # checked: raises ChunkCorrupt on damage
+        self.cache.put((self.key, i), data)
+        return data
+
+    def close(self) -> None:
+        self.img.close()
+
+
+class RepoCatalog:
+    def __init__(self, repo, cache: ChunkCache):
+        self.repo = repo
+        self.cache = cache
+
+    def _names(self) -> dict:
+        """Export name -> BackupInfo: ids, then disk names for the latest backup."""
+        backups = self.repo.list_backups()
+        names = {b.id: b for b in backups}
+        latest: dict = {}
+        for b in backups:
+            cur = latest.get(b.disk)
+            if cur is None or (b.created, b.id) > (cur.created, cur.id):
+                latest[b.disk] = b
+        for disk, b in latest.items():
+            names.setdefault(disk, b)
+        return names
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        out = []
+        for name, b in sorted(self._names().items(), key=lambda kv: (kv[1].disk, kv[0] != kv[1].disk, kv[0])):
+            if name == b.id:
+                out.append((name, describe_backup(b)))
+            else:
+                out.append((name, f"latest backup of disk {b.disk}: {b.id} ({describe_backup(b)})"))
+        return out
+
+    def resolve(self, name: str) -> str | None:
+        if not name or "\0" in name:
+            return None
+        b = self._names().get(name)
+        return b.id if b is not None else None
+
+    def describe(self, key: str) -> str:
+        b = self._names().get(key)
+        return describe_backup(b) if b is not None else key
+
+    def open(self, key: str) -> RepoBackend:
+        img = self.repo.open_image(self.repo.resolve(key))
+        try:
+            return RepoBackend(img, key, self.cache)
+        except BaseException:
+            img.close()
+            raise

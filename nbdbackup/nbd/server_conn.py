@@ -1,0 +1,296 @@
+"""Transmission phase for one client: parse requests, answer per the NBD spec.
+
+Requests whose data is cached are answered inline (no task, no thread hop);
+the rest run as tasks so a slow chunk read never stalls other requests on
+the connection. Each reply is written with one write() call, so replies
+from concurrent tasks never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+
+from . import proto
+from .server_handshake import Session
+from .server_view import ChunkReadError, ExportView
+
+log = logging.getLogger("nbdbackup.server")
+
+REQUEST = proto.REQUEST
+REQUEST_MAGIC = proto.REQUEST_MAGIC
+SIMPLE = proto.SIMPLE_REPLY
+SR = proto.STRUCTURED_REPLY
+SR_DATA = struct.Struct(">IHHQIQ")   # structured reply header + OFFSET_DATA offset, packed at once
+SR_HOLE = struct.Struct(">IHHQIQI")  # structured reply header + OFFSET_HOLE payload
+SR_ERR = struct.Struct(">IHHQIIH")   # structured reply header + error payload head
+SMAGIC = proto.SIMPLE_REPLY_MAGIC
+XMAGIC = proto.STRUCTURED_REPLY_MAGIC
+DONE = proto.REPLY_FLAG_DONE
+
+PAYLOAD_TIMEOUT = 60.0     # once a write header arrived, its payload must follow
+SEND_TIMEOUT = 120.0       # a client that stops reading replies is dropped
+MAX_INFLIGHT = 64          # concurrent slow requests per connection
+DRAIN_LIMIT = 64 << 20     # oversized write payloads up to this are drained; beyond: disconnect
+MAX_EXTENTS = 65536
+
+ALLOWED_FLAGS = {
+    proto.CMD_READ: proto.CMD_FLAG_FUA | proto.CMD_FLAG_DF,
+    proto.CMD_WRITE: proto.CMD_FLAG_FUA,
+    proto.CMD_DISC: 0,
+    proto.CMD_FLUSH: 0,
+    proto.CMD_TRIM: proto.CMD_FLAG_FUA,
+    proto.CMD_CACHE: 0,
+    proto.CMD_WRITE_ZEROES: proto.CMD_FLAG_FUA | proto.CMD_FLAG_NO_HOLE | proto.CMD_FLAG_FAST_ZERO,
+    proto.CMD_BLOCK_STATUS: proto.CMD_FLAG_REQ_ONE,
+}
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Session,
+                 max_block: int):
+        self.reader = reader
+        self.writer = writer
+        self.view: ExportView = session.view
+        self.structured = session.structured
+        self.ctx_id = next(iter(session.contexts), None)
+        self.max_block = max_block
+        self.tasks: set[asyncio.Task] = set()
+        self.write_tasks: set[asyncio.Task] = set()
+        self.slots = asyncio.Semaphore(MAX_INFLIGHT)
+        self.closed = False
+
+    # --- replies -----------------------------------------------------------------
+    def _out(self, data) -> None:
+        if not self.closed:
+            self.writer.write(data)
+
+    async def _drain(self) -> None:
+        t = self.writer.transport
+        if t is not None and t.get_write_buffer_size() > (1 << 20):
+            await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT)
+
+    def reply_ok(self, cookie: int) -> None:
+        if self.structured:
+            self._out(SR.pack(XMAGIC, DONE, proto.REPLY_TYPE_NONE, cookie, 0))
+        else:
+            self._out(SIMPLE.pack(SMAGIC, 0, cookie))
+
+    def reply_err(self, cookie: int, err: int, msg: str = "") -> None:
+        if self.structured:
+            m = msg.encode()[:512]
+            self._out(SR_ERR.pack(XMAGIC, DONE, proto.REPLY_TYPE_ERROR, cookie, 6 + len(m), err, len(m)) + m)
+        else:
+            self._out(SIMPLE.pack(SMAGIC, err, cookie))
+
+    def reply_read(self, cookie: int, pieces: list, df: bool) -> None:
+        if not self.structured:
+            parts = [SIMPLE.pack(SMAGIC, 0, cookie)]
+            parts += [bytes(n) if d is None else d for _, n, d in pieces]
+            self._out(b"".join(parts))
+            return
+        if len(pieces) == 1 and pieces[0][2] is not None:   # the hot path
+            off, n, d = pieces[0]
+            self._out(b"".join((SR_DATA.pack(XMAGIC, DONE, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off), d)))
+            return
+        # Runs: consecutive data pieces become one OFFSET_DATA chunk; zero pieces
+        # become OFFSET_HOLE, unless DF asks for one chunk with everything.
+        runs: list[list] = []
+        for off, n, d in pieces:
+            is_data = df or d is not None
+            if runs and runs[-1][0] == is_data:
+                runs[-1][2] += n
+                runs[-1][3].append(bytes(n) if d is None else d)
+            else:
+                runs.append([is_data, off, n, [bytes(n) if d is None else d]])
+        parts = []
+        last = len(runs) - 1
+        for k, (is_data, off, n, datas) in enumerate(runs):
+            fl = DONE if k == last else 0
+            if is_data:
+                parts.append(SR_DATA.pack(XMAGIC, fl, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off))
+                parts += datas
+            else:
+                parts.append(SR_HOLE.pack(XMAGIC, fl, proto.REPLY_TYPE_OFFSET_HOLE, cookie, 12, off, n))
+        self._out(b"".join(parts))
+
+    # --- the request loop -------------------------------------------------------
+    async def serve(self) -> None:
+        try:
+            await self._loop()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as e:
+            log.debug("client gone: %s", e)
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        if self.tasks:
+            done, pending = await asyncio.wait(list(self.tasks), timeout=10)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        self.closed = True
+
+    async def _spawn(self, coro, cookie: int, write: bool = False) -> None:
+        await self.slots.acquire()
+        t = asyncio.create_task(self._guard(coro, cookie))
+        self.tasks.add(t)
+        if write:
+            self.write_tasks.add(t)
+        t.add_done_callback(self._task_done)
+
+    def _task_done(self, t: asyncio.Task) -> None:
+        self.tasks.discard(t)
+        self.write_tasks.discard(t)
+        self.slots.release()
+
+    async def _guard(self, coro, cookie: int) -> None:
+        try:
+            await coro
+        except ChunkReadError as e:
+            log.error("read error, answering EIO: %s", e)
+            self.reply_err(cookie, proto.EIO, "backup data is damaged in this range")
+        except OSError as e:   # overlay file trouble (e.g. its disk is full)
+            log.error("I/O error, answering EIO: %s", e)
+            self.reply_err(cookie, proto.ENOSPC if e.errno == 28 else proto.EIO, "server I/O error")
+        except asyncio.CancelledError:
+            raise
+        except Exception:      # a bug must not take the connection (or the server) down
+            log.exception("internal error on request")
+            self.reply_err(cookie, proto.EIO, "internal server error")
+        try:
+            await self._drain()
+        except (ConnectionError, asyncio.TimeoutError):
+            self.writer.transport.abort()
+
+    async def _loop(self) -> None:
+        read = self.reader.readexactly
+        view = self.view
+        size = view.size
+        while True:
+            magic, flags, typ, cookie, off, length = REQUEST.unpack(await read(28))
+            if magic != REQUEST_MAGIC:
+                log.warning("bad request magic %#x: disconnecting the client", magic)
+                return
+            allowed = ALLOWED_FLAGS.get(typ)
+            if typ == proto.CMD_READ and flags == 0 and length and off + length <= size \
+                    and length <= self.max_block:
+                pieces = view.read_cached(off, length)
+                if pieces is not None:
+                    self.reply_read(cookie, pieces, False)
+                    await self._drain()
+                    continue
+            if typ == proto.CMD_WRITE:
+                data = await self._payload(flags, off, length, cookie, allowed)
+                if data is None:
+                    continue
+                await self._spawn(self._write(cookie, flags, off, data), cookie, write=True)
+                continue
+            if allowed is None or flags & ~allowed:
+                self.reply_err(cookie, proto.EINVAL, "unknown command or flag")
+            elif typ == proto.CMD_DISC:
+                return
+            elif typ == proto.CMD_READ:
+                await self._read_cmd(cookie, flags, off, length)
+            elif typ == proto.CMD_FLUSH:
+                await self._spawn(self._flush(cookie), cookie)
+            elif typ == proto.CMD_BLOCK_STATUS:
+                self._block_status(cookie, flags, off, length)
+            elif off + length > size:
+                self.reply_err(cookie, proto.ENOSPC if typ == proto.CMD_WRITE_ZEROES and view.writable
+                               else proto.EINVAL, "request beyond the end of the export")
+            elif typ == proto.CMD_CACHE:
+                await self._spawn(self._cache(cookie, off, length), cookie)
+            elif not view.writable:
+                self.reply_err(cookie, proto.EPERM, "export is read-only")
+            elif length == 0:
+                self.reply_ok(cookie)
+            else:   # TRIM / WRITE_ZEROES: both leave zeroes (TRIM may leave anything)
+                await self._spawn(self._zero(cookie, off, length), cookie, write=True)
+            await self._drain()
+
+    async def _payload(self, flags, off, length, cookie, allowed) -> bytes | None:
+        """Read a WRITE's payload, or drain it and answer the error."""
+        err = msg = None
+        if length > self.max_block:
+            if length > DRAIN_LIMIT:
+                raise ConnectionError(f"write payload of {length} bytes: disconnecting")
+            err, msg = proto.EINVAL, "write larger than the maximum block size"
+        elif flags & ~allowed:
+            err, msg = proto.EINVAL, "unknown flag"
+        elif not self.view.writable:
+            err, msg = proto.EPERM, "export is read-only"
+        elif off + length > self.view.size:
+            err, msg = proto.ENOSPC, "write beyond the end of the export"
+        if err is None:
+            if not length:
+                self.reply_ok(cookie)
+                return None
+            return await asyncio.wait_for(self.reader.readexactly(length), PAYLOAD_TIMEOUT)
+        left = length
+        while left:
+            n = min(left, 1 << 20)
+            await asyncio.wait_for(self.reader.readexactly(n), PAYLOAD_TIMEOUT)
+            left -= n
+        self.reply_err(cookie, err, msg)
+        return None
+
+    async def _read_cmd(self, cookie: int, flags: int, off: int, length: int) -> None:
+        df = bool(flags & proto.CMD_FLAG_DF)
+        if df and not self.structured:
+            self.reply_err(cookie, proto.EINVAL, "DF needs structured replies")
+        elif off + length > self.view.size:
+            self.reply_err(cookie, proto.EINVAL, "read beyond the end of the export")
+        elif length > self.max_block:
+            # EOVERFLOW is the spec's answer only for a DF read too big for one chunk.
+            self.reply_err(cookie, proto.EOVERFLOW if df else proto.EINVAL, "read larger than the maximum block size")
+        elif length == 0:
+            self.reply_ok(cookie)
+        else:
+            pieces = self.view.read_cached(off, length)
+            if pieces is not None:
+                self.reply_read(cookie, pieces, df)
+            else:
+                await self._spawn(self._read_slow(cookie, off, length, df), cookie)
+
+    async def _read_slow(self, cookie, off, length, df) -> None:
+        pieces = await self.view.read(off, length)
+        self.reply_read(cookie, pieces, df)
+
+    async def _write(self, cookie, flags, off, data) -> None:
+        await self.view.write(off, data)
+        # FUA: the write is in the shared overlay before we answer, so it is
+        # already visible to every connection; nothing more to do.
+        self.reply_ok(cookie)
+
+    async def _zero(self, cookie, off, length) -> None:
+        await self.view.zero(off, length)
+        self.reply_ok(cookie)
+
+    async def _flush(self, cookie) -> None:
+        # Writes are applied to the shared overlay before their reply, so they
+        # are visible to all connections. Wait for writes still in flight here
+        # so that FLUSH also covers them (stricter than the spec asks).
+        me = asyncio.current_task()
+        pending = [t for t in self.write_tasks if t is not me]
+        if pending:
+            await asyncio.wait(pending)
+        self.reply_ok(cookie)
+
+    async def _cache(self, cookie, off, length) -> None:
+        if length:
+            await self.view.prefetch(off, min(length, 64 << 20))
+        self.reply_ok(cookie)
+
+    def _block_status(self, cookie: int, flags: int, off: int, length: int) -> None:
+        if not self.structured or self.ctx_id is None:
+            self.reply_err(cookie, proto.EINVAL, "no meta context was negotiated")
+            return
+        if length == 0 or off + length > self.view.size:
+            self.reply_err(cookie, proto.EINVAL, "block status range is empty or beyond the end")
+            return
+        ext = self.view.extents(off, length, 1 if flags & proto.CMD_FLAG_REQ_ONE else MAX_EXTENTS)
+        body = proto.U32.pack(self.ctx_id) + b"".join(proto.EXTENT.pack(n, f) for n, f in ext)
+        self._out(SR.pack(XMAGIC, DONE, proto.REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body)

@@ -1,0 +1,258 @@
+"""Server side of the fixed-newstyle handshake (option haggling).
+
+Handshake.run() returns a Session bound to an export view (after GO or
+EXPORT_NAME), or None when the client aborted or must be disconnected.
+Malformed options get the spec's error replies; only things the spec says
+end the connection (bad magic, unknown client flags, a refused EXPORT_NAME,
+absurd sizes) make us hang up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+from dataclasses import dataclass, field
+
+from . import proto
+
+log = logging.getLogger("nbdbackup.server")
+
+HANDSHAKE_TIMEOUT = 30.0        # per read while negotiating: a silent client is dropped
+MAX_OPTIONS = 4096              # per connection; nbdinfo --list sends ~2 per export
+DRAIN_OPTION_LIMIT = 1 << 20    # oversized option data up to this is drained and refused
+BASE_ALLOCATION_ID = 1
+
+
+class Disconnect(Exception):
+    """End this client's connection (and only it)."""
+
+
+@dataclass
+class Session:
+    structured: bool = False
+    contexts: dict[int, str] = field(default_factory=dict)
+    tls: bool = False
+    no_zeroes: bool = False
+    name: str = ""
+    view: object = None        # ExportView once GO / EXPORT_NAME succeeded
+
+
+class Handshake:
+    def __init__(self, server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 tls_ctx: ssl.SSLContext | None):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.tls_ctx = tls_ctx
+        self.s = Session()
+
+    async def _read(self, n: int) -> bytes:
+        try:
+            return await asyncio.wait_for(self.reader.readexactly(n), HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise Disconnect("client silent during handshake") from None
+
+    async def _send(self, data: bytes) -> None:
+        self.writer.write(data)
+        try:
+            await asyncio.wait_for(self.writer.drain(), HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise Disconnect("client does not read during handshake") from None
+
+    async def _reply(self, opt: int, rep: int, payload: bytes = b"") -> None:
+        await self._send(proto.OPTION_REPLY.pack(proto.OPTION_REPLY_MAGIC, opt, rep, len(payload)) + payload)
+
+    async def _error(self, opt: int, rep: int, msg: str) -> None:
+        await self._reply(opt, rep, msg.encode()[:1024])
+
+    async def run(self) -> Session | None:
+        await self._send(proto.HANDSHAKE.pack(proto.NBDMAGIC, proto.IHAVEOPT,
+                                              proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES))
+        (cflags,) = proto.CLIENT_FLAGS.unpack(await self._read(4))
+        if cflags & ~proto.KNOWN_CLIENT_FLAGS:
+            raise Disconnect(f"unknown client flags {cflags:#x}")
+        self.s.no_zeroes = bool(cflags & proto.FLAG_C_NO_ZEROES)
+        for _ in range(MAX_OPTIONS):
+            magic, opt, length = proto.OPTION_REQUEST.unpack(await self._read(16))
+            if magic != proto.IHAVEOPT:
+                raise Disconnect(f"bad option magic {magic:#x}")
+            if length > proto.MAX_OPTION_LENGTH:
+                if opt == proto.OPT_EXPORT_NAME or length > DRAIN_OPTION_LIMIT:
+                    raise Disconnect(f"{proto.option_name(opt)} with {length} bytes of data")
+                await self._read(length)
+                await self._error(opt, proto.REP_ERR_TOO_BIG, "option data too long")
+                continue
+            data = await self._read(length) if length else b""
+            if self.tls_ctx is not None and not self.s.tls and opt not in (proto.OPT_STARTTLS, proto.OPT_ABORT):
+                if opt == proto.OPT_EXPORT_NAME:
+                    raise Disconnect("EXPORT_NAME before STARTTLS")
+                await self._error(opt, proto.REP_ERR_TLS_REQD, "this server requires TLS (STARTTLS)")
+                continue
+            done = await self._option(opt, data)
+            if done:
+                return self.s
+        raise Disconnect("too many options")
+
+    async def _option(self, opt: int, data: bytes) -> bool:
+        """Handle one option; True when transmission starts."""
+        if opt == proto.OPT_ABORT:
+            try:
+                await self._reply(opt, proto.REP_ACK)
+            except (ConnectionError, Disconnect):
+                pass
+            raise Disconnect("client aborted")
+        if opt == proto.OPT_EXPORT_NAME:
+            return await self._export_name(data)
+        if opt in (proto.OPT_INFO, proto.OPT_GO):
+            return await self._info_go(opt, data)
+        if opt == proto.OPT_LIST:
+            await self._list(data)
+        elif opt == proto.OPT_STARTTLS:
+            await self._starttls(data)
+        elif opt == proto.OPT_STRUCTURED_REPLY:
+            if data:
+                await self._error(opt, proto.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            else:
+                self.s.structured = True
+                await self._reply(opt, proto.REP_ACK)
+        elif opt in (proto.OPT_LIST_META_CONTEXT, proto.OPT_SET_META_CONTEXT):
+            await self._meta_context(opt, data)
+        else:
+            await self._error(opt, proto.REP_ERR_UNSUP, f"{proto.option_name(opt)} is not supported")
+        return False
+
+    @staticmethod
+    def _decode(raw: bytes) -> str | None:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    async def _export_name(self, data: bytes) -> bool:
+        name = self._decode(data)
+        view = await self.server.acquire_view(name) if name is not None else None
+        if view is None:
+            raise Disconnect(f"EXPORT_NAME for unknown export {data[:64]!r}")   # the spec's only answer
+        self.s.view, self.s.name = view, name
+        flags = self.server.transmission_flags(view, self.s.structured)
+        reply = proto.EXPORT_NAME_REPLY.pack(view.size, flags)
+        await self._send(reply if self.s.no_zeroes else reply + bytes(124))
+        return True
+
+    async def _info_go(self, opt: int, data: bytes) -> bool:
+        if len(data) < 6:
+            await self._error(opt, proto.REP_ERR_INVALID, "option data too short")
+            return False
+        (nlen,) = proto.U32.unpack_from(data)
+        if 4 + nlen + 2 > len(data):
+            await self._error(opt, proto.REP_ERR_INVALID, "export name length out of bounds")
+            return False
+        (nreq,) = proto.U16.unpack_from(data, 4 + nlen)
+        if len(data) != 4 + nlen + 2 + 2 * nreq:
+            await self._error(opt, proto.REP_ERR_INVALID, "information request count does not match length")
+            return False
+        name = self._decode(data[4:4 + nlen])
+        if name is None:
+            await self._error(opt, proto.REP_ERR_INVALID, "export name is not UTF-8")
+            return False
+        reqs = set(struct.unpack_from(f">{nreq}H", data, 4 + nlen + 2))
+        view = await self.server.acquire_view(name)
+        if view is None:
+            await self._error(opt, proto.REP_ERR_UNKNOWN, f"no export named {name[:200]!r} (list them with nbdinfo --list)")
+            return False
+        keep = False
+        try:
+            flags = self.server.transmission_flags(view, self.s.structured)
+            await self._reply(opt, proto.REP_INFO, proto.INFO_EXPORT_STRUCT.pack(proto.INFO_EXPORT, view.size, flags))
+            if proto.INFO_NAME in reqs:
+                await self._reply(opt, proto.REP_INFO, proto.U16.pack(proto.INFO_NAME) + name.encode())
+            if proto.INFO_DESCRIPTION in reqs:
+                desc = (await self.server.describe(view)).encode()[:4096]
+                await self._reply(opt, proto.REP_INFO, proto.U16.pack(proto.INFO_DESCRIPTION) + desc)
+            mn, pref, mx = self.server.block_sizes
+            await self._reply(opt, proto.REP_INFO, proto.INFO_BLOCK_SIZE_STRUCT.pack(proto.INFO_BLOCK_SIZE, mn, pref, mx))
+            await self._reply(opt, proto.REP_ACK)
+            if opt == proto.OPT_GO:
+                self.s.view, self.s.name, keep = view, name, True
+                return True
+            return False
+        finally:
+            if not keep:
+                self.server.release_view(view)
+
+    async def _list(self, data: bytes) -> None:
+        if data:
+            await self._error(proto.OPT_LIST, proto.REP_ERR_INVALID, "LIST takes no data")
+            return
+        for name, desc in await self.server.list_exports():
+            raw = name.encode()
+            await self._reply(proto.OPT_LIST, proto.REP_SERVER, proto.U32.pack(len(raw)) + raw + desc.encode()[:4096])
+        await self._reply(proto.OPT_LIST, proto.REP_ACK)
+
+    async def _starttls(self, data: bytes) -> None:
+        opt = proto.OPT_STARTTLS
+        if self.tls_ctx is None:
+            await self._error(opt, proto.REP_ERR_POLICY, "TLS is not configured on this server")
+        elif data:
+            await self._error(opt, proto.REP_ERR_INVALID, "STARTTLS takes no data")
+        elif self.s.tls:
+            await self._error(opt, proto.REP_ERR_INVALID, "TLS is already active")
+        else:
+            await self._reply(opt, proto.REP_ACK)
+            try:
+                await self.writer.start_tls(self.tls_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
+                raise Disconnect(f"TLS handshake failed: {e}") from None
+            # The spec: state negotiated before STARTTLS does not carry over.
+            self.s = Session(tls=True, no_zeroes=self.s.no_zeroes)
+
+    def _parse_meta(self, data: bytes) -> tuple[str, list[str]] | None:
+        try:
+            (nlen,) = proto.U32.unpack_from(data)
+            name = data[4:4 + nlen].decode("utf-8")
+            if len(name.encode()) != nlen:
+                return None
+            pos = 4 + nlen
+            (nq,) = proto.U32.unpack_from(data, pos)
+            pos += 4
+            queries = []
+            for _ in range(nq):
+                (ql,) = proto.U32.unpack_from(data, pos)
+                pos += 4
+                q = data[pos:pos + ql]
+                if len(q) != ql:
+                    return None
+                queries.append(q.decode("utf-8"))
+                pos += ql
+            if pos != len(data):
+                return None
+            return name, queries
+        except (struct.error, UnicodeDecodeError):
+            return None
+
+    async def _meta_context(self, opt: int, data: bytes) -> None:
+        setting = opt == proto.OPT_SET_META_CONTEXT
+        if setting and not self.s.structured:
+            await self._error(opt, proto.REP_ERR_INVALID, "negotiate STRUCTURED_REPLY first")
+            return
+        parsed = self._parse_meta(data)
+        if parsed is None:
+            await self._error(opt, proto.REP_ERR_INVALID, "malformed meta context request")
+            return
+        name, queries = parsed
+        if not await self.server.export_exists(name):
+            await self._error(opt, proto.REP_ERR_UNKNOWN, f"no export named {name[:200]!r}")
+            return
+        base = proto.CONTEXT_BASE_ALLOCATION
+        if setting:
+            match = base in queries
+        else:
+            match = not queries or any(q in (base, "base:") for q in queries)
+        if match:
+            cid = BASE_ALLOCATION_ID if setting else 0
+            await self._reply(opt, proto.REP_META_CONTEXT, proto.U32.pack(cid) + base.encode())
+        if setting:
+            self.s.contexts = {BASE_ALLOCATION_ID: base} if match else {}
+        await self._reply(opt, proto.REP_ACK)

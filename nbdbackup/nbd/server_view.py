@@ -1,0 +1,251 @@
+"""What the server serves: the export interface, and one shared view per export.
+
+The server never sees the repository. A catalog (see ExportCatalog) names the
+exports and opens backends; a backend is a read-only image cut into chunks
+(ExportBackend). ExportView puts the optional copy-on-write overlay on top and
+is shared by every connection to the same backup, so all of them see one
+state (what CAN_MULTI_CONN promises) and no connection keeps a private cache.
+
+Blocking backend calls (reading, decompressing, checking a chunk) run in a
+thread pool; everything else runs on the event loop, so each request's
+state change (overlay write, read assembly) is atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from typing import Protocol
+
+from . import proto
+from .overlay import BACKING, DATA, Overlay
+
+Piece = tuple  # (offset, length, memoryview | None); None means zeroes
+
+
+class ExportBackend(Protocol):
+    key: str            # identity: connections resolving to the same key share one view
+    size: int
+    chunk_size: int
+
+    def is_zero(self, i: int) -> bool: ...
+    def cached_chunk(self, i: int) -> bytes | None: ...   # non-blocking cache lookup
+    def read_chunk(self, i: int) -> bytes: ...            # blocking; raises on damage
+    def close(self) -> None: ...
+
+
+class ExportCatalog(Protocol):
+    def list_exports(self) -> list[tuple[str, str]]: ...   # (name, description), fresh each call
+    def resolve(self, name: str) -> str | None: ...        # export name -> backend key, now
+    def describe(self, key: str) -> str: ...
+    def open(self, key: str) -> ExportBackend: ...
+
+
+class ChunkReadError(Exception):
+    """A chunk could not be read or failed its check: the range answers EIO."""
+
+
+class ExportView:
+    def __init__(self, backend: ExportBackend, pool: Executor, overlay: Overlay | None = None):
+        self.backend = backend
+        self.key = backend.key
+        self.size = backend.size
+        self.cs = backend.chunk_size
+        self.pool = pool
+        self.overlay = overlay
+        self.refs = 0
+        self._inflight: dict[int, asyncio.Future] = {}
+
+    @property
+    def writable(self) -> bool:
+        return self.overlay is not None
+
+    def chunk_len(self, i: int) -> int:
+        return min(self.cs, self.size - i * self.cs)
+
+    # --- chunk fetching -----------------------------------------------------
+    def _read_checked(self, i: int) -> bytes:
+        try:
+            data = self.backend.read_chunk(i)
+        except Exception as e:  # damaged pack, missing file, bad hash: all are EIO here
+            raise ChunkReadError(f"chunk {i} of {self.key}: {e}") from e
+        if len(data) != self.chunk_len(i):
+            raise ChunkReadError(f"chunk {i} of {self.key}: {len(data)} bytes, expected {self.chunk_len(i)}")
+        return data
+
+    async def fetch(self, idxs) -> dict[int, bytes]:
+        """Chunk bytes for *idxs* (non-zero chunks), reading missing ones in the pool.
+
+        Concurrent requests for one chunk share a single read."""
+        out: dict[int, bytes] = {}
+        waits = []
+        loop = asyncio.get_running_loop()
+        for i in idxs:
+            data = self.backend.cached_chunk(i)
+            if data is not None:
+                out[i] = data
+                continue
+            fut = self._inflight.get(i)
+            if fut is None:
+                fut = loop.run_in_executor(self.pool, self._read_checked, i)
+                self._inflight[i] = fut
+                fut.add_done_callback(lambda f, i=i: self._inflight.pop(i, None))
+            waits.append((i, fut))
+        if waits:
+            results = await asyncio.gather(*(f for _, f in waits), return_exceptions=True)
+            for (i, _), r in zip(waits, results):
+                if isinstance(r, BaseException):
+                    if isinstance(r, ChunkReadError):
+                        raise r
+                    raise ChunkReadError(f"chunk {i} of {self.key}: {r}") from r
+                out[i] = r
+        return out
+
+    def _chunks(self, lo: int, hi: int) -> range:
+        return range(lo // self.cs, (hi - 1) // self.cs + 1)
+
+    def _backing_pieces(self, lo: int, hi: int, chunks: dict[int, bytes], out: list) -> None:
+        cs = self.cs
+        for i in self._chunks(lo, hi):
+            c0 = i * cs
+            a = max(lo, c0)
+            b = min(hi, c0 + cs)
+            if self.backend.is_zero(i):
+                out.append((a, b - a, None))
+            else:
+                out.append((a, b - a, memoryview(chunks[i])[a - c0:b - c0]))
+
+    def _segments(self, lo: int, hi: int):
+        """(start, end, overlay state) runs over [lo, hi)."""
+        ov = self.overlay
+        if ov is None or ov.written == 0:
+            yield lo, hi, BACKING
+            return
+        bs = ov.block
+        p = lo
+        while p < hi:
+            b = p // bs
+            st = ov.state[b]
+            e = min(hi, (b + 1) * bs)
+            while e < hi and ov.state[e // bs] == st:
+                e = min(hi, e + bs)
+            yield p, e, st
+            p = e
+
+    # --- reads ----------------------------------------------------------------
+    def read_cached(self, off: int, length: int) -> list | None:
+        """Fast path: the pieces of a read served from cache alone, or None."""
+        if self.overlay is not None and self.overlay.written:
+            return None
+        cs = self.cs
+        i = off // cs
+        if (off + length - 1) // cs == i:   # the common case: inside one chunk
+            if self.backend.is_zero(i):
+                return [(off, length, None)]
+            data = self.backend.cached_chunk(i)
+            if data is None:
+                return None
+            a = off - i * cs
+            return [(off, length, memoryview(data)[a:a + length])]
+        chunks = {}
+        for i in self._chunks(off, off + length):
+            if not self.backend.is_zero(i):
+                data = self.backend.cached_chunk(i)
+                if data is None:
+                    return None
+                chunks[i] = data
+        out: list = []
+        self._backing_pieces(off, off + length, chunks, out)
+        return out
+
+    async def read(self, off: int, length: int) -> list:
+        """Pieces covering [off, off+length) in order. Raises ChunkReadError."""
+        need = set()
+        for a, b, st in self._segments(off, off + length):
+            if st == BACKING:
+                need.update(i for i in self._chunks(a, b) if not self.backend.is_zero(i))
+        chunks = await self.fetch(sorted(need))
+        # Assemble after the await: the overlay may have changed meanwhile, and
+        # what we return must be one consistent state.
+        out: list = []
+        for a, b, st in self._segments(off, off + length):
+            if st == BACKING:
+                missing = [i for i in self._chunks(a, b) if not self.backend.is_zero(i) and i not in chunks]
+                if missing:   # block was BACKING before the await too: states never return to it
+                    chunks.update(await self.fetch(missing))
+                self._backing_pieces(a, b, chunks, out)
+            elif st == DATA:
+                out.append((a, b - a, memoryview(self.overlay.pread(a, b - a))))
+            else:
+                out.append((a, b - a, None))
+        return out
+
+    async def prefetch(self, off: int, length: int) -> None:
+        await self.fetch([i for i in self._chunks(off, off + length) if not self.backend.is_zero(i)])
+
+    # --- writes (overlay only) -----------------------------------------------
+    async def _backing_blocks(self, blocks: list[int]) -> dict[int, bytes]:
+        ov = self.overlay
+        spans = [(b * ov.block, b * ov.block + ov.block_len(b)) for b in blocks]
+        need = sorted({i for lo, hi in spans for i in self._chunks(lo, hi) if not self.backend.is_zero(i)})
+        chunks = await self.fetch(need)
+        out = {}
+        for b, (lo, hi) in zip(blocks, spans):
+            pieces: list = []
+            self._backing_pieces(lo, hi, chunks, pieces)
+            out[b] = b"".join(bytes(p[1]) if p[2] is None else p[2] for p in pieces)
+        return out
+
+    async def write(self, off: int, data) -> None:
+        backing = await self._backing_blocks(self.overlay.backing_blocks_needed(off, len(data)))
+        missing = [b for b in self.overlay.backing_blocks_needed(off, len(data)) if b not in backing]
+        if missing:
+            backing.update(await self._backing_blocks(missing))
+        self.overlay.write(off, data, backing)
+
+    async def zero(self, off: int, length: int) -> None:
+        backing = await self._backing_blocks(self.overlay.backing_blocks_needed(off, length))
+        missing = [b for b in self.overlay.backing_blocks_needed(off, length) if b not in backing]
+        if missing:
+            backing.update(await self._backing_blocks(missing))
+        self.overlay.zero(off, length, backing)
+
+    # --- block status ---------------------------------------------------------
+    def extents(self, off: int, length: int, max_extents: int) -> list[tuple[int, int]]:
+        """base:allocation extents (length, flags) from *off*, clamped to the request."""
+        hz = proto.STATE_HOLE | proto.STATE_ZERO
+        out: list[list[int]] = []
+
+        def add(n: int, flags: int) -> bool:
+            if out and out[-1][1] == flags:
+                out[-1][0] += n
+            elif len(out) >= max_extents:
+                return False
+            else:
+                out.append([n, flags])
+            return True
+
+        cs = self.cs
+        for a, b, st in self._segments(off, off + length):
+            if st == DATA:
+                ok = add(b - a, 0)
+            elif st != BACKING:
+                ok = add(b - a, hz)
+            else:
+                ok = True
+                for i in self._chunks(a, b):
+                    lo = max(a, i * cs)
+                    hi = min(b, (i + 1) * cs)
+                    if not add(hi - lo, hz if self.backend.is_zero(i) else 0):
+                        ok = False
+                        break
+            if not ok:
+                break
+        # Extent lengths are u32 on the wire.
+        res = []
+        for n, f in out:
+            while n > 0:
+                step = min(n, 0xFFFFF000)
+                res.append((step, f))
+                n -= step
+        return res[:max_extents]
