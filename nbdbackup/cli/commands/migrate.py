@@ -1,0 +1,46 @@
+"""`nbdbackup migrate`: upgrade an older index to this tool's schema."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "migrate"
+HELP = "upgrade the repository's index to the current schema revision"
+DESCRIPTION = (
+    "Runs the Alembic migrations that take the index from its revision to the one\n"
+    "this nbdbackup uses, and says from which revision to which. Takes the\n"
+    "repository's writer and reader locks exclusively while it runs."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args) -> int:
+    from ...errors import RepoFormatError
+    from ...repo.index import KNOWN_REVISIONS, current_revision, upgrade
+    from ...repo.schema import INDEX_REVISION
+    from ..output import print_json, summary
+    from ..repoargs import open_repo
+
+    with open_repo(args, check=False) as repo:
+        with repo.engine.connect() as conn:
+            before = current_revision(conn)
+        if before is not None and before not in KNOWN_REVISIONS:
+            raise RepoFormatError(f"the index is at revision {before!r}, newer than this tool understands "
+                                  f"({INDEX_REVISION})", hint="upgrade nbdbackup")
+        if before == INDEX_REVISION:
+            after = before
+        else:
+            with repo.lock("writers", exclusive=True, purpose="the writer lock (migrate needs it exclusively)"), \
+                    repo.lock("readers", exclusive=True, purpose="the reader lock (migrate needs it exclusively)"):
+                before, after = upgrade(repo.engine, "head")
+    out = {"from": before, "to": after, "changed": before != after}
+    if args.json:
+        print_json(out)
+    elif before == after:
+        summary(args, f"index already at revision {after}; nothing to do")
+    else:
+        summary(args, f"index upgraded from revision {before or '(empty)'} to {after}")
+    return 0

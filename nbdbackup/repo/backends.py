@@ -1,0 +1,242 @@
+"""Storage backends for pack files: a small interface, a local directory and memory.
+
+A backend stores named immutable objects ("packs/ab/abcd....pack"). put() is
+atomic and durable when it returns: the object is either complete under its
+name or absent. Readers use get() with ranges; objects are never modified.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from typing import Iterable, Iterator
+
+from ..errors import NoSpaceError
+
+
+class StorageBackend:
+    """Interface. Names are '/'-separated relative paths without '..'."""
+
+    def put(self, name: str, parts: Iterable[bytes]) -> None:
+        """Store the concatenation of *parts* under *name*, durably and atomically."""
+        raise NotImplementedError
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes [offset, offset+length) (to the end when length is None).
+
+        Raises FileNotFoundError for a missing object. May return fewer bytes
+        when the range runs past the end (the caller checks)."""
+        raise NotImplementedError
+
+    def size(self, name: str) -> int:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        """Remove *name*; missing is not an error."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Names starting with *prefix*, sorted."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
+        raise ValueError(f"bad object name {name!r}")
+
+
+class LocalBackend(StorageBackend):
+    """Objects are files under *root*; writes go through *tmp_dir* + rename.
+
+    Durability: the temporary file is fsync'ed, renamed into place, and the
+    target directory fsync'ed before put() returns.
+    """
+
+    MAX_OPEN = 128
+
+    def __init__(self, root: str, tmp_dir: str):
+        self.root = root
+        self.tmp_dir = tmp_dir
+        self._fds: OrderedDict[str, list[int]] = OrderedDict()  # name -> [fd, users]
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        _check_name(name)
+        return os.path.join(self.root, *name.split("/"))
+
+    def put(self, name: str, parts: Iterable[bytes]) -> None:
+        path = self._path(name)
+        tmp = os.path.join(self.tmp_dir, f"{uuid.uuid4().hex}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            os.rename(tmp, path)
+            _fsync_dir(parent)
+        except OSError as e:
+            _unlink_quiet(tmp)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"no space left on the repository's file system while writing {name}",
+                                   hint="free space and run again; committed backups are intact") from e
+            raise
+
+    def _acquire(self, name: str) -> int:
+        """An open fd for *name*, pinned until _release (so it is never closed under a reader)."""
+        with self._lock:
+            ent = self._fds.get(name)
+            if ent is not None:
+                ent[1] += 1
+                self._fds.move_to_end(name)
+                return ent[0]
+        fd = os.open(self._path(name), os.O_RDONLY)
+        with self._lock:
+            ent = self._fds.get(name)
+            if ent is not None:  # another thread won the race
+                os.close(fd)
+                ent[1] += 1
+                return ent[0]
+            self._fds[name] = [fd, 1]
+            self._evict_locked()
+        return fd
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            ent = self._fds.get(name)
+            if ent is not None:
+                ent[1] -= 1
+
+    def _evict_locked(self) -> None:
+        if len(self._fds) <= self.MAX_OPEN:
+            return
+        for n in list(self._fds):
+            if len(self._fds) <= self.MAX_OPEN:
+                break
+            fd, refs = self._fds[n]
+            if refs == 0:
+                del self._fds[n]
+                os.close(fd)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        fd = self._acquire(name)
+        try:
+            if length is None:
+                length = os.fstat(fd).st_size - offset
+            return os.pread(fd, max(length, 0), offset)
+        finally:
+            self._release(name)
+
+    def size(self, name: str) -> int:
+        return os.stat(self._path(name)).st_size
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            ent = self._fds.get(name)
+            if ent is not None and ent[1] == 0:
+                del self._fds[name]
+                os.close(ent[0])
+        path = self._path(name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(os.path.dirname(path))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        names = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            for f in files:
+                n = f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"
+                if n.startswith(prefix):
+                    names.append(n)
+        return iter(sorted(names))
+
+    def close(self) -> None:
+        with self._lock:
+            fds = [fd for fd, _refs in self._fds.values()]
+            self._fds.clear()
+        for fd in fds:
+            os.close(fd)
+
+
+class MemoryBackend(StorageBackend):
+    """Objects in a dict; for tests and as the model other backends must match.
+
+    *capacity* (bytes) simulates a full disk: a put() that would exceed it
+    raises NoSpaceError and stores nothing."""
+
+    def __init__(self, capacity: int | None = None):
+        self._objs: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def put(self, name: str, parts: Iterable[bytes]) -> None:
+        _check_name(name)
+        data = b"".join(bytes(p) for p in parts)
+        with self._lock:
+            used = sum(len(v) for k, v in self._objs.items() if k != name)
+            if self.capacity is not None and used + len(data) > self.capacity:
+                raise NoSpaceError(f"no space left in the memory backend while writing {name}")
+            self._objs[name] = data
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self._lock:
+            data = self._objs.get(name)
+        if data is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", name)
+        end = len(data) if length is None else offset + length
+        return data[offset:end]
+
+    def size(self, name: str) -> int:
+        with self._lock:
+            if name not in self._objs:
+                raise FileNotFoundError(errno.ENOENT, "no such object", name)
+            return len(self._objs[name])
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._objs
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self._objs.pop(name, None)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        with self._lock:
+            return iter(sorted(n for n in self._objs if n.startswith(prefix)))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,108 @@
+"""Chunk preparation (worker threads) and checked decoding.
+
+A chunk id is blake3 of its uncompressed bytes. prepare() runs in worker
+threads: blake3 and zstd release the GIL, so two threads use two cores.
+zstd compressor objects are not thread-safe: one per thread and level.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import blake3
+import zstandard
+
+from .packs import COMP_NONE, COMP_ZSTD
+
+HASH_SIZE = 32
+ZERO_REF = bytes(HASH_SIZE)     # map entry of an all-zero chunk (no blake3 output is all zero in practice)
+
+# Store raw unless zstd saves at least 1/32 of the chunk: decompressing costs
+# more than reading a few percent more bytes.
+_MIN_SAVING_SHIFT = 5
+
+_tls = threading.local()
+_zero_cache: dict[int, bytes] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedChunk:
+    hash: bytes          # blake3 of the raw bytes (ZERO_REF for an all-zero chunk)
+    raw_len: int
+    compression: int     # packs.COMP_NONE / COMP_ZSTD
+    payload: bytes       # what goes into the pack (empty for a zero chunk)
+
+    @property
+    def is_zero(self) -> bool:
+        return self.hash == ZERO_REF
+
+
+def zeros(n: int) -> bytes:
+    z = _zero_cache.get(n)
+    if z is None:
+        z = bytes(n)
+        if len(_zero_cache) < 8:
+            _zero_cache[n] = z
+    return z
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    comps = getattr(_tls, "comps", None)
+    if comps is None:
+        comps = _tls.comps = {}
+    c = comps.get(level)
+    if c is None:
+        c = comps[level] = zstandard.ZstdCompressor(level=level, write_checksum=False)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "dec", None)
+    if d is None:
+        d = _tls.dec = zstandard.ZstdDecompressor()
+    return d
+
+
+def hash_bytes(data) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def prepare(data, level: int) -> PreparedChunk:
+    """Zero check, hash, compress (when it pays). Thread-safe."""
+    n = len(data)
+    if data == zeros(n):
+        return PreparedChunk(ZERO_REF, n, COMP_NONE, b"")
+    h = hash_bytes(data)
+    c = _compressor(level).compress(data)
+    if len(c) <= n - (n >> _MIN_SAVING_SHIFT):
+        return PreparedChunk(h, n, COMP_ZSTD, c)
+    return PreparedChunk(h, n, COMP_NONE, bytes(data))
+
+
+def compress_blob(data: bytes, level: int) -> tuple[int, bytes]:
+    """(compression, payload) for metadata blobs (map segments, manifests)."""
+    c = _compressor(level).compress(data)
+    return (COMP_ZSTD, c) if len(c) < len(data) else (COMP_NONE, data)
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def decode(payload: bytes, compression: int, raw_len: int, expected: bytes) -> bytes:
+    """Decompress and verify against *expected* (blake3); DecodeError on any mismatch."""
+    if compression == COMP_NONE:
+        data = payload
+    elif compression == COMP_ZSTD:
+        try:
+            data = _decompressor().decompress(payload, max_output_size=raw_len)
+        except zstandard.ZstdError as e:
+            raise DecodeError(f"zstd: {e}") from None
+    else:
+        raise DecodeError(f"unknown compression {compression}")
+    if len(data) != raw_len:
+        raise DecodeError(f"length {len(data)} != {raw_len}")
+    if hash_bytes(data) != expected:
+        raise DecodeError("hash mismatch")
+    return data.tobytes() if isinstance(data, memoryview) else data

@@ -1,0 +1,100 @@
+"""config.json: what a repository is (format version, id, chunk size, levels)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+
+from ..errors import NotARepository, RepoDamaged, RepoFormatError, UsageError
+
+FORMAT = 1                       # repository layout version this code reads and writes
+CONFIG_NAME = "config.json"
+MIN_CHUNK = 64 * 1024
+MAX_CHUNK = 16 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024  # chosen by measurement, see docs/design.md "Chunk size"
+DEFAULT_LEVEL = -3                # zstd level, chosen by measurement, see docs/design.md "Compression"
+DEFAULT_SEGMENT_LEN = 1024        # map positions per map segment
+DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    format: int
+    repo_id: str
+    chunk_size: int
+    compression_level: int
+    segment_len: int = DEFAULT_SEGMENT_LEN
+    pack_size: int = DEFAULT_PACK_SIZE
+
+    @classmethod
+    def new(cls, chunk_size: int, compression_level: int) -> "RepoConfig":
+        check_chunk_size(chunk_size)
+        check_level(compression_level)
+        return cls(FORMAT, uuid.uuid4().hex, chunk_size, compression_level)
+
+
+def check_chunk_size(n: int) -> int:
+    if not isinstance(n, int) or n < MIN_CHUNK or n > MAX_CHUNK or n & (n - 1):
+        raise UsageError(f"invalid chunk size {n!r}: must be a power of two from 64K to 16M")
+    return n
+
+
+def check_level(level: int) -> int:
+    if not isinstance(level, int) or not -100 <= level <= 22:
+        raise UsageError(f"invalid compression level {level!r}: zstd levels run from -100 (fastest) to 22")
+    return level
+
+
+def parse_size(text: str) -> int:
+    """'1M', '256K', '1048576', '1MiB' -> bytes (UsageError on nonsense)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t and t[-1] in "KMG":
+        mult = 1024 ** ("KMG".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        n = int(t)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r}: use e.g. 1M, 256K or 1048576") from None
+    if n <= 0:
+        raise UsageError(f"invalid size {text!r}: must be positive")
+    return n * mult
+
+
+def write_config(path: str, cfg: RepoConfig) -> None:
+    tmp = os.path.join(path, CONFIG_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(path, CONFIG_NAME))
+
+
+def read_config(path: str) -> RepoConfig:
+    p = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path):
+        raise NotARepository(f"{path} is not an nbdbackup repository (no such directory)",
+                             hint="create one with `nbdbackup init --repo PATH`")
+    if not os.path.exists(p):
+        raise NotARepository(f"{path} is not an nbdbackup repository (no {CONFIG_NAME})",
+                             hint="create one with `nbdbackup init --repo PATH`")
+    try:
+        with open(p) as f:
+            d = json.load(f)
+        fmt = d["format"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RepoDamaged(f"{p} is unreadable: {e}") from None
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        raise RepoFormatError(f"repository {path} has format {fmt!r}, newer than this tool understands "
+                              f"(format {FORMAT})", hint="upgrade nbdbackup")
+    try:
+        known = RepoConfig.__dataclass_fields__
+        cfg = RepoConfig(**{k: v for k, v in d.items() if k in known})
+        check_chunk_size(cfg.chunk_size)
+        check_level(cfg.compression_level)
+    except (TypeError, UsageError) as e:
+        raise RepoDamaged(f"{p} is invalid: {e}") from None
+    return cfg

@@ -1,0 +1,131 @@
+"""The index database: engine set-up, revision checks, and Alembic upgrades.
+
+The index is reached through a SQLAlchemy URL; the SQLite file inside the
+repository is the default. SQLite-only settings (WAL, busy_timeout, BEGIN
+IMMEDIATE for writes) sit behind a dialect check so other databases work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import RepoDamaged, RepoFormatError
+from .schema import INDEX_REVISION
+
+INDEX_FILE = "index.sqlite"
+KNOWN_REVISIONS = ("0001", "0002")   # oldest first; the last one is INDEX_REVISION
+BUSY_TIMEOUT_MS = 60_000
+
+
+def default_url(repo_path: str) -> str:
+    return f"sqlite:///{os.path.abspath(os.path.join(repo_path, INDEX_FILE))}"
+
+
+def make_engine(url: str) -> Engine:
+    is_sqlite = url.startswith("sqlite")
+    kw = {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}} if is_sqlite else {}
+    try:
+        eng = create_engine(url, **kw)
+    except (SQLAlchemyError, ValueError, ImportError) as e:
+        from ..errors import UsageError
+        raise UsageError(f"invalid index URL {url!r}: {e}") from None
+    if eng.dialect.name == "sqlite":
+        _sqlite_setup(eng)
+    return eng
+
+
+def _sqlite_setup(eng: Engine) -> None:
+    # pysqlite's own transaction handling defers BEGIN and cannot do BEGIN
+    # IMMEDIATE; take it over so writers queue on busy_timeout instead of
+    # failing with "database is locked" on a read->write upgrade.
+    @event.listens_for(eng, "connect")
+    def _on_connect(dbapi_conn, _rec):
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(eng, "begin")
+    def _on_begin(conn):
+        immediate = conn.get_execution_options().get("nbdbackup_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+@contextlib.contextmanager
+def write_txn(eng: Engine):
+    """A write transaction (BEGIN IMMEDIATE on SQLite); commits on success."""
+    with eng.connect().execution_options(nbdbackup_write=True) as conn:
+        with conn.begin():
+            yield conn
+
+
+def current_revision(conn: Connection) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def check_revision(eng: Engine, where: str) -> None:
+    """RepoFormatError unless the index is at INDEX_REVISION."""
+    try:
+        with eng.connect() as conn:
+            rev = current_revision(conn)
+    except SQLAlchemyError as e:
+        raise RepoDamaged(f"cannot read the index of {where}: {e.__class__.__name__}: {e.orig if hasattr(e, 'orig') else e}",
+                          hint="check --index-url; `nbdbackup rebuild-index` recreates it from the packs") from None
+    if rev == INDEX_REVISION:
+        return
+    if rev is None:
+        raise RepoDamaged(f"the index of {where} has no schema version (empty or not an nbdbackup index)",
+                          hint="`nbdbackup rebuild-index` recreates it from the packs")
+    if rev in KNOWN_REVISIONS:
+        raise RepoFormatError(f"the index of {where} is at revision {rev}, older than this tool's {INDEX_REVISION}",
+                              hint="run `nbdbackup migrate` to upgrade it")
+    raise RepoFormatError(f"the index of {where} is at revision {rev!r}, newer than this tool understands "
+                          f"({INDEX_REVISION})", hint="upgrade nbdbackup")
+
+
+# --- Alembic -----------------------------------------------------------------
+
+def migrations_dir() -> str:
+    """The Alembic script folder: installed as nbdbackup._migrations, else the source tree's migrations/."""
+    try:
+        p = importlib.resources.files("nbdbackup._migrations")
+        if (Path(str(p)) / "env.py").exists():
+            return str(p)
+    except ModuleNotFoundError:
+        pass
+    src = Path(__file__).resolve().parents[2] / "migrations"
+    if (src / "env.py").exists():
+        return str(src)
+    raise RepoDamaged("cannot find the index migration scripts (nbdbackup._migrations); reinstall nbdbackup")
+
+
+def alembic_config(eng: Engine):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", migrations_dir())
+    cfg.attributes["engine"] = eng
+    return cfg
+
+
+def upgrade(eng: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+    """Upgrade the index to *revision*; returns (from, to)."""
+    from alembic import command
+
+    with eng.connect() as conn:
+        before = current_revision(conn)
+    command.upgrade(alembic_config(eng), revision)
+    with eng.connect() as conn:
+        after = current_revision(conn)
+    return before, after

@@ -1,0 +1,134 @@
+"""flock-based repository locks with holder information.
+
+A lock is a file in locks/; flock() is released by the kernel when the
+holder dies, so a killed run never leaves a lock behind. Beside it each
+holder writes `<lock>@<pid>-<n>.holder` (pid, host, command line, since) so a
+blocked user is told who holds it; info files of dead pids on this host are
+removed when seen.
+
+Lock names used by the repository:
+  writers       shared by every backup writer; exclusive for gc
+  disk-<name>   exclusive per disk while a backup of it is written
+  readers       shared by readers (restore, serve, verify); exclusive for gc
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+from ..errors import LockedError
+
+_HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RepoLock:
+    """One held lock; release() (or close of the process) frees it."""
+
+    def __init__(self, lock_dir: str, name: str, *, exclusive: bool, wait: float = 0.0,
+                 purpose: str | None = None):
+        self.lock_dir = lock_dir
+        self.name = name
+        self.exclusive = exclusive
+        self.path = os.path.join(lock_dir, name)
+        self._fd: int | None = None
+        self._info_path: str | None = None
+        self._acquire(wait, purpose)
+
+    def _acquire(self, wait: float, purpose: str | None) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        op = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, op)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise LockedError(self._blocked_message(purpose),
+                                      hint="wait for it to finish, or pass --lock-wait SECONDS") from None
+                time.sleep(min(0.1, max(deadline - time.monotonic(), 0.01)))
+        self._fd = fd
+        self._info_path = f"{self.path}@{os.getpid()}-{id(self):x}.holder"   # '@' never occurs in lock names
+        info = {"pid": os.getpid(), "host": _HOST, "command": " ".join(sys.argv),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "mode": "exclusive" if self.exclusive else "shared", "purpose": purpose}
+        try:
+            with open(self._info_path, "w") as f:
+                json.dump(info, f)
+        except OSError:
+            self._info_path = None   # the lock itself is what counts; info is a courtesy
+
+    def holders(self) -> list[dict]:
+        return read_holders(self.lock_dir, self.name)
+
+    def _blocked_message(self, purpose: str | None) -> str:
+        what = purpose or f"lock {self.name}"
+        hs = read_holders(self.lock_dir, self.name)
+        if not hs:
+            return f"repository is locked: cannot take {what} (holder unknown)"
+        desc = "; ".join(f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')} "
+                         f"({h.get('mode')}): {h.get('command')}" for h in hs)
+        return f"repository is locked: cannot take {what}; held by {desc}"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._info_path:
+            try:
+                os.unlink(self._info_path)
+            except OSError:
+                pass
+        os.close(self._fd)   # drops the flock
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def read_holders(lock_dir: str, name: str) -> list[dict]:
+    """Holder infos of lock *name*; removes info files of dead local pids."""
+    out = []
+    try:
+        entries = os.listdir(lock_dir)
+    except OSError:
+        return out
+    for f in sorted(entries):
+        if not (f.startswith(name + "@") and f.endswith(".holder")):
+            continue
+        p = os.path.join(lock_dir, f)
+        try:
+            with open(p) as fh:
+                info = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if info.get("host") == _HOST and not _pid_alive(int(info.get("pid", 0))):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+            continue
+        out.append(info)
+    return out

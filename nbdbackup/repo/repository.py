@@ -1,0 +1,266 @@
+"""Repository: open/init, backup listing and lookup, writers and images.
+
+Directory layout: config.json, index.sqlite (default index), packs/<xx>/,
+locks/, tmp/. See docs/design.md "Repository" for the invariants.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import NotFound, RepoDamaged, UsageError
+from .backends import LocalBackend, StorageBackend
+from .config import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, RepoConfig, read_config, write_config)
+from .ids import check_disk_name, from_ms, is_backup_id
+from .image import BackupImage
+from .index import check_revision, current_revision, default_url, make_engine, upgrade
+from .info import BackupInfo
+from .locks import RepoLock
+from .schema import backup_segments, backups, chunks, packs, segments
+from .store import ObjectStore
+from .writer import BackupWriter, commit_writers
+
+_DIRS = ("packs", "locks", "tmp")
+
+_INFO_COLS = (backups.c.id, backups.c.disk, backups.c.kind, backups.c.parent, backups.c.created_ms,
+              backups.c.size, backups.c.chunk_size, backups.c.read_bytes, backups.c.stored_bytes,
+              backups.c.duration_s, backups.c.bitmap, backups.c.checkpoint, backups.c.set_id, backups.c.source)
+
+
+def _row_info(r) -> BackupInfo:
+    return BackupInfo(id=r[0], disk=r[1], kind=r[2], parent=r[3], created=from_ms(r[4]), size=r[5],
+                      chunk_size=r[6], read_bytes=r[7], stored_bytes=r[8], duration_s=r[9], bitmap=r[10],
+                      checkpoint=r[11], set_id=r[12], source=r[13])
+
+
+class Repository:
+    def __init__(self, path: str, config: RepoConfig, engine, index_url: str, *, lock_wait: float = 0.0,
+                 backend: StorageBackend | None = None):
+        self.path = path
+        self.config = config
+        self.engine = engine
+        self.index_url = index_url
+        self.lock_wait = lock_wait
+        self.lock_dir = os.path.join(path, "locks")
+        self.backend = backend or LocalBackend(path, os.path.join(path, "tmp"))
+        self.store = ObjectStore(engine, self.backend)
+
+    # -- life cycle -----------------------------------------------------------
+    @classmethod
+    def init(cls, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, index_url: str | None = None,
+             compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None) -> "Repository":
+        """Create a repository and its index (at the head revision)."""
+        path = os.path.abspath(path)
+        cfg = RepoConfig.new(chunk_size, compression_level)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{path} exists and is not a directory")
+        if os.path.isdir(path) and os.listdir(path):
+            what = "a repository" if os.path.exists(os.path.join(path, "config.json")) else "a non-empty directory"
+            raise UsageError(f"{path} is already {what}; refusing to initialise over it")
+        created_dir = not os.path.exists(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+            for d in _DIRS:
+                os.makedirs(os.path.join(path, d), exist_ok=True)
+            url = index_url or default_url(path)
+            eng = make_engine(url)
+            with eng.connect() as conn:
+                if current_revision(conn) is not None:
+                    raise UsageError(f"the index at {url} already holds an nbdbackup index; "
+                                     "use an empty database")
+            upgrade(eng, "head")
+            check_revision(eng, path)
+            eng.dispose()
+            if index_url:
+                _write_index_url(path, index_url)
+            write_config(path, cfg)     # last: a directory with config.json is a repository
+        except BaseException:
+            if created_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for name in os.listdir(path):
+                    p = os.path.join(path, name)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
+            raise
+        return cls.open(path, index_url=index_url, backend=backend)
+
+    @classmethod
+    def open(cls, path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
+             backend: StorageBackend | None = None, check: bool = True) -> "Repository":
+        """Open an existing repository.
+
+        NotARepository, RepoFormatError (newer format / index needs `nbdbackup migrate`),
+        RepoDamaged (index missing or unreadable). check=False skips the index
+        revision check (for `migrate` and `rebuild-index`)."""
+        path = os.path.abspath(path)
+        cfg = read_config(path)
+        url = index_url or _read_index_url(path) or default_url(path)
+        if url == default_url(path) and not os.path.exists(url.removeprefix("sqlite:///")) and check:
+            raise RepoDamaged(f"the index of {path} ({url.removeprefix('sqlite:///')}) is missing",
+                              hint="`nbdbackup rebuild-index` recreates it from the packs")
+        eng = make_engine(url)
+        if check:
+            try:
+                check_revision(eng, path)
+            except BaseException:
+                eng.dispose()
+                raise
+        return cls(path, cfg, eng, url, lock_wait=lock_wait, backend=backend)
+
+    def close(self) -> None:
+        self.backend.close()
+        self.engine.dispose()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def repo_id(self) -> str:
+        return self.config.repo_id
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    @property
+    def compression_level(self) -> int:
+        return self.config.compression_level
+
+    def lock(self, name: str, *, exclusive: bool, purpose: str | None = None,
+             wait: float | None = None) -> RepoLock:
+        """Take lock *name* in locks/ (LockedError after lock_wait seconds)."""
+        return RepoLock(self.lock_dir, name, exclusive=exclusive,
+                        wait=self.lock_wait if wait is None else wait, purpose=purpose)
+
+    # -- queries --------------------------------------------------------------
+    def _query(self, stmt):
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(stmt).all()
+        except SQLAlchemyError as e:
+            raise RepoDamaged(f"cannot read the index: {e.__class__.__name__}: {getattr(e, 'orig', e)}",
+                              hint="run `nbdbackup verify`; `nbdbackup rebuild-index` recreates the index") from None
+
+    def list_backups(self, disk: str | None = None) -> list[BackupInfo]:
+        """Committed backups, oldest first."""
+        q = select(*_INFO_COLS).order_by(backups.c.created_ms, backups.c.id)
+        if disk is not None:
+            q = q.where(backups.c.disk == disk)
+        return [_row_info(r) for r in self._query(q)]
+
+    def get_backup(self, backup_id: str) -> BackupInfo:
+        rows = self._query(select(*_INFO_COLS).where(backups.c.id == backup_id))
+        if not rows:
+            raise NotFound(f"no backup with id {backup_id!r}", hint="see `nbdbackup list`")
+        return _row_info(rows[0])
+
+    def latest(self, disk: str) -> BackupInfo | None:
+        rows = self._query(select(*_INFO_COLS).where(backups.c.disk == disk)
+                           .order_by(backups.c.created_ms.desc(), backups.c.id.desc()).limit(1))
+        return _row_info(rows[0]) if rows else None
+
+    def resolve(self, ref: str) -> BackupInfo:
+        """A backup id, or a disk name meaning that disk's latest backup."""
+        if isinstance(ref, BackupInfo):
+            return ref
+        if is_backup_id(ref):
+            return self.get_backup(ref)
+        try:
+            check_disk_name(ref)
+        except UsageError:
+            raise NotFound(f"{ref!r} is neither a backup id nor a disk name",
+                           hint="see `nbdbackup list`") from None
+        info = self.latest(ref)
+        if info is None:
+            raise NotFound(f"no backup id or disk named {ref!r}", hint="see `nbdbackup list`")
+        return info
+
+    def find_by_checkpoint(self, disk: str, checkpoint: str) -> BackupInfo | None:
+        """The (latest) backup of *disk* that opened bitmap generation *checkpoint*."""
+        rows = self._query(select(*_INFO_COLS).where(backups.c.disk == disk, backups.c.checkpoint == checkpoint)
+                           .order_by(backups.c.created_ms.desc()).limit(1))
+        return _row_info(rows[0]) if rows else None
+
+    def disks(self) -> list[str]:
+        return [r[0] for r in self._query(select(backups.c.disk).distinct().order_by(backups.c.disk))]
+
+    def segment_refs(self, backup_id: str) -> list[bytes | None]:
+        """The map of a backup: segment hashes in order (None = all-zero segment)."""
+        rows = self._query(select(backup_segments.c.seq, backup_segments.c.segment_hash)
+                           .join(backups, backups.c.pk == backup_segments.c.backup_pk)
+                           .where(backups.c.id == backup_id).order_by(backup_segments.c.seq))
+        refs = [bytes(h) if h is not None else None for _, h in rows]
+        if [s for s, _ in rows] != list(range(len(rows))):
+            raise RepoDamaged(f"backup {backup_id}: map rows are not contiguous", hint="run `nbdbackup verify`")
+        return refs
+
+    def stats(self) -> dict:
+        """Totals over the repository (see docs/design.md "Stats")."""
+        with self.engine.connect() as conn:
+            nb, logical = conn.execute(select(func.count(), func.coalesce(func.sum(backups.c.size), 0))).one()
+            nc, raw, stored = conn.execute(select(func.count(), func.coalesce(func.sum(chunks.c.raw_len), 0),
+                                                  func.coalesce(func.sum(chunks.c.stored_len), 0))).one()
+            ns, seg_stored = conn.execute(select(func.count(),
+                                                 func.coalesce(func.sum(segments.c.stored_len), 0))).one()
+            np_, pack_bytes = conn.execute(select(func.count(), func.coalesce(func.sum(packs.c.size), 0))).one()
+            ndisks = conn.execute(select(func.count(func.distinct(backups.c.disk)))).scalar()
+        return {
+            "backups": nb, "disks": ndisks,
+            "logical_bytes": int(logical),
+            "unique_bytes": int(raw),
+            "stored_chunk_bytes": int(stored),
+            "map_bytes": int(seg_stored),
+            "pack_bytes": int(pack_bytes),
+            "chunks": nc, "segments": ns, "packs": np_,
+            "dedup_ratio": round(logical / raw, 3) if raw else None,
+            "compression_ratio": round(raw / stored, 3) if stored else None,
+        }
+
+    # -- write and read -------------------------------------------------------
+    def writer(self, disk: str, *, kind: str, size: int, parent: BackupInfo | None = None,
+               bitmap: str | None = None, checkpoint: str | None = None, set_id: str | None = None,
+               source: str | None = None) -> BackupWriter:
+        return BackupWriter(self, disk, kind=kind, size=size, parent=parent, bitmap=bitmap,
+                            checkpoint=checkpoint, set_id=set_id, source=source)
+
+    def commit_set(self, writers: Sequence[BackupWriter], *, read_bytes: Sequence[int] | None = None,
+                   duration_s: Sequence[float] | float | None = None, created=None,
+                   set_id: str | None = None) -> list[BackupInfo]:
+        """Commit several disks' writers in ONE index transaction (same set_id, same created)."""
+        return commit_writers(self, writers, read_bytes=read_bytes, duration_s=duration_s,
+                              created=created, set_id=set_id)
+
+    def open_image(self, ref) -> BackupImage:
+        """A checked reader of a backup; holds the shared readers lock until close()."""
+        info = ref if isinstance(ref, BackupInfo) else self.resolve(ref)
+        lk = self.lock("readers", exclusive=False, purpose="the repository's reader lock (gc runs)")
+        try:
+            refs = self.segment_refs(info.id)
+        except BaseException:
+            lk.release()
+            raise
+        return BackupImage(self, info, refs, lk)
+
+
+_INDEX_URL_FILE = "index-url"
+
+
+def _write_index_url(path: str, url: str) -> None:
+    with open(os.path.join(path, _INDEX_URL_FILE), "w") as f:
+        f.write(url + "\n")
+
+
+def _read_index_url(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, _INDEX_URL_FILE)) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None

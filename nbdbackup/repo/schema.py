@@ -1,0 +1,74 @@
+"""The index schema at the head revision (SQLAlchemy Core tables).
+
+The Alembic scripts in migrations/ create and upgrade this schema; the
+tables here must equal what `alembic upgrade head` produces (a test checks).
+INDEX_REVISION is the head revision this code reads and writes.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
+                        SmallInteger, String, Table, Text)
+
+INDEX_REVISION = "0002"
+
+metadata = MetaData()
+
+packs = Table(
+    "packs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(32), nullable=False, unique=True),   # 32 hex digits; object packs/<xx>/<name>.pack
+    Column("size", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+
+def _blob_table(name: str) -> Table:
+    # Where a content-addressed record lives: chunks (disk data) and
+    # segments (map segments) have the same shape.
+    return Table(
+        name, metadata,
+        Column("hash", LargeBinary(32), primary_key=True),
+        Column("pack_id", Integer, ForeignKey("packs.id"), nullable=False, index=True),
+        Column("offset", BigInteger, nullable=False),      # payload offset in the pack
+        Column("stored_len", Integer, nullable=False),
+        Column("raw_len", Integer, nullable=False),
+        Column("compression", SmallInteger, nullable=False),
+    )
+
+
+chunks = _blob_table("chunks")
+segments = _blob_table("segments")
+
+backups = Table(
+    "backups", metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("disk", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("parent", String(40)),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("chunk_size", Integer, nullable=False),
+    Column("read_bytes", BigInteger, nullable=False),
+    Column("stored_bytes", BigInteger, nullable=False),
+    Column("duration_s", Float, nullable=False),
+    Column("bitmap", String(255)),
+    Column("manifest_hash", LargeBinary(32), nullable=False),   # REC_MANIFEST record in a pack
+    # added in 0002:
+    Column("checkpoint", String(255)),
+    Column("set_id", String(64)),
+    Column("source", Text),
+    Index("ix_backups_disk_created", "disk", "created_ms"),
+    Index("ix_backups_disk_checkpoint", "disk", "checkpoint"),
+    Index("ix_backups_set_id", "set_id"),
+)
+
+# The map of a backup: segment seq -> segment hash (NULL = all-zero segment).
+backup_segments = Table(
+    "backup_segments", metadata,
+    Column("backup_pk", Integer, ForeignKey("backups.pk"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("segment_hash", LargeBinary(32)),
+    Index("ix_backup_segments_hash", "segment_hash"),
+)

@@ -1,0 +1,126 @@
+"""Object store: where records live (index lookups) and checked record reads.
+
+Used by the writer (dedup lookups, loading parent segments) and by images
+(chunk reads). Thread-safe: each call takes its own pooled connection.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from ..errors import RepoDamaged
+from . import packs as P
+from .chunks import DecodeError, decode
+from .schema import chunks, packs, segments
+
+_IN_BATCH = 500   # bound on bound parameters per IN (...) query
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack: str
+    offset: int
+    stored_len: int
+    raw_len: int
+    compression: int
+
+
+class RecordError(Exception):
+    """A record could not be read or failed its check (message says why)."""
+
+
+class ObjectStore:
+    def __init__(self, engine: Engine, backend, segment_cache: int = 256):
+        self.engine = engine
+        self.backend = backend
+        self._seg_cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._seg_cache_max = segment_cache
+        self._lock = threading.Lock()
+
+    # -- lookups --------------------------------------------------------------
+    def _locations(self, table, hashes: Iterable[bytes]) -> dict[bytes, Location]:
+        hs = list(dict.fromkeys(hashes))
+        out: dict[bytes, Location] = {}
+        if not hs:
+            return out
+        q = select(table.c.hash, packs.c.name, table.c.offset, table.c.stored_len, table.c.raw_len,
+                   table.c.compression).join(packs, packs.c.id == table.c.pack_id)
+        with self.engine.connect() as conn:
+            for i in range(0, len(hs), _IN_BATCH):
+                for row in conn.execute(q.where(table.c.hash.in_(hs[i:i + _IN_BATCH]))):
+                    out[bytes(row[0])] = Location(*row[1:])
+        return out
+
+    def chunk_locations(self, hashes: Iterable[bytes]) -> dict[bytes, Location]:
+        return self._locations(chunks, hashes)
+
+    def segment_locations(self, hashes: Iterable[bytes]) -> dict[bytes, Location]:
+        return self._locations(segments, hashes)
+
+    def existing(self, table, hashes: list[bytes], conn=None) -> set[bytes]:
+        """Which of *hashes* have a row in *table* (chunks or segments)."""
+        found: set[bytes] = set()
+        hs = list(dict.fromkeys(hashes))
+
+        def run(c):
+            for i in range(0, len(hs), _IN_BATCH):
+                found.update(bytes(r[0]) for r in c.execute(select(table.c.hash).where(
+                    table.c.hash.in_(hs[i:i + _IN_BATCH]))))
+        if conn is not None:
+            run(conn)
+        elif hs:
+            with self.engine.connect() as c:
+                run(c)
+        return found
+
+    # -- reads ----------------------------------------------------------------
+    def read_record(self, loc: Location, expected: bytes, rtype: int) -> bytes:
+        """Read, decompress and verify one record; RecordError on any damage."""
+        obj = P.pack_object_name(loc.pack)
+        try:
+            data = self.backend.get(obj, loc.offset - P.HEADER_SIZE, P.HEADER_SIZE + loc.stored_len)
+        except FileNotFoundError:
+            raise RecordError(f"pack {loc.pack} is missing") from None
+        except OSError as e:
+            raise RecordError(f"cannot read pack {loc.pack}: {e}") from None
+        if len(data) != P.HEADER_SIZE + loc.stored_len:
+            raise RecordError(f"pack {loc.pack} is truncated")
+        try:
+            hdr = P.parse_header(data)
+        except P.PackFormatError as e:
+            raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
+        if (hdr.type, hdr.hash, hdr.stored_len, hdr.raw_len, hdr.compression) != \
+                (rtype, expected, loc.stored_len, loc.raw_len, loc.compression):
+            raise RecordError(f"pack {loc.pack} at {loc.offset}: record header does not match the index")
+        try:
+            return decode(memoryview(data)[P.HEADER_SIZE:], loc.compression, loc.raw_len, expected)
+        except DecodeError as e:
+            raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
+
+    def load_segment(self, h: bytes) -> bytes:
+        """Raw map segment *h*, verified (RepoDamaged when missing or bad)."""
+        with self._lock:
+            raw = self._seg_cache.get(h)
+            if raw is not None:
+                self._seg_cache.move_to_end(h)
+                return raw
+        loc = self.segment_locations([h]).get(h)
+        if loc is None:
+            raise RepoDamaged(f"map segment {h.hex()[:16]} is missing from the index",
+                              hint="run `nbdbackup verify`; `nbdbackup rebuild-index` may recover it")
+        try:
+            raw = self.read_record(loc, h, P.REC_SEGMENT)
+        except RecordError as e:
+            raise RepoDamaged(f"map segment {h.hex()[:16]} is damaged: {e}",
+                              hint="run `nbdbackup verify`") from None
+        with self._lock:
+            self._seg_cache[h] = raw
+            while len(self._seg_cache) > self._seg_cache_max:
+                self._seg_cache.popitem(last=False)
+        return raw
