@@ -99,7 +99,7 @@ class ImageSource(Source):
             bitmap=bitmap.name if bitmap else None,
             parent_id=parent.id if parent else None,
             checkpoint=checkpoint, fallback_reason=reason,
-            extra={"image": self.path, "format": info.format},
+            extra={"source": f"image:{self.path}", "format": info.format},
         )]
 
     def committed(self, plans, infos) -> None:
