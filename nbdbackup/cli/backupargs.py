@@ -28,11 +28,15 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                      help="any NBD export, e.g. nbd+unix:///vda?socket=/run/x.sock or nbd://host/export")
     src.add_argument("--image", metavar="PATH",
                      help="an offline qcow2 image: the tool runs qemu-nbd and keeps its own dirty bitmaps")
-    p.add_argument("--disk", metavar="NAME",
-                   help="disk name in the repository (required with --source; default with --image: "
+    src.add_argument("--qmp", metavar="SOCKET",
+                     help="a running qemu's QMP unix socket: live backup of the --node disks by fleecing")
+    p.add_argument("--disk", metavar="NAME", action="append",
+                   help="disk name in the repository (required with --source; with --qmp one per --node, "
+                        "default the NODE; default with --image: "
                         "the image's file name without extension)")
     p.add_argument("--connections", type=connections_type, default=DEFAULT_CONNECTIONS, metavar="N",
                    help=f"parallel NBD connections when the export allows it (default {DEFAULT_CONNECTIONS})")
+    add_qmp_arguments(p)     # --- QMP live-VM options (owner: sources/qmp) ---
     if incremental:
         p.add_argument("--bitmap", metavar="BITMAP",
                        help="with --source: read changes from the export's qemu:dirty-bitmap:BITMAP")
@@ -48,11 +52,18 @@ def build_source(args, kind: str):
     """The Source object for the options given; UsageError on a bad combination."""
     from ..errors import UsageError
 
-    chosen = [o for o in ("source", "image") if getattr(args, o, None)]
+    chosen = [o for o in ("source", "image", "qmp") if getattr(args, o, None)]
     if len(chosen) != 1:
-        raise UsageError("give exactly one of --source URI or --image PATH")
+        raise UsageError("give exactly one of --source URI, --image PATH or --qmp SOCKET")
     bitmap = getattr(args, "bitmap", None)
     since = getattr(args, "since", None)
+    if args.qmp:
+        return build_qmp_source(args, bitmap or since)
+    if args.node:
+        raise UsageError("--node is for --qmp")
+    if args.disk and len(args.disk) > 1:
+        raise UsageError("--disk is given once (several only with --qmp, one per --node)")
+    args.disk = args.disk[0] if args.disk else None
     if args.image:
         if bitmap or since:
             raise UsageError("--bitmap and --since are for --source; with --image the tool "
@@ -67,6 +78,57 @@ def build_source(args, kind: str):
 
     parse_uri(args.source)          # UsageError on a malformed URI, before anything starts
     return NbdUriSource(args.source, args.disk, bitmap=bitmap, since=since)
+
+
+# --- QMP live-VM options (owner: sources/qmp; keep this block together) ------
+
+def granularity_type(text: str) -> int:
+    units = {"k": 1024, "m": 1024 ** 2}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        n = int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if n < 512 or n > 2 ** 31 or n & (n - 1):
+        raise argparse.ArgumentTypeError("must be a power of two between 512 and 2G (e.g. 64K)")
+    return n
+
+
+def add_qmp_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("live VM through QMP (with --qmp)")
+    g.add_argument("--node", metavar="NODE", action="append",
+                   help="block node name, drive id or device id to back up; repeat for one "
+                        "consistent point in time over several disks")
+    g.add_argument("--scratch-dir", metavar="DIR",
+                   help="where the temporary fleecing overlays go (default: a new temporary directory); "
+                        "needs room for what the guest rewrites during the backup")
+    g.add_argument("--nbd-server", metavar="URI",
+                   help="qemu already runs an NBD server (nbd-server-start was done by someone else): "
+                        "its address, e.g. nbd+unix:///?socket=PATH or nbd://HOST:PORT")
+    g.add_argument("--bitmap-granularity", type=granularity_type, default=64 * 1024, metavar="SIZE",
+                   help="granularity of the new dirty bitmap (default 64K)")
+    g.add_argument("--qga", metavar="SOCKET",
+                   help="qemu guest agent socket: freeze the guest's file systems around the snapshot")
+    g.add_argument("--state-dir", metavar="DIR",
+                   help="where runs record what they create, for cleanup after a crash "
+                        "(default $NBDBACKUP_STATE_DIR or ~/.local/state/nbdbackup)")
+
+
+def build_qmp_source(args, bitmap_or_since):
+    from ..errors import UsageError
+    from ..sources.qmp import QmpSource
+
+    if bitmap_or_since:
+        raise UsageError("--bitmap and --since are for --source; with --qmp the tool tracks its own "
+                         "bitmaps and parents")
+    if not args.node:
+        raise UsageError("--qmp needs at least one --node NODE")
+    return QmpSource(args.qmp, args.node, args.disk, scratch_dir=args.scratch_dir,
+                     nbd_server=args.nbd_server, granularity=args.bitmap_granularity,
+                     qga=args.qga, state_dir=args.state_dir)
+
+# --- end of QMP options --------------------------------------------------------
 
 
 def run_backup_command(args, kind: str) -> int:
