@@ -142,23 +142,26 @@ def run_backup_command(args, kind: str) -> int:
         opts = BackupOptions(connections=args.connections,
                              no_fallback=getattr(args, "no_fallback", False),
                              progress=lambda total, desc: output.progress_bar(args, total, desc))
-        infos = run_backup(repo, source, kind, opts)
+        results = run_backup(repo, source, kind, opts)
+    infos = [r.info.to_json() for r in results]
     if args.json:
-        output.print_json(infos[0].to_json() if len(infos) == 1 else [i.to_json() for i in infos])
+        output.print_json(infos[0] if len(infos) == 1 else infos)
     else:
-        for info in infos:
-            output.summary(args, summary_line(info))
+        for r in results:
+            output.summary(args, summary_line(r))
     return 0
 
 
-def summary_line(info) -> str:
-    from .output import human_bytes
+def summary_line(result) -> str:
+    """Bytes read, new bytes stored, dedup and compression ratios, time."""
+    from .output import human_bytes as hb
 
-    logical = max(info.read_bytes, 1)
-    ratio = info.read_bytes / info.stored_bytes if info.stored_bytes else float("inf")
+    info, st = result.info, result.stats
+    # compression: non-zero data read -> its compressed size; dedup: that -> what was new
+    comp = f"{st.data_bytes / st.packed_bytes:.2f}x" if st.packed_bytes else "-"
+    dedup = f"{st.packed_bytes / info.stored_bytes:.2f}x" if info.stored_bytes else \
+        ("all duplicate" if st.packed_bytes else "-")
     rate = info.read_bytes / info.duration_s if info.duration_s else 0.0
-    ratio_txt = f"{ratio:.1f}x" if ratio != float("inf") else "all deduplicated"
-    del logical
-    return (f"{info.kind} backup {info.id} of {info.disk}: read {human_bytes(info.read_bytes)}, "
-            f"stored {human_bytes(info.stored_bytes)} new ({ratio_txt} dedup+compression), "
-            f"{info.duration_s:.1f}s ({human_bytes(rate)}/s)")
+    return (f"{info.kind} backup {info.id} of {info.disk} ({hb(info.size)}): read {hb(info.read_bytes)}, "
+            f"stored {hb(info.stored_bytes)} new; compression {comp}, dedup {dedup}; "
+            f"{info.duration_s:.1f}s ({hb(rate)}/s)")
