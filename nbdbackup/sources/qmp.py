@@ -117,7 +117,7 @@ class QmpSource(Source):
                 bitmap_context=DIRTY_PREFIX + read if incr else None,
                 bitmap=choice.parent_bitmap, parent_id=choice.parent.id if incr else None,
                 checkpoint=checkpoint, fallback_reason=choice.reason,
-                extra={"qmp": self.qmp_path, "node": node.name},
+                extra={"qmp": self.qmp_path, "node": node.name, "source": f"qmp:{self.qmp_path} node {node.name}"},
             ))
         return plans
 

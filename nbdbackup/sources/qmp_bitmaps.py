@@ -51,10 +51,14 @@ def choose(names: Names, node: Node, repo, disk: str, kind: str) -> Choice:
     busy = [b.name for b in old if b.busy]
     if busy:
         return full(f"bitmap {', '.join(busy)} on node {node.name} is in use by another job")
-    for b in sorted(old, key=lambda b: b.name, reverse=True):    # newest checkpoint first
+    opened = []
+    for b in old:
         parent = repo.find_by_checkpoint(disk, names.checkpoint_of(b.name))
         if parent is not None and parent.disk == disk:
-            return Choice("incremental", old, parent=parent, parent_bitmap=b.name)
+            opened.append((parent.created, parent.id, b, parent))
+    if opened:      # the newest committed backup: the shortest chain
+        _, _, b, parent = max(opened, key=lambda t: t[:2])
+        return Choice("incremental", old, parent=parent, parent_bitmap=b.name)
     return full(f"no committed backup of disk {disk!r} opened any of the bitmaps "
                 f"{', '.join(b.name for b in old)} (forgotten, pruned, or never committed)")
 
