@@ -29,10 +29,15 @@ class RepoConfig:
     pack_size: int = DEFAULT_PACK_SIZE
 
     @classmethod
-    def new(cls, chunk_size: int, compression_level: int) -> "RepoConfig":
+    def new(cls, chunk_size: int, compression_level: int, *, segment_len: int = DEFAULT_SEGMENT_LEN,
+            pack_size: int = DEFAULT_PACK_SIZE) -> "RepoConfig":
         check_chunk_size(chunk_size)
         check_level(compression_level)
-        return cls(FORMAT, uuid.uuid4().hex, chunk_size, compression_level)
+        if not isinstance(segment_len, int) or not 1 <= segment_len <= 65536:
+            raise UsageError(f"invalid map segment length {segment_len!r}")
+        if not isinstance(pack_size, int) or pack_size < 1:
+            raise UsageError(f"invalid pack size {pack_size!r}")
+        return cls(FORMAT, uuid.uuid4().hex, chunk_size, compression_level, segment_len, pack_size)
 
 
 def check_chunk_size(n: int) -> int:

@@ -15,7 +15,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import NotFound, RepoDamaged, UsageError
 from .backends import LocalBackend, StorageBackend
-from .config import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, RepoConfig, read_config, write_config)
+from .config import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DEFAULT_PACK_SIZE, DEFAULT_SEGMENT_LEN, RepoConfig,
+                     read_config, write_config)
 from .ids import check_disk_name, from_ms, is_backup_id
 from .image import BackupImage
 from .index import check_revision, current_revision, default_url, make_engine, upgrade
@@ -53,10 +54,14 @@ class Repository:
     # -- life cycle -----------------------------------------------------------
     @classmethod
     def init(cls, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, index_url: str | None = None,
-             compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None) -> "Repository":
-        """Create a repository and its index (at the head revision)."""
+             compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None,
+             segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int = DEFAULT_PACK_SIZE) -> "Repository":
+        """Create a repository and its index (at the head revision).
+
+        segment_len (map positions per segment) and pack_size (target pack
+        bytes) are tuning knobs, stored in config.json; tests use small ones."""
         path = os.path.abspath(path)
-        cfg = RepoConfig.new(chunk_size, compression_level)
+        cfg = RepoConfig.new(chunk_size, compression_level, segment_len=segment_len, pack_size=pack_size)
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{path} exists and is not a directory")
         if os.path.isdir(path) and os.listdir(path):
