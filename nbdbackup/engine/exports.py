@@ -16,6 +16,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from ..errors import RepoDamaged
+
 
 class ChunkCache:
     """Byte-bounded LRU of decompressed chunks; thread-safe."""
@@ -60,7 +62,9 @@ def describe_backup(info) -> str:
 
 
 class RepoBackend:
-    """One backup image as an ExportBackend."""
+    """One backup image as an ExportBackend.
+
+    Cache keys are chunk hashes, so backups sharing chunks share cache entries."""
 
     def __init__(self, img, key: str, cache: ChunkCache):
         self.img = img
@@ -69,23 +73,30 @@ class RepoBackend:
         self.chunk_size = img.chunk_size
         self.cache = cache
         n = img.nchunks
+        # The whole map up front (one index query per map segment), so the
+        # request path never touches the index.
         self._zero = bytearray(n)
-        cs = self.chunk_size
-        for off, length, is_zero in img.extents():
-            if is_zero:
-                first = off // cs
-                last = min(n, (off + length + cs - 1) // cs)
-                self._zero[first:last] = b"\x01" * (last - first)
+        refs = []
+        for i in range(n):
+            if img.is_zero(i):
+                self._zero[i] = 1
+                refs.append(bytes(32))
+            else:
+                r = img.chunk_ref(i)
+                if len(r) != 32:   # keys are sliced at fixed width below
+                    raise RepoDamaged(f"backup {key}: chunk {i} has a malformed map entry")
+                refs.append(r)
+        self._refs = b"".join(refs)
 
     def is_zero(self, i: int) -> bool:
         return self._zero[i] == 1
 
     def cached_chunk(self, i: int) -> bytes | None:
-        return self.cache.get((self.key, i))
+        return self.cache.get(self._refs[i * 32:i * 32 + 32])
 
     def read_chunk(self, i: int) -> bytes:
         data = self.img.read_chunk(i)      # checked: raises ChunkCorrupt on damage
-        self.cache.put((self.key, i), data)
+        self.cache.put(self._refs[i * 32:i * 32 + 32], data)
         return data
 
     def close(self) -> None:
