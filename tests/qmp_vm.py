@@ -59,10 +59,10 @@ class Vm:
         self.mon.connect()
         self.mon.settimeout(30)
 
-    def cmd(self, name: str, **args):
-        r = self.mon.cmd_raw(name, args or None)
+    def cmd(self, _cmd: str, **args):
+        r = self.mon.cmd_raw(_cmd, args or None)
         if "error" in r:
-            raise AssertionError(f"QMP {name} {args}: {r['error']}")
+            raise AssertionError(f"QMP {_cmd} {args}: {r['error']}")
         return r["return"]
 
     def write(self, dev: str, offset: int, length: int, pattern: int) -> None:

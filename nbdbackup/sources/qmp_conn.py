@@ -73,8 +73,8 @@ class Qmp:
         try:
             res = self._run(self._client.execute(name, args or None), timeout or self.command_timeout)
         except ExecuteError as e:
-            log.debug("QMP <- %s error: %s", name, e.error.desc)
-            raise QmpCommandError(name, e.error.error_class, e.error.desc) from None
+            log.debug("QMP <- %s error: %s", name, e)
+            raise QmpCommandError(name, e.error_class, str(e)) from None
         except FutureTimeout:
             raise SourceFailed(f"QMP {name} got no answer within {timeout or self.command_timeout:.0f}s "
                                f"on {self.path}") from None

@@ -80,9 +80,8 @@ def server_alive(sock_path: str, timeout: float = 2.0) -> bool:
             return False
 
 
-SERVER_RUNNING_HINT = ("qemu 7.2 cannot report where an already running NBD server listens: pass its "
-                       "address with --nbd-server URI (e.g. nbd+unix:///?socket=/path/to/sock or "
-                       "nbd://host:10809); the tool adds its export to that server")
+SERVER_RUNNING_HINT = ("e.g. --nbd-server nbd+unix:///?socket=/path/to/sock or nbd://host:10809 (the "
+                       "address given to nbd-server-start); the tool adds its export to that server")
 
 
 def start_private_server(qmp, state: StateFile) -> str:
@@ -100,8 +99,9 @@ def start_private_server(qmp, state: StateFile) -> str:
     except QmpCommandError as e:
         forget_server(state)
         if "already running" in e.desc:
-            raise UsageError("qemu already runs an NBD server (nbd-server-start failed: "
-                             f"{e.desc})", hint=SERVER_RUNNING_HINT) from None
+            raise UsageError("qemu already runs an NBD server, and qemu 7.2 cannot tell where it "
+                             "listens: pass its address with --nbd-server URI",
+                             hint=SERVER_RUNNING_HINT) from None
         raise
     return sock
 

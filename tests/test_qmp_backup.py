@@ -1,0 +1,255 @@
+"""Live backups through QMP against a real qemu-system-x86_64 (no guest OS).
+
+The source is driven through the engine's run_backup (the same path the CLI
+takes), so a test can act between prepare() and the reads: that is where a
+guest write lands "after the transaction, before reading finishes".
+Restored content is compared with a byte model of every guest write.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import support
+from qmp_vm import MiB, Vm
+
+from nbdbackup.engine.backup import BackupOptions, run_backup
+from nbdbackup.errors import ChainBroken, NbdBackupError, NotFound, UsageError
+from nbdbackup.repo.repository import Repository
+from nbdbackup.sources.qmp import QmpSource
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBDBACKUP_STATE_DIR", str(tmp_path / "state"))
+    repo = Repository.init(str(tmp_path / "repo"), chunk_size=64 * 1024)
+    vms = []
+
+    def make_vm(disks=None, **kw):
+        d = tmp_path / f"vm{len(vms)}"
+        d.mkdir()
+        vm = Vm(d, disks or {"vda": 8 * MiB, "vdb": 4 * MiB}, **kw)
+        vms.append(vm)
+        return vm
+
+    try:
+        yield repo, make_vm, tmp_path
+    finally:
+        for vm in vms:
+            vm.stop()
+        repo.close()
+
+
+def backup(repo, vm, kind, *, nodes=None, hook=None, **kw):
+    class Hooked(QmpSource):
+        def prepare(self, *a):
+            plans = super().prepare(*a)
+            if hook:
+                hook(plans)
+            return plans
+
+    src = Hooked(vm.qmp_sock, nodes or list(vm.disks), **kw)
+    return run_backup(repo, src, kind, BackupOptions(connections=2))
+
+
+def content(repo, info) -> bytes:
+    with repo.open_image(info) as img:
+        return img.read(0, info.size)
+
+
+def assert_restores(repo, results, expected: dict[str, bytes]) -> None:
+    assert {r.info.disk for r in results} == set(expected)
+    for r in results:
+        assert content(repo, r.info) == expected[r.info.disk], f"disk {r.info.disk} differs"
+
+
+def our_bitmaps(vm, dev):
+    return {n: b for n, b in vm.bitmaps(dev).items() if n.startswith("nbdbackup-")}
+
+
+def test_full_incremental_two_disks_one_set_writes_after_transaction_excluded(env):
+    repo, make_vm, tmp_path = env
+    vm = make_vm()
+    vm.write("vda", 0, 100_000, 0x11)
+    vm.write("vdb", 3 * MiB, 5000, 0x22)
+    at_full = vm.snapshot()
+
+    def write_late(plans):      # after the transaction, before any read
+        vm.write("vda", 0, 4096, 0x99)
+        vm.write("vdb", 3 * MiB, 4096, 0x98)
+        vm.write("vda", 6 * MiB, 65536, 0x97)
+
+    full = backup(repo, vm, "full", hook=write_late)
+    assert [r.info.kind for r in full] == ["full", "full"]
+    assert_restores(repo, full, at_full)
+    assert full[0].info.set_id and full[0].info.set_id == full[1].info.set_id
+    assert full[0].info.created == full[1].info.created
+    assert full[0].info.checkpoint == full[1].info.checkpoint
+    vm.assert_clean()
+    assert all(len(our_bitmaps(vm, d)) == 1 for d in vm.disks)
+
+    vm.write("vda", 5 * MiB, 70_000, 0x44)
+    at_incr = vm.snapshot()
+
+    def write_late2(plans):
+        vm.write("vdb", 0, 512, 0x55)
+
+    incr = backup(repo, vm, "incremental", hook=write_late2)
+    assert [r.info.kind for r in incr] == ["incremental", "incremental"]
+    assert [r.info.parent for r in incr] == [r.info.id for r in full]
+    assert_restores(repo, incr, at_incr)          # has the late writes of the full, not its own
+    # exactly the chunks written since the full's transaction (its late writes included)
+    assert incr[0].stats.read_bytes == 4 * 64 * 1024
+    assert incr[1].stats.read_bytes == 64 * 1024
+    vm.assert_clean()
+
+    at_incr2 = vm.snapshot()
+    incr2 = backup(repo, vm, "incremental")
+    assert_restores(repo, incr2, at_incr2)        # the late write of the previous run is here
+    assert incr2[1].stats.read_bytes == 64 * 1024
+    vm.assert_clean()
+    for d in vm.disks:
+        bms = our_bitmaps(vm, d)
+        assert len(bms) == 1, bms                 # bitmaps do not pile up
+        (b,) = bms.values()
+        assert b["recording"] and b["persistent"] and b["granularity"] == 64 * 1024
+        assert b["name"].endswith(incr2[0].info.checkpoint)
+    assert not [p for p in os.listdir(tmp_path / "state") if p.endswith(".json")]
+
+
+def test_node_names_device_ids_and_disk_names(env):
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB})
+    vm.write("vda", 0, 4096, 0x31)
+    r = backup(repo, vm, "full", nodes=["node-vda"], disks=["web"], granularity=128 * 1024)
+    assert r[0].info.disk == "web"
+    (b,) = our_bitmaps(vm, "vda").values()
+    assert b["granularity"] == 128 * 1024
+    r = backup(repo, vm, "incremental", nodes=["vda"], disks=["web"])    # the device id
+    assert r[0].info.kind == "incremental"
+    with pytest.raises(NotFound, match="nosuch"):
+        backup(repo, vm, "full", nodes=["nosuch"])
+    with pytest.raises(UsageError, match="same block node"):
+        backup(repo, vm, "full", nodes=["vda", "node-vda"], disks=["a", "b"])
+    vm.assert_clean()
+
+
+def test_failed_run_merges_bitmaps_back(env):
+    repo, make_vm, tmp_path = env
+    vm = make_vm({"vda": 8 * MiB})
+    vm.write("vda", 0, 65536, 0x11)
+    backup(repo, vm, "full")
+    vm.write("vda", 2 * MiB, 65536, 0x22)          # dirty before the failed run
+
+    def break_source(plans):   # a real source error: the export vanishes under the reader
+        vm.write("vda", 4 * MiB, 65536, 0x33)       # after the transaction
+        for e in vm.exports():
+            vm.cmd("block-export-del", id=e["id"], mode="hard")
+
+    with pytest.raises(NbdBackupError):
+        backup(repo, vm, "incremental", hook=break_source)
+    vm.assert_clean()
+    bms = our_bitmaps(vm, "vda")
+    assert len(bms) == 2, bms
+    recording = [b for b in bms.values() if b["recording"]]
+    anchor = [b for b in bms.values() if not b["recording"]]
+    assert len(recording) == 1 and len(anchor) == 1
+    assert recording[0]["count"] == 2 * 65536      # the old change merged in + the late write
+    assert len(repo.list_backups("vda")) == 1
+
+    vm.write("vda", 6 * MiB, 65536, 0x44)
+    expected = vm.snapshot()
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "incremental"
+    assert_restores(repo, r, expected)
+    assert r[0].stats.read_bytes == 3 * 65536
+    assert len(our_bitmaps(vm, "vda")) == 1
+
+
+def test_fallbacks_and_no_fallback(env):
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB})
+    with pytest.raises(ChainBroken, match="no dirty bitmap"):
+        run_backup(repo, QmpSource(vm.qmp_sock, ["vda"]), "incremental", BackupOptions(no_fallback=True))
+    vm.assert_clean()
+    assert our_bitmaps(vm, "vda") == {}
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "full" and "no dirty bitmap" in r[0].fallback_reason
+
+    # a bitmap no committed backup opened (the backup was forgotten)
+    for b in our_bitmaps(vm, "vda"):
+        vm.cmd("block-dirty-bitmap-remove", node="node-vda", name=b)
+    vm.cmd("block-dirty-bitmap-add", node="node-vda", persistent=True,
+           name=f"nbdbackup-{repo.repo_id}-20200101T000000Z-0000abcd")
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "full" and "no committed backup" in r[0].fallback_reason
+    assert len(our_bitmaps(vm, "vda")) == 1
+
+    # someone disabled our bitmap: it missed changes
+    (name,) = our_bitmaps(vm, "vda")
+    vm.cmd("block-dirty-bitmap-disable", node="node-vda", name=name)
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "full" and "recording" in r[0].fallback_reason
+    vm.assert_clean()
+
+
+def test_inconsistent_bitmap_after_qemu_crash_falls_back(env):
+    repo, make_vm, tmp_path = env
+    vm = make_vm({"vda": 4 * MiB})
+    vm.write("vda", 0, 65536, 0x11)
+    backup(repo, vm, "full")
+    vm.stop()          # the bitmap is saved in the image...
+    vm.start()         # ...loaded again (and marked in-use in the image)...
+    vm.kill()          # ...and qemu dies without saving it
+    vm.start()
+    (b,) = our_bitmaps(vm, "vda").values()
+    assert b.get("inconsistent")
+    with pytest.raises(ChainBroken, match="inconsistent"):
+        run_backup(repo, QmpSource(vm.qmp_sock, ["vda"]), "incremental", BackupOptions(no_fallback=True))
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "full" and "inconsistent" in r[0].fallback_reason
+    raw = tmp_path / "now.raw"      # the CPU is stopped and nothing writes: the image is the truth
+    support.run(["qemu-img", "convert", "-U", "-O", "raw", vm.images["vda"], str(raw)])
+    assert content(repo, r[0].info) == raw.read_bytes()
+    bms = our_bitmaps(vm, "vda")
+    assert len(bms) == 1 and not any(b.get("inconsistent") for b in bms.values())
+    vm.assert_clean()
+
+
+def test_restart_with_non_persistent_bitmap_falls_back(env):
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB}, fmt="raw")     # raw cannot store bitmaps
+    vm.write("vda", 0, 65536, 0x11)
+    backup(repo, vm, "full")
+    (b,) = our_bitmaps(vm, "vda").values()
+    assert not b["persistent"]
+    vm.write("vda", MiB, 65536, 0x12)
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "incremental"
+    assert_restores(repo, r, vm.snapshot())
+    vm.stop()
+    vm.start()
+    vm.write("vda", 2 * MiB, 65536, 0x13)
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "full" and "not persistent" in r[0].fallback_reason
+    assert_restores(repo, r, vm.snapshot())
+
+
+def test_existing_nbd_server_needs_its_address(env):
+    repo, make_vm, tmp_path = env
+    vm = make_vm({"vda": 4 * MiB})
+    sock = str(tmp_path / "theirs.sock")
+    vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    vm.write("vda", 0, 65536, 0x11)
+    with pytest.raises(UsageError, match="--nbd-server") as ei:
+        backup(repo, vm, "full")
+    assert "qemu 7.2 cannot tell where it listens" in str(ei.value)
+    vm.assert_clean()
+    assert our_bitmaps(vm, "vda") == {}
+    r = backup(repo, vm, "full", nbd_server=f"nbd+unix:///?socket={sock}")
+    assert_restores(repo, r, vm.snapshot())
+    vm.assert_clean()
+    # their server still runs: starting another fails
+    with pytest.raises(AssertionError, match="already running"):
+        vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock + "2"}})
