@@ -1,0 +1,51 @@
+"""`nbdbackup gc`: reclaim pack data no backup references (mark and sweep)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "gc"
+HELP = "reclaim space: delete unreferenced chunks and packs, repack sparse packs"
+DESCRIPTION = (
+    "Mark and sweep. Takes the writers and readers locks exclusively: fails with exit\n"
+    "code 3 naming the holder while a backup, restore, serve or verify runs, or waits\n"
+    "up to --lock-wait SECONDS. Deletes index rows of unreferenced chunks and map\n"
+    "segments, pack files left behind by killed runs, and packs without live data;\n"
+    "rewrites packs whose live fraction is below --repack-threshold (the new pack is\n"
+    "durable and the index switched to it before the old one is deleted)."
+)
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repack-threshold", type=_fraction, default=0.5, metavar="FRACTION",
+                   help="rewrite packs whose live fraction is below FRACTION (0..1, default 0.5; 0 = never)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be reclaimed; change nothing")
+
+
+def run(args) -> int:
+    from ...repo.gc import collect
+    from ..output import human_bytes, print_json, progress_bar, summary
+    from ..repoargs import open_repo
+
+    with open_repo(args) as repo:
+        with progress_bar(args, None, "gc") as bar:
+            report = collect(repo, repack_threshold=args.repack_threshold, dry_run=args.dry_run,
+                             progress=bar)
+    if args.json:
+        print_json(report.to_json())
+        return 0
+    verb = "would reclaim" if args.dry_run else "reclaimed"
+    summary(args, f"gc: {verb} {human_bytes(report.bytes_reclaimed)}: {report.packs_deleted} pack(s) deleted, "
+                  f"{report.packs_repacked} repacked, {report.orphan_packs} orphan pack(s), "
+                  f"{report.chunks_deleted} chunk and {report.segments_deleted} segment row(s) dropped")
+    return 0

@@ -1,0 +1,266 @@
+"""gc: mark and sweep, with repacking of sparse packs.
+
+Safety rests on two things (docs/design.md "Garbage collection"):
+* gc holds the writers AND readers locks exclusively, so no backup can be
+  about to reference a chunk it deletes and no reader has a pack open;
+* every step that removes data is ordered so a crash leaves only orphans:
+  index rows go first (one transaction), files after; a repacked pack is
+  durable and the index switched to it before its old pack is deleted.
+gc refuses to sweep when it cannot read a live map segment (it could not
+tell which chunks are live); it never deletes a pack whose footer it cannot
+read while the index still points into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from sqlalchemy import delete, select, update
+
+from ..errors import RepoDamaged
+from . import maps
+from . import packs as P
+from .chunks import ZERO_REF, DecodeError, decode
+from .ids import now_ms, to_ms
+from .index import write_txn
+from .schema import backup_segments, backups, chunks, packs, segments
+
+log = logging.getLogger(__name__)
+
+_IN_BATCH = 500
+
+
+@dataclass
+class GcReport:
+    dry_run: bool = False
+    live_chunks: int = 0
+    live_segments: int = 0
+    chunks_deleted: int = 0
+    segments_deleted: int = 0
+    packs_deleted: int = 0            # packs with nothing live
+    packs_repacked: int = 0           # rewritten because sparse or holding dead manifests
+    packs_written: int = 0
+    orphan_packs: int = 0             # pack files the index does not know (killed runs)
+    tmp_files: int = 0
+    bytes_reclaimed: int = 0
+    skipped_damaged: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Pack:
+    id: int
+    name: str
+    size: int
+    records: list[P.RecordInfo] | None = None   # from the footer; None when unreadable
+    live_bytes: int = 0
+    dead_manifests: int = 0
+
+
+def collect(repo, *, repack_threshold: float = 0.5, dry_run: bool = False, progress=None) -> GcReport:
+    """Run gc on *repo* (waits up to repo.lock_wait for the exclusive locks)."""
+    w = repo.lock("writers", exclusive=True, purpose="exclusive access for gc (a backup is running)")
+    try:
+        r = repo.lock("readers", exclusive=True,
+                      purpose="exclusive access for gc (a restore, serve or verify is reading)")
+        try:
+            return _collect(repo, repack_threshold, dry_run, progress)
+        finally:
+            r.release()
+    finally:
+        w.release()
+
+
+def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
+    rep = GcReport(dry_run=dry_run)
+    eng, backend, store = repo.engine, repo.backend, repo.store
+
+    # -- mark ---------------------------------------------------------------
+    with eng.connect() as conn:
+        live_manifests = {bytes(r[0]) for r in conn.execute(select(backups.c.manifest_hash))}
+        live_segs = {bytes(r[0]) for r in conn.execute(
+            select(backup_segments.c.segment_hash).where(backup_segments.c.segment_hash.is_not(None)).distinct())}
+    live_chunks: set[bytes] = set()
+    for h in live_segs:
+        try:
+            raw = store.load_segment(h)
+        except RepoDamaged as e:
+            raise RepoDamaged(f"gc cannot read live map segment {h.hex()[:16]} ({e}); it will not delete "
+                              "anything while it cannot tell which chunks are live",
+                              hint="run `nbdbackup verify`, forget the damaged backups or run "
+                                   "`nbdbackup rebuild-index`, then gc again") from None
+        live_chunks.update(maps.iter_entries(raw))
+    live_chunks.discard(ZERO_REF)
+    rep.live_chunks, rep.live_segments = len(live_chunks), len(live_segs)
+
+    # -- what the index holds ---------------------------------------------------
+    with eng.connect() as conn:
+        pack_rows = {r[0]: _Pack(r[0], r[1], r[2]) for r in conn.execute(select(packs.c.id, packs.c.name, packs.c.size))}
+        # (table, hash) -> (pack_id, offset, stored_len) for every row
+        rows = {}
+        dead_rows: dict = {chunks: [], segments: []}
+        for table, live in ((chunks, live_chunks), (segments, live_segs)):
+            for h, pid, off, sl in conn.execute(select(table.c.hash, table.c.pack_id, table.c.offset,
+                                                       table.c.stored_len)):
+                h = bytes(h)
+                if h in live:
+                    rows[(table.name, h)] = (pid, off)
+                    pack_rows[pid].live_bytes += P.HEADER_SIZE + sl
+                else:
+                    dead_rows[table].append(h)
+    rep.chunks_deleted, rep.segments_deleted = len(dead_rows[chunks]), len(dead_rows[segments])
+
+    # footers: find manifest records (live ones must survive, dead ones go)
+    for pk in pack_rows.values():
+        try:
+            pk.records = P.read_records(backend, pk.name)
+        except FileNotFoundError:
+            if pk.live_bytes:
+                rep.skipped_damaged.append(f"pack {pk.name} is missing but still holds live data")
+            continue
+        except (P.PackFormatError, OSError) as e:
+            rep.skipped_damaged.append(f"pack {pk.name}: unreadable footer ({e}); left as it is")
+            continue
+            continue
+        for rec in pk.records:
+            if rec.type == P.REC_MANIFEST:
+                if rec.hash in live_manifests:
+                    pk.live_bytes += P.HEADER_SIZE + rec.stored_len
+                else:
+                    pk.dead_manifests += 1
+
+    # a pack whose footer is unreadable may hold live manifests: never deleted
+    dead_packs = [pk for pk in pack_rows.values() if pk.live_bytes == 0 and
+                  (pk.records is not None or not backend.exists(P.pack_object_name(pk.name)))]
+    sparse = [pk for pk in pack_rows.values() if pk.live_bytes and pk.records is not None and
+              (pk.live_bytes < threshold * pk.size or pk.dead_manifests)]
+
+    # -- sweep the index, then the files it no longer names ----------------------
+    rep.packs_deleted = len(dead_packs)
+    if not dry_run:
+        _delete_rows(eng, dead_rows, [pk.id for pk in dead_packs])
+    for pk in dead_packs:
+        rep.bytes_reclaimed += _remove(backend, P.pack_object_name(pk.name), dry_run)
+
+    # -- orphans: pack files the index does not know (from killed runs) ----------------
+    known = {P.pack_object_name(pk.name) for pk in pack_rows.values()}
+    for obj in list(backend.list("packs/")):
+        if obj not in known and obj.endswith(".pack"):
+            rep.orphan_packs += 1
+            rep.bytes_reclaimed += _remove(backend, obj, dry_run)
+
+    # -- repack ---------------------------------------------------------------------
+    for group in _groups(sparse, repo.config.pack_size):
+        rep.bytes_reclaimed += _repack(repo, group, rows, live_manifests, dry_run, rep, progress)
+
+    # -- stale temporary files (no writer runs, so none is being written) ---------
+    tmp = getattr(backend, "tmp_dir", None)
+    if tmp and os.path.isdir(tmp):
+        for f in os.listdir(tmp):
+            p = os.path.join(tmp, f)
+            if os.path.isfile(p):
+                rep.tmp_files += 1
+                rep.bytes_reclaimed += os.path.getsize(p)
+                if not dry_run:
+                    os.unlink(p)
+    return rep
+
+
+def _delete_rows(eng, dead_rows: dict, pack_ids: list[int]) -> None:
+    with write_txn(eng) as conn:
+        for table, hashes in dead_rows.items():
+            for i in range(0, len(hashes), _IN_BATCH):
+                conn.execute(delete(table).where(table.c.hash.in_(hashes[i:i + _IN_BATCH])))
+        for i in range(0, len(pack_ids), _IN_BATCH):
+            conn.execute(delete(packs).where(packs.c.id.in_(pack_ids[i:i + _IN_BATCH])))
+
+
+def _remove(backend, obj: str, dry_run: bool) -> int:
+    try:
+        n = backend.size(obj)
+    except FileNotFoundError:
+        return 0
+    if not dry_run:
+        backend.delete(obj)
+    return n
+
+
+def _groups(sparse: list[_Pack], target: int):
+    """Batch sparse packs so each new pack holds about *target* live bytes."""
+    group, size = [], 0
+    for pk in sorted(sparse, key=lambda p: p.id):
+        if group and size + pk.live_bytes > target:
+            yield group
+            group, size = [], 0
+        group.append(pk)
+        size += pk.live_bytes
+    if group:
+        yield group
+
+
+def _repack(repo, group: list[_Pack], rows: dict, live_manifests: set[bytes], dry_run: bool,
+            rep: GcReport, progress) -> int:
+    """Copy the live records of *group* into one new pack; switch the index; delete the old packs."""
+    backend = repo.backend
+    old_bytes = sum(pk.size for pk in group)
+    builder = P.PackBuilder()
+    moved: list[tuple[str, bytes, P.RecordInfo]] = []     # (table name, hash, new record)
+    seen_manifests: set[bytes] = set()
+    for pk in group:
+        obj = P.pack_object_name(pk.name)
+        for rec in pk.records:
+            if rec.type == P.REC_CHUNK:
+                table = "chunks"
+            elif rec.type == P.REC_SEGMENT:
+                table = "segments"
+            elif rec.type == P.REC_MANIFEST:
+                table = None
+                if rec.hash not in live_manifests or rec.hash in seen_manifests:
+                    continue
+                seen_manifests.add(rec.hash)
+            else:
+                continue
+            if table is not None and rows.get((table, rec.hash)) != (pk.id, rec.offset):
+                continue                          # dead, or a duplicate the index does not use
+            payload = backend.get(obj, rec.offset, rec.stored_len)
+            try:
+                decode(payload, rec.compression, rec.raw_len, rec.hash)
+            except DecodeError as e:
+                rep.skipped_damaged.append(f"pack {pk.name} record at {rec.offset}: {e}; pack not repacked")
+                return 0                        # keep every old pack of this group as it is
+            new = builder.add(rec.type, rec.hash, rec.raw_len, rec.compression, payload)
+            if table is not None:
+                moved.append((table, rec.hash, new))
+            if progress is not None:
+                progress.update(rec.stored_len)
+    ids = {pk.id for pk in group}
+    expected = {key for key, (pid, _off) in rows.items() if pid in ids}
+    if expected != {(t, h) for t, h, _ in moved}:
+        rep.skipped_damaged.append(f"packs {', '.join(pk.name for pk in group)}: footer and index disagree; "
+                                   "not repacked (run `nbdbackup verify`)")
+        return 0
+    parts = builder.seal()
+    new_size = sum(len(p) for p in parts)
+    rep.packs_repacked += len(group)
+    if dry_run:
+        return old_bytes - new_size
+    backend.put(P.pack_object_name(builder.name), parts)      # durable before the index names it
+    with write_txn(repo.engine) as conn:
+        pid = conn.execute(packs.insert().values(name=builder.name, size=new_size,
+                                                 created_ms=to_ms(now_ms()))).inserted_primary_key[0]
+        tables = {"chunks": chunks, "segments": segments}
+        for tname, h, new in moved:
+            t = tables[tname]
+            conn.execute(update(t).where(t.c.hash == h).values(pack_id=pid, offset=new.offset))
+        old_ids = [pk.id for pk in group]
+        for t in tables.values():     # rows still naming the old packs are dead duplicates
+            conn.execute(delete(t).where(t.c.pack_id.in_(old_ids)))
+        conn.execute(delete(packs).where(packs.c.id.in_(old_ids)))
+    rep.packs_written += 1
+    for pk in group:
+        backend.delete(P.pack_object_name(pk.name))
+    return old_bytes - new_size
