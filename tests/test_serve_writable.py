@@ -1,0 +1,146 @@
+"""Writable overlays, live catalog updates and alias binding of `nbdbackup serve`."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import support
+from test_serve_support import (CHUNK, RawClient, backup_bytes, init_repo, make_image, serve, wait_until)
+
+from nbdbackup.nbd import proto
+from nbdbackup.repo import Repository
+
+SIZE = 2 * 1024 * 1024
+
+
+def _repo(tmp_path, disks=("vm1",)):
+    r = init_repo(tmp_path / "repo")
+    data = {}
+    infos = {}
+    try:
+        for k, d in enumerate(disks):
+            data[d] = make_image(tmp_path / f"{d}.raw", SIZE, 10 + k)
+            infos[d] = backup_bytes(r, d, data[d])
+    finally:
+        r.close()
+    return tmp_path / "repo", data, infos
+
+
+def _repo_reads(path, ids) -> dict[str, bytes]:
+    with Repository.open(str(path)) as r:
+        out = {}
+        for i in ids:
+            img = r.open_image(i)
+            try:
+                out[i] = img.read(0, img.size)
+            finally:
+                img.close()
+        return out
+
+
+def test_writable_overlay_shared_and_discarded(tmp_path):
+    path, data, infos = _repo(tmp_path)
+    qemu_io = support.require_tool("qemu-io")
+    qemu_img = support.require_tool("qemu-img")
+    vid = infos["vm1"].id
+    before = _repo_reads(path, [vid])
+    support.nbdbackup("verify", "--repo", path)
+    ovdir = tmp_path / "overlays"
+    with serve(path, tmp_path, "--writable", "--overlay-dir", str(ovdir)) as s:
+        # A guest's writes: unaligned data, zeroes, discard, flush, FUA.
+        support.run([qemu_io, "-f", "raw", "-c", "write -P 0x5a 1000 70000", "-c", "write -z 200000 150000",
+                     "-c", "discard 400000 65536", "-c", "flush", "-c", "write -f -P 0x77 1048576 512",
+                     "-c", "read -P 0x5a 1000 70000", s.uri("vm1")])
+        # A second client of the same backup (by id, not alias) reads the same view.
+        support.run([qemu_io, "-f", "raw", "-c", "read -P 0x5a 1000 70000", "-c", "read -P 0 200000 150000",
+                     "-c", "read -P 0x77 1048576 512", s.uri(vid)])
+        with RawClient(s) as c:
+            c.greet()
+            c.go(vid, meta=True)
+            assert not c.flags & proto.FLAG_READ_ONLY
+            assert c.flags & proto.FLAG_SEND_TRIM and c.flags & proto.FLAG_SEND_WRITE_ZEROES
+            expect = bytearray(data["vm1"])
+            expect[1000:71000] = b"\x5a" * 70000
+            expect[200000:350000] = bytes(150000)
+            expect[1048576:1049088] = b"\x77" * 512
+            got = c.read(0, 1024 * 1024 + 4096)
+            # the discarded range may read as anything the overlay keeps; all else is exact
+            assert got[:400000] == bytes(expect[:400000])
+            assert got[465536:] == bytes(expect[465536:1024 * 1024 + 4096])
+            assert c.request(proto.CMD_WRITE, SIZE - 10, 20, payload=b"y" * 20).error == proto.ENOSPC
+            assert c.request(proto.CMD_WRITE_ZEROES, SIZE - 10, 20).error == proto.ENOSPC
+            assert c.request(proto.CMD_TRIM, SIZE - 10, 20).error == proto.EINVAL
+            assert c.request(proto.CMD_WRITE_ZEROES, 0, 4096, flags=proto.CMD_FLAG_FAST_ZERO).error == 0
+            assert c.read(0, 4096) == bytes(4096)
+            assert c.request(proto.CMD_WRITE, 0, 0).error == 0
+        files = [f for d, _, fs in os.walk(ovdir) for f in fs]
+        assert len(files) == 1 and files[0].endswith(".overlay") and vid not in files[0]
+    assert [f for d, _, fs in os.walk(ovdir) for f in fs] == []       # discarded on stop
+    # The repository is untouched.
+    support.nbdbackup("verify", "--repo", path)
+    assert _repo_reads(path, [vid]) == before
+    with serve(path, tmp_path) as s:
+        support.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(tmp_path / "vm1.raw"), s.uri("vm1")])
+
+
+def test_multi_conn_consistency_nbdsh(tmp_path):
+    """qemu's nbd-multiconn check: write on 1, flush on 2, read on 3."""
+    path, data, infos = _repo(tmp_path)
+    support.require_tool("nbdsh")
+    with serve(path, tmp_path, "--writable") as s:
+        script = textwrap.dedent(f"""
+            import nbd
+            uri = {s.uri('vm1')!r}
+            hs = [nbd.NBD() for _ in range(3)]
+            for x in hs:
+                x.connect_uri(uri)
+                assert x.can_multi_conn() and x.can_flush() and x.can_fua()
+            for k in range(8):
+                buf = bytes([0x30 + k]) * 4096
+                assert hs[2].pread(4096, 8192 + k * 777) != buf
+                hs[0].pwrite(buf, 8192 + k * 777)
+                hs[1].flush()
+                assert hs[2].pread(4096, 8192 + k * 777) == buf
+            hs[1].pwrite(b"F" * 100, 50000, nbd.CMD_FLAG_FUA)
+            assert hs[0].pread(100, 50000) == b"F" * 100
+            for x in hs:
+                x.shutdown()
+            print("multiconn ok")
+        """)
+        env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+        p = support.run(["/usr/bin/nbdsh", "-c", script], env=env)
+        assert "multiconn ok" in p.stdout
+
+
+def test_new_backup_visible_and_alias_binds_at_connect(tmp_path):
+    path, data, infos = _repo(tmp_path, disks=("vm1",))
+    nbdinfo = support.require_tool("nbdinfo")
+    with serve(path, tmp_path, "--writable") as s:
+        with RawClient(s) as old_client:
+            old_client.greet()
+            old_client.go("vm1")
+            old_client.request(proto.CMD_WRITE, 0, 5, payload=b"guest")
+            # a new backup arrives while the server runs
+            new = bytearray(data["vm1"])
+            new[0:CHUNK] = b"N" * CHUNK
+            r = Repository.open(str(path))
+            try:
+                info2 = backup_bytes(r, "vm1", bytes(new))
+                backup_bytes(r, "vm9", bytes(CHUNK))
+            finally:
+                r.close()
+            names = support.run([nbdinfo, "--list", s.uri("")]).stdout
+            assert info2.id in names and 'export="vm9"' in names
+            # the connected client still sees its backup and its own writes
+            assert old_client.read(0, CHUNK) == b"guest" + data["vm1"][5:CHUNK]
+            with RawClient(s) as fresh:
+                fresh.greet()
+                fresh.go("vm1")
+                assert fresh.read(0, 100) == b"N" * 100
+                assert fresh.read(CHUNK, 100) == data["vm1"][CHUNK:CHUNK + 100]
+            with RawClient(s) as by_id:
+                by_id.greet()
+                by_id.go(infos["vm1"].id)      # the old backup's overlay is shared by id
+                assert by_id.read(0, 5) == b"guest"
+    assert wait_until(lambda: True)
