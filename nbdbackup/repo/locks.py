@@ -64,6 +64,7 @@ class RepoLock:
                                       hint="wait for it to finish, or pass --lock-wait SECONDS") from None
                 time.sleep(min(0.1, max(deadline - time.monotonic(), 0.01)))
         self._fd = fd
+        read_holders(self.lock_dir, self.name)   # drops info files of dead holders
         self._info_path = f"{self.path}@{os.getpid()}-{id(self):x}.holder"   # '@' never occurs in lock names
         info = {"pid": os.getpid(), "host": _HOST, "command": " ".join(sys.argv),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
