@@ -253,3 +253,62 @@ def test_existing_nbd_server_needs_its_address(env):
     # their server still runs: starting another fails
     with pytest.raises(AssertionError, match="already running"):
         vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock + "2"}})
+
+
+KILLED_RUN = r"""
+import sys, time
+from nbdbackup.repo.repository import Repository
+from nbdbackup.sources.qmp import QmpSource
+repo = Repository.open(sys.argv[1])
+plans = QmpSource(sys.argv[2], sys.argv[3:]).prepare(repo, "incremental", False)
+print(" ".join(p.kind for p in plans), flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkill_mid_run_loses_no_change_and_next_run_cleans_up(env):
+    import signal
+    import subprocess
+    import sys
+
+    repo, make_vm, tmp_path = env
+    vm = make_vm()
+    vm.write("vda", 0, 65536, 0x11)
+    backup(repo, vm, "full")
+    vm.write("vda", MiB, 65536, 0x22)              # in the dirty set of the killed run
+    vm.write("vdb", 2 * MiB, 65536, 0x23)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, repo.path, vm.qmp_sock, *vm.disks],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ))
+    try:
+        line = child.stdout.readline()
+        assert line.split() == ["incremental", "incremental"], child.stderr.read()
+        vm.write("vda", 3 * MiB, 65536, 0x33)      # after its transaction
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # what the killed run left: exports, jobs, overlay nodes, files, its server
+    assert len(vm.exports()) == 2 and len(vm.jobs()) == 2
+    (state_file,) = [p for p in (tmp_path / "state").iterdir() if p.suffix == ".json"]
+    import json
+
+    state = json.loads(state_file.read_text())
+    scratch = state["files"]
+    assert all(os.path.exists(f) for f in scratch) and len(scratch) == 2
+    server_sock = state["server"]["socket"]
+    assert os.path.exists(server_sock)
+    assert all(len(our_bitmaps(vm, d)) == 2 for d in vm.disks)     # old (stopped) + new
+
+    vm.write("vdb", 0, 65536, 0x44)
+    expected = vm.snapshot()
+    r = backup(repo, vm, "incremental")
+    assert [x.info.kind for x in r] == ["incremental", "incremental"]
+    assert_restores(repo, r, expected)
+    assert r[0].stats.read_bytes == 2 * 65536 and r[1].stats.read_bytes == 2 * 65536
+    vm.assert_clean()
+    assert all(len(our_bitmaps(vm, d)) == 1 for d in vm.disks)
+    assert not any(os.path.exists(f) for f in scratch)
+    assert not state_file.exists()
+    # the killed run's NBD server is gone too: qemu runs none now
+    vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "probe.sock")}})
+    vm.cmd("nbd-server-stop")
