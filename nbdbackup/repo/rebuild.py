@@ -1,0 +1,232 @@
+"""rebuild-index: recreate the index from the self-describing packs.
+
+Order: scan every pack (read-only: footers, or record headers when a footer
+is damaged; manifests are read and hash-checked), then move the old index
+aside (never deleted), then create a fresh index at the head revision and
+fill it in one transaction. Runs under the writers and readers locks taken
+exclusively, like gc. A backup comes back when its manifest and all its map
+segments are found; missing chunks are reported (verify names the ranges).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import insert, inspect
+
+from ..errors import UsageError
+from . import maps
+from . import packs as P
+from .chunks import ZERO_REF, DecodeError, decode
+from .ids import now_ms, to_ms
+from .index import make_engine, upgrade, write_txn
+from .info import BackupInfo
+from .schema import backup_segments, backups, chunks, packs, segments
+
+_BATCH = 2000
+
+
+@dataclass
+class RebuildReport:
+    packs: int = 0
+    packs_salvaged: list[str] = field(default_factory=list)     # footer damaged, headers walked
+    packs_unreadable: list[str] = field(default_factory=list)
+    chunks: int = 0
+    segments: int = 0
+    backups: list[str] = field(default_factory=list)
+    backups_lost: list[dict] = field(default_factory=list)      # {"id", "reason"}
+    backups_incomplete: list[dict] = field(default_factory=list)  # {"id", "missing_chunks"}
+    old_index: str | None = None
+
+    def problem_lines(self) -> list[str]:
+        out = [f"pack {p}: footer damaged, records recovered from their headers" for p in self.packs_salvaged]
+        out += [f"pack {p}: unreadable, skipped" for p in self.packs_unreadable]
+        out += [f"backup {b['id']} cannot be recovered: {b['reason']}" for b in self.backups_lost]
+        out += [f"backup {b['id']} recovered with {b['missing_chunks']} chunk(s) missing "
+                "(run `nbdbackup verify` for the byte ranges)" for b in self.backups_incomplete]
+        return out
+
+    def summary_line(self) -> str:
+        moved = f"; old index kept as {self.old_index}" if self.old_index else ""
+        return (f"rebuilt the index from {self.packs} pack(s): {len(self.backups)} backup(s), {self.chunks} chunk(s), "
+                f"{self.segments} map segment(s); {len(self.backups_lost)} backup(s) lost{moved}")
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Found:
+    pack_rows: list[dict] = field(default_factory=list)
+    blobs: dict = field(default_factory=lambda: {P.REC_CHUNK: {}, P.REC_SEGMENT: {}})  # type -> hash -> (pack, rec)
+    manifests: dict[str, dict] = field(default_factory=dict)     # backup id -> (manifest, hash)
+
+
+def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float = 0.0, progress=None) -> RebuildReport:
+    from .repository import Repository
+
+    repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False)
+    try:
+        w = repo.lock("writers", exclusive=True, purpose="exclusive access for rebuild-index (a backup is running)")
+        try:
+            r = repo.lock("readers", exclusive=True,
+                          purpose="exclusive access for rebuild-index (a restore, serve or verify is reading)")
+            try:
+                return _rebuild(repo, progress)
+            finally:
+                r.release()
+        finally:
+            w.release()
+    finally:
+        repo.close()
+
+
+def _rebuild(repo, progress) -> RebuildReport:
+    rep = RebuildReport()
+    found = _scan(repo.backend, rep, progress)
+    rep.old_index = _move_aside(repo)
+    eng = make_engine(repo.index_url)
+    try:
+        upgrade(eng, "head")
+        _fill(eng, repo, found, rep)
+    finally:
+        eng.dispose()
+    return rep
+
+
+def _scan(backend, rep: RebuildReport, progress) -> _Found:
+    found = _Found()
+    for obj in backend.list("packs/"):
+        if not obj.endswith(".pack"):
+            continue
+        name = obj.rsplit("/", 1)[-1][:-len(".pack")]
+        rep.packs += 1
+        try:
+            size = backend.size(obj)
+            try:
+                recs = P.read_records(backend, name)
+            except P.PackFormatError:
+                recs = list(P.scan_records(backend.get(obj)))
+                rep.packs_salvaged.append(name)
+        except (P.PackFormatError, OSError) as e:
+            rep.packs_unreadable.append(f"{name} ({e})")
+            continue
+        pidx = len(found.pack_rows)
+        found.pack_rows.append({"name": name, "size": size})
+        for rec in recs:
+            if rec.type in found.blobs:
+                found.blobs[rec.type].setdefault(rec.hash, (pidx, rec))
+            elif rec.type == P.REC_MANIFEST:
+                _read_manifest(backend, obj, rec, found)
+        if progress is not None:
+            progress.update(1)
+    return found
+
+
+def _read_manifest(backend, obj: str, rec: P.RecordInfo, found: _Found) -> None:
+    try:
+        raw = decode(backend.get(obj, rec.offset, rec.stored_len), rec.compression, rec.raw_len, rec.hash)
+        m = json.loads(raw)
+        bid = m["info"]["id"]
+    except (DecodeError, ValueError, KeyError, TypeError, OSError):
+        return      # a damaged manifest: its backup is reported lost unless a copy is found elsewhere
+    found.manifests.setdefault(bid, {"manifest": m, "hash": rec.hash})
+
+
+def _move_aside(repo) -> str | None:
+    url = repo.index_url
+    repo.engine.dispose()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    if url.startswith("sqlite:///"):
+        db = url.removeprefix("sqlite:///")
+        if not os.path.exists(db):
+            return None
+        target = f"{db}.damaged-{stamp}"
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{db}.damaged-{stamp}-{n}"
+        for suffix in ("-wal", "-shm", ""):       # the main file last: it is what marks the index
+            if os.path.exists(db + suffix):
+                os.rename(db + suffix, target + suffix)
+        return target
+    eng = make_engine(url)
+    try:
+        with eng.connect() as conn:
+            tables = inspect(conn).get_table_names()
+    finally:
+        eng.dispose()
+    if tables:
+        raise UsageError(f"the index database {url} is not empty; rebuild-index only moves SQLite index files "
+                         "aside by itself", hint="move or drop the old database yourself, then run again")
+    return None
+
+
+def _fill(eng, repo, found: _Found, rep: RebuildReport) -> None:
+    seg_len = repo.config.segment_len
+    with write_txn(eng) as conn:
+        ids = []
+        for row in found.pack_rows:
+            ids.append(conn.execute(insert(packs).values(name=row["name"], size=row["size"],
+                                                         created_ms=to_ms(now_ms()))).inserted_primary_key[0])
+        for rtype, table in ((P.REC_CHUNK, chunks), (P.REC_SEGMENT, segments)):
+            rows = [{"hash": h, "pack_id": ids[pidx], "offset": rec.offset, "stored_len": rec.stored_len,
+                     "raw_len": rec.raw_len, "compression": rec.compression}
+                    for h, (pidx, rec) in found.blobs[rtype].items()]
+            for i in range(0, len(rows), _BATCH):
+                conn.execute(insert(table), rows[i:i + _BATCH])
+        rep.chunks, rep.segments = len(found.blobs[P.REC_CHUNK]), len(found.blobs[P.REC_SEGMENT])
+        for bid, entry in sorted(found.manifests.items()):
+            _add_backup(conn, repo, bid, entry, seg_len, found, rep)
+
+
+def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, rep: RebuildReport) -> None:
+    m = entry["manifest"]
+    try:
+        info = BackupInfo.from_json(m["info"])
+        refs = [bytes.fromhex(s) if s else None for s in m["segments"]]
+        if m.get("segment_len") != seg_len or info.chunk_size != repo.chunk_size:
+            raise ValueError("segment length or chunk size differs from the repository's")
+        if len(refs) != maps.nsegments(info.nchunks, seg_len):
+            raise ValueError("segment list has the wrong length")
+    except (KeyError, TypeError, ValueError) as e:
+        rep.backups_lost.append({"id": bid, "reason": f"manifest does not parse: {e}"})
+        return
+    segs = found.blobs[P.REC_SEGMENT]
+    missing = [r for r in refs if r is not None and r not in segs]
+    if missing:
+        rep.backups_lost.append({"id": bid, "reason": f"{len(missing)} map segment(s) not found in any pack"})
+        return
+    missing_chunks = _missing_chunks(repo.backend, refs, found)
+    if missing_chunks is None:
+        rep.backups_lost.append({"id": bid, "reason": "a map segment is damaged"})
+        return
+    pk = conn.execute(insert(backups).values(
+        id=info.id, disk=info.disk, kind=info.kind, parent=info.parent, created_ms=to_ms(info.created),
+        size=info.size, chunk_size=info.chunk_size, read_bytes=info.read_bytes, stored_bytes=info.stored_bytes,
+        duration_s=info.duration_s, bitmap=info.bitmap, checkpoint=info.checkpoint, set_id=info.set_id,
+        source=info.source, manifest_hash=entry["hash"])).inserted_primary_key[0]
+    if refs:
+        conn.execute(insert(backup_segments), [{"backup_pk": pk, "seq": s, "segment_hash": r}
+                                               for s, r in enumerate(refs)])
+    rep.backups.append(info.id)
+    if missing_chunks:
+        rep.backups_incomplete.append({"id": info.id, "missing_chunks": missing_chunks})
+
+
+def _missing_chunks(backend, refs, found: _Found) -> int | None:
+    """Chunks the backup's map names that no pack holds (None: a segment is unreadable)."""
+    chunk_recs = found.blobs[P.REC_CHUNK]
+    n = 0
+    for h in {r for r in refs if r is not None}:
+        pidx, rec = found.blobs[P.REC_SEGMENT][h]
+        obj = P.pack_object_name(found.pack_rows[pidx]["name"])
+        try:
+            raw = decode(backend.get(obj, rec.offset, rec.stored_len), rec.compression, rec.raw_len, h)
+        except (DecodeError, OSError):
+            return None
+        n += sum(1 for e in maps.iter_entries(raw) if e != ZERO_REF and e not in chunk_recs)
+    return n
