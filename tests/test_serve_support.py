@@ -93,17 +93,18 @@ class Served:
 
 @contextlib.contextmanager
 def serve(repo_path: Path, tmp: Path, *args: str, sock: str | None = None, port: int | None = None,
-          expect_rc: int | None = 0):
+          expect_rc: int | None = 0, env: dict | None = None, listen: str | None = None):
     """Run the installed `nbdbackup serve`; stop it with SIGTERM and check it exited cleanly."""
     if port is None and sock is None:
         sock = str(tmp / f"nbd-{os.getpid()}-{time.monotonic_ns()}.sock")
-    listen = f"unix:{sock}" if sock else f"127.0.0.1:{port}"
+    listen = listen or (f"unix:{sock}" if sock else f"127.0.0.1:{port}")
     errp = tmp / f"serve-{time.monotonic_ns()}.log"
     errf = open(errp, "w")
-    env = dict(os.environ)
-    env.pop("NBDBACKUP_REPO", None)
+    e = dict(os.environ)
+    e.pop("NBDBACKUP_REPO", None)
+    e.update(env or {})
     proc = subprocess.Popen([support.nbdbackup_exe(), "-v", "serve", "--repo", str(repo_path),
-                             "--listen", listen, *args], stdout=subprocess.PIPE, stderr=errf, env=env, text=True)
+                             "--listen", listen, *args], stdout=subprocess.PIPE, stderr=errf, env=e, text=True)
     s = Served(proc, sock, port, errp)
     try:
         deadline = time.monotonic() + 20

@@ -1,0 +1,130 @@
+"""Start-up and shutdown of `nbdbackup serve`: signals, sockets, listen addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import pytest
+import support
+from test_serve_support import RawClient, backup_bytes, init_repo, make_image, serve, wait_until
+
+from nbdbackup.nbd.server import ListenAddress
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-life")
+    r = init_repo(d / "repo")
+    try:
+        data = make_image(d / "vm1.raw", 1024 * 1024, 3)
+        backup_bytes(r, "vm1", data)
+    finally:
+        r.close()
+    return d / "repo", d / "vm1.raw"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(repo, tmp_path, sig):
+    path, raw = repo
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    with serve(path, tmp_path, "--writable", env={"TMPDIR": str(tmpdir)}) as s:
+        c = RawClient(s)
+        c.greet()
+        c.go("vm1")
+        c.request(1, 0, 4096, payload=b"w" * 4096)         # the overlay now holds data
+        assert len(os.listdir(tmpdir)) == 1                 # the default overlay dir is a temp dir
+        idle = RawClient(s)                                 # one still negotiating
+        idle.greet()
+        s.proc.send_signal(sig)
+        assert s.proc.wait(15) == 0
+        assert c.is_closed() and idle.is_closed()
+        c.close()
+        idle.close()
+        assert "stopping" in s.log()
+    assert os.listdir(tmpdir) == []                          # overlays dropped
+    assert not os.path.exists(s.sock)
+
+
+def test_stale_socket_is_replaced(repo, tmp_path):
+    path, raw = repo
+    sock = str(tmp_path / "stale.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(sock)          # a socket file nobody listens on, as after a crash
+    dead.close()
+    assert os.path.exists(sock)
+    qemu_img = support.require_tool("qemu-img")
+    with serve(path, tmp_path, sock=sock) as s:
+        support.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(raw), s.uri("vm1")])
+
+
+def test_live_socket_is_not_hijacked(repo, tmp_path):
+    path, raw = repo
+    qemu_img = support.require_tool("qemu-img")
+    with serve(path, tmp_path) as s:
+        p = support.nbdbackup("serve", "--repo", path, "--listen", f"unix:{s.sock}", check=False, timeout=30)
+        assert p.returncode == 3, p.stderr
+        assert "another server is listening" in p.stderr and "Traceback" not in p.stderr
+        support.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(raw), s.uri("vm1")])
+    notsock = tmp_path / "file.sock"
+    notsock.write_text("precious")
+    p = support.nbdbackup("serve", "--repo", path, "--listen", f"unix:{notsock}", check=False, timeout=30)
+    assert p.returncode == 2 and "not a socket" in p.stderr
+    assert notsock.read_text() == "precious"
+
+
+def test_tcp_listen_and_banner(repo, tmp_path):
+    path, raw = repo
+    qemu_img = support.require_tool("qemu-img")
+    port = support.free_port()
+    with serve(path, tmp_path, port=port) as s:
+        support.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(raw), s.uri("vm1")])
+        log = s.log()
+        assert f"listening on 127.0.0.1:{port}" in log
+        assert "vm1" in log and "qemu-system-x86_64" in log and f"nbd://127.0.0.1:{port}/" in log
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) listening on *port*."""
+    out = []
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(f) as fh:
+            for line in fh.readlines()[1:]:
+                parts = line.split()
+                addr, p = parts[1].rsplit(":", 1)
+                if int(p, 16) == port and parts[3] == "0A":
+                    out.append(addr)
+    return out
+
+
+def test_default_listen_is_loopback_10809(repo, tmp_path):
+    path, _ = repo
+    assert ListenAddress.parse("127.0.0.1:10809") == ListenAddress(host="127.0.0.1", port=10809)
+    if _listening(10809):
+        pytest.fail("port 10809 is busy on this machine; cannot check the default address")
+    errp = tmp_path / "err.log"
+    with open(errp, "w") as err:
+        proc = subprocess.Popen([support.nbdbackup_exe(), "serve", "--repo", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            assert wait_until(lambda: "listening on" in errp.read_text() or proc.poll() is not None, 20)
+            assert "listening on 127.0.0.1:10809" in errp.read_text()
+            assert _listening(10809) == ["0100007F"]        # 127.0.0.1 only, not 0.0.0.0 / ::
+        finally:
+            support.stop(proc)
+    assert proc.returncode == 0
+
+
+def test_bad_options_are_usage_errors(repo, tmp_path):
+    path, _ = repo
+    for args in (["--listen", "nonsense"], ["--listen", "1.2.3.4:99999"], ["--tls-key", "k.pem"],
+                 ["--tls-cert", str(tmp_path / "missing.pem")], ["--cache-size", "lots"]):
+        p = support.nbdbackup("serve", "--repo", path, *args, check=False, timeout=30)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+    p = support.nbdbackup("serve", "--repo", tmp_path / "nope", "--listen", f"unix:{tmp_path}/x.sock",
+                          check=False, timeout=30)
+    assert p.returncode == 6, p.stderr
