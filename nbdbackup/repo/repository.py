@@ -156,7 +156,7 @@ class Repository:
 
     def list_backups(self, disk: str | None = None) -> list[BackupInfo]:
         """Committed backups, oldest first."""
-        q = select(*_INFO_COLS).order_by(backups.c.created_ms, backups.c.id)
+        q = select(*_INFO_COLS).order_by(backups.c.created_ms, backups.c.disk, backups.c.id)
         if disk is not None:
             q = q.where(backups.c.disk == disk)
         return [_row_info(r) for r in self._query(q)]

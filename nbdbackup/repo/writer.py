@@ -79,6 +79,12 @@ class BackupWriter:
         self._pack: P.PackBuilder | None = None
         self._pack_chunks: set[bytes] = set()
         self._pack_segments: dict[bytes, bytes] = {}   # hash -> raw, for segments in the unsealed pack
+        # The previous pack, being written and indexed by a background thread
+        # (overlaps fsync with hashing); its records count as "have" meanwhile.
+        self._sealer = None
+        self._inflight = None
+        self._inflight_chunks: set[bytes] = set()
+        self._inflight_segments: dict[bytes, bytes] = {}
         self.stored_bytes = 0
         try:
             self._locks.append(repo.lock("writers", exclusive=False, purpose="the repository's writer lock"))
@@ -108,7 +114,7 @@ class BackupWriter:
         if prepared.raw_len != want:
             raise ValueError(f"chunk {index} has {prepared.raw_len} bytes, expected {want}")
         self._set(index, prepared.hash)
-        if prepared.hash not in self._pack_chunks:
+        if prepared.hash not in self._pack_chunks and prepared.hash not in self._inflight_chunks:
             self._batch.append(prepared)
             self._batch_bytes += len(prepared.payload)
             if len(self._batch) >= BATCH_COUNT or self._batch_bytes >= BATCH_BYTES:
@@ -125,7 +131,22 @@ class BackupWriter:
         self._batch.clear()
         self._pack = None
         self._open.clear()
-        self._release()
+        try:
+            self._stop_sealer()
+        finally:
+            self._release()
+
+    def _stop_sealer(self) -> None:
+        """Wait for a background seal (its pack is an orphan now, or committed data) and stop the thread."""
+        fut, self._inflight = self._inflight, None
+        if fut is not None:
+            try:
+                fut.result()
+            except BaseException as e:   # the failure that caused the abort is reported elsewhere
+                log.debug("background pack write failed during abort: %s", e)
+        if self._sealer is not None:
+            self._sealer.shutdown(wait=True)
+            self._sealer = None
 
     def commit(self, *, read_bytes: int, duration_s: float, created=None) -> BackupInfo:
         return self.repo.commit_set([self], read_bytes=[read_bytes], duration_s=[duration_s],
@@ -169,7 +190,7 @@ class BackupWriter:
         return buf
 
     def _load(self, ref: bytes) -> bytes:
-        raw = self._pack_segments.get(ref)
+        raw = self._pack_segments.get(ref) or self._inflight_segments.get(ref)
         return raw if raw is not None else self._store.load_segment(ref)
 
     def _finalize(self, seq: int) -> None:
@@ -180,7 +201,8 @@ class BackupWriter:
         h = hash_bytes(raw)
         self._done[seq] = h
         pref = self._parent_refs[seq] if seq < len(self._parent_refs) else None
-        if h == pref or h in self._pack_segments or self._store.existing(segments, [h]):
+        if h == pref or h in self._pack_segments or h in self._inflight_segments or \
+                self._store.existing(segments, [h]):
             return
         comp, payload = compress_blob(raw, self._level)
         self._pack_add(P.REC_SEGMENT, h, len(raw), comp, payload)
@@ -212,7 +234,7 @@ class BackupWriter:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        todo = {p.hash: p for p in batch if p.hash not in self._pack_chunks}
+        todo = {p.hash: p for p in batch if p.hash not in self._pack_chunks and p.hash not in self._inflight_chunks}
         have = self._store.existing(chunks, list(todo))
         for h, p in todo.items():
             if h not in have:
@@ -230,10 +252,33 @@ class BackupWriter:
         return rec
 
     def _seal(self) -> None:
-        """Make the pack durable, then index its records (in that order)."""
+        """Hand the current pack to the background sealer (after the previous one finished)."""
+        self._wait_inflight()
         pack, self._pack = self._pack, None
         if pack is None or not len(pack):
             return
+        if self._sealer is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._sealer = ThreadPoolExecutor(1, thread_name_prefix="nbdbackup-seal")
+        self._inflight_chunks, self._pack_chunks = self._pack_chunks, set()
+        self._inflight_segments, self._pack_segments = self._pack_segments, {}
+        self._inflight = self._sealer.submit(self._write_pack, pack)
+
+    def _wait_inflight(self) -> None:
+        fut, self._inflight = self._inflight, None
+        if fut is not None:
+            try:
+                fut.result()
+            finally:
+                self._inflight_chunks = set()
+                self._inflight_segments = {}
+
+    def _seal_and_wait(self) -> None:
+        self._seal()
+        self._wait_inflight()
+
+    def _write_pack(self, pack: P.PackBuilder) -> None:
+        """Make the pack durable, then index its records (in that order)."""
         parts = pack.seal()
         size = sum(len(p) for p in parts)
         self.repo.backend.put(P.pack_object_name(pack.name), parts)
@@ -248,8 +293,6 @@ class BackupWriter:
                         for h, r in recs.items() if h not in have]
                 if rows:
                     conn.execute(insert(table), rows)
-        self._pack_chunks.clear()
-        self._pack_segments.clear()
 
     def _guard(self, fn, *a):
         """Run a write step; any failure aborts the writer (nothing half-committed)."""
@@ -323,7 +366,7 @@ def commit_writers(repo: "Repository", writers: Sequence[BackupWriter], *, read_
             mh = hash_bytes(manifest)
             comp, payload = compress_blob(manifest, w._level)
             w._pack_add(P.REC_MANIFEST, mh, len(manifest), comp, payload)
-            w._seal()
+            w._seal_and_wait()
             staged.append((w, info, refs, mh))
         with write_txn(repo.engine) as conn:
             for w, info, refs, mh in staged:
@@ -345,6 +388,7 @@ def commit_writers(repo: "Repository", writers: Sequence[BackupWriter], *, read_
         raise err from e
     for w in writers:
         w._state = "committed"
+        w._stop_sealer()
         w._release()
     return [info for _, info, _, _ in staged]
 
