@@ -90,6 +90,11 @@ def start_private_server(qmp, state: StateFile) -> str:
     Recorded in the state file before starting, so a killed run's server is
     found and stopped by the next run.
     """
+    rec = state.data.get("server")
+    if rec and server_alive(rec.get("socket", "")):
+        return rec["socket"]       # ours from an earlier run, kept for someone else's exports
+    if rec:
+        forget_server(state)
     d = tempfile.mkdtemp(prefix="nbdbackup-qmp-")
     sock = os.path.join(d, "nbd.sock")
     state.data["server"] = {"dir": d, "socket": sock}
@@ -119,11 +124,12 @@ def stop_private_server(qmp, names: Names, state: StateFile) -> None:
     if not rec:
         return
     if server_alive(rec.get("socket", "")):
-        others = [e["id"] for e in qmp.cmd("query-block-exports") if not names.ours(e["id"])]
-        if others:
-            log.warning("leaving qemu's NBD server running: it now also serves %s", ", ".join(others))
-        else:
-            _try(qmp, "nbd-server-stop", {})
+        others = [e["id"] for e in qmp.cmd("query-block-exports")
+                  if e.get("type") == "nbd" and not names.ours(e["id"])]
+        if others:      # keep the record: the next run reuses (and again tries to stop) it
+            log.warning("leaving our NBD server in qemu running: it now also serves %s", ", ".join(others))
+            return
+        _try(qmp, "nbd-server-stop", {})
     forget_server(state)
 
 

@@ -1,0 +1,180 @@
+"""`nbdbackup full|incremental --qmp` through the installed CLI, against real qemu:
+qemu-system-x86_64 (guest writes through HMP) and qemu-storage-daemon (guest
+writes through a writable FUSE export of the node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import support
+from qmp_vm import MiB, Vm
+
+
+def nbb(tmp_path, *args, check=True):
+    env = {"NBDBACKUP_STATE_DIR": str(tmp_path / "state")}
+    return support.nbdbackup("--repo", str(tmp_path / "repo"), *args, check=check, env=env)
+
+
+def restore_bytes(tmp_path, backup_id: str) -> bytes:
+    out = tmp_path / f"restore-{backup_id}.raw"
+    nbb(tmp_path, "restore", backup_id, str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+@pytest.fixture
+def vm(tmp_path):
+    v = Vm(tmp_path, {"vda": 8 * MiB, "vdb": 4 * MiB})
+    nbb(tmp_path, "init", "--chunk-size", "64K")
+    try:
+        yield v
+    finally:
+        v.stop()
+
+
+def test_cli_full_incremental_set_and_restore(vm, tmp_path):
+    vm.write("vda", 0, 200_000, 0x61)
+    vm.write("vdb", MiB, 4096, 0x62)
+    at_full = vm.snapshot()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    p = nbb(tmp_path, "--json", "full", "--qmp", vm.qmp_sock, "--node", "vda", "--node", "node-vdb",
+            "--disk", "web-os", "--disk", "web-data", "--scratch-dir", str(scratch))
+    full = json.loads(p.stdout)
+    assert [b["disk"] for b in full] == ["web-os", "web-data"]
+    assert full[0]["set_id"] == full[1]["set_id"] and full[0]["created"] == full[1]["created"]
+    assert restore_bytes(tmp_path, full[0]["id"]) == at_full["vda"]
+    assert restore_bytes(tmp_path, full[1]["id"]) == at_full["vdb"]
+    assert list(scratch.iterdir()) == []
+    vm.assert_clean()
+
+    vm.write("vda", 7 * MiB, 65536, 0x63)
+    p = nbb(tmp_path, "--json", "incremental", "--qmp", vm.qmp_sock, "--node", "vda", "--node", "node-vdb",
+            "--disk", "web-os", "--disk", "web-data", "--bitmap-granularity", "128K")
+    incr = json.loads(p.stdout)
+    assert [b["kind"] for b in incr] == ["incremental", "incremental"]
+    assert [b["parent"] for b in incr] == [b["id"] for b in full]
+    assert restore_bytes(tmp_path, incr[0]["id"]) == vm.snapshot()["vda"]
+    assert restore_bytes(tmp_path, incr[1]["id"]) == vm.snapshot()["vdb"]
+    vm.assert_clean()
+    (bm,) = [b for n, b in vm.bitmaps("vda").items() if n.startswith("nbdbackup-")]
+    assert bm["granularity"] == 128 * 1024
+
+    listed = json.loads(nbb(tmp_path, "--json", "list").stdout)
+    sets = {b["set_id"] for b in listed}
+    assert len(sets) == 2 and len(listed) == 4
+
+
+def test_cli_usage_errors(vm, tmp_path):
+    p = nbb(tmp_path, "full", "--qmp", vm.qmp_sock, check=False)
+    assert p.returncode == 2 and "--node" in p.stderr
+    p = nbb(tmp_path, "full", "--qmp", vm.qmp_sock, "--node", "vda", "--node", "vdb", "--disk", "x",
+            check=False)
+    assert p.returncode == 2 and "one --disk per --node" in p.stderr
+    p = nbb(tmp_path, "full", "--qmp", vm.qmp_sock, "--node", "vda", "--bitmap-granularity", "3000",
+            check=False)
+    assert p.returncode == 2 and "power of two" in p.stderr
+    p = nbb(tmp_path, "full", "--qmp", str(tmp_path / "nope.sock"), "--node", "vda", check=False)
+    assert p.returncode == 4 and "QMP socket" in p.stderr and "Traceback" not in p.stderr
+    p = nbb(tmp_path, "full", "--qmp", vm.qmp_sock, "--node", "nosuch", check=False)
+    assert p.returncode == 11 and "nosuch" in p.stderr and "vda" in p.stderr
+    p = nbb(tmp_path, "incremental", "--qmp", vm.qmp_sock, "--node", "vda", "--no-fallback", check=False)
+    assert p.returncode == 13 and "no dirty bitmap" in p.stderr
+    p = nbb(tmp_path, "full", "--image", "x.qcow2", "--node", "vda", check=False)
+    assert p.returncode == 2 and "--node is for --qmp" in p.stderr
+    vm.assert_clean()
+
+
+def test_cli_killed_while_reading(tmp_path):
+    """SIGKILL the CLI while it reads a bigger disk; the next incremental has every change."""
+    vm = Vm(tmp_path, {"vda": 256 * MiB})
+    nbb(tmp_path, "init", "--chunk-size", "64K")
+    try:
+        data = tmp_path / "random.bin"
+        data.write_bytes(os.urandom(64 * MiB))
+        out = vm.cmd("human-monitor-command",
+                     **{"command-line": f'qemu-io -d vda "write -s {data} 0 {64 * MiB}"'})
+        assert out == "", out
+        nbb(tmp_path, "full", "--qmp", vm.qmp_sock, "--node", "vda")
+        vm.write("vda", 100 * MiB, MiB, 0x71)
+        proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(tmp_path / "repo"), "full",
+                                 "--qmp", vm.qmp_sock, "--node", "vda", "--connections", "1"],
+                                env=dict(os.environ, NBDBACKUP_STATE_DIR=str(tmp_path / "state")),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not vm.exports():          # reading starts right after the export appears
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert vm.exports(), "the run finished before it could be killed"
+        vm.write("vda", 200 * MiB, 65536, 0x72)
+        expected = bytearray(Path(data).read_bytes()) + bytearray(192 * MiB)
+        expected[100 * MiB:101 * MiB] = b"\x71" * MiB
+        expected[200 * MiB:200 * MiB + 65536] = b"\x72" * 65536
+        incr = json.loads(nbb(tmp_path, "--json", "incremental", "--qmp", vm.qmp_sock, "--node", "vda").stdout)
+        assert incr["kind"] == "incremental"
+        assert incr["read_bytes"] == MiB + 65536
+        assert restore_bytes(tmp_path, incr["id"]) == bytes(expected)
+        vm.assert_clean()
+    finally:
+        vm.stop()
+
+
+def test_qemu_storage_daemon_with_fuse_writes(tmp_path):
+    """Guest writes through a writable FUSE export while the backup fleeces the node."""
+    assert os.path.exists("/dev/fuse"), "/dev/fuse is needed for the FUSE export"
+    qsd = support.require_tool("qemu-storage-daemon")
+    img = tmp_path / "disk.qcow2"
+    support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(img), str(4 * MiB)])
+    mnt = tmp_path / "guest-view"
+    mnt.touch()
+    qmp = tmp_path / "qmp.sock"
+    proc = subprocess.Popen([qsd, "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                             "--blockdev", "driver=qcow2,node-name=disk0,file=f0",
+                             "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={mnt},writable=on",
+                             "--chardev", f"socket,path={qmp},server=on,wait=off,id=m", "--monitor", "chardev=m"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    nbb(tmp_path, "init", "--chunk-size", "64K")
+    try:
+        support.wait_for_path(qmp, proc=proc)
+        model = bytearray(4 * MiB)
+
+        def guest_write(off, data):
+            with open(mnt, "r+b", buffering=0) as f:
+                f.seek(off)
+                f.write(data)
+                os.fsync(f.fileno())
+            model[off:off + len(data)] = data
+
+        guest_write(0, b"\x81" * 100_000)
+        full = json.loads(nbb(tmp_path, "--json", "full", "--qmp", str(qmp), "--node", "disk0").stdout)
+        assert restore_bytes(tmp_path, full["id"]) == bytes(model)
+        guest_write(2 * MiB, b"\x82" * 70_000)
+        incr = json.loads(nbb(tmp_path, "--json", "incremental", "--qmp", str(qmp), "--node", "disk0").stdout)
+        assert incr["kind"] == "incremental" and incr["read_bytes"] == 2 * 65536
+        assert restore_bytes(tmp_path, incr["id"]) == bytes(model)
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        mon = QEMUMonitorProtocol(str(qmp))
+        mon.connect()
+        try:
+            exports = mon.cmd("query-block-exports")
+            assert [e["id"] for e in exports] == ["guest"]
+            assert mon.cmd("query-block-jobs") == []
+            nodes = {n["node-name"] for n in mon.cmd("query-named-block-nodes", flat=True)}
+            assert nodes == {"f0", "disk0"}
+        finally:
+            mon.close()
+    finally:
+        support.stop(proc)
