@@ -312,3 +312,43 @@ def test_sigkill_mid_run_loses_no_change_and_next_run_cleans_up(env):
     # the killed run's NBD server is gone too: qemu runs none now
     vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "probe.sock")}})
     vm.cmd("nbd-server-stop")
+
+
+def test_failing_transaction_changes_nothing(env, monkeypatch):
+    """One disk's part of the transaction fails: no disk gets a new bitmap or a
+    stopped old one (the transaction is atomic), and everything added is removed."""
+    from nbdbackup.sources import qmp_bitmaps
+
+    repo, make_vm, _ = env
+    vm = make_vm()
+    backup(repo, vm, "full")
+    before = {d: our_bitmaps(vm, d) for d in vm.disks}
+    real = qmp_bitmaps.transaction_actions
+
+    def broken(node, choice, *a):
+        acts = real(node, choice, *a)
+        if node.name == "node-vdb":
+            acts[-1]["data"]["target"] = "no-such-node"
+        return acts
+
+    monkeypatch.setattr(qmp_bitmaps, "transaction_actions", broken)
+    with pytest.raises(NbdBackupError, match="no-such-node"):
+        backup(repo, vm, "incremental")
+    vm.assert_clean()
+    assert {d: our_bitmaps(vm, d) for d in vm.disks} == before
+    assert len(repo.list_backups()) == 2
+
+
+def test_bad_scratch_dir_and_busy_qmp_socket(env, tmp_path):
+    from nbdbackup.errors import SourceUnreachable
+    from nbdbackup.sources.qmp_conn import Qmp
+
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB})
+    with pytest.raises(UsageError, match="scratch-dir"):
+        backup(repo, vm, "full", scratch_dir=str(tmp_path / "missing"))
+    vm.assert_clean()
+    assert our_bitmaps(vm, "vda") == {}
+    # the watcher holds the second socket: qemu never greets a second client there
+    with pytest.raises(SourceUnreachable, match="did not greet"):
+        Qmp(vm.watch_sock, connect_timeout=1.0)
