@@ -200,6 +200,9 @@ class Handshake:
         elif self.s.tls:
             await self._error(opt, proto.REP_ERR_INVALID, "TLS is already active")
         else:
+            # Stop reading before the ACK: the client's ClientHello must reach
+            # the TLS layer, not our plain-text buffer.
+            self.writer.transport.pause_reading()
             await self._reply(opt, proto.REP_ACK)
             try:
                 await self.writer.start_tls(self.tls_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)

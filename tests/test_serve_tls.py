@@ -1,0 +1,108 @@
+"""TLS (X.509) on `nbdbackup serve`, checked with nbdinfo, qemu-img and qemu-nbd."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+
+import pytest
+import support
+from test_serve_support import RawClient, backup_bytes, init_repo, make_image, serve
+
+from nbdbackup.nbd import proto
+
+
+def _openssl(*args, cwd):
+    support.run(["openssl", *args], cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate and a client certificate, all made by openssl here."""
+    support.require_tool("openssl")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
+             "-days", "2", "-subj", "/CN=nbdbackup test CA", cwd=d)
+    for who, ext in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                     ("client", "extendedKeyUsage=clientAuth\n")):
+        (d / f"{who}.ext").write_text(ext)
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}-key.pem", "-out", f"{who}.csr",
+                 "-subj", f"/CN={'localhost' if who == 'server' else 'client'}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+                 "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d)
+    client_dir = d / "client"          # the layout qemu and libnbd read
+    client_dir.mkdir()
+    for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        shutil.copy(d / f, client_dir / f)
+    ca_only = d / "ca-only"
+    ca_only.mkdir()
+    shutil.copy(d / "ca-cert.pem", ca_only / "ca-cert.pem")
+    return d, client_dir, ca_only
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-tls")
+    r = init_repo(d / "repo")
+    try:
+        data = make_image(d / "vm1.raw", 1536 * 1024, 5)
+        backup_bytes(r, "vm1", data)
+    finally:
+        r.close()
+    return d / "repo", d / "vm1.raw"
+
+
+def _tls_args(d, with_ca: bool):
+    args = ["--tls-cert", str(d / "server-cert.pem"), "--tls-key", str(d / "server-key.pem")]
+    return args + (["--tls-ca", str(d / "ca-cert.pem")] if with_ca else [])
+
+
+def test_tls_required_and_working(pki, repo, tmp_path):
+    d, client_dir, _ = pki
+    path, raw = repo
+    nbdinfo = support.require_tool("nbdinfo")
+    qemu_img = support.require_tool("qemu-img")
+    qemu_nbd = support.require_tool("qemu-nbd")
+    with serve(path, tmp_path, *_tls_args(d, with_ca=False)) as s:
+        # Plain clients are refused with TLS_REQD, for everything but STARTTLS/ABORT.
+        assert subprocess.run([nbdinfo, s.uri("vm1")], capture_output=True).returncode != 0
+        with RawClient(s) as c:
+            c.greet()
+            assert c.option(proto.OPT_LIST)[-1][0] == proto.REP_ERR_TLS_REQD
+            assert c.option(proto.OPT_STRUCTURED_REPLY)[-1][0] == proto.REP_ERR_TLS_REQD
+            n = b"vm1"
+            go = struct.pack(">I", len(n)) + n + struct.pack(">H", 0)
+            assert c.option(proto.OPT_GO, go)[-1][0] == proto.REP_ERR_TLS_REQD
+            assert c.option(proto.OPT_STARTTLS, b"x")[-1][0] == proto.REP_ERR_INVALID
+            assert c.option(proto.OPT_ABORT)[-1][0] == proto.REP_ACK
+        # nbdinfo over TLS
+        uri = f"nbds+unix:///vm1?socket={s.sock}&tls-certificates={client_dir}"
+        info = json.loads(support.run([nbdinfo, "--json", uri]).stdout)
+        assert info["protocol"] == "newstyle-fixed" and info["TLS"] is True
+        assert info["exports"][0]["export-size"] == raw.stat().st_size
+        # qemu-img through tls-creds-x509
+        out = tmp_path / "out.raw"
+        obj = f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client"
+        support.run([qemu_img, "convert", "--object", obj, "--image-opts",
+                     f"driver=nbd,server.type=unix,server.path={s.sock},export=vm1,tls-creds=tls0,tls-hostname=localhost",
+                     "-O", "raw", str(out)])
+        assert out.read_bytes()[:raw.stat().st_size] == raw.read_bytes()
+        # qemu-nbd --list
+        p = support.run([qemu_nbd, "--list", "-k", s.sock, "--object", obj, "--tls-creds", "tls0", "--tls-hostname", "localhost"])
+        assert "vm1" in p.stdout
+
+
+def test_tls_client_certificates(pki, repo, tmp_path):
+    d, client_dir, ca_only = pki
+    path, raw = repo
+    nbdinfo = support.require_tool("nbdinfo")
+    with serve(path, tmp_path, *_tls_args(d, with_ca=True)) as s:
+        ok = support.run([nbdinfo, "--size", f"nbds+unix:///vm1?socket={s.sock}&tls-certificates={client_dir}"])
+        assert int(ok.stdout) == raw.stat().st_size
+        # no client certificate: refused
+        p = subprocess.run([nbdinfo, "--size", f"nbds+unix:///vm1?socket={s.sock}&tls-certificates={ca_only}"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0
+        assert s.alive()
