@@ -352,3 +352,20 @@ def test_bad_scratch_dir_and_busy_qmp_socket(env, tmp_path):
     # the watcher holds the second socket: qemu never greets a second client there
     with pytest.raises(SourceUnreachable, match="did not greet"):
         Qmp(vm.watch_sock, connect_timeout=1.0)
+
+
+def test_second_run_of_same_repository_on_same_vm_is_locked_out(env, tmp_path):
+    from nbdbackup.errors import LockedError
+    from nbdbackup.sources.qmp_state import StateFile
+
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB})
+    other = StateFile(str(tmp_path / "state"), repo.repo_id, vm.qmp_sock)
+    other.lock()
+    try:
+        with pytest.raises(LockedError):
+            backup(repo, vm, "full")
+    finally:
+        other.unlock()
+    vm.assert_clean()
+    backup(repo, vm, "full")
