@@ -369,3 +369,16 @@ def test_second_run_of_same_repository_on_same_vm_is_locked_out(env, tmp_path):
         other.unlock()
     vm.assert_clean()
     backup(repo, vm, "full")
+
+
+def test_qemu_dying_mid_run_is_a_clear_error(env):
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB})
+    vm.write("vda", 0, 65536, 0x11)
+    with pytest.raises(NbdBackupError):
+        backup(repo, vm, "full", hook=lambda plans: vm.kill())
+    assert repo.list_backups() == []
+    vm.start()          # the next run on the restarted VM works (and takes a full)
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "full"
+    vm.assert_clean()
