@@ -12,13 +12,14 @@ so it can advance or keep its bitmaps.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import NbdBackupError, NbdError, NbdProtocolError, SourceFailed
+from ..errors import NbdConnectionError, NbdError, NbdProtocolError, SourceFailed
 from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ class BackupOptions:
     connections: int = 4
     no_fallback: bool = False
     progress: Callable | None = None        # (total_bytes, description) -> bar with update()/close()
-    retries: int = 3                        # per chunk, with reconnect, before SourceFailed
-    retry_delay: float = 0.5                # first back-off, doubled each time
+    retries: int = 3                        # per chunk after a server error (EIO...), before SourceFailed
+    reconnects: int = 2                     # pool: reconnect attempts (and resends) after a dropped connection
+    retry_delay: float = 0.2                # first back-off, doubled each time
     workers: int | None = None              # default: 2 per connection
     inflight_bytes: int = 64 << 20          # bound on chunk data held in memory
 
@@ -111,7 +113,8 @@ def _backup_disk(repo, plan, opts: BackupOptions, set_id):
 
     started = time.monotonic()
     contexts = [BASE_ALLOCATION] + ([plan.bitmap_context] if plan.bitmap_context else [])
-    pool = ConnectionPool(plan.uri, connections=opts.connections, meta_contexts=contexts)
+    pool = ConnectionPool(plan.uri, connections=opts.connections, meta_contexts=contexts,
+                          retries=opts.reconnects)
     try:
         if plan.bitmap_context and plan.bitmap_context not in pool.contexts:
             raise SourceFailed(f"the export stopped offering {plan.bitmap_context}")
@@ -146,17 +149,33 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
     workers = opts.workers or max(2, 2 * len(pool.clients))
     inflight_max = max(workers + 2, opts.inflight_bytes // cs)
     pending: deque = deque()
+    failed = threading.Event()      # one chunk failed for good: the others stop at once
+    first_error: list[BaseException] = []
 
     def read_and_prepare(index: int):
+        if failed.is_set():
+            raise SourceFailed("stopped after an earlier read failed")
         off = index * cs
         length = min(cs, size - off)
-        data = _read_with_retries(pool, off, length, opts)
+        try:
+            data = _read_with_retries(pool, off, length, opts)
+        except BaseException as e:
+            if not failed.is_set():
+                first_error.append(e)
+                failed.set()
+                pool.close()    # reads queued behind reconnect attempts fail now, not one by one
+            raise
         return length, w.prepare(data)
 
     def put_done(block: bool) -> None:
         while pending and (block or pending[0][1].done()):
             index, fut = pending.popleft()
-            length, prepared = fut.result()
+            try:
+                length, prepared = fut.result()
+            except BaseException:
+                if first_error:     # report the failure that started it, not a follower
+                    raise first_error[0] from None
+                raise
             stats.read_bytes += length
             stats.read_chunks += 1
             if prepared.is_zero:
@@ -198,6 +217,8 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
                 for _, fut in pending:
                     fut.cancel()
                 raise
+    except NbdProtocolError:
+        raise
     except NbdError as e:   # the extent walk failed (the pool already retried with reconnect)
         raise SourceFailed(f"source {plan.disk} failed during the backup: {e}",
                            hint="nothing was committed; check the NBD server and retry") from None
@@ -207,6 +228,8 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
 
 
 def _read_with_retries(pool, offset: int, length: int, opts: BackupOptions):
+    """pool.read, again after a server error (EIO...); the pool itself already
+    reconnects and resends after a dropped connection."""
     delay = opts.retry_delay
     for attempt in range(opts.retries + 1):
         try:
@@ -214,14 +237,13 @@ def _read_with_retries(pool, offset: int, length: int, opts: BackupOptions):
             if len(data) != length:
                 raise NbdProtocolError(f"read of {length} bytes at {offset} returned {len(data)}")
             return data
-        except NbdBackupError as e:
-            if not isinstance(e, NbdError) or attempt == opts.retries:
-                if isinstance(e, NbdError):
-                    raise SourceFailed(
-                        f"reading {length} bytes at offset {offset} failed after "
-                        f"{opts.retries + 1} attempts: {e}",
-                        hint="nothing was committed; check the NBD server and retry") from None
-                raise
+        except NbdProtocolError:
+            raise       # a misbehaving server: its own exit code, no retry
+        except NbdError as e:
+            if attempt == opts.retries or isinstance(e, NbdConnectionError):
+                raise SourceFailed(
+                    f"reading {length} bytes at offset {offset} failed after {attempt + 1} attempt(s): {e}",
+                    hint="nothing was committed; check the NBD server and retry") from None
             log.warning("read at offset %d failed (%s); retrying in %.1fs", offset, e, delay)
             time.sleep(delay)
             delay *= 2
