@@ -1,0 +1,204 @@
+"""`nbdbackup gc`: reclaims, repacks, cleans orphans, and respects writers and readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import time
+
+from maint_support import CS, disk_data, indexed_packs, new_repo, pack_files, read_all, write_backup
+from support import nbdbackup, nbdbackup_exe
+
+from nbdbackup.repo import Repository
+from nbdbackup.repo import packs as P
+from nbdbackup.repo.chunks import ZERO_REF
+
+
+def _gc(path, *args, rc=0):
+    p = nbdbackup("gc", "--repo", path, "--json", *args, check=False)
+    assert p.returncode == rc, p.stderr
+    return json.loads(p.stdout) if rc == 0 else p
+
+
+def _pack_bytes(path) -> int:
+    return sum(os.path.getsize(p) for p in pack_files(path))
+
+
+def _two_backups(path, rng):
+    with Repository.open(path) as repo:
+        a = rng.randbytes(CS * 20)
+        ba = write_backup(repo, "vda", a)
+        b = a[:CS * 4] + rng.randbytes(CS * 2)          # shares 4 chunks with a
+        bb = write_backup(repo, "vdb", b)
+    return (ba, a), (bb, b)
+
+
+def test_gc_reclaims_after_forget_and_dry_run_changes_nothing(tmp_path):
+    path = new_repo(tmp_path / "r")
+    (ba, a), (bb, b) = _two_backups(path, random.Random(1))
+    assert _gc(path)["bytes_reclaimed"] == 0                  # nothing to do yet
+    nbdbackup("forget", "--repo", path, ba.id)
+    before_files = {p: os.path.getsize(p) for p in pack_files(path)}
+    dry = _gc(path, "--dry-run")
+    assert dry["dry_run"] and dry["chunks_deleted"] == 16 and dry["bytes_reclaimed"] > 15 * CS
+    assert {p: os.path.getsize(p) for p in pack_files(path)} == before_files
+    with Repository.open(path) as repo:
+        assert repo.stats()["chunks"] == 22
+    before = _pack_bytes(path)
+    out = _gc(path)
+    assert out["chunks_deleted"] == 16 and out["live_chunks"] == 6
+    assert out["bytes_reclaimed"] == before - _pack_bytes(path) > 15 * CS
+    assert abs(out["bytes_reclaimed"] - dry["bytes_reclaimed"]) < 4096
+    with Repository.open(path) as repo:
+        assert repo.stats()["chunks"] == 6
+        assert read_all(repo, bb.id) == b
+    nbdbackup("verify", "--repo", path)
+    p = nbdbackup("gc", "--repo", path)
+    assert "gc: reclaimed 0 B" in p.stderr
+
+
+def test_repack_threshold(tmp_path):
+    # 512 KiB packs: a's 20 chunks fill packs of 8, 8 and 4 (+ its map and manifest); b shares
+    # a's first 4 chunks, so after forgetting a the first pack is about half live and holds no manifest
+    for threshold, repacked in (("0", 0), ("0.6", 1)):
+        path = new_repo(tmp_path / f"r{threshold}", pack_size=512 * 1024)
+        (ba, _), (bb, b) = _two_backups(path, random.Random(2))
+        nbdbackup("forget", "--repo", path, ba.id)
+        old = set(pack_files(path))
+        assert len(old) == 4
+        out = _gc(path, "--repack-threshold", threshold)
+        assert out["chunks_deleted"] == 16 and out["packs_deleted"] == 2
+        assert out["packs_repacked"] == repacked and out["packs_written"] == repacked
+        new = set(pack_files(path))
+        assert len(old - new) == 2 + repacked and len(new - old) == repacked
+        with Repository.open(path) as repo:
+            assert read_all(repo, bb.id) == b
+            assert set(indexed_packs(repo)) == {os.path.basename(p)[:-5] for p in new}
+        nbdbackup("verify", "--repo", path)
+    for bad in ("1.5", "-0.1", "half"):
+        assert nbdbackup("gc", "--repo", path, "--repack-threshold", bad, check=False).returncode == 2
+
+
+def test_forgotten_backups_do_not_come_back_after_gc_and_rebuild(tmp_path):
+    path = new_repo(tmp_path / "r")
+    (ba, _), (bb, b) = _two_backups(path, random.Random(3))
+    nbdbackup("forget", "--repo", path, ba.id)
+    _gc(path, "--repack-threshold", "0")                      # dead manifests are dropped regardless
+    nbdbackup("rebuild-index", "--repo", path)
+    with Repository.open(path) as repo:
+        assert [x.id for x in repo.list_backups()] == [bb.id]
+        assert read_all(repo, bb.id) == b
+
+
+def test_orphan_pack_files_and_temp_files_are_removed(tmp_path):
+    path = new_repo(tmp_path / "r")
+    (ba, a), _ = _two_backups(path, random.Random(4))
+    src = pack_files(path)[0]
+    orphan = os.path.join(path, "packs", "ff", "ff" + "0" * 30 + ".pack")
+    os.makedirs(os.path.dirname(orphan), exist_ok=True)
+    shutil.copy(src, orphan)
+    with open(os.path.join(path, "tmp", "dead.tmp"), "wb") as f:
+        f.write(b"x" * 1000)
+    size = os.path.getsize(orphan)
+    out = _gc(path)
+    assert out["orphan_packs"] == 1 and out["tmp_files"] == 1
+    assert out["bytes_reclaimed"] == size + 1000
+    assert not os.path.exists(orphan) and os.listdir(os.path.join(path, "tmp")) == []
+    with Repository.open(path) as repo:
+        assert read_all(repo, ba.id) == a
+
+
+def test_gc_refuses_while_a_backup_runs_and_waits_with_lock_wait(tmp_path):
+    path = new_repo(tmp_path / "r")
+    _two_backups(path, random.Random(5))
+    with Repository.open(path) as repo:
+        w = repo.writer("vdc", kind="full", size=CS)           # holds the shared writers lock
+        w.put(0, w.prepare(b"y" * CS))
+        p = nbdbackup("gc", "--repo", path, check=False)
+        assert p.returncode == 3
+        assert f"pid {os.getpid()}" in p.stderr and "gc" in p.stderr
+        # with --lock-wait it waits, then runs once the backup has committed
+        proc = subprocess.Popen([nbdbackup_exe(), "gc", "--repo", path, "--lock-wait", "30", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            assert proc.poll() is None, proc.communicate()
+            info = w.commit(read_bytes=CS, duration_s=0.1)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert json.loads(out)["live_chunks"] >= 1
+        assert read_all(repo, info.id) == b"y" * CS        # the chunk it had just written survived
+
+
+def test_gc_never_deletes_under_a_reader(tmp_path):
+    path = new_repo(tmp_path / "r")
+    (ba, a), (bb, b) = _two_backups(path, random.Random(6))
+    nbdbackup("forget", "--repo", path, ba.id)
+    with Repository.open(path) as repo:
+        img = repo.open_image(bb.id)                           # a running restore / serve
+        try:
+            before = pack_files(path)
+            p = nbdbackup("gc", "--repo", path, check=False)
+            assert p.returncode == 3 and "read" in p.stderr
+            assert pack_files(path) == before
+            proc = subprocess.Popen([nbdbackup_exe(), "gc", "--repo", path, "--lock-wait", "30"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                time.sleep(1.5)
+                assert proc.poll() is None
+                assert img.read(0, img.size) == b                # still readable while gc waits
+            finally:
+                img.close()
+            proc.communicate(timeout=60)
+            assert proc.returncode == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert read_all(repo, bb.id) == b
+    assert _pack_bytes(path) < 10 * CS
+
+
+def test_gc_refuses_to_sweep_when_a_live_segment_is_unreadable(tmp_path):
+    path = new_repo(tmp_path / "r")
+    (ba, a), (bb, b) = _two_backups(path, random.Random(7))
+    nbdbackup("forget", "--repo", path, ba.id)
+    with Repository.open(path) as repo:
+        seg = repo.segment_refs(bb.id)[0]
+        loc = repo.store.segment_locations([seg])[seg]
+        chunks_before = repo.stats()["chunks"]
+    with open(os.path.join(path, P.pack_object_name(loc.pack)), "r+b") as f:
+        f.seek(loc.offset)
+        f.write(b"\0\0\0\0\0\0")
+    before = {p: os.path.getsize(p) for p in pack_files(path)}
+    p = _gc(path, rc=9)
+    assert "will not delete" in p.stderr
+    assert {p: os.path.getsize(p) for p in pack_files(path)} == before
+    with Repository.open(path) as repo:
+        assert repo.stats()["chunks"] == chunks_before
+
+
+def test_gc_keeps_chunks_shared_across_disks_and_zero_maps(tmp_path):
+    path = new_repo(tmp_path / "r", segment_len=4, pack_size=128 * 1024)
+    rng = random.Random(8)
+    with Repository.open(path) as repo:
+        data = disk_data(rng, 16)
+        keep = write_backup(repo, "vda", data)
+        drop = write_backup(repo, "vdb", data)                 # same chunks, other disk
+        zero = write_backup(repo, "vdc", bytes(16 * CS))
+    nbdbackup("forget", "--repo", path, drop.id)
+    out = _gc(path, "--repack-threshold", "1")
+    assert out["chunks_deleted"] == 0
+    with Repository.open(path) as repo:
+        assert read_all(repo, keep.id) == data and read_all(repo, zero.id) == bytes(16 * CS)
+        with repo.open_image(keep.id) as img:
+            live = {img.chunk_ref(i) for i in range(16)} - {ZERO_REF}
+        assert repo.stats()["chunks"] == len(live)
+    nbdbackup("verify", "--repo", path)
