@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 
 from .ids import from_ms, iso_ms, to_ms
@@ -30,7 +30,8 @@ class BackupInfo:
         return (self.size + self.chunk_size - 1) // self.chunk_size
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        # Not dataclasses.asdict: it deep-copies every field, 10x slower for `list` of 10k backups.
+        d = {f: getattr(self, f) for f in _FIELDS}
         d["created"] = iso_ms(self.created)
         return d
 
@@ -43,3 +44,6 @@ class BackupInfo:
         d["created"] = from_ms(to_ms(dt))
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_FIELDS = tuple(f.name for f in fields(BackupInfo))

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""`nbdbackup list` with 10,000 backups: must stay under a second.
+
+Creates a repository, inserts N backup rows directly into the index (fast
+insertion: rows only, their maps are not needed by `list`), then times the
+installed CLI: `list`, `list --json`, `list --disk`, against the baseline of
+`nbdbackup --version` (interpreter start-up) in the same run.
+
+    python bench/list_speed.py            # 10,000 backups over 20 disks
+    python bench/list_speed.py --backups 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sqlalchemy import insert  # noqa: E402
+
+from nbdbackup.repo import Repository  # noqa: E402
+from nbdbackup.repo.ids import new_backup_id, now_ms, to_ms, from_ms  # noqa: E402
+from nbdbackup.repo.index import write_txn  # noqa: E402
+from nbdbackup.repo.schema import backups  # noqa: E402
+
+
+def fill(repo: Repository, n: int, disks: int) -> None:
+    t0 = to_ms(now_ms()) - n * 60_000
+    rows = []
+    for i in range(n):
+        created = from_ms(t0 + i * 60_000)
+        rows.append(dict(id=new_backup_id(created), disk=f"disk{i % disks}", kind="incremental" if i >= disks else "full",
+                         parent=None, created_ms=to_ms(created), size=100 << 30, chunk_size=repo.chunk_size,
+                         read_bytes=1 << 30, stored_bytes=300 << 20, duration_s=12.5, bitmap="b", checkpoint=f"c{i}",
+                         set_id=None, source="bench", manifest_hash=i.to_bytes(32, "little")))
+    with write_txn(repo.engine) as c:
+        c.execute(insert(backups), rows)
+
+
+def timed(cmd: list[str], env: dict, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backups", type=int, default=10_000)
+    ap.add_argument("--disks", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    exe = shutil.which("nbdbackup") or os.path.join(os.path.dirname(sys.executable), "nbdbackup")
+    work = tempfile.mkdtemp(prefix="nbdbackup-list-")
+    try:
+        repo = Repository.init(os.path.join(work, "r"))
+        fill(repo, a.backups, a.disks)
+        repo.close()
+        env = dict(os.environ, NBDBACKUP_REPO=os.path.join(work, "r"))
+        base = timed([exe, "--version"], env, a.reps)
+        rows = [("nbdbackup --version (baseline)", base)]
+        for args in (["list"], ["list", "--json"], ["list", "--disk", "disk3"]):
+            rows.append((f"nbdbackup {' '.join(args)}", timed([exe, *args], env, a.reps)))
+        out = subprocess.run([exe, "list", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.count('"id"') == a.backups, "list --json did not return every backup"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{a.backups} backups over {a.disks} disks; best of {a.reps} runs")
+    print(f"{'command':34} {'seconds':>8} {'x baseline':>10}")
+    for name, t in rows:
+        print(f"{name:34} {t:8.3f} {t / base:10.2f}")
+    worst = max(t for _, t in rows[1:])
+    print(f"target: every list < 1.000 s -> {'OK' if worst < 1.0 else 'MISSED'} (worst {worst:.3f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
