@@ -241,11 +241,11 @@ class Connection:
         df = bool(flags & proto.CMD_FLAG_DF)
         if df and not self.structured:
             self.reply_err(cookie, proto.EINVAL, "DF needs structured replies")
-        elif off + length > self.view.size:
-            self.reply_err(cookie, proto.EINVAL, "read beyond the end of the export")
         elif length > self.max_block:
             # EOVERFLOW is the spec's answer only for a DF read too big for one chunk.
             self.reply_err(cookie, proto.EOVERFLOW if df else proto.EINVAL, "read larger than the maximum block size")
+        elif off + length > self.view.size:
+            self.reply_err(cookie, proto.EINVAL, "read beyond the end of the export")
         elif length == 0:
             self.reply_ok(cookie)
         else:
