@@ -21,6 +21,7 @@ def _blob_table(name: str) -> None:
         sa.Column("stored_len", sa.Integer, nullable=False),
         sa.Column("raw_len", sa.Integer, nullable=False),
         sa.Column("compression", sa.SmallInteger, nullable=False),
+        sqlite_with_rowid=False,   # the 32-byte hash is the key: stored once, not twice (ignored elsewhere)
     )
     op.create_index(f"ix_{name}_pack_id", name, ["pack_id"])
 

@@ -34,6 +34,7 @@ def _blob_table(name: str) -> Table:
         Column("stored_len", Integer, nullable=False),
         Column("raw_len", Integer, nullable=False),
         Column("compression", SmallInteger, nullable=False),
+        sqlite_with_rowid=False,
     )
 
 
