@@ -1,0 +1,152 @@
+"""`nbdbackup rebuild-index`: damaged or lost index -> clear error, then full recovery from the packs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+
+import pytest
+from maint_support import CS, disk_data, new_repo, pack_files, read_all, write_backup
+from support import nbdbackup
+
+from nbdbackup.repo import Repository
+from nbdbackup.repo import packs as P
+
+
+@pytest.fixture
+def repo_with_backups(tmp_path):
+    path = new_repo(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
+    rng = random.Random(11)
+    expect = {}
+    with Repository.open(path) as repo:
+        d = disk_data(rng, 10)
+        b = write_backup(repo, "vda", d)
+        expect[b.id] = d
+        d2 = disk_data(rng, 10, base=d, change=0.4)
+        expect[write_backup(repo, "vda", d2, parent=b, changed=range(10)).id] = d2
+        ws = []
+        e1, e2 = disk_data(rng, 6), disk_data(rng, 3)
+        write_backup(repo, "vdb", e1, set_writers=ws)
+        write_backup(repo, "vdc", e2, set_writers=ws)
+        x, y = repo.commit_set(ws, read_bytes=[1, 2], duration_s=[0.5, 0.5])
+        expect[x.id], expect[y.id] = e1, e2
+    listing = nbdbackup("list", "--repo", path, "--json").stdout
+    return path, expect, json.loads(listing)
+
+
+def _check_recovered(path, expect, listing):
+    assert json.loads(nbdbackup("list", "--repo", path, "--json").stdout) == listing
+    with Repository.open(path) as repo:
+        for bid, data in expect.items():
+            assert read_all(repo, bid) == data
+    nbdbackup("verify", "--repo", path)
+
+
+def test_damaged_index_is_reported_then_rebuilt(repo_with_backups):
+    path, expect, listing = repo_with_backups
+    index = os.path.join(path, "index.sqlite")
+    with open(index, "r+b") as f:
+        f.seek(0)
+        f.write(os.urandom(512))
+    damaged = open(index, "rb").read()
+    p = nbdbackup("list", "--repo", path, check=False)
+    assert p.returncode == 9 and "rebuild-index" in p.stderr and "Traceback" not in p.stderr
+    p = nbdbackup("verify", "--repo", path, check=False)
+    assert p.returncode == 9
+    p = nbdbackup("rebuild-index", "--repo", path)
+    assert f"{len(expect)} backup(s)" in p.stderr and "0 backup(s) lost" in p.stderr
+    aside = glob.glob(index + ".damaged-*")
+    assert len(aside) == 1 and open(aside[0], "rb").read()[:512] == damaged[:512]   # kept, not deleted
+    _check_recovered(path, expect, listing)
+
+
+def test_lost_index_is_rebuilt(repo_with_backups):
+    path, expect, listing = repo_with_backups
+    os.unlink(os.path.join(path, "index.sqlite"))
+    p = nbdbackup("list", "--repo", path, check=False)
+    assert p.returncode == 9 and "missing" in p.stderr
+    out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
+    assert sorted(out["backups"]) == sorted(expect) and out["old_index"] is None
+    _check_recovered(path, expect, listing)
+
+
+def test_damaged_pack_footer_is_salvaged_from_record_headers(repo_with_backups):
+    path, expect, listing = repo_with_backups
+    for pack in pack_files(path):                         # break every footer checksum
+        with open(pack, "r+b") as f:
+            f.seek(-P.TRAILER_SIZE - 5, os.SEEK_END)
+            f.write(b"\xff")
+    out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
+    assert len(out["packs_salvaged"]) == len(pack_files(path))
+    _check_recovered(path, expect, listing)
+
+
+def test_lost_pack_loses_only_what_was_in_it(repo_with_backups):
+    path, expect, listing = repo_with_backups
+    # the pack holding vdc's manifest (and its new chunks): vdc's backup is lost, the rest comes back.
+    # vdc was committed last in its set, so no other backup references that pack.
+    with Repository.open(path) as repo:
+        vdc = repo.list_backups("vdc")[0]
+    (victim,) = [p for p in pack_files(path) if _manifest_names(path, os.path.basename(p)[:-5], vdc.id)]
+    os.unlink(victim)
+    out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
+    assert sorted(out["backups"]) == sorted(set(expect) - {vdc.id})
+    assert out["backups_lost"] == [] and out["backups_incomplete"] == []   # vdc's manifest is simply gone
+    del expect[vdc.id]
+    _check_recovered(path, expect, [b for b in listing if b["id"] != vdc.id])
+
+
+def _manifest_names(path, pack_name, backup_id) -> bool:
+    from nbdbackup.repo.chunks import decode
+
+    with Repository.open(path) as repo:
+        for r in P.read_records(repo.backend, pack_name):
+            if r.type == P.REC_MANIFEST:
+                raw = decode(repo.backend.get(P.pack_object_name(pack_name), r.offset, r.stored_len),
+                             r.compression, r.raw_len, r.hash)
+                if json.loads(raw)["info"]["id"] == backup_id:
+                    return True
+    return False
+
+
+def test_rebuild_needs_a_repository(tmp_path):
+    p = nbdbackup("rebuild-index", "--repo", tmp_path / "nothing", check=False)
+    assert p.returncode == 6
+
+
+def test_rebuild_waits_for_writers(tmp_path):
+    path = new_repo(tmp_path / "r")
+    with Repository.open(path) as repo:
+        w = repo.writer("vda", kind="full", size=CS)
+        p = nbdbackup("rebuild-index", "--repo", path, check=False)
+        assert p.returncode == 3 and f"pid {os.getpid()}" in p.stderr
+        w.abort()
+    assert os.path.exists(os.path.join(path, "index.sqlite"))
+
+
+def test_lost_chunk_pack_is_reported_as_incomplete(repo_with_backups):
+    from sqlalchemy import select
+
+    from nbdbackup.repo.schema import chunks, packs, segments
+
+    path, expect, listing = repo_with_backups
+    with Repository.open(path) as repo:
+        first = repo.list_backups("vda")[0]
+        with repo.engine.connect() as conn:
+            pid, name = conn.execute(select(packs.c.id, packs.c.name).order_by(packs.c.id).limit(1)).one()
+            nchunks = len(conn.execute(select(chunks.c.hash).where(chunks.c.pack_id == pid)).all())
+            assert not conn.execute(select(segments.c.hash).where(segments.c.pack_id == pid)).all()
+    assert nchunks > 0
+    os.unlink(os.path.join(path, P.pack_object_name(name)))
+    os.unlink(os.path.join(path, "index.sqlite"))
+    out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
+    assert sorted(out["backups"]) == sorted(expect)                   # maps are intact: all come back
+    incomplete = {b["id"]: b["missing_chunks"] for b in out["backups_incomplete"]}
+    assert first.id in incomplete and incomplete[first.id] >= 1
+    p = nbdbackup("rebuild-index", "--repo", path)                    # human output names them too
+    assert first.id in p.stdout and "chunk(s) missing" in p.stdout
+    p = nbdbackup("verify", "--repo", path, "--json", check=False)
+    assert p.returncode == 5
+    assert first.id in {d["id"] for d in json.loads(p.stdout)["damaged"]}
