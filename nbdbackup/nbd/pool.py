@@ -100,6 +100,12 @@ class ConnectionPool:
             if self._closed:
                 raise NbdConnectionError(f"connection pool for {self.uri} is closed")
             alive = [c for c in self.clients if c.alive]
+            dead = [c for c in self.clients if not c.alive]
+        if alive and dead:
+            self._replace_or_drop(dead[0])
+            with self._lock:
+                alive = [c for c in self.clients if c.alive]
+        with self._lock:
             if alive:
                 # round robin, but skip a connection that is much busier than the idlest
                 self._next = (self._next + 1) % len(alive)
@@ -109,7 +115,18 @@ class ConnectionPool:
             dead = self.clients[0]
         return self._replace(dead)
 
-    def _replace(self, dead: Client) -> Client:
+    def _replace_or_drop(self, dead: Client) -> None:
+        """Replace one dead connection while others still work; if that fails, shrink."""
+        try:
+            self._replace(dead, retries=0)
+        except NbdConnectionError as e:
+            with self._lock:
+                if dead in self.clients and len(self.clients) > 1:
+                    self.clients.remove(dead)
+            self._note(f"could not replace a dropped connection to {self.uri} ({e}): "
+                       f"carrying on with {len(self.clients)}")
+
+    def _replace(self, dead: Client, retries: int | None = None) -> Client:
         """A new connection in place of *dead* (or whatever already replaced it)."""
         with self._lock:
             if self._closed:
@@ -119,11 +136,11 @@ class ConnectionPool:
                 if alive:
                     return alive[0]
             last: Exception | None = None
-            for attempt in range(self.retries + 1):
+            for attempt in range((self.retries if retries is None else retries) + 1):
                 if attempt:
                     time.sleep(min(0.25 * 2 ** attempt, 4.0))
                 try:
-                    new = Client.connect(self.uri, **self._connect_args)
+                    new = Client.connect(self.uri, greeting_timeout=self._greeting_timeout, **self._connect_args)
                     break
                 except NbdConnectionError as e:
                     last = e
