@@ -73,7 +73,9 @@ def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) ->
             if got or started:
                 raise TruncatedReply(f"server closed the connection in the middle of {what} "
                                      f"(got {got} of {n} bytes): truncated reply")
-            raise NbdConnectionError(f"server closed the connection before sending {what}")
+            hint = ("the server may have rejected our TLS client certificate"
+                    if isinstance(sock, ssl.SSLSocket) else None)
+            raise NbdConnectionError(f"server closed the connection before sending {what}", hint=hint)
         got += k
 
 
@@ -142,7 +144,7 @@ class Negotiator:
     def read_reply(self, opt: int) -> tuple[int, bytes]:
         name = proto.option_name(opt)
         magic, ropt, rtype, length = proto.OPTION_REPLY.unpack(
-            recv_exact(self.sock, proto.OPTION_REPLY.size, f"the reply to {name}"))
+            recv_exact(self.sock, proto.OPTION_REPLY.size, f"the reply to {name}", started=False))
         if magic != proto.OPTION_REPLY_MAGIC:
             raise NbdProtocolError(f"bad option reply magic {magic:#x} in the reply to {name}")
         if ropt != opt:

@@ -1,0 +1,147 @@
+"""STARTTLS with X.509: a CA made here with openssl, qemu-nbd and nbdkit as TLS servers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+import support
+from nbd_test_servers import nbdkit
+from nbdbackup.errors import NbdConnectionError, NbdOptionError
+from nbdbackup.nbd import proto
+from nbdbackup.nbd.client import Client, TlsConfig
+from nbdbackup.nbd.extents import walk_context
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def openssl(*args, cwd):
+    support.run(["openssl", *args], cwd=cwd)
+
+
+def make_pki(d):
+    """CA, a server certificate for localhost, a client certificate; qemu's file names."""
+    d.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
+            "-subj", "/CN=nbdbackup test CA", cwd=d)
+    for who, usage, san in (("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"),
+                            ("client", "clientAuth", "DNS:client")):
+        (d / f"{who}.ext").write_text(f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                      f"extendedKeyUsage={usage}\nsubjectAltName={san}\n")
+        openssl("req", *ec, "-keyout", f"{who}-key.pem", "-out", f"{who}.csr", "-subj",
+                f"/CN={'localhost' if who == 'server' else 'client'}", cwd=d)
+        openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+                "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    support.require_tool("openssl")
+    base = tmp_path_factory.mktemp("pki")
+    srv = make_pki(base / "server")
+    cli = base / "client"
+    cli.mkdir()
+    for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        shutil.copy(srv / name, cli / name)
+    other = make_pki(base / "other")      # an unrelated CA
+    return srv, cli, other
+
+
+@pytest.fixture(scope="module")
+def raw_image(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tlsimg")
+    img = d / "t.raw"
+    import random
+
+    img.write_bytes(random.Random(5).randbytes(4 << 20))
+    return img
+
+
+def qemu_nbd_tls(image, sock, certdir, verify_peer: bool):
+    exe = support.require_tool("qemu-nbd")
+    cmd = [exe, "-r", "-t", "-e", "4", "-k", str(sock), "-f", "raw",
+           "--object", f"tls-creds-x509,id=tls0,dir={certdir},endpoint=server,"
+                       f"verify-peer={'on' if verify_peer else 'off'}",
+           "--tls-creds", "tls0", str(image)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    support.wait_for_path(sock, proc=proc)
+    return proc
+
+
+def test_qemu_nbd_tls(tmp_path, pki, raw_image):
+    srv, cli, other = pki
+    data = raw_image.read_bytes()
+    sock = tmp_path / "s"
+    proc = qemu_nbd_tls(raw_image, sock, srv, verify_peer=False)
+    try:
+        uri = f"nbds+unix:///?socket={sock}&tls-certificates={cli}"
+        with Client.connect(uri, meta_contexts=["base:allocation"]) as c:
+            futs = [(off, c.submit_read(off, 65536)) for off in range(0, c.size, 65536)]
+            for off, f in futs:    # many in flight over one TLS session
+                assert f.result() == data[off:off + 65536]
+            assert list(walk_context(c, "base:allocation")) == [(0, len(data), 0)]
+        # explicit settings, with the host name checked
+        tls = TlsConfig(ca_file=str(cli / "ca-cert.pem"), hostname="localhost")
+        with Client.connect(f"nbds+unix:///?socket={sock}", tls=tls) as c:
+            assert c.read(0, 4096) == data[:4096]
+        info = Client.query_info(uri)
+        assert info.size == len(data) and "base:allocation" in info.contexts
+        # wrong name in the certificate check
+        with pytest.raises(NbdConnectionError, match="certificate"):
+            Client.connect(f"nbds+unix:///?socket={sock}&tls-certificates={cli}&tls-hostname=evil.example")
+        # a CA that did not sign the server's certificate
+        with pytest.raises(NbdConnectionError, match="certificate"):
+            Client.connect(f"nbds+unix:///?socket={sock}", tls=TlsConfig(ca_file=str(other / "ca-cert.pem")))
+        # plain NBD to a server that requires TLS: a clear refusal with a hint
+        with pytest.raises(NbdOptionError, match="requires TLS") as ei:
+            Client.connect(f"nbd+unix:///?socket={sock}")
+        assert ei.value.reply_type == proto.REP_ERR_TLS_REQD and "nbds" in ei.value.hint
+    finally:
+        support.stop(proc)
+
+
+def test_qemu_nbd_tls_client_certificate(tmp_path, pki, raw_image):
+    srv, cli, _ = pki
+    data = raw_image.read_bytes()
+    sock = tmp_path / "s"
+    proc = qemu_nbd_tls(raw_image, sock, srv, verify_peer=True)
+    try:
+        tls = TlsConfig(ca_file=str(cli / "ca-cert.pem"), cert_file=str(cli / "client-cert.pem"),
+                        key_file=str(cli / "client-key.pem"))
+        with Client.connect(f"nbds+unix:///?socket={sock}", tls=tls) as c:
+            assert c.read(0, c.size) == data
+        with pytest.raises(NbdConnectionError):
+            c = Client.connect(f"nbds+unix:///?socket={sock}", tls=TlsConfig(ca_file=str(cli / "ca-cert.pem")),
+                               timeout=5)
+            try:   # TLS 1.3 may report the missing certificate only at the first read
+                c.read(0, 4096)
+            finally:
+                c.close()
+    finally:
+        support.stop(proc)
+
+
+def test_nbdkit_tls_require(tmp_path, pki):
+    srv, cli, _ = pki
+    with nbdkit(tmp_path / "s", "memory", "4M", options=("--tls=require", f"--tls-certificates={srv}")) as uri:
+        tls_uri = uri.replace("nbd+unix", "nbds+unix") + f"&tls-certificates={cli}"
+        with Client.connect(tls_uri, meta_contexts=["base:allocation"]) as c:
+            c.write(65536, b"T" * 65536)
+            c.flush()
+            assert c.read(0, 3 * 65536) == bytes(65536) + b"T" * 65536 + bytes(65536)
+            assert list(walk_context(c, "base:allocation"))[0] == (0, 65536, 3)
+        with pytest.raises(NbdOptionError, match="requires TLS"):
+            Client.connect(uri)
+
+
+def test_missing_certificate_files_are_a_usage_error(tmp_path):
+    from nbdbackup.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot load TLS certificates"):
+        TlsConfig(ca_file=str(tmp_path / "nope.pem")).context()
+    with pytest.raises(UsageError, match="does not exist"):
+        TlsConfig.from_directory(str(tmp_path / "nodir"))
