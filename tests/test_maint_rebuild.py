@@ -126,27 +126,28 @@ def test_rebuild_waits_for_writers(tmp_path):
     assert os.path.exists(os.path.join(path, "index.sqlite"))
 
 
-def test_lost_chunk_pack_is_reported_as_incomplete(repo_with_backups):
-    from sqlalchemy import select
-
-    from nbdbackup.repo.schema import chunks, packs, segments
-
-    path, expect, listing = repo_with_backups
+def test_lost_chunk_pack_is_reported_as_incomplete(tmp_path):
+    path = new_repo(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
+    rng = random.Random(12)
     with Repository.open(path) as repo:
-        first = repo.list_backups("vda")[0]
-        with repo.engine.connect() as conn:
-            pid, name = conn.execute(select(packs.c.id, packs.c.name).order_by(packs.c.id).limit(1)).one()
-            nchunks = len(conn.execute(select(chunks.c.hash).where(chunks.c.pack_id == pid)).all())
-            assert not conn.execute(select(segments.c.hash).where(segments.c.pack_id == pid)).all()
-    assert nchunks > 0
-    os.unlink(os.path.join(path, P.pack_object_name(name)))
+        d0 = rng.randbytes(10 * CS)                      # incompressible: 4 chunks per pack
+        b0 = write_backup(repo, "vda", d0)
+        d1 = d0[:8 * CS] + rng.randbytes(2 * CS)
+        b1 = write_backup(repo, "vda", d1, parent=b0, changed=[8, 9])
+        with repo.open_image(b0) as img:
+            first4 = {img.chunk_ref(i) for i in range(4)}
+        victim = next(name for name in (os.path.basename(p)[:-5] for p in pack_files(path))
+                      if {r.hash for r in P.read_records(repo.backend, name)} == first4)
+    os.unlink(os.path.join(path, P.pack_object_name(victim)))
     os.unlink(os.path.join(path, "index.sqlite"))
     out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
-    assert sorted(out["backups"]) == sorted(expect)                   # maps are intact: all come back
-    incomplete = {b["id"]: b["missing_chunks"] for b in out["backups_incomplete"]}
-    assert first.id in incomplete and incomplete[first.id] >= 1
+    assert sorted(out["backups"]) == sorted([b0.id, b1.id])          # maps are intact: both come back
+    assert {b["id"]: b["missing_chunks"] for b in out["backups_incomplete"]} == {b0.id: 4, b1.id: 4}
     p = nbdbackup("rebuild-index", "--repo", path)                    # human output names them too
-    assert first.id in p.stdout and "chunk(s) missing" in p.stdout
+    assert b0.id in p.stdout and "4 chunk(s) missing" in p.stdout
     p = nbdbackup("verify", "--repo", path, "--json", check=False)
     assert p.returncode == 5
-    assert first.id in {d["id"] for d in json.loads(p.stdout)["damaged"]}
+    assert {d["id"]: d["ranges"] for d in json.loads(p.stdout)["damaged"]} == \
+        {b0.id: [{"offset": 0, "length": 4 * CS}], b1.id: [{"offset": 0, "length": 4 * CS}]}
+    with Repository.open(path) as repo, repo.open_image(b1) as img:
+        assert img.read(4 * CS, 6 * CS) == d1[4 * CS:]                 # the rest still restores
