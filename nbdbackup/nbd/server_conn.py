@@ -35,15 +35,17 @@ MAX_INFLIGHT = 64          # concurrent slow requests per connection
 DRAIN_LIMIT = 64 << 20     # oversized write payloads up to this are drained; beyond: disconnect
 MAX_EXTENTS = 65536
 
+# FUA is valid on every command once SEND_FUA is advertised (the spec: accept,
+# even if only by ignoring it).
+_FUA = proto.CMD_FLAG_FUA
 ALLOWED_FLAGS = {
-    proto.CMD_READ: proto.CMD_FLAG_FUA | proto.CMD_FLAG_DF,
-    proto.CMD_WRITE: proto.CMD_FLAG_FUA,
-    proto.CMD_DISC: 0,
-    proto.CMD_FLUSH: 0,
-    proto.CMD_TRIM: proto.CMD_FLAG_FUA,
-    proto.CMD_CACHE: 0,
-    proto.CMD_WRITE_ZEROES: proto.CMD_FLAG_FUA | proto.CMD_FLAG_NO_HOLE | proto.CMD_FLAG_FAST_ZERO,
-    proto.CMD_BLOCK_STATUS: proto.CMD_FLAG_REQ_ONE,
+    proto.CMD_READ: _FUA | proto.CMD_FLAG_DF,
+    proto.CMD_WRITE: _FUA,
+    proto.CMD_FLUSH: _FUA,
+    proto.CMD_TRIM: _FUA,
+    proto.CMD_CACHE: _FUA,
+    proto.CMD_WRITE_ZEROES: _FUA | proto.CMD_FLAG_NO_HOLE | proto.CMD_FLAG_FAST_ZERO,
+    proto.CMD_BLOCK_STATUS: _FUA | proto.CMD_FLAG_REQ_ONE,
 }
 
 
@@ -188,10 +190,10 @@ class Connection:
                     continue
                 await self._spawn(self._write(cookie, flags, off, data), cookie, write=True)
                 continue
+            if typ == proto.CMD_DISC:      # never answered, whatever its flags
+                return
             if allowed is None or flags & ~allowed:
                 self.reply_err(cookie, proto.EINVAL, "unknown command or flag")
-            elif typ == proto.CMD_DISC:
-                return
             elif typ == proto.CMD_READ:
                 await self._read_cmd(cookie, flags, off, length)
             elif typ == proto.CMD_FLUSH:
