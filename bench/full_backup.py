@@ -1,0 +1,142 @@
+"""Full backup throughput against nbdcopy, same export, same run.
+
+A 2 GiB qcow2 holding 384 MiB of random and 384 MiB of text-like data is
+served by qemu-nbd (-r -e 4) on a unix socket. Alternately, `nbdbackup full
+--source URI` (a fresh repository each time, the CLI process as a user runs
+it) and `nbdcopy URI sparse.raw` copy it; medians are compared.
+Targets: wall time <= 2.0x nbdcopy's; peak RSS of the nbdbackup process < 512 MiB.
+
+    python bench/full_backup.py [--rounds 3] [--workdir DIR] [--chunk-size 1M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+WORDS = (b"the of and to in is was that for on with as by at from his her an which were are this be or "
+         b"had not but have it they one all their there been has when who will more no if out so said "
+         b"what up its about into than them can only other new some could time these two may then do "
+         b"first any my now such like our over man me even most made after also did many before must "
+         b"through back years where much your way well down should because each just those people how "
+         b"kernel block device backup snapshot bitmap extent export server client write read sector").split()
+
+
+def text_like(path: Path, size: int, seed: int = 2) -> None:
+    """Unique, compressible text: an 8 MiB block of random words, each copy with its own
+    permutation of the letters (no two chunks repeat, the compression ratio stays)."""
+    rng = random.Random(seed)
+    block = bytearray()
+    n = 0
+    while len(block) < 8 * MiB:
+        n += 1
+        block += b"%09d " % n + b" ".join(rng.choices(WORDS, k=rng.randint(6, 14))) + b".\n"
+    block = bytes(block[:8 * MiB])
+    letters = bytes(range(ord("a"), ord("z") + 1))
+    with open(path, "wb") as f:
+        for i in range(size // len(block)):
+            perm = bytearray(letters)
+            rng.shuffle(perm)
+            f.write(block.translate(bytes.maketrans(letters, bytes(perm))).replace(b"000", b"%03d" % (i % 1000)))
+
+
+def make_image(work: Path) -> Path:
+    img = work / "bench-2g.qcow2"
+    if img.exists():
+        return img
+    rnd, txt = work / "random.bin", work / "text.bin"
+    with open(rnd, "wb") as f:
+        for _ in range(384 // 16):
+            f.write(os.urandom(16 * MiB))
+    text_like(txt, 384 * MiB)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "2G"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -q -s {rnd} 0 384M",
+                    "-c", f"write -q -s {txt} 1G 384M", str(img)], check=True)
+    rnd.unlink()
+    txt.unlink()
+    return img
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of one child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {p.stderr.read().decode()}")
+    return wall, ru.ru_maxrss * 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", help="keep the image here between runs (default: a temp dir)")
+    ap.add_argument("--chunk-size", default=None, help="repository chunk size (default: the repo default)")
+    ap.add_argument("--connections", type=int, default=4)
+    a = ap.parse_args()
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="nbdbackup-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    nbdbackup = shutil.which("nbdbackup") or str(Path(sys.executable).parent / "nbdbackup")
+    try:
+        img = make_image(work)
+        sock = work / "nbd.sock"
+        srv = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "-k", str(sock), "-f", "qcow2", str(img)])
+        try:
+            while not sock.exists():
+                time.sleep(0.02)
+            uri = f"nbd+unix:///?socket={sock}"
+            ours, theirs, rss = [], [], []
+            for r in range(a.rounds):
+                repo = work / "repo"
+                shutil.rmtree(repo, ignore_errors=True)
+                init = [nbdbackup, "--repo", str(repo), "init"] + (["--chunk-size", a.chunk_size] if a.chunk_size else [])
+                subprocess.run(init, check=True, stdout=subprocess.DEVNULL)
+                out = work / "copy.raw"
+                out.unlink(missing_ok=True)
+                t, _ = timed(["nbdcopy", "--connections", str(a.connections), uri, str(out)])
+                theirs.append(t)
+                t, m = timed([nbdbackup, "--repo", str(repo), "--quiet", "full", "--source", uri,
+                              "--disk", "bench", "--connections", str(a.connections)])
+                ours.append(t)
+                rss.append(m)
+                print(f"round {r + 1}: nbdcopy {theirs[-1]:.2f}s  nbdbackup full {ours[-1]:.2f}s  "
+                      f"peak RSS {m / MiB:.0f} MiB", flush=True)
+            stored = subprocess.run([nbdbackup, "--repo", str(repo), "--json", "list"], capture_output=True,
+                                    text=True, check=True).stdout
+        finally:
+            srv.terminate()
+            srv.wait()
+        import json
+
+        info = json.loads(stored)[-1]
+        mo, mt = statistics.median(ours), statistics.median(theirs)
+        print()
+        print(f"{'measure':<34}{'value':>12}{'target':>12}")
+        print(f"{'nbdcopy median (s)':<34}{mt:>12.2f}")
+        print(f"{'nbdbackup full median (s)':<34}{mo:>12.2f}")
+        print(f"{'ratio nbdbackup / nbdcopy':<34}{mo / mt:>12.2f}{'<= 2.00':>12}")
+        print(f"{'peak RSS nbdbackup (MiB)':<34}{max(rss) / MiB:>12.0f}{'< 512':>12}")
+        print(f"{'data read (MiB)':<34}{info['read_bytes'] / MiB:>12.0f}")
+        print(f"{'stored (MiB)':<34}{info['stored_bytes'] / MiB:>12.1f}")
+        print(f"{'throughput (MiB/s)':<34}{info['read_bytes'] / MiB / mo:>12.0f}")
+        ok = mo / mt <= 2.0 and max(rss) < 512 * MiB
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+    finally:
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
