@@ -1,0 +1,163 @@
+"""Crash-test helper: writes backups through the Repository API until killed.
+
+Run as a script by tests/test_maint_crash.py:
+
+    python maint_crash_writer.py REPO SEED COUNT
+
+Disk contents are a pure function of (seed, disk, version), see content(),
+so the test can rebuild what every committed backup must hold from the
+backup's `source` field ("crash:<seed>:<version>"). Each run continues from
+the newest committed version and writes COUNT more backups: incrementals
+against the newest committed backup, every third one a full two-disk set.
+
+NBDBACKUP_CRASH_AT="<step>:<n>" makes the process SIGKILL itself just before
+the n-th call of a step: "fsync" (odd n: before a pack's data fsync; even n:
+after its rename, before the directory fsync), "rename" (after the pack's
+fsync, before it is moved into packs/), "commit" (before an index transaction
+commits: pack rows or the final backup rows), "write" (pack data half written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+
+CHUNK = 64 * 1024
+NCHUNKS = 40
+SIZE = CHUNK * NCHUNKS - 1000       # short last chunk
+DISKS = ("vda", "vdb")
+
+
+def _h(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")
+
+
+def changed(seed: int, disk: str, version: int, i: int) -> bool:
+    return version == 0 or _h(seed, disk, version, i, "chg") % 4 == 0
+
+
+def chunk_version(seed: int, disk: str, version: int, i: int) -> int:
+    v = version
+    while not changed(seed, disk, v, i):
+        v -= 1
+    return v
+
+
+def chunk_bytes(seed: int, disk: str, v: int, i: int) -> bytes:
+    kind = _h(seed, disk, v, i, "kind") % 5
+    n = min(CHUNK, SIZE - i * CHUNK)
+    if kind == 0:
+        return bytes(n)
+    if kind == 1:    # shared between disks and versions: dedup
+        base = hashlib.blake2b(b"common%d" % (_h(seed, i) % 3), digest_size=64).digest()
+        return (base * (n // 64 + 1))[:n]
+    if kind == 2:    # text-like, compressible
+        line = b"version %d of chunk %d on %s: lorem ipsum dolor sit amet\n" % (v, i, disk.encode())
+        return (line * (n // len(line) + 1))[:n]
+    return _random(seed, disk, v, i, n)
+
+
+def _random(*key_and_n) -> bytes:
+    *key, n = key_and_n
+    out = bytearray()
+    k = repr(key).encode()
+    ctr = 0
+    while len(out) < n:
+        out += hashlib.blake2b(k + ctr.to_bytes(8, "big"), digest_size=64).digest()
+        ctr += 1
+    return bytes(out[:n])
+
+
+def content(seed: int, disk: str, version: int) -> bytes:
+    return b"".join(chunk_bytes(seed, disk, chunk_version(seed, disk, version, i), i) for i in range(NCHUNKS))
+
+
+def parse_source(source: str | None) -> tuple[int, int] | None:
+    if not source or not source.startswith("crash:"):
+        return None
+    _, seed, version = source.split(":")
+    return int(seed), int(version)
+
+
+def _arm_kill_point() -> None:
+    spec = os.environ.get("NBDBACKUP_CRASH_AT")
+    if not spec:
+        return
+    step, n = spec.split(":")
+    count = [0]
+
+    def tick():
+        count[0] += 1
+        if count[0] >= int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if step == "commit":
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        event.listen(Engine, "commit", lambda conn: tick())
+        return
+    if step not in ("fsync", "rename", "write"):
+        raise SystemExit(f"unknown kill step {step!r}")
+    real = getattr(os, step)
+
+    def wrapped(*a, **kw):
+        if step == "write":
+            if a[0] <= 2:                 # stdout/stderr
+                return real(*a, **kw)
+            count[0] += 1
+            if count[0] >= int(n):        # half-written pack data, then death
+                real(a[0], bytes(a[1])[: max(1, len(a[1]) // 2)])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **kw)
+        tick()
+        return real(*a, **kw)
+
+    setattr(os, step, wrapped)
+
+
+def write_backup(repo, seed: int, version: int, disks, latest) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    full = version % 3 == 0 or any(latest.get(d) is None for d in disks)
+    writers = []
+    for disk in disks:
+        parent = None if full else latest[disk]
+        w = repo.writer(disk, kind="full" if full else "incremental", size=SIZE, parent=parent,
+                        source=f"crash:{seed}:{version}",
+                        set_id=f"set-{seed}-{version}" if len(disks) > 1 else None)
+        writers.append(w)
+        prev = None if full else parse_source(parent.source)[1]
+        idx = [i for i in range(NCHUNKS)
+               if full or chunk_version(seed, disk, version, i) != chunk_version(seed, disk, prev, i)]
+        with ThreadPoolExecutor(2) as pool:
+            prepared = pool.map(lambda i: w.prepare(chunk_bytes(seed, disk, chunk_version(seed, disk, version, i), i)),
+                                idx)
+            for i, p in zip(idx, prepared):
+                w.put(i, p)
+    if len(writers) == 1:
+        writers[0].commit(read_bytes=SIZE, duration_s=0.1)
+    else:
+        repo.commit_set(writers, read_bytes=[SIZE] * len(writers), duration_s=[0.1] * len(writers))
+
+
+def main(argv: list[str]) -> int:
+    repo_path, seed, count = argv[0], int(argv[1]), int(argv[2])
+    from nbdbackup.repo import Repository
+
+    _arm_kill_point()
+    with Repository.open(repo_path, lock_wait=10.0) as repo:
+        for _ in range(count):
+            latest = {d: repo.latest(d) for d in DISKS}
+            versions = [parse_source(b.source)[1] for b in latest.values() if b is not None]
+            version = max(versions, default=-1) + 1
+            disks = DISKS if version % 3 == 0 else (DISKS[version % 2],)
+            write_backup(repo, seed, version, disks, latest)
+            print(f"committed version {version} {','.join(disks)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
