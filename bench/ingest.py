@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -53,8 +54,14 @@ def chunk_bytes(pool: bytes, i: int, cs: int) -> bytes:
     return i.to_bytes(8, "little") + pool[off:off + cs - 8]      # unique per index
 
 
-def run_writer(path: str, pool: bytes, size: int, cs: int, level: int) -> tuple[float, int]:
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)     # all threads of this process
+    return r.ru_utime + r.ru_stime
+
+
+def run_writer(path: str, pool: bytes, size: int, cs: int, level: int) -> tuple[float, int, float]:
     repo = Repository.init(path, chunk_size=cs, compression_level=level)
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     w = repo.writer("bench", kind="full", size=size)
     n = w.nchunks
@@ -69,8 +76,9 @@ def run_writer(path: str, pool: bytes, size: int, cs: int, level: int) -> tuple[
             w.put(j, f.result())
     info = w.commit(read_bytes=size, duration_s=0)
     dt = time.perf_counter() - t0
+    cpu = cpu_seconds() - c0
     repo.close()
-    return dt, info.stored_bytes
+    return dt, info.stored_bytes, cpu
 
 
 def run_baseline(path: str, pool: bytes, size: int, cs: int) -> float:
@@ -104,17 +112,20 @@ def main() -> int:
                 os.unlink(os.path.join(work, "baseline.bin"))
                 for level in [int(x) for x in a.levels.split(",")]:
                     p = os.path.join(work, f"r{kind}{cs}{level}")
-                    dt, stored = run_writer(p, pool, size, cs, level)
+                    dt, stored, cpu = run_writer(p, pool, size, cs, level)
                     shutil.rmtree(p)
-                    rows.append((kind, cs >> 10, level, size / dt / 1e9, size / max(stored, 1), dt / base,
-                                 size / base / 1e9))
+                    rows.append((kind, cs >> 10, level, size / dt / 1e9, 2 * size / cpu / 1e9,
+                                 size / max(stored, 1), dt / base, size / base / 1e9))
                     print(f"  {kind:6} {cs >> 10:5}K level {level:3}: {size / dt / 1e9:5.2f} GB/s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\ningest of {size / 2**30:.2f} GiB per row, prepare in 2 threads; baseline = write+fsync of the same bytes")
-    print(f"{'data':6} {'chunk':>6} {'level':>5} {'GB/s':>6} {'ratio':>6} {'time/baseline':>13} {'baseline GB/s':>13}")
-    for kind, ck, lv, gbs, ratio, rel, bgbs in rows:
-        print(f"{kind:6} {ck:>5}K {lv:>5} {gbs:6.2f} {ratio:6.2f} {rel:13.2f} {bgbs:13.2f}")
+    print("GB/s = wall clock; cpuGB/s = 2 x bytes / CPU seconds of all threads (what 2 idle cores would do "
+          "if CPU-bound; robust to other load)")
+    print(f"{'data':6} {'chunk':>6} {'level':>5} {'GB/s':>6} {'cpuGB/s':>7} {'ratio':>6} {'time/baseline':>13} "
+          f"{'baseline GB/s':>13}")
+    for kind, ck, lv, gbs, cgbs, ratio, rel, bgbs in rows:
+        print(f"{kind:6} {ck:>5}K {lv:>5} {gbs:6.2f} {cgbs:7.2f} {ratio:6.2f} {rel:13.2f} {bgbs:13.2f}")
     return 0
 
 

@@ -31,7 +31,7 @@ def test_init_options_and_refusals(tmp_path):
     p = nbdbackup("init", check=False)
     assert p.returncode == 2 and "NBDBACKUP_REPO" in p.stderr
     p = nbdbackup("--json", "init", env={"NBDBACKUP_REPO": str(tmp_path / "env")})
-    assert json.loads(p.stdout)["chunk_size"] == 1 << 20
+    assert json.loads(p.stdout)["chunk_size"] == 256 * 1024
 
 
 def test_list_table_and_json(tmp_path):

@@ -16,7 +16,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", metavar="SIZE", default=None,
-                   help="chunk size, a power of two from 64K to 16M, e.g. 1M, 256K, 1048576 (default 1M)")
+                   help="chunk size, a power of two from 64K to 16M, e.g. 1M, 256K, 1048576 (default 256K)")
     p.add_argument("--compression-level", metavar="N", type=int, default=None,
                    help="zstd level; negative levels are faster (default -3)")
 
