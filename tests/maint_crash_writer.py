@@ -3,6 +3,7 @@
 Run as a script by tests/test_maint_crash.py:
 
     python maint_crash_writer.py REPO SEED COUNT
+    python maint_crash_writer.py REPO gc          (gc, repacking every pack with dead data)
 
 Disk contents are a pure function of (seed, disk, version), see content(),
 so the test can rebuild what every committed backup must hold from the
@@ -14,7 +15,8 @@ NBDBACKUP_CRASH_AT="<step>:<n>" makes the process SIGKILL itself just before
 the n-th call of a step: "fsync" (odd n: before a pack's data fsync; even n:
 after its rename, before the directory fsync), "rename" (after the pack's
 fsync, before it is moved into packs/), "commit" (before an index transaction
-commits: pack rows or the final backup rows), "write" (pack data half written).
+commits: pack rows or the final backup rows), "write" (pack data half written),
+"unlink" (before a file is deleted: gc).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _arm_kill_point() -> None:
 
         event.listen(Engine, "commit", lambda conn: tick())
         return
-    if step not in ("fsync", "rename", "write"):
+    if step not in ("fsync", "rename", "write", "unlink"):
         raise SystemExit(f"unknown kill step {step!r}")
     real = getattr(os, step)
 
@@ -144,9 +146,16 @@ def write_backup(repo, seed: int, version: int, disks, latest) -> None:
 
 
 def main(argv: list[str]) -> int:
-    repo_path, seed, count = argv[0], int(argv[1]), int(argv[2])
     from nbdbackup.repo import Repository
 
+    if argv[1] == "gc":                 # python maint_crash_writer.py REPO gc: a gc that may be killed
+        from nbdbackup.repo.gc import collect
+
+        _arm_kill_point()
+        with Repository.open(argv[0]) as repo:
+            print(collect(repo, repack_threshold=1.0).to_json(), flush=True)
+        return 0
+    repo_path, seed, count = argv[0], int(argv[1]), int(argv[2])
     _arm_kill_point()
     with Repository.open(repo_path, lock_wait=10.0) as repo:
         for _ in range(count):
