@@ -55,8 +55,16 @@ class Vm:
         support.wait_for_path(self.qmp_sock, proc=self.proc)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        self.mon = QEMUMonitorProtocol(self.watch_sock)
-        self.mon.connect()
+        # the socket file appears at bind(), a moment before qemu listens on it
+        for attempt in range(100):
+            self.mon = QEMUMonitorProtocol(self.watch_sock)
+            try:
+                self.mon.connect()
+                break
+            except Exception:
+                if attempt == 99 or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
         self.mon.settimeout(30)
 
     def cmd(self, _cmd: str, **args):

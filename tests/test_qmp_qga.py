@@ -146,3 +146,21 @@ def test_missing_agent_socket_is_a_clear_error(setup, tmp_path):
         run(repo, vm, str(tmp_path / "nope.sock"))
     vm.assert_clean()
     assert not os.path.exists(tmp_path / "nope.sock")
+
+
+def test_guest_left_frozen_by_a_killed_run_is_thawed_next_run(setup, tmp_path):
+    """A run SIGKILLed between freeze and thaw leaves "frozen" in its state file;
+    the next run (even without --qga) thaws through the recorded agent first."""
+    from nbdbackup.sources.qmp_state import StateFile
+
+    repo, vm, agent = setup
+    a = agent()
+    st = StateFile(str(tmp_path / "state"), repo.repo_id, vm.qmp_sock)
+    st.lock()
+    st.data["frozen"] = a.path
+    st.save()
+    st.unlock()
+    run(repo, vm, None)
+    assert [c for c, _ in a.calls] == ["guest-fsfreeze-thaw"]
+    assert not os.path.exists(st.path)
+    vm.assert_clean()

@@ -20,7 +20,7 @@ from .base import DiskPlan, Source
 from .image import new_checkpoint
 from .qmp_conn import Qmp
 from .qmp_nodes import named_nodes, resolve
-from .qmp_qga import frozen
+from .qmp_qga import frozen, thaw_leftover
 from .qmp_state import DIRTY_PREFIX, Names, StateFile, default_state_dir
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,13 @@ class QmpSource(Source):
         for i, (node, choice) in enumerate(zip(resolved, choices)):
             actions += qmp_bitmaps.transaction_actions(node, choice, new_bitmap, self.names.read_bitmap(i),
                                                        self.granularity, self.names.node(i), self.names.job(i))
+        if self.qga:    # a run killed while the guest is frozen: the next run thaws it
+            self.state.data["frozen"] = self.qga
+            self.state.save()
         with frozen(self.qga):
             self.qmp.cmd("transaction", {"actions": actions})
+        if self.state.data.pop("frozen", None):
+            self.state.save()
         self._point_taken = True
         self._disks = [(node, choice, new_bitmap) for node, choice in zip(resolved, choices)]
 
@@ -123,6 +128,10 @@ class QmpSource(Source):
 
     def _clean_leftovers(self) -> None:
         had = bool(self.state.data)
+        if self.state.data.get("frozen"):
+            thaw_leftover(self.state.data["frozen"])
+            self.state.data.pop("frozen")
+            self.state.save()
         qmp_fleece.teardown(self.qmp, self.names, self.state)
         qmp_fleece.stop_private_server(self.qmp, self.names, self.state)
         if had:

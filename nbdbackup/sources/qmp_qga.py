@@ -123,3 +123,20 @@ def frozen(path: str | None):
             agent.thaw()
     finally:
         agent.close()
+
+
+def thaw_leftover(path: str) -> None:
+    """Thaw a guest that a killed run left frozen (best effort: warn on failure)."""
+    try:
+        agent = GuestAgent(path)
+    except Exception as e:
+        log.warning("a killed run may have left the guest frozen, and its agent %s is unreachable: %s",
+                    path, e)
+        return
+    try:
+        agent.thaw()
+        log.warning("thawed the guest file systems a killed run had frozen")
+    except Exception as e:
+        log.warning("%s", e)
+    finally:
+        agent.close()
