@@ -231,3 +231,48 @@ def test_memory_backend_repository(tmp_path):
     info = write_full(repo, "vda", data)
     assert read_all(repo, info.id) == data
     assert list(be.list("packs/"))
+
+
+def test_extents_merge_across_zero_segments(tmp_path):
+    repo = _repo(tmp_path)
+    data = bytes(9 * CS) + pseudo(20, 2 * CS) + bytes(4 * CS) + pseudo(21, 100)
+    info = write_full(repo, "vda", data)
+    with repo.open_image(info) as img:
+        assert list(img.extents()) == [(0, 9 * CS, True), (9 * CS, 2 * CS, False), (11 * CS, 4 * CS, True),
+                                       (15 * CS, 100, False)]
+    empty = write_full(repo, "vdb", bytes(10 * CS + 1))
+    with repo.open_image(empty) as img:
+        assert list(img.extents()) == [(0, 10 * CS + 1, True)]
+
+
+def test_writer_keeps_few_segments_open(tmp_path):
+    repo = _repo(tmp_path)
+    data = pseudo(22, 64 * CS)
+    w = repo.writer("vda", kind="full", size=len(data))
+    most = 0
+    for i in range(w.nchunks):
+        w.put(i, w.prepare(data[i * CS:(i + 1) * CS]))
+        most = max(most, len(w._open))
+    info = w.commit(read_bytes=len(data), duration_s=0)
+    assert most <= 4          # of 16 segments: memory does not grow with the disk
+    assert read_all(repo, info.id) == data
+
+
+def test_damaged_map_segment_is_repo_damaged(tmp_path):
+    import os
+    from nbdbackup.errors import RepoDamaged
+    from nbdbackup.repo import packs as P
+    repo = _repo(tmp_path)
+    data = pseudo(23, 8 * CS)
+    info = write_full(repo, "vda", data)
+    h = repo.segment_refs(info.id)[1]
+    loc = repo.store.segment_locations([h])[h]
+    with open(os.path.join(repo.path, P.pack_object_name(loc.pack)), "r+b") as f:
+        f.seek(loc.offset + 3)
+        f.write(b"\xff\xfe")
+    repo.close()
+    repo = Repository.open(repo.path)
+    with repo.open_image(info.id) as img:
+        assert img.read(0, 4 * CS) == data[:4 * CS]
+        with pytest.raises(RepoDamaged, match="segment"):
+            img.read_chunk(5)

@@ -134,12 +134,15 @@ class BackupImage:
         for seq in range(len(self._refs)):
             start, n = maps.segment_span(seq, L, self.nchunks)
             seg = self._segment(seq)
-            kinds = [True] * n if seg is None else [e == ZERO_REF for e in maps.iter_entries(seg[0])]
-            for i, z in enumerate(kinds):
+            if seg is None:          # all-zero segment: one piece, nothing loaded
+                pieces = [(start, True)]
+            else:
+                pieces = [(start + i, e == ZERO_REF) for i, e in enumerate(maps.iter_entries(seg[0]))]
+            for pos, z in pieces:
                 if z != run_zero:
                     if run_zero is not None:
-                        yield run_start, (start + i) * cs - run_start, run_zero
-                    run_start, run_zero = (start + i) * cs, z
+                        yield run_start, pos * cs - run_start, run_zero
+                    run_start, run_zero = pos * cs, z
         if run_zero is not None:
             yield run_start, self.size - run_start, run_zero
 
