@@ -199,12 +199,14 @@ def test_inconsistent_bitmap_after_qemu_crash_falls_back(env):
     vm = make_vm({"vda": 4 * MiB})
     vm.write("vda", 0, 65536, 0x11)
     backup(repo, vm, "full")
-    vm.stop()          # the bitmap is saved in the image...
-    vm.start()         # ...loaded again (and marked in-use in the image)...
+    vm.stop()
+    vm.start()
     vm.write("vda", MiB, 65536, 0x12)
     r = backup(repo, vm, "incremental")       # a clean restart keeps the chain
     assert r[0].info.kind == "incremental" and r[0].stats.read_bytes == 65536
     assert_restores(repo, r, vm.snapshot())
+    vm.stop()          # the bitmap is saved in the image...
+    vm.start()         # ...loaded again (and marked in-use in the image)...
     vm.kill()          # ...and qemu dies without saving it
     vm.start()
     (b,) = our_bitmaps(vm, "vda").values()
