@@ -92,8 +92,26 @@ def test_cli_usage_errors(vm, tmp_path):
     vm.assert_clean()
 
 
-def test_cli_killed_while_reading(tmp_path):
-    """SIGKILL the CLI while it reads a bigger disk; the next incremental has every change."""
+def start_and_signal(vm, tmp_path, sig) -> subprocess.CompletedProcess:
+    """Run an incremental through the CLI; send *sig* once its export is up (it is reading)."""
+    proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(tmp_path / "repo"), "incremental",
+                             "--qmp", vm.qmp_sock, "--node", "vda", "--connections", "1"],
+                            env=dict(os.environ, NBDBACKUP_STATE_DIR=str(tmp_path / "state")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not vm.exports():          # reading starts right after the export appears
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+
+
+def test_cli_interrupted_or_killed_while_reading(tmp_path):
+    """SIGTERM, then SIGKILL, the CLI while it reads; the next incremental has every change."""
     vm = Vm(tmp_path, {"vda": 256 * MiB})
     nbb(tmp_path, "init", "--chunk-size", "64K")
     try:
@@ -102,31 +120,33 @@ def test_cli_killed_while_reading(tmp_path):
         out = vm.cmd("human-monitor-command",
                      **{"command-line": f'qemu-io -d vda "write -s {data} 0 {64 * MiB}"'})
         assert out == "", out
+        expected = bytearray(data.read_bytes()) + bytearray(192 * MiB)
         nbb(tmp_path, "full", "--qmp", vm.qmp_sock, "--node", "vda")
+
+        # full of random data, 64K chunks, 1 connection: the read takes long enough to be caught
+        vm.write("vda", 64 * MiB, 64 * MiB, 0x5a)   # makes the interrupted incremental big
+        p = start_and_signal(vm, tmp_path, signal.SIGTERM)
+        assert p.returncode == 130, p.stderr
+        assert "Traceback" not in p.stderr
+        vm.assert_clean()
+        ours = {n: b for n, b in vm.bitmaps("vda").items() if n.startswith("nbdbackup-")}
+        assert len(ours) == 2 and sum(b["recording"] for b in ours.values()) == 1
+
         vm.write("vda", 100 * MiB, MiB, 0x71)
-        proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(tmp_path / "repo"), "full",
-                                 "--qmp", vm.qmp_sock, "--node", "vda", "--connections", "1"],
-                                env=dict(os.environ, NBDBACKUP_STATE_DIR=str(tmp_path / "state")),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 60
-            while not vm.exports():          # reading starts right after the export appears
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        assert vm.exports(), "the run finished before it could be killed"
+        p = start_and_signal(vm, tmp_path, signal.SIGKILL)
+        assert p.returncode == -signal.SIGKILL
+        assert vm.exports(), "the killed run's export should be left behind"
+
         vm.write("vda", 200 * MiB, 65536, 0x72)
-        expected = bytearray(Path(data).read_bytes()) + bytearray(192 * MiB)
+        expected[64 * MiB:128 * MiB] = b"\x5a" * (64 * MiB)
         expected[100 * MiB:101 * MiB] = b"\x71" * MiB
         expected[200 * MiB:200 * MiB + 65536] = b"\x72" * 65536
         incr = json.loads(nbb(tmp_path, "--json", "incremental", "--qmp", vm.qmp_sock, "--node", "vda").stdout)
         assert incr["kind"] == "incremental"
-        assert incr["read_bytes"] == MiB + 65536
+        assert incr["read_bytes"] == 64 * MiB + 65536
         assert restore_bytes(tmp_path, incr["id"]) == bytes(expected)
         vm.assert_clean()
+        assert len([n for n in vm.bitmaps("vda") if n.startswith("nbdbackup-")]) == 1
     finally:
         vm.stop()
 
