@@ -307,6 +307,13 @@ def test_chunks_in_any_order_assemble_correctly(tmp_path):
             got = b"".join(bytes(f.result()) for f in futs)
             assert got == bytes(image)
             assert bytes(c.read(1000, 10000)) == bytes(image[1000:11000])   # unaligned, zero-filled holes
+            # a reused, dirty buffer: hole ranges must be zero-filled, not left as they were
+            buf = bytearray(b"\xff" * 65536)
+            for off in range(0, size, 65536):
+                assert c.submit_read_into(off, buf).result() is buf
+                assert buf == image[off:off + 65536]
+            assert c.submit_read_into(5, memoryview(buf)[:1000]).result() is not None
+            assert buf[:1000] == image[5:1005]
 
 
 def test_block_status_unknown_context_id(tmp_path):

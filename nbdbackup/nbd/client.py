@@ -223,22 +223,44 @@ class Client:
             f.set_result(bytearray())
             return f
         start, end = self._aligned(offset, length)
-        buf = bytearray(end - start)
-        mv = memoryview(buf)
+        buf = bytearray(end - start)   # zero-initialised: hole chunks need no work
+        futs = self._send_reads(start, memoryview(buf), df, zero_holes=False, result=buf)
+        if start == offset and end == offset + length:
+            return futs[0] if len(futs) == 1 else _gather(futs, lambda: buf)
+        return _gather(futs, lambda: buf[offset - start:offset - start + length])
+
+    def _send_reads(self, start: int, mv: memoryview, df: bool, *, zero_holes: bool, result) -> list[Future]:
         flags = proto.CMD_FLAG_DF if df and self._has(proto.FLAG_SEND_DF) else 0
         step = self.max_payload
         futs = []
-        for pos in range(start, end, step):
-            n = min(step, end - pos)
-            p = Pending(proto.CMD_READ, pos, n, buf=mv[pos - start:pos - start + n], df=bool(flags))
+        single = len(mv) <= step
+        for pos in range(0, len(mv), step):
+            n = min(step, len(mv) - pos)
+            p = Pending(proto.CMD_READ, start + pos, n, buf=mv[pos:pos + n], df=bool(flags),
+                        zero_holes=zero_holes, result=result if single else None)
             futs.append(self._send(p, flags))
-        if start == offset and end == offset + length:
-            result = buf
-        else:
-            result = None  # sliced below, after the data arrived
-        if len(futs) == 1 and result is not None:
-            return futs[0]     # the reader resolves it with the whole buffer
-        return _gather(futs, lambda: result if result is not None else buf[offset - start:offset - start + length])
+        return futs
+
+    def submit_read_into(self, offset: int, buf, *, df: bool = False) -> Future:
+        """Read len(buf) bytes into the caller's (reusable) buffer; the future gives buf back.
+
+        Saves allocating a new buffer per request; hole ranges are zero-filled.
+        """
+        mv = memoryview(buf).cast("B")
+        length = len(mv)
+        self._check_range(offset, length)
+        if length == 0:
+            f: Future = Future()
+            f.set_result(buf)
+            return f
+        start, end = self._aligned(offset, length)
+        if (start, end) != (offset, offset + length):   # rare: read aligned, then copy
+            def copy(data):
+                mv[:] = data
+                return buf
+            return _then_map(self.submit_read(offset, length, df=df), copy)
+        futs = self._send_reads(offset, mv, df, zero_holes=True, result=buf)
+        return futs[0] if len(futs) == 1 else _gather(futs, lambda: buf)
 
     def read(self, offset: int, length: int, *, df: bool = False) -> bytearray:
         return self.submit_read(offset, length, df=df).result()
@@ -386,6 +408,22 @@ class Client:
                 self.sock.close()
             except Exception:
                 pass
+
+
+def _then_map(src: Future, fn) -> Future:
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        e = f.exception()
+        if e is not None:
+            out.set_exception(e)
+            return
+        try:
+            out.set_result(fn(f.result()))
+        except BaseException as ex:  # noqa: BLE001 - surfaced through the future
+            out.set_exception(ex)
+    src.add_done_callback(done)
+    return out
 
 
 def _relay(src: Future, dst: Future, result) -> None:

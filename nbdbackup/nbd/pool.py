@@ -202,6 +202,9 @@ class ConnectionPool:
     def submit_read(self, offset: int, length: int) -> Future:
         return self._submit(lambda c: c.submit_read(offset, length))
 
+    def submit_read_into(self, offset: int, buf) -> Future:
+        return self._submit(lambda c: c.submit_read_into(offset, buf))
+
     def read(self, offset: int, length: int):
         return self.submit_read(offset, length).result()
 

@@ -29,10 +29,10 @@ class Pending:
     """One request waiting for its reply."""
 
     __slots__ = ("cmd", "offset", "length", "future", "buf", "df", "req_one", "cookie",
-                 "ranges", "error", "extents", "content_chunks")
+                 "ranges", "error", "extents", "content_chunks", "zero_holes", "result")
 
     def __init__(self, cmd: int, offset: int, length: int, *, buf: memoryview | None = None,
-                 df: bool = False, req_one: bool = False):
+                 df: bool = False, req_one: bool = False, zero_holes: bool = False, result=None):
         self.cmd = cmd
         self.offset = offset
         self.length = length
@@ -45,6 +45,8 @@ class Pending:
         self.error: NbdCommandError | None = None
         self.extents: dict[str, list[tuple[int, int]]] = {}
         self.content_chunks = 0
+        self.zero_holes = zero_holes   # False when buf started zeroed (a fresh bytearray)
+        self.result = result           # what the future resolves to (default: None / extents)
 
     @property
     def what(self) -> str:
@@ -245,7 +247,12 @@ class ReplyReader:
             raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_OFFSET_HOLE of {length} bytes (expected 12)")
         off, n = proto.OFFSET_HOLE_STRUCT.unpack(self._recv(12, "an OFFSET_HOLE chunk"))
         self._check_content(p, "OFFSET_HOLE", off, n)
-        # The buffer started zeroed and nothing else may write this range: nothing to do.
+        if p.zero_holes:   # a caller's reused buffer; a fresh one is already zero
+            start = off - p.offset
+            zero = _zeroes(n)
+            for pos in range(0, n, len(zero)):
+                k = min(len(zero), n - pos)
+                p.buf[start + pos:start + pos + k] = zero[:k]
 
     def _block_status(self, p: Pending, length: int) -> None:
         if p.cmd != proto.CMD_BLOCK_STATUS:
@@ -338,5 +345,15 @@ def _unpack_extents(raw: memoryview) -> array.array:
 
 
 def _read_result(p: Pending):
-    """The whole bytearray when this request filled all of it, else the view."""
-    return p.buf.obj if p.buf.nbytes == len(p.buf.obj) else p.buf
+    return p.result
+
+
+_ZEROES = memoryview(b"")
+
+
+def _zeroes(n: int) -> memoryview:
+    """A shared read-only run of zero bytes (at most 4 MiB; callers loop)."""
+    global _ZEROES
+    if len(_ZEROES) < min(n, 4 << 20):
+        _ZEROES = memoryview(bytes(4 << 20))
+    return _ZEROES

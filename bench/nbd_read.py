@@ -1,0 +1,117 @@
+"""Read throughput of the NBD client pool against nbdcopy, on the same qemu-nbd export.
+
+    python bench/nbd_read.py [--size-mib 2048] [--runs 3] [--connections 4]
+
+Makes a raw image of random (incompressible, non-zero) data, serves it with
+qemu-nbd over a unix socket, then alternates: `nbdcopy URI null:` and our
+ConnectionPool reading every byte and hashing it with blake3 (nothing kept).
+Prints the median of each and the ratio (target: ours >= 0.6x nbdcopy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import blake3  # noqa: E402
+
+from nbdbackup.nbd.pool import ConnectionPool  # noqa: E402
+
+MiB = 1 << 20
+
+
+def make_image(path: Path, size: int) -> None:
+    block = os.urandom(64 * MiB)
+    with open(path, "wb") as f:
+        for off in range(0, size, len(block)):
+            # vary each block a little so no two are equal
+            f.write(off.to_bytes(8, "little") + block[8:min(len(block), size - off)])
+
+
+def run_nbdcopy(uri: str, connections: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["nbdcopy", f"--connections={connections}", uri, "null:"], check=True)
+    return time.perf_counter() - t0
+
+
+def run_ours(uri: str, connections: int, request: int, in_flight: int) -> tuple[float, str]:
+    """Read everything through the pool into a ring of reused buffers, hashing each."""
+    t0 = time.perf_counter()
+    summary = blake3.blake3()
+    with ConnectionPool(uri, connections=connections) as pool:
+        size = pool.size
+        offsets = iter(range(0, size, request))
+        window: deque = deque()
+        for _ in range(in_flight * pool.connections):
+            off = next(offsets, None)
+            if off is None:
+                break
+            window.append(pool.submit_read_into(off, bytearray(min(request, size - off))))
+        while window:
+            buf = window.popleft().result()
+            summary.update(blake3.blake3(buf).digest())     # per-chunk hash, as a backup does
+            off = next(offsets, None)
+            if off is not None:
+                n = min(request, size - off)
+                window.append(pool.submit_read_into(off, buf if len(buf) == n else bytearray(n)))
+    return time.perf_counter() - t0, summary.hexdigest()[:16]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--request-kib", type=int, default=1024)
+    ap.add_argument("--in-flight", type=int, default=4, help="requests in flight per connection")
+    a = ap.parse_args()
+    for tool in ("qemu-nbd", "nbdcopy"):
+        if not shutil.which(tool):
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 1
+    size = a.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="nbd-read-bench-") as d:
+        img, sock = Path(d) / "disk.raw", Path(d) / "s.sock"
+        make_image(img, size)
+        proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", str(a.connections + 1), "-k", str(sock),
+                                 "-f", "raw", str(img)], stderr=subprocess.DEVNULL)
+        try:
+            while not sock.exists():
+                time.sleep(0.02)
+            uri = f"nbd+unix:///?socket={sock}"
+            run_nbdcopy(uri, a.connections)       # warm the page cache for both sides
+            theirs, ours, digests = [], [], set()
+            for _ in range(a.runs):
+                theirs.append(run_nbdcopy(uri, a.connections))
+                t, h = run_ours(uri, a.connections, a.request_kib * 1024, a.in_flight)
+                ours.append(t)
+                digests.add(h)
+        finally:
+            proc.terminate()
+            proc.wait()
+    if len(digests) != 1:
+        print(f"hashes differ between runs: {digests}", file=sys.stderr)
+        return 1
+    mt, mo = statistics.median(theirs), statistics.median(ours)
+    rate = lambda t: size / t / MiB  # noqa: E731
+    print(f"export {a.size_mib} MiB random data, qemu-nbd unix socket, {a.connections} connections, "
+          f"{a.runs} alternating runs, medians")
+    print(f"{'reader':<42} {'seconds':>8} {'MiB/s':>8}")
+    print(f"{'nbdcopy URI null:':<42} {mt:>8.2f} {rate(mt):>8.0f}")
+    print(f"{f'pool + blake3 ({a.request_kib} KiB x {a.in_flight}/conn)':<42} {mo:>8.2f} {rate(mo):>8.0f}")
+    print(f"ratio ours/nbdcopy throughput: {mt / mo:.2f}x (target >= 0.60x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
