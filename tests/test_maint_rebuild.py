@@ -151,3 +151,24 @@ def test_lost_chunk_pack_is_reported_as_incomplete(tmp_path):
         {b0.id: [{"offset": 0, "length": 4 * CS}], b1.id: [{"offset": 0, "length": 4 * CS}]}
     with Repository.open(path) as repo, repo.open_image(b1) as img:
         assert img.read(4 * CS, 6 * CS) == d1[4 * CS:]                 # the rest still restores
+
+
+@pytest.mark.parametrize("table,commands", [
+    ("chunks", [["verify"], ["gc"]]),
+    ("backup_segments", [["verify"], ["gc"], ["forget", "vda"]]),
+    ("backups", [["verify"], ["gc"], ["forget", "vda"], ["prune", "--keep-last", "1"]]),
+])
+def test_partly_damaged_index_is_a_clear_error_then_rebuilt(repo_with_backups, table, commands):
+    import sqlite3
+
+    path, expect, listing = repo_with_backups
+    con = sqlite3.connect(os.path.join(path, "index.sqlite"))
+    con.execute(f"DROP TABLE {table}")
+    con.commit()
+    con.close()
+    for cmd in commands:
+        p = nbdbackup(*cmd, "--repo", path, check=False)
+        assert p.returncode == 9, (cmd, p.stderr)
+        assert "rebuild-index" in p.stderr and "internal error" not in p.stderr, p.stderr
+    nbdbackup("rebuild-index", "--repo", path)
+    _check_recovered(path, expect, listing)

@@ -14,6 +14,7 @@ from typing import Iterable
 from sqlalchemy import delete, select
 
 from .index import write_txn
+from .indexerrors import index_errors
 from .info import BackupInfo
 from .schema import backup_segments, backups
 
@@ -66,11 +67,12 @@ def delete_backups(repo, ids: Iterable[str]) -> int:
 def forget(repo, refs: Iterable[str]) -> ForgetResult:
     """Resolve every ref first (NotFound before anything is deleted), add set members, delete."""
     asked = {}
-    for ref in refs:
-        info = repo.resolve(ref)
-        asked[info.id] = info
-    everything, added = expand_sets(repo, asked.values())
-    delete_backups(repo, [b.id for b in everything])
+    with index_errors("forget"):
+        for ref in refs:
+            info = repo.resolve(ref)
+            asked[info.id] = info
+        everything, added = expand_sets(repo, asked.values())
+        delete_backups(repo, [b.id for b in everything])
     return ForgetResult(forgotten=everything, asked=list(asked), set_members=added)
 
 

@@ -25,6 +25,7 @@ from . import packs as P
 from .chunks import ZERO_REF, DecodeError, decode
 from .ids import now_ms, to_ms
 from .index import write_txn
+from .indexerrors import index_errors
 from .schema import backup_segments, backups, chunks, packs, segments
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def collect(repo, *, repack_threshold: float = 0.5, dry_run: bool = False, progr
         r = repo.lock("readers", exclusive=True,
                       purpose="exclusive access for gc (a restore, serve or verify is reading)")
         try:
-            return _collect(repo, repack_threshold, dry_run, progress)
+            with index_errors("gc"):
+                return _collect(repo, repack_threshold, dry_run, progress)
         finally:
             r.release()
     finally:

@@ -17,11 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from sqlalchemy import select
+
 from ..errors import RepoDamaged
 from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF
+from .indexerrors import index_errors
 from .info import BackupInfo
+from .schema import backup_segments, backups
 from .store import Location, RecordError
 
 _BATCH = 64          # chunk reads handed to the thread pool at once
@@ -83,7 +87,8 @@ def verify(repo, refs: Iterable[str] | None = None, *, sample_percent: float | N
     returns an object with update(n), called as chunks are read."""
     lock = repo.lock("readers", exclusive=False, purpose="the repository's reader lock (gc runs)")
     try:
-        return _verify(repo, refs, sample_percent, progress, rng or random.Random())
+        with index_errors("verify"):
+            return _verify(repo, refs, sample_percent, progress, rng or random.Random())
     finally:
         lock.release()
 
@@ -108,10 +113,9 @@ def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
     seg_len_ok: dict[bytes, int] = {}
     chunk_hashes: set[bytes] = set()
     for b in targets:
-        try:
-            refs_b = repo.segment_refs(b.id)
-        except RepoDamaged as e:
-            map_problem[b.id] = str(e)
+        refs_b = _segment_refs(repo, b.id)      # an unreadable index raises (exit 9), not "damaged"
+        if refs_b is None:
+            map_problem[b.id] = "map rows in the index are not contiguous"
             continue
         if len(refs_b) != maps.nsegments(b.nchunks, seg_len):
             map_problem[b.id] = f"map has {len(refs_b)} segments, expected {maps.nsegments(b.nchunks, seg_len)}"
@@ -143,6 +147,18 @@ def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
         if d.ranges or d.problems:
             report.damaged.append(d)
     return report
+
+
+def _segment_refs(repo, backup_id: str) -> list[bytes | None] | None:
+    """The backup's segment hashes in order; None when its rows have gaps."""
+    q = (select(backup_segments.c.seq, backup_segments.c.segment_hash)
+         .join(backups, backups.c.pk == backup_segments.c.backup_pk)
+         .where(backups.c.id == backup_id).order_by(backup_segments.c.seq))
+    with repo.engine.connect() as conn:
+        rows = conn.execute(q).all()
+    if [s for s, _ in rows] != list(range(len(rows))):
+        return None
+    return [bytes(h) if h is not None else None for _, h in rows]
 
 
 def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, report) -> dict[bytes, str]:
