@@ -31,6 +31,7 @@ log = logging.getLogger("nbdbackup.server")
 MAX_BLOCK = 32 * 1024 * 1024
 PREFERRED_BLOCK = 4096
 SHUTDOWN_GRACE = 10.0
+SEND_BUFFER = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,13 @@ class NbdServer:
         self.clients.add(task)
         peer = writer.get_extra_info("peername") or "unix client"
         sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        if sock is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Room for whole read replies: fewer partial sends, fewer copies
+                # into the transport's buffer.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         view = None
         try:
             if self.stopping:

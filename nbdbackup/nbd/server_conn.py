@@ -94,7 +94,14 @@ class Connection:
             return
         if len(pieces) == 1 and pieces[0][2] is not None:   # the hot path
             off, n, d = pieces[0]
-            self._out(b"".join((SR_DATA.pack(XMAGIC, DONE, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off), d)))
+            hdr = SR_DATA.pack(XMAGIC, DONE, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off)
+            if n >= 65536 and not self.closed:
+                # Two back-to-back writes (nothing can come between them on the
+                # loop) spare a copy of the data.
+                self.writer.write(hdr)
+                self.writer.write(d)
+            else:
+                self._out(b"".join((hdr, d)))
             return
         # Runs: consecutive data pieces become one OFFSET_DATA chunk; zero pieces
         # become OFFSET_HOLE, unless DF asks for one chunk with everything.

@@ -1,0 +1,202 @@
+"""Benchmark `nbdbackup serve` against qemu-nbd serving the same disk as a raw file.
+
+    python bench/serve.py [--size 1G] [--chunk-size 1M] [--keep DIR]
+
+Measured in one run, as ratios to qemu-nbd:
+  streaming   nbdcopy EXPORT null:            target >= 0.5x qemu-nbd
+  small reads qemu-img bench, 4 KiB, depth 16  target >= 0.25x qemu-nbd
+  cold start  connect + first 4 KiB read of a freshly started server
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nbdbackup.nbd.client import Client  # noqa: E402
+from nbdbackup.repo import Repository  # noqa: E402
+
+
+def parse_size(s: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
+
+
+def make_disk(path: str, size: int, chunk: int) -> None:
+    """Mixed data: half random, a third text, the rest zero (in 1 MiB runs)."""
+    rnd = random.Random(1)
+    text = b"".join(f"line {i}: the quick brown fox jumps over the lazy dog\n".encode() for i in range(20000))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 1 << 20):
+            n = min(1 << 20, size - off)
+            r = rnd.random()
+            if r < 0.5:
+                f.seek(off)
+                f.write(os.urandom(n))
+            elif r < 0.83:
+                f.seek(off)
+                f.write((text * (n // len(text) + 1))[:n])
+
+
+def backup(repo_path: str, disk_path: str, size: int, chunk: int) -> str:
+    repo = Repository.init(repo_path, chunk_size=chunk)
+    try:
+        w = repo.writer("bench", kind="full", size=size)
+        with open(disk_path, "rb") as f, ThreadPoolExecutor(2) as pool:
+            def prep(i):
+                data = os.pread(f.fileno(), chunk, i * chunk)
+                return i, w.prepare(data)
+            n = (size + chunk - 1) // chunk
+            for i, p in pool.map(prep, range(n)):
+                w.put(i, p)
+        return w.commit(read_bytes=size, duration_s=0.0).id
+    finally:
+        repo.close()
+
+
+def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server did not start ({proc.returncode})")
+        time.sleep(0.005)
+
+
+def start_ours(repo: str, sock: str, cache: str) -> subprocess.Popen:
+    p = subprocess.Popen([shutil.which("nbdbackup") or os.path.join(os.path.dirname(sys.executable), "nbdbackup"),
+                          "serve", "--quiet", "--repo", repo, "--listen", f"unix:{sock}", "--cache-size", cache],
+                         stderr=subprocess.DEVNULL)
+    wait_socket(sock, p)
+    return p
+
+
+def start_qemu(disk: str, sock: str) -> subprocess.Popen:
+    p = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "16", "-f", "raw", "-x", "bench", "-k", sock, disk],
+                         stderr=subprocess.DEVNULL)
+    wait_socket(sock, p)
+    return p
+
+
+def stop(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def stream(uri: str, size: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    return size / (time.perf_counter() - t) / (1 << 20)
+
+
+def small_reads(uri: str, count: int) -> float:
+    p = subprocess.run(["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "16", "-s", "4096",
+                        "-S", "4096", uri], check=True, capture_output=True, text=True)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", p.stdout)
+    return count / float(m.group(1))
+
+
+def ttfb(start, sock: str, export: str) -> tuple[float, float]:
+    """(process start -> socket ready, connect + first 4 KiB read) in ms."""
+    t0 = time.perf_counter()
+    p = start()
+    t1 = time.perf_counter()
+    try:
+        c = Client.connect(f"nbd+unix:///{export}?socket={sock}")
+        try:
+            c.read(0, 4096)
+        finally:
+            c.close()
+        t2 = time.perf_counter()
+    finally:
+        stop(p)
+    return (t1 - t0) * 1000, (t2 - t1) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--chunk-size", default="1M")
+    ap.add_argument("--count", type=int, default=40000, help="qemu-img bench requests")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measure; the best counts")
+    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
+    a = ap.parse_args()
+    size, chunk = parse_size(a.size), parse_size(a.chunk_size)
+    work = a.keep or tempfile.mkdtemp(prefix="nbdbackup-bench-")
+    os.makedirs(work, exist_ok=True)
+    disk, repo = os.path.join(work, "disk.raw"), os.path.join(work, "repo")
+    s_ours, s_qemu = os.path.join(work, "ours.sock"), os.path.join(work, "qemu.sock")
+    rows = []
+    try:
+        if not os.path.exists(disk):
+            t = time.perf_counter()
+            make_disk(disk, size, chunk)
+            print(f"made {a.size} disk in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        if not os.path.exists(repo):
+            t = time.perf_counter()
+            backup(repo, disk, size, chunk)
+            print(f"backed it up in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        u_ours = f"nbd+unix:///bench?socket={s_ours}"
+        u_qemu = f"nbd+unix:///bench?socket={s_qemu}"
+
+        # The machine may be shared: alternate the servers and keep each one's best run.
+        q_stream = q_small = o_stream_cold = o_small = o_stream_warm = 0.0
+        for _ in range(a.repeat):
+            q = start_qemu(disk, s_qemu)
+            try:
+                q_stream = max(q_stream, stream(u_qemu, size))
+                q_small = max(q_small, small_reads(u_qemu, a.count))
+            finally:
+                stop(q)
+            o = start_ours(repo, s_ours, "256M")
+            try:
+                # cache smaller than the disk: every chunk is read, decompressed and checked
+                o_stream_cold = max(o_stream_cold, stream(u_ours, size))
+                o_small = max(o_small, small_reads(u_ours, a.count))
+            finally:
+                stop(o)
+            o = start_ours(repo, s_ours, str(2 * size))
+            try:
+                stream(u_ours, size)                         # fill the cache
+                o_stream_warm = max(o_stream_warm, stream(u_ours, size))
+            finally:
+                stop(o)
+        rows.append(("stream nbdcopy -> null: (MiB/s)", q_stream, o_stream_cold, 0.5))
+        rows.append(("  same, chunks cached (MiB/s)", q_stream, o_stream_warm, None))
+        rows.append(("4 KiB reads, depth 16 (IOPS)", q_small, o_small, 0.25))
+        t_q = [ttfb(lambda: start_qemu(disk, s_qemu), s_qemu, "bench") for _ in range(a.repeat)]
+        t_o = [ttfb(lambda: start_ours(repo, s_ours, "256M"), s_ours, "bench") for _ in range(a.repeat)]
+        q_start, q_first = min(t[0] for t in t_q), min(t[1] for t in t_q)
+        o_start, o_first = min(t[0] for t in t_o), min(t[1] for t in t_o)
+        rows.append(("start -> listening (ms)", q_start, o_start, None))
+        rows.append(("connect + first 4 KiB read (ms)", q_first, o_first, None))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nnbdbackup serve vs qemu-nbd, {a.size} disk, chunk size {a.chunk_size}, {os.cpu_count()} CPUs, "
+          f"best of {a.repeat}")
+    print(f"{'measure':<36}{'qemu-nbd':>12}{'nbdbackup':>12}{'ratio':>8}  target")
+    for name, qv, ov, target in rows:
+        ratio = ov / qv if qv else float("nan")
+        tgt = "" if target is None else (f">= {target}x " + ("ok" if ratio >= target else "MISSED"))
+        print(f"{name:<36}{qv:>12.1f}{ov:>12.1f}{ratio:>7.2f}x  {tgt}")
+
+
+if __name__ == "__main__":
+    main()
