@@ -145,3 +145,25 @@ def test_missing_certificate_files_are_a_usage_error(tmp_path):
         TlsConfig(ca_file=str(tmp_path / "nope.pem")).context()
     with pytest.raises(UsageError, match="does not exist"):
         TlsConfig.from_directory(str(tmp_path / "nodir"))
+
+
+def test_tls_concurrent_writers_and_reader(tmp_path, pki):
+    """Several threads write while the receiver thread reads, all over one TLS session."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv, cli, _ = pki
+    blobs = [random.Random(i).randbytes(1 << 20) for i in range(4)]
+    with nbdkit(tmp_path / "s", "memory", "8M", options=("--tls=require", f"--tls-certificates={srv}")) as uri:
+        with Client.connect(uri.replace("nbd+unix", "nbds+unix") + f"&tls-certificates={cli}") as c:
+            def work(i):
+                futs = [c.submit_write(i * (2 << 20) + off, blobs[i][off:off + 65536])
+                        for off in range(0, 1 << 20, 65536)]
+                reads = [c.submit_read(i * (2 << 20) + (1 << 20), 65536) for _ in range(16)]
+                for f in futs:
+                    f.result()
+                assert all(r.result() == bytes(65536) for r in reads)
+                return bytes(c.read(i * (2 << 20), 1 << 20))
+            with ThreadPoolExecutor(4) as ex:
+                got = list(ex.map(work, range(4)))
+            assert got == blobs

@@ -74,7 +74,7 @@ def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) ->
                 raise TruncatedReply(f"server closed the connection in the middle of {what} "
                                      f"(got {got} of {n} bytes): truncated reply")
             hint = ("the server may have rejected our TLS client certificate"
-                    if isinstance(sock, ssl.SSLSocket) else None)
+                    if getattr(sock, "is_tls", False) else None)
             raise NbdConnectionError(f"server closed the connection before sending {what}", hint=hint)
         got += k
 
@@ -193,8 +193,10 @@ class Negotiator:
             self.raise_for_error(proto.OPT_STARTTLS, rtype, b"")
         if not hostname:
             ctx.check_hostname = False
+        from .tls import TlsStream
+
         try:
-            self.sock = ctx.wrap_socket(self.sock, server_hostname=hostname)
+            self.sock = TlsStream(self.sock, ctx, hostname)
         except ssl.SSLCertVerificationError as e:
             raise NbdConnectionError(f"TLS: the server certificate was not accepted: {e.verify_message}",
                                      hint="check --tls-ca and the server's certificate name") from None
