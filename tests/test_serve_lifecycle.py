@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -85,6 +86,21 @@ def test_tcp_listen_and_banner(repo, tmp_path):
         log = s.log()
         assert f"listening on 127.0.0.1:{port}" in log
         assert "vm1" in log and "qemu-system-x86_64" in log and f"nbd://127.0.0.1:{port}/" in log
+
+
+def test_json_start_report(repo, tmp_path):
+    path, _ = repo
+    with serve(path, tmp_path, "--json") as s:
+        text = ""
+        while True:                       # one JSON document, pretty-printed
+            line = s.proc.stdout.readline()
+            assert line, "no JSON on stdout"
+            text += line
+            if line.startswith("}"):
+                break
+        doc = json.loads(text)
+        assert doc["listen"] == f"unix:{s.sock}" and doc["writable"] is False and doc["tls"] is False
+        assert {e["name"] for e in doc["exports"]} >= {"vm1"}
 
 
 def _listening(port: int) -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from ..errors import RepoDamaged
+from ..errors import NotFound, RepoDamaged
 
 
 class ChunkCache:
@@ -139,6 +139,12 @@ class RepoCatalog:
     def describe(self, key: str) -> str:
         b = self._names().get(key)
         return describe_backup(b) if b is not None else key
+
+    def size(self, key: str) -> int:
+        b = self._names().get(key)
+        if b is None:
+            raise NotFound(f"backup {key} is gone")
+        return b.size
 
     def open(self, key: str) -> RepoBackend:
         img = self.repo.open_image(self.repo.resolve(key))

@@ -35,6 +35,13 @@ SEND_BUFFER = 4 << 20
 
 
 @dataclass(frozen=True)
+class ExportSummary:
+    key: str
+    size: int
+    writable: bool
+
+
+@dataclass(frozen=True)
 class ListenAddress:
     unix: str | None = None
     host: str | None = None
@@ -130,8 +137,20 @@ class NbdServer:
     async def export_exists(self, name: str) -> bool:
         return await self._index(self.catalog.resolve, name) is not None
 
-    async def describe(self, view: ExportView) -> str:
+    async def describe(self, view) -> str:
         return await self._index(self.catalog.describe, view.key)
+
+    async def peek(self, name: str) -> ExportSummary | None:
+        """Size and mode of *name* without opening it (NBD_OPT_INFO, e.g. nbdinfo --list)."""
+        if len(name.encode()) > proto.MAX_NAME_LENGTH:
+            return None
+        key = await self._index(self.catalog.resolve, name)
+        if key is None:
+            return None
+        view = self.views.get(key)
+        if view is not None:
+            return ExportSummary(key, view.size, view.writable)
+        return ExportSummary(key, await self._index(self.catalog.size, key), self.writable)
 
     async def acquire_view(self, name: str) -> ExportView | None:
         """The shared view for *name*, resolved now (an alias binds here)."""
@@ -170,7 +189,7 @@ class NbdServer:
             del self.views[view.key]
             self.index_pool.submit(view.backend.close)
 
-    def transmission_flags(self, view: ExportView, structured: bool) -> int:
+    def transmission_flags(self, view, structured: bool) -> int:
         f = (proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH | proto.FLAG_SEND_FUA
              | proto.FLAG_CAN_MULTI_CONN | proto.FLAG_SEND_CACHE)
         if structured:

@@ -158,11 +158,13 @@ class Handshake:
             await self._error(opt, proto.REP_ERR_INVALID, "export name is not UTF-8")
             return False
         reqs = set(struct.unpack_from(f">{nreq}H", data, 4 + nlen + 2))
-        view = await self.server.acquire_view(name)
+        # INFO only describes: it does not open the backup (nbdinfo --list asks about every one).
+        go = opt == proto.OPT_GO
+        view = await (self.server.acquire_view(name) if go else self.server.peek(name))
         if view is None:
             await self._error(opt, proto.REP_ERR_UNKNOWN, f"no export named {name[:200]!r} (list them with nbdinfo --list)")
             return False
-        keep = False
+        keep = not go
         try:
             flags = self.server.transmission_flags(view, self.s.structured)
             await self._reply(opt, proto.REP_INFO, proto.INFO_EXPORT_STRUCT.pack(proto.INFO_EXPORT, view.size, flags))
@@ -174,10 +176,9 @@ class Handshake:
             mn, pref, mx = self.server.block_sizes
             await self._reply(opt, proto.REP_INFO, proto.INFO_BLOCK_SIZE_STRUCT.pack(proto.INFO_BLOCK_SIZE, mn, pref, mx))
             await self._reply(opt, proto.REP_ACK)
-            if opt == proto.OPT_GO:
+            if go:
                 self.s.view, self.s.name, keep = view, name, True
-                return True
-            return False
+            return go
         finally:
             if not keep:
                 self.server.release_view(view)

@@ -38,6 +38,7 @@ class ExportCatalog(Protocol):
     def list_exports(self) -> list[tuple[str, str]]: ...   # (name, description), fresh each call
     def resolve(self, name: str) -> str | None: ...        # export name -> backend key, now
     def describe(self, key: str) -> str: ...
+    def size(self, key: str) -> int: ...                   # without opening the backup
     def open(self, key: str) -> ExportBackend: ...
 
 
