@@ -56,8 +56,8 @@ def parse_size(text: str) -> int:
     """'1M', '256K', '1048576', '1MiB' -> bytes (UsageError on nonsense)."""
     t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
     mult = 1
-    if t and t[-1] in "KMG":
-        mult = 1024 ** ("KMG".index(t[-1]) + 1)
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
         t = t[:-1]
     try:
         n = int(t)
