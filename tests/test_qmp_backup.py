@@ -274,7 +274,7 @@ time.sleep(600)
 
 def test_sigkill_mid_run_loses_no_change_and_next_run_cleans_up(env):
     import signal
-    import subprocess
+
     import sys
 
     repo, make_vm, tmp_path = env
@@ -388,3 +388,30 @@ def test_qemu_dying_mid_run_is_a_clear_error(env):
     r = backup(repo, vm, "incremental")
     assert r[0].info.kind == "full"
     vm.assert_clean()
+
+
+def test_our_server_outlives_the_run_while_someone_else_exports_on_it(env, tmp_path):
+    import json
+
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB})
+    seen = {}
+
+    def add_theirs(plans):
+        vm.cmd("block-export-add", type="nbd", id="theirs", **{"node-name": "node-vda"},
+               name="theirs", writable=False)
+        seen["uri"] = plans[0].uri.split("?")[1]
+
+    backup(repo, vm, "full", hook=add_theirs)
+    assert [e["id"] for e in vm.exports()] == ["theirs"]
+    (state_file,) = [p for p in (tmp_path / "state").iterdir() if p.suffix == ".json"]
+    sock = json.loads(state_file.read_text())["server"]["socket"]
+    assert seen["uri"] == f"socket={sock}"
+    p = support.run([support.require_tool("nbdinfo"), "--size", f"nbd+unix:///theirs?socket={sock}"])
+    assert p.stdout.strip() == str(4 * MiB)
+    backup(repo, vm, "incremental")         # reuses our server instead of failing
+    assert os.path.exists(state_file)
+    vm.cmd("block-export-del", id="theirs")
+    backup(repo, vm, "incremental")         # now nobody else needs it: stopped
+    assert not state_file.exists()
+    vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "probe.sock")}})
