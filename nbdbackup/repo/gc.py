@@ -63,7 +63,9 @@ class _Pack:
 
 
 def collect(repo, *, repack_threshold: float = 0.5, dry_run: bool = False, progress=None) -> GcReport:
-    """Run gc on *repo* (waits up to repo.lock_wait for the exclusive locks)."""
+    """Run gc on *repo* (waits up to repo.lock_wait for the exclusive locks).
+
+    *progress*(total, desc, unit), when given, returns a bar (update(n), close()) for a phase."""
     w = repo.lock("writers", exclusive=True, purpose="exclusive access for gc (a backup is running)")
     try:
         r = repo.lock("readers", exclusive=True,
@@ -87,6 +89,7 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
         live_segs = {bytes(r[0]) for r in conn.execute(
             select(backup_segments.c.segment_hash).where(backup_segments.c.segment_hash.is_not(None)).distinct())}
     live_chunks: set[bytes] = set()
+    bar = _bar(progress, len(live_segs), "gc: mark", "segment")
     for h in live_segs:
         try:
             raw = store.load_segment(h)
@@ -96,6 +99,8 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
                               hint="run `nbdbackup verify`, forget the damaged backups or run "
                                    "`nbdbackup rebuild-index`, then gc again") from None
         live_chunks.update(maps.iter_entries(raw))
+        bar.update(1)
+    bar.close()
     live_chunks.discard(ZERO_REF)
     rep.live_chunks, rep.live_segments = len(live_chunks), len(live_segs)
 
@@ -156,8 +161,10 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
             rep.bytes_reclaimed += _remove(backend, obj, dry_run)
 
     # -- repack ---------------------------------------------------------------------
+    bar = _bar(progress, sum(pk.live_bytes for pk in sparse), "gc: repack", "B")
     for group in _groups(sparse, repo.config.pack_size):
-        rep.bytes_reclaimed += _repack(repo, group, rows, live_manifests, dry_run, rep, progress)
+        rep.bytes_reclaimed += _repack(repo, group, rows, live_manifests, dry_run, rep, bar)
+    bar.close()
 
     # -- stale temporary files (no writer runs, so none is being written) ---------
     tmp = getattr(backend, "tmp_dir", None)
@@ -170,6 +177,18 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
                 if not dry_run:
                     os.unlink(p)
     return rep
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(progress, total: int, desc: str, unit: str):
+    return progress(total, desc, unit) if progress is not None else _NoBar()
 
 
 def _delete_rows(eng, dead_rows: dict, pack_ids: list[int]) -> None:
@@ -205,7 +224,7 @@ def _groups(sparse: list[_Pack], target: int):
 
 
 def _repack(repo, group: list[_Pack], rows: dict, live_manifests: set[bytes], dry_run: bool,
-            rep: GcReport, progress) -> int:
+            rep: GcReport, bar) -> int:
     """Copy the live records of *group* into one new pack; switch the index; delete the old packs."""
     backend = repo.backend
     old_bytes = sum(pk.size for pk in group)
@@ -237,8 +256,7 @@ def _repack(repo, group: list[_Pack], rows: dict, live_manifests: set[bytes], dr
             new = builder.add(rec.type, rec.hash, rec.raw_len, rec.compression, payload)
             if table is not None:
                 moved.append((table, rec.hash, new))
-            if progress is not None:
-                progress.update(rec.stored_len)
+            bar.update(P.HEADER_SIZE + rec.stored_len)
     ids = {pk.id for pk in group}
     expected = {key for key, (pid, _off) in rows.items() if pid in ids}
     if expected != {(t, h) for t, h, _ in moved}:

@@ -65,7 +65,9 @@ class _Found:
     manifests: dict[str, dict] = field(default_factory=dict)     # backup id -> (manifest, hash)
 
 
-def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float = 0.0, progress=None) -> RebuildReport:
+def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
+                  progress=None) -> RebuildReport:
+    """Rebuild the index of the repository at *path*; *progress*(total_packs) returns a bar."""
     from .repository import Repository
 
     repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False)
@@ -99,9 +101,9 @@ def _rebuild(repo, progress) -> RebuildReport:
 
 def _scan(backend, rep: RebuildReport, progress) -> _Found:
     found = _Found()
-    for obj in backend.list("packs/"):
-        if not obj.endswith(".pack"):
-            continue
+    objs = [o for o in backend.list("packs/") if o.endswith(".pack")]
+    bar = progress(len(objs)) if progress is not None else None
+    for obj in objs:
         name = obj.rsplit("/", 1)[-1][:-len(".pack")]
         rep.packs += 1
         try:
@@ -113,6 +115,8 @@ def _scan(backend, rep: RebuildReport, progress) -> _Found:
                 rep.packs_salvaged.append(name)
         except (P.PackFormatError, OSError) as e:
             rep.packs_unreadable.append(f"{name} ({e})")
+            if bar is not None:
+                bar.update(1)
             continue
         pidx = len(found.pack_rows)
         found.pack_rows.append({"name": name, "size": size})
@@ -121,8 +125,8 @@ def _scan(backend, rep: RebuildReport, progress) -> _Found:
                 found.blobs[rec.type].setdefault(rec.hash, (pidx, rec))
             elif rec.type == P.REC_MANIFEST:
                 _read_manifest(backend, obj, rec, found)
-        if progress is not None:
-            progress.update(1)
+        if bar is not None:
+            bar.update(1)
     return found
 
 

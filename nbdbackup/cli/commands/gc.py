@@ -37,10 +37,19 @@ def run(args) -> int:
     from ..output import human_bytes, print_json, progress_bar, summary
     from ..repoargs import open_repo
 
+    bars = []
+
+    def progress(total: int, desc: str, unit: str):
+        bars.append(progress_bar(args, total, desc, unit=unit))
+        return bars[-1]
+
     with open_repo(args) as repo:
-        with progress_bar(args, None, "gc") as bar:
+        try:
             report = collect(repo, repack_threshold=args.repack_threshold, dry_run=args.dry_run,
-                             progress=bar)
+                             progress=progress)
+        finally:
+            for b in bars:
+                b.close()
     if args.json:
         print_json(report.to_json())
         return 0

@@ -23,8 +23,18 @@ def run(args) -> int:
     from ..output import print_json, progress_bar, summary
     from ..repoargs import repo_path
 
-    with progress_bar(args, None, "rebuild-index", unit="pack") as bar:
-        report = rebuild_index(repo_path(args), index_url=args.index_url, lock_wait=args.lock_wait, progress=bar)
+    bars = []
+
+    def progress(total: int):
+        bars.append(progress_bar(args, total, "rebuild-index", unit="pack"))
+        return bars[-1]
+
+    try:
+        report = rebuild_index(repo_path(args), index_url=args.index_url, lock_wait=args.lock_wait,
+                               progress=progress)
+    finally:
+        for b in bars:
+            b.close()
     if args.json:
         print_json(report.to_json())
         return 0
