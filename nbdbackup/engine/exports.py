@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from ..errors import NotFound, RepoDamaged
+from ..errors import NotFound, RepoDamaged, UsageError
 
 
 class ChunkCache:
@@ -131,20 +131,25 @@ class RepoCatalog:
         return out
 
     def resolve(self, name: str) -> str | None:
+        """One indexed query: a backup id, or a disk name for its latest backup.
+
+        The repository validates the name (ids and disk names have fixed
+        shapes); anything else is simply not an export."""
         if not name or "\0" in name:
             return None
-        b = self._names().get(name)
-        return b.id if b is not None else None
+        try:
+            return self.repo.resolve(name).id
+        except (NotFound, UsageError):
+            return None
+
+    def _info(self, key: str):
+        return self.repo.get_backup(key)      # NotFound if it was deleted meanwhile
 
     def describe(self, key: str) -> str:
-        b = self._names().get(key)
-        return describe_backup(b) if b is not None else key
+        return describe_backup(self._info(key))
 
     def size(self, key: str) -> int:
-        b = self._names().get(key)
-        if b is None:
-            raise NotFound(f"backup {key} is gone")
-        return b.size
+        return self._info(key).size
 
     def open(self, key: str) -> RepoBackend:
         img = self.repo.open_image(self.repo.resolve(key))
