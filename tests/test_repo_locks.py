@@ -45,19 +45,29 @@ def _expected(seed, n):
 
 
 def test_two_processes_back_up_different_disks_at_once(tmp_path):
+    from repohelp import write_full
     repo = new_repo(tmp_path, pack_size=1 << 20)       # small packs: many index transactions race
+    base = pseudo(3, 20 * CS)
+    write_full(repo, "base", base)
     procs = [subprocess.Popen([sys.executable, "-c", WRITE_DISK, repo.path, disk, str(seed), "150"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for disk, seed in (("vda", 1), ("vdb", 2))]
     try:
+        import time
+        reads, deadline = 0, time.monotonic() + 120
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:   # a reader alongside
+            assert read_all(repo, "base") == base
+            repo.list_backups()
+            reads += 1
         outs = [p.communicate(timeout=120) for p in procs]
+        assert reads >= 1
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
-    assert sorted(b.disk for b in repo.list_backups()) == ["vda", "vdb"]
+    assert sorted(b.disk for b in repo.list_backups()) == ["base", "vda", "vdb"]
     assert read_all(repo, "vda") == _expected(1, 150)
     assert read_all(repo, "vdb") == _expected(2, 150)
 
