@@ -14,7 +14,8 @@ from typing import Iterator
 from ..errors import NbdProtocolError, NotFound, UsageError
 from . import proto
 
-DEFAULT_WINDOW = 1 << 30
+# Block status lengths are u32; stay aligned for any minimum block size up to 1 MiB.
+DEFAULT_WINDOW = (1 << 32) - (1 << 20)
 
 
 @dataclass(frozen=True)
