@@ -180,7 +180,7 @@ def test_walk_16t_export_in_constant_memory(tmp_path):
                 (0, 5 << 40, True), (5 << 40, 65536, False), ((5 << 40) + 65536, size - (5 << 40) - 65536, True)]
             assert peak < 2 << 20, peak
     # sparse-random builds its map at start-up (16T takes ~30 s); 64G has plenty of extents too
-    with nbdkit(tmp_path / "s2", "sparse-random", "size=64G", "seed=3") as uri:
+    with nbdkit(tmp_path / "s2", "sparse-random", "size=64G", "seed=3", "runlength=65536") as uri:
         with Client.connect(uri, meta_contexts=[ALLOC]) as c:
             tracemalloc.start()
             try:   # lazy: the first extents arrive without walking 16 TiB
