@@ -101,3 +101,13 @@ def test_error_exit_codes(tmp_path):
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     p = nbdbackup("--repo", path, "stats", check=False)
     assert p.returncode == 7 and "newer" in p.stderr
+
+
+def test_migrate_refuses_a_missing_index(tmp_path):
+    path = _init(tmp_path)
+    os.unlink(os.path.join(path, "index.sqlite"))
+    p = nbdbackup("--repo", path, "migrate", check=False)
+    assert p.returncode == 9 and "rebuild-index" in p.stderr
+    assert not os.path.exists(os.path.join(path, "index.sqlite"))     # not silently recreated empty
+    p = nbdbackup("--repo", path, "list", check=False)
+    assert p.returncode == 9 and "missing" in p.stderr

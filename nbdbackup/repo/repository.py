@@ -105,7 +105,7 @@ class Repository:
         path = os.path.abspath(path)
         cfg = read_config(path)
         url = index_url or _read_index_url(path) or default_url(path)
-        if url == default_url(path) and not os.path.exists(url.removeprefix("sqlite:///")) and check:
+        if check and url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
             raise RepoDamaged(f"the index of {path} ({url.removeprefix('sqlite:///')}) is missing",
                               hint="`nbdbackup rebuild-index` recreates it from the packs")
         eng = make_engine(url)
@@ -116,6 +116,12 @@ class Repository:
                 eng.dispose()
                 raise
         return cls(path, cfg, eng, url, lock_wait=lock_wait, backend=backend)
+
+    def index_file_missing(self) -> bool:
+        """True when the index is a SQLite file that does not exist (connecting would create it empty)."""
+        if not self.index_url.startswith("sqlite:///") or self.index_url == "sqlite:///:memory:":
+            return False
+        return not os.path.exists(self.index_url.removeprefix("sqlite:///"))
 
     def close(self) -> None:
         self.backend.close()

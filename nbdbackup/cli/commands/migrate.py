@@ -18,15 +18,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ...errors import RepoFormatError
+    from ...errors import RepoDamaged, RepoFormatError
     from ...repo.index import KNOWN_REVISIONS, current_revision, upgrade
     from ...repo.schema import INDEX_REVISION
     from ..output import print_json, summary
     from ..repoargs import open_repo
 
     with open_repo(args, check=False) as repo:
+        if repo.index_file_missing():
+            raise RepoDamaged(f"the index of {repo.path} is missing; there is nothing to migrate",
+                              hint="`nbdbackup rebuild-index` recreates it from the packs")
         with repo.engine.connect() as conn:
             before = current_revision(conn)
+        if before is None:
+            raise RepoDamaged(f"the index of {repo.path} has no schema version (empty or not an nbdbackup index)",
+                              hint="`nbdbackup rebuild-index` recreates it from the packs")
         if before is not None and before not in KNOWN_REVISIONS:
             raise RepoFormatError(f"the index is at revision {before!r}, newer than this tool understands "
                                   f"({INDEX_REVISION})", hint="upgrade nbdbackup")
