@@ -187,6 +187,8 @@ def test_vanishing_clients_leak_nothing(served):
         c.close()
     _healthy(s)
     assert wait_until(lambda: s.fd_count() == s.baseline_fds, timeout=20), (s.fd_count(), s.baseline_fds)
+    # threads are pools of fixed size (main + 4 chunk workers + 1 index + default executor), not per client
+    assert s.thread_count() <= 8, s.thread_count()
 
 
 def test_corrupt_chunk_is_eio_never_wrong_bytes(tmp_path):

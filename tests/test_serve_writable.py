@@ -74,6 +74,23 @@ def test_writable_overlay_shared_and_discarded(tmp_path):
             assert c.request(proto.CMD_WRITE_ZEROES, 0, 4096, flags=proto.CMD_FLAG_FAST_ZERO).error == 0
             assert c.read(0, 4096) == bytes(4096)
             assert c.request(proto.CMD_WRITE, 0, 0).error == 0
+            # block status sees the overlay: written blocks are data, zeroed whole blocks holes
+            r = c.request(proto.CMD_BLOCK_STATUS, 0, SIZE)
+            body = r.chunks[0][1]
+            ext = [proto.EXTENT.unpack_from(body, 4 + 8 * k) for k in range((len(body) - 4) // 8)]
+            assert sum(n for n, _ in ext) == SIZE
+            pos, states = 0, []
+            for n, fl in ext:
+                states.append((pos, pos + n, fl))
+                pos += n
+            def flags_at(o):
+                return next(fl for a, b, fl in states if a <= o < b)
+            assert flags_at(1000) == 0 and flags_at(1048576) == 0
+            assert flags_at(4 * 65536) == proto.STATE_HOLE | proto.STATE_ZERO     # inside the zeroed range
+            for o in range(0, SIZE, CHUNK):        # untouched blocks report the backup's own state
+                if o + CHUNK <= 1000 or 400000 + 65536 <= o < 1048576 - CHUNK or o > 1049088:
+                    zero = data["vm1"][o:o + CHUNK].count(0) == CHUNK
+                    assert flags_at(o) == (proto.STATE_HOLE | proto.STATE_ZERO if zero else 0), o
         files = [f for d, _, fs in os.walk(ovdir) for f in fs]
         assert len(files) == 1 and files[0].endswith(".overlay") and vid not in files[0]
     assert [f for d, _, fs in os.walk(ovdir) for f in fs] == []       # discarded on stop

@@ -136,8 +136,12 @@ class ExportView:
     # --- reads ----------------------------------------------------------------
     def read_cached(self, off: int, length: int) -> list | None:
         """Fast path: the pieces of a read served from cache alone, or None."""
-        if self.overlay is not None and self.overlay.written:
-            return None
+        ov = self.overlay
+        if ov is not None and ov.written:
+            st = ov.state
+            for b in range(off // ov.block, (off + length - 1) // ov.block + 1):
+                if st[b] != BACKING:
+                    return None
         cs = self.cs
         i = off // cs
         if (off + length - 1) // cs == i:   # the common case: inside one chunk
