@@ -8,7 +8,11 @@ Restored content is compared with a byte model of every guest write.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import support
@@ -273,10 +277,6 @@ time.sleep(600)
 
 
 def test_sigkill_mid_run_loses_no_change_and_next_run_cleans_up(env):
-    import signal
-
-    import sys
-
     repo, make_vm, tmp_path = env
     vm = make_vm()
     vm.write("vda", 0, 65536, 0x11)
@@ -296,8 +296,6 @@ def test_sigkill_mid_run_loses_no_change_and_next_run_cleans_up(env):
     # what the killed run left: exports, jobs, overlay nodes, files, its server
     assert len(vm.exports()) == 2 and len(vm.jobs()) == 2
     (state_file,) = [p for p in (tmp_path / "state").iterdir() if p.suffix == ".json"]
-    import json
-
     state = json.loads(state_file.read_text())
     scratch = state["files"]
     assert all(os.path.exists(f) for f in scratch) and len(scratch) == 2
@@ -391,8 +389,6 @@ def test_qemu_dying_mid_run_is_a_clear_error(env):
 
 
 def test_our_server_outlives_the_run_while_someone_else_exports_on_it(env, tmp_path):
-    import json
-
     repo, make_vm, _ = env
     vm = make_vm({"vda": 4 * MiB})
     seen = {}
