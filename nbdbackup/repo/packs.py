@@ -85,11 +85,6 @@ class PackBuilder:
         self.records.append(info)
         return info
 
-    def payload(self, info: RecordInfo) -> bytes:
-        """The payload of a record added to this (unsealed) builder."""
-        i = self.records.index(info)
-        return self._parts[2 + 2 * i]
-
     def __len__(self) -> int:
         return len(self.records)
 

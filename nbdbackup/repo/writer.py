@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 OPEN_WINDOW = 2          # segments kept open behind the furthest one put
 BATCH_COUNT = 128        # dedup lookup batch: chunks...
 BATCH_BYTES = 32 << 20   # ...or bytes of payload, whichever first
+PACK_RECORDS = 32768     # seal a pack at this many records even if small (bounds memory and footer size)
 
 
 class BackupWriter:
@@ -247,7 +248,8 @@ class BackupWriter:
         rec = self._pack.add(rtype, h, raw_len, comp, payload)
         if rtype != P.REC_MANIFEST:
             self.stored_bytes += P.HEADER_SIZE + len(payload)
-        if self._pack.size >= self.repo.config.pack_size and rtype != P.REC_MANIFEST:
+        if (self._pack.size >= self.repo.config.pack_size or len(self._pack) >= PACK_RECORDS) \
+                and rtype != P.REC_MANIFEST:
             self._seal()
         return rec
 
