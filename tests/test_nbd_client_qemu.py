@@ -95,6 +95,9 @@ def test_allocation_depth_context(tmp_path, image):
     with support.qemu_nbd(img, tmp_path / "s", bitmaps=("bm0",), extra=("-A",)) as uri:
         info = Client.query_info(uri)
         assert {ALLOC, BM, ctx} <= set(info.contexts)
+        # LIST_META_CONTEXT with queries: a namespace prefix, and several exact names
+        assert Client.query_info(uri, meta_query=["qemu:dirty-bitmap:"]).contexts == [BM]
+        assert sorted(Client.query_info(uri, meta_query=[ALLOC, ctx]).contexts) == sorted([ALLOC, ctx])
         want = nbdinfo_map(uri, ctx)
         with Client.connect(uri, meta_contexts=[ALLOC, BM, ctx]) as c:
             assert set(c.contexts) == {ALLOC, BM, ctx}
