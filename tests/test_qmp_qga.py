@@ -124,7 +124,7 @@ def test_freeze_failure_still_thaws_and_leaves_nothing(setup):
     assert repo.list_backups() == []
 
 
-def test_thaw_is_retried_and_its_failure_reported(setup):
+def test_thaw_is_retried_and_its_failure_reported(setup, tmp_path):
     repo, vm, agent = setup
     a = agent(fail_thaw=1)                # one hiccup, then the retry thaws
     run(repo, vm, a.path)
@@ -136,8 +136,15 @@ def test_thaw_is_retried_and_its_failure_reported(setup):
     assert [c for c, _ in b.calls].count("guest-fsfreeze-thaw") == 3
     vm.assert_clean()
     assert len(repo.list_backups()) == 1   # the failed run committed nothing...
-    bms = [n for n in vm.bitmaps("vda") if n.startswith("nbdbackup-")]
+    bms = [bm for n, bm in vm.bitmaps("vda").items() if n.startswith("nbdbackup-")]
     assert len(bms) == 2                   # ...and kept its changes (merged into the new bitmap)
+    assert sorted(bm["recording"] for bm in bms) == [False, True]
+    # the guest may still be frozen: the state remembers to thaw it on the next run
+    (state,) = [p for p in (tmp_path / "state").iterdir() if p.suffix == ".json"]
+    assert json.loads(state.read_text())["frozen"] == b.path
+    run(repo, vm, None, "incremental")
+    assert [c for c, _ in b.calls][-1] == "guest-fsfreeze-thaw"
+    assert not state.exists()
 
 
 def test_missing_agent_socket_is_a_clear_error(setup, tmp_path):

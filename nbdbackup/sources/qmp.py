@@ -58,7 +58,7 @@ class QmpSource(Source):
         self.state: StateFile | None = None
         self.names: Names | None = None
         self._disks: list[tuple] = []     # (node, choice, new bitmap) per disk, after the transaction
-        self._point_taken = False
+        self._transaction_sent = False
         self._outcome: str | None = None
 
     # -- prepare ----------------------------------------------------------------
@@ -105,12 +105,17 @@ class QmpSource(Source):
         if self.qga:    # a run killed while the guest is frozen: the next run thaws it
             self.state.data["frozen"] = self.qga
             self.state.save()
-        with frozen(self.qga):
-            self.qmp.cmd("transaction", {"actions": actions})
-        if self.state.data.pop("frozen", None):
-            self.state.save()
-        self._point_taken = True
+        # From here on a failure may follow a transaction that took effect
+        # (e.g. thaw failed, or the reply was lost): failed() checks qemu.
         self._disks = [(node, choice, new_bitmap) for node, choice in zip(resolved, choices)]
+        self._transaction_sent = True
+        freeze = None
+        try:
+            with frozen(self.qga) as freeze:
+                self.qmp.cmd("transaction", {"actions": actions})
+        finally:
+            if freeze is not None and freeze.thawed and self.state.data.pop("frozen", None):
+                self.state.save()
 
         plans = []
         for i, (disk, node, choice) in enumerate(zip(self.disks, resolved, choices)):
@@ -181,9 +186,17 @@ class QmpSource(Source):
             self._teardown()
         except Exception as e:
             log.warning("cleanup after the failed backup failed: %s", e)
-        if not self._point_taken:
+        if not self._transaction_sent:
+            return
+        try:
+            now = named_nodes(self.qmp)
+        except Exception as e:   # the bitmaps stay as they are: the next run unions them all
+            log.warning("could not merge the bitmaps back: %s", e)
             return
         for node, choice, new in self._disks:
+            current = now.get(node.name)
+            if current is None or not any(b.name == new for b in current.bitmaps):
+                continue        # the transaction did not take effect: nothing changed
             try:
                 qmp_bitmaps.after_failure(self.qmp, node, choice, new)
             except Exception as e:   # the bitmaps stay as they are: the next run unions them all
@@ -192,7 +205,7 @@ class QmpSource(Source):
     def close(self) -> None:
         try:
             if self.qmp is not None and self.state is not None:
-                if self._point_taken and not self._outcome:
+                if self._transaction_sent and not self._outcome:
                     self.failed(None)
                 try:
                     self._teardown()

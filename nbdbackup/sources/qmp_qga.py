@@ -104,23 +104,35 @@ class GuestAgent:
             self._sock.close()
 
 
+class Freeze:
+    thawed = False      # True once the guest is known not to be frozen by us
+
+
 @contextlib.contextmanager
 def frozen(path: str | None):
     """Freeze the guest for the duration of the block (no-op without a path).
 
     Thaw runs on every exit, also when the freeze itself failed half-way.
+    Yields a Freeze whose `thawed` tells, afterwards, whether thaw succeeded.
     """
+    state = Freeze()
     if not path:
-        yield
+        state.thawed = True
+        yield state
         return
-    agent = GuestAgent(path)
+    try:
+        agent = GuestAgent(path)
+    except BaseException:
+        state.thawed = True     # never reached the guest: nothing frozen
+        raise
     try:
         try:
             n = agent.freeze()
             log.info("guest agent froze %d file system(s)", n)
-            yield
+            yield state
         finally:
             agent.thaw()
+            state.thawed = True
     finally:
         agent.close()
 
