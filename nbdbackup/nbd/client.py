@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdOptionError, UsageError
 from . import proto
 from .client_options import ExportInfo, GreetingTimeout, Negotiator, TruncatedReply, send_all
+from .futures import done_future, gather, then, then_map
 from .replies import Pending, ReplyReader
 from .tls import TlsConfig, tls_for_uri
 from .uri import NbdUri, parse_uri
@@ -219,15 +220,13 @@ class Client:
         """Future of a bytearray with the data; split at max_payload, aligned to min_block."""
         self._check_range(offset, length)
         if length == 0:
-            f: Future = Future()
-            f.set_result(bytearray())
-            return f
+            return done_future(bytearray())
         start, end = self._aligned(offset, length)
         buf = bytearray(end - start)   # zero-initialised: hole chunks need no work
         futs = self._send_reads(start, memoryview(buf), df, zero_holes=False, result=buf)
         if start == offset and end == offset + length:
-            return futs[0] if len(futs) == 1 else _gather(futs, lambda: buf)
-        return _gather(futs, lambda: buf[offset - start:offset - start + length])
+            return futs[0] if len(futs) == 1 else gather(futs, lambda: buf)
+        return gather(futs, lambda: buf[offset - start:offset - start + length])
 
     def _send_reads(self, start: int, mv: memoryview, df: bool, *, zero_holes: bool, result) -> list[Future]:
         flags = proto.CMD_FLAG_DF if df and self._has(proto.FLAG_SEND_DF) else 0
@@ -250,17 +249,15 @@ class Client:
         length = len(mv)
         self._check_range(offset, length)
         if length == 0:
-            f: Future = Future()
-            f.set_result(buf)
-            return f
+            return done_future(buf)
         start, end = self._aligned(offset, length)
         if (start, end) != (offset, offset + length):   # rare: read aligned, then copy
             def copy(data):
                 mv[:] = data
                 return buf
-            return _then_map(self.submit_read(offset, length, df=df), copy)
+            return then_map(self.submit_read(offset, length, df=df), copy)
         futs = self._send_reads(offset, mv, df, zero_holes=True, result=buf)
-        return futs[0] if len(futs) == 1 else _gather(futs, lambda: buf)
+        return futs[0] if len(futs) == 1 else gather(futs, lambda: buf)
 
     def read(self, offset: int, length: int, *, df: bool = False) -> bytearray:
         return self.submit_read(offset, length, df=df).result()
@@ -279,8 +276,8 @@ class Client:
             chunk = mv[pos:pos + step]
             futs.append(self._send(Pending(proto.CMD_WRITE, offset + pos, len(chunk)), flags, chunk))
         if fua and not use_fua:  # emulate FUA with a flush after the writes
-            return _then(futs, self.submit_flush)
-        return _gather(futs, lambda: None)
+            return then(futs, self.submit_flush)
+        return gather(futs, lambda: None)
 
     def write(self, offset: int, data, fua: bool = False) -> None:
         self.submit_write(offset, data, fua=fua).result()
@@ -311,8 +308,8 @@ class Client:
         flags |= proto.CMD_FLAG_FUA if use_fua else 0
         futs = [self._send(Pending(proto.CMD_WRITE_ZEROES, pos, n), flags) for pos, n in self._split_u32(offset, length)]
         if fua and not use_fua:
-            return _then(futs, self.submit_flush)
-        return _gather(futs, lambda: None)
+            return then(futs, self.submit_flush)
+        return gather(futs, lambda: None)
 
     def _zero_by_writing(self, offset: int, length: int, fua: bool) -> Future:
         zero = bytes(min(self.max_payload, length))
@@ -320,16 +317,14 @@ class Client:
         for pos in range(offset, offset + length, len(zero)):
             n = min(len(zero), offset + length - pos)
             futs.append(self.submit_write(pos, memoryview(zero)[:n], fua=fua))
-        return _gather(futs, lambda: None)
+        return gather(futs, lambda: None)
 
     def write_zeroes(self, offset: int, length: int, no_hole: bool = False, fast: bool = False) -> None:
         self.submit_write_zeroes(offset, length, no_hole=no_hole, fast=fast).result()
 
     def submit_flush(self) -> Future:
         if not self._has(proto.FLAG_SEND_FLUSH):
-            f: Future = Future()   # no write cache advertised: writes are already stable
-            f.set_result(None)
-            return f
+            return done_future()   # no write cache advertised: writes are already stable
         return self._send(Pending(proto.CMD_FLUSH, 0, 0), 0)
 
     def flush(self) -> None:
@@ -341,7 +336,7 @@ class Client:
         self._check_range(offset, length)
         if not self._has(proto.FLAG_SEND_TRIM) or length == 0:
             return
-        _gather([self._send(Pending(proto.CMD_TRIM, pos, n), 0) for pos, n in self._split_u32(offset, length)],
+        gather([self._send(Pending(proto.CMD_TRIM, pos, n), 0) for pos, n in self._split_u32(offset, length)],
                 lambda: None).result()
 
     def cache(self, offset: int, length: int) -> None:
@@ -349,7 +344,7 @@ class Client:
         self._check_range(offset, length)
         if not self._has(proto.FLAG_SEND_CACHE) or length == 0:
             return
-        _gather([self._send(Pending(proto.CMD_CACHE, pos, n), 0) for pos, n in self._split_u32(offset, length)],
+        gather([self._send(Pending(proto.CMD_CACHE, pos, n), 0) for pos, n in self._split_u32(offset, length)],
                 lambda: None).result()
 
     # --- block status ----------------------------------------------------------
@@ -408,78 +403,3 @@ class Client:
                 self.sock.close()
             except Exception:
                 pass
-
-
-def _then_map(src: Future, fn) -> Future:
-    out: Future = Future()
-
-    def done(f: Future) -> None:
-        e = f.exception()
-        if e is not None:
-            out.set_exception(e)
-            return
-        try:
-            out.set_result(fn(f.result()))
-        except BaseException as ex:  # noqa: BLE001 - surfaced through the future
-            out.set_exception(ex)
-    src.add_done_callback(done)
-    return out
-
-
-def _relay(src: Future, dst: Future, result) -> None:
-    e = src.exception()
-    if e is not None:
-        dst.set_exception(e)
-    else:
-        dst.set_result(result)
-
-
-def _gather(futs: list[Future], result_fn) -> Future:
-    """One Future for several: the first error, or result_fn() when all succeeded."""
-    out: Future = Future()
-    if not futs:
-        out.set_result(result_fn())
-        return out
-    left = [len(futs)]
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def done(f: Future) -> None:
-        e = f.exception()
-        with lock:
-            if e is not None:
-                errors.append(e)
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            if errors:
-                out.set_exception(errors[0])
-            else:
-                try:
-                    out.set_result(result_fn())
-                except BaseException as ex:  # noqa: BLE001 - surfaced through the future
-                    out.set_exception(ex)
-
-    for f in futs:
-        f.add_done_callback(done)
-    return out
-
-
-def _then(futs: list[Future], next_fn) -> Future:
-    """After all *futs* succeed, start next_fn() and follow it."""
-    out: Future = Future()
-
-    def first_done(g: Future) -> None:
-        e = g.exception()
-        if e is not None:
-            out.set_exception(e)
-            return
-        try:
-            nxt = next_fn()
-        except BaseException as ex:  # noqa: BLE001
-            out.set_exception(ex)
-            return
-        nxt.add_done_callback(lambda h: _relay(h, out, None))
-
-    _gather(futs, lambda: None).add_done_callback(first_done)
-    return out

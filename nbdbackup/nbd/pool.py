@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 from ..errors import NbdConnectionError, NbdProtocolError, UsageError
 from .client import Client, GreetingTimeout, TruncatedReply
+from .futures import resolve
 from .tls import TlsConfig
 from .uri import parse_uri
 
@@ -175,27 +176,27 @@ class ConnectionPool:
             f, c = Future(), None
             f.set_exception(e)
         except BaseException as e:  # noqa: BLE001 - surfaced through the future
-            out.set_exception(e)
+            resolve(out, exc=e)
             return
         f.add_done_callback(lambda g: self._done(g, out, op, left, c))
 
     def _done(self, f: Future, out: Future, op, left: int, c: Client | None) -> None:
         e = f.exception()
         if e is None:
-            out.set_result(f.result())
+            resolve(out, f.result())
         elif isinstance(e, RETRYABLE) and left > 0 and not self._closed:
             # Not on the receiver thread that called us: reconnecting blocks.
             threading.Thread(target=self._retry, args=(out, op, left - 1, c), daemon=True,
                              name="nbd-pool-retry").start()
         else:
-            out.set_exception(e)
+            resolve(out, exc=e)
 
     def _retry(self, out: Future, op, left: int, c: Client | None) -> None:
         try:
             if c is not None and not c.alive:
                 self._replace(c)
         except BaseException as e:  # noqa: BLE001
-            out.set_exception(e)
+            resolve(out, exc=e)
             return
         self._attempt(out, op, left)
 

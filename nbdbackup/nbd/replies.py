@@ -14,11 +14,12 @@ import socket
 import ssl
 import sys
 import threading
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
 from . import proto
-from .client_options import TruncatedReply, recv_into_exact
+from .client_options import recv_into_exact
+from .futures import resolve
 
 # A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).
 MAX_BLOCK_STATUS_CHUNK = 4 + 8 * (1 << 20)
@@ -51,16 +52,6 @@ class Pending:
     @property
     def what(self) -> str:
         return f"{proto.command_name(self.cmd)} [{self.offset}, +{self.length}]"
-
-
-def _resolve(f: Future, result=None, exc: BaseException | None = None) -> None:
-    try:
-        if exc is not None:
-            f.set_exception(exc)
-        else:
-            f.set_result(result)
-    except InvalidStateError:
-        pass   # cancelled by the caller
 
 
 class ReplyReader:
@@ -96,7 +87,7 @@ class ReplyReader:
             self._pending.clear()
             self._idle.notify_all()
         for p in pending:
-            _resolve(p.future, exc=err)
+            resolve(p.future, exc=err)
 
     def wait_idle(self, timeout: float) -> None:
         with self._idle:
@@ -107,7 +98,7 @@ class ReplyReader:
             self._pending.pop(p.cookie, None)
             if not self._pending:
                 self._idle.notify_all()
-        _resolve(p.future, result, exc)
+        resolve(p.future, result, exc)
 
     # --- the receive loop ------------------------------------------------------
     def run(self) -> None:
