@@ -72,7 +72,8 @@ def test_in_use_bitmap_falls_back(tmp_path):
     img, repo, full = _setup(tmp_path)
     # a writer that dies without closing the image leaves the bitmap marked in-use
     sock = tmp_path / "w.sock"
-    proc = subprocess.Popen([support.require_tool("qemu-nbd"), "-k", str(sock), "-f", "qcow2", str(img)],
+    # -t: without it qemu-nbd exits cleanly (clearing in-use) when qemu-io disconnects
+    proc = subprocess.Popen([support.require_tool("qemu-nbd"), "-t", "-k", str(sock), "-f", "qcow2", str(img)],
                             stderr=subprocess.PIPE)
     try:
         support.wait_for_path(sock, proc=proc)
