@@ -7,12 +7,13 @@ and taking medians:
 
   baseline   read every pack file and blake3 it in big buffers on all cores: a floor (verify
              must also decompress and hash each chunk's raw bytes, which are more than the pack's)
+  api        verify() in-process (no interpreter start-up)
   verify     `nbdbackup verify` (the CLI: reads, decompresses, hashes each chunk)
   verify10   `nbdbackup verify --sample 10`
 
-then forgets every other backup and times `nbdbackup gc` (mark, sweep and
-repack of half-live packs) against copying the live bytes once (cp of the
-packs it rewrites would be the floor).
+then forgets every other backup (each shares half its chunks with the next)
+and times `nbdbackup gc --repack-threshold 0.6`: mark, sweep, and the repack
+of the half-live packs.
 
     python bench/maint.py                    # 256 MiB of chunks, 4 backups
     python bench/maint.py --size 1G --repeat 3
@@ -37,6 +38,7 @@ import blake3  # noqa: E402
 
 from nbdbackup.repo import Repository  # noqa: E402
 from nbdbackup.repo.config import parse_size  # noqa: E402
+from nbdbackup.repo.verify import verify  # noqa: E402
 
 EXE = os.path.join(os.path.dirname(sys.executable), "nbdbackup")
 
@@ -50,13 +52,22 @@ def text_chunk(rng: random.Random, n: int) -> bytes:
 
 
 def build(path: str, size: int, cs: int, backups: int) -> None:
-    rng = random.Random(1)
+    """Backup b shares half its chunks with backup b-1 (alternating positions), so forgetting
+    every other backup leaves packs about half live: gc has to repack them."""
     per = size // backups // cs
+
+    def origin(b: int, i: int) -> int:
+        return b if b == 0 or (i + b) % 2 == 0 else origin(b - 1, i)
+
+    def chunk(b: int, i: int) -> bytes:
+        rng = random.Random(origin(b, i) * 1_000_003 + i)
+        return rng.randbytes(cs) if i % 4 < 2 else text_chunk(rng, cs)
+
     with Repository.open(path) as repo:
         for b in range(backups):
             w = repo.writer("vda", kind="full", size=per * cs)
             for i in range(per):
-                w.put(i, w.prepare(os.urandom(cs) if i % 2 else text_chunk(rng, cs)))
+                w.put(i, w.prepare(chunk(b, i)))
             w.commit(read_bytes=per * cs, duration_s=0)
 
 
@@ -106,23 +117,29 @@ def main() -> None:
         Repository.init(repo, chunk_size=cs).close()
         build(repo, size, cs, a.backups)
         pack_bytes = sum(os.path.getsize(p) for p in pack_paths(repo))
-        times: dict[str, list[float]] = {"baseline": [], "verify": [], "verify10": []}
+        times: dict[str, list[float]] = {"baseline": [], "api": [], "verify": [], "verify10": []}
         for _ in range(a.repeat):
             times["baseline"].append(baseline(repo))
+            with Repository.open(repo) as r:
+                t = time.perf_counter()
+                assert verify(r).ok
+                times["api"].append(time.perf_counter() - t)
             times["verify"].append(cli("verify", "--repo", repo, "-q")[0])
             times["verify10"].append(cli("verify", "--repo", repo, "-q", "--sample", "10")[0])
         med = {k: statistics.median(v) for k, v in times.items()}
         with Repository.open(repo) as r:
             victims = [b.id for b in r.list_backups()][::2]
         cli("forget", "--repo", repo, "-q", *victims)
-        t_gc, out = cli("gc", "--repo", repo, "--json", "--repack-threshold", "0.5")
+        t_gc, out = cli("gc", "--repo", repo, "--json", "--repack-threshold", "0.6")
         gc = json.loads(out)
         mib = pack_bytes / 2**20
-        logical = size // a.backups // cs * cs * a.backups / 2**20
+        with Repository.open(repo) as r:
+            logical = r.stats()["unique_bytes"] / 2**20
         print(f"repository: {logical:.0f} MiB of distinct chunks, {mib:.0f} MiB in packs, chunk size "
               f"{cs // 1024} KiB, {a.backups} backups; medians of {a.repeat}")
         print(f"{'step':<30} {'seconds':>8} {'pack MiB/s':>10} {'chunk MiB/s':>11} {'x baseline':>10}")
-        for k, label in (("baseline", "read + blake3 pack files"), ("verify", "nbdbackup verify"),
+        for k, label in (("baseline", "read + blake3 pack files"), ("api", "verify() in-process"),
+                         ("verify", "nbdbackup verify"),
                          ("verify10", "nbdbackup verify --sample 10")):
             print(f"{label:<30} {med[k]:>8.2f} {mib / med[k]:>10.0f} {logical / med[k]:>11.0f} "
                   f"{med[k] / med['baseline']:>10.2f}")
