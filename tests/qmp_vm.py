@@ -139,3 +139,52 @@ class Vm:
                 pass
             self.mon = None
 
+
+
+class Qsd:
+    """qemu-storage-daemon with one qcow2 node per disk, each with a writable FUSE
+    export standing in for the guest (writes through it reach the node's users
+    the way a guest's do)."""
+
+    def __init__(self, tmp: Path, disks: dict[str, int]):
+        assert os.path.exists("/dev/fuse"), "/dev/fuse is needed for the FUSE exports"
+        self.tmp = Path(tmp)
+        self.disks = disks
+        self.qmp_sock = str(self.tmp / "qsd-qmp.sock")
+        self.model = {d: bytearray(size) for d, size in disks.items()}
+        self.views = {d: self.tmp / f"{d}.guest" for d in disks}
+        cmd = [support.require_tool("qemu-storage-daemon")]
+        for d, size in disks.items():
+            img = str(self.tmp / f"{d}.qcow2")
+            support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", img, str(size)])
+            self.views[d].touch()
+            cmd += ["--blockdev", f"driver=file,node-name=file-{d},filename={img}",
+                    "--blockdev", f"driver=qcow2,node-name={d},file=file-{d}",
+                    "--export", f"type=fuse,id=guest-{d},node-name={d},mountpoint={self.views[d]},writable=on"]
+        cmd += ["--chardev", f"socket,path={self.qmp_sock},server=on,wait=off,id=m", "--monitor", "chardev=m"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        support.wait_for_path(self.qmp_sock, proc=self.proc)
+
+    def write(self, d: str, offset: int, data: bytes) -> None:
+        with open(self.views[d], "r+b", buffering=0) as f:
+            f.seek(offset)
+            f.write(data)
+            os.fsync(f.fileno())
+        self.model[d][offset:offset + len(data)] = data
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {d: bytes(m) for d, m in self.model.items()}
+
+    def query(self, cmd: str, **args):
+        """One QMP command on a short connection (qsd's monitor serves one client at a time)."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        mon = QEMUMonitorProtocol(self.qmp_sock)
+        mon.connect()
+        try:
+            return mon.cmd(cmd, **args)
+        finally:
+            mon.close()
+
+    def stop(self) -> None:
+        support.stop(self.proc)

@@ -411,3 +411,48 @@ def test_our_server_outlives_the_run_while_someone_else_exports_on_it(env, tmp_p
     backup(repo, vm, "incremental")         # now nobody else needs it: stopped
     assert not state_file.exists()
     vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "probe.sock")}})
+
+
+def test_qemu_storage_daemon_two_disks_late_writes_excluded(env, tmp_path):
+    """The same guarantees on qemu-storage-daemon, guest writes through FUSE."""
+    from qmp_vm import Qsd
+
+    repo, _, _ = env
+    qsd = Qsd(tmp_path, {"d0": 4 * MiB, "d1": 4 * MiB})
+    try:
+        qsd.write("d0", 0, b"\x11" * 70_000)
+        qsd.write("d1", MiB, b"\x12" * 4096)
+        at_full = qsd.snapshot()
+
+        def late(plans):
+            qsd.write("d0", 0, b"\x99" * 4096)
+            qsd.write("d1", 3 * MiB, b"\x98" * 4096)
+
+        src = QmpSource(qsd.qmp_sock, ["d0", "d1"])
+        full = run_backup(repo, HookedSource(src, late), "full", BackupOptions(connections=2))
+        assert_restores(repo, full, at_full)
+        assert full[0].info.set_id == full[1].info.set_id
+        expected = qsd.snapshot()
+        incr = run_backup(repo, QmpSource(qsd.qmp_sock, ["d0", "d1"]), "incremental", BackupOptions())
+        assert [r.info.kind for r in incr] == ["incremental", "incremental"]
+        assert_restores(repo, incr, expected)
+        assert [r.stats.read_bytes for r in incr] == [65536, 65536]
+        assert sorted(e["id"] for e in qsd.query("query-block-exports")) == ["guest-d0", "guest-d1"]
+        assert qsd.query("query-block-jobs") == []
+    finally:
+        qsd.stop()
+
+
+class HookedSource:
+    """Calls *hook(plans)* right after the wrapped source's prepare()."""
+
+    def __init__(self, src, hook):
+        self.src, self.hook = src, hook
+
+    def prepare(self, *a):
+        plans = self.src.prepare(*a)
+        self.hook(plans)
+        return plans
+
+    def __getattr__(self, name):
+        return getattr(self.src, name)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import support
-from qmp_vm import MiB, Vm
+from qmp_vm import MiB, Qsd, Vm
 
 
 def nbb(tmp_path, *args, check=True):
@@ -152,48 +152,18 @@ def test_cli_interrupted_or_killed_while_reading(tmp_path):
 
 def test_qemu_storage_daemon_with_fuse_writes(tmp_path):
     """Guest writes through a writable FUSE export while the backup fleeces the node."""
-    assert os.path.exists("/dev/fuse"), "/dev/fuse is needed for the FUSE export"
-    qsd = support.require_tool("qemu-storage-daemon")
-    img = tmp_path / "disk.qcow2"
-    support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(img), str(4 * MiB)])
-    mnt = tmp_path / "guest-view"
-    mnt.touch()
-    qmp = tmp_path / "qmp.sock"
-    proc = subprocess.Popen([qsd, "--blockdev", f"driver=file,node-name=f0,filename={img}",
-                             "--blockdev", "driver=qcow2,node-name=disk0,file=f0",
-                             "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={mnt},writable=on",
-                             "--chardev", f"socket,path={qmp},server=on,wait=off,id=m", "--monitor", "chardev=m"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    qsd = Qsd(tmp_path, {"disk0": 4 * MiB})
     nbb(tmp_path, "init", "--chunk-size", "64K")
     try:
-        support.wait_for_path(qmp, proc=proc)
-        model = bytearray(4 * MiB)
-
-        def guest_write(off, data):
-            with open(mnt, "r+b", buffering=0) as f:
-                f.seek(off)
-                f.write(data)
-                os.fsync(f.fileno())
-            model[off:off + len(data)] = data
-
-        guest_write(0, b"\x81" * 100_000)
-        full = json.loads(nbb(tmp_path, "--json", "full", "--qmp", str(qmp), "--node", "disk0").stdout)
-        assert restore_bytes(tmp_path, full["id"]) == bytes(model)
-        guest_write(2 * MiB, b"\x82" * 70_000)
-        incr = json.loads(nbb(tmp_path, "--json", "incremental", "--qmp", str(qmp), "--node", "disk0").stdout)
+        qsd.write("disk0", 0, b"\x81" * 100_000)
+        full = json.loads(nbb(tmp_path, "--json", "full", "--qmp", qsd.qmp_sock, "--node", "disk0").stdout)
+        assert restore_bytes(tmp_path, full["id"]) == qsd.snapshot()["disk0"]
+        qsd.write("disk0", 2 * MiB, b"\x82" * 70_000)
+        incr = json.loads(nbb(tmp_path, "--json", "incremental", "--qmp", qsd.qmp_sock, "--node", "disk0").stdout)
         assert incr["kind"] == "incremental" and incr["read_bytes"] == 2 * 65536
-        assert restore_bytes(tmp_path, incr["id"]) == bytes(model)
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        mon = QEMUMonitorProtocol(str(qmp))
-        mon.connect()
-        try:
-            exports = mon.cmd("query-block-exports")
-            assert [e["id"] for e in exports] == ["guest"]
-            assert mon.cmd("query-block-jobs") == []
-            nodes = {n["node-name"] for n in mon.cmd("query-named-block-nodes", flat=True)}
-            assert nodes == {"f0", "disk0"}
-        finally:
-            mon.close()
+        assert restore_bytes(tmp_path, incr["id"]) == qsd.snapshot()["disk0"]
+        assert [e["id"] for e in qsd.query("query-block-exports")] == ["guest-disk0"]
+        assert qsd.query("query-block-jobs") == []
+        assert {n["node-name"] for n in qsd.query("query-named-block-nodes", flat=True)} == {"file-disk0", "disk0"}
     finally:
-        support.stop(proc)
+        qsd.stop()
