@@ -32,6 +32,7 @@ DONE = proto.REPLY_FLAG_DONE
 PAYLOAD_TIMEOUT = 60.0     # once a write header arrived, its payload must follow
 SEND_TIMEOUT = 120.0       # a client that stops reading replies is dropped
 MAX_INFLIGHT = 64          # concurrent slow requests per connection
+READ_BUDGET = 96 << 20     # bytes of slow reads and writes in flight per connection (bounds memory)
 DRAIN_LIMIT = 64 << 20     # oversized write payloads up to this are drained; beyond: disconnect
 MAX_EXTENTS = 65536
 
@@ -61,6 +62,7 @@ class Connection:
         self.tasks: set[asyncio.Task] = set()
         self.write_tasks: set[asyncio.Task] = set()
         self.slots = asyncio.Semaphore(MAX_INFLIGHT)
+        self.read_bytes = 0
         self.closed = False
 
     # --- replies -----------------------------------------------------------------
@@ -142,17 +144,23 @@ class Connection:
                 await asyncio.wait(pending, timeout=2)
         self.closed = True
 
-    async def _spawn(self, coro, cookie: int, write: bool = False) -> None:
+    async def _spawn(self, coro, cookie: int, write: bool = False, cost: int = 0) -> None:
+        # Stop reading requests while too many (or too large) ones are pending:
+        # a client cannot make us hold more than READ_BUDGET of replies.
+        while cost and self.read_bytes + cost > READ_BUDGET and self.tasks:
+            await asyncio.wait(list(self.tasks), return_when=asyncio.FIRST_COMPLETED)
         await self.slots.acquire()
+        self.read_bytes += cost
         t = asyncio.create_task(self._guard(coro, cookie))
         self.tasks.add(t)
         if write:
             self.write_tasks.add(t)
-        t.add_done_callback(self._task_done)
+        t.add_done_callback(lambda t: self._task_done(t, cost))
 
-    def _task_done(self, t: asyncio.Task) -> None:
+    def _task_done(self, t: asyncio.Task, cost: int) -> None:
         self.tasks.discard(t)
         self.write_tasks.discard(t)
+        self.read_bytes -= cost
         self.slots.release()
 
     async def _guard(self, coro, cookie: int) -> None:
@@ -195,7 +203,7 @@ class Connection:
                 data = await self._payload(flags, off, length, cookie, allowed)
                 if data is None:
                     continue
-                await self._spawn(self._write(cookie, flags, off, data), cookie, write=True)
+                await self._spawn(self._write(cookie, flags, off, data), cookie, write=True, cost=len(data))
                 continue
             if typ == proto.CMD_DISC:      # never answered, whatever its flags
                 return
@@ -262,7 +270,7 @@ class Connection:
             if pieces is not None:
                 self.reply_read(cookie, pieces, df)
             else:
-                await self._spawn(self._read_slow(cookie, off, length, df), cookie)
+                await self._spawn(self._read_slow(cookie, off, length, df), cookie, cost=length)
 
     async def _read_slow(self, cookie, off, length, df) -> None:
         pieces = await self.view.read(off, length)
