@@ -202,3 +202,20 @@ def test_gc_keeps_chunks_shared_across_disks_and_zero_maps(tmp_path):
             live = {img.chunk_ref(i) for i in range(16)} - {ZERO_REF}
         assert repo.stats()["chunks"] == len(live)
     nbdbackup("verify", "--repo", path)
+
+
+def test_gc_leaves_a_missing_pack_alone_and_says_so(tmp_path):
+    path = new_repo(tmp_path / "r", pack_size=256 * 1024)
+    (ba, a), (bb, b) = _two_backups(path, random.Random(9))
+    nbdbackup("forget", "--repo", path, bb.id)
+    with Repository.open(path) as repo:
+        with repo.open_image(ba.id) as img:
+            ref = img.chunk_ref(0)
+        gone = repo.store.chunk_locations([ref])[ref].pack
+    os.unlink(os.path.join(path, P.pack_object_name(gone)))
+    p = nbdbackup("gc", "--repo", path)
+    assert f"pack {gone} is missing but still holds live data" in p.stderr and "verify" in p.stderr
+    with Repository.open(path) as repo:
+        assert gone in indexed_packs(repo)                    # its rows stay: verify names the damage
+    p = nbdbackup("verify", "--repo", path, check=False)
+    assert p.returncode == 5 and ba.id in p.stdout

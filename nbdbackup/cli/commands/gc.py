@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+log = logging.getLogger(__name__)
 
 NAME = "gc"
 HELP = "reclaim space: delete unreferenced chunks and packs, repack sparse packs"
@@ -50,6 +53,8 @@ def run(args) -> int:
         finally:
             for b in bars:
                 b.close()
+    for problem in report.skipped_damaged:
+        log.warning("gc left alone: %s (run `nbdbackup verify`)", problem)
     if args.json:
         print_json(report.to_json())
         return 0
