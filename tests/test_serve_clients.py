@@ -166,3 +166,20 @@ def test_structured_reads_holes_and_df(repo, tmp_path):
         assert c.request(proto.CMD_FLUSH, 0, 0).error == 0
         c.send(proto.CMD_DISC, 0, 0)
         assert c.is_closed()
+
+
+def test_many_clients_at_once(repo, tmp_path):
+    """Several exports copied at the same time, each over several connections, all exact."""
+    path, imgs, _ = repo
+    nbdcopy = support.require_tool("nbdcopy")
+    with serve(path, tmp_path, "--cache-size", "1M") as s:     # a tiny cache: most reads go to the pool
+        procs = []
+        for k, (name, raw) in enumerate(list(imgs.items()) * 2):
+            out = tmp_path / f"many-{k}.raw"
+            procs.append((subprocess.Popen([nbdcopy, "-C", "3", s.uri(name), str(out)],
+                                           stderr=subprocess.PIPE), out, raw))
+        for p, out, raw in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            assert out.read_bytes() == raw.read_bytes()
+        assert s.alive()
