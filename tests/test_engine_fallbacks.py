@@ -178,3 +178,31 @@ def test_image_in_use_is_refused(tmp_path):
         p = nbb(repo, "incremental", "--image", str(img), check=False)
     assert p.returncode == 3 and "in use" in p.stderr and "Traceback" not in p.stderr
     assert len(json.loads(nbb(repo, "--json", "list").stdout)) == 1
+
+
+def test_sigterm_mid_backup_cleans_up(tmp_path):
+    img, repo, full = _setup(tmp_path, size=256 * MiB)
+    rnd = random_file(tmp_path / "r.bin", 96 * MiB, seed=4)
+    qio(img, f"write -q -s {rnd} 100M 96M")
+    proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(repo), "full", "--image", str(img)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        kids = []
+        while not kids and time.monotonic() < deadline and proc.poll() is None:
+            kids = _children(proc.pid, "qemu-nbd")
+            time.sleep(0.005)
+        assert kids, "qemu-nbd never started"
+        time.sleep(0.2)
+        assert proc.poll() is None, "the backup finished before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        support.stop(proc)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not any(_alive(k) for k in kids)
+    assert [b["id"] for b in json.loads(nbb(repo, "--json", "list").stdout)] == [full["id"]]
+    # the interrupted run removed the bitmap it had added; the full's bitmap remains
+    names = [b["name"] for b in bitmaps(img)]
+    assert len(names) == 1 and names[0].endswith(full["checkpoint"]), names
