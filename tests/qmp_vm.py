@@ -25,6 +25,7 @@ class Vm:
         self.fmt = fmt
         self.qmp_sock = str(self.tmp / "qmp.sock")       # the tool's
         self.watch_sock = str(self.tmp / "watch.sock")   # the test's
+        self.guest_sock = str(self.tmp / "guest.sock")   # a "guest" writing concurrently
         self.images = {dev: str(self.tmp / f"{dev}.{fmt}") for dev in disks}
         self.model = {dev: bytearray(size) for dev, size in disks.items()}
         self.proc = None
@@ -39,12 +40,13 @@ class Vm:
 
     def start(self) -> None:
         exe = support.require_tool("qemu-system-x86_64")
-        for s in (self.qmp_sock, self.watch_sock):
+        for s in (self.qmp_sock, self.watch_sock, self.guest_sock):
             if os.path.exists(s):
                 os.unlink(s)
         cmd = [exe, "-machine", "pc", "-S", "-nodefaults", "-display", "none",
                "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
-               "-qmp", f"unix:{self.watch_sock},server=on,wait=off"]
+               "-qmp", f"unix:{self.watch_sock},server=on,wait=off",
+               "-qmp", f"unix:{self.guest_sock},server=on,wait=off"]
         for dev in self.disks:
             cmd += ["-blockdev", f"driver=file,node-name=file-{dev},filename={self.images[dev]}",
                     "-blockdev", f"driver={self.fmt},node-name={self.node(dev)},file=file-{dev}",

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import support
@@ -458,3 +459,62 @@ class HookedSource:
 
     def __getattr__(self, name):
         return getattr(self.src, name)
+
+
+def test_guest_writing_all_through_the_read_stays_out(env):
+    """A "guest" thread writes continuously (own QMP socket) from the transaction
+    until the backup is committed; the backup is the disk at the transaction."""
+    import random
+    import threading
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    repo, make_vm, tmp_path = env
+    vm = make_vm({"vda": 32 * MiB})
+    data = tmp_path / "fill.bin"
+    data.write_bytes(random.Random(3).randbytes(24 * MiB))
+    assert vm.cmd("human-monitor-command",
+                  **{"command-line": f'qemu-io -d vda "write -s {data} 0 {24 * MiB}"'}) == ""
+    vm.model["vda"][:24 * MiB] = data.read_bytes()
+    backup(repo, vm, "full")
+    stop = threading.Event()
+    writes = []
+
+    def guest():
+        mon = QEMUMonitorProtocol(vm.guest_sock)
+        mon.connect()
+        rnd = random.Random(4)
+        try:
+            while not stop.is_set():
+                off, pat = rnd.randrange(512) * 65536, rnd.randrange(1, 256)
+                out = mon.cmd("human-monitor-command",
+                              **{"command-line": f'qemu-io -d vda "write -P {pat} {off} 65536"'})
+                assert out == "", out
+                writes.append((off, pat))
+        finally:
+            mon.close()
+
+    t = threading.Thread(target=guest, daemon=True)
+    frozen_at = {}
+
+    def start_guest(plans):
+        frozen_at.update(vm.snapshot())
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(writes) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    vm.write("vda", 0, 65536, 0x77)
+    try:
+        r = backup(repo, vm, "incremental", hook=start_guest)
+        during = len(writes)
+    finally:
+        stop.set()
+        t.join(30)
+    assert during >= 5, "the guest did not write while the backup read"
+    assert_restores(repo, r, frozen_at)
+    for off, pat in writes:
+        vm.model["vda"][off:off + 65536] = bytes([pat]) * 65536
+    r = backup(repo, vm, "incremental")
+    assert_restores(repo, r, vm.snapshot())
+    vm.assert_clean()
