@@ -123,3 +123,34 @@ def test_cli_over_tls(tmp_path):
 
 def test_merge_helper():
     assert merge([(0, 1, 0), (1, 1, 0), (2, 1, 3)]) == [(0, 2, 0), (2, 1, 3)]
+
+
+def test_info_and_map_over_tcp(tmp_path, image):
+    import subprocess
+
+    port = support.free_port()
+    proc = subprocess.Popen([support.require_tool("qemu-nbd"), "-r", "-t", "-e", "4", "-b", "127.0.0.1",
+                             "-p", str(port), "-f", "qcow2", "-B", "bm0", "-x", "vda", str(image)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        support.wait_for_port(port)
+        uri = f"nbd://127.0.0.1:{port}/vda"
+        ours = json.loads(support.nbdbackup("info", "--json", uri).stdout)
+        assert ours["export"] == "vda" and BM in ours["contexts"]
+        got = our_map(uri, "--context", BM)
+        assert [(e["offset"], e["length"], e["flags"]) for e in got] == nbdinfo_map(uri, BM)
+    finally:
+        support.stop(proc)
+
+
+def test_timeout_option_applies(tmp_path):
+    """A server that accepts but never speaks: --timeout 1 gives up quickly with exit 4."""
+    import time
+
+    from fake_nbd_server import FakeServer
+
+    with FakeServer(tmp_path / "s", lambda conn, srv: time.sleep(8)) as srv:
+        t0 = time.monotonic()
+        r = support.nbdbackup("info", "--timeout", "1", srv.uri, check=False)
+        assert time.monotonic() - t0 < 6
+    assert r.returncode == ExitCode.SOURCE_UNREACHABLE and "no greeting within 1s" in r.stderr
