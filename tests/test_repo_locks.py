@@ -135,3 +135,18 @@ def test_gc_lock_blocks_writers_with_lock_wait(tmp_path):
             r2.writer("vda", kind="full", size=CS)
     finally:
         gc.release()
+
+
+def test_open_image_waits_for_exclusive_gc_then_fails_clearly(tmp_path):
+    from repohelp import write_full
+    repo = new_repo(tmp_path)
+    write_full(repo, "vda", pseudo(2, CS))
+    gc = repo.lock("readers", exclusive=True, purpose="gc")
+    try:
+        r2 = Repository.open(repo.path, lock_wait=0.2)
+        with pytest.raises(LockedError, match="reader lock"):
+            r2.open_image("vda")
+    finally:
+        gc.release()
+    with repo.open_image("vda") as img:
+        assert img.read(0, CS) == pseudo(2, CS)
