@@ -518,3 +518,17 @@ def test_guest_writing_all_through_the_read_stays_out(env):
     r = backup(repo, vm, "incremental")
     assert_restores(repo, r, vm.snapshot())
     vm.assert_clean()
+
+
+def test_disk_grown_between_backups(env):
+    repo, make_vm, _ = env
+    vm = make_vm({"vda": 4 * MiB})
+    vm.write("vda", 4 * MiB - 4096, 4096, 0x21)
+    backup(repo, vm, "full")
+    vm.cmd("block_resize", **{"node-name": "node-vda", "size": 6 * MiB})
+    vm.model["vda"] += bytes(2 * MiB)
+    vm.write("vda", 5 * MiB, 65536, 0x22)
+    r = backup(repo, vm, "incremental")
+    assert r[0].info.kind == "incremental" and r[0].info.size == 6 * MiB
+    assert_restores(repo, r, vm.snapshot())
+    vm.assert_clean()
