@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # spec's safe default.
 MAX_PAYLOAD = proto.DEFAULT_MAX_BLOCK
 U32_MAX = 0xFFFFFFFF
+SMALL_PAYLOAD = 64 * 1024   # copied next to the header rather than sent separately
 
 
 def open_socket(uri: NbdUri, timeout: float) -> socket.socket:
@@ -190,11 +191,14 @@ class Client:
             cookie = next(self._cookies)
             p.cookie = cookie
             self._reader.add(p)
+            header = proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, p.cmd, cookie, p.offset, p.length)
             try:
-                send_all(self.sock, proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, p.cmd, cookie, p.offset,
-                                                       p.length), proto.command_name(p.cmd))
-                if payload is not None:
-                    send_all(self.sock, payload, proto.command_name(p.cmd))
+                if payload is not None and len(payload) <= SMALL_PAYLOAD:
+                    send_all(self.sock, header + bytes(payload), proto.command_name(p.cmd))   # one syscall
+                else:
+                    send_all(self.sock, header, proto.command_name(p.cmd))
+                    if payload is not None:
+                        send_all(self.sock, payload, proto.command_name(p.cmd))
             except NbdError as e:
                 self._reader.fail(e)
                 self._shutdown()
