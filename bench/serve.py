@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,10 +68,17 @@ def backup(repo_path: str, disk_path: str, size: int, chunk: int) -> str:
 
 
 def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Until a connection succeeds (the path can exist before listen())."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"server did not start ({proc.returncode})")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
         time.sleep(0.005)
 
 
@@ -100,7 +108,9 @@ def stop(p: subprocess.Popen) -> None:
 
 def stream(uri: str, size: int) -> float:
     t = time.perf_counter()
-    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    p = subprocess.run(["nbdcopy", uri, "null:"], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"nbdcopy {uri} failed: {p.stderr}")
     return size / (time.perf_counter() - t) / (1 << 20)
 
 

@@ -109,6 +109,31 @@ def clear_stale_socket(path: str) -> None:
                       hint="stop it first, or choose another --listen path")
 
 
+def listen_unix(path: str) -> socket.socket:
+    """A listening unix socket that appears at *path* only once it accepts
+    connections (bind + listen under a temporary name, then rename), so a
+    client polling for the path never gets ECONNREFUSED."""
+    tmp = f"{path}.{os.getpid()}~"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(tmp)
+        except OSError:          # e.g. the longer name exceeds the sun_path limit
+            sock.bind(path)
+            tmp = None
+        sock.listen(128)
+        if tmp:
+            os.rename(tmp, path)
+    except OSError as e:
+        sock.close()
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise UsageError(f"cannot listen on unix:{path}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, writable: bool = False, overlay_dir: str | None = None,
                  tls: ssl.SSLContext | None = None, workers: int = 4, max_block: int = MAX_BLOCK):
@@ -204,8 +229,9 @@ class NbdServer:
     async def start(self, addr: ListenAddress) -> None:
         if addr.unix:
             clear_stale_socket(addr.unix)
-            srv = await asyncio.start_unix_server(self._on_client, addr.unix, limit=1 << 20)
+            sock = listen_unix(addr.unix)
             self.unix_paths.append(addr.unix)
+            srv = await asyncio.start_unix_server(self._on_client, sock=sock, limit=1 << 20)
         else:
             try:
                 srv = await asyncio.start_server(self._on_client, addr.host, addr.port,
