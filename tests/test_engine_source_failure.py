@@ -96,3 +96,18 @@ def test_qemu_nbd_killed_during_backup(tmp_path):
     assert bk.returncode == 12, err
     assert "nothing was committed" in err and "Traceback" not in err
     assert _listed(repo) == []
+
+
+def test_server_without_structured_replies(tmp_path):
+    """No structured replies means no meta contexts: everything is read, zeros detected after reading."""
+    size = 4 * MiB
+    repo = init_repo(tmp_path / "repo", "64K")
+    with nbdkit(tmp_path, "--no-sr", "pattern", f"size={size}") as uri:
+        info = json.loads(nbb(repo, "--json", "full", "--source", uri, "--disk", "simple").stdout)
+        p = nbb(repo, "incremental", "--source", uri, "--disk", "simple", "--bitmap", "b", "--no-fallback",
+                check=False)
+    assert info["read_bytes"] == size
+    assert p.returncode == 13 and "qemu:dirty-bitmap:b" in p.stderr
+    out = tmp_path / "simple.raw"
+    nbb(repo, "restore", info["id"], str(out))
+    assert out.read_bytes() == _pattern(size)

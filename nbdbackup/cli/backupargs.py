@@ -153,15 +153,15 @@ def run_backup_command(args, kind: str) -> int:
 
 
 def summary_line(result) -> str:
-    """Bytes read, new bytes stored, dedup and compression ratios, time."""
+    """Bytes read, new bytes stored, compression and dedup ratios, time."""
     from .output import human_bytes as hb
 
     info, st = result.info, result.stats
-    # compression: non-zero data read -> its compressed size; dedup: that -> what was new
+    # compression: non-zero data read -> compressed; dedup: compressed -> new bytes stored
+    # (stored includes the backup's map records, so tiny backups show a low dedup ratio)
     comp = f"{st.data_bytes / st.packed_bytes:.2f}x" if st.packed_bytes else "-"
-    dedup = f"{st.packed_bytes / info.stored_bytes:.2f}x" if info.stored_bytes else \
-        ("all duplicate" if st.packed_bytes else "-")
+    dedup = f"{st.packed_bytes / info.stored_bytes:.2f}x" if info.stored_bytes and st.packed_bytes else "-"
     rate = info.read_bytes / info.duration_s if info.duration_s else 0.0
     return (f"{info.kind} backup {info.id} of {info.disk} ({hb(info.size)}): read {hb(info.read_bytes)}, "
-            f"stored {hb(info.stored_bytes)} new; compression {comp}, dedup {dedup}; "
+            f"stored {hb(info.stored_bytes)} new (incl. map); compression {comp}, dedup {dedup}; "
             f"{info.duration_s:.1f}s ({hb(rate)}/s)")
