@@ -63,7 +63,7 @@ def test_not_a_repository(tmp_path):
 
 def test_plain_wheel_ships_migrations_and_works(tmp_path):
     """A non-editable install must carry the Alembic scripts and run `init`."""
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
          "-w", str(tmp_path / "wheels"), str(ROOT)], timeout=300)
     wheel = next((tmp_path / "wheels").glob("nbdbackup-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
