@@ -39,6 +39,9 @@ def served(tmp_path_factory):
         s.baseline_fds = s.fd_count()
         yield s
         assert s.alive()
+        log = s.log()
+        for bad in ("Traceback", "internal error", "socket.send() raised", "Task exception was never retrieved"):
+            assert bad not in log, f"server log has {bad!r}:\n{log[-3000:]}"
 
 
 def _name_blob(name: bytes) -> bytes:

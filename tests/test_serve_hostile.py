@@ -35,6 +35,9 @@ def served(tmp_path_factory):
         s.data = data
         yield s
         assert s.alive()
+        log = s.log()
+        for bad in ("Traceback", "internal error", "socket.send() raised", "Task exception was never retrieved"):
+            assert bad not in log, f"server log has {bad!r}:\n{log[-3000:]}"
 
 
 def _go_data(name: bytes, reqs=(proto.INFO_BLOCK_SIZE,)) -> bytes:

@@ -67,7 +67,8 @@ class Connection:
 
     # --- replies -----------------------------------------------------------------
     def _out(self, data) -> None:
-        if not self.closed:
+        # A vanished client's replies are dropped quietly (asyncio would log each one).
+        if not self.closed and not self.writer.transport.is_closing():
             self.writer.write(data)
 
     async def _drain(self) -> None:
@@ -97,7 +98,7 @@ class Connection:
         if len(pieces) == 1 and pieces[0][2] is not None:   # the hot path
             off, n, d = pieces[0]
             hdr = SR_DATA.pack(XMAGIC, DONE, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off)
-            if n >= 65536 and not self.closed:
+            if n >= 65536 and not self.closed and not self.writer.transport.is_closing():
                 # Two back-to-back writes (nothing can come between them on the
                 # loop) spare a copy of the data.
                 self.writer.write(hdr)
