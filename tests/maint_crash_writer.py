@@ -4,6 +4,7 @@ Run as a script by tests/test_maint_crash.py:
 
     python maint_crash_writer.py REPO SEED COUNT
     python maint_crash_writer.py REPO gc          (gc, repacking every pack with dead data)
+    python maint_crash_writer.py REPO rebuild-index
 
 Disk contents are a pure function of (seed, disk, version), see content(),
 so the test can rebuild what every committed backup must hold from the
@@ -154,6 +155,12 @@ def main(argv: list[str]) -> int:
         _arm_kill_point()
         with Repository.open(argv[0]) as repo:
             print(collect(repo, repack_threshold=1.0).to_json(), flush=True)
+        return 0
+    if argv[1] == "rebuild-index":      # python maint_crash_writer.py REPO rebuild-index
+        from nbdbackup.repo.rebuild import rebuild_index
+
+        _arm_kill_point()
+        print(rebuild_index(argv[0]).to_json(), flush=True)
         return 0
     repo_path, seed, count = argv[0], int(argv[1]), int(argv[2])
     _arm_kill_point()

@@ -172,3 +172,31 @@ def test_partly_damaged_index_is_a_clear_error_then_rebuilt(repo_with_backups, t
         assert "rebuild-index" in p.stderr and "internal error" not in p.stderr, p.stderr
     nbdbackup("rebuild-index", "--repo", path)
     _check_recovered(path, expect, listing)
+
+
+# new index fsync, before moving the old aside, before renaming the new in, dir fsync after
+@pytest.mark.parametrize("point", ["fsync:1", "rename:1", "rename:2", "fsync:2"])
+def test_sigkill_during_rebuild_keeps_the_old_index_and_can_be_rerun(repo_with_backups, point):
+    import signal
+    import subprocess
+    import sys
+
+    path, expect, listing = repo_with_backups
+    index = os.path.join(path, "index.sqlite")
+    with open(index, "r+b") as f:
+        f.write(b"garbage!" * 64)
+    damaged = open(index, "rb").read()
+    helper = os.path.join(os.path.dirname(__file__), "maint_crash_writer.py")
+    p = subprocess.run([sys.executable, helper, path, "rebuild-index"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, NBDBACKUP_CRASH_AT=point))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    # the damaged index still exists, under its name or moved aside, byte for byte
+    copies = [index] + glob.glob(index + ".damaged-*")
+    assert any(os.path.exists(c) and open(c, "rb").read() == damaged for c in copies)
+    p = nbdbackup("list", "--repo", path, "--json", check=False)
+    if p.returncode == 0:                       # the new index was complete when it took the name
+        assert json.loads(p.stdout) == listing
+    else:
+        assert p.returncode == 9 and "rebuild-index" in p.stderr
+    nbdbackup("rebuild-index", "--repo", path)
+    _check_recovered(path, expect, listing)

@@ -1,9 +1,10 @@
 """rebuild-index: recreate the index from the self-describing packs.
 
 Order: scan every pack (read-only: footers, or record headers when a footer
-is damaged; manifests are read and hash-checked), then move the old index
-aside (never deleted), then create a fresh index at the head revision and
-fill it in one transaction. Runs under the writers and readers locks taken
+is damaged; manifests are read and hash-checked), then build a fresh index
+at the head revision beside the old one (`index.sqlite.rebuilding`, filled
+in one transaction), then move the old index aside (never deleted) and
+rename the new one into place. Runs under the writers and readers locks taken
 exclusively, like gc. A backup comes back when its manifest and all its map
 segments are found; missing chunks are reported (verify names the ranges).
 """
@@ -89,14 +90,55 @@ def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float =
 def _rebuild(repo, progress) -> RebuildReport:
     rep = RebuildReport()
     found = _scan(repo.backend, rep, progress)
-    rep.old_index = _move_aside(repo)
-    eng = make_engine(repo.index_url)
+    repo.engine.dispose()
+    url = repo.index_url
+    if not url.startswith("sqlite:///"):
+        _require_empty(url)
+        _build(url, repo, found, rep)
+        return rep
+    # SQLite: build beside, then swap, so a crash leaves the old index or the complete new one
+    # (or, between the two renames, none: `open` then says so and rebuild-index runs again)
+    db = url.removeprefix("sqlite:///")
+    tmp = db + ".rebuilding"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(tmp + suffix):
+            os.unlink(tmp + suffix)
+    _build("sqlite:///" + tmp, repo, found, rep, single_file=True)
+    rep.old_index = _move_aside(db)
+    os.rename(tmp, db)
+    _fsync_dir(os.path.dirname(db))
+    return rep
+
+
+def _build(url: str, repo, found: "_Found", rep: RebuildReport, *, single_file: bool = False) -> None:
+    eng = make_engine(url)
     try:
         upgrade(eng, "head")
         _fill(eng, repo, found, rep)
+        if single_file:   # fold the WAL into the file so that renaming the file moves everything
+            raw = eng.raw_connection()      # outside any transaction (the driver is in autocommit)
+            try:
+                cur = raw.cursor()
+                cur.execute("PRAGMA journal_mode=DELETE")
+                cur.close()
+            finally:
+                raw.close()
     finally:
         eng.dispose()
-    return rep
+    if single_file:
+        fd = os.open(url.removeprefix("sqlite:///"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _scan(backend, rep: RebuildReport, progress) -> _Found:
@@ -140,23 +182,23 @@ def _read_manifest(backend, obj: str, rec: P.RecordInfo, found: _Found) -> None:
     found.manifests.setdefault(bid, {"manifest": m, "hash": rec.hash})
 
 
-def _move_aside(repo) -> str | None:
-    url = repo.index_url
-    repo.engine.dispose()
+def _move_aside(db: str) -> str | None:
+    """Rename the SQLite index file (with its -wal/-shm) to <db>.damaged-<UTC time>; never delete it."""
+    if not os.path.exists(db):
+        return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    if url.startswith("sqlite:///"):
-        db = url.removeprefix("sqlite:///")
-        if not os.path.exists(db):
-            return None
-        target = f"{db}.damaged-{stamp}"
-        n = 1
-        while os.path.exists(target):
-            n += 1
-            target = f"{db}.damaged-{stamp}-{n}"
-        for suffix in ("-wal", "-shm", ""):       # the main file last: it is what marks the index
-            if os.path.exists(db + suffix):
-                os.rename(db + suffix, target + suffix)
-        return target
+    target = f"{db}.damaged-{stamp}"
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{db}.damaged-{stamp}-{n}"
+    for suffix in ("-wal", "-shm", ""):       # the main file last: it is what marks the index
+        if os.path.exists(db + suffix):
+            os.rename(db + suffix, target + suffix)
+    return target
+
+
+def _require_empty(url: str) -> None:
     eng = make_engine(url)
     try:
         with eng.connect() as conn:
@@ -166,7 +208,6 @@ def _move_aside(repo) -> str | None:
     if tables:
         raise UsageError(f"the index database {url} is not empty; rebuild-index only moves SQLite index files "
                          "aside by itself", hint="move or drop the old database yourself, then run again")
-    return None
 
 
 def _fill(eng, repo, found: _Found, rep: RebuildReport) -> None:
