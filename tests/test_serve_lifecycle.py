@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 
 import pytest
 import support
 from test_serve_support import RawClient, backup_bytes, init_repo, make_image, serve, wait_until
 
+from nbdbackup.nbd import proto
 from nbdbackup.nbd.server import ListenAddress
 
 
@@ -144,3 +146,34 @@ def test_bad_options_are_usage_errors(repo, tmp_path):
     p = support.nbdbackup("serve", "--repo", tmp_path / "nope", "--listen", f"unix:{tmp_path}/x.sock",
                           check=False, timeout=30)
     assert p.returncode == 6, p.stderr
+
+
+def test_sigterm_finishes_in_flight_requests(repo, tmp_path):
+    """Replies already started are completed: a client sees whole replies, then EOF."""
+    path, raw = repo
+    data = raw.read_bytes()
+    with serve(path, tmp_path, "--cache-size", "0") as s:     # every read goes to the chunk pool
+        c = RawClient(s)
+        c.greet()
+        c.go("vm1")
+        cookies = [c.send(0, (k * 65536) % (len(data) - 65536), 65536) for k in range(48)]
+        s.proc.send_signal(signal.SIGTERM)
+        got = 0
+        c.s.settimeout(20)
+        while True:
+            first = c.s.recv(1)
+            if not first:
+                break                                  # EOF between replies: fine
+            c.s.settimeout(5)
+            rest = c.recv(3)
+            assert proto.U32.unpack(first + rest)[0] == proto.STRUCTURED_REPLY_MAGIC
+            flags, typ, ck, ln = struct.unpack(">HHQI", c.recv(16))
+            body = c.recv(ln)                          # a truncated reply raises here
+            assert ck in cookies
+            if typ == proto.REPLY_TYPE_OFFSET_DATA:
+                off = proto.U64.unpack_from(body)[0]
+                assert body[8:] == data[off:off + ln - 8]
+                got += 1
+        c.close()
+        assert s.proc.wait(20) == 0
+    assert got >= 1

@@ -275,7 +275,12 @@ class NbdServer:
         finally:
             if view is not None:
                 self.release_view(view)
-            writer.transport.abort() if self.stopping else writer.close()
+            writer.close()      # sends what is buffered (whole replies), then closes
+            if self.stopping:
+                try:
+                    await asyncio.wait_for(writer.wait_closed(), 5)
+                except (asyncio.TimeoutError, OSError, ssl.SSLError, asyncio.CancelledError):
+                    writer.transport.abort()
             self.clients.discard(task)
 
     # --- shutdown ------------------------------------------------------------------
