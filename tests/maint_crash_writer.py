@@ -16,7 +16,8 @@ NBDBACKUP_CRASH_AT="<step>:<n>" makes the process SIGKILL itself just before
 the n-th call of a step: "fsync" (odd n: before a pack's data fsync; even n:
 after its rename, before the directory fsync), "rename" (after the pack's
 fsync, before it is moved into packs/), "commit" (before an index transaction
-commits: pack rows or the final backup rows), "write" (pack data half written),
+commits: pack rows or the final backup rows), "final" (before the commit of
+the n-th transaction that inserts backup rows), "write" (pack data half written),
 "unlink" (before a file is deleted: gc).
 """
 
@@ -101,6 +102,21 @@ def _arm_kill_point() -> None:
         from sqlalchemy.engine import Engine
 
         event.listen(Engine, "commit", lambda conn: tick())
+        return
+    if step == "final":                 # only the transactions that insert backup rows
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        def seen_insert(conn, cursor, statement, *a):
+            if statement.lstrip().upper().startswith("INSERT INTO BACKUPS "):
+                conn.info["final"] = True
+
+        def on_commit(conn):
+            if conn.info.pop("final", False):
+                tick()
+
+        event.listen(Engine, "before_cursor_execute", seen_insert)
+        event.listen(Engine, "commit", on_commit)
         return
     if step not in ("fsync", "rename", "write", "unlink"):
         raise SystemExit(f"unknown kill step {step!r}")

@@ -30,7 +30,8 @@ SEED = 20261126
 # steps inside pack writes (fsync of data / of the directory, rename into packs/, half-written
 # data) and index commits (pack rows; the final backup rows), at several depths of a run
 KILL_POINTS = ["fsync:1", "fsync:2", "fsync:5", "fsync:12", "rename:1", "rename:3", "rename:8",
-               "write:1", "write:4", "write:10", "commit:1", "commit:2", "commit:4", "commit:7"]
+               "write:1", "write:4", "write:10", "commit:1", "commit:2", "commit:4", "commit:7",
+               "final:1", "final:2"]
 RANDOM_KILLS = 6
 
 
