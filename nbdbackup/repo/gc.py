@@ -107,15 +107,11 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
     # -- what the index holds ---------------------------------------------------
     with eng.connect() as conn:
         pack_rows = {r[0]: _Pack(r[0], r[1], r[2]) for r in conn.execute(select(packs.c.id, packs.c.name, packs.c.size))}
-        # (table, hash) -> (pack_id, offset, stored_len) for every row
-        rows = {}
         dead_rows: dict = {chunks: [], segments: []}
         for table, live in ((chunks, live_chunks), (segments, live_segs)):
-            for h, pid, off, sl in conn.execute(select(table.c.hash, table.c.pack_id, table.c.offset,
-                                                       table.c.stored_len)):
+            for h, pid, sl in conn.execute(select(table.c.hash, table.c.pack_id, table.c.stored_len)):
                 h = bytes(h)
                 if h in live:
-                    rows[(table.name, h)] = (pid, off)
                     pack_rows[pid].live_bytes += P.HEADER_SIZE + sl
                 else:
                     dead_rows[table].append(h)
@@ -131,7 +127,6 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
             continue
         except (P.PackFormatError, OSError) as e:
             rep.skipped_damaged.append(f"pack {pk.name}: unreadable footer ({e}); left as it is")
-            continue
             continue
         for rec in pk.records:
             if rec.type == P.REC_MANIFEST:
@@ -162,6 +157,7 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
 
     # -- repack ---------------------------------------------------------------------
     bar = _bar(progress, sum(pk.live_bytes for pk in sparse), "gc: repack", "B")
+    rows = _live_rows(eng, [pk.id for pk in sparse], live_chunks, live_segs)
     for group in _groups(sparse, repo.config.pack_size):
         rep.bytes_reclaimed += _repack(repo, group, rows, live_manifests, dry_run, rep, bar)
     bar.close()
@@ -189,6 +185,20 @@ class _NoBar:
 
 def _bar(progress, total: int, desc: str, unit: str):
     return progress(total, desc, unit) if progress is not None else _NoBar()
+
+
+def _live_rows(eng, pack_ids: list[int], live_chunks: set[bytes], live_segs: set[bytes]) -> dict:
+    """(table name, hash) -> (pack id, offset) of the live rows in packs *pack_ids*."""
+    rows = {}
+    with eng.connect() as conn:
+        for table, live in ((chunks, live_chunks), (segments, live_segs)):
+            for i in range(0, len(pack_ids), _IN_BATCH):
+                q = select(table.c.hash, table.c.pack_id, table.c.offset).where(
+                    table.c.pack_id.in_(pack_ids[i:i + _IN_BATCH]))
+                for h, pid, off in conn.execute(q):
+                    if bytes(h) in live:
+                        rows[(table.name, bytes(h))] = (pid, off)
+    return rows
 
 
 def _delete_rows(eng, dead_rows: dict, pack_ids: list[int]) -> None:
