@@ -177,3 +177,25 @@ def test_sigterm_finishes_in_flight_requests(repo, tmp_path):
         c.close()
         assert s.proc.wait(20) == 0
     assert got >= 1
+
+
+def test_max_connections(repo, tmp_path):
+    path, raw = repo
+    with serve(path, tmp_path, "--max-connections", "2") as s:
+        a, b = RawClient(s), RawClient(s)
+        a.greet()
+        b.greet()
+        with RawClient(s) as c:
+            assert c.is_closed()                       # turned away, no greeting
+        a.close()
+        assert wait_until(lambda: "refused" in s.log())
+        def fresh_ok():
+            with RawClient(s) as d:
+                try:
+                    d.greet()
+                    d.go("vm1")
+                    return d.read(0, 10) == raw.read_bytes()[:10]
+                except (ConnectionError, AssertionError, OSError):
+                    return False
+        assert wait_until(fresh_ok)
+        b.close()

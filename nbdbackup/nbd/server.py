@@ -136,12 +136,14 @@ def listen_unix(path: str) -> socket.socket:
 
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, writable: bool = False, overlay_dir: str | None = None,
-                 tls: ssl.SSLContext | None = None, workers: int = 4, max_block: int = MAX_BLOCK):
+                 tls: ssl.SSLContext | None = None, workers: int = 4, max_block: int = MAX_BLOCK,
+                 max_clients: int = 1000):
         self.catalog = catalog
         self.writable = writable
         self.overlay_dir = overlay_dir
         self.tls = tls
         self.max_block = max_block
+        self.max_clients = max_clients
         self.block_sizes = (1, PREFERRED_BLOCK, max_block)
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="nbd-chunks")
         self.index_pool = ThreadPoolExecutor(1, thread_name_prefix="nbd-index")
@@ -259,6 +261,11 @@ class NbdServer:
         view = None
         try:
             if self.stopping:
+                return
+            if len(self.clients) > self.max_clients:
+                # Bounded fds and memory: over the limit, a new client is turned away at once.
+                log.warning("client %s refused: %d connections already (--max-connections)",
+                            peer, self.max_clients)
                 return
             session = await Handshake(self, reader, writer, self.tls).run()
             view = session.view

@@ -37,6 +37,8 @@ def add_arguments(p) -> None:
                    help="decompressed chunk cache shared by all clients (default 256M)")
     p.add_argument("--workers", type=int, default=4, metavar="N",
                    help="threads reading and decompressing chunks (default 4)")
+    p.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="clients served at once; more are turned away (default 1000)")
     g = p.add_argument_group("TLS (X.509)")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate; turns TLS on and requires it")
     g.add_argument("--tls-key", metavar="PEM", help="its private key (default: inside --tls-cert)")
@@ -81,8 +83,8 @@ def run(args) -> int:
     if not args.repo:
         raise UsageError("no repository given", hint="use --repo PATH or set NBDBACKUP_REPO")
     addr = ListenAddress.parse(args.listen)
-    if args.workers < 1:
-        raise UsageError("--workers must be at least 1")
+    if args.workers < 1 or args.max_connections < 1:
+        raise UsageError("--workers and --max-connections must be at least 1")
     if (args.tls_key or args.tls_ca) and not args.tls_cert:
         raise UsageError("--tls-key/--tls-ca need --tls-cert")
     tls = tls_server_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
@@ -99,7 +101,7 @@ def run(args) -> int:
             overlay_dir = tempfile.mkdtemp(prefix="nbdbackup-overlay-", dir=base)
         catalog = RepoCatalog(repo, ChunkCache(args.cache_size))
         server = NbdServer(catalog, writable=args.writable, overlay_dir=overlay_dir, tls=tls,
-                           workers=args.workers)
+                           workers=args.workers, max_clients=args.max_connections)
 
         async def main() -> None:
             stop = asyncio.Event()
