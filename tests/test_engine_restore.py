@@ -110,3 +110,18 @@ def test_restore_unknown_backup(saved, tmp_path):
     p = nbb(repo, "restore", "no-such-disk", str(tmp_path / "x.raw"), check=False)
     assert p.returncode == 11 and "Traceback" not in p.stderr
     assert not (tmp_path / "x.raw").exists()
+
+
+def test_restore_target_full(saved, tmp_path):
+    """ENOSPC on the target: exit 8, a clear message, no temp file left behind."""
+    repo, info, raw, _ = saved
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        p = nbb(repo, "restore", info["id"], str(small / "x.raw"), check=False)
+        left = os.listdir(small)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert p.returncode == 8 and "no space left on the restore target" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and left == []

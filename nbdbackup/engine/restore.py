@@ -8,6 +8,7 @@ is reported only after the target flushed (fsync / NBD FLUSH).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import NoSpaceError
 from .restore_targets import open_target
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,11 @@ def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = Fals
         try:
             _copy(img, t, result, bar, workers=max(2, connections), inflight=max(4, inflight_bytes // cs))
             t.finish()
-        except BaseException:
+        except BaseException as e:
             t.abort()
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"no space left on the restore target {target}: {e.strerror}",
+                                   hint="free space there and restore again; the backup is intact") from None
             raise
         finally:
             bar.close()
