@@ -135,3 +135,79 @@ def test_read_reply_fuzz(fuzz_server, seed, mutation):
             return
     assert expect == "ok", f"{mutation}: accepted a reply that should have failed"
     assert bytes(got) == truth
+
+
+BLOCK = 4096
+BS_SIZE = 256 * BLOCK
+ALLOC, BITMAP = "base:allocation", "qemu:dirty-bitmap:b"
+
+
+def runs_of(rnd: random.Random, values) -> list[int]:
+    """Per-block flags made of random runs."""
+    out: list[int] = []
+    while len(out) < BS_SIZE // BLOCK:
+        out += [rnd.choice(values)] * rnd.randint(1, 40)
+    return out[:BS_SIZE // BLOCK]
+
+
+def short_reply(rnd: random.Random, flags: list[int], off: int, n: int) -> list[tuple[int, int]]:
+    """Extents from *off*, honest but short: runs split at random, cut after a few extents;
+    the last one may run past the request."""
+    ext, pos = [], off
+    limit = rnd.randint(1, 5)
+    while pos < off + n and len(ext) < limit:
+        b = pos // BLOCK
+        end_b = b
+        while end_b < len(flags) and flags[end_b] == flags[b]:
+            end_b += 1
+        run_end = end_b * BLOCK
+        cut = pos + rnd.randint(1, (run_end - pos) // BLOCK) * BLOCK   # maybe split the run
+        ext.append((cut - pos, flags[b]))
+        pos = cut
+    return ext
+
+
+@pytest.fixture(scope="module")
+def bs_server(tmp_path_factory):
+    scripts: queue.Queue = queue.Queue()
+
+    def handler(conn, srv):
+        rnd, alloc, dirty = scripts.get(timeout=10)
+        ids = {name: cid for cid, name in srv.negotiate(conn).items()}
+        while True:
+            _, cmd, cookie, off, n = srv.read_request(conn)
+            if cmd == proto.CMD_DISC:
+                return
+            assert cmd == proto.CMD_BLOCK_STATUS
+            names = list(ids)
+            rnd.shuffle(names)
+            for j, name in enumerate(names):
+                ext = short_reply(rnd, alloc if name == ALLOC else dirty, off, n)
+                payload = struct.pack(">I", ids[name]) + b"".join(struct.pack(">II", *e) for e in ext)
+                srv.chunk(conn, cookie, proto.REPLY_TYPE_BLOCK_STATUS, payload, done=j == len(names) - 1)
+
+    with FakeServer(tmp_path_factory.mktemp("bs") / "s", handler, size=BS_SIZE,
+                    contexts=(ALLOC, BITMAP)) as srv:
+        yield srv, scripts
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32), window_blocks=st.integers(1, 300), use_bitmap=st.booleans())
+def test_extent_walk_with_short_replies(bs_server, seed, window_blocks, use_bitmap):
+    from nbdbackup.nbd.extents import walk_extents
+
+    srv, scripts = bs_server
+    rnd = random.Random(seed)
+    alloc, dirty = runs_of(rnd, [0, 3, 2]), runs_of(rnd, [0, 1])
+    scripts.put((random.Random(seed + 1), alloc, dirty))
+    with Client.connect(srv.uri, meta_contexts=[ALLOC, BITMAP], timeout=3) as c:
+        got = [(e.offset, e.length, e.dirty, e.zero)
+               for e in walk_extents(c, BITMAP if use_bitmap else None, window=window_blocks * BLOCK)]
+    want: list[list] = []
+    for b in range(BS_SIZE // BLOCK):
+        d, z = (bool(dirty[b]) if use_bitmap else True), bool(alloc[b] & 2)
+        if want and want[-1][2:] == [d, z]:
+            want[-1][1] += BLOCK
+        else:
+            want.append([b * BLOCK, BLOCK, d, z])
+    assert got == [tuple(w) for w in want]
