@@ -96,3 +96,22 @@ def test_two_disks_with_same_content_share_chunks(tmp_path):
     assert fa["disk"] == "a" and fb["disk"] == "b"
     assert fa["stored_bytes"] >= 4 * MiB        # random data does not compress
     assert fb["stored_bytes"] < 64 * KiB        # every chunk already in the repository
+
+
+def test_data_that_reads_as_zeros_is_stored_as_zero(tmp_path):
+    from nbdbackup.repo import Repository
+
+    img = make_image(tmp_path / "z.qcow2", 16 * MiB)
+    repo = init_repo(tmp_path / "repo", "64K")
+    qio(img, "write -q -P 0x5 0 4M")
+    backup(repo, "full", "--image", str(img))
+    qio(img, "write -q -P 0 0 1M")            # allocated, but all zero bytes
+    inc = backup(repo, "incremental", "--image", str(img))
+    assert inc["read_bytes"] == 1 * MiB        # it had to be read to know
+    with Repository.open(str(repo)) as r:
+        bimg = r.open_image(inc["id"])
+        try:
+            assert all(bimg.is_zero(i) for i in range(16))
+            assert not any(bimg.is_zero(i) for i in range(16, 64))
+        finally:
+            bimg.close()
