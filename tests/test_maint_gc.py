@@ -219,3 +219,27 @@ def test_gc_leaves_a_missing_pack_alone_and_says_so(tmp_path):
         assert gone in indexed_packs(repo)                    # its rows stay: verify names the damage
     p = nbdbackup("verify", "--repo", path, check=False)
     assert p.returncode == 5 and ba.id in p.stdout
+
+
+def test_a_waiting_gc_does_not_block_new_backups(tmp_path):
+    """gc --lock-wait waiting for a reader must not hold the writers lock meanwhile."""
+    path = new_repo(tmp_path / "r")
+    (ba, a), _ = _two_backups(path, random.Random(10))
+    with Repository.open(path) as repo:
+        img = repo.open_image(ba.id)
+        proc = subprocess.Popen([nbdbackup_exe(), "gc", "--repo", path, "--lock-wait", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            assert proc.poll() is None
+            for _ in range(3):                    # backups start and commit while gc waits
+                info = write_backup(repo, "vdc", b"z" * CS)
+                time.sleep(0.2)
+            img.close()
+            proc.communicate(timeout=60)
+            assert proc.returncode == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert read_all(repo, info.id) == b"z" * CS

@@ -24,6 +24,7 @@ from . import maps
 from . import packs as P
 from .chunks import ZERO_REF, DecodeError, decode
 from .ids import now_ms, to_ms
+from .exclusive import exclusive_access
 from .index import write_txn
 from .indexerrors import index_errors
 from .schema import backup_segments, backups, chunks, packs, segments
@@ -66,17 +67,8 @@ def collect(repo, *, repack_threshold: float = 0.5, dry_run: bool = False, progr
     """Run gc on *repo* (waits up to repo.lock_wait for the exclusive locks).
 
     *progress*(total, desc, unit), when given, returns a bar (update(n), close()) for a phase."""
-    w = repo.lock("writers", exclusive=True, purpose="exclusive access for gc (a backup is running)")
-    try:
-        r = repo.lock("readers", exclusive=True,
-                      purpose="exclusive access for gc (a restore, serve or verify is reading)")
-        try:
-            with index_errors("gc"):
-                return _collect(repo, repack_threshold, dry_run, progress)
-        finally:
-            r.release()
-    finally:
-        w.release()
+    with exclusive_access(repo, "gc"), index_errors("gc"):
+        return _collect(repo, repack_threshold, dry_run, progress)
 
 
 def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:

@@ -23,6 +23,7 @@ from . import maps
 from . import packs as P
 from .chunks import ZERO_REF, DecodeError, decode
 from .ids import now_ms, to_ms
+from .exclusive import exclusive_access
 from .index import make_engine, upgrade, write_txn
 from .info import BackupInfo
 from .schema import backup_segments, backups, chunks, packs, segments
@@ -73,16 +74,8 @@ def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float =
 
     repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False)
     try:
-        w = repo.lock("writers", exclusive=True, purpose="exclusive access for rebuild-index (a backup is running)")
-        try:
-            r = repo.lock("readers", exclusive=True,
-                          purpose="exclusive access for rebuild-index (a restore, serve or verify is reading)")
-            try:
-                return _rebuild(repo, progress)
-            finally:
-                r.release()
-        finally:
-            w.release()
+        with exclusive_access(repo, "rebuild-index"):
+            return _rebuild(repo, progress)
     finally:
         repo.close()
 
