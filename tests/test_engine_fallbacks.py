@@ -155,6 +155,8 @@ def test_sigkill_mid_backup_leaves_no_server_and_loses_no_change(tmp_path):
         assert kids, "qemu-nbd never started"
         time.sleep(0.2)
         assert proc.poll() is None, "the backup finished before it could be killed"
+        cmdline = open(f"/proc/{kids[0]}/cmdline", "rb").read().split(b"\0")
+        sockdir = os.path.dirname(cmdline[cmdline.index(b"--socket") + 1].decode())
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -170,6 +172,7 @@ def test_sigkill_mid_backup_leaves_no_server_and_loses_no_change(tmp_path):
     assert inc["kind"] == "incremental" and inc["parent"] == full["id"]
     assert restore_equals(repo, inc["id"], snapshot_raw(img, tmp_path / "now.raw"), tmp_path)
     assert len(bitmaps(img)) == 1               # the killed run's bitmap was cleaned up
+    assert not os.path.exists(sockdir)          # and its private socket dir
 
 
 def test_image_in_use_is_refused(tmp_path):

@@ -111,6 +111,33 @@ def bitmap_remove(path: str, name: str) -> None:
     qemu_img_bitmap(path, "--remove", name)
 
 
+DIR_PREFIX = "nbdbackup-nbd-"
+
+
+def remove_stale_dirs() -> None:
+    """Private socket dirs left by runs that were killed (their owner pid is gone)."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(DIR_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(tmp, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, "owner")) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            continue                    # its owner still runs
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):   # no owner file (yet), or not ours: leave it
+            continue
+        log.debug("removing stale %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _die_with_parent(parent_pid: int):
     """preexec_fn: ask the kernel to SIGKILL the child when our forking thread exits."""
     def setup() -> None:
@@ -131,7 +158,10 @@ class QemuNbd:
     def __init__(self, image: str, fmt: str, *, connections: int, bitmap: str | None = None,
                  start_timeout: float = 30.0):
         self.image = image
-        self.dir = tempfile.mkdtemp(prefix="nbdbackup-nbd-")   # mode 0700: private
+        remove_stale_dirs()
+        self.dir = tempfile.mkdtemp(prefix=DIR_PREFIX)     # mode 0700: private
+        with open(os.path.join(self.dir, "owner"), "w") as f:
+            f.write(str(os.getpid()))
         self.socket = os.path.join(self.dir, "nbd.sock")
         cmd = [_tool("qemu-nbd"), "--read-only", "--persistent", "--shared", str(connections),
                "--socket", self.socket, "--format", fmt, "--cache=none", "--aio=threads"]
