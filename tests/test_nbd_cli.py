@@ -7,7 +7,7 @@ import json
 import pytest
 
 import support
-from nbd_test_servers import make_qcow2_with_bitmap, merge, nbdinfo_map, nbdkit
+from nbd_test_servers import make_qcow2_with_bitmap, merge, nbdinfo_map, nbdkit, qemu_nbd
 from nbdbackup.errors import ExitCode
 
 pytestmark = pytest.mark.timeout(180)
@@ -29,7 +29,7 @@ def our_map(uri, *extra):
 
 
 def test_map_agrees_with_nbdinfo(tmp_path, image):
-    with support.qemu_nbd(image, tmp_path / "s", bitmaps=("bm0",), extra=("-A",)) as uri:
+    with qemu_nbd(image, tmp_path / "s", bitmaps=("bm0",), extra=("-A",)) as uri:
         for ctx in (None, BM, "qemu:allocation-depth"):
             extra = () if ctx is None else ("--context", ctx)
             got = our_map(uri, *extra)
@@ -51,7 +51,7 @@ def test_map_many_extents_agrees_with_nbdinfo(tmp_path):
 
 def test_info_agrees_with_nbdinfo(tmp_path, image):
     exe = support.require_tool("nbdinfo")
-    with support.qemu_nbd(image, tmp_path / "s", bitmaps=("bm0",)) as uri:
+    with qemu_nbd(image, tmp_path / "s", bitmaps=("bm0",)) as uri:
         ours = json.loads(support.nbdbackup("info", "--json", uri).stdout)
         theirs = json.loads(support.run([exe, "--json", uri]).stdout)["exports"][0]
         assert ours["size"] == theirs["export-size"]
@@ -97,7 +97,7 @@ def test_errors_are_clear(args, code, text):
 
 
 def test_missing_context_and_unknown_export(tmp_path, image):
-    with support.qemu_nbd(image, tmp_path / "s") as uri:
+    with qemu_nbd(image, tmp_path / "s") as uri:
         r = support.nbdbackup("map", "--context", "qemu:dirty-bitmap:nope", uri, check=False)
         assert r.returncode == ExitCode.NOT_FOUND and "does not offer meta context" in r.stderr
         r = support.nbdbackup("info", uri.replace(":///", ":///nosuch"), check=False)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 import support
-from nbd_test_servers import convert_raw, make_qcow2_with_bitmap, merge, nbdinfo_map, qsd_export
+from nbd_test_servers import convert_raw, make_qcow2_with_bitmap, merge, nbdinfo_map, qemu_nbd, qsd_export
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client
 from nbdbackup.nbd.extents import walk_context, walk_extents
@@ -45,7 +45,7 @@ def expected_extents(alloc_map, bitmap_map):
 @pytest.mark.parametrize("conns", [1, 4])
 def test_qemu_nbd_read_and_maps(tmp_path, image, conns):
     img, raw = image
-    with support.qemu_nbd(img, tmp_path / "s", connections=conns, bitmaps=("bm0",)) as uri:
+    with qemu_nbd(img, tmp_path / "s", connections=conns, bitmaps=("bm0",)) as uri:
         # nbdinfo first: with -e 1 qemu-nbd greets nobody else while we are connected
         maps = {ALLOC: nbdinfo_map(uri), BM: nbdinfo_map(uri, BM)}
         with Client.connect(uri, meta_contexts=[ALLOC, BM]) as c:
@@ -78,7 +78,7 @@ def test_qemu_nbd_read_and_maps(tmp_path, image, conns):
 
 def test_walk_without_bitmap_is_all_dirty(tmp_path, image):
     img, raw = image
-    with support.qemu_nbd(img, tmp_path / "s") as uri:
+    with qemu_nbd(img, tmp_path / "s") as uri:
         want = [(o, n, bool(t & 2)) for o, n, t in merge((o, n, t & 2) for o, n, t in nbdinfo_map(uri))]
         with Client.connect(uri, meta_contexts=[ALLOC]) as c:
             ext = list(walk_extents(c))
@@ -92,7 +92,7 @@ def test_walk_without_bitmap_is_all_dirty(tmp_path, image):
 def test_allocation_depth_context(tmp_path, image):
     img, _ = image
     ctx = proto.CONTEXT_ALLOCATION_DEPTH
-    with support.qemu_nbd(img, tmp_path / "s", bitmaps=("bm0",), extra=("-A",)) as uri:
+    with qemu_nbd(img, tmp_path / "s", bitmaps=("bm0",), extra=("-A",)) as uri:
         info = Client.query_info(uri)
         assert {ALLOC, BM, ctx} <= set(info.contexts)
         # LIST_META_CONTEXT with queries: a namespace prefix, and several exact names
@@ -113,7 +113,7 @@ def test_writes_on_writable_qemu_nbd(tmp_path):
     support.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), str(size)])
     rnd = random.Random(3)
     expect = bytearray(size)
-    with support.qemu_nbd(raw, tmp_path / "s", fmt="raw", readonly=False) as uri:
+    with qemu_nbd(raw, tmp_path / "s", fmt="raw", readonly=False) as uri:
         with Client.connect(uri, meta_contexts=[ALLOC]) as c:
             assert not c.read_only
             blob = rnd.randbytes(3 << 20)

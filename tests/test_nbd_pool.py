@@ -10,7 +10,7 @@ import pytest
 
 import support
 from fake_nbd_server import FakeServer
-from nbd_test_servers import convert_raw, make_qcow2_with_bitmap
+from nbd_test_servers import convert_raw, make_qcow2_with_bitmap, qemu_nbd
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.extents import walk_extents
 from nbdbackup.nbd.pool import ConnectionPool
@@ -34,7 +34,7 @@ def read_all(pool, size, step=1 << 20):
 
 def test_four_connections_with_multi_conn(tmp_path, image, caplog):
     img, raw = image
-    with support.qemu_nbd(img, tmp_path / "s", connections=4, bitmaps=("bm0",)) as uri:
+    with qemu_nbd(img, tmp_path / "s", connections=4, bitmaps=("bm0",)) as uri:
         with caplog.at_level(logging.WARNING):
             with ConnectionPool(uri, connections=4, meta_contexts=["base:allocation", BM]) as pool:
                 assert pool.connections == 4 and pool.notes == []
@@ -47,7 +47,7 @@ def test_four_connections_with_multi_conn(tmp_path, image, caplog):
 
 def test_one_connection_without_multi_conn_warns(tmp_path, image, caplog):
     img, raw = image
-    with support.qemu_nbd(img, tmp_path / "s", connections=1) as uri:
+    with qemu_nbd(img, tmp_path / "s", connections=1) as uri:
         with caplog.at_level(logging.WARNING):
             with ConnectionPool(uri, connections=4) as pool:
                 assert pool.connections == 1
@@ -59,7 +59,7 @@ def test_one_connection_without_multi_conn_warns(tmp_path, image, caplog):
 def test_full_server_carry_on(tmp_path, image, caplog):
     """qemu-nbd -e 4 leaves a fifth client without a greeting: carry on with four, and say so."""
     img, raw = image
-    with support.qemu_nbd(img, tmp_path / "s", connections=4) as uri:
+    with qemu_nbd(img, tmp_path / "s", connections=4) as uri:
         with caplog.at_level(logging.WARNING):
             with ConnectionPool(uri, connections=5, greeting_timeout=1.0) as pool:
                 assert pool.connections == 4
@@ -70,7 +70,7 @@ def test_full_server_carry_on(tmp_path, image, caplog):
 def test_reconnect_after_server_restart(tmp_path, image, caplog):
     img, raw = image
     sock = tmp_path / "s"
-    with support.qemu_nbd(img, sock, connections=2) as uri:
+    with qemu_nbd(img, sock, connections=2) as uri:
         pool = ConnectionPool(uri, connections=2)
         try:
             assert pool.read(0, 1 << 20) == raw[:1 << 20]
@@ -79,7 +79,7 @@ def test_reconnect_after_server_restart(tmp_path, image, caplog):
             raise
     try:
         sock.unlink(missing_ok=True)
-        with support.qemu_nbd(img, sock, connections=2):
+        with qemu_nbd(img, sock, connections=2):
             with caplog.at_level(logging.WARNING):
                 assert read_all(pool, pool.size) == raw
                 assert pool.connections <= 2

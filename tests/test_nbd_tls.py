@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import support
-from nbd_test_servers import nbdkit
+from nbd_test_servers import nbdkit, wait_listening
 from nbdbackup.errors import NbdConnectionError, NbdOptionError
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client, TlsConfig
@@ -68,7 +68,11 @@ def qemu_nbd_tls(image, sock, certdir, verify_peer: bool):
                        f"verify-peer={'on' if verify_peer else 'off'}",
            "--tls-creds", "tls0", str(image)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    support.wait_for_path(sock, proc=proc)
+    try:
+        wait_listening(sock, proc=proc)
+    except BaseException:
+        support.stop(proc)
+        raise
     return proc
 
 
