@@ -139,3 +139,28 @@ def test_pool_over_tcp(tmp_path, image):
             assert read_all(pool, pool.size) == raw
     finally:
         support.stop(proc)
+
+
+def test_export_that_changes_across_a_reconnect_is_refused(tmp_path):
+    """After a drop the new connection shows a different size: an error, not reads from another disk."""
+    from nbdbackup.errors import NbdProtocolError
+
+    conns = []
+
+    def handler(conn, srv):
+        conns.append(conn)
+        first = len(conns) == 1
+        if not first:
+            srv.size = 2 << 20
+        srv.negotiate(conn)
+        _, cmd, cookie, off, ln = srv.read_request(conn)
+        if first:
+            conn.close()
+            return
+        srv.simple(conn, cookie, 0, bytes(ln))
+        srv.wait_disc(conn)
+
+    with FakeServer(tmp_path / "s", handler, size=1 << 20) as srv:
+        with ConnectionPool(srv.uri, connections=1, timeout=5) as pool:
+            with pytest.raises(NbdProtocolError, match="changed size from 1048576 to 2097152"):
+                pool.read(0, 4096)

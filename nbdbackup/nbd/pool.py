@@ -147,9 +147,11 @@ class ConnectionPool:
                     last = e
             else:
                 raise NbdConnectionError(f"lost the connection to {self.uri} and could not reconnect: {last}")
-            if new.size != dead.size:
+            if new.size != dead.size or set(new.contexts) != set(dead.contexts):
                 new.close()
-                raise NbdProtocolError(f"{self.uri} changed size from {dead.size} to {new.size} across a reconnect")
+                what = (f"size from {dead.size} to {new.size}" if new.size != dead.size else
+                        f"meta contexts from {sorted(dead.contexts)} to {sorted(new.contexts)}")
+                raise NbdProtocolError(f"{self.uri} changed {what} across a reconnect")
             log.warning("reconnected to %s after a dropped connection", self.uri)
             idx = self.clients.index(dead) if dead in self.clients else None
             if idx is not None:
