@@ -104,7 +104,7 @@ def test_writable_overlay_shared_and_discarded(tmp_path):
 def test_multi_conn_consistency_nbdsh(tmp_path):
     """qemu's nbd-multiconn check: write on 1, flush on 2, read on 3."""
     path, data, infos = _repo(tmp_path)
-    support.require_tool("nbdsh")
+    nbdsh = support.require_tool("nbdsh")
     with serve(path, tmp_path, "--writable") as s:
         script = textwrap.dedent(f"""
             import nbd
@@ -126,7 +126,7 @@ def test_multi_conn_consistency_nbdsh(tmp_path):
             print("multiconn ok")
         """)
         env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
-        p = support.run(["/usr/bin/nbdsh", "-c", script], env=env)
+        p = support.run([nbdsh, "-c", script], env=env)
         assert "multiconn ok" in p.stdout
 
 
