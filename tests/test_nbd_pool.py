@@ -164,3 +164,18 @@ def test_export_that_changes_across_a_reconnect_is_refused(tmp_path):
         with ConnectionPool(srv.uri, connections=1, timeout=5) as pool:
             with pytest.raises(NbdProtocolError, match="changed size from 1048576 to 2097152"):
                 pool.read(0, 4096)
+
+
+def test_server_connection_limit_carry_on(tmp_path, caplog):
+    """nbdkit's limit filter turns away a third client: the pool carries on with two."""
+    from nbd_test_servers import nbdkit
+
+    with nbdkit(tmp_path / "s", "memory", "4M", "limit=2", filters=("limit",)) as uri:
+        with caplog.at_level(logging.WARNING):
+            with ConnectionPool(uri, connections=4) as pool:
+                assert pool.connections == 2
+                pool.write(0, b"x" * 65536)
+                pool.flush()
+                assert [bytes(pool.read(0, 65536)) for _ in range(4)] == [b"x" * 65536] * 4
+        assert any("connection 3" in r.getMessage() and "carrying on with 2" in r.getMessage()
+                   for r in caplog.records)

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from ..errors import NbdConnectionError, NbdProtocolError, UsageError
+from ..errors import NbdConnectionError, NbdOptionError, NbdProtocolError, UsageError
 from .client import Client, GreetingTimeout, TruncatedReply
 from .futures import resolve
 from .tls import TlsConfig
@@ -66,7 +66,7 @@ class ConnectionPool:
                 self._note(f"{self.uri} did not greet connection {len(self.clients) + 1} within "
                            f"{self._greeting_timeout:g}s (server full?): carrying on with {len(self.clients)}")
                 return
-            except NbdConnectionError as e:
+            except (NbdConnectionError, NbdOptionError) as e:   # e.g. a server-side connection limit
                 self._note(f"connection {len(self.clients) + 1} to {self.uri} failed ({e}): "
                            f"carrying on with {len(self.clients)}")
                 return
