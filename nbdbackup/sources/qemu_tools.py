@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -148,6 +149,25 @@ def _die_with_parent(parent_pid: int):
     return setup
 
 
+def _greets(path: str) -> bool:
+    """Whether an NBD server on unix socket *path* sends its greeting (NBDMAGIC)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+        got = b""
+        while len(got) < 8:
+            data = s.recv(8 - len(got))
+            if not data:
+                return False
+            got += data
+        return got == b"NBDMAGIC"
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 class QemuNbd:
     """A read-only qemu-nbd on a private unix socket, tied to our lifetime.
 
@@ -163,7 +183,8 @@ class QemuNbd:
         with open(os.path.join(self.dir, "owner"), "w") as f:
             f.write(str(os.getpid()))
         self.socket = os.path.join(self.dir, "nbd.sock")
-        cmd = [_tool("qemu-nbd"), "--read-only", "--persistent", "--shared", str(connections),
+        # one slot more than the pool uses: the readiness probe takes one for a moment
+        cmd = [_tool("qemu-nbd"), "--read-only", "--persistent", "--shared", str(connections + 1),
                "--socket", self.socket, "--format", fmt, "--cache=none", "--aio=threads"]
         if bitmap:
             cmd += ["--bitmap", bitmap]
@@ -198,7 +219,8 @@ class QemuNbd:
                 err = self._stderr_text()
                 raise _locked_error(self.image, err) or SourceUnreachable(
                     f"qemu-nbd could not serve {self.image}: {err or 'exit code %d' % self.proc.returncode}")
-            if os.path.exists(self.socket):
+            # qemu-nbd listens before it opens the image: only a greeting means it is serving
+            if os.path.exists(self.socket) and _greets(self.socket):
                 return
             time.sleep(0.01)
         raise SourceUnreachable(f"qemu-nbd did not start serving {self.image} within {timeout:.0f}s")
