@@ -419,3 +419,24 @@ def test_local_refusals(tmp_path):
         while len(seen) < 2 and time.monotonic() < deadline:   # DISC arrives after close()
             time.sleep(0.01)
     assert seen == [proto.CMD_READ, proto.CMD_DISC]
+
+
+def test_replies_out_of_order_and_interleaved(tmp_path):
+    """Eight reads answered last-first, their chunks interleaved: each future gets its own data."""
+    size = 8 * 4096
+    image = bytes(random.Random(11).randbytes(size))
+
+    def handler(conn, srv):
+        srv.negotiate(conn)
+        reqs = [srv.read_request(conn) for _ in range(8)]
+        reqs.reverse()
+        for _, _, cookie, off, n in reqs:      # first halves, all requests
+            srv.data_chunk(conn, cookie, off, image[off:off + n // 2])
+        for _, _, cookie, off, n in reqs:      # then second halves, with DONE
+            srv.data_chunk(conn, cookie, off + n // 2, image[off + n // 2:off + n], done=True)
+        srv.wait_disc(conn)
+    with FakeServer(tmp_path / "s", handler, size=size) as srv:
+        with connect(srv) as c:
+            futs = [(off, c.submit_read(off, 4096)) for off in range(0, size, 4096)]
+            for off, f in futs:
+                assert bytes(f.result(T)) == image[off:off + 4096]
