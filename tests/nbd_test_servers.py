@@ -11,35 +11,13 @@ from pathlib import Path
 import support
 
 
-SO_ACCEPTCON = 0x10000   # /proc/net/unix flag of a listening socket
-
-
-def wait_listening(sock: Path, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until *sock* is a listening unix socket.
-
-    The path appears at bind(), a moment before listen(); on a busy machine a
-    client can land in between and get "Connection refused". /proc/net/unix
-    tells without connecting (a probe would use up a server's only client).
-    """
-    support.wait_for_path(sock, timeout=timeout, proc=proc)
-    deadline = time.monotonic() + timeout
-    path = str(sock)
-    while time.monotonic() < deadline:
-        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-            f = line.split()
-            if len(f) >= 8 and f[7] == path and int(f[3], 16) & SO_ACCEPTCON:
-                return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode} before listening on {sock}")
-        time.sleep(0.01)
-    raise AssertionError(f"{sock} exists but nothing listens on it")
+from support import wait_listening  # noqa: F401  (re-exported for the client tests)
 
 
 @contextlib.contextmanager
 def qemu_nbd(image: Path, sock: Path, **kw):
-    """support.qemu_nbd, returning only once the socket really listens."""
+    """support.qemu_nbd (which returns only once the socket really listens)."""
     with support.qemu_nbd(image, sock, **kw) as uri:
-        wait_listening(sock)
         yield uri
 
 

@@ -65,6 +65,30 @@ def wait_for_path(path: str | Path, timeout: float = 15.0, proc: subprocess.Pope
     raise AssertionError(f"timed out waiting for {path}")
 
 
+SO_ACCEPTCON = 0x10000   # /proc/net/unix flag of a listening socket
+
+
+def wait_listening(sock: str | Path, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until *sock* is a listening unix socket.
+
+    The path appears at bind(), a moment before listen(); on a busy machine a
+    client can land in between and get "Connection refused". /proc/net/unix
+    tells without connecting (a probe would use up a server's only client).
+    """
+    wait_for_path(sock, timeout=timeout, proc=proc)
+    deadline = time.monotonic() + timeout
+    path = str(sock)
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8 and f[7] == path and int(f[3], 16) & SO_ACCEPTCON:
+                return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before listening on {sock}")
+        time.sleep(0.01)
+    raise AssertionError(f"{sock} exists but nothing listens on it")
+
+
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,7 +127,7 @@ def qemu_nbd(image: str | Path, sock: str | Path, *, fmt: str = "qcow2", connect
     cmd += [*extra, str(image)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_path(sock, proc=proc)
+        wait_listening(sock, proc=proc)
         yield f"nbd+unix:///?socket={sock}"
     finally:
         stop(proc)
