@@ -66,8 +66,8 @@ def make_image(work: Path) -> Path:
     return img
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of one child process."""
+def timed(cmd: list[str]) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS in bytes, CPU seconds user+sys) of one child process."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
@@ -75,7 +75,7 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {p.stderr.read().decode()}")
-    return wall, ru.ru_maxrss * 1024
+    return wall, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
 
 
 def main() -> int:
@@ -96,7 +96,7 @@ def main() -> int:
             while not sock.exists():
                 time.sleep(0.02)
             uri = f"nbd+unix:///?socket={sock}"
-            ours, theirs, rss = [], [], []
+            ours, theirs, rss, cpu_ours, cpu_theirs, loads = [], [], [], [], [], []
             for r in range(a.rounds):
                 repo = work / "repo"
                 shutil.rmtree(repo, ignore_errors=True)
@@ -104,14 +104,18 @@ def main() -> int:
                 subprocess.run(init, check=True, stdout=subprocess.DEVNULL)
                 out = work / "copy.raw"
                 out.unlink(missing_ok=True)
-                t, _ = timed(["nbdcopy", "--connections", str(a.connections), uri, str(out)])
+                loads.append(os.getloadavg()[0])
+                t, _, c = timed(["nbdcopy", "--connections", str(a.connections), uri, str(out)])
                 theirs.append(t)
-                t, m = timed([nbdbackup, "--repo", str(repo), "--quiet", "full", "--source", uri,
-                              "--disk", "bench", "--connections", str(a.connections)])
+                cpu_theirs.append(c)
+                t, m, c = timed([nbdbackup, "--repo", str(repo), "--quiet", "full", "--source", uri,
+                                 "--disk", "bench", "--connections", str(a.connections)])
                 ours.append(t)
                 rss.append(m)
-                print(f"round {r + 1}: nbdcopy {theirs[-1]:.2f}s  nbdbackup full {ours[-1]:.2f}s  "
-                      f"peak RSS {m / MiB:.0f} MiB", flush=True)
+                cpu_ours.append(c)
+                print(f"round {r + 1}: nbdcopy {theirs[-1]:.2f}s ({cpu_theirs[-1]:.2f} CPU-s)  "
+                      f"nbdbackup full {ours[-1]:.2f}s ({c:.2f} CPU-s)  peak RSS {m / MiB:.0f} MiB  "
+                      f"load {loads[-1]:.1f}", flush=True)
             stored = subprocess.run([nbdbackup, "--repo", str(repo), "--json", "list"], capture_output=True,
                                     text=True, check=True).stdout
         finally:
@@ -127,6 +131,9 @@ def main() -> int:
         print(f"{'nbdbackup full median (s)':<34}{mo:>12.2f}")
         print(f"{'ratio nbdbackup / nbdcopy':<34}{mo / mt:>12.2f}{'<= 2.00':>12}")
         print(f"{'peak RSS nbdbackup (MiB)':<34}{max(rss) / MiB:>12.0f}{'< 512':>12}")
+        print(f"{'CPU-s nbdcopy / nbdbackup':<34}{statistics.median(cpu_theirs):>6.2f}/"
+              f"{statistics.median(cpu_ours):<5.2f}")
+        print(f"{'1-min load average (median)':<34}{statistics.median(loads):>12.1f}{'(2 cores)':>12}")
         print(f"{'data read (MiB)':<34}{info['read_bytes'] / MiB:>12.0f}")
         print(f"{'stored (MiB)':<34}{info['stored_bytes'] / MiB:>12.1f}")
         print(f"{'throughput (MiB/s)':<34}{info['read_bytes'] / MiB / mo:>12.0f}")
