@@ -243,3 +243,21 @@ def test_a_waiting_gc_does_not_block_new_backups(tmp_path):
                 proc.kill()
                 proc.wait()
         assert read_all(repo, info.id) == b"z" * CS
+
+
+def test_threshold_one_repacks_only_packs_with_dead_records(tmp_path):
+    path = new_repo(tmp_path / "r", pack_size=256 * 1024)      # 4 chunks per pack
+    rng = random.Random(11)
+    with Repository.open(path) as repo:
+        a = rng.randbytes(CS * 12)
+        ba = write_backup(repo, "vda", a)
+        b = a[:CS * 3] + rng.randbytes(CS * 2)                   # 3 of the first pack's 4 chunks
+        bb = write_backup(repo, "vdb", b)
+    assert _gc(path, "--repack-threshold", "1")["packs_repacked"] == 0     # everything live: nothing to do
+    nbdbackup("forget", "--repo", path, ba.id)
+    out = _gc(path, "--repack-threshold", "1")
+    assert out["packs_repacked"] == 1                 # the first pack, 3/4 live: rewritten at 1, kept at 0.5
+    again = _gc(path, "--repack-threshold", "1")
+    assert again["packs_repacked"] == 0 and again["bytes_reclaimed"] == 0   # no endless rewriting
+    with Repository.open(path) as repo:
+        assert read_all(repo, bb.id) == b

@@ -60,6 +60,7 @@ class _Pack:
     size: int
     records: list[P.RecordInfo] | None = None   # from the footer; None when unreadable
     live_bytes: int = 0
+    record_bytes: int = 0        # headers + payloads of every record (the footer is overhead)
     dead_manifests: int = 0
 
 
@@ -120,6 +121,7 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
         except (P.PackFormatError, OSError) as e:
             rep.skipped_damaged.append(f"pack {pk.name}: unreadable footer ({e}); left as it is")
             continue
+        pk.record_bytes = sum(P.HEADER_SIZE + r.stored_len for r in pk.records)
         for rec in pk.records:
             if rec.type == P.REC_MANIFEST:
                 if rec.hash in live_manifests:
@@ -131,7 +133,7 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
     dead_packs = [pk for pk in pack_rows.values() if pk.live_bytes == 0 and
                   (pk.records is not None or not backend.exists(P.pack_object_name(pk.name)))]
     sparse = [pk for pk in pack_rows.values() if pk.live_bytes and pk.records is not None and
-              (pk.live_bytes < threshold * pk.size or pk.dead_manifests)]
+              (pk.live_bytes < threshold * pk.record_bytes or pk.dead_manifests)]
 
     # -- sweep the index, then the files it no longer names ----------------------
     rep.packs_deleted = len(dead_packs)

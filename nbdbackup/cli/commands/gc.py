@@ -31,7 +31,8 @@ def _fraction(s: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repack-threshold", type=_fraction, default=0.5, metavar="FRACTION",
-                   help="rewrite packs whose live fraction is below FRACTION (0..1, default 0.5; 0 = never)")
+                   help="rewrite packs whose live fraction is below FRACTION (0..1, default 0.5; "
+                        "0 = never, 1 = every pack with any dead record)")
     p.add_argument("--dry-run", action="store_true", help="report what would be reclaimed; change nothing")
 
 
