@@ -106,12 +106,23 @@ def stop(p: subprocess.Popen) -> None:
         p.wait()
 
 
-def stream(uri: str, size: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stream(uri: str, size: int, server: subprocess.Popen | None = None, cpu: list | None = None) -> float:
+    c0 = cpu_seconds(server.pid) if server else 0.0
     t = time.perf_counter()
     p = subprocess.run(["nbdcopy", uri, "null:"], capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"nbdcopy {uri} failed: {p.stderr}")
-    return size / (time.perf_counter() - t) / (1 << 20)
+    dt = time.perf_counter() - t
+    if server is not None and cpu is not None:
+        cpu.append((cpu_seconds(server.pid) - c0) / (size / (1 << 30)))
+    return size / dt / (1 << 20)
 
 
 def small_reads(uri: str, count: int) -> float:
@@ -166,28 +177,31 @@ def main() -> None:
 
         # The machine may be shared: alternate the servers and keep each one's best run.
         q_stream = q_small = o_stream_cold = o_small = o_stream_warm = 0.0
+        q_cpu, o_cpu, w_cpu = [], [], []
         for _ in range(a.repeat):
             q = start_qemu(disk, s_qemu)
             try:
-                q_stream = max(q_stream, stream(u_qemu, size))
+                q_stream = max(q_stream, stream(u_qemu, size, q, q_cpu))
                 q_small = max(q_small, small_reads(u_qemu, a.count))
             finally:
                 stop(q)
             o = start_ours(repo, s_ours, "256M")
             try:
                 # cache smaller than the disk: every chunk is read, decompressed and checked
-                o_stream_cold = max(o_stream_cold, stream(u_ours, size))
+                o_stream_cold = max(o_stream_cold, stream(u_ours, size, o, o_cpu))
                 o_small = max(o_small, small_reads(u_ours, a.count))
             finally:
                 stop(o)
             o = start_ours(repo, s_ours, str(2 * size))
             try:
                 stream(u_ours, size)                         # fill the cache
-                o_stream_warm = max(o_stream_warm, stream(u_ours, size))
+                o_stream_warm = max(o_stream_warm, stream(u_ours, size, o, w_cpu))
             finally:
                 stop(o)
         rows.append(("stream nbdcopy -> null: (MiB/s)", q_stream, o_stream_cold, 0.5))
         rows.append(("  same, chunks cached (MiB/s)", q_stream, o_stream_warm, None))
+        rows.append(("server CPU s per GiB streamed", min(q_cpu), min(o_cpu), None))
+        rows.append(("  same, chunks cached", min(q_cpu), min(w_cpu), None))
         rows.append(("4 KiB reads, depth 16 (IOPS)", q_small, o_small, 0.25))
         t_q = [ttfb(lambda: start_qemu(disk, s_qemu), s_qemu, "bench") for _ in range(a.repeat)]
         t_o = [ttfb(lambda: start_ours(repo, s_ours, "256M"), s_ours, "bench") for _ in range(a.repeat)]
@@ -201,11 +215,12 @@ def main() -> None:
 
     print(f"\nnbdbackup serve vs qemu-nbd, {a.size} disk, chunk size {a.chunk_size}, {os.cpu_count()} CPUs, "
           f"best of {a.repeat}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (a shared machine makes wall-clock ratios noisy)")
     print(f"{'measure':<36}{'qemu-nbd':>12}{'nbdbackup':>12}{'ratio':>8}  target")
     for name, qv, ov, target in rows:
         ratio = ov / qv if qv else float("nan")
         tgt = "" if target is None else (f">= {target}x " + ("ok" if ratio >= target else "MISSED"))
-        print(f"{name:<36}{qv:>12.1f}{ov:>12.1f}{ratio:>7.2f}x  {tgt}")
+        print(f"{name:<36}{qv:>12.2f}{ov:>12.2f}{ratio:>7.2f}x  {tgt}")
 
 
 if __name__ == "__main__":
