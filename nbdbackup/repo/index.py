@@ -69,7 +69,13 @@ def write_txn(eng: Engine):
 
 
 def current_revision(conn: Connection) -> str | None:
-    if not inspect(conn).has_table("alembic_version"):
+    """The index's Alembic revision, None for an empty database."""
+    if conn.dialect.name == "sqlite":   # cheap check, no inspector (list must start fast)
+        found = conn.execute(text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'")
+                             ).scalar()
+    else:
+        found = inspect(conn).has_table("alembic_version")
+    if not found:
         return None
     return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
