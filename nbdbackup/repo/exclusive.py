@@ -1,19 +1,38 @@
 """Taking the writers AND readers locks exclusively (gc, rebuild-index).
 
 Never holds one while waiting for the other: a gc waiting (--lock-wait) for a
-long restore must not block the nightly backups meanwhile. Both locks are
-tried without waiting; on failure whatever was taken is released and the
-pair is tried again until the repository's lock_wait runs out.
+long restore must not block the nightly backups meanwhile. While either lock
+is busy gc only probes (a flock held for two system calls, no holder file);
+when both look free it takes both without waiting, releasing what it got if
+the second is busy after all, until the repository's lock_wait runs out.
+Once the wait is over the real attempt runs, so the error names the holder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import time
 
 from ..errors import LockedError
 
-_RETRY = 0.1
+_RETRY = 0.2
+
+
+def _probe_free(lock_dir: str, name: str) -> bool:
+    """Is lock *name* free right now? Holds it for two system calls only (no holder file)."""
+    try:
+        fd = os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return True          # let the real attempt report the problem
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)         # drops the probe's lock
 
 
 @contextlib.contextmanager
@@ -22,6 +41,12 @@ def exclusive_access(repo, what: str):
     while True:
         taken = []
         try:
+            # while a reader or writer runs, only probe: a backup or restore starting meanwhile
+            # must not meet a gc that is merely waiting
+            if time.monotonic() < deadline and not (_probe_free(repo.lock_dir, "readers")
+                                                   and _probe_free(repo.lock_dir, "writers")):
+                time.sleep(_RETRY)
+                continue
             taken.append(repo.lock("writers", exclusive=True, wait=0,
                                    purpose=f"exclusive access for {what} (a backup is running)"))
             taken.append(repo.lock("readers", exclusive=True, wait=0,
