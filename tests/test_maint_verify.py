@@ -220,3 +220,22 @@ def test_progress_bar_only_on_a_tty(repo_path):
     assert "%|" not in p.stderr and "all intact" in p.stderr
     err = _stderr_on_a_tty("gc", "--repo", repo_path)
     assert "gc: mark" in err and "gc: reclaimed" in err
+
+
+def test_backup_forgotten_while_verify_runs_is_not_damage(repo_path, monkeypatch):
+    """forget takes no lock: verify must not report a backup forgotten under it as damaged."""
+    import nbdbackup.repo.verify as V
+
+    with Repository.open(repo_path) as repo:
+        victim = repo.list_backups("vdb")[0]
+        real = V._segment_refs
+
+        def forget_then_read(r, bid):
+            if bid == victim.id:
+                from nbdbackup.repo.forget import forget
+                forget(r, [bid])
+            return real(r, bid)
+
+        monkeypatch.setattr(V, "_segment_refs", forget_then_read)
+        report = V.verify(repo)
+    assert report.ok and report.backups_checked == 3

@@ -112,12 +112,16 @@ def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
     bad_segments: dict[bytes, str] = {}
     seg_len_ok: dict[bytes, int] = {}
     chunk_hashes: set[bytes] = set()
+    gone: list[BackupInfo] = []
     for b in targets:
         refs_b = _segment_refs(repo, b.id)      # an unreadable index raises (exit 9), not "damaged"
         if refs_b is None:
             map_problem[b.id] = "map rows in the index are not contiguous"
             continue
         if len(refs_b) != maps.nsegments(b.nchunks, seg_len):
+            if not _still_listed(repo, b.id):   # forgotten while we ran (forget needs no lock)
+                gone.append(b)
+                continue
             map_problem[b.id] = f"map has {len(refs_b)} segments, expected {maps.nsegments(b.nchunks, seg_len)}"
             continue
         maps_of[b.id] = refs_b
@@ -139,6 +143,8 @@ def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
     bad_chunks = _check_chunks(repo, chunk_hashes, sample_percent, progress, rng, report)
 
     # pass 3: damage per backup, as disk byte ranges
+    targets = [b for b in targets if b not in gone]
+    report.backups_checked = len(targets)
     for b in targets:
         if b.id in map_problem:
             report.damaged.append(DamagedBackup(b, [(0, b.size)] if b.size else [], [map_problem[b.id]]))
@@ -159,6 +165,11 @@ def _segment_refs(repo, backup_id: str) -> list[bytes | None] | None:
     if [s for s, _ in rows] != list(range(len(rows))):
         return None
     return [bytes(h) if h is not None else None for _, h in rows]
+
+
+def _still_listed(repo, backup_id: str) -> bool:
+    with repo.engine.connect() as conn:
+        return conn.execute(select(backups.c.id).where(backups.c.id == backup_id)).first() is not None
 
 
 def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, report) -> dict[bytes, str]:
