@@ -77,5 +77,8 @@ def forget(repo, refs: Iterable[str]) -> ForgetResult:
 
 
 def forget_ids(repo, ids: Iterable[str]) -> ForgetResult:
-    """Forget backups by id (prune's path); sets are still made whole."""
-    return forget(repo, ids)
+    """Forget backups by id (prune's path); sets are still made whole. Ids already gone
+    (another forget ran meanwhile) are skipped: the goal is reached either way."""
+    with index_errors("forget"):
+        present = {b.id for b in repo.list_backups()}
+    return forget(repo, [i for i in ids if i in present])
