@@ -117,3 +117,16 @@ def test_packs_are_self_describing(tmp_path):
     assert types.count(P.REC_CHUNK) == 5
     assert types.count(P.REC_SEGMENT) == 1
     assert types.count(P.REC_MANIFEST) == 1
+
+
+def test_index_table_lost_under_an_open_image_is_repo_damaged(tmp_path):
+    repo = new_repo(tmp_path)
+    data = pseudo(11, 3 * CS)
+    info = write_full(repo, "vda", data)
+    with repo.open_image(info.id) as img:
+        with repo.engine.begin() as c:
+            c.exec_driver_sql("DROP TABLE chunks")
+        with pytest.raises(RepoDamaged, match="index"):
+            img.read_chunk(0)
+    with pytest.raises(RepoDamaged):
+        repo.stats()

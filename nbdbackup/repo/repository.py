@@ -214,7 +214,14 @@ class Repository:
         return refs
 
     def stats(self) -> dict:
-        """Totals over the repository (see docs/design.md "Stats")."""
+        """Totals over the repository (definitions: `nbdbackup stats --help`)."""
+        try:
+            return self._stats()
+        except SQLAlchemyError as e:
+            raise RepoDamaged(f"cannot read the index: {e.__class__.__name__}: {getattr(e, 'orig', e)}",
+                              hint="`nbdbackup rebuild-index` recreates the index") from None
+
+    def _stats(self) -> dict:
         with self.engine.connect() as conn:
             nb, logical = conn.execute(select(func.count(), func.coalesce(func.sum(backups.c.size), 0))).one()
             nc, raw, stored = conn.execute(select(func.count(), func.coalesce(func.sum(chunks.c.raw_len), 0),

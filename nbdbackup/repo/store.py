@@ -13,6 +13,7 @@ from typing import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged
 from . import packs as P
@@ -51,10 +52,14 @@ class ObjectStore:
             return out
         q = select(table.c.hash, packs.c.name, table.c.offset, table.c.stored_len, table.c.raw_len,
                    table.c.compression).join(packs, packs.c.id == table.c.pack_id)
-        with self.engine.connect() as conn:
-            for i in range(0, len(hs), _IN_BATCH):
-                for row in conn.execute(q.where(table.c.hash.in_(hs[i:i + _IN_BATCH]))):
-                    out[bytes(row[0])] = Location(*row[1:])
+        try:
+            with self.engine.connect() as conn:
+                for i in range(0, len(hs), _IN_BATCH):
+                    for row in conn.execute(q.where(table.c.hash.in_(hs[i:i + _IN_BATCH]))):
+                        out[bytes(row[0])] = Location(*row[1:])
+        except SQLAlchemyError as e:
+            raise RepoDamaged(f"cannot read the index: {e.__class__.__name__}: {getattr(e, 'orig', e)}",
+                              hint="`nbdbackup rebuild-index` recreates the index from the packs") from None
         return out
 
     def chunk_locations(self, hashes: Iterable[bytes]) -> dict[bytes, Location]:

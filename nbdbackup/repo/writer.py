@@ -20,9 +20,9 @@ import uuid
 from typing import TYPE_CHECKING, Sequence
 
 from sqlalchemy import insert
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from ..errors import NbdBackupError, NoSpaceError, UsageError
+from ..errors import LockedError, NbdBackupError, NoSpaceError, RepoDamaged, UsageError
 from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF, PreparedChunk, compress_blob, hash_bytes, prepare
@@ -322,12 +322,20 @@ def _inheritable(parent_size: int, size: int, cs: int) -> int:
 
 
 def _translate(e: BaseException) -> BaseException:
-    if isinstance(e, OperationalError) and "full" in str(e.orig).lower():
-        return NoSpaceError(f"no space left for the index: {e.orig}",
-                            hint="free space and run again; committed backups are intact")
+    """Index and OS errors met while writing -> the documented error classes."""
     if isinstance(e, OSError) and e.errno in (28, 122):
         return NoSpaceError(f"no space left on the repository's file system: {e}",
                             hint="free space and run again; committed backups are intact")
+    if isinstance(e, SQLAlchemyError):
+        msg = str(getattr(e, "orig", None) or e)
+        if isinstance(e, OperationalError) and "full" in msg.lower():
+            return NoSpaceError(f"no space left for the index: {msg}",
+                                hint="free space and run again; committed backups are intact")
+        if isinstance(e, OperationalError) and "locked" in msg.lower():
+            return LockedError(f"the index stayed locked by other writers for too long: {msg}",
+                               hint="nothing was committed; run again when the repository is less busy")
+        return RepoDamaged(f"cannot write the index: {e.__class__.__name__}: {msg}",
+                           hint="nothing was committed; `nbdbackup verify` checks the repository")
     return e
 
 
