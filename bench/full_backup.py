@@ -6,7 +6,7 @@ served by qemu-nbd (-r -e 4) on a unix socket. Alternately, `nbdbackup full
 it) and `nbdcopy URI sparse.raw` copy it; medians are compared.
 Targets: wall time <= 2.0x nbdcopy's; peak RSS of the nbdbackup process < 512 MiB.
 
-    python bench/full_backup.py [--rounds 3] [--workdir DIR] [--chunk-size 1M]
+    python bench/full_backup.py [--rounds 3] [--workdir DIR] [--chunk-size 1M] [--compression-level -3]
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", help="keep the image here between runs (default: a temp dir)")
     ap.add_argument("--chunk-size", default=None, help="repository chunk size (default: the repo default)")
+    ap.add_argument("--compression-level", default=None, help="zstd level of the repository (default: the repo default)")
     ap.add_argument("--connections", type=int, default=4)
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="nbdbackup-bench-", dir="/var/tmp"))
@@ -100,7 +101,8 @@ def main() -> int:
             for r in range(a.rounds):
                 repo = work / "repo"
                 shutil.rmtree(repo, ignore_errors=True)
-                init = [nbdbackup, "--repo", str(repo), "init"] + (["--chunk-size", a.chunk_size] if a.chunk_size else [])
+                init = [nbdbackup, "--repo", str(repo), "init"] + (["--chunk-size", a.chunk_size] if a.chunk_size else []) \
+                    + ([f"--compression-level={a.compression_level}"] if a.compression_level else [])
                 subprocess.run(init, check=True, stdout=subprocess.DEVNULL)
                 out = work / "copy.raw"
                 out.unlink(missing_ok=True)
