@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import support
-from engine_util import MiB, init_repo, make_image, nbb, qio, random_file, same_file
+from engine_util import MiB, init_repo, make_image, nbb, qio, random_file
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 
-from ..errors import ChainBroken, UsageError
+from ..errors import ChainBroken
 from .base import DiskPlan, Source
 from .qemu_tools import ImageBitmap, QemuNbd, bitmap_add, bitmap_remove, image_info
 
