@@ -81,8 +81,10 @@ def run_backup(repo, source, kind: str, opts: BackupOptions) -> list[BackupResul
     except BaseException as exc:
         for w, _, _ in writers:
             _abort_quietly(w)
-        source.failed(exc)
-        source.close()
+        try:
+            source.failed(exc)
+        finally:
+            source.close()
         raise
     try:
         source.committed(plans, infos)
