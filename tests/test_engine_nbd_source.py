@@ -66,6 +66,10 @@ def test_uri_fallbacks_and_usage_errors(tmp_path):
             assert msg in p.stderr and "Traceback" not in p.stderr
         p = nbb(repo, "incremental", "--source", uri, "--disk", "x", check=False)
         assert p.returncode == 2 and "--bitmap" in p.stderr
+        p = nbb(repo, "incremental", "--image", str(img), "--since", "x", check=False)
+        assert p.returncode == 2 and "tracks its own bitmaps" in p.stderr
+        p = nbb(repo, "full", "--source", uri, "--disk", "x", "--connections", "0", check=False)
+        assert p.returncode == 2 and "between 1 and 64" in p.stderr
         p = nbb(repo, "incremental", "--source", uri, "--disk", "x", "--bitmap", "b", "--since", "nosuch",
                 check=False)
         assert p.returncode == 11
