@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from typing import TYPE_CHECKING, Sequence
 
 from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from ..errors import LockedError, NbdBackupError, NoSpaceError, RepoDamaged, UsageError
+from ..errors import LockedError, NoSpaceError, RepoDamaged, UsageError
 from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF, PreparedChunk, compress_blob, hash_bytes, prepare
@@ -403,4 +402,4 @@ def commit_writers(repo: "Repository", writers: Sequence[BackupWriter], *, read_
     return [info for _, info, _, _ in staged]
 
 
-__all__ = ["BackupWriter", "commit_writers", "NbdBackupError"]
+__all__ = ["BackupWriter", "commit_writers"]
