@@ -276,3 +276,18 @@ def test_damaged_map_segment_is_repo_damaged(tmp_path):
         assert img.read(0, 4 * CS) == data[:4 * CS]
         with pytest.raises(RepoDamaged, match="segment"):
             img.read_chunk(5)
+
+
+def test_created_is_utc_ms_whatever_is_passed(tmp_path):
+    from datetime import datetime, timedelta, timezone
+    repo = _repo(tmp_path)
+    w = repo.writer("vda", kind="full", size=CS)
+    naive = datetime(2026, 1, 2, 3, 4, 5, 678901)
+    info = w.commit(read_bytes=0, duration_s=0, created=naive)
+    assert info.created == datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
+    assert info.to_json()["created"] == "2026-01-02T03:04:05.678Z" and info.id.startswith("20260102T030405678Z-")
+    w = repo.writer("vdb", kind="full", size=CS)
+    other = datetime(2026, 1, 2, 5, 4, 5, 1000, tzinfo=timezone(timedelta(hours=2)))
+    info2 = w.commit(read_bytes=0, duration_s=0, created=other)
+    assert info2.to_json()["created"] == "2026-01-02T03:04:05.001Z"
+    assert repo.get_backup(info2.id) == info2

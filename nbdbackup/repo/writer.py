@@ -25,7 +25,7 @@ from ..errors import LockedError, NoSpaceError, RepoDamaged, UsageError
 from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF, PreparedChunk, compress_blob, hash_bytes, prepare
-from .ids import check_disk_name, new_backup_id, now_ms, to_ms
+from .ids import check_disk_name, from_ms, new_backup_id, now_ms, to_ms
 from .index import write_txn
 from .info import BackupInfo
 from .schema import backup_segments, backups, chunks, packs, segments
@@ -350,8 +350,7 @@ def commit_writers(repo: "Repository", writers: Sequence[BackupWriter], *, read_
     n = len(writers)
     rb = list(read_bytes) if read_bytes is not None else [0] * n
     ds = list(duration_s) if isinstance(duration_s, (list, tuple)) else [float(duration_s or 0.0)] * n
-    created = now_ms() if created is None else created
-    created = created.replace(microsecond=created.microsecond // 1000 * 1000)
+    created = now_ms() if created is None else from_ms(to_ms(created))   # aware UTC, whole ms (naive = UTC)
     if n > 1:
         set_id = set_id or next((w.set_id for w in writers if w.set_id), None) or uuid.uuid4().hex[:16]
     ids: set[str] = set()
