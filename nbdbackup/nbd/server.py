@@ -162,16 +162,20 @@ class NbdServer:
         return await self._index(self.catalog.list_exports)
 
     async def export_exists(self, name: str) -> bool:
-        return await self._index(self.catalog.resolve, name) is not None
+        return await self._resolve(name) is not None
 
     async def describe(self, view) -> str:
         return await self._index(self.catalog.describe, view.key)
 
-    async def peek(self, name: str) -> ExportSummary | None:
-        """Size and mode of *name* without opening it (NBD_OPT_INFO, e.g. nbdinfo --list)."""
+    async def _resolve(self, name: str) -> str | None:
+        """The export key *name* means now, or None (an over-long name is never looked up)."""
         if len(name.encode()) > proto.MAX_NAME_LENGTH:
             return None
-        key = await self._index(self.catalog.resolve, name)
+        return await self._index(self.catalog.resolve, name)
+
+    async def peek(self, name: str) -> ExportSummary | None:
+        """Size and mode of *name* without opening it (NBD_OPT_INFO, e.g. nbdinfo --list)."""
+        key = await self._resolve(name)
         if key is None:
             return None
         view = self.views.get(key)
@@ -181,9 +185,7 @@ class NbdServer:
 
     async def acquire_view(self, name: str) -> ExportView | None:
         """The shared view for *name*, resolved now (an alias binds here)."""
-        if len(name.encode()) > proto.MAX_NAME_LENGTH:
-            return None
-        key = await self._index(self.catalog.resolve, name)
+        key = await self._resolve(name)
         if key is None:
             return None
         view = self.views.get(key)

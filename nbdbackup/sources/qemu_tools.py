@@ -45,14 +45,18 @@ def _locked_error(path: str, stderr: str) -> NbdBackupError | None:
 
 def qemu_img(path: str, *args: str) -> str:
     """Run `qemu-img ARGS... PATH`; return stdout or raise a clear error."""
-    cmd = [_tool("qemu-img"), *args, path]
+    return _run_qemu_img([_tool("qemu-img"), *args, path], path, f"qemu-img {args[0]}")
+
+
+def _run_qemu_img(cmd: list[str], path: str, what: str) -> str:
+    """Run a qemu-img command line on image *path*; a lock or failure becomes a clear error."""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise SourceUnreachable(f"qemu-img {args[0]} on {path} timed out") from None
+        raise SourceUnreachable(f"{what} on {path} timed out") from None
     if p.returncode != 0:
         err = p.stderr.strip()
-        raise _locked_error(path, err) or SourceUnreachable(f"qemu-img {args[0]} failed on {path}: {err}")
+        raise _locked_error(path, err) or SourceUnreachable(f"{what} failed on {path}: {err}")
     return p.stdout
 
 
@@ -97,15 +101,8 @@ def bitmap_add(path: str, name: str) -> None:
 
 def qemu_img_bitmap(path: str, op: str, name: str) -> None:
     # qemu-img bitmap OP -f qcow2 PATH NAME: the image comes before the name.
-    cmd = [_tool("qemu-img"), "bitmap", op, "-f", "qcow2", path, name]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise SourceUnreachable(f"qemu-img bitmap {op} on {path} timed out") from None
-    if p.returncode != 0:
-        err = p.stderr.strip()
-        raise _locked_error(path, err) or SourceUnreachable(
-            f"qemu-img bitmap {op} {name} failed on {path}: {err}")
+    _run_qemu_img([_tool("qemu-img"), "bitmap", op, "-f", "qcow2", path, name], path,
+                  f"qemu-img bitmap {op} {name}")
 
 
 def bitmap_remove(path: str, name: str) -> None:
