@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdOptionError, UsageError
 from . import proto
-from .client_options import ExportInfo, GreetingTimeout, Negotiator, TruncatedReply, send_all
+from .client_options import ExportInfo, GreetingTimeout, Negotiator, TruncatedReply, send_all, use_kernel_timeouts
 from .futures import done_future, gather, then, then_map
 from .replies import Pending, ReplyReader
 from .tls import TlsConfig, tls_for_uri
@@ -117,7 +117,7 @@ class Client:
             if info is None:
                 log.debug("server lacks NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME")
                 info = neg.export_name(u.export)
-            neg.sock.settimeout(timeout)
+            use_kernel_timeouts(neg.sock, timeout)
         except BaseException:
             neg.sock.close()
             raise

@@ -60,12 +60,33 @@ def recv_exact(sock, n: int, what: str, *, started: bool = True) -> bytes:
     return bytes(buf)
 
 
+def use_kernel_timeouts(sock, timeout: float) -> None:
+    """Make *sock* blocking with SO_RCVTIMEO/SO_SNDTIMEO set to *timeout*.
+
+    Python's settimeout() polls before every recv/send (an extra syscall per call,
+    thousands per GiB); the kernel's timeout costs nothing. A call that times out
+    raises BlockingIOError (EAGAIN), which every caller here treats as a timeout.
+    """
+    raw = getattr(sock, "sock", sock)     # a TlsStream does its I/O on the plain socket
+    if timeout is None:
+        raw.settimeout(None)
+        return
+    t = max(float(timeout), 0.001)        # a zero timeval would mean "wait forever"
+    tv = struct.pack("@ll", int(t), int((t - int(t)) * 1_000_000))
+    raw.settimeout(None)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+TIMEOUTS = (socket.timeout, BlockingIOError)   # settimeout() / kernel timeout (EAGAIN)
+
+
 def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) -> None:
     got, n = 0, len(mv)
     while got < n:
         try:
             k = sock.recv_into(mv[got:], n - got)
-        except socket.timeout:
+        except TIMEOUTS:
             raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
         except (OSError, ssl.SSLError) as e:
             raise NbdConnectionError(f"connection error while reading {what}: {e}") from None
@@ -82,7 +103,7 @@ def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) ->
 def send_all(sock, data, what: str) -> None:
     try:
         sock.sendall(data)
-    except socket.timeout:
+    except TIMEOUTS:
         raise NbdConnectionError(f"timed out sending {what} to the NBD server") from None
     except (OSError, ssl.SSLError) as e:
         raise NbdConnectionError(f"connection error while sending {what}: {e}") from None

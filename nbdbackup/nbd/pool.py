@@ -42,6 +42,7 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._next = 0
         self._closed = False
+        self._gave_up: tuple[Client, NbdConnectionError] | None = None   # (dead connection, why not replaced)
         first = Client.connect(self.uri, **self._connect_args)
         self.clients: list[Client] = [first]
         self.notes: list[str] = []      # why there are fewer connections than asked (for summaries)
@@ -136,17 +137,25 @@ class ConnectionPool:
                 alive = [c for c in self.clients if c.alive]
                 if alive:
                     return alive[0]
+            if self._gave_up is not None and self._gave_up[0] is dead:
+                # Every request lost with *dead* lands here: one round of reconnect attempts is enough.
+                raise NbdConnectionError(str(self._gave_up[1]))
             last: Exception | None = None
             for attempt in range((self.retries if retries is None else retries) + 1):
                 if attempt:
                     time.sleep(min(0.25 * 2 ** attempt, 4.0))
+                if self._closed:
+                    raise NbdConnectionError(f"connection pool for {self.uri} is closed")
                 try:
                     new = Client.connect(self.uri, greeting_timeout=self._greeting_timeout, **self._connect_args)
                     break
                 except NbdConnectionError as e:
                     last = e
             else:
-                raise NbdConnectionError(f"lost the connection to {self.uri} and could not reconnect: {last}")
+                err = NbdConnectionError(f"lost the connection to {self.uri} and could not reconnect: {last}")
+                if retries is None:     # a full round failed (not a quick try by _replace_or_drop)
+                    self._gave_up = (dead, err)
+                raise err
             if new.size != dead.size or set(new.contexts) != set(dead.contexts):
                 new.close()
                 what = (f"size from {dead.size} to {new.size}" if new.size != dead.size else
@@ -235,6 +244,7 @@ class ConnectionPool:
 
     # --- closing ---------------------------------------------------------------
     def close(self) -> None:
+        self._closed = True     # first, without the lock: a reconnect loop holding it stops sooner
         with self._lock:
             self._closed = True
             clients, self.clients = self.clients, list(self.clients)

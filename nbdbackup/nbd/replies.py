@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
 from . import proto
-from .client_options import recv_into_exact
+from .client_options import TIMEOUTS, recv_into_exact
 from .futures import resolve
 
 # A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).
@@ -123,7 +123,7 @@ class ReplyReader:
         while True:
             try:
                 k = self.sock.recv_into(mv[:4], 4)
-            except socket.timeout:
+            except TIMEOUTS:
                 if self._pending:
                     raise NbdConnectionError(f"{self.name}: no reply within {self.timeout:g}s "
                                              f"({len(self._pending)} requests outstanding)") from None
