@@ -68,12 +68,14 @@ def hash_bytes(data) -> bytes:
     return blake3.blake3(data).digest()
 
 
-def prepare(data, level: int) -> PreparedChunk:
-    """Zero check, hash, compress (when it pays). Thread-safe."""
+def prepare(data, level: int, compress: bool = True) -> PreparedChunk:
+    """Zero check, hash, compress (when it pays and *compress*). Thread-safe."""
     n = len(data)
     if data == zeros(n):
         return PreparedChunk(ZERO_REF, n, COMP_NONE, b"")
     h = hash_bytes(data)
+    if not compress:
+        return PreparedChunk(h, n, COMP_NONE, bytes(data))
     c = _compressor(level).compress(data)
     if len(c) <= n - (n >> _MIN_SAVING_SHIFT):
         return PreparedChunk(h, n, COMP_ZSTD, c)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING, Sequence
 
 from sqlalchemy import insert
@@ -39,6 +40,7 @@ OPEN_WINDOW = 2          # segments kept open behind the furthest one put
 BATCH_COUNT = 128        # dedup lookup batch: chunks...
 BATCH_BYTES = 32 << 20   # ...or bytes of payload, whichever first
 PACK_RECORDS = 32768     # seal a pack at this many records even if small (bounds memory and footer size)
+SEALS_IN_FLIGHT = 3      # packs written + fsync'ed + indexed at once in the background (fsyncs overlap)
 
 
 class BackupWriter:
@@ -79,12 +81,11 @@ class BackupWriter:
         self._pack: P.PackBuilder | None = None
         self._pack_chunks: set[bytes] = set()
         self._pack_segments: dict[bytes, bytes] = {}   # hash -> raw, for segments in the unsealed pack
-        # The previous pack, being written and indexed by a background thread
-        # (overlaps fsync with hashing); its records count as "have" meanwhile.
+        # The previous packs, being written and indexed by background threads
+        # (overlaps fsync with hashing); their records count as "have" meanwhile.
+        # Entries: (future, chunk hashes, {segment hash: raw}), oldest first.
         self._sealer = None
-        self._inflight = None
-        self._inflight_chunks: set[bytes] = set()
-        self._inflight_segments: dict[bytes, bytes] = {}
+        self._inflight: deque = deque()
         self.stored_bytes = 0
         try:
             self._locks.append(repo.lock("writers", exclusive=False, purpose="the repository's writer lock"))
@@ -98,9 +99,10 @@ class BackupWriter:
             raise
 
     # -- worker threads -------------------------------------------------------
-    def prepare(self, data) -> PreparedChunk:
-        """Zero check, blake3, zstd. Thread-safe; releases the GIL in blake3/zstd."""
-        return prepare(data, self._level)
+    def prepare(self, data, compress: bool = True) -> PreparedChunk:
+        """Zero check, blake3, zstd (unless not *compress*: stored raw). Thread-safe;
+        releases the GIL in blake3/zstd."""
+        return prepare(data, self._level, compress)
 
     # -- main thread ----------------------------------------------------------
     def put(self, index: int, prepared: PreparedChunk | None) -> None:
@@ -114,7 +116,7 @@ class BackupWriter:
         if prepared.raw_len != want:
             raise ValueError(f"chunk {index} has {prepared.raw_len} bytes, expected {want}")
         self._set(index, prepared.hash)
-        if prepared.hash not in self._pack_chunks and prepared.hash not in self._inflight_chunks:
+        if prepared.hash not in self._pack_chunks and not self._inflight_has_chunk(prepared.hash):
             self._batch.append(prepared)
             self._batch_bytes += len(prepared.payload)
             if len(self._batch) >= BATCH_COUNT or self._batch_bytes >= BATCH_BYTES:
@@ -137,9 +139,9 @@ class BackupWriter:
             self._release()
 
     def _stop_sealer(self) -> None:
-        """Wait for a background seal (its pack is an orphan now, or committed data) and stop the thread."""
-        fut, self._inflight = self._inflight, None
-        if fut is not None:
+        """Wait for the background seals (their packs are orphans now, or committed data) and stop the threads."""
+        inflight, self._inflight = self._inflight, deque()
+        for fut, _, _ in inflight:
             try:
                 fut.result()
             except BaseException as e:   # the failure that caused the abort is reported elsewhere
@@ -190,7 +192,9 @@ class BackupWriter:
         return buf
 
     def _load(self, ref: bytes) -> bytes:
-        raw = self._pack_segments.get(ref) or self._inflight_segments.get(ref)
+        raw = self._pack_segments.get(ref)
+        for _, _, segs in self._inflight:
+            raw = raw or segs.get(ref)
         return raw if raw is not None else self._store.load_segment(ref)
 
     def _finalize(self, seq: int) -> None:
@@ -201,7 +205,7 @@ class BackupWriter:
         h = hash_bytes(raw)
         self._done[seq] = h
         pref = self._parent_refs[seq] if seq < len(self._parent_refs) else None
-        if h == pref or h in self._pack_segments or h in self._inflight_segments or \
+        if h == pref or h in self._pack_segments or any(h in segs for _, _, segs in self._inflight) or \
                 self._store.existing(segments, [h]):
             return
         comp, payload = compress_blob(raw, self._level)
@@ -234,7 +238,7 @@ class BackupWriter:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        todo = {p.hash: p for p in batch if p.hash not in self._pack_chunks and p.hash not in self._inflight_chunks}
+        todo = {p.hash: p for p in batch if p.hash not in self._pack_chunks and not self._inflight_has_chunk(p.hash)}
         have = self._store.existing(chunks, list(todo))
         for h, p in todo.items():
             if h not in have:
@@ -252,27 +256,33 @@ class BackupWriter:
             self._seal()
         return rec
 
+    def _inflight_has_chunk(self, h: bytes) -> bool:
+        return any(h in chs for _, chs, _ in self._inflight)
+
     def _seal(self) -> None:
-        """Hand the current pack to the background sealer (after the previous one finished)."""
-        self._wait_inflight()
+        """Hand the current pack to a background sealer (waiting while SEALS_IN_FLIGHT are busy)."""
+        while len(self._inflight) >= SEALS_IN_FLIGHT:
+            self._wait_oldest()
         pack, self._pack = self._pack, None
         if pack is None or not len(pack):
             return
         if self._sealer is None:
             from concurrent.futures import ThreadPoolExecutor
-            self._sealer = ThreadPoolExecutor(1, thread_name_prefix="nbdbackup-seal")
-        self._inflight_chunks, self._pack_chunks = self._pack_chunks, set()
-        self._inflight_segments, self._pack_segments = self._pack_segments, {}
-        self._inflight = self._sealer.submit(self._write_pack, pack)
+            self._sealer = ThreadPoolExecutor(SEALS_IN_FLIGHT, thread_name_prefix="nbdbackup-seal")
+        chs, self._pack_chunks = self._pack_chunks, set()
+        segs, self._pack_segments = self._pack_segments, {}
+        self._inflight.append((self._sealer.submit(self._write_pack, pack), chs, segs))
+
+    def _wait_oldest(self) -> None:
+        fut = self._inflight[0][0]
+        try:
+            fut.result()
+        finally:
+            self._inflight.popleft()    # indexed now (or failed: the writer aborts)
 
     def _wait_inflight(self) -> None:
-        fut, self._inflight = self._inflight, None
-        if fut is not None:
-            try:
-                fut.result()
-            finally:
-                self._inflight_chunks = set()
-                self._inflight_segments = {}
+        while self._inflight:
+            self._wait_oldest()
 
     def _seal_and_wait(self) -> None:
         self._seal()
