@@ -160,6 +160,8 @@ def summary_line(result) -> str:
     # compression: non-zero data read -> compressed; dedup: compressed -> new bytes stored
     # (stored includes the backup's map records, so tiny backups show a low dedup ratio)
     comp = f"{st.data_bytes / st.packed_bytes:.2f}x" if st.packed_bytes else "-"
+    if getattr(st, "uncompressed_chunks", 0):   # adaptive compression skipped these (cores busy)
+        comp += f" ({st.uncompressed_chunks} chunks not compressed: CPU busy)"
     dedup = f"{st.packed_bytes / info.stored_bytes:.2f}x" if info.stored_bytes and st.packed_bytes else "-"
     rate = info.read_bytes / info.duration_s if info.duration_s else 0.0
     return (f"{info.kind} backup {info.id} of {info.disk} ({hb(info.size)}): read {hb(info.read_bytes)}, "

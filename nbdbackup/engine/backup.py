@@ -11,15 +11,19 @@ so it can advance or keep its bitmaps.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import NbdConnectionError, NbdError, NbdProtocolError, SourceFailed
+from ..nbd.futures import resolve
 from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ class BackupOptions:
     retry_delay: float = 0.2                # first back-off, doubled each time
     workers: int | None = None              # default: 2 per connection
     inflight_bytes: int = 64 << 20          # bound on chunk data held in memory
+    adaptive: bool = True                   # store a chunk raw when the compression cores are busy (see _CoreGate)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class DiskStats:
     zero_chunks: int = 0
     read_chunks: int = 0
     inherited_chunks: int = 0
+    uncompressed_chunks: int = 0    # stored raw without trying zstd: the CPU was busy (adaptive)
 
 
 @dataclass
@@ -150,34 +156,47 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
     bar = opts.progress(size, f"{plan.kind} {plan.disk}") if opts.progress else _NoBar()
     workers = opts.workers or max(2, 2 * len(pool.clients))
     inflight_max = max(workers + 2, opts.inflight_bytes // cs)
-    pending: deque = deque()
-    failed = threading.Event()      # one chunk failed for good: the others stop at once
-    first_error: list[BaseException] = []
+    pending: deque = deque()    # (index, length, future of (PreparedChunk, compressed?)), in disk order
+    gate = _CoreGate(_cores() if opts.adaptive else None)
+    lost: list = []             # (index, length, error) of a read whose connection is gone for good
+    free: list = []             # read buffers to reuse (warm pages: no page faults, no zeroing)
 
-    def read_and_prepare(index: int):
-        if failed.is_set():
-            raise SourceFailed("stopped after an earlier read failed")
+    def submit(index: int) -> None:
         off = index * cs
         length = min(cs, size - off)
+        out: Future = Future()
         try:
-            data = _read_with_retries(pool, off, length, opts)
-        except BaseException as e:
-            if not failed.is_set():
-                first_error.append(e)
-                failed.set()
-                pool.close()    # reads queued behind reconnect attempts fail now, not one by one
-            raise
-        return length, w.prepare(data)
+            buf = free.pop()
+        except IndexError:
+            buf = bytearray(cs)
+        view = memoryview(buf)[:length]
+        try:
+            rf = pool.submit_read_into(off, view)
+        except NbdError as e:
+            rf = Future()
+            rf.set_exception(e)
+        rf.add_done_callback(lambda f: _prepare_on_arrival(f, out, w, view, gate, lost, index, buf, free))
+        pending.append((index, length, out))
 
     def put_done(block: bool) -> None:
-        while pending and (block or pending[0][1].done()):
-            index, fut = pending.popleft()
+        while pending and (block or pending[0][2].done()):
+            while not pending[0][2].done():
+                if lost:    # stop at once: reads queued behind reconnect attempts fail now, not one by one
+                    pool.close()
+                    index, length, e = lost[0]
+                    _read_with_retries(pool, index * cs, length, opts, first_error=e)
+                    raise AssertionError("unreachable")
+                _wait(pending[0][2], 0.05)
+            index, length, fut = pending.popleft()
             try:
-                length, prepared = fut.result()
-            except BaseException:
-                if first_error:     # report the failure that started it, not a follower
-                    raise first_error[0] from None
-                raise
+                prepared, tried = fut.result()
+            except NbdProtocolError:
+                raise       # a misbehaving server: its own exit code, no retry
+            except NbdError as e:
+                # Retries (and their back-off) run here, in order; other reads carry on meanwhile.
+                prepared, tried = w.prepare(_read_with_retries(pool, index * cs, length, opts, first_error=e)), True
+            if not tried and not prepared.is_zero:
+                stats.uncompressed_chunks += 1
             stats.read_bytes += length
             stats.read_chunks += 1
             if prepared.is_zero:
@@ -192,49 +211,112 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
     extents = walk_extents(pool, bitmap_context=plan.bitmap_context)
     runs = chunk_runs(extents, chunk_size=cs, size=size, all_dirty=full,
                       force_from=None if full else _force_from(parent, size, cs))
+    gc.freeze()     # collections during the pipeline need not walk the start-up objects again
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbdbackup-read") as ex:
-            try:
-                for run in runs:
-                    if run.action == SKIP:
-                        stats.inherited_chunks += run.end - run.start
-                        bar.update(bytes_of(run, cs, size))
-                        continue
-                    if run.action == ZERO:
-                        stats.zero_chunks += run.end - run.start
-                        if not full:       # a full's unput positions are zero already
-                            for i in range(run.start, run.end):
-                                w.put_zero(i)
-                        bar.update(bytes_of(run, cs, size))
-                        continue
-                    assert run.action == READ
+        for run in runs:
+            if run.action == SKIP:
+                stats.inherited_chunks += run.end - run.start
+                bar.update(bytes_of(run, cs, size))
+                continue
+            if run.action == ZERO:
+                stats.zero_chunks += run.end - run.start
+                if not full:       # a full's unput positions are zero already
                     for i in range(run.start, run.end):
-                        while len(pending) >= inflight_max:
-                            put_done(block=True)
-                        pending.append((i, ex.submit(read_and_prepare, i)))
-                        put_done(block=False)
-                while pending:
+                        w.put_zero(i)
+                bar.update(bytes_of(run, cs, size))
+                continue
+            assert run.action == READ
+            for i in range(run.start, run.end):
+                while len(pending) >= inflight_max:
                     put_done(block=True)
-            except BaseException:
-                for _, fut in pending:
-                    fut.cancel()
-                raise
+                submit(i)
+                put_done(block=False)
+        while pending:
+            put_done(block=True)
     except NbdProtocolError:
         raise
     except NbdError as e:   # the extent walk failed (the pool already retried with reconnect)
         raise SourceFailed(f"source {plan.disk} failed during the backup: {e}",
                            hint="nothing was committed; check the NBD server and retry") from None
     finally:
+        gc.unfreeze()
         bar.close()
     return stats
 
 
-def _read_with_retries(pool, offset: int, length: int, opts: BackupOptions):
+def _wait(f: Future, timeout: float) -> None:
+    try:
+        f.exception(timeout)
+    except (FuturesTimeout, CancelledError):
+        pass
+
+
+def _prepare_on_arrival(f: Future, out: Future, w, view: memoryview, gate: "_CoreGate", lost: list,
+                        index: int, buf: bytearray, free: list) -> None:
+    """Done-callback of a read (on the connection's receiver thread): hash and compress
+    right there, so a chunk changes threads once (to the main thread's put) instead of
+    three times. blake3/zstd release the GIL, so receivers of different connections
+    prepare in parallel."""
+    try:
+        e = f.exception()
+        if isinstance(e, NbdConnectionError):   # the pool gave up reconnecting: tell the main thread now
+            lost.append((index, len(view), e))
+        f.result()
+        compress = gate.enter()
+        try:
+            # bytearray compares with memcmp (a memoryview byte by byte); a short last chunk is rare
+            data = buf if len(view) == len(buf) else bytes(view)
+            prepared = w.prepare(data, compress)   # copies what it keeps: *buf* can be reused
+        finally:
+            gate.leave()
+        free.append(buf)    # only after a completed read: nothing writes into it any more
+        resolve(out, (prepared, compress))
+    except BaseException as e:  # noqa: BLE001 - surfaced through *out*
+        resolve(out, exc=e)
+
+
+class _CoreGate:
+    """Adaptive compression (like `zstd --adapt`): a chunk that arrives while `cores`
+    chunks are already being prepared is hashed and stored raw instead of waiting for a
+    core to compress it. `cores` is the CPU count less one, kept for the read/write path
+    (socket copies, pack writes and fsync, often the NBD server too). So compression uses
+    spare CPU only and does not slow the backup below what reading, hashing and writing
+    allow; the price is a worse ratio when CPU is short (DiskStats.uncompressed_chunks
+    counts them; docs/design.md has the figures). cores=None: always compress."""
+
+    def __init__(self, cores: int | None):
+        self.cores = cores
+        self.busy = 0
+        self.lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self.lock:
+            self.busy += 1
+            return self.cores is None or self.busy <= self.cores
+
+    def leave(self) -> None:
+        with self.lock:
+            self.busy -= 1
+
+
+def _cores() -> int:
+    """CPUs for compression: all we may run on but one (at least one)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, n - 1)
+
+
+def _read_with_retries(pool, offset: int, length: int, opts: BackupOptions, first_error: NbdError | None = None):
     """pool.read, again after a server error (EIO...); the pool itself already
-    reconnects and resends after a dropped connection."""
+    reconnects and resends after a dropped connection. *first_error*: how the
+    first attempt (made asynchronously) failed."""
     delay = opts.retry_delay
     for attempt in range(opts.retries + 1):
         try:
+            if attempt == 0 and first_error is not None:
+                raise first_error
             data = pool.read(offset, length)
             if len(data) != length:
                 raise NbdProtocolError(f"read of {length} bytes at {offset} returned {len(data)}")
