@@ -1,0 +1,79 @@
+"""Adaptive compression: chunks left raw when the CPU is busy are counted and restore exactly."""
+
+import random
+from contextlib import contextmanager
+
+import support
+from nbdbackup.engine import backup as B
+from nbdbackup.engine.backup import BackupOptions, run_backup
+from nbdbackup.repo.repository import Repository
+from nbdbackup.sources.nbd_uri import NbdUriSource
+
+CS = 64 * 1024
+WORDS = b"the block device backup snapshot bitmap extent export server client".split()
+
+
+def _text(n: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choices(WORDS, k=12)) + b".\n"
+    return bytes(out[:n])
+
+
+@contextmanager
+def _served(tmp_path, data: bytes):
+    img = tmp_path / "disk.raw"
+    img.write_bytes(data)
+    with support.qemu_nbd(img, tmp_path / "s.sock", fmt="raw") as uri:
+        yield uri
+
+
+def _backup_and_read(tmp_path, uri, name: str, adaptive: bool):
+    with Repository.init(str(tmp_path / name), chunk_size=CS) as repo:
+        [res] = run_backup(repo, NbdUriSource(uri, "d"), "full", BackupOptions(connections=2, adaptive=adaptive))
+        img = repo.open_image(res.info.id)
+        try:
+            back = b"".join(img.read_chunk(i) for i in range(img.nchunks))
+        finally:
+            img.close()
+    return res, back
+
+
+def test_core_gate_counts_busy_preparers():
+    g = B._CoreGate(1)
+    assert g.enter() is True        # a free core: compress
+    assert g.enter() is False       # the one core is busy: store raw
+    g.leave()
+    g.leave()
+    assert g.enter() is True
+    g.leave()
+    always = B._CoreGate(None)
+    assert all(always.enter() for _ in range(5))
+    assert B._cores() >= 1
+
+
+def test_busy_cpu_leaves_chunks_raw_and_they_restore_exactly(tmp_path, monkeypatch):
+    data = _text(24 * CS, seed=1) + bytes(8 * CS)      # 24 text chunks, 8 zero chunks
+    with _served(tmp_path, data) as uri:
+        res_c, back_c = _backup_and_read(tmp_path, uri, "always", adaptive=False)
+        monkeypatch.setattr(B, "_cores", lambda: 0)     # no core ever free: nothing is compressed
+        res_r, back_r = _backup_and_read(tmp_path, uri, "raw", adaptive=True)
+    assert back_c == data and back_r == data
+    assert res_c.stats.uncompressed_chunks == 0
+    assert res_c.stats.packed_bytes < res_c.stats.data_bytes // 2    # text compresses when tried
+    assert res_r.stats.uncompressed_chunks == 24                     # zero chunks are not counted
+    assert res_r.stats.packed_bytes == res_r.stats.data_bytes == 24 * CS
+
+
+def test_summary_line_counts_uncompressed_chunks():
+    from types import SimpleNamespace
+
+    from nbdbackup.cli.backupargs import summary_line
+
+    info = SimpleNamespace(kind="full", id="x", disk="d", size=1 << 20, read_bytes=1 << 20,
+                           stored_bytes=1 << 20, duration_s=1.0)
+    st = B.DiskStats(read_bytes=1 << 20, data_bytes=1 << 20, packed_bytes=1 << 20, uncompressed_chunks=3)
+    assert "3 chunks not compressed" in summary_line(SimpleNamespace(info=info, stats=st))
+    st.uncompressed_chunks = 0
+    assert "not compressed" not in summary_line(SimpleNamespace(info=info, stats=st))
