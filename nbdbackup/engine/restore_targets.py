@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 
 from ..errors import NbdBackupError, SourceUnreachable, UsageError
+from ..fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,6 @@ ZERO_STEP = 8 << 20
 
 def is_nbd_uri(target: str) -> bool:
     return target.split("://", 1)[0] in ("nbd", "nbds", "nbd+unix", "nbds+unix") and "://" in target
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileTarget:
@@ -75,7 +68,7 @@ class FileTarget:
             self._convert_to_qcow2()
         os.chmod(self.tmp, 0o644 & ~_umask())
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path)
+        fsync_path(os.path.dirname(os.path.abspath(self.path)), directory=True)
 
     def _convert_to_qcow2(self) -> None:
         # qemu-img convert detects zero blocks and leaves them unallocated: sparse and exact.
@@ -88,11 +81,7 @@ class FileTarget:
         if p.returncode != 0:
             _unlink(out)
             raise NbdBackupError(f"qemu-img convert to qcow2 failed: {p.stderr.strip()}")
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(out)
         os.replace(out, self.tmp)
 
     def abort(self) -> None:

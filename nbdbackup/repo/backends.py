@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Iterable, Iterator
 
 from ..errors import NoSpaceError
+from ..fsutil import fsync_path
 
 
 class StorageBackend:
@@ -90,7 +91,7 @@ class LocalBackend(StorageBackend):
             parent = os.path.dirname(path)
             os.makedirs(parent, exist_ok=True)
             os.rename(tmp, path)
-            _fsync_dir(parent)
+            fsync_path(parent, directory=True)
         except OSError as e:
             _unlink_quiet(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -160,7 +161,7 @@ class LocalBackend(StorageBackend):
             os.unlink(path)
         except FileNotFoundError:
             return
-        _fsync_dir(os.path.dirname(path))
+        fsync_path(os.path.dirname(path), directory=True)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         names = []
@@ -226,13 +227,6 @@ class MemoryBackend(StorageBackend):
         with self._lock:
             return iter(sorted(n for n in self._objs if n.startswith(prefix)))
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import insert, inspect
 
 from ..errors import UsageError
+from ..fsutil import fsync_path
 from . import maps
 from . import packs as P
 from .chunks import ZERO_REF, DecodeError, decode
@@ -99,7 +100,7 @@ def _rebuild(repo, progress) -> RebuildReport:
     _build("sqlite:///" + tmp, repo, found, rep, single_file=True)
     rep.old_index = _move_aside(db)
     os.rename(tmp, db)
-    _fsync_dir(os.path.dirname(db))
+    fsync_path(os.path.dirname(db), directory=True)
     return rep
 
 
@@ -119,19 +120,7 @@ def _build(url: str, repo, found: "_Found", rep: RebuildReport, *, single_file: 
     finally:
         eng.dispose()
     if single_file:
-        fd = os.open(url.removeprefix("sqlite:///"), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(url.removeprefix("sqlite:///"))
 
 
 def _scan(backend, rep: RebuildReport, progress) -> _Found:
