@@ -77,3 +77,27 @@ def test_summary_line_counts_uncompressed_chunks():
     assert "3 chunks not compressed" in summary_line(SimpleNamespace(info=info, stats=st))
     st.uncompressed_chunks = 0
     assert "not compressed" not in summary_line(SimpleNamespace(info=info, stats=st))
+
+
+def test_compress_all_option_compresses_every_chunk(tmp_path, monkeypatch):
+    """`full --compress-all` turns adaptive compression off, even with no core free."""
+    from nbdbackup.cli.main import main
+
+    data = _text(32 * CS, seed=3)
+    monkeypatch.setattr(B, "_cores", lambda: 0)     # adaptive would store every chunk raw
+    stored = {}
+    with _served(tmp_path, data) as uri:
+        for name, extra in (("adaptive", []), ("all", ["--compress-all"])):
+            repo = str(tmp_path / name)
+            assert main(["init", "--repo", repo, "--chunk-size", "64K", "-q"]) == 0
+            assert main(["full", "--repo", repo, "--source", uri, "--disk", "d", "-q", *extra]) == 0
+            with Repository.open(repo) as r:
+                [info] = r.list_backups()
+                img = r.open_image(info.id)
+                try:
+                    assert b"".join(img.read_chunk(i) for i in range(img.nchunks)) == data
+                finally:
+                    img.close()
+                stored[name] = info.stored_bytes
+    assert stored["adaptive"] >= len(data)          # raw (plus the map)
+    assert stored["all"] < len(data) // 2           # every text chunk went through zstd

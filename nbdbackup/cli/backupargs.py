@@ -36,6 +36,9 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                         "the image's file name without extension)")
     p.add_argument("--connections", type=connections_type, default=DEFAULT_CONNECTIONS, metavar="N",
                    help=f"parallel NBD connections when the export allows it (default {DEFAULT_CONNECTIONS})")
+    p.add_argument("--compress-all", action="store_true",
+                   help="compress every chunk, even when that makes the backup CPU-bound (default: adaptive, "
+                        "a chunk is stored raw when all cores are busy)")
     add_qmp_arguments(p)     # --- QMP live-VM options (owner: sources/qmp) ---
     if incremental:
         p.add_argument("--bitmap", metavar="BITMAP",
@@ -139,7 +142,7 @@ def run_backup_command(args, kind: str) -> int:
 
     source = build_source(args, kind)
     with open_repo(args) as repo:
-        opts = BackupOptions(connections=args.connections,
+        opts = BackupOptions(connections=args.connections, adaptive=not args.compress_all,
                              no_fallback=getattr(args, "no_fallback", False),
                              progress=lambda total, desc: output.progress_bar(args, total, desc))
         results = run_backup(repo, source, kind, opts)
