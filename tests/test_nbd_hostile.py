@@ -83,34 +83,23 @@ def test_bad_option_reply_magic(tmp_path):
             connect(srv)
 
 
-def test_go_without_export_info(tmp_path):
+@pytest.mark.parametrize("rtype, data, match", [
+    (proto.REP_ACK, b"", "without NBD_INFO_EXPORT"),
+    (proto.REP_INFO, proto.INFO_BLOCK_SIZE_STRUCT.pack(proto.INFO_BLOCK_SIZE, 3, 4096, 1 << 20),
+     "minimum block size 3"),
+], ids=["go_without_export_info", "invalid_block_size_rejected"])
+def test_bad_go_reply(tmp_path, rtype, data, match):
     def h(conn, srv):
         srv.greet(conn)
         while True:
             opt, _ = srv.read_option(conn)
             if opt == proto.OPT_GO:
-                srv.reply(conn, opt, proto.REP_ACK)
+                srv.reply(conn, opt, rtype, data)
                 time.sleep(1)
                 return
             srv.reply(conn, opt, proto.REP_ERR_UNSUP)
     with FakeServer(tmp_path / "s", h) as srv:
-        with pytest.raises(NbdProtocolError, match="without NBD_INFO_EXPORT"):
-            connect(srv)
-
-
-def test_invalid_block_size_rejected(tmp_path):
-    def h(conn, srv):
-        srv.greet(conn)
-        while True:
-            opt, _ = srv.read_option(conn)
-            if opt == proto.OPT_GO:
-                srv.reply(conn, opt, proto.REP_INFO, proto.INFO_BLOCK_SIZE_STRUCT.pack(
-                    proto.INFO_BLOCK_SIZE, 3, 4096, 1 << 20))
-                time.sleep(1)
-                return
-            srv.reply(conn, opt, proto.REP_ERR_UNSUP)
-    with FakeServer(tmp_path / "s", h) as srv:
-        with pytest.raises(NbdProtocolError, match="minimum block size 3"):
+        with pytest.raises(NbdProtocolError, match=match):
             connect(srv)
 
 
