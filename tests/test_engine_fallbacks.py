@@ -140,6 +140,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _qemu_nbd_children_mid_backup(proc, what: str) -> list[int]:
+    """The qemu-nbd children of a running `nbdbackup full`, once it is reading."""
+    deadline = time.monotonic() + 30
+    kids = []
+    while not kids and time.monotonic() < deadline and proc.poll() is None:
+        kids = _children(proc.pid, "qemu-nbd")
+        time.sleep(0.005)
+    assert kids, "qemu-nbd never started"
+    time.sleep(0.2)
+    assert proc.poll() is None, f"the backup finished before it could be {what}"
+    return kids
+
+
 def test_sigkill_mid_backup_leaves_no_server_and_loses_no_change(tmp_path):
     img, repo, full = _setup(tmp_path, size=256 * MiB)
     rnd = random_file(tmp_path / "r.bin", 96 * MiB, seed=3)
@@ -147,14 +160,7 @@ def test_sigkill_mid_backup_leaves_no_server_and_loses_no_change(tmp_path):
     proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(repo), "full", "--image", str(img)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        kids = []
-        while not kids and time.monotonic() < deadline and proc.poll() is None:
-            kids = _children(proc.pid, "qemu-nbd")
-            time.sleep(0.005)
-        assert kids, "qemu-nbd never started"
-        time.sleep(0.2)
-        assert proc.poll() is None, "the backup finished before it could be killed"
+        kids = _qemu_nbd_children_mid_backup(proc, "killed")
         cmdline = open(f"/proc/{kids[0]}/cmdline", "rb").read().split(b"\0")
         sockdir = os.path.dirname(cmdline[cmdline.index(b"--socket") + 1].decode())
         proc.send_signal(signal.SIGKILL)
@@ -190,14 +196,7 @@ def test_sigterm_mid_backup_cleans_up(tmp_path):
     proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(repo), "full", "--image", str(img)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        kids = []
-        while not kids and time.monotonic() < deadline and proc.poll() is None:
-            kids = _children(proc.pid, "qemu-nbd")
-            time.sleep(0.005)
-        assert kids, "qemu-nbd never started"
-        time.sleep(0.2)
-        assert proc.poll() is None, "the backup finished before it could be stopped"
+        kids = _qemu_nbd_children_mid_backup(proc, "stopped")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
