@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 
 from maint_support import CS, disk_data, indexed_packs, new_repo, pack_files, read_all, write_backup
 from support import nbdbackup, nbdbackup_exe
@@ -25,6 +26,19 @@ def _gc(path, *args, rc=0):
 
 def _pack_bytes(path) -> int:
     return sum(os.path.getsize(p) for p in pack_files(path))
+
+
+@contextmanager
+def _waiting_gc(path, *args):
+    """`gc --lock-wait 30` started in the background; killed if the test leaves it running."""
+    proc = subprocess.Popen([nbdbackup_exe(), "gc", "--repo", path, "--lock-wait", "30", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _two_backups(path, rng):
@@ -121,17 +135,11 @@ def test_gc_refuses_while_a_backup_runs_and_waits_with_lock_wait(tmp_path):
         assert p.returncode == 3
         assert f"pid {os.getpid()}" in p.stderr and "gc" in p.stderr
         # with --lock-wait it waits, then runs once the backup has committed
-        proc = subprocess.Popen([nbdbackup_exe(), "gc", "--repo", path, "--lock-wait", "30", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with _waiting_gc(path, "--json") as proc:
             time.sleep(1.5)
             assert proc.poll() is None, proc.communicate()
             info = w.commit(read_bytes=CS, duration_s=0.1)
             out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert proc.returncode == 0, err
         assert json.loads(out)["live_chunks"] >= 1
         assert read_all(repo, info.id) == b"y" * CS        # the chunk it had just written survived
@@ -143,13 +151,11 @@ def test_gc_never_deletes_under_a_reader(tmp_path):
     nbdbackup("forget", "--repo", path, ba.id)
     with Repository.open(path) as repo:
         img = repo.open_image(bb.id)                           # a running restore / serve
-        try:
-            before = pack_files(path)
-            p = nbdbackup("gc", "--repo", path, check=False)
-            assert p.returncode == 3 and "read" in p.stderr
-            assert pack_files(path) == before
-            proc = subprocess.Popen([nbdbackup_exe(), "gc", "--repo", path, "--lock-wait", "30"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        before = pack_files(path)
+        p = nbdbackup("gc", "--repo", path, check=False)
+        assert p.returncode == 3 and "read" in p.stderr
+        assert pack_files(path) == before
+        with _waiting_gc(path) as proc:
             try:
                 time.sleep(1.5)
                 assert proc.poll() is None
@@ -158,10 +164,6 @@ def test_gc_never_deletes_under_a_reader(tmp_path):
                 img.close()
             proc.communicate(timeout=60)
             assert proc.returncode == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert read_all(repo, bb.id) == b
     assert _pack_bytes(path) < 10 * CS
 
@@ -227,9 +229,7 @@ def test_a_waiting_gc_does_not_block_new_backups(tmp_path):
     (ba, a), _ = _two_backups(path, random.Random(10))
     with Repository.open(path) as repo:
         img = repo.open_image(ba.id)
-        proc = subprocess.Popen([nbdbackup_exe(), "gc", "--repo", path, "--lock-wait", "30"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with _waiting_gc(path) as proc:
             time.sleep(1.0)
             assert proc.poll() is None
             for _ in range(3):                    # backups start and commit while gc waits
@@ -238,10 +238,6 @@ def test_a_waiting_gc_does_not_block_new_backups(tmp_path):
             img.close()
             proc.communicate(timeout=60)
             assert proc.returncode == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert read_all(repo, info.id) == b"z" * CS
 
 
