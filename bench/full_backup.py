@@ -13,40 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-MiB = 1 << 20
-WORDS = (b"the of and to in is was that for on with as by at from his her an which were are this be or "
-         b"had not but have it they one all their there been has when who will more no if out so said "
-         b"what up its about into than them can only other new some could time these two may then do "
-         b"first any my now such like our over man me even most made after also did many before must "
-         b"through back years where much your way well down should because each just those people how "
-         b"kernel block device backup snapshot bitmap extent export server client write read sector").split()
-
-
-def text_like(path: Path, size: int, seed: int = 2) -> None:
-    """Unique, compressible text: an 8 MiB block of random words, each copy with its own
-    permutation of the letters (no two chunks repeat, the compression ratio stays)."""
-    rng = random.Random(seed)
-    block = bytearray()
-    n = 0
-    while len(block) < 8 * MiB:
-        n += 1
-        block += b"%09d " % n + b" ".join(rng.choices(WORDS, k=rng.randint(6, 14))) + b".\n"
-    block = bytes(block[:8 * MiB])
-    letters = bytes(range(ord("a"), ord("z") + 1))
-    with open(path, "wb") as f:
-        for i in range(size // len(block)):
-            perm = bytearray(letters)
-            rng.shuffle(perm)
-            f.write(block.translate(bytes.maketrans(letters, bytes(perm))).replace(b"000", b"%03d" % (i % 1000)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import MiB, bench_workdir, nbdbackup_exe, text_like  # noqa: E402
 
 
 def make_image(work: Path) -> Path:
@@ -86,10 +61,8 @@ def main() -> int:
     ap.add_argument("--compression-level", default=None, help="zstd level of the repository (default: the repo default)")
     ap.add_argument("--connections", type=int, default=4)
     a = ap.parse_args()
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="nbdbackup-bench-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    nbdbackup = shutil.which("nbdbackup") or str(Path(sys.executable).parent / "nbdbackup")
-    try:
+    nbdbackup = nbdbackup_exe()
+    with bench_workdir(a.workdir) as work:
         img = make_image(work)
         sock = work / "nbd.sock"
         srv = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "-k", str(sock), "-f", "qcow2", str(img)])
@@ -142,9 +115,6 @@ def main() -> int:
         ok = mo / mt <= 2.0 and max(rss) < 512 * MiB
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
-    finally:
-        if not a.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_backup import text_like  # noqa: E402
+from _common import MiB, bench_workdir, nbdbackup_exe, text_like  # noqa: E402
 
-MiB, GiB = 1 << 20, 1 << 30
+GiB = 1 << 30
 
 
 def make_image(work: Path) -> Path:
@@ -74,11 +73,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir")
     a = ap.parse_args()
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="nbdbackup-bench-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    nbdbackup = shutil.which("nbdbackup") or str(Path(sys.executable).parent / "nbdbackup")
+    nbdbackup = nbdbackup_exe()
     rng = random.Random(64)
-    try:
+    with bench_workdir(a.workdir) as work:
         img = make_image(work)
         repo = work / "repo-inc"
         shutil.rmtree(repo, ignore_errors=True)
@@ -111,9 +108,6 @@ def main() -> int:
         ok = work_s <= 0.10 * t_full and mi <= 0.50 * t_full
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
-    finally:
-        if not a.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

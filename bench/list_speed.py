@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _common import nbdbackup_exe  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
 from nbdbackup.repo import Repository  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> int:
     ap.add_argument("--disks", type=int, default=20)
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
-    exe = shutil.which("nbdbackup") or os.path.join(os.path.dirname(sys.executable), "nbdbackup")
+    exe = nbdbackup_exe()
     work = tempfile.mkdtemp(prefix="nbdbackup-list-")
     try:
         repo = Repository.init(os.path.join(work, "r"))

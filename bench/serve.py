@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _common import nbdbackup_exe  # noqa: E402
+
 from nbdbackup.nbd.client import Client  # noqa: E402
 from nbdbackup.repo import Repository  # noqa: E402
 
@@ -83,8 +85,7 @@ def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> Non
 
 
 def start_ours(repo: str, sock: str, cache: str) -> subprocess.Popen:
-    p = subprocess.Popen([shutil.which("nbdbackup") or os.path.join(os.path.dirname(sys.executable), "nbdbackup"),
-                          "serve", "--quiet", "--repo", repo, "--listen", f"unix:{sock}", "--cache-size", cache],
+    p = subprocess.Popen([nbdbackup_exe(), "serve", "--quiet", "--repo", repo, "--listen", f"unix:{sock}", "--cache-size", cache],
                          stderr=subprocess.DEVNULL)
     wait_socket(sock, p)
     return p
