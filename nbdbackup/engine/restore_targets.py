@@ -27,7 +27,9 @@ ZERO_STEP = 8 << 20
 
 
 def is_nbd_uri(target: str) -> bool:
-    return target.split("://", 1)[0] in ("nbd", "nbds", "nbd+unix", "nbds+unix") and "://" in target
+    # Any NBD scheme counts, even without "//": `nbd:/x` is a malformed URI to
+    # report, not a file to create in a directory named "nbd:".
+    return ":" in target and target.split(":", 1)[0] in ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
 
 class FileTarget:
@@ -39,10 +41,11 @@ class FileTarget:
     def __init__(self, path: str, size: int, *, fmt: str = "raw", force: bool = False):
         if fmt not in ("raw", "qcow2"):
             raise UsageError(f"unknown --format {fmt!r}: use raw or qcow2")
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a directory",
+                             hint=f"give a file path, e.g. {os.path.join(path, 'disk.raw')}")
         if os.path.lexists(path) and not force:
             raise UsageError(f"{path} exists; pass --force to overwrite it")
-        if os.path.isdir(path):
-            raise UsageError(f"{path} is a directory")
         self.path, self.size, self.fmt = path, size, fmt
         d = os.path.dirname(os.path.abspath(path))
         try:
@@ -175,12 +178,17 @@ def open_target(target: str, size: int, *, fmt: str, force: bool, connections: i
         return NbdTarget(target, size, connections=connections)
     try:
         st = os.stat(target)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         st = None
     if st is not None and stat.S_ISBLK(st.st_mode):
         if fmt != "raw":
             raise UsageError("--format applies to file targets, not block devices")
         return BlockDeviceTarget(target, size, force=force)
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        # A file target is renamed over the path: that would replace a device
+        # node, FIFO or socket (e.g. /dev/full) with a regular file.
+        raise UsageError(f"{target} is neither a regular file nor a block device; refusing to replace it",
+                         hint="restore to a new file path, a block device or an NBD URI")
     return FileTarget(target, size, fmt=fmt, force=force)
 
 

@@ -1,0 +1,62 @@
+"""Realistic operator mistakes get a clear message and a documented exit code.
+
+Each test is the regression test of one fix found by a bad-input audit: the
+command must fail with the right ExitCode, say what was wrong, never print a
+traceback or "internal error", and leave nothing changed.
+"""
+
+import os
+import subprocess
+
+import pytest
+from support import nbdbackup, require_tool
+
+from nbdbackup.errors import ExitCode
+
+
+def assert_clean_error(p, code, *needles):
+    assert p.returncode == code, f"exit {p.returncode}, wanted {int(code)}:\n{p.stderr}"
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr
+    for n in needles:
+        assert n in p.stderr, f"{n!r} not in stderr:\n{p.stderr}"
+
+
+@pytest.fixture(scope="module")
+def repo_with_backup(tmp_path_factory):
+    """A repository holding one full backup of a 1 MiB disk named 'disk'."""
+    require_tool("qemu-img")
+    require_tool("qemu-nbd")
+    d = tmp_path_factory.mktemp("badinput")
+    img = d / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    repo = d / "repo"
+    nbdbackup("init", "--repo", repo)
+    nbdbackup("--repo", repo, "-q", "full", "--image", img)
+    return repo
+
+
+# --- restore targets ---------------------------------------------------------
+
+def test_restore_force_refuses_to_replace_a_fifo(repo_with_backup, tmp_path):
+    # Before the fix, --force renamed a regular file over the path: a device
+    # node such as /dev/full (or this FIFO) was silently replaced.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    p = nbdbackup("--repo", repo_with_backup, "restore", "--force", "disk", fifo, check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, "neither a regular file nor a block device")
+    assert fifo.is_fifo()
+    assert not [f for f in os.listdir(tmp_path) if f != "fifo"], "restore left files behind"
+
+
+def test_restore_to_directory_says_directory_not_force(repo_with_backup, tmp_path):
+    p = nbdbackup("--repo", repo_with_backup, "restore", "disk", tmp_path, check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, "is a directory", "disk.raw")
+    assert "--force" not in p.stderr    # --force cannot help with a directory
+    assert os.listdir(tmp_path) == []
+
+
+def test_restore_to_malformed_nbd_uri_is_usage_error(repo_with_backup, tmp_path):
+    # `nbd:/x` used to be taken as a file "x" in a directory named "nbd:".
+    p = nbdbackup("--repo", repo_with_backup, "restore", "disk", "nbd:/x", check=False, timeout=60, cwd=tmp_path)
+    assert_clean_error(p, ExitCode.USAGE, "malformed NBD URI")
+    assert os.listdir(tmp_path) == []
