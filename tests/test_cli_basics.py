@@ -81,3 +81,30 @@ def test_plain_wheel_ships_migrations_and_works(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import nbdbackup; print(nbdbackup.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert probe.stdout.startswith(str(target)), probe.stdout
+
+
+def test_interrupt_wrapped_by_python_is_still_an_interrupt(monkeypatch, capsys):
+    """A SIGTERM that lands inside an import reaches main as a RuntimeError
+    (Python wraps exceptions raised from __set_name__); it is still exit 130."""
+    from nbdbackup.cli import main as cli_main
+    from nbdbackup.cli.commands import list as list_cmd
+
+    def interrupted_inside_class_body(args):
+        class Field:
+            def __set_name__(self, owner, name):
+                raise cli_main.Interrupted()
+
+        class Export:  # noqa: F841  (the class body is what raises)
+            contexts = Field()
+
+    monkeypatch.setattr(list_cmd, "run", interrupted_inside_class_body)
+    assert cli_main.main(["list", "--repo", "/nonexistent"]) == ExitCode.INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "internal error" not in err
+
+    def plain_bug(args):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(list_cmd, "run", plain_bug)
+    assert cli_main.main(["list", "--repo", "/nonexistent"]) == ExitCode.FAILURE
+    assert "internal error" in capsys.readouterr().err

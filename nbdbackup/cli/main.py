@@ -105,6 +105,18 @@ def _on_sigterm(signum, frame):
     raise Interrupted()
 
 
+def _wraps_interrupt(exc: BaseException) -> bool:
+    """True when *exc* only wraps a SIGTERM/SIGINT (e.g. one that landed inside an
+    import, where Python turns it into a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbdbackup: error: {e}", file=sys.stderr)
         return int(ExitCode.FAILURE)
     except Exception as e:  # a bug: say so briefly, details with -v / --log-file
+        if _wraps_interrupt(e):
+            print("nbdbackup: interrupted; nothing half-done was committed", file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
         log.debug("internal error", exc_info=True)
         print(f"nbdbackup: internal error: {type(e).__name__}: {e}\n"
               "  hint: run again with -vv or --log-file for details, and report it", file=sys.stderr)
