@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any
 
+from ..progress import NoBar
+
 
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
@@ -18,27 +20,10 @@ def progress_enabled(args) -> bool:
     return not getattr(args, "quiet", False) and not getattr(args, "json", False) and sys.stderr.isatty()
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def progress_bar(args, total: int | None, desc: str, unit: str = "B"):
     """A tqdm bar for bytes (rate and ETA), or a no-op when disabled."""
     if not progress_enabled(args):
-        return _NoBar()
+        return NoBar()
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024,

@@ -24,6 +24,7 @@ from typing import Callable
 
 from ..errors import NbdConnectionError, NbdError, NbdProtocolError, SourceFailed
 from ..nbd.futures import resolve
+from ..progress import NoBar
 from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,6 @@ class BackupResult:
     info: object                # repo BackupInfo
     stats: DiskStats = field(default_factory=DiskStats)
     fallback_reason: str | None = None
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def run_backup(repo, source, kind: str, opts: BackupOptions) -> list[BackupResult]:
@@ -153,7 +146,7 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
     cs = w.chunk_size
     full = plan.kind == "full"
     stats = DiskStats()
-    bar = opts.progress(size, f"{plan.kind} {plan.disk}") if opts.progress else _NoBar()
+    bar = opts.progress(size, f"{plan.kind} {plan.disk}") if opts.progress else NoBar()
     workers = opts.workers or max(2, 2 * len(pool.clients))
     inflight_max = max(workers + 2, opts.inflight_bytes // cs)
     pending: deque = deque()    # (index, length, future of (PreparedChunk, compressed?)), in disk order

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import NoSpaceError
+from ..progress import NoBar
 from .restore_targets import open_target
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,6 @@ class RestoreResult:
     duration_s: float = 0.0
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = False, connections: int = 4,
             progress: Callable | None = None, inflight_bytes: int = 64 << 20) -> RestoreResult:
     started = time.monotonic()
@@ -48,7 +41,7 @@ def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = Fals
         size, cs = img.size, img.chunk_size
         result = RestoreResult(info, target)
         t = open_target(target, size, fmt=fmt, force=force, connections=connections)
-        bar = progress(size, f"restore {info.disk}") if progress else _NoBar()
+        bar = progress(size, f"restore {info.disk}") if progress else NoBar()
         try:
             _copy(img, t, result, bar, workers=max(2, connections), inflight=max(4, inflight_bytes // cs))
             t.finish()

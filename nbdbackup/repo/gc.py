@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, select, update
 
 from ..errors import RepoDamaged
+from ..progress import NoBar
 from . import maps
 from . import packs as P
 from .chunks import ZERO_REF, DecodeError, decode
@@ -169,16 +170,8 @@ def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
     return rep
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _bar(progress, total: int, desc: str, unit: str):
-    return progress(total, desc, unit) if progress is not None else _NoBar()
+    return progress(total, desc, unit) if progress is not None else NoBar()
 
 
 def _live_rows(eng, pack_ids: list[int], live_chunks: set[bytes], live_segs: set[bytes]) -> dict:
