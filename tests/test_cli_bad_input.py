@@ -60,3 +60,49 @@ def test_restore_to_malformed_nbd_uri_is_usage_error(repo_with_backup, tmp_path)
     p = nbdbackup("--repo", repo_with_backup, "restore", "disk", "nbd:/x", check=False, timeout=60, cwd=tmp_path)
     assert_clean_error(p, ExitCode.USAGE, "malformed NBD URI")
     assert os.listdir(tmp_path) == []
+
+
+# --- common options and repository paths -------------------------------------
+
+@pytest.mark.parametrize("value,needle", [("-5", "must be 0 or more"), ("nan", "must be 0 or more"),
+                                          ("abc", "invalid number of seconds")])
+def test_lock_wait_must_be_a_non_negative_number(tmp_path, value, needle):
+    p = nbdbackup("--repo", tmp_path, "--lock-wait", value, "list", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, "--lock-wait", needle)
+
+
+def test_log_file_in_missing_directory(tmp_path):
+    p = nbdbackup("--repo", tmp_path, "--log-file", tmp_path / "nodir" / "log", "list", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, "cannot open log file", "No such file or directory", "hint:")
+    assert "[Errno" not in p.stderr
+
+
+def test_repo_that_is_a_file_says_so(tmp_path):
+    f = tmp_path / "disk.qcow2"
+    f.write_bytes(b"not a repo")
+    p = nbdbackup("--repo", f, "list", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.NOT_A_REPOSITORY, "it is a file, not a directory", "nbdbackup init")
+    assert f.read_bytes() == b"not a repo"
+
+
+def test_init_where_a_directory_cannot_be_made(tmp_path):
+    f = tmp_path / "file"
+    f.write_bytes(b"x")
+    p = nbdbackup("init", "--repo", f / "repo", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, "cannot create repository directory", "Not a directory")
+    assert "[Errno" not in p.stderr
+    assert f.read_bytes() == b"x"
+
+
+# --- QMP ----------------------------------------------------------------------
+
+def test_qmp_connect_failure_is_one_clean_message(tmp_path):
+    # qemu.qmp logs its own ERROR lines for a failed connect; on stderr the
+    # user should see only our message with its hint (the library's lines go
+    # to -vv and --log-file).
+    nbdbackup("init", "--repo", tmp_path / "r")
+    p = nbdbackup("--repo", tmp_path / "r", "full", "--qmp", tmp_path / "no.sock", "--node", "drive0",
+                  check=False, timeout=60)
+    assert_clean_error(p, ExitCode.SOURCE_UNREACHABLE, "cannot connect to QMP socket", "hint:")
+    assert "ERROR" not in p.stderr, p.stderr
+    assert p.stderr.count("No such file or directory") == 1, p.stderr

@@ -26,6 +26,16 @@ class Interrupted(BaseException):
     """Raised from the SIGTERM handler so that finally-blocks run."""
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: use e.g. 30 or 2.5") from None
+    if not v >= 0:      # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
+    return v
+
+
 def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """Options valid both before and after the subcommand.
 
@@ -42,7 +52,7 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars or summaries")
     g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log output (-vv for debug)")
     g.add_argument("--log-file", default=d(None), metavar="PATH", help="also append logs to PATH")
-    g.add_argument("--lock-wait", type=float, default=d(0.0), metavar="SECONDS",
+    g.add_argument("--lock-wait", type=_seconds, default=d(0.0), metavar="SECONDS",
                    help="wait up to SECONDS for a repository lock (default: do not wait)")
 
 
@@ -91,6 +101,10 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(logging.Formatter("nbdbackup: %(levelname)s: %(message)s"))
     h.setLevel(level)
+    if verbose < 2:
+        # qemu.qmp logs each failed connect at ERROR; our own error message
+        # already carries the reason, so on stderr it is noise (kept for -vv and --log-file).
+        h.addFilter(lambda r: not r.name.startswith("qemu.qmp"))
     root.addHandler(h)
     root.setLevel(level)
     if log_file:
@@ -126,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_logging(args.verbose, args.log_file)
     except OSError as e:
-        print(f"nbdbackup: error: cannot open log file: {e}", file=sys.stderr)
+        print(f"nbdbackup: error: cannot open log file {args.log_file}: {e.strerror}\n"
+              "  hint: --log-file needs a writable file path in an existing directory", file=sys.stderr)
         return ExitCode.USAGE
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

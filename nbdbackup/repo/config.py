@@ -81,7 +81,8 @@ def write_config(path: str, cfg: RepoConfig) -> None:
 def read_config(path: str) -> RepoConfig:
     p = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
-        raise NotARepository(f"{path} is not an nbdbackup repository (no such directory)",
+        why = "it is a file, not a directory" if os.path.exists(path) else "no such directory"
+        raise NotARepository(f"{path} is not an nbdbackup repository ({why})",
                              hint="create one with `nbdbackup init --repo PATH`")
     if not os.path.exists(p):
         raise NotARepository(f"{path} is not an nbdbackup repository (no {CONFIG_NAME})",

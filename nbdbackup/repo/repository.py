@@ -6,6 +6,7 @@ locks/, tmp/. See docs/design.md "Repository" for the invariants.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Sequence
@@ -69,7 +70,13 @@ class Repository:
             raise UsageError(f"{path} is already {what}; refusing to initialise over it")
         created_dir = not os.path.exists(path)
         try:
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise       # the CLI reports a full disk as such
+                raise UsageError(f"cannot create repository directory {path}: {e.strerror}",
+                                 hint="choose a path on a writable file system") from None
             for d in _DIRS:
                 os.makedirs(os.path.join(path, d), exist_ok=True)
             url = index_url or default_url(path)
