@@ -17,6 +17,16 @@ def resolve(f: Future, result=None, exc: BaseException | None = None) -> None:
         pass
 
 
+def settle(f: Future, fn, *args) -> None:
+    """Complete *f* with fn(*args), or with the exception it raised."""
+    try:
+        result = fn(*args)
+    except BaseException as ex:  # noqa: BLE001 - surfaced through the future
+        resolve(f, exc=ex)
+    else:
+        resolve(f, result)
+
+
 def done_future(result=None) -> Future:
     f: Future = Future()
     f.set_result(result)
@@ -38,10 +48,7 @@ def then_map(src: Future, fn) -> Future:
         if e is not None:
             resolve(out, exc=e)
             return
-        try:
-            resolve(out, fn(f.result()))
-        except BaseException as ex:  # noqa: BLE001 - surfaced through the future
-            resolve(out, exc=ex)
+        settle(out, fn, f.result())
     src.add_done_callback(done)
     return out
 
@@ -68,10 +75,7 @@ def gather(futs: list[Future], result_fn) -> Future:
         if errors:
             resolve(out, exc=errors[0])
             return
-        try:
-            resolve(out, result_fn())
-        except BaseException as ex:  # noqa: BLE001 - surfaced through the future
-            resolve(out, exc=ex)
+        settle(out, result_fn)
 
     for f in futs:
         f.add_done_callback(done)
