@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ChainBroken
+
 
 @dataclass
 class DiskPlan:
@@ -27,6 +29,14 @@ class DiskPlan:
     checkpoint: str | None = None   # bitmap generation this backup opens (recorded on the backup)
     fallback_reason: str | None = None  # why an asked-for incremental became a full
     extra: dict = field(default_factory=dict)   # source-private state
+
+
+def raise_if_no_fallback(disk: str, reason: str, no_fallback: bool) -> None:
+    """An incremental of *disk* cannot be trusted (*reason*): with --no-fallback that is
+    ChainBroken (exit 13); otherwise the caller warns and plans a full backup."""
+    if no_fallback:
+        raise ChainBroken(f"cannot take an incremental of {disk}: {reason}",
+                          hint="run `nbdbackup full`, or drop --no-fallback")
 
 
 class Source:

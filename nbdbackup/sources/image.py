@@ -17,8 +17,7 @@ import os
 import secrets
 import time
 
-from ..errors import ChainBroken
-from .base import DiskPlan, Source
+from .base import DiskPlan, Source, raise_if_no_fallback
 from .qemu_tools import ImageBitmap, QemuNbd, bitmap_add, bitmap_remove, image_info
 
 log = logging.getLogger(__name__)
@@ -81,9 +80,7 @@ class ImageSource(Source):
         if kind == "incremental":
             bitmap, parent, reason = self._pick_bitmap(repo, info)
             if reason:
-                if no_fallback:
-                    raise ChainBroken(f"cannot take an incremental of {self.disk}: {reason}",
-                                      hint="run `nbdbackup full`, or drop --no-fallback")
+                raise_if_no_fallback(self.disk, reason, no_fallback)
                 log.warning("%s; taking a full backup instead", reason)
                 kind = "full"
         checkpoint = None

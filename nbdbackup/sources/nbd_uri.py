@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import ChainBroken, UsageError
-from .base import DiskPlan, Source
+from ..errors import UsageError
+from .base import DiskPlan, Source, raise_if_no_fallback
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,7 @@ class NbdUriSource(Source):
         elif not export_offers(self.uri, context):
             reason = f"the export does not offer {context}"
         if reason:
-            if no_fallback:
-                raise ChainBroken(f"cannot take an incremental of {self.disk}: {reason}",
-                                  hint="run `nbdbackup full`, or drop --no-fallback")
+            raise_if_no_fallback(self.disk, reason, no_fallback)
             log.warning("%s; taking a full backup instead", reason)
             return [DiskPlan(disk=self.disk, uri=self.uri, kind="full", fallback_reason=reason,
                              extra={"source": self.uri})]

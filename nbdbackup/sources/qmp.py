@@ -14,9 +14,9 @@ import logging
 import os
 import tempfile
 
-from ..errors import ChainBroken, UsageError
+from ..errors import UsageError
 from . import qmp_bitmaps, qmp_fleece
-from .base import DiskPlan, Source
+from .base import DiskPlan, Source, raise_if_no_fallback
 from .image import new_checkpoint
 from .qmp_conn import Qmp
 from .qmp_nodes import named_nodes, resolve
@@ -85,9 +85,7 @@ class QmpSource(Source):
         for disk, node in zip(self.disks, resolved):
             choice = qmp_bitmaps.choose(self.names, node, repo, disk, kind)
             if choice.reason:
-                if no_fallback:
-                    raise ChainBroken(f"cannot take an incremental of {disk}: {choice.reason}",
-                                      hint="run `nbdbackup full`, or drop --no-fallback")
+                raise_if_no_fallback(disk, choice.reason, no_fallback)
                 log.warning("%s: %s; taking a full backup instead", disk, choice.reason)
             if not node.can_persist:
                 log.warning("node %s is %s, which cannot store dirty bitmaps: the next incremental "
