@@ -305,32 +305,21 @@ def test_chunks_in_any_order_assemble_correctly(tmp_path):
             assert buf[:1000] == image[5:1005]
 
 
-def test_block_status_unknown_context_id(tmp_path):
+@pytest.mark.parametrize("payload, match, call", [
+    (struct.pack(">III", 99, 4096, 0), "context id 99, which was not negotiated",
+     lambda c: c.block_status(0, 4096)),
+    (struct.pack(">IIIII", 10, 2048, 0, 2048, 3), "REQ_ONE",
+     lambda c: c.block_status(0, 4096, req_one=True)),
+    (struct.pack(">III", 10, 4096, 0), "block status in reply to NBD_CMD_READ",
+     lambda c: c.read(0, 4096)),
+], ids=["unknown_context_id", "req_one_with_two_extents", "in_reply_to_read"])
+def test_bad_block_status_reply(tmp_path, payload, match, call):
     def body(conn, srv, req):
-        srv.chunk(conn, req[2], proto.REPLY_TYPE_BLOCK_STATUS, struct.pack(">III", 99, 4096, 0), done=True)
+        srv.chunk(conn, req[2], proto.REPLY_TYPE_BLOCK_STATUS, payload, done=True)
     with FakeServer(tmp_path / "s", one_request(body)) as srv:
         with connect(srv, meta_contexts=["base:allocation"]) as c:
-            with pytest.raises(NbdProtocolError, match="context id 99, which was not negotiated"):
-                c.block_status(0, 4096)
-
-
-def test_block_status_req_one_with_two_extents(tmp_path):
-    def body(conn, srv, req):
-        srv.chunk(conn, req[2], proto.REPLY_TYPE_BLOCK_STATUS,
-                  struct.pack(">IIIII", 10, 2048, 0, 2048, 3), done=True)
-    with FakeServer(tmp_path / "s", one_request(body)) as srv:
-        with connect(srv, meta_contexts=["base:allocation"]) as c:
-            with pytest.raises(NbdProtocolError, match="REQ_ONE"):
-                c.block_status(0, 4096, req_one=True)
-
-
-def test_block_status_in_reply_to_read(tmp_path):
-    def body(conn, srv, req):
-        srv.chunk(conn, req[2], proto.REPLY_TYPE_BLOCK_STATUS, struct.pack(">III", 10, 4096, 0), done=True)
-    with FakeServer(tmp_path / "s", one_request(body)) as srv:
-        with connect(srv, meta_contexts=["base:allocation"]) as c:
-            with pytest.raises(NbdProtocolError, match="block status in reply to NBD_CMD_READ"):
-                c.read(0, 4096)
+            with pytest.raises(NbdProtocolError, match=match):
+                call(c)
 
 
 def test_short_block_status_replies_are_walked(tmp_path):
