@@ -11,7 +11,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serve_support import RawClient, backup_bytes, init_repo, make_image, serve, wait_until
+from test_serve_support import RawClient, repo_with_vm1, serve, wait_until
 
 from nbdbackup.nbd import proto
 
@@ -22,12 +22,7 @@ COUNT = {"messages": 0, "examples": 0}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-fuzz")
-    r = init_repo(d / "repo")
-    try:
-        data = make_image(d / "vm1.raw", SIZE, 33)
-        info = backup_bytes(r, "vm1", data)
-    finally:
-        r.close()
+    data, info = repo_with_vm1(d, SIZE, 33)
     with serve(d / "repo", d, "--writable") as s:
         s.backup_id = info.id
         s.data = data

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import support
-from test_serve_support import CHUNK, RawClient, backup_bytes, init_repo, make_image, serve, wait_until
+from test_serve_support import CHUNK, RawClient, backup_bytes, init_repo, repo_with_vm1, serve, wait_until
 
 from nbdbackup.nbd import proto
 
@@ -19,12 +19,7 @@ SIZE = 1024 * 1024 + 4096
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-hostile")
-    r = init_repo(d / "repo")
-    try:
-        data = make_image(d / "vm1.raw", SIZE, 21)
-        backup_bytes(r, "vm1", data)
-    finally:
-        r.close()
+    data, _ = repo_with_vm1(d, SIZE, 21)
     with serve(d / "repo", d, "--writable") as s:
         with RawClient(s) as c:          # warm up: views, pools and caches exist before we count fds
             c.greet()

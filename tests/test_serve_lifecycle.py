@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import support
-from test_serve_support import RawClient, backup_bytes, init_repo, make_image, serve, wait_until
+from test_serve_support import RawClient, repo_with_vm1, serve, wait_until
 
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.server import ListenAddress
@@ -20,12 +20,7 @@ from nbdbackup.nbd.server import ListenAddress
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-life")
-    r = init_repo(d / "repo")
-    try:
-        data = make_image(d / "vm1.raw", 1024 * 1024, 3)
-        backup_bytes(r, "vm1", data)
-    finally:
-        r.close()
+    repo_with_vm1(d, 1024 * 1024, 3)
     return d / "repo", d / "vm1.raw"
 
 

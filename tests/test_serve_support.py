@@ -65,6 +65,16 @@ def backup_bytes(repo, disk: str, data: bytes):
     return info
 
 
+def repo_with_vm1(d: Path, size: int, seed: int):
+    """d/repo holding one full backup of disk vm1 (whose bytes are also in d/vm1.raw): (data, info)."""
+    r = init_repo(d / "repo")
+    try:
+        data = make_image(d / "vm1.raw", size, seed)
+        return data, backup_bytes(r, "vm1", data)
+    finally:
+        r.close()
+
+
 # --- the server ----------------------------------------------------------------
 class Served:
     def __init__(self, proc: subprocess.Popen, sock: str | None, port: int | None, stderr_path: Path):

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import support
-from test_serve_support import RawClient, backup_bytes, init_repo, make_image, serve
+from test_serve_support import RawClient, repo_with_vm1, serve
 
 from nbdbackup.nbd import proto
 
@@ -45,12 +45,7 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-tls")
-    r = init_repo(d / "repo")
-    try:
-        data = make_image(d / "vm1.raw", 1536 * 1024, 5)
-        backup_bytes(r, "vm1", data)
-    finally:
-        r.close()
+    repo_with_vm1(d, 1536 * 1024, 5)
     return d / "repo", d / "vm1.raw"
 
 
