@@ -6,6 +6,7 @@ traceback or "internal error", and leave nothing changed.
 """
 
 import os
+import socket
 import subprocess
 
 import pytest
@@ -106,3 +107,16 @@ def test_qmp_connect_failure_is_one_clean_message(tmp_path):
     assert_clean_error(p, ExitCode.SOURCE_UNREACHABLE, "cannot connect to QMP socket", "hint:")
     assert "ERROR" not in p.stderr, p.stderr
     assert p.stderr.count("No such file or directory") == 1, p.stderr
+
+
+# --- serve --------------------------------------------------------------------
+
+def test_serve_on_a_port_in_use_says_what_to_do(tmp_path):
+    nbdbackup("init", "--repo", tmp_path / "r")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = nbdbackup("--repo", tmp_path / "r", "serve", "--listen", f"127.0.0.1:{port}", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, f"cannot listen on 127.0.0.1:{port}", "already in use",
+                       "choose another --listen")

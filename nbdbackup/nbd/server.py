@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -107,6 +108,14 @@ def clear_stale_socket(path: str) -> None:
             raise UsageError(f"cannot check socket {path}: {e}") from None
     raise LockedError(f"another server is listening on {path}",
                       hint="stop it first, or choose another --listen path")
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another program (another `nbdbackup serve`, qemu-nbd...) already uses that port: "
+                      "stop it or choose another --listen HOST:PORT",
+    errno.EADDRNOTAVAIL: "HOST is not an address of this machine: use one of its addresses, e.g. 127.0.0.1",
+    errno.EACCES: "ports below 1024 need root: choose a port above 1024 (NBD's usual port is 10809)",
+}
 
 
 def listen_unix(path: str) -> socket.socket:
@@ -241,7 +250,8 @@ class NbdServer:
                 srv = await asyncio.start_server(self._on_client, addr.host, addr.port,
                                                  limit=1 << 20, reuse_address=True)
             except OSError as e:
-                raise UsageError(f"cannot listen on {addr}: {e.strerror or e}") from None
+                raise UsageError(f"cannot listen on {addr}: {e.strerror or e}",
+                                 hint=_LISTEN_HINTS.get(e.errno, "choose another --listen address")) from None
         self.listeners.append(srv)
 
     def bound_ports(self) -> list[int]:
