@@ -120,3 +120,30 @@ def test_serve_on_a_port_in_use_says_what_to_do(tmp_path):
         p = nbdbackup("--repo", tmp_path / "r", "serve", "--listen", f"127.0.0.1:{port}", check=False, timeout=60)
     assert_clean_error(p, ExitCode.USAGE, f"cannot listen on 127.0.0.1:{port}", "already in use",
                        "choose another --listen")
+
+
+# --- logs ---------------------------------------------------------------------
+
+def test_log_file_records_the_run_the_error_and_the_exit_code(tmp_path):
+    # A cron job's only record is --log-file: it must say what ran and how it ended.
+    repo, log = tmp_path / "r", tmp_path / "nbdbackup.log"
+    nbdbackup("init", "--repo", repo)
+    p = nbdbackup("--repo", repo, "--log-file", log, "restore", "nosuch", tmp_path / "x.raw", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.NOT_FOUND, "no backup id or disk named 'nosuch'")
+    text = log.read_text()
+    assert "run: nbdbackup --repo" in text and "restore nosuch" in text, text
+    assert "no backup id or disk named 'nosuch'" in text, text
+    assert f"exit {int(ExitCode.NOT_FOUND)}: no such backup" in text, text
+    assert p.stderr.count("no backup id") == 1, p.stderr     # not repeated on stderr
+    nbdbackup("--repo", repo, "--log-file", log, "list", timeout=60)
+    assert log.read_text().rstrip().endswith("exit 0: success")
+
+
+def test_index_url_password_is_never_shown(tmp_path):
+    repo, log = tmp_path / "r", tmp_path / "nbdbackup.log"
+    nbdbackup("init", "--repo", repo)
+    url = "postgresql://bob:s3cret-pw@127.0.0.1:1/db"
+    p = nbdbackup("--repo", repo, "--index-url", url, "--log-file", log, "list", check=False, timeout=60)
+    assert p.returncode in (ExitCode.USAGE, ExitCode.SOURCE_UNREACHABLE, ExitCode.FAILURE), p.stderr
+    assert "Traceback" not in p.stderr and "bob:***@" in p.stderr, p.stderr
+    assert "s3cret-pw" not in p.stderr and "s3cret-pw" not in log.read_text()

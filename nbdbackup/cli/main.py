@@ -13,13 +13,18 @@ import importlib
 import logging
 import os
 import pkgutil
+import re
+import shlex
 import signal
 import sys
 
 from .. import __version__
-from ..errors import ExitCode, NbdBackupError, exit_code_table
+from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table
 
 log = logging.getLogger("nbdbackup")
+
+
+FILE_ONLY = {"file_only": True}   # logging extra: for --log-file, not stderr (already printed there)
 
 
 class Interrupted(BaseException):
@@ -105,6 +110,7 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
         # qemu.qmp logs each failed connect at ERROR; our own error message
         # already carries the reason, so on stderr it is noise (kept for -vv and --log-file).
         h.addFilter(lambda r: not r.name.startswith("qemu.qmp"))
+    h.addFilter(lambda r: not getattr(r, "file_only", False))
     root.addHandler(h)
     root.setLevel(level)
     if log_file:
@@ -144,33 +150,49 @@ def main(argv: list[str] | None = None) -> int:
               "  hint: --log-file needs a writable file path in an existing directory", file=sys.stderr)
         return ExitCode.USAGE
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # The log file records each run and its outcome (cron users read it, not stderr).
+    cmdline = shlex.join(["nbdbackup", *(sys.argv[1:] if argv is None else argv)])
+    log.info("run: %s", re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", cmdline), extra=FILE_ONLY)  # no DB passwords
+    rc = _run_command(args)
+    log.info("exit %d: %s", rc, EXIT_CODE_HELP.get(rc, "?"), extra=FILE_ONLY)
+    return rc
+
+
+def _say(msg: str) -> None:
+    """An error for the user: on stderr, and in the log file."""
+    print(msg, file=sys.stderr)
+    log.error("%s", msg, extra=FILE_ONLY)
+
+
+def _run_command(args) -> int:
     try:
         rc = args._run(args)
         return int(rc or 0)
     except NbdBackupError as e:
         log.debug("error details", exc_info=True)
-        print(f"nbdbackup: error: {e.user_message()}", file=sys.stderr)
+        _say(f"nbdbackup: error: {e.user_message()}")
         return int(e.exit_code)
     except (KeyboardInterrupt, Interrupted):
-        print("nbdbackup: interrupted; nothing half-done was committed", file=sys.stderr)
+        _say("nbdbackup: interrupted; nothing half-done was committed")
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         return int(ExitCode.FAILURE)
     except OSError as e:
         log.debug("error details", exc_info=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"nbdbackup: error: no space left: {e}\n  hint: free space on the repository's "
-                  "file system and run the command again; committed backups are intact", file=sys.stderr)
+            _say(f"nbdbackup: error: no space left: {e}\n  hint: free space on the repository's "
+                 "file system and run the command again; committed backups are intact")
             return int(ExitCode.NO_SPACE)
-        print(f"nbdbackup: error: {e}", file=sys.stderr)
+        _say(f"nbdbackup: error: {e}")
         return int(ExitCode.FAILURE)
-    except Exception as e:  # a bug: say so briefly, details with -v / --log-file
+    except Exception as e:  # a bug: say so briefly, details with -vv / --log-file
         if _wraps_interrupt(e):
-            print("nbdbackup: interrupted; nothing half-done was committed", file=sys.stderr)
+            _say("nbdbackup: interrupted; nothing half-done was committed")
             return int(ExitCode.INTERRUPTED)
         log.debug("internal error", exc_info=True)
-        print(f"nbdbackup: internal error: {type(e).__name__}: {e}\n"
-              "  hint: run again with -vv or --log-file for details, and report it", file=sys.stderr)
+        log.error("internal error", exc_info=True, extra=FILE_ONLY)    # the traceback the hint promises
+        _say(f"nbdbackup: internal error: {type(e).__name__}: {e}\n"
+             "  hint: run again with -vv or --log-file for details, and report it")
         return int(ExitCode.FAILURE)
 
 

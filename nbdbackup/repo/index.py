@@ -35,10 +35,21 @@ def make_engine(url: str) -> Engine:
         eng = create_engine(url, **kw)
     except (SQLAlchemyError, ValueError, ImportError) as e:
         from ..errors import UsageError
-        raise UsageError(f"invalid index URL {url!r}: {e}") from None
+        hint = (f"install the database driver ({e.name}) for this URL, or leave --index-url out for SQLite"
+                if isinstance(e, ImportError) else None)
+        raise UsageError(f"invalid index URL {_shown(url)!r}: {e}", hint=hint) from None
     if eng.dialect.name == "sqlite":
         _sqlite_setup(eng)
     return eng
+
+
+def _shown(url: str) -> str:
+    """*url* fit for messages and logs: the password masked."""
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:   # unparseable: it has no password part we could find either
+        return url
 
 
 def _sqlite_setup(eng: Engine) -> None:
