@@ -147,3 +147,26 @@ def test_index_url_password_is_never_shown(tmp_path):
     assert p.returncode in (ExitCode.USAGE, ExitCode.SOURCE_UNREACHABLE, ExitCode.FAILURE), p.stderr
     assert "Traceback" not in p.stderr and "bob:***@" in p.stderr, p.stderr
     assert "s3cret-pw" not in p.stderr and "s3cret-pw" not in log.read_text()
+
+
+# --- demo -----------------------------------------------------------------------
+
+def test_demo_never_deletes_a_repository_in_its_workdir(tmp_path):
+    # `demo --workdir DIR` used to rmtree DIR/repo whatever it was.
+    require_tool("qemu-img")
+    require_tool("qemu-io")
+    require_tool("qemu-nbd")
+    nbdbackup("init", "--repo", tmp_path / "repo")
+    (tmp_path / "repo" / "precious").write_text("keep me")
+    p = nbdbackup("demo", "--workdir", tmp_path, check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, "already holds repo", "--workdir")
+    assert (tmp_path / "repo" / "precious").read_text() == "keep me"
+    assert (tmp_path / "repo" / "config.json").exists()
+
+
+@pytest.mark.parametrize("size,needle", [("abc", "invalid size"), ("0", "must be positive"),
+                                         ("64M", "at least 128M")])
+def test_demo_size_is_checked_up_front(tmp_path, size, needle):
+    p = nbdbackup("demo", "--size", size, "--workdir", tmp_path / "w", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.USAGE, "--size", needle)
+    assert not (tmp_path / "w").exists()

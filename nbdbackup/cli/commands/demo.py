@@ -22,7 +22,25 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", metavar="DIR", help="keep the demo's image, repository and restore in DIR")
-    p.add_argument("--size", default="256M", help="virtual size of the demo disk (default 256M)")
+    p.add_argument("--size", type=_demo_size, default="256M",
+                   help="virtual size of the demo disk, at least 128M (default 256M)")
+
+
+MIN_SIZE = 128 << 20     # the demo writes up to offset 102M
+MARKER = ".nbdbackup-demo"   # in --workdir: the leftovers there are a demo's, safe to replace
+
+
+def _demo_size(text: str) -> int:
+    from ...errors import UsageError
+    from ...repo.config import parse_size
+
+    try:
+        n = parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < MIN_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small: the demo needs at least 128M")
+    return n
 
 
 def run(args) -> int:
@@ -33,7 +51,7 @@ def run(args) -> int:
     import sys
     import tempfile
 
-    from ...errors import NbdBackupError, SourceUnreachable
+    from ...errors import NbdBackupError, SourceUnreachable, UsageError
     from .. import main as cli_main
 
     for tool in ("qemu-img", "qemu-io", "qemu-nbd"):
@@ -62,11 +80,22 @@ def run(args) -> int:
 
     keep = args.workdir is not None
     work = os.path.abspath(args.workdir) if keep else tempfile.mkdtemp(prefix="nbdbackup-demo-")
-    os.makedirs(work, exist_ok=True)
+    try:
+        os.makedirs(work, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot use --workdir {work}: {e.strerror}",
+                         hint="give a new directory, or an existing one a previous demo made") from None
     disk = os.path.join(work, "demo-vm.qcow2")
     repo = os.path.join(work, "repo")
     restored = os.path.join(work, "restored.raw")
     text = os.path.join(work, "text.bin")
+    found = [os.path.basename(p) for p in (disk, repo, restored, text) if os.path.lexists(p)]
+    if found and not os.path.exists(os.path.join(work, MARKER)):
+        # Never delete what the demo did not make (e.g. a real repository in DIR/repo).
+        raise UsageError(f"--workdir {work} already holds {', '.join(found)}, not made by a demo; "
+                         "refusing to replace it", hint="give a new or empty directory for --workdir")
+    with open(os.path.join(work, MARKER), "w") as f:
+        f.write("made by `nbdbackup demo`: its files here may be replaced by the next demo\n")
     try:
         for path in (disk, restored, text):
             if os.path.exists(path):
@@ -74,7 +103,7 @@ def run(args) -> int:
         if os.path.exists(repo):
             shutil.rmtree(repo)
         say(f"# working in {work}")
-        sh("qemu-img", "create", "-q", "-f", "qcow2", disk, args.size)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", disk, str(args.size))
         with open(text, "wb") as f:  # text-like, compressible data
             line = b"the quick brown fox jumps over the lazy dog %08d\n"
             f.write(b"".join(line % i for i in range(4 * 1024 * 1024 // 48)))
