@@ -153,6 +153,12 @@ class NbdOptionError(NbdError):
         self.reply_type = reply_type
 
 
+class NbdExportNotFound(NbdOptionError):
+    """The server has no export of that name (NBD_REP_ERR_UNKNOWN)."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
 class NbdCommandError(NbdError):
     """The server answered a transmission request with an errno."""
 

@@ -5,12 +5,13 @@ command must fail with the right ExitCode, say what was wrong, never print a
 traceback or "internal error", and leave nothing changed.
 """
 
+import json
 import os
 import socket
 import subprocess
 
 import pytest
-from support import nbdbackup, require_tool
+from support import nbdbackup, qemu_nbd, require_tool
 
 from nbdbackup.errors import ExitCode
 
@@ -170,3 +171,20 @@ def test_demo_size_is_checked_up_front(tmp_path, size, needle):
     p = nbdbackup("demo", "--size", size, "--workdir", tmp_path / "w", check=False, timeout=60)
     assert_clean_error(p, ExitCode.USAGE, "--size", needle)
     assert not (tmp_path / "w").exists()
+
+
+# --- NBD sources ----------------------------------------------------------------
+
+def test_unknown_export_is_not_found(tmp_path):
+    # The exit-code table says 11 is "no such backup, disk or export".
+    require_tool("qemu-img")
+    require_tool("qemu-nbd")
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    nbdbackup("init", "--repo", tmp_path / "r")
+    with qemu_nbd(img, tmp_path / "s") as uri:
+        bad = uri.replace(":///", ":///nosuch")
+        for args in (("info", bad), ("--repo", tmp_path / "r", "full", "--source", bad, "--disk", "d")):
+            p = nbdbackup(*args, check=False, timeout=60)
+            assert_clean_error(p, ExitCode.NOT_FOUND, "no export named 'nosuch'", "nbdinfo --list")
+    assert json.loads(nbdbackup("--repo", tmp_path / "r", "--json", "list").stdout) == []

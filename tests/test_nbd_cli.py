@@ -101,7 +101,7 @@ def test_missing_context_and_unknown_export(tmp_path, image):
         r = support.nbdbackup("map", "--context", "qemu:dirty-bitmap:nope", uri, check=False)
         assert r.returncode == ExitCode.NOT_FOUND and "does not offer meta context" in r.stderr
         r = support.nbdbackup("info", uri.replace(":///", ":///nosuch"), check=False)
-        assert r.returncode == ExitCode.SOURCE_UNREACHABLE and "no export named 'nosuch'" in r.stderr
+        assert r.returncode == ExitCode.NOT_FOUND and "no export named 'nosuch'" in r.stderr
 
 
 def test_cli_over_tls(tmp_path):

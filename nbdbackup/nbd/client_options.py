@@ -13,7 +13,7 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import NbdConnectionError, NbdOptionError, NbdProtocolError
+from ..errors import NbdConnectionError, NbdExportNotFound, NbdOptionError, NbdProtocolError
 from . import proto
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ class Negotiator:
             text = f"the server refused {name} by policy{detail}"
         else:
             text = f"the server refused {name} with {proto.reply_type_name(rtype)}{detail}"
-        raise NbdOptionError(text, reply_type=rtype, hint=hint)
+        cls = NbdExportNotFound if rtype == proto.REP_ERR_UNKNOWN and export is not None else NbdOptionError
+        raise cls(text, reply_type=rtype, hint=hint)
 
     def simple_option(self, opt: int, payload: bytes = b"") -> int:
         """Send an option expecting a bare ACK; return REP_ACK or an error reply type."""
