@@ -188,3 +188,15 @@ def test_unknown_export_is_not_found(tmp_path):
             p = nbdbackup(*args, check=False, timeout=60)
             assert_clean_error(p, ExitCode.NOT_FOUND, "no export named 'nosuch'", "nbdinfo --list")
     assert json.loads(nbdbackup("--repo", tmp_path / "r", "--json", "list").stdout) == []
+
+
+def test_serve_overlay_dir_that_is_a_file(tmp_path):
+    nbdbackup("init", "--repo", tmp_path / "r")
+    f = tmp_path / "file"
+    f.write_bytes(b"x")
+    for d, needle in ((f, "it is a file, not a directory"), (f / "sub", "Not a directory")):
+        p = nbdbackup("--repo", tmp_path / "r", "serve", "--writable", "--overlay-dir", d,
+                      "--listen", f"unix:{tmp_path}/s.sock", check=False, timeout=60)
+        assert_clean_error(p, ExitCode.USAGE, "cannot make an overlay directory", needle, "--overlay-dir")
+        assert "[Errno" not in p.stderr
+    assert f.read_bytes() == b"x"

@@ -67,6 +67,7 @@ def _banner(addr, exports, writable: bool) -> str:
 
 def run(args) -> int:
     import asyncio
+    import errno
     import logging
     import os
     import shutil
@@ -95,10 +96,17 @@ def run(args) -> int:
     try:
         if args.writable:
             base = args.overlay_dir
-            if base:
-                os.makedirs(base, exist_ok=True)
-            # A private directory per server: its overlays are ours alone to delete.
-            overlay_dir = tempfile.mkdtemp(prefix="nbdbackup-overlay-", dir=base)
+            try:
+                if base:
+                    os.makedirs(base, exist_ok=True)
+                # A private directory per server: its overlays are ours alone to delete.
+                overlay_dir = tempfile.mkdtemp(prefix="nbdbackup-overlay-", dir=base)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                why = "it is a file, not a directory" if e.errno == errno.EEXIST else e.strerror
+                raise UsageError(f"cannot make an overlay directory in {base or tempfile.gettempdir()}: {why}",
+                                 hint="give --overlay-dir a writable directory") from None
         catalog = RepoCatalog(repo, ChunkCache(args.cache_size))
         server = NbdServer(catalog, writable=args.writable, overlay_dir=overlay_dir, tls=tls,
                            workers=args.workers, max_clients=args.max_connections)
