@@ -164,6 +164,13 @@ def _say(msg: str) -> None:
     log.error("%s", msg, extra=FILE_ONLY)
 
 
+def _interrupted_message(args) -> str:
+    msg = "nbdbackup: interrupted; nothing half-done was committed"
+    if getattr(args, "command", None) in ("full", "incremental"):
+        msg += "\n  hint: run it again; `nbdbackup gc` reclaims the space the interrupted run already wrote"
+    return msg
+
+
 def _run_command(args) -> int:
     try:
         rc = args._run(args)
@@ -173,7 +180,7 @@ def _run_command(args) -> int:
         _say(f"nbdbackup: error: {e.user_message()}")
         return int(e.exit_code)
     except (KeyboardInterrupt, Interrupted):
-        _say("nbdbackup: interrupted; nothing half-done was committed")
+        _say(_interrupted_message(args))
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         return int(ExitCode.FAILURE)
@@ -187,7 +194,7 @@ def _run_command(args) -> int:
         return int(ExitCode.FAILURE)
     except Exception as e:  # a bug: say so briefly, details with -vv / --log-file
         if _wraps_interrupt(e):
-            _say("nbdbackup: interrupted; nothing half-done was committed")
+            _say(_interrupted_message(args))
             return int(ExitCode.INTERRUPTED)
         log.debug("internal error", exc_info=True)
         log.error("internal error", exc_info=True, extra=FILE_ONLY)    # the traceback the hint promises

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MAX_PAYLOAD = proto.DEFAULT_MAX_BLOCK
 U32_MAX = 0xFFFFFFFF
 SMALL_PAYLOAD = 64 * 1024   # copied next to the header rather than sent separately
+# Requests still outstanding at close() were abandoned by their caller (an error
+# or Ctrl-C): let the server answer them briefly, but don't hold the exit for them.
+CLOSE_DRAIN_TIMEOUT = 0.5
 
 
 def open_socket(uri: NbdUri, timeout: float) -> socket.socket:
@@ -377,7 +380,7 @@ class Client:
                     self._reader.closing = True
                     send_all(self.sock, proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_DISC,
                                                            next(self._cookies), 0, 0), "NBD_CMD_DISC")
-                self._reader.wait_idle(self.timeout)
+                self._reader.wait_idle(min(self.timeout, CLOSE_DRAIN_TIMEOUT))
                 self.sock.shutdown(socket.SHUT_WR)
             except (NbdError, OSError):
                 pass
