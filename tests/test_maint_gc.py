@@ -107,6 +107,22 @@ def test_forgotten_backups_do_not_come_back_after_gc_and_rebuild(tmp_path):
         assert read_all(repo, bb.id) == b
 
 
+def test_rebuild_before_gc_names_the_forgotten_backups_that_come_back(tmp_path):
+    """Without a gc, a forgotten backup's manifest is still in its pack: rebuild-index
+    brings it back, and says so (by id) instead of doing it silently."""
+    path = new_repo(tmp_path / "r")
+    (ba, a), (bb, b) = _two_backups(path, random.Random(4))
+    nbdbackup("forget", "--repo", path, ba.id)
+    p = nbdbackup("rebuild-index", "--repo", path)
+    assert "came back" in p.stderr and ba.id in p.stderr and bb.id not in p.stderr
+    with Repository.open(path) as repo:
+        assert [x.id for x in repo.list_backups()] == [ba.id, bb.id]
+        assert read_all(repo, ba.id) == a
+    nbdbackup("forget", "--repo", path, ba.id)
+    out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
+    assert out["returned_backups"] == [ba.id]
+
+
 def test_orphan_pack_files_and_temp_files_are_removed(tmp_path):
     path = new_repo(tmp_path / "r")
     (ba, a), _ = _two_backups(path, random.Random(4))

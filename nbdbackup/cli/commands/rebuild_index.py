@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+log = logging.getLogger(__name__)
 
 NAME = "rebuild-index"
 HELP = "rebuild a lost or damaged index from the self-describing packs"
@@ -29,16 +32,34 @@ def run(args) -> int:
         bars.append(progress_bar(args, total, "rebuild-index", unit="pack"))
         return bars[-1]
 
+    listed_before = _listed_ids(args)
     try:
         report = rebuild_index(repo_path(args), index_url=args.index_url, lock_wait=args.lock_wait,
                                progress=progress)
     finally:
         for b in bars:
             b.close()
+    # Forgotten backups whose packs gc has not rewritten yet come back from their manifests.
+    returned = sorted(set(_listed_ids(args) or ()) - set(listed_before)) if listed_before is not None else []
     if args.json:
-        print_json(report.to_json())
+        print_json({**report.to_json(), "returned_backups": returned})
         return 0
     for line in report.problem_lines():
         print(line)
+    if returned:
+        log.warning("%d backup(s) the old index did not list came back (forgotten since the last gc): %s; "
+                    "`nbdbackup forget` them again if they are unwanted", len(returned), " ".join(returned))
     summary(args, report.summary_line())
     return 0
+
+
+def _listed_ids(args) -> list[str] | None:
+    """Backup ids the current index lists, or None when it cannot be read (lost or damaged)."""
+    from ...repo import Repository
+    from ..repoargs import repo_path
+
+    try:
+        with Repository.open(repo_path(args), index_url=args.index_url) as repo:
+            return [b.id for b in repo.list_backups()]
+    except Exception:  # best effort: a damaged index is what rebuild-index is for
+        return None
