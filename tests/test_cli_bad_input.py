@@ -233,3 +233,19 @@ def test_sigint_mid_backup_commits_nothing_and_says_how_to_reclaim(tmp_path):
     assert "Traceback" not in err and "nothing half-done was committed" in err and "nbdbackup gc" in err, err
     assert json.loads(nbdbackup("--repo", repo, "--json", "list").stdout) == []
     assert "all intact" in nbdbackup("--repo", repo, "verify").stderr
+
+
+def test_bitmap_granularity_sizes():
+    """--bitmap-granularity takes the same size syntax as --chunk-size, up to 2G."""
+    import argparse
+
+    import pytest
+
+    from nbdbackup.cli.backupargs import granularity_type
+
+    assert granularity_type("64K") == 64 * 1024
+    assert granularity_type("2G") == 2 ** 31        # the largest the error message names
+    assert granularity_type("1MiB") == 2 ** 20
+    for bad in ("3K", "abc", "4G", "256", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            granularity_type(bad)

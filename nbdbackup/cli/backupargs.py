@@ -86,13 +86,13 @@ def build_source(args, kind: str):
 # --- QMP live-VM options (owner: sources/qmp; keep this block together) ------
 
 def granularity_type(text: str) -> int:
-    units = {"k": 1024, "m": 1024 ** 2}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
+    from ..errors import UsageError
+    from ..repo.config import parse_size   # imported here: the repo package is heavy for --help
+
     try:
-        n = int(t[:-1] if t[-1:] in units else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        n = parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if n < 512 or n > 2 ** 31 or n & (n - 1):
         raise argparse.ArgumentTypeError("must be a power of two between 512 and 2G (e.g. 64K)")
     return n
