@@ -120,21 +120,31 @@ def _arm_kill_point() -> None:
         return
     if step not in ("fsync", "rename", "write", "unlink"):
         raise SystemExit(f"unknown kill step {step!r}")
-    real = getattr(os, step)
+    # Packs are written with pwrite (O_DIRECT where the file system has it), other files with write.
+    for name in ("write", "pwrite") if step == "write" else (step,):
+        setattr(os, name, _killing(getattr(os, name), step, n, count, tick))
 
+
+def _killing(real, step: str, n: str, count: list, tick):
     def wrapped(*a, **kw):
         if step == "write":
             if a[0] <= 2:                 # stdout/stderr
                 return real(*a, **kw)
             count[0] += 1
             if count[0] >= int(n):        # half-written pack data, then death
-                real(a[0], bytes(a[1])[: max(1, len(a[1]) // 2)])
+                data = memoryview(a[1])
+                half = len(data) // 2
+                half = half - half % 4096 or half     # whole pages: an O_DIRECT write takes only those
+                try:
+                    real(a[0], data[:half], *a[2:])
+                except OSError:
+                    pass
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*a, **kw)
         tick()
         return real(*a, **kw)
 
-    setattr(os, step, wrapped)
+    return wrapped
 
 
 def write_backup(repo, seed: int, version: int, disks, latest) -> None:

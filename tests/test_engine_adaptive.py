@@ -40,8 +40,18 @@ def _backup_and_read(tmp_path, uri, name: str, adaptive: bool):
     return res, back
 
 
+class _Idle:
+    """A scripted machine: idle_share() returns the next figure."""
+
+    def __init__(self, *shares):
+        self.shares = list(shares)
+
+    def idle_share(self):
+        return self.shares.pop(0)
+
+
 def test_core_gate_counts_busy_preparers():
-    g = B._CoreGate(1)
+    g = B._CoreGate(1, cpu=_Idle(*[0.9] * 10))
     assert g.enter() is True        # a free core: compress
     assert g.enter() is False       # the one core is busy: store raw
     g.leave()
@@ -51,6 +61,34 @@ def test_core_gate_counts_busy_preparers():
     always = B._CoreGate(None)
     assert all(always.enter() for _ in range(5))
     assert B._cores() >= 1
+
+
+def test_core_gate_compresses_only_while_the_machine_has_idle_cpu(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(B.time, "monotonic", lambda: clock[0])
+    g = B._CoreGate(4, cpu=_Idle(0.5, 0.05, None, 0.3))
+
+    def step(seconds=0.0):
+        clock[0] += seconds
+        ok = g.enter()
+        g.leave()
+        return ok
+
+    assert step() is True                   # half the machine idle: compress
+    assert step() is True                   # within SAMPLE_S: the last figure holds
+    assert step(B._CoreGate.SAMPLE_S) is False      # 5 % idle (the NBD server is busy too): store raw
+    assert step(B._CoreGate.SAMPLE_S) is False      # no new tick yet: keep the last decision
+    assert step(B._CoreGate.SAMPLE_S) is True       # idle again
+
+
+def test_cpu_times_reads_this_machine():
+    cpu = B._CpuTimes()
+    deadline = B.time.monotonic() + 2
+    share = None
+    while share is None and B.time.monotonic() < deadline:
+        sum(range(200_000))                 # let a clock tick pass
+        share = cpu.idle_share()
+    assert share is not None and 0.0 <= share <= 1.0
 
 
 def test_busy_cpu_leaves_chunks_raw_and_they_restore_exactly(tmp_path, monkeypatch):

@@ -84,3 +84,65 @@ def test_memory_capacity_is_enospc():
         b.put("b", [b"123456"])
     assert not b.exists("b")
     assert b.get("a") == b"12345"
+
+
+def _aligned(data: bytes, room: int = 8192):
+    import mmap
+
+    buf = mmap.mmap(-1, len(data) + room)
+    buf[:len(data)] = data
+    buf[len(data):len(data) + 4096] = b"\xff" * 4096     # what lies past the end is not stored
+    return buf
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4096, 4097, (1 << 20) + 123])
+def test_put_aligned_stores_exactly_the_prefix(backend, n):
+    data = os.urandom(n)
+    buf = _aligned(data)
+    backend.put_aligned(f"packs/aa/{n}.pack", buf, n)
+    buf.close()
+    assert backend.size(f"packs/aa/{n}.pack") == n
+    assert backend.get(f"packs/aa/{n}.pack") == data
+
+
+def test_local_put_aligned_on_tmpfs(tmp_path):
+    """/dev/shm (tmpfs): with or without O_DIRECT there, the object is exact."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        os.mkdir(os.path.join(d, "tmp"))
+        b = LocalBackend(os.path.join(d, "root"), os.path.join(d, "tmp"))
+        data = os.urandom(100_000)
+        buf = _aligned(data)
+        b.put_aligned("packs/ab/z.pack", buf, len(data))
+        buf.close()
+        assert b.get("packs/ab/z.pack") == data
+        assert os.listdir(os.path.join(d, "tmp")) == []
+
+
+def test_local_put_aligned_falls_back_when_the_device_refuses_o_direct(tmp_path, monkeypatch):
+    """EINVAL from an O_DIRECT write (alignment the device does not take): written again, buffered."""
+    import errno
+
+    from nbdbackup.repo import backends
+
+    (tmp_path / "tmp").mkdir()
+    b = LocalBackend(str(tmp_path / "root"), str(tmp_path / "tmp"))
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, offset):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(backends.os, "pwrite", pwrite)
+    data = os.urandom(10_000)
+    buf = _aligned(data)
+    b.put_aligned("packs/ab/w.pack", buf, len(data))
+    buf.close()
+    assert refused, "the file system here took no O_DIRECT open: nothing was refused"
+    assert b.get("packs/ab/w.pack") == data

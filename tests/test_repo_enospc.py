@@ -20,25 +20,35 @@ class FillingBackend(LocalBackend):
 
     def put(self, name, parts):
         parts = [bytes(p) for p in parts]
-        n = sum(map(len, parts))
+        return self._filling(sum(map(len, parts)), lambda: super(FillingBackend, self).put(name, parts))
+
+    def put_aligned(self, name, buf, length):       # packs: pwrite, O_DIRECT where it can
+        return self._filling(length, lambda: super(FillingBackend, self).put_aligned(name, buf, length))
+
+    def _filling(self, n, store):
         if self.budget is not None:
             if n > self.budget:
                 # what a real full disk does: a partial temporary file, then ENOSPC
-                real_write = os.write
+                left = [self.budget]
+                real = {"write": os.write, "pwrite": os.pwrite}
 
-                def write(fd, data, _left=[self.budget]):
-                    if _left[0] <= 0:
-                        raise OSError(errno.ENOSPC, "No space left on device")
-                    k = real_write(fd, data[:_left[0]])
-                    _left[0] -= k
-                    return k
-                os.write = write
+                def limited(fn):
+                    def f(fd, data, *offset):
+                        if left[0] <= 0:
+                            raise OSError(errno.ENOSPC, "No space left on device")
+                        k = min(left[0], len(data))
+                        k = k - k % 4096 or k       # whole pages, as an O_DIRECT write needs
+                        k = real[fn](fd, memoryview(data)[:k], *offset)
+                        left[0] = 0 if k < 4096 else left[0] - k
+                        return k
+                    return f
+                os.write, os.pwrite = limited("write"), limited("pwrite")
                 try:
-                    return super().put(name, parts)
+                    return store()
                 finally:
-                    os.write = real_write
+                    os.write, os.pwrite = real["write"], real["pwrite"]
             self.budget -= n
-        return super().put(name, parts)
+        return store()
 
 
 def _check_after_enospc(repo, first, data1):

@@ -10,7 +10,10 @@ from nbdbackup.repo.chunks import hash_bytes
 def _pack(records):
     b = P.PackBuilder()
     infos = [b.add(t, hash_bytes(d), len(d), P.COMP_NONE, d) for t, d in records]
-    return b, infos, b"".join(b.seal())
+    b.seal()
+    data = b.data()
+    b.release()
+    return b, infos, data
 
 
 def test_footer_lists_every_record():
@@ -53,3 +56,25 @@ def test_truncated_pack_is_detected():
 def test_pack_object_name():
     assert P.pack_object_name("abcdef") == "packs/ab/abcdef.pack"
     assert len(P.new_pack_name()) == 32
+
+
+def test_pack_builder_grows_past_its_buffer_and_reuses_buffers():
+    pool = P.BufferPool(64 * 1024, keep=2)
+    b = P.PackBuilder(pool=pool)
+    big = bytes(range(256)) * 1024                  # 256 KiB: more than the pooled buffer holds
+    small = b"s" * 1000
+    i1 = b.add(P.REC_CHUNK, hash_bytes(small), len(small), P.COMP_NONE, small)
+    i2 = b.add(P.REC_CHUNK, hash_bytes(big), len(big), P.COMP_NONE, memoryview(big))
+    buf, size = b.seal()
+    data = bytes(buf[:size])
+    b.release()
+    assert data[i1.offset:i1.offset + len(small)] == small
+    assert data[i2.offset:i2.offset + len(big)] == big
+    assert list(P.scan_records(data)) == [i1, i2]
+    # the one-off bigger buffer is not pooled; a pooled one comes back
+    b2 = P.PackBuilder(pool=pool)
+    b2.release()
+    again = pool.get()
+    assert len(again) == pool.capacity
+    pool.put(again)
+    pool.close()

@@ -1,10 +1,13 @@
 """The backup pipeline: extents -> chunk actions -> parallel reads -> prepare -> put -> commit.
 
-Reads are spread over a connection pool by worker threads; each worker reads
-one chunk and prepares it (zero check, blake3, zstd: these release the GIL).
-The main thread walks extents, submits work, and puts prepared chunks into
-the writer (dedup lookups are batched there). At most `inflight` chunks are
-in flight, so memory does not depend on the disk size. Nothing is committed
+The main thread walks extents and sends READs of up to READ_SPAN bytes (several
+chunks each) over a connection pool. Each connection's receiver thread takes
+the data straight into a reused buffer and prepares its chunks right there
+(blake3, zero check, adaptive zstd: these release the GIL). The main thread
+puts prepared chunks into the writer in disk order (dedup lookups are batched
+there; raw chunks are copied into the pack from the read buffer, not before).
+At most `inflight_bytes` are in flight, so memory does not depend on the disk
+size. Nothing is committed
 unless every chunk was read; the source learns the outcome (committed/failed)
 so it can advance or keep its bitmaps.
 """
@@ -40,8 +43,7 @@ class BackupOptions:
     retries: int = 3                        # per chunk after a server error (EIO...), before SourceFailed
     reconnects: int = 2                     # pool: reconnect attempts (and resends) after a dropped connection
     retry_delay: float = 0.2                # first back-off, doubled each time
-    workers: int | None = None              # default: 2 per connection
-    inflight_bytes: int = 64 << 20          # bound on chunk data held in memory
+    inflight_bytes: int = 32 << 20          # bound on chunk data being read or prepared
     adaptive: bool = True                   # store a chunk raw when the compression cores are busy (see _CoreGate)
 
 
@@ -140,6 +142,13 @@ def _force_from(parent, size: int, chunk_size: int) -> int | None:
     return min(parent.size, size) // chunk_size
 
 
+# Bytes per READ request: several chunks, so per-request work is amortised.
+# Measured against qemu-nbd: 512 KiB requests are served fastest by a fresh
+# server; at 1 MiB and above it page-faults in a new buffer for most requests.
+READ_SPAN = 512 << 10
+FLUSH_BYTES = 32 << 20  # chunk data put between writer flushes (one batched dedup lookup each)
+
+
 def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStats:
     from ..nbd.extents import walk_extents
 
@@ -147,64 +156,87 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
     full = plan.kind == "full"
     stats = DiskStats()
     bar = opts.progress(size, f"{plan.kind} {plan.disk}") if opts.progress else NoBar()
-    workers = opts.workers or max(2, 2 * len(pool.clients))
-    inflight_max = max(workers + 2, opts.inflight_bytes // cs)
-    pending: deque = deque()    # (index, length, future of (PreparedChunk, compressed?)), in disk order
+    # One READ covers up to `span` chunks of a READ run; its chunks are prepared
+    # together on the receiver thread and handed to the main thread as one list.
+    span = max(1, min(READ_SPAN, pool.max_payload) // cs)
+    inflight_max = max(2 * len(pool.clients) * span, opts.inflight_bytes // cs)   # in chunks
+    pending: deque = deque()    # (first index, length, buffer, future of [(PreparedChunk, compressed?)]), in disk order
+    queued = 0                  # chunks in *pending*
     gate = _CoreGate(_cores() if opts.adaptive else None)
-    lost: list = []             # (index, length, error) of a read whose connection is gone for good
+    lost: list = []             # (offset, length, error) of a read whose connection is gone for good
     free: list = []             # read buffers to reuse (warm pages: no page faults, no zeroing)
+    held: list = []             # read buffers put, but maybe still referenced by the writer's batch
+    flush_chunks = max(span, FLUSH_BYTES // cs)
 
-    def submit(index: int) -> None:
-        off = index * cs
-        length = min(cs, size - off)
+    def submit(first: int, count: int) -> None:
+        nonlocal queued
+        off = first * cs
+        length = min(count * cs, size - off)
         out: Future = Future()
         try:
             buf = free.pop()
         except IndexError:
-            buf = bytearray(cs)
+            buf = bytearray(span * cs)
         view = memoryview(buf)[:length]
         try:
             rf = pool.submit_read_into(off, view)
         except NbdError as e:
             rf = Future()
             rf.set_exception(e)
-        rf.add_done_callback(lambda f: _prepare_on_arrival(f, out, w, view, gate, lost, index, buf, free))
-        pending.append((index, length, out))
+        rf.add_done_callback(lambda f: _prepare_on_arrival(f, out, w, view, cs, gate, lost, off))
+        pending.append((first, length, buf, out))
+        queued += count
 
     def put_done(block: bool) -> None:
-        while pending and (block or pending[0][2].done()):
-            while not pending[0][2].done():
+        nonlocal queued
+        while pending and (block or pending[0][3].done()):
+            while not pending[0][3].done():
                 if lost:    # stop at once: reads queued behind reconnect attempts fail now, not one by one
                     pool.close()
-                    index, length, e = lost[0]
-                    _read_with_retries(pool, index * cs, length, opts, first_error=e)
+                    off, length, e = lost[0]
+                    _read_with_retries(pool, off, length, opts, first_error=e)
                     raise AssertionError("unreachable")
-                _wait(pending[0][2], 0.05)
-            index, length, fut = pending.popleft()
+                _wait(pending[0][3], 0.05)
+            first, length, buf, fut = pending.popleft()
             try:
-                prepared, tried = fut.result()
+                results = fut.result()
             except NbdProtocolError:
                 raise       # a misbehaving server: its own exit code, no retry
             except NbdError as e:
                 # Retries (and their back-off) run here, in order; other reads carry on meanwhile.
-                prepared, tried = w.prepare(_read_with_retries(pool, index * cs, length, opts, first_error=e)), True
-            if not tried and not prepared.is_zero:
-                stats.uncompressed_chunks += 1
+                data = memoryview(_read_with_retries(pool, first * cs, length, opts, first_error=e))
+                results = [(w.prepare(data[k:k + cs]), True) for k in range(0, length, cs)]
+                buf = None      # a failed read's buffer may still be written into by the server's late reply
+            queued -= len(results)
+            for k, (prepared, tried) in enumerate(results):
+                if prepared.is_zero:
+                    stats.zero_chunks += 1
+                else:
+                    stats.data_bytes += prepared.raw_len
+                    stats.packed_bytes += len(prepared.payload)
+                    if not tried:
+                        stats.uncompressed_chunks += 1
+                w.put(first + k, prepared)
+            if buf is not None:
+                # Raw payloads are views of the read buffer: reuse it only once the
+                # writer has copied them into its pack (flush), a batch at a time.
+                held.append(buf)
+                if len(held) * span >= flush_chunks:
+                    w.flush()
+                    free.extend(held)
+                    held.clear()
+            stats.read_chunks += len(results)
             stats.read_bytes += length
-            stats.read_chunks += 1
-            if prepared.is_zero:
-                stats.zero_chunks += 1
-            else:
-                stats.data_bytes += prepared.raw_len
-                stats.packed_bytes += len(prepared.payload)
-            w.put(index, prepared)
             bar.update(length)
             block = False
 
     extents = walk_extents(pool, bitmap_context=plan.bitmap_context)
     runs = chunk_runs(extents, chunk_size=cs, size=size, all_dirty=full,
                       force_from=None if full else _force_from(parent, size, cs))
-    gc.freeze()     # collections during the pipeline need not walk the start-up objects again
+    # The pipeline makes no reference cycles worth collecting; a collection
+    # pass would walk every object of the process for nothing.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         for run in runs:
             if run.action == SKIP:
@@ -219,10 +251,11 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
                 bar.update(bytes_of(run, cs, size))
                 continue
             assert run.action == READ
-            for i in range(run.start, run.end):
-                while len(pending) >= inflight_max:
+            for i in range(run.start, run.end, span):
+                n = min(span, run.end - i)
+                while queued + n > inflight_max and pending:
                     put_done(block=True)
-                submit(i)
+                submit(i, n)
                 put_done(block=False)
         while pending:
             put_done(block=True)
@@ -232,7 +265,8 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
         raise SourceFailed(f"source {plan.disk} failed during the backup: {e}",
                            hint="nothing was committed; check the NBD server and retry") from None
     finally:
-        gc.unfreeze()
+        if gc_was_enabled:
+            gc.enable()
         bar.close()
     return stats
 
@@ -244,52 +278,98 @@ def _wait(f: Future, timeout: float) -> None:
         pass
 
 
-def _prepare_on_arrival(f: Future, out: Future, w, view: memoryview, gate: "_CoreGate", lost: list,
-                        index: int, buf: bytearray, free: list) -> None:
+def _prepare_on_arrival(f: Future, out: Future, w, view: memoryview, cs: int, gate: "_CoreGate", lost: list,
+                        offset: int) -> None:
     """Done-callback of a read (on the connection's receiver thread): hash and compress
-    right there, so a chunk changes threads once (to the main thread's put) instead of
-    three times. blake3/zstd release the GIL, so receivers of different connections
-    prepare in parallel."""
+    its chunks right there, so they change threads once (to the main thread's put)
+    instead of three times. blake3/zstd release the GIL, so receivers of different
+    connections prepare in parallel."""
     try:
         e = f.exception()
         if isinstance(e, NbdConnectionError):   # the pool gave up reconnecting: tell the main thread now
-            lost.append((index, len(view), e))
+            lost.append((offset, len(view), e))
         f.result()
-        compress = gate.enter()
-        try:
-            # bytearray compares with memcmp (a memoryview byte by byte); a short last chunk is rare
-            data = buf if len(view) == len(buf) else bytes(view)
-            prepared = w.prepare(data, compress)   # copies what it keeps: *buf* can be reused
-        finally:
-            gate.leave()
-        free.append(buf)    # only after a completed read: nothing writes into it any more
-        resolve(out, (prepared, compress))
+        results = []
+        for k in range(0, len(view), cs):
+            compress = gate.enter()
+            try:
+                results.append((w.prepare(view[k:k + cs], compress), compress))
+            finally:
+                gate.leave()
+        resolve(out, results)
     except BaseException as e:  # noqa: BLE001 - surfaced through *out*
         resolve(out, exc=e)
 
 
 class _CoreGate:
-    """Adaptive compression (like `zstd --adapt`): a chunk that arrives while `cores`
-    chunks are already being prepared is hashed and stored raw instead of waiting for a
-    core to compress it. `cores` is the CPU count less one, kept for the read/write path
-    (socket copies, pack writes and fsync, often the NBD server too). So compression uses
-    spare CPU only and does not slow the backup below what reading, hashing and writing
-    allow; the price is a worse ratio when CPU is short (DiskStats.uncompressed_chunks
-    counts them; docs/design.md has the figures). cores=None: always compress."""
+    """Adaptive compression (like `zstd --adapt`): compress a chunk only with CPU to
+    spare, else hash it and store it raw. Two signals, both needed:
 
-    def __init__(self, cores: int | None):
+    - fewer than `cores` chunks are being prepared (`cores` is the CPU count less one,
+      kept for the read/write path: socket copies, pack writes, our main thread);
+    - the machine's CPUs were at least MIN_IDLE idle over the last SAMPLE_S (Linux
+      /proc/stat). This sees the NBD server and every other process too: on a busy
+      box compressing would only slow the backup; on a box with idle cores every
+      chunk gets compressed.
+
+    The price is a worse ratio when CPU is short (DiskStats.uncompressed_chunks
+    counts those chunks; docs/design.md has the figures). cores=None: always compress."""
+
+    SAMPLE_S = 0.05
+    MIN_IDLE = 0.20
+
+    def __init__(self, cores: int | None, cpu: "_CpuTimes | None" = None):
         self.cores = cores
         self.busy = 0
         self.lock = threading.Lock()
+        self._cpu = cpu or (_CpuTimes() if cores is not None else None)
+        self._spare = True
+        self._next_sample = 0.0
 
     def enter(self) -> bool:
         with self.lock:
             self.busy += 1
-            return self.cores is None or self.busy <= self.cores
+            if self.cores is None:
+                return True
+            if self.busy > self.cores:
+                return False
+            now = time.monotonic()
+            if self._cpu is not None and now >= self._next_sample:
+                self._next_sample = now + self.SAMPLE_S
+                idle = self._cpu.idle_share()
+                if idle is not None:
+                    self._spare = idle >= self.MIN_IDLE
+            return self._spare
 
     def leave(self) -> None:
         with self.lock:
             self.busy -= 1
+
+
+class _CpuTimes:
+    """Share of CPU time the whole machine spent idle between two calls (/proc/stat)."""
+
+    def __init__(self):
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        if len(fields) < 6 or fields[0] != b"cpu":
+            return None
+        ticks = [int(x) for x in fields[1:9]]    # user nice system idle iowait irq softirq steal
+        return sum(ticks), ticks[3] + ticks[4]
+
+    def idle_share(self) -> float | None:
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] <= last[0]:
+            return None         # unreadable, or no tick yet: keep the previous decision
+        return (now[1] - last[1]) / (now[0] - last[0])
 
 
 def _cores() -> int:

@@ -83,9 +83,11 @@ TIMEOUTS = (socket.timeout, BlockingIOError)   # settimeout() / kernel timeout (
 
 def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) -> None:
     got, n = 0, len(mv)
+    # MSG_WAITALL: one syscall (one GIL round trip) per payload instead of one per socket-buffer's worth
+    flags = socket.MSG_WAITALL if isinstance(sock, socket.socket) else 0
     while got < n:
         try:
-            k = sock.recv_into(mv[got:], n - got)
+            k = sock.recv_into(mv[got:], n - got, flags) if flags else sock.recv_into(mv[got:], n - got)
         except TIMEOUTS:
             raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
         except (OSError, ssl.SSLError) as e:

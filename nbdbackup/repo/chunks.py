@@ -24,6 +24,7 @@ _MIN_SAVING_SHIFT = 5
 
 _tls = threading.local()
 _zero_cache: dict[int, bytes] = {}
+_zero_hashes: dict[int, bytes] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,7 @@ class PreparedChunk:
     hash: bytes          # blake3 of the raw bytes (ZERO_REF for an all-zero chunk)
     raw_len: int
     compression: int     # packs.COMP_NONE / COMP_ZSTD
-    payload: bytes       # what goes into the pack (empty for a zero chunk)
+    payload: bytes       # what goes into the pack (empty for a zero chunk); raw: the caller's data, not a copy
 
     @property
     def is_zero(self) -> bool:
@@ -68,18 +69,32 @@ def hash_bytes(data) -> bytes:
     return blake3.blake3(data).digest()
 
 
+def zero_hash(n: int) -> bytes:
+    """blake3 of *n* zero bytes (cached per length)."""
+    h = _zero_hashes.get(n)
+    if h is None:
+        h = hash_bytes(zeros(n))
+        if len(_zero_hashes) < 8:
+            _zero_hashes[n] = h
+    return h
+
+
 def prepare(data, level: int, compress: bool = True) -> PreparedChunk:
-    """Zero check, hash, compress (when it pays and *compress*). Thread-safe."""
+    """Zero check, hash, compress (when it pays and *compress*). Thread-safe.
+
+    *data* may be a memoryview slice of a larger read. The zero check rides on
+    the hash (comparing a memoryview with bytes goes byte by byte in Python);
+    a chunk whose first or last byte is set is decided without it."""
     n = len(data)
-    if data == zeros(n):
-        return PreparedChunk(ZERO_REF, n, COMP_NONE, b"")
     h = hash_bytes(data)
+    if not (data[0] or data[n - 1]) and h == zero_hash(n):
+        return PreparedChunk(ZERO_REF, n, COMP_NONE, b"")
     if not compress:
-        return PreparedChunk(h, n, COMP_NONE, bytes(data))
+        return PreparedChunk(h, n, COMP_NONE, data)
     c = _compressor(level).compress(data)
     if len(c) <= n - (n >> _MIN_SAVING_SHIFT):
         return PreparedChunk(h, n, COMP_ZSTD, c)
-    return PreparedChunk(h, n, COMP_NONE, bytes(data))
+    return PreparedChunk(h, n, COMP_NONE, data)
 
 
 def compress_blob(data: bytes, level: int) -> tuple[int, bytes]:

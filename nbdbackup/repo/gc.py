@@ -225,7 +225,16 @@ def _repack(repo, group: list[_Pack], rows: dict, live_manifests: set[bytes], dr
     """Copy the live records of *group* into one new pack; switch the index; delete the old packs."""
     backend = repo.backend
     old_bytes = sum(pk.size for pk in group)
-    builder = P.PackBuilder()
+    builder = P.PackBuilder(pool=P.BufferPool(repo.config.pack_size + (1 << 20), keep=0))
+    try:
+        return _repack_into(repo, builder, group, rows, live_manifests, dry_run, rep, bar, old_bytes)
+    finally:
+        builder.release()
+
+
+def _repack_into(repo, builder: P.PackBuilder, group: list[_Pack], rows: dict, live_manifests: set[bytes],
+                 dry_run: bool, rep: GcReport, bar, old_bytes: int) -> int:
+    backend = repo.backend
     moved: list[tuple[str, bytes, P.RecordInfo]] = []     # (table name, hash, new record)
     seen_manifests: set[bytes] = set()
     for pk in group:
@@ -260,12 +269,11 @@ def _repack(repo, group: list[_Pack], rows: dict, live_manifests: set[bytes], dr
         rep.skipped_damaged.append(f"packs {', '.join(pk.name for pk in group)}: footer and index disagree; "
                                    "not repacked (run `nbdbackup verify`)")
         return 0
-    parts = builder.seal()
-    new_size = sum(len(p) for p in parts)
+    buf, new_size = builder.seal()
     rep.packs_repacked += len(group)
     if dry_run:
         return old_bytes - new_size
-    backend.put(P.pack_object_name(builder.name), parts)      # durable before the index names it
+    backend.put_aligned(P.pack_object_name(builder.name), buf, new_size)   # durable before the index names it
     with write_txn(repo.engine) as conn:
         pid = conn.execute(packs.insert().values(name=builder.name, size=new_size,
                                                  created_ms=to_ms(now_ms()))).inserted_primary_key[0]

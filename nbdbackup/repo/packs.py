@@ -15,7 +15,10 @@ from packs alone; if the footer is damaged, scan_records() walks the headers.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import struct
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -64,34 +67,146 @@ def new_pack_name() -> str:
     return uuid.uuid4().hex
 
 
-class PackBuilder:
-    """Collects records in memory; seal() returns the parts of the finished file."""
+PAGE = mmap.PAGESIZE
 
-    def __init__(self, name: str | None = None):
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+class BufferPool:
+    """Page-aligned buffers (anonymous mmaps) for packs, handed back after their write.
+
+    Reuse keeps their pages mapped: a fresh page costs a fault (in a VM with free
+    page reporting, a host fault too), which made pack writes through the page
+    cache slow and erratic. Page alignment lets the local backend write a pack
+    with O_DIRECT. At most *keep* idle buffers are kept."""
+
+    def __init__(self, capacity: int, keep: int):
+        self.capacity = _round_up(capacity, PAGE)
+        self.keep = keep
+        self._idle: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def get(self, at_least: int = 0) -> mmap.mmap:
+        with self._lock:
+            if self._idle and at_least <= self.capacity:
+                return self._idle.pop()
+        return mmap.mmap(-1, max(self.capacity, _round_up(at_least, PAGE)))
+
+    def put(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(buf) == self.capacity and len(self._idle) < self.keep:
+                self._idle.append(buf)
+                return
+        _unmap(buf)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for buf in idle:
+            _unmap(buf)
+
+
+def _unmap(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:     # a view of it is still alive (say, in a traceback): unmapped when that goes
+        pass
+
+
+class PackBuilder:
+    """Builds a pack in one page-aligned buffer: records are copied in as they are
+    added (a payload may be a view of the caller's buffer), so the finished pack is
+    one contiguous write. Call release() once it is written (or abandoned)."""
+
+    def __init__(self, name: str | None = None, pool: BufferPool | None = None):
         self.name = name or new_pack_name()
-        self._parts: list[bytes] = [FILE_MAGIC]
+        self._pool = pool or BufferPool(1 << 20, keep=0)
+        self._buf: mmap.mmap | None = self._pool.get()
+        self._buf[:len(FILE_MAGIC)] = FILE_MAGIC
         self._entries: list[bytes] = []
         self.records: list[RecordInfo] = []
         self.size = len(FILE_MAGIC)
 
-    def add(self, rtype: int, h: bytes, raw_len: int, compression: int, payload: bytes) -> RecordInfo:
-        hdr = _HEADER.pack(RECORD_MAGIC, rtype, compression, 0, raw_len, len(payload), h)
+    def _reserve(self, n: int) -> mmap.mmap:
+        """Room for *n* more bytes, plus a page (O_DIRECT writes whole pages)."""
+        buf = self._buf
+        if buf is None:
+            raise ValueError("pack buffer already released")
+        need = self.size + n + PAGE
+        if need > len(buf):
+            bigger = self._pool.get(max(need, 2 * len(buf)))
+            bigger[:self.size] = buf[:self.size]
+            self._pool.put(buf)
+            buf = self._buf = bigger
+        return buf
+
+    def add(self, rtype: int, h: bytes, raw_len: int, compression: int, payload) -> RecordInfo:
+        n = len(payload)
+        buf = self._reserve(HEADER_SIZE + n)
+        _HEADER.pack_into(buf, self.size, RECORD_MAGIC, rtype, compression, 0, raw_len, n, h)
         off = self.size + HEADER_SIZE
-        self._parts.append(hdr)
-        self._parts.append(payload)
-        self._entries.append(_ENTRY.pack(rtype, compression, 0, raw_len, len(payload), off, h))
-        self.size += HEADER_SIZE + len(payload)
-        info = RecordInfo(rtype, compression, raw_len, len(payload), off, h)
+        _copy_into(buf, off, payload)
+        self._entries.append(_ENTRY.pack(rtype, compression, 0, raw_len, n, off, h))
+        self.size = off + n
+        info = RecordInfo(rtype, compression, raw_len, n, off, h)
         self.records.append(info)
         return info
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def seal(self) -> list[bytes]:
+    def seal(self) -> tuple[mmap.mmap, int]:
+        """Append footer and trailer; (buffer, size): the pack is buffer[:size]."""
         footer = b"".join(self._entries)
         trailer = _TRAILER.pack(len(self._entries), len(footer), blake3.blake3(footer).digest(), END_MAGIC)
-        return [*self._parts, footer, trailer]
+        buf = self._reserve(len(footer) + len(trailer))
+        end = self.size + len(footer)
+        buf[self.size:end] = footer
+        buf[end:end + len(trailer)] = trailer
+        self.size = end + len(trailer)
+        self._entries = []
+        return buf, self.size
+
+    def data(self) -> bytes:
+        """A copy of the pack so far (after seal(): the whole file)."""
+        return self._buf[:self.size]
+
+    def release(self) -> None:
+        """Give the buffer back to its pool."""
+        buf, self._buf = self._buf, None
+        if buf is not None:
+            self._pool.put(buf)
+
+
+_BIG_COPY = 64 * 1024
+
+
+def _copy_into(buf: mmap.mmap, off: int, payload) -> None:
+    """buf[off:off+len(payload)] = payload, without holding the GIL for big payloads:
+    ctypes.memmove releases it, so the receiver threads hashing and compressing the
+    next chunks are not held up by the writer's copies (768 MiB for a full of 768)."""
+    n = len(payload)
+    if n >= _BIG_COPY:
+        try:
+            # addresses only: the exports these make are dropped at once (an mmap with a
+            # live export cannot be unmapped); *buf* and *payload* stay referenced here
+            dst = ctypes.addressof(ctypes.c_char.from_buffer(buf, off))
+            src = payload if isinstance(payload, bytes) else ctypes.addressof(ctypes.c_char.from_buffer(payload))
+        except TypeError:           # a read-only view: copy with the GIL held
+            pass
+        else:
+            ctypes.memmove(dst, src, n)
+            return
+    buf[off:off + n] = payload
+
+
+def write_pack(backend, name: str, builder: PackBuilder) -> int:
+    """Seal *builder* and store it as object *name*, durably; its size in bytes."""
+    buf, size = builder.seal()
+    backend.put_aligned(name, buf, size)
+    return size
 
 
 def parse_header(data: bytes) -> RecordInfo:

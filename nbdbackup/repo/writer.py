@@ -86,6 +86,10 @@ class BackupWriter:
         # Entries: (future, chunk hashes, {segment hash: raw}), oldest first.
         self._sealer = None
         self._inflight: deque = deque()
+        # pack buffers: one being filled, SEALS_IN_FLIGHT being written; a pack
+        # overshoots pack_size by at most one record (a raw chunk) before it is sealed
+        self._buffers = P.BufferPool(repo.config.pack_size + self.chunk_size + (1 << 16),
+                                     keep=SEALS_IN_FLIGHT + 1)
         self.stored_bytes = 0
         try:
             self._locks.append(repo.lock("writers", exclusive=False, purpose="the repository's writer lock"))
@@ -106,6 +110,8 @@ class BackupWriter:
 
     # -- main thread ----------------------------------------------------------
     def put(self, index: int, prepared: PreparedChunk | None) -> None:
+        """Record chunk *index*. Its payload may be a view of the caller's buffer:
+        keep that buffer unchanged until flush() (or commit) returns."""
         self._check_open()
         if not 0 <= index < self.nchunks:
             raise ValueError(f"chunk index {index} out of range 0..{self.nchunks - 1}")
@@ -125,13 +131,21 @@ class BackupWriter:
     def put_zero(self, index: int) -> None:
         self.put(index, None)
 
+    def flush(self) -> None:
+        """Look up and copy into the pack every chunk put so far: no payload given
+        to put() is referenced any more."""
+        self._check_open()
+        self._guard(self._flush_batch)
+
     def abort(self) -> None:
         """Drop everything not committed; committed data is untouched. Idempotent."""
         if self._state == "committed":
             return
         self._state = "aborted"
         self._batch.clear()
-        self._pack = None
+        pack, self._pack = self._pack, None
+        if pack is not None:
+            pack.release()
         self._open.clear()
         try:
             self._stop_sealer()
@@ -149,6 +163,7 @@ class BackupWriter:
         if self._sealer is not None:
             self._sealer.shutdown(wait=True)
             self._sealer = None
+        self._buffers.close()
 
     def commit(self, *, read_bytes: int, duration_s: float, created=None) -> BackupInfo:
         return self.repo.commit_set([self], read_bytes=[read_bytes], duration_s=[duration_s],
@@ -247,7 +262,7 @@ class BackupWriter:
 
     def _pack_add(self, rtype: int, h: bytes, raw_len: int, comp: int, payload: bytes) -> P.RecordInfo:
         if self._pack is None:
-            self._pack = P.PackBuilder()
+            self._pack = P.PackBuilder(pool=self._buffers)
         rec = self._pack.add(rtype, h, raw_len, comp, payload)
         if rtype != P.REC_MANIFEST:
             self.stored_bytes += P.HEADER_SIZE + len(payload)
@@ -265,6 +280,8 @@ class BackupWriter:
             self._wait_oldest()
         pack, self._pack = self._pack, None
         if pack is None or not len(pack):
+            if pack is not None:
+                pack.release()
             return
         if self._sealer is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -290,9 +307,10 @@ class BackupWriter:
 
     def _write_pack(self, pack: P.PackBuilder) -> None:
         """Make the pack durable, then index its records (in that order)."""
-        parts = pack.seal()
-        size = sum(len(p) for p in parts)
-        self.repo.backend.put(P.pack_object_name(pack.name), parts)
+        try:
+            size = P.write_pack(self.repo.backend, P.pack_object_name(pack.name), pack)
+        finally:
+            pack.release()
         with write_txn(self.repo.engine) as conn:
             pid = conn.execute(insert(packs).values(name=pack.name, size=size, created_ms=to_ms(now_ms()))
                                ).inserted_primary_key[0]
