@@ -160,24 +160,25 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
     # together on the receiver thread and handed to the main thread as one list.
     span = max(1, min(READ_SPAN, pool.max_payload) // cs)
     inflight_max = max(2 * len(pool.clients) * span, opts.inflight_bytes // cs)   # in chunks
+    flush_chunks = max(span, FLUSH_BYTES // cs)
     pending: deque = deque()    # (first index, length, buffer, future of [(PreparedChunk, compressed?)]), in disk order
     queued = 0                  # chunks in *pending*
     gate = _CoreGate(_cores() if opts.adaptive else None)
     lost: list = []             # (offset, length, error) of a read whose connection is gone for good
-    free: list = []             # read buffers to reuse (warm pages: no page faults, no zeroing)
+    max_reads = -(-inflight_max // span)    # READs in flight (short runs make short READs)
+    # Read buffers: slices of one anonymous map, reused (warm pages: no page faults, no
+    # zeroing). Enough for every READ in flight plus those held until the next flush.
+    free: list = _read_buffers(max_reads + -(-flush_chunks // span) + 1, span * cs)
     held: list = []             # read buffers put, but maybe still referenced by the writer's batch
-    flush_chunks = max(span, FLUSH_BYTES // cs)
 
     def submit(first: int, count: int) -> None:
         nonlocal queued
         off = first * cs
         length = min(count * cs, size - off)
         out: Future = Future()
-        try:
-            buf = free.pop()
-        except IndexError:
-            buf = bytearray(span * cs)
-        view = memoryview(buf)[:length]
+        # (empty only after failed reads, whose buffers are not reused)
+        buf = free.pop() if free else memoryview(bytearray(span * cs))
+        view = buf[:length]
         try:
             rf = pool.submit_read_into(off, view)
         except NbdError as e:
@@ -253,7 +254,7 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
             assert run.action == READ
             for i in range(run.start, run.end, span):
                 n = min(span, run.end - i)
-                while queued + n > inflight_max and pending:
+                while (queued + n > inflight_max or len(pending) >= max_reads) and pending:
                     put_done(block=True)
                 submit(i, n)
                 put_done(block=False)
@@ -269,6 +270,13 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
             gc.enable()
         bar.close()
     return stats
+
+
+def _read_buffers(n: int, size: int) -> list[memoryview]:
+    from ..repo.packs import anonymous_map
+
+    slab = memoryview(anonymous_map(n * size))
+    return [slab[i * size:(i + 1) * size] for i in range(n)]
 
 
 def _wait(f: Future, timeout: float) -> None:

@@ -18,12 +18,13 @@ from concurrent.futures import Future
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
 from . import proto
-from .client_options import TIMEOUTS, recv_into_exact
+from .client_options import TIMEOUTS, TruncatedReply, recv_into_exact
 from .futures import resolve
 
 # A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).
 MAX_BLOCK_STATUS_CHUNK = 4 + 8 * (1 << 20)
 MAX_ERROR_CHUNK = 64 * 1024
+READ_AHEAD = 64     # bytes a header read may take at once (a structured header + offset is 28)
 
 
 class Pending:
@@ -67,7 +68,9 @@ class ReplyReader:
         self._pending: dict[int, Pending] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._hdr = bytearray(32)
+        self._ahead = bytearray(READ_AHEAD)
+        self._ahead_pos = 0         # unread bytes are _ahead[_ahead_pos:_ahead_end]
+        self._ahead_end = 0
 
     # --- bookkeeping (called from sender threads) ------------------------------
     @property
@@ -117,12 +120,16 @@ class ReplyReader:
             except OSError:
                 pass
 
+    # Headers are read through a small read-ahead buffer: one recv usually brings a
+    # reply's whole header (and the first bytes of its data), where reading it field
+    # by field cost three syscalls, each a GIL release and re-acquire, per reply.
+
     def _wait_for_header(self) -> bool:
         """Block until a reply starts; False on an orderly end (EOF with nothing pending)."""
-        mv = memoryview(self._hdr)
-        while True:
+        while self._ahead_end - self._ahead_pos < 4:
+            mv = self._ahead_room()
             try:
-                k = self.sock.recv_into(mv[:4], 4)
+                k = self.sock.recv_into(mv, len(mv))
             except TIMEOUTS:
                 if self._pending:
                     raise NbdConnectionError(f"{self.name}: no reply within {self.timeout:g}s "
@@ -134,22 +141,60 @@ class ReplyReader:
                     return False
                 raise NbdConnectionError(f"connection to {self.name} failed: {e}") from None
             if k == 0:
+                if self._ahead_end > self._ahead_pos:
+                    raise TruncatedReply(f"server closed the connection in the middle of a reply header "
+                                         f"(got {self._ahead_end - self._ahead_pos} of 4 bytes): truncated reply")
                 if self._pending:
                     raise NbdConnectionError(f"{self.name} closed the connection with "
                                              f"{len(self._pending)} requests outstanding")
                 self.fail(NbdConnectionError(f"{self.name} closed the connection"))
                 return False
-            if k < 4:
-                recv_into_exact(self.sock, mv[k:4], "a reply header")
-            return True
+            self._ahead_end += k
+        return True
 
-    def _recv(self, n: int, what: str) -> memoryview:
-        mv = memoryview(self._hdr)[4:4 + n] if n <= 28 else memoryview(bytearray(n))
-        recv_into_exact(self.sock, mv, what)
-        return mv
+    def _ahead_room(self) -> memoryview:
+        """The free tail of the read-ahead buffer (unread bytes moved to its start first)."""
+        pos, end = self._ahead_pos, self._ahead_end
+        if pos:
+            self._ahead[:end - pos] = self._ahead[pos:end]
+            self._ahead_pos, self._ahead_end = 0, end - pos
+        return memoryview(self._ahead)[self._ahead_end:]
+
+    def _recv(self, n: int, what: str) -> bytes | memoryview:
+        """The next *n* bytes of the stream."""
+        if n > READ_AHEAD:
+            mv = memoryview(bytearray(n))
+            self._recv_into(mv, what)
+            return mv
+        while self._ahead_end - self._ahead_pos < n:
+            mv = self._ahead_room()
+            got = self._ahead_end - self._ahead_pos
+            try:
+                k = self.sock.recv_into(mv, len(mv))
+            except TIMEOUTS:
+                raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
+            except (OSError, ssl.SSLError) as e:
+                raise NbdConnectionError(f"connection error while reading {what}: {e}") from None
+            if k == 0:
+                raise TruncatedReply(f"server closed the connection in the middle of {what} "
+                                     f"(got {got} of {n} bytes): truncated reply")
+            self._ahead_end += k
+        pos = self._ahead_pos
+        self._ahead_pos = pos + n
+        return bytes(self._ahead[pos:pos + n])
+
+    def _recv_into(self, mv: memoryview, what: str) -> None:
+        """Fill *mv* with the next bytes of the stream (read-ahead bytes first)."""
+        k = min(len(mv), self._ahead_end - self._ahead_pos)
+        if k:
+            pos = self._ahead_pos
+            mv[:k] = self._ahead[pos:pos + k]
+            self._ahead_pos = pos + k
+        if k < len(mv):
+            recv_into_exact(self.sock, mv[k:], what)
 
     def _one_reply(self) -> None:
-        (magic,) = proto.U32.unpack_from(self._hdr)
+        (magic,) = proto.U32.unpack(self._recv(4, "a reply header"))
         if magic == proto.SIMPLE_REPLY_MAGIC:
             self._simple_reply()
         elif magic == proto.STRUCTURED_REPLY_MAGIC:
@@ -180,7 +225,7 @@ class ReplyReader:
             raise NbdProtocolError(f"{self.name} answered {p.what} with a simple reply without error")
         if p.cmd == proto.CMD_READ:
             # Structured servers must not do this, but the payload length is unambiguous.
-            recv_into_exact(self.sock, p.buf, f"the data of {p.what}")
+            self._recv_into(p.buf, f"the data of {p.what}")
             self._finish(p, _read_result(p))
             return
         self._finish(p, None)
@@ -231,7 +276,7 @@ class ReplyReader:
         n = length - 8
         self._check_content(p, "OFFSET_DATA", off, n)
         start = off - p.offset
-        recv_into_exact(self.sock, p.buf[start:start + n], f"the data of {p.what}")
+        self._recv_into(p.buf[start:start + n], f"the data of {p.what}")
 
     def _offset_hole(self, p: Pending, length: int) -> None:
         if length != proto.OFFSET_HOLE_STRUCT.size:

