@@ -6,7 +6,10 @@ served by qemu-nbd (-r -e 4) on a unix socket. Alternately, `nbdbackup full
 it) and `nbdcopy URI sparse.raw` copy it; medians are compared.
 Targets: wall time <= 2.0x nbdcopy's; peak RSS of the nbdbackup process < 512 MiB.
 
-    python bench/full_backup.py [--rounds 3] [--workdir DIR] [--chunk-size 1M] [--compression-level -3]
+    python bench/full_backup.py [--rounds 3] [--workdir DIR] [--chunk-size 1M] [--compression-level -3] [--compress-all]
+
+Run it with the python of the venv nbdbackup is installed in: it times the
+console script beside that python.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--chunk-size", default=None, help="repository chunk size (default: the repo default)")
     ap.add_argument("--compression-level", default=None, help="zstd level of the repository (default: the repo default)")
     ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--compress-all", action="store_true", help="pass --compress-all (no adaptive compression)")
     a = ap.parse_args()
     nbdbackup = nbdbackup_exe()
     with bench_workdir(a.workdir) as work:
@@ -84,7 +88,8 @@ def main() -> int:
                 theirs.append(t)
                 cpu_theirs.append(c)
                 t, m, c = timed([nbdbackup, "--repo", str(repo), "--quiet", "full", "--source", uri,
-                                 "--disk", "bench", "--connections", str(a.connections)])
+                                 "--disk", "bench", "--connections", str(a.connections)]
+                                + (["--compress-all"] if a.compress_all else []))
                 ours.append(t)
                 rss.append(m)
                 cpu_ours.append(c)
