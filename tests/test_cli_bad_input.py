@@ -142,6 +142,17 @@ def test_log_file_records_the_run_the_error_and_the_exit_code(tmp_path):
     assert log.read_text().rstrip().endswith("exit 0: success")
 
 
+def test_log_file_keeps_the_summary_line_even_when_quiet(tmp_path):
+    # cron runs with --quiet; the log file is where "what did last night's backup do" is answered
+    repo, log = tmp_path / "r", tmp_path / "nbdbackup.log"
+    nbdbackup("init", "--repo", repo, "--quiet")
+    p = nbdbackup("--repo", repo, "--log-file", log, "--quiet", "verify", timeout=60)
+    assert p.stderr == "", p.stderr
+    text = log.read_text()
+    assert "verified 0 backup(s)" in text, text
+    assert text.rstrip().endswith("exit 0: success"), text
+
+
 def test_index_url_password_is_never_shown(tmp_path):
     repo, log = tmp_path / "r", tmp_path / "nbdbackup.log"
     nbdbackup("init", "--repo", repo)

@@ -43,6 +43,7 @@ def test_signal_stops_cleanly(repo, tmp_path, sig):
         c.close()
         idle.close()
         assert "stopping" in s.log()
+        assert "chunk cache: " in s.log() and "lookups hit" in s.log()    # what --cache-size did
     assert os.listdir(tmpdir) == []                          # overlays dropped
     assert not os.path.exists(s.sock)
 

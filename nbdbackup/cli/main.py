@@ -22,11 +22,11 @@ import threading
 
 from .. import __version__
 from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table
+from .output import FILE_ONLY
 
 log = logging.getLogger("nbdbackup")
 
 
-FILE_ONLY = {"file_only": True}   # logging extra: for --log-file, not stderr (already printed there)
 
 
 class Interrupted(BaseException):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
 from ..progress import NoBar
+
+FILE_ONLY = {"file_only": True}   # logging extra: for --log-file, not stderr (printed there already, or quiet)
+log = logging.getLogger("nbdbackup")
 
 
 def print_json(obj: Any) -> None:
@@ -39,6 +43,8 @@ def human_bytes(n: float) -> str:
 
 
 def summary(args, line: str) -> None:
-    """The one-line summary at the end of long work (stderr; not with --quiet/--json)."""
+    """The one-line summary at the end of long work: stderr (not with --quiet/--json),
+    and always --log-file, the record a cron job keeps."""
     if not getattr(args, "quiet", False) and not getattr(args, "json", False):
         print(line, file=sys.stderr)
+    log.info("%s", line, extra=FILE_ONLY)

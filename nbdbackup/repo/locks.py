@@ -75,9 +75,6 @@ class RepoLock:
         except OSError:
             self._info_path = None   # the lock itself is what counts; info is a courtesy
 
-    def holders(self) -> list[dict]:
-        return read_holders(self.lock_dir, self.name)
-
     def _blocked_message(self, purpose: str | None) -> str:
         what = purpose or f"lock {self.name}"
         hs = read_holders(self.lock_dir, self.name)
@@ -97,10 +94,6 @@ class RepoLock:
                 pass
         os.close(self._fd)   # drops the flock
         self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def __enter__(self):
         return self

@@ -79,7 +79,7 @@ def run(args) -> int:
     from ...errors import UsageError
     from ...nbd.server import ListenAddress, NbdServer, tls_server_context
     from ...repo import Repository
-    from ..output import print_json
+    from ..output import print_json, summary
 
     if not args.repo:
         raise UsageError("no repository given", hint="use --repo PATH or set NBDBACKUP_REPO")
@@ -107,7 +107,8 @@ def run(args) -> int:
                 why = "it is a file, not a directory" if e.errno == errno.EEXIST else e.strerror
                 raise UsageError(f"cannot make an overlay directory in {base or tempfile.gettempdir()}: {why}",
                                  hint="give --overlay-dir a writable directory") from None
-        catalog = RepoCatalog(repo, ChunkCache(args.cache_size))
+        cache = ChunkCache(args.cache_size)
+        catalog = RepoCatalog(repo, cache)
         server = NbdServer(catalog, writable=args.writable, overlay_dir=overlay_dir, tls=tls,
                            workers=args.workers, max_clients=args.max_connections)
 
@@ -134,6 +135,9 @@ def run(args) -> int:
                 await server.shutdown()
 
         asyncio.run(main())
+        looked_up = cache.hits + cache.misses
+        summary(args, f"nbdbackup serve: stopped; chunk cache: {cache.hits} of {looked_up} lookups hit, "
+                      f"{cache.used / 2**20:.1f} of {cache.max_bytes / 2**20:.0f} MiB used (--cache-size)")
     finally:
         if overlay_dir:
             shutil.rmtree(overlay_dir, ignore_errors=True)
