@@ -30,7 +30,10 @@ def qio(image: Path, *cmds: str, fmt: str = "qcow2") -> None:
 def random_file(path: Path, size: int, seed: int = 1) -> Path:
     import random
 
-    path.write_bytes(random.Random(seed).randbytes(size))
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for pos in range(0, size, 64 << 20):       # randbytes() takes at most 256 MiB
+            f.write(rng.randbytes(min(64 << 20, size - pos)))
     return path
 
 

@@ -260,3 +260,31 @@ def test_bitmap_granularity_sizes():
     for bad in ("3K", "abc", "4G", "256", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             granularity_type(bad)
+
+
+# --- --json errors -----------------------------------------------------------------
+
+def test_json_errors_are_json_on_stdout_too(tmp_path):
+    # A script that parses stdout (`... --json | jq`) learns what went wrong, not just "no output".
+    import json
+
+    repo = tmp_path / "r"
+    nbdbackup("init", "--repo", repo, "--quiet")
+    p = nbdbackup("--repo", repo, "--json", "restore", "nosuch", tmp_path / "x.raw", check=False, timeout=60)
+    assert_clean_error(p, ExitCode.NOT_FOUND, "no backup id or disk named 'nosuch'")
+    err = json.loads(p.stdout)
+    assert err["exit_code"] == int(ExitCode.NOT_FOUND) and err["meaning"].startswith("no such backup")
+    assert "nosuch" in err["error"] and err["hint"] == "see `nbdbackup list`"
+    p = nbdbackup("--repo", tmp_path / "missing", "list", "--json", check=False, timeout=60)
+    err = json.loads(p.stdout)
+    assert err["exit_code"] == p.returncode != 0 and err["error"], p.stdout
+    ok = nbdbackup("--repo", repo, "list", "--json", timeout=60)       # success: the normal output only
+    assert json.loads(ok.stdout) == []
+
+
+def test_list_of_an_unknown_disk_names_the_disks_there_are(repo_with_backup):
+    # `list --disk dsik` (a typo) must not read as "this disk was never backed up" only
+    p = nbdbackup("--repo", repo_with_backup, "list", "--disk", "dsik", timeout=60)
+    assert "(no backups of disk dsik; disks with backups: disk)" in p.stderr, p.stderr
+    p = nbdbackup("--repo", repo_with_backup, "list", "--disk", "dsik", "--json", timeout=60)
+    assert p.stdout.strip() == "[]"

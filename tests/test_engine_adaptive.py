@@ -139,3 +139,29 @@ def test_compress_all_option_compresses_every_chunk(tmp_path, monkeypatch):
                 stored[name] = info.stored_bytes
     assert stored["adaptive"] >= len(data)          # raw (plus the map)
     assert stored["all"] < len(data) // 2           # every text chunk went through zstd
+
+
+def test_interrupt_after_the_commit_keeps_the_backup_and_says_so(tmp_path, capsys):
+    """A SIGTERM/Ctrl-C that lands after the index commit (while the source does its bitmap
+    bookkeeping) must not be reported as "nothing committed": the backup is there."""
+    import argparse
+
+    import pytest
+
+    from nbdbackup.cli import main as M
+
+    class LateInterrupt(NbdUriSource):
+        def committed(self, plans, infos):
+            raise KeyboardInterrupt
+
+    data = _text(8 * CS, seed=5)
+    with _served(tmp_path, data) as uri:
+        with Repository.init(str(tmp_path / "r"), chunk_size=CS) as repo:
+            with pytest.raises(KeyboardInterrupt) as ei:
+                run_backup(repo, LateInterrupt(uri, "d"), "full", BackupOptions(connections=1))
+            [info] = repo.list_backups()
+    assert ei.value.committed_backups == [info.id]
+    M._interrupted(argparse.Namespace(command="full"), ei.value)
+    err = capsys.readouterr().err
+    assert f"after backup {info.id} was committed: it is complete and usable" in err, err
+    assert "nothing half-done" not in err and "run it again" not in err, err

@@ -140,27 +140,38 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _qemu_nbd_children_mid_backup(proc, what: str) -> list[int]:
-    """The qemu-nbd children of a running `nbdbackup full`, once it is reading."""
+def _pack_files(repo) -> int:
+    """Pack files written so far, sealed or being sealed."""
+    return sum(len(files) for d in ("packs", "tmp") for _, _, files in os.walk(os.path.join(repo, d)))
+
+
+def _qemu_nbd_children_mid_backup(proc, what: str, repo) -> list[int]:
+    """The qemu-nbd children of a running `nbdbackup full`, once it has sealed its first
+    pack (a fixed sleep is too long now that a backup of this image takes well under a second)."""
     deadline = time.monotonic() + 30
     kids = []
     while not kids and time.monotonic() < deadline and proc.poll() is None:
         kids = _children(proc.pid, "qemu-nbd")
         time.sleep(0.005)
     assert kids, "qemu-nbd never started"
-    time.sleep(0.2)
+    before = _pack_files(repo)
+    while proc.poll() is None and _pack_files(repo) == before and time.monotonic() < deadline:
+        time.sleep(0.002)
     assert proc.poll() is None, f"the backup finished before it could be {what}"
     return kids
 
 
+_MID_BACKUP_DATA = 448 * MiB    # random: hundreds of milliseconds of reading left after the first 16 MiB
+
+
 def test_sigkill_mid_backup_leaves_no_server_and_loses_no_change(tmp_path):
-    img, repo, full = _setup(tmp_path, size=256 * MiB)
-    rnd = random_file(tmp_path / "r.bin", 96 * MiB, seed=3)
-    qio(img, f"write -q -s {rnd} 100M 96M")     # the change the killed run must not lose
+    img, repo, full = _setup(tmp_path, size=512 * MiB)
+    rnd = random_file(tmp_path / "r.bin", _MID_BACKUP_DATA, seed=3)
+    qio(img, f"write -q -s {rnd} 64M {_MID_BACKUP_DATA}")     # the change the killed run must not lose
     proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(repo), "full", "--image", str(img)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        kids = _qemu_nbd_children_mid_backup(proc, "killed")
+        kids = _qemu_nbd_children_mid_backup(proc, "killed", repo)
         cmdline = open(f"/proc/{kids[0]}/cmdline", "rb").read().split(b"\0")
         sockdir = os.path.dirname(cmdline[cmdline.index(b"--socket") + 1].decode())
         proc.send_signal(signal.SIGKILL)
@@ -190,13 +201,13 @@ def test_image_in_use_is_refused(tmp_path):
 
 
 def test_sigterm_mid_backup_cleans_up(tmp_path):
-    img, repo, full = _setup(tmp_path, size=256 * MiB)
-    rnd = random_file(tmp_path / "r.bin", 96 * MiB, seed=4)
-    qio(img, f"write -q -s {rnd} 100M 96M")
+    img, repo, full = _setup(tmp_path, size=512 * MiB)
+    rnd = random_file(tmp_path / "r.bin", _MID_BACKUP_DATA, seed=4)
+    qio(img, f"write -q -s {rnd} 64M {_MID_BACKUP_DATA}")
     proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(repo), "full", "--image", str(img)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        kids = _qemu_nbd_children_mid_backup(proc, "stopped")
+        kids = _qemu_nbd_children_mid_backup(proc, "stopped", repo)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -156,21 +156,34 @@ def main(argv: list[str] | None = None) -> int:
     cmdline = shlex.join(["nbdbackup", *(sys.argv[1:] if argv is None else argv)])
     log.info("run: %s", re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", cmdline), extra=FILE_ONLY)  # no DB passwords
     rc = _run_command(args)
+    if rc and getattr(args, "json", False):
+        _json_error(args, rc)
     log.info("exit %d: %s", rc, EXIT_CODE_HELP.get(rc, "?"), extra=FILE_ONLY)
     return rc
 
 
-def _say(msg: str) -> None:
-    """An error for the user: on stderr, and in the log file."""
+def _say(args, error: str, hint: str | None = None, *, prefix: str = "error", exc=None) -> None:
+    """An error for the user: on stderr, and in the log file; with --json also as a JSON
+    object on stdout, so a script that parses stdout learns what went wrong too."""
+    committed = getattr(exc, "committed_backups", None)
+    if committed:   # the failure came after the commit (source bookkeeping): the backups are good
+        error += f" (after backup {', '.join(committed)} was committed: it is complete and usable)"
+    msg = f"nbdbackup: {prefix}: {error}" if prefix else f"nbdbackup: {error}"
+    if hint:
+        msg += f"\n  hint: {hint}"
     print(msg, file=sys.stderr)
     log.error("%s", msg, extra=FILE_ONLY)
+    args._error = (error, hint)
 
 
-def _interrupted_message(args) -> str:
-    msg = "nbdbackup: interrupted; nothing half-done was committed"
-    if getattr(args, "command", None) in ("full", "incremental"):
-        msg += "\n  hint: run it again; `nbdbackup gc` reclaims the space the interrupted run already wrote"
-    return msg
+def _interrupted(args, exc) -> None:
+    hint = None
+    if getattr(exc, "committed_backups", None):
+        hint = "the next backup checks and finishes the source's bitmap bookkeeping"
+    elif getattr(args, "command", None) in ("full", "incremental"):
+        hint = "run it again; `nbdbackup gc` reclaims the space the interrupted run already wrote"
+    text = "interrupted" if getattr(exc, "committed_backups", None) else "interrupted; nothing half-done was committed"
+    _say(args, text, hint, prefix="", exc=exc)
 
 
 def _run_command(args) -> int:
@@ -179,30 +192,45 @@ def _run_command(args) -> int:
         return int(rc or 0)
     except NbdBackupError as e:
         log.debug("error details", exc_info=True)
-        _say(f"nbdbackup: error: {e.user_message()}")
+        _say(args, str(e), e.hint, exc=e)
         return int(e.exit_code)
-    except (KeyboardInterrupt, Interrupted):
-        _say(_interrupted_message(args))
+    except (KeyboardInterrupt, Interrupted) as e:
+        _interrupted(args, e)
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         return int(ExitCode.FAILURE)
     except OSError as e:
         log.debug("error details", exc_info=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _say(f"nbdbackup: error: no space left: {e}\n  hint: free space on the repository's "
-                 "file system and run the command again; committed backups are intact")
+            _say(args, f"no space left: {e}", "free space on the repository's file system and run the "
+                 "command again; committed backups are intact", exc=e)
             return int(ExitCode.NO_SPACE)
-        _say(f"nbdbackup: error: {e}")
+        _say(args, str(e), exc=e)
         return int(ExitCode.FAILURE)
     except Exception as e:  # a bug: say so briefly, details with -vv / --log-file
         if _wraps_interrupt(e):
-            _say(_interrupted_message(args))
+            _interrupted(args, e)
             return int(ExitCode.INTERRUPTED)
         log.debug("internal error", exc_info=True)
         log.error("internal error", exc_info=True, extra=FILE_ONLY)    # the traceback the hint promises
-        _say(f"nbdbackup: internal error: {type(e).__name__}: {e}\n"
-             "  hint: run again with -vv or --log-file for details, and report it")
+        _say(args, f"{type(e).__name__}: {e}", "run again with -vv or --log-file for details, and report it",
+             prefix="internal error", exc=e)
         return int(ExitCode.FAILURE)
+
+
+def _json_error(args, rc: int) -> None:
+    """A failed command's error as the JSON document of the run, unless the command
+    printed its own (verify with damage found reports, and exits 5)."""
+    from .output import json_printed, print_json
+
+    if json_printed() or getattr(args, "_error", None) is None:
+        return
+    error, hint = args._error
+
+    try:
+        print_json({"error": error, "hint": hint, "exit_code": rc, "meaning": EXIT_CODE_HELP.get(rc, "?")})
+    except (OSError, ValueError):      # stdout is gone: stderr already has it
+        pass
 
 
 def run() -> None:

@@ -13,10 +13,20 @@ FILE_ONLY = {"file_only": True}   # logging extra: for --log-file, not stderr (p
 log = logging.getLogger("nbdbackup")
 
 
+_json_printed = False
+
+
 def print_json(obj: Any) -> None:
+    global _json_printed
+    _json_printed = True
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def json_printed() -> bool:
+    """Whether this run has printed a JSON document already (one per run on stdout)."""
+    return _json_printed
 
 
 def progress_enabled(args) -> bool:

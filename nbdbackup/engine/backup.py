@@ -88,9 +88,13 @@ def run_backup(repo, source, kind: str, opts: BackupOptions) -> list[BackupResul
             source.close()
         raise
     try:
-        source.committed(plans, infos)
-    finally:
-        source.close()
+        try:
+            source.committed(plans, infos)
+        finally:
+            source.close()
+    except BaseException as e:    # an interrupt or a bookkeeping failure after the commit: say what is safe
+        e.committed_backups = [i.id for i in infos]
+        raise
     return results
 
 

@@ -27,6 +27,7 @@ def run(args) -> int:
 
     with open_repo(args) as repo:
         infos = repo.list_backups(args.disk)
+        others = sorted(repo.disks()) if args.disk and not infos else []
     if args.json:
         print_json([i.to_json() for i in infos])
         return 0
@@ -44,5 +45,9 @@ def run(args) -> int:
     out = [("  ".join(str(c).ljust(w) for c, w in zip(r, widths))).rstrip() for r in [head, *rows]]
     sys.stdout.write("\n".join(out) + "\n")
     if not infos:
-        print("(no backups)" if not args.disk else f"(no backups of disk {args.disk})", file=sys.stderr)
+        if not args.disk:
+            print("(no backups)", file=sys.stderr)
+        else:       # a typo in --disk should not look like "never backed up"
+            known = f"; disks with backups: {', '.join(others)}" if others else ""
+            print(f"(no backups of disk {args.disk}{known})", file=sys.stderr)
     return 0
