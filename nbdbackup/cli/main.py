@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(args, error: str, hint: str | None = None, *, prefix: str = "error", exc=None) -> None:
-    """An error for the user: on stderr, and in the log file; with --json also as a JSON
-    object on stdout, so a script that parses stdout learns what went wrong too."""
+    """An error for the user: on stderr and in the log file; kept on *args* for main(),
+    which with --json prints it on stdout too (a script parsing stdout learns it)."""
     committed = getattr(exc, "committed_backups", None)
     if committed:   # the failure came after the commit (source bookkeeping): the backups are good
         error += f" (after backup {', '.join(committed)} was committed: it is complete and usable)"
@@ -177,13 +177,14 @@ def _say(args, error: str, hint: str | None = None, *, prefix: str = "error", ex
 
 
 def _interrupted(args, exc) -> None:
+    if getattr(exc, "committed_backups", None):     # _say names them
+        _say(args, "interrupted", "the next backup checks and finishes the source's bitmap bookkeeping",
+             prefix="", exc=exc)
+        return
     hint = None
-    if getattr(exc, "committed_backups", None):
-        hint = "the next backup checks and finishes the source's bitmap bookkeeping"
-    elif getattr(args, "command", None) in ("full", "incremental"):
+    if getattr(args, "command", None) in ("full", "incremental"):
         hint = "run it again; `nbdbackup gc` reclaims the space the interrupted run already wrote"
-    text = "interrupted" if getattr(exc, "committed_backups", None) else "interrupted; nothing half-done was committed"
-    _say(args, text, hint, prefix="", exc=exc)
+    _say(args, "interrupted; nothing half-done was committed", hint, prefix="")
 
 
 def _run_command(args) -> int:
@@ -226,7 +227,6 @@ def _json_error(args, rc: int) -> None:
     if json_printed() or getattr(args, "_error", None) is None:
         return
     error, hint = args._error
-
     try:
         print_json({"error": error, "hint": hint, "exit_code": rc, "meaning": EXIT_CODE_HELP.get(rc, "?")})
     except (OSError, ValueError):      # stdout is gone: stderr already has it

@@ -7,9 +7,8 @@ the data straight into a reused buffer and prepares its chunks right there
 puts prepared chunks into the writer in disk order (dedup lookups are batched
 there; raw chunks are copied into the pack from the read buffer, not before).
 At most `inflight_bytes` are in flight, so memory does not depend on the disk
-size. Nothing is committed
-unless every chunk was read; the source learns the outcome (committed/failed)
-so it can advance or keep its bitmaps.
+size. Nothing is committed unless every chunk was read; the source learns the
+outcome (committed/failed) so it can advance or keep its bitmaps.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ class BackupOptions:
     reconnects: int = 2                     # pool: reconnect attempts (and resends) after a dropped connection
     retry_delay: float = 0.2                # first back-off, doubled each time
     inflight_bytes: int = 32 << 20          # bound on chunk data being read or prepared
-    adaptive: bool = True                   # store a chunk raw when the compression cores are busy (see _CoreGate)
+    adaptive: bool = True                   # compress only with CPU to spare, else store raw (see _CoreGate)
 
 
 @dataclass
@@ -211,7 +210,7 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
                 # Retries (and their back-off) run here, in order; other reads carry on meanwhile.
                 data = memoryview(_read_with_retries(pool, first * cs, length, opts, first_error=e))
                 results = [(w.prepare(data[k:k + cs]), True) for k in range(0, length, cs)]
-                buf = None      # a failed read's buffer may still be written into by the server's late reply
+                buf = None      # not reused: the pool may have resent this READ into it on another connection
             queued -= len(results)
             for k, (prepared, tried) in enumerate(results):
                 if prepared.is_zero:

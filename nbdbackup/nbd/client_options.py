@@ -81,17 +81,22 @@ def use_kernel_timeouts(sock, timeout: float) -> None:
 TIMEOUTS = (socket.timeout, BlockingIOError)   # settimeout() / kernel timeout (EAGAIN)
 
 
+def recv_some(sock, mv: memoryview, what: str, flags: int = 0) -> int:
+    """One recv into *mv*; 0 at EOF. Errors and timeouts become NbdConnectionError."""
+    try:
+        return sock.recv_into(mv, len(mv), flags) if flags else sock.recv_into(mv, len(mv))
+    except TIMEOUTS:
+        raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
+    except (OSError, ssl.SSLError) as e:
+        raise NbdConnectionError(f"connection error while reading {what}: {e}") from None
+
+
 def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) -> None:
     got, n = 0, len(mv)
     # MSG_WAITALL: one syscall (one GIL round trip) per payload instead of one per socket-buffer's worth
     flags = socket.MSG_WAITALL if isinstance(sock, socket.socket) else 0
     while got < n:
-        try:
-            k = sock.recv_into(mv[got:], n - got, flags) if flags else sock.recv_into(mv[got:], n - got)
-        except TIMEOUTS:
-            raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
-        except (OSError, ssl.SSLError) as e:
-            raise NbdConnectionError(f"connection error while reading {what}: {e}") from None
+        k = recv_some(sock, mv[got:], what, flags)
         if k == 0:
             if got or started:
                 raise TruncatedReply(f"server closed the connection in the middle of {what} "

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
 from . import proto
-from .client_options import TIMEOUTS, TruncatedReply, recv_into_exact
+from .client_options import TIMEOUTS, TruncatedReply, recv_into_exact, recv_some
 from .futures import resolve
 
 # A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).
@@ -169,12 +169,7 @@ class ReplyReader:
         while self._ahead_end - self._ahead_pos < n:
             mv = self._ahead_room()
             got = self._ahead_end - self._ahead_pos
-            try:
-                k = self.sock.recv_into(mv, len(mv))
-            except TIMEOUTS:
-                raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
-            except (OSError, ssl.SSLError) as e:
-                raise NbdConnectionError(f"connection error while reading {what}: {e}") from None
+            k = recv_some(self.sock, mv, what)
             if k == 0:
                 raise TruncatedReply(f"server closed the connection in the middle of {what} "
                                      f"(got {got} of {n} bytes): truncated reply")

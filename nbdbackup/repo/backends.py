@@ -251,7 +251,7 @@ _IOV_MAX = 1024
 
 
 def _write_all(fd: int, parts: Iterable[bytes]) -> None:
-    """Write every part, many per writev() (a pack is two parts per record)."""
+    """Write every part, up to IOV_MAX of them per writev() call."""
     pending = [memoryview(p) for p in parts if len(p)]
     while pending:
         batch = pending[:_IOV_MAX]

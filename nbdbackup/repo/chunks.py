@@ -32,7 +32,7 @@ class PreparedChunk:
     hash: bytes          # blake3 of the raw bytes (ZERO_REF for an all-zero chunk)
     raw_len: int
     compression: int     # packs.COMP_NONE / COMP_ZSTD
-    payload: bytes       # what goes into the pack (empty for a zero chunk); raw: the caller's data, not a copy
+    payload: bytes | memoryview     # what goes into the pack (empty for a zero chunk); raw: the caller's data, not a copy
 
     @property
     def is_zero(self) -> bool:

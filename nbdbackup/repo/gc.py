@@ -223,7 +223,6 @@ def _groups(sparse: list[_Pack], target: int):
 def _repack(repo, group: list[_Pack], rows: dict, live_manifests: set[bytes], dry_run: bool,
             rep: GcReport, bar) -> int:
     """Copy the live records of *group* into one new pack; switch the index; delete the old packs."""
-    backend = repo.backend
     old_bytes = sum(pk.size for pk in group)
     builder = P.PackBuilder(pool=P.BufferPool(repo.config.pack_size + (1 << 20), keep=0))
     try:

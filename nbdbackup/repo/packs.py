@@ -112,8 +112,7 @@ def anonymous_map(size: int) -> mmap.mmap:
     """Page-aligned private memory. MAP_PRIVATE: mmap's default for anonymous maps
     is shared (shmem), whose page faults cost half as much again."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    buf = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
-    return buf
+    return mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
 
 
 def _unmap(buf: mmap.mmap) -> None:
