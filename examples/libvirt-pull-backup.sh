@@ -26,10 +26,22 @@ RUN_DIR=$(mktemp -d /run/nbdbackup-XXXXXX)      # private: the socket lives here
 SOCKET=$RUN_DIR/nbd.sock
 NEW_CKPT=nbdbackup-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$STATE_DIR"
+# qemu runs as its own user (libvirt-qemu on Debian) and must create the socket and
+# the scratch file in RUN_DIR: hand the private directory to that user (root keeps access).
+QEMU_PID=$(cat "/run/libvirt/qemu/$DOMAIN.pid" 2>/dev/null || true)
+QEMU_USER=$(stat -c %U "/proc/${QEMU_PID:-self}" 2>/dev/null || echo root)
+chown "$QEMU_USER" "$RUN_DIR"
 
+STARTED=0; COMMITTED=0
 cleanup() {
     # End the pull job whatever happened: libvirt then drops the export and scratch file.
     virsh domjobabort "$DOMAIN" >/dev/null 2>&1 || true
+    # A job whose backup did not commit must not leave its checkpoint behind: deleting it
+    # merges its bitmap into the previous checkpoint's, so the next run still sees every
+    # change since the last COMMITTED backup (and bitmaps do not pile up).
+    if [ "$STARTED" = 1 ] && [ "$COMMITTED" = 0 ]; then
+        virsh checkpoint-delete "$DOMAIN" "$NEW_CKPT" >/dev/null 2>&1 || true
+    fi
     rm -rf "$RUN_DIR"
 }
 trap cleanup EXIT INT TERM
@@ -66,6 +78,7 @@ XML
 # with backup='no' / checkpoint='no' if your libvirt includes all disks by default.
 
 virsh backup-begin "$DOMAIN" --backupxml "$RUN_DIR/backup.xml" --checkpointxml "$RUN_DIR/checkpoint.xml"
+STARTED=1
 
 URI="nbd+unix:///$TARGET?socket=$SOCKET"
 if [ -n "$LAST_CKPT" ]; then
@@ -80,6 +93,7 @@ NEW_ID=$(printf '%s' "$OUT" | python3 -c 'import json,sys; print(json.load(sys.s
 
 # Only now, with the backup committed, does the new checkpoint become the base.
 echo "$NEW_CKPT $NEW_ID" >"$STATE.tmp" && mv "$STATE.tmp" "$STATE"
+COMMITTED=1
 # Older checkpoints are no longer needed as bases (their bitmaps cost guest I/O).
 if [ -n "$LAST_CKPT" ]; then
     virsh checkpoint-delete "$DOMAIN" "$LAST_CKPT" >/dev/null 2>&1 || true

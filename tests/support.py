@@ -27,6 +27,9 @@ DEBIAN_PACKAGE = {
     "nbdcopy": "libnbd-bin",
     "nbdsh": "libnbd-bin",
     "nbd-server": "nbd-server",
+    "virsh": "libvirt-clients",
+    "libvirtd": "libvirt-daemon-system",
+    "virtlogd": "libvirt-daemon-system",
 }
 
 
