@@ -24,14 +24,8 @@ STATE=$STATE_DIR/$DOMAIN-$TARGET.last           # "CHECKPOINT BACKUP_ID"
 DISK_NAME=$DOMAIN-$TARGET
 RUN_DIR=$(mktemp -d /run/nbdbackup-XXXXXX)      # private: the socket lives here
 SOCKET=$RUN_DIR/nbd.sock
-NEW_CKPT=nbdbackup-$(date -u +%Y%m%dT%H%M%SZ)
+NEW_CKPT=nbdbackup-$(date -u +%Y%m%dT%H%M%S%3NZ)-$$     # unique even for two runs in one second
 mkdir -p "$STATE_DIR"
-# qemu runs as its own user (libvirt-qemu on Debian) and must create the socket and
-# the scratch file in RUN_DIR: hand the private directory to that user (root keeps access).
-QEMU_PID=$(cat "/run/libvirt/qemu/$DOMAIN.pid" 2>/dev/null || true)
-QEMU_USER=$(stat -c %U "/proc/${QEMU_PID:-self}" 2>/dev/null || echo root)
-chown "$QEMU_USER" "$RUN_DIR"
-
 STARTED=0; COMMITTED=0
 cleanup() {
     # End the pull job whatever happened: libvirt then drops the export and scratch file.
@@ -45,6 +39,12 @@ cleanup() {
     rm -rf "$RUN_DIR"
 }
 trap cleanup EXIT INT TERM
+
+# qemu runs as its own user (libvirt-qemu on Debian) and must create the socket and
+# the scratch file in RUN_DIR: hand the private directory to that user (root keeps access).
+QEMU_PID=$(cat "/run/libvirt/qemu/$DOMAIN.pid" 2>/dev/null || true)
+QEMU_USER=$(stat -c %U "/proc/${QEMU_PID:-self}" 2>/dev/null || echo root)
+chown "$QEMU_USER" "$RUN_DIR"
 
 LAST_CKPT= ; LAST_ID=
 if [ -s "$STATE" ]; then
