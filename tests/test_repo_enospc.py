@@ -3,6 +3,7 @@
 import errno
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -13,10 +14,38 @@ from nbdbackup.repo.backends import LocalBackend
 from repohelp import CS, pseudo, read_all, write_full
 
 
+_full = threading.local()       # per thread: bytes the "disk" still takes (None: no limit)
+
+
+def _limited(real):
+    """os.write/os.pwrite as on a disk that fills up, for the calling thread only (packs
+    are sealed on several threads at once: a global swap of os.pwrite would race)."""
+    def write(fd, data, *offset):
+        left = getattr(_full, "left", None)
+        if left is None:
+            return real(fd, data, *offset)
+        if left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        k = min(left, len(data))
+        k = k - k % 4096 or k       # whole pages, as an O_DIRECT write needs
+        k = real(fd, memoryview(data)[:k], *offset)
+        _full.left = 0 if k < 4096 else left - k
+        return k
+    return write
+
+
+@pytest.fixture
+def filling(monkeypatch):
+    monkeypatch.setattr(os, "write", _limited(os.write))
+    monkeypatch.setattr(os, "pwrite", _limited(os.pwrite))
+
+
 class FillingBackend(LocalBackend):
-    """A local backend whose file system 'fills up' after *budget* more bytes of pack writes."""
+    """A local backend whose file system 'fills up' after *budget* more bytes of pack
+    writes (needs the `filling` fixture)."""
 
     budget: int | None = None
+    _lock = threading.Lock()
 
     def put(self, name, parts):
         parts = [bytes(p) for p in parts]
@@ -26,29 +55,18 @@ class FillingBackend(LocalBackend):
         return self._filling(length, lambda: super(FillingBackend, self).put_aligned(name, buf, length))
 
     def _filling(self, n, store):
-        if self.budget is not None:
-            if n > self.budget:
-                # what a real full disk does: a partial temporary file, then ENOSPC
-                left = [self.budget]
-                real = {"write": os.write, "pwrite": os.pwrite}
-
-                def limited(fn):
-                    def f(fd, data, *offset):
-                        if left[0] <= 0:
-                            raise OSError(errno.ENOSPC, "No space left on device")
-                        k = min(left[0], len(data))
-                        k = k - k % 4096 or k       # whole pages, as an O_DIRECT write needs
-                        k = real[fn](fd, memoryview(data)[:k], *offset)
-                        left[0] = 0 if k < 4096 else left[0] - k
-                        return k
-                    return f
-                os.write, os.pwrite = limited("write"), limited("pwrite")
-                try:
-                    return store()
-                finally:
-                    os.write, os.pwrite = real["write"], real["pwrite"]
-            self.budget -= n
-        return store()
+        with self._lock:
+            budget = self.budget
+            if budget is not None and n <= budget:
+                self.budget -= n
+        if budget is None or n <= budget:
+            return store()
+        # what a real full disk does: a partial temporary file, then ENOSPC
+        _full.left = budget
+        try:
+            return store()
+        finally:
+            _full.left = None
 
 
 def _check_after_enospc(repo, first, data1):
@@ -58,7 +76,7 @@ def _check_after_enospc(repo, first, data1):
     write_full(repo, "vdb", data1[:2 * CS])                        # lock released, repo usable
 
 
-def test_enospc_in_backend_aborts_cleanly(tmp_path):
+def test_enospc_in_backend_aborts_cleanly(tmp_path, filling):
     path = str(tmp_path / "r")
     Repository.init(path, chunk_size=CS, pack_size=256 * 1024).close()
     be = FillingBackend(path, os.path.join(path, "tmp"))

@@ -86,9 +86,11 @@ class BackupWriter:
         # Entries: (future, chunk hashes, {segment hash: raw}), oldest first.
         self._sealer = None
         self._inflight: deque = deque()
-        # pack buffers: one being filled, SEALS_IN_FLIGHT being written; a pack
-        # overshoots pack_size by at most one record (a raw chunk) before it is sealed
-        self._buffers = P.BufferPool(repo.config.pack_size + self.chunk_size + (1 << 16),
+        # pack buffers: one being filled, SEALS_IN_FLIGHT being written. A pack overshoots
+        # pack_size by at most one record (a raw chunk) before it is sealed, and its footer
+        # lists at most PACK_RECORDS records (pages never touched cost nothing).
+        self._buffers = P.BufferPool(repo.config.pack_size + P.HEADER_SIZE + self.chunk_size
+                                     + PACK_RECORDS * P.ENTRY_SIZE + P.TRAILER_SIZE,
                                      keep=SEALS_IN_FLIGHT + 1)
         self.stored_bytes = 0
         try:
