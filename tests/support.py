@@ -144,6 +144,43 @@ def nbdbackup_exe() -> str:
     return str(exe)
 
 
+def nbdbackup_on_a_tty(*args, timeout: float = 120) -> str:
+    """Run the CLI with stderr on a terminal (a pty of a real size: a fresh one is 0x0,
+    where tqdm draws nothing); what it wrote there. The run must succeed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = dict(os.environ)
+    env.pop("NBDBACKUP_REPO", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen([nbdbackup_exe(), *map(str, args)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=slave, env=env)
+    finally:
+        os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:          # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=timeout)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
 def nbdbackup(*args, check=True, env=None, cwd=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run the installed CLI the way a user does."""
     e = dict(os.environ)

@@ -1,13 +1,7 @@
 """full/incremental/restore output: JSON fields, summary line, quiet, progress only on a TTY."""
 
-import fcntl
 import json
-import os
-import pty
 import re
-import struct
-import subprocess
-import termios
 
 import support
 from engine_util import MiB, init_repo, make_image, nbb, qio
@@ -37,29 +31,6 @@ def test_progress_bar_on_a_tty(tmp_path):
     img = make_image(tmp_path / "tty.qcow2", 64 * MiB)
     qio(img, "write -q -P 0x1 0 32M")
     repo = init_repo(tmp_path / "repo", "64K")
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a real terminal's size
-    try:
-        env = dict(os.environ)
-        env.pop("NBDBACKUP_REPO", None)
-        p = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(repo), "full", "--image", str(img)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
-        os.close(slave)
-        slave = -1
-        out = b""
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:       # EIO: the child closed the pty
-                break
-            if not data:
-                break
-            out += data
-        assert p.wait(60) == 0
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-    text = out.decode(errors="replace")
+    text = support.nbdbackup_on_a_tty("--repo", repo, "full", "--image", img, timeout=60)
     assert "full tty" in text and re.search(r"\d+%\|", text), text     # tqdm bar with its label
     assert "full backup" in text                                      # and the summary line

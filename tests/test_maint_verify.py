@@ -9,7 +9,7 @@ import random
 
 import pytest
 from maint_support import CS, disk_data, new_repo, pack_files, write_backup
-from support import nbdbackup
+from support import nbdbackup, nbdbackup_on_a_tty
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
@@ -177,48 +177,14 @@ def test_refs_and_usage_errors(repo_path):
     assert p.returncode == 2 and "no repository" in p.stderr
 
 
-def _stderr_on_a_tty(*args) -> str:
-    import fcntl
-    import pty
-    import struct
-    import subprocess
-    import termios
-
-    from support import nbdbackup_exe
-
-    master, slave = pty.openpty()
-    # a real terminal has a size; a fresh pty is 0x0, where tqdm draws nothing
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([nbdbackup_exe(), *map(str, args)], stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:          # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        proc.wait(timeout=120)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
-    return b"".join(chunks).decode(errors="replace")
-
-
 def test_progress_bar_only_on_a_tty(repo_path):
-    err = _stderr_on_a_tty("verify", "--repo", repo_path)
+    err = nbdbackup_on_a_tty("verify", "--repo", repo_path)
     assert "verify:" in err and "%|" in err and "all intact" in err
-    quiet = _stderr_on_a_tty("verify", "--repo", repo_path, "--quiet")
+    quiet = nbdbackup_on_a_tty("verify", "--repo", repo_path, "--quiet")
     assert "%|" not in quiet and quiet.strip() == ""
     p = nbdbackup("verify", "--repo", repo_path)          # not a TTY: summary only
     assert "%|" not in p.stderr and "all intact" in p.stderr
-    err = _stderr_on_a_tty("gc", "--repo", repo_path)
+    err = nbdbackup_on_a_tty("gc", "--repo", repo_path)
     assert "gc: mark" in err and "gc: reclaimed" in err
 
 
