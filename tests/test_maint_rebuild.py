@@ -77,7 +77,9 @@ def test_damaged_pack_footer_is_salvaged_from_record_headers(repo_with_backups):
     for pack in pack_files(path):                         # break every footer checksum
         with open(pack, "r+b") as f:
             f.seek(-P.TRAILER_SIZE - 5, os.SEEK_END)
-            f.write(b"\xff")
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 0xFF]))       # flipped: writing 0xff was a no-op where the byte was 0xff
     out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
     assert len(out["packs_salvaged"]) == len(pack_files(path))
     _check_recovered(path, expect, listing)
