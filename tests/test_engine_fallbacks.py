@@ -133,9 +133,13 @@ def _children(pid: int, name: str) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Running, or a zombie leader whose other threads are still exiting (they may still
+    hold the image's lock: a process's files are closed when its last thread exits)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            if f.read().split(")")[-1].split()[0] != "Z":
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         return False
 
