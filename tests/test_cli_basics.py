@@ -108,3 +108,31 @@ def test_interrupt_wrapped_by_python_is_still_an_interrupt(monkeypatch, capsys):
     monkeypatch.setattr(list_cmd, "run", plain_bug)
     assert cli_main.main(["list", "--repo", "/nonexistent"]) == ExitCode.FAILURE
     assert "internal error" in capsys.readouterr().err
+
+
+def _readme_setup_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.+?)\n```", section, re.S)
+
+
+def test_readme_has_two_setup_commands_that_need_no_sudo():
+    install, tests = _readme_setup_commands()
+    assert not install.lstrip().startswith("sudo"), "a root-only Debian 12 has no sudo"
+    assert "$S apt-get install" in install and install.startswith("S=$(command -v sudo);")
+    assert tests == ".venv/bin/pytest -q tests"
+    # what .ci/run installs, the README's command installs too
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_pkgs = set(re.search(r"apt-get install -y --no-install-recommends \\\n(.+?)\n\n", ci, re.S)
+                  .group(1).replace("\\", " ").split())
+    readme_pkgs = set(install.split("apt-get install -y", 1)[1].split("&&", 1)[0].split())
+    assert ci_pkgs <= readme_pkgs, f"README's install misses {sorted(ci_pkgs - readme_pkgs)}"
+    assert f".venv/bin/pytest -q tests" in ci
+
+
+def test_readme_install_prefix_runs_without_sudo(tmp_path):
+    # the prefix as a root-only machine runs it: no sudo anywhere on PATH
+    install = _readme_setup_commands()[0]
+    prefix = install.split(";", 1)[0]
+    p = run(["/bin/bash", "-c", f'{prefix}; printf "[%s]" "$S"'], env={"PATH": str(tmp_path)})
+    assert p.stdout == "[]"
