@@ -204,6 +204,13 @@ class Handshake:
             # Stop reading before the ACK: the client's ClientHello must reach
             # the TLS layer, not our plain-text buffer.
             self.writer.transport.pause_reading()
+            if self._buffered_plaintext():
+                # CVE-2021-3716 (nbdkit): bytes that came with STARTTLS would be read as
+                # if they had arrived inside the TLS session. A client must wait for our
+                # ACK, so this is an injection (or a broken client): hang up.
+                log.warning("client sent plaintext data after STARTTLS (%d bytes) before our reply: "
+                            "closing the connection (a possible injection)", self._buffered_plaintext())
+                raise Disconnect("plaintext data after STARTTLS")
             await self._reply(opt, proto.REP_ACK)
             try:
                 await self.writer.start_tls(self.tls_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
@@ -211,6 +218,10 @@ class Handshake:
                 raise Disconnect(f"TLS handshake failed: {e}") from None
             # The spec: state negotiated before STARTTLS does not carry over.
             self.s = Session(tls=True, no_zeroes=self.s.no_zeroes)
+
+    def _buffered_plaintext(self) -> int:
+        """Bytes the stream has read from the socket that no _read() consumed yet."""
+        return len(self.reader._buffer)    # asyncio keeps no public accessor for it
 
     def _parse_meta(self, data: bytes) -> tuple[str, list[str]] | None:
         try:
