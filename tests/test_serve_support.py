@@ -104,17 +104,22 @@ class Served:
 @contextlib.contextmanager
 def serve(repo_path: Path, tmp: Path, *args: str, sock: str | None = None, port: int | None = None,
           expect_rc: int | None = 0, env: dict | None = None, listen: str | None = None):
-    """Run the installed `nbdbackup serve`; stop it with SIGTERM and check it exited cleanly."""
+    """Run the installed `nbdbackup serve`; stop it with SIGTERM and check it exited cleanly.
+
+    listen="" passes no --listen at all (the default socket, which *sock* must then name).
+    TCP (port=) needs TLS arguments or "--insecure-tcp" in *args*."""
     if port is None and sock is None:
         sock = str(tmp / f"nbd-{os.getpid()}-{time.monotonic_ns()}.sock")
-    listen = listen or (f"unix:{sock}" if sock else f"127.0.0.1:{port}")
+    if listen is None:
+        listen = f"unix:{sock}" if sock else f"127.0.0.1:{port}"
+    listen_args = ["--listen", listen] if listen else []
     errp = tmp / f"serve-{time.monotonic_ns()}.log"
     errf = open(errp, "w")
     e = dict(os.environ)
     e.pop("NBDBACKUP_REPO", None)
     e.update(env or {})
     proc = subprocess.Popen([support.nbdbackup_exe(), "-v", "serve", "--repo", str(repo_path),
-                             "--listen", listen, *args], stdout=subprocess.PIPE, stderr=errf, env=e, text=True)
+                             *listen_args, *args], stdout=subprocess.PIPE, stderr=errf, env=e, text=True)
     s = Served(proc, sock, port, errp)
     try:
         deadline = time.monotonic() + 20

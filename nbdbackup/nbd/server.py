@@ -25,6 +25,7 @@ from . import proto
 from .overlay import Overlay
 from .server_conn import Connection
 from .server_handshake import Disconnect, Handshake
+from .server_socket import SocketAccess, apply_socket_access, set_private_dir_access
 from .server_view import ExportCatalog, ExportView
 
 log = logging.getLogger("nbdbackup.server")
@@ -118,26 +119,36 @@ _LISTEN_HINTS = {
 }
 
 
-def listen_unix(path: str) -> socket.socket:
+def listen_unix(path: str, access: SocketAccess = SocketAccess()) -> socket.socket:
     """A listening unix socket that appears at *path* only once it accepts
-    connections (bind + listen under a temporary name, then rename), so a
-    client polling for the path never gets ECONNREFUSED."""
+    connections and has its final group and mode (bind + listen under a
+    temporary name, then rename), so a client polling for the path never gets
+    ECONNREFUSED, and nobody can connect in a window before the chmod."""
     tmp = f"{path}.{os.getpid()}~"
+    bound = None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        old_umask = os.umask(0o177)      # born 0600: never wider than asked, even for a moment
         try:
-            sock.bind(tmp)
-        except OSError:          # e.g. the longer name exceeds the sun_path limit
-            sock.bind(path)
-            tmp = None
+            try:
+                sock.bind(tmp)
+                bound = tmp
+            except OSError:          # e.g. the longer name exceeds the sun_path limit
+                sock.bind(path)
+                bound = path
+        finally:
+            os.umask(old_umask)
+        apply_socket_access(bound, access, path)
         sock.listen(128)
-        if tmp:
+        if bound == tmp:
             os.rename(tmp, path)
-    except OSError as e:
+    except (OSError, UsageError) as e:
         sock.close()
-        if tmp:
+        if bound:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(bound)
+        if isinstance(e, UsageError):
+            raise
         raise UsageError(f"cannot listen on unix:{path}: {e.strerror or e}") from None
     sock.setblocking(False)
     return sock
@@ -239,10 +250,15 @@ class NbdServer:
         return f
 
     # --- listening ------------------------------------------------------------------
-    async def start(self, addr: ListenAddress) -> None:
+    async def start(self, addr: ListenAddress, access: SocketAccess = SocketAccess(),
+                    private_dir: str | None = None) -> None:
+        """Listen on *addr*; a unix socket gets *access*, and *private_dir* (the default
+        socket's directory, ours) the search permission that access needs."""
         if addr.unix:
-            clear_stale_socket(addr.unix)
-            sock = listen_unix(addr.unix)
+            clear_stale_socket(addr.unix)       # a live server there: exit 3 before touching anything
+            if private_dir:
+                set_private_dir_access(private_dir, access)
+            sock = listen_unix(addr.unix, access)
             self.unix_paths.append(addr.unix)
             srv = await asyncio.start_unix_server(self._on_client, sock=sock, limit=1 << 20)
         else:
