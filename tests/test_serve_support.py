@@ -143,6 +143,61 @@ def serve(repo_path: Path, tmp: Path, *args: str, sock: str | None = None, port:
             assert not os.path.exists(sock), "the socket file was left behind"
 
 
+class InProcessServer:
+    """The NbdServer class itself, on a unix socket, its loop in a thread of its own: for
+    tests that inject bounds (short timeouts) the command line does not offer."""
+
+    port = None
+
+    def __init__(self, sock: str, server, loop):
+        self.sock = sock
+        self.server = server
+        self.loop = loop
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+
+@contextlib.contextmanager
+def serve_in_process(repo_path: Path, tmp: Path, **server_kwargs):
+    import asyncio
+    import threading
+
+    from nbdbackup.engine.exports import ChunkCache, RepoCatalog
+    from nbdbackup.nbd.server import ListenAddress, NbdServer
+    from nbdbackup.repo import Repository
+
+    repo = Repository.open(str(repo_path))
+    sock = str(tmp / f"inproc-{time.monotonic_ns()}.sock")
+    server = NbdServer(RepoCatalog(repo, ChunkCache(16 << 20)), **server_kwargs)
+    loop = asyncio.new_event_loop()
+    started, failed = threading.Event(), []
+
+    def run():
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start(ListenAddress(unix=sock)))
+        except BaseException as e:   # noqa: BLE001 - reported to the test
+            failed.append(e)
+            return
+        finally:
+            started.set()
+        loop.run_forever()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        assert started.wait(20) and not failed, failed
+        yield InProcessServer(sock, server, loop)
+    finally:
+        if not failed:
+            asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(30)
+            loop.call_soon_threadsafe(loop.stop)
+        th.join(10)
+        loop.close()
+        repo.close()
+
+
 # --- a raw client ----------------------------------------------------------------
 class NbdReply:
     def __init__(self, error: int, data: bytes = b"", chunks=None):

@@ -24,7 +24,7 @@ from ..errors import LockedError, UsageError
 from . import proto
 from .overlay import Overlay
 from .server_conn import Connection
-from .server_handshake import Disconnect, Handshake
+from .server_handshake import Disconnect, Handshake, HandshakeLimits
 from .server_socket import SocketAccess, apply_socket_access, set_private_dir_access
 from .server_view import ExportCatalog, ExportView
 
@@ -157,13 +157,19 @@ def listen_unix(path: str, access: SocketAccess = SocketAccess()) -> socket.sock
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, writable: bool = False, overlay_dir: str | None = None,
                  tls: ssl.SSLContext | None = None, workers: int = 4, max_block: int = MAX_BLOCK,
-                 max_clients: int = 1000):
+                 max_clients: int = 1000, max_handshakes: int = 64,
+                 handshake_limits: HandshakeLimits = HandshakeLimits()):
         self.catalog = catalog
         self.writable = writable
         self.overlay_dir = overlay_dir
         self.tls = tls
         self.max_block = max_block
         self.max_clients = max_clients
+        # Connections still negotiating have their own, smaller bound: silent or
+        # slow clients cannot take every --max-connections slot.
+        self.max_handshakes = max_handshakes
+        self.handshake_limits = handshake_limits
+        self.handshaking = 0
         self.block_sizes = (1, PREFERRED_BLOCK, max_block)
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="nbd-chunks")
         self.index_pool = ThreadPoolExecutor(1, thread_name_prefix="nbd-index")
@@ -287,6 +293,7 @@ class NbdServer:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         view = None
+        handshake = None
         try:
             if self.stopping:
                 return
@@ -295,7 +302,16 @@ class NbdServer:
                 log.warning("client %s refused: %d connections already (--max-connections)",
                             peer, self.max_clients)
                 return
-            session = await Handshake(self, reader, writer, self.tls).run()
+            if self.handshaking >= self.max_handshakes:
+                log.warning("client %s refused: %d connections still in the handshake (--max-handshakes)",
+                            peer, self.max_handshakes)
+                return
+            self.handshaking += 1
+            try:
+                handshake = Handshake(self, reader, writer, self.tls, self.handshake_limits)
+                session = await handshake.run()
+            finally:
+                self.handshaking -= 1
             view = session.view
             log.info("client %s: export %r (%s)", peer, session.name, view.key)
             await Connection(reader, writer, session, self.max_block).serve()
@@ -308,6 +324,8 @@ class NbdServer:
         except Exception:   # a bug: drop this client, keep serving the others
             log.exception("client %s: internal error", peer)
         finally:
+            if view is None and handshake is not None:
+                view = handshake.s.view     # bound by EXPORT_NAME, then the reply failed
             if view is not None:
                 self.release_view(view)
             writer.close()      # sends what is buffered (whole replies), then closes

@@ -48,6 +48,9 @@ def add_arguments(p) -> None:
                    help="threads reading and decompressing chunks (default 4)")
     p.add_argument("--max-connections", type=int, default=1000, metavar="N",
                    help="clients served at once; more are turned away (default 1000)")
+    p.add_argument("--max-handshakes", type=int, default=64, metavar="N",
+                   help="clients still negotiating at once (each has 60 s in all); more are turned away "
+                        "(default 64)")
     g = p.add_argument_group("TLS (X.509)")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate; turns TLS on and requires it")
     g.add_argument("--tls-key", metavar="PEM", help="its private key (default: inside --tls-cert)")
@@ -104,6 +107,8 @@ def run(args) -> int:
         addr = ListenAddress(unix=os.path.join(private_dir, DEFAULT_SOCKET_NAME))
     if args.workers < 1 or args.max_connections < 1:
         raise UsageError("--workers and --max-connections must be at least 1")
+    if args.max_handshakes < 1:
+        raise UsageError("--max-handshakes must be at least 1")
     if (args.tls_key or args.tls_ca) and not args.tls_cert:
         raise UsageError("--tls-key/--tls-ca need --tls-cert")
     if not addr.unix and (args.socket_mode is not None or args.socket_group):
@@ -148,7 +153,8 @@ def run(args) -> int:
         cache = ChunkCache(args.cache_size)
         catalog = RepoCatalog(repo, cache)
         server = NbdServer(catalog, writable=args.writable, overlay_dir=overlay_dir, tls=tls,
-                           workers=args.workers, max_clients=args.max_connections)
+                           workers=args.workers, max_clients=args.max_connections,
+                           max_handshakes=args.max_handshakes)
 
         async def main() -> None:
             stop = asyncio.Event()
