@@ -121,7 +121,8 @@ def test_socket_group_and_mode_let_others_in_on_purpose(repo, tmp_path):
         assert other_user_can_list(DEFAULT_SOCK)
     # The next default run takes the access back: the directory is private again.
     with serve(path, tmp_path, sock=DEFAULT_SOCK, listen=""):
-        assert stat.S_IMODE(os.lstat(DEFAULT_DIR).st_mode) == 0o700
+        dst = os.lstat(DEFAULT_DIR)
+        assert stat.S_IMODE(dst.st_mode) == 0o700 and dst.st_gid == os.getegid()
         assert not other_user_can_connect(DEFAULT_SOCK)
 
 

@@ -112,16 +112,17 @@ def check_private_dir(path: str) -> None:
 
 
 def set_private_dir_access(path: str, access: SocketAccess) -> None:
-    """0700, plus search (x) for the group or for others when the socket lets them in."""
+    """0700, plus search (x) for the group or for others when the socket lets them in;
+    the group is the socket's (ours unless --socket-group), so an earlier run's grant
+    does not linger."""
     fd = _open_private_dir(path)
     try:
         mode = 0o700
         if access.group_can_connect:
             mode |= 0o010
-            if access.gid is not None:
-                _chown(fd, access.gid, path, access)
         if access.others_can_connect:
             mode |= 0o001
+        _chown(fd, access.gid if access.gid is not None else os.getegid(), path, access)
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
