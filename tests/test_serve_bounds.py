@@ -139,3 +139,25 @@ def test_max_handshakes_option(repo, tmp_path):
                 assert c.is_closed(timeout=5)
             assert wait_until(lambda: "--max-handshakes" in s.log())
         assert wait_until(lambda: healthy(s, data))
+
+
+def test_silent_clients_never_hold_every_connection_slot(repo, tmp_path, caplog):
+    """By default at most half of --max-connections may be negotiating."""
+    path, data = repo
+    caplog.set_level(logging.INFO, logger="nbdbackup.server")
+    with serve_in_process(path, tmp_path, max_clients=4) as s:
+        assert s.server.max_handshakes == 2
+        with RawClient(s) as connected:
+            connected.greet()
+            connected.go("vm1")
+            silent = [RawClient(s), RawClient(s)]
+            for c in silent:
+                c.recv(18)
+            with RawClient(s) as c:
+                assert c.is_closed(timeout=5)
+            assert "still in the handshake (--max-handshakes)" in caplog.text
+            for c in silent:            # they leave: a negotiating client is welcome again
+                c.close()
+            assert wait_until(lambda: s.server.handshaking == 0)
+            assert healthy(s, data)      # a fourth connection, while `connected` stays
+            assert connected.read(0, 4096) == data[:4096]

@@ -123,6 +123,7 @@ def test_starttls_plaintext_injection_closes_the_connection(pki, repo, tmp_path)
     injected = proto.OPTION_REQUEST.pack(proto.IHAVEOPT, proto.OPT_STRUCTURED_REPLY, 0)
     port = support.free_port()
     with serve(path, tmp_path, *_tls_args(d, with_ca=False), port=port) as s:
+        assert "TLS without --tls-ca" in s.log()        # TCP, no client certificates: said at start
         # Control: STARTTLS alone is accepted and the session works.
         with RawClient(s) as c:
             c.greet()

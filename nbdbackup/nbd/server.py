@@ -34,6 +34,7 @@ MAX_BLOCK = 32 * 1024 * 1024
 PREFERRED_BLOCK = 4096
 SHUTDOWN_GRACE = 10.0
 SEND_BUFFER = 4 << 20
+DEFAULT_MAX_HANDSHAKES = 64     # or half of max_clients when that is smaller
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def listen_unix(path: str, access: SocketAccess = SocketAccess()) -> socket.sock
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, writable: bool = False, overlay_dir: str | None = None,
                  tls: ssl.SSLContext | None = None, workers: int = 4, max_block: int = MAX_BLOCK,
-                 max_clients: int = 1000, max_handshakes: int = 64,
+                 max_clients: int = 1000, max_handshakes: int | None = None,
                  handshake_limits: HandshakeLimits = HandshakeLimits()):
         self.catalog = catalog
         self.writable = writable
@@ -167,6 +168,8 @@ class NbdServer:
         self.max_clients = max_clients
         # Connections still negotiating have their own, smaller bound: silent or
         # slow clients cannot take every --max-connections slot.
+        if max_handshakes is None:
+            max_handshakes = min(DEFAULT_MAX_HANDSHAKES, max(1, max_clients // 2))
         self.max_handshakes = max_handshakes
         self.handshake_limits = handshake_limits
         self.handshaking = 0

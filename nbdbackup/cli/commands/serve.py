@@ -48,9 +48,9 @@ def add_arguments(p) -> None:
                    help="threads reading and decompressing chunks (default 4)")
     p.add_argument("--max-connections", type=int, default=1000, metavar="N",
                    help="clients served at once; more are turned away (default 1000)")
-    p.add_argument("--max-handshakes", type=int, default=64, metavar="N",
+    p.add_argument("--max-handshakes", type=int, metavar="N",
                    help="clients still negotiating at once (each has 60 s in all); more are turned away "
-                        "(default 64)")
+                        "(default 64, or half of --max-connections when that is less)")
     g = p.add_argument_group("TLS (X.509)")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate; turns TLS on and requires it")
     g.add_argument("--tls-key", metavar="PEM", help="its private key (default: inside --tls-cert)")
@@ -107,7 +107,7 @@ def run(args) -> int:
         addr = ListenAddress(unix=os.path.join(private_dir, DEFAULT_SOCKET_NAME))
     if args.workers < 1 or args.max_connections < 1:
         raise UsageError("--workers and --max-connections must be at least 1")
-    if args.max_handshakes < 1:
+    if args.max_handshakes is not None and args.max_handshakes < 1:
         raise UsageError("--max-handshakes must be at least 1")
     if (args.tls_key or args.tls_ca) and not args.tls_cert:
         raise UsageError("--tls-key/--tls-ca need --tls-cert")
