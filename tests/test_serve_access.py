@@ -181,6 +181,14 @@ def test_private_directory_that_is_not_ours_is_refused(tmp_path):
     fresh = tmp_path / "fresh"
     server_socket.check_private_dir(str(fresh))
     assert stat.S_IMODE(os.lstat(fresh).st_mode) == 0o700
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    server_socket.check_private_dir(str(open_to_all))     # ours, but nobody else may write in it
+    assert stat.S_IMODE(os.lstat(open_to_all).st_mode) == 0o755
+    with pytest.raises(UsageError, match="cannot use") as ei:
+        server_socket.check_private_dir(str(tmp_path / "no" / "parent"))
+    assert "--listen unix:PATH" in ei.value.hint
 
 
 def test_runtime_directory_for_each_kind_of_user():

@@ -92,18 +92,21 @@ def runtime_dir() -> str:
 
 def _open_private_dir(path: str) -> int:
     """An fd on *path*, a real directory (not a symlink) owned by us; made 0700 if missing."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
     hint = "remove it (nothing but our socket belongs there), or choose a socket with --listen unix:PATH"
     try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as e:
-        raise UsageError(f"cannot use {path} for the server's socket: {e.strerror}", hint=hint) from None
+        raise UsageError(f"cannot use {path} for the server's socket: {e.strerror}",
+                         hint="choose a socket with --listen unix:PATH") from None
     st = os.fstat(fd)
     if st.st_uid != os.geteuid():
         os.close(fd)
         raise UsageError(f"{path} belongs to uid {st.st_uid}, not to us: another user could "
                          "reach or replace the socket", hint=hint)
+    if st.st_mode & 0o022:      # nobody else may add or replace names in it
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o022)
     return fd
 
 
@@ -132,7 +135,7 @@ def _chown(target, gid: int, path: str, access: SocketAccess) -> None:
     try:
         os.chown(target, -1, gid)
     except OSError as e:
-        raise UsageError(f"cannot give {path} to group {access.group_name}: {e.strerror}",
+        raise UsageError(f"cannot give {path} to group {access.group_name or gid}: {e.strerror}",
                          hint="only root or a member of that group can; choose one of your groups") from None
 
 
