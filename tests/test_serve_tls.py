@@ -132,11 +132,13 @@ def test_starttls_plaintext_injection_closes_the_connection(pki, repo, tmp_path)
             assert c.option(proto.OPT_STRUCTURED_REPLY)[-1][0] == proto.REP_ACK
             c.go("vm1", structured=False)
             assert len(c.read(0, 4096)) == 4096
-        # STARTTLS + STRUCTURED_REPLY in one segment: no ACK, the connection is closed.
-        with RawClient(s) as c:
-            c.greet()
-            c.s.sendall(starttls + injected)
-            assert c.is_closed(), "the server answered STARTTLS with plaintext data queued behind it"
+        # STARTTLS + STRUCTURED_REPLY (or GO) in one segment: no ACK, the connection is closed.
+        go = struct.pack(">I", 3) + b"vm1" + struct.pack(">H", 0)
+        for queued in (injected, proto.OPTION_REQUEST.pack(proto.IHAVEOPT, proto.OPT_GO, len(go)) + go):
+            with RawClient(s) as c:
+                c.greet()
+                c.s.sendall(starttls + queued)
+                assert c.is_closed(), "the server answered STARTTLS with plaintext data queued behind it"
         assert wait_until(lambda: "plaintext data after STARTTLS" in s.log())
         # Plaintext arriving after STARTTLS but before our ACK is read goes to the TLS
         # layer (the server stopped reading plaintext), where it breaks the handshake.
