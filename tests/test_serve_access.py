@@ -7,7 +7,6 @@ Checked with a real other user (runuser -u nobody) and real clients (nbdinfo, nb
 from __future__ import annotations
 
 import grp
-import json
 import os
 import stat
 import subprocess
@@ -89,7 +88,7 @@ def test_default_serve_is_for_its_owner_only(repo, tmp_path):
         assert not socket_inodes(s.proc.pid) & tcp_listening_inodes(), "the default serve listens on TCP"
         # The start-up report names the socket (stderr banner and --json).
         assert f"listening on unix:{DEFAULT_SOCK}" in s.log() and "mode 0600" in s.log()
-        doc = json.loads("".join(iter(s.proc.stdout.readline, "}\n")) + "}")
+        doc = s.json_report()
         assert doc["socket"] == DEFAULT_SOCK and doc["socket_mode"] == "0600" and doc["socket_group"] is None
         # root (the owner) is served; the other user can neither list nor even connect.
         assert "vm1" in support.run([nbdinfo, "--list", f"nbd+unix:///?socket={DEFAULT_SOCK}"]).stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -88,14 +87,7 @@ def test_tcp_listen_and_banner(repo, tmp_path):
 def test_json_start_report(repo, tmp_path):
     path, _ = repo
     with serve(path, tmp_path, "--json") as s:
-        text = ""
-        while True:                       # one JSON document, pretty-printed
-            line = s.proc.stdout.readline()
-            assert line, "no JSON on stdout"
-            text += line
-            if line.startswith("}"):
-                break
-        doc = json.loads(text)
+        doc = s.json_report()
         assert doc["listen"] == f"unix:{s.sock}" and doc["writable"] is False and doc["tls"] is False
         assert {e["name"] for e in doc["exports"]} >= {"vm1"}
 

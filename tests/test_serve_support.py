@@ -91,6 +91,18 @@ class Served:
     def log(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def json_report(self) -> dict:
+        """The --json start-up report: one pretty-printed JSON document on stdout."""
+        import json
+
+        text = ""
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, f"no JSON on stdout: {self.log()}"
+            text += line
+            if line.startswith("}"):
+                return json.loads(text)
+
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
