@@ -192,17 +192,25 @@ def test_private_directory_that_is_not_ours_is_refused(tmp_path):
 
 def test_runtime_directory_for_each_kind_of_user():
     """Non-root: $XDG_RUNTIME_DIR when it is ours, else a per-uid directory in the temp dir
-    (asked as the real other user, with the system python and this source tree)."""
+    (asked as the real other user, with the system python and a copy of this source tree)."""
     import shutil
     import tempfile
 
     import nbdbackup
 
     assert server_socket.runtime_dir() == DEFAULT_DIR         # root
-    src = os.path.dirname(os.path.dirname(nbdbackup.__file__))
     base = tempfile.mkdtemp(prefix="nbdb-rt-", dir="/tmp")    # reachable by the other user
     try:
         os.chmod(base, 0o1777)                               # like /tmp
+        # a copy of the source the other user can read, wherever the checkout lives (a CI
+        # clone may sit under root's private home)
+        src = os.path.join(base, "src")
+        shutil.copytree(os.path.dirname(nbdbackup.__file__), os.path.join(src, "nbdbackup"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, _dirs, files in os.walk(src):
+            os.chmod(dirpath, 0o755)
+            for f in files:
+                os.chmod(os.path.join(dirpath, f), 0o644)
         xdg = os.path.join(base, "xdg")
         os.mkdir(xdg, 0o700)
         ask = "from nbdbackup.nbd.server_socket import runtime_dir; print(runtime_dir())"
