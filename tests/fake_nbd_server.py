@@ -101,9 +101,11 @@ class FakeServer:
     def reply(conn, opt: int, rtype: int, data: bytes = b"") -> None:
         conn.sendall(proto.OPTION_REPLY.pack(proto.OPTION_REPLY_MAGIC, opt, rtype, len(data)) + data)
 
-    def negotiate(self, conn, *, structured: bool = True, go: bool = True) -> dict[int, str]:
-        """Answer options honestly until GO / EXPORT_NAME; returns {context id: name} set."""
-        self.greet(conn)
+    def negotiate(self, conn, *, structured: bool = True, go: bool = True, greet: bool = True) -> dict[int, str]:
+        """Answer options honestly until GO / EXPORT_NAME; returns {context id: name} set.
+        greet=False: the greeting is done already (e.g. we are inside TLS now)."""
+        if greet:
+            self.greet(conn)
         contexts: dict[int, str] = {}
         sr = False
         while True:

@@ -120,7 +120,8 @@ def test_serve_on_a_port_in_use_says_what_to_do(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = nbdbackup("--repo", tmp_path / "r", "serve", "--listen", f"127.0.0.1:{port}", check=False, timeout=60)
+        p = nbdbackup("--repo", tmp_path / "r", "serve", "--listen", f"127.0.0.1:{port}", "--insecure-tcp",
+                      check=False, timeout=60)
     assert_clean_error(p, ExitCode.USAGE, f"cannot listen on 127.0.0.1:{port}", "already in use",
                        "choose another --listen")
 

@@ -171,3 +171,48 @@ def test_tls_concurrent_writers_and_reader(tmp_path, pki):
             with ThreadPoolExecutor(4) as ex:
                 got = list(ex.map(work, range(4)))
             assert got == blobs
+
+
+@pytest.mark.parametrize("when", ["with-the-ack", "after-the-ack", "none"])
+def test_plaintext_behind_the_starttls_ack_is_never_a_reply(tmp_path, pki, when):
+    """The client side of CVE-2021-3716: a server (or a man in the middle) that sends
+    plaintext option replies behind its STARTTLS ACK, before the TLS handshake, must
+    not have them taken as replies: the handshake fails instead."""
+    import ssl
+    import time
+
+    from fake_nbd_server import FakeServer
+
+    srv_dir, cli, _ = pki
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(srv_dir / "server-cert.pem"), str(srv_dir / "server-key.pem"))
+    # What a forger would want the client to believe: structured replies and a GO answered.
+    forged = b"".join(proto.OPTION_REPLY.pack(proto.OPTION_REPLY_MAGIC, opt, proto.REP_ACK, 0)
+                      for opt in (proto.OPT_STRUCTURED_REPLY, proto.OPT_GO))
+
+    def handler(conn, srv):
+        srv.greet(conn)
+        opt, _ = srv.read_option(conn)
+        assert opt == proto.OPT_STARTTLS
+        ack = proto.OPTION_REPLY.pack(proto.OPTION_REPLY_MAGIC, opt, proto.REP_ACK, 0)
+        if when == "with-the-ack":
+            conn.sendall(ack + forged)           # one segment
+        else:
+            conn.sendall(ack)
+            if when == "after-the-ack":
+                time.sleep(0.2)
+                conn.sendall(forged)
+        tls = ctx.wrap_socket(conn, server_side=True)
+        srv.negotiate(tls, greet=False)
+        srv.wait_disc(tls)
+
+    with FakeServer(tmp_path / "s", handler) as srv:
+        uri = srv.uri.replace("nbd+unix", "nbds+unix") + f"&tls-certificates={cli}&tls-hostname=localhost"
+        if when == "none":         # control: the fake TLS server itself is honest and works
+            with Client.connect(uri, timeout=10) as c:
+                assert c.size == srv.size
+            assert srv.options_seen[0] == proto.OPT_STARTTLS and proto.OPT_GO in srv.options_seen
+        else:
+            with pytest.raises(NbdConnectionError, match="TLS handshake failed"):
+                Client.connect(uri, timeout=10)
+            assert srv.options_seen == [proto.OPT_STARTTLS]     # nothing negotiated after it

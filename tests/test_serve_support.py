@@ -91,6 +91,18 @@ class Served:
     def log(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def json_report(self) -> dict:
+        """The --json start-up report: one pretty-printed JSON document on stdout."""
+        import json
+
+        text = ""
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, f"no JSON on stdout: {self.log()}"
+            text += line
+            if line.startswith("}"):
+                return json.loads(text)
+
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
@@ -104,17 +116,22 @@ class Served:
 @contextlib.contextmanager
 def serve(repo_path: Path, tmp: Path, *args: str, sock: str | None = None, port: int | None = None,
           expect_rc: int | None = 0, env: dict | None = None, listen: str | None = None):
-    """Run the installed `nbdbackup serve`; stop it with SIGTERM and check it exited cleanly."""
+    """Run the installed `nbdbackup serve`; stop it with SIGTERM and check it exited cleanly.
+
+    listen="" passes no --listen at all (the default socket, which *sock* must then name).
+    TCP (port=) needs TLS arguments or "--insecure-tcp" in *args*."""
     if port is None and sock is None:
         sock = str(tmp / f"nbd-{os.getpid()}-{time.monotonic_ns()}.sock")
-    listen = listen or (f"unix:{sock}" if sock else f"127.0.0.1:{port}")
+    if listen is None:
+        listen = f"unix:{sock}" if sock else f"127.0.0.1:{port}"
+    listen_args = ["--listen", listen] if listen else []
     errp = tmp / f"serve-{time.monotonic_ns()}.log"
     errf = open(errp, "w")
     e = dict(os.environ)
     e.pop("NBDBACKUP_REPO", None)
     e.update(env or {})
     proc = subprocess.Popen([support.nbdbackup_exe(), "-v", "serve", "--repo", str(repo_path),
-                             "--listen", listen, *args], stdout=subprocess.PIPE, stderr=errf, env=e, text=True)
+                             *listen_args, *args], stdout=subprocess.PIPE, stderr=errf, env=e, text=True)
     s = Served(proc, sock, port, errp)
     try:
         deadline = time.monotonic() + 20
@@ -136,6 +153,61 @@ def serve(repo_path: Path, tmp: Path, *args: str, sock: str | None = None, port:
         assert proc.returncode == expect_rc, f"serve exited with {proc.returncode}: {s.log()}"
         if sock:
             assert not os.path.exists(sock), "the socket file was left behind"
+
+
+class InProcessServer:
+    """The NbdServer class itself, on a unix socket, its loop in a thread of its own: for
+    tests that inject bounds (short timeouts) the command line does not offer."""
+
+    port = None
+
+    def __init__(self, sock: str, server, loop):
+        self.sock = sock
+        self.server = server
+        self.loop = loop
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+
+@contextlib.contextmanager
+def serve_in_process(repo_path: Path, tmp: Path, **server_kwargs):
+    import asyncio
+    import threading
+
+    from nbdbackup.engine.exports import ChunkCache, RepoCatalog
+    from nbdbackup.nbd.server import ListenAddress, NbdServer
+    from nbdbackup.repo import Repository
+
+    repo = Repository.open(str(repo_path))
+    sock = str(tmp / f"inproc-{time.monotonic_ns()}.sock")
+    server = NbdServer(RepoCatalog(repo, ChunkCache(16 << 20)), **server_kwargs)
+    loop = asyncio.new_event_loop()
+    started, failed = threading.Event(), []
+
+    def run():
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start(ListenAddress(unix=sock)))
+        except BaseException as e:   # noqa: BLE001 - reported to the test
+            failed.append(e)
+            return
+        finally:
+            started.set()
+        loop.run_forever()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        assert started.wait(20) and not failed, failed
+        yield InProcessServer(sock, server, loop)
+    finally:
+        if not failed:
+            asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(30)
+            loop.call_soon_threadsafe(loop.stop)
+        th.join(10)
+        loop.close()
+        repo.close()
 
 
 # --- a raw client ----------------------------------------------------------------

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
 import support
-from test_serve_support import RawClient, repo_with_vm1, serve
+from test_serve_support import RawClient, repo_with_vm1, serve, wait_until
 
 from nbdbackup.nbd import proto
 
@@ -100,4 +102,54 @@ def test_tls_client_certificates(pki, repo, tmp_path):
         p = subprocess.run([nbdinfo, "--size", f"nbds+unix:///vm1?socket={s.sock}&tls-certificates={ca_only}"],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode != 0
+        assert s.alive()
+
+
+def _tls_session(c: RawClient, client_dir):
+    """Upgrade RawClient *c* (after the STARTTLS ACK) to TLS, trusting the test CA."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(client_dir / "ca-cert.pem"))
+    c.s = ctx.wrap_socket(c.s, server_hostname="localhost")
+    return c
+
+
+def test_starttls_plaintext_injection_closes_the_connection(pki, repo, tmp_path):
+    """CVE-2021-3716 (nbdkit): options sent in plaintext right behind STARTTLS, in the same
+    segment, must never be executed inside the TLS session. We close the connection."""
+    d, client_dir, _ = pki
+    path, _ = repo
+    starttls = proto.OPTION_REQUEST.pack(proto.IHAVEOPT, proto.OPT_STARTTLS, 0)
+    injected = proto.OPTION_REQUEST.pack(proto.IHAVEOPT, proto.OPT_STRUCTURED_REPLY, 0)
+    port = support.free_port()
+    with serve(path, tmp_path, *_tls_args(d, with_ca=False), port=port) as s:
+        assert "TLS without --tls-ca" in s.log()        # TCP, no client certificates: said at start
+        # Control: STARTTLS alone is accepted and the session works.
+        with RawClient(s) as c:
+            c.greet()
+            assert c.option(proto.OPT_STARTTLS) == [(proto.REP_ACK, b"")]
+            _tls_session(c, client_dir)
+            assert c.option(proto.OPT_STRUCTURED_REPLY)[-1][0] == proto.REP_ACK
+            c.go("vm1", structured=False)
+            assert len(c.read(0, 4096)) == 4096
+        # STARTTLS + STRUCTURED_REPLY (or GO) in one segment: no ACK, the connection is closed.
+        go = struct.pack(">I", 3) + b"vm1" + struct.pack(">H", 0)
+        for queued in (injected, proto.OPTION_REQUEST.pack(proto.IHAVEOPT, proto.OPT_GO, len(go)) + go):
+            with RawClient(s) as c:
+                c.greet()
+                c.s.sendall(starttls + queued)
+                assert c.is_closed(), "the server answered STARTTLS with plaintext data queued behind it"
+        assert wait_until(lambda: "plaintext data after STARTTLS" in s.log())
+        # Plaintext arriving after STARTTLS but before our ACK is read goes to the TLS
+        # layer (the server stopped reading plaintext), where it breaks the handshake.
+        with RawClient(s) as c:
+            c.greet()
+            c.s.sendall(starttls)
+            time.sleep(0.3)
+            c.s.sendall(injected)
+            replies = []
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:
+                    replies.append(proto.OPTION_REPLY.unpack(c.recv(20)))
+            assert [r[2] for r in replies] == [proto.REP_ACK]     # only the STARTTLS ACK, in plaintext
         assert s.alive()

@@ -24,7 +24,8 @@ from ..errors import LockedError, UsageError
 from . import proto
 from .overlay import Overlay
 from .server_conn import Connection
-from .server_handshake import Disconnect, Handshake
+from .server_handshake import Disconnect, Handshake, HandshakeLimits
+from .server_socket import SocketAccess, apply_socket_access, set_private_dir_access
 from .server_view import ExportCatalog, ExportView
 
 log = logging.getLogger("nbdbackup.server")
@@ -33,6 +34,7 @@ MAX_BLOCK = 32 * 1024 * 1024
 PREFERRED_BLOCK = 4096
 SHUTDOWN_GRACE = 10.0
 SEND_BUFFER = 4 << 20
+DEFAULT_MAX_HANDSHAKES = 64     # or half of max_clients when that is smaller
 
 
 @dataclass(frozen=True)
@@ -118,26 +120,36 @@ _LISTEN_HINTS = {
 }
 
 
-def listen_unix(path: str) -> socket.socket:
+def listen_unix(path: str, access: SocketAccess = SocketAccess()) -> socket.socket:
     """A listening unix socket that appears at *path* only once it accepts
-    connections (bind + listen under a temporary name, then rename), so a
-    client polling for the path never gets ECONNREFUSED."""
+    connections and has its final group and mode (bind + listen under a
+    temporary name, then rename), so a client polling for the path never gets
+    ECONNREFUSED, and nobody can connect in a window before the chmod."""
     tmp = f"{path}.{os.getpid()}~"
+    bound = None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        old_umask = os.umask(0o177)      # born 0600: never wider than asked, even for a moment
         try:
-            sock.bind(tmp)
-        except OSError:          # e.g. the longer name exceeds the sun_path limit
-            sock.bind(path)
-            tmp = None
+            try:
+                sock.bind(tmp)
+                bound = tmp
+            except OSError:          # e.g. the longer name exceeds the sun_path limit
+                sock.bind(path)
+                bound = path
+        finally:
+            os.umask(old_umask)
+        apply_socket_access(bound, access, path)
         sock.listen(128)
-        if tmp:
+        if bound == tmp:
             os.rename(tmp, path)
-    except OSError as e:
+    except (OSError, UsageError) as e:
         sock.close()
-        if tmp:
+        if bound:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(bound)
+        if isinstance(e, UsageError):
+            raise
         raise UsageError(f"cannot listen on unix:{path}: {e.strerror or e}") from None
     sock.setblocking(False)
     return sock
@@ -146,13 +158,21 @@ def listen_unix(path: str) -> socket.socket:
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, writable: bool = False, overlay_dir: str | None = None,
                  tls: ssl.SSLContext | None = None, workers: int = 4, max_block: int = MAX_BLOCK,
-                 max_clients: int = 1000):
+                 max_clients: int = 1000, max_handshakes: int | None = None,
+                 handshake_limits: HandshakeLimits = HandshakeLimits()):
         self.catalog = catalog
         self.writable = writable
         self.overlay_dir = overlay_dir
         self.tls = tls
         self.max_block = max_block
         self.max_clients = max_clients
+        # Connections still negotiating have their own, smaller bound: silent or
+        # slow clients cannot take every --max-connections slot.
+        if max_handshakes is None:
+            max_handshakes = min(DEFAULT_MAX_HANDSHAKES, max(1, max_clients // 2))
+        self.max_handshakes = max_handshakes
+        self.handshake_limits = handshake_limits
+        self.handshaking = 0
         self.block_sizes = (1, PREFERRED_BLOCK, max_block)
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="nbd-chunks")
         self.index_pool = ThreadPoolExecutor(1, thread_name_prefix="nbd-index")
@@ -239,10 +259,15 @@ class NbdServer:
         return f
 
     # --- listening ------------------------------------------------------------------
-    async def start(self, addr: ListenAddress) -> None:
+    async def start(self, addr: ListenAddress, access: SocketAccess = SocketAccess(),
+                    private_dir: str | None = None) -> None:
+        """Listen on *addr*; a unix socket gets *access*, and *private_dir* (the default
+        socket's directory, ours) the search permission that access needs."""
         if addr.unix:
-            clear_stale_socket(addr.unix)
-            sock = listen_unix(addr.unix)
+            clear_stale_socket(addr.unix)       # a live server there: exit 3 before touching anything
+            if private_dir:
+                set_private_dir_access(private_dir, access)
+            sock = listen_unix(addr.unix, access)
             self.unix_paths.append(addr.unix)
             srv = await asyncio.start_unix_server(self._on_client, sock=sock, limit=1 << 20)
         else:
@@ -271,6 +296,7 @@ class NbdServer:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         view = None
+        handshake = None
         try:
             if self.stopping:
                 return
@@ -279,7 +305,16 @@ class NbdServer:
                 log.warning("client %s refused: %d connections already (--max-connections)",
                             peer, self.max_clients)
                 return
-            session = await Handshake(self, reader, writer, self.tls).run()
+            if self.handshaking >= self.max_handshakes:
+                log.warning("client %s refused: %d connections still in the handshake (--max-handshakes)",
+                            peer, self.max_handshakes)
+                return
+            self.handshaking += 1
+            try:
+                handshake = Handshake(self, reader, writer, self.tls, self.handshake_limits)
+                session = await handshake.run()
+            finally:
+                self.handshaking -= 1
             view = session.view
             log.info("client %s: export %r (%s)", peer, session.name, view.key)
             await Connection(reader, writer, session, self.max_block).serve()
@@ -292,6 +327,8 @@ class NbdServer:
         except Exception:   # a bug: drop this client, keep serving the others
             log.exception("client %s: internal error", peer)
         finally:
+            if view is None and handshake is not None:
+                view = handshake.s.view     # bound by EXPORT_NAME, then the reply failed
             if view is not None:
                 self.release_view(view)
             writer.close()      # sends what is buffered (whole replies), then closes

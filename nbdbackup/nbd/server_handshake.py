@@ -25,6 +25,20 @@ DRAIN_OPTION_LIMIT = 1 << 20    # oversized option data up to this is drained an
 BASE_ALLOCATION_ID = 1
 
 
+@dataclass(frozen=True)
+class HandshakeLimits:
+    """What one client may spend before transmission starts (docs/server.md's table).
+
+    Per-read timeouts alone let a client that sends an option every 20 s keep its
+    connection forever; the total time and bytes bound the whole handshake.
+    """
+
+    read_timeout: float = HANDSHAKE_TIMEOUT   # each read / write
+    total_time: float = 60.0                  # greeting to GO / EXPORT_NAME, TLS handshake included
+    max_options: int = MAX_OPTIONS
+    max_bytes: int = 8 << 20                  # everything the client sends, drained option data included
+
+
 class Disconnect(Exception):
     """End this client's connection (and only it)."""
 
@@ -41,25 +55,43 @@ class Session:
 
 class Handshake:
     def __init__(self, server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tls_ctx: ssl.SSLContext | None):
+                 tls_ctx: ssl.SSLContext | None, limits: HandshakeLimits = HandshakeLimits()):
         self.server = server
         self.reader = reader
         self.writer = writer
         self.tls_ctx = tls_ctx
+        self.limits = limits
         self.s = Session()
+        self.bytes_read = 0
+        self.deadline = asyncio.get_running_loop().time() + limits.total_time
+
+    def _timeout(self) -> float:
+        """This I/O's timeout: the per-read one, cut at the whole handshake's deadline."""
+        left = self.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise Disconnect(f"handshake not finished within {self.limits.total_time:g} s")
+        return min(self.limits.read_timeout, left)
+
+    def _timed_out(self, what: str) -> Disconnect:
+        if asyncio.get_running_loop().time() >= self.deadline:
+            return Disconnect(f"handshake not finished within {self.limits.total_time:g} s")
+        return Disconnect(what)
 
     async def _read(self, n: int) -> bytes:
+        if self.bytes_read + n > self.limits.max_bytes:
+            raise Disconnect(f"client sent more than {self.limits.max_bytes} bytes during the handshake")
+        self.bytes_read += n
         try:
-            return await asyncio.wait_for(self.reader.readexactly(n), HANDSHAKE_TIMEOUT)
+            return await asyncio.wait_for(self.reader.readexactly(n), self._timeout())
         except asyncio.TimeoutError:
-            raise Disconnect("client silent during handshake") from None
+            raise self._timed_out("client silent during handshake") from None
 
     async def _send(self, data: bytes) -> None:
         self.writer.write(data)
         try:
-            await asyncio.wait_for(self.writer.drain(), HANDSHAKE_TIMEOUT)
+            await asyncio.wait_for(self.writer.drain(), self._timeout())
         except asyncio.TimeoutError:
-            raise Disconnect("client does not read during handshake") from None
+            raise self._timed_out("client does not read during handshake") from None
 
     async def _reply(self, opt: int, rep: int, payload: bytes = b"") -> None:
         await self._send(proto.OPTION_REPLY.pack(proto.OPTION_REPLY_MAGIC, opt, rep, len(payload)) + payload)
@@ -74,7 +106,7 @@ class Handshake:
         if cflags & ~proto.KNOWN_CLIENT_FLAGS:
             raise Disconnect(f"unknown client flags {cflags:#x}")
         self.s.no_zeroes = bool(cflags & proto.FLAG_C_NO_ZEROES)
-        for _ in range(MAX_OPTIONS):
+        for _ in range(self.limits.max_options):
             magic, opt, length = proto.OPTION_REQUEST.unpack(await self._read(16))
             if magic != proto.IHAVEOPT:
                 raise Disconnect(f"bad option magic {magic:#x}")
@@ -204,13 +236,24 @@ class Handshake:
             # Stop reading before the ACK: the client's ClientHello must reach
             # the TLS layer, not our plain-text buffer.
             self.writer.transport.pause_reading()
+            if self._buffered_plaintext():
+                # CVE-2021-3716 (nbdkit): bytes that came with STARTTLS would be read as
+                # if they had arrived inside the TLS session. A client must wait for our
+                # ACK, so this is an injection (or a broken client): hang up.
+                log.warning("client sent plaintext data after STARTTLS (%d bytes) before our reply: "
+                            "closing the connection (a possible injection)", self._buffered_plaintext())
+                raise Disconnect("plaintext data after STARTTLS")
             await self._reply(opt, proto.REP_ACK)
             try:
-                await self.writer.start_tls(self.tls_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                await self.writer.start_tls(self.tls_ctx, ssl_handshake_timeout=self._timeout())
             except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
                 raise Disconnect(f"TLS handshake failed: {e}") from None
             # The spec: state negotiated before STARTTLS does not carry over.
             self.s = Session(tls=True, no_zeroes=self.s.no_zeroes)
+
+    def _buffered_plaintext(self) -> int:
+        """Bytes the stream has read from the socket that no _read() consumed yet."""
+        return len(self.reader._buffer)    # asyncio keeps no public accessor for it
 
     def _parse_meta(self, data: bytes) -> tuple[str, list[str]] | None:
         try:

@@ -28,8 +28,17 @@ def _size(text: str) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--listen", default="127.0.0.1:10809", metavar="unix:PATH|HOST:PORT",
-                   help="where to listen (default 127.0.0.1:10809; never all interfaces unless asked)")
+    p.add_argument("--listen", metavar="unix:PATH|HOST:PORT",
+                   help="where to listen (default: unix socket serve.sock, mode 0600, in a private "
+                        "runtime directory: /run/nbdbackup for root, else $XDG_RUNTIME_DIR/nbdbackup); "
+                        "TCP needs TLS or --insecure-tcp")
+    p.add_argument("--socket-mode", metavar="MODE",
+                   help="unix socket mode, octal (default 0600: only this user; 0660 with --socket-group)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="give the unix socket (and search access to its private directory) to GROUP, "
+                        "e.g. libvirt-qemu, so qemu running as another user can connect")
+    p.add_argument("--insecure-tcp", action="store_true",
+                   help="allow TCP without TLS: anyone who can reach the port reads every backup (warns)")
     p.add_argument("--writable", action="store_true",
                    help="accept writes into a per-backup copy-on-write overlay (discarded on exit)")
     p.add_argument("--overlay-dir", metavar="DIR", help="where overlay files go (default: a temp dir)")
@@ -39,19 +48,24 @@ def add_arguments(p) -> None:
                    help="threads reading and decompressing chunks (default 4)")
     p.add_argument("--max-connections", type=int, default=1000, metavar="N",
                    help="clients served at once; more are turned away (default 1000)")
+    p.add_argument("--max-handshakes", type=int, metavar="N",
+                   help="clients still negotiating at once (each has 60 s in all); more are turned away "
+                        "(default 64, or half of --max-connections when that is less)")
     g = p.add_argument_group("TLS (X.509)")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate; turns TLS on and requires it")
     g.add_argument("--tls-key", metavar="PEM", help="its private key (default: inside --tls-cert)")
     g.add_argument("--tls-ca", metavar="PEM", help="CA that client certificates must chain to (asks for them)")
 
 
-def _banner(addr, exports, writable: bool) -> str:
+def _banner(addr, exports, writable: bool, access) -> str:
     if addr.unix:
         uri = f"nbd+unix:///{{EXPORT}}?socket={addr.unix}"
     else:
         host = f"[{addr.host}]" if ":" in addr.host else addr.host
         uri = f"nbd://{host}:{addr.port}/{{EXPORT}}"
     lines = [f"nbdbackup serve: listening on {addr} ({'writable overlays' if writable else 'read-only'})"]
+    if addr.unix:
+        lines.append(f"socket {addr.unix}: {access.describe()}")
     if exports:
         lines.append(f"exports ({len(exports)}):")
         lines += [f"  {name:<28} {desc}" for name, desc in exports[:50]]
@@ -78,18 +92,47 @@ def run(args) -> int:
     from ...engine.exports import ChunkCache, RepoCatalog
     from ...errors import UsageError
     from ...nbd.server import ListenAddress, NbdServer, tls_server_context
+    from ...nbd.server_socket import (DEFAULT_SOCKET_NAME, blocking_directory, check_private_dir, runtime_dir,
+                                      socket_access)
     from ...repo import Repository
     from ..output import print_json, summary
 
     if not args.repo:
         raise UsageError("no repository given", hint="use --repo PATH or set NBDBACKUP_REPO")
-    addr = ListenAddress.parse(args.listen)
+    private_dir = None
+    if args.listen:
+        addr = ListenAddress.parse(args.listen)
+    else:
+        private_dir = runtime_dir()
+        addr = ListenAddress(unix=os.path.join(private_dir, DEFAULT_SOCKET_NAME))
     if args.workers < 1 or args.max_connections < 1:
         raise UsageError("--workers and --max-connections must be at least 1")
+    if args.max_handshakes is not None and args.max_handshakes < 1:
+        raise UsageError("--max-handshakes must be at least 1")
     if (args.tls_key or args.tls_ca) and not args.tls_cert:
         raise UsageError("--tls-key/--tls-ca need --tls-cert")
+    if not addr.unix and (args.socket_mode is not None or args.socket_group):
+        raise UsageError("--socket-mode/--socket-group apply to unix sockets only",
+                         hint="drop them, or listen on a unix socket (the default, or --listen unix:PATH)")
+    if not addr.unix and not args.tls_cert and not args.insecure_tcp:
+        raise UsageError(f"refusing to serve {addr} over TCP without TLS: anyone who can reach it could "
+                         "read every backup" + (" and change what a VM booted from one sees" if args.writable else ""),
+                         hint="give --tls-cert/--tls-key (and --tls-ca to require client certificates), "
+                              "use a unix socket (the default, or --listen unix:PATH), "
+                              "or pass --insecure-tcp to accept the risk")
+    access = socket_access(args.socket_mode, args.socket_group)
     tls = tls_server_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
-    logging.getLogger("nbdbackup.server").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    server_log = logging.getLogger("nbdbackup.server")
+    server_log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if not addr.unix and tls is None:
+        server_log.warning("--insecure-tcp: serving %s over TCP without TLS or authentication: anyone who "
+                           "can reach it can read every backup%s", addr,
+                           " and write to its overlay" if args.writable else "")
+    elif not addr.unix and not args.tls_ca:
+        server_log.warning("TLS without --tls-ca: any client that can reach %s can read every backup; "
+                           "give --tls-ca to require client certificates", addr)
+    if private_dir:
+        check_private_dir(private_dir)
 
     repo = Repository.open(args.repo, index_url=args.index_url, lock_wait=args.lock_wait)
     overlay_dir = None
@@ -110,7 +153,8 @@ def run(args) -> int:
         cache = ChunkCache(args.cache_size)
         catalog = RepoCatalog(repo, cache)
         server = NbdServer(catalog, writable=args.writable, overlay_dir=overlay_dir, tls=tls,
-                           workers=args.workers, max_clients=args.max_connections)
+                           workers=args.workers, max_clients=args.max_connections,
+                           max_handshakes=args.max_handshakes)
 
         async def main() -> None:
             stop = asyncio.Event()
@@ -118,16 +162,24 @@ def run(args) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             try:
-                await server.start(addr)
+                await server.start(addr, access, private_dir)
+                if addr.unix and (blocked := blocking_directory(addr.unix, access)):
+                    server_log.warning("the users --socket-mode/--socket-group let in cannot reach %s: %s is "
+                                       "not searchable by them (give them x on it, or choose another "
+                                       "--listen unix:PATH)", addr.unix, blocked)
                 shown = addr
                 if addr.port == 0 and not addr.unix:
                     shown = ListenAddress(host=addr.host, port=server.bound_ports()[0])
                 exports = await server.list_exports()
                 if args.json:
-                    print_json({"listen": str(shown), "writable": args.writable,
-                                "tls": tls is not None, "exports": [{"name": n, "description": d} for n, d in exports]})
+                    print_json({"listen": str(shown), "socket": addr.unix,
+                                "socket_mode": f"{access.mode:04o}" if addr.unix else None,
+                                "socket_group": access.group_name if addr.unix else None,
+                                "writable": args.writable, "tls": tls is not None,
+                                "client_certificates": bool(args.tls_ca),
+                                "exports": [{"name": n, "description": d} for n, d in exports]})
                 if not args.quiet:
-                    print(_banner(shown, exports, args.writable), file=sys.stderr, flush=True)
+                    print(_banner(shown, exports, args.writable, access), file=sys.stderr, flush=True)
                 await stop.wait()
                 if not args.quiet:
                     print("nbdbackup serve: stopping", file=sys.stderr, flush=True)
