@@ -83,7 +83,7 @@ def test_info_without_multi_conn_and_simple_replies(tmp_path):
     (("info", "http://x/"), ExitCode.USAGE, "malformed NBD URI"),
     (("map", "nbd+unix:///x"), ExitCode.USAGE, "missing \\?socket"),
     (("info", "--tls-ca", "/x.pem", "nbd+unix:///?socket=/nowhere"), ExitCode.USAGE, "need an nbds"),
-    (("info", "--timeout", "0", "nbd+unix:///?socket=/nowhere"), ExitCode.USAGE, "--timeout must be positive"),
+    (("info", "--timeout", "0", "nbd+unix:///?socket=/nowhere"), ExitCode.USAGE, "--timeout: invalid number of seconds '0': must be positive"),
     (("info", "nbd+unix:///?socket=/nonexistent/sock"), ExitCode.SOURCE_UNREACHABLE, "cannot connect"),
     (("map", "nbds+unix:///?socket=/nowhere", "--tls-ca", "/nonexistent.pem"), ExitCode.USAGE,
      "cannot load TLS certificates"),

@@ -22,25 +22,14 @@ import threading
 
 from .. import __version__
 from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table
+from . import numbers
 from .output import FILE_ONLY
 
 log = logging.getLogger("nbdbackup")
 
 
-
-
 class Interrupted(BaseException):
     """Raised from the SIGTERM handler so that finally-blocks run."""
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: use e.g. 30 or 2.5") from None
-    if not v >= 0:      # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
-    return v
 
 
 def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -59,9 +48,11 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars or summaries")
     g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log output (-vv for debug)")
     g.add_argument("--log-file", default=d(None), metavar="PATH", help="also append logs to PATH")
-    g.add_argument("--lock-wait", type=_seconds, default=d(0.0), metavar="SECONDS",
+    g.add_argument("--lock-wait", type=LOCK_WAIT, default=d(0.0), metavar="SECONDS",
                    help="wait up to SECONDS for a repository lock (default: do not wait)")
 
+
+LOCK_WAIT = numbers.seconds(7 * numbers.DAY)
 
 EPILOG = "exit codes:\n" + exit_code_table()
 
