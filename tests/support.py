@@ -189,3 +189,78 @@ def nbdbackup(*args, check=True, env=None, cwd=None, timeout=600, **kw) -> subpr
         e.update(env)
     cmd = [nbdbackup_exe(), *map(str, args)]
     return run(cmd, check=check, env=e, cwd=cwd, timeout=timeout, **kw)
+
+
+# --- file systems that fail the way real ones do (we are root in CI) ---------------
+
+def _mount(*args: str) -> None:
+    p = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise AssertionError(f"mount {' '.join(args)} failed: {p.stderr.strip()} "
+                             "(these tests need root / CAP_SYS_ADMIN; they never skip)")
+
+
+def _umount(path: str | Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: str | Path, size: str):
+    """A fresh tmpfs of *size* (e.g. "6m") at *mountpoint* (created): a disk that really fills up."""
+    Path(mountpoint).mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint))
+    try:
+        yield Path(mountpoint)
+    finally:
+        _umount(mountpoint)
+
+
+@contextlib.contextmanager
+def read_only_view(src: str | Path, mountpoint: str | Path):
+    """*src* bind-mounted read-only at *mountpoint*: an offsite copy mounted read-only."""
+    Path(mountpoint).mkdir(parents=True, exist_ok=True)
+    _mount("--bind", str(src), str(mountpoint))
+    try:
+        _mount("-o", "remount,bind,ro", str(mountpoint))
+        yield Path(mountpoint)
+    finally:
+        _umount(mountpoint)
+
+
+def fill_up(directory: str | Path, leave: int = 0) -> Path:
+    """Fill *directory*'s file system with one file until at most *leave* bytes are free."""
+    path = Path(directory) / "filler"
+    st = os.statvfs(directory)
+    todo = max(st.f_bavail * st.f_frsize - leave, 0)
+    block = b"\xa5" * (1 << 20)
+    with open(path, "wb") as f:
+        try:
+            while todo > 0:
+                todo -= f.write(block[:min(todo, len(block))])
+            f.flush()
+        except OSError:     # ENOSPC: full is what we wanted
+            pass
+    return path
+
+
+def nbdbackup_as(user: str, *args, timeout=120) -> subprocess.CompletedProcess:
+    """Run the CLI as *user* (runuser). The venv's interpreter may sit where that user cannot
+    read it (pyenv under /root), so the system python of the same version runs it, with the
+    venv's site-packages (and the editable install's path) added; /work must be readable."""
+    runuser = require_tool("runuser")
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.path.exists(python):
+        raise AssertionError(f"{python} is needed to run the CLI as {user!r} (same version as the venv)")
+    code = (f"import site, sys; site.addsitedir({site!r}); sys.argv[0] = 'nbdbackup'; "
+            "from nbdbackup.cli.main import run; run()")
+    env = {k: v for k, v in os.environ.items() if k not in ("NBDBACKUP_REPO", "PYTHONPATH")}
+    env["HOME"] = "/"
+    p = run([runuser, "-u", user, "--", python, "-c", code, "--version"], check=False, env=env, cwd="/")
+    if p.returncode != 0:
+        raise AssertionError(f"cannot run nbdbackup as {user!r} ({python} with {site}): {p.stderr}; "
+                             "the venv and the source tree must be readable by that user")
+    return run([runuser, "-u", user, "--", python, "-c", code, *map(str, args)], check=False, env=env,
+               cwd="/", timeout=timeout)

@@ -8,7 +8,6 @@ their top level light (no sqlalchemy/zstd imports) so start-up stays fast.
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import importlib
 import logging
@@ -21,7 +20,7 @@ import sys
 import threading
 
 from .. import __version__
-from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table
+from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table, storage_error
 from . import numbers
 from .output import FILE_ONLY
 
@@ -193,10 +192,10 @@ def _run_command(args) -> int:
         return int(ExitCode.FAILURE)
     except OSError as e:
         log.debug("error details", exc_info=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _say(args, f"no space left: {e}", "free space on the repository's file system and run the "
-                 "command again; committed backups are intact", exc=e)
-            return int(ExitCode.NO_SPACE)
+        known = storage_error(e.errno, e.filename or "a file", e.strerror or "running the command")
+        if known is not None:     # a full, read-only or forbidden file system, wherever it was met
+            _say(args, str(known), known.hint, exc=e)
+            return int(known.exit_code)
         _say(args, str(e), exc=e)
         return int(ExitCode.FAILURE)
     except Exception as e:  # a bug: say so briefly, details with -vv / --log-file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -9,7 +10,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
-from ..errors import NotARepository, RepoDamaged, RepoFormatError, UsageError
+from ..errors import NotARepository, RepoDamaged, RepoFormatError, UsageError, storage_error
 
 FORMAT = 1                       # repository layout version this code reads and writes
 CONFIG_NAME = "config.json"
@@ -89,10 +90,18 @@ def write_config(path: str, cfg: RepoConfig) -> None:
 
 def read_config(path: str) -> RepoConfig:
     p = os.path.join(path, CONFIG_NAME)
+    try:
+        os.stat(path)
+    except PermissionError:     # a directory on the way may not be searched by this user
+        raise storage_error(errno.EACCES, path, "reading the repository") from None
+    except OSError:
+        pass
     if not os.path.isdir(path):
         why = "it is a file, not a directory" if os.path.exists(path) else "no such directory"
         raise NotARepository(f"{path} is not an nbdbackup repository ({why})",
                              hint="create one with `nbdbackup init --repo PATH`")
+    if not os.access(path, os.R_OK | os.X_OK) or os.path.exists(p) and not os.access(p, os.R_OK):
+        raise storage_error(errno.EACCES, path, "reading the repository")
     if not os.path.exists(p):
         raise NotARepository(f"{path} is not an nbdbackup repository (no {CONFIG_NAME})",
                              hint="create one with `nbdbackup init --repo PATH`")
