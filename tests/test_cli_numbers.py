@@ -64,7 +64,9 @@ def _bad_values(v: NumberType) -> list[str]:
     lo, hi = v.lo, v.hi
     if lo > -1:
         bad.append("-1")
-    if v.kind == "integer":
+    if v.kind == "octal":
+        bad += [f"{v.hi + 1:o}", "8", "0o9"]
+    elif v.kind == "integer":
         bad += [str(lo - 1), str(hi + 1), "1.5"]
     elif v.kind == "real":
         bad += [str(lo) if v.lo_open else str(lo - 0.5), str(hi * 2 + 1)]
@@ -97,21 +99,25 @@ def test_bad_numeric_value_is_a_usage_error(prefix, opt, action, value, capsys):
                                                for p, o, a in OPTIONS if isinstance(a.type, NumberType)])
 def test_numeric_option_accepts_its_range(prefix, opt, action):
     v = action.type
-    assert v(str(v.hi)) == v.hi
+    assert v(v._show(v.hi) if v.kind == "octal" else str(v.hi)) == v.hi
     if v.lo_open:
         assert v(str(v.hi / 2)) == v.hi / 2
     else:
         assert v(str(v.lo)) == v.lo
 
 
-def test_sizes_and_suffixes():
-    from nbdbackup.cli.numbers import real, size
+def test_sizes_suffixes_and_modes():
+    from nbdbackup.cli.numbers import octal, real, size
 
     assert size(0, 1 << 40)("1.5G") == 3 << 29
     assert size(0, 1 << 40)("256KiB") == 256 << 10
     assert real(0, 100, lo_open=True, suffix="%")("10%") == 10.0
     with pytest.raises(argparse.ArgumentTypeError):
         size(0, 1 << 40)("0.5")       # not a whole number of bytes
+    assert octal()("0660") == octal()("660") == octal()("0o660") == 0o660
+    for bad in ("0800", "1000", "-1", "rw"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be 0 or more and at most 777"):
+            octal()(bad)
 
 
 @pytest.mark.parametrize("args", [("serve", "--cache-size", "inf"), ("serve", "--workers", "1e400"),

@@ -21,6 +21,7 @@ import re
 
 _INTEGER = re.compile(r"[+-]?\d{1,30}")
 _REAL = re.compile(r"[+-]?(\d{1,30}(\.\d{0,30})?|\.\d{1,30})")   # no exponent: 1e400 is no one's timeout
+_OCTAL = re.compile(r"(0o?)?[0-7]{1,6}", re.IGNORECASE)
 
 
 class NumberType:
@@ -28,11 +29,12 @@ class NumberType:
 
     def __init__(self, kind: str, lo, hi, *, lo_open: bool = False, unit: str = "", noun: str | None = None,
                  power_of_two: bool = False, suffix: str = ""):
-        self.kind = kind                # "integer", "real" or "size"
+        self.kind = kind                # "integer", "real", "size" or "octal"
         self._lo, self._hi = lo, hi
         self.lo_open = lo_open
         self.unit = unit
-        self.noun = noun or {"integer": "whole number", "real": "number", "size": "size"}[kind]
+        self.noun = noun or {"integer": "whole number", "real": "number", "size": "size",
+                             "octal": "octal number"}[kind]
         self.power_of_two = power_of_two
         self.suffix = suffix            # accepted after the number (verify's "10%")
         self.__name__ = self.noun       # argparse names the type by it in some messages
@@ -61,6 +63,8 @@ class NumberType:
         return text
 
     def _show(self, n) -> str:
+        if self.kind == "octal":
+            return f"{n:o}"
         if self.kind == "size":
             for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
                 if n >= 1 << shift and n % (1 << shift) == 0:
@@ -86,6 +90,8 @@ class NumberType:
                 return parse_size(text, allow_zero=True)
             except UsageError:
                 return None
+        if self.kind == "octal":
+            return int(text.lower().removeprefix("0o") or "0", 8) if _OCTAL.fullmatch(text) else None
         pattern = _INTEGER if self.kind == "integer" else _REAL
         if not pattern.fullmatch(text):
             return None
@@ -105,6 +111,11 @@ def real(lo, hi, *, lo_open: bool = False, unit: str = "", noun: str | None = No
 def seconds(hi: float, *, positive: bool = False) -> NumberType:
     """A duration: 0 (or, with positive, more than 0) to *hi* seconds."""
     return NumberType("real", 0, hi, lo_open=positive, unit="seconds", noun="number of seconds")
+
+
+def octal(lo: int = 0, hi: int = 0o777, *, noun: str | None = None) -> NumberType:
+    """A file mode such as 0660 or 660 (octal digits only)."""
+    return NumberType("octal", lo, hi, noun=noun)
 
 
 def size(lo, hi, *, power_of_two: bool = False, noun: str | None = None) -> NumberType:
