@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged, RepoFormatError
 from ..fsutil import write_blocker
+from .indexerrors import index_error, index_path
 from .schema import INDEX_REVISION
 
 INDEX_FILE = "index.sqlite"
@@ -136,8 +137,6 @@ def check_revision(eng: Engine, where: str) -> None:
         with eng.connect() as conn:
             rev = current_revision(conn)
     except SQLAlchemyError as e:
-        from .indexerrors import index_error, index_path
-
         raise index_error(e, f"reading the index of {where}", path=index_path(eng),
                           damaged_hint="check --index-url; `nbdbackup rebuild-index` recreates it "
                                        "from the packs") from None

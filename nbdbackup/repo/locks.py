@@ -4,7 +4,10 @@ A lock is a file in locks/; flock() is released by the kernel when the
 holder dies, so a killed run never leaves a lock behind. Beside it each
 holder writes `<lock>@<pid>-<n>.holder` (pid, host, command line, since) so a
 blocked user is told who holds it; info files of dead pids on this host are
-removed when seen.
+removed when seen. Where locks/ cannot be written (a read-only mount, another
+user's repository) a shared lock is an flock on the file opened read-only and
+no holder file is written; on a read-only file system without the lock file no
+lock is taken at all, since nobody can write there (docs/design.md).
 
 Lock names used by the repository:
   writers       shared by every backup writer; exclusive for gc
@@ -54,7 +57,7 @@ class RepoLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            fd = self._open_read_only(e, purpose)
+            fd = self._open_read_only(e)
             if fd is None:
                 return      # a read-only file system: nobody can write, so nothing to lock against
         op = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
@@ -83,7 +86,7 @@ class RepoLock:
         except OSError:
             self._info_path = None   # the lock itself is what counts; info is a courtesy
 
-    def _open_read_only(self, e: OSError, purpose: str | None) -> int | None:
+    def _open_read_only(self, e: OSError) -> int | None:
         """Where locks/ cannot be written, a shared lock is taken on the lock file opened
         read-only (flock needs no write access); exclusive ones cannot be had there."""
         what = f"taking the {self.name} lock"

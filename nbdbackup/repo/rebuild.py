@@ -5,9 +5,10 @@ is damaged; manifests are read and hash-checked), then build a fresh index
 at the head revision beside the old one (`index.sqlite.rebuilding`, filled
 in one transaction), then move the old index aside and rename the new one
 into place; of the moved-aside copies the newest few are kept. A failed
-build (a full disk, say) removes its half-made index; the old one stays. Runs under the writers and readers locks taken
-exclusively, like gc. A backup comes back when its manifest and all its map
-segments are found; missing chunks are reported (verify names the ranges).
+build (a full disk, say) removes its half-made index; the old one stays.
+Runs under the writers and readers locks taken exclusively, like gc. A
+backup comes back when its manifest and all its map segments are found;
+missing chunks are reported (verify names the ranges).
 """
 
 from __future__ import annotations
