@@ -192,7 +192,7 @@ def _run_command(args) -> int:
         return int(ExitCode.FAILURE)
     except OSError as e:
         log.debug("error details", exc_info=True)
-        known = storage_error(e.errno, e.filename or "a file", e.strerror or "running the command")
+        known = storage_error(e.errno, e.filename or "a file", f"nbdbackup {args.command}", repository=False)
         if known is not None:     # a full, read-only or forbidden file system, wherever it was met
             _say(args, str(known), known.hint, exc=e)
             return int(known.exit_code)
