@@ -46,7 +46,8 @@ EXIT_CODE_HELP = {
     ExitCode.NOT_FOUND: "no such backup, disk or export",
     ExitCode.SOURCE_FAILED: "source failed during the backup (after retries); nothing was committed",
     ExitCode.CHAIN_BROKEN: "incremental refused (--no-fallback): bitmap or parent backup missing or untrustworthy",
-    ExitCode.READ_ONLY: "read-only file system where the command must write (reading commands work on a read-only repository)",
+    ExitCode.READ_ONLY: "read-only file system where the command must write "
+                        "(reading commands work on a read-only repository)",
     ExitCode.PERMISSION_DENIED: "permission denied: this user may not read or write a file the command needs",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
 }

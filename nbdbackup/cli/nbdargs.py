@@ -10,7 +10,8 @@ DEFAULT_TIMEOUT = 30.0
 
 def add_client_arguments(p) -> None:
     g = p.add_argument_group("NBD connection")
-    g.add_argument("--timeout", type=numbers.seconds(numbers.DAY, positive=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    g.add_argument("--timeout", type=numbers.seconds(numbers.DAY, positive=True), default=DEFAULT_TIMEOUT,
+                   metavar="SECONDS",
                    help=f"give up on any socket operation after SECONDS (default {DEFAULT_TIMEOUT:g})")
     g.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the server with (nbds:// URIs)")
     g.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that ask for one")

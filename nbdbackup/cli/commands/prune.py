@@ -23,7 +23,8 @@ RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     for rule in RULES:
         what = "backups" if rule == "last" else f"{rule} backups (newest of each period)"
-        p.add_argument(f"--keep-{rule}", type=numbers.integer(0, 1_000_000, noun="count"), default=0, metavar="N", help=f"keep the last N {what}")
+        p.add_argument(f"--keep-{rule}", type=numbers.integer(0, 1_000_000, noun="count"), default=0, metavar="N",
+                       help=f"keep the last N {what}")
     p.add_argument("--disk", action="append", metavar="NAME",
                    help="only prune this disk's backups (repeatable; default: every disk)")
     p.add_argument("--dry-run", action="store_true", help="show what would be forgotten and why; change nothing")

@@ -20,7 +20,8 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("backups", nargs="*", metavar="BACKUP", help="backup id or disk name (default: all backups)")
-    p.add_argument("--sample", type=numbers.real(0, 100, lo_open=True, noun="percentage", suffix="%"), metavar="PERCENT",
+    p.add_argument("--sample", type=numbers.real(0, 100, lo_open=True, noun="percentage", suffix="%"),
+                   metavar="PERCENT",
                    help="check only a random PERCENT of the distinct chunks (e.g. 10)")
 
 
