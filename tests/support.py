@@ -30,6 +30,7 @@ DEBIAN_PACKAGE = {
     "virsh": "libvirt-clients",
     "libvirtd": "libvirt-daemon-system",
     "virtlogd": "libvirt-daemon-system",
+    "setpriv": "util-linux",
 }
 
 
@@ -243,24 +244,12 @@ def fill_up(directory: str | Path, leave: int = 0) -> Path:
     return path
 
 
-def nbdbackup_as(user: str, *args, timeout=120) -> subprocess.CompletedProcess:
-    """Run the CLI as *user* (runuser). The venv's interpreter may sit where that user cannot
-    read it (pyenv under /root), so the system python of the same version runs it, with the
-    venv's site-packages (and the editable install's path) added; /work must be readable."""
-    runuser = require_tool("runuser")
-    import sysconfig
-
-    site = sysconfig.get_paths()["purelib"]
-    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    if not os.path.exists(python):
-        raise AssertionError(f"{python} is needed to run the CLI as {user!r} (same version as the venv)")
-    code = (f"import site, sys; site.addsitedir({site!r}); sys.argv[0] = 'nbdbackup'; "
-            "from nbdbackup.cli.main import run; run()")
-    env = {k: v for k, v in os.environ.items() if k not in ("NBDBACKUP_REPO", "PYTHONPATH")}
-    env["HOME"] = "/"
-    p = run([runuser, "-u", user, "--", python, "-c", code, "--version"], check=False, env=env, cwd="/")
-    if p.returncode != 0:
-        raise AssertionError(f"cannot run nbdbackup as {user!r} ({python} with {site}): {p.stderr}; "
-                             "the venv and the source tree must be readable by that user")
-    return run([runuser, "-u", user, "--", python, "-c", code, *map(str, args)], check=False, env=env,
-               cwd="/", timeout=timeout)
+def nbdbackup_without_dac_override(*args, timeout=120) -> subprocess.CompletedProcess:
+    """Run the CLI as root without the capabilities that let root ignore file permissions
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): files of other users then refuse it as they
+    would any user. Unlike running as another user, the venv and the checkout may sit where
+    only root can read them (pyenv under /root, a CI clone in a private directory)."""
+    setpriv = require_tool("setpriv")
+    caps = "-dac_override,-dac_read_search"
+    return run([setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", "--", nbdbackup_exe(),
+                *map(str, args)], check=False, timeout=timeout)

@@ -8,12 +8,11 @@ writing ones exit 14 (read-only file system) and a user without access gets 15, 
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
 from maint_support import new_repo, read_all, write_backup
 from repohelp import pseudo
-from support import nbdbackup, nbdbackup_as, read_only_view, require_tool, run
+from support import nbdbackup, nbdbackup_without_dac_override, read_only_view, require_tool, run
 from test_serve_support import serve
 
 from nbdbackup.errors import ExitCode
@@ -107,32 +106,38 @@ def test_writing_commands_on_a_read_only_mount_exit_14(source_repo, tmp_path):
             assert read_all(repo, bid) == data
 
 
-@pytest.fixture
-def world_dir():
-    """A directory under /tmp that every user may traverse (pytest's tmp_path is private to root)."""
-    d = tempfile.mkdtemp(prefix="nbdbackup-eacces-", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
-
-def test_a_user_without_access_gets_permission_denied(source_repo, tmp_path, world_dir):
-    # Root's 0700 repository, run as nobody: it said "not an nbdbackup repository (no config.json)".
+def test_a_user_without_access_gets_permission_denied(source_repo, tmp_path):
+    # Another user's 0700 repository: it said "not an nbdbackup repository (no config.json)".
+    # The CLI runs as root without its file-permission override, so nobody's files refuse it.
     src, datas = source_repo
-    private = os.path.join(world_dir, "r")
+    private = tmp_path / "r"
     shutil.copytree(src, private)
+    _chown_tree(private, "nobody")
     os.chmod(private, 0o700)
     for args in (["list"], ["verify"], ["forget", "vda"], ["restore", "vda", "/dev/null"]):
-        p = nbdbackup_as("nobody", "--repo", private, *args)
-        _assert_error(p, ExitCode.PERMISSION_DENIED, "permission denied", private, "owns the repository")
-    # a repository behind a directory nobody may search (tmp_path is 0700): the same, not "no such directory"
-    p = nbdbackup_as("nobody", "--repo", src, "list")
+        p = nbdbackup_without_dac_override("--repo", private, *args)
+        _assert_error(p, ExitCode.PERMISSION_DENIED, "permission denied", str(private), "owns the repository")
+    # a repository behind a directory this user may not search: the same, not "no such directory"
+    fence = tmp_path / "fence"
+    fence.mkdir()
+    shutil.copytree(src, fence / "r")
+    _chown_tree(fence, "nobody")
+    os.chmod(fence, 0o700)
+    p = nbdbackup_without_dac_override("--repo", fence / "r", "list")
     _assert_error(p, ExitCode.PERMISSION_DENIED, "permission denied")
     # readable but not writable: a writing command is refused as such
     os.chmod(private, 0o755)
-    p = nbdbackup_as("nobody", "--repo", private, "forget", "vda")
+    p = nbdbackup_without_dac_override("--repo", private, "forget", "vda")
     _assert_error(p, ExitCode.PERMISSION_DENIED, "permission denied")
     with Repository.open(private) as repo:
         assert sorted(b.id for b in repo.list_backups()) == sorted(datas)
+
+
+def _chown_tree(top, user):
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, uid, -1)
