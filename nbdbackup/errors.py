@@ -7,6 +7,7 @@ to do), and exits with its code; nothing else reaches the user as a traceback.
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 
@@ -25,6 +26,8 @@ class ExitCode(IntEnum):
     NOT_FOUND = 11           # no such backup, disk or export
     SOURCE_FAILED = 12       # source failed mid-backup after retries; nothing was committed
     CHAIN_BROKEN = 13        # incremental impossible (bitmap/parent missing or untrustworthy) with --no-fallback
+    READ_ONLY = 14           # the repository's file system is mounted read-only (EROFS) and the command writes
+    PERMISSION_DENIED = 15   # this user may not read or write a repository file (EACCES/EPERM)
     INTERRUPTED = 130        # SIGINT/SIGTERM
 
 
@@ -43,6 +46,9 @@ EXIT_CODE_HELP = {
     ExitCode.NOT_FOUND: "no such backup, disk or export",
     ExitCode.SOURCE_FAILED: "source failed during the backup (after retries); nothing was committed",
     ExitCode.CHAIN_BROKEN: "incremental refused (--no-fallback): bitmap or parent backup missing or untrustworthy",
+    ExitCode.READ_ONLY: "read-only file system where the command must write "
+                        "(reading commands work on a read-only repository)",
+    ExitCode.PERMISSION_DENIED: "permission denied: this user may not read or write a file the command needs",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
 }
 
@@ -94,6 +100,36 @@ class RepoFormatError(NbdBackupError):
 
 class NoSpaceError(NbdBackupError):
     exit_code = ExitCode.NO_SPACE
+
+
+class ReadOnlyError(NbdBackupError):
+    exit_code = ExitCode.READ_ONLY
+
+
+class PermissionDenied(NbdBackupError):
+    exit_code = ExitCode.PERMISSION_DENIED
+
+
+READING_COMMANDS = "list, restore, serve, verify, stats"
+SPACE_HINT = "free space on it and run the command again; committed backups are intact"
+
+
+def storage_error(err: int | None, where: str, what: str, *, repository: bool = True) -> NbdBackupError | None:
+    """The one translation of a file-system condition (an errno: ENOSPC/EDQUOT, EROFS,
+    EACCES/EPERM) met at *where* while *what* ("writing the index") into its error class
+    and hint; None for any other errno (the caller reports it as it would have).
+    repository=False: *where* may be any path (a restore target, a log file)."""
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"no space left on the file system of {where} ({what})", hint=SPACE_HINT)
+    if err == errno.EROFS:
+        hint = (f"the repository is mounted read-only; remount it read-write, or use a reading command "
+                f"({READING_COMMANDS})") if repository else "remount it read-write, or choose a path elsewhere"
+        return ReadOnlyError(f"{where} is on a read-only file system ({what})", hint=hint)
+    if err in (errno.EACCES, errno.EPERM):
+        hint = ("run the command as the user that owns the repository, or give this user access to it"
+                if repository else "run the command as a user who may access it, or change its permissions")
+        return PermissionDenied(f"permission denied: {where} ({what})", hint=hint)
+    return None
 
 
 class RepoDamaged(NbdBackupError):

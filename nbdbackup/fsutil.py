@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+
+LOW_SPACE = 1 << 20     # below this much free room, a write (SQLite's -wal/-shm included) is about to fail
 
 
 def fsync_path(path: str, *, directory: bool = False) -> None:
@@ -12,3 +15,25 @@ def fsync_path(path: str, *, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_blocker(path: str) -> int | None:
+    """Why nothing can be written at *path* (a directory, or a file and its directory), as an
+    errno: EROFS when its file system is mounted read-only, ENOSPC when it has (almost) no
+    free room, EACCES when this user may not write there; None when nothing visible stops it.
+    Errors such as SQLite's "disk I/O error" do not say which; the file system does."""
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.statvfs(d)
+    except OSError as e:
+        return errno.EACCES if e.errno in (errno.EACCES, errno.EPERM) else None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail     # root may use the reserved blocks
+    if st.f_blocks and free * st.f_frsize < LOW_SPACE:
+        return errno.ENOSPC
+    if not os.access(d, os.W_OK | os.X_OK):
+        return errno.EACCES
+    if d != path and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return errno.EACCES
+    return None

@@ -30,6 +30,7 @@ DEBIAN_PACKAGE = {
     "virsh": "libvirt-clients",
     "libvirtd": "libvirt-daemon-system",
     "virtlogd": "libvirt-daemon-system",
+    "setpriv": "util-linux",
 }
 
 
@@ -189,3 +190,66 @@ def nbdbackup(*args, check=True, env=None, cwd=None, timeout=600, **kw) -> subpr
         e.update(env)
     cmd = [nbdbackup_exe(), *map(str, args)]
     return run(cmd, check=check, env=e, cwd=cwd, timeout=timeout, **kw)
+
+
+# --- file systems that fail the way real ones do (we are root in CI) ---------------
+
+def _mount(*args: str) -> None:
+    p = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise AssertionError(f"mount {' '.join(args)} failed: {p.stderr.strip()} "
+                             "(these tests need root / CAP_SYS_ADMIN; they never skip)")
+
+
+def _umount(path: str | Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: str | Path, size: str):
+    """A fresh tmpfs of *size* (e.g. "6m") at *mountpoint* (created): a disk that really fills up."""
+    Path(mountpoint).mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint))
+    try:
+        yield Path(mountpoint)
+    finally:
+        _umount(mountpoint)
+
+
+@contextlib.contextmanager
+def read_only_view(src: str | Path, mountpoint: str | Path):
+    """*src* bind-mounted read-only at *mountpoint*: an offsite copy mounted read-only."""
+    Path(mountpoint).mkdir(parents=True, exist_ok=True)
+    _mount("--bind", str(src), str(mountpoint))
+    try:
+        _mount("-o", "remount,bind,ro", str(mountpoint))
+        yield Path(mountpoint)
+    finally:
+        _umount(mountpoint)
+
+
+def fill_up(directory: str | Path, leave: int = 0) -> Path:
+    """Fill *directory*'s file system with one file until at most *leave* bytes are free."""
+    path = Path(directory) / "filler"
+    st = os.statvfs(directory)
+    todo = max(st.f_bavail * st.f_frsize - leave, 0)
+    block = b"\xa5" * (1 << 20)
+    with open(path, "wb") as f:
+        try:
+            while todo > 0:
+                todo -= f.write(block[:min(todo, len(block))])
+            f.flush()
+        except OSError:     # ENOSPC: full is what we wanted
+            pass
+    return path
+
+
+def nbdbackup_without_dac_override(*args, timeout=120) -> subprocess.CompletedProcess:
+    """Run the CLI as root without the capabilities that let root ignore file permissions
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): files of other users then refuse it as they
+    would any user. Unlike running as another user, the venv and the checkout may sit where
+    only root can read them (pyenv under /root, a CI clone in a private directory)."""
+    setpriv = require_tool("setpriv")
+    caps = "-dac_override,-dac_read_search"
+    return run([setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", "--", nbdbackup_exe(),
+                *map(str, args)], check=False, timeout=timeout)

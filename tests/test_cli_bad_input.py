@@ -179,7 +179,7 @@ def test_demo_never_deletes_a_repository_in_its_workdir(tmp_path):
     assert (tmp_path / "repo" / "config.json").exists()
 
 
-@pytest.mark.parametrize("size,needle", [("abc", "invalid size"), ("0", "must be positive"),
+@pytest.mark.parametrize("size,needle", [("abc", "invalid size"), ("0", "at least 128M"),
                                          ("64M", "at least 128M")])
 def test_demo_size_is_checked_up_front(tmp_path, size, needle):
     p = nbdbackup("demo", "--size", size, "--workdir", tmp_path / "w", check=False, timeout=60)

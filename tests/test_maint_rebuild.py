@@ -202,3 +202,24 @@ def test_sigkill_during_rebuild_keeps_the_old_index_and_can_be_rerun(repo_with_b
         assert p.returncode == 9 and "rebuild-index" in p.stderr
     nbdbackup("rebuild-index", "--repo", path)
     _check_recovered(path, expect, listing)
+
+
+def test_only_the_newest_damaged_copies_are_kept_and_the_removed_ones_named(repo_with_backups):
+    # Issue 10 item 9: every run kept a full index.sqlite.damaged-<UTC> copy, forever.
+    path, expect, listing = repo_with_backups
+
+    def copies():
+        return sorted(f for f in os.listdir(path) if ".damaged-" in f)
+
+    made = []
+    for run in range(5):
+        out = json.loads(nbdbackup("rebuild-index", "--repo", path, "--json").stdout)
+        made.append(os.path.basename(out["old_index"]))
+        removed = [os.path.basename(p) for p in out["damaged_removed"]]
+        assert removed == ([made[-4]] if len(made) > 3 else []), (run, removed)   # the one that fell off
+        assert copies() == sorted(made[-3:]), (run, copies())      # the newest 3, this run's included
+    p = nbdbackup("rebuild-index", "--repo", path, "--keep-damaged", "1")
+    gone = sorted(made[-3:])
+    assert "removed older copies" in p.stderr and all(g in p.stderr for g in gone), p.stderr
+    assert len(copies()) == 1 and copies()[0] not in gone
+    _check_recovered(path, expect, listing)

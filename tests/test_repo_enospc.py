@@ -1,17 +1,18 @@
 """A full disk in the middle of a backup: NoSpaceError, clean abort, committed data intact."""
 
 import errno
+import json
 import os
-import subprocess
 import threading
 
 import pytest
 
-from nbdbackup.errors import NoSpaceError
+from nbdbackup.errors import ExitCode, NoSpaceError
 from nbdbackup.repo import Repository
 from nbdbackup.repo.backends import LocalBackend
 
 from repohelp import CS, pseudo, read_all, write_full
+from support import fill_up, nbdbackup, tmpfs
 
 
 _full = threading.local()       # per thread: bytes the "disk" still takes (None: no limit)
@@ -99,16 +100,8 @@ def test_enospc_in_backend_aborts_cleanly(tmp_path, filling):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {p.stderr.strip()}; "
-                    "test_enospc_in_backend_aborts_cleanly covers the same path")
-    try:
+    with tmpfs(tmp_path / "mnt", "6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_enospc_on_a_real_full_filesystem(small_tmpfs):
@@ -128,3 +121,69 @@ def test_enospc_on_a_real_full_filesystem(small_tmpfs):
     assert [b.id for b in repo.list_backups()] == [first.id]
     assert read_all(repo, first.id) == data1
     assert os.listdir(os.path.join(path, "tmp")) == []
+
+
+# --- the CLI on a full file system: exit 8 and the truth, never "damaged, rebuild-index" ---------
+
+def _assert_no_space(p, *needles):
+    assert p.returncode == ExitCode.NO_SPACE, f"exit {p.returncode}:\n{p.stderr}"
+    assert "no space left" in p.stderr and "Traceback" not in p.stderr and "internal error" not in p.stderr, \
+        p.stderr
+    assert "damaged" not in p.stderr and "rebuild-index` recreates" not in p.stderr, p.stderr
+    for n in needles:
+        assert n in p.stderr, p.stderr
+
+
+def test_full_filesystem_is_reported_as_no_space_and_rebuild_leaves_nothing(tmp_path):
+    # Issue 10 item 7: every command said "cannot read the index ... disk I/O error" (exit 9) with the
+    # hint to run rebuild-index, which then died with an internal error and left index.sqlite.rebuilding.
+    with tmpfs(tmp_path / "mnt", "4m") as mnt:
+        path = str(mnt / "r")
+        with Repository.init(path, chunk_size=CS, pack_size=256 * 1024) as repo:
+            data = pseudo(7, 8 * CS)
+            first = write_full(repo, "vda", data)
+        index_before = open(os.path.join(path, "index.sqlite"), "rb").read()
+        filler = fill_up(mnt)
+        for args in (["list"], ["verify"], ["stats"], ["restore", "vda", tmp_path / "out.raw"], ["gc"]):
+            _assert_no_space(nbdbackup("--repo", path, *args, check=False, timeout=120), "free space")
+        p = nbdbackup("--repo", path, "rebuild-index", check=False, timeout=120)
+        _assert_no_space(p, "the old index is untouched", "needs room")
+        assert not [f for f in os.listdir(path) if ".rebuilding" in f or ".damaged-" in f], os.listdir(path)
+        assert open(os.path.join(path, "index.sqlite"), "rb").read() == index_before
+        os.unlink(filler)
+        listed = json.loads(nbdbackup("--repo", path, "--json", "list").stdout)
+        assert [b["id"] for b in listed] == [first.id]
+        nbdbackup("--repo", path, "restore", "vda", tmp_path / "out.raw")
+        assert (tmp_path / "out.raw").read_bytes() == data
+
+
+def test_rebuild_index_removes_a_killed_runs_half_made_index(tmp_path):
+    path = str(tmp_path / "r")
+    with Repository.init(path, chunk_size=CS) as repo:
+        first = write_full(repo, "vda", pseudo(8, 4 * CS))
+    for suffix in ("", "-wal", "-shm", "-journal"):      # what a run killed at any step leaves
+        with open(os.path.join(path, "index.sqlite.rebuilding" + suffix), "wb") as f:
+            f.write(b"half made")
+    nbdbackup("--repo", path, "-q", "rebuild-index")
+    assert not [f for f in os.listdir(path) if ".rebuilding" in f], os.listdir(path)
+    assert [b["id"] for b in json.loads(nbdbackup("--repo", path, "--json", "list").stdout)] == [first.id]
+
+
+def test_gc_out_of_room_while_repacking_says_threshold_0_needs_none(tmp_path):
+    # A forgotten backup whose chunks are half shared: gc --repack-threshold 1 must rewrite its packs
+    # and needs room for their live half, which the disk no longer has.
+    with tmpfs(tmp_path / "mnt", "24m") as mnt:
+        path = str(mnt / "r")
+        shared = pseudo(9, 48 * CS)
+        with Repository.init(path, chunk_size=CS, pack_size=4 << 20) as repo:
+            old = write_full(repo, "vda", shared + pseudo(10, 16 * CS))       # 4 MiB, one pack
+            keep = write_full(repo, "vdb", shared)                            # dedups onto old's pack
+        nbdbackup("--repo", path, "forget", old.id)
+        filler = fill_up(mnt, leave=2 << 20)      # the live 3 MiB of old's pack cannot be copied
+        p = nbdbackup("--repo", path, "gc", "--repack-threshold", "1", check=False, timeout=120)
+        _assert_no_space(p, "--repack-threshold 0", "already deleted every unreferenced pack")
+        os.unlink(filler)
+        with Repository.open(path) as repo:
+            assert [b.id for b in repo.list_backups()] == [keep.id]
+            assert read_all(repo, keep.id) == shared          # nothing committed was harmed
+        assert os.listdir(os.path.join(path, "tmp")) == []

@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import argparse
 
+from . import numbers
+
 DEFAULT_CONNECTIONS = 4
-
-
-def connections_type(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError("must be between 1 and 64")
-    return n
+connections_type = numbers.integer(1, 64, noun="number of connections")
 
 
 def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> None:
@@ -85,17 +78,7 @@ def build_source(args, kind: str):
 
 # --- QMP live-VM options (owner: sources/qmp; keep this block together) ------
 
-def granularity_type(text: str) -> int:
-    from ..errors import UsageError
-    from ..repo.config import parse_size   # imported here: the repo package is heavy for --help
-
-    try:
-        n = parse_size(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n < 512 or n > 2 ** 31 or n & (n - 1):
-        raise argparse.ArgumentTypeError("must be a power of two between 512 and 2G (e.g. 64K)")
-    return n
+granularity_type = numbers.size(512, 2 ** 31, power_of_two=True, noun="bitmap granularity")
 
 
 def add_qmp_arguments(p: argparse.ArgumentParser) -> None:

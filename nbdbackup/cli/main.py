@@ -8,7 +8,6 @@ their top level light (no sqlalchemy/zstd imports) so start-up stays fast.
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import importlib
 import logging
@@ -21,26 +20,15 @@ import sys
 import threading
 
 from .. import __version__
-from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table
+from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table, storage_error
+from . import numbers
 from .output import FILE_ONLY
 
 log = logging.getLogger("nbdbackup")
 
 
-
-
 class Interrupted(BaseException):
     """Raised from the SIGTERM handler so that finally-blocks run."""
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: use e.g. 30 or 2.5") from None
-    if not v >= 0:      # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
-    return v
 
 
 def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -59,9 +47,11 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars or summaries")
     g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log output (-vv for debug)")
     g.add_argument("--log-file", default=d(None), metavar="PATH", help="also append logs to PATH")
-    g.add_argument("--lock-wait", type=_seconds, default=d(0.0), metavar="SECONDS",
+    g.add_argument("--lock-wait", type=LOCK_WAIT, default=d(0.0), metavar="SECONDS",
                    help="wait up to SECONDS for a repository lock (default: do not wait)")
 
+
+LOCK_WAIT = numbers.seconds(7 * numbers.DAY)
 
 EPILOG = "exit codes:\n" + exit_code_table()
 
@@ -202,10 +192,10 @@ def _run_command(args) -> int:
         return int(ExitCode.FAILURE)
     except OSError as e:
         log.debug("error details", exc_info=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _say(args, f"no space left: {e}", "free space on the repository's file system and run the "
-                 "command again; committed backups are intact", exc=e)
-            return int(ExitCode.NO_SPACE)
+        known = storage_error(e.errno, e.filename or "a file", f"nbdbackup {args.command}", repository=False)
+        if known is not None:     # a full, read-only or forbidden file system, wherever it was met
+            _say(args, str(known), known.hint, exc=e)
+            return int(known.exit_code)
         _say(args, str(e), exc=e)
         return int(ExitCode.FAILURE)
     except Exception as e:  # a bug: say so briefly, details with -vv / --log-file

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from ..errors import UsageError
+from . import numbers
 
 DEFAULT_TIMEOUT = 30.0
 
 
 def add_client_arguments(p) -> None:
     g = p.add_argument_group("NBD connection")
-    g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    g.add_argument("--timeout", type=numbers.seconds(numbers.DAY, positive=True), default=DEFAULT_TIMEOUT,
+                   metavar="SECONDS",
                    help=f"give up on any socket operation after SECONDS (default {DEFAULT_TIMEOUT:g})")
     g.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the server with (nbds:// URIs)")
     g.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that ask for one")
@@ -22,8 +24,6 @@ def client_options(args, uri):
     """(TlsConfig or None, timeout) from the options; TLS options need an nbds URI."""
     from ..nbd.tls import TlsConfig
 
-    if args.timeout is None or args.timeout <= 0:
-        raise UsageError(f"--timeout must be positive, not {args.timeout}")
     given = args.tls_ca or args.tls_cert or args.tls_key or args.tls_hostname or args.tls_no_verify
     if args.tls_key and not args.tls_cert:
         raise UsageError("--tls-key needs --tls-cert")

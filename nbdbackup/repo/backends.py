@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict
 from typing import Iterable, Iterator
 
-from ..errors import NoSpaceError
+from ..errors import NoSpaceError, storage_error
 from ..fsutil import fsync_path
 
 
@@ -105,9 +105,9 @@ class LocalBackend(StorageBackend):
             fsync_path(parent, directory=True)
         except OSError as e:
             _unlink_quiet(tmp)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpaceError(f"no space left on the repository's file system while writing {name}",
-                                   hint="free space and run again; committed backups are intact") from e
+            known = storage_error(e.errno, self.root, f"writing {name}")   # full, read-only, forbidden
+            if known is not None:
+                raise known from e
             raise
 
     def _acquire(self, name: str) -> int:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import uuid
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
-from ..errors import NotARepository, RepoDamaged, RepoFormatError, UsageError
+from ..errors import NotARepository, RepoDamaged, RepoFormatError, UsageError, storage_error
 
 FORMAT = 1                       # repository layout version this code reads and writes
 CONFIG_NAME = "config.json"
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 256 * 1024   # chosen by measurement + read amplification, see docs/design.md "Chunk size"
+MIN_LEVEL, MAX_LEVEL = -100, 22   # zstd's range
 DEFAULT_LEVEL = -3                # zstd level, chosen by measurement, see docs/design.md "Compression"
 DEFAULT_SEGMENT_LEN = 1024        # map positions per map segment
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
@@ -47,25 +51,31 @@ def check_chunk_size(n: int) -> int:
 
 
 def check_level(level: int) -> int:
-    if not isinstance(level, int) or not -100 <= level <= 22:
+    if not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
         raise UsageError(f"invalid compression level {level!r}: zstd levels run from -100 (fastest) to 22")
     return level
 
 
-def parse_size(text: str) -> int:
-    """'1M', '256K', '1048576', '1MiB' -> bytes (UsageError on nonsense)."""
+MAX_SIZE = 1 << 62              # no size option means more; beyond it a value is a typo (or 1e400)
+_SIZE = re.compile(r"(\d+)(?:\.(\d+))?([KMGT]?)")
+
+
+def parse_size(text: str, *, allow_zero: bool = False) -> int:
+    """'1M', '256K', '1.5G', '1048576', '1MiB' -> bytes (UsageError on nonsense, inf, nan, negatives)."""
     t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    if t and t[-1] in "KMGT":
-        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
-        t = t[:-1]
-    try:
-        n = int(t)
-    except ValueError:
-        raise UsageError(f"invalid size {text!r}: use e.g. 1M, 256K or 1048576") from None
-    if n <= 0:
+    m = _SIZE.fullmatch(t)
+    if not m or len(t) > 30:
+        raise UsageError(f"invalid size {text!r}: use e.g. 1M, 256K or 1048576")
+    whole, frac, unit = m.groups()
+    mult = 1024 ** ("KMGT".index(unit) + 1) if unit else 1
+    n = Fraction(f"{whole}.{frac or 0}") * mult
+    if n.denominator != 1:
+        raise UsageError(f"invalid size {text!r}: not a whole number of bytes")
+    if n > MAX_SIZE:
+        raise UsageError(f"invalid size {text!r}: too large (at most {MAX_SIZE >> 40}T)")
+    if n <= 0 and not (allow_zero and n == 0):
         raise UsageError(f"invalid size {text!r}: must be positive")
-    return n * mult
+    return int(n)
 
 
 def write_config(path: str, cfg: RepoConfig) -> None:
@@ -80,10 +90,18 @@ def write_config(path: str, cfg: RepoConfig) -> None:
 
 def read_config(path: str) -> RepoConfig:
     p = os.path.join(path, CONFIG_NAME)
+    try:
+        os.stat(path)
+    except PermissionError:     # a directory on the way may not be searched by this user
+        raise storage_error(errno.EACCES, path, "reading the repository") from None
+    except OSError:
+        pass
     if not os.path.isdir(path):
         why = "it is a file, not a directory" if os.path.exists(path) else "no such directory"
         raise NotARepository(f"{path} is not an nbdbackup repository ({why})",
                              hint="create one with `nbdbackup init --repo PATH`")
+    if not os.access(path, os.R_OK | os.X_OK) or os.path.exists(p) and not os.access(p, os.R_OK):
+        raise storage_error(errno.EACCES, path, "reading the repository")
     if not os.path.exists(p):
         raise NotARepository(f"{path} is not an nbdbackup repository (no {CONFIG_NAME})",
                              hint="create one with `nbdbackup init --repo PATH`")

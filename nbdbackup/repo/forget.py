@@ -67,7 +67,7 @@ def delete_backups(repo, ids: Iterable[str]) -> int:
 def forget(repo, refs: Iterable[str]) -> ForgetResult:
     """Resolve every ref first (NotFound before anything is deleted), add set members, delete."""
     asked = {}
-    with index_errors("forget"):
+    with index_errors("forget", repo):
         for ref in refs:
             info = repo.resolve(ref)
             asked[info.id] = info
@@ -79,6 +79,6 @@ def forget(repo, refs: Iterable[str]) -> ForgetResult:
 def forget_ids(repo, ids: Iterable[str]) -> ForgetResult:
     """Forget backups by id (prune's path); sets are still made whole. Ids already gone
     (another forget ran meanwhile) are skipped: the goal is reached either way."""
-    with index_errors("forget"):
+    with index_errors("forget", repo):
         present = {b.id for b in repo.list_backups()}
     return forget(repo, [i for i in ids if i in present])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select, update
 
-from ..errors import RepoDamaged
+from ..errors import NoSpaceError, RepoDamaged
 from ..progress import NoBar
 from . import maps
 from . import packs as P
@@ -69,12 +69,29 @@ def collect(repo, *, repack_threshold: float = 0.5, dry_run: bool = False, progr
     """Run gc on *repo* (waits up to repo.lock_wait for the exclusive locks).
 
     *progress*(total, desc, unit), when given, returns a bar (update(n), close()) for a phase."""
-    with exclusive_access(repo, "gc"), index_errors("gc"):
-        return _collect(repo, repack_threshold, dry_run, progress)
-
-
-def _collect(repo, threshold: float, dry_run: bool, progress) -> GcReport:
     rep = GcReport(dry_run=dry_run)
+    try:
+        with exclusive_access(repo, "gc"), index_errors("gc", repo):
+            return _collect(repo, rep, repack_threshold, progress)
+    except NoSpaceError as e:
+        if not rep.packs_repacked:
+            raise
+        # the sweep ran first, so what was unreferenced is gone; only a repack needs room
+        hint = ("a repack writes the live data of sparse packs into a new pack before it deletes them, "
+                "so it needs room for one pack; `nbdbackup gc --repack-threshold 0` rewrites no sparse pack "
+                "and so needs no room for them (only a pack holding a forgotten backup's manifest is still "
+                "rewritten)")
+        if repack_threshold == 0:
+            hint = ("even with --repack-threshold 0 a pack holding a forgotten backup's manifest is rewritten "
+                    "(so that rebuild-index cannot bring the backup back); free room for one pack "
+                    f"(about {repo.config.pack_size:,} bytes) and run gc again")
+        raise NoSpaceError(f"{e}; gc had already deleted every unreferenced pack "
+                           f"({rep.bytes_reclaimed} bytes reclaimed) when a repack ran out of room",
+                           hint=hint) from None
+
+
+def _collect(repo, rep: GcReport, threshold: float, progress) -> GcReport:
+    dry_run = rep.dry_run
     eng, backend, store = repo.engine, repo.backend, repo.store
 
     # -- mark ---------------------------------------------------------------

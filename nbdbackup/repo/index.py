@@ -8,6 +8,7 @@ IMMEDIATE for writes) sit behind a dialect check so other databases work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.resources
 import os
 from pathlib import Path
@@ -17,6 +18,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged, RepoFormatError
+from ..fsutil import write_blocker
+from .indexerrors import index_error, index_path
 from .schema import INDEX_REVISION
 
 INDEX_FILE = "index.sqlite"
@@ -28,9 +31,14 @@ def default_url(repo_path: str) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(repo_path, INDEX_FILE))}"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, read_only: str | None = None) -> Engine:
+    """An engine for *url*. read_only ("ro", or "immutable" on a read-only file system) opens a
+    SQLite index file read-only: a reading command then works where nothing can be written."""
     is_sqlite = url.startswith("sqlite")
     kw = {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}} if is_sqlite else {}
+    path = _sqlite_file(url)
+    if read_only and path:
+        kw = {"creator": _read_only_creator(path, immutable=read_only == "immutable")}
     try:
         eng = create_engine(url, **kw)
     except (SQLAlchemyError, ValueError, ImportError) as e:
@@ -39,8 +47,39 @@ def make_engine(url: str) -> Engine:
                 if isinstance(e, ImportError) else None)
         raise UsageError(f"invalid index URL {_shown(url)!r}: {e}", hint=hint) from None
     if eng.dialect.name == "sqlite":
-        _sqlite_setup(eng)
+        _sqlite_setup(eng, read_only=bool(read_only and path))
     return eng
+
+
+def _sqlite_file(url: str) -> str | None:
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:" or "?" in url:
+        return None
+    return url.removeprefix("sqlite:///")
+
+
+def read_only_mode(url: str) -> str | None:
+    """How to open the SQLite index at *url*: None (read-write) where it can be written;
+    "ro" where this user may not write it (others may: WAL readers still share its -shm);
+    "immutable" on a read-only file system, where nobody can write, so no -shm is needed
+    (with a leftover -wal SQLite must still read it: then "ro")."""
+    path = _sqlite_file(url)
+    if path is None:
+        return None
+    blocker = write_blocker(path)
+    if blocker == errno.EROFS:
+        return "ro" if os.path.exists(path + "-wal") else "immutable"
+    return "ro" if blocker == errno.EACCES else None
+
+
+def _read_only_creator(path: str, *, immutable: bool):
+    import sqlite3
+    from urllib.parse import quote
+
+    uri = f"file:{quote(os.path.abspath(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+
+    def connect():
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    return connect
 
 
 def _shown(url: str) -> str:
@@ -52,7 +91,7 @@ def _shown(url: str) -> str:
         return url
 
 
-def _sqlite_setup(eng: Engine) -> None:
+def _sqlite_setup(eng: Engine, *, read_only: bool = False) -> None:
     # pysqlite's own transaction handling defers BEGIN and cannot do BEGIN
     # IMMEDIATE; take it over so writers queue on busy_timeout instead of
     # failing with "database is locked" on a read->write upgrade.
@@ -60,7 +99,8 @@ def _sqlite_setup(eng: Engine) -> None:
     def _on_connect(dbapi_conn, _rec):
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        if not read_only:       # a read-only connection keeps the file's journal mode (WAL)
+            cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -97,8 +137,9 @@ def check_revision(eng: Engine, where: str) -> None:
         with eng.connect() as conn:
             rev = current_revision(conn)
     except SQLAlchemyError as e:
-        raise RepoDamaged(f"cannot read the index of {where}: {e.__class__.__name__}: {e.orig if hasattr(e, 'orig') else e}",
-                          hint="check --index-url; `nbdbackup rebuild-index` recreates it from the packs") from None
+        raise index_error(e, f"reading the index of {where}", path=index_path(eng),
+                          damaged_hint="check --index-url; `nbdbackup rebuild-index` recreates it "
+                                       "from the packs") from None
     if rev == INDEX_REVISION:
         return
     if rev is None:

@@ -4,7 +4,10 @@ A lock is a file in locks/; flock() is released by the kernel when the
 holder dies, so a killed run never leaves a lock behind. Beside it each
 holder writes `<lock>@<pid>-<n>.holder` (pid, host, command line, since) so a
 blocked user is told who holds it; info files of dead pids on this host are
-removed when seen.
+removed when seen. Where locks/ cannot be written (a read-only mount, another
+user's repository) a shared lock is an flock on the file opened read-only and
+no holder file is written; on a read-only file system without the lock file no
+lock is taken at all, since nobody can write there (docs/design.md).
 
 Lock names used by the repository:
   writers       shared by every backup writer; exclusive for gc
@@ -14,6 +17,7 @@ Lock names used by the repository:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -21,7 +25,7 @@ import socket
 import sys
 import time
 
-from ..errors import LockedError
+from ..errors import LockedError, storage_error
 
 _HOST = socket.gethostname()
 
@@ -50,7 +54,12 @@ class RepoLock:
         self._acquire(wait, purpose)
 
     def _acquire(self, wait: float, purpose: str | None) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            fd = self._open_read_only(e)
+            if fd is None:
+                return      # a read-only file system: nobody can write, so nothing to lock against
         op = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
@@ -64,6 +73,8 @@ class RepoLock:
                                       hint="wait for it to finish, or pass --lock-wait SECONDS") from None
                 time.sleep(min(0.1, max(deadline - time.monotonic(), 0.01)))
         self._fd = fd
+        if not os.access(self.lock_dir, os.W_OK):
+            return      # a read-only locks/: holder info is a courtesy we cannot give here
         read_holders(self.lock_dir, self.name)   # drops info files of dead holders
         self._info_path = f"{self.path}@{os.getpid()}-{id(self):x}.holder"   # '@' never occurs in lock names
         info = {"pid": os.getpid(), "host": _HOST, "command": " ".join(sys.argv),
@@ -74,6 +85,21 @@ class RepoLock:
                 json.dump(info, f)
         except OSError:
             self._info_path = None   # the lock itself is what counts; info is a courtesy
+
+    def _open_read_only(self, e: OSError) -> int | None:
+        """Where locks/ cannot be written, a shared lock is taken on the lock file opened
+        read-only (flock needs no write access); exclusive ones cannot be had there."""
+        what = f"taking the {self.name} lock"
+        if self.exclusive or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise storage_error(e.errno, self.lock_dir, what) or e
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if e.errno == errno.EROFS:
+                return None
+            raise storage_error(e.errno, self.lock_dir, what) from None
+        except OSError as e2:
+            raise storage_error(e2.errno, self.lock_dir, what) or e2 from None
 
     def _blocked_message(self, purpose: str | None) -> str:
         what = purpose or f"lock {self.name}"

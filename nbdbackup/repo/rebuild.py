@@ -3,22 +3,26 @@
 Order: scan every pack (read-only: footers, or record headers when a footer
 is damaged; manifests are read and hash-checked), then build a fresh index
 at the head revision beside the old one (`index.sqlite.rebuilding`, filled
-in one transaction), then move the old index aside (never deleted) and
-rename the new one into place. Runs under the writers and readers locks taken
-exclusively, like gc. A backup comes back when its manifest and all its map
-segments are found; missing chunks are reported (verify names the ranges).
+in one transaction), then move the old index aside and rename the new one
+into place; of the moved-aside copies the newest few are kept. A failed
+build (a full disk, say) removes its half-made index; the old one stays.
+Runs under the writers and readers locks taken exclusively, like gc. A
+backup comes back when its manifest and all its map segments are found;
+missing chunks are reported (verify names the ranges).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import insert, inspect
+from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import UsageError
+from ..errors import NoSpaceError, UsageError
 from ..fsutil import fsync_path
 from . import maps
 from . import packs as P
@@ -26,10 +30,13 @@ from .chunks import ZERO_REF, DecodeError, decode
 from .ids import now_ms, to_ms
 from .exclusive import exclusive_access
 from .index import make_engine, upgrade, write_txn
+from .indexerrors import index_error
 from .info import BackupInfo
 from .schema import backup_segments, backups, chunks, packs, segments
 
 _BATCH = 2000
+KEEP_DAMAGED = 3        # index.sqlite.damaged-<UTC> copies kept by default (the newest)
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 @dataclass
@@ -43,6 +50,7 @@ class RebuildReport:
     backups_lost: list[dict] = field(default_factory=list)      # {"id", "reason"}
     backups_incomplete: list[dict] = field(default_factory=list)  # {"id", "missing_chunks"}
     old_index: str | None = None
+    damaged_removed: list[str] = field(default_factory=list)    # older moved-aside copies deleted
 
     def problem_lines(self) -> list[str]:
         out = [f"pack {p}: footer damaged, records recovered from their headers" for p in self.packs_salvaged]
@@ -54,6 +62,8 @@ class RebuildReport:
 
     def summary_line(self) -> str:
         moved = f"; old index kept as {self.old_index}" if self.old_index else ""
+        if self.damaged_removed:
+            moved += f"; removed older copies {', '.join(os.path.basename(p) for p in self.damaged_removed)}"
         return (f"rebuilt the index from {self.packs} pack(s): {len(self.backups)} backup(s), {self.chunks} chunk(s), "
                 f"{self.segments} map segment(s); {len(self.backups_lost)} backup(s) lost{moved}")
 
@@ -69,19 +79,22 @@ class _Found:
 
 
 def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
-                  progress=None) -> RebuildReport:
-    """Rebuild the index of the repository at *path*; *progress*(total_packs) returns a bar."""
+                  progress=None, keep_damaged: int = KEEP_DAMAGED) -> RebuildReport:
+    """Rebuild the index of the repository at *path*; *progress*(total_packs) returns a bar.
+    Of the old indexes moved aside (this run's included) the newest *keep_damaged* stay."""
     from .repository import Repository
 
+    if keep_damaged < 1:
+        raise UsageError("rebuild-index keeps at least the copy of the index it moves aside")
     repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False)
     try:
         with exclusive_access(repo, "rebuild-index"):
-            return _rebuild(repo, progress)
+            return _rebuild(repo, progress, keep_damaged)
     finally:
         repo.close()
 
 
-def _rebuild(repo, progress) -> RebuildReport:
+def _rebuild(repo, progress, keep_damaged: int) -> RebuildReport:
     rep = RebuildReport()
     found = _scan(repo.backend, rep, progress)
     repo.engine.dispose()
@@ -94,14 +107,47 @@ def _rebuild(repo, progress) -> RebuildReport:
     # (or, between the two renames, none: `open` then says so and rebuild-index runs again)
     db = url.removeprefix("sqlite:///")
     tmp = db + ".rebuilding"
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(tmp + suffix):
-            os.unlink(tmp + suffix)
-    _build("sqlite:///" + tmp, repo, found, rep, single_file=True)
+    _remove_sqlite_files(tmp)       # a killed run's half-made index
+    try:
+        _build("sqlite:///" + tmp, repo, found, rep, single_file=True)
+    except BaseException as e:
+        _remove_sqlite_files(tmp)   # never leave a half-made index behind; the old one is untouched
+        if isinstance(e, NoSpaceError):
+            raise NoSpaceError(f"{e}; the old index is untouched",
+                               hint="rebuild-index builds the new index beside the old one and needs room "
+                                    f"for it (about the size of {os.path.basename(db)}); free that much and "
+                                    "run it again") from None
+        raise
     rep.old_index = _move_aside(db)
     os.rename(tmp, db)
     fsync_path(os.path.dirname(db), directory=True)
+    rep.damaged_removed = _prune_damaged(db, keep_damaged)
     return rep
+
+
+def _remove_sqlite_files(path: str) -> None:
+    for suffix in ("", *_SQLITE_SIDE_FILES):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def _prune_damaged(db: str, keep: int) -> list[str]:
+    """Delete all but the newest *keep* <db>.damaged-<UTC>[-n] copies; the paths deleted."""
+    d, prefix = os.path.dirname(db), os.path.basename(db) + ".damaged-"
+
+    def age(name: str):
+        stamp, _, n = name[len(prefix):].partition("-")
+        return stamp, int(n) if n.isdigit() else 1
+
+    copies = sorted((f for f in os.listdir(d) if f.startswith(prefix) and not f.endswith(_SQLITE_SIDE_FILES)),
+                    key=age)
+    removed = []
+    for name in copies[:max(len(copies) - keep, 0)]:
+        _remove_sqlite_files(os.path.join(d, name))
+        removed.append(os.path.join(d, name))
+    return removed
 
 
 def _build(url: str, repo, found: "_Found", rep: RebuildReport, *, single_file: bool = False) -> None:
@@ -117,6 +163,9 @@ def _build(url: str, repo, found: "_Found", rep: RebuildReport, *, single_file: 
                 cur.close()
             finally:
                 raw.close()
+    except (SQLAlchemyError, sqlite3.Error) as e:
+        raise index_error(e, "writing the new index", path=url.removeprefix("sqlite:///") if single_file else None,
+                          damaged_hint="the new index could not be written; the old one is untouched") from None
     finally:
         eng.dispose()
     if single_file:

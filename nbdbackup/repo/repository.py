@@ -14,13 +14,15 @@ from typing import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import NotFound, RepoDamaged, UsageError
+from ..errors import NotFound, RepoDamaged, UsageError, storage_error
+from ..fsutil import write_blocker
 from .backends import LocalBackend, StorageBackend
 from .config import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DEFAULT_PACK_SIZE, DEFAULT_SEGMENT_LEN, RepoConfig,
                      read_config, write_config)
 from .ids import check_disk_name, from_ms, is_backup_id
 from .image import BackupImage
-from .index import check_revision, current_revision, default_url, make_engine, upgrade
+from .index import check_revision, current_revision, default_url, make_engine, read_only_mode, upgrade
+from .indexerrors import index_error, index_path
 from .info import BackupInfo
 from .locks import RepoLock
 from .schema import backup_segments, backups, chunks, packs, segments
@@ -79,6 +81,8 @@ class Repository:
                                  hint="choose a path on a writable file system") from None
             for d in _DIRS:
                 os.makedirs(os.path.join(path, d), exist_ok=True)
+            for name in ("writers", "readers"):    # so a user who may only read the repository can lock
+                open(os.path.join(path, "locks", name), "a").close()
             url = index_url or default_url(path)
             eng = make_engine(url)
             with eng.connect() as conn:
@@ -115,7 +119,7 @@ class Repository:
         if check and url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
             raise RepoDamaged(f"the index of {path} ({url.removeprefix('sqlite:///')}) is missing",
                               hint="`nbdbackup rebuild-index` recreates it from the packs")
-        eng = make_engine(url)
+        eng = make_engine(url, read_only=read_only_mode(url))
         if check:
             try:
                 check_revision(eng, path)
@@ -164,8 +168,9 @@ class Repository:
             with self.engine.connect() as conn:
                 return conn.execute(stmt).all()
         except SQLAlchemyError as e:
-            raise RepoDamaged(f"cannot read the index: {e.__class__.__name__}: {getattr(e, 'orig', e)}",
-                              hint="run `nbdbackup verify`; `nbdbackup rebuild-index` recreates the index") from None
+            raise index_error(e, "reading the index", path=index_path(self.engine),
+                              damaged_hint="run `nbdbackup verify`; `nbdbackup rebuild-index` recreates "
+                                           "the index") from None
 
     def list_backups(self, disk: str | None = None) -> list[BackupInfo]:
         """Committed backups, oldest first."""
@@ -225,8 +230,8 @@ class Repository:
         try:
             return self._stats()
         except SQLAlchemyError as e:
-            raise RepoDamaged(f"cannot read the index: {e.__class__.__name__}: {getattr(e, 'orig', e)}",
-                              hint="`nbdbackup rebuild-index` recreates the index") from None
+            raise index_error(e, "reading the index", path=index_path(self.engine),
+                              damaged_hint="`nbdbackup rebuild-index` recreates the index") from None
 
     def _stats(self) -> dict:
         with self.engine.connect() as conn:
@@ -253,6 +258,9 @@ class Repository:
     def writer(self, disk: str, *, kind: str, size: int, parent: BackupInfo | None = None,
                bitmap: str | None = None, checkpoint: str | None = None, set_id: str | None = None,
                source: str | None = None) -> BackupWriter:
+        blocker = write_blocker(self.path)
+        if blocker in (errno.EROFS, errno.EACCES):      # say so before any work, not at the first pack
+            raise storage_error(blocker, self.path, f"writing a backup of {disk}")
         return BackupWriter(self, disk, kind=kind, size=size, parent=parent, bitmap=bitmap,
                             checkpoint=checkpoint, set_id=set_id, source=source)
 

@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged
 from . import packs as P
+from .indexerrors import index_error, index_path
 from .chunks import DecodeError, decode
 from .schema import chunks, packs, segments
 
@@ -58,8 +59,8 @@ class ObjectStore:
                     for row in conn.execute(q.where(table.c.hash.in_(hs[i:i + _IN_BATCH]))):
                         out[bytes(row[0])] = Location(*row[1:])
         except SQLAlchemyError as e:
-            raise RepoDamaged(f"cannot read the index: {e.__class__.__name__}: {getattr(e, 'orig', e)}",
-                              hint="`nbdbackup rebuild-index` recreates the index from the packs") from None
+            raise index_error(e, "reading the index", path=index_path(self.engine),
+                              damaged_hint="`nbdbackup rebuild-index` recreates the index from the packs") from None
         return out
 
     def chunk_locations(self, hashes: Iterable[bytes]) -> dict[bytes, Location]:

@@ -20,14 +20,15 @@ from collections import deque
 from typing import TYPE_CHECKING, Sequence
 
 from sqlalchemy import insert
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import LockedError, NoSpaceError, RepoDamaged, UsageError
+from ..errors import UsageError, storage_error
 from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF, PreparedChunk, compress_blob, hash_bytes, prepare
 from .ids import check_disk_name, from_ms, new_backup_id, now_ms, to_ms
 from .index import write_txn
+from .indexerrors import index_error, index_path
 from .info import BackupInfo
 from .schema import backup_segments, backups, chunks, packs, segments
 
@@ -331,7 +332,7 @@ class BackupWriter:
             return fn(*a)
         except BaseException as e:
             self.abort()
-            raise _translate(e) from e
+            raise _translate(e, self.repo) from e
 
     def _release(self) -> None:
         for lk in reversed(self._locks):
@@ -350,21 +351,14 @@ def _inheritable(parent_size: int, size: int, cs: int) -> int:
     return k
 
 
-def _translate(e: BaseException) -> BaseException:
-    """Index and OS errors met while writing -> the documented error classes."""
-    if isinstance(e, OSError) and e.errno in (28, 122):
-        return NoSpaceError(f"no space left on the repository's file system: {e}",
-                            hint="free space and run again; committed backups are intact")
+def _translate(e: BaseException, repo) -> BaseException:
+    """Index and OS errors met while writing -> the documented error classes (errors.storage_error
+    and indexerrors.index_error: the one mapping, shared with index open, locks and rebuild)."""
+    if isinstance(e, OSError):
+        return storage_error(e.errno, e.filename or repo.path, "writing a backup") or e
     if isinstance(e, SQLAlchemyError):
-        msg = str(getattr(e, "orig", None) or e)
-        if isinstance(e, OperationalError) and "full" in msg.lower():
-            return NoSpaceError(f"no space left for the index: {msg}",
-                                hint="free space and run again; committed backups are intact")
-        if isinstance(e, OperationalError) and "locked" in msg.lower():
-            return LockedError(f"the index stayed locked by other writers for too long: {msg}",
-                               hint="nothing was committed; run again when the repository is less busy")
-        return RepoDamaged(f"cannot write the index: {e.__class__.__name__}: {msg}",
-                           hint="nothing was committed; `nbdbackup verify` checks the repository")
+        return index_error(e, "writing the index", path=index_path(repo.engine),
+                           damaged_hint="nothing was committed; `nbdbackup verify` checks the repository")
     return e
 
 
@@ -420,7 +414,7 @@ def commit_writers(repo: "Repository", writers: Sequence[BackupWriter], *, read_
     except BaseException as e:
         for w in writers:
             w.abort()
-        err = _translate(e)
+        err = _translate(e, repo)
         if err is e:
             raise
         raise err from e

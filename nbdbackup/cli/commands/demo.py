@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import numbers
+
 NAME = "demo"
 HELP = "run a self-contained demo: qcow2 disk -> full -> incremental -> restore -> compare"
 DESCRIPTION = (
@@ -22,25 +24,12 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", metavar="DIR", help="keep the demo's image, repository and restore in DIR")
-    p.add_argument("--size", type=_demo_size, default="256M",
+    p.add_argument("--size", type=numbers.size(MIN_SIZE, 1 << 40), default="256M",
                    help="virtual size of the demo disk, at least 128M (default 256M)")
 
 
 MIN_SIZE = 128 << 20     # the demo writes up to offset 102M
 MARKER = ".nbdbackup-demo"   # in --workdir: the leftovers there are a demo's, safe to replace
-
-
-def _demo_size(text: str) -> int:
-    from ...errors import UsageError
-    from ...repo.config import parse_size
-
-    try:
-        n = parse_size(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n < MIN_SIZE:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small: the demo needs at least 128M")
-    return n
 
 
 def run(args) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .. import numbers
+
 log = logging.getLogger(__name__)
 
 NAME = "gc"
@@ -19,18 +21,8 @@ DESCRIPTION = (
 )
 
 
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repack-threshold", type=_fraction, default=0.5, metavar="FRACTION",
+    p.add_argument("--repack-threshold", type=numbers.real(0, 1, noun="fraction"), default=0.5, metavar="FRACTION",
                    help="rewrite packs whose live fraction is below FRACTION (0..1, default 0.5; "
                         "0 = never, 1 = every pack with any dead record)")
     p.add_argument("--dry-run", action="store_true", help="report what would be reclaimed; change nothing")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import numbers
+
 NAME = "init"
 HELP = "create a new repository (directory, config.json and index)"
 DESCRIPTION = (
@@ -14,21 +16,29 @@ DESCRIPTION = (
 )
 
 
+def _config():
+    from ...repo import config   # when a value is checked: the repo package is heavy for --help
+
+    return config
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", metavar="SIZE", default=None,
+                   type=numbers.size(lambda: _config().MIN_CHUNK, lambda: _config().MAX_CHUNK, power_of_two=True,
+                                     noun="chunk size"),
                    help="chunk size, a power of two from 64K to 16M, e.g. 1M, 256K, 1048576 (default 256K)")
-    p.add_argument("--compression-level", metavar="N", type=int, default=None,
+    p.add_argument("--compression-level", metavar="N", default=None,
+                   type=numbers.integer(lambda: _config().MIN_LEVEL, lambda: _config().MAX_LEVEL, noun="zstd level"),
                    help="zstd level; negative levels are faster (default -3)")
 
 
 def run(args) -> int:
     from ...repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
-    from ...repo.config import parse_size
     from ..output import human_bytes, print_json, summary
     from ..repoargs import repo_path
 
     path = repo_path(args)
-    cs = parse_size(args.chunk_size) if args.chunk_size is not None else DEFAULT_CHUNK_SIZE
+    cs = args.chunk_size if args.chunk_size is not None else DEFAULT_CHUNK_SIZE
     level = args.compression_level if args.compression_level is not None else DEFAULT_LEVEL
     with Repository.init(path, chunk_size=cs, index_url=args.index_url, compression_level=level) as repo:
         out = {"path": repo.path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size,

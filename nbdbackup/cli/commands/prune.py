@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import numbers
+
 NAME = "prune"
 HELP = "forget backups a retention policy does not keep (PBS semantics, per disk)"
 DESCRIPTION = (
@@ -18,20 +20,11 @@ DESCRIPTION = (
 RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
-def _count(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     for rule in RULES:
         what = "backups" if rule == "last" else f"{rule} backups (newest of each period)"
-        p.add_argument(f"--keep-{rule}", type=_count, default=0, metavar="N", help=f"keep the last N {what}")
+        p.add_argument(f"--keep-{rule}", type=numbers.integer(0, 1_000_000, noun="count"), default=0, metavar="N",
+                       help=f"keep the last N {what}")
     p.add_argument("--disk", action="append", metavar="NAME",
                    help="only prune this disk's backups (repeatable; default: every disk)")
     p.add_argument("--dry-run", action="store_true", help="show what would be forgotten and why; change nothing")

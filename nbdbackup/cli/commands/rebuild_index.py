@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .. import numbers
+
 log = logging.getLogger(__name__)
 
 NAME = "rebuild-index"
@@ -12,17 +14,20 @@ HELP = "rebuild a lost or damaged index from the self-describing packs"
 DESCRIPTION = (
     "Reads every pack's footer (or, when a footer is damaged, its record headers),\n"
     "and rebuilds the index: chunks, map segments and the backups whose manifests\n"
-    "are found. An existing index file is moved aside first (never deleted).\n"
+    "are found. An existing index file is moved aside first, as\n"
+    "index.sqlite.damaged-<UTC>; the newest --keep-damaged copies are kept and the\n"
+    "output names the older ones it removed.\n"
     "See docs/maintenance.md for what cannot be recovered."
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--keep-damaged", type=numbers.integer(1, 1000), default=None, metavar="N",
+                   help="keep the newest N moved-aside index copies, this run's included (default 3)")
 
 
 def run(args) -> int:
-    from ...repo.rebuild import rebuild_index
+    from ...repo.rebuild import KEEP_DAMAGED, rebuild_index
     from ..output import print_json, progress_bar, summary
     from ..repoargs import repo_path
 
@@ -35,7 +40,7 @@ def run(args) -> int:
     listed_before = _listed_ids(args)
     try:
         report = rebuild_index(repo_path(args), index_url=args.index_url, lock_wait=args.lock_wait,
-                               progress=progress)
+                               progress=progress, keep_damaged=args.keep_damaged or KEEP_DAMAGED)
     finally:
         for b in bars:
             b.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .. import numbers
+
 NAME = "serve"
 HELP = "serve backups over NBD (each backup by id, each disk's latest by disk name)"
 DESCRIPTION = """\
@@ -10,21 +12,6 @@ its id; each disk name is an alias of that disk's latest backup, bound when a
 client connects. Read-only unless --writable, which gives each backup a
 copy-on-write overlay (shared by all its clients, discarded when the server
 stops); the repository is never modified. Stop with SIGTERM or Ctrl-C."""
-
-
-def _size(text: str) -> int:
-    import argparse
-
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        n = int(float(num) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 256M, 1G)") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    return n
 
 
 def add_arguments(p) -> None:
@@ -42,11 +29,11 @@ def add_arguments(p) -> None:
     p.add_argument("--writable", action="store_true",
                    help="accept writes into a per-backup copy-on-write overlay (discarded on exit)")
     p.add_argument("--overlay-dir", metavar="DIR", help="where overlay files go (default: a temp dir)")
-    p.add_argument("--cache-size", type=_size, default=256 << 20, metavar="SIZE",
+    p.add_argument("--cache-size", type=numbers.size(0, 1 << 40), default=256 << 20, metavar="SIZE",
                    help="decompressed chunk cache shared by all clients (default 256M)")
-    p.add_argument("--workers", type=int, default=4, metavar="N",
+    p.add_argument("--workers", type=numbers.integer(1, 256), default=4, metavar="N",
                    help="threads reading and decompressing chunks (default 4)")
-    p.add_argument("--max-connections", type=int, default=1000, metavar="N",
+    p.add_argument("--max-connections", type=numbers.integer(1, 65536), default=1000, metavar="N",
                    help="clients served at once; more are turned away (default 1000)")
     p.add_argument("--max-handshakes", type=int, metavar="N",
                    help="clients still negotiating at once (each has 60 s in all); more are turned away "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import numbers
+
 NAME = "verify"
 HELP = "check that backups are intact: every chunk present, readable and matching its hash"
 DESCRIPTION = (
@@ -16,19 +18,10 @@ DESCRIPTION = (
 )
 
 
-def _percent(s: str) -> float:
-    try:
-        v = float(s.rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage, got {s!r}") from None
-    if not 0 < v <= 100:
-        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {s}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("backups", nargs="*", metavar="BACKUP", help="backup id or disk name (default: all backups)")
-    p.add_argument("--sample", type=_percent, metavar="PERCENT",
+    p.add_argument("--sample", type=numbers.real(0, 100, lo_open=True, noun="percentage", suffix="%"),
+                   metavar="PERCENT",
                    help="check only a random PERCENT of the distinct chunks (e.g. 10)")
 
 
