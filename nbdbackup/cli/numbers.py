@@ -28,7 +28,7 @@ class NumberType:
     """A numeric option's parser: text -> number within [lo, hi] (lo excluded when lo_open)."""
 
     def __init__(self, kind: str, lo, hi, *, lo_open: bool = False, unit: str = "", noun: str | None = None,
-                 power_of_two: bool = False, suffix: str = ""):
+                 power_of_two: bool = False, suffix: str = "", hint: str | None = None):
         self.kind = kind                # "integer", "real", "size" or "octal"
         self._lo, self._hi = lo, hi
         self.lo_open = lo_open
@@ -37,6 +37,7 @@ class NumberType:
                              "octal": "octal number"}[kind]
         self.power_of_two = power_of_two
         self.suffix = suffix            # accepted after the number (verify's "10%")
+        self.hint = hint                # printed under the error, as the CLI prints other hints
         self.__name__ = self.noun       # argparse names the type by it in some messages
 
     @property
@@ -74,12 +75,16 @@ class NumberType:
     def __call__(self, text: str):
         value = self._parse(str(text).strip().removesuffix(self.suffix).strip())
         if value is None:
-            raise argparse.ArgumentTypeError(f"invalid {self.noun} {text!r}: {self.accepted()}")
+            raise self._invalid(text)
         lo, hi = self.lo, self.hi
         below = value <= lo if self.lo_open else value < lo
         if below or value > hi or self.power_of_two and value & (value - 1):
-            raise argparse.ArgumentTypeError(f"invalid {self.noun} {text!r}: {self.accepted()}")
+            raise self._invalid(text)
         return value
+
+    def _invalid(self, text: str) -> argparse.ArgumentTypeError:
+        hint = f"\n  hint: {self.hint}" if self.hint else ""
+        return argparse.ArgumentTypeError(f"invalid {self.noun} {text!r}: {self.accepted()}{hint}")
 
     def _parse(self, text: str):
         if self.kind == "size":
@@ -113,9 +118,9 @@ def seconds(hi: float, *, positive: bool = False) -> NumberType:
     return NumberType("real", 0, hi, lo_open=positive, unit="seconds", noun="number of seconds")
 
 
-def octal(lo: int = 0, hi: int = 0o777, *, noun: str | None = None) -> NumberType:
+def octal(lo: int = 0, hi: int = 0o777, *, noun: str | None = None, hint: str | None = None) -> NumberType:
     """A file mode such as 0660 or 660 (octal digits only)."""
-    return NumberType("octal", lo, hi, noun=noun)
+    return NumberType("octal", lo, hi, noun=noun, hint=hint)
 
 
 def size(lo, hi, *, power_of_two: bool = False, noun: str | None = None) -> NumberType:

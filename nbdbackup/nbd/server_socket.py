@@ -46,18 +46,7 @@ class SocketAccess:
         return f"mode {self.mode:04o}, {' + '.join(who) or 'nobody but root'} can connect"
 
 
-def parse_socket_mode(text: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise UsageError(f"--socket-mode {text!r}: expected an octal mode such as 0600 or 0660",
-                         hint="0600: only the server's user; 0660: also --socket-group; 0666: every local user")
-    return mode
-
-
-def socket_access(mode_text: str | None, group_text: str | None) -> SocketAccess:
+def socket_access(mode: int | None, group_text: str | None) -> SocketAccess:
     gid = name = None
     if group_text:
         try:
@@ -68,9 +57,7 @@ def socket_access(mode_text: str | None, group_text: str | None) -> SocketAccess
                 raise UsageError(f"--socket-group {group_text!r}: no such group",
                                  hint="give a group name from /etc/group (e.g. libvirt-qemu or kvm) or a numeric gid") from None
             gid, name = int(group_text), group_text
-    if mode_text is not None:
-        mode = parse_socket_mode(mode_text)
-    else:
+    if mode is None:
         mode = WITH_GROUP if gid is not None else OWNER_ONLY
     return SocketAccess(mode, gid, name)
 

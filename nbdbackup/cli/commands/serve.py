@@ -19,7 +19,10 @@ def add_arguments(p) -> None:
                    help="where to listen (default: unix socket serve.sock, mode 0600, in a private "
                         "runtime directory: /run/nbdbackup for root, else $XDG_RUNTIME_DIR/nbdbackup); "
                         "TCP needs TLS or --insecure-tcp")
-    p.add_argument("--socket-mode", metavar="MODE",
+    p.add_argument("--socket-mode", type=numbers.octal(
+                       0, 0o777, noun="octal mode",
+                       hint="0600: only the server's user; 0660: also --socket-group; 0666: every local user"),
+                   metavar="MODE",
                    help="unix socket mode, octal (default 0600: only this user; 0660 with --socket-group)")
     p.add_argument("--socket-group", metavar="GROUP",
                    help="give the unix socket (and search access to its private directory) to GROUP, "
@@ -35,7 +38,7 @@ def add_arguments(p) -> None:
                    help="threads reading and decompressing chunks (default 4)")
     p.add_argument("--max-connections", type=numbers.integer(1, 65536), default=1000, metavar="N",
                    help="clients served at once; more are turned away (default 1000)")
-    p.add_argument("--max-handshakes", type=int, metavar="N",
+    p.add_argument("--max-handshakes", type=numbers.integer(1, 65536), metavar="N",
                    help="clients still negotiating at once (each has 60 s in all); more are turned away "
                         "(default 64, or half of --max-connections when that is less)")
     g = p.add_argument_group("TLS (X.509)")
@@ -92,10 +95,6 @@ def run(args) -> int:
     else:
         private_dir = runtime_dir()
         addr = ListenAddress(unix=os.path.join(private_dir, DEFAULT_SOCKET_NAME))
-    if args.workers < 1 or args.max_connections < 1:
-        raise UsageError("--workers and --max-connections must be at least 1")
-    if args.max_handshakes is not None and args.max_handshakes < 1:
-        raise UsageError("--max-handshakes must be at least 1")
     if (args.tls_key or args.tls_ca) and not args.tls_cert:
         raise UsageError("--tls-key/--tls-ca need --tls-cert")
     if not addr.unix and (args.socket_mode is not None or args.socket_group):
