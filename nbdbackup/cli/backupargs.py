@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_CONNECTIONS = 4
+DEFAULT_CHECK_CLEAN = 0.5     # the same as BackupOptions.check_clean (not imported: --help stays light)
 
 
 def connections_type(text: str) -> int:
@@ -20,6 +21,17 @@ def connections_type(text: str) -> int:
     if not 1 <= n <= 64:
         raise argparse.ArgumentTypeError("must be between 1 and 64")
     return n
+
+
+def percent_type(text: str) -> float:
+    """--check-clean PERCENT: a finite number from 0 to 100."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= x <= 100:       # also false for nan; inf is > 100
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, not {text!r}")
+    return x
 
 
 def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> None:
@@ -48,7 +60,12 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                             "(default: the disk's latest backup)")
         p.add_argument("--no-fallback", action="store_true",
                        help="fail (exit 13) instead of taking a full backup when the incremental "
-                            "cannot be trusted (missing or inconsistent bitmap, parent gone)")
+                            "cannot be trusted (missing or inconsistent bitmap, parent gone, or the "
+                            "image contradicts the bitmap)")
+        p.add_argument("--check-clean", type=percent_type, default=DEFAULT_CHECK_CLEAN, metavar="PERCENT",
+                       help="read this share of the chunks the bitmap says are clean (at least one, at most "
+                            f"1 GiB) and compare them with the parent backup (default {DEFAULT_CHECK_CLEAN:g}; "
+                            "0 turns the sample off); a mismatch is handled like a missing bitmap")
 
 
 def build_source(args, kind: str):
@@ -144,15 +161,40 @@ def run_backup_command(args, kind: str) -> int:
     with open_repo(args) as repo:
         opts = BackupOptions(connections=args.connections, adaptive=not args.compress_all,
                              no_fallback=getattr(args, "no_fallback", False),
+                             check_clean=getattr(args, "check_clean", DEFAULT_CHECK_CLEAN),
                              progress=lambda total, desc: output.progress_bar(args, total, desc))
         results = run_backup(repo, source, kind, opts)
-    infos = [r.info.to_json() for r in results]
+    infos = [result_json(r) for r in results]
     if args.json:
         output.print_json(infos[0] if len(infos) == 1 else infos)
     else:
         for r in results:
             output.summary(args, summary_line(r))
     return 0
+
+
+def result_json(result) -> dict:
+    """The backup's record, plus the incremental's chain check when one ran."""
+    d = result.info.to_json()
+    check = getattr(result.stats, "chain_check", None)
+    if check is not None:
+        d["chain_check"] = check.to_json()
+    return d
+
+
+def chain_check_text(check) -> str:
+    """The summary's account of the chain check ('' when none ran)."""
+    from .output import human_bytes as hb
+
+    if check is None:
+        return ""
+    if check.broken:
+        return "; chain check: MISMATCH (see the warning), took a full backup"
+    text = f"; chain check: {check.sampled_chunks} of {check.clean_chunks} clean chunks sampled ({hb(check.sampled_bytes)}"
+    text += f", {check.percent:g} %)" if check.percent else ", sample off)"
+    if check.confirmed_chunks:
+        text += f", {check.confirmed_chunks} newly allocated read"
+    return text + ", all match the parent"
 
 
 def summary_line(result) -> str:
@@ -169,4 +211,4 @@ def summary_line(result) -> str:
     rate = info.read_bytes / info.duration_s if info.duration_s else 0.0
     return (f"{info.kind} backup {info.id} of {info.disk} ({hb(info.size)}): read {hb(info.read_bytes)}, "
             f"stored {hb(info.stored_bytes)} new (incl. map); compression {comp}, dedup {dedup}; "
-            f"{info.duration_s:.1f}s ({hb(rate)}/s)")
+            f"{info.duration_s:.1f}s ({hb(rate)}/s)" + chain_check_text(getattr(st, "chain_check", None)))

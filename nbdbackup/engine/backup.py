@@ -44,6 +44,7 @@ class BackupOptions:
     retry_delay: float = 0.2                # first back-off, doubled each time
     inflight_bytes: int = 32 << 20          # bound on chunk data being read or prepared
     adaptive: bool = True                   # compress only with CPU to spare, else store raw (see _CoreGate)
+    check_clean: float = 0.5                # incremental: % of clean chunks read to test the bitmap (chaincheck.py)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class DiskStats:
     read_chunks: int = 0
     inherited_chunks: int = 0
     uncompressed_chunks: int = 0    # stored raw without trying zstd: the CPU was busy (adaptive)
+    chain_check: object = None      # chaincheck.ChainCheck of an asked-for incremental
 
 
 @dataclass
@@ -126,16 +128,44 @@ def _backup_disk(repo, plan, opts: BackupOptions, set_id):
             raise SourceFailed(f"the export stopped offering {plan.bitmap_context}")
         size = pool.size
         parent = repo.resolve(plan.parent_id) if plan.kind == "incremental" else None
+        check = None
+        if parent is not None:
+            check = _check_chain_or_fall_back(pool, repo, plan, parent, size, opts)
+            if check.broken:
+                parent = None
         w = repo.writer(plan.disk, kind=plan.kind, size=size, parent=parent, bitmap=plan.bitmap,
                         checkpoint=plan.checkpoint, set_id=set_id, source=plan.extra.get("source"))
         try:
             stats = _pipeline(pool, w, plan, parent, size, opts)
+            stats.chain_check = check
         except BaseException:
             _abort_quietly(w)
             raise
     finally:
         pool.close()
     return w, stats, started
+
+
+def _check_chain_or_fall_back(pool, repo, plan, parent, size: int, opts: BackupOptions):
+    """The incremental's chain check (before anything is read for the backup); a
+    contradiction turns *plan* into a full, or is ChainBroken with --no-fallback."""
+    from ..sources.base import raise_if_no_fallback
+    from .chaincheck import check_chain
+
+    cs = repo.chunk_size
+    try:
+        check = check_chain(pool, repo, plan, parent, size, cs, opts, _force_from(parent, size, cs))
+    except NbdProtocolError:
+        raise
+    except NbdError as e:   # the extent walk failed (block status is retried below it)
+        raise SourceFailed(f"source {plan.disk} failed while checking the bitmap: {e}",
+                           hint="nothing was committed; check the NBD server and retry") from None
+    if check.broken:
+        raise_if_no_fallback(plan.disk, check.broken, opts.no_fallback)
+        log.warning("%s: the chain cannot be trusted; taking a full backup instead", check.broken)
+        plan.kind, plan.fallback_reason = "full", check.broken
+        plan.parent_id = plan.bitmap = plan.bitmap_context = None
+    return check
 
 
 def _force_from(parent, size: int, chunk_size: int) -> int | None:
