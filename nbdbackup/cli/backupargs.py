@@ -190,10 +190,11 @@ def chain_check_text(check) -> str:
         return ""
     if check.broken:
         return "; chain check: MISMATCH (see the warning), took a full backup"
-    text = f"; chain check: {check.sampled_chunks} of {check.clean_chunks} clean chunks sampled ({hb(check.sampled_bytes)}"
+    text = (f"; chain check: {check.sampled_chunks} of {check.clean_chunks} clean chunks sampled "
+            f"({hb(check.sampled_bytes)}")
     text += f", {check.percent:g} %)" if check.percent else ", sample off)"
     if check.confirmed_chunks:
-        text += f", {check.confirmed_chunks} newly allocated read"
+        text += f", {check.confirmed_chunks} allocated where the parent had zeros read"
     return text + ", all match the parent"
 
 

@@ -147,7 +147,7 @@ class _Reservoir:
 
 def check_chain(pool, repo, plan, parent, size: int, chunk_size: int, opts, force_from: int | None) -> ChainCheck:
     """Both checks for an incremental of *plan* against *parent*; ChainCheck.broken says why not."""
-    from .backup import BASE_ALLOCATION
+    from .backup import BASE_ALLOCATION, RetryingBlockStatus
 
     cs = chunk_size
     rng = random.Random()
@@ -155,8 +155,8 @@ def check_chain(pool, repo, plan, parent, size: int, chunk_size: int, opts, forc
     pmap = _ParentMap(repo, parent)
     sample = _Reservoir(max(1, SAMPLE_MAX_BYTES // cs) if opts.check_clean > 0 else 0, rng)
     suspects = _Reservoir(max(1, CONFIRM_MAX_BYTES // cs), rng) if BASE_ALLOCATION in pool.contexts else None
-    runs = chunk_runs(walk_extents(pool, bitmap_context=plan.bitmap_context), chunk_size=cs, size=size,
-                      force_from=force_from, clean_zero=True)
+    runs = chunk_runs(walk_extents(RetryingBlockStatus(pool, opts), bitmap_context=plan.bitmap_context),
+                      chunk_size=cs, size=size, force_from=force_from, clean_zero=True)
     for run in runs:
         if run.action == CLEAN_ZERO:
             for a, _, has_data in pmap.runs(run.start, run.end):
