@@ -40,6 +40,9 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                      help="any NBD export, e.g. nbd+unix:///vda?socket=/run/x.sock or nbd://host/export")
     src.add_argument("--image", metavar="PATH",
                      help="an offline qcow2 image: the tool runs qemu-nbd and keeps its own dirty bitmaps")
+    src.add_argument("--format", choices=("qcow2", "raw"),
+                     help="with --image: its format (default: probed by qemu-img; a file without a header it "
+                          "recognises is backed up as raw, with a warning)")
     src.add_argument("--qmp", metavar="SOCKET",
                      help="a running qemu's QMP unix socket: live backup of the --node disks by fleecing")
     p.add_argument("--disk", metavar="NAME", action="append",
@@ -77,6 +80,8 @@ def build_source(args, kind: str):
         raise UsageError("give exactly one of --source URI, --image PATH or --qmp SOCKET")
     bitmap = getattr(args, "bitmap", None)
     since = getattr(args, "since", None)
+    if args.format and not args.image:
+        raise UsageError("--format is for --image")
     if args.qmp:
         return build_qmp_source(args, bitmap or since)
     if args.node:
@@ -90,7 +95,7 @@ def build_source(args, kind: str):
                              "tracks its own bitmaps and parents")
         from ..sources.image import ImageSource
 
-        return ImageSource(args.image, args.disk, connections=args.connections)
+        return ImageSource(args.image, args.disk, connections=args.connections, fmt=args.format)
     if not args.disk:
         raise UsageError("--disk NAME is required with --source")
     from ..nbd.uri import parse_uri

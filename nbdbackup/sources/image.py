@@ -18,7 +18,8 @@ import secrets
 import time
 
 from .base import DiskPlan, Source, raise_if_no_fallback
-from .qemu_tools import ImageBitmap, QemuNbd, bitmap_add, bitmap_remove, image_info
+from ..errors import SourceUnreachable
+from .qemu_tools import ImageBitmap, QemuNbd, bitmap_add, bitmap_remove, check_image, image_info
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ def new_checkpoint() -> str:
 
 
 class ImageSource(Source):
-    def __init__(self, path: str, disk: str | None = None, *, connections: int = 4):
+    def __init__(self, path: str, disk: str | None = None, *, connections: int = 4, fmt: str | None = None):
         self.path = os.path.abspath(path)
+        self.format = fmt           # None: probed by qemu-img
         self.disk = disk or default_disk_name(path)
         self.connections = max(1, connections)
         self.nbd: QemuNbd | None = None
@@ -72,10 +74,24 @@ class ImageSource(Source):
             return None, None, f"bitmap {bitmap.name} is disabled: it did not track every change"
         return bitmap, parent, None
 
+    def _open_info(self):
+        """qemu-img info, and the checks that keep a wrong guess or a damaged image from being backed up."""
+        info = image_info(self.path, self.format)      # LockedError when a writer has it open
+        if info.probed and info.format == "raw":
+            log.warning("%s has no image header qemu recognises: backing it up as raw bytes "
+                        "(pass --format raw to say so)", self.path)
+        if info.corrupt:
+            raise SourceUnreachable(f"image {self.path} is marked corrupt by qemu",
+                                    hint="repair a copy with `qemu-img check -r all` (or restore the image), "
+                                         "then retry")
+        if info.format == "qcow2":
+            check_image(self.path, info.format)
+        return info
+
     # -- Source interface -----------------------------------------------------
     def prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
         self._prefix = bitmap_prefix(repo.repo_id)
-        info = image_info(self.path)          # LockedError when a writer has it open
+        info = self._open_info()
         bitmap = parent = reason = None
         if kind == "incremental":
             bitmap, parent, reason = self._pick_bitmap(repo, info)
@@ -103,7 +119,7 @@ class ImageSource(Source):
         self._stop_nbd()
         keep, self._added = self._added, None
         try:
-            stale = [b.name for b in image_info(self.path).bitmaps
+            stale = [b.name for b in image_info(self.path, self.format).bitmaps
                      if b.name.startswith(self._prefix) and b.name != keep]
         except Exception as e:  # the backup is committed; a leftover bitmap only costs a superset
             log.warning("could not list old bitmaps on %s: %s", self.path, e)

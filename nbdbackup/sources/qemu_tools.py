@@ -82,17 +82,56 @@ class ImageInfo:
     format: str
     size: int
     bitmaps: list[ImageBitmap]
+    probed: bool = True         # format guessed by qemu-img (no -f given)
+    corrupt: bool = False       # qcow2's own corrupt flag
 
 
-def image_info(path: str) -> ImageInfo:
-    """`qemu-img info`; fails with LockedError when a writer has the image open."""
+def image_info(path: str, fmt: str | None = None) -> ImageInfo:
+    """`qemu-img info` (format probed unless *fmt*); fails with LockedError when a writer has the image open."""
     if not os.path.exists(path):
         raise SourceUnreachable(f"image {path} does not exist")
-    out = json.loads(qemu_img(path, "info", "--output=json"))
+    args = ["info", "--output=json"] + (["-f", fmt] if fmt else [])
+    try:
+        out = json.loads(qemu_img(path, *args))
+    except SourceUnreachable as e:
+        raise SourceUnreachable(str(e), hint=(f"is {path} really a {fmt} image?" if fmt else
+                                              f"{path} may be damaged; `qemu-img check {path}` tells more")) from None
     spec = (out.get("format-specific") or {}).get("data") or {}
     bitmaps = [ImageBitmap(b["name"], list(b.get("flags", [])), int(b.get("granularity", 0)))
                for b in spec.get("bitmaps", [])]
-    return ImageInfo(path, out["format"], int(out["virtual-size"]), bitmaps)
+    return ImageInfo(path, out["format"], int(out["virtual-size"]), bitmaps, probed=fmt is None,
+                     corrupt=bool(spec.get("corrupt")))
+
+
+# qemu-img check's exit codes: 0 clean, 2 corruptions, 3 only leaked clusters (harmless to a reader)
+_CHECK_OK = (0, 3)
+
+
+def check_image(path: str, fmt: str) -> None:
+    """Refuse an image qemu-img check finds damaged (truncated, tables past the end...): qemu
+    would read the missing parts as zeros, a backup of silently wrong data."""
+    cmd = [_tool("qemu-img"), "check", "--output=json", "-f", fmt, path]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SourceUnreachable(f"qemu-img check on {path} timed out") from None
+    if p.returncode in _CHECK_OK:
+        return
+    err = p.stderr.strip()
+    locked = _locked_error(path, err)
+    if locked:
+        raise locked
+    try:
+        found = json.loads(p.stdout).get("corruptions", 0)
+    except ValueError:
+        found = 0
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    detail = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "") \
+        if errors else (err or f"exit code {p.returncode}")
+    what = f"{found} corruption(s)" if found else "errors"
+    raise SourceUnreachable(f"image {path} is a damaged {fmt}: qemu-img check found {what}: {detail}",
+                            hint="it was not backed up: qemu would read the damaged parts as zeros. Repair a "
+                                 f"copy with `qemu-img check -r all` (or restore the image), then retry")
 
 
 def bitmap_add(path: str, name: str) -> None:
