@@ -37,6 +37,10 @@ def _tool(name: str) -> str:
 
 def _locked_error(path: str, stderr: str) -> NbdBackupError | None:
     if "lock" in stderr and ("Failed to get" in stderr or "another process" in stderr):
+        other = _nbdbackup_serving(path)
+        if other:
+            return LockedError(f"image {path} is in use by another nbdbackup run: {other}",
+                               hint="wait for that run to finish and retry")
         return LockedError(f"image {path} is in use by another process (qemu holds its lock)",
                            hint="shut the VM down (or stop whatever has the image open) and retry; "
                                 "for a running VM use --source/--qmp instead of --image")
@@ -175,6 +179,35 @@ def remove_stale_dirs() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _nbdbackup_serving(path: str) -> str | None:
+    """'pid N since T: COMMAND' of another live run whose qemu-nbd serves image *path*
+    (its private dir names the image), or None."""
+    tmp = tempfile.gettempdir()
+    want = os.path.realpath(path)
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(DIR_PREFIX)]
+    except OSError:
+        return None
+    for name in names:
+        d = os.path.join(tmp, name)
+        try:
+            with open(os.path.join(d, "image")) as f:
+                if f.read() != want:
+                    continue
+            with open(os.path.join(d, "owner")) as f:
+                pid = int(f.read().strip())
+            if pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.stat(d).st_mtime))
+        except (OSError, ValueError):   # not ours, gone meanwhile, or half made
+            continue
+        return f"pid {pid} since {since}: {command}"
+    return None
+
+
 def _die_with_parent(parent_pid: int):
     """preexec_fn: ask the kernel to SIGKILL the child when our forking thread exits."""
     def setup() -> None:
@@ -216,6 +249,8 @@ class QemuNbd:
         self.image = image
         remove_stale_dirs()
         self.dir = tempfile.mkdtemp(prefix=DIR_PREFIX)     # mode 0700: private
+        with open(os.path.join(self.dir, "image"), "w") as f:     # so a run that loses the image lock can name us
+            f.write(os.path.realpath(image))
         with open(os.path.join(self.dir, "owner"), "w") as f:
             f.write(str(os.getpid()))
         self.socket = os.path.join(self.dir, "nbd.sock")
