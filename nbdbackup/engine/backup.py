@@ -154,6 +154,7 @@ def _check_chain_or_fall_back(pool, repo, plan, parent, size: int, opts: BackupO
     from .chaincheck import check_chain
 
     cs = repo.chunk_size
+    t0 = time.monotonic()
     try:
         check = check_chain(pool, repo, plan, parent, size, cs, opts, _force_from(parent, size, cs))
     except NbdProtocolError:
@@ -161,6 +162,7 @@ def _check_chain_or_fall_back(pool, repo, plan, parent, size: int, opts: BackupO
     except NbdError as e:   # the extent walk failed (block status is retried below it)
         raise SourceFailed(f"source {plan.disk} failed while checking the bitmap: {e}",
                            hint="nothing was committed; check the NBD server and retry") from None
+    log.debug("chain check of %s took %.3fs: %s", plan.disk, time.monotonic() - t0, check)
     if check.broken:
         raise_if_no_fallback(plan.disk, check.broken, opts.no_fallback)
         log.warning("%s: the chain cannot be trusted; taking a full backup instead", check.broken)

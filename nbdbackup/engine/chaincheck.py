@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -34,7 +33,6 @@ from .chunkplan import CLEAN_ZERO, SKIP, chunk_runs
 SAMPLE_MAX_BYTES = 1 << 30
 CONFIRM_MAX_BYTES = 64 << 20
 READ_INFLIGHT_BYTES = 32 << 20
-_NONZERO = re.compile(rb"[^\0]")
 
 
 @dataclass
@@ -55,7 +53,10 @@ class ChainCheck:
 
 
 class _ParentMap:
-    """The parent's map entries, one segment loaded at a time (the walk goes in order)."""
+    """The parent's map entries, one segment loaded at a time (the walk goes in order);
+    segment locations are looked up LOOKAHEAD segments at a time (one query each)."""
+
+    LOOKAHEAD = 256
 
     def __init__(self, repo, parent):
         self.refs = repo.segment_refs(parent.id)
@@ -63,11 +64,17 @@ class _ParentMap:
         self.store = repo.store
         self._seq = -1
         self._raw = b""
+        self._locs: dict = {}
+        self._looked_up = 0      # segments [0, _looked_up) have their locations in _locs (or need none)
 
     def segment(self, seq: int) -> bytes:
         if seq != self._seq:
             ref = self.refs[seq] if seq < len(self.refs) else None
-            self._raw = self.store.load_segment(ref) if ref else b""
+            if ref and seq >= self._looked_up:
+                ahead = [r for r in self.refs[seq:seq + self.LOOKAHEAD] if r]
+                self._locs = self.store.segment_locations(ahead)
+                self._looked_up = seq + self.LOOKAHEAD
+            self._raw = self.store.load_segment(ref, self._locs.get(ref)) if ref else b""
             self._seq = seq
         return self._raw
 
@@ -98,10 +105,31 @@ def _zero_ref_split(raw: bytes, i: int, j: int):
             yield pos, z, True
         if z >= j:
             return
-        m = _NONZERO.search(raw, z * HASH_SIZE, j * HASH_SIZE)
-        zend = j if m is None else m.start() // HASH_SIZE
+        zend = _zero_run_end(raw, z, j)
         yield z, zend, False
         pos = zend
+
+
+def _all_zero(raw: bytes, i: int, j: int) -> bool:
+    return raw[i * HASH_SIZE:j * HASH_SIZE] == bytes((j - i) * HASH_SIZE)   # memcmp: no byte loop
+
+
+def _zero_run_end(raw: bytes, z: int, j: int) -> int:
+    """The first entry in (z, j) that is not ZERO_REF (entry z is), else j: galloping, then
+    bisecting, so the work stays proportional to the run's length."""
+    lo, step = z + 1, 1
+    while lo < j:
+        hi = min(j, lo + step)
+        if not _all_zero(raw, lo, hi):
+            while hi - lo > 1:      # [.., lo) zero; a non-zero entry in [lo, hi)
+                mid = (lo + hi) // 2
+                if _all_zero(raw, lo, mid):
+                    lo = mid
+                else:
+                    hi = mid
+            return lo
+        lo, step = hi, step * 2
+    return j
 
 
 class _Reservoir:
