@@ -146,3 +146,45 @@ def test_check_clean_rejects_bad_percentages(tmp_path):
     for bad in ("nan", "inf", "-1", "100.5", "x"):
         p = nbb(repo, "incremental", "--image", str(img), "--check-clean", bad, check=False)
         assert p.returncode == 2 and "--check-clean" in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)
+
+
+def test_cleared_bitmap_of_a_live_vm_over_qmp(tmp_path, monkeypatch):
+    """--qmp: someone clears one disk's bitmap in qemu; that disk falls back to a full, the other
+    stays incremental (one set), both restore exactly; with --no-fallback: ChainBroken."""
+    import pytest
+    from qmp_vm import Vm
+
+    from nbdbackup.engine.backup import BackupOptions, run_backup
+    from nbdbackup.errors import ChainBroken
+    from nbdbackup.repo.repository import Repository
+    from nbdbackup.sources.qmp import QmpSource
+
+    monkeypatch.setenv("NBDBACKUP_STATE_DIR", str(tmp_path / "state"))
+    vm = Vm(tmp_path, {"vda": 8 * MiB, "vdb": 4 * MiB})
+    try:
+        with Repository.init(str(tmp_path / "repo"), chunk_size=64 * 1024) as repo:
+            def run(kind, **kw):
+                return run_backup(repo, QmpSource(vm.qmp_sock, list(vm.disks)), kind,
+                                  BackupOptions(connections=2, check_clean=0, **kw))
+
+            vm.write("vda", 0, 1 * MiB, 0x11)
+            vm.write("vdb", 0, 1 * MiB, 0x21)
+            full = run("full")
+            vm.write("vda", 5 * MiB, 70_000, 0x44)      # where the full recorded zeros
+            vm.write("vdb", 2 * MiB, 4096, 0x22)
+            (ours,) = [n for n in vm.bitmaps("vda") if n.startswith("nbdbackup-")]
+            vm.cmd("block-dirty-bitmap-clear", node=vm.node("vda"), name=ours)
+            expected = vm.snapshot()
+            with pytest.raises(ChainBroken, match="recorded zeros there"):
+                run("incremental", no_fallback=True)
+            vm.assert_clean()
+            res = {r.info.disk: r for r in run("incremental")}
+            assert res["vda"].info.kind == "full" and "recorded zeros there" in res["vda"].fallback_reason
+            assert res["vdb"].info.kind == "incremental" and res["vdb"].info.parent == full[1].info.id
+            assert res["vda"].info.set_id == res["vdb"].info.set_id
+            for disk, r in res.items():
+                with repo.open_image(r.info) as img:
+                    assert img.read(0, r.info.size) == expected[disk], disk
+            vm.assert_clean()
+    finally:
+        vm.stop()
