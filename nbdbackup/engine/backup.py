@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError, SourceFailed
-from ..nbd.proto import EINVAL
 from ..nbd.futures import resolve
+from ..nbd.proto import EINVAL
 from ..progress import NoBar
 from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs
 
