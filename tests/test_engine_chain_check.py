@@ -10,7 +10,7 @@ or exit 13 with --no-fallback. Every fallback restores bit-exactly.
 import json
 
 import support
-from engine_util import MiB, backup, bitmaps, init_repo, make_image, nbb, qio, snapshot_raw, restore_equals
+from engine_util import MiB, backup, bitmaps, init_repo, make_image, nbb, qio, restore_equals, snapshot_raw
 
 
 def _setup(tmp_path, size=16 * MiB):
@@ -30,7 +30,7 @@ def _qemu_img_bitmap(img, op):
     support.run([support.require_tool("qemu-img"), "bitmap", op, str(img), _our_bitmap(img)])
 
 
-def _expect_broken_chain(repo, img, tmp_path, parent_id, reason, *args):
+def _expect_broken_chain(repo, img, tmp_path, reason, *args):
     """--no-fallback: exit 13 naming *reason*; then the fallback full, restored bit-exactly."""
     p = nbb(repo, "incremental", "--no-fallback", "--image", str(img), *args, check=False)
     assert p.returncode == 13, (p.returncode, p.stderr)
@@ -52,7 +52,7 @@ def _expect_broken_chain(repo, img, tmp_path, parent_id, reason, *args):
 
 
 def test_sound_chain_passes_and_the_summary_says_what_was_sampled(tmp_path):
-    img, repo, full = _setup(tmp_path)
+    img, repo, _ = _setup(tmp_path)
     qio(img, "write -q -P 0x22 4M 64k", "write -q -z 64k 64k")     # tracked by the bitmap
     p = nbb(repo, "incremental", "--image", str(img))
     # 2 MiB of data at 64 KiB: 31 clean data chunks after the write-zeroes; 0.5 % -> at least 1
@@ -71,36 +71,36 @@ def test_sound_chain_passes_and_the_summary_says_what_was_sampled(tmp_path):
 
 def test_cleared_bitmap_overwritten_data_is_caught_by_the_sample(tmp_path):
     """All data rewritten, bitmap cleared: only the sample can see it; any sampled chunk differs."""
-    img, repo, full = _setup(tmp_path)
+    img, repo, _ = _setup(tmp_path)
     qio(img, "write -q -P 0x33 0 2M")
     _qemu_img_bitmap(img, "--clear")
-    _expect_broken_chain(repo, img, tmp_path, full["id"], "sampled by --check-clean")
+    _expect_broken_chain(repo, img, tmp_path, "sampled by --check-clean")
 
 
 def test_cleared_bitmap_write_into_zero_range_is_caught_by_allocation(tmp_path):
     """A write where the parent had zeros, bitmap cleared: caught even with the sample off."""
-    img, repo, full = _setup(tmp_path)
+    img, repo, _ = _setup(tmp_path)
     qio(img, "write -q -P 0x44 8M 64k")
     _qemu_img_bitmap(img, "--clear")
-    _expect_broken_chain(repo, img, tmp_path, full["id"], "recorded zeros there", "--check-clean", "0")
+    _expect_broken_chain(repo, img, tmp_path, "recorded zeros there", "--check-clean", "0")
 
 
 def test_allocation_changed_while_the_bitmap_was_disabled(tmp_path):
     """Bitmap disabled, a write into a zero range, bitmap enabled again: it looks sound but is not."""
-    img, repo, full = _setup(tmp_path)
+    img, repo, _ = _setup(tmp_path)
     _qemu_img_bitmap(img, "--disable")
     qio(img, "write -q -P 0x55 12M 128k")
     _qemu_img_bitmap(img, "--enable")
-    _expect_broken_chain(repo, img, tmp_path, full["id"], "recorded zeros there", "--check-clean", "0")
+    _expect_broken_chain(repo, img, tmp_path, "recorded zeros there", "--check-clean", "0")
 
 
 def test_data_discarded_while_the_bitmap_was_disabled(tmp_path):
     """The reverse: the parent had data where the image is a ZERO extent now."""
-    img, repo, full = _setup(tmp_path)
+    img, repo, _ = _setup(tmp_path)
     _qemu_img_bitmap(img, "--disable")
     qio(img, "write -q -z -u 1M 256k")         # zero clusters: base:allocation says ZERO
     _qemu_img_bitmap(img, "--enable")
-    _expect_broken_chain(repo, img, tmp_path, full["id"], "reads as zero there", "--check-clean", "0")
+    _expect_broken_chain(repo, img, tmp_path, "reads as zero there", "--check-clean", "0")
 
 
 def test_allocated_zeros_are_not_a_false_alarm(tmp_path):
