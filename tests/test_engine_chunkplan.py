@@ -4,12 +4,12 @@ from collections import namedtuple
 
 from hypothesis import given, settings, strategies as st
 
-from nbdbackup.engine.chunkplan import READ, SKIP, ZERO, Run, chunk_runs
+from nbdbackup.engine.chunkplan import CLEAN_ZERO, READ, SKIP, ZERO, Run, chunk_runs
 
 Ext = namedtuple("Ext", "offset length dirty zero")
 
 
-def reference(extents, cs, size, all_dirty=False, force_from=None):
+def reference(extents, cs, size, all_dirty=False, force_from=None, clean_zero=False):
     n = (size + cs - 1) // cs
     dirty = [False] * n
     zero = [True] * n
@@ -28,7 +28,7 @@ def reference(extents, cs, size, all_dirty=False, force_from=None):
             d, z = True, False
         if force_from is not None and ci >= force_from and not d:
             d, z = True, False
-        acts.append(SKIP if not d else ZERO if z else READ)
+        acts.append((CLEAN_ZERO if z and clean_zero else SKIP) if not d else ZERO if z else READ)
     return acts
 
 
@@ -58,11 +58,12 @@ def extent_lists(draw):
 
 
 @settings(max_examples=400, deadline=None)
-@given(extent_lists(), st.booleans(), st.one_of(st.none(), st.integers(0, 40)))
-def test_matches_reference(case, all_dirty, force_from):
+@given(extent_lists(), st.booleans(), st.one_of(st.none(), st.integers(0, 40)), st.booleans())
+def test_matches_reference(case, all_dirty, force_from, clean_zero):
     cs, size, exts = case
-    runs = list(chunk_runs(exts, chunk_size=cs, size=size, all_dirty=all_dirty, force_from=force_from))
-    assert expand(runs) == reference(exts, cs, size, all_dirty, force_from)
+    runs = list(chunk_runs(exts, chunk_size=cs, size=size, all_dirty=all_dirty, force_from=force_from,
+                           clean_zero=clean_zero))
+    assert expand(runs) == reference(exts, cs, size, all_dirty, force_from, clean_zero)
     # merged: no two neighbours with the same action
     assert all(a.action != b.action for a, b in zip(runs, runs[1:]))
 

@@ -111,3 +111,72 @@ def test_server_without_structured_replies(tmp_path):
     out = tmp_path / "simple.raw"
     nbb(repo, "restore", info["id"], str(out))
     assert out.read_bytes() == _pattern(size)
+
+
+def test_extent_errors_are_retried_like_reads(tmp_path):
+    """Block status fails (EIO) until the error file goes: retried with back-off, then the backup completes."""
+    size = 8 * MiB
+    repo = init_repo(tmp_path / "repo", "64K")
+    inject = tmp_path / "inject-extents"
+    inject.touch()
+    # sparse-random answers block status (data and holes); pattern has no extents for the filter to fail
+    with nbdkit(tmp_path, "--filter=error", "sparse-random", f"size={size}", "seed=7", "percent=50", "runlength=65536",
+                "error-extents=EIO", "error-extents-rate=100%", f"error-extents-file={inject}") as uri:
+        bk = subprocess.Popen([support.nbdbackup_exe(), "--repo", str(repo), "--json", "full", "--source", uri,
+                               "--disk", "flaky"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            err = ""
+            for line in bk.stderr:          # the first failure: the server recovers
+                err += line
+                if "retrying" in line:
+                    inject.unlink()
+                    break
+            out, rest = bk.communicate(timeout=120)
+        finally:
+            support.stop(bk)
+        err += rest
+        assert bk.returncode == 0, err
+        expected = tmp_path / "expected.raw"
+        support.run([support.require_tool("nbdcopy"), uri, str(expected)])
+    assert "block status of" in err and "EIO" in err, err
+    info = json.loads(out)
+    assert info["read_bytes"] > 0
+    restored = tmp_path / "flaky.raw"
+    nbb(repo, "restore", info["id"], str(restored))
+    assert restored.read_bytes() == expected.read_bytes()
+
+
+def test_extent_errors_fail_after_the_retries(tmp_path):
+    repo = init_repo(tmp_path / "repo", "64K")
+    with nbdkit(tmp_path, "--filter=error", "memory", "size=8M", "error-extents=EIO",
+                "error-extents-rate=100%") as uri:
+        p = nbb(repo, "full", "--source", uri, "--disk", "bad", check=False)
+    assert p.returncode == 12 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("retrying") == 3 and "failed after 4 attempt(s)" in p.stderr, p.stderr
+    assert _listed(repo) == []
+
+
+def _unalignable_tail(tmp_path, *args):
+    """An export whose size (1 MiB + 512) is not a multiple of its minimum block size (4096),
+    under a policy that refuses unaligned requests (EINVAL): the tail cannot be asked for."""
+    repo = init_repo(tmp_path / "repo", "64K")
+    with nbdkit(tmp_path, "--filter=blocksize-policy", *args, "size=1049088",
+                "blocksize-minimum=4096", "blocksize-error-policy=error") as uri:
+        p = nbb(repo, "full", "--source", uri, "--disk", "odd", check=False)
+    assert p.returncode == 12 and "Traceback" not in p.stderr, p.stderr
+    assert "retrying" not in p.stderr, p.stderr     # deterministic: reported at once
+    assert "EINVAL" in p.stderr and "size 1049088" in p.stderr and "aligned to 4096 bytes" in p.stderr
+    assert "the last 512 bytes cannot be asked for" in p.stderr, p.stderr
+    assert _listed(repo) == []
+    return p.stderr
+
+
+def test_unalignable_block_status_is_reported_at_once(tmp_path):
+    err = _unalignable_tail(tmp_path, "memory")
+    assert "block status of 1049088 bytes at offset 0" in err, err
+
+
+def test_unalignable_read_is_reported_at_once(tmp_path):
+    # --no-sr: no structured replies, so no block status: the tail's READ is what the server refuses
+    err = _unalignable_tail(tmp_path, "--no-sr", "pattern")
+    assert "reading 512 bytes at offset 1048576" in err, err

@@ -150,6 +150,7 @@ def test_gc_refuses_while_a_backup_runs_and_waits_with_lock_wait(tmp_path):
         p = nbdbackup("gc", "--repo", path, check=False)
         assert p.returncode == 3
         assert f"pid {os.getpid()}" in p.stderr and "gc" in p.stderr
+        assert "a backup is running, so gc cannot run now" in p.stderr, p.stderr
         # with --lock-wait it waits, then runs once the backup has committed
         with _waiting_gc(path, "--json") as proc:
             time.sleep(1.5)
@@ -159,6 +160,48 @@ def test_gc_refuses_while_a_backup_runs_and_waits_with_lock_wait(tmp_path):
         assert proc.returncode == 0, err
         assert json.loads(out)["live_chunks"] >= 1
         assert read_all(repo, info.id) == b"y" * CS        # the chunk it had just written survived
+
+
+# A real `nbdbackup gc` held inside its exclusive section until *release* exists.
+_HELD_GC = """
+import os, sys, time
+import nbdbackup.repo.gc as gc
+from nbdbackup.cli.main import main
+collect, release = gc._collect, sys.argv[1]
+def held(*a, **kw):
+    print("holding", flush=True)
+    while not os.path.exists(release):
+        time.sleep(0.05)
+    return collect(*a, **kw)
+gc._collect = held
+sys.argv = ["nbdbackup", *sys.argv[2:]]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_gcs_the_loser_says_another_gc_is_running(tmp_path):
+    import sys
+
+    path = new_repo(tmp_path / "r")
+    _two_backups(path, random.Random(11))
+    release = tmp_path / "release"
+    first = subprocess.Popen([sys.executable, "-c", _HELD_GC, str(release), "gc", "--repo", path],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "holding\n", first.communicate()
+        for what in ("gc", "rebuild-index"):
+            p = nbdbackup(what, "--repo", path, check=False)
+            assert p.returncode == 3, p.stderr
+            assert f"another gc is running, so {what} cannot run now" in p.stderr, p.stderr
+            assert f"pid {first.pid}" in p.stderr and "gc --repo" in p.stderr
+            assert "a backup is running" not in p.stderr and "Traceback" not in p.stderr
+        release.touch()
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
 
 
 def test_gc_never_deletes_under_a_reader(tmp_path):

@@ -13,6 +13,7 @@ from . import numbers
 
 DEFAULT_CONNECTIONS = 4
 connections_type = numbers.integer(1, 64, noun="number of connections")
+DEFAULT_CHECK_CLEAN = 0.5     # the same as BackupOptions.check_clean (not imported: --help stays light)
 
 
 def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> None:
@@ -21,6 +22,9 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                      help="any NBD export, e.g. nbd+unix:///vda?socket=/run/x.sock or nbd://host/export")
     src.add_argument("--image", metavar="PATH",
                      help="an offline qcow2 image: the tool runs qemu-nbd and keeps its own dirty bitmaps")
+    src.add_argument("--format", choices=("qcow2", "raw"),
+                     help="with --image: its format (default: probed by qemu-img; a file without a header it "
+                          "recognises is backed up as raw, with a warning)")
     src.add_argument("--qmp", metavar="SOCKET",
                      help="a running qemu's QMP unix socket: live backup of the --node disks by fleecing")
     p.add_argument("--disk", metavar="NAME", action="append",
@@ -41,7 +45,12 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                             "(default: the disk's latest backup)")
         p.add_argument("--no-fallback", action="store_true",
                        help="fail (exit 13) instead of taking a full backup when the incremental "
-                            "cannot be trusted (missing or inconsistent bitmap, parent gone)")
+                            "cannot be trusted (missing or inconsistent bitmap, parent gone, or the "
+                            "image contradicts the bitmap)")
+        p.add_argument("--check-clean", type=numbers.real(0, 100, noun="percentage", suffix="%"), default=DEFAULT_CHECK_CLEAN, metavar="PERCENT",
+                       help="read this share of the chunks the bitmap says are clean (at least one, at most "
+                            f"1 GiB) and compare them with the parent backup (default {DEFAULT_CHECK_CLEAN:g}; "
+                            "0 turns the sample off); a mismatch is handled like a missing bitmap")
 
 
 def build_source(args, kind: str):
@@ -53,6 +62,8 @@ def build_source(args, kind: str):
         raise UsageError("give exactly one of --source URI, --image PATH or --qmp SOCKET")
     bitmap = getattr(args, "bitmap", None)
     since = getattr(args, "since", None)
+    if args.format and not args.image:
+        raise UsageError("--format is for --image")
     if args.qmp:
         return build_qmp_source(args, bitmap or since)
     if args.node:
@@ -66,7 +77,7 @@ def build_source(args, kind: str):
                              "tracks its own bitmaps and parents")
         from ..sources.image import ImageSource
 
-        return ImageSource(args.image, args.disk, connections=args.connections)
+        return ImageSource(args.image, args.disk, connections=args.connections, fmt=args.format)
     if not args.disk:
         raise UsageError("--disk NAME is required with --source")
     from ..nbd.uri import parse_uri
@@ -127,15 +138,41 @@ def run_backup_command(args, kind: str) -> int:
     with open_repo(args) as repo:
         opts = BackupOptions(connections=args.connections, adaptive=not args.compress_all,
                              no_fallback=getattr(args, "no_fallback", False),
+                             check_clean=getattr(args, "check_clean", DEFAULT_CHECK_CLEAN),
                              progress=lambda total, desc: output.progress_bar(args, total, desc))
         results = run_backup(repo, source, kind, opts)
-    infos = [r.info.to_json() for r in results]
+    infos = [result_json(r) for r in results]
     if args.json:
         output.print_json(infos[0] if len(infos) == 1 else infos)
     else:
         for r in results:
             output.summary(args, summary_line(r))
     return 0
+
+
+def result_json(result) -> dict:
+    """The backup's record, plus the incremental's chain check when one ran."""
+    d = result.info.to_json()
+    check = getattr(result.stats, "chain_check", None)
+    if check is not None:
+        d["chain_check"] = check.to_json()
+    return d
+
+
+def chain_check_text(check) -> str:
+    """The summary's account of the chain check ('' when none ran)."""
+    from .output import human_bytes as hb
+
+    if check is None:
+        return ""
+    if check.broken:
+        return "; chain check: MISMATCH (see the warning), took a full backup"
+    text = (f"; chain check: {check.sampled_chunks} of {check.clean_chunks} clean chunks sampled "
+            f"({hb(check.sampled_bytes)}")
+    text += f", {check.percent:g} %)" if check.percent else ", sample off)"
+    if check.confirmed_chunks:
+        text += f", {check.confirmed_chunks} allocated where the parent had zeros read"
+    return text + ", all match the parent"
 
 
 def summary_line(result) -> str:
@@ -152,4 +189,4 @@ def summary_line(result) -> str:
     rate = info.read_bytes / info.duration_s if info.duration_s else 0.0
     return (f"{info.kind} backup {info.id} of {info.disk} ({hb(info.size)}): read {hb(info.read_bytes)}, "
             f"stored {hb(info.stored_bytes)} new (incl. map); compression {comp}, dedup {dedup}; "
-            f"{info.duration_s:.1f}s ({hb(rate)}/s)")
+            f"{info.duration_s:.1f}s ({hb(rate)}/s)" + chain_check_text(getattr(st, "chain_check", None)))

@@ -24,8 +24,9 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import NbdConnectionError, NbdError, NbdProtocolError, SourceFailed
+from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError, SourceFailed
 from ..nbd.futures import resolve
+from ..nbd.proto import EINVAL
 from ..progress import NoBar
 from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs
 
@@ -44,6 +45,7 @@ class BackupOptions:
     retry_delay: float = 0.2                # first back-off, doubled each time
     inflight_bytes: int = 32 << 20          # bound on chunk data being read or prepared
     adaptive: bool = True                   # compress only with CPU to spare, else store raw (see _CoreGate)
+    check_clean: float = 0.5                # incremental: % of clean chunks read to test the bitmap (chaincheck.py)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class DiskStats:
     read_chunks: int = 0
     inherited_chunks: int = 0
     uncompressed_chunks: int = 0    # stored raw without trying zstd: the CPU was busy (adaptive)
+    chain_check: object = None      # chaincheck.ChainCheck of an asked-for incremental
 
 
 @dataclass
@@ -126,16 +129,46 @@ def _backup_disk(repo, plan, opts: BackupOptions, set_id):
             raise SourceFailed(f"the export stopped offering {plan.bitmap_context}")
         size = pool.size
         parent = repo.resolve(plan.parent_id) if plan.kind == "incremental" else None
+        check = None
+        if parent is not None:
+            check = _check_chain_or_fall_back(pool, repo, plan, parent, size, opts)
+            if check.broken:
+                parent = None
         w = repo.writer(plan.disk, kind=plan.kind, size=size, parent=parent, bitmap=plan.bitmap,
                         checkpoint=plan.checkpoint, set_id=set_id, source=plan.extra.get("source"))
         try:
             stats = _pipeline(pool, w, plan, parent, size, opts)
+            stats.chain_check = check
         except BaseException:
             _abort_quietly(w)
             raise
     finally:
         pool.close()
     return w, stats, started
+
+
+def _check_chain_or_fall_back(pool, repo, plan, parent, size: int, opts: BackupOptions):
+    """The incremental's chain check (before anything is read for the backup); a
+    contradiction turns *plan* into a full, or is ChainBroken with --no-fallback."""
+    from ..sources.base import raise_if_no_fallback
+    from .chaincheck import check_chain
+
+    cs = repo.chunk_size
+    t0 = time.monotonic()
+    try:
+        check = check_chain(pool, repo, plan, parent, size, cs, opts, _force_from(parent, size, cs))
+    except NbdProtocolError:
+        raise
+    except NbdError as e:   # the extent walk failed (block status is retried below it)
+        raise SourceFailed(f"source {plan.disk} failed while checking the bitmap: {e}",
+                           hint="nothing was committed; check the NBD server and retry") from None
+    log.debug("chain check of %s took %.3fs: %s", plan.disk, time.monotonic() - t0, check)
+    if check.broken:
+        raise_if_no_fallback(plan.disk, check.broken, opts.no_fallback)
+        log.warning("%s: the chain cannot be trusted; taking a full backup instead", check.broken)
+        plan.kind, plan.fallback_reason = "full", check.broken
+        plan.parent_id = plan.bitmap = plan.bitmap_context = None
+    return check
 
 
 def _force_from(parent, size: int, chunk_size: int) -> int | None:
@@ -234,7 +267,7 @@ def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStat
             bar.update(length)
             block = False
 
-    extents = walk_extents(pool, bitmap_context=plan.bitmap_context)
+    extents = walk_extents(RetryingBlockStatus(pool, opts), bitmap_context=plan.bitmap_context)
     runs = chunk_runs(extents, chunk_size=cs, size=size, all_dirty=full,
                       force_from=None if full else _force_from(parent, size, cs))
     # The pipeline makes no reference cycles worth collecting; a collection
@@ -396,23 +429,66 @@ def _read_with_retries(pool, offset: int, length: int, opts: BackupOptions, firs
     """pool.read, again after a server error (EIO...); the pool itself already
     reconnects and resends after a dropped connection. *first_error*: how the
     first attempt (made asynchronously) failed."""
+    def read():
+        data = pool.read(offset, length)
+        if len(data) != length:
+            raise NbdProtocolError(f"read of {length} bytes at {offset} returned {len(data)}")
+        return data
+    return _with_retries("reading", pool, offset, length, read, opts, first_error)
+
+
+class RetryingBlockStatus:
+    """The pool as walk_extents sees it, with block status retried like reads."""
+
+    def __init__(self, pool, opts: BackupOptions):
+        self.pool, self.opts = pool, opts
+
+    size = property(lambda self: self.pool.size)
+    contexts = property(lambda self: self.pool.contexts)
+
+    def block_status(self, offset: int, length: int):
+        return _with_retries("block status of", self.pool, offset, length,
+                             lambda: self.pool.block_status(offset, length), self.opts)
+
+
+def _with_retries(what: str, pool, offset: int, length: int, request, opts: BackupOptions,
+                  first_error: NbdError | None = None):
+    """request(), again after a server error (EIO...), opts.retries times with back-off.
+    A protocol violation is raised as it is; EINVAL (the server calls the request
+    invalid: no retry changes that) and the last failure become SourceFailed."""
     delay = opts.retry_delay
     for attempt in range(opts.retries + 1):
         try:
             if attempt == 0 and first_error is not None:
                 raise first_error
-            data = pool.read(offset, length)
-            if len(data) != length:
-                raise NbdProtocolError(f"read of {length} bytes at {offset} returned {len(data)}")
-            return data
+            return request()
         except NbdProtocolError:
             raise       # a misbehaving server: its own exit code, no retry
         except NbdError as e:
+            if isinstance(e, NbdCommandError) and e.errno == EINVAL:
+                raise _invalid_request(what, pool, offset, length, e) from None
             if attempt == opts.retries or isinstance(e, NbdConnectionError):
                 raise SourceFailed(
-                    f"reading {length} bytes at offset {offset} failed after {attempt + 1} attempt(s): {e}",
+                    f"{what} {length} bytes at offset {offset} failed after {attempt + 1} attempt(s): {e}",
                     hint="nothing was committed; check the NBD server and retry") from None
-            log.warning("read at offset %d failed (%s); retrying in %.1fs", offset, e, delay)
+            log.warning("%s %d bytes at offset %d failed (%s); retrying in %.1fs", what, length, offset, e, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def _invalid_request(what: str, pool, offset: int, length: int, e: NbdError) -> SourceFailed:
+    """What was asked, what the server allows, and why it cannot be asked otherwise."""
+    size, mb = pool.size, pool.min_block
+    allows = (f"the export (size {size}) takes requests aligned to {mb} bytes (preferred "
+              f"{pool.preferred_block}, at most {pool.max_block})")
+    if size % mb and offset + length == size:
+        why = (f"its size is not a multiple of its minimum block size, so the last {size % mb} bytes "
+               "cannot be asked for in an aligned request")
+        hint = (f"nothing was committed; make the export's size a multiple of {mb} bytes, "
+                "or have the server accept unaligned tails")
+    else:
+        why = "a retry would be refused the same way"
+        hint = "nothing was committed; check the server's block-size limits and log"
+    return SourceFailed(f"{what} {length} bytes at offset {offset} was refused as invalid (EINVAL): {allows}; "
+                        f"{why} (server said: {e})", hint=hint)

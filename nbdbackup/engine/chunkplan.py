@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, NamedTuple
 SKIP = "skip"   # inherit from the parent's map
 ZERO = "zero"   # record as zero, do not read
 READ = "read"   # read, hash, store
+CLEAN_ZERO = "clean-zero"   # like SKIP, and wholly zero now (only with clean_zero=True: the chain check)
 
 
 class Run(NamedTuple):
@@ -22,8 +23,10 @@ class Run(NamedTuple):
     action: str
 
 
-def _action(dirty: bool, zero: bool) -> str:
-    return SKIP if not dirty else ZERO if zero else READ
+def _action(dirty: bool, zero: bool, clean_zero: bool = False) -> str:
+    if not dirty:
+        return CLEAN_ZERO if zero and clean_zero else SKIP
+    return ZERO if zero else READ
 
 
 def _filled(extents: Iterable, size: int) -> Iterator[tuple[int, int, bool, bool]]:
@@ -45,20 +48,21 @@ def _filled(extents: Iterable, size: int) -> Iterator[tuple[int, int, bool, bool
 
 
 def chunk_runs(extents: Iterable, *, chunk_size: int, size: int, all_dirty: bool = False,
-               force_from: int | None = None) -> Iterator[Run]:
+               force_from: int | None = None, clean_zero: bool = False) -> Iterator[Run]:
     """Merged runs of chunk actions covering every chunk of a *size*-byte disk.
 
     all_dirty: a full backup (every chunk is put). force_from: chunks at or
     after this index are dirty whatever the bitmap says (the disk was resized).
+    clean_zero: clean chunks wholly covered by ZERO extents are CLEAN_ZERO, not SKIP.
     """
     cs = chunk_size
     nchunks = (size + cs - 1) // cs
     out: list[Run] = []     # at most one pending run (merged before emitting)
 
     def emit(start: int, end: int, action: str):
-        if force_from is not None and action == SKIP and end > force_from:
+        if force_from is not None and action in (SKIP, CLEAN_ZERO) and end > force_from:
             if start < force_from:
-                yield from emit(start, force_from, SKIP)
+                yield from emit(start, force_from, action)
                 start = force_from
             action = READ       # unknown content: read (zero data is detected after reading)
         if out and out[0].end == start and out[0].action == action:
@@ -80,7 +84,7 @@ def chunk_runs(extents: Iterable, *, chunk_size: int, size: int, all_dirty: bool
             if off == cstart and end >= cend:
                 # whole chunks: from ci up to the last chunk fully inside [off, end)
                 last = nchunks if end >= size else end // cs
-                yield from emit(ci, last, _action(dirty, zero))
+                yield from emit(ci, last, _action(dirty, zero, clean_zero))
                 off = min(last * cs, size)
                 continue
             if pend_idx != ci:
@@ -89,7 +93,7 @@ def chunk_runs(extents: Iterable, *, chunk_size: int, size: int, all_dirty: bool
             pend_zero &= zero
             off = min(end, cend)
             if off == cend:
-                yield from emit(ci, ci + 1, _action(pend_dirty, pend_zero))
+                yield from emit(ci, ci + 1, _action(pend_dirty, pend_zero, clean_zero))
                 pend_idx = -1
     if out:
         yield out[0]

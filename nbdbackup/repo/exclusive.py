@@ -5,7 +5,9 @@ long restore must not block the nightly backups meanwhile. While either lock
 is busy gc only probes (a flock held for two system calls, no holder file);
 when both look free it takes both without waiting, releasing what it got if
 the second is busy after all, until the repository's lock_wait runs out.
-Once the wait is over the real attempt runs, so the error names the holder.
+Once the wait is over the real attempt runs, so the error names the holder, and
+says from the holder files what kind of run it is: a backup (writers, shared), a
+restore/serve/verify (readers, shared), or another gc/rebuild-index (exclusive).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import time
 
 from ..errors import LockedError
+from .locks import read_holders
 
 _RETRY = 0.2
 
@@ -35,11 +38,30 @@ def _probe_free(lock_dir: str, name: str) -> bool:
         os.close(fd)         # drops the probe's lock
 
 
+_PURPOSE = "exclusive access for "
+_SHARED_REASON = {"writers": "a backup is running", "readers": "a restore, serve or verify is reading"}
+
+
+def _busy_reason(lock_dir: str, name: str) -> str:
+    """Who holds lock *name*, in words, from its holder files."""
+    holders = read_holders(lock_dir, name)
+    for h in holders:
+        if h.get("mode") == "exclusive":
+            purpose = h.get("purpose") or ""
+            other = purpose[len(_PURPOSE):].split()[0] if purpose.startswith(_PURPOSE) else \
+                "migrate" if "migrate" in purpose else "exclusive run (gc, rebuild-index or migrate)"
+            return f"another {other} is running"
+    if holders:
+        return _SHARED_REASON.get(name, f"lock {name} is held")
+    return "another run holds the repository"
+
+
 @contextlib.contextmanager
 def exclusive_access(repo, what: str):
     deadline = time.monotonic() + max(repo.lock_wait, 0.0)
     while True:
         taken = []
+        name = "writers"
         try:
             # while a reader or writer runs, only probe: a backup or restore starting meanwhile
             # must not meet a gc that is merely waiting
@@ -47,16 +69,16 @@ def exclusive_access(repo, what: str):
                                                    and _probe_free(repo.lock_dir, "writers")):
                 time.sleep(_RETRY)
                 continue
-            taken.append(repo.lock("writers", exclusive=True, wait=0,
-                                   purpose=f"exclusive access for {what} (a backup is running)"))
-            taken.append(repo.lock("readers", exclusive=True, wait=0,
-                                   purpose=f"exclusive access for {what} (a restore, serve or verify is reading)"))
+            taken.append(repo.lock(name, exclusive=True, wait=0, purpose=_PURPOSE + what))
+            name = "readers"
+            taken.append(repo.lock(name, exclusive=True, wait=0, purpose=_PURPOSE + what))
             break
-        except LockedError:
+        except LockedError as e:
             for lk in reversed(taken):
                 lk.release()
             if time.monotonic() >= deadline:
-                raise
+                raise LockedError(f"{_busy_reason(repo.lock_dir, name)}, so {what} cannot run now: {e}",
+                                  hint=e.hint) from None
             time.sleep(_RETRY)
     try:
         yield

@@ -12,6 +12,7 @@ lock is taken at all, since nobody can write there (docs/design.md).
 Lock names used by the repository:
   writers       shared by every backup writer; exclusive for gc
   disk-<name>   exclusive per disk while a backup of it is written
+  image-<hash>  exclusive per --image file while a run uses it (sources/image.py)
   readers       shared by readers (restore, serve, verify); exclusive for gc
 """
 

@@ -109,14 +109,16 @@ class ObjectStore:
         except DecodeError as e:
             raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
 
-    def load_segment(self, h: bytes) -> bytes:
-        """Raw map segment *h*, verified (RepoDamaged when missing or bad)."""
+    def load_segment(self, h: bytes, loc: Location | None = None) -> bytes:
+        """Raw map segment *h*, verified (RepoDamaged when missing or bad). *loc*: its
+        location, when the caller looked up many at once (one query, not one each)."""
         with self._lock:
             raw = self._seg_cache.get(h)
             if raw is not None:
                 self._seg_cache.move_to_end(h)
                 return raw
-        loc = self.segment_locations([h]).get(h)
+        if loc is None:
+            loc = self.segment_locations([h]).get(h)
         if loc is None:
             raise RepoDamaged(f"map segment {h.hex()[:16]} is missing from the index",
                               hint="run `nbdbackup verify`; `nbdbackup rebuild-index` may recover it")

@@ -12,13 +12,16 @@ started never exists.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import time
 
 from .base import DiskPlan, Source, raise_if_no_fallback
-from .qemu_tools import ImageBitmap, QemuNbd, bitmap_add, bitmap_remove, image_info
+from ..errors import LockedError, SourceUnreachable
+from ..repo.locks import read_holders
+from .qemu_tools import ImageBitmap, QemuNbd, bitmap_add, bitmap_remove, check_image, image_info
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +42,15 @@ def new_checkpoint() -> str:
 
 
 class ImageSource(Source):
-    def __init__(self, path: str, disk: str | None = None, *, connections: int = 4):
+    def __init__(self, path: str, disk: str | None = None, *, connections: int = 4, fmt: str | None = None):
         self.path = os.path.abspath(path)
+        self.format = fmt           # None: probed by qemu-img
         self.disk = disk or default_disk_name(path)
         self.connections = max(1, connections)
         self.nbd: QemuNbd | None = None
         self._added: str | None = None      # bitmap this run created (dropped on failure)
         self._prefix = ""
+        self._image_lock = None             # the repository's lock of this image, held until close()
 
     # -- choosing the dirty set ---------------------------------------------
     def _pick_bitmap(self, repo, info) -> tuple[ImageBitmap | None, object | None, str | None]:
@@ -72,10 +77,37 @@ class ImageSource(Source):
             return None, None, f"bitmap {bitmap.name} is disabled: it did not track every change"
         return bitmap, parent, None
 
+    def _lock_image(self, repo) -> None:
+        """One run of this repository per image at a time; a loser learns which run has it
+        (from the lock's holder file), not qemu's bare "Failed to get lock"."""
+        name = "image-" + hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()[:16]
+        try:
+            self._image_lock = repo.lock(name, exclusive=True, purpose=f"the lock of image {self.path}")
+        except LockedError as e:
+            who = "; ".join(f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')}: {h.get('command')}"
+                            for h in read_holders(repo.lock_dir, name)) or str(e)
+            raise LockedError(f"another nbdbackup run is backing up image {self.path}: {who}",
+                              hint="wait for it to finish, or pass --lock-wait SECONDS") from None
+
+    def _open_info(self):
+        """qemu-img info, and the checks that keep a wrong guess or a damaged image from being backed up."""
+        info = image_info(self.path, self.format)      # LockedError when a writer has it open
+        if info.probed and info.format == "raw":
+            log.warning("%s has no image header qemu recognises: backing it up as raw bytes "
+                        "(pass --format raw to say so)", self.path)
+        if info.corrupt:
+            raise SourceUnreachable(f"image {self.path} is marked corrupt by qemu",
+                                    hint="repair a copy with `qemu-img check -r all` (or restore the image), "
+                                         "then retry")
+        if info.format == "qcow2":
+            check_image(self.path, info.format)
+        return info
+
     # -- Source interface -----------------------------------------------------
     def prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
         self._prefix = bitmap_prefix(repo.repo_id)
-        info = image_info(self.path)          # LockedError when a writer has it open
+        self._lock_image(repo)
+        info = self._open_info()
         bitmap = parent = reason = None
         if kind == "incremental":
             bitmap, parent, reason = self._pick_bitmap(repo, info)
@@ -86,8 +118,8 @@ class ImageSource(Source):
         checkpoint = None
         if info.format == "qcow2":
             checkpoint = new_checkpoint()
-            self._added = self._prefix + checkpoint
-            bitmap_add(self.path, self._added)
+            bitmap_add(self.path, self._prefix + checkpoint)
+            self._added = self._prefix + checkpoint     # only once it exists: failed() removes it
         self.nbd = QemuNbd(self.path, info.format, connections=self.connections,
                            bitmap=bitmap.name if bitmap else None)
         return [DiskPlan(
@@ -103,7 +135,7 @@ class ImageSource(Source):
         self._stop_nbd()
         keep, self._added = self._added, None
         try:
-            stale = [b.name for b in image_info(self.path).bitmaps
+            stale = [b.name for b in image_info(self.path, self.format).bitmaps
                      if b.name.startswith(self._prefix) and b.name != keep]
         except Exception as e:  # the backup is committed; a leftover bitmap only costs a superset
             log.warning("could not list old bitmaps on %s: %s", self.path, e)
@@ -124,9 +156,14 @@ class ImageSource(Source):
                 log.warning("could not remove bitmap %s of the failed run: %s", added, e)
 
     def close(self) -> None:
-        if self._added:     # neither committed() nor failed() ran
-            self.failed(None)
-        self._stop_nbd()
+        try:
+            if self._added:     # neither committed() nor failed() ran
+                self.failed(None)
+            self._stop_nbd()
+        finally:
+            lock, self._image_lock = self._image_lock, None
+            if lock is not None:
+                lock.release()
 
     def _stop_nbd(self) -> None:
         if self.nbd is not None:

@@ -37,6 +37,10 @@ def _tool(name: str) -> str:
 
 def _locked_error(path: str, stderr: str) -> NbdBackupError | None:
     if "lock" in stderr and ("Failed to get" in stderr or "another process" in stderr):
+        other = _nbdbackup_serving(path)
+        if other:
+            return LockedError(f"image {path} is in use by another nbdbackup run: {other}",
+                               hint="wait for that run to finish and retry")
         return LockedError(f"image {path} is in use by another process (qemu holds its lock)",
                            hint="shut the VM down (or stop whatever has the image open) and retry; "
                                 "for a running VM use --source/--qmp instead of --image")
@@ -82,17 +86,56 @@ class ImageInfo:
     format: str
     size: int
     bitmaps: list[ImageBitmap]
+    probed: bool = True         # format guessed by qemu-img (no -f given)
+    corrupt: bool = False       # qcow2's own corrupt flag
 
 
-def image_info(path: str) -> ImageInfo:
-    """`qemu-img info`; fails with LockedError when a writer has the image open."""
+def image_info(path: str, fmt: str | None = None) -> ImageInfo:
+    """`qemu-img info` (format probed unless *fmt*); fails with LockedError when a writer has the image open."""
     if not os.path.exists(path):
         raise SourceUnreachable(f"image {path} does not exist")
-    out = json.loads(qemu_img(path, "info", "--output=json"))
+    args = ["info", "--output=json"] + (["-f", fmt] if fmt else [])
+    try:
+        out = json.loads(qemu_img(path, *args))
+    except SourceUnreachable as e:
+        raise SourceUnreachable(str(e), hint=(f"is {path} really a {fmt} image?" if fmt else
+                                              f"{path} may be damaged; `qemu-img check {path}` tells more")) from None
     spec = (out.get("format-specific") or {}).get("data") or {}
     bitmaps = [ImageBitmap(b["name"], list(b.get("flags", [])), int(b.get("granularity", 0)))
                for b in spec.get("bitmaps", [])]
-    return ImageInfo(path, out["format"], int(out["virtual-size"]), bitmaps)
+    return ImageInfo(path, out["format"], int(out["virtual-size"]), bitmaps, probed=fmt is None,
+                     corrupt=bool(spec.get("corrupt")))
+
+
+# qemu-img check's exit codes: 0 clean, 2 corruptions, 3 only leaked clusters (harmless to a reader)
+_CHECK_OK = (0, 3)
+
+
+def check_image(path: str, fmt: str) -> None:
+    """Refuse an image qemu-img check finds damaged (truncated, tables past the end...): qemu
+    would read the missing parts as zeros, a backup of silently wrong data."""
+    cmd = [_tool("qemu-img"), "check", "--output=json", "-f", fmt, path]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SourceUnreachable(f"qemu-img check on {path} timed out") from None
+    if p.returncode in _CHECK_OK:
+        return
+    err = p.stderr.strip()
+    locked = _locked_error(path, err)
+    if locked:
+        raise locked
+    try:
+        found = json.loads(p.stdout).get("corruptions", 0)
+    except ValueError:
+        found = 0
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    detail = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "") \
+        if errors else (err or f"exit code {p.returncode}")
+    what = f"{found} corruption(s)" if found else "errors"
+    raise SourceUnreachable(f"image {path} is a damaged {fmt}: qemu-img check found {what}: {detail}",
+                            hint="it was not backed up: qemu would read the damaged parts as zeros. Repair a "
+                                 f"copy with `qemu-img check -r all` (or restore the image), then retry")
 
 
 def bitmap_add(path: str, name: str) -> None:
@@ -136,6 +179,35 @@ def remove_stale_dirs() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _nbdbackup_serving(path: str) -> str | None:
+    """'pid N since T: COMMAND' of another live run whose qemu-nbd serves image *path*
+    (its private dir names the image), or None."""
+    tmp = tempfile.gettempdir()
+    want = os.path.realpath(path)
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(DIR_PREFIX)]
+    except OSError:
+        return None
+    for name in names:
+        d = os.path.join(tmp, name)
+        try:
+            with open(os.path.join(d, "image")) as f:
+                if f.read() != want:
+                    continue
+            with open(os.path.join(d, "owner")) as f:
+                pid = int(f.read().strip())
+            if pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.stat(d).st_mtime))
+        except (OSError, ValueError):   # not ours, gone meanwhile, or half made
+            continue
+        return f"pid {pid} since {since}: {command}"
+    return None
+
+
 def _die_with_parent(parent_pid: int):
     """preexec_fn: ask the kernel to SIGKILL the child when our forking thread exits."""
     def setup() -> None:
@@ -177,6 +249,8 @@ class QemuNbd:
         self.image = image
         remove_stale_dirs()
         self.dir = tempfile.mkdtemp(prefix=DIR_PREFIX)     # mode 0700: private
+        with open(os.path.join(self.dir, "image"), "w") as f:     # so a run that loses the image lock can name us
+            f.write(os.path.realpath(image))
         with open(os.path.join(self.dir, "owner"), "w") as f:
             f.write(str(os.getpid()))
         self.socket = os.path.join(self.dir, "nbd.sock")
