@@ -188,20 +188,25 @@ def test_progress_bar_only_on_a_tty(repo_path):
     assert "gc: mark" in err and "gc: reclaimed" in err
 
 
-def test_backup_forgotten_while_verify_runs_is_not_damage(repo_path, monkeypatch):
-    """forget takes no lock: verify must not report a backup forgotten under it as damaged."""
+def test_backup_forgotten_while_verify_runs_is_named_not_damage(repo_path, monkeypatch):
+    """forget takes no lock: verify must not report a backup forgotten under it as damaged,
+    nor skip it silently: the report names it."""
     import nbdbackup.repo.verify as V
 
     with Repository.open(repo_path) as repo:
         victim = repo.list_backups("vdb")[0]
+        victim_pk = next(pk for pk, _, b in V._listed(repo) if b.id == victim.id)
         real = V._segment_refs
 
-        def forget_then_read(r, bid):
-            if bid == victim.id:
+        def forget_then_read(r, pk):
+            if pk == victim_pk:
                 from nbdbackup.repo.forget import forget
-                forget(r, [bid])
-            return real(r, bid)
+                forget(r, [victim.id])
+            return real(r, pk)
 
         monkeypatch.setattr(V, "_segment_refs", forget_then_read)
         report = V.verify(repo)
     assert report.ok and report.backups_checked == 3
+    assert [b.id for b in report.vanished] == [victim.id]
+    assert report.to_json()["vanished"] == [{"id": victim.id, "disk": "vdb"}]
+    assert f"NOT CHECKED {victim.id} (disk vdb): forgotten while verify ran" in report.problem_lines()

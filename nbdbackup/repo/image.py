@@ -1,6 +1,8 @@
 """BackupImage: checked random-access reads of one backup.
 
-Thread-safe: the segment list is loaded up front; map segments (with the
+Opening checks the backup's index rows (size, chunk size, segment list...)
+against its manifest (repo/manifest.py). Thread-safe: the segment list is
+loaded up front; map segments (with the
 pack locations of their chunks, one batched query per segment) are loaded
 on demand into a small LRU cache under a lock; chunk data is read with
 pread-style backend reads and verified (blake3) before it is returned.
@@ -17,6 +19,7 @@ from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF, zeros
 from .info import BackupInfo
+from .manifest import check_rows as check_manifest_rows
 from .store import Location, RecordError
 
 if TYPE_CHECKING:
@@ -27,7 +30,8 @@ SEGMENT_CACHE = 64   # decoded segments + chunk locations per image (~200 KB eac
 
 
 class BackupImage:
-    def __init__(self, repo: "Repository", info: BackupInfo, refs: list[bytes | None], reader_lock: "RepoLock"):
+    def __init__(self, repo: "Repository", info: BackupInfo, refs: list[bytes | None], reader_lock: "RepoLock",
+                 *, manifest_hash: bytes | None):
         self.repo = repo
         self.info = info
         self.size = info.size
@@ -39,11 +43,17 @@ class BackupImage:
         self._cache: OrderedDict[int, tuple[bytes, dict[bytes, Location]]] = OrderedDict()
         self._lock = threading.Lock()
         self._reader_lock = reader_lock
-        if len(refs) != maps.nsegments(self.nchunks, self._seg_len):
+        try:
+            if len(refs) != maps.nsegments(self.nchunks, self._seg_len):
+                raise RepoDamaged(f"backup {info.id}: map has {len(refs)} segments, expected "
+                                  f"{maps.nsegments(self.nchunks, self._seg_len)}",
+                                  hint="run `nbdbackup verify`")
+            # size, chunk size and segment list come from the index: trust them only as far as the
+            # backup's manifest vouches for them (else a consistent SQL edit restores wrong bytes)
+            check_manifest_rows(repo, info, refs, manifest_hash)
+        except BaseException:
             reader_lock.release()
-            raise RepoDamaged(f"backup {info.id}: map has {len(refs)} segments, expected "
-                              f"{maps.nsegments(self.nchunks, self._seg_len)}",
-                              hint="run `nbdbackup verify`")
+            raise
 
     # -- map ------------------------------------------------------------------
     def _segment(self, seq: int) -> tuple[bytes, dict[bytes, Location]] | None:

@@ -269,10 +269,14 @@ class Repository:
         lk = self.lock("readers", exclusive=False, purpose="the repository's reader lock (gc runs)")
         try:
             refs = self.segment_refs(info.id)
+            rows = self._query(select(backups.c.manifest_hash).where(backups.c.id == info.id))
+            if not rows:
+                raise NotFound(f"backup {info.id} is no longer in the index (forgotten?)",
+                               hint="see `nbdbackup list`")
         except BaseException:
             lk.release()
             raise
-        return BackupImage(self, info, refs, lk)
+        return BackupImage(self, info, refs, lk, manifest_hash=rows[0][0])
 
 
 _INDEX_URL_FILE = "index-url"
