@@ -1,7 +1,7 @@
 """BackupImage: checked random-access reads of one backup.
 
-Opening checks the backup's index rows (size, chunk size, segment list...)
-against its manifest (repo/manifest.py). Thread-safe: the segment list is
+Its segment list comes from Repository.checked_segment_refs (index rows
+checked against the backup's manifest). Thread-safe: the segment list is
 loaded up front; map segments (with the
 pack locations of their chunks, one batched query per segment) are loaded
 on demand into a small LRU cache under a lock; chunk data is read with
@@ -19,7 +19,6 @@ from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF, zeros
 from .info import BackupInfo
-from .manifest import check_rows as check_manifest_rows
 from .store import Location, RecordError
 
 if TYPE_CHECKING:
@@ -30,8 +29,7 @@ SEGMENT_CACHE = 64   # decoded segments + chunk locations per image (~200 KB eac
 
 
 class BackupImage:
-    def __init__(self, repo: "Repository", info: BackupInfo, refs: list[bytes | None], reader_lock: "RepoLock",
-                 *, manifest_hash: bytes | None):
+    def __init__(self, repo: "Repository", info: BackupInfo, refs: list[bytes | None], reader_lock: "RepoLock"):
         self.repo = repo
         self.info = info
         self.size = info.size
@@ -43,17 +41,11 @@ class BackupImage:
         self._cache: OrderedDict[int, tuple[bytes, dict[bytes, Location]]] = OrderedDict()
         self._lock = threading.Lock()
         self._reader_lock = reader_lock
-        try:
-            if len(refs) != maps.nsegments(self.nchunks, self._seg_len):
-                raise RepoDamaged(f"backup {info.id}: map has {len(refs)} segments, expected "
-                                  f"{maps.nsegments(self.nchunks, self._seg_len)}",
-                                  hint="run `nbdbackup verify`")
-            # size, chunk size and segment list come from the index: trust them only as far as the
-            # backup's manifest vouches for them (else a consistent SQL edit restores wrong bytes)
-            check_manifest_rows(repo, info, refs, manifest_hash)
-        except BaseException:
+        if len(refs) != maps.nsegments(self.nchunks, self._seg_len):
             reader_lock.release()
-            raise
+            raise RepoDamaged(f"backup {info.id}: map has {len(refs)} segments, expected "
+                              f"{maps.nsegments(self.nchunks, self._seg_len)}",
+                              hint="run `nbdbackup verify`")
 
     # -- map ------------------------------------------------------------------
     def _segment(self, seq: int) -> tuple[bytes, dict[bytes, Location]] | None:

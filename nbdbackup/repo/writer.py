@@ -98,7 +98,7 @@ class BackupWriter:
             self._locks.append(repo.lock(f"disk-{disk}", exclusive=True,
                                          purpose=f"the lock of disk {disk!r} (another backup of it runs)"))
             if parent is not None:
-                self._parent_refs = repo.segment_refs(parent.id)
+                self._parent_refs = repo.checked_segment_refs(parent)
                 self._inherit_upto = _inheritable(parent.size, size, self.chunk_size)
         except BaseException:
             self._release()
