@@ -192,24 +192,44 @@ def test_serve_refuses_a_tampered_backup(repo_copy, tmp_path):
 
 def test_bit_flip_changing_a_backup_id_is_not_all_intact(repo_copy, tmp_path):
     """The issue's case: one flipped bit turns a backup's id into another valid-looking id. verify
-    used to drop it as "forgotten while we ran" and say "all intact"."""
+    used to drop it as "forgotten while we ran" and say "all intact". The id is stored twice: in
+    the table row (the manifest check names the field) and in the unique index on it (only
+    SQLite's integrity_check sees that the index and the table disagree)."""
     path, expected = repo_copy
     victim = list(expected)[0]
     db = os.path.join(path, "index.sqlite")
     data = open(db, "rb").read()
+    owner = _page_owners(db)
     pos = [i for i in range(len(data)) if data.startswith(victim.encode(), i)]
-    assert pos, "the id is not in the file"
+    # the row, the unique index on id, and the incremental's parent column
+    assert sorted(owner[i // PAGE + 1] for i in pos) == ["backups", "backups", "sqlite_autoindex_backups_1"]
     digit = max(i for i, ch in enumerate(victim) if ch.isdigit())    # a digit: one bit away from another digit
-    for k, at in enumerate(pos):          # the row in the table, then the copy in the id index
-        d = f"{path}-{k}"
+    for at in pos:
+        d = f"{path}-{at}"
         shutil.copytree(path, d)
         flipped = bytearray(data)
         flipped[at + digit] ^= 0x01
         open(os.path.join(d, "index.sqlite"), "wb").write(bytes(flipped))
         p = nbdbackup("verify", "--repo", d, check=False)
-        assert p.returncode != 0 and "all intact" not in p.stderr, (k, p.stdout, p.stderr)
+        assert p.returncode == 5 and "all intact" not in p.stderr, (p.stdout, p.stderr)
         _no_traceback(p)
+        rep = json.loads(nbdbackup("verify", "--repo", d, "--json", check=False).stdout)
+        if owner[at // PAGE + 1] == "backups":
+            (dmg,) = rep["damaged"]
+            assert any(("id (index" in pr or "parent (index" in pr) and victim in pr for pr in dmg["problems"]), dmg
+        else:
+            assert rep["index_check"] == "damaged" and rep["index_problems"], rep
+            assert "INDEX DAMAGED: integrity_check" in p.stdout
         _check_restores(d, expected, tmp_path, verify_rc=p.returncode)
+
+
+def _page_owners(db) -> dict[int, str]:
+    """Page number -> the table or index it belongs to (SQLite's dbstat)."""
+    con = sqlite3.connect(db)
+    try:
+        return {p: n for n, p in con.execute("SELECT name, pageno FROM dbstat")}
+    finally:
+        con.close()
 
 
 def _check_restores(path, expected, tmp_path, *, verify_rc: int) -> list[int]:
@@ -234,12 +254,11 @@ def _table_pages(db) -> list[int]:
     """Page numbers of the backups and backup_segments tables and their indexes."""
     con = sqlite3.connect(db)
     try:
-        rows = con.execute("SELECT name, pageno FROM dbstat").fetchall()
         names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE tbl_name IN "
                                            "('backups', 'backup_segments')")}
     finally:
         con.close()
-    return sorted(p for n, p in rows if n in names)
+    return sorted(p for p, n in _page_owners(db).items() if n in names)
 
 
 @pytest.mark.parametrize("mode", ["bit", "page"])
