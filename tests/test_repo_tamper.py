@@ -102,8 +102,18 @@ def _smaller_size(path, victim, other):
     return "size (index"
 
 
+def _other_disk(path, victim, other):
+    _sql(path, "UPDATE backups SET disk = 'vdc' WHERE id = ?", victim)
+    return "disk (index 'vdc', manifest 'vda')"
+
+
+def _double_chunk_size(path, victim, other):
+    _sql(path, "UPDATE backups SET chunk_size = chunk_size * 2 WHERE id = ?", victim)
+    return f"chunk_size (index {2 * CS}, manifest {CS})"
+
+
 EDITS = {"null segment hash": _null_segment, "segment hash of another backup": _foreign_segment,
-         "size changed": _smaller_size}
+         "size changed": _smaller_size, "disk changed": _other_disk, "chunk size changed": _double_chunk_size}
 
 
 @pytest.mark.parametrize("edit", list(EDITS))

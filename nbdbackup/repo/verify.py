@@ -1,11 +1,11 @@
 """verify: re-read and re-hash what backups need; name the damage.
 
 Under the shared readers lock (so gc cannot delete a pack under us): (0) on
-SQLite, the index's own `PRAGMA integrity_check`; then each backup's index
-rows (found by a table scan, not by id: a damaged id index must not hide a
-backup) are checked against its manifest record (repo/manifest.py), read
-once per backup; (1) every map segment of the chosen backups is loaded and
-checked, collecting the distinct chunk hashes; (2) each distinct chunk (or a
+SQLite, the index's own `PRAGMA integrity_check`; (1) every map segment of
+the chosen backups (listed by a table scan, their maps read by row key: a
+damaged id index must not hide a backup) is loaded and checked, collecting
+the distinct chunk hashes, and each backup's index rows are compared with
+its manifest record (repo/manifest.py, one record read per backup); (2) each distinct chunk (or a
 random sample) is read once, decompressed and hashed, packs that are gone
 are noticed without reading; (3) each backup's map is walked again and the
 positions whose segment or chunk is bad become disk byte ranges. A backup
