@@ -210,3 +210,22 @@ def test_backup_forgotten_while_verify_runs_is_named_not_damage(repo_path, monke
     assert [b.id for b in report.vanished] == [victim.id]
     assert report.to_json()["vanished"] == [{"id": victim.id, "disk": "vdb"}]
     assert f"NOT CHECKED {victim.id} (disk vdb): forgotten while verify ran" in report.problem_lines()
+
+
+def test_named_backup_forgotten_before_its_check_is_named(repo_path, monkeypatch):
+    """`verify ID` for a backup forgotten between resolving ID and reading its rows: named, not
+    a silent "0 backups checked, all intact"."""
+    import nbdbackup.repo.verify as V
+    from nbdbackup.repo.forget import forget
+
+    with Repository.open(repo_path) as repo:
+        victim = repo.list_backups("vdb")[0]
+        real = V._listed
+
+        def forget_then_list(r):
+            forget(r, [victim.id])
+            return real(r)
+
+        monkeypatch.setattr(V, "_listed", forget_then_list)
+        report = V.verify(repo, [victim.id])
+    assert report.backups_checked == 0 and [b.id for b in report.vanished] == [victim.id]

@@ -149,17 +149,17 @@ def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
 
 
 def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyReport) -> None:
-    listed = _listed(repo)
     if refs:
         chosen = {}
         for r in refs:
             info = repo.resolve(r)      # NotFound (exit 11) for a backup that does not exist
             chosen[info.id] = info
-        rows = [row for row in listed if row[2].id in chosen]
+        # listed after resolving: one missing now was forgotten meanwhile, not committed later
+        rows = [row for row in _listed(repo) if row[2].id in chosen]
         found = {row[2].id for row in rows}
         report.vanished.extend(b for bid, b in chosen.items() if bid not in found)
     else:
-        rows = listed
+        rows = _listed(repo)
     seg_len = repo.config.segment_len
     store = repo.store
 
