@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import sqlite3
-import subprocess
 
 import pytest
 from maint_support import CS, disk_data, new_repo, write_backup
