@@ -128,3 +128,23 @@ def test_temp_file_of_a_running_restore_is_kept(backup, tmp_path):
 def test_help_says_where_temp_files_are():
     p = nbdbackup("restore", "--help")
     assert ".nbdbackup-restore-<target name>-" in p.stdout and "killed" in p.stdout
+
+
+def test_target_too_large_for_its_file_system_leaves_nothing(backup, tmp_path):
+    """A file size cap (here RLIMIT_FSIZE; on disk e.g. FAT's 4 GiB) refuses the temp file's
+    size: a clear error (exit 4), and no temp file left behind."""
+    import resource
+
+    repo, bid, _ = backup
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # EFBIG instead of a kill
+
+    env = dict(os.environ)
+    env.pop("NBDBACKUP_REPO", None)
+    p = subprocess.run([nbdbackup_exe(), "restore", "--repo", repo, bid, str(tmp_path / "disk.raw")],
+                       preexec_fn=cap, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 4, p.stderr
+    assert f"cannot make a file of {NCHUNKS * CS} bytes" in p.stderr and "hint:" in p.stderr
+    assert os.listdir(tmp_path) == []

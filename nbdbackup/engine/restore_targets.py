@@ -8,6 +8,7 @@ an existing file as it was.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -17,7 +18,7 @@ import stat
 import struct
 import subprocess
 
-from ..errors import NbdBackupError, SourceUnreachable, UsageError
+from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError
 from ..fsutil import fsync_path
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,15 @@ class FileTarget:
             self.fd, self.tmp = _create_locked_temp(d, temp_prefix(path))
         except OSError as e:
             raise SourceUnreachable(f"cannot create a file in {d}: {e.strerror}") from None
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:          # EFBIG: the file system (or RLIMIT_FSIZE) caps file sizes
+            self.abort()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"no space left in {d} for the restore: {e.strerror}",
+                                   hint="free space there and restore again; the backup is intact") from None
+            raise SourceUnreachable(f"cannot make a file of {size} bytes in {d}: {e.strerror}",
+                                    hint="restore to a file system that can hold the whole disk") from None
 
     def write(self, offset: int, data) -> None:
         mv = memoryview(data)
