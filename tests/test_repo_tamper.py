@@ -127,10 +127,11 @@ def test_consistent_sql_edit_is_damage_and_restore_refuses(repo_copy, tmp_path, 
     rep = json.loads(p.stdout)
     assert rep["index_check"] == "ok"
     (d,) = rep["damaged"]
-    assert d["id"] == vda_full
+    assert d["id"] == vda_full and d["index_rows_bad"]
     assert any("disagrees with its manifest" in pr and field in pr for pr in d["problems"]), d["problems"]
     p = nbdbackup("verify", "--repo", path, check=False)
     assert p.returncode == 5 and vda_full in p.stdout and field in p.stdout
+    assert "rebuild-index" in p.stderr
     _no_traceback(p)
 
     out = str(tmp_path / "out.raw")
@@ -144,6 +145,11 @@ def test_consistent_sql_edit_is_damage_and_restore_refuses(repo_copy, tmp_path, 
     for bid in (vdb, list(expected)[1]):
         assert _restore(path, bid, out).returncode == 0
         assert open(out, "rb").read() == expected[bid]
+    # and the hint works: the rows come back from the manifest, nothing was lost
+    nbdbackup("rebuild-index", "--repo", path)
+    nbdbackup("verify", "--repo", path)
+    assert _restore(path, vda_full, out).returncode == 0
+    assert open(out, "rb").read() == expected[vda_full]
 
 
 def test_null_manifest_hash_is_damage(repo_copy, tmp_path):

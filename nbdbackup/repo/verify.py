@@ -44,6 +44,7 @@ class DamagedBackup:
     backup: BackupInfo
     ranges: list[tuple[int, int]] = field(default_factory=list)   # (offset, length) disk bytes
     problems: list[str] = field(default_factory=list)
+    index_rows_bad: bool = False      # its index rows cannot be trusted (rebuild-index remakes them)
 
     @property
     def damaged_bytes(self) -> int:
@@ -51,7 +52,8 @@ class DamagedBackup:
 
     def to_json(self) -> dict:
         return {"id": self.backup.id, "disk": self.backup.disk, "damaged_bytes": self.damaged_bytes,
-                "ranges": [{"offset": o, "length": n} for o, n in self.ranges], "problems": self.problems}
+                "ranges": [{"offset": o, "length": n} for o, n in self.ranges], "problems": self.problems,
+                "index_rows_bad": self.index_rows_bad}
 
 
 @dataclass
@@ -210,7 +212,7 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
     for b in targets:
         if b.id in problem_of:
             report.damaged.append(DamagedBackup(b, [(0, b.size)] if b.size else [],
-                                                problem_of[b.id] + note_of.get(b.id, [])))
+                                                problem_of[b.id] + note_of.get(b.id, []), index_rows_bad=True))
             continue
         d = _damage(b, maps_of[b.id], seg_len, store, bad_segments, seg_len_ok, bad_chunks)
         d.problems += note_of.get(b.id, [])
