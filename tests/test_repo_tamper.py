@@ -342,3 +342,29 @@ def test_manifest_encoded_differently_still_opens(repo_copy, tmp_path):
     assert open(out, "rb").read() == expected[vdb]
     p = nbdbackup("verify", "--repo", path, "--json")
     assert json.loads(p.stdout)["manifests_checked"] == 3
+
+
+def test_damaged_manifest_record_is_damage_but_restore_is_exact(repo_copy, tmp_path):
+    """Bit rot in a manifest record loses no disk bytes (the index rows still re-encode to its
+    hash), but rebuild-index could no longer recover the backup: verify reports it."""
+    from nbdbackup.repo import manifest as M
+    from nbdbackup.repo import packs as P
+
+    path, expected = repo_copy
+    vdb = list(expected)[2]
+    (mh,) = _sql(path, "SELECT manifest_hash FROM backups WHERE id = ?", vdb)[0]
+    with Repository.open(path) as repo:
+        loc = M.locate(repo, {mh})[0][mh]
+    with open(os.path.join(path, P.pack_object_name(loc.pack)), "r+b") as f:
+        f.seek(loc.offset + loc.stored_len // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+    p = nbdbackup("verify", "--repo", path, "--json", check=False)
+    assert p.returncode == 5, p.stderr
+    (d,) = json.loads(p.stdout)["damaged"]
+    assert d["id"] == vdb and d["ranges"] == [] and not d["index_rows_bad"]
+    assert any("its manifest is damaged" in pr for pr in d["problems"]), d
+    out = str(tmp_path / "out.raw")
+    assert _restore(path, vdb, out).returncode == 0
+    assert open(out, "rb").read() == expected[vdb]
