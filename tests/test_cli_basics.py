@@ -127,7 +127,7 @@ def test_readme_has_two_setup_commands_that_need_no_sudo():
                   .group(1).replace("\\", " ").split())
     readme_pkgs = set(install.split("apt-get install -y", 1)[1].split("&&", 1)[0].split())
     assert ci_pkgs <= readme_pkgs, f"README's install misses {sorted(ci_pkgs - readme_pkgs)}"
-    assert f".venv/bin/pytest -q tests" in ci
+    assert ".venv/bin/pytest -q tests" in ci
 
 
 def test_readme_install_prefix_runs_without_sudo(tmp_path):

@@ -188,20 +188,44 @@ def test_progress_bar_only_on_a_tty(repo_path):
     assert "gc: mark" in err and "gc: reclaimed" in err
 
 
-def test_backup_forgotten_while_verify_runs_is_not_damage(repo_path, monkeypatch):
-    """forget takes no lock: verify must not report a backup forgotten under it as damaged."""
+def test_backup_forgotten_while_verify_runs_is_named_not_damage(repo_path, monkeypatch):
+    """forget takes no lock: verify must not report a backup forgotten under it as damaged,
+    nor skip it silently: the report names it."""
     import nbdbackup.repo.verify as V
 
     with Repository.open(repo_path) as repo:
         victim = repo.list_backups("vdb")[0]
+        victim_pk = next(pk for pk, _, b in V._listed(repo) if b.id == victim.id)
         real = V._segment_refs
 
-        def forget_then_read(r, bid):
-            if bid == victim.id:
+        def forget_then_read(r, pk):
+            if pk == victim_pk:
                 from nbdbackup.repo.forget import forget
-                forget(r, [bid])
-            return real(r, bid)
+                forget(r, [victim.id])
+            return real(r, pk)
 
         monkeypatch.setattr(V, "_segment_refs", forget_then_read)
         report = V.verify(repo)
     assert report.ok and report.backups_checked == 3
+    assert [b.id for b in report.vanished] == [victim.id]
+    assert report.to_json()["vanished"] == [{"id": victim.id, "disk": "vdb"}]
+    assert f"NOT CHECKED {victim.id} (disk vdb): forgotten while verify ran" in report.problem_lines()
+
+
+def test_named_backup_forgotten_before_its_check_is_named(repo_path, monkeypatch):
+    """`verify ID` for a backup forgotten between resolving ID and reading its rows: named, not
+    a silent "0 backups checked, all intact"."""
+    import nbdbackup.repo.verify as V
+    from nbdbackup.repo.forget import forget
+
+    with Repository.open(repo_path) as repo:
+        victim = repo.list_backups("vdb")[0]
+        real = V._listed
+
+        def forget_then_list(r):
+            forget(r, [victim.id])
+            return real(r)
+
+        monkeypatch.setattr(V, "_listed", forget_then_list)
+        report = V.verify(repo, [victim.id])
+    assert report.backups_checked == 0 and [b.id for b in report.vanished] == [victim.id]

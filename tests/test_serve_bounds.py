@@ -5,7 +5,6 @@ with short bounds injected, and the real `nbdbackup serve` for the option."""
 from __future__ import annotations
 
 import logging
-import struct
 import time
 
 import pytest

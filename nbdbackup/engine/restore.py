@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import NoSpaceError
@@ -30,6 +30,7 @@ class RestoreResult:
     data_bytes: int = 0     # bytes written from stored chunks
     zero_bytes: int = 0     # bytes reproduced as zeros
     duration_s: float = 0.0
+    leftovers_removed: list = field(default_factory=list)   # (path, bytes) of killed restores' temp files
 
 
 def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = False, connections: int = 4,
@@ -41,6 +42,7 @@ def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = Fals
         size, cs = img.size, img.chunk_size
         result = RestoreResult(info, target)
         t = open_target(target, size, fmt=fmt, force=force, connections=connections)
+        result.leftovers_removed = getattr(t, "leftovers_removed", [])
         bar = progress(size, f"restore {info.disk}") if progress else NoBar()
         try:
             _copy(img, t, result, bar, workers=max(2, connections), inflight=max(4, inflight_bytes // cs))

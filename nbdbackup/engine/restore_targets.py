@@ -8,15 +8,17 @@ an existing file as it was.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import re
+import secrets
 import stat
 import struct
 import subprocess
-import tempfile
 
-from ..errors import NbdBackupError, SourceUnreachable, UsageError
+from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError
 from ..fsutil import fsync_path
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,73 @@ log = logging.getLogger(__name__)
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 ZERO_STEP = 8 << 20
+
+# A file target is written to TEMP_PREFIX<target name>-<8 hex digits> beside it (plus
+# <that>.qcow2 while converting), flock'ed by its writer until renamed into place.
+TEMP_PREFIX = ".nbdbackup-restore-"
+_NAME_KEEP = 200                      # of the target's name: the temp name must fit in 255 bytes
+_TEMP_TAIL = re.compile(r"[0-9a-f]{8}(\.qcow2)?")
+_OLD_TEMP = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}(\.qcow2)?")   # before the target's name was in it
+
+
+def temp_prefix(path: str) -> str:
+    """The name prefix of the temp files of restores to *path* (in its directory)."""
+    return f"{TEMP_PREFIX}{os.path.basename(path)[:_NAME_KEEP]}-"
+
+
+def remove_leftovers(path: str) -> list[tuple[str, int]]:
+    """Remove the temp files that killed restores to *path* left beside it: (path, bytes on disk)
+    of each. A file whose writer still runs is kept: the writer holds a flock on it."""
+    d = os.path.dirname(os.path.abspath(path))
+    prefix = temp_prefix(path)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    mine = sorted(n for n in names if n.startswith(prefix) and _TEMP_TAIL.fullmatch(n[len(prefix):]))
+    removed = []
+    for name in mine:
+        base = name.removesuffix(".qcow2")    # a qcow2 being converted lives as long as its raw temp
+        fd = _open_unlocked(os.path.join(d, base))
+        if fd is None and (base == name or os.path.exists(os.path.join(d, base))):
+            continue                          # locked: that restore is running (or it just finished)
+        try:
+            n = _unlink_counting(os.path.join(d, name))
+            if n is not None:
+                removed.append((os.path.join(d, name), n))
+        finally:
+            if fd is not None:
+                os.close(fd)
+    old = sorted(n for n in names if _OLD_TEMP.fullmatch(n))
+    if old:
+        log.warning("%s holds %d temporary file(s) of restores by an older nbdbackup, target unknown: %s; "
+                    "remove them once no restore runs there", d, len(old), ", ".join(old))
+    return removed
+
+
+def _open_unlocked(p: str) -> int | None:
+    """An fd holding the flock of temp file *p*, or None when it is locked (its writer runs) or gone."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlink_counting(p: str) -> int | None:
+    try:
+        st = os.lstat(p)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        os.unlink(p)
+    except OSError:
+        return None
+    return st.st_blocks * 512
 
 
 def is_nbd_uri(target: str) -> bool:
@@ -47,12 +116,26 @@ class FileTarget:
         if os.path.lexists(path) and not force:
             raise UsageError(f"{path} exists; pass --force to overwrite it")
         self.path, self.size, self.fmt = path, size, fmt
+        self.leftovers_removed = remove_leftovers(path)
+        if self.leftovers_removed:
+            total = sum(n for _, n in self.leftovers_removed)
+            log.warning("removed %d temporary file(s) left by killed restores to %s (%d bytes on disk): %s",
+                        len(self.leftovers_removed), path, total,
+                        ", ".join(os.path.basename(p) for p, _ in self.leftovers_removed))
         d = os.path.dirname(os.path.abspath(path))
         try:
-            self.fd, self.tmp = tempfile.mkstemp(prefix=".nbdbackup-restore-", dir=d)
+            self.fd, self.tmp = _create_locked_temp(d, temp_prefix(path))
         except OSError as e:
             raise SourceUnreachable(f"cannot create a file in {d}: {e.strerror}") from None
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:          # EFBIG: the file system (or RLIMIT_FSIZE) caps file sizes
+            self.abort()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"no space left in {d} for the restore: {e.strerror}",
+                                   hint="free space there and restore again; the backup is intact") from None
+            raise SourceUnreachable(f"cannot make a file of {size} bytes in {d}: {e.strerror}",
+                                    hint="restore to a file system that can hold the whole disk") from None
 
     def write(self, offset: int, data) -> None:
         mv = memoryview(data)
@@ -64,16 +147,21 @@ class FileTarget:
         pass    # holes of the fresh file read as zeros
 
     def finish(self) -> None:
+        # The fd (and its flock) stays open until the file is in place: while it is held, a
+        # restore to the same target started meanwhile knows this temp file is not a leftover.
         os.fsync(self.fd)
+        done = self.tmp
+        if self.fmt == "qcow2":
+            done = self._convert_to_qcow2()
+        os.chmod(done, 0o644 & ~_umask())
+        os.replace(done, self.path)
+        if done != self.tmp:
+            _unlink(self.tmp)
+        fsync_path(os.path.dirname(os.path.abspath(self.path)), directory=True)
         os.close(self.fd)
         self.fd = -1
-        if self.fmt == "qcow2":
-            self._convert_to_qcow2()
-        os.chmod(self.tmp, 0o644 & ~_umask())
-        os.replace(self.tmp, self.path)
-        fsync_path(os.path.dirname(os.path.abspath(self.path)), directory=True)
 
-    def _convert_to_qcow2(self) -> None:
+    def _convert_to_qcow2(self) -> str:
         # qemu-img convert detects zero blocks and leaves them unallocated: sparse and exact.
         out = self.tmp + ".qcow2"
         cmd = ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", self.tmp, out]
@@ -85,14 +173,14 @@ class FileTarget:
             _unlink(out)
             raise NbdBackupError(f"qemu-img convert to qcow2 failed: {p.stderr.strip()}")
         fsync_path(out)
-        os.replace(out, self.tmp)
+        return out
 
     def abort(self) -> None:
+        _unlink(self.tmp)
+        _unlink(self.tmp + ".qcow2")
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        _unlink(self.tmp)
-        _unlink(self.tmp + ".qcow2")
 
 
 class BlockDeviceTarget:
@@ -190,6 +278,29 @@ def open_target(target: str, size: int, *, fmt: str, force: bool, connections: i
         raise UsageError(f"{target} is neither a regular file nor a block device; refusing to replace it",
                          hint="restore to a new file path, a block device or an NBD URI")
     return FileTarget(target, size, fmt=fmt, force=force)
+
+
+def _create_locked_temp(d: str, prefix: str) -> tuple[int, str]:
+    """A new temp file in *d*, flock'ed. A restore cleaning leftovers may take the lock between
+    our create and our flock and remove the file: then it has no links, and we make another."""
+    while True:
+        p = os.path.join(d, prefix + secrets.token_hex(4))
+        try:
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:       # a file system without flock: cleaners cannot lock it either
+                return fd, p
+            if os.fstat(fd).st_nlink > 0:
+                return fd, p
+        except BaseException:
+            os.close(fd)
+            _unlink(p)
+            raise
+        os.close(fd)
 
 
 def _umask() -> int:

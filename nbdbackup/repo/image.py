@@ -1,6 +1,8 @@
 """BackupImage: checked random-access reads of one backup.
 
-Thread-safe: the segment list is loaded up front; map segments (with the
+Its segment list comes from Repository.checked_segment_refs (index rows
+checked against the backup's manifest). Thread-safe: the segment list is
+loaded up front; map segments (with the
 pack locations of their chunks, one batched query per segment) are loaded
 on demand into a small LRU cache under a lock; chunk data is read with
 pread-style backend reads and verified (blake3) before it is returned.

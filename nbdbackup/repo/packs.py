@@ -31,7 +31,7 @@ RECORD_MAGIC = b"NBRC"
 
 REC_CHUNK = 1      # disk data
 REC_SEGMENT = 2    # a backup map segment (see maps.py)
-REC_MANIFEST = 3   # a backup's metadata + segment list, JSON (see manifest in writer.py)
+REC_MANIFEST = 3   # a backup's metadata + segment list, JSON (see repo/manifest.py)
 
 COMP_NONE = 0
 COMP_ZSTD = 1

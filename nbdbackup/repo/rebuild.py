@@ -13,7 +13,6 @@ missing chunks are reported (verify names the ranges).
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -31,7 +30,7 @@ from .ids import now_ms, to_ms
 from .exclusive import exclusive_access
 from .index import make_engine, upgrade, write_txn
 from .indexerrors import index_error
-from .info import BackupInfo
+from .manifest import ManifestError, decode as decode_manifest
 from .schema import backup_segments, backups, chunks, packs, segments
 
 _BATCH = 2000
@@ -206,11 +205,10 @@ def _scan(backend, rep: RebuildReport, progress) -> _Found:
 def _read_manifest(backend, obj: str, rec: P.RecordInfo, found: _Found) -> None:
     try:
         raw = decode(backend.get(obj, rec.offset, rec.stored_len), rec.compression, rec.raw_len, rec.hash)
-        m = json.loads(raw)
-        bid = m["info"]["id"]
-    except (DecodeError, ValueError, KeyError, TypeError, OSError):
+        m = decode_manifest(raw)
+    except (DecodeError, ManifestError, OSError):
         return      # a damaged manifest: its backup is reported lost unless a copy is found elsewhere
-    found.manifests.setdefault(bid, {"manifest": m, "hash": rec.hash})
+    found.manifests.setdefault(m.info.id, {"manifest": m, "hash": rec.hash})
 
 
 def _move_aside(db: str) -> str | None:
@@ -261,14 +259,13 @@ def _fill(eng, repo, found: _Found, rep: RebuildReport) -> None:
 
 def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, rep: RebuildReport) -> None:
     m = entry["manifest"]
+    info, refs = m.info, m.refs
     try:
-        info = BackupInfo.from_json(m["info"])
-        refs = [bytes.fromhex(s) if s else None for s in m["segments"]]
-        if m.get("segment_len") != seg_len or info.chunk_size != repo.chunk_size:
+        if m.segment_len != seg_len or info.chunk_size != repo.chunk_size:
             raise ValueError("segment length or chunk size differs from the repository's")
         if len(refs) != maps.nsegments(info.nchunks, seg_len):
             raise ValueError("segment list has the wrong length")
-    except (KeyError, TypeError, ValueError) as e:
+    except ValueError as e:
         rep.backups_lost.append({"id": bid, "reason": f"manifest does not parse: {e}"})
         return
     segs = found.blobs[P.REC_SEGMENT]

@@ -24,6 +24,7 @@ from .image import BackupImage
 from .index import check_revision, current_revision, default_url, make_engine, read_only_mode, upgrade
 from .indexerrors import index_error, index_path
 from .info import BackupInfo
+from .manifest import check_rows as check_manifest_rows
 from .locks import RepoLock
 from .schema import backup_segments, backups, chunks, packs, segments
 from .store import ObjectStore
@@ -276,11 +277,23 @@ class Repository:
         info = ref if isinstance(ref, BackupInfo) else self.resolve(ref)
         lk = self.lock("readers", exclusive=False, purpose="the repository's reader lock (gc runs)")
         try:
-            refs = self.segment_refs(info.id)
+            refs = self.checked_segment_refs(info)
         except BaseException:
             lk.release()
             raise
         return BackupImage(self, info, refs, lk)
+
+    def checked_segment_refs(self, info: BackupInfo) -> list[bytes | None]:
+        """The map of *info*, once its index rows (size, chunk size, segment list...) are checked
+        against the backup's manifest: RepoDamaged when they disagree. Readers and incremental
+        writers use this, so a consistent SQL edit of the index cannot turn into wrong bytes."""
+        refs = self.segment_refs(info.id)
+        rows = self._query(select(backups.c.manifest_hash).where(backups.c.id == info.id))
+        if not rows:
+            raise NotFound(f"backup {info.id} is no longer in the index (forgotten meanwhile?)",
+                           hint="see `nbdbackup list`")
+        check_manifest_rows(self, info, refs, rows[0][0])
+        return refs
 
 
 _INDEX_URL_FILE = "index-url"

@@ -1,11 +1,15 @@
 """verify: re-read and re-hash what backups need; name the damage.
 
-Three passes under the shared readers lock (so gc cannot delete a pack
-under us): (1) every map segment of the chosen backups is loaded and
-checked, collecting the distinct chunk hashes; (2) each distinct chunk (or a
+Under the shared readers lock (so gc cannot delete a pack under us): (0) on
+SQLite, the index's own `PRAGMA integrity_check`; (1) every map segment of
+the chosen backups (listed by a table scan, their maps read by row key: a
+damaged id index must not hide a backup) is loaded and checked, collecting
+the distinct chunk hashes, and each backup's index rows are compared with
+its manifest record (repo/manifest.py, one record read per backup); (2) each distinct chunk (or a
 random sample) is read once, decompressed and hashed, packs that are gone
 are noticed without reading; (3) each backup's map is walked again and the
-positions whose segment or chunk is bad become disk byte ranges.
+positions whose segment or chunk is bad become disk byte ranges. A backup
+forgotten while verify runs is named in the report, never skipped silently.
 Memory: the set of distinct chunk hashes, not the maps.
 """
 
@@ -18,13 +22,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged
+from . import manifest as M
 from . import maps
 from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF
 from .indexerrors import index_errors
 from .info import BackupInfo
+from .repository import _INFO_COLS, _row_info
 from .schema import backup_segments, backups
 from .store import Location, RecordError
 
@@ -37,6 +44,7 @@ class DamagedBackup:
     backup: BackupInfo
     ranges: list[tuple[int, int]] = field(default_factory=list)   # (offset, length) disk bytes
     problems: list[str] = field(default_factory=list)
+    index_rows_bad: bool = False      # its index rows cannot be trusted (rebuild-index remakes them)
 
     @property
     def damaged_bytes(self) -> int:
@@ -44,7 +52,8 @@ class DamagedBackup:
 
     def to_json(self) -> dict:
         return {"id": self.backup.id, "disk": self.backup.disk, "damaged_bytes": self.damaged_bytes,
-                "ranges": [{"offset": o, "length": n} for o, n in self.ranges], "problems": self.problems}
+                "ranges": [{"offset": o, "length": n} for o, n in self.ranges], "problems": self.problems,
+                "index_rows_bad": self.index_rows_bad}
 
 
 @dataclass
@@ -54,15 +63,22 @@ class VerifyReport:
     chunks_checked: int = 0        # read and hashed (all, or the sample)
     bytes_checked: int = 0         # stored bytes read
     segments_checked: int = 0
+    manifests_checked: int = 0
     sample_percent: float | None = None
     damaged: list[DamagedBackup] = field(default_factory=list)
+    vanished: list[BackupInfo] = field(default_factory=list)   # forgotten while verify ran: not checked
+    index_check: str = "not run"      # "ok", "damaged", or "skipped (<dialect>)"
+    index_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.damaged
+        return not self.damaged and not self.index_problems
 
     def problem_lines(self) -> list[str]:
-        out = []
+        out = [f"INDEX DAMAGED: {p}" for p in self.index_problems[:20]]
+        if len(self.index_problems) > 20:
+            out.append(f"  ... {len(self.index_problems) - 20} more index problem(s) (see --json)")
+        out += [f"NOT CHECKED {b.id} (disk {b.disk}): forgotten while verify ran" for b in self.vanished]
         for d in self.damaged:
             out.append(f"DAMAGED {d.backup.id} (disk {d.backup.disk}): {d.damaged_bytes} bytes in "
                        f"{len(d.ranges)} range(s)")
@@ -77,8 +93,11 @@ class VerifyReport:
     def to_json(self) -> dict:
         return {"ok": self.ok, "backups_checked": self.backups_checked, "chunks_total": self.chunks_total,
                 "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
-                "segments_checked": self.segments_checked, "sample_percent": self.sample_percent,
-                "damaged": [d.to_json() for d in self.damaged]}
+                "segments_checked": self.segments_checked, "manifests_checked": self.manifests_checked,
+                "sample_percent": self.sample_percent, "index_check": self.index_check,
+                "index_problems": self.index_problems,
+                "damaged": [d.to_json() for d in self.damaged],
+                "vanished": [{"id": b.id, "disk": b.disk} for b in self.vanished]}
 
 
 def verify(repo, refs: Iterable[str] | None = None, *, sample_percent: float | None = None,
@@ -94,35 +113,80 @@ def verify(repo, refs: Iterable[str] | None = None, *, sample_percent: float | N
 
 
 def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
+    report = VerifyReport(sample_percent=sample_percent)
+    _integrity_check(repo, report)
+    try:
+        _verify_backups(repo, refs, sample_percent, progress, rng, report)
+    except (RepoDamaged, SQLAlchemyError) as e:
+        if not report.index_problems:
+            raise           # an unreadable index: exit 9, pointing at rebuild-index
+        report.index_problems.append(f"reading the index failed: {e}")   # the damage integrity_check named
+    return report
+
+
+def _integrity_check(repo, report: VerifyReport) -> None:
+    """SQLite's own check of the index file (b-trees, indexes agree with their tables, NOT NULLs)."""
+    dialect = repo.engine.dialect.name
+    if dialect != "sqlite":
+        report.index_check = f"skipped ({dialect})"   # the manifest checks below still guard every backup
+        return
+    try:
+        with repo.engine.connect() as conn:
+            rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
+    except SQLAlchemyError as e:
+        rows = [f"{e.__class__.__name__}: {getattr(e, 'orig', None) or e}"]
+    if rows == ["ok"]:
+        report.index_check = "ok"
+    else:
+        report.index_check = "damaged"
+        report.index_problems.extend(f"integrity_check: {r}" for r in rows)
+
+
+def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
+    """(pk, manifest_hash, info) of every backup, by a scan of the table (no lookup by id)."""
+    q = select(backups.c.pk, backups.c.manifest_hash, *_INFO_COLS).order_by(
+        backups.c.created_ms, backups.c.disk, backups.c.id)
+    with repo.engine.connect() as conn:
+        return [(r[0], bytes(r[1]) if r[1] is not None else None, _row_info(r[2:])) for r in conn.execute(q)]
+
+
+def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyReport) -> None:
     if refs:
         chosen = {}
         for r in refs:
-            info = repo.resolve(r)
+            info = repo.resolve(r)      # NotFound (exit 11) for a backup that does not exist
             chosen[info.id] = info
-        targets = sorted(chosen.values(), key=lambda b: (b.created, b.id))
+        # listed after resolving: one missing now was forgotten meanwhile, not committed later
+        rows = [row for row in _listed(repo) if row[2].id in chosen]
+        found = {row[2].id for row in rows}
+        report.vanished.extend(b for bid, b in chosen.items() if bid not in found)
     else:
-        targets = repo.list_backups()
-    report = VerifyReport(backups_checked=len(targets), sample_percent=sample_percent)
+        rows = _listed(repo)
     seg_len = repo.config.segment_len
     store = repo.store
 
     # pass 1: maps and segments
     maps_of: dict[str, list[bytes | None]] = {}
-    map_problem: dict[str, str] = {}
+    problem_of: dict[str, list[str]] = {}        # whole backup unrestorable: the index cannot be trusted
+    note_of: dict[str, list[str]] = {}           # damage that loses no disk bytes
     bad_segments: dict[bytes, str] = {}
     seg_len_ok: dict[bytes, int] = {}
     chunk_hashes: set[bytes] = set()
-    gone: list[BackupInfo] = []
-    for b in targets:
-        refs_b = _segment_refs(repo, b.id)      # an unreadable index raises (exit 9), not "damaged"
-        if refs_b is None:
-            map_problem[b.id] = "map rows in the index are not contiguous"
+    targets: list[BackupInfo] = []
+    manifest_of: dict[str, tuple[bytes | None, list[bytes | None] | None]] = {}
+    for pk, mh, b in rows:
+        refs_b = _segment_refs(repo, pk)      # an unreadable index raises (exit 9), not "damaged"
+        expected = maps.nsegments(b.nchunks, seg_len)
+        if (refs_b is None or len(refs_b) != expected) and not _still_listed(repo, pk):
+            report.vanished.append(b)         # forgotten while we ran (forget needs no lock)
             continue
-        if len(refs_b) != maps.nsegments(b.nchunks, seg_len):
-            if not _still_listed(repo, b.id):   # forgotten while we ran (forget needs no lock)
-                gone.append(b)
-                continue
-            map_problem[b.id] = f"map has {len(refs_b)} segments, expected {maps.nsegments(b.nchunks, seg_len)}"
+        targets.append(b)
+        manifest_of[b.id] = (mh, refs_b)
+        if refs_b is None:
+            problem_of[b.id] = ["map rows in the index are not contiguous"]
+            continue
+        if len(refs_b) != expected:
+            problem_of[b.id] = [f"map has {len(refs_b)} segments, expected {expected}"]
             continue
         maps_of[b.id] = refs_b
         for h in refs_b:
@@ -137,29 +201,57 @@ def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
             seg_len_ok[h] = len(raw) // HASH_SIZE
             chunk_hashes.update(e for e in maps.iter_entries(raw) if e != ZERO_REF)
     chunk_hashes.discard(ZERO_REF)
+    report.backups_checked = len(targets)
+    _check_manifests(repo, targets, manifest_of, seg_len, report, problem_of, note_of)
 
     # pass 2: chunks
     report.chunks_total = len(chunk_hashes)
     bad_chunks = _check_chunks(repo, chunk_hashes, sample_percent, progress, rng, report)
 
     # pass 3: damage per backup, as disk byte ranges
-    targets = [b for b in targets if b not in gone]
-    report.backups_checked = len(targets)
     for b in targets:
-        if b.id in map_problem:
-            report.damaged.append(DamagedBackup(b, [(0, b.size)] if b.size else [], [map_problem[b.id]]))
+        if b.id in problem_of:
+            report.damaged.append(DamagedBackup(b, [(0, b.size)] if b.size else [],
+                                                problem_of[b.id] + note_of.get(b.id, []), index_rows_bad=True))
             continue
         d = _damage(b, maps_of[b.id], seg_len, store, bad_segments, seg_len_ok, bad_chunks)
+        d.problems += note_of.get(b.id, [])
         if d.ranges or d.problems:
             report.damaged.append(d)
-    return report
 
 
-def _segment_refs(repo, backup_id: str) -> list[bytes | None] | None:
+def _check_manifests(repo, targets, manifest_of, seg_len, report, problem_of, note_of) -> None:
+    """Each backup's index rows against its manifest record: one record read per backup."""
+    wanted = {mh for mh, _ in manifest_of.values() if mh is not None}
+    locs, unreadable = M.locate(repo, wanted)
+    where = f" (unreadable: {', '.join(unreadable)})" if unreadable else ""
+    for b in targets:
+        mh, refs_b = manifest_of[b.id]
+        if mh is None:
+            problem_of.setdefault(b.id, []).append("the index names no manifest for it (manifest_hash is NULL)")
+            continue
+        loc = locs.get(mh)
+        matches = refs_b is not None and M.rows_match(b, seg_len, refs_b, mh)
+        if loc is None:
+            msg = f"its manifest record {mh.hex()[:16]} is in no pack{where}"
+            # rows that re-encode to the hash are intact (restore works); rebuild-index would lose it
+            (note_of if matches else problem_of).setdefault(b.id, []).append(msg)
+            continue
+        try:
+            m = M.read(repo, loc, mh)
+        except (RecordError, M.ManifestError) as e:
+            (note_of if matches else problem_of).setdefault(b.id, []).append(f"its manifest is damaged: {e}")
+            continue
+        report.manifests_checked += 1
+        bad = M.disagreements(m, b, seg_len, refs_b if refs_b is not None else [])
+        if bad:
+            problem_of.setdefault(b.id, []).append("the index disagrees with its manifest in: " + "; ".join(bad))
+
+
+def _segment_refs(repo, pk: int) -> list[bytes | None] | None:
     """The backup's segment hashes in order; None when its rows have gaps."""
     q = (select(backup_segments.c.seq, backup_segments.c.segment_hash)
-         .join(backups, backups.c.pk == backup_segments.c.backup_pk)
-         .where(backups.c.id == backup_id).order_by(backup_segments.c.seq))
+         .where(backup_segments.c.backup_pk == pk).order_by(backup_segments.c.seq))
     with repo.engine.connect() as conn:
         rows = conn.execute(q).all()
     if [s for s, _ in rows] != list(range(len(rows))):
@@ -167,9 +259,9 @@ def _segment_refs(repo, backup_id: str) -> list[bytes | None] | None:
     return [bytes(h) if h is not None else None for _, h in rows]
 
 
-def _still_listed(repo, backup_id: str) -> bool:
+def _still_listed(repo, pk: int) -> bool:
     with repo.engine.connect() as conn:
-        return conn.execute(select(backups.c.id).where(backups.c.id == backup_id)).first() is not None
+        return conn.execute(select(backups.c.pk).where(backups.c.pk == pk)).first() is not None
 
 
 def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, report) -> dict[bytes, str]:

@@ -13,7 +13,6 @@ finalized into the pack. A late put() into a finalized segment reopens it.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections import deque
@@ -30,6 +29,7 @@ from .ids import check_disk_name, from_ms, new_backup_id, now_ms, to_ms
 from .index import write_txn
 from .indexerrors import index_error, index_path
 from .info import BackupInfo
+from .manifest import encode as encode_manifest
 from .schema import backup_segments, backups, chunks, packs, segments
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class BackupWriter:
             self._locks.append(repo.lock(f"disk-{disk}", exclusive=True,
                                          purpose=f"the lock of disk {disk!r} (another backup of it runs)"))
             if parent is not None:
-                self._parent_refs = repo.segment_refs(parent.id)
+                self._parent_refs = repo.checked_segment_refs(parent)
                 self._inherit_upto = _inheritable(parent.size, size, self.chunk_size)
         except BaseException:
             self._release()
@@ -391,10 +391,7 @@ def commit_writers(repo: "Repository", writers: Sequence[BackupWriter], *, read_
                               stored_bytes=w.stored_bytes, duration_s=float(ds[i]), bitmap=w.bitmap,
                               checkpoint=w.checkpoint, set_id=set_id if n > 1 else (set_id or w.set_id),
                               source=w.source)
-            manifest = json.dumps({"format": 1, "info": info.to_json(),
-                                   "segment_len": w._seg_len,
-                                   "segments": [r.hex() if r else None for r in refs]},
-                                  separators=(",", ":")).encode()
+            manifest = encode_manifest(info, w._seg_len, refs)
             mh = hash_bytes(manifest)
             comp, payload = compress_blob(manifest, w._level)
             w._pack_add(P.REC_MANIFEST, mh, len(manifest), comp, payload)

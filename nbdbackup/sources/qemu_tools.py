@@ -135,7 +135,7 @@ def check_image(path: str, fmt: str) -> None:
     what = f"{found} corruption(s)" if found else "errors"
     raise SourceUnreachable(f"image {path} is a damaged {fmt}: qemu-img check found {what}: {detail}",
                             hint="it was not backed up: qemu would read the damaged parts as zeros. Repair a "
-                                 f"copy with `qemu-img check -r all` (or restore the image), then retry")
+                                 "copy with `qemu-img check -r all` (or restore the image), then retry")
 
 
 def bitmap_add(path: str, name: str) -> None:

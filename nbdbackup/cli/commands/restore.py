@@ -13,7 +13,12 @@ DESCRIPTION = (
     "  an NBD URI        an existing writable export of the same size; zero ranges are\n"
     "                    sent as WRITE_ZEROES, over parallel connections\n"
     "An existing file is not overwritten without --force. Success is reported only\n"
-    "after the data was flushed (fsync or NBD FLUSH)."
+    "after the data was flushed (fsync or NBD FLUSH).\n"
+    "A file target is written to a hidden temporary file in the target's directory,\n"
+    "named .nbdbackup-restore-<target name>-<8 hex digits>, and renamed into place when\n"
+    "complete. A restore that is killed leaves it behind; the next restore to the same\n"
+    "target removes such leftovers and says so (a restore still running holds a lock\n"
+    "on its file, which is kept)."
 )
 
 
@@ -40,7 +45,8 @@ def run(args) -> int:
                     progress=lambda total, desc: output.progress_bar(args, total, desc))
     if args.json:
         output.print_json({"backup": r.backup.to_json(), "target": r.target, "data_bytes": r.data_bytes,
-                           "zero_bytes": r.zero_bytes, "duration_s": round(r.duration_s, 3)})
+                           "zero_bytes": r.zero_bytes, "duration_s": round(r.duration_s, 3),
+                           "leftovers_removed": [{"path": p, "bytes": n} for p, n in r.leftovers_removed]})
     else:
         hb = output.human_bytes
         rate = r.data_bytes / r.duration_s if r.duration_s else 0.0

@@ -11,10 +11,13 @@ HELP = "check that backups are intact: every chunk present, readable and matchin
 DESCRIPTION = (
     "Re-reads, decompresses and re-hashes every chunk behind the named backups (all\n"
     "backups by default), once per distinct chunk, and checks that their packs and map\n"
-    "segments exist. BACKUP is a backup id or a disk name (its latest backup).\n"
+    "segments exist. Each backup's index rows (size, chunk size, map segments, disk,\n"
+    "parent...) are compared with its manifest record in the packs, and a SQLite index\n"
+    "gets its own PRAGMA integrity_check. BACKUP is a backup id or a disk name (its\n"
+    "latest backup). A backup forgotten while verify runs is named (NOT CHECKED).\n"
     "--sample PERCENT checks a random PERCENT of the distinct chunks instead.\n"
-    "Exits 5 and names every damaged backup with the disk byte ranges affected when\n"
-    "anything is damaged or missing."
+    "Exits 5 and names every damaged backup with the disk byte ranges affected (and the\n"
+    "index fields that disagree with the manifest) when anything is damaged or missing."
 )
 
 
@@ -49,12 +52,23 @@ def run(args) -> int:
     elif not args.quiet:
         for line in report.problem_lines():
             print(line)
-    summary(args, f"verified {report.backups_checked} backup(s): {report.chunks_checked} of "
-                  f"{report.chunks_total} distinct chunks ({human_bytes(report.bytes_checked)}) checked"
+    summary(args, f"verified {report.backups_checked} backup(s) and {report.manifests_checked} manifest(s): "
+                  f"{report.chunks_checked} of {report.chunks_total} distinct chunks "
+                  f"({human_bytes(report.bytes_checked)}) checked"
                   + (f", sample {args.sample:g}%" if args.sample else "")
-                  + (f"; {len(report.damaged)} backup(s) DAMAGED" if not report.ok else "; all intact"))
-    if not report.ok:
+                  + f"; index integrity_check {report.index_check}"
+                  + (f"; {len(report.vanished)} backup(s) forgotten while verify ran, not checked: "
+                     + ", ".join(b.id for b in report.vanished) if report.vanished else "")
+                  + (f"; {len(report.damaged)} backup(s) DAMAGED" if report.damaged else "")
+                  + ("; all intact" if report.ok else ""))
+    if report.damaged:
         names = ", ".join(d.backup.id for d in report.damaged)
-        raise VerifyFailed(f"{len(report.damaged)} damaged backup(s): {names}",
-                           hint="the listed byte ranges cannot be restored; `nbdbackup verify --json` gives details")
+        raise VerifyFailed(f"{len(report.damaged)} damaged backup(s): {names}"
+                           + ("; the index is damaged too" if report.index_problems else ""),
+                           hint="the listed byte ranges cannot be restored; `nbdbackup verify --json` gives details"
+                                + ("; backups whose index rows are bad (the whole disk listed) come back with "
+                                   "`nbdbackup rebuild-index`" if any(d.index_rows_bad for d in report.damaged) else ""))
+    if report.index_problems:
+        raise VerifyFailed(f"the index is damaged: {report.index_problems[0]}",
+                           hint="`nbdbackup rebuild-index` recreates the index from the packs")
     return 0
