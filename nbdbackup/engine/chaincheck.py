@@ -59,7 +59,7 @@ class _ParentMap:
     LOOKAHEAD = 256
 
     def __init__(self, repo, parent):
-        self.refs = repo.segment_refs(parent.id)
+        self.refs = repo.checked_segment_refs(parent)     # the map the writer will inherit
         self.seg_len = repo.config.segment_len
         self.store = repo.store
         self._seq = -1
