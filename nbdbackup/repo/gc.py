@@ -22,12 +22,13 @@ from sqlalchemy import delete, select, update
 from ..errors import NoSpaceError, RepoDamaged
 from ..progress import NoBar
 from . import maps
-from . import packs as P
 from .chunks import ZERO_REF, DecodeError, decode
-from .ids import now_ms, to_ms
 from .exclusive import exclusive_access
+from .ids import now_ms, to_ms
 from .index import write_txn
 from .indexerrors import index_errors
+from .packs import (HEADER_SIZE, REC_CHUNK, REC_MANIFEST, REC_SEGMENT, BufferPool, PackBuilder, PackFormatError,
+                    RecordInfo, pack_object_name, read_records)
 from .schema import backup_segments, backups, chunks, packs, segments
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class _Pack:
     id: int
     name: str
     size: int
-    records: list[P.RecordInfo] | None = None   # from the footer; None when unreadable
+    records: list[RecordInfo] | None = None   # from the footer; None when unreadable
     live_bytes: int = 0
     record_bytes: int = 0        # headers + payloads of every record (the footer is overhead)
     dead_manifests: int = 0
@@ -123,7 +124,7 @@ def _collect(repo, rep: GcReport, threshold: float, progress) -> GcReport:
             for h, pid, sl in conn.execute(select(table.c.hash, table.c.pack_id, table.c.stored_len)):
                 h = bytes(h)
                 if h in live:
-                    pack_rows[pid].live_bytes += P.HEADER_SIZE + sl
+                    pack_rows[pid].live_bytes += HEADER_SIZE + sl
                 else:
                     dead_rows[table].append(h)
     rep.chunks_deleted, rep.segments_deleted = len(dead_rows[chunks]), len(dead_rows[segments])
@@ -131,25 +132,25 @@ def _collect(repo, rep: GcReport, threshold: float, progress) -> GcReport:
     # footers: find manifest records (live ones must survive, dead ones go)
     for pk in pack_rows.values():
         try:
-            pk.records = P.read_records(backend, pk.name)
+            pk.records = read_records(backend, pk.name)
         except FileNotFoundError:
             if pk.live_bytes:
                 rep.skipped_damaged.append(f"pack {pk.name} is missing but still holds live data")
             continue
-        except (P.PackFormatError, OSError) as e:
+        except (PackFormatError, OSError) as e:
             rep.skipped_damaged.append(f"pack {pk.name}: unreadable footer ({e}); left as it is")
             continue
-        pk.record_bytes = sum(P.HEADER_SIZE + r.stored_len for r in pk.records)
+        pk.record_bytes = sum(HEADER_SIZE + r.stored_len for r in pk.records)
         for rec in pk.records:
-            if rec.type == P.REC_MANIFEST:
+            if rec.type == REC_MANIFEST:
                 if rec.hash in live_manifests:
-                    pk.live_bytes += P.HEADER_SIZE + rec.stored_len
+                    pk.live_bytes += HEADER_SIZE + rec.stored_len
                 else:
                     pk.dead_manifests += 1
 
     # a pack whose footer is unreadable may hold live manifests: never deleted
     dead_packs = [pk for pk in pack_rows.values() if pk.live_bytes == 0 and
-                  (pk.records is not None or not backend.exists(P.pack_object_name(pk.name)))]
+                  (pk.records is not None or not backend.exists(pack_object_name(pk.name)))]
     sparse = [pk for pk in pack_rows.values() if pk.live_bytes and pk.records is not None and
               (pk.live_bytes < threshold * pk.record_bytes or pk.dead_manifests)]
 
@@ -158,10 +159,10 @@ def _collect(repo, rep: GcReport, threshold: float, progress) -> GcReport:
     if not dry_run:
         _delete_rows(eng, dead_rows, [pk.id for pk in dead_packs])
     for pk in dead_packs:
-        rep.bytes_reclaimed += _remove(backend, P.pack_object_name(pk.name), dry_run)
+        rep.bytes_reclaimed += _remove(backend, pack_object_name(pk.name), dry_run)
 
     # -- orphans: pack files the index does not know (from killed runs) ----------------
-    known = {P.pack_object_name(pk.name) for pk in pack_rows.values()}
+    known = {pack_object_name(pk.name) for pk in pack_rows.values()}
     for obj in list(backend.list("packs/")):
         if obj not in known and obj.endswith(".pack"):
             rep.orphan_packs += 1
@@ -241,26 +242,26 @@ def _repack(repo, group: list[_Pack], rows: dict, live_manifests: set[bytes], dr
             rep: GcReport, bar) -> int:
     """Copy the live records of *group* into one new pack; switch the index; delete the old packs."""
     old_bytes = sum(pk.size for pk in group)
-    builder = P.PackBuilder(pool=P.BufferPool(repo.config.pack_size + (1 << 20), keep=0))
+    builder = PackBuilder(pool=BufferPool(repo.config.pack_size + (1 << 20), keep=0))
     try:
         return _repack_into(repo, builder, group, rows, live_manifests, dry_run, rep, bar, old_bytes)
     finally:
         builder.release()
 
 
-def _repack_into(repo, builder: P.PackBuilder, group: list[_Pack], rows: dict, live_manifests: set[bytes],
+def _repack_into(repo, builder: PackBuilder, group: list[_Pack], rows: dict, live_manifests: set[bytes],
                  dry_run: bool, rep: GcReport, bar, old_bytes: int) -> int:
     backend = repo.backend
-    moved: list[tuple[str, bytes, P.RecordInfo]] = []     # (table name, hash, new record)
+    moved: list[tuple[str, bytes, RecordInfo]] = []     # (table name, hash, new record)
     seen_manifests: set[bytes] = set()
     for pk in group:
-        obj = P.pack_object_name(pk.name)
+        obj = pack_object_name(pk.name)
         for rec in pk.records:
-            if rec.type == P.REC_CHUNK:
+            if rec.type == REC_CHUNK:
                 table = "chunks"
-            elif rec.type == P.REC_SEGMENT:
+            elif rec.type == REC_SEGMENT:
                 table = "segments"
-            elif rec.type == P.REC_MANIFEST:
+            elif rec.type == REC_MANIFEST:
                 table = None
                 if rec.hash not in live_manifests or rec.hash in seen_manifests:
                     continue
@@ -278,7 +279,7 @@ def _repack_into(repo, builder: P.PackBuilder, group: list[_Pack], rows: dict, l
             new = builder.add(rec.type, rec.hash, rec.raw_len, rec.compression, payload)
             if table is not None:
                 moved.append((table, rec.hash, new))
-            bar.update(P.HEADER_SIZE + rec.stored_len)
+            bar.update(HEADER_SIZE + rec.stored_len)
     ids = {pk.id for pk in group}
     expected = {key for key, (pid, _off) in rows.items() if pid in ids}
     if expected != {(t, h) for t, h, _ in moved}:
@@ -289,7 +290,7 @@ def _repack_into(repo, builder: P.PackBuilder, group: list[_Pack], rows: dict, l
     rep.packs_repacked += len(group)
     if dry_run:
         return old_bytes - new_size
-    backend.put_aligned(P.pack_object_name(builder.name), buf, new_size)   # durable before the index names it
+    backend.put_aligned(pack_object_name(builder.name), buf, new_size)   # durable before the index names it
     with write_txn(repo.engine) as conn:
         pid = conn.execute(packs.insert().values(name=builder.name, size=new_size,
                                                  created_ms=to_ms(now_ms()))).inserted_primary_key[0]
@@ -303,5 +304,5 @@ def _repack_into(repo, builder: P.PackBuilder, group: list[_Pack], rows: dict, l
         conn.execute(delete(packs).where(packs.c.id.in_(old_ids)))
     rep.packs_written += 1
     for pk in group:
-        backend.delete(P.pack_object_name(pk.name))
+        backend.delete(pack_object_name(pk.name))
     return old_bytes - new_size

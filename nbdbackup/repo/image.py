@@ -1,7 +1,8 @@
 """BackupImage: checked random-access reads of one backup.
 
-Its segment list comes from Repository.checked_segment_refs (index rows
-checked against the backup's manifest). Thread-safe: the segment list is
+Its segment list comes from backuprows.checked_segment_refs (index rows
+checked against the backup's manifest); it gets a RepoContext, not the
+Repository. Thread-safe: the segment list is
 loaded up front; map segments (with the
 pack locations of their chunks, one batched query per segment) are loaded
 on demand into a small LRU cache under a lock; chunk data is read with
@@ -16,28 +17,27 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..errors import ChunkCorrupt, RepoDamaged
 from . import maps
-from . import packs as P
 from .chunks import HASH_SIZE, ZERO_REF, zeros
 from .info import BackupInfo
+from .packs import REC_CHUNK
 from .store import Location, RecordError
 
 if TYPE_CHECKING:
+    from .context import RepoContext
     from .locks import RepoLock
-    from .repository import Repository
 
 SEGMENT_CACHE = 64   # decoded segments + chunk locations per image (~200 KB each); a miss costs ~5 ms
 
 
 class BackupImage:
-    def __init__(self, repo: "Repository", info: BackupInfo, refs: list[bytes | None], reader_lock: "RepoLock"):
-        self.repo = repo
+    def __init__(self, ctx: "RepoContext", info: BackupInfo, refs: list[bytes | None], reader_lock: "RepoLock"):
         self.info = info
         self.size = info.size
         self.chunk_size = info.chunk_size
         self.nchunks = info.nchunks
         self._refs = refs
-        self._seg_len = repo.config.segment_len
-        self._store = repo.store
+        self._seg_len = ctx.config.segment_len
+        self._store = ctx.store
         self._cache: OrderedDict[int, tuple[bytes, dict[bytes, Location]]] = OrderedDict()
         self._lock = threading.Lock()
         self._reader_lock = reader_lock
@@ -104,7 +104,7 @@ class BackupImage:
                                f"(length {n}) is missing from the index", offset=off, length=n,
                                hint="run `nbdbackup verify`")
         try:
-            data = self._store.read_record(loc, ref, P.REC_CHUNK)
+            data = self._store.read_record(loc, ref, REC_CHUNK)
         except RecordError as e:
             raise ChunkCorrupt(f"backup {self.info.id}: data at disk offset {off} (length {n}) is damaged: {e}",
                                offset=off, length=n, hint="run `nbdbackup verify`") from None

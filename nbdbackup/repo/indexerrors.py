@@ -59,11 +59,24 @@ def index_error(e: Exception, what: str, *, path: str | None,
 
 
 @contextlib.contextmanager
-def index_errors(what: str, repo=None):
-    """Run a maintenance step; an index error becomes index_error()'s class (RepoDamaged when
-    the index itself is at fault). *repo* lets it tell a full or read-only file system apart."""
+def index_errors(what: str, repo=None, *, engine=None, damaged_hint: str = REBUILD_HINT):
+    """Run an index step; an index error becomes index_error()'s class (RepoDamaged when the
+    index itself is at fault). *repo* (or *engine*, the index's) lets it tell a full or
+    read-only file system apart."""
     try:
         yield
     except SQLAlchemyError as e:
-        path = index_path(repo.engine) if repo is not None else None
-        raise index_error(e, what, path=path) from None
+        engine = engine if engine is not None else getattr(repo, "engine", None)
+        path = index_path(engine) if engine is not None else None
+        raise index_error(e, what, path=path, damaged_hint=damaged_hint) from None
+
+
+def write_error(e: BaseException, repo_path: str, engine) -> BaseException:
+    """An index or OS error met while writing a backup, as the documented error class (*e*
+    itself when it is neither): the one mapping shared with index open, locks and rebuild."""
+    if isinstance(e, OSError):
+        return storage_error(e.errno, e.filename or repo_path, "writing a backup") or e
+    if isinstance(e, SQLAlchemyError):
+        return index_error(e, "writing the index", path=index_path(engine),
+                           damaged_hint="nothing was committed; `nbdbackup verify` checks the repository")
+    return e

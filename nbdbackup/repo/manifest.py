@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass, fields
 
 from ..errors import RepoDamaged
-from . import packs as P
 from .chunks import hash_bytes
 from .info import BackupInfo
+from .packs import PackFormatError, REC_MANIFEST, pack_object_name, read_records, scan_records
 from .store import Location, RecordError
 
 FORMAT = 1
@@ -89,14 +89,14 @@ def locate(repo, hashes: set[bytes]) -> tuple[dict[bytes, Location], list[str]]:
     for name in names:
         try:
             try:
-                recs = P.read_records(repo.backend, name)
-            except P.PackFormatError:
-                recs = list(P.scan_records(repo.backend.get(P.pack_object_name(name))))
-        except (P.PackFormatError, OSError) as e:
+                recs = read_records(repo.backend, name)
+            except PackFormatError:
+                recs = list(scan_records(repo.backend.get(pack_object_name(name))))
+        except (PackFormatError, OSError) as e:
             unreadable.append(f"pack {name} ({e})")
             continue
         for rec in recs:
-            if rec.type == P.REC_MANIFEST and rec.hash in hashes:
+            if rec.type == REC_MANIFEST and rec.hash in hashes:
                 found.setdefault(rec.hash, Location(name, rec.offset, rec.stored_len, rec.raw_len,
                                                     rec.compression))
     return found, unreadable
@@ -104,7 +104,7 @@ def locate(repo, hashes: set[bytes]) -> tuple[dict[bytes, Location], list[str]]:
 
 def read(repo, loc: Location, h: bytes) -> Manifest:
     """Read, hash-check and decode one manifest record (RecordError / ManifestError)."""
-    return decode(repo.store.read_record(loc, h, P.REC_MANIFEST))
+    return decode(repo.store.read_record(loc, h, REC_MANIFEST))
 
 
 def check_rows(repo, info: BackupInfo, refs: list[bytes | None], manifest_hash: bytes | None) -> None:

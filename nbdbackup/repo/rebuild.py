@@ -24,14 +24,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import NoSpaceError, UsageError
 from ..fsutil import fsync_path
 from . import maps
-from . import packs as P
+from .backuprows import insert_backup
 from .chunks import ZERO_REF, DecodeError, decode
-from .ids import now_ms, to_ms
 from .exclusive import exclusive_access
+from .ids import now_ms, to_ms
 from .index import make_engine, upgrade, write_txn
 from .indexerrors import index_error
 from .manifest import ManifestError, decode as decode_manifest
-from .schema import backup_segments, backups, chunks, packs, segments
+from .packs import (REC_CHUNK, REC_MANIFEST, REC_SEGMENT, PackFormatError, RecordInfo, pack_object_name,
+                    read_records, scan_records)
+from .schema import chunks, packs, segments
+from .store import record_row
 
 _BATCH = 2000
 KEEP_DAMAGED = 3        # index.sqlite.damaged-<UTC> copies kept by default (the newest)
@@ -73,7 +76,7 @@ class RebuildReport:
 @dataclass
 class _Found:
     pack_rows: list[dict] = field(default_factory=list)
-    blobs: dict = field(default_factory=lambda: {P.REC_CHUNK: {}, P.REC_SEGMENT: {}})  # type -> hash -> (pack, rec)
+    blobs: dict = field(default_factory=lambda: {REC_CHUNK: {}, REC_SEGMENT: {}})  # type -> hash -> (pack, rec)
     manifests: dict[str, dict] = field(default_factory=dict)     # backup id -> (manifest, hash)
 
 
@@ -181,11 +184,11 @@ def _scan(backend, rep: RebuildReport, progress) -> _Found:
         try:
             size = backend.size(obj)
             try:
-                recs = P.read_records(backend, name)
-            except P.PackFormatError:
-                recs = list(P.scan_records(backend.get(obj)))
+                recs = read_records(backend, name)
+            except PackFormatError:
+                recs = list(scan_records(backend.get(obj)))
                 rep.packs_salvaged.append(name)
-        except (P.PackFormatError, OSError) as e:
+        except (PackFormatError, OSError) as e:
             rep.packs_unreadable.append(f"{name} ({e})")
             if bar is not None:
                 bar.update(1)
@@ -195,14 +198,14 @@ def _scan(backend, rep: RebuildReport, progress) -> _Found:
         for rec in recs:
             if rec.type in found.blobs:
                 found.blobs[rec.type].setdefault(rec.hash, (pidx, rec))
-            elif rec.type == P.REC_MANIFEST:
+            elif rec.type == REC_MANIFEST:
                 _read_manifest(backend, obj, rec, found)
         if bar is not None:
             bar.update(1)
     return found
 
 
-def _read_manifest(backend, obj: str, rec: P.RecordInfo, found: _Found) -> None:
+def _read_manifest(backend, obj: str, rec: RecordInfo, found: _Found) -> None:
     try:
         raw = decode(backend.get(obj, rec.offset, rec.stored_len), rec.compression, rec.raw_len, rec.hash)
         m = decode_manifest(raw)
@@ -246,13 +249,11 @@ def _fill(eng, repo, found: _Found, rep: RebuildReport) -> None:
         for row in found.pack_rows:
             ids.append(conn.execute(insert(packs).values(name=row["name"], size=row["size"],
                                                          created_ms=to_ms(now_ms()))).inserted_primary_key[0])
-        for rtype, table in ((P.REC_CHUNK, chunks), (P.REC_SEGMENT, segments)):
-            rows = [{"hash": h, "pack_id": ids[pidx], "offset": rec.offset, "stored_len": rec.stored_len,
-                     "raw_len": rec.raw_len, "compression": rec.compression}
-                    for h, (pidx, rec) in found.blobs[rtype].items()]
+        for rtype, table in ((REC_CHUNK, chunks), (REC_SEGMENT, segments)):
+            rows = [record_row(ids[pidx], h, rec) for h, (pidx, rec) in found.blobs[rtype].items()]
             for i in range(0, len(rows), _BATCH):
                 conn.execute(insert(table), rows[i:i + _BATCH])
-        rep.chunks, rep.segments = len(found.blobs[P.REC_CHUNK]), len(found.blobs[P.REC_SEGMENT])
+        rep.chunks, rep.segments = len(found.blobs[REC_CHUNK]), len(found.blobs[REC_SEGMENT])
         for bid, entry in sorted(found.manifests.items()):
             _add_backup(conn, repo, bid, entry, seg_len, found, rep)
 
@@ -268,7 +269,7 @@ def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, 
     except ValueError as e:
         rep.backups_lost.append({"id": bid, "reason": f"manifest does not parse: {e}"})
         return
-    segs = found.blobs[P.REC_SEGMENT]
+    segs = found.blobs[REC_SEGMENT]
     missing = [r for r in refs if r is not None and r not in segs]
     if missing:
         rep.backups_lost.append({"id": bid, "reason": f"{len(missing)} map segment(s) not found in any pack"})
@@ -277,14 +278,7 @@ def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, 
     if missing_chunks is None:
         rep.backups_lost.append({"id": bid, "reason": "a map segment is damaged"})
         return
-    pk = conn.execute(insert(backups).values(
-        id=info.id, disk=info.disk, kind=info.kind, parent=info.parent, created_ms=to_ms(info.created),
-        size=info.size, chunk_size=info.chunk_size, read_bytes=info.read_bytes, stored_bytes=info.stored_bytes,
-        duration_s=info.duration_s, bitmap=info.bitmap, checkpoint=info.checkpoint, set_id=info.set_id,
-        source=info.source, manifest_hash=entry["hash"])).inserted_primary_key[0]
-    if refs:
-        conn.execute(insert(backup_segments), [{"backup_pk": pk, "seq": s, "segment_hash": r}
-                                               for s, r in enumerate(refs)])
+    insert_backup(conn, info, refs, entry["hash"])
     rep.backups.append(info.id)
     if missing_chunks:
         rep.backups_incomplete.append({"id": info.id, "missing_chunks": missing_chunks})
@@ -292,11 +286,11 @@ def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, 
 
 def _missing_chunks(backend, refs, found: _Found) -> int | None:
     """Chunks the backup's map names that no pack holds (None: a segment is unreadable)."""
-    chunk_recs = found.blobs[P.REC_CHUNK]
+    chunk_recs = found.blobs[REC_CHUNK]
     n = 0
     for h in {r for r in refs if r is not None}:
-        pidx, rec = found.blobs[P.REC_SEGMENT][h]
-        obj = P.pack_object_name(found.pack_rows[pidx]["name"])
+        pidx, rec = found.blobs[REC_SEGMENT][h]
+        obj = pack_object_name(found.pack_rows[pidx]["name"])
         try:
             raw = decode(backend.get(obj, rec.offset, rec.stored_len), rec.compression, rec.raw_len, h)
         except (DecodeError, OSError):

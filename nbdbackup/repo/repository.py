@@ -12,35 +12,27 @@ import shutil
 from typing import Sequence
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import NotFound, RepoDamaged, UsageError, storage_error
 from ..fsutil import write_blocker
+from . import backuprows
 from .backends import LocalBackend, StorageBackend
+from .backuprows import INFO_COLUMNS, info_from_row
 from .config import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DEFAULT_PACK_SIZE, DEFAULT_SEGMENT_LEN, RepoConfig,
                      read_config, write_config)
-from .ids import check_disk_name, from_ms, is_backup_id
+from .context import RepoContext
+from .ids import check_disk_name, is_backup_id
 from .image import BackupImage
 from .index import check_revision, current_revision, default_url, make_engine, read_only_mode, upgrade
-from .indexerrors import index_error, index_path
+from .indexerrors import index_errors
 from .info import BackupInfo
-from .manifest import check_rows as check_manifest_rows
 from .locks import RepoLock
-from .schema import backup_segments, backups, chunks, packs, segments
+from .schema import backups, chunks, packs, segments
+from .setcommit import commit_writers
 from .store import ObjectStore
-from .writer import BackupWriter, commit_writers
+from .writer import BackupWriter
 
 _DIRS = ("packs", "locks", "tmp")
-
-_INFO_COLS = (backups.c.id, backups.c.disk, backups.c.kind, backups.c.parent, backups.c.created_ms,
-              backups.c.size, backups.c.chunk_size, backups.c.read_bytes, backups.c.stored_bytes,
-              backups.c.duration_s, backups.c.bitmap, backups.c.checkpoint, backups.c.set_id, backups.c.source)
-
-
-def _row_info(r) -> BackupInfo:
-    return BackupInfo(id=r[0], disk=r[1], kind=r[2], parent=r[3], created=from_ms(r[4]), size=r[5],
-                      chunk_size=r[6], read_bytes=r[7], stored_bytes=r[8], duration_s=r[9], bitmap=r[10],
-                      checkpoint=r[11], set_id=r[12], source=r[13])
 
 
 class Repository:
@@ -54,6 +46,9 @@ class Repository:
         self.lock_dir = os.path.join(path, "locks")
         self.backend = backend or LocalBackend(path, os.path.join(path, "tmp"))
         self.store = ObjectStore(engine, self.backend)
+        # what writers, images and the set commit get instead of the whole repository
+        self.context = RepoContext(path=path, config=config, engine=engine, backend=self.backend,
+                                   store=self.store, lock_dir=self.lock_dir, lock_wait=lock_wait)
 
     # -- life cycle -----------------------------------------------------------
     @classmethod
@@ -160,36 +155,29 @@ class Repository:
     def lock(self, name: str, *, exclusive: bool, purpose: str | None = None,
              wait: float | None = None) -> RepoLock:
         """Take lock *name* in locks/ (LockedError after lock_wait seconds)."""
-        return RepoLock(self.lock_dir, name, exclusive=exclusive,
-                        wait=self.lock_wait if wait is None else wait, purpose=purpose)
+        return self.context.lock(name, exclusive=exclusive, purpose=purpose, wait=wait)
 
     # -- queries --------------------------------------------------------------
     def _query(self, stmt):
-        try:
-            with self.engine.connect() as conn:
-                return conn.execute(stmt).all()
-        except SQLAlchemyError as e:
-            raise index_error(e, "reading the index", path=index_path(self.engine),
-                              damaged_hint="run `nbdbackup verify`; `nbdbackup rebuild-index` recreates "
-                                           "the index") from None
+        return backuprows.query(self.engine, stmt)
 
     def list_backups(self, disk: str | None = None) -> list[BackupInfo]:
         """Committed backups, oldest first."""
-        q = select(*_INFO_COLS).order_by(backups.c.created_ms, backups.c.disk, backups.c.id)
+        q = select(*INFO_COLUMNS).order_by(backups.c.created_ms, backups.c.disk, backups.c.id)
         if disk is not None:
             q = q.where(backups.c.disk == disk)
-        return [_row_info(r) for r in self._query(q)]
+        return [info_from_row(r) for r in self._query(q)]
 
     def get_backup(self, backup_id: str) -> BackupInfo:
-        rows = self._query(select(*_INFO_COLS).where(backups.c.id == backup_id))
+        rows = self._query(select(*INFO_COLUMNS).where(backups.c.id == backup_id))
         if not rows:
             raise NotFound(f"no backup with id {backup_id!r}", hint="see `nbdbackup list`")
-        return _row_info(rows[0])
+        return info_from_row(rows[0])
 
     def latest(self, disk: str) -> BackupInfo | None:
-        rows = self._query(select(*_INFO_COLS).where(backups.c.disk == disk)
+        rows = self._query(select(*INFO_COLUMNS).where(backups.c.disk == disk)
                            .order_by(backups.c.created_ms.desc(), backups.c.id.desc()).limit(1))
-        return _row_info(rows[0]) if rows else None
+        return info_from_row(rows[0]) if rows else None
 
     def resolve(self, ref: str) -> BackupInfo:
         """A backup id, or a disk name meaning that disk's latest backup."""
@@ -209,30 +197,22 @@ class Repository:
 
     def find_by_checkpoint(self, disk: str, checkpoint: str) -> BackupInfo | None:
         """The (latest) backup of *disk* that opened bitmap generation *checkpoint*."""
-        rows = self._query(select(*_INFO_COLS).where(backups.c.disk == disk, backups.c.checkpoint == checkpoint)
+        rows = self._query(select(*INFO_COLUMNS).where(backups.c.disk == disk, backups.c.checkpoint == checkpoint)
                            .order_by(backups.c.created_ms.desc()).limit(1))
-        return _row_info(rows[0]) if rows else None
+        return info_from_row(rows[0]) if rows else None
 
     def disks(self) -> list[str]:
         return [r[0] for r in self._query(select(backups.c.disk).distinct().order_by(backups.c.disk))]
 
     def segment_refs(self, backup_id: str) -> list[bytes | None]:
         """The map of a backup: segment hashes in order (None = all-zero segment)."""
-        rows = self._query(select(backup_segments.c.seq, backup_segments.c.segment_hash)
-                           .join(backups, backups.c.pk == backup_segments.c.backup_pk)
-                           .where(backups.c.id == backup_id).order_by(backup_segments.c.seq))
-        refs = [bytes(h) if h is not None else None for _, h in rows]
-        if [s for s, _ in rows] != list(range(len(rows))):
-            raise RepoDamaged(f"backup {backup_id}: map rows are not contiguous", hint="run `nbdbackup verify`")
-        return refs
+        return backuprows.segment_refs(self.engine, backup_id)
 
     def stats(self) -> dict:
         """Totals over the repository (definitions: `nbdbackup stats --help`)."""
-        try:
+        with index_errors("reading the index", engine=self.engine,
+                          damaged_hint="`nbdbackup rebuild-index` recreates the index"):
             return self._stats()
-        except SQLAlchemyError as e:
-            raise index_error(e, "reading the index", path=index_path(self.engine),
-                              damaged_hint="`nbdbackup rebuild-index` recreates the index") from None
 
     def _stats(self) -> dict:
         with self.engine.connect() as conn:
@@ -262,14 +242,14 @@ class Repository:
         blocker = write_blocker(self.path)
         if blocker in (errno.EROFS, errno.EACCES):      # say so before any work, not at the first pack
             raise storage_error(blocker, self.path, f"writing a backup of {disk}")
-        return BackupWriter(self, disk, kind=kind, size=size, parent=parent, bitmap=bitmap,
+        return BackupWriter(self.context, disk, kind=kind, size=size, parent=parent, bitmap=bitmap,
                             checkpoint=checkpoint, set_id=set_id, source=source)
 
     def commit_set(self, writers: Sequence[BackupWriter], *, read_bytes: Sequence[int] | None = None,
                    duration_s: Sequence[float] | float | None = None, created=None,
                    set_id: str | None = None) -> list[BackupInfo]:
         """Commit several disks' writers in ONE index transaction (same set_id, same created)."""
-        return commit_writers(self, writers, read_bytes=read_bytes, duration_s=duration_s,
+        return commit_writers(self.context, writers, read_bytes=read_bytes, duration_s=duration_s,
                               created=created, set_id=set_id)
 
     def open_image(self, ref) -> BackupImage:
@@ -281,19 +261,11 @@ class Repository:
         except BaseException:
             lk.release()
             raise
-        return BackupImage(self, info, refs, lk)
+        return BackupImage(self.context, info, refs, lk)
 
     def checked_segment_refs(self, info: BackupInfo) -> list[bytes | None]:
-        """The map of *info*, once its index rows (size, chunk size, segment list...) are checked
-        against the backup's manifest: RepoDamaged when they disagree. Readers and incremental
-        writers use this, so a consistent SQL edit of the index cannot turn into wrong bytes."""
-        refs = self.segment_refs(info.id)
-        rows = self._query(select(backups.c.manifest_hash).where(backups.c.id == info.id))
-        if not rows:
-            raise NotFound(f"backup {info.id} is no longer in the index (forgotten meanwhile?)",
-                           hint="see `nbdbackup list`")
-        check_manifest_rows(self, info, refs, rows[0][0])
-        return refs
+        """The map of *info*, checked against the backup's manifest (backuprows.checked_segment_refs)."""
+        return backuprows.checked_segment_refs(self.context, info)
 
 
 _INDEX_URL_FILE = "index-url"

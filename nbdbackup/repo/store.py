@@ -13,12 +13,11 @@ from typing import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged
-from . import packs as P
-from .indexerrors import index_error, index_path
 from .chunks import DecodeError, decode
+from .indexerrors import index_errors
+from .packs import HEADER_SIZE, PackFormatError, REC_SEGMENT, RecordInfo, pack_object_name, parse_header
 from .schema import chunks, packs, segments
 
 _IN_BATCH = 500   # bound on bound parameters per IN (...) query
@@ -37,6 +36,12 @@ class RecordError(Exception):
     """A record could not be read or failed its check (message says why)."""
 
 
+def record_row(pack_id: int, h: bytes, rec: RecordInfo) -> dict:
+    """The chunks or segments row naming record *rec* (hash *h*) of pack *pack_id*."""
+    return {"hash": h, "pack_id": pack_id, "offset": rec.offset, "stored_len": rec.stored_len,
+            "raw_len": rec.raw_len, "compression": rec.compression}
+
+
 class ObjectStore:
     def __init__(self, engine: Engine, backend, segment_cache: int = 256):
         self.engine = engine
@@ -53,14 +58,12 @@ class ObjectStore:
             return out
         q = select(table.c.hash, packs.c.name, table.c.offset, table.c.stored_len, table.c.raw_len,
                    table.c.compression).join(packs, packs.c.id == table.c.pack_id)
-        try:
+        with index_errors("reading the index", engine=self.engine,
+                          damaged_hint="`nbdbackup rebuild-index` recreates the index from the packs"):
             with self.engine.connect() as conn:
                 for i in range(0, len(hs), _IN_BATCH):
                     for row in conn.execute(q.where(table.c.hash.in_(hs[i:i + _IN_BATCH]))):
                         out[bytes(row[0])] = Location(*row[1:])
-        except SQLAlchemyError as e:
-            raise index_error(e, "reading the index", path=index_path(self.engine),
-                              damaged_hint="`nbdbackup rebuild-index` recreates the index from the packs") from None
         return out
 
     def chunk_locations(self, hashes: Iterable[bytes]) -> dict[bytes, Location]:
@@ -88,24 +91,24 @@ class ObjectStore:
     # -- reads ----------------------------------------------------------------
     def read_record(self, loc: Location, expected: bytes, rtype: int) -> bytes:
         """Read, decompress and verify one record; RecordError on any damage."""
-        obj = P.pack_object_name(loc.pack)
+        obj = pack_object_name(loc.pack)
         try:
-            data = self.backend.get(obj, loc.offset - P.HEADER_SIZE, P.HEADER_SIZE + loc.stored_len)
+            data = self.backend.get(obj, loc.offset - HEADER_SIZE, HEADER_SIZE + loc.stored_len)
         except FileNotFoundError:
             raise RecordError(f"pack {loc.pack} is missing") from None
         except OSError as e:
             raise RecordError(f"cannot read pack {loc.pack}: {e}") from None
-        if len(data) != P.HEADER_SIZE + loc.stored_len:
+        if len(data) != HEADER_SIZE + loc.stored_len:
             raise RecordError(f"pack {loc.pack} is truncated")
         try:
-            hdr = P.parse_header(data)
-        except P.PackFormatError as e:
+            hdr = parse_header(data)
+        except PackFormatError as e:
             raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
         if (hdr.type, hdr.hash, hdr.stored_len, hdr.raw_len, hdr.compression) != \
                 (rtype, expected, loc.stored_len, loc.raw_len, loc.compression):
             raise RecordError(f"pack {loc.pack} at {loc.offset}: record header does not match the index")
         try:
-            return decode(memoryview(data)[P.HEADER_SIZE:], loc.compression, loc.raw_len, expected)
+            return decode(memoryview(data)[HEADER_SIZE:], loc.compression, loc.raw_len, expected)
         except DecodeError as e:
             raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
 
@@ -123,7 +126,7 @@ class ObjectStore:
             raise RepoDamaged(f"map segment {h.hex()[:16]} is missing from the index",
                               hint="run `nbdbackup verify`; `nbdbackup rebuild-index` may recover it")
         try:
-            raw = self.read_record(loc, h, P.REC_SEGMENT)
+            raw = self.read_record(loc, h, REC_SEGMENT)
         except RecordError as e:
             raise RepoDamaged(f"map segment {h.hex()[:16]} is damaged: {e}",
                               hint="run `nbdbackup verify`") from None

@@ -27,11 +27,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import RepoDamaged
 from . import manifest as M
 from . import maps
-from . import packs as P
+from .backuprows import INFO_COLUMNS, info_from_row
 from .chunks import HASH_SIZE, ZERO_REF
 from .indexerrors import index_errors
 from .info import BackupInfo
-from .repository import _INFO_COLS, _row_info
+from .packs import REC_CHUNK, pack_object_name
 from .schema import backup_segments, backups
 from .store import Location, RecordError
 
@@ -144,10 +144,10 @@ def _integrity_check(repo, report: VerifyReport) -> None:
 
 def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
     """(pk, manifest_hash, info) of every backup, by a scan of the table (no lookup by id)."""
-    q = select(backups.c.pk, backups.c.manifest_hash, *_INFO_COLS).order_by(
+    q = select(backups.c.pk, backups.c.manifest_hash, *INFO_COLUMNS).order_by(
         backups.c.created_ms, backups.c.disk, backups.c.id)
     with repo.engine.connect() as conn:
-        return [(r[0], bytes(r[1]) if r[1] is not None else None, _row_info(r[2:])) for r in conn.execute(q)]
+        return [(r[0], bytes(r[1]) if r[1] is not None else None, info_from_row(r[2:])) for r in conn.execute(q)]
 
 
 def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyReport) -> None:
@@ -269,7 +269,7 @@ def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, repor
     locs = store.chunk_locations(hashes)
     bad: dict[bytes, str] = {h: f"chunk {h.hex()[:16]} is missing from the index" for h in hashes if h not in locs}
     packs_used = {loc.pack for loc in locs.values()}
-    gone = {p for p in packs_used if not repo.backend.exists(P.pack_object_name(p))}
+    gone = {p for p in packs_used if not repo.backend.exists(pack_object_name(p))}
     for h, loc in locs.items():
         if loc.pack in gone:
             bad[h] = f"pack {loc.pack} is missing"
@@ -284,7 +284,7 @@ def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, repor
         _, _, h = item
         loc = locs[h]
         try:
-            store.read_record(loc, h, P.REC_CHUNK)
+            store.read_record(loc, h, REC_CHUNK)
             return h, loc, None
         except RecordError as e:
             return h, loc, str(e)

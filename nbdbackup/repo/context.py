@@ -1,0 +1,33 @@
+"""RepoContext: the part of a repository that writers, images and the set commit use.
+
+They get this instead of the whole Repository (restic's narrow interfaces), so
+repository.py may import them without them importing it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from .backends import StorageBackend
+from .config import RepoConfig
+from .locks import RepoLock
+from .store import ObjectStore
+
+
+@dataclass(frozen=True)
+class RepoContext:
+    path: str                  # the repository directory (error messages, file system checks)
+    config: RepoConfig
+    engine: Engine             # the index's SQLAlchemy engine
+    backend: StorageBackend    # where pack files live
+    store: ObjectStore         # record lookups and checked record reads
+    lock_dir: str
+    lock_wait: float           # seconds a lock is waited for before LockedError
+
+    def lock(self, name: str, *, exclusive: bool, purpose: str | None = None,
+             wait: float | None = None) -> RepoLock:
+        """Take lock *name* in locks/ (LockedError after lock_wait seconds)."""
+        return RepoLock(self.lock_dir, name, exclusive=exclusive,
+                        wait=self.lock_wait if wait is None else wait, purpose=purpose)

@@ -1,0 +1,70 @@
+"""The set commit: several disks' writers become backups in ONE index transaction.
+
+Each writer's map is finished and its manifest (repo/manifest.py) written as
+the last record of its last pack, which is sealed and indexed; only then does
+one transaction insert every backup row and its map rows, with one created
+time and one set id. A failure aborts every writer: nothing is committed.
+The writers are driven through their public methods (check_open,
+finish_map, write_manifest, mark_committed, abort).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Sequence
+
+from ..errors import UsageError
+from .backuprows import insert_backup
+from .context import RepoContext
+from .ids import from_ms, new_backup_id, now_ms, to_ms
+from .index import write_txn
+from .indexerrors import write_error
+from .info import BackupInfo
+from .manifest import encode as encode_manifest
+
+
+def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[int] | None = None,
+                   duration_s: Sequence[float] | float | None = None, created=None,
+                   set_id: str | None = None) -> list[BackupInfo]:
+    """Commit *writers* (BackupWriter) in ONE index transaction with one created time and set id."""
+    if not writers:
+        return []
+    for w in writers:
+        w.check_open()
+    if len({w.disk for w in writers}) != len(writers):
+        raise UsageError("a set holds at most one backup per disk")
+    n = len(writers)
+    rb = list(read_bytes) if read_bytes is not None else [0] * n
+    ds = list(duration_s) if isinstance(duration_s, (list, tuple)) else [float(duration_s or 0.0)] * n
+    created = now_ms() if created is None else from_ms(to_ms(created))   # aware UTC, whole ms (naive = UTC)
+    if n > 1:
+        set_id = set_id or next((w.set_id for w in writers if w.set_id), None) or uuid.uuid4().hex[:16]
+    ids: set[str] = set()
+    try:
+        staged = []
+        for i, w in enumerate(writers):
+            refs = w.finish_map()
+            bid = new_backup_id(created)
+            while bid in ids:
+                bid = new_backup_id(created)
+            ids.add(bid)
+            info = BackupInfo(id=bid, disk=w.disk, kind=w.kind, parent=w.parent.id if w.parent else None,
+                              created=created, size=w.size, chunk_size=w.chunk_size, read_bytes=int(rb[i]),
+                              stored_bytes=w.stored_bytes, duration_s=float(ds[i]), bitmap=w.bitmap,
+                              checkpoint=w.checkpoint, set_id=set_id if n > 1 else (set_id or w.set_id),
+                              source=w.source)
+            mh = w.write_manifest(encode_manifest(info, w.segment_len, refs))
+            staged.append((info, refs, mh))
+        with write_txn(ctx.engine) as conn:
+            for info, refs, mh in staged:
+                insert_backup(conn, info, refs, mh)
+    except BaseException as e:
+        for w in writers:
+            w.abort()
+        err = write_error(e, ctx.path, ctx.engine)
+        if err is e:
+            raise
+        raise err from e
+    for w in writers:
+        w.mark_committed()
+    return [info for info, _, _ in staged]
