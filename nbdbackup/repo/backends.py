@@ -65,7 +65,8 @@ class LocalBackend(StorageBackend):
     """Objects are files under *root*; writes go through *tmp_dir* + rename.
 
     Durability: the temporary file is fsync'ed, renamed into place, and the
-    target directory fsync'ed before put() returns.
+    target directory fsync'ed (its parent too when the directory is new)
+    before put() returns.
     """
 
     MAX_OPEN = 128
@@ -100,7 +101,7 @@ class LocalBackend(StorageBackend):
             finally:
                 os.close(fd)
             parent = os.path.dirname(path)
-            os.makedirs(parent, exist_ok=True)
+            self._make_dirs(parent)
             os.rename(tmp, path)
             fsync_path(parent, directory=True)
         except OSError as e:
@@ -109,6 +110,23 @@ class LocalBackend(StorageBackend):
             if known is not None:
                 raise known from e
             raise
+
+    def _make_dirs(self, d: str) -> None:
+        """Create directory *d* (packs/<xx>) and its missing parents below root, fsync'ing the
+        parent of each one created: the new directory's entry must be as durable as the file
+        renamed into it (packs/ itself is fsync'ed when packs/<xx>/ appears)."""
+        if os.path.isdir(d):
+            return
+        if not d.startswith(self.root + os.sep):    # root itself (a bare backend in tests): as before
+            os.makedirs(d, exist_ok=True)
+            return
+        up = os.path.dirname(d)
+        self._make_dirs(up)
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass            # made meanwhile by another writer; fsync its entry here too
+        fsync_path(up, directory=True)
 
     def _acquire(self, name: str) -> int:
         """An open fd for *name*, pinned until _release (so it is never closed under a reader)."""

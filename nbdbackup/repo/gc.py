@@ -1,6 +1,6 @@
 """gc: mark and sweep, with repacking of sparse packs.
 
-Safety rests on two things (docs/design.md "Garbage collection"):
+Safety rests on two things (docs/design.md "Maintenance: forget, prune, gc, verify, rebuild-index"):
 * gc holds the writers AND readers locks exclusively, so no backup can be
   about to reference a chunk it deletes and no reader has a pack open;
 * every step that removes data is ordered so a crash leaves only orphans:

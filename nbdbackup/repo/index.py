@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged, RepoFormatError
 from ..fsutil import write_blocker
-from .indexerrors import index_error, index_path
+from .indexerrors import index_errors
 from .schema import INDEX_REVISION
 
 INDEX_FILE = "index.sqlite"
@@ -133,13 +133,10 @@ def current_revision(conn: Connection) -> str | None:
 
 def check_revision(eng: Engine, where: str) -> None:
     """RepoFormatError unless the index is at INDEX_REVISION."""
-    try:
+    with index_errors(f"reading the index of {where}", engine=eng,
+                      damaged_hint="check --index-url; `nbdbackup rebuild-index` recreates it from the packs"):
         with eng.connect() as conn:
             rev = current_revision(conn)
-    except SQLAlchemyError as e:
-        raise index_error(e, f"reading the index of {where}", path=index_path(eng),
-                          damaged_hint="check --index-url; `nbdbackup rebuild-index` recreates it "
-                                       "from the packs") from None
     if rev == INDEX_REVISION:
         return
     if rev is None:

@@ -30,6 +30,11 @@ from ..errors import LockedError, storage_error
 
 _HOST = socket.gethostname()
 
+# A shared lock is tried this long even with --lock-wait 0: a gc waiting for its exclusive
+# locks holds one for an instant when it probes (exclusive.py), and a backup or restore
+# starting at that instant must not fail. A held exclusive lock still fails after it.
+SHARED_GRACE_S = 0.1
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -62,7 +67,7 @@ class RepoLock:
             if fd is None:
                 return      # a read-only file system: nobody can write, so nothing to lock against
         op = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        deadline = time.monotonic() + max(wait, 0.0)
+        deadline = time.monotonic() + max(wait, 0.0 if self.exclusive else SHARED_GRACE_S)
         while True:
             try:
                 fcntl.flock(fd, op)
@@ -72,7 +77,8 @@ class RepoLock:
                     os.close(fd)
                     raise LockedError(self._blocked_message(purpose),
                                       hint="wait for it to finish, or pass --lock-wait SECONDS") from None
-                time.sleep(min(0.1, max(deadline - time.monotonic(), 0.01)))
+                pause = 0.1 if wait > 0 else 0.005    # within the short grace only, retry often
+                time.sleep(min(pause, max(deadline - time.monotonic(), pause / 10)))
         self._fd = fd
         if not os.access(self.lock_dir, os.W_OK):
             return      # a read-only locks/: holder info is a courtesy we cannot give here
