@@ -18,10 +18,11 @@ from concurrent.futures import Future
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdOptionError, UsageError
 from . import proto
-from .client_options import ExportInfo, GreetingTimeout, Negotiator, TruncatedReply, send_all, use_kernel_timeouts
+from .client_handshake import ExportInfo, GreetingTimeout, negotiate
 from .futures import done_future, gather, then, then_map
 from .replies import Pending, ReplyReader
-from .tls import TlsConfig, tls_for_uri
+from .sockio import TruncatedReply, send_all, use_kernel_timeouts
+from .tls import TlsConfig
 from .uri import NbdUri, parse_uri
 
 __all__ = ["Client", "ExportInfo", "TlsConfig", "GreetingTimeout", "TruncatedReply"]
@@ -36,45 +37,6 @@ SMALL_PAYLOAD = 64 * 1024   # copied next to the header rather than sent separat
 # Requests still outstanding at close() were abandoned by their caller (an error
 # or Ctrl-C): let the server answer them briefly, but don't hold the exit for them.
 CLOSE_DRAIN_TIMEOUT = 0.5
-
-
-def open_socket(uri: NbdUri, timeout: float) -> socket.socket:
-    try:
-        if uri.is_unix:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            try:
-                s.connect(uri.socket_path)
-            except BaseException:
-                s.close()
-                raise
-        else:
-            s = socket.create_connection((uri.host, uri.port), timeout=timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except socket.timeout:
-        raise NbdConnectionError(f"timed out connecting to {uri}") from None
-    except OSError as e:
-        raise NbdConnectionError(f"cannot connect to {uri}: {e.strerror or e}",
-                                 hint="is the NBD server running, and is the address right?") from None
-    return s
-
-
-def negotiate(uri: NbdUri, tls: TlsConfig | None, timeout: float, greeting_timeout: float | None,
-              structured: bool) -> Negotiator:
-    """Connect, read the greeting, upgrade to TLS, ask for structured replies."""
-    sock = open_socket(uri, timeout)
-    neg = Negotiator(sock, timeout=timeout, greeting_timeout=greeting_timeout)
-    try:
-        neg.greet()
-        tcfg = tls_for_uri(uri, tls)
-        if tcfg is not None:
-            neg.starttls(tcfg.context(), tcfg.hostname)
-        if structured:
-            neg.structured_reply()
-    except BaseException:
-        neg.sock.close()
-        raise
-    return neg
 
 
 class Client:
@@ -102,24 +64,7 @@ class Client:
         u = parse_uri(uri)
         neg = negotiate(u, tls, timeout, greeting_timeout, structured)
         try:
-            contexts: dict[str, int] = {}
-            meta = list(dict.fromkeys(meta_contexts))
-            if meta and neg.structured:
-                contexts = neg.meta_context(proto.OPT_SET_META_CONTEXT, u.export, meta)
-                unasked = set(contexts) - set(meta)
-                if unasked:
-                    from ..errors import NbdProtocolError
-
-                    raise NbdProtocolError(f"server set meta contexts we did not ask for: {sorted(unasked)}")
-            elif meta:
-                log.info("no structured replies from %s: meta contexts %s unavailable", u, meta)
-            missing = [m for m in meta if m not in contexts]
-            if missing:
-                log.info("server %s does not offer meta contexts %s", u, missing)
-            info = neg.go(u.export)
-            if info is None:
-                log.debug("server lacks NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME")
-                info = neg.export_name(u.export)
+            info, contexts = neg.open_export(u, meta_contexts)
             use_kernel_timeouts(neg.sock, timeout)
         except BaseException:
             neg.sock.close()

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
 from . import proto
-from .client_options import TIMEOUTS, TruncatedReply, recv_into_exact, recv_some
+from .sockio import TIMEOUTS, TruncatedReply, recv_into_exact, recv_some
 from .futures import resolve
 
 # A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).

@@ -15,16 +15,15 @@ from dataclasses import dataclass, field
 
 from ..errors import NbdConnectionError, NbdExportNotFound, NbdOptionError, NbdProtocolError
 from . import proto
+from .sockio import recv_exact, send_all
+from .tls import TlsConfig, TlsStream, tls_for_uri
+from .uri import NbdUri
 
 log = logging.getLogger(__name__)
 
 
 class GreetingTimeout(NbdConnectionError):
     """The server accepted the connection but sent no greeting in time (it may be full)."""
-
-
-class TruncatedReply(NbdProtocolError):
-    """The server closed the connection in the middle of a message."""
 
 
 @dataclass
@@ -51,69 +50,6 @@ class ExportInfo:
     @property
     def flag_names(self) -> list[str]:
         return proto.flag_names(self.flags)
-
-
-def recv_exact(sock, n: int, what: str, *, started: bool = True) -> bytes:
-    """Exactly n bytes or an error naming *what* we were reading."""
-    buf = bytearray(n)
-    recv_into_exact(sock, memoryview(buf), what, started=started)
-    return bytes(buf)
-
-
-def use_kernel_timeouts(sock, timeout: float) -> None:
-    """Make *sock* blocking with SO_RCVTIMEO/SO_SNDTIMEO set to *timeout*.
-
-    Python's settimeout() polls before every recv/send (an extra syscall per call,
-    thousands per GiB); the kernel's timeout costs nothing. A call that times out
-    raises BlockingIOError (EAGAIN), which every caller here treats as a timeout.
-    """
-    raw = getattr(sock, "sock", sock)     # a TlsStream does its I/O on the plain socket
-    if timeout is None:
-        raw.settimeout(None)
-        return
-    t = max(float(timeout), 0.001)        # a zero timeval would mean "wait forever"
-    tv = struct.pack("@ll", int(t), int((t - int(t)) * 1_000_000))
-    raw.settimeout(None)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-
-TIMEOUTS = (socket.timeout, BlockingIOError)   # settimeout() / kernel timeout (EAGAIN)
-
-
-def recv_some(sock, mv: memoryview, what: str, flags: int = 0) -> int:
-    """One recv into *mv*; 0 at EOF. Errors and timeouts become NbdConnectionError."""
-    try:
-        return sock.recv_into(mv, len(mv), flags) if flags else sock.recv_into(mv, len(mv))
-    except TIMEOUTS:
-        raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
-    except (OSError, ssl.SSLError) as e:
-        raise NbdConnectionError(f"connection error while reading {what}: {e}") from None
-
-
-def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) -> None:
-    got, n = 0, len(mv)
-    # MSG_WAITALL: one syscall (one GIL round trip) per payload instead of one per socket-buffer's worth
-    flags = socket.MSG_WAITALL if isinstance(sock, socket.socket) else 0
-    while got < n:
-        k = recv_some(sock, mv[got:], what, flags)
-        if k == 0:
-            if got or started:
-                raise TruncatedReply(f"server closed the connection in the middle of {what} "
-                                     f"(got {got} of {n} bytes): truncated reply")
-            hint = ("the server may have rejected our TLS client certificate"
-                    if getattr(sock, "is_tls", False) else None)
-            raise NbdConnectionError(f"server closed the connection before sending {what}", hint=hint)
-        got += k
-
-
-def send_all(sock, data, what: str) -> None:
-    try:
-        sock.sendall(data)
-    except TIMEOUTS:
-        raise NbdConnectionError(f"timed out sending {what} to the NBD server") from None
-    except (OSError, ssl.SSLError) as e:
-        raise NbdConnectionError(f"connection error while sending {what}: {e}") from None
 
 
 def _name_payload(name: str) -> bytes:
@@ -222,8 +158,6 @@ class Negotiator:
             self.raise_for_error(proto.OPT_STARTTLS, rtype, b"")
         if not hostname:
             ctx.check_hostname = False
-        from .tls import TlsStream
-
         try:
             self.sock = TlsStream(self.sock, ctx, hostname)
         except ssl.SSLCertVerificationError as e:
@@ -311,6 +245,27 @@ class Negotiator:
             info.description = data[2:].decode(errors="replace")
         # other info types: ignore, as the spec asks
 
+    def open_export(self, uri: NbdUri, meta_contexts) -> tuple[ExportInfo, dict[str, int]]:
+        """The options that end negotiation for transmission: SET_META_CONTEXT (with
+        structured replies), then GO, else EXPORT_NAME. (export info, {context name: id})."""
+        contexts: dict[str, int] = {}
+        meta = list(dict.fromkeys(meta_contexts))
+        if meta and self.structured:
+            contexts = self.meta_context(proto.OPT_SET_META_CONTEXT, uri.export, meta)
+            unasked = set(contexts) - set(meta)
+            if unasked:
+                raise NbdProtocolError(f"server set meta contexts we did not ask for: {sorted(unasked)}")
+        elif meta:
+            log.info("no structured replies from %s: meta contexts %s unavailable", uri, meta)
+        missing = [m for m in meta if m not in contexts]
+        if missing:
+            log.info("server %s does not offer meta contexts %s", uri, missing)
+        info = self.go(uri.export)
+        if info is None:
+            log.debug("server lacks NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME")
+            info = self.export_name(uri.export)
+        return info, contexts
+
     def export_name(self, export: str) -> ExportInfo:
         """The old way to end negotiation; the server closes on failure."""
         self.send_option(proto.OPT_EXPORT_NAME, export.encode())
@@ -347,3 +302,42 @@ class Negotiator:
             self.read_reply(proto.OPT_ABORT)
         except (NbdConnectionError, NbdProtocolError):
             pass
+
+
+def open_socket(uri: NbdUri, timeout: float) -> socket.socket:
+    try:
+        if uri.is_unix:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(uri.socket_path)
+            except BaseException:
+                s.close()
+                raise
+        else:
+            s = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except socket.timeout:
+        raise NbdConnectionError(f"timed out connecting to {uri}") from None
+    except OSError as e:
+        raise NbdConnectionError(f"cannot connect to {uri}: {e.strerror or e}",
+                                 hint="is the NBD server running, and is the address right?") from None
+    return s
+
+
+def negotiate(uri: NbdUri, tls: TlsConfig | None, timeout: float, greeting_timeout: float | None,
+              structured: bool) -> Negotiator:
+    """Connect, read the greeting, upgrade to TLS, ask for structured replies."""
+    sock = open_socket(uri, timeout)
+    neg = Negotiator(sock, timeout=timeout, greeting_timeout=greeting_timeout)
+    try:
+        neg.greet()
+        tcfg = tls_for_uri(uri, tls)
+        if tcfg is not None:
+            neg.starttls(tcfg.context(), tcfg.hostname)
+        if structured:
+            neg.structured_reply()
+    except BaseException:
+        neg.sock.close()
+        raise
+    return neg
