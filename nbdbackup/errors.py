@@ -112,6 +112,16 @@ class PermissionDenied(NbdBackupError):
 
 READING_COMMANDS = "list, restore, serve, verify, stats"
 SPACE_HINT = "free space on it and run the command again; committed backups are intact"
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(exc_or_errno: BaseException | int | None) -> bool:
+    """True for a full disk or an exhausted quota: ENOSPC or EDQUOT, given as an errno or as an
+    OSError carrying one. Any other exception is False, even with an errno attribute (an
+    NbdCommandError's errno is the NBD protocol's number, not this host's)."""
+    if isinstance(exc_or_errno, BaseException):
+        return isinstance(exc_or_errno, OSError) and exc_or_errno.errno in NO_SPACE_ERRNOS
+    return exc_or_errno in NO_SPACE_ERRNOS
 
 
 def storage_error(err: int | None, where: str, what: str, *, repository: bool = True) -> NbdBackupError | None:
@@ -119,7 +129,7 @@ def storage_error(err: int | None, where: str, what: str, *, repository: bool = 
     EACCES/EPERM) met at *where* while *what* ("writing the index") into its error class
     and hint; None for any other errno (the caller reports it as it would have).
     repository=False: *where* may be any path (a restore target, a log file)."""
-    if err in (errno.ENOSPC, errno.EDQUOT):
+    if is_no_space(err):
         return NoSpaceError(f"no space left on the file system of {where} ({what})", hint=SPACE_HINT)
     if err == errno.EROFS:
         hint = (f"the repository is mounted read-only; remount it read-write, or use a reading command "
@@ -153,6 +163,17 @@ class SourceFailed(NbdBackupError):
     exit_code = ExitCode.SOURCE_FAILED
 
 
+class QmpCommandError(SourceFailed):
+    """qemu answered a QMP command with an error: .command, .error_class (QMP's "class",
+    e.g. "GenericError"), .desc (its "desc")."""
+
+    def __init__(self, command: str, error_class: str, desc: str):
+        super().__init__(f"QMP {command} failed: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
 class ChainBroken(NbdBackupError):
     """An incremental cannot be trusted and --no-fallback forbids the full instead."""
 
@@ -173,10 +194,18 @@ class NbdProtocolError(NbdError):
     exit_code = ExitCode.PROTOCOL
 
 
+class TruncatedReply(NbdProtocolError):
+    """The server closed the connection in the middle of a message."""
+
+
 class NbdConnectionError(NbdError):
     """Could not connect, the connection dropped, or a socket operation timed out."""
 
     exit_code = ExitCode.SOURCE_UNREACHABLE
+
+
+class GreetingTimeout(NbdConnectionError):
+    """The server accepted the connection but sent no greeting in time (it may be full)."""
 
 
 class NbdOptionError(NbdError):

@@ -16,12 +16,13 @@ import socket
 import threading
 from concurrent.futures import Future
 
-from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdOptionError, UsageError
+from ..errors import (GreetingTimeout, NbdCommandError, NbdConnectionError, NbdError, NbdOptionError,
+                      TruncatedReply, UsageError)
 from . import proto
-from .client_handshake import ExportInfo, GreetingTimeout, negotiate
+from .client_handshake import ExportInfo, negotiate
 from .futures import done_future, gather, then, then_map
 from .replies import Pending, ReplyReader
-from .sockio import TruncatedReply, send_all, use_kernel_timeouts
+from .sockio import send_all, use_kernel_timeouts
 from .tls import TlsConfig
 from .uri import NbdUri, parse_uri
 

@@ -13,17 +13,13 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import NbdConnectionError, NbdExportNotFound, NbdOptionError, NbdProtocolError
+from ..errors import GreetingTimeout, NbdConnectionError, NbdExportNotFound, NbdOptionError, NbdProtocolError
 from . import proto
 from .sockio import recv_exact, send_all
 from .tls import TlsConfig, TlsStream, tls_for_uri
 from .uri import NbdUri
 
 log = logging.getLogger(__name__)
-
-
-class GreetingTimeout(NbdConnectionError):
-    """The server accepted the connection but sent no greeting in time (it may be full)."""
 
 
 @dataclass

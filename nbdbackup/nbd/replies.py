@@ -16,9 +16,9 @@ import sys
 import threading
 from concurrent.futures import Future
 
-from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
+from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError, TruncatedReply
 from . import proto
-from .sockio import TIMEOUTS, TruncatedReply, recv_into_exact, recv_some
+from .sockio import TIMEOUTS, recv_into_exact, recv_some
 from .futures import resolve
 
 # A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).

@@ -11,13 +11,9 @@ import socket
 import ssl
 import struct
 
-from ..errors import NbdConnectionError, NbdProtocolError
+from ..errors import NbdConnectionError, TruncatedReply
 
 TIMEOUTS = (socket.timeout, BlockingIOError)   # settimeout() / kernel timeout (EAGAIN)
-
-
-class TruncatedReply(NbdProtocolError):
-    """The server closed the connection in the middle of a message."""
 
 
 def use_kernel_timeouts(sock, timeout: float) -> None:
