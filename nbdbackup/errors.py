@@ -195,7 +195,20 @@ class NbdProtocolError(NbdError):
 
 
 class TruncatedReply(NbdProtocolError):
-    """The server closed the connection in the middle of a message."""
+    """The server closed the connection in the middle of a message: .what (the message),
+    .got and .expected (its bytes), when known."""
+
+    def __init__(self, message: str, *, what: str | None = None, got: int | None = None,
+                 expected: int | None = None):
+        super().__init__(message)
+        self.what = what
+        self.got = got
+        self.expected = expected
+
+    @classmethod
+    def during(cls, what: str, got: int, expected: int) -> "TruncatedReply":
+        return cls(f"server closed the connection in the middle of {what} "
+                   f"(got {got} of {expected} bytes): truncated reply", what=what, got=got, expected=expected)
 
 
 class NbdConnectionError(NbdError):
@@ -205,17 +218,26 @@ class NbdConnectionError(NbdError):
 
 
 class GreetingTimeout(NbdConnectionError):
-    """The server accepted the connection but sent no greeting in time (it may be full)."""
+    """The server accepted the connection but sent no greeting within .timeout seconds (it may
+    be full)."""
+
+    def __init__(self, message: str, *, timeout: float | None = None):
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class NbdOptionError(NbdError):
-    """The server refused an option during the handshake (NBD_REP_ERR_*)."""
+    """The server refused an option during the handshake, or we could not send it:
+    .option (NBD_OPT_*, None when no option was involved), .reply_type (the server's
+    NBD_REP_ERR_*, 0 when the refusal was ours)."""
 
     exit_code = ExitCode.SOURCE_UNREACHABLE
 
-    def __init__(self, message: str, *, reply_type: int = 0, hint: str | None = None):
+    def __init__(self, message: str, *, reply_type: int = 0, option: int | None = None,
+                 hint: str | None = None):
         super().__init__(message, hint=hint)
         self.reply_type = reply_type
+        self.option = option
 
 
 class NbdExportNotFound(NbdOptionError):
@@ -225,11 +247,19 @@ class NbdExportNotFound(NbdOptionError):
 
 
 class NbdCommandError(NbdError):
-    """The server answered a transmission request with an errno."""
+    """A transmission request failed with an errno: .errno (the NBD protocol's number, not the
+    host's), .offset (where it failed, from NBD_REPLY_TYPE_ERROR_OFFSET, else None),
+    .command (NBD_CMD_*), .request_offset and .request_length (the request's range); those
+    three are None when the client refused the request itself (read-only export, no
+    FAST_ZERO)."""
 
     exit_code = ExitCode.SOURCE_FAILED
 
-    def __init__(self, message: str, *, errno: int, offset: int | None = None):
+    def __init__(self, message: str, *, errno: int, offset: int | None = None, command: int | None = None,
+                 request_offset: int | None = None, request_length: int | None = None):
         super().__init__(message)
         self.errno = errno
         self.offset = offset
+        self.command = command
+        self.request_offset = request_offset
+        self.request_length = request_length

@@ -71,8 +71,9 @@ class Negotiator:
         try:
             head = self.sock.recv(1)
         except socket.timeout:
+            waited = self.greeting_timeout or self.timeout
             raise GreetingTimeout("the server accepted the connection but sent no greeting within "
-                                  f"{self.greeting_timeout or self.timeout:g}s (connection limit reached?)") from None
+                                  f"{waited:g}s (connection limit reached?)", timeout=waited) from None
         except OSError as e:
             raise NbdConnectionError(f"connection error while waiting for the greeting: {e}") from None
         if not head:
@@ -97,7 +98,7 @@ class Negotiator:
     # --- option plumbing -------------------------------------------------------
     def send_option(self, opt: int, payload: bytes = b"") -> None:
         if len(payload) > proto.MAX_OPTION_LENGTH:
-            raise NbdOptionError(f"{proto.option_name(opt)} payload too long ({len(payload)} bytes)")
+            raise NbdOptionError(f"{proto.option_name(opt)} payload too long ({len(payload)} bytes)", option=opt)
         send_all(self.sock, proto.OPTION_REQUEST.pack(proto.IHAVEOPT, opt, len(payload)) + payload,
                  proto.option_name(opt))
 
@@ -133,7 +134,7 @@ class Negotiator:
         else:
             text = f"the server refused {name} with {proto.reply_type_name(rtype)}{detail}"
         cls = NbdExportNotFound if rtype == proto.REP_ERR_UNKNOWN and export is not None else NbdOptionError
-        raise cls(text, reply_type=rtype, hint=hint)
+        raise cls(text, reply_type=rtype, option=opt, hint=hint)
 
     def simple_option(self, opt: int, payload: bytes = b"") -> int:
         """Send an option expecting a bare ACK; return REP_ACK or an error reply type."""
@@ -269,7 +270,8 @@ class Negotiator:
         try:
             data = recv_exact(self.sock, n, "the reply to NBD_OPT_EXPORT_NAME", started=False)
         except NbdConnectionError as e:
-            raise NbdOptionError(f"the server refused export {export!r} (NBD_OPT_EXPORT_NAME): {e}") from None
+            raise NbdOptionError(f"the server refused export {export!r} (NBD_OPT_EXPORT_NAME): {e}",
+                                 option=proto.OPT_EXPORT_NAME) from None
         size, flags = proto.EXPORT_NAME_REPLY.unpack_from(data)
         return ExportInfo(name=export, size=size, flags=flags, structured=self.structured)
 

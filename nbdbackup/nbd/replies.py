@@ -54,6 +54,10 @@ class Pending:
     def what(self) -> str:
         return f"{proto.command_name(self.cmd)} [{self.offset}, +{self.length}]"
 
+    def request_fields(self) -> dict[str, int]:
+        """What an NbdCommandError for this request carries about it."""
+        return {"command": self.cmd, "request_offset": self.offset, "request_length": self.length}
+
 
 class ReplyReader:
     def __init__(self, sock, *, structured: bool, contexts: dict[str, int], timeout: float, size: int, name: str):
@@ -142,8 +146,7 @@ class ReplyReader:
                 raise NbdConnectionError(f"connection to {self.name} failed: {e}") from None
             if k == 0:
                 if self._ahead_end > self._ahead_pos:
-                    raise TruncatedReply(f"server closed the connection in the middle of a reply header "
-                                         f"(got {self._ahead_end - self._ahead_pos} of 4 bytes): truncated reply")
+                    raise TruncatedReply.during("a reply header", self._ahead_end - self._ahead_pos, 4)
                 if self._pending:
                     raise NbdConnectionError(f"{self.name} closed the connection with "
                                              f"{len(self._pending)} requests outstanding")
@@ -171,8 +174,7 @@ class ReplyReader:
             got = self._ahead_end - self._ahead_pos
             k = recv_some(self.sock, mv, what)
             if k == 0:
-                raise TruncatedReply(f"server closed the connection in the middle of {what} "
-                                     f"(got {got} of {n} bytes): truncated reply")
+                raise TruncatedReply.during(what, got, n)
             self._ahead_end += k
         pos = self._ahead_pos
         self._ahead_pos = pos + n
@@ -214,7 +216,7 @@ class ReplyReader:
         p = self._lookup(cookie, "simple reply")
         if err:
             self._finish(p, exc=NbdCommandError(f"{p.what} failed on the server: {proto.errno_name(err)}",
-                                                errno=err))
+                                                errno=err, **p.request_fields()))
             return
         if p.cmd == proto.CMD_BLOCK_STATUS:
             raise NbdProtocolError(f"{self.name} answered {p.what} with a simple reply without error")
@@ -340,7 +342,7 @@ class ReplyReader:
         if msg:
             text += f" ({msg})"
         if p.error is None:
-            p.error = NbdCommandError(text, errno=err, offset=offset)
+            p.error = NbdCommandError(text, errno=err, offset=offset, **p.request_fields())
 
     def _complete(self, p: Pending) -> None:
         if p.error is not None:

@@ -61,8 +61,7 @@ def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) ->
         k = recv_some(sock, mv[got:], what, flags)
         if k == 0:
             if got or started:
-                raise TruncatedReply(f"server closed the connection in the middle of {what} "
-                                     f"(got {got} of {n} bytes): truncated reply")
+                raise TruncatedReply.during(what, got, n)
             hint = ("the server may have rejected our TLS client certificate"
                     if getattr(sock, "is_tls", False) else None)
             raise NbdConnectionError(f"server closed the connection before sending {what}", hint=hint)
