@@ -21,7 +21,8 @@ from ..errors import (GreetingTimeout, NbdCommandError, NbdConnectionError, NbdE
 from . import proto
 from .client_handshake import ExportInfo, negotiate
 from .futures import done_future, gather, then, then_map
-from .replies import Pending, ReplyReader
+from .inflight import InFlight, Pending
+from .replies import ReplyReader
 from .sockio import send_all, use_kernel_timeouts
 from .tls import TlsConfig
 from .uri import NbdUri, parse_uri
@@ -51,8 +52,9 @@ class Client:
         self.timeout = timeout
         self._send_lock = threading.Lock()
         self._cookies = itertools.count(1)
-        self._reader = ReplyReader(sock, structured=info.structured, contexts=contexts, timeout=timeout,
-                                   size=info.size, name=str(uri))
+        self._requests = InFlight()
+        self._reader = ReplyReader(sock, self._requests, structured=info.structured, contexts=contexts,
+                                   timeout=timeout, size=info.size, name=str(uri))
         self._thread = threading.Thread(target=self._reader.run, name=f"nbd-recv {uri}", daemon=True)
         self._thread.start()
         self._closed = False
@@ -120,11 +122,11 @@ class Client:
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._reader.error is None
+        return not self._closed and self._requests.error is None
 
     @property
     def in_flight(self) -> int:
-        return self._reader.outstanding
+        return self._requests.outstanding
 
     def _has(self, flag: int) -> bool:
         return bool(self.info.flags & flag)
@@ -134,12 +136,12 @@ class Client:
         with self._send_lock:
             if self._closed:
                 raise NbdConnectionError(f"connection to {self.uri} is closed")
-            err = self._reader.error
+            err = self._requests.error
             if err is not None:
                 raise type(err)(f"connection to {self.uri} is dead: {err}")
             cookie = next(self._cookies)
             p.cookie = cookie
-            self._reader.add(p)
+            self._requests.add(p)
             header = proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, p.cmd, cookie, p.offset, p.length)
             try:
                 if payload is not None and len(payload) <= SMALL_PAYLOAD:
@@ -149,7 +151,7 @@ class Client:
                     if payload is not None:
                         send_all(self.sock, payload, proto.command_name(p.cmd))
             except NbdError as e:
-                self._reader.fail(e)
+                self._requests.fail(e)
                 self._shutdown()
                 raise
         return p.future
@@ -320,13 +322,13 @@ class Client:
     def close(self) -> None:
         if self._closed:
             return
-        if self._reader.error is None:
+        if self._requests.error is None:
             try:
                 with self._send_lock:
                     self._reader.closing = True
                     send_all(self.sock, proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_DISC,
                                                            next(self._cookies), 0, 0), "NBD_CMD_DISC")
-                self._reader.wait_idle(min(self.timeout, CLOSE_DRAIN_TIMEOUT))
+                self._requests.wait_idle(min(self.timeout, CLOSE_DRAIN_TIMEOUT))
                 self.sock.shutdown(socket.SHUT_WR)
             except (NbdError, OSError):
                 pass
@@ -335,7 +337,7 @@ class Client:
         if threading.current_thread() is not self._thread:
             self._thread.join(self.timeout)
         self.sock.close()
-        self._reader.fail(NbdConnectionError(f"connection to {self.uri} was closed"))
+        self._requests.fail(NbdConnectionError(f"connection to {self.uri} was closed"))
 
     def _shutdown(self) -> None:
         try:

@@ -3,6 +3,9 @@
 Every receive is checked: magic, that the reply answers the option we sent,
 and that lengths are sane, so a broken server gets an NbdProtocolError that
 says what it did, never a hang (the socket has a timeout) or a guess.
+
+Byte layouts: proto.py's "Handshake" tables; each method's docstring gives the
+layout of the data it sends or parses.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class Negotiator:
 
     # --- greeting --------------------------------------------------------------
     def greet(self) -> None:
+        """Read u64 NBDMAGIC | u64 IHAVEOPT | u16 handshake flags (18 bytes); send u32 client flags."""
         self.sock.settimeout(self.greeting_timeout or self.timeout)
         try:
             head = self.sock.recv(1)
@@ -97,12 +101,15 @@ class Negotiator:
 
     # --- option plumbing -------------------------------------------------------
     def send_option(self, opt: int, payload: bytes = b"") -> None:
+        """u64 IHAVEOPT | u32 option | u32 length | payload."""
         if len(payload) > proto.MAX_OPTION_LENGTH:
             raise NbdOptionError(f"{proto.option_name(opt)} payload too long ({len(payload)} bytes)", option=opt)
         send_all(self.sock, proto.OPTION_REQUEST.pack(proto.IHAVEOPT, opt, len(payload)) + payload,
                  proto.option_name(opt))
 
     def read_reply(self, opt: int) -> tuple[int, bytes]:
+        """u64 OPTION_REPLY_MAGIC | u32 option | u32 reply type | u32 length | data:
+        (reply type, data), checked to answer *opt*."""
         name = proto.option_name(opt)
         magic, ropt, rtype, length = proto.OPTION_REPLY.unpack(
             recv_exact(self.sock, proto.OPTION_REPLY.size, f"the reply to {name}", started=False))
@@ -173,7 +180,10 @@ class Negotiator:
         return self.structured
 
     def meta_context(self, opt: int, export: str, queries: list[str]) -> dict[str, int]:
-        """SET_META_CONTEXT or LIST_META_CONTEXT; {name: id} (ids are 0 for LIST)."""
+        """SET_META_CONTEXT or LIST_META_CONTEXT; {name: id} (ids are 0 for LIST).
+
+        Sends u32 n | export name | u32 k | k x (u32 m | query); each NBD_REP_META_CONTEXT
+        answers u32 context id | context name, until NBD_REP_ACK."""
         payload = _name_payload(export) + proto.U32.pack(len(queries))
         for q in queries:
             b = q.encode()
@@ -200,7 +210,10 @@ class Negotiator:
             raise NbdProtocolError(f"unexpected {proto.reply_type_name(rtype)} in the reply to {proto.option_name(opt)}")
 
     def go(self, export: str, opt: int = proto.OPT_GO) -> ExportInfo | None:
-        """NBD_OPT_GO (or INFO) asking for block sizes. None when the server lacks GO/INFO."""
+        """NBD_OPT_GO (or INFO) asking for block sizes. None when the server lacks GO/INFO.
+
+        Sends u32 n | export name | u16 1 | u16 NBD_INFO_BLOCK_SIZE; NBD_REP_INFO replies
+        (see _parse_info) until NBD_REP_ACK."""
         payload = _name_payload(export) + proto.U16.pack(1) + proto.U16.pack(proto.INFO_BLOCK_SIZE)
         self.send_option(opt, payload)
         info = ExportInfo(name=export, size=-1, flags=0, structured=self.structured)
@@ -219,6 +232,8 @@ class Negotiator:
 
     @staticmethod
     def _parse_info(info: ExportInfo, data: bytes) -> None:
+        """NBD_REP_INFO data: u16 info type, then INFO_EXPORT u64 size | u16 flags,
+        INFO_BLOCK_SIZE u32 min | u32 preferred | u32 max, INFO_NAME/_DESCRIPTION text."""
         if len(data) < 2:
             raise NbdProtocolError("NBD_REP_INFO without an info type")
         (itype,) = proto.U16.unpack_from(data)
@@ -264,7 +279,10 @@ class Negotiator:
         return info, contexts
 
     def export_name(self, export: str) -> ExportInfo:
-        """The old way to end negotiation; the server closes on failure."""
+        """The old way to end negotiation; the server closes on failure.
+
+        Sends the bare name as option data; the answer has no option-reply header:
+        u64 size | u16 transmission flags | 124 zero bytes unless NO_ZEROES."""
         self.send_option(proto.OPT_EXPORT_NAME, export.encode())
         n = proto.EXPORT_NAME_REPLY.size + (0 if self.no_zeroes else 124)
         try:
@@ -276,6 +294,7 @@ class Negotiator:
         return ExportInfo(name=export, size=size, flags=flags, structured=self.structured)
 
     def list_exports(self) -> list[tuple[str, str]]:
+        """[(name, description)]: each NBD_REP_SERVER is u32 n | name | description."""
         self.send_option(proto.OPT_LIST)
         out = []
         while True:
