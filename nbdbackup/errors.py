@@ -112,6 +112,16 @@ class PermissionDenied(NbdBackupError):
 
 READING_COMMANDS = "list, restore, serve, verify, stats"
 SPACE_HINT = "free space on it and run the command again; committed backups are intact"
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(exc_or_errno: BaseException | int | None) -> bool:
+    """True for a full disk or an exhausted quota: ENOSPC or EDQUOT, given as an errno or as an
+    OSError carrying one. Any other exception is False, even with an errno attribute (an
+    NbdCommandError's errno is the NBD protocol's number, not this host's)."""
+    if isinstance(exc_or_errno, BaseException):
+        return isinstance(exc_or_errno, OSError) and exc_or_errno.errno in NO_SPACE_ERRNOS
+    return exc_or_errno in NO_SPACE_ERRNOS
 
 
 def storage_error(err: int | None, where: str, what: str, *, repository: bool = True) -> NbdBackupError | None:
@@ -119,7 +129,7 @@ def storage_error(err: int | None, where: str, what: str, *, repository: bool = 
     EACCES/EPERM) met at *where* while *what* ("writing the index") into its error class
     and hint; None for any other errno (the caller reports it as it would have).
     repository=False: *where* may be any path (a restore target, a log file)."""
-    if err in (errno.ENOSPC, errno.EDQUOT):
+    if is_no_space(err):
         return NoSpaceError(f"no space left on the file system of {where} ({what})", hint=SPACE_HINT)
     if err == errno.EROFS:
         hint = (f"the repository is mounted read-only; remount it read-write, or use a reading command "
@@ -153,6 +163,17 @@ class SourceFailed(NbdBackupError):
     exit_code = ExitCode.SOURCE_FAILED
 
 
+class QmpCommandError(SourceFailed):
+    """qemu answered a QMP command with an error: .command, .error_class (QMP's "class",
+    e.g. "GenericError"), .desc (its "desc")."""
+
+    def __init__(self, command: str, error_class: str, desc: str):
+        super().__init__(f"QMP {command} failed: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
 class ChainBroken(NbdBackupError):
     """An incremental cannot be trusted and --no-fallback forbids the full instead."""
 
@@ -173,20 +194,50 @@ class NbdProtocolError(NbdError):
     exit_code = ExitCode.PROTOCOL
 
 
+class TruncatedReply(NbdProtocolError):
+    """The server closed the connection in the middle of a message: .what (the message),
+    .got and .expected (its bytes), when known."""
+
+    def __init__(self, message: str, *, what: str | None = None, got: int | None = None,
+                 expected: int | None = None):
+        super().__init__(message)
+        self.what = what
+        self.got = got
+        self.expected = expected
+
+    @classmethod
+    def during(cls, what: str, got: int, expected: int) -> "TruncatedReply":
+        return cls(f"server closed the connection in the middle of {what} "
+                   f"(got {got} of {expected} bytes): truncated reply", what=what, got=got, expected=expected)
+
+
 class NbdConnectionError(NbdError):
     """Could not connect, the connection dropped, or a socket operation timed out."""
 
     exit_code = ExitCode.SOURCE_UNREACHABLE
 
 
+class GreetingTimeout(NbdConnectionError):
+    """The server accepted the connection but sent no greeting within .timeout seconds (it may
+    be full)."""
+
+    def __init__(self, message: str, *, timeout: float | None = None):
+        super().__init__(message)
+        self.timeout = timeout
+
+
 class NbdOptionError(NbdError):
-    """The server refused an option during the handshake (NBD_REP_ERR_*)."""
+    """The server refused an option during the handshake, or we could not send it:
+    .option (NBD_OPT_*, None when no option was involved), .reply_type (the server's
+    NBD_REP_ERR_*, 0 when the refusal was ours)."""
 
     exit_code = ExitCode.SOURCE_UNREACHABLE
 
-    def __init__(self, message: str, *, reply_type: int = 0, hint: str | None = None):
+    def __init__(self, message: str, *, reply_type: int = 0, option: int | None = None,
+                 hint: str | None = None):
         super().__init__(message, hint=hint)
         self.reply_type = reply_type
+        self.option = option
 
 
 class NbdExportNotFound(NbdOptionError):
@@ -196,11 +247,19 @@ class NbdExportNotFound(NbdOptionError):
 
 
 class NbdCommandError(NbdError):
-    """The server answered a transmission request with an errno."""
+    """A transmission request failed with an errno: .errno (the NBD protocol's number, not the
+    host's), .offset (where it failed, from NBD_REPLY_TYPE_ERROR_OFFSET, else None),
+    .command (NBD_CMD_*), .request_offset and .request_length (the request's range); those
+    three are None when the client refused the request itself (read-only export, no
+    FAST_ZERO)."""
 
     exit_code = ExitCode.SOURCE_FAILED
 
-    def __init__(self, message: str, *, errno: int, offset: int | None = None):
+    def __init__(self, message: str, *, errno: int, offset: int | None = None, command: int | None = None,
+                 request_offset: int | None = None, request_length: int | None = None):
         super().__init__(message)
         self.errno = errno
         self.offset = offset
+        self.command = command
+        self.request_offset = request_offset
+        self.request_length = request_length

@@ -8,7 +8,6 @@ is reported only after the target flushed (fsync / NBD FLUSH).
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections import deque
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import NoSpaceError
+from ..errors import NoSpaceError, is_no_space
 from ..progress import NoBar
 from .restore_targets import open_target
 
@@ -49,7 +48,7 @@ def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = Fals
             t.finish()
         except BaseException as e:
             t.abort()
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_no_space(e):
                 raise NoSpaceError(f"no space left on the restore target {target}: {e.strerror}",
                                    hint="free space there and restore again; the backup is intact") from None
             raise

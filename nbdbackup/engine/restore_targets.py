@@ -8,7 +8,6 @@ an existing file as it was.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -18,7 +17,7 @@ import stat
 import struct
 import subprocess
 
-from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError
+from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError, is_no_space
 from ..fsutil import fsync_path
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ class FileTarget:
             os.ftruncate(self.fd, size)
         except OSError as e:          # EFBIG: the file system (or RLIMIT_FSIZE) caps file sizes
             self.abort()
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_no_space(e):
                 raise NoSpaceError(f"no space left in {d} for the restore: {e.strerror}",
                                    hint="free space there and restore again; the backup is intact") from None
             raise SourceUnreachable(f"cannot make a file of {size} bytes in {d}: {e.strerror}",

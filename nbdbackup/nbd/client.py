@@ -16,12 +16,15 @@ import socket
 import threading
 from concurrent.futures import Future
 
-from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdOptionError, UsageError
+from ..errors import (GreetingTimeout, NbdCommandError, NbdConnectionError, NbdError, NbdOptionError,
+                      TruncatedReply, UsageError)
 from . import proto
-from .client_options import ExportInfo, GreetingTimeout, Negotiator, TruncatedReply, send_all, use_kernel_timeouts
+from .client_handshake import ExportInfo, negotiate
 from .futures import done_future, gather, then, then_map
-from .replies import Pending, ReplyReader
-from .tls import TlsConfig, tls_for_uri
+from .inflight import InFlight, Pending
+from .replies import ReplyReader
+from .sockio import send_all, use_kernel_timeouts
+from .tls import TlsConfig
 from .uri import NbdUri, parse_uri
 
 __all__ = ["Client", "ExportInfo", "TlsConfig", "GreetingTimeout", "TruncatedReply"]
@@ -38,45 +41,6 @@ SMALL_PAYLOAD = 64 * 1024   # copied next to the header rather than sent separat
 CLOSE_DRAIN_TIMEOUT = 0.5
 
 
-def open_socket(uri: NbdUri, timeout: float) -> socket.socket:
-    try:
-        if uri.is_unix:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            try:
-                s.connect(uri.socket_path)
-            except BaseException:
-                s.close()
-                raise
-        else:
-            s = socket.create_connection((uri.host, uri.port), timeout=timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except socket.timeout:
-        raise NbdConnectionError(f"timed out connecting to {uri}") from None
-    except OSError as e:
-        raise NbdConnectionError(f"cannot connect to {uri}: {e.strerror or e}",
-                                 hint="is the NBD server running, and is the address right?") from None
-    return s
-
-
-def negotiate(uri: NbdUri, tls: TlsConfig | None, timeout: float, greeting_timeout: float | None,
-              structured: bool) -> Negotiator:
-    """Connect, read the greeting, upgrade to TLS, ask for structured replies."""
-    sock = open_socket(uri, timeout)
-    neg = Negotiator(sock, timeout=timeout, greeting_timeout=greeting_timeout)
-    try:
-        neg.greet()
-        tcfg = tls_for_uri(uri, tls)
-        if tcfg is not None:
-            neg.starttls(tcfg.context(), tcfg.hostname)
-        if structured:
-            neg.structured_reply()
-    except BaseException:
-        neg.sock.close()
-        raise
-    return neg
-
-
 class Client:
     """A connected NBD client in the transmission phase. Use Client.connect()."""
 
@@ -88,8 +52,9 @@ class Client:
         self.timeout = timeout
         self._send_lock = threading.Lock()
         self._cookies = itertools.count(1)
-        self._reader = ReplyReader(sock, structured=info.structured, contexts=contexts, timeout=timeout,
-                                   size=info.size, name=str(uri))
+        self._requests = InFlight()
+        self._reader = ReplyReader(sock, self._requests, structured=info.structured, contexts=contexts,
+                                   timeout=timeout, size=info.size, name=str(uri))
         self._thread = threading.Thread(target=self._reader.run, name=f"nbd-recv {uri}", daemon=True)
         self._thread.start()
         self._closed = False
@@ -102,24 +67,7 @@ class Client:
         u = parse_uri(uri)
         neg = negotiate(u, tls, timeout, greeting_timeout, structured)
         try:
-            contexts: dict[str, int] = {}
-            meta = list(dict.fromkeys(meta_contexts))
-            if meta and neg.structured:
-                contexts = neg.meta_context(proto.OPT_SET_META_CONTEXT, u.export, meta)
-                unasked = set(contexts) - set(meta)
-                if unasked:
-                    from ..errors import NbdProtocolError
-
-                    raise NbdProtocolError(f"server set meta contexts we did not ask for: {sorted(unasked)}")
-            elif meta:
-                log.info("no structured replies from %s: meta contexts %s unavailable", u, meta)
-            missing = [m for m in meta if m not in contexts]
-            if missing:
-                log.info("server %s does not offer meta contexts %s", u, missing)
-            info = neg.go(u.export)
-            if info is None:
-                log.debug("server lacks NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME")
-                info = neg.export_name(u.export)
+            info, contexts = neg.open_export(u, meta_contexts)
             use_kernel_timeouts(neg.sock, timeout)
         except BaseException:
             neg.sock.close()
@@ -174,11 +122,11 @@ class Client:
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._reader.error is None
+        return not self._closed and self._requests.error is None
 
     @property
     def in_flight(self) -> int:
-        return self._reader.outstanding
+        return self._requests.outstanding
 
     def _has(self, flag: int) -> bool:
         return bool(self.info.flags & flag)
@@ -188,12 +136,12 @@ class Client:
         with self._send_lock:
             if self._closed:
                 raise NbdConnectionError(f"connection to {self.uri} is closed")
-            err = self._reader.error
+            err = self._requests.error
             if err is not None:
                 raise type(err)(f"connection to {self.uri} is dead: {err}")
             cookie = next(self._cookies)
             p.cookie = cookie
-            self._reader.add(p)
+            self._requests.add(p)
             header = proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, p.cmd, cookie, p.offset, p.length)
             try:
                 if payload is not None and len(payload) <= SMALL_PAYLOAD:
@@ -203,7 +151,7 @@ class Client:
                     if payload is not None:
                         send_all(self.sock, payload, proto.command_name(p.cmd))
             except NbdError as e:
-                self._reader.fail(e)
+                self._requests.fail(e)
                 self._shutdown()
                 raise
         return p.future
@@ -374,13 +322,13 @@ class Client:
     def close(self) -> None:
         if self._closed:
             return
-        if self._reader.error is None:
+        if self._requests.error is None:
             try:
                 with self._send_lock:
                     self._reader.closing = True
                     send_all(self.sock, proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_DISC,
                                                            next(self._cookies), 0, 0), "NBD_CMD_DISC")
-                self._reader.wait_idle(min(self.timeout, CLOSE_DRAIN_TIMEOUT))
+                self._requests.wait_idle(min(self.timeout, CLOSE_DRAIN_TIMEOUT))
                 self.sock.shutdown(socket.SHUT_WR)
             except (NbdError, OSError):
                 pass
@@ -389,7 +337,7 @@ class Client:
         if threading.current_thread() is not self._thread:
             self._thread.join(self.timeout)
         self.sock.close()
-        self._reader.fail(NbdConnectionError(f"connection to {self.uri} was closed"))
+        self._requests.fail(NbdConnectionError(f"connection to {self.uri} was closed"))
 
     def _shutdown(self) -> None:
         try:

@@ -14,8 +14,8 @@ import threading
 import time
 from concurrent.futures import Future
 
-from ..errors import NbdConnectionError, NbdOptionError, NbdProtocolError, UsageError
-from .client import Client, GreetingTimeout, TruncatedReply
+from ..errors import GreetingTimeout, NbdConnectionError, NbdOptionError, NbdProtocolError, TruncatedReply, UsageError
+from .client import Client
 from .futures import resolve
 from .tls import TlsConfig
 from .uri import parse_uri

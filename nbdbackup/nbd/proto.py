@@ -1,7 +1,76 @@
 """NBD wire constants and struct layouts, shared by the client and the server.
 
 Source: doc/proto.md of NetworkBlockDevice/nbd and qemu's docs/interop/nbd.rst.
-Everything on the wire is big-endian.
+Everything on the wire is big-endian. The tables below are the one description of the
+bytes; the parsers' docstrings repeat the layout of what each one reads.
+
+Handshake (fixed newstyle; client_handshake.py and server_handshake.py)::
+
+    greeting, server -> client (HANDSHAKE), 18 bytes
+      0  u64  NBDMAGIC  "NBDMAGIC"
+      8  u64  IHAVEOPT  "IHAVEOPT" (CLISERV_MAGIC here is the oldstyle protocol: refused)
+     16  u16  handshake flags: FIXED_NEWSTYLE, NO_ZEROES
+    client flags, client -> server (CLIENT_FLAGS), 4 bytes
+      0  u32  C_FIXED_NEWSTYLE, C_NO_ZEROES; any other bit ends the connection
+    option request, client -> server (OPTION_REQUEST), 16 + n bytes
+      0  u64  IHAVEOPT
+      8  u32  option (NBD_OPT_*)
+     12  u32  n
+     16  n    option data
+    option reply, server -> client (OPTION_REPLY), 20 + n bytes; several may answer one option
+      0  u64  OPTION_REPLY_MAGIC 0x0003e889045565a9
+      8  u32  the option it answers
+     12  u32  reply type (NBD_REP_*; bit 31 set: an error, its data a UTF-8 message)
+     16  u32  n
+     20  n    reply data
+    EXPORT_NAME reply (no option-reply header; a refusal just closes), 10 or 134 bytes
+      0  u64  export size
+      8  u16  transmission flags
+     10  124  zero bytes, unless NO_ZEROES was agreed
+
+    option data                         layout
+    EXPORT_NAME                         the export name, to the end (no length)
+    INFO, GO                            u32 n | n bytes name | u16 k | k x u16 NBD_INFO_* asked
+    LIST_/SET_META_CONTEXT              u32 n | n bytes name | u32 k | k x (u32 m | m bytes query)
+    STARTTLS, STRUCTURED_REPLY, LIST,   nothing
+    ABORT
+
+    reply data                          layout
+    REP_ACK                             nothing
+    REP_SERVER (LIST)                   u32 n | n bytes name | description, to the end
+    REP_META_CONTEXT                    u32 context id (0 for LIST) | context name, to the end
+    REP_INFO, INFO_EXPORT               u16 0 | u64 size | u16 transmission flags (12 bytes)
+    REP_INFO, INFO_NAME / _DESCRIPTION  u16 1 / 2 | UTF-8 text, to the end
+    REP_INFO, INFO_BLOCK_SIZE           u16 3 | u32 minimum | u32 preferred | u32 maximum (14)
+
+Transmission (client.py and replies.py; server_conn.py)::
+
+    request, client -> server (REQUEST), 28 bytes, then n bytes of data for a WRITE
+      0  u32  REQUEST_MAGIC 0x25609513
+      4  u16  command flags (NBD_CMD_FLAG_*)
+      6  u16  command (NBD_CMD_*)
+      8  u64  cookie, echoed by every reply to this request
+     16  u64  offset
+     24  u32  length (n)
+    simple reply (SIMPLE_REPLY), 16 bytes, then the data of a READ that succeeded
+      0  u32  SIMPLE_REPLY_MAGIC 0x67446698
+      4  u32  error (an NBD errno, below; 0 = success)
+      8  u64  cookie
+    structured reply chunk (STRUCTURED_REPLY), 20 + n bytes
+      0  u32  STRUCTURED_REPLY_MAGIC 0x668e33ef
+      4  u16  flags: REPLY_FLAG_DONE on the last chunk of a reply
+      6  u16  chunk type (NBD_REPLY_TYPE_*)
+      8  u64  cookie
+     16  u32  n
+     20  n    chunk payload
+
+    chunk payload                       layout
+    NONE                                nothing (only with DONE)
+    OFFSET_DATA                         u64 offset | n - 8 bytes of data
+    OFFSET_HOLE                         u64 offset | u32 length (reads as zeroes) (OFFSET_HOLE_STRUCT)
+    BLOCK_STATUS                        u32 context id | per extent: u32 length, u32 flags (EXTENT)
+    ERROR                               u32 errno | u16 m | m bytes message (ERROR_STRUCT)
+    ERROR_OFFSET                        as ERROR, then u64 offset where it failed
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
 """Client side of the transmission phase: reading and checking replies.
 
 One ReplyReader per connection runs in its own thread. It matches each reply
-to its request by cookie and checks everything a server could get wrong
+to its request by cookie (in the connection's inflight.InFlight) and checks everything a server could get wrong
 (magic, chunk type, chunk range, overlap, coverage, DF, context ids). The
 first violation fails every outstanding request with an NbdProtocolError that
 says what the server did, and ends the connection.
+
+Byte layouts: proto.py's "Transmission" tables. A reply starts with a u32 magic
+that says which of the two headers follows: the simple reply (magic, u32 error,
+u64 cookie; 16 bytes) or a structured chunk (magic, u16 flags, u16 type, u64
+cookie, u32 payload length; 20 bytes).
 """
 
 from __future__ import annotations
@@ -13,13 +18,11 @@ import array
 import socket
 import ssl
 import sys
-import threading
-from concurrent.futures import Future
 
-from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
+from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError, TruncatedReply
 from . import proto
-from .client_options import TIMEOUTS, TruncatedReply, recv_into_exact, recv_some
-from .futures import resolve
+from .inflight import InFlight, Pending
+from .sockio import TIMEOUTS, recv_into_exact, recv_some
 
 # A block-status chunk bigger than this is not believable (qemu caps at 128Ki extents).
 MAX_BLOCK_STATUS_CHUNK = 4 + 8 * (1 << 20)
@@ -27,81 +30,22 @@ MAX_ERROR_CHUNK = 64 * 1024
 READ_AHEAD = 64     # bytes a header read may take at once (a structured header + offset is 28)
 
 
-class Pending:
-    """One request waiting for its reply."""
-
-    __slots__ = ("cmd", "offset", "length", "future", "buf", "df", "req_one", "cookie",
-                 "ranges", "error", "extents", "content_chunks", "zero_holes", "result")
-
-    def __init__(self, cmd: int, offset: int, length: int, *, buf: memoryview | None = None,
-                 df: bool = False, req_one: bool = False, zero_holes: bool = False, result=None):
-        self.cmd = cmd
-        self.offset = offset
-        self.length = length
-        self.future: Future = Future()
-        self.buf = buf
-        self.df = df
-        self.req_one = req_one
-        self.cookie = 0
-        self.ranges: list[tuple[int, int]] = []   # (offset, length) of data/hole chunks
-        self.error: NbdCommandError | None = None
-        self.extents: dict[str, list[tuple[int, int]]] = {}
-        self.content_chunks = 0
-        self.zero_holes = zero_holes   # False when buf started zeroed (a fresh bytearray)
-        self.result = result           # what the future resolves to (default: None / extents)
-
-    @property
-    def what(self) -> str:
-        return f"{proto.command_name(self.cmd)} [{self.offset}, +{self.length}]"
-
-
 class ReplyReader:
-    def __init__(self, sock, *, structured: bool, contexts: dict[str, int], timeout: float, size: int, name: str):
+    """Reads the replies of one connection and finishes the matching requests of *requests*."""
+
+    def __init__(self, sock, requests: InFlight, *, structured: bool, contexts: dict[str, int], timeout: float,
+                 size: int, name: str):
         self.sock = sock
+        self.requests = requests
         self.structured = structured
         self.context_names = {cid: n for n, cid in contexts.items()}
         self.timeout = timeout
         self.size = size
         self.name = name
-        self.error: NbdError | None = None
         self.closing = False
-        self._pending: dict[int, Pending] = {}
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
         self._ahead = bytearray(READ_AHEAD)
         self._ahead_pos = 0         # unread bytes are _ahead[_ahead_pos:_ahead_end]
         self._ahead_end = 0
-
-    # --- bookkeeping (called from sender threads) ------------------------------
-    @property
-    def outstanding(self) -> int:
-        return len(self._pending)
-
-    def add(self, p: Pending) -> None:
-        with self._lock:
-            self._pending[p.cookie] = p
-
-    def fail(self, err: NbdError) -> None:
-        """Fail every outstanding request; the connection is unusable from now on."""
-        with self._lock:
-            if self.error is None:
-                self.error = err
-            pending = list(self._pending.values())
-            self._pending.clear()
-            self._idle.notify_all()
-        for p in pending:
-            resolve(p.future, exc=err)
-
-    def wait_idle(self, timeout: float) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: not self._pending or self.error is not None, timeout)
-
-    def _finish(self, p: Pending, result=None, exc=None) -> None:
-        with self._lock:
-            self._pending.pop(p.cookie, None)
-            if not self._pending:
-                self._idle.notify_all()
-        resolve(p.future, result, exc)
 
     # --- the receive loop ------------------------------------------------------
     def run(self) -> None:
@@ -111,9 +55,9 @@ class ReplyReader:
                     return
                 self._one_reply()
         except NbdError as e:
-            self.fail(e)
+            self.requests.fail(e)
         except BaseException as e:  # a bug here must not leave callers waiting forever
-            self.fail(NbdConnectionError(f"NBD receiver failed: {type(e).__name__}: {e}"))
+            self.requests.fail(NbdConnectionError(f"NBD receiver failed: {type(e).__name__}: {e}"))
         finally:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -131,23 +75,22 @@ class ReplyReader:
             try:
                 k = self.sock.recv_into(mv, len(mv))
             except TIMEOUTS:
-                if self._pending:
+                if self.requests.outstanding:
                     raise NbdConnectionError(f"{self.name}: no reply within {self.timeout:g}s "
-                                             f"({len(self._pending)} requests outstanding)") from None
+                                             f"({self.requests.outstanding} requests outstanding)") from None
                 continue
             except (OSError, ssl.SSLError) as e:
-                if self.closing or self.error is not None:
-                    self.fail(NbdConnectionError(f"connection to {self.name} was closed"))
+                if self.closing or self.requests.error is not None:
+                    self.requests.fail(NbdConnectionError(f"connection to {self.name} was closed"))
                     return False
                 raise NbdConnectionError(f"connection to {self.name} failed: {e}") from None
             if k == 0:
                 if self._ahead_end > self._ahead_pos:
-                    raise TruncatedReply(f"server closed the connection in the middle of a reply header "
-                                         f"(got {self._ahead_end - self._ahead_pos} of 4 bytes): truncated reply")
-                if self._pending:
+                    raise TruncatedReply.during("a reply header", self._ahead_end - self._ahead_pos, 4)
+                if self.requests.outstanding:
                     raise NbdConnectionError(f"{self.name} closed the connection with "
-                                             f"{len(self._pending)} requests outstanding")
-                self.fail(NbdConnectionError(f"{self.name} closed the connection"))
+                                             f"{self.requests.outstanding} requests outstanding")
+                self.requests.fail(NbdConnectionError(f"{self.name} closed the connection"))
                 return False
             self._ahead_end += k
         return True
@@ -171,8 +114,7 @@ class ReplyReader:
             got = self._ahead_end - self._ahead_pos
             k = recv_some(self.sock, mv, what)
             if k == 0:
-                raise TruncatedReply(f"server closed the connection in the middle of {what} "
-                                     f"(got {got} of {n} bytes): truncated reply")
+                raise TruncatedReply.during(what, got, n)
             self._ahead_end += k
         pos = self._ahead_pos
         self._ahead_pos = pos + n
@@ -201,31 +143,32 @@ class ReplyReader:
             raise NbdProtocolError(f"{self.name} sent a reply with bad magic {magic:#010x}")
 
     def _lookup(self, cookie: int, kind: str) -> Pending:
-        with self._lock:
-            p = self._pending.get(cookie)
+        p = self.requests.get(cookie)
         if p is None:
             raise NbdProtocolError(f"{self.name} sent a {kind} with cookie {cookie:#x}, "
                                    "which matches no outstanding request (wrong cookie)")
         return p
 
     def _simple_reply(self) -> None:
+        """After the magic: u32 error | u64 cookie; a READ's data follows when error is 0."""
         rest = self._recv(12, "a simple reply")
         err, cookie = proto.U32.unpack_from(rest)[0], proto.U64.unpack_from(rest, 4)[0]
         p = self._lookup(cookie, "simple reply")
         if err:
-            self._finish(p, exc=NbdCommandError(f"{p.what} failed on the server: {proto.errno_name(err)}",
-                                                errno=err))
+            self.requests.finish(p, exc=NbdCommandError(f"{p.what} failed on the server: {proto.errno_name(err)}",
+                                                errno=err, **p.request_fields()))
             return
         if p.cmd == proto.CMD_BLOCK_STATUS:
             raise NbdProtocolError(f"{self.name} answered {p.what} with a simple reply without error")
         if p.cmd == proto.CMD_READ:
             # Structured servers must not do this, but the payload length is unambiguous.
             self._recv_into(p.buf, f"the data of {p.what}")
-            self._finish(p, _read_result(p))
+            self.requests.finish(p, p.result)
             return
-        self._finish(p, None)
+        self.requests.finish(p, None)
 
     def _structured_chunk(self) -> None:
+        """After the magic: u16 flags | u16 type | u64 cookie | u32 length, then the payload."""
         rest = self._recv(16, "a structured reply header")
         flags, rtype = proto.U16.unpack_from(rest)[0], proto.U16.unpack_from(rest, 2)[0]
         cookie, length = proto.U64.unpack_from(rest, 4)[0], proto.U32.unpack_from(rest, 12)[0]
@@ -265,6 +208,7 @@ class ReplyReader:
         p.ranges.append((off, n))
 
     def _offset_data(self, p: Pending, length: int) -> None:
+        """NBD_REPLY_TYPE_OFFSET_DATA: u64 offset | length - 8 bytes of data."""
         if length < 9:
             raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_OFFSET_DATA of {length} bytes is too short")
         (off,) = proto.U64.unpack(self._recv(8, "an OFFSET_DATA chunk"))
@@ -274,6 +218,7 @@ class ReplyReader:
         self._recv_into(p.buf[start:start + n], f"the data of {p.what}")
 
     def _offset_hole(self, p: Pending, length: int) -> None:
+        """NBD_REPLY_TYPE_OFFSET_HOLE: u64 offset | u32 hole length (12 bytes)."""
         if length != proto.OFFSET_HOLE_STRUCT.size:
             raise NbdProtocolError(f"{self.name}: NBD_REPLY_TYPE_OFFSET_HOLE of {length} bytes (expected 12)")
         off, n = proto.OFFSET_HOLE_STRUCT.unpack(self._recv(12, "an OFFSET_HOLE chunk"))
@@ -286,6 +231,8 @@ class ReplyReader:
                 p.buf[start + pos:start + pos + k] = zero[:k]
 
     def _block_status(self, p: Pending, length: int) -> None:
+        """NBD_REPLY_TYPE_BLOCK_STATUS: u32 context id | (length - 4) / 8 x (u32 extent length,
+        u32 flags); the extents run on from the request's offset."""
         if p.cmd != proto.CMD_BLOCK_STATUS:
             raise NbdProtocolError(f"{self.name} sent block status in reply to {p.what}")
         if length < 12 or (length - 4) % 8 or length > MAX_BLOCK_STATUS_CHUNK:
@@ -318,6 +265,8 @@ class ReplyReader:
         p.extents[name] = extents
 
     def _error_chunk(self, p: Pending, rtype: int, length: int) -> None:
+        """NBD_REPLY_TYPE_ERROR: u32 errno | u16 m | m bytes UTF-8 message;
+        NBD_REPLY_TYPE_ERROR_OFFSET: the same, then u64 offset (inside the request)."""
         if length < 6 or length > MAX_ERROR_CHUNK:
             raise NbdProtocolError(f"{self.name}: error chunk of {length} bytes is malformed")
         data = self._recv(length, "an error chunk")
@@ -340,11 +289,11 @@ class ReplyReader:
         if msg:
             text += f" ({msg})"
         if p.error is None:
-            p.error = NbdCommandError(text, errno=err, offset=offset)
+            p.error = NbdCommandError(text, errno=err, offset=offset, **p.request_fields())
 
     def _complete(self, p: Pending) -> None:
         if p.error is not None:
-            self._finish(p, exc=p.error)
+            self.requests.finish(p, exc=p.error)
             return
         if p.cmd == proto.CMD_READ:
             pos = p.offset
@@ -357,13 +306,13 @@ class ReplyReader:
             if pos != p.offset + p.length:
                 raise NbdProtocolError(f"{self.name} finished {p.what} without sending data for "
                                        f"[{pos}, ...): reply does not cover the request")
-            self._finish(p, _read_result(p))
+            self.requests.finish(p, p.result)
         elif p.cmd == proto.CMD_BLOCK_STATUS:
             if not p.extents:
                 raise NbdProtocolError(f"{self.name} finished {p.what} without any extents")
-            self._finish(p, p.extents)
+            self.requests.finish(p, p.extents)
         else:
-            self._finish(p, None)
+            self.requests.finish(p, None)
 
 
 def _unpack_extents(raw: memoryview) -> array.array:
@@ -373,10 +322,6 @@ def _unpack_extents(raw: memoryview) -> array.array:
     if sys.byteorder == "little":
         a.byteswap()
     return a
-
-
-def _read_result(p: Pending):
-    return p.result
 
 
 _ZEROES = memoryview(b"")

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import struct
 
+from ..errors import is_no_space
 from . import proto
 from .server_handshake import Session
 from .server_view import ChunkReadError, ExportView
@@ -172,7 +173,7 @@ class Connection:
             self.reply_err(cookie, proto.EIO, "backup data is damaged in this range")
         except OSError as e:   # overlay file trouble (e.g. its disk is full)
             log.error("I/O error, answering EIO: %s", e)
-            self.reply_err(cookie, proto.ENOSPC if e.errno == 28 else proto.EIO, "server I/O error")
+            self.reply_err(cookie, proto.ENOSPC if is_no_space(e) else proto.EIO, "server I/O error")
         except asyncio.CancelledError:
             raise
         except Exception:      # a bug must not take the connection (or the server) down

@@ -5,6 +5,9 @@ EXPORT_NAME), or None when the client aborted or must be disconnected.
 Malformed options get the spec's error replies; only things the spec says
 end the connection (bad magic, unknown client flags, a refused EXPORT_NAME,
 absurd sizes) make us hang up.
+
+Byte layouts: proto.py's "Handshake" tables; each handler's docstring gives the
+layout of the option data it parses and the replies it sends.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class Handshake:
         await self._reply(opt, rep, msg.encode()[:1024])
 
     async def run(self) -> Session | None:
+        """Send u64 NBDMAGIC | u64 IHAVEOPT | u16 flags; read u32 client flags, then options:
+        u64 IHAVEOPT | u32 option | u32 length | data (replies: OPTION_REPLY + data)."""
         await self._send(proto.HANDSHAKE.pack(proto.NBDMAGIC, proto.IHAVEOPT,
                                               proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES))
         (cflags,) = proto.CLIENT_FLAGS.unpack(await self._read(4))
@@ -163,6 +168,7 @@ class Handshake:
             return None
 
     async def _export_name(self, data: bytes) -> bool:
+        """Data: the bare name. Reply (no header): u64 size | u16 flags | 124 zeroes unless NO_ZEROES."""
         name = self._decode(data)
         view = await self.server.acquire_view(name) if name is not None else None
         if view is None:
@@ -174,6 +180,9 @@ class Handshake:
         return True
 
     async def _info_go(self, opt: int, data: bytes) -> bool:
+        """Data: u32 n | name | u16 k | k x u16 info type. Replies: NBD_REP_INFO with INFO_EXPORT
+        (u16 0 | u64 size | u16 flags), INFO_NAME / INFO_DESCRIPTION when asked (u16 type | text),
+        INFO_BLOCK_SIZE (u16 3 | u32 min | u32 preferred | u32 max), then NBD_REP_ACK."""
         if len(data) < 6:
             await self._error(opt, proto.REP_ERR_INVALID, "option data too short")
             return False
@@ -216,6 +225,7 @@ class Handshake:
                 self.server.release_view(view)
 
     async def _list(self, data: bytes) -> None:
+        """No data. One NBD_REP_SERVER per export (u32 n | name | description), then NBD_REP_ACK."""
         if data:
             await self._error(proto.OPT_LIST, proto.REP_ERR_INVALID, "LIST takes no data")
             return
@@ -256,6 +266,7 @@ class Handshake:
         return len(self.reader._buffer)    # asyncio keeps no public accessor for it
 
     def _parse_meta(self, data: bytes) -> tuple[str, list[str]] | None:
+        """(export name, queries) from u32 n | name | u32 k | k x (u32 m | query); None when malformed."""
         try:
             (nlen,) = proto.U32.unpack_from(data)
             name = data[4:4 + nlen].decode("utf-8")
@@ -280,6 +291,8 @@ class Handshake:
             return None
 
     async def _meta_context(self, opt: int, data: bytes) -> None:
+        """Replies: NBD_REP_META_CONTEXT (u32 context id, 0 for LIST | name) for base:allocation
+        when it matches, then NBD_REP_ACK."""
         setting = opt == proto.OPT_SET_META_CONTEXT
         if setting and not self.s.structured:
             await self._error(opt, proto.REP_ERR_INVALID, "negotiate STRUCTURED_REPLY first")

@@ -43,7 +43,12 @@ class ExportCatalog(Protocol):
 
 
 class ChunkReadError(Exception):
-    """A chunk could not be read or failed its check: the range answers EIO."""
+    """Chunk .chunk of export .key could not be read or failed its check: the range answers EIO."""
+
+    def __init__(self, key: str, chunk: int, reason):
+        super().__init__(f"chunk {chunk} of {key}: {reason}")
+        self.key = key
+        self.chunk = chunk
 
 
 class ExportView:
@@ -69,9 +74,9 @@ class ExportView:
         try:
             data = self.backend.read_chunk(i)
         except Exception as e:  # damaged pack, missing file, bad hash: all are EIO here
-            raise ChunkReadError(f"chunk {i} of {self.key}: {e}") from e
+            raise ChunkReadError(self.key, i, e) from e
         if len(data) != self.chunk_len(i):
-            raise ChunkReadError(f"chunk {i} of {self.key}: {len(data)} bytes, expected {self.chunk_len(i)}")
+            raise ChunkReadError(self.key, i, f"{len(data)} bytes, expected {self.chunk_len(i)}")
         return data
 
     async def fetch(self, idxs) -> dict[int, bytes]:
@@ -98,7 +103,7 @@ class ExportView:
                 if isinstance(r, BaseException):
                     if isinstance(r, ChunkReadError):
                         raise r
-                    raise ChunkReadError(f"chunk {i} of {self.key}: {r}") from r
+                    raise ChunkReadError(self.key, i, r) from r
                 out[i] = r
         return out
 

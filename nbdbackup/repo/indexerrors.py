@@ -10,6 +10,7 @@ with the harmful hint to rebuild it.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -40,7 +41,7 @@ def index_error(e: Exception, what: str, *, path: str | None,
     orig = getattr(e, "orig", None) or e
     msg = str(orig)
     code = getattr(orig, "sqlite_errorname", "") or ""
-    low = msg.lower()
+    low = msg.lower() if isinstance(orig, sqlite3.Error) else ""   # dialect check: SQLite's words only
     if "database is locked" in low or code.startswith("SQLITE_BUSY"):
         return LockedError(f"the index stayed locked by other runs for too long while {what}: {msg}",
                            hint="nothing was committed; run again when the repository is less busy")

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from sqlalchemy import func, select
 
-from ..errors import NotFound, RepoDamaged, UsageError, storage_error
+from ..errors import NotFound, RepoDamaged, UsageError, is_no_space, storage_error
 from ..fsutil import write_blocker
 from . import backuprows
 from .backends import LocalBackend, StorageBackend
@@ -71,7 +71,7 @@ class Repository:
             try:
                 os.makedirs(path, exist_ok=True)
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_no_space(e):
                     raise       # the CLI reports a full disk as such
                 raise UsageError(f"cannot create repository directory {path}: {e.strerror}",
                                  hint="choose a path on a writable file system") from None

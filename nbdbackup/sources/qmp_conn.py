@@ -13,22 +13,12 @@ import logging
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from ..errors import SourceFailed, SourceUnreachable
+from ..errors import QmpCommandError, SourceFailed, SourceUnreachable
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
-
-
-class QmpCommandError(SourceFailed):
-    """qemu answered a command with an error."""
-
-    def __init__(self, command: str, error_class: str, desc: str):
-        super().__init__(f"QMP {command} failed: {desc}")
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
 
 
 class Qmp:

@@ -16,8 +16,7 @@ import subprocess
 import tempfile
 import time
 
-from ..errors import SourceFailed, UsageError
-from .qmp_conn import QmpCommandError
+from ..errors import QmpCommandError, SourceFailed, UsageError
 from .qmp_state import Names, StateFile
 
 log = logging.getLogger(__name__)

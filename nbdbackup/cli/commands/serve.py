@@ -80,7 +80,7 @@ def run(args) -> int:
     import tempfile
 
     from ...engine.exports import ChunkCache, RepoCatalog
-    from ...errors import UsageError
+    from ...errors import UsageError, is_no_space
     from ...nbd.server import ListenAddress, NbdServer, tls_server_context
     from ...nbd.server_socket import (DEFAULT_SOCKET_NAME, blocking_directory, check_private_dir, runtime_dir,
                                       socket_access)
@@ -131,7 +131,7 @@ def run(args) -> int:
                 # A private directory per server: its overlays are ours alone to delete.
                 overlay_dir = tempfile.mkdtemp(prefix="nbdbackup-overlay-", dir=base)
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_no_space(e):
                     raise
                 why = "it is a file, not a directory" if e.errno == errno.EEXIST else e.strerror
                 raise UsageError(f"cannot make an overlay directory in {base or tempfile.gettempdir()}: {why}",

@@ -3,6 +3,9 @@
 Every receive is checked: magic, that the reply answers the option we sent,
 and that lengths are sane, so a broken server gets an NbdProtocolError that
 says what it did, never a hang (the socket has a timeout) or a guess.
+
+Byte layouts: proto.py's "Handshake" tables; each method's docstring gives the
+layout of the data it sends or parses.
 """
 
 from __future__ import annotations
@@ -13,18 +16,13 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import NbdConnectionError, NbdExportNotFound, NbdOptionError, NbdProtocolError
+from ..errors import GreetingTimeout, NbdConnectionError, NbdExportNotFound, NbdOptionError, NbdProtocolError
 from . import proto
+from .sockio import recv_exact, send_all
+from .tls import TlsConfig, TlsStream, tls_for_uri
+from .uri import NbdUri
 
 log = logging.getLogger(__name__)
-
-
-class GreetingTimeout(NbdConnectionError):
-    """The server accepted the connection but sent no greeting in time (it may be full)."""
-
-
-class TruncatedReply(NbdProtocolError):
-    """The server closed the connection in the middle of a message."""
 
 
 @dataclass
@@ -53,69 +51,6 @@ class ExportInfo:
         return proto.flag_names(self.flags)
 
 
-def recv_exact(sock, n: int, what: str, *, started: bool = True) -> bytes:
-    """Exactly n bytes or an error naming *what* we were reading."""
-    buf = bytearray(n)
-    recv_into_exact(sock, memoryview(buf), what, started=started)
-    return bytes(buf)
-
-
-def use_kernel_timeouts(sock, timeout: float) -> None:
-    """Make *sock* blocking with SO_RCVTIMEO/SO_SNDTIMEO set to *timeout*.
-
-    Python's settimeout() polls before every recv/send (an extra syscall per call,
-    thousands per GiB); the kernel's timeout costs nothing. A call that times out
-    raises BlockingIOError (EAGAIN), which every caller here treats as a timeout.
-    """
-    raw = getattr(sock, "sock", sock)     # a TlsStream does its I/O on the plain socket
-    if timeout is None:
-        raw.settimeout(None)
-        return
-    t = max(float(timeout), 0.001)        # a zero timeval would mean "wait forever"
-    tv = struct.pack("@ll", int(t), int((t - int(t)) * 1_000_000))
-    raw.settimeout(None)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-
-TIMEOUTS = (socket.timeout, BlockingIOError)   # settimeout() / kernel timeout (EAGAIN)
-
-
-def recv_some(sock, mv: memoryview, what: str, flags: int = 0) -> int:
-    """One recv into *mv*; 0 at EOF. Errors and timeouts become NbdConnectionError."""
-    try:
-        return sock.recv_into(mv, len(mv), flags) if flags else sock.recv_into(mv, len(mv))
-    except TIMEOUTS:
-        raise NbdConnectionError(f"timed out reading {what} from the NBD server") from None
-    except (OSError, ssl.SSLError) as e:
-        raise NbdConnectionError(f"connection error while reading {what}: {e}") from None
-
-
-def recv_into_exact(sock, mv: memoryview, what: str, *, started: bool = True) -> None:
-    got, n = 0, len(mv)
-    # MSG_WAITALL: one syscall (one GIL round trip) per payload instead of one per socket-buffer's worth
-    flags = socket.MSG_WAITALL if isinstance(sock, socket.socket) else 0
-    while got < n:
-        k = recv_some(sock, mv[got:], what, flags)
-        if k == 0:
-            if got or started:
-                raise TruncatedReply(f"server closed the connection in the middle of {what} "
-                                     f"(got {got} of {n} bytes): truncated reply")
-            hint = ("the server may have rejected our TLS client certificate"
-                    if getattr(sock, "is_tls", False) else None)
-            raise NbdConnectionError(f"server closed the connection before sending {what}", hint=hint)
-        got += k
-
-
-def send_all(sock, data, what: str) -> None:
-    try:
-        sock.sendall(data)
-    except TIMEOUTS:
-        raise NbdConnectionError(f"timed out sending {what} to the NBD server") from None
-    except (OSError, ssl.SSLError) as e:
-        raise NbdConnectionError(f"connection error while sending {what}: {e}") from None
-
-
 def _name_payload(name: str) -> bytes:
     b = name.encode()
     if len(b) > proto.MAX_NAME_LENGTH:
@@ -135,12 +70,14 @@ class Negotiator:
 
     # --- greeting --------------------------------------------------------------
     def greet(self) -> None:
+        """Read u64 NBDMAGIC | u64 IHAVEOPT | u16 handshake flags (18 bytes); send u32 client flags."""
         self.sock.settimeout(self.greeting_timeout or self.timeout)
         try:
             head = self.sock.recv(1)
         except socket.timeout:
+            waited = self.greeting_timeout or self.timeout
             raise GreetingTimeout("the server accepted the connection but sent no greeting within "
-                                  f"{self.greeting_timeout or self.timeout:g}s (connection limit reached?)") from None
+                                  f"{waited:g}s (connection limit reached?)", timeout=waited) from None
         except OSError as e:
             raise NbdConnectionError(f"connection error while waiting for the greeting: {e}") from None
         if not head:
@@ -164,12 +101,15 @@ class Negotiator:
 
     # --- option plumbing -------------------------------------------------------
     def send_option(self, opt: int, payload: bytes = b"") -> None:
+        """u64 IHAVEOPT | u32 option | u32 length | payload."""
         if len(payload) > proto.MAX_OPTION_LENGTH:
-            raise NbdOptionError(f"{proto.option_name(opt)} payload too long ({len(payload)} bytes)")
+            raise NbdOptionError(f"{proto.option_name(opt)} payload too long ({len(payload)} bytes)", option=opt)
         send_all(self.sock, proto.OPTION_REQUEST.pack(proto.IHAVEOPT, opt, len(payload)) + payload,
                  proto.option_name(opt))
 
     def read_reply(self, opt: int) -> tuple[int, bytes]:
+        """u64 OPTION_REPLY_MAGIC | u32 option | u32 reply type | u32 length | data:
+        (reply type, data), checked to answer *opt*."""
         name = proto.option_name(opt)
         magic, ropt, rtype, length = proto.OPTION_REPLY.unpack(
             recv_exact(self.sock, proto.OPTION_REPLY.size, f"the reply to {name}", started=False))
@@ -201,7 +141,7 @@ class Negotiator:
         else:
             text = f"the server refused {name} with {proto.reply_type_name(rtype)}{detail}"
         cls = NbdExportNotFound if rtype == proto.REP_ERR_UNKNOWN and export is not None else NbdOptionError
-        raise cls(text, reply_type=rtype, hint=hint)
+        raise cls(text, reply_type=rtype, option=opt, hint=hint)
 
     def simple_option(self, opt: int, payload: bytes = b"") -> int:
         """Send an option expecting a bare ACK; return REP_ACK or an error reply type."""
@@ -222,8 +162,6 @@ class Negotiator:
             self.raise_for_error(proto.OPT_STARTTLS, rtype, b"")
         if not hostname:
             ctx.check_hostname = False
-        from .tls import TlsStream
-
         try:
             self.sock = TlsStream(self.sock, ctx, hostname)
         except ssl.SSLCertVerificationError as e:
@@ -242,7 +180,10 @@ class Negotiator:
         return self.structured
 
     def meta_context(self, opt: int, export: str, queries: list[str]) -> dict[str, int]:
-        """SET_META_CONTEXT or LIST_META_CONTEXT; {name: id} (ids are 0 for LIST)."""
+        """SET_META_CONTEXT or LIST_META_CONTEXT; {name: id} (ids are 0 for LIST).
+
+        Sends u32 n | export name | u32 k | k x (u32 m | query); each NBD_REP_META_CONTEXT
+        answers u32 context id | context name, until NBD_REP_ACK."""
         payload = _name_payload(export) + proto.U32.pack(len(queries))
         for q in queries:
             b = q.encode()
@@ -269,7 +210,10 @@ class Negotiator:
             raise NbdProtocolError(f"unexpected {proto.reply_type_name(rtype)} in the reply to {proto.option_name(opt)}")
 
     def go(self, export: str, opt: int = proto.OPT_GO) -> ExportInfo | None:
-        """NBD_OPT_GO (or INFO) asking for block sizes. None when the server lacks GO/INFO."""
+        """NBD_OPT_GO (or INFO) asking for block sizes. None when the server lacks GO/INFO.
+
+        Sends u32 n | export name | u16 1 | u16 NBD_INFO_BLOCK_SIZE; NBD_REP_INFO replies
+        (see _parse_info) until NBD_REP_ACK."""
         payload = _name_payload(export) + proto.U16.pack(1) + proto.U16.pack(proto.INFO_BLOCK_SIZE)
         self.send_option(opt, payload)
         info = ExportInfo(name=export, size=-1, flags=0, structured=self.structured)
@@ -288,6 +232,8 @@ class Negotiator:
 
     @staticmethod
     def _parse_info(info: ExportInfo, data: bytes) -> None:
+        """NBD_REP_INFO data: u16 info type, then INFO_EXPORT u64 size | u16 flags,
+        INFO_BLOCK_SIZE u32 min | u32 preferred | u32 max, INFO_NAME/_DESCRIPTION text."""
         if len(data) < 2:
             raise NbdProtocolError("NBD_REP_INFO without an info type")
         (itype,) = proto.U16.unpack_from(data)
@@ -311,18 +257,44 @@ class Negotiator:
             info.description = data[2:].decode(errors="replace")
         # other info types: ignore, as the spec asks
 
+    def open_export(self, uri: NbdUri, meta_contexts) -> tuple[ExportInfo, dict[str, int]]:
+        """The options that end negotiation for transmission: SET_META_CONTEXT (with
+        structured replies), then GO, else EXPORT_NAME. (export info, {context name: id})."""
+        contexts: dict[str, int] = {}
+        meta = list(dict.fromkeys(meta_contexts))
+        if meta and self.structured:
+            contexts = self.meta_context(proto.OPT_SET_META_CONTEXT, uri.export, meta)
+            unasked = set(contexts) - set(meta)
+            if unasked:
+                raise NbdProtocolError(f"server set meta contexts we did not ask for: {sorted(unasked)}")
+        elif meta:
+            log.info("no structured replies from %s: meta contexts %s unavailable", uri, meta)
+        missing = [m for m in meta if m not in contexts]
+        if missing:
+            log.info("server %s does not offer meta contexts %s", uri, missing)
+        info = self.go(uri.export)
+        if info is None:
+            log.debug("server lacks NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME")
+            info = self.export_name(uri.export)
+        return info, contexts
+
     def export_name(self, export: str) -> ExportInfo:
-        """The old way to end negotiation; the server closes on failure."""
+        """The old way to end negotiation; the server closes on failure.
+
+        Sends the bare name as option data; the answer has no option-reply header:
+        u64 size | u16 transmission flags | 124 zero bytes unless NO_ZEROES."""
         self.send_option(proto.OPT_EXPORT_NAME, export.encode())
         n = proto.EXPORT_NAME_REPLY.size + (0 if self.no_zeroes else 124)
         try:
             data = recv_exact(self.sock, n, "the reply to NBD_OPT_EXPORT_NAME", started=False)
         except NbdConnectionError as e:
-            raise NbdOptionError(f"the server refused export {export!r} (NBD_OPT_EXPORT_NAME): {e}") from None
+            raise NbdOptionError(f"the server refused export {export!r} (NBD_OPT_EXPORT_NAME): {e}",
+                                 option=proto.OPT_EXPORT_NAME) from None
         size, flags = proto.EXPORT_NAME_REPLY.unpack_from(data)
         return ExportInfo(name=export, size=size, flags=flags, structured=self.structured)
 
     def list_exports(self) -> list[tuple[str, str]]:
+        """[(name, description)]: each NBD_REP_SERVER is u32 n | name | description."""
         self.send_option(proto.OPT_LIST)
         out = []
         while True:
@@ -347,3 +319,42 @@ class Negotiator:
             self.read_reply(proto.OPT_ABORT)
         except (NbdConnectionError, NbdProtocolError):
             pass
+
+
+def open_socket(uri: NbdUri, timeout: float) -> socket.socket:
+    try:
+        if uri.is_unix:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(uri.socket_path)
+            except BaseException:
+                s.close()
+                raise
+        else:
+            s = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except socket.timeout:
+        raise NbdConnectionError(f"timed out connecting to {uri}") from None
+    except OSError as e:
+        raise NbdConnectionError(f"cannot connect to {uri}: {e.strerror or e}",
+                                 hint="is the NBD server running, and is the address right?") from None
+    return s
+
+
+def negotiate(uri: NbdUri, tls: TlsConfig | None, timeout: float, greeting_timeout: float | None,
+              structured: bool) -> Negotiator:
+    """Connect, read the greeting, upgrade to TLS, ask for structured replies."""
+    sock = open_socket(uri, timeout)
+    neg = Negotiator(sock, timeout=timeout, greeting_timeout=greeting_timeout)
+    try:
+        neg.greet()
+        tcfg = tls_for_uri(uri, tls)
+        if tcfg is not None:
+            neg.starttls(tcfg.context(), tcfg.hostname)
+        if structured:
+            neg.structured_reply()
+    except BaseException:
+        neg.sock.close()
+        raise
+    return neg
