@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import (EXIT_CODE_HELP, CommittedThenFailed, CommittedThenInterrupted, ExitCode, Interrupted,
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 Reported = tuple[str, str | None]     # (error, hint) as the user was told
 
 
-def _say(error: str, hint: str | None = None, *, prefix: str = "error", committed: list[str] = ()) -> Reported:
+def _say(error: str, hint: str | None = None, *, prefix: str = "error", committed: Sequence[str] = ()) -> Reported:
     """An error for the user: on stderr and in the log file; returned for main(), which
     with --json prints it on stdout too (a script parsing stdout learns it)."""
     if committed:   # the failure came after the commit (source bookkeeping): the backups are good
@@ -165,7 +166,7 @@ def _say(error: str, hint: str | None = None, *, prefix: str = "error", committe
     return error, hint
 
 
-def _interrupted(args, exc: BaseException, committed: list[str] = ()) -> Reported:
+def _interrupted(args, exc: BaseException, committed: Sequence[str] = ()) -> Reported:
     if isinstance(exc, CommittedThenInterrupted):
         committed = exc.committed_backups
     if committed:     # _say names them
@@ -187,7 +188,7 @@ def _run_command(args) -> tuple[int, Reported | None]:
         return _failure(args, e)
 
 
-def _failure(args, e: BaseException, committed: list[str] = ()) -> tuple[int, Reported | None]:
+def _failure(args, e: BaseException, committed: Sequence[str] = ()) -> tuple[int, Reported | None]:
     """The exit code of failure *e*, after telling the user."""
     if isinstance(e, NbdBackupError):
         log.debug("error details", exc_info=True)

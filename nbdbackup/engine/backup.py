@@ -6,8 +6,8 @@ the data straight into a reused buffer and prepares its chunks right there
 (blake3, zero check, adaptive zstd: these release the GIL). The main thread
 puts prepared chunks into the writer in disk order (dedup lookups are batched
 there; raw chunks are copied into the pack from the read buffer, not before).
-At most `inflight_bytes` are in flight, so memory does not depend on the disk
-size. Nothing is committed unless every chunk was read; the source learns the
+At most `inflight_bytes` are in flight (or two READs per connection, when
+that is more), so memory does not depend on the disk size. Nothing is committed unless every chunk was read; the source learns the
 outcome (committed/failed) so it can advance or keep its bitmaps.
 """
 
@@ -29,7 +29,7 @@ from ..nbd.futures import resolve
 from ..nbd.proto import CONTEXT_BASE_ALLOCATION
 from ..progress import NoBar
 from .adaptive import CoreGate, compression_gate
-from .chaincheck import ChainCheck, check_chain
+from .chaincheck import ChainCheck, check_chain_or_fall_back
 from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs, first_resized_chunk
 from .options import BackupOptions
 from .retries import RetryingBlockStatus, gave_up, read_with_retries
@@ -134,7 +134,7 @@ def _backup_disk(repo: Repository, plan: DiskPlan, opts: BackupOptions) -> tuple
         parent = repo.resolve(plan.parent_id) if plan.kind == "incremental" else None
         check = None
         if parent is not None:
-            check = _check_chain_or_fall_back(pool, repo, plan, parent, size, opts)
+            check = check_chain_or_fall_back(pool, repo, plan, parent, size, opts)
             if check.broken:
                 parent = None
         w = repo.writer(plan.disk, kind=plan.kind, size=size, parent=parent, bitmap=plan.bitmap,
@@ -148,30 +148,6 @@ def _backup_disk(repo: Repository, plan: DiskPlan, opts: BackupOptions) -> tuple
     finally:
         pool.close()
     return w, stats, started
-
-
-def _check_chain_or_fall_back(pool: ConnectionPool, repo: Repository, plan: DiskPlan, parent: BackupInfo,
-                              size: int, opts: BackupOptions) -> ChainCheck:
-    """The incremental's chain check (before anything is read for the backup); a
-    contradiction turns *plan* into a full, or is ChainBroken with --no-fallback."""
-    from ..sources.base import raise_if_no_fallback
-
-    cs = repo.chunk_size
-    t0 = time.monotonic()
-    try:
-        check = check_chain(pool, repo, plan, parent, size, cs, opts, first_resized_chunk(parent.size, size, cs))
-    except NbdProtocolError:
-        raise
-    except NbdError as e:   # the extent walk failed (block status is retried below it)
-        raise SourceFailed(f"source {plan.disk} failed while checking the bitmap: {e}",
-                           hint="nothing was committed; check the NBD server and retry") from None
-    log.debug("chain check of %s took %.3fs: %s", plan.disk, time.monotonic() - t0, check)
-    if check.broken:
-        raise_if_no_fallback(plan.disk, check.broken, opts.no_fallback)
-        log.warning("%s: the chain cannot be trusted; taking a full backup instead", check.broken)
-        plan.kind, plan.fallback_reason = "full", check.broken
-        plan.parent_id = plan.bitmap = plan.bitmap_context = None
-    return check
 
 
 # Bytes per READ request: several chunks, so per-request work is amortised.
@@ -199,13 +175,14 @@ class LostRead(NamedTuple):
 
 
 class DiskPipeline:
-    """Reads the READ runs of one disk into its writer, in disk order.
+    """Reads the chunks of one disk into its writer, in disk order.
 
     The main thread submits READs (up to `span` chunks each); each connection's receiver
     thread prepares a READ's chunks as it arrives (_prepare_on_arrival), and the main
     thread puts them, oldest READ first. Bounds, in chunks: `inflight_max` in READs not
-    yet put (at least two READs per connection, else inflight_bytes), at most `max_reads`
-    READs; read buffers put are held until the writer's next flush (every `flush_chunks`)."""
+    yet put (inflight_bytes, or two READs per connection when that is more), in at most
+    `max_reads` READs; read buffers put are held until the writer's next flush (every
+    `flush_chunks`)."""
 
     def __init__(self, pool: ConnectionPool, writer: BackupWriter, plan: DiskPlan, parent: BackupInfo | None,
                  size: int, opts: BackupOptions):

@@ -19,19 +19,21 @@ Cost: one more extent walk and the reads; memory: the chosen chunk indices.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from ..errors import NbdError, NbdProtocolError
+from ..errors import NbdError, NbdProtocolError, SourceFailed
 from ..nbd.extents import walk_extents
 from ..nbd.proto import CONTEXT_BASE_ALLOCATION
 from ..repo.chunks import HASH_SIZE, ZERO_REF, prepare
 from ..repo.maps import chunk_len
-from .chunkplan import CLEAN_ZERO, SKIP, chunk_runs
+from .chunkplan import CLEAN_ZERO, SKIP, chunk_runs, first_resized_chunk
 from .options import BackupOptions
 from .retries import RetryingBlockStatus, read_with_retries
 
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from ..repo.repository import Repository
     from ..repo.store import Location
     from ..sources.base import DiskPlan
+
+log = logging.getLogger("nbdbackup.engine.backup")     # the pipeline's name in log files, as before the split
 
 SAMPLE_MAX_BYTES = 1 << 30
 CONFIRM_MAX_BYTES = 64 << 20
@@ -183,6 +187,31 @@ class _Reservoir:
             start += off + 1
             self.seen += off + 1
             self._advance()
+
+
+def check_chain_or_fall_back(pool: ConnectionPool, repo: Repository, plan: DiskPlan, parent: BackupInfo,
+                             size: int, opts: BackupOptions) -> ChainCheck:
+    """The incremental's chain check (before anything is read for the backup); a
+    contradiction turns *plan* into a full, or is ChainBroken with --no-fallback."""
+    from ..sources.base import raise_if_no_fallback
+
+    cs = repo.chunk_size
+    t0 = time.monotonic()
+    try:
+        check = check_chain(pool, repo, plan, parent, size, cs, opts, first_resized_chunk(parent.size, size, cs))
+    except NbdProtocolError:
+        raise
+    except NbdError as e:   # the extent walk failed (block status is retried below it)
+        raise SourceFailed(f"source {plan.disk} failed while checking the bitmap: {e}",
+                           hint="nothing was committed; check the NBD server and retry") from None
+    log.debug("chain check of %s took %.3fs: %s", plan.disk, time.monotonic() - t0, check)
+    if check.broken:
+        raise_if_no_fallback(plan.disk, check.broken, opts.no_fallback)
+        log.warning("%s: the chain cannot be trusted; taking a full backup instead", check.broken)
+        plan.kind, plan.fallback_reason = "full", check.broken
+        plan.parent_id = plan.bitmap = plan.bitmap_context = None
+    return check
+
 
 
 def check_chain(pool: ConnectionPool, repo: Repository, plan: DiskPlan, parent: BackupInfo, size: int,

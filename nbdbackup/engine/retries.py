@@ -15,7 +15,7 @@ from .options import BackupOptions
 if TYPE_CHECKING:
     from ..nbd.pool import ConnectionPool
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nbdbackup.engine.backup")     # the pipeline's name in log files, as before the split
 
 T = TypeVar("T")
 
