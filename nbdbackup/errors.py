@@ -180,6 +180,31 @@ class ChainBroken(NbdBackupError):
     exit_code = ExitCode.CHAIN_BROKEN
 
 
+class Interrupted(BaseException):
+    """SIGTERM, raised from the CLI's signal handler so that finally-blocks run (like
+    KeyboardInterrupt for SIGINT)."""
+
+
+class CommittedThenFailed(NbdBackupError):
+    """The run's backups were committed (complete and usable), then the source's bookkeeping
+    failed. The failure is .cause (also __cause__): its message, hint and exit code are
+    reported, naming .committed_backups (their ids)."""
+
+    def __init__(self, committed_backups: list[str], cause: Exception):
+        super().__init__(str(cause), hint=getattr(cause, "hint", None))
+        self.committed_backups = committed_backups
+        self.cause = cause
+
+
+class CommittedThenInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM after the run's backups were committed: still an interrupt (exit 130);
+    .committed_backups: their ids, complete and usable."""
+
+    def __init__(self, committed_backups: list[str]):
+        super().__init__(committed_backups)
+        self.committed_backups = committed_backups
+
+
 # --- NBD protocol errors (client and server side) ---------------------------
 
 class NbdError(NbdBackupError):

@@ -1,8 +1,9 @@
-"""Small file-system helpers shared by the repository and restore."""
+"""Small file-system and memory helpers shared by the repository, the engine and restore."""
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 LOW_SPACE = 1 << 20     # below this much free room, a write (SQLite's -wal/-shm included) is about to fail
@@ -37,3 +38,10 @@ def write_blocker(path: str) -> int | None:
     if d != path and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
         return errno.EACCES
     return None
+
+
+def anonymous_map(size: int) -> mmap.mmap:
+    """Page-aligned private memory. MAP_PRIVATE: mmap's default for anonymous maps
+    is shared (shmem), whose page faults cost half as much again."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    return mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)

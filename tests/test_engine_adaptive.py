@@ -4,6 +4,7 @@ import random
 from contextlib import contextmanager
 
 import support
+from nbdbackup.engine import adaptive as A
 from nbdbackup.engine import backup as B
 from nbdbackup.engine.backup import BackupOptions, run_backup
 from nbdbackup.repo.repository import Repository
@@ -51,22 +52,22 @@ class _Idle:
 
 
 def test_core_gate_counts_busy_preparers():
-    g = B._CoreGate(1, cpu=_Idle(*[0.9] * 10))
+    g = A.CoreGate(1, cpu=_Idle(*[0.9] * 10))
     assert g.enter() is True        # a free core: compress
     assert g.enter() is False       # the one core is busy: store raw
     g.leave()
     g.leave()
     assert g.enter() is True
     g.leave()
-    always = B._CoreGate(None)
+    always = A.CoreGate(None)
     assert all(always.enter() for _ in range(5))
-    assert B._cores() >= 1
+    assert A.compression_cores() >= 1
 
 
 def test_core_gate_compresses_only_while_the_machine_has_idle_cpu(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(B.time, "monotonic", lambda: clock[0])
-    g = B._CoreGate(4, cpu=_Idle(0.5, 0.05, None, 0.3))
+    g = A.CoreGate(4, cpu=_Idle(0.5, 0.05, None, 0.3))
 
     def step(seconds=0.0):
         clock[0] += seconds
@@ -76,13 +77,13 @@ def test_core_gate_compresses_only_while_the_machine_has_idle_cpu(monkeypatch):
 
     assert step() is True                   # half the machine idle: compress
     assert step() is True                   # within SAMPLE_S: the last figure holds
-    assert step(B._CoreGate.SAMPLE_S) is False      # 5 % idle (the NBD server is busy too): store raw
-    assert step(B._CoreGate.SAMPLE_S) is False      # no new tick yet: keep the last decision
-    assert step(B._CoreGate.SAMPLE_S) is True       # idle again
+    assert step(A.CoreGate.SAMPLE_S) is False      # 5 % idle (the NBD server is busy too): store raw
+    assert step(A.CoreGate.SAMPLE_S) is False      # no new tick yet: keep the last decision
+    assert step(A.CoreGate.SAMPLE_S) is True       # idle again
 
 
 def test_cpu_times_reads_this_machine():
-    cpu = B._CpuTimes()
+    cpu = A.CpuTimes()
     deadline = B.time.monotonic() + 2
     share = None
     while share is None and B.time.monotonic() < deadline:
@@ -95,7 +96,7 @@ def test_busy_cpu_leaves_chunks_raw_and_they_restore_exactly(tmp_path, monkeypat
     data = _text(24 * CS, seed=1) + bytes(8 * CS)      # 24 text chunks, 8 zero chunks
     with _served(tmp_path, data) as uri:
         res_c, back_c = _backup_and_read(tmp_path, uri, "always", adaptive=False)
-        monkeypatch.setattr(B, "_cores", lambda: 0)     # no core ever free: nothing is compressed
+        monkeypatch.setattr(A, "compression_cores", lambda: 0)     # no core ever free: nothing is compressed
         res_r, back_r = _backup_and_read(tmp_path, uri, "raw", adaptive=True)
     assert back_c == data and back_r == data
     assert res_c.stats.uncompressed_chunks == 0
@@ -122,7 +123,7 @@ def test_compress_all_option_compresses_every_chunk(tmp_path, monkeypatch):
     from nbdbackup.cli.main import main
 
     data = _text(32 * CS, seed=3)
-    monkeypatch.setattr(B, "_cores", lambda: 0)     # adaptive would store every chunk raw
+    monkeypatch.setattr(A, "compression_cores", lambda: 0)     # adaptive would store every chunk raw
     stored = {}
     with _served(tmp_path, data) as uri:
         for name, extra in (("adaptive", []), ("all", ["--compress-all"])):

@@ -18,17 +18,15 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import EXIT_CODE_HELP, ExitCode, NbdBackupError, exit_code_table, storage_error
+from ..errors import (EXIT_CODE_HELP, CommittedThenFailed, CommittedThenInterrupted, ExitCode, Interrupted,
+                      NbdBackupError, exit_code_table, storage_error)
 from . import numbers
 from .output import FILE_ONLY
 
 log = logging.getLogger("nbdbackup")
-
-
-class Interrupted(BaseException):
-    """Raised from the SIGTERM handler so that finally-blocks run."""
 
 
 def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -87,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         mod.add_arguments(p)
         _add_common(p, suppress=True)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(command_run=mod.run)
     return parser
 
 
@@ -145,17 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     # The log file records each run and its outcome (cron users read it, not stderr).
     cmdline = shlex.join(["nbdbackup", *(sys.argv[1:] if argv is None else argv)])
     log.info("run: %s", re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", cmdline), extra=FILE_ONLY)  # no DB passwords
-    rc = _run_command(args)
+    rc, reported = _run_command(args)
     if rc and getattr(args, "json", False):
-        _json_error(args, rc)
+        _json_error(reported, rc)
     log.info("exit %d: %s", rc, EXIT_CODE_HELP.get(rc, "?"), extra=FILE_ONLY)
     return rc
 
 
-def _say(args, error: str, hint: str | None = None, *, prefix: str = "error", exc=None) -> None:
-    """An error for the user: on stderr and in the log file; kept on *args* for main(),
-    which with --json prints it on stdout too (a script parsing stdout learns it)."""
-    committed = getattr(exc, "committed_backups", None)
+Reported = tuple[str, str | None]     # (error, hint) as the user was told
+
+
+def _say(error: str, hint: str | None = None, *, prefix: str = "error", committed: Sequence[str] = ()) -> Reported:
+    """An error for the user: on stderr and in the log file; returned for main(), which
+    with --json prints it on stdout too (a script parsing stdout learns it)."""
     if committed:   # the failure came after the commit (source bookkeeping): the backups are good
         error += f" (after backup {', '.join(committed)} was committed: it is complete and usable)"
     msg = f"nbdbackup: {prefix}: {error}" if prefix else f"nbdbackup: {error}"
@@ -163,60 +163,64 @@ def _say(args, error: str, hint: str | None = None, *, prefix: str = "error", ex
         msg += f"\n  hint: {hint}"
     print(msg, file=sys.stderr)
     log.error("%s", msg, extra=FILE_ONLY)
-    args._error = (error, hint)
+    return error, hint
 
 
-def _interrupted(args, exc) -> None:
-    if getattr(exc, "committed_backups", None):     # _say names them
-        _say(args, "interrupted", "the next backup checks and finishes the source's bitmap bookkeeping",
-             prefix="", exc=exc)
-        return
+def _interrupted(args, exc: BaseException, committed: Sequence[str] = ()) -> Reported:
+    if isinstance(exc, CommittedThenInterrupted):
+        committed = exc.committed_backups
+    if committed:     # _say names them
+        return _say("interrupted", "the next backup checks and finishes the source's bitmap bookkeeping",
+                    prefix="", committed=committed)
     hint = None
     if getattr(args, "command", None) in ("full", "incremental"):
         hint = "run it again; `nbdbackup gc` reclaims the space the interrupted run already wrote"
-    _say(args, "interrupted; nothing half-done was committed", hint, prefix="")
+    return _say("interrupted; nothing half-done was committed", hint, prefix="")
 
 
-def _run_command(args) -> int:
+def _run_command(args) -> tuple[int, Reported | None]:
+    """The command's exit code, and the error the user was told (None on success)."""
     try:
-        rc = args._run(args)
-        return int(rc or 0)
-    except NbdBackupError as e:
+        return int(args.command_run(args) or 0), None
+    except CommittedThenFailed as e:
+        return _failure(args, e.cause, e.committed_backups)
+    except (Exception, KeyboardInterrupt, Interrupted) as e:
+        return _failure(args, e)
+
+
+def _failure(args, e: BaseException, committed: Sequence[str] = ()) -> tuple[int, Reported | None]:
+    """The exit code of failure *e*, after telling the user."""
+    if isinstance(e, NbdBackupError):
         log.debug("error details", exc_info=True)
-        _say(args, str(e), e.hint, exc=e)
-        return int(e.exit_code)
-    except (KeyboardInterrupt, Interrupted) as e:
-        _interrupted(args, e)
-        return int(ExitCode.INTERRUPTED)
-    except BrokenPipeError:
-        return int(ExitCode.FAILURE)
-    except OSError as e:
+        return int(e.exit_code), _say(str(e), e.hint, committed=committed)
+    if isinstance(e, (KeyboardInterrupt, Interrupted)):
+        return int(ExitCode.INTERRUPTED), _interrupted(args, e, committed)
+    if isinstance(e, BrokenPipeError):
+        return int(ExitCode.FAILURE), None
+    if isinstance(e, OSError):
         log.debug("error details", exc_info=True)
         known = storage_error(e.errno, e.filename or "a file", f"nbdbackup {args.command}", repository=False)
         if known is not None:     # a full, read-only or forbidden file system, wherever it was met
-            _say(args, str(known), known.hint, exc=e)
-            return int(known.exit_code)
-        _say(args, str(e), exc=e)
-        return int(ExitCode.FAILURE)
-    except Exception as e:  # a bug: say so briefly, details with -vv / --log-file
-        if _wraps_interrupt(e):
-            _interrupted(args, e)
-            return int(ExitCode.INTERRUPTED)
-        log.debug("internal error", exc_info=True)
-        log.error("internal error", exc_info=True, extra=FILE_ONLY)    # the traceback the hint promises
-        _say(args, f"{type(e).__name__}: {e}", "run again with -vv or --log-file for details, and report it",
-             prefix="internal error", exc=e)
-        return int(ExitCode.FAILURE)
+            return int(known.exit_code), _say(str(known), known.hint, committed=committed)
+        return int(ExitCode.FAILURE), _say(str(e), committed=committed)
+    # a bug: say so briefly, details with -vv / --log-file
+    if _wraps_interrupt(e):
+        return int(ExitCode.INTERRUPTED), _interrupted(args, e, committed)
+    log.debug("internal error", exc_info=True)
+    log.error("internal error", exc_info=True, extra=FILE_ONLY)    # the traceback the hint promises
+    return int(ExitCode.FAILURE), _say(f"{type(e).__name__}: {e}",
+                                       "run again with -vv or --log-file for details, and report it",
+                                       prefix="internal error", committed=committed)
 
 
-def _json_error(args, rc: int) -> None:
+def _json_error(reported: Reported | None, rc: int) -> None:
     """A failed command's error as the JSON document of the run, unless the command
     printed its own (verify with damage found reports, and exits 5)."""
     from .output import json_printed, print_json
 
-    if json_printed() or getattr(args, "_error", None) is None:
+    if json_printed() or reported is None:
         return
-    error, hint = args._error
+    error, hint = reported
     try:
         print_json({"error": error, "hint": hint, "exit_code": rc, "meaning": EXIT_CODE_HELP.get(rc, "?")})
     except (OSError, ValueError):      # stdout is gone: stderr already has it

@@ -6,8 +6,8 @@ the data straight into a reused buffer and prepares its chunks right there
 (blake3, zero check, adaptive zstd: these release the GIL). The main thread
 puts prepared chunks into the writer in disk order (dedup lookups are batched
 there; raw chunks are copied into the pack from the read buffer, not before).
-At most `inflight_bytes` are in flight, so memory does not depend on the disk
-size. Nothing is committed unless every chunk was read; the source learns the
+At most `inflight_bytes` are in flight (or two READs per connection, when
+that is more), so memory does not depend on the disk size. Nothing is committed unless every chunk was read; the source learns the
 outcome (committed/failed) so it can advance or keep its bitmaps.
 """
 
@@ -15,37 +15,36 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError, SourceFailed
+from ..errors import (CommittedThenFailed, CommittedThenInterrupted, Interrupted, NbdConnectionError, NbdError,
+                      NbdProtocolError, SourceFailed)
+from ..fsutil import anonymous_map
 from ..nbd.futures import resolve
-from ..nbd.proto import EINVAL
+from ..nbd.proto import CONTEXT_BASE_ALLOCATION
 from ..progress import NoBar
-from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs
+from .adaptive import CoreGate, compression_gate
+from .chaincheck import ChainCheck, check_chain_or_fall_back
+from .chunkplan import READ, SKIP, ZERO, bytes_of, chunk_runs, first_resized_chunk
+from .options import BackupOptions
+from .retries import RetryingBlockStatus, gave_up, read_with_retries
+
+if TYPE_CHECKING:
+    from ..nbd.pool import ConnectionPool
+    from ..repo.chunks import PreparedChunk
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
+    from ..repo.writer import BackupWriter
+    from ..sources.base import DiskPlan, Source
 
 log = logging.getLogger(__name__)
 
-BASE_ALLOCATION = "base:allocation"
-
-
-@dataclass
-class BackupOptions:
-    connections: int = 4
-    no_fallback: bool = False
-    progress: Callable | None = None        # (total_bytes, description) -> bar with update()/close()
-    retries: int = 3                        # per chunk after a server error (EIO...), before SourceFailed
-    reconnects: int = 2                     # pool: reconnect attempts (and resends) after a dropped connection
-    retry_delay: float = 0.2                # first back-off, doubled each time
-    inflight_bytes: int = 32 << 20          # bound on chunk data being read or prepared
-    adaptive: bool = True                   # compress only with CPU to spare, else store raw (see _CoreGate)
-    check_clean: float = 0.5                # incremental: % of clean chunks read to test the bitmap (chaincheck.py)
+__all__ = ["BackupOptions", "BackupResult", "DiskStats", "run_backup"]
 
 
 @dataclass
@@ -57,25 +56,27 @@ class DiskStats:
     read_chunks: int = 0
     inherited_chunks: int = 0
     uncompressed_chunks: int = 0    # stored raw without trying zstd: the CPU was busy (adaptive)
-    chain_check: object = None      # chaincheck.ChainCheck of an asked-for incremental
+    chain_check: ChainCheck | None = None   # the chain check of an asked-for incremental
 
 
 @dataclass
 class BackupResult:
-    info: object                # repo BackupInfo
+    info: BackupInfo | None     # None until the commit
     stats: DiskStats = field(default_factory=DiskStats)
     fallback_reason: str | None = None
 
 
-def run_backup(repo, source, kind: str, opts: BackupOptions) -> list[BackupResult]:
-    """Back up every disk the source plans; commit them together; tell the source."""
-    plans = []
-    writers = []
+def run_backup(repo: Repository, source: Source, kind: str, opts: BackupOptions) -> list[BackupResult]:
+    """Back up every disk the source plans; commit them together; tell the source.
+    A failure after the commit is CommittedThenFailed / CommittedThenInterrupted: the
+    backups it names are complete and usable."""
+    plans: list[DiskPlan] = []
+    writers: list[tuple[BackupWriter, DiskStats, float]] = []
     try:
         plans = source.prepare(repo, kind, opts.no_fallback)
         results = []
         for plan in plans:
-            w, stats, started = _backup_disk(repo, plan, opts, set_id=None)
+            w, stats, started = _backup_disk(repo, plan, opts)
             writers.append((w, stats, started))
             results.append(BackupResult(None, stats, plan.fallback_reason))
         infos = _commit(repo, writers)
@@ -94,13 +95,14 @@ def run_backup(repo, source, kind: str, opts: BackupOptions) -> list[BackupResul
             source.committed(plans, infos)
         finally:
             source.close()
-    except BaseException as e:    # an interrupt or a bookkeeping failure after the commit: say what is safe
-        e.committed_backups = [i.id for i in infos]
-        raise
+    except Exception as e:      # a bookkeeping failure after the commit: say what is safe
+        raise CommittedThenFailed([i.id for i in infos], e) from e
+    except (KeyboardInterrupt, Interrupted) as e:
+        raise CommittedThenInterrupted([i.id for i in infos]) from e
     return results
 
 
-def _commit(repo, writers) -> list:
+def _commit(repo: Repository, writers: list[tuple[BackupWriter, DiskStats, float]]) -> list[BackupInfo]:
     if len(writers) == 1:
         w, stats, started = writers[0]
         return [w.commit(read_bytes=stats.read_bytes, duration_s=time.monotonic() - started)]
@@ -110,18 +112,19 @@ def _commit(repo, writers) -> list:
                            duration_s=[now - t for _, _, t in writers])
 
 
-def _abort_quietly(w) -> None:
+def _abort_quietly(w: BackupWriter) -> None:
     try:
         w.abort()
     except Exception as e:  # the original failure matters more
         log.debug("abort failed: %s", e)
 
 
-def _backup_disk(repo, plan, opts: BackupOptions, set_id):
+def _backup_disk(repo: Repository, plan: DiskPlan, opts: BackupOptions) -> tuple[BackupWriter, DiskStats, float]:
+    """Read the disk of *plan* into a new writer (not committed); (writer, stats, start time)."""
     from ..nbd.pool import ConnectionPool
 
     started = time.monotonic()
-    contexts = [BASE_ALLOCATION] + ([plan.bitmap_context] if plan.bitmap_context else [])
+    contexts = [CONTEXT_BASE_ALLOCATION] + ([plan.bitmap_context] if plan.bitmap_context else [])
     pool = ConnectionPool(plan.uri, connections=opts.connections, meta_contexts=contexts,
                           retries=opts.reconnects)
     try:
@@ -131,13 +134,13 @@ def _backup_disk(repo, plan, opts: BackupOptions, set_id):
         parent = repo.resolve(plan.parent_id) if plan.kind == "incremental" else None
         check = None
         if parent is not None:
-            check = _check_chain_or_fall_back(pool, repo, plan, parent, size, opts)
+            check = check_chain_or_fall_back(pool, repo, plan, parent, size, opts)
             if check.broken:
                 parent = None
         w = repo.writer(plan.disk, kind=plan.kind, size=size, parent=parent, bitmap=plan.bitmap,
-                        checkpoint=plan.checkpoint, set_id=set_id, source=plan.extra.get("source"))
+                        checkpoint=plan.checkpoint, set_id=None, source=plan.extra.get("source"))
         try:
-            stats = _pipeline(pool, w, plan, parent, size, opts)
+            stats = DiskPipeline(pool, w, plan, parent, size, opts).run()
             stats.chain_check = check
         except BaseException:
             _abort_quietly(w)
@@ -147,170 +150,201 @@ def _backup_disk(repo, plan, opts: BackupOptions, set_id):
     return w, stats, started
 
 
-def _check_chain_or_fall_back(pool, repo, plan, parent, size: int, opts: BackupOptions):
-    """The incremental's chain check (before anything is read for the backup); a
-    contradiction turns *plan* into a full, or is ChainBroken with --no-fallback."""
-    from ..sources.base import raise_if_no_fallback
-    from .chaincheck import check_chain
-
-    cs = repo.chunk_size
-    t0 = time.monotonic()
-    try:
-        check = check_chain(pool, repo, plan, parent, size, cs, opts, _force_from(parent, size, cs))
-    except NbdProtocolError:
-        raise
-    except NbdError as e:   # the extent walk failed (block status is retried below it)
-        raise SourceFailed(f"source {plan.disk} failed while checking the bitmap: {e}",
-                           hint="nothing was committed; check the NBD server and retry") from None
-    log.debug("chain check of %s took %.3fs: %s", plan.disk, time.monotonic() - t0, check)
-    if check.broken:
-        raise_if_no_fallback(plan.disk, check.broken, opts.no_fallback)
-        log.warning("%s: the chain cannot be trusted; taking a full backup instead", check.broken)
-        plan.kind, plan.fallback_reason = "full", check.broken
-        plan.parent_id = plan.bitmap = plan.bitmap_context = None
-    return check
-
-
-def _force_from(parent, size: int, chunk_size: int) -> int | None:
-    """First chunk whose length or existence changed with a resize (read from there on)."""
-    if parent is None or parent.size == size:
-        return None
-    return min(parent.size, size) // chunk_size
-
-
 # Bytes per READ request: several chunks, so per-request work is amortised.
 # Measured against qemu-nbd: 512 KiB requests are served fastest by a fresh
 # server; at 1 MiB and above it page-faults in a new buffer for most requests.
 READ_SPAN = 512 << 10
 FLUSH_BYTES = 32 << 20  # chunk data put between writer flushes (one batched dedup lookup each)
 
+Prepared = list[tuple["PreparedChunk", bool]]   # a READ's chunks, prepared: (chunk, compression tried?)
 
-def _pipeline(pool, w, plan, parent, size: int, opts: BackupOptions) -> DiskStats:
-    from ..nbd.extents import walk_extents
 
-    cs = w.chunk_size
-    full = plan.kind == "full"
-    stats = DiskStats()
-    bar = opts.progress(size, f"{plan.kind} {plan.disk}") if opts.progress else NoBar()
-    # One READ covers up to `span` chunks of a READ run; its chunks are prepared
-    # together on the receiver thread and handed to the main thread as one list.
-    span = max(1, min(READ_SPAN, pool.max_payload) // cs)
-    inflight_max = max(2 * len(pool.clients) * span, opts.inflight_bytes // cs)   # in chunks
-    flush_chunks = max(span, FLUSH_BYTES // cs)
-    pending: deque = deque()    # (first index, length, buffer, future of [(PreparedChunk, compressed?)]), in disk order
-    queued = 0                  # chunks in *pending*
-    gate = _CoreGate(_cores() if opts.adaptive else None)
-    lost: list = []             # (offset, length, error) of a read whose connection is gone for good
-    max_reads = -(-inflight_max // span)    # READs in flight (short runs make short READs)
-    # Read buffers: slices of one anonymous map, reused (warm pages: no page faults, no
-    # zeroing). Enough for every READ in flight plus those held until the next flush.
-    free: list = _read_buffers(max_reads + -(-flush_chunks // span) + 1, span * cs)
-    held: list = []             # read buffers put, but maybe still referenced by the writer's batch
+class InFlightRead(NamedTuple):
+    """One READ of up to `span` chunks, from submit until its chunks are put."""
+    first: int                  # index of its first chunk
+    length: int                 # bytes
+    buffer: memoryview          # the read buffer it fills (a slab slice, or a fresh one)
+    prepared: Future            # of Prepared, resolved on the receiver thread
 
-    def submit(first: int, count: int) -> None:
-        nonlocal queued
+
+class LostRead(NamedTuple):
+    """A read whose connection is gone for good (the pool gave up reconnecting)."""
+    offset: int
+    length: int
+    error: NbdConnectionError
+
+
+class DiskPipeline:
+    """Reads the chunks of one disk into its writer, in disk order.
+
+    The main thread submits READs (up to `span` chunks each); each connection's receiver
+    thread prepares a READ's chunks as it arrives (_prepare_on_arrival), and the main
+    thread puts them, oldest READ first. Bounds, in chunks: `inflight_max` in READs not
+    yet put (inflight_bytes, or two READs per connection when that is more), in at most
+    `max_reads` READs; read buffers put are held until the writer's next flush (every
+    `flush_chunks`)."""
+
+    def __init__(self, pool: ConnectionPool, writer: BackupWriter, plan: DiskPlan, parent: BackupInfo | None,
+                 size: int, opts: BackupOptions):
+        self.pool, self.writer, self.plan, self.parent, self.size, self.opts = pool, writer, plan, parent, size, opts
+        self.cs = cs = writer.chunk_size
+        self.full = plan.kind == "full"
+        self.stats = DiskStats()
+        self.span = span = max(1, min(READ_SPAN, pool.max_payload) // cs)
+        self.inflight_max = max(2 * len(pool.clients) * span, opts.inflight_bytes // cs)
+        self.flush_chunks = max(span, FLUSH_BYTES // cs)
+        self.max_reads = -(-self.inflight_max // span)     # short runs make short READs
+        self.pending: deque[InFlightRead] = deque()        # in disk order
+        self.queued = 0                                     # chunks in *pending*
+        self.gate: CoreGate = compression_gate(opts.adaptive)
+        self.lost: list[LostRead] = []                      # appended on receiver threads
+        # Read buffers: slices of one anonymous map, reused (warm pages: no page faults, no
+        # zeroing). Enough for every READ in flight plus those held until the next flush.
+        self.free = _read_buffers(self.max_reads + -(-self.flush_chunks // span) + 1, span * cs)
+        self.held: list[memoryview] = []    # read buffers put, but maybe still referenced by the writer's batch
+        self.bar = opts.progress(size, f"{plan.kind} {plan.disk}") if opts.progress else NoBar()
+
+    def run(self) -> DiskStats:
+        from ..nbd.extents import walk_extents
+
+        cs, size, full, stats, span = self.cs, self.size, self.full, self.stats, self.span
+        bar = self.bar
+        extents = walk_extents(RetryingBlockStatus(self.pool, self.opts), bitmap_context=self.plan.bitmap_context)
+        runs = chunk_runs(extents, chunk_size=cs, size=size, all_dirty=full,
+                          force_from=None if full or self.parent is None
+                          else first_resized_chunk(self.parent.size, size, cs))
+        pending, inflight_max, max_reads = self.pending, self.inflight_max, self.max_reads
+        # The pipeline makes no reference cycles worth collecting; a collection
+        # pass would walk every object of the process for nothing.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for run in runs:
+                if run.action == SKIP:
+                    stats.inherited_chunks += run.end - run.start
+                    bar.update(bytes_of(run, cs, size))
+                    continue
+                if run.action == ZERO:
+                    stats.zero_chunks += run.end - run.start
+                    if not full:       # a full's unput positions are zero already
+                        for i in range(run.start, run.end):
+                            self.writer.put_zero(i)
+                    bar.update(bytes_of(run, cs, size))
+                    continue
+                assert run.action == READ
+                for i in range(run.start, run.end, span):
+                    n = min(span, run.end - i)
+                    while (self.queued + n > inflight_max or len(pending) >= max_reads) and pending:
+                        self._put_arrived(block=True)
+                    self._submit(i, n)
+                    self._put_arrived(block=False)
+            while pending:
+                self._put_arrived(block=True)
+        except NbdProtocolError:
+            raise
+        except NbdError as e:   # the extent walk failed (the pool already retried with reconnect)
+            raise SourceFailed(f"source {self.plan.disk} failed during the backup: {e}",
+                               hint="nothing was committed; check the NBD server and retry") from None
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+            bar.close()
+        return stats
+
+    def _submit(self, first: int, count: int) -> None:
+        cs = self.cs
         off = first * cs
-        length = min(count * cs, size - off)
+        length = min(count * cs, self.size - off)
         out: Future = Future()
         # (empty only after failed reads, whose buffers are not reused)
-        buf = free.pop() if free else memoryview(bytearray(span * cs))
+        buf = self.free.pop() if self.free else memoryview(bytearray(self.span * cs))
         view = buf[:length]
         try:
-            rf = pool.submit_read_into(off, view)
+            rf = self.pool.submit_read_into(off, view)
         except NbdError as e:
             rf = Future()
             rf.set_exception(e)
-        rf.add_done_callback(lambda f: _prepare_on_arrival(f, out, w, view, cs, gate, lost, off))
-        pending.append((first, length, buf, out))
-        queued += count
+        rf.add_done_callback(lambda f: self._prepare_on_arrival(f, out, view, off))
+        self.pending.append(InFlightRead(first, length, buf, out))
+        self.queued += count
 
-    def put_done(block: bool) -> None:
-        nonlocal queued
-        while pending and (block or pending[0][3].done()):
-            while not pending[0][3].done():
-                if lost:    # stop at once: reads queued behind reconnect attempts fail now, not one by one
-                    pool.close()
-                    off, length, e = lost[0]
-                    _read_with_retries(pool, off, length, opts, first_error=e)
-                    raise AssertionError("unreachable")
-                _wait(pending[0][3], 0.05)
-            first, length, buf, fut = pending.popleft()
-            try:
-                results = fut.result()
-            except NbdProtocolError:
-                raise       # a misbehaving server: its own exit code, no retry
-            except NbdError as e:
-                # Retries (and their back-off) run here, in order; other reads carry on meanwhile.
-                data = memoryview(_read_with_retries(pool, first * cs, length, opts, first_error=e))
-                results = [(w.prepare(data[k:k + cs]), True) for k in range(0, length, cs)]
-                buf = None      # not reused: the pool may have resent this READ into it on another connection
-            queued -= len(results)
-            for k, (prepared, tried) in enumerate(results):
-                if prepared.is_zero:
-                    stats.zero_chunks += 1
-                else:
-                    stats.data_bytes += prepared.raw_len
-                    stats.packed_bytes += len(prepared.payload)
-                    if not tried:
-                        stats.uncompressed_chunks += 1
-                w.put(first + k, prepared)
-            if buf is not None:
+    def _put_arrived(self, block: bool) -> None:
+        """Put the READs at the head of *pending* that have arrived (with *block*: at least one)."""
+        pending = self.pending
+        while pending and (block or pending[0].prepared.done()):
+            while not pending[0].prepared.done():
+                if self.lost:   # stop at once: reads queued behind reconnect attempts fail now, not one by one
+                    self.pool.close()
+                    lost = self.lost[0]
+                    raise gave_up("reading", lost.offset, lost.length, 1, lost.error) from None
+                _wait(pending[0].prepared, 0.05)
+            read = pending.popleft()
+            results, reusable = self._prepared(read)
+            self.queued -= len(results)
+            self._put(read.first, results)
+            if reusable:
                 # Raw payloads are views of the read buffer: reuse it only once the
                 # writer has copied them into its pack (flush), a batch at a time.
-                held.append(buf)
-                if len(held) * span >= flush_chunks:
-                    w.flush()
-                    free.extend(held)
-                    held.clear()
-            stats.read_chunks += len(results)
-            stats.read_bytes += length
-            bar.update(length)
+                self.held.append(read.buffer)
+                if len(self.held) * self.span >= self.flush_chunks:
+                    self.writer.flush()
+                    self.free.extend(self.held)
+                    self.held.clear()
+            self.stats.read_chunks += len(results)
+            self.stats.read_bytes += read.length
+            self.bar.update(read.length)
             block = False
 
-    extents = walk_extents(RetryingBlockStatus(pool, opts), bitmap_context=plan.bitmap_context)
-    runs = chunk_runs(extents, chunk_size=cs, size=size, all_dirty=full,
-                      force_from=None if full else _force_from(parent, size, cs))
-    # The pipeline makes no reference cycles worth collecting; a collection
-    # pass would walk every object of the process for nothing.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for run in runs:
-            if run.action == SKIP:
-                stats.inherited_chunks += run.end - run.start
-                bar.update(bytes_of(run, cs, size))
-                continue
-            if run.action == ZERO:
-                stats.zero_chunks += run.end - run.start
-                if not full:       # a full's unput positions are zero already
-                    for i in range(run.start, run.end):
-                        w.put_zero(i)
-                bar.update(bytes_of(run, cs, size))
-                continue
-            assert run.action == READ
-            for i in range(run.start, run.end, span):
-                n = min(span, run.end - i)
-                while (queued + n > inflight_max or len(pending) >= max_reads) and pending:
-                    put_done(block=True)
-                submit(i, n)
-                put_done(block=False)
-        while pending:
-            put_done(block=True)
-    except NbdProtocolError:
-        raise
-    except NbdError as e:   # the extent walk failed (the pool already retried with reconnect)
-        raise SourceFailed(f"source {plan.disk} failed during the backup: {e}",
-                           hint="nothing was committed; check the NBD server and retry") from None
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-        bar.close()
-    return stats
+    def _prepared(self, read: InFlightRead) -> tuple[Prepared, bool]:
+        """The READ's prepared chunks, read again after a server error (EIO...); and
+        whether its buffer may be reused."""
+        try:
+            return read.prepared.result(), True
+        except NbdProtocolError:
+            raise       # a misbehaving server: its own exit code, no retry
+        except NbdError as e:
+            # Retries (and their back-off) run here, in order; other reads carry on meanwhile.
+            # The buffer is not reused: the pool may have resent this READ into it on another connection.
+            cs = self.cs
+            data = memoryview(read_with_retries(self.pool, read.first * cs, read.length, self.opts, first_error=e))
+            return [(self.writer.prepare(data[k:k + cs]), True) for k in range(0, read.length, cs)], False
+
+    def _put(self, first: int, results: Prepared) -> None:
+        stats, put = self.stats, self.writer.put
+        for k, (prepared, tried) in enumerate(results):
+            if prepared.is_zero:
+                stats.zero_chunks += 1
+            else:
+                stats.data_bytes += prepared.raw_len
+                stats.packed_bytes += len(prepared.payload)
+                if not tried:
+                    stats.uncompressed_chunks += 1
+            put(first + k, prepared)
+
+    def _prepare_on_arrival(self, f: Future, out: Future, view: memoryview, offset: int) -> None:
+        """Done-callback of a read (on the connection's receiver thread): hash and compress
+        its chunks right there, so they change threads once (to the main thread's put)
+        instead of three times. blake3/zstd release the GIL, so receivers of different
+        connections prepare in parallel."""
+        try:
+            e = f.exception()
+            if isinstance(e, NbdConnectionError):   # the pool gave up reconnecting: tell the main thread now
+                self.lost.append(LostRead(offset, len(view), e))
+            f.result()
+            cs, gate, prepare = self.cs, self.gate, self.writer.prepare
+            results = []
+            for k in range(0, len(view), cs):
+                compress = gate.enter()
+                try:
+                    results.append((prepare(view[k:k + cs], compress), compress))
+                finally:
+                    gate.leave()
+            resolve(out, results)
+        except BaseException as e:  # noqa: BLE001 - surfaced through *out*
+            resolve(out, exc=e)
 
 
 def _read_buffers(n: int, size: int) -> list[memoryview]:
-    from ..repo.packs import anonymous_map
-
     slab = memoryview(anonymous_map(n * size))
     return [slab[i * size:(i + 1) * size] for i in range(n)]
 
@@ -320,175 +354,3 @@ def _wait(f: Future, timeout: float) -> None:
         f.exception(timeout)
     except (FuturesTimeout, CancelledError):
         pass
-
-
-def _prepare_on_arrival(f: Future, out: Future, w, view: memoryview, cs: int, gate: "_CoreGate", lost: list,
-                        offset: int) -> None:
-    """Done-callback of a read (on the connection's receiver thread): hash and compress
-    its chunks right there, so they change threads once (to the main thread's put)
-    instead of three times. blake3/zstd release the GIL, so receivers of different
-    connections prepare in parallel."""
-    try:
-        e = f.exception()
-        if isinstance(e, NbdConnectionError):   # the pool gave up reconnecting: tell the main thread now
-            lost.append((offset, len(view), e))
-        f.result()
-        results = []
-        for k in range(0, len(view), cs):
-            compress = gate.enter()
-            try:
-                results.append((w.prepare(view[k:k + cs], compress), compress))
-            finally:
-                gate.leave()
-        resolve(out, results)
-    except BaseException as e:  # noqa: BLE001 - surfaced through *out*
-        resolve(out, exc=e)
-
-
-class _CoreGate:
-    """Adaptive compression (like `zstd --adapt`): compress a chunk only with CPU to
-    spare, else hash it and store it raw. Two signals, both needed:
-
-    - fewer than `cores` chunks are being prepared (`cores` is the CPU count less one,
-      kept for the read/write path: socket copies, pack writes, our main thread);
-    - the machine's CPUs were at least MIN_IDLE idle over the last SAMPLE_S (Linux
-      /proc/stat). This sees the NBD server and every other process too: on a busy
-      box compressing would only slow the backup; on a box with idle cores every
-      chunk gets compressed.
-
-    The price is a worse ratio when CPU is short (DiskStats.uncompressed_chunks
-    counts those chunks; docs/design.md has the figures). cores=None: always compress."""
-
-    SAMPLE_S = 0.05
-    MIN_IDLE = 0.20
-
-    def __init__(self, cores: int | None, cpu: "_CpuTimes | None" = None):
-        self.cores = cores
-        self.busy = 0
-        self.lock = threading.Lock()
-        self._cpu = cpu or (_CpuTimes() if cores is not None else None)
-        self._spare = True
-        self._next_sample = 0.0
-
-    def enter(self) -> bool:
-        with self.lock:
-            self.busy += 1
-            if self.cores is None:
-                return True
-            if self.busy > self.cores:
-                return False
-            now = time.monotonic()
-            if self._cpu is not None and now >= self._next_sample:
-                self._next_sample = now + self.SAMPLE_S
-                idle = self._cpu.idle_share()
-                if idle is not None:
-                    self._spare = idle >= self.MIN_IDLE
-            return self._spare
-
-    def leave(self) -> None:
-        with self.lock:
-            self.busy -= 1
-
-
-class _CpuTimes:
-    """Share of CPU time the whole machine spent idle between two calls (/proc/stat)."""
-
-    def __init__(self):
-        self._last = self._read()
-
-    @staticmethod
-    def _read() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat", "rb") as f:
-                fields = f.readline().split()
-        except OSError:
-            return None
-        if len(fields) < 6 or fields[0] != b"cpu":
-            return None
-        ticks = [int(x) for x in fields[1:9]]    # user nice system idle iowait irq softirq steal
-        return sum(ticks), ticks[3] + ticks[4]
-
-    def idle_share(self) -> float | None:
-        now = self._read()
-        last, self._last = self._last, now
-        if now is None or last is None or now[0] <= last[0]:
-            return None         # unreadable, or no tick yet: keep the previous decision
-        return (now[1] - last[1]) / (now[0] - last[0])
-
-
-def _cores() -> int:
-    """CPUs for compression: all we may run on but one (at least one)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, n - 1)
-
-
-def _read_with_retries(pool, offset: int, length: int, opts: BackupOptions, first_error: NbdError | None = None):
-    """pool.read, again after a server error (EIO...); the pool itself already
-    reconnects and resends after a dropped connection. *first_error*: how the
-    first attempt (made asynchronously) failed."""
-    def read():
-        data = pool.read(offset, length)
-        if len(data) != length:
-            raise NbdProtocolError(f"read of {length} bytes at {offset} returned {len(data)}")
-        return data
-    return _with_retries("reading", pool, offset, length, read, opts, first_error)
-
-
-class RetryingBlockStatus:
-    """The pool as walk_extents sees it, with block status retried like reads."""
-
-    def __init__(self, pool, opts: BackupOptions):
-        self.pool, self.opts = pool, opts
-
-    size = property(lambda self: self.pool.size)
-    contexts = property(lambda self: self.pool.contexts)
-
-    def block_status(self, offset: int, length: int):
-        return _with_retries("block status of", self.pool, offset, length,
-                             lambda: self.pool.block_status(offset, length), self.opts)
-
-
-def _with_retries(what: str, pool, offset: int, length: int, request, opts: BackupOptions,
-                  first_error: NbdError | None = None):
-    """request(), again after a server error (EIO...), opts.retries times with back-off.
-    A protocol violation is raised as it is; EINVAL (the server calls the request
-    invalid: no retry changes that) and the last failure become SourceFailed."""
-    delay = opts.retry_delay
-    for attempt in range(opts.retries + 1):
-        try:
-            if attempt == 0 and first_error is not None:
-                raise first_error
-            return request()
-        except NbdProtocolError:
-            raise       # a misbehaving server: its own exit code, no retry
-        except NbdError as e:
-            if isinstance(e, NbdCommandError) and e.errno == EINVAL:
-                raise _invalid_request(what, pool, offset, length, e) from None
-            if attempt == opts.retries or isinstance(e, NbdConnectionError):
-                raise SourceFailed(
-                    f"{what} {length} bytes at offset {offset} failed after {attempt + 1} attempt(s): {e}",
-                    hint="nothing was committed; check the NBD server and retry") from None
-            log.warning("%s %d bytes at offset %d failed (%s); retrying in %.1fs", what, length, offset, e, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-def _invalid_request(what: str, pool, offset: int, length: int, e: NbdError) -> SourceFailed:
-    """What was asked, what the server allows, and why it cannot be asked otherwise."""
-    size, mb = pool.size, pool.min_block
-    allows = (f"the export (size {size}) takes requests aligned to {mb} bytes (preferred "
-              f"{pool.preferred_block}, at most {pool.max_block})")
-    if size % mb and offset + length == size:
-        why = (f"its size is not a multiple of its minimum block size, so the last {size % mb} bytes "
-               "cannot be asked for in an aligned request")
-        hint = (f"nothing was committed; make the export's size a multiple of {mb} bytes, "
-                "or have the server accept unaligned tails")
-    else:
-        why = "a retry would be refused the same way"
-        hint = "nothing was committed; check the server's block-size limits and log"
-    return SourceFailed(f"{what} {length} bytes at offset {offset} was refused as invalid (EINVAL): {allows}; "
-                        f"{why} (server said: {e})", hint=hint)

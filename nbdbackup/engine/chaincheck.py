@@ -19,16 +19,32 @@ Cost: one more extent walk and the reads; memory: the chosen chunk indices.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
-from ..errors import NbdError, NbdProtocolError
+from ..errors import NbdError, NbdProtocolError, SourceFailed
 from ..nbd.extents import walk_extents
+from ..nbd.proto import CONTEXT_BASE_ALLOCATION
 from ..repo.chunks import HASH_SIZE, ZERO_REF, prepare
 from ..repo.maps import chunk_len
-from .chunkplan import CLEAN_ZERO, SKIP, chunk_runs
+from .chunkplan import CLEAN_ZERO, SKIP, chunk_runs, first_resized_chunk
+from .options import BackupOptions
+from .retries import RetryingBlockStatus, read_with_retries
+
+if TYPE_CHECKING:
+    from ..nbd.pool import ConnectionPool
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
+    from ..repo.store import Location
+    from ..sources.base import DiskPlan
+
+log = logging.getLogger("nbdbackup.engine.backup")     # the pipeline's name in log files, as before the split
 
 SAMPLE_MAX_BYTES = 1 << 30
 CONFIRM_MAX_BYTES = 64 << 20
@@ -58,13 +74,13 @@ class _ParentMap:
 
     LOOKAHEAD = 256
 
-    def __init__(self, repo, parent):
+    def __init__(self, repo: Repository, parent: BackupInfo):
         self.refs = repo.checked_segment_refs(parent)     # the map the writer will inherit
         self.seg_len = repo.config.segment_len
         self.store = repo.store
         self._seq = -1
         self._raw = b""
-        self._locs: dict = {}
+        self._locs: dict[bytes, Location] = {}
         self._looked_up = 0      # segments [0, _looked_up) have their locations in _locs (or need none)
 
     def segment(self, seq: int) -> bytes:
@@ -78,7 +94,7 @@ class _ParentMap:
             self._seq = seq
         return self._raw
 
-    def runs(self, start: int, end: int):
+    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         """(first, end, parent_has_data) runs covering chunks [start, end)."""
         while start < end:
             seq, i = divmod(start, self.seg_len)
@@ -93,7 +109,7 @@ class _ParentMap:
             start = stop
 
 
-def _zero_ref_split(raw: bytes, i: int, j: int):
+def _zero_ref_split(raw: bytes, i: int, j: int) -> Iterator[tuple[int, int, bool]]:
     """Split entries [i, j) of a raw segment into runs of (ZERO_REF) / (data), at C speed."""
     pos = i
     while pos < j:
@@ -173,16 +189,40 @@ class _Reservoir:
             self._advance()
 
 
-def check_chain(pool, repo, plan, parent, size: int, chunk_size: int, opts, force_from: int | None) -> ChainCheck:
-    """Both checks for an incremental of *plan* against *parent*; ChainCheck.broken says why not."""
-    from .backup import BASE_ALLOCATION, RetryingBlockStatus
+def check_chain_or_fall_back(pool: ConnectionPool, repo: Repository, plan: DiskPlan, parent: BackupInfo,
+                             size: int, opts: BackupOptions) -> ChainCheck:
+    """The incremental's chain check (before anything is read for the backup); a
+    contradiction turns *plan* into a full, or is ChainBroken with --no-fallback."""
+    from ..sources.base import raise_if_no_fallback
 
+    cs = repo.chunk_size
+    t0 = time.monotonic()
+    try:
+        check = check_chain(pool, repo, plan, parent, size, cs, opts, first_resized_chunk(parent.size, size, cs))
+    except NbdProtocolError:
+        raise
+    except NbdError as e:   # the extent walk failed (block status is retried below it)
+        raise SourceFailed(f"source {plan.disk} failed while checking the bitmap: {e}",
+                           hint="nothing was committed; check the NBD server and retry") from None
+    log.debug("chain check of %s took %.3fs: %s", plan.disk, time.monotonic() - t0, check)
+    if check.broken:
+        raise_if_no_fallback(plan.disk, check.broken, opts.no_fallback)
+        log.warning("%s: the chain cannot be trusted; taking a full backup instead", check.broken)
+        plan.kind, plan.fallback_reason = "full", check.broken
+        plan.parent_id = plan.bitmap = plan.bitmap_context = None
+    return check
+
+
+
+def check_chain(pool: ConnectionPool, repo: Repository, plan: DiskPlan, parent: BackupInfo, size: int,
+                chunk_size: int, opts: BackupOptions, force_from: int | None) -> ChainCheck:
+    """Both checks for an incremental of *plan* against *parent*; ChainCheck.broken says why not."""
     cs = chunk_size
     rng = random.Random()
     check = ChainCheck(percent=opts.check_clean)
     pmap = _ParentMap(repo, parent)
     sample = _Reservoir(max(1, SAMPLE_MAX_BYTES // cs) if opts.check_clean > 0 else 0, rng)
-    suspects = _Reservoir(max(1, CONFIRM_MAX_BYTES // cs), rng) if BASE_ALLOCATION in pool.contexts else None
+    suspects = _Reservoir(max(1, CONFIRM_MAX_BYTES // cs), rng) if CONTEXT_BASE_ALLOCATION in pool.contexts else None
     runs = chunk_runs(walk_extents(RetryingBlockStatus(pool, opts), bitmap_context=plan.bitmap_context),
                       chunk_size=cs, size=size, force_from=force_from, clean_zero=True)
     for run in runs:
@@ -220,11 +260,10 @@ def check_chain(pool, repo, plan, parent, size: int, chunk_size: int, opts, forc
     return check
 
 
-def _first_mismatch(pool, pmap: _ParentMap, indices: list[int], size: int, cs: int, opts) -> int | None:
+def _first_mismatch(pool: ConnectionPool, pmap: _ParentMap, indices: list[int], size: int, cs: int,
+                    opts: BackupOptions) -> int | None:
     """Read chunks *indices* (ascending) and compare them with the parent's entries; the first that differs."""
-    from .backup import _read_with_retries
-
-    pending: deque = deque()
+    pending: deque[tuple[int, int, Future]] = deque()     # (chunk index, bytes, future of the read)
     inflight = 0
 
     def settle() -> int | None:
@@ -236,7 +275,7 @@ def _first_mismatch(pool, pmap: _ParentMap, indices: list[int], size: int, cs: i
         except NbdProtocolError:
             raise
         except NbdError as e:
-            data = _read_with_retries(pool, i * cs, n, opts, first_error=e)
+            data = read_with_retries(pool, i * cs, n, opts, first_error=e)
         seq, k = divmod(i, pmap.seg_len)
         raw = pmap.segment(seq)
         want = raw[k * HASH_SIZE:(k + 1) * HASH_SIZE] if raw else ZERO_REF
@@ -251,7 +290,6 @@ def _first_mismatch(pool, pmap: _ParentMap, indices: list[int], size: int, cs: i
         try:
             fut = pool.submit_read(i * cs, n)
         except NbdError as e:
-            from concurrent.futures import Future
             fut = Future()
             fut.set_exception(e)
         pending.append((i, n, fut))

@@ -101,3 +101,11 @@ def chunk_runs(extents: Iterable, *, chunk_size: int, size: int, all_dirty: bool
 
 def bytes_of(run: Run, chunk_size: int, size: int) -> int:
     return min(run.end * chunk_size, size) - run.start * chunk_size
+
+
+def first_resized_chunk(parent_size: int | None, size: int, chunk_size: int) -> int | None:
+    """First chunk whose length or existence changed with a resize from *parent_size*
+    (read from there on); None without a parent or a resize."""
+    if parent_size is None or parent_size == size:
+        return None
+    return min(parent_size, size) // chunk_size

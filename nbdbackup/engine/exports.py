@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from ..errors import NotFound, RepoDamaged, UsageError
+
+if TYPE_CHECKING:
+    from ..repo.image import BackupImage
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
 
 
 class ChunkCache:
@@ -30,7 +36,7 @@ class ChunkCache:
         self._d: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key):
+    def get(self, key: bytes) -> bytes | None:
         # Called for every request on the event loop: keep it short.
         with self._lock:
             data = self._d.get(key)
@@ -41,7 +47,7 @@ class ChunkCache:
             self.hits += 1
             return data
 
-    def put(self, key, data: bytes) -> None:
+    def put(self, key: bytes, data: bytes) -> None:
         n = len(data)
         if n > self.max_bytes:
             return
@@ -56,7 +62,7 @@ class ChunkCache:
                 self.used -= len(ev)
 
 
-def describe_backup(info) -> str:
+def describe_backup(info: BackupInfo) -> str:
     created = info.created.strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"disk {info.disk}, {info.kind} backup, {created}, {info.size} bytes"
 
@@ -66,7 +72,7 @@ class RepoBackend:
 
     Cache keys are chunk hashes, so backups sharing chunks share cache entries."""
 
-    def __init__(self, img, key: str, cache: ChunkCache):
+    def __init__(self, img: BackupImage, key: str, cache: ChunkCache):
         self.img = img
         self.key = key
         self.size = img.size
@@ -104,7 +110,7 @@ class RepoBackend:
 
 
 class RepoCatalog:
-    def __init__(self, repo, cache: ChunkCache):
+    def __init__(self, repo: Repository, cache: ChunkCache):
         self.repo = repo
         self.cache = cache
 

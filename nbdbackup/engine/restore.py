@@ -13,18 +13,25 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import NoSpaceError, is_no_space
 from ..progress import NoBar
 from .restore_targets import open_target
+
+if TYPE_CHECKING:
+    from ..repo.image import BackupImage
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
+    from .options import ProgressBar
+    from .restore_targets import Target
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RestoreResult:
-    backup: object          # BackupInfo
+    backup: BackupInfo
     target: str
     data_bytes: int = 0     # bytes written from stored chunks
     zero_bytes: int = 0     # bytes reproduced as zeros
@@ -32,8 +39,8 @@ class RestoreResult:
     leftovers_removed: list = field(default_factory=list)   # (path, bytes) of killed restores' temp files
 
 
-def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = False, connections: int = 4,
-            progress: Callable | None = None, inflight_bytes: int = 64 << 20) -> RestoreResult:
+def restore(repo: Repository, ref: str, target: str, *, fmt: str = "raw", force: bool = False, connections: int = 4,
+            progress: Callable[[int, str], ProgressBar] | None = None, inflight_bytes: int = 64 << 20) -> RestoreResult:
     started = time.monotonic()
     info = repo.resolve(ref)
     img = repo.open_image(info)
@@ -60,7 +67,7 @@ def restore(repo, ref: str, target: str, *, fmt: str = "raw", force: bool = Fals
     return result
 
 
-def _copy(img, t, result: RestoreResult, bar, *, workers: int, inflight: int) -> None:
+def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, *, workers: int, inflight: int) -> None:
     cs, size = img.chunk_size, img.size
 
     def copy_chunk(index: int) -> int:

@@ -136,7 +136,7 @@ class FileTarget:
             raise SourceUnreachable(f"cannot make a file of {size} bytes in {d}: {e.strerror}",
                                     hint="restore to a file system that can hold the whole disk") from None
 
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, data: bytes) -> None:
         mv = memoryview(data)
         while mv:
             n = os.pwrite(self.fd, mv, offset)
@@ -202,7 +202,7 @@ class BlockDeviceTarget:
             raise UsageError(f"{path} holds {dev_size} bytes, the backup needs {size}")
         self.path, self.size = path, size
 
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, data: bytes) -> None:
         FileTarget.write(self, offset, data)
 
     def zero(self, offset: int, length: int) -> None:
@@ -243,7 +243,7 @@ class NbdTarget:
             raise UsageError(f"NBD target {uri} has {self.pool.size} bytes, the backup has {size}",
                              hint="create or resize the target to exactly the backup's size")
 
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, data: bytes) -> None:
         self.pool.write(offset, data)
 
     def zero(self, offset: int, length: int) -> None:
@@ -258,7 +258,10 @@ class NbdTarget:
         self.pool.close()
 
 
-def open_target(target: str, size: int, *, fmt: str, force: bool, connections: int):
+Target = FileTarget | BlockDeviceTarget | NbdTarget     # write(), finish() or abort()
+
+
+def open_target(target: str, size: int, *, fmt: str, force: bool, connections: int) -> Target:
     if is_nbd_uri(target):
         if fmt != "raw":
             raise UsageError("--format applies to file targets, not NBD exports")

@@ -25,6 +25,8 @@ from typing import Iterator
 
 import blake3
 
+from ..fsutil import anonymous_map
+
 FILE_MAGIC = b"NBDPACK1"
 END_MAGIC = b"NBPKEND1"
 RECORD_MAGIC = b"NBRC"
@@ -106,13 +108,6 @@ class BufferPool:
             idle, self._idle = self._idle, []
         for buf in idle:
             _unmap(buf)
-
-
-def anonymous_map(size: int) -> mmap.mmap:
-    """Page-aligned private memory. MAP_PRIVATE: mmap's default for anonymous maps
-    is shared (shmem), whose page faults cost half as much again."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    return mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
 
 
 def _unmap(buf: mmap.mmap) -> None:

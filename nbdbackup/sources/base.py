@@ -14,8 +14,13 @@ or  source.failed(exc)               # on any failure before/at commit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import ChainBroken
+
+if TYPE_CHECKING:
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
 
 
 @dataclass
@@ -42,10 +47,10 @@ def raise_if_no_fallback(disk: str, reason: str, no_fallback: bool) -> None:
 class Source:
     """Base class; see the module docstring for the call order."""
 
-    def prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
+    def prepare(self, repo: Repository, kind: str, no_fallback: bool) -> list[DiskPlan]:
         raise NotImplementedError
 
-    def committed(self, plans: list[DiskPlan], infos: list) -> None:
+    def committed(self, plans: list[DiskPlan], infos: list[BackupInfo]) -> None:
         """All backups of *plans* are committed: advance bitmaps."""
 
     def failed(self, exc: BaseException | None) -> None:

@@ -17,11 +17,16 @@ import logging
 import os
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 from .base import DiskPlan, Source, raise_if_no_fallback
 from ..errors import LockedError, SourceUnreachable
 from ..repo.locks import read_holders
-from .qemu_tools import ImageBitmap, QemuNbd, bitmap_add, bitmap_remove, check_image, image_info
+from .qemu_tools import ImageBitmap, ImageInfo, QemuNbd, bitmap_add, bitmap_remove, check_image, image_info
+
+if TYPE_CHECKING:
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,8 @@ class ImageSource(Source):
         self._image_lock = None             # the repository's lock of this image, held until close()
 
     # -- choosing the dirty set ---------------------------------------------
-    def _pick_bitmap(self, repo, info) -> tuple[ImageBitmap | None, object | None, str | None]:
+    def _pick_bitmap(self, repo: Repository,
+                     info: ImageInfo) -> tuple[ImageBitmap | None, BackupInfo | None, str | None]:
         """(bitmap, parent backup, None) or (None, None, reason for a full)."""
         if info.format != "qcow2":
             return None, None, f"{self.path} is {info.format}, not qcow2: it cannot hold dirty bitmaps"
@@ -77,7 +83,7 @@ class ImageSource(Source):
             return None, None, f"bitmap {bitmap.name} is disabled: it did not track every change"
         return bitmap, parent, None
 
-    def _lock_image(self, repo) -> None:
+    def _lock_image(self, repo: Repository) -> None:
         """One run of this repository per image at a time; a loser learns which run has it
         (from the lock's holder file), not qemu's bare "Failed to get lock"."""
         name = "image-" + hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()[:16]
@@ -104,7 +110,7 @@ class ImageSource(Source):
         return info
 
     # -- Source interface -----------------------------------------------------
-    def prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
+    def prepare(self, repo: Repository, kind: str, no_fallback: bool) -> list[DiskPlan]:
         self._prefix = bitmap_prefix(repo.repo_id)
         self._lock_image(repo)
         info = self._open_info()
@@ -131,7 +137,7 @@ class ImageSource(Source):
             extra={"source": f"image:{self.path}", "format": info.format},
         )]
 
-    def committed(self, plans, infos) -> None:
+    def committed(self, plans: list[DiskPlan], infos: list[BackupInfo]) -> None:
         self._stop_nbd()
         keep, self._added = self._added, None
         try:
@@ -146,7 +152,7 @@ class ImageSource(Source):
             except Exception as e:
                 log.warning("could not remove old bitmap %s: %s", name, e)
 
-    def failed(self, exc) -> None:
+    def failed(self, exc: BaseException | None) -> None:
         self._stop_nbd()
         added, self._added = self._added, None
         if added:

@@ -10,9 +10,14 @@ no parent, or an export that does not offer the bitmap.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from .base import DiskPlan, Source, raise_if_no_fallback
+
+if TYPE_CHECKING:
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,7 @@ class NbdUriSource(Source):
         self.bitmap = bitmap
         self.since = since
 
-    def _parent(self, repo):
+    def _parent(self, repo: Repository) -> BackupInfo | None:
         if self.since:
             parent = repo.resolve(self.since)       # NotFound when it does not exist
             if parent.disk != self.disk:
@@ -42,7 +47,7 @@ class NbdUriSource(Source):
             return parent
         return repo.latest(self.disk)
 
-    def prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
+    def prepare(self, repo: Repository, kind: str, no_fallback: bool) -> list[DiskPlan]:
         if kind == "full":
             return [DiskPlan(disk=self.disk, uri=self.uri, kind="full", extra={"source": self.uri})]
         if not self.bitmap:

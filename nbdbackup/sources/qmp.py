@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from . import qmp_bitmaps, qmp_fleece
@@ -22,6 +23,11 @@ from .qmp_conn import Qmp
 from .qmp_nodes import named_nodes, resolve
 from .qmp_qga import frozen, thaw_leftover
 from .qmp_state import DIRTY_PREFIX, Names, StateFile, default_state_dir
+
+if TYPE_CHECKING:
+    from ..repo.info import BackupInfo
+    from ..repo.repository import Repository
+    from .qmp_nodes import Node
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +68,14 @@ class QmpSource(Source):
         self._outcome: str | None = None
 
     # -- prepare ----------------------------------------------------------------
-    def prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
+    def prepare(self, repo: Repository, kind: str, no_fallback: bool) -> list[DiskPlan]:
         try:
             return self._prepare(repo, kind, no_fallback)
         except BaseException:
             self.close()    # merges bitmaps back if the point in time was taken
             raise
 
-    def _prepare(self, repo, kind: str, no_fallback: bool) -> list[DiskPlan]:
+    def _prepare(self, repo: Repository, kind: str, no_fallback: bool) -> list[DiskPlan]:
         self.names = Names(repo.repo_id)
         self.qmp = Qmp(self.qmp_path)
         state = StateFile(self.state_dir, repo.repo_id, self.qmp_path)
@@ -148,7 +154,7 @@ class QmpSource(Source):
         sock = qmp_fleece.start_private_server(self.qmp, self.state)
         return parse_uri(f"nbd+unix:///?socket={sock}")
 
-    def _add_overlays(self, nodes) -> None:
+    def _add_overlays(self, nodes: list[Node]) -> None:
         d = self.scratch_dir
         if d is None:
             d = tempfile.mkdtemp(prefix="nbdbackup-scratch-")
@@ -162,7 +168,7 @@ class QmpSource(Source):
             qmp_fleece.add_overlay_node(self.qmp, self.names, i, path, node.name)
 
     # -- outcome --------------------------------------------------------------------
-    def committed(self, plans, infos) -> None:
+    def committed(self, plans: list[DiskPlan], infos: list[BackupInfo]) -> None:
         self._outcome = "committed"
         try:
             self._teardown()
@@ -174,7 +180,7 @@ class QmpSource(Source):
             except Exception as e:   # committed; an old bitmap left only widens the next dirty set
                 log.warning("could not remove an old bitmap on %s: %s", node.name, e)
 
-    def failed(self, exc) -> None:
+    def failed(self, exc: BaseException | None) -> None:
         if self._outcome:
             return
         self._outcome = "failed"

@@ -16,9 +16,14 @@ ones, so old + new together always cover every write. Hence:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .qmp_nodes import Bitmap, Node
 from .qmp_state import Names
+
+if TYPE_CHECKING:
+    from ..repo.repository import Repository
+    from .qmp_conn import Qmp
 
 
 @dataclass
@@ -30,7 +35,7 @@ class Choice:
     reason: str | None = None                   # why an incremental became a full
 
 
-def choose(names: Names, node: Node, repo, disk: str, kind: str) -> Choice:
+def choose(names: Names, node: Node, repo: Repository, disk: str, kind: str) -> Choice:
     old = [b for b in node.bitmaps if names.checkpoint_of(b.name)]
     if kind == "full":
         return Choice("full", old)
@@ -83,13 +88,13 @@ def _act(kind: str, **data) -> dict:
     return {"type": kind, "data": data}
 
 
-def after_success(qmp, node: Node, choice: Choice) -> None:
+def after_success(qmp: Qmp, node: Node, choice: Choice) -> None:
     """The new bitmap now opens the chain: drop every older one."""
     for b in choice.old:
         qmp.cmd("block-dirty-bitmap-remove", {"node": node.name, "name": b.name})
 
 
-def after_failure(qmp, node: Node, choice: Choice, new_bitmap: str) -> None:
+def after_failure(qmp: Qmp, node: Node, choice: Choice, new_bitmap: str) -> None:
     """Keep every change: the new bitmap absorbs the old ones (incremental), or
     goes away (full: the old bitmaps were never stopped)."""
     if choice.kind == "full":

@@ -15,9 +15,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import QmpCommandError, SourceFailed, UsageError
 from .qmp_state import Names, StateFile
+
+if TYPE_CHECKING:
+    from .qmp_conn import Qmp
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ WAIT_TIMEOUT = 30.0
 NBDMAGIC = b"NBDMAGIC"
 
 
-def _wait(what: str, done, timeout: float = WAIT_TIMEOUT) -> None:
+def _wait(what: str, done: Callable[[], bool], timeout: float = WAIT_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
@@ -33,7 +37,7 @@ def _wait(what: str, done, timeout: float = WAIT_TIMEOUT) -> None:
         time.sleep(0.02)
 
 
-def _try(qmp, name: str, args: dict) -> bool:
+def _try(qmp: Qmp, name: str, args: dict) -> bool:
     """Run a cleanup command; an error only means the thing is already gone."""
     try:
         qmp.cmd(name, args)
@@ -59,7 +63,7 @@ def create_overlay_file(path: str, size: int) -> None:
                               "blocks the guest rewrites during the backup")
 
 
-def add_overlay_node(qmp, names: Names, i: int, path: str, backing: str) -> None:
+def add_overlay_node(qmp: Qmp, names: Names, i: int, path: str, backing: str) -> None:
     qmp.cmd("blockdev-add", {
         "driver": "qcow2", "node-name": names.node(i), "backing": backing,
         "file": {"driver": "file", "node-name": names.file_node(i), "filename": path},
@@ -83,7 +87,7 @@ SERVER_RUNNING_HINT = ("e.g. --nbd-server nbd+unix:///?socket=/path/to/sock or n
                        "address given to nbd-server-start); the tool adds its export to that server")
 
 
-def start_private_server(qmp, state: StateFile) -> str:
+def start_private_server(qmp: Qmp, state: StateFile) -> str:
     """nbd-server-start on a private unix socket; return the socket path.
 
     Recorded in the state file before starting, so a killed run's server is
@@ -117,7 +121,7 @@ def forget_server(state: StateFile) -> None:
         shutil.rmtree(rec["dir"], ignore_errors=True)
 
 
-def stop_private_server(qmp, names: Names, state: StateFile) -> None:
+def stop_private_server(qmp: Qmp, names: Names, state: StateFile) -> None:
     """Stop the server recorded in the state file, if it is still ours and unused."""
     rec = state.data.get("server")
     if not rec:
@@ -134,7 +138,7 @@ def stop_private_server(qmp, names: Names, state: StateFile) -> None:
 
 # --- exports, jobs, nodes -----------------------------------------------------------
 
-def add_export(qmp, names: Names, i: int, bitmap: str | None, bitmap_node: str) -> str:
+def add_export(qmp: Qmp, names: Names, i: int, bitmap: str | None, bitmap_node: str) -> str:
     name = names.export(i)
     args = {"type": "nbd", "id": name, "node-name": names.node(i), "name": name, "writable": False}
     if bitmap:
@@ -143,7 +147,7 @@ def add_export(qmp, names: Names, i: int, bitmap: str | None, bitmap_node: str) 
     return name
 
 
-def remove_exports(qmp, names: Names) -> None:
+def remove_exports(qmp: Qmp, names: Names) -> None:
     ids = [e["id"] for e in qmp.cmd("query-block-exports") if names.ours(e["id"])]
     for eid in ids:
         _try(qmp, "block-export-del", {"id": eid, "mode": "hard"})
@@ -152,7 +156,7 @@ def remove_exports(qmp, names: Names) -> None:
               lambda: not any(e["id"] in ids for e in qmp.cmd("query-block-exports")))
 
 
-def cancel_jobs(qmp, names: Names) -> None:
+def cancel_jobs(qmp: Qmp, names: Names) -> None:
     ids = [j["device"] for j in qmp.cmd("query-block-jobs") if names.ours(j["device"])]
     for jid in ids:
         _try(qmp, "block-job-cancel", {"device": jid, "force": True})
@@ -166,7 +170,7 @@ def cancel_jobs(qmp, names: Names) -> None:
         _wait("cancelling the fleecing jobs", gone)
 
 
-def remove_nodes(qmp, names: Names) -> None:
+def remove_nodes(qmp: Qmp, names: Names) -> None:
     # The overlay nodes own their file nodes: deleting them removes both.
     for n in qmp.cmd("query-named-block-nodes", {"flat": True}):
         if names.ours(n["node-name"]) and n["node-name"].startswith(names.tag + "-fl"):
@@ -177,7 +181,7 @@ def remove_nodes(qmp, names: Names) -> None:
         raise SourceFailed(f"could not remove block nodes {', '.join(left)} from qemu")
 
 
-def remove_read_bitmaps(qmp, names: Names) -> None:
+def remove_read_bitmaps(qmp: Qmp, names: Names) -> None:
     for n in qmp.cmd("query-named-block-nodes", {"flat": True}):
         for b in n.get("dirty-bitmaps") or []:
             if names.is_read_bitmap(b.get("name", "")):
@@ -194,7 +198,7 @@ def remove_files(state: StateFile) -> None:
         state.discard("dirs", d)
 
 
-def teardown(qmp, names: Names, state: StateFile) -> None:
+def teardown(qmp: Qmp, names: Names, state: StateFile) -> None:
     """Remove every export, job, node, scratch file and read bitmap of this
     repository from qemu; also what a killed run left. Idempotent."""
     remove_exports(qmp, names)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import NotFound
+
+if TYPE_CHECKING:
+    from .qmp_conn import Qmp
 
 
 @dataclass
@@ -43,7 +47,7 @@ def _bitmaps(raw: list) -> list[Bitmap]:
     return out
 
 
-def named_nodes(qmp) -> dict[str, Node]:
+def named_nodes(qmp: Qmp) -> dict[str, Node]:
     nodes = {}
     for n in qmp.cmd("query-named-block-nodes", {"flat": True}):
         img = n.get("image") or {}
@@ -65,7 +69,7 @@ def _device_ids(entry: dict) -> set[str]:
     return ids
 
 
-def resolve(qmp, wanted: str, nodes: dict[str, Node] | None = None) -> Node:
+def resolve(qmp: Qmp, wanted: str, nodes: dict[str, Node] | None = None) -> Node:
     """The block node behind *wanted*: a node name first, else a drive or device id."""
     nodes = nodes if nodes is not None else named_nodes(qmp)
     if wanted in nodes:

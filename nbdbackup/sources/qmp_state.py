@@ -136,13 +136,13 @@ class StateFile:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def add(self, key: str, value) -> None:
+    def add(self, key: str, value: str) -> None:
         items = self.data.setdefault(key, [])
         if value not in items:
             items.append(value)
         self.save()
 
-    def discard(self, key: str, value) -> None:
+    def discard(self, key: str, value: str) -> None:
         items = self.data.get(key, [])
         if value in items:
             items.remove(value)
