@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-import support
-from nbd_test_servers import convert_raw, make_qcow2_with_bitmap, merge, nbdinfo_map, qemu_nbd, qsd_export
+from helpers import support
+from helpers.nbd_servers import convert_raw, make_qcow2_with_bitmap, merge, nbdinfo_map, qsd_export
+from helpers.support import qemu_nbd
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client
 from nbdbackup.nbd.extents import walk_context, walk_extents

@@ -153,13 +153,11 @@ def nbdbackup_on_a_tty(*args, timeout: float = 120) -> str:
     import struct
     import termios
 
-    env = dict(os.environ)
-    env.pop("NBDBACKUP_REPO", None)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     try:
         proc = subprocess.Popen([nbdbackup_exe(), *map(str, args)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=slave, env=env)
+                                stdout=subprocess.PIPE, stderr=slave)
     finally:
         os.close(slave)
     chunks = []
@@ -184,10 +182,7 @@ def nbdbackup_on_a_tty(*args, timeout: float = 120) -> str:
 
 def nbdbackup(*args, check=True, env=None, cwd=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run the installed CLI the way a user does."""
-    e = dict(os.environ)
-    e.pop("NBDBACKUP_REPO", None)
-    if env:
-        e.update(env)
+    e = dict(os.environ, **(env or {}))     # conftest keeps NBDBACKUP_* out of os.environ
     cmd = [nbdbackup_exe(), *map(str, args)]
     return run(cmd, check=check, env=e, cwd=cwd, timeout=timeout, **kw)
 

@@ -7,17 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import support
-
-
-from support import wait_listening  # noqa: F401  (re-exported for the client tests)
-
-
-@contextlib.contextmanager
-def qemu_nbd(image: Path, sock: Path, **kw):
-    """support.qemu_nbd (which returns only once the socket really listens)."""
-    with support.qemu_nbd(image, sock, **kw) as uri:
-        yield uri
+from helpers import support
 
 
 def make_qcow2_with_bitmap(path: Path, size: str = "64M") -> Path:
@@ -83,7 +73,7 @@ def qsd_export(image: Path, sock: Path, *, name: str = "disk", bitmap: str | Non
            "--nbd-server", f"addr.type=unix,addr.path={sock}", "--export", export]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_listening(sock, proc=proc)
+        support.wait_listening(sock, proc=proc)
         yield f"nbd+unix:///{name}?socket={sock}"
     finally:
         support.stop(proc)
@@ -109,7 +99,7 @@ def nbd_server(image: Path, tmp: Path, *, name: str = "disk", readonly: bool = F
     proc = subprocess.Popen([exe, "-C", str(conf), "-d"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
-        wait_listening(sock, proc=proc)
+        support.wait_listening(sock, proc=proc)
         yield f"nbd+unix:///{name}?socket={sock}"
     finally:
         support.stop(proc)
