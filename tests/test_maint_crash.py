@@ -17,7 +17,7 @@ import subprocess
 
 import helpers.crash_writer as W
 from helpers.repo import indexed_packs, new_repo_path, pack_files
-from helpers.support import nbdbackup
+from helpers.support import kill_if_running, nbdbackup
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo.chunks import ZERO_REF
@@ -44,9 +44,7 @@ def _run_helper(repo, count, *, env_extra=None, kill_after=None):
                 proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode in (0, -signal.SIGKILL), f"helper failed ({proc.returncode}):\n{err}"
     return proc.returncode, out
 

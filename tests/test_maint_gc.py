@@ -10,8 +10,9 @@ import subprocess
 import time
 from contextlib import contextmanager
 
-from helpers.repo import CHUNK_SIZE as CS, disk_data, indexed_packs, new_repo_path, pack_files, read_all, write_backup
-from helpers.support import nbdbackup, nbdbackup_exe
+from helpers.repo import (CHUNK_SIZE as CS, disk_data, indexed_packs, new_repo_path, pack_files, read_all,
+                          write_backup)
+from helpers.support import kill_if_running, nbdbackup, nbdbackup_exe
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
@@ -36,9 +37,7 @@ def _waiting_gc(path, *args):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
 
 
 def _two_backups(path, rng):
@@ -199,9 +198,7 @@ def test_two_gcs_the_loser_says_another_gc_is_running(tmp_path):
         out, err = first.communicate(timeout=60)
         assert first.returncode == 0, err
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        kill_if_running(first)
 
 
 def test_gc_never_deletes_under_a_reader(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import support
 from helpers.fake_nbd_server import FakeServer
-from helpers.nbd_servers import convert_raw, make_qcow2_with_bitmap
+from helpers.nbd_servers import qcow2_with_bitmap_and_raw
 from helpers.support import qemu_nbd
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.extents import walk_extents
@@ -23,9 +23,7 @@ BM = "qemu:dirty-bitmap:bm0"
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pimg")
-    img = make_qcow2_with_bitmap(d / "d.qcow2")
-    return img, convert_raw(img, d / "d.raw")
+    return qcow2_with_bitmap_and_raw(tmp_path_factory.mktemp("pimg"))
 
 
 def read_all(pool, size, step=1 << 20):

@@ -13,6 +13,7 @@ from nbdbackup.repo import Repository
 from nbdbackup.repo.locks import RepoLock, read_holders
 
 from helpers.repo import CHUNK_SIZE as CS, new_repo, pseudo, read_all, write_backup
+from helpers.support import kill_if_running
 
 WRITE_DISK = textwrap.dedent("""
     import hashlib, sys
@@ -91,9 +92,7 @@ def test_same_disk_lock_names_holder_and_is_freed_when_holder_dies(tmp_path):
         assert all(h["pid"] != p.pid for h in read_holders(repo.lock_dir, "disk-vda"))
         assert not [f for f in os.listdir(repo.lock_dir) if f"@{p.pid}-" in f]
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
 
 
 def test_lock_wait_waits_for_release(tmp_path):

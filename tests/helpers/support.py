@@ -108,14 +108,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_if_running(proc: subprocess.Popen) -> None:
+    """SIGKILL *proc* if it has not exited, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM *proc*, then SIGKILL it if it is not gone after *timeout* seconds."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            kill_if_running(proc)
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], ready):
+    """*cmd* in the background (stderr kept for ready's error message) until the block ends,
+    then stopped; ready(proc) returns once it serves (e.g. wait_listening)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        ready(proc)
+        yield proc
+    finally:
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -129,12 +148,8 @@ def qemu_nbd(image: str | Path, sock: str | Path, *, fmt: str = "qcow2", connect
     for b in bitmaps:
         cmd += ["-B", b]
     cmd += [*extra, str(image)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_listening(sock, proc=proc)
+    with running(cmd, lambda proc: wait_listening(sock, proc=proc)):
         yield f"nbd+unix:///?socket={sock}"
-    finally:
-        stop(proc)
 
 
 def nbdbackup_exe() -> str:
@@ -173,9 +188,7 @@ def nbdbackup_on_a_tty(*args, timeout: float = 120) -> str:
         proc.wait(timeout=timeout)
     finally:
         os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")
     return b"".join(chunks).decode(errors="replace")
 
