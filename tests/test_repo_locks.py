@@ -72,8 +72,7 @@ def test_two_processes_back_up_different_disks_at_once(tmp_path):
     assert read_all(repo, "vdb") == _expected(2, 150)
 
 
-def test_same_disk_lock_names_holder_and_is_freed_when_holder_dies(tmp_path):
-    repo = new_repo(tmp_path / "repo")
+def test_same_disk_lock_names_holder_and_is_freed_when_holder_dies(repo):
     p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, repo.path, "vda"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -95,10 +94,9 @@ def test_same_disk_lock_names_holder_and_is_freed_when_holder_dies(tmp_path):
         kill_if_running(p)
 
 
-def test_lock_wait_waits_for_release(tmp_path):
+def test_lock_wait_waits_for_release(repo):
     import threading
     import time
-    repo = new_repo(tmp_path / "repo")
     lk = repo.lock("writers", exclusive=True)
     threading.Timer(0.3, lk.release).start()
     t0 = time.monotonic()
@@ -111,8 +109,7 @@ def test_lock_wait_waits_for_release(tmp_path):
     lk2.release()
 
 
-def test_readers_block_exclusive_gc_lock(tmp_path):
-    repo = new_repo(tmp_path / "repo")
+def test_readers_block_exclusive_gc_lock(repo):
     write_backup(repo, "vda", pseudo(1, CS))
     img = repo.open_image("vda")
     try:
@@ -123,8 +120,7 @@ def test_readers_block_exclusive_gc_lock(tmp_path):
     repo.lock("readers", exclusive=True).release()
 
 
-def test_gc_lock_blocks_writers_with_lock_wait(tmp_path):
-    repo = new_repo(tmp_path / "repo")
+def test_gc_lock_blocks_writers_with_lock_wait(repo):
     gc = repo.lock("writers", exclusive=True, purpose="gc")
     try:
         r2 = Repository.open(repo.path, lock_wait=0.2)
@@ -134,8 +130,7 @@ def test_gc_lock_blocks_writers_with_lock_wait(tmp_path):
         gc.release()
 
 
-def test_open_image_waits_for_exclusive_gc_then_fails_clearly(tmp_path):
-    repo = new_repo(tmp_path / "repo")
+def test_open_image_waits_for_exclusive_gc_then_fails_clearly(repo):
     write_backup(repo, "vda", pseudo(2, CS))
     gc = repo.lock("readers", exclusive=True, purpose="gc")
     try:
