@@ -156,10 +156,7 @@ def test_commit_set_one_transaction_same_set_and_time(tmp_path):
     a, b = pseudo(13, 3 * CS), pseudo(14, 5 * CS)
     ws = []
     for disk, d in (("vda", a), ("vdb", b)):
-        w = repo.writer(disk, kind="full", size=len(d))
-        for i in range(w.nchunks):
-            w.put(i, w.prepare(d[i * CS:(i + 1) * CS]))
-        ws.append(w)
+        write_backup(repo, disk, d, set_writers=ws)
     infos = repo.commit_set(ws, read_bytes=[len(a), len(b)], duration_s=[1.5, 2.5])
     assert infos[0].set_id and infos[0].set_id == infos[1].set_id
     assert infos[0].created == infos[1].created and infos[0].id != infos[1].id
