@@ -67,10 +67,12 @@ TOOL_MARKERS = {
     "libvirt": re.compile(r"\b(virsh|libvirtd|virtlogd)\b"),
 }
 
-# Modules taking a minute or more on two cores: real VMs, crash loops, fuzzing, wheel builds.
+# Modules whose slow tests add up to 25 s or more (pytest --durations, full suite on two
+# shared cores): SIGKILL and fallback loops, tamper and rebuild rounds, fuzzing, libvirt.
 SLOW_MODULES = {
-    "test_cli_basics", "test_engine_libvirt", "test_maint_crash", "test_nbd_fuzz", "test_qmp_backup",
-    "test_qmp_cli", "test_qmp_qga", "test_serve_fuzz", "test_serve_vm",
+    "test_engine_chain_check", "test_engine_fallbacks", "test_engine_image_race", "test_engine_libvirt",
+    "test_engine_points_in_time", "test_maint_crash", "test_maint_rebuild", "test_qmp_cli", "test_repo_tamper",
+    "test_serve_fuzz",
 }
 
 _module_markers: dict[Path, list[str]] = {}
@@ -86,5 +88,5 @@ def _markers_of(path: Path) -> list[str]:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        for name in _markers_of(Path(item.fspath)):
+        for name in _markers_of(item.path):
             item.add_marker(name)

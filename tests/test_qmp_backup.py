@@ -270,6 +270,7 @@ def test_existing_nbd_server_needs_its_address(env):
 
 KILLED_RUN = r"""
 import sys, time
+from nbdbackup.repo.repository import Repository
 from nbdbackup.sources.qmp import QmpSource
 repo = Repository.open(sys.argv[1])
 plans = QmpSource(sys.argv[2], sys.argv[3:]).prepare(repo, "incremental", False)
