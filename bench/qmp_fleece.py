@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from nbdbackup.engine.backup import BackupOptions, run_backup  # noqa: E402
 from nbdbackup.repo.repository import Repository  # noqa: E402
 from nbdbackup.sources.qmp import QmpSource  # noqa: E402
-from qmp_vm import MiB, Vm  # noqa: E402
+from helpers.qmp_vm import MiB, Vm  # noqa: E402
 
 
 def size_arg(text: str) -> int:

@@ -1,4 +1,92 @@
-import os
-import sys
+"""Fixtures every test can use, the environment every test runs in, and markers.
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/support.py
+Helpers live in tests/helpers/ (pyproject's pythonpath puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers.pki import Pki, make_test_pki
+from helpers.repo import REPO_BACKENDS, backend_options, new_repo
+
+# --- the environment ------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_session_environment(tmp_path_factory):
+    """No NBDBACKUP_* variable of the caller's shell reaches a test or the CLI runs it starts
+    (an NBDBACKUP_REPO would pick a repository), and qmp state never lands in the caller's
+    ~/.local/state. Session-wide, so module-scoped fixtures see it too."""
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith("NBDBACKUP_")]:
+        del os.environ[name]
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(_clean_session_environment):
+    """Whatever a test sets in os.environ is undone after it."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# --- shared fixtures ------------------------------------------------------------------
+
+@pytest.fixture(params=REPO_BACKENDS)
+def repo(request, tmp_path):
+    """A new repository at tmp_path/"repo" (helpers.repo.new_repo), once per storage backend."""
+    with new_repo(tmp_path / "repo", **backend_options(request.param, tmp_path)) as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    """Test certificates (helpers.pki.Pki), made once per session."""
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+# --- markers --------------------------------------------------------------------------
+# A module is marked with the tools its source names (directly or through the helpers
+# that start them), so that `pytest -m 'not slow and not libvirt'` is a fast local loop.
+# Markers only select: a test that runs and misses a tool still fails.
+
+TOOL_MARKERS = {
+    "qemu": re.compile(r"qemu-(img|io|nbd|storage-daemon|system)|\b(qemu_nbd|qsd_export|make_image|qio|Vm|Qsd|"
+                       r"snapshot_raw|convert_raw|make_qcow2_with_bitmap)\b"),
+    "nbdkit": re.compile(r"\bnbdkit\b"),
+    "libvirt": re.compile(r"\b(virsh|libvirtd|virtlogd)\b"),
+}
+
+# Modules whose slow tests add up to 25 s or more (pytest --durations, full suite on two
+# shared cores): SIGKILL and fallback loops, tamper and rebuild rounds, fuzzing, libvirt.
+SLOW_MODULES = {
+    "test_engine_chain_check", "test_engine_fallbacks", "test_engine_image_race", "test_engine_libvirt",
+    "test_engine_points_in_time", "test_maint_crash", "test_maint_rebuild", "test_qmp_cli", "test_repo_tamper",
+    "test_serve_fuzz",
+}
+
+_module_markers: dict[Path, list[str]] = {}
+
+
+def _markers_of(path: Path) -> list[str]:
+    if path not in _module_markers:
+        text = path.read_text()
+        names = [m for m, pattern in TOOL_MARKERS.items() if pattern.search(text)]
+        _module_markers[path] = names + (["slow"] if path.stem in SLOW_MODULES else [])
+    return _module_markers[path]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in _markers_of(item.path):
+            item.add_marker(name)

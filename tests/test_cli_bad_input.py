@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from support import nbdbackup, nbdbackup_exe, qemu_nbd, require_tool, stop, wait_listening
+from helpers.support import nbdbackup, nbdbackup_exe, qemu_nbd, require_tool, stop, wait_listening
 
 from nbdbackup.errors import ExitCode
 
@@ -227,10 +227,9 @@ def test_sigint_mid_backup_commits_nothing_and_says_how_to_reclaim(tmp_path):
                               stderr=subprocess.PIPE, text=True)
     try:
         wait_listening(sock, proc=server)
-        env = {k: v for k, v in os.environ.items() if k != "NBDBACKUP_REPO"}
         p = subprocess.Popen([nbdbackup_exe(), "--repo", str(repo), "full", "--source",
                               f"nbd+unix:///?socket={sock}", "--disk", "slow"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(2)
         assert p.poll() is None, p.communicate()

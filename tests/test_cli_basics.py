@@ -6,7 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from support import nbdbackup, run
+from helpers.support import nbdbackup, run
 
 from nbdbackup.errors import EXIT_CODE_HELP, ExitCode
 

@@ -9,7 +9,7 @@ checked too: it must parse through nbdbackup.cli.numbers, or the discovery test 
 import argparse
 
 import pytest
-from support import nbdbackup
+from helpers.support import nbdbackup
 
 from nbdbackup.cli.main import build_parser, main
 from nbdbackup.cli.numbers import NumberType

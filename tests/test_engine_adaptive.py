@@ -3,14 +3,14 @@
 import random
 from contextlib import contextmanager
 
-import support
+from helpers import support
+from helpers.repo import CHUNK_SIZE as CS, new_repo
 from nbdbackup.engine import adaptive as A
 from nbdbackup.engine import backup as B
 from nbdbackup.engine.backup import BackupOptions, run_backup
 from nbdbackup.repo.repository import Repository
 from nbdbackup.sources.nbd_uri import NbdUriSource
 
-CS = 64 * 1024
 WORDS = b"the block device backup snapshot bitmap extent export server client".split()
 
 
@@ -31,7 +31,7 @@ def _served(tmp_path, data: bytes):
 
 
 def _backup_and_read(tmp_path, uri, name: str, adaptive: bool):
-    with Repository.init(str(tmp_path / name), chunk_size=CS) as repo:
+    with new_repo(tmp_path / name) as repo:
         [res] = run_backup(repo, NbdUriSource(uri, "d"), "full", BackupOptions(connections=2, adaptive=adaptive))
         img = repo.open_image(res.info.id)
         try:
@@ -157,7 +157,7 @@ def test_interrupt_after_the_commit_keeps_the_backup_and_says_so(tmp_path, capsy
 
     data = _text(8 * CS, seed=5)
     with _served(tmp_path, data) as uri:
-        with Repository.init(str(tmp_path / "r"), chunk_size=CS) as repo:
+        with new_repo(tmp_path / "r") as repo:
             with pytest.raises(KeyboardInterrupt) as ei:
                 run_backup(repo, LateInterrupt(uri, "d"), "full", BackupOptions(connections=1))
             [info] = repo.list_backups()

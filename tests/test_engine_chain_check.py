@@ -10,8 +10,9 @@ or exit 13 with --no-fallback. Every fallback restores bit-exactly.
 import json
 
 import pytest
-import support
-from engine_util import MiB, backup, bitmaps, init_repo, make_image, nbb, qio, restore_equals, snapshot_raw
+from helpers import support
+from helpers.engine_util import MiB, backup, bitmaps, init_repo, make_image, nbb, qio, restore_equals, snapshot_raw
+from helpers.repo import new_repo
 
 
 def _setup(tmp_path, size=16 * MiB):
@@ -117,7 +118,7 @@ def test_allocated_zeros_are_not_a_false_alarm(tmp_path):
 
 def test_cleared_bitmap_from_an_nbd_source_with_bitmap(tmp_path):
     """--source with --bitmap (the caller's bitmap) is checked too."""
-    from nbd_test_servers import qemu_nbd
+    from helpers.support import qemu_nbd
 
     img = make_image(tmp_path / "vm.qcow2", 16 * MiB)
     qio(img, "write -q -P 0x11 0 2M")
@@ -148,17 +149,16 @@ def test_check_clean_rejects_bad_percentages(tmp_path):
 def test_cleared_bitmap_of_a_live_vm_over_qmp(tmp_path, monkeypatch):
     """--qmp: someone clears one disk's bitmap in qemu; that disk falls back to a full, the other
     stays incremental (one set), both restore exactly; with --no-fallback: ChainBroken."""
-    from qmp_vm import Vm
+    from helpers.qmp_vm import Vm
 
     from nbdbackup.engine.backup import BackupOptions, run_backup
     from nbdbackup.errors import ChainBroken
-    from nbdbackup.repo.repository import Repository
     from nbdbackup.sources.qmp import QmpSource
 
     monkeypatch.setenv("NBDBACKUP_STATE_DIR", str(tmp_path / "state"))
     vm = Vm(tmp_path, {"vda": 8 * MiB, "vdb": 4 * MiB})
     try:
-        with Repository.init(str(tmp_path / "repo"), chunk_size=64 * 1024) as repo:
+        with new_repo(tmp_path / "repo") as repo:
             def run(kind, **kw):
                 return run_backup(repo, QmpSource(vm.qmp_sock, list(vm.disks)), kind,
                                   BackupOptions(connections=2, check_clean=0, **kw))

@@ -3,8 +3,8 @@
 import json
 import re
 
-import support
-from engine_util import MiB, init_repo, make_image, nbb, qio
+from helpers import support
+from helpers.engine_util import MiB, init_repo, make_image, nbb, qio
 
 
 def test_json_fields_and_summary(tmp_path):

@@ -12,9 +12,10 @@ import signal
 import subprocess
 import time
 
-import support
-from engine_util import (MiB, backup, bitmaps, init_repo, make_image, nbb, qio, random_file,
-                         restore_equals, snapshot_raw)
+from helpers import support
+from helpers.engine_util import (MiB, backup, bitmaps, init_repo, make_image, nbb, qio, random_file,
+                                 restore_equals, snapshot_raw)
+from helpers.repo import pack_files
 
 
 def _setup(tmp_path, name="vm.qcow2", size=16 * MiB):
@@ -144,11 +145,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _pack_files(repo) -> int:
-    """Pack files written so far, sealed or being sealed."""
-    return sum(len(files) for d in ("packs", "tmp") for _, _, files in os.walk(os.path.join(repo, d)))
-
-
 def _qemu_nbd_children_mid_backup(proc, what: str, repo) -> list[int]:
     """The qemu-nbd children of a running `nbdbackup full`, once it has sealed its first
     pack (a fixed sleep is too long now that a backup of this image takes well under a second)."""
@@ -158,8 +154,8 @@ def _qemu_nbd_children_mid_backup(proc, what: str, repo) -> list[int]:
         kids = _children(proc.pid, "qemu-nbd")
         time.sleep(0.005)
     assert kids, "qemu-nbd never started"
-    before = _pack_files(repo)
-    while proc.poll() is None and _pack_files(repo) == before and time.monotonic() < deadline:
+    before = len(pack_files(repo, in_progress=True))     # sealed or being sealed
+    while proc.poll() is None and len(pack_files(repo, in_progress=True)) == before and time.monotonic() < deadline:
         time.sleep(0.002)
     assert proc.poll() is None, f"the backup finished before it could be {what}"
     return kids

@@ -4,8 +4,8 @@ qcow2 is refused (exit 4) before anything is read, written or committed."""
 import json
 import os
 
-import support
-from engine_util import MiB, bitmaps, init_repo, make_image, nbb, qio, random_file, restore_equals
+from helpers import support
+from helpers.engine_util import MiB, bitmaps, init_repo, make_image, nbb, qio, random_file, restore_equals
 
 
 def _listed(repo):

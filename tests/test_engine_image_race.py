@@ -8,8 +8,8 @@ import subprocess
 import tempfile
 import time
 
-import support
-from engine_util import MiB, init_repo, make_image, nbb, qio, random_file
+from helpers import support
+from helpers.engine_util import MiB, init_repo, make_image, nbb, qio, random_file
 
 
 def _image(tmp_path):

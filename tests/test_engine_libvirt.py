@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import support
-from engine_util import MiB, init_repo, nbb, restore_equals
+from helpers import support
+from helpers.engine_util import MiB, init_repo, nbb, restore_equals
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "libvirt-pull-backup.sh"
 DISK_QDEV = "/machine/peripheral/virtio-disk0/virtio-backend"

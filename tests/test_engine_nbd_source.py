@@ -2,8 +2,8 @@
 
 import json
 
-import support
-from engine_util import KiB, MiB, backup, init_repo, make_image, nbb, qio, restore_equals, snapshot_raw
+from helpers import support
+from helpers.engine_util import KiB, MiB, backup, init_repo, make_image, nbb, qio, restore_equals, snapshot_raw
 
 
 def test_full_and_incremental_from_uri(tmp_path):

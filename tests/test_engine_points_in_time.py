@@ -5,9 +5,9 @@ grow, shrink), a second full. Each backup is compared with a raw snapshot
 (qemu-img convert) taken at the moment it was made.
 """
 
-import support
-from engine_util import (KiB, MiB, backup, init_repo, make_image, nbb, qio, random_file,
-                         restore_equals, snapshot_raw, text_file)
+from helpers import support
+from helpers.engine_util import (KiB, MiB, backup, init_repo, make_image, nbb, qio, random_file,
+                                 restore_equals, snapshot_raw, text_file)
 
 
 def test_points_in_time_restore_bit_exact(tmp_path):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import support
+from helpers import support
 from nbdbackup.errors import LockedError, SourceUnreachable
 from nbdbackup.sources import qemu_tools
 

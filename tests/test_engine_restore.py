@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-import support
-from engine_util import MiB, backup, init_repo, make_image, nbb, qio, random_file, same_file, snapshot_raw
+from helpers import support
+from helpers.engine_util import MiB, backup, init_repo, make_image, nbb, qio, random_file, same_file, snapshot_raw
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import struct
 import subprocess
 import time
 
-import support
-from engine_util import MiB, init_repo, make_image, nbb, qio, random_file
+from helpers import support
+from helpers.engine_util import MiB, init_repo, make_image, nbb, qio, random_file
 
 
 @contextlib.contextmanager

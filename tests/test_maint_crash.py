@@ -5,7 +5,7 @@ listed backup holds exactly the data of its version, sets are whole),
 `verify` passes, and every earlier backup still restores bit-exact. At the
 end, gc reclaims what the dead runs left behind (orphan packs, temporary
 files, chunk rows no backup uses) and everything still restores.
-The writer is tests/maint_crash_writer.py, driving the Repository API.
+The writer is tests/helpers/crash_writer.py, driving the Repository API.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import os
 import random
 import signal
 import subprocess
-import sys
 
-import maint_crash_writer as W
-from maint_support import indexed_packs, pack_files
-from support import nbdbackup
+import helpers.crash_writer as W
+from helpers.repo import indexed_packs, new_repo_path, pack_files
+from helpers.support import kill_if_running, nbdbackup
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo.chunks import ZERO_REF
 from nbdbackup.repo.verify import verify
 
-HELPER = os.path.join(os.path.dirname(__file__), "maint_crash_writer.py")
 SEED = 20261126
 
 # steps inside pack writes (fsync of data / of the directory, rename into packs/, half-written
@@ -36,10 +34,7 @@ RANDOM_KILLS = 6
 
 
 def _run_helper(repo, count, *, env_extra=None, kill_after=None):
-    env = dict(os.environ)
-    env.pop("NBDBACKUP_CRASH_AT", None)
-    env.update(env_extra or {})
-    proc = subprocess.Popen([sys.executable, HELPER, repo, str(SEED), str(count)], env=env,
+    proc = subprocess.Popen(W.command(repo, SEED, count), env=W.environment(**(env_extra or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if kill_after is not None:
@@ -49,9 +44,7 @@ def _run_helper(repo, count, *, env_extra=None, kill_after=None):
                 proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode in (0, -signal.SIGKILL), f"helper failed ({proc.returncode}):\n{err}"
     return proc.returncode, out
 
@@ -97,7 +90,7 @@ def _check(repo_path, seen: dict[str, bytes]) -> int:
 
 def test_sigkill_at_any_step_leaves_a_consistent_repository(tmp_path):
     repo_path = str(tmp_path / "repo")
-    Repository.init(repo_path, chunk_size=W.CHUNK, pack_size=128 * 1024, segment_len=8).close()
+    new_repo_path(repo_path, pack_size=128 * 1024, segment_len=8)
     seen: dict[str, bytes] = {}
     rc, _ = _run_helper(repo_path, 2)                    # a committed base to protect
     assert rc == 0
@@ -141,7 +134,7 @@ def test_sigkill_during_gc_loses_nothing(tmp_path):
     import shutil
 
     base = str(tmp_path / "base")
-    Repository.init(base, chunk_size=W.CHUNK, pack_size=128 * 1024, segment_len=8).close()
+    new_repo_path(base, pack_size=128 * 1024, segment_len=8)
     assert _run_helper(base, 6)[0] == 0
     with Repository.open(base) as repo:
         victims = [b.id for b in repo.list_backups() if not b.set_id][:2]
@@ -151,8 +144,8 @@ def test_sigkill_during_gc_loses_nothing(tmp_path):
     for point in GC_KILL_POINTS:
         repo_path = str(tmp_path / f"gc-{point.replace(':', '-')}")
         shutil.copytree(base, repo_path)
-        env = dict(os.environ, NBDBACKUP_CRASH_AT=point)
-        p = subprocess.run([sys.executable, HELPER, repo_path, "gc"], env=env, capture_output=True, text=True,
+        p = subprocess.run(W.command(repo_path, "gc"), env=W.environment(NBDBACKUP_CRASH_AT=point),
+                           capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == -signal.SIGKILL, f"gc kill point {point} not reached: {p.returncode} {p.stderr}"
         _check(repo_path, dict(seen))                    # every backup intact, verify passes

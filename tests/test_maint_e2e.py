@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from support import nbdbackup, require_tool, run
+from helpers.support import nbdbackup, require_tool, run
 
 
 def test_backup_forget_gc_restore_with_qemu(tmp_path):

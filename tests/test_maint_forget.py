@@ -6,8 +6,9 @@ import json
 import os
 import random
 
-from maint_support import CS, disk_data, indexed_packs, new_repo, pack_files, read_all, write_backup
-from support import nbdbackup
+from helpers.repo import (CHUNK_SIZE as CS, disk_data, indexed_packs, new_repo_path, pack_files, read_all,
+                          write_backup)
+from helpers.support import nbdbackup
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo.chunks import ZERO_REF
@@ -19,7 +20,7 @@ def _ids(path, disk=None):
 
 
 def test_forget_by_id_and_by_disk_name(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     rng = random.Random(1)
     with Repository.open(path) as repo:
         d = disk_data(rng, 4)
@@ -40,7 +41,7 @@ def test_forget_by_id_and_by_disk_name(tmp_path):
 
 
 def test_unknown_ref_deletes_nothing(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     with Repository.open(path) as repo:
         b1 = write_backup(repo, "vda", bytes(CS) + b"x" * CS)
     p = nbdbackup("forget", "--repo", path, b1.id, "20261126T000000000Z-abcd", check=False)
@@ -52,7 +53,7 @@ def test_unknown_ref_deletes_nothing(tmp_path):
 
 
 def test_forgetting_one_member_forgets_the_set(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     rng = random.Random(2)
     with Repository.open(path) as repo:
         solo = write_backup(repo, "vda", disk_data(rng, 3))
@@ -68,7 +69,7 @@ def test_forgetting_one_member_forgets_the_set(tmp_path):
 
 
 def test_forget_then_gc_keeps_every_other_backup_bit_exact(tmp_path):
-    path = new_repo(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
+    path = new_repo_path(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
     rng = random.Random(3)
     expect: dict[str, bytes] = {}
     with Repository.open(path) as repo:
@@ -106,7 +107,7 @@ def test_forget_then_gc_keeps_every_other_backup_bit_exact(tmp_path):
 
 def test_forget_while_a_backup_of_the_disk_runs(tmp_path):
     """forget needs no exclusive lock: an incremental whose parent is forgotten still commits right."""
-    path = new_repo(tmp_path / "r", segment_len=4)
+    path = new_repo_path(tmp_path / "r", segment_len=4)
     rng = random.Random(4)
     with Repository.open(path) as repo:
         d0 = disk_data(rng, 10)

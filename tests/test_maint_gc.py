@@ -10,8 +10,9 @@ import subprocess
 import time
 from contextlib import contextmanager
 
-from maint_support import CS, disk_data, indexed_packs, new_repo, pack_files, read_all, write_backup
-from support import nbdbackup, nbdbackup_exe
+from helpers.repo import (CHUNK_SIZE as CS, disk_data, indexed_packs, new_repo_path, pack_files, read_all,
+                          write_backup)
+from helpers.support import kill_if_running, nbdbackup, nbdbackup_exe
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
@@ -36,9 +37,7 @@ def _waiting_gc(path, *args):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
 
 
 def _two_backups(path, rng):
@@ -51,7 +50,7 @@ def _two_backups(path, rng):
 
 
 def test_gc_reclaims_after_forget_and_dry_run_changes_nothing(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     (ba, a), (bb, b) = _two_backups(path, random.Random(1))
     assert _gc(path)["bytes_reclaimed"] == 0                  # nothing to do yet
     nbdbackup("forget", "--repo", path, ba.id)
@@ -78,7 +77,7 @@ def test_repack_threshold(tmp_path):
     # 512 KiB packs: a's 20 chunks fill packs of 8, 8 and 4 (+ its map and manifest); b shares
     # a's first 4 chunks, so after forgetting a the first pack is about half live and holds no manifest
     for threshold, repacked in (("0", 0), ("0.6", 1)):
-        path = new_repo(tmp_path / f"r{threshold}", pack_size=512 * 1024)
+        path = new_repo_path(tmp_path / f"r{threshold}", pack_size=512 * 1024)
         (ba, _), (bb, b) = _two_backups(path, random.Random(2))
         nbdbackup("forget", "--repo", path, ba.id)
         old = set(pack_files(path))
@@ -97,7 +96,7 @@ def test_repack_threshold(tmp_path):
 
 
 def test_forgotten_backups_do_not_come_back_after_gc_and_rebuild(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     (ba, _), (bb, b) = _two_backups(path, random.Random(3))
     nbdbackup("forget", "--repo", path, ba.id)
     _gc(path, "--repack-threshold", "0")                      # dead manifests are dropped regardless
@@ -110,7 +109,7 @@ def test_forgotten_backups_do_not_come_back_after_gc_and_rebuild(tmp_path):
 def test_rebuild_before_gc_names_the_forgotten_backups_that_come_back(tmp_path):
     """Without a gc, a forgotten backup's manifest is still in its pack: rebuild-index
     brings it back, and says so (by id) instead of doing it silently."""
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     (ba, a), (bb, b) = _two_backups(path, random.Random(4))
     nbdbackup("forget", "--repo", path, ba.id)
     p = nbdbackup("rebuild-index", "--repo", path)
@@ -124,7 +123,7 @@ def test_rebuild_before_gc_names_the_forgotten_backups_that_come_back(tmp_path):
 
 
 def test_orphan_pack_files_and_temp_files_are_removed(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     (ba, a), _ = _two_backups(path, random.Random(4))
     src = pack_files(path)[0]
     orphan = os.path.join(path, "packs", "ff", "ff" + "0" * 30 + ".pack")
@@ -142,7 +141,7 @@ def test_orphan_pack_files_and_temp_files_are_removed(tmp_path):
 
 
 def test_gc_refuses_while_a_backup_runs_and_waits_with_lock_wait(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     _two_backups(path, random.Random(5))
     with Repository.open(path) as repo:
         w = repo.writer("vdc", kind="full", size=CS)           # holds the shared writers lock
@@ -182,7 +181,7 @@ sys.exit(main(sys.argv[1:]))
 def test_two_gcs_the_loser_says_another_gc_is_running(tmp_path):
     import sys
 
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     _two_backups(path, random.Random(11))
     release = tmp_path / "release"
     first = subprocess.Popen([sys.executable, "-c", _HELD_GC, str(release), "gc", "--repo", path],
@@ -199,13 +198,11 @@ def test_two_gcs_the_loser_says_another_gc_is_running(tmp_path):
         out, err = first.communicate(timeout=60)
         assert first.returncode == 0, err
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        kill_if_running(first)
 
 
 def test_gc_never_deletes_under_a_reader(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     (ba, a), (bb, b) = _two_backups(path, random.Random(6))
     nbdbackup("forget", "--repo", path, ba.id)
     with Repository.open(path) as repo:
@@ -228,7 +225,7 @@ def test_gc_never_deletes_under_a_reader(tmp_path):
 
 
 def test_gc_refuses_to_sweep_when_a_live_segment_is_unreadable(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     (ba, a), (bb, b) = _two_backups(path, random.Random(7))
     nbdbackup("forget", "--repo", path, ba.id)
     with Repository.open(path) as repo:
@@ -247,7 +244,7 @@ def test_gc_refuses_to_sweep_when_a_live_segment_is_unreadable(tmp_path):
 
 
 def test_gc_keeps_chunks_shared_across_disks_and_zero_maps(tmp_path):
-    path = new_repo(tmp_path / "r", segment_len=4, pack_size=128 * 1024)
+    path = new_repo_path(tmp_path / "r", segment_len=4, pack_size=128 * 1024)
     rng = random.Random(8)
     with Repository.open(path) as repo:
         data = disk_data(rng, 16)
@@ -266,7 +263,7 @@ def test_gc_keeps_chunks_shared_across_disks_and_zero_maps(tmp_path):
 
 
 def test_gc_leaves_a_missing_pack_alone_and_says_so(tmp_path):
-    path = new_repo(tmp_path / "r", pack_size=256 * 1024)
+    path = new_repo_path(tmp_path / "r", pack_size=256 * 1024)
     (ba, a), (bb, b) = _two_backups(path, random.Random(9))
     nbdbackup("forget", "--repo", path, bb.id)
     with Repository.open(path) as repo:
@@ -284,7 +281,7 @@ def test_gc_leaves_a_missing_pack_alone_and_says_so(tmp_path):
 
 def test_a_waiting_gc_does_not_block_new_backups(tmp_path):
     """gc --lock-wait waiting for a reader must not hold the writers lock meanwhile."""
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     (ba, a), _ = _two_backups(path, random.Random(10))
     with Repository.open(path) as repo:
         img = repo.open_image(ba.id)
@@ -301,7 +298,7 @@ def test_a_waiting_gc_does_not_block_new_backups(tmp_path):
 
 
 def test_threshold_one_repacks_only_packs_with_dead_records(tmp_path):
-    path = new_repo(tmp_path / "r", pack_size=256 * 1024)      # 4 chunks per pack
+    path = new_repo_path(tmp_path / "r", pack_size=256 * 1024)      # 4 chunks per pack
     rng = random.Random(11)
     with Repository.open(path) as repo:
         a = rng.randbytes(CS * 12)

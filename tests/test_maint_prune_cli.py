@@ -6,8 +6,8 @@ import json
 from datetime import datetime, timezone
 
 import pytest
-from maint_support import CS, new_repo, write_backup
-from support import nbdbackup
+from helpers.repo import CHUNK_SIZE as CS, new_repo_path, write_backup
+from helpers.support import nbdbackup
 
 from nbdbackup.repo import Repository
 
@@ -27,7 +27,7 @@ def at(s: str) -> datetime:
 
 @pytest.fixture
 def example(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     ids = {}
     with Repository.open(path) as repo:
         for n, t in enumerate(TIMES, 1):
@@ -82,7 +82,7 @@ def test_json_then_real_prune(example):
 
 
 def test_time_zone_changes_day_boundaries(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     with Repository.open(path) as repo:
         late = write_backup(repo, "vda", b"a" * CS, created=at("2026-11-25 15:00")).id
         early = write_backup(repo, "vda", b"b" * CS, created=at("2026-11-25 01:00")).id
@@ -103,7 +103,7 @@ def _set(repo, created, disks):
 
 
 def test_sets_are_kept_or_removed_whole(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     with Repository.open(path) as repo:
         old_a, old_b = _set(repo, "2026-11-20 10:00", [("vda", 1), ("vdb", 2)])
         mid_a, mid_b = _set(repo, "2026-11-21 10:00", [("vda", 3), ("vdb", 4)])
@@ -126,7 +126,7 @@ def test_sets_are_kept_or_removed_whole(tmp_path):
 
 
 def test_disk_filter_and_errors(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     with Repository.open(path) as repo:
         a = [write_backup(repo, "vda", bytes([i]) * CS, created=at(f"2026-11-2{i} 10:00")).id for i in range(1, 4)]
         b = [write_backup(repo, "vdb", bytes([i]) * CS, created=at(f"2026-11-2{i} 11:00")).id for i in range(1, 4)]

@@ -8,8 +8,8 @@ import os
 import random
 
 import pytest
-from maint_support import CS, disk_data, new_repo, pack_files, read_all, write_backup
-from support import nbdbackup
+from helpers.repo import CHUNK_SIZE as CS, disk_data, new_repo_path, pack_files, read_all, write_backup
+from helpers.support import nbdbackup
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
@@ -17,7 +17,7 @@ from nbdbackup.repo import packs as P
 
 @pytest.fixture
 def repo_with_backups(tmp_path):
-    path = new_repo(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
+    path = new_repo_path(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
     rng = random.Random(11)
     expect = {}
     with Repository.open(path) as repo:
@@ -119,7 +119,7 @@ def test_rebuild_needs_a_repository(tmp_path):
 
 
 def test_rebuild_waits_for_writers(tmp_path):
-    path = new_repo(tmp_path / "r")
+    path = new_repo_path(tmp_path / "r")
     with Repository.open(path) as repo:
         w = repo.writer("vda", kind="full", size=CS)
         p = nbdbackup("rebuild-index", "--repo", path, check=False)
@@ -129,7 +129,7 @@ def test_rebuild_waits_for_writers(tmp_path):
 
 
 def test_lost_chunk_pack_is_reported_as_incomplete(tmp_path):
-    path = new_repo(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
+    path = new_repo_path(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
     rng = random.Random(12)
     with Repository.open(path) as repo:
         d0 = rng.randbytes(10 * CS)                      # incompressible: 4 chunks per pack
@@ -181,16 +181,16 @@ def test_partly_damaged_index_is_a_clear_error_then_rebuilt(repo_with_backups, t
 def test_sigkill_during_rebuild_keeps_the_old_index_and_can_be_rerun(repo_with_backups, point):
     import signal
     import subprocess
-    import sys
+
+    import helpers.crash_writer as W
 
     path, expect, listing = repo_with_backups
     index = os.path.join(path, "index.sqlite")
     with open(index, "r+b") as f:
         f.write(b"garbage!" * 64)
     damaged = open(index, "rb").read()
-    helper = os.path.join(os.path.dirname(__file__), "maint_crash_writer.py")
-    p = subprocess.run([sys.executable, helper, path, "rebuild-index"], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, NBDBACKUP_CRASH_AT=point))
+    p = subprocess.run(W.command(path, "rebuild-index"), capture_output=True, text=True,
+                       timeout=120, env=W.environment(NBDBACKUP_CRASH_AT=point))
     assert p.returncode == -signal.SIGKILL, p.stderr
     # the damaged index still exists, under its name or moved aside, byte for byte
     copies = [index] + glob.glob(index + ".damaged-*")

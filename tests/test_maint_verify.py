@@ -8,8 +8,8 @@ import os
 import random
 
 import pytest
-from maint_support import CS, disk_data, new_repo, pack_files, write_backup
-from support import nbdbackup, nbdbackup_on_a_tty
+from helpers.repo import CHUNK_SIZE as CS, disk_data, new_repo_path, pack_files, write_backup
+from helpers.support import nbdbackup, nbdbackup_on_a_tty
 
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
@@ -20,7 +20,7 @@ SEG = 8   # map positions per segment: several segments per backup
 
 @pytest.fixture
 def repo_path(tmp_path):
-    path = new_repo(tmp_path / "repo", segment_len=SEG, pack_size=512 * 1024)
+    path = new_repo_path(tmp_path / "repo", segment_len=SEG, pack_size=512 * 1024)
     rng = random.Random(7)
     with Repository.open(path) as repo:
         a0 = disk_data(rng, 24)

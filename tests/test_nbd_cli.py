@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-import support
-from nbd_test_servers import make_qcow2_with_bitmap, merge, nbdinfo_map, nbdkit, qemu_nbd
+from helpers import support
+from helpers.nbd_servers import make_qcow2_with_bitmap, merge, nbdinfo_map, nbdkit
+from helpers.support import qemu_nbd
 from nbdbackup.errors import ExitCode
 
 pytestmark = pytest.mark.timeout(180)
@@ -105,16 +106,14 @@ def test_missing_context_and_unknown_export(tmp_path, image):
         assert r.returncode == ExitCode.NOT_FOUND and "no export named 'nosuch'" in r.stderr
 
 
-def test_cli_over_tls(tmp_path):
-    from test_nbd_tls import make_pki
-
-    pki = make_pki(tmp_path / "pki")
-    with nbdkit(tmp_path / "s", "memory", "2M", options=("--tls=require", f"--tls-certificates={pki}")) as uri:
+def test_cli_over_tls(tmp_path, pki):
+    certs = pki.server
+    with nbdkit(tmp_path / "s", "memory", "2M", options=("--tls=require", f"--tls-certificates={certs}")) as uri:
         turi = uri.replace("nbd+unix", "nbds+unix")
-        ours = json.loads(support.nbdbackup("info", "--json", "--tls-ca", pki / "ca-cert.pem", turi).stdout)
+        ours = json.loads(support.nbdbackup("info", "--json", "--tls-ca", certs / "ca-cert.pem", turi).stdout)
         assert ours["tls"] is True and ours["size"] == 2 << 20
-        got = our_map(turi, "--tls-ca", pki / "ca-cert.pem", "--tls-cert", pki / "client-cert.pem",
-                      "--tls-key", pki / "client-key.pem")
+        got = our_map(turi, "--tls-ca", certs / "ca-cert.pem", "--tls-cert", certs / "client-cert.pem",
+                      "--tls-key", certs / "client-key.pem")
         assert [(e["offset"], e["length"], e["flags"]) for e in got] == [(0, 2 << 20, 3)]
         r = support.nbdbackup("info", uri, check=False)
         assert r.returncode == ExitCode.SOURCE_UNREACHABLE and "requires TLS" in r.stderr
@@ -148,7 +147,7 @@ def test_timeout_option_applies(tmp_path):
     """A server that accepts but never speaks: --timeout 1 gives up quickly with exit 4."""
     import time
 
-    from fake_nbd_server import FakeServer
+    from helpers.fake_nbd_server import FakeServer
 
     with FakeServer(tmp_path / "s", lambda conn, srv: time.sleep(8)) as srv:
         t0 = time.monotonic()

@@ -8,8 +8,8 @@ import tracemalloc
 
 import pytest
 
-import support
-from nbd_test_servers import nbd_server, nbdinfo_map, nbdkit
+from helpers import support
+from helpers.nbd_servers import nbd_server, nbdinfo_map, nbdkit
 from nbdbackup.errors import NbdCommandError, NbdConnectionError
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client

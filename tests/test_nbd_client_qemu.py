@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-import support
-from nbd_test_servers import convert_raw, make_qcow2_with_bitmap, merge, nbdinfo_map, qemu_nbd, qsd_export
+from helpers import support
+from helpers.nbd_servers import merge, nbdinfo_map, qcow2_with_bitmap_and_raw, qsd_export
+from helpers.support import qemu_nbd
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client
 from nbdbackup.nbd.extents import walk_context, walk_extents
@@ -20,9 +21,7 @@ ALLOC = "base:allocation"
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qimg")
-    img = make_qcow2_with_bitmap(d / "d.qcow2")
-    return img, convert_raw(img, d / "d.raw")
+    return qcow2_with_bitmap_and_raw(tmp_path_factory.mktemp("qimg"))
 
 
 def expected_extents(alloc_map, bitmap_map):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fake_nbd_server import FakeServer
+from helpers.fake_nbd_server import FakeServer
 from nbdbackup.errors import NbdCommandError
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client

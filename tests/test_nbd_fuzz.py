@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fake_nbd_server import FakeServer
+from helpers.fake_nbd_server import FakeServer
 from nbdbackup.errors import NbdCommandError, NbdError, NbdProtocolError
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client

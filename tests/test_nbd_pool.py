@@ -8,9 +8,10 @@ import threading
 
 import pytest
 
-import support
-from fake_nbd_server import FakeServer
-from nbd_test_servers import convert_raw, make_qcow2_with_bitmap, qemu_nbd
+from helpers import support
+from helpers.fake_nbd_server import FakeServer
+from helpers.nbd_servers import qcow2_with_bitmap_and_raw
+from helpers.support import qemu_nbd
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.extents import walk_extents
 from nbdbackup.nbd.pool import ConnectionPool
@@ -22,9 +23,7 @@ BM = "qemu:dirty-bitmap:bm0"
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pimg")
-    img = make_qcow2_with_bitmap(d / "d.qcow2")
-    return img, convert_raw(img, d / "d.raw")
+    return qcow2_with_bitmap_and_raw(tmp_path_factory.mktemp("pimg"))
 
 
 def read_all(pool, size, step=1 << 20):
@@ -168,7 +167,7 @@ def test_export_that_changes_across_a_reconnect_is_refused(tmp_path):
 
 def test_server_connection_limit_carry_on(tmp_path, caplog):
     """nbdkit's limit filter turns away a third client: the pool carries on with two."""
-    from nbd_test_servers import nbdkit
+    from helpers.nbd_servers import nbdkit
 
     with nbdkit(tmp_path / "s", "memory", "4M", "limit=2", filters=("limit",)) as uri:
         with caplog.at_level(logging.WARNING):

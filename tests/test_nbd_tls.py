@@ -2,53 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 
-import support
-from nbd_test_servers import nbdkit, wait_listening
+from helpers import support
+from helpers.nbd_servers import nbdkit
+from helpers.support import wait_listening
 from nbdbackup.errors import NbdConnectionError, NbdOptionError
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.client import Client, TlsConfig
 from nbdbackup.nbd.extents import walk_context
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def openssl(*args, cwd):
-    support.run(["openssl", *args], cwd=cwd)
-
-
-def make_pki(d):
-    """CA, a server certificate for localhost, a client certificate; qemu's file names."""
-    d.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
-            "-subj", "/CN=nbdbackup test CA", cwd=d)
-    for who, usage, san in (("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"),
-                            ("client", "clientAuth", "DNS:client")):
-        (d / f"{who}.ext").write_text(f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                                      f"extendedKeyUsage={usage}\nsubjectAltName={san}\n")
-        openssl("req", *ec, "-keyout", f"{who}-key.pem", "-out", f"{who}.csr", "-subj",
-                f"/CN={'localhost' if who == 'server' else 'client'}", cwd=d)
-        openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-                "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    support.require_tool("openssl")
-    base = tmp_path_factory.mktemp("pki")
-    srv = make_pki(base / "server")
-    cli = base / "client"
-    cli.mkdir()
-    for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
-        shutil.copy(srv / name, cli / name)
-    other = make_pki(base / "other")      # an unrelated CA
-    return srv, cli, other
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +43,7 @@ def qemu_nbd_tls(image, sock, certdir, verify_peer: bool):
 
 
 def test_qemu_nbd_tls(tmp_path, pki, raw_image):
-    srv, cli, other = pki
+    srv, cli, other = pki.server, pki.client, pki.other
     data = raw_image.read_bytes()
     sock = tmp_path / "s"
     proc = qemu_nbd_tls(raw_image, sock, srv, verify_peer=False)
@@ -109,7 +75,7 @@ def test_qemu_nbd_tls(tmp_path, pki, raw_image):
 
 
 def test_qemu_nbd_tls_client_certificate(tmp_path, pki, raw_image):
-    srv, cli, _ = pki
+    srv, cli = pki.server, pki.client
     data = raw_image.read_bytes()
     sock = tmp_path / "s"
     proc = qemu_nbd_tls(raw_image, sock, srv, verify_peer=True)
@@ -130,7 +96,7 @@ def test_qemu_nbd_tls_client_certificate(tmp_path, pki, raw_image):
 
 
 def test_nbdkit_tls_require(tmp_path, pki):
-    srv, cli, _ = pki
+    srv, cli = pki.server, pki.client
     with nbdkit(tmp_path / "s", "memory", "4M", options=("--tls=require", f"--tls-certificates={srv}")) as uri:
         tls_uri = uri.replace("nbd+unix", "nbds+unix") + f"&tls-certificates={cli}"
         with Client.connect(tls_uri, meta_contexts=["base:allocation"]) as c:
@@ -156,7 +122,7 @@ def test_tls_concurrent_writers_and_reader(tmp_path, pki):
     import random
     from concurrent.futures import ThreadPoolExecutor
 
-    srv, cli, _ = pki
+    srv, cli = pki.server, pki.client
     blobs = [random.Random(i).randbytes(1 << 20) for i in range(4)]
     with nbdkit(tmp_path / "s", "memory", "8M", options=("--tls=require", f"--tls-certificates={srv}")) as uri:
         with Client.connect(uri.replace("nbd+unix", "nbds+unix") + f"&tls-certificates={cli}") as c:
@@ -181,9 +147,9 @@ def test_plaintext_behind_the_starttls_ack_is_never_a_reply(tmp_path, pki, when)
     import ssl
     import time
 
-    from fake_nbd_server import FakeServer
+    from helpers.fake_nbd_server import FakeServer
 
-    srv_dir, cli, _ = pki
+    srv_dir, cli = pki.server, pki.client
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(srv_dir / "server-cert.pem"), str(srv_dir / "server-key.pem"))
     # What a forger would want the client to believe: structured replies and a GO answered.

@@ -16,19 +16,19 @@ import sys
 import time
 
 import pytest
-import support
-from qmp_vm import MiB, Vm
+from helpers import support
+from helpers.qmp_vm import MiB, Vm
+from helpers.repo import new_repo
 
 from nbdbackup.engine.backup import BackupOptions, run_backup
 from nbdbackup.errors import ChainBroken, NbdBackupError, NotFound, UsageError
-from nbdbackup.repo.repository import Repository
 from nbdbackup.sources.qmp import QmpSource
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("NBDBACKUP_STATE_DIR", str(tmp_path / "state"))
-    repo = Repository.init(str(tmp_path / "repo"), chunk_size=64 * 1024)
+    repo = new_repo(tmp_path / "repo")
     vms = []
 
     def make_vm(disks=None, **kw):
@@ -418,7 +418,7 @@ def test_our_server_outlives_the_run_while_someone_else_exports_on_it(env, tmp_p
 
 def test_qemu_storage_daemon_two_disks_late_writes_excluded(env, tmp_path):
     """The same guarantees on qemu-storage-daemon, guest writes through FUSE."""
-    from qmp_vm import Qsd
+    from helpers.qmp_vm import Qsd
 
     repo, _, _ = env
     qsd = Qsd(tmp_path, {"d0": 4 * MiB, "d1": 4 * MiB})

@@ -11,8 +11,8 @@ import subprocess
 import time
 
 import pytest
-import support
-from qmp_vm import MiB, Qsd, Vm
+from helpers import support
+from helpers.qmp_vm import MiB, Qsd, Vm
 
 
 def nbb(tmp_path, *args, check=True):

@@ -15,11 +15,11 @@ import socket
 import threading
 
 import pytest
-from qmp_vm import MiB, Vm
+from helpers.qmp_vm import MiB, Vm
+from helpers.repo import new_repo
 
 from nbdbackup.engine.backup import BackupOptions, run_backup
 from nbdbackup.errors import SourceFailed, SourceUnreachable
-from nbdbackup.repo.repository import Repository
 from nbdbackup.sources.qmp import QmpSource
 
 
@@ -80,7 +80,7 @@ class FakeAgent:
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("NBDBACKUP_STATE_DIR", str(tmp_path / "state"))
-    repo = Repository.init(str(tmp_path / "repo"), chunk_size=64 * 1024)
+    repo = new_repo(tmp_path / "repo")
     vm = Vm(tmp_path, {"vda": 4 * MiB})
     agents = []
 

@@ -8,8 +8,8 @@ from alembic import command
 from nbdbackup.repo import Repository
 from nbdbackup.repo.index import alembic_config, make_engine
 
-from repohelp import CS, pseudo, texty, write_full
-from support import nbdbackup
+from helpers.repo import CHUNK_SIZE as CS, pseudo, texty, write_backup
+from helpers.support import nbdbackup
 
 
 def _init(tmp_path, *extra):
@@ -37,7 +37,7 @@ def test_init_options_and_refusals(tmp_path):
 def test_list_table_and_json(tmp_path):
     path = _init(tmp_path)
     with Repository.open(path) as repo:
-        a = write_full(repo, "vda", pseudo(1, 3 * CS), bitmap="b0", checkpoint="c0")
+        a = write_backup(repo, "vda", pseudo(1, 3 * CS), bitmap="b0", checkpoint="c0")
         ws = []
         for disk in ("vda", "vdb"):
             w = repo.writer(disk, kind="full", size=2 * CS)
@@ -64,8 +64,8 @@ def test_list_table_and_json(tmp_path):
 def test_stats(tmp_path):
     path = _init(tmp_path)
     with Repository.open(path) as repo:
-        write_full(repo, "vda", texty(3, 8 * CS) + bytes(8 * CS))
-        write_full(repo, "vdb", texty(3, 8 * CS))
+        write_backup(repo, "vda", texty(3, 8 * CS) + bytes(8 * CS))
+        write_backup(repo, "vdb", texty(3, 8 * CS))
     s = json.loads(nbdbackup("--repo", path, "stats", "--json").stdout)
     assert s["backups"] == 2 and s["logical_bytes"] == 24 * CS
     assert s["chunks"] >= 1 and s["packs"] >= 2

@@ -11,8 +11,8 @@ from nbdbackup.errors import ExitCode, NoSpaceError
 from nbdbackup.repo import Repository
 from nbdbackup.repo.backends import LocalBackend
 
-from repohelp import CS, pseudo, read_all, write_full
-from support import fill_up, nbdbackup, tmpfs
+from helpers.repo import CHUNK_SIZE as CS, new_repo, new_repo_path, pseudo, read_all, write_backup
+from helpers.support import fill_up, nbdbackup, tmpfs
 
 
 _full = threading.local()       # per thread: bytes the "disk" still takes (None: no limit)
@@ -74,16 +74,16 @@ def _check_after_enospc(repo, first, data1):
     assert [b.id for b in repo.list_backups()] == [first.id]       # nothing half committed
     assert read_all(repo, first.id) == data1                       # committed data untouched
     assert os.listdir(os.path.join(repo.path, "tmp")) == []        # no temporary left behind
-    write_full(repo, "vdb", data1[:2 * CS])                        # lock released, repo usable
+    write_backup(repo, "vdb", data1[:2 * CS])                        # lock released, repo usable
 
 
 def test_enospc_in_backend_aborts_cleanly(tmp_path, filling):
     path = str(tmp_path / "r")
-    Repository.init(path, chunk_size=CS, pack_size=256 * 1024).close()
+    new_repo_path(path, pack_size=256 * 1024)
     be = FillingBackend(path, os.path.join(path, "tmp"))
     repo = Repository.open(path, backend=be)
     data1 = pseudo(1, 8 * CS)
-    first = write_full(repo, "vda", data1)
+    first = write_backup(repo, "vda", data1)
     be.budget = 600 * 1024
     data2 = pseudo(2, 40 * CS)
     w = repo.writer("vda", kind="full", size=len(data2))
@@ -106,15 +106,12 @@ def small_tmpfs(tmp_path):
 
 def test_enospc_on_a_real_full_filesystem(small_tmpfs):
     path = str(small_tmpfs / "r")
-    repo = Repository.init(path, chunk_size=CS, pack_size=512 * 1024)
+    repo = new_repo(path, pack_size=512 * 1024)
     data1 = pseudo(3, 8 * CS)
-    first = write_full(repo, "vda", data1)
+    first = write_backup(repo, "vda", data1)
     data2 = pseudo(4, 160 * CS)          # 10 MiB into a 6 MiB file system
-    w = repo.writer("vda", kind="full", size=len(data2))
     with pytest.raises(NoSpaceError):
-        for i in range(w.nchunks):
-            w.put(i, w.prepare(data2[i * CS:(i + 1) * CS]))
-        w.commit(read_bytes=len(data2), duration_s=0)
+        write_backup(repo, "vda", data2)
     repo.close()
     # free the space the aborted run left in sealed packs (gc's job) by reopening and checking reads
     repo = Repository.open(path)
@@ -139,9 +136,9 @@ def test_full_filesystem_is_reported_as_no_space_and_rebuild_leaves_nothing(tmp_
     # hint to run rebuild-index, which then died with an internal error and left index.sqlite.rebuilding.
     with tmpfs(tmp_path / "mnt", "4m") as mnt:
         path = str(mnt / "r")
-        with Repository.init(path, chunk_size=CS, pack_size=256 * 1024) as repo:
+        with new_repo(path, pack_size=256 * 1024) as repo:
             data = pseudo(7, 8 * CS)
-            first = write_full(repo, "vda", data)
+            first = write_backup(repo, "vda", data)
         index_before = open(os.path.join(path, "index.sqlite"), "rb").read()
         filler = fill_up(mnt)
         for args in (["list"], ["verify"], ["stats"], ["restore", "vda", tmp_path / "out.raw"], ["gc"]):
@@ -159,8 +156,8 @@ def test_full_filesystem_is_reported_as_no_space_and_rebuild_leaves_nothing(tmp_
 
 def test_rebuild_index_removes_a_killed_runs_half_made_index(tmp_path):
     path = str(tmp_path / "r")
-    with Repository.init(path, chunk_size=CS) as repo:
-        first = write_full(repo, "vda", pseudo(8, 4 * CS))
+    with new_repo(path) as repo:
+        first = write_backup(repo, "vda", pseudo(8, 4 * CS))
     for suffix in ("", "-wal", "-shm", "-journal"):      # what a run killed at any step leaves
         with open(os.path.join(path, "index.sqlite.rebuilding" + suffix), "wb") as f:
             f.write(b"half made")
@@ -175,9 +172,9 @@ def test_gc_out_of_room_while_repacking_says_threshold_0_needs_none(tmp_path):
     with tmpfs(tmp_path / "mnt", "24m") as mnt:
         path = str(mnt / "r")
         shared = pseudo(9, 48 * CS)
-        with Repository.init(path, chunk_size=CS, pack_size=4 << 20) as repo:
-            old = write_full(repo, "vda", shared + pseudo(10, 16 * CS))       # 4 MiB, one pack
-            keep = write_full(repo, "vdb", shared)                            # dedups onto old's pack
+        with new_repo(path, pack_size=4 << 20) as repo:
+            old = write_backup(repo, "vda", shared + pseudo(10, 16 * CS))       # 4 MiB, one pack
+            keep = write_backup(repo, "vdb", shared)                            # dedups onto old's pack
         nbdbackup("--repo", path, "forget", old.id)
         filler = fill_up(mnt, leave=2 << 20)      # the live 3 MiB of old's pack cannot be copied
         p = nbdbackup("--repo", path, "gc", "--repack-threshold", "1", check=False, timeout=120)

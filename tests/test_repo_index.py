@@ -14,7 +14,7 @@ from nbdbackup.repo.index import (KNOWN_REVISIONS, alembic_config, current_revis
                                   migrations_dir, upgrade)
 from nbdbackup.repo.schema import INDEX_REVISION, metadata
 
-from repohelp import CS, new_repo, pseudo, read_all, write_full
+from helpers.repo import CHUNK_SIZE as CS, new_repo, pseudo, read_all, write_backup
 
 
 def test_code_head_equals_alembic_head(tmp_path):
@@ -39,7 +39,7 @@ def test_migrated_schema_equals_code_schema(tmp_path):
 
 def _older_index_repo(tmp_path):
     """A repository whose index was created at revision 0001 (the way an old tool made it)."""
-    repo = new_repo(tmp_path)
+    repo = new_repo(tmp_path / "repo")
     path, url = repo.path, repo.index_url
     repo.close()
     os.unlink(url.removeprefix("sqlite:///"))
@@ -63,13 +63,13 @@ def test_migrate_upgrades_and_data_works(tmp_path):
     repo.close()
     repo = Repository.open(path)
     data = pseudo(1, 3 * CS)
-    info = write_full(repo, "vda", data, checkpoint="c1", set_id="s1")
+    info = write_backup(repo, "vda", data, checkpoint="c1", set_id="s1")
     assert repo.find_by_checkpoint("vda", "c1") == info
     assert read_all(repo, info.id) == data
 
 
 def test_newer_index_revision_is_refused(tmp_path):
-    repo = new_repo(tmp_path)
+    repo = new_repo(tmp_path / "repo")
     with repo.engine.begin() as c:
         c.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
     repo.close()
@@ -78,7 +78,7 @@ def test_newer_index_revision_is_refused(tmp_path):
 
 
 def test_newer_repository_format_is_refused(tmp_path):
-    repo = new_repo(tmp_path)
+    repo = new_repo(tmp_path / "repo")
     repo.close()
     p = os.path.join(repo.path, "config.json")
     cfg = json.load(open(p))
@@ -97,7 +97,7 @@ def test_not_a_repository(tmp_path):
 
 
 def test_damaged_config_and_index(tmp_path):
-    repo = new_repo(tmp_path)
+    repo = new_repo(tmp_path / "repo")
     repo.close()
     idx = repo.index_url.removeprefix("sqlite:///")
     with open(idx, "r+b") as f:
@@ -117,7 +117,7 @@ def test_damaged_config_and_index(tmp_path):
 
 
 def test_init_refuses_non_empty_and_bad_options(tmp_path):
-    repo = new_repo(tmp_path)
+    repo = new_repo(tmp_path / "repo")
     repo.close()
     with pytest.raises(UsageError, match="already a repository"):
         Repository.init(repo.path)
@@ -135,7 +135,7 @@ def test_external_index_url(tmp_path):
     url = f"sqlite:///{tmp_path}/elsewhere.sqlite"
     repo = Repository.init(str(tmp_path / "r"), chunk_size=CS, index_url=url)
     data = pseudo(2, 2 * CS)
-    write_full(repo, "vda", data)
+    write_backup(repo, "vda", data)
     repo.close()
     assert not os.path.exists(tmp_path / "r" / "index.sqlite")
     with Repository.open(str(tmp_path / "r")) as again:     # the URL is remembered

@@ -12,7 +12,8 @@ from nbdbackup.errors import LockedError
 from nbdbackup.repo import Repository
 from nbdbackup.repo.locks import RepoLock, read_holders
 
-from repohelp import CS, new_repo, pseudo, read_all
+from helpers.repo import CHUNK_SIZE as CS, new_repo, pseudo, read_all, write_backup
+from helpers.support import kill_if_running
 
 WRITE_DISK = textwrap.dedent("""
     import hashlib, sys
@@ -45,10 +46,9 @@ def _expected(seed, n):
 
 
 def test_two_processes_back_up_different_disks_at_once(tmp_path):
-    from repohelp import write_full
-    repo = new_repo(tmp_path, pack_size=1 << 20)       # small packs: many index transactions race
+    repo = new_repo(tmp_path / "repo", pack_size=1 << 20)       # small packs: many index transactions race
     base = pseudo(3, 20 * CS)
-    write_full(repo, "base", base)
+    write_backup(repo, "base", base)
     procs = [subprocess.Popen([sys.executable, "-c", WRITE_DISK, repo.path, disk, str(seed), "150"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for disk, seed in (("vda", 1), ("vdb", 2))]
@@ -72,8 +72,7 @@ def test_two_processes_back_up_different_disks_at_once(tmp_path):
     assert read_all(repo, "vdb") == _expected(2, 150)
 
 
-def test_same_disk_lock_names_holder_and_is_freed_when_holder_dies(tmp_path):
-    repo = new_repo(tmp_path)
+def test_same_disk_lock_names_holder_and_is_freed_when_holder_dies(repo):
     p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, repo.path, "vda"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -92,15 +91,12 @@ def test_same_disk_lock_names_holder_and_is_freed_when_holder_dies(tmp_path):
         assert all(h["pid"] != p.pid for h in read_holders(repo.lock_dir, "disk-vda"))
         assert not [f for f in os.listdir(repo.lock_dir) if f"@{p.pid}-" in f]
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
 
 
-def test_lock_wait_waits_for_release(tmp_path):
+def test_lock_wait_waits_for_release(repo):
     import threading
     import time
-    repo = new_repo(tmp_path)
     lk = repo.lock("writers", exclusive=True)
     threading.Timer(0.3, lk.release).start()
     t0 = time.monotonic()
@@ -113,10 +109,8 @@ def test_lock_wait_waits_for_release(tmp_path):
     lk2.release()
 
 
-def test_readers_block_exclusive_gc_lock(tmp_path):
-    repo = new_repo(tmp_path)
-    from repohelp import write_full
-    write_full(repo, "vda", pseudo(1, CS))
+def test_readers_block_exclusive_gc_lock(repo):
+    write_backup(repo, "vda", pseudo(1, CS))
     img = repo.open_image("vda")
     try:
         with pytest.raises(LockedError, match="readers"):
@@ -126,8 +120,7 @@ def test_readers_block_exclusive_gc_lock(tmp_path):
     repo.lock("readers", exclusive=True).release()
 
 
-def test_gc_lock_blocks_writers_with_lock_wait(tmp_path):
-    repo = new_repo(tmp_path)
+def test_gc_lock_blocks_writers_with_lock_wait(repo):
     gc = repo.lock("writers", exclusive=True, purpose="gc")
     try:
         r2 = Repository.open(repo.path, lock_wait=0.2)
@@ -137,10 +130,8 @@ def test_gc_lock_blocks_writers_with_lock_wait(tmp_path):
         gc.release()
 
 
-def test_open_image_waits_for_exclusive_gc_then_fails_clearly(tmp_path):
-    from repohelp import write_full
-    repo = new_repo(tmp_path)
-    write_full(repo, "vda", pseudo(2, CS))
+def test_open_image_waits_for_exclusive_gc_then_fails_clearly(repo):
+    write_backup(repo, "vda", pseudo(2, CS))
     gc = repo.lock("readers", exclusive=True, purpose="gc")
     try:
         r2 = Repository.open(repo.path, lock_wait=0.2)

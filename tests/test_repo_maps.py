@@ -9,13 +9,13 @@ from nbdbackup.errors import LockedError, NotFound, UsageError
 from nbdbackup.repo import Repository
 from nbdbackup.repo.schema import segments
 
-from repohelp import CS, new_repo, pseudo, read_all, write_full, write_incr
+from helpers.repo import CHUNK_SIZE as CS, new_repo, pseudo, read_all, write_backup
 
 SEG = 4   # map positions per segment in these tests
 
 
 def _repo(tmp_path, **kw):
-    return new_repo(tmp_path, segment_len=SEG, **kw)
+    return new_repo(tmp_path / "repo", segment_len=SEG, **kw)
 
 
 def _mutate(data: bytes, idx: int, seed: int) -> bytes:
@@ -25,24 +25,24 @@ def _mutate(data: bytes, idx: int, seed: int) -> bytes:
 def test_incremental_shares_untouched_segments(tmp_path):
     repo = _repo(tmp_path)
     data = pseudo(1, 16 * CS)           # 4 segments
-    full = write_full(repo, "vda", data)
+    full = write_backup(repo, "vda", data)
     d2 = _mutate(data, 5, 99)           # segment 1 only
-    inc = write_incr(repo, "vda", full, d2, [5])
+    inc = write_backup(repo, "vda", d2, parent=full, changed=[5])
     a, b = repo.segment_refs(full.id), repo.segment_refs(inc.id)
     assert [x == y for x, y in zip(a, b)] == [True, False, True, True]
     assert read_all(repo, inc.id) == d2
     assert read_all(repo, full.id) == data
     # unchanged data re-put gives the very same segment (content addressed)
-    inc2 = write_incr(repo, "vda", inc, d2, [0, 1, 2, 3])
+    inc2 = write_backup(repo, "vda", d2, parent=inc, changed=[0, 1, 2, 3])
     assert repo.segment_refs(inc2.id) == b
 
 
 def test_backups_are_independent_of_their_parents_rows(tmp_path):
     repo = _repo(tmp_path)
     data = pseudo(2, 8 * CS)
-    full = write_full(repo, "vda", data)
+    full = write_backup(repo, "vda", data)
     d2 = _mutate(data, 7, 3)
-    inc = write_incr(repo, "vda", full, d2, [7])
+    inc = write_backup(repo, "vda", d2, parent=full, changed=[7])
     # reading the incremental never consults the parent: drop the parent's backup rows
     from nbdbackup.repo.schema import backup_segments, backups
     from nbdbackup.repo.index import write_txn
@@ -56,7 +56,7 @@ def test_backups_are_independent_of_their_parents_rows(tmp_path):
 def test_short_last_chunk_bit_exact(tmp_path):
     repo = _repo(tmp_path)
     data = pseudo(4, 5 * CS + 4097)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     with repo.open_image(info) as img:
         assert img.nchunks == 6 and len(img.read_chunk(5)) == 4097
         assert img.read(0, len(data)) == data
@@ -71,7 +71,7 @@ def test_short_last_chunk_bit_exact(tmp_path):
 def test_resized_incremental(tmp_path, new_size):
     repo = _repo(tmp_path)
     data = pseudo(5, 9 * CS + 100)
-    full = write_full(repo, "vda", data)
+    full = write_backup(repo, "vda", data)
     new = (data + pseudo(6, max(0, new_size - len(data))))[:new_size]
     if new_size == len(data):
         new = _mutate(new, 2, 7)
@@ -82,7 +82,7 @@ def test_resized_incremental(tmp_path, new_size):
         if min(len(data), new_size) % CS == 0:
             first -= 1
         changed = range(max(first, 0), (new_size + CS - 1) // CS)
-    inc = write_incr(repo, "vda", full, new, list(changed))
+    inc = write_backup(repo, "vda", new, parent=full, changed=list(changed))
     assert inc.size == new_size
     assert read_all(repo, inc.id) == new
 
@@ -112,7 +112,7 @@ def test_full_backup_unput_positions_are_zero(tmp_path):
 def test_incremental_put_zero_overrides_parent(tmp_path):
     repo = _repo(tmp_path)
     data = pseudo(10, 8 * CS)
-    full = write_full(repo, "vda", data)
+    full = write_backup(repo, "vda", data)
     w = repo.writer("vda", kind="incremental", size=len(data), parent=full)
     w.put_zero(3)
     inc = w.commit(read_bytes=0, duration_s=0)
@@ -122,8 +122,8 @@ def test_incremental_put_zero_overrides_parent(tmp_path):
 def test_segments_stored_once(tmp_path):
     repo = _repo(tmp_path)
     data = pseudo(11, 8 * CS)
-    write_full(repo, "vda", data)
-    write_full(repo, "vdb", data)
+    write_backup(repo, "vda", data)
+    write_backup(repo, "vdb", data)
     with repo.engine.connect() as c:
         assert c.execute(select(func.count()).select_from(segments)).scalar() == 2
 
@@ -131,7 +131,7 @@ def test_segments_stored_once(tmp_path):
 def test_concurrent_reads_from_threads(tmp_path):
     repo = _repo(tmp_path)
     data = pseudo(12, 24 * CS + 5)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     errors = []
     with repo.open_image(info) as img:
         def worker(k):
@@ -156,10 +156,7 @@ def test_commit_set_one_transaction_same_set_and_time(tmp_path):
     a, b = pseudo(13, 3 * CS), pseudo(14, 5 * CS)
     ws = []
     for disk, d in (("vda", a), ("vdb", b)):
-        w = repo.writer(disk, kind="full", size=len(d))
-        for i in range(w.nchunks):
-            w.put(i, w.prepare(d[i * CS:(i + 1) * CS]))
-        ws.append(w)
+        write_backup(repo, disk, d, set_writers=ws)
     infos = repo.commit_set(ws, read_bytes=[len(a), len(b)], duration_s=[1.5, 2.5])
     assert infos[0].set_id and infos[0].set_id == infos[1].set_id
     assert infos[0].created == infos[1].created and infos[0].id != infos[1].id
@@ -176,16 +173,16 @@ def test_abort_commits_nothing_and_frees_the_disk(tmp_path):
                 w.put(i, w.prepare(data[i * CS:(i + 1) * CS]))
             raise RuntimeError("source died")
     assert repo.list_backups() == []
-    write_full(repo, "vda", data)           # the disk lock was released
+    write_backup(repo, "vda", data)           # the disk lock was released
     assert len(repo.list_backups()) == 1
 
 
 def test_refs_resolve_latest_checkpoint(tmp_path):
     repo = _repo(tmp_path)
     d = pseudo(16, 2 * CS)
-    f = write_full(repo, "vda", d, checkpoint="cp1", bitmap="b0")
-    i = write_incr(repo, "vda", f, d, [])
-    write_full(repo, "vdb", d)
+    f = write_backup(repo, "vda", d, checkpoint="cp1", bitmap="b0")
+    i = write_backup(repo, "vda", d, parent=f, changed=[])
+    write_backup(repo, "vdb", d)
     assert repo.resolve("vda") == i == repo.latest("vda")
     assert repo.resolve(f.id) == f
     assert repo.find_by_checkpoint("vda", "cp1") == f
@@ -226,9 +223,9 @@ def test_second_writer_of_same_disk_is_locked(tmp_path):
 def test_memory_backend_repository(tmp_path):
     from nbdbackup.repo.backends import MemoryBackend
     be = MemoryBackend()
-    repo = Repository.init(str(tmp_path / "r"), chunk_size=CS, segment_len=SEG, backend=be)
+    repo = new_repo(tmp_path / "r", segment_len=SEG, backend=be)
     data = pseudo(17, 6 * CS + 1)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     assert read_all(repo, info.id) == data
     assert list(be.list("packs/"))
 
@@ -236,11 +233,11 @@ def test_memory_backend_repository(tmp_path):
 def test_extents_merge_across_zero_segments(tmp_path):
     repo = _repo(tmp_path)
     data = bytes(9 * CS) + pseudo(20, 2 * CS) + bytes(4 * CS) + pseudo(21, 100)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     with repo.open_image(info) as img:
         assert list(img.extents()) == [(0, 9 * CS, True), (9 * CS, 2 * CS, False), (11 * CS, 4 * CS, True),
                                        (15 * CS, 100, False)]
-    empty = write_full(repo, "vdb", bytes(10 * CS + 1))
+    empty = write_backup(repo, "vdb", bytes(10 * CS + 1))
     with repo.open_image(empty) as img:
         assert list(img.extents()) == [(0, 10 * CS + 1, True)]
 
@@ -264,7 +261,7 @@ def test_damaged_map_segment_is_repo_damaged(tmp_path):
     from nbdbackup.repo import packs as P
     repo = _repo(tmp_path)
     data = pseudo(23, 8 * CS)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     h = repo.segment_refs(info.id)[1]
     loc = repo.store.segment_locations([h])[h]
     with open(os.path.join(repo.path, P.pack_object_name(loc.pack)), "r+b") as f:

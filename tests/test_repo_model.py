@@ -5,9 +5,7 @@ import hashlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdbackup.repo import Repository
-
-CS = 64 * 1024
+from helpers.repo import CHUNK_SIZE as CS, new_repo
 
 
 def chunk(tag: int) -> bytes:
@@ -29,7 +27,7 @@ step = st.tuples(
 @given(steps=st.lists(step, min_size=1, max_size=4))
 def test_backups_match_model(tmp_path_factory, steps):
     path = tmp_path_factory.mktemp("model")
-    repo = Repository.init(str(path / "r"), chunk_size=CS, segment_len=3, pack_size=300 * 1024)
+    repo = new_repo(path / "r", segment_len=3, pack_size=300 * 1024)
     try:
         parent, model = None, b""
         for nch, cut, puts, rnd in steps:

@@ -10,15 +10,12 @@ import os
 import shutil
 
 import pytest
-from maint_support import new_repo, read_all, write_backup
-from repohelp import pseudo
-from support import nbdbackup, nbdbackup_without_dac_override, read_only_view, require_tool, run
-from test_serve_support import serve
+from helpers.repo import CHUNK_SIZE as CS, new_repo_path, pseudo, read_all, write_backup
+from helpers.serve import serve
+from helpers.support import nbdbackup, nbdbackup_without_dac_override, read_only_view, require_tool, run
 
 from nbdbackup.errors import ExitCode
 from nbdbackup.repo import Repository
-
-CS = 64 * 1024
 
 
 def _assert_error(p, code, *needles):
@@ -32,7 +29,7 @@ def _assert_error(p, code, *needles):
 @pytest.fixture
 def source_repo(tmp_path):
     """A repository with two disks' backups; returns (path, {id: data})."""
-    path = new_repo(tmp_path / "src", pack_size=256 * 1024)
+    path = new_repo_path(tmp_path / "src", pack_size=256 * 1024)
     datas = {}
     with Repository.open(path) as repo:
         for disk, seed in (("vda", 1), ("vdb", 2)):
@@ -72,7 +69,7 @@ def _serve_and_read(repo, tmp_path, datas):
 def test_a_read_only_copy_taken_with_a_write_ahead_log_shows_every_backup(tmp_path):
     # A copy made while a writer had the index open carries index.sqlite-wal holding the newest
     # commits; opening the copy "immutable" would silently drop them.
-    path = new_repo(tmp_path / "live")
+    path = new_repo_path(tmp_path / "live")
     repo = Repository.open(path)
     try:
         ids = [write_backup(repo, f"d{i}", pseudo(i, 2 * CS)).id for i in range(3)]
@@ -104,7 +101,6 @@ def test_writing_commands_on_a_read_only_mount_exit_14(source_repo, tmp_path):
         assert sorted(b.id for b in repo.list_backups()) == sorted(datas)
         for bid, data in datas.items():
             assert read_all(repo, bid) == data
-
 
 
 def test_a_user_without_access_gets_permission_denied(source_repo, tmp_path):

@@ -10,7 +10,7 @@ from nbdbackup.repo import packs as P
 from nbdbackup.repo.chunks import ZERO_REF, prepare
 from nbdbackup.repo.schema import chunks
 
-from repohelp import CS, new_repo, pack_files, pseudo, read_all, texty, write_full
+from helpers.repo import CHUNK_SIZE as CS, pack_files, pseudo, read_all, texty, write_backup
 
 
 def _nchunks(repo):
@@ -18,28 +18,25 @@ def _nchunks(repo):
         return c.execute(select(func.count()).select_from(chunks)).scalar()
 
 
-def test_same_bytes_in_two_disks_stored_once(tmp_path):
-    repo = new_repo(tmp_path)
+def test_same_bytes_in_two_disks_stored_once(repo):
     data = pseudo(1, 8 * CS)
-    a = write_full(repo, "vda", data)
+    a = write_backup(repo, "vda", data)
     n1 = _nchunks(repo)
-    b = write_full(repo, "vdb", data)
+    b = write_backup(repo, "vdb", data)
     assert _nchunks(repo) == n1 == 8
     assert a.stored_bytes > 8 * CS and b.stored_bytes < CS   # second stores only its map/manifest
     assert read_all(repo, b.id) == data
 
 
-def test_repeated_chunk_within_a_disk_stored_once(tmp_path):
-    repo = new_repo(tmp_path)
+def test_repeated_chunk_within_a_disk_stored_once(repo):
     data = pseudo(2, CS) * 6 + pseudo(3, CS)
-    write_full(repo, "vda", data)
+    write_backup(repo, "vda", data)
     assert _nchunks(repo) == 2
 
 
-def test_zero_chunks_get_no_row_and_read_back(tmp_path):
-    repo = new_repo(tmp_path)
+def test_zero_chunks_get_no_row_and_read_back(repo):
     data = bytes(3 * CS) + pseudo(4, CS) + bytes(CS)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     assert _nchunks(repo) == 1
     with repo.open_image(info) as img:
         assert [img.is_zero(i) for i in range(5)] == [True, True, True, False, True]
@@ -56,10 +53,9 @@ def test_prepare_skips_compression_when_it_does_not_pay():
     assert z.is_zero and z.hash == ZERO_REF and z.payload == b""
 
 
-def test_compressed_data_reads_back(tmp_path):
-    repo = new_repo(tmp_path)
+def test_compressed_data_reads_back(repo):
     data = texty(7, 10 * CS + 123)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     assert info.stored_bytes < len(data) // 2
     assert read_all(repo, info.id) == data
 
@@ -75,10 +71,9 @@ def _flip_byte_in_chunk_payload(repo, data_chunk_hash):
 
 
 @pytest.mark.parametrize("content", ["random", "text"])
-def test_damaged_pack_raises_chunk_corrupt_with_range(tmp_path, content):
-    repo = new_repo(tmp_path)
+def test_damaged_pack_raises_chunk_corrupt_with_range(repo, content):
     data = (pseudo if content == "random" else texty)(8, 4 * CS)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     h = prepare(data[2 * CS:3 * CS], repo.compression_level).hash
     _flip_byte_in_chunk_payload(repo, h)
     repo.close()
@@ -93,10 +88,9 @@ def test_damaged_pack_raises_chunk_corrupt_with_range(tmp_path, content):
             img.read(0, len(data))
 
 
-def test_missing_pack_raises_chunk_corrupt(tmp_path):
-    repo = new_repo(tmp_path)
+def test_missing_pack_raises_chunk_corrupt(repo):
     data = pseudo(9, 3 * CS)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     h = prepare(data[:CS], repo.compression_level).hash
     loc = repo.store.chunk_locations([h])[h]
     repo.close()
@@ -106,10 +100,9 @@ def test_missing_pack_raises_chunk_corrupt(tmp_path):
         img.read_chunk(0)
 
 
-def test_packs_are_self_describing(tmp_path):
-    repo = new_repo(tmp_path)
+def test_packs_are_self_describing(repo):
     data = pseudo(10, 5 * CS)
-    write_full(repo, "vda", data)
+    write_backup(repo, "vda", data)
     types = []
     for f in pack_files(repo):
         name = os.path.basename(f)[:-5]
@@ -119,10 +112,9 @@ def test_packs_are_self_describing(tmp_path):
     assert types.count(P.REC_MANIFEST) == 1
 
 
-def test_index_table_lost_under_an_open_image_is_repo_damaged(tmp_path):
-    repo = new_repo(tmp_path)
+def test_index_table_lost_under_an_open_image_is_repo_damaged(repo):
     data = pseudo(11, 3 * CS)
-    info = write_full(repo, "vda", data)
+    info = write_backup(repo, "vda", data)
     with repo.open_image(info.id) as img:
         with repo.engine.begin() as c:
             c.exec_driver_sql("DROP TABLE chunks")

@@ -16,9 +16,9 @@ import shutil
 import sqlite3
 
 import pytest
-from maint_support import CS, disk_data, new_repo, write_backup
-from support import nbdbackup, require_tool, run
-from test_serve_support import serve
+from helpers.repo import CHUNK_SIZE as CS, disk_data, new_repo_path, write_backup
+from helpers.serve import serve
+from helpers.support import nbdbackup, require_tool, run
 
 from nbdbackup.errors import RepoDamaged
 from nbdbackup.repo import Repository
@@ -31,7 +31,7 @@ PAGE = 4096
 def pristine(tmp_path_factory):
     """A repository with three backups (vda full + incremental, vdb full) and their exact bytes.
     Each disk ends with a zero chunk, so a shorter size still reads a full last chunk."""
-    path = new_repo(tmp_path_factory.mktemp("tamper") / "repo", segment_len=SEG, pack_size=256 * 1024)
+    path = new_repo_path(tmp_path_factory.mktemp("tamper") / "repo", segment_len=SEG, pack_size=256 * 1024)
     rng = random.Random(10)
     expected = {}
     with Repository.open(path) as repo:

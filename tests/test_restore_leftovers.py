@@ -12,8 +12,8 @@ import subprocess
 import time
 
 import pytest
-from maint_support import CS, new_repo, write_backup
-from support import nbdbackup, nbdbackup_exe
+from helpers.repo import CHUNK_SIZE as CS, new_repo_path, write_backup
+from helpers.support import nbdbackup, nbdbackup_exe
 
 from nbdbackup.repo import Repository
 
@@ -22,7 +22,7 @@ NCHUNKS = 768          # 48 MiB: a restore runs long enough to be caught mid-cop
 
 @pytest.fixture(scope="module")
 def backup(tmp_path_factory):
-    path = new_repo(tmp_path_factory.mktemp("leftovers") / "repo")
+    path = new_repo_path(tmp_path_factory.mktemp("leftovers") / "repo")
     data = random.Random(8).randbytes(NCHUNKS * CS)
     with Repository.open(path) as repo:
         info = write_backup(repo, "vda", data)
@@ -34,10 +34,8 @@ def _temps(d) -> list[str]:
 
 
 def _start_restore(repo, bid, target) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("NBDBACKUP_REPO", None)
     return subprocess.Popen([nbdbackup_exe(), "restore", "--repo", repo, bid, str(target), "--force"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _wait_writing(proc, d, known: set[str], timeout=30.0) -> str | None:
@@ -141,10 +139,8 @@ def test_target_too_large_for_its_file_system_leaves_nothing(backup, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # EFBIG instead of a kill
 
-    env = dict(os.environ)
-    env.pop("NBDBACKUP_REPO", None)
     p = subprocess.run([nbdbackup_exe(), "restore", "--repo", repo, bid, str(tmp_path / "disk.raw")],
-                       preexec_fn=cap, capture_output=True, text=True, env=env, timeout=120)
+                       preexec_fn=cap, capture_output=True, text=True, timeout=120)
     assert p.returncode == 4, p.stderr
     assert f"cannot make a file of {NCHUNKS * CS} bytes" in p.stderr and "hint:" in p.stderr
     assert os.listdir(tmp_path) == []

@@ -13,8 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import support
-from test_serve_support import repo_with_vm1, serve
+from helpers import support
+from helpers.repo import repo_with_vm1
+from helpers.serve import serve
 
 from nbdbackup.errors import UsageError
 from nbdbackup.nbd import server_socket

@@ -7,8 +7,9 @@ import os
 import subprocess
 
 import pytest
-import support
-from test_serve_support import (CHUNK, RawClient, backup_bytes, init_repo, make_image, serve)
+from helpers import support
+from helpers.repo import CHUNK_SIZE as CHUNK, mixed_image, new_repo, write_backup
+from helpers.serve import RawClient, serve
 
 from nbdbackup.nbd import proto
 
@@ -18,18 +19,18 @@ SIZE = 4 * 1024 * 1024 + 12345       # not a multiple of the chunk size
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-repo")
-    r = init_repo(d / "repo")
+    r = new_repo(d / "repo")
     imgs = {}
     try:
-        a1 = make_image(d / "a1.raw", SIZE, 1)
-        i1 = backup_bytes(r, "vm1", a1)
+        a1 = mixed_image(d / "a1.raw", SIZE, 1)
+        i1 = write_backup(r, "vm1", a1, zero_holes=True)
         a2 = bytearray(a1)
         a2[100000:100000 + 70000] = os.urandom(70000)
         a2[2 * CHUNK:3 * CHUNK] = bytes(CHUNK)
         (d / "a2.raw").write_bytes(a2)
-        i2 = backup_bytes(r, "vm1", bytes(a2))
-        b1 = make_image(d / "b1.raw", 3 * 1024 * 1024, 7)
-        i3 = backup_bytes(r, "vm2", b1)
+        i2 = write_backup(r, "vm1", bytes(a2), zero_holes=True)
+        b1 = mixed_image(d / "b1.raw", 3 * 1024 * 1024, 7)
+        i3 = write_backup(r, "vm2", b1, zero_holes=True)
         imgs = {i1.id: d / "a1.raw", i2.id: d / "a2.raw", i3.id: d / "b1.raw",
                 "vm1": d / "a2.raw", "vm2": d / "b1.raw"}
     finally:

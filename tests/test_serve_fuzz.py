@@ -11,7 +11,8 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serve_support import RawClient, repo_with_vm1, serve, wait_until
+from helpers.repo import repo_with_vm1
+from helpers.serve import RawClient, serve, wait_until
 
 from nbdbackup.nbd import proto
 

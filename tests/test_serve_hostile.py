@@ -8,8 +8,9 @@ import struct
 import time
 
 import pytest
-import support
-from test_serve_support import CHUNK, RawClient, backup_bytes, init_repo, repo_with_vm1, serve, wait_until
+from helpers import support
+from helpers.repo import CHUNK_SIZE as CHUNK, new_repo, repo_with_vm1, write_backup
+from helpers.serve import RawClient, serve, wait_until
 
 from nbdbackup.nbd import proto
 
@@ -190,10 +191,10 @@ def test_vanishing_clients_leak_nothing(served):
 
 
 def test_corrupt_chunk_is_eio_never_wrong_bytes(tmp_path):
-    r = init_repo(tmp_path / "repo")
+    r = new_repo(tmp_path / "repo")
     try:
         rnd = os.urandom(16 * CHUNK)       # incompressible: the pack is mostly chunk payloads
-        backup_bytes(r, "vm1", rnd)
+        write_backup(r, "vm1", rnd, zero_holes=True)
     finally:
         r.close()
     packs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "repo" / "packs") for f in fs]

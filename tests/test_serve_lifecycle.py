@@ -8,8 +8,9 @@ import socket
 import struct
 
 import pytest
-import support
-from test_serve_support import RawClient, repo_with_vm1, serve, wait_until
+from helpers import support
+from helpers.repo import repo_with_vm1
+from helpers.serve import RawClient, serve, wait_until
 
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.server import ListenAddress

@@ -4,44 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import struct
 import subprocess
 import time
 
 import pytest
-import support
-from test_serve_support import RawClient, repo_with_vm1, serve, wait_until
+from helpers import support
+from helpers.repo import repo_with_vm1
+from helpers.serve import RawClient, serve, wait_until
 
 from nbdbackup.nbd import proto
-
-
-def _openssl(*args, cwd):
-    support.run(["openssl", *args], cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A CA, a server certificate and a client certificate, all made by openssl here."""
-    support.require_tool("openssl")
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
-             "-days", "2", "-subj", "/CN=nbdbackup test CA", cwd=d)
-    for who, ext in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
-                     ("client", "extendedKeyUsage=clientAuth\n")):
-        (d / f"{who}.ext").write_text(ext)
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}-key.pem", "-out", f"{who}.csr",
-                 "-subj", f"/CN={'localhost' if who == 'server' else 'client'}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-                 "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d)
-    client_dir = d / "client"          # the layout qemu and libnbd read
-    client_dir.mkdir()
-    for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
-        shutil.copy(d / f, client_dir / f)
-    ca_only = d / "ca-only"
-    ca_only.mkdir()
-    shutil.copy(d / "ca-cert.pem", ca_only / "ca-cert.pem")
-    return d, client_dir, ca_only
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +29,7 @@ def _tls_args(d, with_ca: bool):
 
 
 def test_tls_required_and_working(pki, repo, tmp_path):
-    d, client_dir, _ = pki
+    d, client_dir = pki.server, pki.client
     path, raw = repo
     nbdinfo = support.require_tool("nbdinfo")
     qemu_img = support.require_tool("qemu-img")
@@ -92,7 +64,7 @@ def test_tls_required_and_working(pki, repo, tmp_path):
 
 
 def test_tls_client_certificates(pki, repo, tmp_path):
-    d, client_dir, ca_only = pki
+    d, client_dir, ca_only = pki.server, pki.client, pki.ca_only
     path, raw = repo
     nbdinfo = support.require_tool("nbdinfo")
     with serve(path, tmp_path, *_tls_args(d, with_ca=True)) as s:
@@ -117,7 +89,7 @@ def _tls_session(c: RawClient, client_dir):
 def test_starttls_plaintext_injection_closes_the_connection(pki, repo, tmp_path):
     """CVE-2021-3716 (nbdkit): options sent in plaintext right behind STARTTLS, in the same
     segment, must never be executed inside the TLS session. We close the connection."""
-    d, client_dir, _ = pki
+    d, client_dir = pki.server, pki.client
     path, _ = repo
     starttls = proto.OPTION_REQUEST.pack(proto.IHAVEOPT, proto.OPT_STARTTLS, 0)
     injected = proto.OPTION_REQUEST.pack(proto.IHAVEOPT, proto.OPT_STRUCTURED_REPLY, 0)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 
-import support
-from test_serve_support import backup_bytes, init_repo, serve, wait_until
+from helpers import support
+from helpers.repo import new_repo, write_backup
+from helpers.serve import serve, wait_until
 
 DEEP_LBA = 16384                      # 8 MiB / 512
 MARKER = b"NBDBACKUP-DEEP-SECTOR-" + os.urandom(6).hex().encode() + b"-OK"
@@ -56,9 +57,9 @@ def test_vm_boots_from_writable_export(tmp_path):
     disk = bytearray(9 * 1024 * 1024)
     disk[:512] = boot_sector()
     disk[DEEP_LBA * 512:DEEP_LBA * 512 + len(MARKER) + 1] = MARKER + b"\0"
-    r = init_repo(tmp_path / "repo")
+    r = new_repo(tmp_path / "repo")
     try:
-        backup_bytes(r, "bootdisk", bytes(disk))
+        write_backup(r, "bootdisk", bytes(disk), zero_holes=True)
     finally:
         r.close()
     serial = tmp_path / "serial.txt"

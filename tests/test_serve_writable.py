@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import textwrap
 
-import support
-from test_serve_support import (CHUNK, RawClient, backup_bytes, init_repo, make_image, serve)
+from helpers import support
+from helpers.repo import CHUNK_SIZE as CHUNK, mixed_image, new_repo, write_backup
+from helpers.serve import RawClient, serve
 
 from nbdbackup.nbd import proto
 from nbdbackup.repo import Repository
@@ -15,13 +16,13 @@ SIZE = 2 * 1024 * 1024
 
 
 def _repo(tmp_path, disks=("vm1",)):
-    r = init_repo(tmp_path / "repo")
+    r = new_repo(tmp_path / "repo")
     data = {}
     infos = {}
     try:
         for k, d in enumerate(disks):
-            data[d] = make_image(tmp_path / f"{d}.raw", SIZE, 10 + k)
-            infos[d] = backup_bytes(r, d, data[d])
+            data[d] = mixed_image(tmp_path / f"{d}.raw", SIZE, 10 + k)
+            infos[d] = write_backup(r, d, data[d], zero_holes=True)
     finally:
         r.close()
     return tmp_path / "repo", data, infos
@@ -143,8 +144,8 @@ def test_new_backup_visible_and_alias_binds_at_connect(tmp_path):
             new[0:CHUNK] = b"N" * CHUNK
             r = Repository.open(str(path))
             try:
-                info2 = backup_bytes(r, "vm1", bytes(new))
-                backup_bytes(r, "vm9", bytes(CHUNK))
+                info2 = write_backup(r, "vm1", bytes(new), zero_holes=True)
+                write_backup(r, "vm9", bytes(CHUNK), zero_holes=True)
             finally:
                 r.close()
             names = support.run([nbdinfo, "--list", s.uri("")]).stdout

@@ -1,10 +1,11 @@
 """Crash-test helper: writes backups through the Repository API until killed.
 
-Run as a script by tests/test_maint_crash.py:
+Run as a script by tests/test_maint_crash.py (command() and environment() say how:
+`python -m helpers.crash_writer` with tests/ on PYTHONPATH, so it imports helpers as tests do):
 
-    python maint_crash_writer.py REPO SEED COUNT
-    python maint_crash_writer.py REPO gc          (gc, repacking every pack with dead data)
-    python maint_crash_writer.py REPO rebuild-index
+    python -m helpers.crash_writer REPO SEED COUNT
+    python -m helpers.crash_writer REPO gc          (gc, repacking every pack with dead data)
+    python -m helpers.crash_writer REPO rebuild-index
 
 Disk contents are a pure function of (seed, disk, version), see content(),
 so the test can rebuild what every committed backup must hold from the
@@ -28,10 +29,23 @@ import os
 import signal
 import sys
 
-CHUNK = 64 * 1024
+from helpers.repo import CHUNK_SIZE as CHUNK
+
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NCHUNKS = 40
 SIZE = CHUNK * NCHUNKS - 1000       # short last chunk
 DISKS = ("vda", "vdb")
+
+
+def command(*args) -> list[str]:
+    """The command line that runs this script with *args*."""
+    return [sys.executable, "-m", "helpers.crash_writer", *map(str, args)]
+
+
+def environment(**variables: str) -> dict[str, str]:
+    """os.environ plus *variables*, with tests/ on PYTHONPATH (where command() finds helpers)."""
+    path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **variables)
 
 
 def _h(*parts) -> int:
@@ -175,14 +189,14 @@ def write_backup(repo, seed: int, version: int, disks, latest) -> None:
 def main(argv: list[str]) -> int:
     from nbdbackup.repo import Repository
 
-    if argv[1] == "gc":                 # python maint_crash_writer.py REPO gc: a gc that may be killed
+    if argv[1] == "gc":                 # REPO gc: a gc that may be killed
         from nbdbackup.repo.gc import collect
 
         _arm_kill_point()
         with Repository.open(argv[0]) as repo:
             print(collect(repo, repack_threshold=1.0).to_json(), flush=True)
         return 0
-    if argv[1] == "rebuild-index":      # python maint_crash_writer.py REPO rebuild-index
+    if argv[1] == "rebuild-index":      # REPO rebuild-index
         from nbdbackup.repo.rebuild import rebuild_index
 
         _arm_kill_point()

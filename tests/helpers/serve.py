@@ -1,14 +1,10 @@
-"""Helpers for the serve tests: real repositories, a running `nbdbackup serve`,
-and a small raw NBD client that can misbehave on purpose.
-
-(No tests here; the name keeps it inside the serve area.)
-"""
+"""Helpers for the serve tests: a running `nbdbackup serve` (or its server in-process),
+and a small raw NBD client that can misbehave on purpose."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import socket
 import struct
@@ -16,63 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import support
+from helpers import support
 
 from nbdbackup.nbd import proto
-
-CHUNK = 64 * 1024
-
-
-# --- repositories -------------------------------------------------------------
-def make_image(path: Path, size: int, seed: int, *, deep: dict[int, bytes] | None = None) -> bytes:
-    """Mixed content: random chunks, text chunks, zero chunks, an unaligned tail."""
-    rnd = random.Random(seed)
-    buf = bytearray(size)
-    for off in range(0, size, CHUNK):
-        kind = rnd.choice(["random", "text", "zero", "zero", "partial"])
-        n = min(CHUNK, size - off)
-        if kind == "random":
-            buf[off:off + n] = rnd.randbytes(n)
-        elif kind == "text":
-            line = f"seed {seed} chunk at {off} says hello\n".encode()
-            buf[off:off + n] = (line * (n // len(line) + 1))[:n]
-        elif kind == "partial":
-            k = rnd.randrange(1, n)
-            buf[off + k - 1] = rnd.randrange(1, 256)
-    for off, data in (deep or {}).items():
-        buf[off:off + len(data)] = data
-    path.write_bytes(bytes(buf))
-    return bytes(buf)
-
-
-def init_repo(path: Path):
-    from nbdbackup.repo import Repository
-
-    return Repository.init(str(path), chunk_size=CHUNK)
-
-
-def backup_bytes(repo, disk: str, data: bytes):
-    """Commit *data* as a full backup of *disk* through the writer API."""
-    w = repo.writer(disk, kind="full", size=len(data))
-    for i in range(0, (len(data) + CHUNK - 1) // CHUNK):
-        piece = data[i * CHUNK:(i + 1) * CHUNK]
-        if piece.count(0) == len(piece):
-            w.put_zero(i)
-        else:
-            w.put(i, w.prepare(piece))
-    info = w.commit(read_bytes=len(data), duration_s=0.0)
-    time.sleep(0.002)    # distinct creation times (ms resolution) keep "latest" unambiguous
-    return info
-
-
-def repo_with_vm1(d: Path, size: int, seed: int):
-    """d/repo holding one full backup of disk vm1 (whose bytes are also in d/vm1.raw): (data, info)."""
-    r = init_repo(d / "repo")
-    try:
-        data = make_image(d / "vm1.raw", size, seed)
-        return data, backup_bytes(r, "vm1", data)
-    finally:
-        r.close()
 
 
 # --- the server ----------------------------------------------------------------
@@ -127,9 +69,7 @@ def serve(repo_path: Path, tmp: Path, *args: str, sock: str | None = None, port:
     listen_args = ["--listen", listen] if listen else []
     errp = tmp / f"serve-{time.monotonic_ns()}.log"
     errf = open(errp, "w")
-    e = dict(os.environ)
-    e.pop("NBDBACKUP_REPO", None)
-    e.update(env or {})
+    e = dict(os.environ, **(env or {}))     # conftest keeps NBDBACKUP_* out of os.environ
     proc = subprocess.Popen([support.nbdbackup_exe(), "-v", "serve", "--repo", str(repo_path),
                              *listen_args, *args], stdout=subprocess.PIPE, stderr=errf, env=e, text=True)
     s = Served(proc, sock, port, errp)

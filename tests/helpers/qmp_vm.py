@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import support
+from helpers import support
 
 MiB = 1024 * 1024
 
@@ -140,7 +140,6 @@ class Vm:
             except Exception:   # qemu already gone after quit: EOF on close
                 pass
             self.mon = None
-
 
 
 class Qsd:

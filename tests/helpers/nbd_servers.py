@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 from pathlib import Path
 
-import support
-
-
-from support import wait_listening  # noqa: F401  (re-exported for the client tests)
-
-
-@contextlib.contextmanager
-def qemu_nbd(image: Path, sock: Path, **kw):
-    """support.qemu_nbd (which returns only once the socket really listens)."""
-    with support.qemu_nbd(image, sock, **kw) as uri:
-        yield uri
+from helpers import support
 
 
 def make_qcow2_with_bitmap(path: Path, size: str = "64M") -> Path:
@@ -45,6 +34,12 @@ def nbdinfo_map(uri: str, context: str | None = None) -> list[tuple[int, int, in
     return merge([(e["offset"], e["length"], e["type"]) for e in out])
 
 
+def qcow2_with_bitmap_and_raw(d: Path) -> tuple[Path, bytes]:
+    """make_qcow2_with_bitmap() in *d*, and its content as raw bytes."""
+    img = make_qcow2_with_bitmap(d / "d.qcow2")
+    return img, convert_raw(img, d / "d.raw")
+
+
 def merge(extents) -> list[tuple[int, int, int]]:
     res: list[list[int]] = []
     for off, n, t in extents:
@@ -63,12 +58,8 @@ def nbdkit(sock: Path, plugin: str, *args: str, filters: tuple[str, ...] = (), o
     pidfile.unlink(missing_ok=True)
     cmd = [exe, "-f", "-U", str(sock), "-P", str(pidfile), *options, *[f"--filter={f}" for f in filters],
            plugin, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        support.wait_for_path(pidfile, proc=proc)
+    with support.running(cmd, lambda proc: support.wait_for_path(pidfile, proc=proc)):
         yield f"nbd+unix:///?socket={sock}"
-    finally:
-        support.stop(proc)
 
 
 @contextlib.contextmanager
@@ -81,12 +72,8 @@ def qsd_export(image: Path, sock: Path, *, name: str = "disk", bitmap: str | Non
     cmd = [exe, "--blockdev", f"driver=file,node-name=f0,filename={image}",
            "--blockdev", "driver=qcow2,node-name=d0,file=f0",
            "--nbd-server", f"addr.type=unix,addr.path={sock}", "--export", export]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_listening(sock, proc=proc)
+    with support.running(cmd, lambda proc: support.wait_listening(sock, proc=proc)):
         yield f"nbd+unix:///{name}?socket={sock}"
-    finally:
-        support.stop(proc)
 
 
 @contextlib.contextmanager
@@ -106,10 +93,5 @@ def nbd_server(image: Path, tmp: Path, *, name: str = "disk", readonly: bool = F
         f"  exportname = {image}\n"
         f"  readonly = {'true' if readonly else 'false'}\n"
         "  flush = true\n  fua = true\n  trim = true\n")
-    proc = subprocess.Popen([exe, "-C", str(conf), "-d"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        wait_listening(sock, proc=proc)
+    with support.running([exe, "-C", str(conf), "-d"], lambda proc: support.wait_listening(sock, proc=proc)):
         yield f"nbd+unix:///{name}?socket={sock}"
-    finally:
-        support.stop(proc)

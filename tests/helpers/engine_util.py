@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import support
+from helpers import support
 
 KiB, MiB = 1 << 10, 1 << 20
 

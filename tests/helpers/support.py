@@ -108,14 +108,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_if_running(proc: subprocess.Popen) -> None:
+    """SIGKILL *proc* if it has not exited, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM *proc*, then SIGKILL it if it is not gone after *timeout* seconds."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            kill_if_running(proc)
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], ready):
+    """*cmd* in the background (stderr kept for ready's error message) until the block ends,
+    then stopped; ready(proc) returns once it serves (e.g. wait_listening)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        ready(proc)
+        yield proc
+    finally:
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -129,12 +148,8 @@ def qemu_nbd(image: str | Path, sock: str | Path, *, fmt: str = "qcow2", connect
     for b in bitmaps:
         cmd += ["-B", b]
     cmd += [*extra, str(image)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_listening(sock, proc=proc)
+    with running(cmd, lambda proc: wait_listening(sock, proc=proc)):
         yield f"nbd+unix:///?socket={sock}"
-    finally:
-        stop(proc)
 
 
 def nbdbackup_exe() -> str:
@@ -153,13 +168,11 @@ def nbdbackup_on_a_tty(*args, timeout: float = 120) -> str:
     import struct
     import termios
 
-    env = dict(os.environ)
-    env.pop("NBDBACKUP_REPO", None)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     try:
         proc = subprocess.Popen([nbdbackup_exe(), *map(str, args)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=slave, env=env)
+                                stdout=subprocess.PIPE, stderr=slave)
     finally:
         os.close(slave)
     chunks = []
@@ -175,19 +188,14 @@ def nbdbackup_on_a_tty(*args, timeout: float = 120) -> str:
         proc.wait(timeout=timeout)
     finally:
         os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")
     return b"".join(chunks).decode(errors="replace")
 
 
 def nbdbackup(*args, check=True, env=None, cwd=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run the installed CLI the way a user does."""
-    e = dict(os.environ)
-    e.pop("NBDBACKUP_REPO", None)
-    if env:
-        e.update(env)
+    e = dict(os.environ, **(env or {}))     # conftest keeps NBDBACKUP_* out of os.environ
     cmd = [nbdbackup_exe(), *map(str, args)]
     return run(cmd, check=check, env=e, cwd=cwd, timeout=timeout, **kw)
 
