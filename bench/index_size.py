@@ -34,7 +34,7 @@ from nbdbackup.repo.config import parse_size  # noqa: E402
 
 
 def index_bytes(repo: Repository) -> int:
-    with repo.engine.connect() as c:
+    with repo.index_db.connect() as c:
         c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     p = repo.index_url.removeprefix("sqlite:///")
     return sum(os.path.getsize(p + s) for s in ("", "-wal") if os.path.exists(p + s))

@@ -40,7 +40,7 @@ def fill(repo: Repository, n: int, disks: int) -> None:
                          parent=None, created_ms=to_ms(created), size=100 << 30, chunk_size=repo.chunk_size,
                          read_bytes=1 << 30, stored_bytes=300 << 20, duration_s=12.5, bitmap="b", checkpoint=f"c{i}",
                          set_id=None, source="bench", manifest_hash=i.to_bytes(32, "little")))
-    with write_txn(repo.engine) as c:
+    with write_txn(repo.index_db) as c:
         c.execute(insert(backups), rows)
 
 

@@ -59,7 +59,7 @@ def test_older_index_is_refused_naming_migrate(tmp_path):
 def test_migrate_upgrades_and_data_works(tmp_path):
     path = _older_index_repo(tmp_path)
     repo = Repository.open(path, check=False)
-    assert upgrade(repo.engine) == ("0001", INDEX_REVISION)
+    assert upgrade(repo.index_db) == ("0001", INDEX_REVISION)
     repo.close()
     repo = Repository.open(path)
     data = pseudo(1, 3 * CS)
@@ -70,7 +70,7 @@ def test_migrate_upgrades_and_data_works(tmp_path):
 
 def test_newer_index_revision_is_refused(tmp_path):
     repo = new_repo(tmp_path / "repo")
-    with repo.engine.begin() as c:
+    with repo.index_db.begin() as c:
         c.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
     repo.close()
     with pytest.raises(RepoFormatError, match="newer"):

@@ -46,7 +46,7 @@ def test_backups_are_independent_of_their_parents_rows(tmp_path):
     # reading the incremental never consults the parent: drop the parent's backup rows
     from nbdbackup.repo.schema import backup_segments, backups
     from nbdbackup.repo.index import write_txn
-    with write_txn(repo.engine) as c:
+    with write_txn(repo.index_db) as c:
         pk = c.execute(select(backups.c.pk).where(backups.c.id == full.id)).scalar()
         c.execute(backup_segments.delete().where(backup_segments.c.backup_pk == pk))
         c.execute(backups.delete().where(backups.c.pk == pk))
@@ -124,7 +124,7 @@ def test_segments_stored_once(tmp_path):
     data = pseudo(11, 8 * CS)
     write_backup(repo, "vda", data)
     write_backup(repo, "vdb", data)
-    with repo.engine.connect() as c:
+    with repo.index_db.connect() as c:
         assert c.execute(select(func.count()).select_from(segments)).scalar() == 2
 
 

@@ -14,7 +14,7 @@ from helpers.repo import CHUNK_SIZE as CS, pack_files, pseudo, read_all, texty, 
 
 
 def _nchunks(repo):
-    with repo.engine.connect() as c:
+    with repo.index_db.connect() as c:
         return c.execute(select(func.count()).select_from(chunks)).scalar()
 
 
@@ -116,7 +116,7 @@ def test_index_table_lost_under_an_open_image_is_repo_damaged(repo):
     data = pseudo(11, 3 * CS)
     info = write_backup(repo, "vda", data)
     with repo.open_image(info.id) as img:
-        with repo.engine.begin() as c:
+        with repo.index_db.begin() as c:
             c.exec_driver_sql("DROP TABLE chunks")
         with pytest.raises(RepoDamaged, match="index"):
             img.read_chunk(0)

@@ -334,7 +334,7 @@ def test_manifest_encoded_differently_still_opens(repo_copy, tmp_path):
             repo.backend.put_aligned(P.pack_object_name(builder.name), buf, size)
         finally:
             builder.release()
-        with write_txn(repo.engine) as conn:
+        with write_txn(repo.index_db) as conn:
             conn.execute(schema.packs.insert().values(name=builder.name, size=size, created_ms=to_ms(now_ms())))
             conn.execute(update(schema.backups).where(schema.backups.c.id == vdb).values(manifest_hash=h))
     out = str(tmp_path / "out.raw")

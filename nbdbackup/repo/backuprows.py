@@ -44,7 +44,7 @@ def insert_backup(conn, info: BackupInfo, refs: list[bytes | None], manifest_has
 
 def query(engine, stmt) -> list:
     """All rows of *stmt*; an index error becomes index_error()'s class."""
-    with index_errors("reading the index", engine=engine, damaged_hint=READ_HINT):
+    with index_errors("reading the index", index_db=engine, damaged_hint=READ_HINT):
         with engine.connect() as conn:
             return conn.execute(stmt).all()
 
@@ -64,9 +64,9 @@ def checked_segment_refs(repo, info: BackupInfo) -> list[bytes | None]:
     """The map of *info*, once its index rows (size, chunk size, segment list...) are checked
     against the backup's manifest: RepoDamaged when they disagree. Readers and incremental
     writers use this, so a consistent SQL edit of the index cannot turn into wrong bytes.
-    *repo*: a Repository or RepoContext (config, engine, backend, store)."""
-    refs = segment_refs(repo.engine, info.id)
-    rows = query(repo.engine, select(backups.c.manifest_hash).where(backups.c.id == info.id))
+    *repo*: a Repository or RepoContext (config, index_db, backend, store)."""
+    refs = segment_refs(repo.index_db, info.id)
+    rows = query(repo.index_db, select(backups.c.manifest_hash).where(backups.c.id == info.id))
     if not rows:
         raise NotFound(f"backup {info.id} is no longer in the index (forgotten meanwhile?)",
                        hint="see `nbdbackup list`")

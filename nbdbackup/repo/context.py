@@ -20,7 +20,7 @@ from .store import ObjectStore
 class RepoContext:
     path: str                  # the repository directory (error messages, file system checks)
     config: RepoConfig
-    engine: Engine             # the index's SQLAlchemy engine
+    index_db: Engine           # the index's SQLAlchemy engine (not the engine/ package)
     backend: StorageBackend    # where pack files live
     store: ObjectStore         # record lookups and checked record reads
     lock_dir: str

@@ -55,7 +55,7 @@ def delete_backups(repo, ids: Iterable[str]) -> int:
     """Delete the index rows of backups *ids* in one transaction; returns rows deleted."""
     ids = list(dict.fromkeys(ids))
     n = 0
-    with write_txn(repo.engine) as conn:
+    with write_txn(repo.index_db) as conn:
         for i in range(0, len(ids), _IN_BATCH):
             part = ids[i:i + _IN_BATCH]
             pks = select(backups.c.pk).where(backups.c.id.in_(part)).scalar_subquery()

@@ -93,7 +93,7 @@ def collect(repo, *, repack_threshold: float = 0.5, dry_run: bool = False, progr
 
 def _collect(repo, rep: GcReport, threshold: float, progress) -> GcReport:
     dry_run = rep.dry_run
-    eng, backend, store = repo.engine, repo.backend, repo.store
+    eng, backend, store = repo.index_db, repo.backend, repo.store
 
     # -- mark ---------------------------------------------------------------
     with eng.connect() as conn:
@@ -291,7 +291,7 @@ def _repack_into(repo, builder: PackBuilder, group: list[_Pack], rows: dict, liv
     if dry_run:
         return old_bytes - new_size
     backend.put_aligned(pack_object_name(builder.name), buf, new_size)   # durable before the index names it
-    with write_txn(repo.engine) as conn:
+    with write_txn(repo.index_db) as conn:
         pid = conn.execute(packs.insert().values(name=builder.name, size=new_size,
                                                  created_ms=to_ms(now_ms()))).inserted_primary_key[0]
         tables = {"chunks": chunks, "segments": segments}

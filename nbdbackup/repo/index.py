@@ -133,7 +133,7 @@ def current_revision(conn: Connection) -> str | None:
 
 def check_revision(eng: Engine, where: str) -> None:
     """RepoFormatError unless the index is at INDEX_REVISION."""
-    with index_errors(f"reading the index of {where}", engine=eng,
+    with index_errors(f"reading the index of {where}", index_db=eng,
                       damaged_hint="check --index-url; `nbdbackup rebuild-index` recreates it from the packs"):
         with eng.connect() as conn:
             rev = current_revision(conn)

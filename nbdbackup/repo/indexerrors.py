@@ -60,15 +60,15 @@ def index_error(e: Exception, what: str, *, path: str | None,
 
 
 @contextlib.contextmanager
-def index_errors(what: str, repo=None, *, engine=None, damaged_hint: str = REBUILD_HINT):
+def index_errors(what: str, repo=None, *, index_db=None, damaged_hint: str = REBUILD_HINT):
     """Run an index step; an index error becomes index_error()'s class (RepoDamaged when the
-    index itself is at fault). *repo* (or *engine*, the index's) lets it tell a full or
-    read-only file system apart."""
+    index itself is at fault). *repo* (or *index_db*, its SQLAlchemy engine) lets it tell a
+    full or read-only file system apart."""
     try:
         yield
     except SQLAlchemyError as e:
-        engine = engine if engine is not None else getattr(repo, "engine", None)
-        path = index_path(engine) if engine is not None else None
+        index_db = index_db if index_db is not None else getattr(repo, "index_db", None)
+        path = index_path(index_db) if index_db is not None else None
         raise index_error(e, what, path=path, damaged_hint=damaged_hint) from None
 
 

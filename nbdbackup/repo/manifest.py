@@ -84,7 +84,7 @@ def locate(repo, hashes: set[bytes]) -> tuple[dict[bytes, Location], list[str]]:
     unreadable: list[str] = []
     if not hashes:
         return found, unreadable
-    with repo.engine.connect() as conn:
+    with repo.index_db.connect() as conn:
         names = [r[0] for r in conn.execute(select(packs.c.name).order_by(packs.c.id))]
     for name in names:
         try:

@@ -99,7 +99,7 @@ def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float =
 def _rebuild(repo, progress, keep_damaged: int) -> RebuildReport:
     rep = RebuildReport()
     found = _scan(repo.backend, rep, progress)
-    repo.engine.dispose()
+    repo.index_db.dispose()
     url = repo.index_url
     if not url.startswith("sqlite:///"):
         _require_empty(url)

@@ -40,14 +40,14 @@ class Repository:
                  backend: StorageBackend | None = None):
         self.path = path
         self.config = config
-        self.engine = engine
+        self.index_db = engine
         self.index_url = index_url
         self.lock_wait = lock_wait
         self.lock_dir = os.path.join(path, "locks")
         self.backend = backend or LocalBackend(path, os.path.join(path, "tmp"))
         self.store = ObjectStore(engine, self.backend)
         # what writers, images and the set commit get instead of the whole repository
-        self.context = RepoContext(path=path, config=config, engine=engine, backend=self.backend,
+        self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
                                    store=self.store, lock_dir=self.lock_dir, lock_wait=lock_wait)
 
     # -- life cycle -----------------------------------------------------------
@@ -132,7 +132,7 @@ class Repository:
 
     def close(self) -> None:
         self.backend.close()
-        self.engine.dispose()
+        self.index_db.dispose()
 
     def __enter__(self):
         return self
@@ -159,7 +159,7 @@ class Repository:
 
     # -- queries --------------------------------------------------------------
     def _query(self, stmt):
-        return backuprows.query(self.engine, stmt)
+        return backuprows.query(self.index_db, stmt)
 
     def list_backups(self, disk: str | None = None) -> list[BackupInfo]:
         """Committed backups, oldest first."""
@@ -206,16 +206,16 @@ class Repository:
 
     def segment_refs(self, backup_id: str) -> list[bytes | None]:
         """The map of a backup: segment hashes in order (None = all-zero segment)."""
-        return backuprows.segment_refs(self.engine, backup_id)
+        return backuprows.segment_refs(self.index_db, backup_id)
 
     def stats(self) -> dict:
         """Totals over the repository (definitions: `nbdbackup stats --help`)."""
-        with index_errors("reading the index", engine=self.engine,
+        with index_errors("reading the index", index_db=self.index_db,
                           damaged_hint="`nbdbackup rebuild-index` recreates the index"):
             return self._stats()
 
     def _stats(self) -> dict:
-        with self.engine.connect() as conn:
+        with self.index_db.connect() as conn:
             nb, logical = conn.execute(select(func.count(), func.coalesce(func.sum(backups.c.size), 0))).one()
             nc, raw, stored = conn.execute(select(func.count(), func.coalesce(func.sum(chunks.c.raw_len), 0),
                                                   func.coalesce(func.sum(chunks.c.stored_len), 0))).one()

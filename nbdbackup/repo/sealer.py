@@ -133,7 +133,7 @@ class PackSealer:
             size = write_pack(self._ctx.backend, pack_object_name(pack.name), pack)
         finally:
             pack.release()
-        with write_txn(self._ctx.engine) as conn:
+        with write_txn(self._ctx.index_db) as conn:
             pid = conn.execute(insert(packs).values(name=pack.name, size=size, created_ms=to_ms(now_ms()))
                                ).inserted_primary_key[0]
             for table, rtype in ((chunks, REC_CHUNK), (segments, REC_SEGMENT)):

@@ -55,13 +55,13 @@ def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[
                               source=w.source)
             mh = w.write_manifest(encode_manifest(info, w.segment_len, refs))
             staged.append((info, refs, mh))
-        with write_txn(ctx.engine) as conn:
+        with write_txn(ctx.index_db) as conn:
             for info, refs, mh in staged:
                 insert_backup(conn, info, refs, mh)
     except BaseException as e:
         for w in writers:
             w.abort()
-        err = write_error(e, ctx.path, ctx.engine)
+        err = write_error(e, ctx.path, ctx.index_db)
         if err is e:
             raise
         raise err from e

@@ -44,7 +44,7 @@ def record_row(pack_id: int, h: bytes, rec: RecordInfo) -> dict:
 
 class ObjectStore:
     def __init__(self, engine: Engine, backend, segment_cache: int = 256):
-        self.engine = engine
+        self.index_db = engine
         self.backend = backend
         self._seg_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._seg_cache_max = segment_cache
@@ -58,9 +58,9 @@ class ObjectStore:
             return out
         q = select(table.c.hash, packs.c.name, table.c.offset, table.c.stored_len, table.c.raw_len,
                    table.c.compression).join(packs, packs.c.id == table.c.pack_id)
-        with index_errors("reading the index", engine=self.engine,
+        with index_errors("reading the index", index_db=self.index_db,
                           damaged_hint="`nbdbackup rebuild-index` recreates the index from the packs"):
-            with self.engine.connect() as conn:
+            with self.index_db.connect() as conn:
                 for i in range(0, len(hs), _IN_BATCH):
                     for row in conn.execute(q.where(table.c.hash.in_(hs[i:i + _IN_BATCH]))):
                         out[bytes(row[0])] = Location(*row[1:])
@@ -84,7 +84,7 @@ class ObjectStore:
         if conn is not None:
             run(conn)
         elif hs:
-            with self.engine.connect() as c:
+            with self.index_db.connect() as c:
                 run(c)
         return found
 

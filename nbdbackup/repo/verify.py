@@ -126,12 +126,12 @@ def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
 
 def _integrity_check(repo, report: VerifyReport) -> None:
     """SQLite's own check of the index file (b-trees, indexes agree with their tables, NOT NULLs)."""
-    dialect = repo.engine.dialect.name
+    dialect = repo.index_db.dialect.name
     if dialect != "sqlite":
         report.index_check = f"skipped ({dialect})"   # the manifest checks below still guard every backup
         return
     try:
-        with repo.engine.connect() as conn:
+        with repo.index_db.connect() as conn:
             rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
     except SQLAlchemyError as e:
         rows = [f"{e.__class__.__name__}: {getattr(e, 'orig', None) or e}"]
@@ -146,7 +146,7 @@ def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
     """(pk, manifest_hash, info) of every backup, by a scan of the table (no lookup by id)."""
     q = select(backups.c.pk, backups.c.manifest_hash, *INFO_COLUMNS).order_by(
         backups.c.created_ms, backups.c.disk, backups.c.id)
-    with repo.engine.connect() as conn:
+    with repo.index_db.connect() as conn:
         return [(r[0], bytes(r[1]) if r[1] is not None else None, info_from_row(r[2:])) for r in conn.execute(q)]
 
 
@@ -252,7 +252,7 @@ def _segment_refs(repo, pk: int) -> list[bytes | None] | None:
     """The backup's segment hashes in order; None when its rows have gaps."""
     q = (select(backup_segments.c.seq, backup_segments.c.segment_hash)
          .where(backup_segments.c.backup_pk == pk).order_by(backup_segments.c.seq))
-    with repo.engine.connect() as conn:
+    with repo.index_db.connect() as conn:
         rows = conn.execute(q).all()
     if [s for s, _ in rows] != list(range(len(rows))):
         return None
@@ -260,7 +260,7 @@ def _segment_refs(repo, pk: int) -> list[bytes | None] | None:
 
 
 def _still_listed(repo, pk: int) -> bool:
-    with repo.engine.connect() as conn:
+    with repo.index_db.connect() as conn:
         return conn.execute(select(backups.c.pk).where(backups.c.pk == pk)).first() is not None
 
 

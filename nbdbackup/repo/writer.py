@@ -183,7 +183,7 @@ class BackupWriter:
             return fn(*a)
         except BaseException as e:
             self.abort()
-            raise write_error(e, self.ctx.path, self.ctx.engine) from e
+            raise write_error(e, self.ctx.path, self.ctx.index_db) from e
 
     def _release(self) -> None:
         for lk in reversed(self._locks):

@@ -88,7 +88,7 @@ def indexed_packs(repo) -> set[str]:
 
     from nbdbackup.repo.schema import packs
 
-    with repo.engine.connect() as conn:
+    with repo.index_db.connect() as conn:
         return {r[0] for r in conn.execute(select(packs.c.name))}
 
 

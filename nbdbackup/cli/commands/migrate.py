@@ -28,7 +28,7 @@ def run(args) -> int:
         if repo.index_file_missing():
             raise RepoDamaged(f"the index of {repo.path} is missing; there is nothing to migrate",
                               hint="`nbdbackup rebuild-index` recreates it from the packs")
-        with repo.engine.connect() as conn:
+        with repo.index_db.connect() as conn:
             before = current_revision(conn)
         if before is None:
             raise RepoDamaged(f"the index of {repo.path} has no schema version (empty or not an nbdbackup index)",
@@ -41,7 +41,7 @@ def run(args) -> int:
         else:
             with repo.lock("writers", exclusive=True, purpose="the writer lock (migrate needs it exclusively)"), \
                     repo.lock("readers", exclusive=True, purpose="the reader lock (migrate needs it exclusively)"):
-                before, after = upgrade(repo.engine, "head")
+                before, after = upgrade(repo.index_db, "head")
     out = {"from": before, "to": after, "changed": before != after}
     if args.json:
         print_json(out)
