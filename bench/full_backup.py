@@ -61,7 +61,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", help="keep the image here between runs (default: a temp dir)")
     ap.add_argument("--chunk-size", default=None, help="repository chunk size (default: the repo default)")
-    ap.add_argument("--compression-level", default=None, help="zstd level of the repository (default: the repo default)")
+    ap.add_argument("--compression-level", default=None,
+                    help="zstd level of the repository (default: the repo default)")
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--compress-all", action="store_true", help="pass --compress-all (no adaptive compression)")
     a = ap.parse_args()
@@ -78,7 +79,8 @@ def main() -> int:
             for r in range(a.rounds):
                 repo = work / "repo"
                 shutil.rmtree(repo, ignore_errors=True)
-                init = [nbdbackup, "--repo", str(repo), "init"] + (["--chunk-size", a.chunk_size] if a.chunk_size else []) \
+                init = [nbdbackup, "--repo", str(repo), "init"] \
+                    + (["--chunk-size", a.chunk_size] if a.chunk_size else []) \
                     + ([f"--compression-level={a.compression_level}"] if a.compression_level else [])
                 subprocess.run(init, check=True, stdout=subprocess.DEVNULL)
                 out = work / "copy.raw"

@@ -26,7 +26,7 @@ from _common import nbdbackup_exe  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
 from nbdbackup.repo import Repository  # noqa: E402
-from nbdbackup.repo.ids import new_backup_id, now_ms, to_ms, from_ms  # noqa: E402
+from nbdbackup.repo.ids import from_ms, new_backup_id, now_ms, to_ms  # noqa: E402
 from nbdbackup.repo.index import write_txn  # noqa: E402
 from nbdbackup.repo.schema import backups  # noqa: E402
 
@@ -36,7 +36,8 @@ def fill(repo: Repository, n: int, disks: int) -> None:
     rows = []
     for i in range(n):
         created = from_ms(t0 + i * 60_000)
-        rows.append(dict(id=new_backup_id(created), disk=f"disk{i % disks}", kind="incremental" if i >= disks else "full",
+        rows.append(dict(id=new_backup_id(created), disk=f"disk{i % disks}",
+                         kind="incremental" if i >= disks else "full",
                          parent=None, created_ms=to_ms(created), size=100 << 30, chunk_size=repo.chunk_size,
                          read_bytes=1 << 30, stored_bytes=300 << 20, duration_s=12.5, bitmap="b", checkpoint=f"c{i}",
                          set_id=None, source="bench", manifest_hash=i.to_bytes(32, "little")))

@@ -162,7 +162,8 @@ def main() -> int:
           f"{a.runs} alternating runs, medians")
     print(f"{'reader':<52} {'seconds':>8} {'MiB/s':>8}")
     print(f"{'nbdcopy URI null:':<52} {mt:>8.2f} {rate(mt):>8.0f}")
-    print(f"{f'pool + blake3 ({a.request_kib} KiB x {a.in_flight}/conn, {a.hashers} hashers)':<52} {mo:>8.2f} {rate(mo):>8.0f}")
+    label = f'pool + blake3 ({a.request_kib} KiB x {a.in_flight}/conn, {a.hashers} hashers)'
+    print(f"{label:<52} {mo:>8.2f} {rate(mo):>8.0f}")
     print(f"ratio ours/nbdcopy throughput: {mt / mo:.2f}x (target >= 0.60x)")
     med = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"CPU seconds per run (medians): nbdcopy {med['nbdcopy']:.2f} + qemu-nbd {med['qemu-nbd/nbdcopy']:.2f}; "

@@ -31,10 +31,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+from helpers.qmp_vm import MiB, Vm  # noqa: E402
 from nbdbackup.engine.backup import BackupOptions, run_backup  # noqa: E402
 from nbdbackup.repo.repository import Repository  # noqa: E402
 from nbdbackup.sources.qmp import QmpSource  # noqa: E402
-from helpers.qmp_vm import MiB, Vm  # noqa: E402
 
 
 def size_arg(text: str) -> int:

@@ -85,7 +85,8 @@ def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 30.0) -> Non
 
 
 def start_ours(repo: str, sock: str, cache: str) -> subprocess.Popen:
-    p = subprocess.Popen([nbdbackup_exe(), "serve", "--quiet", "--repo", repo, "--listen", f"unix:{sock}", "--cache-size", cache],
+    p = subprocess.Popen([nbdbackup_exe(), "serve", "--quiet", "--repo", repo, "--listen", f"unix:{sock}",
+                          "--cache-size", cache],
                          stderr=subprocess.DEVNULL)
     wait_socket(sock, p)
     return p

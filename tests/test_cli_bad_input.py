@@ -13,8 +13,8 @@ import subprocess
 import time
 
 import pytest
-from helpers.support import nbdbackup, nbdbackup_exe, qemu_nbd, require_tool, stop, wait_listening
 
+from helpers.support import nbdbackup, nbdbackup_exe, qemu_nbd, require_tool, stop, wait_listening
 from nbdbackup.errors import ExitCode
 
 

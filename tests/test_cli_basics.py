@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 from helpers.support import nbdbackup, run
-
 from nbdbackup.errors import EXIT_CODE_HELP, ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent

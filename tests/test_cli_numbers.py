@@ -9,8 +9,8 @@ checked too: it must parse through nbdbackup.cli.numbers, or the discovery test 
 import argparse
 
 import pytest
-from helpers.support import nbdbackup
 
+from helpers.support import nbdbackup
 from nbdbackup.cli.main import build_parser, main
 from nbdbackup.cli.numbers import NumberType
 from nbdbackup.errors import ExitCode

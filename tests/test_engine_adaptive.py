@@ -4,7 +4,8 @@ import random
 from contextlib import contextmanager
 
 from helpers import support
-from helpers.repo import CHUNK_SIZE as CS, new_repo
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo
 from nbdbackup.engine import adaptive as A
 from nbdbackup.engine import backup as B
 from nbdbackup.engine.backup import BackupOptions, run_backup

@@ -10,6 +10,7 @@ or exit 13 with --no-fallback. Every fallback restores bit-exactly.
 import json
 
 import pytest
+
 from helpers import support
 from helpers.engine_util import MiB, backup, bitmaps, init_repo, make_image, nbb, qio, restore_equals, snapshot_raw
 from helpers.repo import new_repo
@@ -150,7 +151,6 @@ def test_cleared_bitmap_of_a_live_vm_over_qmp(tmp_path, monkeypatch):
     """--qmp: someone clears one disk's bitmap in qemu; that disk falls back to a full, the other
     stays incremental (one set), both restore exactly; with --no-fallback: ChainBroken."""
     from helpers.qmp_vm import Vm
-
     from nbdbackup.engine.backup import BackupOptions, run_backup
     from nbdbackup.errors import ChainBroken
     from nbdbackup.sources.qmp import QmpSource

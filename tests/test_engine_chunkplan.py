@@ -2,7 +2,8 @@
 
 from collections import namedtuple
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdbackup.engine.chunkplan import CLEAN_ZERO, READ, SKIP, ZERO, Run, chunk_runs
 

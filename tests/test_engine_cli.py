@@ -19,7 +19,8 @@ def test_json_fields_and_summary(tmp_path):
     assert p.stderr == ""                         # no bars, no summary with --json
     p = nbb(repo, "incremental", "--image", str(img))
     assert p.stdout == ""
-    assert re.search(r"incremental backup \S+ of cli .*read 0 B, stored .* new \(incl. map\); compression .*dedup", p.stderr)
+    assert re.search(r"incremental backup \S+ of cli .*read 0 B, stored .* new \(incl. map\); compression .*dedup",
+                     p.stderr)
     assert "\r" not in p.stderr                   # no progress bar without a TTY
     p = nbb(repo, "--quiet", "incremental", "--image", str(img))
     assert p.stdout == "" and p.stderr == ""

@@ -13,8 +13,18 @@ import subprocess
 import time
 
 from helpers import support
-from helpers.engine_util import (MiB, backup, bitmaps, init_repo, make_image, nbb, qio, random_file,
-                                 restore_equals, snapshot_raw)
+from helpers.engine_util import (
+    MiB,
+    backup,
+    bitmaps,
+    init_repo,
+    make_image,
+    nbb,
+    qio,
+    random_file,
+    restore_equals,
+    snapshot_raw,
+)
 from helpers.repo import pack_files
 
 

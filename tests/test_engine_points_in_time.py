@@ -6,8 +6,19 @@ grow, shrink), a second full. Each backup is compared with a raw snapshot
 """
 
 from helpers import support
-from helpers.engine_util import (KiB, MiB, backup, init_repo, make_image, nbb, qio, random_file,
-                                 restore_equals, snapshot_raw, text_file)
+from helpers.engine_util import (
+    KiB,
+    MiB,
+    backup,
+    init_repo,
+    make_image,
+    nbb,
+    qio,
+    random_file,
+    restore_equals,
+    snapshot_raw,
+    text_file,
+)
 
 
 def test_points_in_time_restore_bit_exact(tmp_path):

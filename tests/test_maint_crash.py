@@ -18,7 +18,6 @@ import subprocess
 import helpers.crash_writer as W
 from helpers.repo import indexed_packs, new_repo_path, pack_files
 from helpers.support import kill_if_running, nbdbackup
-
 from nbdbackup.repo import Repository
 from nbdbackup.repo.chunks import ZERO_REF
 from nbdbackup.repo.verify import verify

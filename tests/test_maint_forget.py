@@ -6,10 +6,9 @@ import json
 import os
 import random
 
-from helpers.repo import (CHUNK_SIZE as CS, disk_data, indexed_packs, new_repo_path, pack_files, read_all,
-                          write_backup)
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import disk_data, indexed_packs, new_repo_path, pack_files, read_all, write_backup
 from helpers.support import nbdbackup
-
 from nbdbackup.repo import Repository
 from nbdbackup.repo.chunks import ZERO_REF
 

@@ -10,10 +10,9 @@ import subprocess
 import time
 from contextlib import contextmanager
 
-from helpers.repo import (CHUNK_SIZE as CS, disk_data, indexed_packs, new_repo_path, pack_files, read_all,
-                          write_backup)
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import disk_data, indexed_packs, new_repo_path, pack_files, read_all, write_backup
 from helpers.support import kill_if_running, nbdbackup, nbdbackup_exe
-
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
 from nbdbackup.repo.chunks import ZERO_REF

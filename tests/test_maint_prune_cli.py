@@ -6,9 +6,10 @@ import json
 from datetime import datetime, timezone
 
 import pytest
-from helpers.repo import CHUNK_SIZE as CS, new_repo_path, write_backup
-from helpers.support import nbdbackup
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo_path, write_backup
+from helpers.support import nbdbackup
 from nbdbackup.repo import Repository
 
 UTC_ENV = {"TZ": "UTC"}

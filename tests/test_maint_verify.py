@@ -8,9 +8,10 @@ import os
 import random
 
 import pytest
-from helpers.repo import CHUNK_SIZE as CS, disk_data, new_repo_path, pack_files, write_backup
-from helpers.support import nbdbackup, nbdbackup_on_a_tty
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import disk_data, new_repo_path, pack_files, write_backup
+from helpers.support import nbdbackup, nbdbackup_on_a_tty
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
 from nbdbackup.repo.chunks import ZERO_REF

@@ -16,10 +16,10 @@ import sys
 import time
 
 import pytest
+
 from helpers import support
 from helpers.qmp_vm import MiB, Vm
 from helpers.repo import new_repo
-
 from nbdbackup.engine.backup import BackupOptions, run_backup
 from nbdbackup.errors import ChainBroken, NbdBackupError, NotFound, UsageError
 from nbdbackup.sources.qmp import QmpSource

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+
 from helpers import support
 from helpers.qmp_vm import MiB, Qsd, Vm
 

@@ -15,9 +15,9 @@ import socket
 import threading
 
 import pytest
+
 from helpers.qmp_vm import MiB, Vm
 from helpers.repo import new_repo
-
 from nbdbackup.engine.backup import BackupOptions, run_backup
 from nbdbackup.errors import SourceFailed, SourceUnreachable
 from nbdbackup.sources.qmp import QmpSource

@@ -5,11 +5,11 @@ import os
 
 from alembic import command
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import pseudo, texty, write_backup
+from helpers.support import nbdbackup
 from nbdbackup.repo import Repository
 from nbdbackup.repo.index import alembic_config, make_engine
-
-from helpers.repo import CHUNK_SIZE as CS, pseudo, texty, write_backup
-from helpers.support import nbdbackup
 
 
 def _init(tmp_path, *extra):

@@ -7,13 +7,12 @@ import threading
 
 import pytest
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo, new_repo_path, pseudo, read_all, write_backup
+from helpers.support import fill_up, nbdbackup, tmpfs
 from nbdbackup.errors import ExitCode, NoSpaceError
 from nbdbackup.repo import Repository
 from nbdbackup.repo.backends import LocalBackend
-
-from helpers.repo import CHUNK_SIZE as CS, new_repo, new_repo_path, pseudo, read_all, write_backup
-from helpers.support import fill_up, nbdbackup, tmpfs
-
 
 _full = threading.local()       # per thread: bytes the "disk" still takes (None: no limit)
 

@@ -8,13 +8,12 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo, pseudo, read_all, write_backup
 from nbdbackup.errors import NotARepository, RepoDamaged, RepoFormatError, UsageError
 from nbdbackup.repo import Repository
-from nbdbackup.repo.index import (KNOWN_REVISIONS, alembic_config, current_revision, make_engine,
-                                  migrations_dir, upgrade)
+from nbdbackup.repo.index import KNOWN_REVISIONS, alembic_config, current_revision, make_engine, migrations_dir, upgrade
 from nbdbackup.repo.schema import INDEX_REVISION, metadata
-
-from helpers.repo import CHUNK_SIZE as CS, new_repo, pseudo, read_all, write_backup
 
 
 def test_code_head_equals_alembic_head(tmp_path):

@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo, pseudo, read_all, write_backup
+from helpers.support import kill_if_running
 from nbdbackup.errors import LockedError
 from nbdbackup.repo import Repository
 from nbdbackup.repo.locks import RepoLock, read_holders
-
-from helpers.repo import CHUNK_SIZE as CS, new_repo, pseudo, read_all, write_backup
-from helpers.support import kill_if_running
 
 WRITE_DISK = textwrap.dedent("""
     import hashlib, sys

@@ -5,11 +5,11 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo, pseudo, read_all, write_backup
 from nbdbackup.errors import LockedError, NotFound, UsageError
 from nbdbackup.repo import Repository
 from nbdbackup.repo.schema import segments
-
-from helpers.repo import CHUNK_SIZE as CS, new_repo, pseudo, read_all, write_backup
 
 SEG = 4   # map positions per segment in these tests
 
@@ -44,8 +44,8 @@ def test_backups_are_independent_of_their_parents_rows(tmp_path):
     d2 = _mutate(data, 7, 3)
     inc = write_backup(repo, "vda", d2, parent=full, changed=[7])
     # reading the incremental never consults the parent: drop the parent's backup rows
-    from nbdbackup.repo.schema import backup_segments, backups
     from nbdbackup.repo.index import write_txn
+    from nbdbackup.repo.schema import backup_segments, backups
     with write_txn(repo.index_db) as c:
         pk = c.execute(select(backups.c.pk).where(backups.c.id == full.id)).scalar()
         c.execute(backup_segments.delete().where(backup_segments.c.backup_pk == pk))
@@ -257,6 +257,7 @@ def test_writer_keeps_few_segments_open(tmp_path):
 
 def test_damaged_map_segment_is_repo_damaged(tmp_path):
     import os
+
     from nbdbackup.errors import RepoDamaged
     from nbdbackup.repo import packs as P
     repo = _repo(tmp_path)

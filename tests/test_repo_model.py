@@ -5,7 +5,8 @@ import hashlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers.repo import CHUNK_SIZE as CS, new_repo
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo
 
 
 def chunk(tag: int) -> bytes:

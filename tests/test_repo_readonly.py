@@ -10,10 +10,11 @@ import os
 import shutil
 
 import pytest
-from helpers.repo import CHUNK_SIZE as CS, new_repo_path, pseudo, read_all, write_backup
+
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo_path, pseudo, read_all, write_backup
 from helpers.serve import serve
 from helpers.support import nbdbackup, nbdbackup_without_dac_override, read_only_view, require_tool, run
-
 from nbdbackup.errors import ExitCode
 from nbdbackup.repo import Repository
 

@@ -5,12 +5,12 @@ import os
 import pytest
 from sqlalchemy import func, select
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import pack_files, pseudo, read_all, texty, write_backup
 from nbdbackup.errors import ChunkCorrupt, RepoDamaged
 from nbdbackup.repo import packs as P
 from nbdbackup.repo.chunks import ZERO_REF, prepare
 from nbdbackup.repo.schema import chunks
-
-from helpers.repo import CHUNK_SIZE as CS, pack_files, pseudo, read_all, texty, write_backup
 
 
 def _nchunks(repo):

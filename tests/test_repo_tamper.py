@@ -16,10 +16,11 @@ import shutil
 import sqlite3
 
 import pytest
-from helpers.repo import CHUNK_SIZE as CS, disk_data, new_repo_path, write_backup
+
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import disk_data, new_repo_path, write_backup
 from helpers.serve import serve
 from helpers.support import nbdbackup, require_tool, run
-
 from nbdbackup.errors import RepoDamaged
 from nbdbackup.repo import Repository
 

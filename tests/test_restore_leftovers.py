@@ -12,9 +12,10 @@ import subprocess
 import time
 
 import pytest
-from helpers.repo import CHUNK_SIZE as CS, new_repo_path, write_backup
-from helpers.support import nbdbackup, nbdbackup_exe
 
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo_path, write_backup
+from helpers.support import nbdbackup, nbdbackup_exe
 from nbdbackup.repo import Repository
 
 NCHUNKS = 768          # 48 MiB: a restore runs long enough to be caught mid-copy

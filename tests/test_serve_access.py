@@ -13,10 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers import support
 from helpers.repo import repo_with_vm1
 from helpers.serve import serve
-
 from nbdbackup.errors import UsageError
 from nbdbackup.nbd import server_socket
 

@@ -8,10 +8,10 @@ import logging
 import time
 
 import pytest
+
 from helpers import support
 from helpers.repo import repo_with_vm1
 from helpers.serve import RawClient, serve, serve_in_process, wait_until
-
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.server_handshake import HandshakeLimits
 

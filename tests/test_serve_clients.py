@@ -7,10 +7,11 @@ import os
 import subprocess
 
 import pytest
-from helpers import support
-from helpers.repo import CHUNK_SIZE as CHUNK, mixed_image, new_repo, write_backup
-from helpers.serve import RawClient, serve
 
+from helpers import support
+from helpers.repo import CHUNK_SIZE as CHUNK
+from helpers.repo import mixed_image, new_repo, write_backup
+from helpers.serve import RawClient, serve
 from nbdbackup.nbd import proto
 
 SIZE = 4 * 1024 * 1024 + 12345       # not a multiple of the chunk size

@@ -11,9 +11,9 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from helpers.repo import repo_with_vm1
 from helpers.serve import RawClient, serve, wait_until
-
 from nbdbackup.nbd import proto
 
 SIZE = 1024 * 1024 + 512
@@ -46,7 +46,8 @@ def _name_blob(name: bytes) -> bytes:
 
 names = st.sampled_from([b"vm1", b"", b"nope", b"../vm1", b"\xff"]) | st.binary(max_size=20)
 info_reqs = st.lists(st.integers(0, 5) | st.integers(0, 0xFFFF), max_size=4)
-queries = st.lists(st.sampled_from([b"base:allocation", b"base:", b"qemu:dirty-bitmap:x", b""]) | st.binary(max_size=10),
+queries = st.lists(st.sampled_from([b"base:allocation", b"base:", b"qemu:dirty-bitmap:x", b""])
+                 | st.binary(max_size=10),
                    max_size=3)
 
 

@@ -8,10 +8,11 @@ import struct
 import time
 
 import pytest
-from helpers import support
-from helpers.repo import CHUNK_SIZE as CHUNK, new_repo, repo_with_vm1, write_backup
-from helpers.serve import RawClient, serve, wait_until
 
+from helpers import support
+from helpers.repo import CHUNK_SIZE as CHUNK
+from helpers.repo import new_repo, repo_with_vm1, write_backup
+from helpers.serve import RawClient, serve, wait_until
 from nbdbackup.nbd import proto
 
 SIZE = 1024 * 1024 + 4096
@@ -37,7 +38,8 @@ def served(tmp_path_factory):
 
 
 def _go_data(name: bytes, reqs=(proto.INFO_BLOCK_SIZE,)) -> bytes:
-    return struct.pack(">I", len(name)) + name + struct.pack(">H", len(reqs)) + b"".join(struct.pack(">H", r) for r in reqs)
+    return struct.pack(">I", len(name)) + name + struct.pack(">H", len(reqs))\
+        + b"".join(struct.pack(">H", r) for r in reqs)
 
 
 def _healthy(s) -> None:
@@ -98,7 +100,8 @@ def test_option_errors(served):
         bad_name = struct.pack(">I", 3) + b"zz9" + struct.pack(">II", 1, len(q)) + q
         assert c.option(proto.OPT_SET_META_CONTEXT, bad_name)[-1][0] == proto.REP_ERR_UNKNOWN
         other = b"qemu:dirty-bitmap:x"
-        none = c.option(proto.OPT_SET_META_CONTEXT, struct.pack(">I", 3) + b"vm1" + struct.pack(">II", 1, len(other)) + other)
+        none = c.option(proto.OPT_SET_META_CONTEXT, struct.pack(">I", 3) + b"vm1"
+                        + struct.pack(">II", 1, len(other)) + other)
         assert [t for t, _ in none] == [proto.REP_ACK]
         c.go("vm1")
         # no context selected: block status is refused, the connection stays

@@ -8,10 +8,10 @@ import socket
 import struct
 
 import pytest
+
 from helpers import support
 from helpers.repo import repo_with_vm1
 from helpers.serve import RawClient, serve, wait_until
-
 from nbdbackup.nbd import proto
 from nbdbackup.nbd.server import ListenAddress
 

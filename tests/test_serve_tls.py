@@ -9,10 +9,10 @@ import subprocess
 import time
 
 import pytest
+
 from helpers import support
 from helpers.repo import repo_with_vm1
 from helpers.serve import RawClient, serve, wait_until
-
 from nbdbackup.nbd import proto
 
 
@@ -59,7 +59,8 @@ def test_tls_required_and_working(pki, repo, tmp_path):
                      "-O", "raw", str(out)])
         assert out.read_bytes()[:raw.stat().st_size] == raw.read_bytes()
         # qemu-nbd --list
-        p = support.run([qemu_nbd, "--list", "-k", s.sock, "--object", obj, "--tls-creds", "tls0", "--tls-hostname", "localhost"])
+        p = support.run([qemu_nbd, "--list", "-k", s.sock, "--object", obj, 
+                         "--tls-creds", "tls0", "--tls-hostname", "localhost"])
         assert "vm1" in p.stdout
 
 

@@ -6,9 +6,9 @@ import os
 import textwrap
 
 from helpers import support
-from helpers.repo import CHUNK_SIZE as CHUNK, mixed_image, new_repo, write_backup
+from helpers.repo import CHUNK_SIZE as CHUNK
+from helpers.repo import mixed_image, new_repo, write_backup
 from helpers.serve import RawClient, serve
-
 from nbdbackup.nbd import proto
 from nbdbackup.repo import Repository
 

@@ -6,8 +6,8 @@ backup up by the bitmap generation (checkpoint) it opened.
 Revision ID: 0002
 Revises: 0001
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0002"
 down_revision = "0001"

@@ -47,7 +47,8 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                        help="fail (exit 13) instead of taking a full backup when the incremental "
                             "cannot be trusted (missing or inconsistent bitmap, parent gone, or the "
                             "image contradicts the bitmap)")
-        p.add_argument("--check-clean", type=numbers.real(0, 100, noun="percentage", suffix="%"), default=DEFAULT_CHECK_CLEAN, metavar="PERCENT",
+        p.add_argument("--check-clean", type=numbers.real(0, 100, noun="percentage", suffix="%"),
+                       default=DEFAULT_CHECK_CLEAN, metavar="PERCENT",
                        help="read this share of the chunks the bitmap says are clean (at least one, at most "
                             f"1 GiB) and compare them with the parent backup (default {DEFAULT_CHECK_CLEAN:g}; "
                             "0 turns the sample off); a mismatch is handled like a missing bitmap")

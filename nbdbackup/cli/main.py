@@ -21,8 +21,16 @@ import threading
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import (EXIT_CODE_HELP, CommittedThenFailed, CommittedThenInterrupted, ExitCode, Interrupted,
-                      NbdBackupError, exit_code_table, storage_error)
+from ..errors import (
+    EXIT_CODE_HELP,
+    CommittedThenFailed,
+    CommittedThenInterrupted,
+    ExitCode,
+    Interrupted,
+    NbdBackupError,
+    exit_code_table,
+    storage_error,
+)
 from . import numbers
 from .output import FILE_ONLY
 

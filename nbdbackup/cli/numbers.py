@@ -89,7 +89,7 @@ class NumberType:
     def _parse(self, text: str):
         if self.kind == "size":
             from ..errors import UsageError
-            from ..repo.config import parse_size     # here: the repo package is heavy for --help
+            from ..repo.config import parse_size  # here: the repo package is heavy for --help
 
             try:
                 return parse_size(text, allow_zero=True)

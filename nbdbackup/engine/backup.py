@@ -7,8 +7,9 @@ the data straight into a reused buffer and prepares its chunks right there
 puts prepared chunks into the writer in disk order (dedup lookups are batched
 there; raw chunks are copied into the pack from the read buffer, not before).
 At most `inflight_bytes` are in flight (or two READs per connection, when
-that is more), so memory does not depend on the disk size. Nothing is committed unless every chunk was read; the source learns the
-outcome (committed/failed) so it can advance or keep its bitmaps.
+that is more), so memory does not depend on the disk size. Nothing is
+committed unless every chunk was read; the source learns the outcome
+(committed/failed) so it can advance or keep its bitmaps.
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import (CommittedThenFailed, CommittedThenInterrupted, Interrupted, NbdConnectionError, NbdError,
-                      NbdProtocolError, SourceFailed)
+from ..errors import (
+    CommittedThenFailed,
+    CommittedThenInterrupted,
+    Interrupted,
+    NbdConnectionError,
+    NbdError,
+    NbdProtocolError,
+    SourceFailed,
+)
 from ..fsutil import anonymous_map
 from ..nbd.futures import resolve
 from ..nbd.proto import CONTEXT_BASE_ALLOCATION

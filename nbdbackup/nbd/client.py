@@ -16,8 +16,15 @@ import socket
 import threading
 from concurrent.futures import Future
 
-from ..errors import (GreetingTimeout, NbdCommandError, NbdConnectionError, NbdError, NbdOptionError,
-                      TruncatedReply, UsageError)
+from ..errors import (
+    GreetingTimeout,
+    NbdCommandError,
+    NbdConnectionError,
+    NbdError,
+    NbdOptionError,
+    TruncatedReply,
+    UsageError,
+)
 from . import proto
 from .client_handshake import ExportInfo, negotiate
 from .futures import done_future, gather, then, then_map
@@ -261,7 +268,8 @@ class Client:
         flags = (proto.CMD_FLAG_NO_HOLE if no_hole else 0) | (proto.CMD_FLAG_FAST_ZERO if fast else 0)
         use_fua = fua and self._has(proto.FLAG_SEND_FUA)
         flags |= proto.CMD_FLAG_FUA if use_fua else 0
-        futs = [self._send(Pending(proto.CMD_WRITE_ZEROES, pos, n), flags) for pos, n in self._split_u32(offset, length)]
+        futs = [self._send(Pending(proto.CMD_WRITE_ZEROES, pos, n), flags)
+                for pos, n in self._split_u32(offset, length)]
         if fua and not use_fua:
             return then(futs, self.submit_flush)
         return gather(futs, lambda: None)

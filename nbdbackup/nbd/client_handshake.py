@@ -207,7 +207,8 @@ class Negotiator:
                 if rtype == proto.REP_ERR_UNSUP:
                     return {}
                 self.raise_for_error(opt, rtype, data, export)
-            raise NbdProtocolError(f"unexpected {proto.reply_type_name(rtype)} in the reply to {proto.option_name(opt)}")
+            raise NbdProtocolError(f"unexpected {proto.reply_type_name(rtype)} in the reply to "
+                                   f"{proto.option_name(opt)}")
 
     def go(self, export: str, opt: int = proto.OPT_GO) -> ExportInfo | None:
         """NBD_OPT_GO (or INFO) asking for block sizes. None when the server lacks GO/INFO.

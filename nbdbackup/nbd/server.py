@@ -85,7 +85,8 @@ def tls_server_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLCon
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as e:
         raise UsageError(f"cannot load TLS certificates: {e}",
-                         hint="--tls-cert and --tls-key are PEM files; --tls-ca is the CA for client certificates") from None
+                         hint="--tls-cert and --tls-key are PEM files; "
+                              "--tls-ca is the CA for client certificates") from None
     return ctx
 
 

@@ -203,7 +203,8 @@ class Handshake:
         go = opt == proto.OPT_GO
         view = await (self.server.acquire_view(name) if go else self.server.peek(name))
         if view is None:
-            await self._error(opt, proto.REP_ERR_UNKNOWN, f"no export named {name[:200]!r} (list them with nbdinfo --list)")
+            await self._error(opt, proto.REP_ERR_UNKNOWN, f"no export named {name[:200]!r} "
+                              "(list them with nbdinfo --list)")
             return False
         keep = not go
         try:
@@ -215,7 +216,8 @@ class Handshake:
                 desc = (await self.server.describe(view)).encode()[:4096]
                 await self._reply(opt, proto.REP_INFO, proto.U16.pack(proto.INFO_DESCRIPTION) + desc)
             mn, pref, mx = self.server.block_sizes
-            await self._reply(opt, proto.REP_INFO, proto.INFO_BLOCK_SIZE_STRUCT.pack(proto.INFO_BLOCK_SIZE, mn, pref, mx))
+            await self._reply(opt, proto.REP_INFO, 
+                              proto.INFO_BLOCK_SIZE_STRUCT.pack(proto.INFO_BLOCK_SIZE, mn, pref, mx))
             await self._reply(opt, proto.REP_ACK)
             if go:
                 self.s.view, self.s.name, keep = view, name, True

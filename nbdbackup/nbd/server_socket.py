@@ -55,7 +55,8 @@ def socket_access(mode: int | None, group_text: str | None) -> SocketAccess:
         except KeyError:
             if not group_text.isdigit():
                 raise UsageError(f"--socket-group {group_text!r}: no such group",
-                                 hint="give a group name from /etc/group (e.g. libvirt-qemu or kvm) or a numeric gid") from None
+                                 hint="give a group name from /etc/group (e.g. libvirt-qemu or kvm) "
+                                      "or a numeric gid") from None
             gid, name = int(group_text), group_text
     if mode is None:
         mode = WITH_GROUP if gid is not None else OWNER_ONLY

@@ -32,7 +32,8 @@ class PreparedChunk:
     hash: bytes          # blake3 of the raw bytes (ZERO_REF for an all-zero chunk)
     raw_len: int
     compression: int     # packs.COMP_NONE / COMP_ZSTD
-    payload: bytes | memoryview     # what goes into the pack (empty for a zero chunk); raw: the caller's data, not a copy
+    # what goes into the pack (empty for a zero chunk); raw: the caller's data, not a copy
+    payload: bytes | memoryview
 
     @property
     def is_zero(self) -> bool:

@@ -16,7 +16,8 @@ FORMAT = 1                       # repository layout version this code reads and
 CONFIG_NAME = "config.json"
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
-DEFAULT_CHUNK_SIZE = 256 * 1024   # measured (CPU, read amplification): docs/design.md "Chunk size and compression level"
+# measured (CPU, read amplification): docs/design.md "Chunk size and compression level"
+DEFAULT_CHUNK_SIZE = 256 * 1024
 MIN_LEVEL, MAX_LEVEL = -100, 22   # zstd's range
 DEFAULT_LEVEL = -3                # zstd level, measured: docs/design.md "Chunk size and compression level"
 DEFAULT_SEGMENT_LEN = 1024        # map positions per map segment

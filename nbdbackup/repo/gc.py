@@ -27,8 +27,18 @@ from .exclusive import exclusive_access
 from .ids import now_ms, to_ms
 from .index import write_txn
 from .indexerrors import index_errors
-from .packs import (HEADER_SIZE, REC_CHUNK, REC_MANIFEST, REC_SEGMENT, BufferPool, PackBuilder, PackFormatError,
-                    RecordInfo, pack_object_name, read_records)
+from .packs import (
+    HEADER_SIZE,
+    REC_CHUNK,
+    REC_MANIFEST,
+    REC_SEGMENT,
+    BufferPool,
+    PackBuilder,
+    PackFormatError,
+    RecordInfo,
+    pack_object_name,
+    read_records,
+)
 from .schema import backup_segments, backups, chunks, packs, segments
 
 log = logging.getLogger(__name__)
@@ -118,7 +128,8 @@ def _collect(repo, rep: GcReport, threshold: float, progress) -> GcReport:
 
     # -- what the index holds ---------------------------------------------------
     with eng.connect() as conn:
-        pack_rows = {r[0]: _Pack(r[0], r[1], r[2]) for r in conn.execute(select(packs.c.id, packs.c.name, packs.c.size))}
+        pack_rows = {r[0]: _Pack(r[0], r[1], r[2]) 
+                     for r in conn.execute(select(packs.c.id, packs.c.name, packs.c.size))}
         dead_rows: dict = {chunks: [], segments: []}
         for table, live in ((chunks, live_chunks), (segments, live_segs)):
             for h, pid, sl in conn.execute(select(table.c.hash, table.c.pack_id, table.c.stored_len)):

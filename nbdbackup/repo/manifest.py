@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from ..errors import RepoDamaged
 from .chunks import hash_bytes
 from .info import BackupInfo
-from .packs import PackFormatError, REC_MANIFEST, pack_object_name, read_records, scan_records
+from .packs import REC_MANIFEST, PackFormatError, pack_object_name, read_records, scan_records
 from .store import Location, RecordError
 
 FORMAT = 1

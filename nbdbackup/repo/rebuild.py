@@ -30,9 +30,18 @@ from .exclusive import exclusive_access
 from .ids import now_ms, to_ms
 from .index import make_engine, upgrade, write_txn
 from .indexerrors import index_error
-from .manifest import ManifestError, decode as decode_manifest
-from .packs import (REC_CHUNK, REC_MANIFEST, REC_SEGMENT, PackFormatError, RecordInfo, pack_object_name,
-                    read_records, scan_records)
+from .manifest import ManifestError
+from .manifest import decode as decode_manifest
+from .packs import (
+    REC_CHUNK,
+    REC_MANIFEST,
+    REC_SEGMENT,
+    PackFormatError,
+    RecordInfo,
+    pack_object_name,
+    read_records,
+    scan_records,
+)
 from .schema import chunks, packs, segments
 from .store import record_row
 

@@ -18,8 +18,15 @@ from ..fsutil import write_blocker
 from . import backuprows
 from .backends import LocalBackend, StorageBackend
 from .backuprows import INFO_COLUMNS, info_from_row
-from .config import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DEFAULT_PACK_SIZE, DEFAULT_SEGMENT_LEN, RepoConfig,
-                     read_config, write_config)
+from .config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_LEVEL,
+    DEFAULT_PACK_SIZE,
+    DEFAULT_SEGMENT_LEN,
+    RepoConfig,
+    read_config,
+    write_config,
+)
 from .context import RepoContext
 from .ids import check_disk_name, is_backup_id
 from .image import BackupImage

@@ -21,8 +21,18 @@ from .chunks import PreparedChunk
 from .context import RepoContext
 from .ids import now_ms, to_ms
 from .index import write_txn
-from .packs import (ENTRY_SIZE, HEADER_SIZE, REC_CHUNK, REC_MANIFEST, REC_SEGMENT, TRAILER_SIZE, BufferPool,
-                    PackBuilder, pack_object_name, write_pack)
+from .packs import (
+    ENTRY_SIZE,
+    HEADER_SIZE,
+    REC_CHUNK,
+    REC_MANIFEST,
+    REC_SEGMENT,
+    TRAILER_SIZE,
+    BufferPool,
+    PackBuilder,
+    pack_object_name,
+    write_pack,
+)
 from .schema import chunks, packs, segments
 from .store import record_row
 

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from ..errors import RepoDamaged
 from .chunks import DecodeError, decode
 from .indexerrors import index_errors
-from .packs import HEADER_SIZE, PackFormatError, REC_SEGMENT, RecordInfo, pack_object_name, parse_header
+from .packs import HEADER_SIZE, REC_SEGMENT, PackFormatError, RecordInfo, pack_object_name, parse_header
 from .schema import chunks, packs, segments
 
 _IN_BATCH = 500   # bound on bound parameters per IN (...) query

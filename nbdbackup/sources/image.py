@@ -19,9 +19,9 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from .base import DiskPlan, Source, raise_if_no_fallback
 from ..errors import LockedError, SourceUnreachable
 from ..repo.locks import read_holders
+from .base import DiskPlan, Source, raise_if_no_fallback
 from .qemu_tools import ImageBitmap, ImageInfo, QemuNbd, bitmap_add, bitmap_remove, check_image, image_info
 
 if TYPE_CHECKING:

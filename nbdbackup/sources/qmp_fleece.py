@@ -56,7 +56,8 @@ def create_overlay_file(path: str, size: int) -> None:
         p = subprocess.run([exe, "create", "-q", "-f", "qcow2", path, str(size)],
                            capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise SourceFailed(f"cannot run qemu-img (Debian package qemu-utils) to create the scratch overlay {path}: {e}") from None
+        raise SourceFailed(f"cannot run qemu-img (Debian package qemu-utils) to create the scratch "
+                           f"overlay {path}: {e}") from None
     if p.returncode != 0:
         raise UsageError(f"cannot create the scratch overlay {path}: {p.stderr.strip()}",
                          hint="--scratch-dir must be a writable directory with room for the "

@@ -172,7 +172,8 @@ class FakeServer:
 
     @staticmethod
     def hole_chunk(conn, cookie: int, offset: int, length: int, done: bool = False) -> None:
-        FakeServer.chunk(conn, cookie, proto.REPLY_TYPE_OFFSET_HOLE, proto.OFFSET_HOLE_STRUCT.pack(offset, length), done)
+        FakeServer.chunk(conn, cookie, proto.REPLY_TYPE_OFFSET_HOLE, 
+                         proto.OFFSET_HOLE_STRUCT.pack(offset, length), done)
 
     @staticmethod
     def wait_disc(conn) -> None:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from helpers import support
-
 from nbdbackup.nbd import proto
 
 

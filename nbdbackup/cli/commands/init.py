@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 
 def _config():
-    from ...repo import config   # when a value is checked: the repo package is heavy for --help
+    from ...repo import config  # when a value is checked: the repo package is heavy for --help
 
     return config
 

@@ -82,8 +82,13 @@ def run(args) -> int:
     from ...engine.exports import ChunkCache, RepoCatalog
     from ...errors import UsageError, is_no_space
     from ...nbd.server import ListenAddress, NbdServer, tls_server_context
-    from ...nbd.server_socket import (DEFAULT_SOCKET_NAME, blocking_directory, check_private_dir, runtime_dir,
-                                      socket_access)
+    from ...nbd.server_socket import (
+        DEFAULT_SOCKET_NAME,
+        blocking_directory,
+        check_private_dir,
+        runtime_dir,
+        socket_access,
+    )
     from ...repo import Repository
     from ..output import print_json, summary
 

@@ -63,11 +63,12 @@ def run(args) -> int:
                   + ("; all intact" if report.ok else ""))
     if report.damaged:
         names = ", ".join(d.backup.id for d in report.damaged)
+        rows_hint = ("; backups whose index rows are bad (the whole disk listed) come back with "
+                     "`nbdbackup rebuild-index`" if any(d.index_rows_bad for d in report.damaged) else "")
         raise VerifyFailed(f"{len(report.damaged)} damaged backup(s): {names}"
                            + ("; the index is damaged too" if report.index_problems else ""),
                            hint="the listed byte ranges cannot be restored; `nbdbackup verify --json` gives details"
-                                + ("; backups whose index rows are bad (the whole disk listed) come back with "
-                                   "`nbdbackup rebuild-index`" if any(d.index_rows_bad for d in report.damaged) else ""))
+                                + rows_hint)
     if report.index_problems:
         raise VerifyFailed(f"the index is damaged: {report.index_problems[0]}",
                            hint="`nbdbackup rebuild-index` recreates the index from the packs")
