@@ -106,7 +106,7 @@ def verify(repo, refs: Iterable[str] | None = None, *, sample_percent: float | N
     returns an object with update(n), called as chunks are read."""
     lock = repo.lock("readers", exclusive=False, purpose="the repository's reader lock (gc runs)")
     try:
-        with index_errors("verify"):
+        with index_errors("verify", repo):
             return _verify(repo, refs, sample_percent, progress, rng or random.Random())
     finally:
         lock.release()
