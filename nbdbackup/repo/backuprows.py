@@ -49,13 +49,20 @@ def query(engine, stmt) -> list:
             return conn.execute(stmt).all()
 
 
+def refs_from_rows(rows) -> list[bytes | None] | None:
+    """(seq, segment hash) map rows in seq order as the segment list (None = all-zero segment);
+    None when the seqs have gaps."""
+    if [s for s, _ in rows] != list(range(len(rows))):
+        return None
+    return [bytes(h) if h is not None else None for _, h in rows]
+
+
 def segment_refs(engine, backup_id: str) -> list[bytes | None]:
     """The map of a backup: segment hashes in order (None = all-zero segment)."""
-    rows = query(engine, select(backup_segments.c.seq, backup_segments.c.segment_hash)
-                 .join(backups, backups.c.pk == backup_segments.c.backup_pk)
-                 .where(backups.c.id == backup_id).order_by(backup_segments.c.seq))
-    refs = [bytes(h) if h is not None else None for _, h in rows]
-    if [s for s, _ in rows] != list(range(len(rows))):
+    refs = refs_from_rows(query(engine, select(backup_segments.c.seq, backup_segments.c.segment_hash)
+                                .join(backups, backups.c.pk == backup_segments.c.backup_pk)
+                                .where(backups.c.id == backup_id).order_by(backup_segments.c.seq)))
+    if refs is None:
         raise RepoDamaged(f"backup {backup_id}: map rows are not contiguous", hint="run `nbdbackup verify`")
     return refs
 

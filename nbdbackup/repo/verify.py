@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import RepoDamaged
 from . import manifest as M
 from . import maps
-from .backuprows import INFO_COLUMNS, info_from_row
+from .backuprows import INFO_COLUMNS, info_from_row, refs_from_rows
 from .chunks import HASH_SIZE, ZERO_REF
 from .indexerrors import index_errors
 from .info import BackupInfo
@@ -253,10 +253,7 @@ def _segment_refs(repo, pk: int) -> list[bytes | None] | None:
     q = (select(backup_segments.c.seq, backup_segments.c.segment_hash)
          .where(backup_segments.c.backup_pk == pk).order_by(backup_segments.c.seq))
     with repo.index_db.connect() as conn:
-        rows = conn.execute(q).all()
-    if [s for s, _ in rows] != list(range(len(rows))):
-        return None
-    return [bytes(h) if h is not None else None for _, h in rows]
+        return refs_from_rows(conn.execute(q).all())
 
 
 def _still_listed(repo, pk: int) -> bool:
