@@ -28,6 +28,9 @@ class ExitCode(IntEnum):
     CHAIN_BROKEN = 13        # incremental impossible (bitmap/parent missing or untrustworthy) with --no-fallback
     READ_ONLY = 14           # the repository's file system is mounted read-only (EROFS) and the command writes
     PERMISSION_DENIED = 15   # this user may not read or write a repository file (EACCES/EPERM)
+    CREDENTIALS = 16         # object storage or index database refused the credentials
+    STORAGE_UNREACHABLE = 17 # object storage or index database unreachable or failing, after retries
+    NO_BUCKET = 18           # the S3 bucket does not exist
     INTERRUPTED = 130        # SIGINT/SIGTERM
 
 
@@ -49,6 +52,10 @@ EXIT_CODE_HELP = {
     ExitCode.READ_ONLY: "read-only file system where the command must write "
                         "(reading commands work on a read-only repository)",
     ExitCode.PERMISSION_DENIED: "permission denied: this user may not read or write a file the command needs",
+    ExitCode.CREDENTIALS: "wrong or missing credentials for the S3 storage or the index database",
+    ExitCode.STORAGE_UNREACHABLE: "S3 storage or index database unreachable or failing after retries; "
+                                  "nothing half-done was committed",
+    ExitCode.NO_BUCKET: "the S3 bucket does not exist (create it, or check the name and endpoint)",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
 }
 
@@ -108,6 +115,20 @@ class ReadOnlyError(NbdBackupError):
 
 class PermissionDenied(NbdBackupError):
     exit_code = ExitCode.PERMISSION_DENIED
+
+
+class CredentialsError(NbdBackupError):
+    """S3 or the index database refused who we are (wrong key, secret, password, or no access)."""
+    exit_code = ExitCode.CREDENTIALS
+
+
+class StorageUnreachable(NbdBackupError):
+    """S3 endpoint or index database cannot be reached, or keeps failing after retries."""
+    exit_code = ExitCode.STORAGE_UNREACHABLE
+
+
+class NoSuchBucket(NbdBackupError):
+    exit_code = ExitCode.NO_BUCKET
 
 
 READING_COMMANDS = "list, restore, serve, verify, stats"

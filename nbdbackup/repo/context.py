@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from .backends import StorageBackend
 from .config import RepoConfig
-from .locks import RepoLock
+from .locks import FlockLocks, RepoLock
 from .store import ObjectStore
 
 
@@ -23,11 +23,11 @@ class RepoContext:
     index_db: Engine           # the index's SQLAlchemy engine (not the engine/ package)
     backend: StorageBackend    # where pack files live
     store: ObjectStore         # record lookups and checked record reads
-    lock_dir: str
+    locks: FlockLocks          # the lock service (flock files here; PostgreSQL for many hosts)
     lock_wait: float           # seconds a lock is waited for before LockedError
 
     def lock(self, name: str, *, exclusive: bool, purpose: str | None = None,
              wait: float | None = None) -> RepoLock:
-        """Take lock *name* in locks/ (LockedError after lock_wait seconds)."""
-        return RepoLock(self.lock_dir, name, exclusive=exclusive,
-                        wait=self.lock_wait if wait is None else wait, purpose=purpose)
+        """Take lock *name* (LockedError after lock_wait seconds)."""
+        return self.locks.lock(name, exclusive=exclusive, wait=self.lock_wait if wait is None else wait,
+                               purpose=purpose)

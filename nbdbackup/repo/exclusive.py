@@ -13,38 +13,20 @@ restore/serve/verify (readers, shared), or another gc/rebuild-index (exclusive).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import time
 
 from ..errors import LockedError
-from .locks import read_holders
 
 _RETRY = 0.2
-
-
-def _probe_free(lock_dir: str, name: str) -> bool:
-    """Is lock *name* free right now? Holds it for two system calls only (no holder file)."""
-    try:
-        fd = os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return True          # let the real attempt report the problem
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)         # drops the probe's lock
 
 
 _PURPOSE = "exclusive access for "
 _SHARED_REASON = {"writers": "a backup is running", "readers": "a restore, serve or verify is reading"}
 
 
-def _busy_reason(lock_dir: str, name: str) -> str:
-    """Who holds lock *name*, in words, from its holder files."""
-    holders = read_holders(lock_dir, name)
+def _busy_reason(locks, name: str) -> str:
+    """Who holds lock *name*, in words, from its holder records."""
+    holders = locks.holders(name)
     for h in holders:
         if h.get("mode") == "exclusive":
             purpose = h.get("purpose") or ""
@@ -65,8 +47,8 @@ def exclusive_access(repo, what: str):
         try:
             # while a reader or writer runs, only probe: a backup or restore starting meanwhile
             # must not meet a gc that is merely waiting
-            if time.monotonic() < deadline and not (_probe_free(repo.lock_dir, "readers")
-                                                   and _probe_free(repo.lock_dir, "writers")):
+            if time.monotonic() < deadline and not (repo.locks.probe_free("readers")
+                                                   and repo.locks.probe_free("writers")):
                 time.sleep(_RETRY)
                 continue
             taken.append(repo.lock(name, exclusive=True, wait=0, purpose=_PURPOSE + what))
@@ -77,7 +59,7 @@ def exclusive_access(repo, what: str):
             for lk in reversed(taken):
                 lk.release()
             if time.monotonic() >= deadline:
-                raise LockedError(f"{_busy_reason(repo.lock_dir, name)}, so {what} cannot run now: {e}",
+                raise LockedError(f"{_busy_reason(repo.locks, name)}, so {what} cannot run now: {e}",
                                   hint=e.hint) from None
             time.sleep(_RETRY)
     try:

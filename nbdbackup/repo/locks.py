@@ -135,6 +135,40 @@ class RepoLock:
         self.release()
 
 
+class FlockLocks:
+    """The lock service of a repository on one host: flock'ed files in *lock_dir*.
+
+    The interface every lock service has (an index on PostgreSQL has another, for many
+    hosts): lock() takes one, probe_free() tests one without waiting or leaving a trace,
+    holders() says who holds one (pid, host, command, since, mode, purpose)."""
+
+    def __init__(self, lock_dir: str):
+        self.lock_dir = lock_dir
+
+    def lock(self, name: str, *, exclusive: bool, wait: float = 0.0, purpose: str | None = None) -> RepoLock:
+        return RepoLock(self.lock_dir, name, exclusive=exclusive, wait=wait, purpose=purpose)
+
+    def probe_free(self, name: str) -> bool:
+        """Is lock *name* free right now? Holds it for two system calls only (no holder file)."""
+        try:
+            fd = os.open(os.path.join(self.lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return True          # let the real attempt report the problem
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)         # drops the probe's lock
+
+    def holders(self, name: str) -> list[dict]:
+        return read_holders(self.lock_dir, name)
+
+    def close(self) -> None:
+        pass
+
+
 def read_holders(lock_dir: str, name: str) -> list[dict]:
     """Holder infos of lock *name*; removes info files of dead local pids."""
     out = []

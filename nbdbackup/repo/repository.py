@@ -33,7 +33,7 @@ from .image import BackupImage
 from .index import check_revision, current_revision, default_url, make_engine, read_only_mode, upgrade
 from .indexerrors import index_errors
 from .info import BackupInfo
-from .locks import RepoLock
+from .locks import FlockLocks, RepoLock
 from .schema import backups, chunks, packs, segments
 from .setcommit import commit_writers
 from .store import ObjectStore
@@ -51,11 +51,12 @@ class Repository:
         self.index_url = index_url
         self.lock_wait = lock_wait
         self.lock_dir = os.path.join(path, "locks")
+        self.locks = FlockLocks(self.lock_dir)
         self.backend = backend or LocalBackend(path, os.path.join(path, "tmp"))
         self.store = ObjectStore(engine, self.backend)
         # what writers, images and the set commit get instead of the whole repository
         self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
-                                   store=self.store, lock_dir=self.lock_dir, lock_wait=lock_wait)
+                                   store=self.store, locks=self.locks, lock_wait=lock_wait)
 
     # -- life cycle -----------------------------------------------------------
     @classmethod
@@ -138,6 +139,7 @@ class Repository:
         return not os.path.exists(self.index_url.removeprefix("sqlite:///"))
 
     def close(self) -> None:
+        self.locks.close()
         self.backend.close()
         self.index_db.dispose()
 

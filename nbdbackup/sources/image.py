@@ -20,7 +20,6 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import LockedError, SourceUnreachable
-from ..repo.locks import read_holders
 from .base import DiskPlan, Source, raise_if_no_fallback
 from .qemu_tools import ImageBitmap, ImageInfo, QemuNbd, bitmap_add, bitmap_remove, check_image, image_info
 
@@ -91,7 +90,7 @@ class ImageSource(Source):
             self._image_lock = repo.lock(name, exclusive=True, purpose=f"the lock of image {self.path}")
         except LockedError as e:
             who = "; ".join(f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')}: {h.get('command')}"
-                            for h in read_holders(repo.lock_dir, name)) or str(e)
+                            for h in repo.locks.holders(name)) or str(e)
             raise LockedError(f"another nbdbackup run is backing up image {self.path}: {who}",
                               hint="wait for it to finish, or pass --lock-wait SECONDS") from None
 
