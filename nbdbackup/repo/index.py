@@ -23,7 +23,7 @@ from .indexerrors import index_errors
 from .schema import INDEX_REVISION
 
 INDEX_FILE = "index.sqlite"
-KNOWN_REVISIONS = ("0001", "0002")   # oldest first; the last one is INDEX_REVISION
+KNOWN_REVISIONS = ("0001", "0002", "0003")   # oldest first; the last one is INDEX_REVISION
 BUSY_TIMEOUT_MS = 60_000
 
 

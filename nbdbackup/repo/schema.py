@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-INDEX_REVISION = "0002"
+INDEX_REVISION = "0003"
 
 metadata = MetaData()
 
@@ -32,6 +32,7 @@ packs = Table(
     Column("name", String(32), nullable=False, unique=True),   # 32 hex digits; object packs/<xx>/<name>.pack
     Column("size", BigInteger, nullable=False),
     Column("created_ms", BigInteger, nullable=False),
+    Column("epoch", BigInteger, nullable=False, server_default="0"),   # 0003: gc epoch it was indexed in
 )
 
 
@@ -46,6 +47,9 @@ def _blob_table(name: str) -> Table:
         Column("stored_len", Integer, nullable=False),
         Column("raw_len", Integer, nullable=False),
         Column("compression", SmallInteger, nullable=False),
+        # 0003: the start epoch of the last writer that added or reused it (gc keeps it while that
+        # writer may still commit a reference to it)
+        Column("used_epoch", BigInteger, nullable=False, server_default="0"),
         sqlite_with_rowid=False,
     )
 
@@ -84,4 +88,49 @@ backup_segments = Table(
     Column("seq", Integer, primary_key=True),
     Column("segment_hash", LargeBinary(32)),
     Index("ix_backup_segments_hash", "segment_hash"),
+)
+
+# -- 0003: many hosts, gc beside everything (docs/design.md "gc beside everything") --------------
+
+# One row (id 1): the epoch; each gc run starts a new one.
+gc_state = Table(
+    "gc_state", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("epoch", BigInteger, nullable=False),
+)
+
+# A running backup or reader: alive while its heartbeat is fresh.
+leases = Table(
+    "leases", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(16), nullable=False),          # "backup" or "read"
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("command", Text, nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("heartbeat_ms", BigInteger, nullable=False),
+    Column("start_epoch", BigInteger, nullable=False),
+)
+
+# Backups a live lease needs (a reader's backup, a writer's parent): forget and prune leave them.
+lease_pins = Table(
+    "lease_pins", metadata,
+    Column("lease_id", String(32), ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True),
+    Column("backup_id", String(40), primary_key=True),
+    Index("ix_lease_pins_backup_id", "backup_id"),
+)
+
+# Who holds a lock of an index-based lock service (PostgreSQL advisory locks).
+lock_holders = Table(
+    "lock_holders", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("lock_name", String(255), nullable=False),
+    Column("backend_pid", Integer),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("command", Text, nullable=False),
+    Column("since_ms", BigInteger, nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("purpose", Text),
+    Index("ix_lock_holders_lock_name", "lock_name"),
 )
