@@ -45,3 +45,12 @@ def anonymous_map(size: int) -> mmap.mmap:
     is shared (shmem), whose page faults cost half as much again."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     return mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+
+
+def default_state_dir() -> str:
+    """Where this host keeps nbdbackup's state ($NBDBACKUP_STATE_DIR, else $XDG_STATE_HOME/nbdbackup)."""
+    env = os.environ.get("NBDBACKUP_STATE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "nbdbackup")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers.pki import Pki, make_test_pki
+from helpers.places import REPO_MODES, RepoPlace, make_place
 from helpers.repo import REPO_BACKENDS, backend_options, new_repo
 
 # --- the environment ------------------------------------------------------------------
@@ -47,6 +48,12 @@ def repo(request, tmp_path):
     """A new repository at tmp_path/"repo" (helpers.repo.new_repo), once per storage backend."""
     with new_repo(tmp_path / "repo", **backend_options(request.param, tmp_path)) as r:
         yield r
+
+
+@pytest.fixture(params=REPO_MODES)
+def place(request, tmp_path) -> RepoPlace:
+    """Where this test's repository lives, once per mode (helpers.places): local, local+pg, s3+pg."""
+    return make_place(request, request.param, tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -45,10 +45,16 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     g = parser.add_argument_group("common options")
-    g.add_argument("--repo", default=d(os.environ.get("NBDBACKUP_REPO")), metavar="PATH",
-                   help="repository directory (default: $NBDBACKUP_REPO)")
-    g.add_argument("--index-url", default=d(None), metavar="URL",
-                   help="SQLAlchemy URL of the index (default: SQLite file inside the repository)")
+    g.add_argument("--repo", default=d(os.environ.get("NBDBACKUP_REPO")), metavar="PATH|s3://BUCKET[/PREFIX]",
+                   help="repository: a directory, or a bucket (and prefix) on S3 (default: $NBDBACKUP_REPO)")
+    g.add_argument("--index-url", default=d(os.environ.get("NBDBACKUP_INDEX_URL")), metavar="URL",
+                   help="SQLAlchemy URL of the index, e.g. postgresql+psycopg://USER@HOST/DB (default: "
+                        "$NBDBACKUP_INDEX_URL, else the URL the repository names, else its SQLite file); "
+                        "a password may come from PGPASSWORD or ~/.pgpass and is never stored")
+    g.add_argument("--s3-endpoint", default=d(None), metavar="URL",
+                   help="S3 endpoint, e.g. http://10.0.0.5:7480 (default: $AWS_ENDPOINT_URL, else AWS); "
+                        "credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                        "~/.aws/credentials")
     g.add_argument("--json", action="store_true", default=d(False), help="machine-readable output on stdout")
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars or summaries")
     g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log output (-vv for debug)")

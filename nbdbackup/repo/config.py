@@ -79,14 +79,28 @@ def parse_size(text: str, *, allow_zero: bool = False) -> int:
     return int(n)
 
 
+def config_bytes(cfg: RepoConfig) -> bytes:
+    return (json.dumps(asdict(cfg), indent=2) + "\n").encode()
+
+
 def write_config(path: str, cfg: RepoConfig) -> None:
     tmp = os.path.join(path, CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(config_bytes(cfg))
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, os.path.join(path, CONFIG_NAME))
+
+
+def read_config_object(backend, where: str) -> RepoConfig:
+    """config.json of a repository in object storage (*where*: its s3:// URL)."""
+    try:
+        data = backend.get(CONFIG_NAME)
+    except FileNotFoundError:
+        raise NotARepository(f"{where} holds no nbdbackup repository (no {CONFIG_NAME})",
+                             hint=f"create one with `nbdbackup init --repo {where} --index-url URL`, "
+                                  "or check the bucket, prefix and endpoint") from None
+    return parse_config(data, f"{where}/{CONFIG_NAME}", where)
 
 
 def read_config(path: str) -> RepoConfig:
@@ -107,10 +121,19 @@ def read_config(path: str) -> RepoConfig:
         raise NotARepository(f"{path} is not an nbdbackup repository (no {CONFIG_NAME})",
                              hint="create one with `nbdbackup init --repo PATH`")
     try:
-        with open(p) as f:
-            d = json.load(f)
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RepoDamaged(f"{p} is unreadable: {e}") from None
+    return parse_config(data, p, path)
+
+
+def parse_config(data: bytes, p: str, path: str) -> RepoConfig:
+    """The RepoConfig in *data* (the bytes of config.json *p* of repository *path*)."""
+    try:
+        d = json.loads(data)
         fmt = d["format"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise RepoDamaged(f"{p} is unreadable: {e}") from None
     if not isinstance(fmt, int) or fmt > FORMAT:
         raise RepoFormatError(f"repository {path} has format {fmt!r}, newer than this tool understands "

@@ -44,6 +44,7 @@ from .packs import (
 )
 from .schema import chunks, packs, segments
 from .store import record_row
+from .urls import masked_url
 
 _BATCH = 2000
 KEEP_DAMAGED = 3        # index.sqlite.damaged-<UTC> copies kept by default (the newest)
@@ -90,14 +91,14 @@ class _Found:
 
 
 def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
-                  progress=None, keep_damaged: int = KEEP_DAMAGED) -> RebuildReport:
+                  progress=None, keep_damaged: int = KEEP_DAMAGED, s3_endpoint: str | None = None) -> RebuildReport:
     """Rebuild the index of the repository at *path*; *progress*(total_packs) returns a bar.
     Of the old indexes moved aside (this run's included) the newest *keep_damaged* stay."""
     from .repository import Repository
 
     if keep_damaged < 1:
         raise UsageError("rebuild-index keeps at least the copy of the index it moves aside")
-    repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False)
+    repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False, s3_endpoint=s3_endpoint)
     try:
         with exclusive_access(repo, "rebuild-index"):
             return _rebuild(repo, progress, keep_damaged)
@@ -247,8 +248,9 @@ def _require_empty(url: str) -> None:
     finally:
         eng.dispose()
     if tables:
-        raise UsageError(f"the index database {url} is not empty; rebuild-index only moves SQLite index files "
-                         "aside by itself", hint="move or drop the old database yourself, then run again")
+        raise UsageError(f"the index database {masked_url(url)} is not empty; rebuild-index only moves "
+                         "SQLite index files aside by itself",
+                         hint="give --index-url a new, empty database (or drop the old one's tables), then run again")
 
 
 def _fill(eng, repo, found: _Found, rep: RebuildReport) -> None:

@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from ..errors import NotFound, RepoDamaged, UsageError, is_no_space, storage_error
 from ..fsutil import write_blocker
-from . import backuprows
-from .backends import LocalBackend, StorageBackend
+from . import backuprows, remote
+from .backends import StorageBackend
 from .backuprows import INFO_COLUMNS, info_from_row
 from .config import (
     DEFAULT_CHUNK_SIZE,
@@ -30,13 +30,16 @@ from .config import (
 from .context import RepoContext
 from .ids import check_disk_name, is_backup_id
 from .image import BackupImage
-from .index import check_revision, current_revision, default_url, make_engine, read_only_mode, upgrade
+from .index import check_revision, default_url, make_engine, read_only_mode
 from .indexerrors import index_errors
 from .info import BackupInfo
+from .location import open_backend, parse_location
 from .locks import FlockLocks, RepoLock
+from .remote import host_lock_dir, lock_service
 from .schema import backups, chunks, packs, segments
 from .setcommit import commit_writers
 from .store import ObjectStore
+from .urls import url_without_password
 from .writer import BackupWriter
 
 _DIRS = ("packs", "locks", "tmp")
@@ -44,15 +47,19 @@ _DIRS = ("packs", "locks", "tmp")
 
 class Repository:
     def __init__(self, path: str, config: RepoConfig, engine, index_url: str, *, lock_wait: float = 0.0,
-                 backend: StorageBackend | None = None):
-        self.path = path
+                 backend: StorageBackend | None = None, s3_endpoint: str | None = None):
+        self.location = parse_location(path)
+        path = self.path = self.location.display
         self.config = config
         self.index_db = engine
         self.index_url = index_url
         self.lock_wait = lock_wait
-        self.lock_dir = os.path.join(path, "locks")
-        self.locks = FlockLocks(self.lock_dir)
-        self.backend = backend or LocalBackend(path, os.path.join(path, "tmp"))
+        self.lock_dir = os.path.join(path, "locks") if self.location.is_local else None
+        self.backend = backend or open_backend(self.location, s3_endpoint=s3_endpoint)
+        self.locks = lock_service(self.location, engine, index_url, config.repo_id)
+        # locks of this host's own things (an --image file): never shared with other hosts
+        self.host_locks = self.locks if isinstance(self.locks, FlockLocks) else \
+            FlockLocks(host_lock_dir(config.repo_id))
         self.store = ObjectStore(engine, self.backend)
         # what writers, images and the set commit get instead of the whole repository
         self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
@@ -62,13 +69,18 @@ class Repository:
     @classmethod
     def init(cls, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, index_url: str | None = None,
              compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None,
-             segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int = DEFAULT_PACK_SIZE) -> "Repository":
+             segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int = DEFAULT_PACK_SIZE,
+             s3_endpoint: str | None = None) -> "Repository":
         """Create a repository and its index (at the head revision).
 
         segment_len (map positions per segment) and pack_size (target pack
         bytes) are tuning knobs, stored in config.json; tests use small ones."""
-        path = os.path.abspath(path)
+        loc = parse_location(path)
         cfg = RepoConfig.new(chunk_size, compression_level, segment_len=segment_len, pack_size=pack_size)
+        if not loc.is_local:
+            remote.init_s3(loc, cfg, index_url, backend or open_backend(loc, s3_endpoint=s3_endpoint))
+            return cls.open(loc.display, index_url=index_url, backend=backend, s3_endpoint=s3_endpoint)
+        path = loc.path
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{path} exists and is not a directory")
         if os.path.isdir(path) and os.listdir(path):
@@ -85,17 +97,10 @@ class Repository:
                                  hint="choose a path on a writable file system") from None
             for d in _DIRS:
                 os.makedirs(os.path.join(path, d), exist_ok=True)
-            for name in ("writers", "readers"):    # so a user who may only read the repository can lock
+            for name in ("writers", "readers", "gc"):    # so a user who may only read the repository can lock
                 open(os.path.join(path, "locks", name), "a").close()
             url = index_url or default_url(path)
-            eng = make_engine(url)
-            with eng.connect() as conn:
-                if current_revision(conn) is not None:
-                    raise UsageError(f"the index at {url} already holds an nbdbackup index; "
-                                     "use an empty database")
-            upgrade(eng, "head")
-            check_revision(eng, path)
-            eng.dispose()
+            remote.create_index(url, path)
             if index_url:
                 _write_index_url(path, index_url)
             write_config(path, cfg)     # last: a directory with config.json is a repository
@@ -111,26 +116,32 @@ class Repository:
 
     @classmethod
     def open(cls, path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
-             backend: StorageBackend | None = None, check: bool = True) -> "Repository":
+             backend: StorageBackend | None = None, check: bool = True,
+             s3_endpoint: str | None = None) -> "Repository":
         """Open an existing repository.
 
         NotARepository, RepoFormatError (newer format / index needs `nbdbackup migrate`),
         RepoDamaged (index missing or unreadable). check=False skips the index
         revision check (for `migrate` and `rebuild-index`)."""
-        path = os.path.abspath(path)
-        cfg = read_config(path)
-        url = index_url or _read_index_url(path) or default_url(path)
+        loc = parse_location(path)
+        if loc.is_local:
+            path = loc.path
+            cfg = read_config(path)
+            url = index_url or _read_index_url(path) or default_url(path)
+        else:
+            backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
+            cfg, url = remote.open_s3(loc, backend, index_url)
         if check and url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
             raise RepoDamaged(f"the index of {path} ({url.removeprefix('sqlite:///')}) is missing",
                               hint="`nbdbackup rebuild-index` recreates it from the packs")
         eng = make_engine(url, read_only=read_only_mode(url))
-        if check:
-            try:
-                check_revision(eng, path)
-            except BaseException:
-                eng.dispose()
-                raise
-        return cls(path, cfg, eng, url, lock_wait=lock_wait, backend=backend)
+        try:
+            if check:
+                check_revision(eng, loc.display)
+            return cls(loc.display, cfg, eng, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint)
+        except BaseException:
+            eng.dispose()
+            raise
 
     def index_file_missing(self) -> bool:
         """True when the index is a SQLite file that does not exist (connecting would create it empty)."""
@@ -248,7 +259,7 @@ class Repository:
     def writer(self, disk: str, *, kind: str, size: int, parent: BackupInfo | None = None,
                bitmap: str | None = None, checkpoint: str | None = None, set_id: str | None = None,
                source: str | None = None) -> BackupWriter:
-        blocker = write_blocker(self.path)
+        blocker = write_blocker(self.path) if self.location.is_local else None
         if blocker in (errno.EROFS, errno.EACCES):      # say so before any work, not at the first pack
             raise storage_error(blocker, self.path, f"writing a backup of {disk}")
         return BackupWriter(self.context, disk, kind=kind, size=size, parent=parent, bitmap=bitmap,
@@ -282,7 +293,7 @@ _INDEX_URL_FILE = "index-url"
 
 def _write_index_url(path: str, url: str) -> None:
     with open(os.path.join(path, _INDEX_URL_FILE), "w") as f:
-        f.write(url + "\n")
+        f.write(url_without_password(url) + "\n")      # the password never goes into the repository
 
 
 def _read_index_url(path: str) -> str | None:

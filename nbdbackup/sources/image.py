@@ -87,10 +87,11 @@ class ImageSource(Source):
         (from the lock's holder file), not qemu's bare "Failed to get lock"."""
         name = "image-" + hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()[:16]
         try:
-            self._image_lock = repo.lock(name, exclusive=True, purpose=f"the lock of image {self.path}")
+            self._image_lock = repo.host_locks.lock(name, exclusive=True, wait=repo.lock_wait,
+                                                    purpose=f"the lock of image {self.path}")
         except LockedError as e:
             who = "; ".join(f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')}: {h.get('command')}"
-                            for h in repo.locks.holders(name)) or str(e)
+                            for h in repo.host_locks.holders(name)) or str(e)
             raise LockedError(f"another nbdbackup run is backing up image {self.path}: {who}",
                               hint="wait for it to finish, or pass --lock-wait SECONDS") from None
 

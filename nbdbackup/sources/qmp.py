@@ -16,13 +16,14 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from ..fsutil import default_state_dir
 from . import qmp_bitmaps, qmp_fleece
 from .base import DiskPlan, Source, raise_if_no_fallback
 from .image import new_checkpoint
 from .qmp_conn import Qmp
 from .qmp_nodes import named_nodes, resolve
 from .qmp_qga import frozen, thaw_leftover
-from .qmp_state import DIRTY_PREFIX, Names, StateFile, default_state_dir
+from .qmp_state import DIRTY_PREFIX, Names, StateFile
 
 if TYPE_CHECKING:
     from ..repo.info import BackupInfo

@@ -75,14 +75,6 @@ class Names:
         return name.startswith(self.tag + "-")
 
 
-def default_state_dir() -> str:
-    env = os.environ.get("NBDBACKUP_STATE_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "nbdbackup")
-
-
 class StateFile:
     """JSON state for one (repository, VM) pair, guarded by an exclusive flock."""
 

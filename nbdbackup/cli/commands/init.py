@@ -12,6 +12,11 @@ DESCRIPTION = (
     "Creates the repository at --repo (or $NBDBACKUP_REPO): config.json, packs/,\n"
     "locks/, tmp/ and the index at its newest schema revision (SQLite file inside\n"
     "the repository, or the database at --index-url). Refuses a non-empty directory.\n"
+    "With --repo s3://BUCKET[/PREFIX] the objects go to an existing bucket and the\n"
+    "index must be PostgreSQL (--index-url postgresql+psycopg://USER@HOST/DB), shared\n"
+    "by every host that backs up into the repository. The index URL is stored in the\n"
+    "repository without its password (give it with PGPASSWORD, ~/.pgpass or\n"
+    "$NBDBACKUP_INDEX_URL on later runs).\n"
     "Chunk size and compression level are fixed for the repository's life."
 )
 
@@ -34,15 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ...repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
+    from ...repo.urls import masked_url
     from ..output import human_bytes, print_json, summary
-    from ..repoargs import repo_path
+    from ..repoargs import repo_path, storage_options
 
     path = repo_path(args)
     cs = args.chunk_size if args.chunk_size is not None else DEFAULT_CHUNK_SIZE
     level = args.compression_level if args.compression_level is not None else DEFAULT_LEVEL
-    with Repository.init(path, chunk_size=cs, index_url=args.index_url, compression_level=level) as repo:
+    with Repository.init(path, chunk_size=cs, index_url=args.index_url, compression_level=level,
+                         **storage_options(args)) as repo:
         out = {"path": repo.path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size,
-               "compression_level": repo.compression_level, "index_url": repo.index_url}
+               "compression_level": repo.compression_level, "index_url": masked_url(repo.index_url)}
     if args.json:
         print_json(out)
     else:

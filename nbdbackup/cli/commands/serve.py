@@ -89,8 +89,8 @@ def run(args) -> int:
         runtime_dir,
         socket_access,
     )
-    from ...repo import Repository
     from ..output import print_json, summary
+    from ..repoargs import open_repo
 
     if not args.repo:
         raise UsageError("no repository given", hint="use --repo PATH or set NBDBACKUP_REPO")
@@ -125,7 +125,7 @@ def run(args) -> int:
     if private_dir:
         check_private_dir(private_dir)
 
-    repo = Repository.open(args.repo, index_url=args.index_url, lock_wait=args.lock_wait)
+    repo = open_repo(args)
     overlay_dir = None
     try:
         if args.writable:

@@ -1,0 +1,107 @@
+"""Repositories in object storage, and the services a repository's index decides.
+
+An S3 repository holds the same objects as a local directory (location.py);
+this module creates and opens one, and picks the lock service: flock files
+for a local repository with a SQLite index (one host), the index's own
+PostgreSQL advisory locks whenever the index is PostgreSQL (any number of
+hosts that share the database).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ..errors import UsageError
+from ..fsutil import default_state_dir
+from .config import CONFIG_NAME, RepoConfig, config_bytes, read_config_object
+from .index import check_revision, current_revision, make_engine, upgrade
+from .location import RepoLocation
+from .locks import FlockLocks
+from .urls import masked_url, url_without_password
+
+INDEX_URL_NAME = "index-url"
+
+
+def _is_postgresql(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def create_index(url: str, where: str) -> None:
+    """An empty index at the head revision at *url* (UsageError if it already holds one)."""
+    eng = make_engine(url)
+    try:
+        with eng.connect() as conn:
+            if current_revision(conn) is not None:
+                raise UsageError(f"the index at {masked_url(url)} already holds an nbdbackup index; "
+                                 "use an empty database")
+        upgrade(eng, "head")
+        check_revision(eng, where)
+    finally:
+        eng.dispose()
+
+
+def init_s3(loc: RepoLocation, cfg: RepoConfig, index_url: str | None, backend) -> None:
+    """Create repository *loc* in its (existing, empty) bucket prefix, with its index at *index_url*."""
+    if not index_url:
+        raise UsageError(f"{loc.display}: an S3 repository keeps its index in PostgreSQL",
+                         hint="pass --index-url postgresql+psycopg://USER@HOST/DB (or set NBDBACKUP_INDEX_URL); "
+                              "the password may come from PGPASSWORD or ~/.pgpass")
+    if not _is_postgresql(index_url):
+        raise UsageError(f"{loc.display}: the index of an S3 repository must be PostgreSQL, not "
+                         f"{index_url.split(':', 1)[0]}", hint="many hosts share it; pass a postgresql+psycopg:// URL")
+    check = getattr(backend, "check_bucket", None)
+    if check is not None:
+        check()
+    if backend.exists(CONFIG_NAME):
+        raise UsageError(f"{loc.display} is already a repository; refusing to initialise over it")
+    if next(iter(backend.list("")), None) is not None:
+        raise UsageError(f"{loc.display} is not empty; refusing to initialise over it",
+                         hint="choose an empty bucket or another prefix: s3://BUCKET/PREFIX")
+    create_index(index_url, loc.display)
+    made = []
+    try:
+        backend.put(INDEX_URL_NAME, [(url_without_password(index_url) + "\n").encode()])
+        made.append(INDEX_URL_NAME)
+        backend.put(CONFIG_NAME, [config_bytes(cfg)])   # last, create-only: a second init loses here
+    except FileExistsError:
+        raise UsageError(f"{loc.display} was initialised by another run meanwhile") from None
+    except BaseException:
+        for name in made:
+            backend.delete(name)
+        raise
+
+
+def open_s3(loc: RepoLocation, backend, index_url: str | None) -> tuple[RepoConfig, str]:
+    """config.json and the index URL of the S3 repository *loc* (--index-url, else the stored one)."""
+    check = getattr(backend, "check_bucket", None)
+    if check is not None:
+        check()
+    cfg = read_config_object(backend, loc.display)
+    if not index_url:
+        try:
+            index_url = backend.get(INDEX_URL_NAME).decode().strip()
+        except FileNotFoundError:
+            index_url = ""
+        if not index_url:
+            raise UsageError(f"{loc.display} names no index database",
+                             hint="pass --index-url postgresql+psycopg://... (or set NBDBACKUP_INDEX_URL)")
+    return cfg, index_url
+
+
+def host_lock_dir(repo_id: str) -> str:
+    """This host's lock directory for repository *repo_id* (locks of local things: --image files)."""
+    d = os.path.join(default_state_dir(), "locks", hashlib.sha256(repo_id.encode()).hexdigest()[:16])
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def lock_service(loc: RepoLocation, engine, index_url: str, repo_id: str):
+    """Flock files for a local repository on SQLite; the index's advisory locks on PostgreSQL."""
+    if engine.dialect.name == "postgresql":
+        from .pglocks import PgLocks
+
+        return PgLocks(index_url, repo_id)
+    if not loc.is_local:
+        raise UsageError(f"{loc.display}: an S3 repository needs a PostgreSQL index, not {engine.dialect.name}")
+    return FlockLocks(os.path.join(loc.path, "locks"))
