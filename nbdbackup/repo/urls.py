@@ -14,7 +14,7 @@ def url_without_password(url: str) -> str:
 
 
 def _render(url: str, *, hide: bool = False, drop: bool = False) -> str:
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import URL, make_url
 
     try:
         u = make_url(url)
@@ -22,6 +22,7 @@ def _render(url: str, *, hide: bool = False, drop: bool = False) -> str:
         return url
     if u.password is None:
         return url
-    if drop:
-        u = u.set(password=None)
+    if drop:        # URL.set(password=None) means "unchanged": build it anew
+        u = URL.create(u.drivername, username=u.username, host=u.host, port=u.port, database=u.database,
+                       query=u.query)
     return u.render_as_string(hide_password=hide)
