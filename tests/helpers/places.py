@@ -49,8 +49,9 @@ def make_place(request, mode: str, workdir) -> RepoPlace:
         else:
             s3 = request.getfixturevalue("ceph_s3")
             bucket = request.getfixturevalue("s3_bucket")
-            env.update({"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
-                        "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": s3.region})
+            s3.set_env(request.getfixturevalue("monkeypatch"))     # endpoint and keys; no ~/.aws
+            env.update({k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                   "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
             place = RepoPlace(mode, f"s3://{bucket}", url, env)
     else:
         raise ValueError(f"unknown repository mode {mode!r}")

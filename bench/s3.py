@@ -1,0 +1,120 @@
+"""Full backup and restore on S3 + PostgreSQL against a local repository, in the same run.
+
+A raw image (--data-mib, half random, half text-like) is backed up with the
+installed CLI (`nbdbackup full --image IMG --format raw`) alternately into a
+fresh local repository (SQLite index) and a fresh S3 repository (a throwaway
+Ceph radosgw over loopback, the index on a throwaway PostgreSQL 15; both
+started here by ../shared/tools), then restored from each to a raw file
+(`nbdbackup restore`). Medians of the rounds are compared.
+Targets: S3 speed >= 0.8x local for the full backup and for the restore;
+peak RSS of the full backup into S3 < 256 MiB.
+
+    python bench/s3.py [--rounds 5] [--data-mib 512] [--workdir DIR]
+
+Run it with the python of the venv nbdbackup is installed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+from _common import MiB, bench_workdir, nbdbackup_exe, text_like  # noqa: E402
+from full_backup import timed  # noqa: E402
+
+from helpers.ceph import CephS3, make_bucket, remove_bucket  # noqa: E402
+from helpers.pg import start_pg_server  # noqa: E402
+
+
+def make_image(work: Path, mib: int) -> Path:
+    img = work / f"bench-{mib}m.raw"
+    if img.exists():
+        return img
+    half = mib // 2 * MiB
+    with open(img, "wb") as f:
+        for _ in range(half // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    txt = work / "text.bin"
+    text_like(txt, mib * MiB - half)
+    with open(img, "ab") as f, open(txt, "rb") as t:
+        while block := t.read(16 * MiB):
+            f.write(block)
+    txt.unlink()
+    return img
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--data-mib", type=int, default=512)
+    ap.add_argument("--workdir", help="keep the image here between runs (default: a temp dir)")
+    a = ap.parse_args()
+    exe = nbdbackup_exe()
+    with bench_workdir(a.workdir) as work:
+        img = make_image(work, a.data_mib)
+        ceph = CephS3(Path(tempfile.mkdtemp(prefix="nbdbackup-bench-ceph-")) / "cluster").start()
+        pg = start_pg_server()
+        env = dict(os.environ, AWS_ENDPOINT_URL=ceph.endpoint, AWS_ACCESS_KEY_ID=ceph.access_key,
+                   AWS_SECRET_ACCESS_KEY=ceph.secret_key, AWS_DEFAULT_REGION=ceph.region,
+                   AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+                   PGPASSWORD=pg.env.get("PGPASSWORD", ""))
+        os.environ.update(env)
+        res = {k: [] for k in ("full_local", "full_s3", "restore_local", "restore_s3", "rss_s3", "rss_local")}
+        try:
+            for r in range(a.rounds):
+                order = ("local", "s3") if r % 2 == 0 else ("s3", "local")
+                for where in order:
+                    if where == "local":
+                        repo = work / f"repo-{r}"
+                        subprocess.run([exe, "--repo", str(repo), "init", "-q"], check=True)
+                        spec = str(repo)
+                    else:
+                        bucket = make_bucket(ceph)
+                        db = pg.create_database()
+                        spec = f"s3://{bucket}"
+                        subprocess.run([exe, "--repo", spec, "--index-url", pg.db_url(db), "init", "-q"], check=True)
+                    t, m, _ = timed([exe, "--repo", spec, "-q", "full", "--image", str(img), "--format", "raw",
+                                     "--disk", "bench", "--compress-all"])
+                    res[f"full_{where}"].append(t)
+                    res[f"rss_{where}"].append(m)
+                    out = work / "restored.raw"
+                    out.unlink(missing_ok=True)
+                    t, _, _ = timed([exe, "--repo", spec, "-q", "restore", "bench", str(out)])
+                    res[f"restore_{where}"].append(t)
+                    if where == "local":
+                        subprocess.run(["rm", "-rf", str(repo)], check=True)
+                    else:
+                        remove_bucket(ceph, bucket)
+                        pg.drop_database(db)
+                print(f"round {r + 1}: full local {res['full_local'][-1]:.2f}s s3 {res['full_s3'][-1]:.2f}s  "
+                      f"restore local {res['restore_local'][-1]:.2f}s s3 {res['restore_s3'][-1]:.2f}s  "
+                      f"RSS s3 {res['rss_s3'][-1] / MiB:.0f} MiB  load {os.getloadavg()[0]:.1f}", flush=True)
+        finally:
+            ceph.stop()
+            pg.stop()
+        med = {k: statistics.median(v) for k, v in res.items() if k.startswith(("full", "restore"))}
+        full_ratio = med["full_local"] / med["full_s3"]
+        restore_ratio = med["restore_local"] / med["restore_s3"]
+        print()
+        print(f"{'measure':<40}{'value':>10}{'target':>10}")
+        for k, v in med.items():
+            print(f"{k + ' median (s)':<40}{v:>10.2f}")
+        print(f"{'full: S3 speed / local speed':<40}{full_ratio:>10.2f}{'>= 0.80':>10}")
+        print(f"{'restore: S3 speed / local speed':<40}{restore_ratio:>10.2f}{'>= 0.80':>10}")
+        print(f"{'peak RSS, full into S3 (MiB)':<40}{max(res['rss_s3']) / MiB:>10.0f}{'< 256':>10}")
+        print(f"{'peak RSS, full into local (MiB)':<40}{max(res['rss_local']) / MiB:>10.0f}")
+        ok = full_ratio >= 0.8 and restore_ratio >= 0.8 and max(res["rss_s3"]) < 256 * MiB
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
