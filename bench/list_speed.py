@@ -8,6 +8,8 @@ installed CLI: `list`, `list --json`, `list --disk`, against the baseline of
 
     python bench/list_speed.py            # 10,000 backups over 20 disks
     python bench/list_speed.py --backups 50000
+    python bench/list_speed.py --postgresql     # the index on a throwaway PostgreSQL 15 (local)
+    python bench/list_speed.py --s3             # an S3 repository (radosgw) with its PostgreSQL index
 """
 
 from __future__ import annotations
@@ -59,14 +61,37 @@ def main() -> int:
     ap.add_argument("--backups", type=int, default=10_000)
     ap.add_argument("--disks", type=int, default=20)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--postgresql", action="store_true", help="the index on PostgreSQL (started here)")
+    ap.add_argument("--s3", action="store_true", help="an S3 repository on radosgw (started here), index on PostgreSQL")
     a = ap.parse_args()
     exe = nbdbackup_exe()
     work = tempfile.mkdtemp(prefix="nbdbackup-list-")
+    servers = []
     try:
-        repo = Repository.init(os.path.join(work, "r"))
+        spec, url, env = os.path.join(work, "r"), None, dict(os.environ)
+        if a.postgresql or a.s3:
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+            from helpers.pg import start_pg_server
+
+            pg = start_pg_server()
+            servers.append(pg)
+            url = pg.db_url(pg.create_database())
+            env["PGPASSWORD"] = pg.env.get("PGPASSWORD", "")
+        if a.s3:
+            from pathlib import Path
+
+            from helpers.ceph import CephS3, make_bucket
+
+            ceph = CephS3(Path(tempfile.mkdtemp(prefix="nbdbackup-list-ceph-")) / "cluster").start()
+            servers.append(ceph)
+            spec = f"s3://{make_bucket(ceph)}"
+            env.update(AWS_ENDPOINT_URL=ceph.endpoint, AWS_ACCESS_KEY_ID=ceph.access_key,
+                       AWS_SECRET_ACCESS_KEY=ceph.secret_key, AWS_DEFAULT_REGION=ceph.region)
+            os.environ.update(env)
+        repo = Repository.init(spec, index_url=url)
         fill(repo, a.backups, a.disks)
         repo.close()
-        env = dict(os.environ, NBDBACKUP_REPO=os.path.join(work, "r"))
+        env["NBDBACKUP_REPO"] = spec
         base = timed([exe, "--version"], env, a.reps)
         rows = [("nbdbackup --version (baseline)", base)]
         for args in (["list"], ["list", "--json"], ["list", "--disk", "disk3"]):
@@ -74,8 +99,11 @@ def main() -> int:
         out = subprocess.run([exe, "list", "--json"], env=env, capture_output=True, text=True, check=True).stdout
         assert out.count('"id"') == a.backups, "list --json did not return every backup"
     finally:
+        for srv in servers:
+            srv.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{a.backups} backups over {a.disks} disks; best of {a.reps} runs")
+    where = "S3 + PostgreSQL" if a.s3 else "PostgreSQL index" if a.postgresql else "SQLite index"
+    print(f"\n{a.backups} backups over {a.disks} disks ({where}); best of {a.reps} runs")
     print(f"{'command':34} {'seconds':>8} {'x baseline':>10}")
     for name, t in rows:
         print(f"{name:34} {t:8.3f} {t / base:10.2f}")
