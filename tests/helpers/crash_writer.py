@@ -19,7 +19,9 @@ after its rename, before the directory fsync), "rename" (after the pack's
 fsync, before it is moved into packs/), "commit" (before an index transaction
 commits: pack rows or the final backup rows), "final" (before the commit of
 the n-th transaction that inserts backup rows), "write" (pack data half written),
-"unlink" (before a file is deleted: gc).
+"unlink" (before a file is deleted: gc); on S3: "put" (after the n-th object is stored,
+before the index names it), "upload" (the n-th object's body half sent), "delete" (before the
+n-th object is deleted: gc).
 """
 
 from __future__ import annotations
@@ -132,11 +134,44 @@ def _arm_kill_point() -> None:
         event.listen(Engine, "before_cursor_execute", seen_insert)
         event.listen(Engine, "commit", on_commit)
         return
+    if step in ("put", "upload", "delete"):
+        _arm_s3_kill_point(step, tick)
+        return
     if step not in ("fsync", "rename", "write", "unlink"):
         raise SystemExit(f"unknown kill step {step!r}")
     # Packs are written with pwrite (O_DIRECT where the file system has it), other files with write.
-    for name in ("write", "pwrite") if step == "write" else (step,):
+    # A pack moves into packs/ with link() (create-only) where it used rename().
+    names = {"write": ("write", "pwrite"), "rename": ("rename", "link")}.get(step, (step,))
+    for name in names:
         setattr(os, name, _killing(getattr(os, name), step, n, count, tick))
+
+
+def _arm_s3_kill_point(step: str, tick) -> None:
+    from nbdbackup.repo import s3backend
+
+    cls = s3backend.S3Backend
+    if step == "upload":                 # death with the body half sent: the PUT never completes
+        real_read = s3backend.ViewsReader.read
+        armed = set()
+
+        def read(self, n=-1):
+            if id(self) not in armed and self.tell() >= len(self) // 2 and len(self) > 4096:
+                armed.add(id(self))
+                tick()
+            return real_read(self, n)
+        s3backend.ViewsReader.read = read
+        return
+    method = "put_aligned" if step == "put" else "delete"
+    real = getattr(cls, method)
+
+    def wrapped(self, *a, **kw):
+        if step == "delete":
+            tick()
+        out = real(self, *a, **kw)
+        if step == "put":
+            tick()
+        return out
+    setattr(cls, method, wrapped)
 
 
 def _killing(real, step: str, n: str, count: list, tick):
