@@ -67,11 +67,11 @@ class S3Backend(StorageBackend):
                                             aws_secret_access_key=secret_key, region_name=region)
             cfg = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
                          response_checksum_validation="when_required", connect_timeout=connect_timeout,
-                         read_timeout=read_timeout, retries={"mode": "standard", "max_attempts": max_attempts},
+                         read_timeout=read_timeout, retries={"mode": "standard", "total_max_attempts": max_attempts},
                          max_pool_connections=max(16, max_pool_connections), tcp_keepalive=True)
-            self._client = session.client("s3", endpoint_url=endpoint_url,
+            self.client = session.client("s3", endpoint_url=endpoint_url,
                                           region_name=session.region_name or "us-east-1", config=cfg)
-            self._endpoint = _shown_endpoint(self._client.meta.endpoint_url)
+            self._endpoint = _shown_endpoint(self.client.meta.endpoint_url)
             creds = session.get_credentials()
             if creds is not None:
                 frozen = creds.get_frozen_credentials()
@@ -101,7 +101,7 @@ class S3Backend(StorageBackend):
         body = ViewsReader(views)
         for _conflict in range(_STREAM_RETRIES):
             try:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
                 return
             except self._error_types.client as e:
                 code, status = _code(e), _status(e)
@@ -120,7 +120,7 @@ class S3Backend(StorageBackend):
                                  f"bucket {self.bucket}")
 
     def _is_ours(self, key: str, views: list[memoryview]) -> bool:
-        head = self._call(f"checking {key} after a retried write", self._client.head_object,
+        head = self._call(f"checking {key} after a retried write", self.client.head_object,
                           Bucket=self.bucket, Key=key)
         md5 = hashlib.md5(usedforsecurity=False)
         for v in views:
@@ -129,7 +129,7 @@ class S3Backend(StorageBackend):
                 and head.get("ETag", "").strip('"') == md5.hexdigest())
 
     def delete(self, name: str) -> None:
-        self._call(f"deleting {name}", self._client.delete_object, Bucket=self.bucket, Key=self._key(name))
+        self._call(f"deleting {name}", self.client.delete_object, Bucket=self.bucket, Key=self._key(name))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ class S3Backend(StorageBackend):
         what = f"reading {name}"
         for attempt in range(_STREAM_RETRIES):
             try:
-                resp = self._client.get_object(**args)
+                resp = self.client.get_object(**args)
             except self._error_types.client as e:
                 if _code(e) == "InvalidRange" or _status(e) == 416:
                     return b""          # the range starts past the end
@@ -160,7 +160,7 @@ class S3Backend(StorageBackend):
         raise AssertionError("unreachable")
 
     def _head(self, name: str) -> dict:
-        return self._call(f"looking up {name}", self._client.head_object, name=name,
+        return self._call(f"looking up {name}", self.client.head_object, name=name,
                           Bucket=self.bucket, Key=self._key(name))
 
     def size(self, name: str) -> int:
@@ -180,7 +180,7 @@ class S3Backend(StorageBackend):
         out = []
         n = len(self.prefix)
         try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                            Prefix=self.prefix + prefix)
             for page in pages:
                 for o in page.get("Contents", ()):
@@ -198,17 +198,17 @@ class S3Backend(StorageBackend):
         count = nbytes = 0
         what = "removing unfinished multipart uploads"
         try:
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
                                                                                   Prefix=self.prefix)
             uploads = [u for page in pages for u in page.get("Uploads", ())
                        if u["Initiated"].timestamp() < older_than]
             for u in uploads:
                 size = 0
-                parts = self._client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=u["Key"],
+                parts = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=u["Key"],
                                                                           UploadId=u["UploadId"])
                 try:
                     size = sum(p["Size"] for page in parts for p in page.get("Parts", ()))
-                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
                 except self._error_types.client as e:
                     if _code(e) != "NoSuchUpload":
                         raise
@@ -222,7 +222,7 @@ class S3Backend(StorageBackend):
     def check_bucket(self) -> None:
         """HEAD the bucket: NoSuchBucket, CredentialsError or StorageUnreachable when it cannot be used."""
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self.client.head_bucket(Bucket=self.bucket)
         except self._error_types.client as e:
             if _status(e) == 404 or _code(e) in ("404", "NoSuchBucket", "NotFound"):
                 raise self._no_bucket() from None
@@ -231,7 +231,7 @@ class S3Backend(StorageBackend):
             raise self._translate(e, "opening the bucket") from None
 
     def close(self) -> None:
-        self._client.close()
+        self.client.close()
 
     # -- errors -------------------------------------------------------------------------
 

@@ -191,8 +191,9 @@ class FaultProxy:
     """A TCP proxy on 127.0.0.1:.port (.endpoint) in front of 127.0.0.1:*target_port*.
 
     fail(n, status): the next *n* requests (n=None: all, until fail(0)) are each answered with
-    HTTP *status* (an S3 XML error *code*) and their connection closed; hang(): requests are
-    read and never answered. Otherwise a connection is piped through untouched. .failed counts
+    HTTP *status* (an S3 XML error *code*) and their connection closed; lose_answers(n): the
+    next *n* requests are carried out but their answers dropped; hang(): requests are read and
+    never answered. Otherwise a connection is piped through untouched. .failed counts
     the requests answered with an error."""
 
     def __init__(self, target_port: int):
@@ -202,7 +203,7 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._left: int | None = 0
-        self._status, self._code, self._hang = 503, "ServiceUnavailable", False
+        self._status, self._code, self._hang, self._lose = 503, "ServiceUnavailable", False, False
         self.failed = 0
         self._conns: list[socket.socket] = []
         self._closed = False
@@ -210,8 +211,15 @@ class FaultProxy:
 
     def fail(self, n: int | None, status: int = 503, code: str = "ServiceUnavailable") -> None:
         with self._lock:
-            self._left, self._status, self._code, self._hang = n, status, code, False
+            self._left, self._status, self._code, self._hang, self._lose = n, status, code, False, False
         self._drop_pipes()      # pooled connections opened before would bypass the faults
+
+    def lose_answers(self, n: int) -> None:
+        """The next *n* requests reach radosgw, which carries them out; its answers are dropped
+        (the connection closed instead): a client sees a request that may or may not have landed."""
+        with self._lock:
+            self._left, self._lose, self._hang = n, True, False
+        self._drop_pipes()
 
     def hang(self) -> None:
         with self._lock:
@@ -251,12 +259,14 @@ class FaultProxy:
             if failing and not hang:
                 self._left = None if self._left is None else self._left - 1
                 self.failed += 1
-            status, code = self._status, self._code
+            status, code, lose = self._status, self._code, self._lose
             self._conns.append(conn)
         try:
             if hang:
                 while conn.recv(65536):
                     pass
+            elif failing and lose:
+                self._pipe(conn, lose=True)
             elif failing:
                 self._answer_error(conn, status, code)
             else:
@@ -289,7 +299,7 @@ class FaultProxy:
         conn.sendall(f"HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\n"
                      f"Content-Length: {len(xml)}\r\nConnection: close\r\n\r\n".encode() + xml)
 
-    def _pipe(self, conn: socket.socket) -> None:
+    def _pipe(self, conn: socket.socket, lose: bool = False) -> None:
         up = socket.create_connection(("127.0.0.1", self.target_port))
         with self._lock:
             self._conns.append(up)
@@ -297,6 +307,8 @@ class FaultProxy:
         def copy(src, dst):
             try:
                 while data := src.recv(1 << 16):
+                    if lose and src is up and not data.startswith(b"HTTP/1.1 100"):
+                        break           # the answer came: the request was carried out; drop it
                     dst.sendall(data)
             except OSError:
                 pass
