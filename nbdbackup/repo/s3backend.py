@@ -311,7 +311,9 @@ class ViewsReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1):
+        """Up to *n* bytes: a memoryview into the caller's buffer when they lie in one part
+        (http.client's sendall and hashlib take it as it is), else a joined copy; b"" at the end."""
         if n is None or n < 0:
             n = self._size - self._pos
         out, pos, start = [], self._pos, 0
@@ -319,11 +321,13 @@ class ViewsReader(io.RawIOBase):
             end = start + len(v)
             if pos < end and n > 0:
                 piece = v[pos - start:min(end, pos + n) - start]
-                out.append(bytes(piece))
+                out.append(piece)
                 pos += len(piece)
                 n -= len(piece)
             start = end
         self._pos = pos
+        if not out:
+            return b""
         return out[0] if len(out) == 1 else b"".join(out)
 
     def readinto(self, b) -> int:
