@@ -209,3 +209,56 @@ def test_fault_proxy_passes_through(ceph_s3, s3_bucket):
         assert b.get("o") == b"x" * 100_000 and p.failed == 0
     finally:
         p.close()
+
+
+def test_a_body_that_breaks_off_is_read_again(ceph_s3, s3_bucket, fault_proxy):
+    """botocore retries requests, not bodies: a GET whose body breaks off is the backend's to redo."""
+    b = ceph_s3.backend(s3_bucket, endpoint_url=fault_proxy.endpoint)
+    data = bytes(range(256)) * 4096
+    b.put("packs/ab/x.pack", [data])
+    fault_proxy.lose_answers(2, keep=5000)          # the headers and a little of the body
+    assert b.get("packs/ab/x.pack", 1000, 300_000) == data[1000:301_000]
+    assert fault_proxy.failed == 2
+    fault_proxy.lose_answers(3, keep=5000)          # every try breaks off: the error, not short data
+    with pytest.raises(StorageUnreachable) as ei:
+        b.get("packs/ab/x.pack")
+    assert "reading packs/ab/x.pack" in str(ei.value)
+
+
+def test_packs_go_up_from_their_buffers_without_copies(ceph_s3, s3_bucket):
+    """Three 32 MiB packs uploading at once add little to the RSS: the body is read from the
+    pack's own buffer (a copy of each would add 96 MiB)."""
+    import mmap
+    import os
+    import threading
+
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS"))
+
+    b = ceph_s3.backend(s3_bucket)
+    b.put("warm", [b"x"])
+    bufs = []
+    for _ in range(3):
+        m = mmap.mmap(-1, (32 << 20) + 4096)
+        m[:32 << 20] = os.urandom(32 << 20)
+        bufs.append(m)
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    threads = [threading.Thread(target=b.put_aligned, args=(f"packs/0{i}/p.pack", bufs[i], 32 << 20))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    sampler.join()
+    assert [b.size(f"packs/0{i}/p.pack") for i in range(3)] == [32 << 20] * 3
+    assert peak[0] - base < 24 << 20, f"RSS grew by {(peak[0] - base) >> 20} MiB while uploading"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import time
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
@@ -157,6 +158,7 @@ class S3Backend(StorageBackend):
             except self._error_types.stream as e:   # the body broke off: botocore does not retry that
                 if attempt == _STREAM_RETRIES - 1:
                     raise self._translate(e, what, name) from None
+                time.sleep(0.1 * 2 ** attempt)
         raise AssertionError("unreachable")
 
     def _head(self, name: str) -> dict:
@@ -339,13 +341,13 @@ class ViewsReader(io.RawIOBase):
 class _ErrorTypes:
     def __init__(self):
         from botocore import exceptions as bx
+        from urllib3.exceptions import HTTPError as Urllib3Error  # a body that breaks off: ProtocolError
 
         self.client = bx.ClientError
-        self.unreachable = (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
-                            bx.ConnectionClosedError, bx.ProxyConnectionError, bx.HTTPClientError,
-                            bx.ResponseStreamingError, bx.IncompleteReadError, ConnectionError, TimeoutError)
         self.stream = (bx.ResponseStreamingError, bx.IncompleteReadError, bx.ReadTimeoutError,
-                       bx.ConnectionClosedError, ConnectionError, TimeoutError)
+                       bx.ConnectionClosedError, Urllib3Error, ConnectionError, TimeoutError)
+        self.unreachable = self.stream + (bx.EndpointConnectionError, bx.ConnectTimeoutError,
+                                          bx.ProxyConnectionError, bx.HTTPClientError)
 
 
 def _error_types() -> _ErrorTypes:

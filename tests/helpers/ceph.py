@@ -203,7 +203,7 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._left: int | None = 0
-        self._status, self._code, self._hang, self._lose = 503, "ServiceUnavailable", False, False
+        self._status, self._code, self._hang, self._lose, self._keep = 503, "ServiceUnavailable", False, False, 0
         self.failed = 0
         self._conns: list[socket.socket] = []
         self._closed = False
@@ -214,11 +214,12 @@ class FaultProxy:
             self._left, self._status, self._code, self._hang, self._lose = n, status, code, False, False
         self._drop_pipes()      # pooled connections opened before would bypass the faults
 
-    def lose_answers(self, n: int) -> None:
-        """The next *n* requests reach radosgw, which carries them out; its answers are dropped
-        (the connection closed instead): a client sees a request that may or may not have landed."""
+    def lose_answers(self, n: int, keep: int = 0) -> None:
+        """The next *n* requests reach radosgw, which carries them out; its answers are cut off
+        after their first *keep* bytes (0: dropped whole) and the connection closed: a client sees
+        a request that may or may not have landed, or a body that breaks off."""
         with self._lock:
-            self._left, self._lose, self._hang = n, True, False
+            self._left, self._lose, self._keep, self._hang = n, True, keep, False
         self._drop_pipes()
 
     def hang(self) -> None:
@@ -259,14 +260,14 @@ class FaultProxy:
             if failing and not hang:
                 self._left = None if self._left is None else self._left - 1
                 self.failed += 1
-            status, code, lose = self._status, self._code, self._lose
+            status, code, lose, keep = self._status, self._code, self._lose, self._keep
             self._conns.append(conn)
         try:
             if hang:
                 while conn.recv(65536):
                     pass
             elif failing and lose:
-                self._pipe(conn, lose=True)
+                self._pipe(conn, lose=True, keep=keep)
             elif failing:
                 self._answer_error(conn, status, code)
             else:
@@ -299,16 +300,22 @@ class FaultProxy:
         conn.sendall(f"HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\n"
                      f"Content-Length: {len(xml)}\r\nConnection: close\r\n\r\n".encode() + xml)
 
-    def _pipe(self, conn: socket.socket, lose: bool = False) -> None:
+    def _pipe(self, conn: socket.socket, lose: bool = False, keep: int = 0) -> None:
         up = socket.create_connection(("127.0.0.1", self.target_port))
         with self._lock:
             self._conns.append(up)
 
         def copy(src, dst):
+            budget = keep
             try:
                 while data := src.recv(1 << 16):
                     if lose and src is up and not data.startswith(b"HTTP/1.1 100"):
-                        break           # the answer came: the request was carried out; drop it
+                        # the answer came: the request was carried out; cut it off
+                        dst.sendall(data[:budget])
+                        budget -= len(data[:budget])
+                        if budget <= 0:
+                            break
+                        continue
                     dst.sendall(data)
             except OSError:
                 pass
