@@ -77,6 +77,12 @@ class CephS3:
                 for item in line[len("export "):].split():
                     k, _, v = item.partition("=")
                     self.env[k] = v
+        # should this process die without its teardown (SIGKILL, a hung session killed), the
+        # cluster must not outlive it: a watchdog stops it then
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" stop "$3"', "watchdog",
+             str(os.getpid()), str(TOOL), str(self.dir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.endpoint = self.env["S3_ENDPOINT_URL"]
         self.access_key = self.env["AWS_ACCESS_KEY_ID"]
         self.secret_key = self.env["AWS_SECRET_ACCESS_KEY"]
@@ -85,6 +91,9 @@ class CephS3:
 
     def stop(self) -> None:
         subprocess.run([str(TOOL), "stop", str(self.dir)], capture_output=True, timeout=60)
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
 
     # -- radosgw alone ------------------------------------------------------------------
 
