@@ -141,6 +141,28 @@ def test_a_retried_put_meeting_someone_elses_object_fails(ceph_s3, s3_bucket, fa
     assert b.get("packs/ab/theirs.pack") == b"theirs"
 
 
+@pytest.mark.parametrize("same", [True, False])
+def test_a_retried_put_compares_bytes_where_the_etag_is_no_md5(ceph_s3, s3_bucket, fault_proxy, same):
+    """An object made by a multipart upload has an ETag that is no MD5 ("...-1"): a retried put
+    meeting it reads it back to decide whether it is ours."""
+    c = ceph_s3.client()
+    data = b"multipart!" * 1000
+    up = c.create_multipart_upload(Bucket=s3_bucket, Key="p/o")["UploadId"]
+    etag = c.upload_part(Bucket=s3_bucket, Key="p/o", UploadId=up, PartNumber=1, Body=data)["ETag"]
+    c.complete_multipart_upload(Bucket=s3_bucket, Key="p/o", UploadId=up,
+                                MultipartUpload={"Parts": [{"ETag": etag, "PartNumber": 1}]})
+    assert "-" in c.head_object(Bucket=s3_bucket, Key="p/o")["ETag"]
+    b = ceph_s3.backend(s3_bucket, "p", endpoint_url=fault_proxy.endpoint)
+    fault_proxy.fail(1)
+    ours = data if same else data[:-1] + b"?"
+    if same:
+        b.put("o", [ours])
+    else:
+        with pytest.raises(FileExistsError):
+            b.put("o", [ours])
+    assert fault_proxy.failed == 1 and b.get("o") == data
+
+
 def test_prefixes_keep_repositories_apart(ceph_s3, s3_bucket):
     one, two = ceph_s3.backend(s3_bucket, "/one/"), ceph_s3.backend(s3_bucket, "one-two")
     one.put("packs/a.pack", [b"1"])

@@ -121,13 +121,28 @@ class S3Backend(StorageBackend):
                                  f"bucket {self.bucket}")
 
     def _is_ours(self, key: str, views: list[memoryview]) -> bool:
-        head = self._call(f"checking {key} after a retried write", self.client.head_object,
-                          Bucket=self.bucket, Key=key)
-        md5 = hashlib.md5(usedforsecurity=False)
-        for v in views:
-            md5.update(v)
-        return (head.get("ContentLength") == sum(len(v) for v in views)
-                and head.get("ETag", "").strip('"') == md5.hexdigest())
+        """Does *key* hold exactly our bytes? Size and ETag (the MD5 of a single PUT's body), or,
+        where the ETag is no MD5 (SSE-KMS, say), the bytes themselves, read back a MiB at a time."""
+        what = f"checking {key} after a retried write"
+        head = self._call(what, self.client.head_object, Bucket=self.bucket, Key=key)
+        if head.get("ContentLength") != sum(len(v) for v in views):
+            return False
+        etag = head.get("ETag", "").strip('"')
+        if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag.lower()):
+            md5 = hashlib.md5(usedforsecurity=False)
+            for v in views:
+                md5.update(v)
+            return etag.lower() == md5.hexdigest()
+        ours = ViewsReader(views)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                return all(chunk == ours.read(len(chunk)) for chunk in body.iter_chunks(1 << 20)) \
+                    and not ours.read(1)
+            finally:
+                body.close()
+        except Exception as e:
+            raise self._translate(e, what) from None
 
     def delete(self, name: str) -> None:
         self._call(f"deleting {name}", self.client.delete_object, Bucket=self.bucket, Key=self._key(name))
@@ -152,13 +167,15 @@ class S3Backend(StorageBackend):
                 raise self._translate(e, what, name) from None
             except Exception as e:
                 raise self._translate(e, what, name) from None
+            body = resp["Body"]         # StreamingBody: checks the length it was promised
             try:
-                with resp["Body"] as body:
-                    return body.read()
+                return body.read()
             except self._error_types.stream as e:   # the body broke off: botocore does not retry that
                 if attempt == _STREAM_RETRIES - 1:
                     raise self._translate(e, what, name) from None
                 time.sleep(0.1 * 2 ** attempt)
+            finally:
+                body.close()
         raise AssertionError("unreachable")
 
     def _head(self, name: str) -> dict:
@@ -278,7 +295,7 @@ class S3Backend(StorageBackend):
             return StorageUnreachable(self._scrub(f"cannot reach {where} while {what}, after retries: {e}"),
                                       hint="check --s3-endpoint (AWS_ENDPOINT_URL) and the network; "
                                            "nothing half-done was committed")
-        if kind == "ValueError" or "Endpoint" in kind:
+        if kind in ("ValueError", "ParamValidationError") or "Endpoint" in kind:
             return UsageError(self._scrub(f"bad S3 settings for {where}: {e}"))
         return e
 
