@@ -147,6 +147,28 @@ def test_local_put_is_renamed_from_tmp(tmp_path):
     assert os.listdir(tmp_path / "tmp") == []     # no temporary left behind
 
 
+def test_local_refused_put_leaves_no_temporary(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    b = LocalBackend(str(tmp_path / "root"), str(tmp_path / "tmp"))
+    b.put("packs/ab/y.pack", [b"data"])
+    with pytest.raises(FileExistsError):
+        b.put_aligned("packs/ab/y.pack", _aligned(b"other"), 5)
+    assert (tmp_path / "root/packs/ab/y.pack").read_bytes() == b"data"
+    assert os.listdir(tmp_path / "tmp") == []
+    assert os.stat(tmp_path / "root/packs/ab/y.pack").st_nlink == 1     # tmp/'s name is gone
+
+
+def test_local_remove_incomplete_keeps_young_and_foreign_files(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    b = LocalBackend(str(tmp_path / "root"), str(tmp_path / "tmp"))
+    for name, age in (("old.tmp", 7200), ("young.tmp", 10), ("other-file", 7200)):
+        (tmp_path / "tmp" / name).write_bytes(b"x" * 10)
+        t = time.time() - age
+        os.utime(tmp_path / "tmp" / name, (t, t))
+    assert b.remove_incomplete(time.time() - 3600) == (1, 10)
+    assert sorted(os.listdir(tmp_path / "tmp")) == ["other-file", "young.tmp"]
+
+
 def test_memory_capacity_is_enospc():
     b = MemoryBackend(capacity=10)
     b.put("a", [b"12345"])
