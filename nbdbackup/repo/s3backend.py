@@ -289,12 +289,12 @@ class S3Backend(StorageBackend):
                 return CredentialsError(f"{where} refused {who} while {what} ({msg})", hint=CREDENTIALS_HINT)
             if code in BUSY_CODES or (status or 0) >= 500:
                 return StorageUnreachable(f"{where} kept failing while {what}, after retries ({msg})",
-                                          hint="check the S3 service's health; nothing half-done was committed")
+                                          hint="check that the S3 service is up, then run the command again")
             return NbdBackupError(f"{where} refused a request while {what} ({msg})")
         if isinstance(e, self._error_types.unreachable):
             return StorageUnreachable(self._scrub(f"cannot reach {where} while {what}, after retries: {e}"),
-                                      hint="check --s3-endpoint (AWS_ENDPOINT_URL) and the network; "
-                                           "nothing half-done was committed")
+                                      hint="check --s3-endpoint (AWS_ENDPOINT_URL), that the S3 service "
+                                           "is up, and the network; then run the command again")
         if kind in ("ValueError", "ParamValidationError") or "Endpoint" in kind:
             return UsageError(self._scrub(f"bad S3 settings for {where}: {e}"))
         return e
