@@ -1,6 +1,8 @@
-"""One conformance suite for every storage backend (local directory, memory)."""
+"""One conformance suite for every storage backend (local directory, memory, S3 on radosgw)."""
 
 import os
+import threading
+import time
 
 import pytest
 
@@ -8,12 +10,14 @@ from nbdbackup.errors import NoSpaceError
 from nbdbackup.repo.backends import LocalBackend, MemoryBackend
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def backend(request, tmp_path):
     if request.param == "local":
         (tmp_path / "tmp").mkdir()
         b = LocalBackend(str(tmp_path / "root"), str(tmp_path / "tmp"))
         os.makedirs(b.root)
+    elif request.param == "s3":
+        b = request.getfixturevalue("ceph_s3").backend(request.getfixturevalue("s3_bucket"), "repo/one")
     else:
         b = MemoryBackend()
     yield b
@@ -50,10 +54,76 @@ def test_list_and_delete(backend):
     assert list(backend.list("packs/")) == ["packs/b/2.pack"]
 
 
-def test_put_replaces_atomically(backend):
+def test_put_never_replaces(backend):
+    """Create-only: a second put of a name fails and leaves the first object as it was."""
     backend.put("o", [b"first"])
-    backend.put("o", [b"second!", memoryview(b"?")])
-    assert backend.get("o") == b"second!?"
+    with pytest.raises(FileExistsError):
+        backend.put("o", [b"second!", memoryview(b"?")])
+    with pytest.raises(FileExistsError):
+        backend.put_aligned("o", _aligned(b"third"), 5)
+    assert backend.get("o") == b"first"
+    assert list(backend.list()) == ["o"]
+
+
+def test_racing_puts_have_exactly_one_winner(backend):
+    """8 threads put different bytes under one name at once: one wins, 7 get FileExistsError,
+    and the object holds the winner's bytes, whole."""
+    start = threading.Barrier(8)
+    won, lost = [], []
+
+    def racer(i):
+        data = bytes([i]) * (256 * 1024)
+        start.wait()
+        try:
+            backend.put("packs/aa/race.pack", [data])
+            won.append(data)
+        except FileExistsError:
+            lost.append(i)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == 7
+    assert backend.get("packs/aa/race.pack") == won[0]
+
+
+def test_list_info_sizes_and_mtimes(backend):
+    t0 = time.time()
+    for n, size in (("packs/b/2.pack", 5000), ("packs/a/1.pack", 0), ("other/x", 17)):
+        backend.put(n, [b"x" * size])
+    t1 = time.time()
+    infos = list(backend.list_info("packs/"))
+    assert [(i.name, i.size) for i in infos] == [("packs/a/1.pack", 0), ("packs/b/2.pack", 5000)]
+    for i in infos:                      # S3 keeps whole seconds
+        assert t0 - 2 <= i.mtime <= t1 + 2, (i, t0, t1)
+    assert [i.name for i in backend.list_info()] == list(backend.list())
+
+
+def _start_incomplete(backend) -> int:
+    """An upload left unfinished, as a killed writer leaves it; its bytes (0: none possible)."""
+    if isinstance(backend, LocalBackend):
+        with open(os.path.join(backend.tmp_dir, "deadbeef.tmp"), "wb") as f:
+            f.write(b"z" * 1234)
+        return 1234
+    if isinstance(backend, MemoryBackend):
+        return 0
+    c = backend.client
+    up = c.create_multipart_upload(Bucket=backend.bucket, Key=backend.prefix + "packs/ab/half.pack")
+    c.upload_part(Bucket=backend.bucket, Key=backend.prefix + "packs/ab/half.pack", UploadId=up["UploadId"],
+                  PartNumber=1, Body=b"z" * 1234)
+    return 1234
+
+
+def test_remove_incomplete(backend):
+    backend.put("packs/ab/done.pack", [b"kept"])
+    nbytes = _start_incomplete(backend)
+    assert backend.remove_incomplete(time.time() - 3600) == (0, 0)       # too young: maybe in progress
+    assert backend.remove_incomplete(time.time() + 5) == ((1, nbytes) if nbytes else (0, 0))
+    assert backend.remove_incomplete(time.time() + 5) == (0, 0)          # gone
+    assert backend.get("packs/ab/done.pack") == b"kept"
+    assert list(backend.list()) == ["packs/ab/done.pack"]
 
 
 def test_bad_names(backend):
@@ -75,6 +145,28 @@ def test_local_put_is_renamed_from_tmp(tmp_path):
     b.put("packs/ab/y.pack", [b"data"])
     assert (tmp_path / "root/packs/ab/y.pack").read_bytes() == b"data"
     assert os.listdir(tmp_path / "tmp") == []     # no temporary left behind
+
+
+def test_local_refused_put_leaves_no_temporary(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    b = LocalBackend(str(tmp_path / "root"), str(tmp_path / "tmp"))
+    b.put("packs/ab/y.pack", [b"data"])
+    with pytest.raises(FileExistsError):
+        b.put_aligned("packs/ab/y.pack", _aligned(b"other"), 5)
+    assert (tmp_path / "root/packs/ab/y.pack").read_bytes() == b"data"
+    assert os.listdir(tmp_path / "tmp") == []
+    assert os.stat(tmp_path / "root/packs/ab/y.pack").st_nlink == 1     # tmp/'s name is gone
+
+
+def test_local_remove_incomplete_keeps_young_and_foreign_files(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    b = LocalBackend(str(tmp_path / "root"), str(tmp_path / "tmp"))
+    for name, age in (("old.tmp", 7200), ("young.tmp", 10), ("other-file", 7200)):
+        (tmp_path / "tmp" / name).write_bytes(b"x" * 10)
+        t = time.time() - age
+        os.utime(tmp_path / "tmp" / name, (t, t))
+    assert b.remove_incomplete(time.time() - 3600) == (1, 10)
+    assert sorted(os.listdir(tmp_path / "tmp")) == ["other-file", "young.tmp"]
 
 
 def test_memory_capacity_is_enospc():

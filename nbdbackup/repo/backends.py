@@ -1,8 +1,12 @@
-"""Storage backends for pack files: a small interface, a local directory and memory.
+"""Storage backends for pack files: a small interface, a local directory and memory
+(S3: s3backend.py).
 
 A backend stores named immutable objects ("packs/ab/abcd....pack"). put() is
-atomic and durable when it returns: the object is either complete under its
-name or absent. Readers use get() with ranges; objects are never modified.
+atomic, durable when it returns, and create-only: the object is either complete
+under its name or absent, and a name that exists is never overwritten (put()
+raises FileExistsError, leaving the old object as it was), so two writers (two
+hosts on one bucket) can never clobber each other. Readers use get() with
+ranges; objects are never modified.
 """
 
 from __future__ import annotations
@@ -10,19 +14,32 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..errors import NoSpaceError, storage_error
 from ..fsutil import fsync_path
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its name, size in bytes and modification time (POSIX seconds)."""
+
+    name: str
+    size: int
+    mtime: float
+
+
 class StorageBackend:
     """Interface. Names are '/'-separated relative paths without '..'."""
 
     def put(self, name: str, parts: Iterable[bytes]) -> None:
-        """Store the concatenation of *parts* under *name*, durably and atomically."""
+        """Store the concatenation of *parts* under *name*, durably and atomically.
+
+        Create-only: FileExistsError when *name* exists (the stored object is left intact)."""
         raise NotImplementedError
 
     def put_aligned(self, name: str, buf, length: int) -> None:
@@ -52,21 +69,32 @@ class StorageBackend:
         """Names starting with *prefix*, sorted."""
         raise NotImplementedError
 
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """ObjectInfo of the objects whose names start with *prefix*, sorted by name."""
+        raise NotImplementedError
+
+    def remove_incomplete(self, older_than: float) -> tuple[int, int]:
+        """Remove unfinished uploads (temporary files, multipart uploads) started before POSIX
+        time *older_than*: (how many, their bytes so far). Younger ones may be in progress."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """ValueError unless *name* is a '/'-separated relative name without '', '.' or '..' parts."""
     if not name or name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
         raise ValueError(f"bad object name {name!r}")
 
 
 class LocalBackend(StorageBackend):
-    """Objects are files under *root*; writes go through *tmp_dir* + rename.
+    """Objects are files under *root*; writes go through *tmp_dir* + link.
 
-    Durability: the temporary file is fsync'ed, renamed into place, and the
-    target directory fsync'ed (its parent too when the directory is new)
-    before put() returns.
+    Durability: the temporary file is fsync'ed, hard-linked into place (link(2)
+    fails with EEXIST where rename(2) would replace: that makes put() create-only),
+    unlinked from *tmp_dir*, and the target directory fsync'ed (its parent too when
+    the directory is new) before put() returns.
     """
 
     MAX_OPEN = 128
@@ -78,7 +106,7 @@ class LocalBackend(StorageBackend):
         self._lock = threading.Lock()
 
     def _path(self, name: str) -> str:
-        _check_name(name)
+        check_name(name)
         return os.path.join(self.root, *name.split("/"))
 
     def put(self, name: str, parts: Iterable[bytes]) -> None:
@@ -102,8 +130,12 @@ class LocalBackend(StorageBackend):
                 os.close(fd)
             parent = os.path.dirname(path)
             self._make_dirs(parent)
-            os.rename(tmp, path)
+            os.link(tmp, path)          # atomic and create-only: EEXIST when the name exists
+            os.unlink(tmp)
             fsync_path(parent, directory=True)
+        except FileExistsError:
+            _unlink_quiet(tmp)
+            raise FileExistsError(errno.EEXIST, "object exists (put never overwrites)", name) from None
         except OSError as e:
             _unlink_quiet(tmp)
             known = storage_error(e.errno, self.root, f"writing {name}")   # full, read-only, forbidden
@@ -202,6 +234,34 @@ class LocalBackend(StorageBackend):
                     names.append(n)
         return iter(sorted(names))
 
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        out = []
+        for n in self.list(prefix):
+            try:
+                st = os.stat(self._path(n))
+            except FileNotFoundError:
+                continue            # deleted since the walk
+            out.append(ObjectInfo(n, st.st_size, st.st_mtime))
+        return iter(out)
+
+    def remove_incomplete(self, older_than: float) -> tuple[int, int]:
+        """The *.tmp files in tmp_dir last written before *older_than* (a killed writer's)."""
+        count = nbytes = 0
+        try:
+            names = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return 0, 0
+        for p in (os.path.join(self.tmp_dir, f) for f in names if f.endswith(".tmp")):
+            try:
+                if (st := os.stat(p)).st_mtime >= older_than or not os.path.isfile(p):
+                    continue
+                os.unlink(p)
+            except FileNotFoundError:
+                continue
+            count += 1
+            nbytes += st.st_size
+        return count, nbytes
+
     def close(self) -> None:
         with self._lock:
             fds = [fd for fd, _refs in self._fds.values()]
@@ -218,17 +278,21 @@ class MemoryBackend(StorageBackend):
 
     def __init__(self, capacity: int | None = None):
         self._objs: dict[str, bytes] = {}
+        self._mtimes: dict[str, float] = {}
         self._lock = threading.Lock()
         self.capacity = capacity
 
     def put(self, name: str, parts: Iterable[bytes]) -> None:
-        _check_name(name)
+        check_name(name)
         data = b"".join(bytes(p) for p in parts)
         with self._lock:
-            used = sum(len(v) for k, v in self._objs.items() if k != name)
+            if name in self._objs:
+                raise FileExistsError(errno.EEXIST, "object exists (put never overwrites)", name)
+            used = sum(len(v) for v in self._objs.values())
             if self.capacity is not None and used + len(data) > self.capacity:
                 raise NoSpaceError(f"no space left in the memory backend while writing {name}")
             self._objs[name] = data
+            self._mtimes[name] = time.time()
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         with self._lock:
@@ -251,11 +315,19 @@ class MemoryBackend(StorageBackend):
     def delete(self, name: str) -> None:
         with self._lock:
             self._objs.pop(name, None)
+            self._mtimes.pop(name, None)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         with self._lock:
             return iter(sorted(n for n in self._objs if n.startswith(prefix)))
 
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        with self._lock:
+            return iter([ObjectInfo(n, len(self._objs[n]), self._mtimes[n])
+                         for n in sorted(self._objs) if n.startswith(prefix)])
+
+    def remove_incomplete(self, older_than: float) -> tuple[int, int]:
+        return 0, 0         # a put() here is one step: nothing is ever left half-written
 
 
 def _unlink_quiet(path: str) -> None:

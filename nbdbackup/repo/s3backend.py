@@ -1,0 +1,387 @@
+"""The S3 storage backend: objects of a repository in a bucket, under an optional prefix.
+
+What this relies on from the object store (AWS S3 and Ceph radosgw both give it):
+- Strong read-after-write consistency: once a PUT, DELETE or LIST has answered, every later
+  GET, HEAD and LIST sees its effect. The index names a pack only after its PUT returned, so
+  a reader that finds the name in the index finds the object.
+- A single PutObject is atomic: the object appears complete under its key, or not at all.
+- Create-only PUTs: `If-None-Match: *` on a single PUT makes the server refuse (412) a key
+  that exists, so two hosts writing one bucket can never clobber an object; put() raises
+  FileExistsError then, like the local backend. radosgw does not honour the condition on
+  CompleteMultipartUpload (it silently overwrites), which is one reason every object, a
+  32 MiB pack included, goes up in ONE PUT, never as a multipart upload: the other is that an
+  interrupted single PUT leaves nothing behind, while an interrupted multipart upload leaves
+  parts that cost space until remove_incomplete() aborts them.
+
+Credentials, region and endpoint come from wherever boto3 finds them (AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE, the shared config and credentials files, AWS_ENDPOINT_URL);
+*endpoint_url* (the CLI's --s3-endpoint) overrides the endpoint. Timeouts, 5xx answers and
+throttling are retried by botocore ("standard" mode, exponential back-off with jitter); what
+still fails is StorageUnreachable. Every call's errors go through one translation (_translate)
+into the exit codes of nbdbackup.errors; no message ever contains the secret key.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import time
+from typing import Iterable, Iterator
+from urllib.parse import urlsplit
+
+from ..errors import CredentialsError, NbdBackupError, NoSuchBucket, StorageUnreachable, UsageError
+from .backends import ObjectInfo, StorageBackend, check_name
+
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                    "ExpiredToken", "InvalidSecurity", "AccountProblem", "AllAccessDisabled", "403"}
+NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+BUSY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+              "ServiceUnavailable", "InternalError", "503", "500"}
+CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared files "
+                    "~/.aws/credentials, ~/.aws/config), and that --s3-endpoint (or AWS_ENDPOINT_URL) names the "
+                    "server those keys belong to")
+_STREAM_RETRIES = 3
+
+
+class S3Backend(StorageBackend):
+    """Objects under s3://*bucket*/*prefix*/. One boto3 client, shared by all threads."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, profile: str | None = None, access_key: str | None = None,
+                 secret_key: str | None = None, connect_timeout: float = 5.0, read_timeout: float = 30.0,
+                 max_attempts: int = 5, max_pool_connections: int = 32):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise UsageError("S3 repositories need boto3, which is not installed",
+                             hint="install nbdbackup[s3] (pip install 'nbdbackup[s3]')") from None
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._secret = secret_key
+        self.access_key = access_key
+        self._endpoint = _shown_endpoint(endpoint_url) if endpoint_url else "(boto3's default endpoint)"
+        self._error_types = _error_types()
+        try:
+            session = boto3.session.Session(profile_name=profile, aws_access_key_id=access_key,
+                                            aws_secret_access_key=secret_key, region_name=region)
+            cfg = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                         response_checksum_validation="when_required", connect_timeout=connect_timeout,
+                         read_timeout=read_timeout, retries={"mode": "standard", "total_max_attempts": max_attempts},
+                         max_pool_connections=max(16, max_pool_connections), tcp_keepalive=True)
+            self.client = session.client("s3", endpoint_url=endpoint_url,
+                                          region_name=session.region_name or "us-east-1", config=cfg)
+            self._endpoint = _shown_endpoint(self.client.meta.endpoint_url)
+            creds = session.get_credentials()
+            if creds is not None:
+                frozen = creds.get_frozen_credentials()
+                self._secret, self.access_key = frozen.secret_key, frozen.access_key
+        except Exception as e:          # ProfileNotFound, a malformed endpoint or config file
+            raise self._translate(e, "setting up the S3 client") from None
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix.rstrip('/')}".rstrip("/")
+
+    def _key(self, name: str) -> str:
+        check_name(name)
+        return self.prefix + name
+
+    # -- writing ------------------------------------------------------------------------
+
+    def put(self, name: str, parts: Iterable[bytes]) -> None:
+        self._put(name, [memoryview(p).cast("B") for p in parts])
+
+    def put_aligned(self, name: str, buf, length: int) -> None:
+        with memoryview(buf) as mv, mv[:length] as data:
+            self._put(name, [data])     # sent from the buffer: no copy of the pack is made
+
+    def _put(self, name: str, views: list[memoryview]) -> None:
+        key = self._key(name)
+        body = ViewsReader(views)
+        for _conflict in range(_STREAM_RETRIES):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                return
+            except self._error_types.client as e:
+                code, status = _code(e), _status(e)
+                if code == "ConditionalRequestConflict" or status == 409:
+                    body.seek(0)
+                    continue                # a concurrent conditional write: ask again, one wins
+                if code == "PreconditionFailed" or status == 412:
+                    retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+                    if retried and self._is_ours(key, views):
+                        return              # our first attempt landed; only its answer was lost
+                    raise FileExistsError(errno.EEXIST, "object exists (put never overwrites)", name) from None
+                raise self._translate(e, f"writing {name}") from None
+            except Exception as e:
+                raise self._translate(e, f"writing {name}") from None
+        raise StorageUnreachable(f"S3 at {self._endpoint} kept answering 409 Conflict while writing {name} to "
+                                 f"bucket {self.bucket}")
+
+    def _is_ours(self, key: str, views: list[memoryview]) -> bool:
+        """Does *key* hold exactly our bytes? Size and ETag (the MD5 of a single PUT's body), or,
+        where the ETag is no MD5 (SSE-KMS, say), the bytes themselves, read back a MiB at a time."""
+        what = f"checking {key} after a retried write"
+        head = self._call(what, self.client.head_object, Bucket=self.bucket, Key=key)
+        if head.get("ContentLength") != sum(len(v) for v in views):
+            return False
+        etag = head.get("ETag", "").strip('"')
+        if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag.lower()):
+            md5 = hashlib.md5(usedforsecurity=False)
+            for v in views:
+                md5.update(v)
+            return etag.lower() == md5.hexdigest()
+        ours = ViewsReader(views)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                return all(chunk == ours.read(len(chunk)) for chunk in body.iter_chunks(1 << 20)) \
+                    and not ours.read(1)
+            finally:
+                body.close()
+        except Exception as e:
+            raise self._translate(e, what) from None
+
+    def delete(self, name: str) -> None:
+        self._call(f"deleting {name}", self.client.delete_object, Bucket=self.bucket, Key=self._key(name))
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        key = self._key(name)
+        if length is not None and length <= 0:
+            self.size(name)             # FileNotFoundError for a missing object, as elsewhere
+            return b""
+        args = {"Bucket": self.bucket, "Key": key}
+        if offset or length is not None:
+            args["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
+        what = f"reading {name}"
+        for attempt in range(_STREAM_RETRIES):
+            try:
+                resp = self.client.get_object(**args)
+            except self._error_types.client as e:
+                if _code(e) == "InvalidRange" or _status(e) == 416:
+                    return b""          # the range starts past the end
+                raise self._translate(e, what, name) from None
+            except Exception as e:
+                raise self._translate(e, what, name) from None
+            body = resp["Body"]         # StreamingBody: checks the length it was promised
+            try:
+                return body.read()
+            except self._error_types.stream as e:   # the body broke off: botocore does not retry that
+                if attempt == _STREAM_RETRIES - 1:
+                    raise self._translate(e, what, name) from None
+                time.sleep(0.1 * 2 ** attempt)
+            finally:
+                body.close()
+        raise AssertionError("unreachable")
+
+    def _head(self, name: str) -> dict:
+        return self._call(f"looking up {name}", self.client.head_object, name=name,
+                          Bucket=self.bucket, Key=self._key(name))
+
+    def size(self, name: str) -> int:
+        return self._head(name)["ContentLength"]
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._head(name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return iter([o.name for o in self.list_info(prefix)])
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        out = []
+        n = len(self.prefix)
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                           Prefix=self.prefix + prefix)
+            for page in pages:
+                for o in page.get("Contents", ()):
+                    out.append(ObjectInfo(o["Key"][n:], o["Size"], o["LastModified"].timestamp()))
+        except Exception as e:
+            raise self._translate(e, f"listing {self.prefix + prefix}*") from None
+        out.sort(key=lambda o: o.name)
+        return iter(out)
+
+    # -- maintenance --------------------------------------------------------------------
+
+    def remove_incomplete(self, older_than: float) -> tuple[int, int]:
+        """Abort the multipart uploads under the prefix initiated before *older_than* (we never
+        start one; a foreign tool or an older version might): their parts hold space."""
+        count = nbytes = 0
+        what = "removing unfinished multipart uploads"
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                  Prefix=self.prefix)
+            uploads = [u for page in pages for u in page.get("Uploads", ())
+                       if u["Initiated"].timestamp() < older_than]
+            for u in uploads:
+                size = 0
+                parts = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=u["Key"],
+                                                                          UploadId=u["UploadId"])
+                try:
+                    size = sum(p["Size"] for page in parts for p in page.get("Parts", ()))
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                except self._error_types.client as e:
+                    if _code(e) != "NoSuchUpload":
+                        raise
+                    continue            # completed or aborted meanwhile, by someone else
+                count += 1
+                nbytes += size
+        except Exception as e:
+            raise self._translate(e, what) from None
+        return count, nbytes
+
+    def check_bucket(self) -> None:
+        """HEAD the bucket: NoSuchBucket, CredentialsError or StorageUnreachable when it cannot be used."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self._error_types.client as e:
+            if _status(e) == 404 or _code(e) in ("404", "NoSuchBucket", "NotFound"):
+                raise self._no_bucket() from None
+            raise self._translate(e, "opening the bucket") from None
+        except Exception as e:
+            raise self._translate(e, "opening the bucket") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- errors -------------------------------------------------------------------------
+
+    def _call(self, what: str, fn, name: str | None = None, **kwargs):
+        try:
+            return fn(**kwargs)
+        except Exception as e:
+            raise self._translate(e, what, name) from None
+
+    def _no_bucket(self) -> NoSuchBucket:
+        return NoSuchBucket(f"the S3 bucket {self.bucket} does not exist at {self._endpoint}",
+                            hint="create it (e.g. `aws s3 mb s3://BUCKET`), or check the bucket name and "
+                                 "--s3-endpoint (AWS_ENDPOINT_URL)")
+
+    def _translate(self, e: Exception, what: str, name: str | None = None) -> Exception:
+        """The one translation of a boto3/botocore exception met while *what* into ours:
+        FileNotFoundError (a missing object *name*), CredentialsError, NoSuchBucket,
+        StorageUnreachable, or NbdBackupError for anything else. Secret-free."""
+        if isinstance(e, (NbdBackupError, FileNotFoundError)):
+            return e
+        where = f"S3 at {self._endpoint}, bucket {self.bucket}"
+        kind = type(e).__name__
+        if kind in ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "CredentialRetrievalError"):
+            return CredentialsError(self._scrub(f"no usable S3 credentials for {where} ({what}): {e}"),
+                                    hint=CREDENTIALS_HINT)
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            code, status = _code(e), _status(e)
+            msg = self._scrub(f"{code} {response['Error'].get('Message') or ''}".strip())
+            if code in NOT_FOUND_CODES and name is not None:
+                return FileNotFoundError(errno.ENOENT, "no such object", name)
+            if code == "NoSuchBucket":
+                return self._no_bucket()
+            if code in CREDENTIAL_CODES or status == 403:
+                who = f"access key {self.access_key}" if self.access_key else "these credentials"
+                return CredentialsError(f"{where} refused {who} while {what} ({msg})", hint=CREDENTIALS_HINT)
+            if code in BUSY_CODES or (status or 0) >= 500:
+                return StorageUnreachable(f"{where} kept failing while {what}, after retries ({msg})",
+                                          hint="check that the S3 service is up, then run the command again")
+            return NbdBackupError(f"{where} refused a request while {what} ({msg})")
+        if isinstance(e, self._error_types.unreachable):
+            return StorageUnreachable(self._scrub(f"cannot reach {where} while {what}, after retries: {e}"),
+                                      hint="check --s3-endpoint (AWS_ENDPOINT_URL), that the S3 service "
+                                           "is up, and the network; then run the command again")
+        if kind in ("ValueError", "ParamValidationError") or "Endpoint" in kind:
+            return UsageError(self._scrub(f"bad S3 settings for {where}: {e}"))
+        return e
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+class ViewsReader(io.RawIOBase):
+    """A read-only, seekable file over memoryviews (what boto3 sends as a body): the object's
+    bytes are read from the caller's buffers, a block at a time, never copied whole."""
+
+    def __init__(self, views: list[memoryview]):
+        super().__init__()
+        self._views = [v for v in views if len(v)]
+        self._size = sum(len(v) for v in self._views)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int = -1):
+        """Up to *n* bytes: a memoryview into the caller's buffer when they lie in one part
+        (http.client's sendall and hashlib take it as it is), else a joined copy; b"" at the end."""
+        if n is None or n < 0:
+            n = self._size - self._pos
+        out, pos, start = [], self._pos, 0
+        for v in self._views:
+            end = start + len(v)
+            if pos < end and n > 0:
+                piece = v[pos - start:min(end, pos + n) - start]
+                out.append(piece)
+                pos += len(piece)
+                n -= len(piece)
+            start = end
+        self._pos = pos
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class _ErrorTypes:
+    def __init__(self):
+        from botocore import exceptions as bx
+        from urllib3.exceptions import HTTPError as Urllib3Error  # a body that breaks off: ProtocolError
+
+        self.client = bx.ClientError
+        self.stream = (bx.ResponseStreamingError, bx.IncompleteReadError, bx.ReadTimeoutError,
+                       bx.ConnectionClosedError, Urllib3Error, ConnectionError, TimeoutError)
+        self.unreachable = self.stream + (bx.EndpointConnectionError, bx.ConnectTimeoutError,
+                                          bx.ProxyConnectionError, bx.HTTPClientError)
+
+
+def _error_types() -> _ErrorTypes:
+    return _ErrorTypes()
+
+
+def _code(e) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _status(e) -> int | None:
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _shown_endpoint(url: str) -> str:
+    """*url* without any user:password part."""
+    u = urlsplit(url)
+    if not u.hostname or "@" not in u.netloc:
+        return url
+    return f"{u.scheme}://{u.hostname}{f':{u.port}' if u.port else ''}{u.path}"
