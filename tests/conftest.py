@@ -14,6 +14,8 @@ import pytest
 from helpers.pki import Pki, make_test_pki
 from helpers.repo import REPO_BACKENDS, backend_options, new_repo
 
+pytest_plugins = ["helpers.pg"]
+
 # --- the environment ------------------------------------------------------------------
 
 @pytest.fixture(scope="session", autouse=True)
