@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -25,7 +26,8 @@ from nbdbackup.repo.index import (
     url_without_password,
     write_txn,
 )
-from nbdbackup.repo.indexretry import retry_read, retry_write
+from nbdbackup.repo.indexerrors import index_errors
+from nbdbackup.repo.indexretry import has_row, retry_read, retry_write
 from nbdbackup.repo.schema import INDEX_REVISION, metadata, packs
 
 # PostgreSQL's spelling of the same type (FLOAT without precision is double precision there)
@@ -260,3 +262,126 @@ def test_write_transactions_queue_like_sqlite(pg_url):
     with eng.connect() as c:
         assert c.execute(text("SELECT count(*) FROM packs")).scalar() == 3
     eng.dispose()
+
+
+class CommitCutter:
+    """A TCP proxy to PostgreSQL that cuts the first connection sending COMMIT: "before" drops
+    the COMMIT (the server never commits), "after" forwards it, waits for the server's answer
+    and drops that (committed, but the client cannot know)."""
+
+    def __init__(self, port: int, mode: str):
+        self.port, self.mode, self.cut = port, mode, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listen_port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, upstream):
+        try:
+            while data := src.recv(65536):
+                if upstream and b"COMMIT" in data and not self.cut.is_set():
+                    self.cut.set()
+                    if self.mode == "after":
+                        dst.sendall(data)
+                        dst.recv(65536)          # the server's answer: committed
+                    for s in (src, dst):
+                        s.shutdown(socket.SHUT_RDWR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["before", "after"])
+def test_write_lost_during_commit_asks_whether_it_landed(pg_server, pg_url, mode):
+    eng = make_engine(pg_url)
+    upgrade(eng)
+    proxy = CommitCutter(pg_server.port, mode)
+    via = make_engine(pg_url.replace(f":{pg_server.port}/", f":{proxy.listen_port}/"))
+    calls = []
+
+    def body(conn):
+        calls.append(1)
+        conn.execute(packs.insert().values(name="ab" * 16, size=len(calls), created_ms=1))
+        return len(calls)
+
+    try:
+        assert retry_write(via, body, landed=has_row(packs.c.name, "ab" * 16)) == (2 if mode == "before" else 1)
+        assert proxy.cut.is_set()
+    finally:
+        proxy.close()
+        via.dispose()
+    with eng.connect() as c:
+        assert c.execute(select(packs.c.size)).all() == [(len(calls),)]
+    eng.dispose()
+
+
+def test_write_lost_during_commit_is_not_retried_blindly(pg_server, pg_url):
+    eng = make_engine(pg_url)
+    upgrade(eng)
+    proxy = CommitCutter(pg_server.port, "after")
+    via = make_engine(pg_url.replace(f":{pg_server.port}/", f":{proxy.listen_port}/"))
+    calls = []
+
+    def body(conn):
+        calls.append(1)
+        conn.execute(packs.insert().values(name="cd" * 16, size=1, created_ms=1))
+
+    try:
+        with pytest.raises(StorageUnreachable):
+            with index_errors("writing the index", index_db=via):
+                retry_write(via, body)
+    finally:
+        proxy.close()
+        via.dispose()
+    assert len(calls) == 1
+    with eng.connect() as c:
+        assert c.execute(select(packs.c.name)).scalars().all() == ["cd" * 16]    # it had landed
+    eng.dispose()
+
+
+def test_concurrent_writers_of_the_same_data(tmp_path, pg_url):
+    """Two writers (two repository handles, as two hosts would be) store the same chunks at the
+    same time: the pack index transactions queue (the advisory write lock), so no duplicate-key
+    failure; the index keeps one row per chunk and both backups read back."""
+    path = tmp_path / "repo"
+    new_repo(path, index_url=pg_url, pack_size=4 * CS).close()
+    data = pseudo(7, 64 * CS)
+    repos = [Repository.open(str(path), index_url=pg_url) for _ in range(2)]
+    out, errors = {}, []
+
+    def run(i):
+        try:
+            out[i] = write_backup(repos[i], f"vd{'ab'[i]}", data)
+        except Exception as e:     # reported below
+            errors.append(e)
+
+    ths = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors, errors
+    with repos[0].index_db.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM chunks")).scalar() == 64
+    for i in range(2):
+        assert read_all(repos[0], out[i].id) == data
+        repos[i].close()

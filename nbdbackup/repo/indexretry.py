@@ -142,3 +142,13 @@ def _first_line(e: BaseException) -> str:
     orig = getattr(e, "orig", None) or e
     text = str(orig).strip()
     return text.splitlines()[0] if text else type(orig).__name__
+
+
+def has_row(column, value) -> Callable[[Connection], bool]:
+    """A *landed* check for retry_write: does a row with *column* == *value* exist (a unique
+    name the transaction inserted, e.g. packs.c.name)?"""
+    from sqlalchemy import select
+
+    def check(conn: Connection) -> bool:
+        return conn.execute(select(column).where(column == value).limit(1)).first() is not None
+    return check

@@ -77,7 +77,7 @@ class PgServer:
     def create_database(self) -> str:
         name = "t_" + uuid.uuid4().hex[:16]
         with self.admin() as c:
-            c.execute(f'CREATE DATABASE "{name}" OWNER "{TEST_USER}"')
+            c.execute(f'CREATE DATABASE "{name}" OWNER "{TEST_USER}" STRATEGY FILE_COPY')
         return name
 
     def drop_database(self, name: str) -> None:
