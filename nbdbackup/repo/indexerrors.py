@@ -104,6 +104,7 @@ def _pg_error(kind: str, e: BaseException, what: str, where: str | None) -> NbdB
     # libpq's first line says it (no password is ever in it); drop the repeated "connection failed:" words
     detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     detail = re.sub(r"^connection failed: (connection to server at [^:]*: )?", "", detail).strip()
+    detail = re.sub(r"\s+", " ", re.sub(r"^(FATAL|ERROR):\s*", "", detail))
     at = where or "the index database"
     if kind == "credentials":
         return CredentialsError(f"the index database at {at} refused the credentials while {what}: {detail}",

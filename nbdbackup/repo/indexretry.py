@@ -71,9 +71,10 @@ def install_connect_retry(eng: Engine) -> None:
                 pause = _pause(attempt)
                 if not connection_lost(e) or time.monotonic() + pause > deadline:
                     raise index_error(e, "connecting to the index", path=None, where=where) from None
-                if attempt == 0:
-                    log.warning("index database at %s unreachable (%s); retrying for up to %.0f s",
-                                where, str(e).strip().splitlines()[0] if str(e).strip() else e, budget)
+                if attempt == 0:    # a server that went away is news; a first connect that fails is told below
+                    say = log.warning if state["connected"] else log.debug
+                    say("index database at %s unreachable (%s); retrying for up to %.0f s",
+                        where, _first_line(e), budget)
                 time.sleep(pause)
                 attempt += 1
                 continue
