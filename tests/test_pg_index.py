@@ -385,3 +385,22 @@ def test_concurrent_writers_of_the_same_data(tmp_path, pg_url):
     for i in range(2):
         assert read_all(repos[0], out[i].id) == data
         repos[i].close()
+
+
+def test_read_lost_mid_query_is_read_again(pg_server, pg_url):
+    eng = make_engine(pg_url)
+    upgrade(eng)
+    calls = []
+
+    def read():
+        calls.append(1)
+        with eng.connect() as c:
+            if len(calls) == 1:
+                threading.Timer(0.3, _kill_sessions, args=(pg_server,)).start()
+                c.execute(text("SELECT pg_sleep(5)"))
+            return current_revision(c)
+
+    t0 = time.monotonic()
+    assert retry_read(read) == INDEX_REVISION and len(calls) == 2
+    assert time.monotonic() - t0 < 3
+    eng.dispose()

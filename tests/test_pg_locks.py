@@ -277,3 +277,29 @@ def test_masked_command():
     cmd = masked_command(["nbdbackup", "list", "--index-url", "postgresql+psycopg://u:s3cret@h/db",
                           "--x", "postgresql://h/db?password=other&a=b"])
     assert "s3cret" not in cmd and "other" not in cmd and "u:***@h" in cmd and "a=b" in cmd
+
+
+def test_server_restart_loses_held_locks_and_service_recovers(services, pg_server):
+    a = services()
+    lk = a.lock("writers", exclusive=False)
+    assert a.holders("writers")
+    pg_server.restart()
+    assert not lk.held()                    # the session is gone, so is its lock: the holder can tell
+    lk.release()                            # quietly
+    assert a.probe_free("writers")          # the service connection is made anew
+    with a.lock("writers", exclusive=True):
+        assert [h["mode"] for h in a.holders("writers")] == ["exclusive"]
+
+
+def test_lock_errors_are_mapped_without_password(pg_server, index_url):
+    from helpers.pg import free_port
+    from nbdbackup.errors import CredentialsError, StorageUnreachable
+
+    bad = PgLocks(index_url.replace(":testpass@", ":Wr0ngPass@"), REPO_ID)
+    with pytest.raises(CredentialsError) as ei:
+        bad.lock("writers", exclusive=False)
+    assert "Wr0ngPass" not in ei.value.user_message() and f":{pg_server.port}" in str(ei.value)
+    gone = PgLocks(index_url.replace(f":{pg_server.port}/", f":{free_port()}/"), REPO_ID)
+    with pytest.raises(StorageUnreachable):
+        gone.lock("writers", exclusive=True)
+    assert gone.probe_free("writers")      # a probe leaves the error to the real attempt

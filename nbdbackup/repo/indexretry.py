@@ -56,29 +56,41 @@ def install_connect_retry(eng: Engine) -> None:
     """Retry the DB-API connect of *eng* while the server is unreachable (see the module doc);
     when it stays so, raise the documented error (StorageUnreachable, CredentialsError...) at
     once: every caller, wrapped in index_errors or not, then reports it the same way."""
-    state = {"connected": False}
-    where = pg_where(eng)
+    connector = Connector(pg_where(eng))
 
     @event.listens_for(eng, "do_connect")
     def _connect(dialect, _rec, cargs, cparams):
-        budget = RECONNECT_S if state["connected"] else FIRST_CONNECT_S
+        return connector.connect(lambda: dialect.connect(*cargs, **cparams), dialect.loaded_dbapi.Error)
+
+
+class Connector:
+    """Connects with connect_fn(), retrying an unreachable server: FIRST_CONNECT_S until it
+    once worked, RECONNECT_S after. Other errors, and the last one, are raised mapped
+    (index_error: StorageUnreachable, CredentialsError, RepoDamaged for a missing database)."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.connected = False
+
+    def connect(self, connect_fn: Callable[[], T], errors, what: str = "connecting to the index") -> T:
+        budget = RECONNECT_S if self.connected else FIRST_CONNECT_S
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
             try:
-                conn = dialect.connect(*cargs, **cparams)
-            except dialect.loaded_dbapi.Error as e:
+                conn = connect_fn()
+            except errors as e:
                 pause = _pause(attempt)
                 if not connection_lost(e) or time.monotonic() + pause > deadline:
-                    raise index_error(e, "connecting to the index", path=None, where=where) from None
+                    raise index_error(e, what, path=None, where=self.where) from None
                 if attempt == 0:    # a server that went away is news; a first connect that fails is told below
-                    say = log.warning if state["connected"] else log.debug
+                    say = log.warning if self.connected else log.debug
                     say("index database at %s unreachable (%s); retrying for up to %.0f s",
-                        where, _first_line(e), budget)
+                        self.where, _first_line(e), budget)
                 time.sleep(pause)
                 attempt += 1
                 continue
-            state["connected"] = True
+            self.connected = True
             return conn
 
 

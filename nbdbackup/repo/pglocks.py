@@ -55,6 +55,7 @@ import uuid
 from ..errors import LockedError
 from .index import PG_CONNECT_ARGS, psycopg_url
 from .indexerrors import index_error, pg_where
+from .indexretry import Connector
 from .locks import SHARED_GRACE_S
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,10 @@ LOCK_DEAD_PEER_S = KEEPALIVE[0] + KEEPALIVE[1] * KEEPALIVE[2]
 def _session_setup(keepalive: tuple[int, int, int]) -> str:
     idle, interval, count = (int(v) for v in keepalive)
     return (f"SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval}; "
-            f"SET tcp_keepalives_count = {count}; SET tcp_user_timeout = {(idle + interval * count) * 1000}")
+            f"SET tcp_keepalives_count = {count}; SET tcp_user_timeout = {(idle + interval * count) * 1000}; "
+            # a lock is held by an idle session for as long as its run lasts (a serve: days): no
+            # server or role default may end it
+            "SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0")
 
 _LIVE = """EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
              AND l.pid = h.backend_pid AND l.objsubid = 1
@@ -175,6 +179,7 @@ class PgLocks:
         self._where = pg_where(psycopg_url(index_url))
         self._command = command if command is not None else masked_command()
         self._setup = _session_setup(keepalive)
+        self._connector = Connector(self._where)     # waits out a restarting server, as the index engine does
         self._mutex = threading.Lock()       # guards the service connection and _held
         self._svc = None                     # probes and holder reads (no lock is ever left on it)
         self._held: set[PgLock] = set()
@@ -184,10 +189,8 @@ class PgLocks:
 
     # -- connections ----------------------------------------------------------
     def _connect(self, what: str):
-        try:
-            conn = self.psycopg.connect(**self._kwargs, autocommit=True)
-        except self.psycopg.Error as e:
-            raise index_error(e, what, path=None, where=self._where) from None
+        conn = self._connector.connect(lambda: self.psycopg.connect(**self._kwargs, autocommit=True),
+                                       self.psycopg.Error, what)
         try:
             conn.execute(self._setup)
         except self.psycopg.Error as e:
