@@ -179,6 +179,10 @@ def test_sigkill_frees_the_lock_at_once(services, index_url, mode):
     a = services()
     assert not a.probe_free("writers")
     assert [r[1] for r in _rows(index_url, "writers")] == [backend]
+    if mode == "shared":                                # shared + shared across processes
+        a.lock("writers", exclusive=False).release()
+    with pytest.raises(LockedError):
+        a.lock("writers", exclusive=True)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     t0 = time.monotonic()
@@ -303,3 +307,23 @@ def test_lock_errors_are_mapped_without_password(pg_server, index_url):
     with pytest.raises(StorageUnreachable):
         gone.lock("writers", exclusive=True)
     assert gone.probe_free("writers")      # a probe leaves the error to the real attempt
+
+
+def test_image_locks_are_per_host(services, index_url, monkeypatch, tmp_path):
+    """image-<hash> names a file by its path on one host: the same path on another host is
+    another file, so only that lock is scoped per host (as flock scoped it); disk locks are not."""
+    from nbdbackup.repo import pglocks
+
+    a = services()
+    img, disk = a.lock("image-0123456789abcdef", exclusive=True), a.lock("disk-vda", exclusive=True)
+    monkeypatch.setattr(pglocks, "_HOST", "another-host")
+    b = services()
+    with b.lock("image-0123456789abcdef", exclusive=True):
+        assert [h["host"] for h in b.holders("image-0123456789abcdef")] == ["another-host"]
+        with pytest.raises(LockedError, match=socket.gethostname()):
+            b.lock("disk-vda", exclusive=True)
+    assert len(_rows(index_url)) == 2                  # the other host's look left our rows alone
+    img.release()
+    disk.release()
+    assert type(pglocks.lock_service(index_url, REPO_ID, str(tmp_path))).__name__ == "PgLocks"
+    assert type(pglocks.lock_service(f"sqlite:///{tmp_path}/i", REPO_ID, str(tmp_path))).__name__ == "FlockLocks"

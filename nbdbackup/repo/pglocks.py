@@ -23,6 +23,10 @@ database lock through PostgreSQL session advisory locks instead, with the FlockL
   it (a read-only database user) the lock is taken all the same. The command line stored is
   masked (no password of a URL in it): nothing secret reaches the index.
 
+Scope: every lock is repository-wide (all hosts), except HOST_LOCAL ones: an image-<hash>
+lock (sources/image.py) names a file by its path on one host, and the same path on two hosts
+is two files, so it is keyed (and its rows named) per host, as flock scoped it.
+
 How long a dead holder keeps a lock:
 - the process dies (SIGKILL, crash, exit) on a host that lives: its kernel closes the socket,
   the server ends the session and drops its locks at once (milliseconds);
@@ -56,7 +60,7 @@ from ..errors import LockedError
 from .index import PG_CONNECT_ARGS, psycopg_url
 from .indexerrors import index_error, pg_where
 from .indexretry import Connector
-from .locks import SHARED_GRACE_S
+from .locks import SHARED_GRACE_S, FlockLocks
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,22 @@ _LIVE = """EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.
              AND l.pid = h.backend_pid AND l.objsubid = 1
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
              AND l.classid = %(hi)s::bigint::oid AND l.objid = %(lo)s::bigint::oid)"""
+
+
+HOST_LOCAL = ("image-",)     # lock-name prefixes scoped to this host (see the module doc)
+
+
+def scoped_name(name: str) -> str:
+    """The name lock *name* has in the database: host-local ones carry this host's name."""
+    return f"{name}@{_HOST}" if name.startswith(HOST_LOCAL) else name
+
+
+def lock_service(index_url: str, repo_id: str, lock_dir: str):
+    """The lock service of a repository: PgLocks when its index is on PostgreSQL (many hosts),
+    else FlockLocks in *lock_dir*."""
+    if psycopg_url(index_url).startswith("postgresql+psycopg:"):
+        return PgLocks(index_url, repo_id)
+    return FlockLocks(lock_dir)
 
 
 def lock_key(repo_id: str, name: str) -> int:
@@ -185,7 +205,7 @@ class PgLocks:
         self._held: set[PgLock] = set()
 
     def key(self, name: str) -> int:
-        return lock_key(self.repo_id, name)
+        return lock_key(self.repo_id, scoped_name(name))
 
     # -- connections ----------------------------------------------------------
     def _connect(self, what: str):
@@ -250,7 +270,7 @@ class PgLocks:
         try:
             conn.execute("INSERT INTO lock_holders (id, lock_name, backend_pid, host, pid, command, since_ms, mode, "
                          "purpose) VALUES (%s, %s, pg_backend_pid(), %s, %s, %s, %s, %s, %s)",
-                         (hid, name, _HOST, os.getpid(), self._command, int(time.time() * 1000),
+                         (hid, scoped_name(name), _HOST, os.getpid(), self._command, int(time.time() * 1000),
                           "exclusive" if exclusive else "shared", purpose))
         except (self.psycopg.errors.UndefinedTable, self.psycopg.errors.InsufficientPrivilege,
                 self.psycopg.errors.ReadOnlySqlTransaction) as e:
@@ -289,7 +309,7 @@ class PgLocks:
     def holders(self, name: str) -> list[dict]:
         """The live holders of lock *name* (pid, host, command, since, mode, purpose); rows of
         sessions that no longer hold it are deleted."""
-        args = {"name": name, **_key_halves(self.key(name))}
+        args = {"name": scoped_name(name), **_key_halves(self.key(name))}
 
         def read(c):
             try:
