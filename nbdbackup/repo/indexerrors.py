@@ -81,6 +81,10 @@ def pg_failure(e: BaseException) -> str | None:
         return "unreachable"
     if getattr(e, "connection_invalidated", False):
         return "unreachable"
+    if not state and type(orig).__name__ == "OperationalError":
+        # a failure of the connection itself in words we do not know (another language?): never
+        # "the index is damaged" with its hint to rebuild it
+        return "unreachable"
     return None
 
 
