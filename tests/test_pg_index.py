@@ -404,3 +404,33 @@ def test_read_lost_mid_query_is_read_again(pg_server, pg_url):
     assert retry_read(read) == INDEX_REVISION and len(calls) == 2
     assert time.monotonic() - t0 < 3
     eng.dispose()
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6])
+def test_postgresql_restarted_during_a_backup(tmp_path, pg_server, pg_url, delay):
+    """The server restarts (fast shutdown: every session cut) while packs are being indexed: the
+    backup completes (pack transactions redone, connections made anew) or fails with exit 17
+    and commits nothing; what is committed reads back bit-exact."""
+    repo = new_repo(tmp_path / "repo", index_url=pg_url, pack_size=4 * CS)
+    data = pseudo(11, 400 * CS)
+    marks = {}
+
+    def restart():
+        marks["restart"] = time.monotonic()
+        pg_server.restart()
+
+    t = threading.Timer(delay, restart)
+    t.start()
+    try:
+        try:
+            info = write_backup(repo, "vda", data)
+        except StorageUnreachable:
+            info = None
+        marks["done"] = time.monotonic()
+    finally:
+        t.join()
+    assert marks["restart"] < marks["done"], "the backup ended before the restart: make it bigger"
+    assert [b.id for b in repo.list_backups()] == ([info.id] if info else [])
+    if info:
+        assert read_all(repo, info.id) == data
+    repo.close()
