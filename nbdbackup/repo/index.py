@@ -3,13 +3,23 @@
 The index is reached through a SQLAlchemy URL; the SQLite file inside the
 repository is the default. SQLite-only settings (WAL, busy_timeout, BEGIN
 IMMEDIATE for writes) sit behind a dialect check so other databases work.
+
+PostgreSQL (psycopg 3; any postgresql:// URL is driven through psycopg): a connect
+timeout, client TCP keepalives, application_name "nbdbackup", pool_pre_ping (a
+restarted server's dead pooled connections are replaced at checkout) and a connect
+that waits out a restarting server (indexretry.install_connect_retry). A write
+transaction (write_txn, migrations) takes a transaction-scoped advisory lock first,
+so index writers queue one after another as SQLite's BEGIN IMMEDIATE makes them do:
+the read-then-insert of a pack's records (sealer) stays atomic between hosts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib.resources
+import logging
 import os
 from pathlib import Path
 
@@ -20,11 +30,22 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import RepoDamaged, RepoFormatError
 from ..fsutil import write_blocker
 from .indexerrors import index_errors
+from .indexretry import install_connect_retry
 from .schema import INDEX_REVISION
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite"
 KNOWN_REVISIONS = ("0001", "0002", "0003")   # oldest first; the last one is INDEX_REVISION
 BUSY_TIMEOUT_MS = 60_000
+
+# libpq connection parameters for PostgreSQL (a URL's own ?key=value wins): a dead or unreachable
+# server is found in seconds, not in TCP's minutes
+PG_CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                   "keepalives_count": 3, "tcp_user_timeout": 30_000, "application_name": "nbdbackup"}
+# the transaction-scoped advisory lock every PostgreSQL index writer takes (write_txn)
+PG_WRITE_LOCK_KEY = int.from_bytes(hashlib.blake2b(b"nbdbackup:index-writer", digest_size=8).digest(),
+                                   "big", signed=True)
 
 
 def default_url(repo_path: str) -> str:
@@ -36,6 +57,9 @@ def make_engine(url: str, *, read_only: str | None = None) -> Engine:
     SQLite index file read-only: a reading command then works where nothing can be written."""
     is_sqlite = url.startswith("sqlite")
     kw = {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}} if is_sqlite else {}
+    url = psycopg_url(url)
+    if url.startswith("postgresql+psycopg:"):
+        kw = _pg_engine_args(url)
     path = _sqlite_file(url)
     if read_only and path:
         kw = {"creator": _read_only_creator(path, immutable=read_only == "immutable")}
@@ -45,10 +69,50 @@ def make_engine(url: str, *, read_only: str | None = None) -> Engine:
         from ..errors import UsageError
         hint = (f"install the database driver ({e.name}) for this URL, or leave --index-url out for SQLite"
                 if isinstance(e, ImportError) else None)
+        if isinstance(e, ImportError) and (e.name or "").startswith("psycopg"):
+            hint = "install nbdbackup's PostgreSQL extra: pip install 'nbdbackup[postgresql]' (psycopg 3)"
         raise UsageError(f"invalid index URL {_shown(url)!r}: {e}", hint=hint) from None
     if eng.dialect.name == "sqlite":
         _sqlite_setup(eng, read_only=bool(read_only and path))
+    elif eng.dialect.name == "postgresql":
+        _pg_setup(eng)
     return eng
+
+
+def psycopg_url(url: str) -> str:
+    """*url* with any PostgreSQL driver replaced by psycopg (3), the one nbdbackup ships and whose
+    errors it knows: postgresql:// and postgres:// quietly, another named driver with a warning."""
+    scheme, sep, rest = url.partition("://")
+    backend, _, driver = scheme.partition("+")
+    if not sep or backend not in ("postgresql", "postgres") or driver == "psycopg":
+        return url
+    new = f"postgresql+psycopg://{rest}"
+    if driver:
+        log.warning("index URL %s names the %s driver; nbdbackup uses psycopg 3: connecting as %s",
+                    _shown(url), driver, _shown(new))
+    return new
+
+
+def _pg_engine_args(url: str) -> dict:
+    from sqlalchemy.engine import make_url
+
+    try:
+        query = make_url(url).query
+    except Exception:       # create_engine reports the bad URL
+        query = {}
+    return {"pool_pre_ping": True,
+            "connect_args": {k: v for k, v in PG_CONNECT_ARGS.items() if k not in query}}
+
+
+def _pg_setup(eng: Engine) -> None:
+    install_connect_retry(eng)
+
+    @event.listens_for(eng, "begin")
+    def _on_begin(conn):
+        if conn.get_execution_options().get("nbdbackup_write", False):
+            # writers queue like SQLite's BEGIN IMMEDIATE; lock_timeout bounds the wait as busy_timeout does
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {BUSY_TIMEOUT_MS}")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})")
 
 
 def _sqlite_file(url: str) -> str | None:
@@ -82,13 +146,35 @@ def _read_only_creator(path: str, *, immutable: bool):
     return connect
 
 
-def _shown(url: str) -> str:
-    """*url* fit for messages and logs: the password masked."""
+def _shown(url) -> str:
+    """*url* fit for messages and logs: the password masked (in a ?password= too)."""
     try:
         from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
+        u = make_url(url)
+        if "password" in u.query:
+            u = u.update_query_dict({"password": "***"})
+        return u.render_as_string(hide_password=True)
     except Exception:   # unparseable: it has no password part we could find either
+        return str(url)
+
+
+shown_url = _shown     # the public name, for other modules
+
+
+def url_without_password(url: str) -> str:
+    """*url* without its password (user:PASSWORD@ and ?password=), e.g. to store it in the
+    repository: libpq then finds the password in PGPASSWORD or ~/.pgpass. Other URLs unchanged."""
+    from sqlalchemy.engine import URL, make_url
+
+    try:
+        u = make_url(url)
+    except Exception:
         return url
+    if u.password is None and "password" not in u.query:
+        return url
+    u = URL.create(u.drivername, username=u.username, password=None, host=u.host, port=u.port,
+                   database=u.database, query={k: v for k, v in u.query.items() if k != "password"})
+    return u.render_as_string(hide_password=False)
 
 
 def _sqlite_setup(eng: Engine, *, read_only: bool = False) -> None:

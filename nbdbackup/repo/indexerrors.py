@@ -5,16 +5,33 @@ read-only mount as "unable to open database file" or "attempt to write a readonl
 database"; which one it was is read from the file system (fsutil.write_blocker), so
 that a full, read-only or forbidden repository is never reported as a damaged index
 with the harmful hint to rebuild it.
+
+PostgreSQL (psycopg 3): libpq's connection failures carry no SQLSTATE, so they are
+told apart by libpq's own words (pg_failure()): refused credentials are
+CredentialsError (16), an unreachable or vanished server StorageUnreachable (17,
+naming host:port, never the password), a missing database RepoDamaged (9): the
+repository (config.json) was found, its index was not; that is what a missing
+SQLite index file is too, and NotARepository would send the user to `init`, which
+would make a second, empty repository instead of finding the first one's index.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import LockedError, NbdBackupError, NoSpaceError, RepoDamaged, storage_error
+from ..errors import (
+    CredentialsError,
+    LockedError,
+    NbdBackupError,
+    NoSpaceError,
+    RepoDamaged,
+    StorageUnreachable,
+    storage_error,
+)
 from ..fsutil import write_blocker
 
 REBUILD_HINT = ("an interrupted step leaves at most orphans for the next gc; "
@@ -33,12 +50,93 @@ def index_path(engine_or_url) -> str | None:
     return url.removeprefix("sqlite:///").split("?", 1)[0]
 
 
-def index_error(e: Exception, what: str, *, path: str | None,
-                damaged_hint: str = REBUILD_HINT) -> NbdBackupError:
-    """*e* (a SQLAlchemy or DB-API error), met while *what* ("reading the index") on the index
-    file *path*, as the error to report: NoSpaceError, ReadOnlyError, PermissionDenied,
-    LockedError or RepoDamaged."""
+# libpq's words (it gives connection failures no SQLSTATE); SQLSTATEs where the server sends one
+_PG_CREDENTIALS = ("password authentication failed", "no password supplied", "no pg_hba.conf entry",
+                   "authentication failed", "role \"", "permission denied for database")
+_PG_UNREACHABLE = ("connection refused", "timeout expired", "timed out", "server closed the connection",
+                   "could not connect", "could not translate host name", "no route to host",
+                   "network is unreachable", "connection reset", "terminating connection", "the database system is",
+                   "could not receive data", "could not send data", "ssl syscall error", "eof detected",
+                   "consuming input failed", "sending query failed", "connection is lost", "connection is closed",
+                   "the connection is closed", "no connection to the server", "host is down", "broken pipe")
+_PG_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+def pg_failure(e: BaseException) -> str | None:
+    """What a PostgreSQL (psycopg) error *e* (or the SQLAlchemy error wrapping it) means:
+    "credentials", "unreachable" (refused, timed out, lost, server shutting down), "no-database",
+    "busy" (lock_timeout) or None (anything else: a query's own error)."""
     orig = getattr(e, "orig", None) or e
+    if not type(orig).__module__.startswith("psycopg"):
+        return None
+    state = getattr(orig, "sqlstate", None) or ""
+    low = str(orig).lower()
+    if state.startswith("28") or (not state and any(s in low for s in _PG_CREDENTIALS)):
+        return "credentials"
+    if state == "3D000" or (not state and "database" in low and "does not exist" in low):
+        return "no-database"
+    if state == "55P03":
+        return "busy"
+    if state.startswith(_PG_UNREACHABLE_STATES) or any(s in low for s in _PG_UNREACHABLE):
+        return "unreachable"
+    if getattr(e, "connection_invalidated", False):
+        return "unreachable"
+    if not state and type(orig).__name__ == "OperationalError":
+        # a failure of the connection itself in words we do not know (another language?): never
+        # "the index is damaged" with its hint to rebuild it
+        return "unreachable"
+    return None
+
+
+def pg_where(engine_or_url) -> str:
+    """host:port (or the socket directory) of a PostgreSQL engine or URL, for messages."""
+    from sqlalchemy.engine import make_url
+
+    url = getattr(engine_or_url, "url", engine_or_url)
+    try:
+        url = make_url(url)
+    except Exception:
+        return "the index database"
+    host = url.host or url.query.get("host") or "localhost"
+    host = host if isinstance(host, str) else ",".join(host)
+    port = url.port or url.query.get("port") or 5432
+    return f"{host}:{port}" + (f"/{url.database}" if url.database else "")
+
+
+def _pg_error(kind: str, e: BaseException, what: str, where: str | None) -> NbdBackupError:
+    orig = getattr(e, "orig", None) or e
+    # libpq's first line says it (no password is ever in it); drop the repeated "connection failed:" words
+    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    detail = re.sub(r"^connection failed: (connection to server at [^:]*: )?", "", detail).strip()
+    detail = re.sub(r"\s+", " ", re.sub(r"^(FATAL|ERROR):\s*", "", detail))
+    at = where or "the index database"
+    if kind == "credentials":
+        return CredentialsError(f"the index database at {at} refused the credentials while {what}: {detail}",
+                                hint="check the user and password: PGPASSWORD, ~/.pgpass (PGPASSFILE) or "
+                                     "--index-url postgresql+psycopg://USER:PASSWORD@HOST/DB (the password "
+                                     "is never stored in the repository)")
+    if kind == "no-database":
+        return RepoDamaged(f"the index database at {at} does not exist ({what}): {detail}",
+                           hint="check the database name in --index-url (NBDBACKUP_INDEX_URL); if the index "
+                                "was lost, create the database and run `nbdbackup rebuild-index`")
+    if kind == "busy":
+        return LockedError(f"the index stayed locked by other runs for too long while {what}: {detail}",
+                           hint="nothing was committed; run again when the repository is less busy")
+    return StorageUnreachable(f"cannot reach the index database at {at} while {what}: {detail}",
+                              hint="check that PostgreSQL runs and that host and port in --index-url are right; "
+                                   "nothing half-done was committed")
+
+
+def index_error(e: Exception, what: str, *, path: str | None,
+                damaged_hint: str = REBUILD_HINT, where: str | None = None) -> NbdBackupError:
+    """*e* (a SQLAlchemy or DB-API error), met while *what* ("reading the index") on the index
+    file *path* (SQLite) or the database at *where* (pg_where(): host:port), as the error to
+    report: NoSpaceError, ReadOnlyError, PermissionDenied, LockedError, CredentialsError,
+    StorageUnreachable or RepoDamaged."""
+    orig = getattr(e, "orig", None) or e
+    kind = pg_failure(e)
+    if kind is not None:
+        return _pg_error(kind, e, what, where)
     msg = str(orig)
     code = getattr(orig, "sqlite_errorname", "") or ""
     low = msg.lower() if isinstance(orig, sqlite3.Error) else ""   # dialect check: SQLite's words only
@@ -69,7 +167,8 @@ def index_errors(what: str, repo=None, *, index_db=None, damaged_hint: str = REB
     except SQLAlchemyError as e:
         index_db = index_db if index_db is not None else getattr(repo, "index_db", None)
         path = index_path(index_db) if index_db is not None else None
-        raise index_error(e, what, path=path, damaged_hint=damaged_hint) from None
+        where = pg_where(index_db) if index_db is not None and path is None else None
+        raise index_error(e, what, path=path, damaged_hint=damaged_hint, where=where) from None
 
 
 def write_error(e: BaseException, repo_path: str, engine) -> BaseException:
@@ -78,6 +177,7 @@ def write_error(e: BaseException, repo_path: str, engine) -> BaseException:
     if isinstance(e, OSError):
         return storage_error(e.errno, e.filename or repo_path, "writing a backup") or e
     if isinstance(e, SQLAlchemyError):
-        return index_error(e, "writing the index", path=index_path(engine),
+        path = index_path(engine)
+        return index_error(e, "writing the index", path=path, where=None if path else pg_where(engine),
                            damaged_hint="nothing was committed; `nbdbackup verify` checks the repository")
     return e

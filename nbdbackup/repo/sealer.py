@@ -20,7 +20,7 @@ from sqlalchemy import insert
 from .chunks import PreparedChunk
 from .context import RepoContext
 from .ids import now_ms, to_ms
-from .index import write_txn
+from .indexretry import has_row, retry_write
 from .packs import (
     ENTRY_SIZE,
     HEADER_SIZE,
@@ -143,7 +143,7 @@ class PackSealer:
             size = write_pack(self._ctx.backend, pack_object_name(pack.name), pack)
         finally:
             pack.release()
-        with write_txn(self._ctx.index_db) as conn:
+        def index(conn):    # redone when the connection is lost before its COMMIT (indexretry)
             pid = conn.execute(insert(packs).values(name=pack.name, size=size, created_ms=to_ms(now_ms()))
                                ).inserted_primary_key[0]
             for table, rtype in ((chunks, REC_CHUNK), (segments, REC_SEGMENT)):
@@ -152,6 +152,7 @@ class PackSealer:
                 rows = [record_row(pid, h, r) for h, r in recs.items() if h not in have]
                 if rows:
                     conn.execute(insert(table), rows)
+        retry_write(self._ctx.index_db, index, landed=has_row(packs.c.name, pack.name))
 
     # -- ending ----------------------------------------------------------------
     def discard(self) -> None:
