@@ -323,3 +323,192 @@ def test_threshold_one_repacks_only_packs_with_dead_records(tmp_path):
     assert again["packs_repacked"] == 0 and again["bytes_reclaimed"] == 0   # no endless rewriting
     with Repository.open(path) as repo:
         assert read_all(repo, bb.id) == b
+
+
+# -- the rules of "gc beside everything", one at a time (two Repository objects, one repository) ----
+
+def _collect(path, **kw):
+    from nbdbackup.repo.gc import collect
+
+    with Repository.open(path) as r:
+        return collect(r, grace=0, **kw)
+
+
+def _forgotten_base(tmp_path, seed):
+    """A repository with small packs whose one backup (8 random chunks) is forgotten: its
+    chunks are referenced by nothing, so only a running writer's stamp can keep them."""
+    path = new_repo_path(tmp_path / "r", pack_size=128 * 1024)
+    rng = random.Random(seed)
+    old = rng.randbytes(CS * 8)
+    with Repository.open(path) as repo:
+        b0 = write_backup(repo, "vda", old)
+    _gc(path)          # a new epoch: b0's rows are stamped older than any writer starting now
+    nbdbackup("forget", "--repo", path, b0.id)
+    return path, old, old[:CS * 4] + rng.randbytes(CS * 8)      # 4 dedup hits, 8 new chunks
+
+
+def _put_all(w, data):
+    for i in range(len(data) // CS):
+        w.put(i, w.prepare(data[i * CS:(i + 1) * CS]))
+    w.flush()
+
+
+def test_gc_mid_backup_keeps_the_writers_packs_and_its_dedup_hits(tmp_path):
+    path, old, new = _forgotten_base(tmp_path, 21)
+    with Repository.open(path) as repo:
+        w = repo.writer("vdb", kind="full", size=len(new))
+        _put_all(w, new)                          # dedup decided (stamped), some packs sealed and indexed
+        out = _gc(path, "--grace", "0")
+        assert out["chunks_deleted"] == 4         # only the forgotten chunks nobody reuses
+        assert out["young_packs"] >= 1 and out["kept_in_use"] >= 4
+        info = w.commit(read_bytes=len(new), duration_s=0.1)
+        assert read_all(repo, info.id) == new
+    nbdbackup("verify", "--repo", path)
+
+
+def test_a_stamp_between_gcs_scan_and_its_delete_wins(tmp_path, monkeypatch):
+    """gc has judged the forgotten chunks dead; the writer's dedup decision (its stamp) lands before
+    gc's DELETE: the guard in the DELETE itself keeps the 4 rows the writer now relies on."""
+    import nbdbackup.repo.gc as gc_mod
+
+    path, old, new = _forgotten_base(tmp_path, 22)
+    with Repository.open(path) as repo:
+        w = repo.writer("vdb", kind="full", size=len(new))
+        real = gc_mod._delete_rows
+
+        def racing(eng, dead_rows, *a):
+            assert len(dead_rows[gc_mod.chunks]) == 8       # all 8 looked dead to gc's scan
+            _put_all(w, new)
+            return real(eng, dead_rows, *a)
+        monkeypatch.setattr(gc_mod, "_delete_rows", racing)
+        rep = _collect(path)
+        assert rep.chunks_deleted == 4
+        info = w.commit(read_bytes=len(new), duration_s=0.1)
+        assert read_all(repo, info.id) == new
+    nbdbackup("verify", "--repo", path)
+
+
+def test_a_row_gc_deletes_before_the_stamp_is_stored_again(tmp_path, monkeypatch):
+    """The writer's cheap SELECT saw the rows (stamped older); a whole gc deletes them before its
+    stamping transaction: that transaction finds them gone and the writer stores them again."""
+    from contextlib import contextmanager as cm
+
+    import nbdbackup.repo.dedup as dedup_mod
+
+    path, old, new = _forgotten_base(tmp_path, 23)
+    ran = []
+    real_txn = dedup_mod.write_txn
+
+    @cm
+    def gc_first(eng):
+        if not ran:
+            ran.append(_collect(path))
+        with real_txn(eng) as conn:
+            yield conn
+    with Repository.open(path) as repo:
+        w = repo.writer("vdb", kind="full", size=len(new))
+        monkeypatch.setattr(dedup_mod, "write_txn", gc_first)
+        _put_all(w, new)
+        monkeypatch.undo()
+        assert ran and ran[0].chunks_deleted == 8
+        info = w.commit(read_bytes=len(new), duration_s=0.1)
+        assert read_all(repo, info.id) == new
+    nbdbackup("verify", "--repo", path)
+
+
+def test_prune_keeps_a_backup_being_read_and_says_by_whom(tmp_path):
+    path = new_repo_path(tmp_path / "r")
+    rng = random.Random(24)
+    with Repository.open(path) as repo:
+        older = write_backup(repo, "vda", rng.randbytes(CS * 2))
+        write_backup(repo, "vda", rng.randbytes(CS * 2))
+        with repo.open_image(older.id):
+            p = nbdbackup("prune", "--repo", path, "--keep-last", "1", "--json")
+            d = {x["id"]: x for x in json.loads(p.stdout)["decisions"]}[older.id]
+            assert d["action"] == "keep" and d["reasons"][0].startswith(f"kept, in use by read pid {os.getpid()}")
+            p = nbdbackup("prune", "--repo", path, "--keep-last", "1")
+            assert "kept, in use by read pid" in p.stdout
+            assert older.id in {b.id for b in repo.list_backups()}
+    p = nbdbackup("prune", "--repo", path, "--keep-last", "1", "--json")
+    assert json.loads(p.stdout)["removed"] == 1
+
+
+_KILLED_WRITER = """
+import sys, time
+from nbdbackup.repo import Repository
+repo = Repository.open(sys.argv[1])
+data = bytes(range(256)) * 256 * 8
+w = repo.writer("vdk", kind="full", size=len(data))
+for i in range(8):
+    w.put(i, w.prepare(bytes([i + 1]) + data[1 + i * 65536:(i + 1) * 65536]))
+w.write_manifest(b"not committed")          # every pack durable and indexed, stamped with its epoch
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_writers_lease_dies_and_stops_holding_back_reclamation(tmp_path):
+    import signal
+    import sys
+
+    path = new_repo_path(tmp_path / "r", pack_size=128 * 1024)
+    _two_backups(path, random.Random(25))
+    _gc(path)          # a new epoch: only what the writer makes is stamped with it
+    before = set(pack_files(path))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        made = set(pack_files(path)) - before
+        assert made
+        out = _gc(path, "--grace", "0")              # alive: its packs and rows stay
+        assert out["young_packs"] == len(made) and out["dead_leases"] == 0
+        assert made <= set(pack_files(path))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        kill_if_running(proc)
+    out = _gc(path, "--grace", "0")                  # its pid is gone on this host: dead at once
+    assert out["dead_leases"] == 1 and out["young_packs"] == 0 and out["packs_deleted"] == len(made)
+    assert set(pack_files(path)) == before
+    nbdbackup("verify", "--repo", path)
+
+
+def test_leases_of_other_hosts_live_by_their_heartbeat(tmp_path):
+    from sqlalchemy import insert
+
+    from nbdbackup.repo.leases import LEASE_TTL_S, db_now_ms
+    from nbdbackup.repo.schema import leases
+
+    path = new_repo_path(tmp_path / "r")
+    with Repository.open(path) as repo:
+        with repo.index_db.begin() as conn:
+            now = db_now_ms(conn)
+            for lid, beat in (("fresh", now), ("stale", now - int(LEASE_TTL_S * 1000) - 1000)):
+                conn.execute(insert(leases).values(id=lid, kind="backup", host="elsewhere", pid=1, command="x",
+                                                   started_ms=now, heartbeat_ms=beat, start_epoch=1))
+    out = _gc(path, "--grace", "0")
+    assert out["dead_leases"] == 1 and out["cutoff"] == 1 and out["epoch"] == 2   # fresh holds C back
+    assert out["live_leases"] == [out["live_leases"][0]] and "on elsewhere" in out["live_leases"][0]
+
+
+def test_commit_fencing_a_writer_whose_lease_gc_dropped_commits_nothing(tmp_path):
+    from sqlalchemy import update
+
+    from nbdbackup.errors import LockedError
+    from nbdbackup.repo.schema import leases
+
+    path = new_repo_path(tmp_path / "r")
+    with Repository.open(path) as repo:
+        w = repo.writer("vda", kind="full", size=CS * 2)
+        _put_all(w, random.Random(26).randbytes(CS * 2))
+        with repo.index_db.begin() as conn:            # as if the process had been paused past the TTL
+            conn.execute(update(leases).values(heartbeat_ms=0))
+        assert _gc(path, "--grace", "0")["dead_leases"] == 1
+        try:
+            w.commit(read_bytes=0, duration_s=0.1)
+            raise AssertionError("the commit went through without its lease")
+        except LockedError as e:
+            assert "lease" in str(e) and "nothing was committed" in str(e)
+        assert repo.list_backups() == []
+    p = nbdbackup("verify", "--repo", path)
+    assert p.returncode == 0

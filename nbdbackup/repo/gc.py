@@ -213,7 +213,7 @@ def _collect(repo, rep: GcReport, threshold: float, progress, grace: float) -> G
 
     # -- sweep the index, then the files it no longer names ----------------------
     if not dry_run:
-        gone = _delete_rows(eng, dead_rows, [pk.id for pk in dead_packs], cut)
+        gone = _delete_rows(eng, dead_rows, [pk.id for pk in dead_packs], cut, rep)
         dead_packs = [pk for pk in dead_packs if pk.id in gone]
     rep.packs_deleted = len(dead_packs)
     for pk in dead_packs:
@@ -265,15 +265,20 @@ def _delete_unnamed_packs(conn, pack_ids: list[int]) -> set[int]:
     return gone
 
 
-def _delete_rows(eng, dead_rows: dict, pack_ids: list[int], cut: int) -> set[int]:
-    """Delete the dead rows (guarded: a row a writer stamped meanwhile stays) and the pack rows of
-    *pack_ids* nothing names any more, in one transaction; the pack ids deleted."""
+def _delete_rows(eng, dead_rows: dict, pack_ids: list[int], cut: int, rep: GcReport) -> set[int]:
+    """Delete the dead rows (guarded: a row a writer stamped meanwhile stays; the report counts
+    the rows really deleted) and the pack rows of *pack_ids* nothing names any more, in one
+    transaction; the pack ids deleted."""
     with write_txn(eng) as conn:
+        n = {}
         for table, hashes in dead_rows.items():
+            n[table.name] = 0
             for i in range(0, len(hashes), _IN_BATCH):
-                conn.execute(delete(table).where(table.c.hash.in_(hashes[i:i + _IN_BATCH]),
-                                                 table.c.used_epoch < cut))
-        return _delete_unnamed_packs(conn, pack_ids)
+                n[table.name] += conn.execute(delete(table).where(table.c.hash.in_(hashes[i:i + _IN_BATCH]),
+                                                                  table.c.used_epoch < cut)).rowcount
+        gone = _delete_unnamed_packs(conn, pack_ids)
+    rep.chunks_deleted, rep.segments_deleted = n["chunks"], n["segments"]
+    return gone
 
 
 def _remove(backend, obj: str, dry_run: bool) -> int:
