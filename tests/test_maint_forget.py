@@ -105,7 +105,8 @@ def test_forget_then_gc_keeps_every_other_backup_bit_exact(tmp_path):
 
 
 def test_forget_while_a_backup_of_the_disk_runs(tmp_path):
-    """forget needs no exclusive lock: an incremental whose parent is forgotten still commits right."""
+    """The parent of a running incremental is pinned by its lease: forget refuses it (exit 3, naming
+    the backup), the incremental commits right, and afterwards the parent can go."""
     path = new_repo_path(tmp_path / "r", segment_len=4)
     rng = random.Random(4)
     with Repository.open(path) as repo:
@@ -114,11 +115,16 @@ def test_forget_while_a_backup_of_the_disk_runs(tmp_path):
         d1 = disk_data(rng, 10, base=d0, change=0.3)
         w = repo.writer("vda", kind="incremental", size=len(d1), parent=b0)
         w.put(0, w.prepare(d1[:CS]))
-        nbdbackup("forget", "--repo", path, b0.id)       # while the writer holds its locks
+        p = nbdbackup("forget", "--repo", path, b0.id, check=False)     # while the writer runs
+        assert p.returncode == 3, p.stderr
+        assert f"backup {b0.id} is in use by backup pid {os.getpid()}" in p.stderr, p.stderr
+        assert "nothing was forgotten" in p.stderr
+        nbdbackup("gc", "--repo", path, "--grace", "0")       # gc beside the writer takes nothing it needs
         for i in range(1, 10):
             if d1[i * CS:(i + 1) * CS] != d0[i * CS:(i + 1) * CS]:
                 w.put(i, w.prepare(d1[i * CS:(i + 1) * CS]))
         b1 = w.commit(read_bytes=0, duration_s=0.1)
+    nbdbackup("forget", "--repo", path, b0.id)                  # released with the writer's lease
     nbdbackup("gc", "--repo", path)
     with Repository.open(path) as repo:
         assert [b.id for b in repo.list_backups()] == [b1.id]

@@ -1,4 +1,6 @@
-"""`nbdbackup gc`: reclaims, repacks, cleans orphans, and respects writers and readers."""
+"""`nbdbackup gc`: reclaims, repacks, cleans orphans, and runs beside writers and readers
+(the rules of docs/design.md "gc beside everything", one by one; the stress test is
+tests/test_gc_concurrent.py)."""
 
 from __future__ import annotations
 
@@ -131,7 +133,14 @@ def test_orphan_pack_files_and_temp_files_are_removed(tmp_path):
     with open(os.path.join(path, "tmp", "dead.tmp"), "wb") as f:
         f.write(b"x" * 1000)
     size = os.path.getsize(orphan)
-    out = _gc(path)
+    out = _gc(path)                                      # younger than the default grace (1 h): left
+    assert out["orphan_packs"] == 0 and out["tmp_files"] == 0 and out["young_orphans"] == 1
+    assert os.path.exists(orphan) and os.listdir(os.path.join(path, "tmp")) == ["dead.tmp"]
+    old = time.time() - 7200
+    os.utime(orphan, (old, old))
+    out = _gc(path, "--dry-run")                         # older than the grace: would go
+    assert out["orphan_packs"] == 1 and os.path.exists(orphan)
+    out = _gc(path, "--grace", "0")
     assert out["orphan_packs"] == 1 and out["tmp_files"] == 1
     assert out["bytes_reclaimed"] == size + 1000
     assert not os.path.exists(orphan) and os.listdir(os.path.join(path, "tmp")) == []
@@ -139,25 +148,19 @@ def test_orphan_pack_files_and_temp_files_are_removed(tmp_path):
         assert read_all(repo, ba.id) == a
 
 
-def test_gc_refuses_while_a_backup_runs_and_waits_with_lock_wait(tmp_path):
+def test_gc_runs_beside_a_running_backup(tmp_path):
+    """Was: gc refuses while a backup runs. Now gc runs; the chunk the writer holds survives."""
     path = new_repo_path(tmp_path / "r")
     _two_backups(path, random.Random(5))
     with Repository.open(path) as repo:
-        w = repo.writer("vdc", kind="full", size=CS)           # holds the shared writers lock
+        w = repo.writer("vdc", kind="full", size=CS)
         w.put(0, w.prepare(b"y" * CS))
-        p = nbdbackup("gc", "--repo", path, check=False)
-        assert p.returncode == 3
-        assert f"pid {os.getpid()}" in p.stderr and "gc" in p.stderr
-        assert "a backup is running, so gc cannot run now" in p.stderr, p.stderr
-        # with --lock-wait it waits, then runs once the backup has committed
-        with _waiting_gc(path, "--json") as proc:
-            time.sleep(1.5)
-            assert proc.poll() is None, proc.communicate()
-            info = w.commit(read_bytes=CS, duration_s=0.1)
-            out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        assert json.loads(out)["live_chunks"] >= 1
+        w.flush()
+        out = _gc(path, "--grace", "0")
+        assert len(out["live_leases"]) == 1 and f"backup pid {os.getpid()}" in out["live_leases"][0]
+        info = w.commit(read_bytes=CS, duration_s=0.1)
         assert read_all(repo, info.id) == b"y" * CS        # the chunk it had just written survived
+    nbdbackup("verify", "--repo", path)
 
 
 # A real `nbdbackup gc` held inside its exclusive section until *release* exists.
@@ -187,7 +190,7 @@ def test_two_gcs_the_loser_says_another_gc_is_running(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline() == "holding\n", first.communicate()
-        for what in ("gc", "rebuild-index"):
+        for what in ("gc", "rebuild-index"):         # rebuild-index takes the gc lock too
             p = nbdbackup(what, "--repo", path, check=False)
             assert p.returncode == 3, p.stderr
             assert f"another gc is running, so {what} cannot run now" in p.stderr, p.stderr
@@ -200,27 +203,29 @@ def test_two_gcs_the_loser_says_another_gc_is_running(tmp_path):
         kill_if_running(first)
 
 
-def test_gc_never_deletes_under_a_reader(tmp_path):
+def test_gc_runs_beside_a_reader_whose_backup_is_pinned(tmp_path):
+    """Was: gc waits for readers. Now gc runs beside an open image; the image's backup is pinned
+    (forget refuses it with exit 3, prune keeps it and says why) and reads stay right."""
     path = new_repo_path(tmp_path / "r")
     (ba, a), (bb, b) = _two_backups(path, random.Random(6))
     nbdbackup("forget", "--repo", path, ba.id)
     with Repository.open(path) as repo:
         img = repo.open_image(bb.id)                           # a running restore / serve
-        before = pack_files(path)
-        p = nbdbackup("gc", "--repo", path, check=False)
-        assert p.returncode == 3 and "read" in p.stderr
-        assert pack_files(path) == before
-        with _waiting_gc(path) as proc:
-            try:
-                time.sleep(1.5)
-                assert proc.poll() is None
-                assert img.read(0, img.size) == b                # still readable while gc waits
-            finally:
-                img.close()
-            proc.communicate(timeout=60)
-            assert proc.returncode == 0
+        try:
+            p = nbdbackup("forget", "--repo", path, bb.id, check=False)
+            assert p.returncode == 3, p.stderr
+            assert f"backup {bb.id} is in use by read pid {os.getpid()} on " in p.stderr, p.stderr
+            p = nbdbackup("prune", "--repo", path, "--keep-last", "1", "--disk", "vdb", "--json")
+            assert json.loads(p.stdout)["removed"] == 0
+            out = _gc(path, "--grace", "0")
+            assert out["chunks_deleted"] > 0                   # ba's own chunks went, beside the reader
+            assert img.read(0, img.size) == b
+        finally:
+            img.close()
+        assert [x.id for x in repo.list_backups()] == [bb.id]
         assert read_all(repo, bb.id) == b
     assert _pack_bytes(path) < 10 * CS
+    nbdbackup("forget", "--repo", path, bb.id)                # the lease went with close()
 
 
 def test_gc_refuses_to_sweep_when_a_live_segment_is_unreadable(tmp_path):
@@ -278,22 +283,28 @@ def test_gc_leaves_a_missing_pack_alone_and_says_so(tmp_path):
     assert p.returncode == 5 and ba.id in p.stdout
 
 
-def test_a_waiting_gc_does_not_block_new_backups(tmp_path):
-    """gc --lock-wait waiting for a reader must not hold the writers lock meanwhile."""
+def test_backups_and_readers_start_and_finish_while_gc_runs(tmp_path):
+    """Was: a gc waiting for a reader does not block backups. Now gc does not wait at all: while
+    one is inside its run (held), backups start and commit and images open and close."""
+    import sys
+
     path = new_repo_path(tmp_path / "r")
     (ba, a), _ = _two_backups(path, random.Random(10))
-    with Repository.open(path) as repo:
-        img = repo.open_image(ba.id)
-        with _waiting_gc(path) as proc:
-            time.sleep(1.0)
-            assert proc.poll() is None
-            for _ in range(3):                    # backups start and commit while gc waits
+    release = tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_GC, str(release), "gc", "--repo", path, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "holding\n", proc.communicate()
+        with Repository.open(path) as repo:
+            for _ in range(3):
                 info = write_backup(repo, "vdc", b"z" * CS)
-                time.sleep(0.2)
-            img.close()
-            proc.communicate(timeout=60)
-            assert proc.returncode == 0
-        assert read_all(repo, info.id) == b"z" * CS
+            assert read_all(repo, ba.id) == a
+            release.touch()
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            assert read_all(repo, info.id) == b"z" * CS
+    finally:
+        kill_if_running(proc)
 
 
 def test_threshold_one_repacks_only_packs_with_dead_records(tmp_path):
@@ -312,3 +323,192 @@ def test_threshold_one_repacks_only_packs_with_dead_records(tmp_path):
     assert again["packs_repacked"] == 0 and again["bytes_reclaimed"] == 0   # no endless rewriting
     with Repository.open(path) as repo:
         assert read_all(repo, bb.id) == b
+
+
+# -- the rules of "gc beside everything", one at a time (two Repository objects, one repository) ----
+
+def _collect(path, **kw):
+    from nbdbackup.repo.gc import collect
+
+    with Repository.open(path) as r:
+        return collect(r, grace=0, **kw)
+
+
+def _forgotten_base(tmp_path, seed):
+    """A repository with small packs whose one backup (8 random chunks) is forgotten: its
+    chunks are referenced by nothing, so only a running writer's stamp can keep them."""
+    path = new_repo_path(tmp_path / "r", pack_size=128 * 1024)
+    rng = random.Random(seed)
+    old = rng.randbytes(CS * 8)
+    with Repository.open(path) as repo:
+        b0 = write_backup(repo, "vda", old)
+    _gc(path)          # a new epoch: b0's rows are stamped older than any writer starting now
+    nbdbackup("forget", "--repo", path, b0.id)
+    return path, old, old[:CS * 4] + rng.randbytes(CS * 8)      # 4 dedup hits, 8 new chunks
+
+
+def _put_all(w, data):
+    for i in range(len(data) // CS):
+        w.put(i, w.prepare(data[i * CS:(i + 1) * CS]))
+    w.flush()
+
+
+def test_gc_mid_backup_keeps_the_writers_packs_and_its_dedup_hits(tmp_path):
+    path, old, new = _forgotten_base(tmp_path, 21)
+    with Repository.open(path) as repo:
+        w = repo.writer("vdb", kind="full", size=len(new))
+        _put_all(w, new)                          # dedup decided (stamped), some packs sealed and indexed
+        out = _gc(path, "--grace", "0")
+        assert out["chunks_deleted"] == 4         # only the forgotten chunks nobody reuses
+        assert out["young_packs"] >= 1 and out["kept_in_use"] >= 4
+        info = w.commit(read_bytes=len(new), duration_s=0.1)
+        assert read_all(repo, info.id) == new
+    nbdbackup("verify", "--repo", path)
+
+
+def test_a_stamp_between_gcs_scan_and_its_delete_wins(tmp_path, monkeypatch):
+    """gc has judged the forgotten chunks dead; the writer's dedup decision (its stamp) lands before
+    gc's DELETE: the guard in the DELETE itself keeps the 4 rows the writer now relies on."""
+    import nbdbackup.repo.gc as gc_mod
+
+    path, old, new = _forgotten_base(tmp_path, 22)
+    with Repository.open(path) as repo:
+        w = repo.writer("vdb", kind="full", size=len(new))
+        real = gc_mod._delete_rows
+
+        def racing(eng, dead_rows, *a):
+            assert len(dead_rows[gc_mod.chunks]) == 8       # all 8 looked dead to gc's scan
+            _put_all(w, new)
+            return real(eng, dead_rows, *a)
+        monkeypatch.setattr(gc_mod, "_delete_rows", racing)
+        rep = _collect(path)
+        assert rep.chunks_deleted == 4
+        info = w.commit(read_bytes=len(new), duration_s=0.1)
+        assert read_all(repo, info.id) == new
+    nbdbackup("verify", "--repo", path)
+
+
+def test_a_row_gc_deletes_before_the_stamp_is_stored_again(tmp_path, monkeypatch):
+    """The writer's cheap SELECT saw the rows (stamped older); a whole gc deletes them before its
+    stamping transaction: that transaction finds them gone and the writer stores them again."""
+    from contextlib import contextmanager as cm
+
+    import nbdbackup.repo.dedup as dedup_mod
+
+    path, old, new = _forgotten_base(tmp_path, 23)
+    ran = []
+    real_txn = dedup_mod.write_txn
+
+    @cm
+    def gc_first(eng):
+        if not ran:
+            ran.append(_collect(path))
+        with real_txn(eng) as conn:
+            yield conn
+    with Repository.open(path) as repo:
+        w = repo.writer("vdb", kind="full", size=len(new))
+        monkeypatch.setattr(dedup_mod, "write_txn", gc_first)
+        _put_all(w, new)
+        monkeypatch.undo()
+        assert ran and ran[0].chunks_deleted == 8
+        info = w.commit(read_bytes=len(new), duration_s=0.1)
+        assert read_all(repo, info.id) == new
+    nbdbackup("verify", "--repo", path)
+
+
+def test_prune_keeps_a_backup_being_read_and_says_by_whom(tmp_path):
+    path = new_repo_path(tmp_path / "r")
+    rng = random.Random(24)
+    with Repository.open(path) as repo:
+        older = write_backup(repo, "vda", rng.randbytes(CS * 2))
+        write_backup(repo, "vda", rng.randbytes(CS * 2))
+        with repo.open_image(older.id):
+            p = nbdbackup("prune", "--repo", path, "--keep-last", "1", "--json")
+            d = {x["id"]: x for x in json.loads(p.stdout)["decisions"]}[older.id]
+            assert d["action"] == "keep" and d["reasons"][0].startswith(f"kept, in use by read pid {os.getpid()}")
+            p = nbdbackup("prune", "--repo", path, "--keep-last", "1")
+            assert "kept, in use by read pid" in p.stdout
+            assert older.id in {b.id for b in repo.list_backups()}
+    p = nbdbackup("prune", "--repo", path, "--keep-last", "1", "--json")
+    assert json.loads(p.stdout)["removed"] == 1
+
+
+_KILLED_WRITER = """
+import sys, time
+from nbdbackup.repo import Repository
+repo = Repository.open(sys.argv[1])
+data = bytes(range(256)) * 256 * 8
+w = repo.writer("vdk", kind="full", size=len(data))
+for i in range(8):
+    w.put(i, w.prepare(bytes([i + 1]) + data[1 + i * 65536:(i + 1) * 65536]))
+w.write_manifest(b"not committed")          # every pack durable and indexed, stamped with its epoch
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_writers_lease_dies_and_stops_holding_back_reclamation(tmp_path):
+    import signal
+    import sys
+
+    path = new_repo_path(tmp_path / "r", pack_size=128 * 1024)
+    _two_backups(path, random.Random(25))
+    _gc(path)          # a new epoch: only what the writer makes is stamped with it
+    before = set(pack_files(path))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        made = set(pack_files(path)) - before
+        assert made
+        out = _gc(path, "--grace", "0")              # alive: its packs and rows stay
+        assert out["young_packs"] == len(made) and out["dead_leases"] == 0
+        assert made <= set(pack_files(path))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        kill_if_running(proc)
+    out = _gc(path, "--grace", "0")                  # its pid is gone on this host: dead at once
+    assert out["dead_leases"] == 1 and out["young_packs"] == 0 and out["packs_deleted"] == len(made)
+    assert set(pack_files(path)) == before
+    nbdbackup("verify", "--repo", path)
+
+
+def test_leases_of_other_hosts_live_by_their_heartbeat(tmp_path):
+    from sqlalchemy import insert
+
+    from nbdbackup.repo.leases import LEASE_TTL_S, db_now_ms
+    from nbdbackup.repo.schema import leases
+
+    path = new_repo_path(tmp_path / "r")
+    with Repository.open(path) as repo:
+        with repo.index_db.begin() as conn:
+            now = db_now_ms(conn)
+            for lid, beat in (("fresh", now), ("stale", now - int(LEASE_TTL_S * 1000) - 1000)):
+                conn.execute(insert(leases).values(id=lid, kind="backup", host="elsewhere", pid=1, command="x",
+                                                   started_ms=now, heartbeat_ms=beat, start_epoch=1))
+    out = _gc(path, "--grace", "0")
+    assert out["dead_leases"] == 1 and out["cutoff"] == 1 and out["epoch"] == 2   # fresh holds C back
+    assert out["live_leases"] == [out["live_leases"][0]] and "on elsewhere" in out["live_leases"][0]
+
+
+def test_commit_fencing_a_writer_whose_lease_gc_dropped_commits_nothing(tmp_path):
+    from sqlalchemy import update
+
+    from nbdbackup.errors import LockedError
+    from nbdbackup.repo.schema import leases
+
+    path = new_repo_path(tmp_path / "r")
+    with Repository.open(path) as repo:
+        w = repo.writer("vda", kind="full", size=CS * 2)
+        _put_all(w, random.Random(26).randbytes(CS * 2))
+        with repo.index_db.begin() as conn:            # as if the process had been paused past the TTL
+            conn.execute(update(leases).values(heartbeat_ms=0))
+        assert _gc(path, "--grace", "0")["dead_leases"] == 1
+        try:
+            w.commit(read_bytes=0, duration_s=0.1)
+            raise AssertionError("the commit went through without its lease")
+        except LockedError as e:
+            assert "lease" in str(e) and "nothing was committed" in str(e)
+        assert repo.list_backups() == []
+    p = nbdbackup("verify", "--repo", path)
+    assert p.returncode == 0

@@ -1,4 +1,8 @@
-"""Taking the writers AND readers locks exclusively (gc, rebuild-index).
+"""Taking the writers, readers AND gc locks exclusively (rebuild-index, migrate).
+
+gc itself no longer comes here: it runs beside writers and readers and takes
+only the gc lock (one gc at a time, repo/gc.py); what needs the repository to
+itself (rebuild-index, migrate) takes all three, so it excludes gc too.
 
 Never holds one while waiting for the other: a gc waiting (--lock-wait) for a
 long restore must not block the nightly backups meanwhile. While either lock
@@ -22,6 +26,7 @@ _RETRY = 0.2
 
 _PURPOSE = "exclusive access for "
 _SHARED_REASON = {"writers": "a backup is running", "readers": "a restore, serve or verify is reading"}
+NAMES = ("writers", "readers", "gc")
 
 
 def _busy_reason(locks, name: str) -> str:
@@ -33,6 +38,8 @@ def _busy_reason(locks, name: str) -> str:
             other = purpose[len(_PURPOSE):].split()[0] if purpose.startswith(_PURPOSE) else \
                 "migrate" if "migrate" in purpose else "exclusive run (gc, rebuild-index or migrate)"
             return f"another {other} is running"
+    if holders and name == "gc":
+        return "a gc is running"
     if holders:
         return _SHARED_REASON.get(name, f"lock {name} is held")
     return "another run holds the repository"
@@ -43,17 +50,15 @@ def exclusive_access(repo, what: str):
     deadline = time.monotonic() + max(repo.lock_wait, 0.0)
     while True:
         taken = []
-        name = "writers"
+        name = NAMES[0]
         try:
             # while a reader or writer runs, only probe: a backup or restore starting meanwhile
             # must not meet a gc that is merely waiting
-            if time.monotonic() < deadline and not (repo.locks.probe_free("readers")
-                                                   and repo.locks.probe_free("writers")):
+            if time.monotonic() < deadline and not all(repo.locks.probe_free(n) for n in NAMES):
                 time.sleep(_RETRY)
                 continue
-            taken.append(repo.lock(name, exclusive=True, wait=0, purpose=_PURPOSE + what))
-            name = "readers"
-            taken.append(repo.lock(name, exclusive=True, wait=0, purpose=_PURPOSE + what))
+            for name in NAMES:
+                taken.append(repo.lock(name, exclusive=True, wait=0, purpose=_PURPOSE + what))
             break
         except LockedError as e:
             for lk in reversed(taken):

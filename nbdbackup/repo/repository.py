@@ -33,6 +33,7 @@ from .image import BackupImage
 from .index import check_revision, default_url, make_engine, read_only_mode
 from .indexerrors import index_errors
 from .info import BackupInfo
+from .leases import Holds, reader_lease
 from .location import open_backend, parse_location
 from .locks import FlockLocks, RepoLock
 from .remote import host_lock_dir, lock_service
@@ -273,10 +274,12 @@ class Repository:
                               created=created, set_id=set_id)
 
     def open_image(self, ref) -> BackupImage:
-        """A checked reader of a backup; holds the shared readers lock until close()."""
+        """A checked reader of a backup; holds the shared readers lock (rebuild-index waits) and a
+        read lease pinning the backup (forget refuses it, so gc keeps its data) until close()."""
         info = ref if isinstance(ref, BackupInfo) else self.resolve(ref)
-        lk = self.lock("readers", exclusive=False, purpose="the repository's reader lock (gc runs)")
+        lk = self.lock("readers", exclusive=False, purpose="the repository's reader lock (rebuild-index runs)")
         try:
+            lk = Holds(lk, reader_lease(self.index_db, [info.id]))
             refs = self.checked_segment_refs(info)
         except BaseException:
             lk.release()

@@ -2,7 +2,9 @@
 
 A sealed pack is written to tmp/, fsync'ed, renamed into packs/<xx>/ and only
 then are its records indexed (one transaction per pack): the write-order
-invariant of docs/design.md. Up to SEALS_IN_FLIGHT sealed packs are being
+invariant of docs/design.md. The pack row and its record rows carry the
+writer's lease start epoch (packs.epoch, used_epoch): gc keeps them while the
+writer lives. Up to SEALS_IN_FLIGHT sealed packs are being
 written at once (their fsyncs overlap the hashing of the next pack); until a
 pack is indexed its records still count as present (has_chunk, segment), so
 a chunk is never stored twice by one writer.
@@ -19,6 +21,7 @@ from sqlalchemy import insert
 
 from .chunks import PreparedChunk
 from .context import RepoContext
+from .dedup import upsert_rows
 from .ids import now_ms, to_ms
 from .indexretry import has_row, retry_write
 from .packs import (
@@ -53,8 +56,9 @@ class SealJob:
 
 
 class PackSealer:
-    def __init__(self, ctx: RepoContext, chunk_size: int):
+    def __init__(self, ctx: RepoContext, chunk_size: int, epoch: int = 0):
         self._ctx = ctx
+        self.epoch = epoch      # the writer's lease start epoch: stamped on its packs and rows
         self._pack_size = ctx.config.pack_size
         self._pack: PackBuilder | None = None         # the pack being filled
         self._filling = SealJob()                     # its chunks and segments
@@ -144,14 +148,12 @@ class PackSealer:
         finally:
             pack.release()
         def index(conn):    # redone when the connection is lost before its COMMIT (indexretry)
-            pid = conn.execute(insert(packs).values(name=pack.name, size=size, created_ms=to_ms(now_ms()))
-                               ).inserted_primary_key[0]
+            pid = conn.execute(insert(packs).values(name=pack.name, size=size, created_ms=to_ms(now_ms()),
+                                                    epoch=self.epoch)).inserted_primary_key[0]
             for table, rtype in ((chunks, REC_CHUNK), (segments, REC_SEGMENT)):
                 recs = {r.hash: r for r in pack.records if r.type == rtype}
-                have = self._ctx.store.existing(table, list(recs), conn=conn)
-                rows = [record_row(pid, h, r) for h, r in recs.items() if h not in have]
-                if rows:
-                    conn.execute(insert(table), rows)
+                # a row another writer indexed meanwhile stays and is stamped (it is used now)
+                upsert_rows(conn, table, [record_row(pid, h, r) for h, r in recs.items()], self.epoch)
         retry_write(self._ctx.index_db, index, landed=has_row(packs.c.name, pack.name))
 
     # -- ending ----------------------------------------------------------------

@@ -4,6 +4,10 @@ Each writer's map is finished and its manifest (repo/manifest.py) written as
 the last record of its last pack, which is sealed and indexed; only then does
 one transaction insert every backup row and its map rows, with one created
 time and one set id. A failure aborts every writer: nothing is committed.
+Fencing: that transaction first checks (and on PostgreSQL row-locks) every
+writer's lease; a lease a gc dropped as dead (the process was paused past
+LEASE_TTL_S) fails the commit with LockedError, since gc may have reclaimed
+records the writer relied on.
 The writers are driven through their public methods (check_open,
 finish_map, write_manifest, mark_committed, abort).
 """
@@ -56,6 +60,8 @@ def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[
             mh = w.write_manifest(encode_manifest(info, w.segment_len, refs))
             staged.append((info, refs, mh))
         with write_txn(ctx.index_db) as conn:
+            for w in writers:       # fencing: a lease a gc dropped as dead may have lost its records
+                w.lease.check_held(conn)
             for info, refs, mh in staged:
                 insert_backup(conn, info, refs, mh)
     except BaseException as e:

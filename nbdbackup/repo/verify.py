@@ -31,6 +31,7 @@ from .backuprows import INFO_COLUMNS, info_from_row, refs_from_rows
 from .chunks import HASH_SIZE, ZERO_REF
 from .indexerrors import index_errors
 from .info import BackupInfo
+from .leases import Holds, reader_lease
 from .packs import REC_CHUNK, pack_object_name
 from .schema import backup_segments, backups
 from .store import Location, RecordError
@@ -104,9 +105,11 @@ def verify(repo, refs: Iterable[str] | None = None, *, sample_percent: float | N
            progress: Callable[[int], object] | None = None, rng: random.Random | None = None) -> VerifyReport:
     """Check the backups *refs* (ids or disk names; None = all). *progress*(total_bytes)
     returns an object with update(n), called as chunks are read."""
-    lock = repo.lock("readers", exclusive=False, purpose="the repository's reader lock (gc runs)")
+    lock = repo.lock("readers", exclusive=False, purpose="the repository's reader lock (rebuild-index runs)")
     try:
-        with index_errors("verify", repo):
+        with index_errors("verify", repo):    # a read lease pinning what is checked: gc keeps their data
+            lock = Holds(lock, reader_lease(repo.index_db, [repo.resolve(r).id for r in refs or ()]
+                                            or [b.id for b in repo.list_backups()], missing_ok=True))
             return _verify(repo, refs, sample_percent, progress, rng or random.Random())
     finally:
         lock.release()

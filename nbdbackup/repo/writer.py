@@ -7,6 +7,11 @@ transaction (repo/setcommit.py), so a backup is visible only when complete.
 A killed run leaves only orphans (sealed packs whose chunks no backup uses),
 which gc reclaims.
 
+gc runs beside it (docs/design.md "gc beside everything"): the writer holds a
+lease (repo/leases.py) pinning its parent, and stamps its lease's start epoch
+on every chunk and segment row it adds (repo/sealer.py) or reuses by dedup
+(repo/dedup.py stamp_existing); the set commit checks the lease still exists.
+
 Memory stays bounded: only the map segments near the current position are
 open (repo/mapbuilder.py); dedup lookups are batched (repo/dedup.py); one
 pack is filled while a few sealed ones are written.
@@ -19,10 +24,11 @@ from . import maps
 from .backuprows import checked_segment_refs
 from .chunks import ZERO_REF, PreparedChunk, compress_blob, hash_bytes, prepare
 from .context import RepoContext
-from .dedup import DedupBatch
+from .dedup import DedupBatch, stamp_existing
 from .ids import check_disk_name
 from .indexerrors import write_error
 from .info import BackupInfo
+from .leases import Lease
 from .mapbuilder import MapBuilder, inheritable_positions
 from .schema import chunks, segments
 from .sealer import PackSealer
@@ -57,12 +63,18 @@ class BackupWriter:
         self._state = "open"        # open -> committed | aborted
         self._locks = []
         self._sealer = PackSealer(ctx, chunk_size)
-        self._batch = DedupBatch(is_pending=self._sealer.has_chunk,
-                                 indexed=lambda hs: ctx.store.existing(chunks, hs), store=self._sealer.add_chunk)
+        self._batch = DedupBatch(is_pending=self._sealer.has_chunk, indexed=self._stamp_chunks,
+                                 store=self._sealer.add_chunk)
+        self.lease: Lease | None = None
         try:
             self._locks.append(ctx.lock("writers", exclusive=False, purpose="the repository's writer lock"))
             self._locks.append(ctx.lock(f"disk-{disk}", exclusive=True,
                                         purpose=f"the lock of disk {disk!r} (another backup of it runs)"))
+            # the lease (with the parent pinned: no forget, so no gc, takes it from us) before the parent's map
+            # is read; its start epoch is stamped on every record this writer adds or reuses
+            self.lease = Lease(ctx.index_db, "backup", pins=[parent.id] if parent is not None else [])
+            self._locks.append(self.lease)
+            self._sealer.epoch = self.lease.start_epoch
             parent_refs = checked_segment_refs(ctx, parent) if parent is not None else []
         except BaseException:
             self._sealer.stop()
@@ -171,7 +183,11 @@ class BackupWriter:
         return raw if raw is not None else self.ctx.store.load_segment(h)
 
     def _segment_stored(self, h: bytes) -> bool:
-        return self._sealer.has_segment(h) or bool(self.ctx.store.existing(segments, [h]))
+        return self._sealer.has_segment(h) or bool(stamp_existing(self.ctx.index_db, segments, [h],
+                                                                  self.lease.start_epoch))
+
+    def _stamp_chunks(self, hashes: list[bytes]) -> set[bytes]:
+        return stamp_existing(self.ctx.index_db, chunks, hashes, self.lease.start_epoch)
 
     def _store_segment(self, h: bytes, raw: bytes) -> None:
         comp, payload = compress_blob(raw, self.compression_level)

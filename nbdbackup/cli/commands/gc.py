@@ -12,12 +12,14 @@ log = logging.getLogger(__name__)
 NAME = "gc"
 HELP = "reclaim space: delete unreferenced chunks and packs, repack sparse packs"
 DESCRIPTION = (
-    "Mark and sweep. Takes the writers and readers locks exclusively: fails with exit\n"
-    "code 3 naming the holder while a backup, restore, serve or verify runs, or waits\n"
-    "up to --lock-wait SECONDS. Deletes index rows of unreferenced chunks and map\n"
-    "segments, pack files left behind by killed runs, and packs without live data;\n"
-    "rewrites packs whose live fraction is below --repack-threshold (the new pack is\n"
-    "durable and the index switched to it before the old one is deleted)."
+    "Mark and sweep, beside running backups, restores, serves and verifies (on any\n"
+    "host): what a running backup added or reuses, and every backup being read or\n"
+    "built upon, is kept (docs/design.md \"gc beside everything\"). One gc at a time:\n"
+    "a second one fails with exit code 3, or waits up to --lock-wait SECONDS. Deletes\n"
+    "index rows of unreferenced chunks and map segments, packs without live data, and\n"
+    "pack files and unfinished uploads left behind by killed runs once older than\n"
+    "--grace; rewrites packs whose live fraction is below --repack-threshold (the new\n"
+    "pack is durable and the index switched to it before the old one is deleted)."
 )
 
 
@@ -25,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repack-threshold", type=numbers.real(0, 1, noun="fraction"), default=0.5, metavar="FRACTION",
                    help="rewrite packs whose live fraction is below FRACTION (0..1, default 0.5; "
                         "0 = never, 1 = every pack with any dead record)")
+    p.add_argument("--grace", type=numbers.seconds(10 ** 9), default=None, metavar="SECONDS",
+                   help="leave pack files the index does not name and unfinished uploads younger than this "
+                        "(default 3600; 0 reclaims them at once when nothing else runs)")
     p.add_argument("--dry-run", action="store_true", help="report what would be reclaimed; change nothing")
 
 
@@ -42,7 +47,7 @@ def run(args) -> int:
     with open_repo(args) as repo:
         try:
             report = collect(repo, repack_threshold=args.repack_threshold, dry_run=args.dry_run,
-                             progress=progress)
+                             progress=progress, **({} if args.grace is None else {"grace": args.grace}))
         finally:
             for b in bars:
                 b.close()

@@ -13,7 +13,9 @@ DESCRIPTION = (
     "in the order last, hourly, daily, weekly (ISO weeks), monthly, yearly; each keeps\n"
     "the newest backup of each period not already covered by an earlier rule, going\n"
     "back until it has kept N. Periods are in local time (TZ). A multi-disk set is\n"
-    "kept whole when any member is kept. Only the index changes; run `gc` afterwards\n"
+    "kept whole when any member is kept. A backup in use (read by a restore, serve or\n"
+    "verify, or the parent of a running backup) is kept, and the report says by whom.\n"
+    "Only the index changes; run `gc` afterwards\n"
     "to reclaim space. See docs/maintenance.md for a worked example."
 )
 
@@ -47,7 +49,11 @@ def run(args) -> int:
         decisions = plan(backups, policy, disks=args.disk)   # UsageError without a --keep-* option
         remove = [d.backup.id for d in decisions if not d.keep]
         if not args.dry_run and remove:
-            forget_ids(repo, remove)
+            kept = forget_ids(repo, remove).kept      # pinned by a running reader or backup: left
+            for d in decisions:
+                if d.backup.id in kept:
+                    d.keep, d.reasons = True, [f"kept, in use by {kept[d.backup.id]}"]
+            remove = [d.backup.id for d in decisions if not d.keep]
     if args.json:
         print_json({"dry_run": bool(args.dry_run), "policy": policy.to_json(),
                     "kept": len(decisions) - len(remove), "removed": len(remove),

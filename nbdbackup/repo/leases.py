@@ -1,0 +1,230 @@
+"""Leases: what lets gc run beside backups and readers (docs/design.md "gc beside everything").
+
+A running backup writer (kind "backup") or reader (kind "read": restore, serve,
+verify) holds a row in `leases` while it runs. The row is inserted in the same
+transaction that reads gc_state.epoch (row-locked FOR SHARE on PostgreSQL; SQLite
+serialises write transactions), so a lease and a gc's epoch bump are ordered:
+the lease's start_epoch S is the epoch of every gc that can still see it live.
+A daemon thread renews heartbeat_ms every LEASE_RENEW_S; a lease whose heartbeat
+is older than LEASE_TTL_S, or whose process on this host is gone, is dead, and
+the next gc deletes it (its pins go with it). Time is the database's clock on
+PostgreSQL (hosts' clocks do not matter), time.time() on SQLite (one host).
+
+A lease pins backups (lease_pins): a reader its backup, a writer its parent.
+forget refuses a backup pinned by a live lease, prune keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Iterable
+
+from sqlalchemy import delete, insert, select, text, update
+
+from ..errors import LockedError, NotFound
+from .index import read_only_mode, write_txn
+from .schema import backups, gc_state, lease_pins, leases
+
+log = logging.getLogger(__name__)
+
+LEASE_RENEW_S = 10.0     # heartbeat period
+LEASE_TTL_S = 60.0       # a lease without a heartbeat for this long is dead
+CLOCK_SKEW_S = 300.0     # margin between the clocks of the database, hosts and object storage
+HOST = socket.gethostname()
+
+
+def db_now_ms(conn) -> int:
+    """Now, in ms since the epoch, by the database's clock (PostgreSQL) or this host's (SQLite)."""
+    if conn.dialect.name == "postgresql":
+        return int(conn.execute(text("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")).scalar())
+    return int(time.time() * 1000)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_dead(row, now: int) -> bool:
+    """Is lease *row* (host, pid, heartbeat_ms) dead at *now* (db_now_ms)?"""
+    if now - row.heartbeat_ms > LEASE_TTL_S * 1000:
+        return True
+    return row.host == HOST and not _pid_alive(row.pid)
+
+
+def describe(row) -> str:
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.started_ms / 1000))
+    return f"{row.kind} pid {row.pid} on {row.host} since {since}: {row.command}"
+
+
+def _for_share(q, conn):
+    return q.with_for_update(read=True) if conn.dialect.name == "postgresql" else q
+
+
+def _pin(conn, lease_id: str, backup_ids: Iterable[str], *, missing_ok: bool) -> list[str]:
+    pinned = []
+    for bid in dict.fromkeys(backup_ids):
+        found = conn.execute(_for_share(select(backups.c.id).where(backups.c.id == bid), conn)).first()
+        if found is None:
+            if missing_ok:
+                continue
+            raise NotFound(f"backup {bid} was forgotten meanwhile", hint="see `nbdbackup list`")
+        conn.execute(insert(lease_pins).values(lease_id=lease_id, backup_id=bid))
+        pinned.append(bid)
+    return pinned
+
+
+class Lease:
+    """A held lease; release() deletes it (and its pins). A context manager too."""
+
+    def __init__(self, eng, kind: str, *, pins: Iterable[str] = (), missing_ok: bool = False,
+                 renew_s: float | None = None):
+        self.eng, self.kind = eng, kind
+        self.id = uuid.uuid4().hex
+        self.command = " ".join(sys.argv)[:2000]
+        self.lost = False          # the row vanished (a gc judged it dead): a writer must not commit
+        self._stop = threading.Event()
+        with write_txn(eng) as conn:
+            self.start_epoch = int(conn.execute(_for_share(
+                select(gc_state.c.epoch).where(gc_state.c.id == 1), conn)).scalar())
+            now = db_now_ms(conn)
+            self.started_ms = now
+            conn.execute(insert(leases).values(id=self.id, kind=kind, host=HOST, pid=os.getpid(),
+                                               command=self.command, started_ms=now, heartbeat_ms=now,
+                                               start_epoch=self.start_epoch))
+            self.pins = _pin(conn, self.id, pins, missing_ok=missing_ok)
+        self._thread = threading.Thread(target=self._renew_loop, args=(renew_s or LEASE_RENEW_S,),
+                                        name=f"nbdbackup-lease-{kind}", daemon=True)
+        self._thread.start()
+
+    def pin(self, backup_ids: Iterable[str], *, missing_ok: bool = False) -> list[str]:
+        with write_txn(self.eng) as conn:
+            got = _pin(conn, self.id, [b for b in backup_ids if b not in self.pins], missing_ok=missing_ok)
+        self.pins.extend(got)
+        return got
+
+    def unpin(self, backup_ids: Iterable[str]) -> None:
+        ids = [b for b in backup_ids if b in self.pins]
+        if not ids:
+            return
+        with write_txn(self.eng) as conn:
+            conn.execute(delete(lease_pins).where(lease_pins.c.lease_id == self.id,
+                                                  lease_pins.c.backup_id.in_(ids)))
+        self.pins = [b for b in self.pins if b not in ids]
+
+    def renew(self) -> bool:
+        """One heartbeat; False (and .lost) when the row is gone."""
+        with write_txn(self.eng) as conn:
+            n = conn.execute(update(leases).where(leases.c.id == self.id)
+                             .values(heartbeat_ms=db_now_ms(conn))).rowcount
+        if n == 0 and not self._stop.is_set():
+            self.lost = True
+        return n > 0
+
+    def _renew_loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                if not self.renew():
+                    log.warning("the %s lease %s was dropped by a gc (no heartbeat for %ss?)",
+                                self.kind, self.id[:8], LEASE_TTL_S)
+                    return
+            except Exception as e:    # the database is away: try again next period
+                log.warning("lease heartbeat failed: %s", e)
+
+    def check_held(self, conn) -> None:
+        """Inside the commit's transaction: LockedError unless the lease row still exists
+        (locked FOR UPDATE on PostgreSQL, so a gc cannot delete it before we commit)."""
+        q = select(leases.c.id).where(leases.c.id == self.id)
+        if conn.dialect.name == "postgresql":
+            q = q.with_for_update()
+        if self.lost or conn.execute(q).first() is None:
+            raise LockedError(
+                f"this backup's lease on the repository expired (no heartbeat for over {LEASE_TTL_S:.0f} s: "
+                "the process was paused or cut off from the index) and a gc may have reclaimed data it "
+                "relied on; nothing was committed",
+                hint="run the backup again")
+
+    def release(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            with write_txn(self.eng) as conn:
+                conn.execute(delete(lease_pins).where(lease_pins.c.lease_id == self.id))
+                conn.execute(delete(leases).where(leases.c.id == self.id))
+        except Exception as e:      # the row expires by itself
+            log.warning("could not release lease %s: %s", self.id[:8], e)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def reader_lease(eng, pins: Iterable[str], *, missing_ok: bool = False) -> "Lease | None":
+    """A read lease pinning *pins*; None where this process cannot write the index (a read-only
+    SQLite file: then no gc of ours can run either, docs/design.md)."""
+    if eng.dialect.name == "sqlite" and read_only_mode(eng.url.render_as_string(hide_password=False)):
+        return None
+    return Lease(eng, "read", pins=pins, missing_ok=missing_ok)
+
+
+class Holds:
+    """Several holds (locks, leases) released together, last first."""
+
+    def __init__(self, *holds):
+        self._holds = [h for h in holds if h is not None]
+
+    def release(self) -> None:
+        while self._holds:
+            self._holds.pop().release()
+
+
+def pinned_by(conn, backup_ids: Iterable[str]) -> dict[str, str]:
+    """backup id -> who holds it (describe()), for those of *backup_ids* pinned by a live lease."""
+    ids = list(dict.fromkeys(backup_ids))
+    out: dict[str, str] = {}
+    if not ids:
+        return out
+    now = db_now_ms(conn)
+    q = select(lease_pins.c.backup_id, leases.c.kind, leases.c.host, leases.c.pid, leases.c.command,
+               leases.c.started_ms, leases.c.heartbeat_ms).join(leases, leases.c.id == lease_pins.c.lease_id)
+    for i in range(0, len(ids), 500):
+        for row in conn.execute(q.where(lease_pins.c.backup_id.in_(ids[i:i + 500]))):
+            if not is_dead(row, now):
+                out.setdefault(row.backup_id, describe(row))
+    return out
+
+
+def begin_gc(eng, *, dry_run: bool = False) -> dict:
+    """A gc's first step, one transaction: bump the epoch to G, delete dead leases (and their pins),
+    compute the cutoff C = min(G, start epoch of every live backup lease) and the time before which
+    an unindexed object cannot belong to a live backup (the oldest live backup lease's start).
+    *dry_run*: the same figures, nothing changed."""
+    with write_txn(eng) as conn:
+        if not dry_run:
+            conn.execute(update(gc_state).where(gc_state.c.id == 1).values(epoch=gc_state.c.epoch + 1))
+        g = int(conn.execute(select(gc_state.c.epoch).where(gc_state.c.id == 1)).scalar()) + dry_run
+        now = db_now_ms(conn)
+        rows = list(conn.execute(select(leases)))
+        dead = [r.id for r in rows if is_dead(r, now)]
+        for i in range(0, len(dead) * (not dry_run), 500):
+            conn.execute(delete(lease_pins).where(lease_pins.c.lease_id.in_(dead[i:i + 500])))
+            conn.execute(delete(leases).where(leases.c.id.in_(dead[i:i + 500])))
+        live = [r for r in rows if r.id not in set(dead)]
+        writers = [r for r in live if r.kind == "backup"]
+    return {"epoch": g, "cutoff": min([g] + [r.start_epoch for r in writers]), "now_ms": now,
+            "oldest_writer_ms": min((r.started_ms for r in writers), default=None),
+            "dead_leases": len(dead), "live_leases": [describe(r) for r in live]}
