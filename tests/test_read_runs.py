@@ -221,3 +221,84 @@ def test_stale_segment_location_is_looked_up_again(repo):
     with Repository.open(path) as r:
         assert r.store.segment_locations([seg])[seg].pack != stale.pack
         assert r.store.load_segment(seg, stale) == raw
+
+
+# -- serve: a multi-chunk read is one batch; a sequential reader reads ahead ------------------
+
+def _view_of(repo, info, cache_bytes=64 << 20):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nbdbackup.engine.exports import ChunkCache, RepoBackend
+    from nbdbackup.nbd.server_view import ExportView
+
+    pool = ThreadPoolExecutor(4)
+    backend = RepoBackend(repo.open_image(info), info.id, ChunkCache(cache_bytes))
+    return ExportView(backend, pool), pool
+
+
+def _served(view, reads) -> bytes:
+    import asyncio
+
+    async def go():
+        out = []
+        for off, n in reads:
+            pieces = view.read_cached(off, n) or await view.read(off, n)
+            out.append(b"".join(bytes(p[1]) if p[2] is None else bytes(p[2]) for p in pieces))
+        return b"".join(out)
+    return asyncio.run(go())
+
+
+def test_serve_reads_a_multi_chunk_request_in_one_batch_and_reads_ahead(repo):
+    n = 64
+    data = _distinct(n)
+    info = write_backup(repo, "vda", data)
+    repo, be = _reopen(repo)
+    try:
+        view, pool = _view_of(repo, info)
+        try:
+            be.gets = 0
+            assert _served(view, [(3 * CS + 100, 10 * CS)]) == data[3 * CS + 100:13 * CS + 100]
+            assert be.gets == 1                          # 11 chunks, one run, no stream yet
+            be.gets = 0
+            step = 16 * 1024                             # a sequential reader of small requests
+            got = _served(view, [(off, step) for off in range(20 * CS, n * CS, step)])
+            assert got == data[20 * CS:]
+            assert be.gets <= 6, be.gets                 # 44 chunks: read ahead, 16 per batch
+        finally:
+            view.backend.close()
+            pool.shutdown()
+    finally:
+        repo.close()
+
+
+def test_serve_random_reads_do_not_read_ahead_and_damage_ahead_is_not_an_error(repo):
+    n = 48
+    data = _distinct(n)
+    info = write_backup(repo, "vda", data)
+    h = prepare(data[30 * CS:31 * CS], repo.compression_level).hash
+    loc = repo.store.chunk_locations([h])[h]
+    with open(os.path.join(repo.path, P.pack_object_name(loc.pack)), "r+b") as f:
+        f.seek(loc.offset + 3)
+        f.write(b"\x00\xff")
+    repo, be = _reopen(repo)
+    try:
+        view, pool = _view_of(repo, info)
+        try:
+            order = [7, 40, 2, 19, 33, 11]
+            be.gets = 0
+            assert _served(view, [(i * CS, 4096) for i in order]) == \
+                b"".join(data[i * CS:i * CS + 4096] for i in order)
+            assert be.gets == len(order)          # one chunk each: nothing read ahead
+            # a stream running into the damaged chunk 30: read ahead of 27, no error until asked for
+            assert _served(view, [(26 * CS, CS), (27 * CS, CS), (28 * CS, CS)]) == data[26 * CS:29 * CS]
+            import asyncio
+
+            from nbdbackup.nbd.server_view import ChunkReadError
+            with pytest.raises(ChunkReadError, match="chunk 30"):
+                asyncio.run(view.read(30 * CS, 10))
+            assert _served(view, [(31 * CS, 2 * CS)]) == data[31 * CS:33 * CS]
+        finally:
+            view.backend.close()
+            pool.shutdown()
+    finally:
+        repo.close()
