@@ -2,12 +2,16 @@
 """Restore speed (engine.restore.restore into a sparse file), and the backend gets it issues.
 
     python bench/restore.py [--size-mib 512] [--rounds 5] [--latency-ms 0,2] [--code DIR] [--keep DIR]
+    python bench/restore.py --s3 BUCKET ...      # packs on S3 (S3_ENDPOINT_URL, AWS_* from ceph-s3)
 
 Makes a disk of mixed data (half random, a third text, the rest zero, in 1 MiB runs), backs
 it up (256 KiB chunks) into a local repository, then restores it --rounds times per
 --latency-ms value and prints the median MB/s (of the disk size) and the backend get() count
 of one restore. A latency L > 0 wraps the LocalBackend so each get() first sleeps L ms: a
 model of the round trip of a ranged GET on object storage.
+
+--s3 BUCKET puts the packs in that (existing, empty) bucket through S3Backend (the index stays
+a local SQLite file beside the config): the restore then reads with real ranged GETs.
 
 --code DIR runs the nbdbackup package found in DIR (say, an older checkout) on the same
 repository: run the script alternately with and without it to compare two versions; the
@@ -32,6 +36,8 @@ def parse_args():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--latency-ms", default="0,2", help="comma-separated get() latencies to model")
     ap.add_argument("--code", help="import nbdbackup from this directory instead of this checkout")
+    ap.add_argument("--connections", type=int, default=4, help="restore's --connections (its worker threads)")
+    ap.add_argument("--s3", metavar="BUCKET", help="packs in this S3 bucket (endpoint from S3_ENDPOINT_URL)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (the repository is reused)")
     return ap.parse_args()
 
@@ -48,11 +54,11 @@ MiB = 1 << 20
 CS = 256 * 1024
 
 
-class SlowBackend(LocalBackend):
-    """A LocalBackend whose get() sleeps *latency* seconds first, and counts its calls."""
+class Counted:
+    """A backend whose get() sleeps *latency* seconds first, and counts its calls."""
 
-    def __init__(self, root: str, tmp_dir: str, latency: float):
-        super().__init__(root, tmp_dir)
+    def __init__(self, inner, latency: float):
+        self.inner = inner
         self.latency = latency
         self.gets = 0
         self._count_lock = threading.Lock()
@@ -62,7 +68,18 @@ class SlowBackend(LocalBackend):
             self.gets += 1
         if self.latency:
             time.sleep(self.latency)
-        return super().get(name, offset, length)
+        return self.inner.get(name, offset, length)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def backend(repo_path: str):
+    if not args.s3:
+        return LocalBackend(repo_path, os.path.join(repo_path, "tmp"))
+    from nbdbackup.repo.s3backend import S3Backend
+
+    return S3Backend(args.s3, endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
 
 
 def make_disk(path: str, size: int) -> None:
@@ -81,7 +98,7 @@ def make_disk(path: str, size: int) -> None:
 
 
 def make_repo(path: str, disk: str, size: int) -> None:
-    repo = Repository.init(path, chunk_size=CS)
+    repo = Repository.init(path, chunk_size=CS, backend=backend(path))
     try:
         w = repo.writer("bench", kind="full", size=size)
         with open(disk, "rb") as f:
@@ -105,11 +122,11 @@ def main() -> int:
     for lat in (float(x) for x in args.latency_ms.split(",")):
         speeds, gets = [], 0
         for _ in range(args.rounds):
-            be = SlowBackend(repo_path, os.path.join(repo_path, "tmp"), lat / 1000)
+            be = Counted(backend(repo_path), lat / 1000)
             with Repository.open(repo_path, backend=be) as repo:
                 info = repo.list_backups()[0]
                 t = time.perf_counter()
-                restore(repo, info.id, out, force=True)
+                restore(repo, info.id, out, force=True, connections=args.connections)
                 speeds.append(size / (time.perf_counter() - t) / 1e6)
                 gets = be.gets
             os.unlink(out)

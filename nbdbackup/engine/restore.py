@@ -6,7 +6,9 @@ chunks (BATCH_BYTES of disk: on object storage one ranged get per run of
 neighbouring records, not one per chunk), several batches in flight on a
 small thread pool. Memory: each running batch holds its chunks and the run
 it was read from, about 2 x BATCH_BYTES, so at most workers x 2 x BATCH_BYTES
-(4 workers: 64 MiB); batches waiting their turn hold nothing. Zero ranges are reproduced:
+(8 workers: 64 MiB); batches waiting their turn hold nothing. On radosgw over
+loopback 8 batches in flight restored ~1.4x faster than 4 (local: the same);
+8 MiB batches were no faster than 4 MiB ones. Zero ranges are reproduced:
 holes in a fresh file, BLKZEROOUT on a device, WRITE_ZEROES on NBD. Success
 is reported only after the target flushed (fsync / NBD FLUSH).
 """
@@ -33,7 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 8 << 20      # disk bytes of neighbouring chunks read in one batch
+BATCH_BYTES = 4 << 20      # disk bytes of neighbouring chunks read in one batch
+READ_WORKERS = 8           # batches being read at once, at least (more when --connections says so)
 
 
 @dataclass
@@ -58,7 +61,7 @@ def restore(repo: Repository, ref: str, target: str, *, fmt: str = "raw", force:
         result.leftovers_removed = getattr(t, "leftovers_removed", [])
         bar = progress(size, f"restore {info.disk}") if progress else NoBar()
         try:
-            _copy(img, t, result, bar, workers=max(2, connections), inflight=max(4, inflight_bytes // cs))
+            _copy(img, t, result, bar, workers=max(READ_WORKERS, connections), inflight=max(4, inflight_bytes // cs))
             t.finish()
         except BaseException as e:
             t.abort()

@@ -30,7 +30,7 @@ from .overlay import BACKING, DATA, Overlay
 
 Piece = tuple  # (offset, length, memoryview | None); None means zeroes
 
-BATCH_BYTES = 4 << 20      # neighbouring chunks read in one backend call
+BATCH_BYTES = 1 << 20      # neighbouring chunks read in one backend call
 READ_AHEAD = 4 << 20       # read past a sequential miss
 MAX_AHEAD = 64             # chunks being read ahead per view, at most
 _STREAMS = 32              # sequential streams remembered per view
