@@ -1,7 +1,14 @@
 """Restore one backup to a file, block device or NBD export, bit-exact.
 
-Chunks are read only through BackupImage.read_chunk (decompressed and hash
-checked; the NBD server uses the same path). Zero ranges are reproduced:
+Chunks are read only through BackupImage.read_chunks (decompressed and hash
+checked; the NBD server uses the same path), in batches of neighbouring
+chunks (BATCH_BYTES of disk: on object storage one ranged get per run of
+neighbouring records, not one per chunk), several batches in flight on a
+small thread pool. Memory: each running batch holds its chunks and the run
+it was read from, about 2 x BATCH_BYTES, so at most workers x 2 x BATCH_BYTES
+(8 workers: 64 MiB); batches waiting their turn hold nothing. On radosgw over
+loopback 8 batches in flight restored ~1.4x faster than 4 (local: the same);
+8 MiB batches were no faster than 4 MiB ones. Zero ranges are reproduced:
 holes in a fresh file, BLKZEROOUT on a device, WRITE_ZEROES on NBD. Success
 is reported only after the target flushed (fsync / NBD FLUSH).
 """
@@ -28,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BATCH_BYTES = 4 << 20      # disk bytes of neighbouring chunks read in one batch
+READ_WORKERS = 8           # batches being read at once, at least (more when --connections says so)
+
 
 @dataclass
 class RestoreResult:
@@ -51,7 +61,7 @@ def restore(repo: Repository, ref: str, target: str, *, fmt: str = "raw", force:
         result.leftovers_removed = getattr(t, "leftovers_removed", [])
         bar = progress(size, f"restore {info.disk}") if progress else NoBar()
         try:
-            _copy(img, t, result, bar, workers=max(2, connections), inflight=max(4, inflight_bytes // cs))
+            _copy(img, t, result, bar, workers=max(READ_WORKERS, connections), inflight=max(4, inflight_bytes // cs))
             t.finish()
         except BaseException as e:
             t.abort()
@@ -69,13 +79,17 @@ def restore(repo: Repository, ref: str, target: str, *, fmt: str = "raw", force:
 
 def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, *, workers: int, inflight: int) -> None:
     cs, size = img.chunk_size, img.size
+    batch = max(1, BATCH_BYTES // cs)
 
-    def copy_chunk(index: int) -> int:
-        data = img.read_chunk(index)
-        t.write(index * cs, data)
-        return len(data)
+    def copy_batch(first: int, end: int) -> int:
+        n = 0
+        for i, data in zip(range(first, end), img.read_chunks(list(range(first, end)))):
+            t.write(i * cs, data)
+            n += len(data)
+        return n
 
     pending: deque = deque()
+    limit = max(workers, inflight // batch)      # batches queued ahead (each holds nothing until it runs)
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
@@ -93,9 +107,9 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
                     bar.update(length)
                     continue
                 first, end = offset // cs, min(-(-(offset + length) // cs), -(-size // cs))
-                for i in range(first, end):
-                    pending.append(ex.submit(copy_chunk, i))
-                    drain(inflight)
+                for lo in range(first, end, batch):
+                    pending.append(ex.submit(copy_batch, lo, min(end, lo + batch)))
+                    drain(limit)
             drain(0)
         except BaseException:
             for f in pending:

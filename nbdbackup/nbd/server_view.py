@@ -9,6 +9,14 @@ state (what CAN_MULTI_CONN promises) and no connection keeps a private cache.
 Blocking backend calls (reading, decompressing, checking a chunk) run in a
 thread pool; everything else runs on the event loop, so each request's
 state change (overlay write, read assembly) is atomic.
+
+Chunks a request misses are read in batches of neighbours (at most
+BATCH_BYTES each) through the backend's read_chunks() when it has one: on
+object storage one ranged get for a run of records, not one per chunk. When
+the misses continue a sequential stream (a read starting where an earlier
+one ended), READ_AHEAD bytes of the chunks after it join the batch; they land
+in the backend's cache and are not waited for. At most MAX_AHEAD chunks are
+being read ahead per view, so read-ahead never holds more than that.
 """
 
 from __future__ import annotations
@@ -22,6 +30,11 @@ from .overlay import BACKING, DATA, Overlay
 
 Piece = tuple  # (offset, length, memoryview | None); None means zeroes
 
+BATCH_BYTES = 1 << 20      # neighbouring chunks read in one backend call
+READ_AHEAD = 4 << 20       # read past a sequential miss
+MAX_AHEAD = 64             # chunks being read ahead per view, at most
+_STREAMS = 32              # sequential streams remembered per view
+
 
 class ExportBackend(Protocol):
     key: str            # identity: connections resolving to the same key share one view
@@ -31,6 +44,7 @@ class ExportBackend(Protocol):
     def is_zero(self, i: int) -> bool: ...
     def cached_chunk(self, i: int) -> bytes | None: ...   # non-blocking cache lookup
     def read_chunk(self, i: int) -> bytes: ...            # blocking; raises on damage
+    # optional: def read_chunks(self, idxs) -> list[bytes | Exception]  (blocking, one batch)
     def close(self) -> None: ...
 
 
@@ -61,6 +75,10 @@ class ExportView:
         self.overlay = overlay
         self.refs = 0
         self._inflight: dict[int, asyncio.Future] = {}
+        self._batch = max(1, BATCH_BYTES // self.cs)
+        self._ahead = max(0, READ_AHEAD // self.cs)
+        self._ahead_busy = 0                  # chunks being read ahead now
+        self._next: dict[int, None] = {}      # chunk indexes where a sequential stream goes on
 
     @property
     def writable(self) -> bool:
@@ -79,12 +97,100 @@ class ExportView:
             raise ChunkReadError(self.key, i, f"{len(data)} bytes, expected {self.chunk_len(i)}")
         return data
 
-    async def fetch(self, idxs) -> dict[int, bytes]:
-        """Chunk bytes for *idxs* (non-zero chunks), reading missing ones in the pool.
+    def _read_batch(self, idxs: list[int]) -> list:
+        """Chunks *idxs* (neighbours) in a pool thread: bytes or ChunkReadError for each."""
+        many = getattr(self.backend, "read_chunks", None)
+        if many is None or len(idxs) == 1:
+            out = []
+            for i in idxs:
+                try:
+                    out.append(self._read_checked(i))
+                except ChunkReadError as e:
+                    out.append(e)
+            return out
+        try:
+            got = many(idxs)
+        except Exception as e:
+            got = [e] * len(idxs)
+        out = []
+        for i, r in zip(idxs, got):
+            if isinstance(r, BaseException):
+                out.append(ChunkReadError(self.key, i, r))
+            elif len(r) != self.chunk_len(i):
+                out.append(ChunkReadError(self.key, i, f"{len(r)} bytes, expected {self.chunk_len(i)}"))
+            else:
+                out.append(r)
+        return out
 
-        Concurrent requests for one chunk share a single read."""
+    def _start(self, idxs: list[int], loop, ahead: frozenset = frozenset()) -> None:
+        """Read chunks *idxs* (sorted, none cached or in flight) in batches of neighbours; each
+        gets a future in _inflight until its batch is read. *ahead*: those read ahead."""
+        groups: list[list[int]] = []
+        for i in idxs:
+            if groups and i == groups[-1][-1] + 1 and len(groups[-1]) < self._batch:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        for g in groups:
+            futs = [loop.create_future() for _ in g]
+            for i, f in zip(g, futs):
+                self._inflight[i] = f
+            n_ahead = sum(1 for i in g if i in ahead)
+            self._ahead_busy += n_ahead
+
+            def done(job, g=g, futs=futs, n_ahead=n_ahead):
+                self._ahead_busy -= n_ahead
+                try:
+                    res = job.result()
+                except BaseException as e:     # the pool is shutting down, or a bug
+                    res = [ChunkReadError(self.key, i, e) for i in g]
+                for i, f, r in zip(g, futs, res):
+                    if self._inflight.get(i) is f:
+                        del self._inflight[i]
+                    if f.cancelled():
+                        continue
+                    if isinstance(r, BaseException):
+                        f.set_exception(r)
+                        if i in ahead:
+                            f.exception()      # read ahead, maybe never asked for: no warning
+                    else:
+                        f.set_result(r)
+            loop.run_in_executor(self.pool, self._read_batch, g).add_done_callback(done)
+
+    def _read_ahead_of(self, idxs: list[int]) -> list[int]:
+        """For misses *idxs* (sorted): the chunks to read ahead, when they continue a stream."""
+        if not idxs or not self._ahead:
+            return []
+        first, last = idxs[0], idxs[-1]
+        hit = first if first in self._next else first + 1 if first + 1 in self._next else None
+        if hit is None:
+            self._remember(last + 1)
+            return []
+        end = min(last + 1 + self._ahead, -(-self.size // self.cs))
+        del self._next[hit]
+        room = MAX_AHEAD - self._ahead_busy
+        out = []
+        for i in range(last + 1, end):
+            if len(out) >= room:
+                break
+            if not self.backend.is_zero(i) and i not in self._inflight and not self.backend.cached_chunk(i):
+                out.append(i)
+        self._remember(end)
+        return out
+
+    def _remember(self, i: int) -> None:
+        self._next[i] = None
+        while len(self._next) > _STREAMS:
+            del self._next[next(iter(self._next))]
+
+    async def fetch(self, idxs, *, read_ahead: bool = False) -> dict[int, bytes]:
+        """Chunk bytes for *idxs* (non-zero chunks, sorted), reading missing ones in the pool.
+
+        Concurrent requests for one chunk share a single read; with *read_ahead*, misses that
+        continue a sequential stream start reading the chunks after them too."""
         out: dict[int, bytes] = {}
         waits = []
+        missing = []
         loop = asyncio.get_running_loop()
         for i in idxs:
             data = self.backend.cached_chunk(i)
@@ -92,11 +198,14 @@ class ExportView:
                 out[i] = data
                 continue
             fut = self._inflight.get(i)
-            if fut is None:
-                fut = loop.run_in_executor(self.pool, self._read_checked, i)
-                self._inflight[i] = fut
-                fut.add_done_callback(lambda f, i=i: self._inflight.pop(i, None))
-            waits.append((i, fut))
+            if fut is None or fut.cancelled():
+                missing.append(i)
+        ahead = self._read_ahead_of(missing) if read_ahead else []
+        if missing:
+            self._start(missing + ahead, loop, frozenset(ahead))
+        for i in idxs:
+            if i not in out:
+                waits.append((i, self._inflight[i]))
         if waits:
             results = await asyncio.gather(*(f for _, f in waits), return_exceptions=True)
             for (i, _), r in zip(waits, results):
@@ -174,7 +283,7 @@ class ExportView:
         for a, b, st in self._segments(off, off + length):
             if st == BACKING:
                 need.update(i for i in self._chunks(a, b) if not self.backend.is_zero(i))
-        chunks = await self.fetch(sorted(need))
+        chunks = await self.fetch(sorted(need), read_ahead=True)
         # Assemble after the await: the overlay may have changed meanwhile, and
         # what we return must be one consistent state.
         out: list = []

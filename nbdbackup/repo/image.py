@@ -6,7 +6,14 @@ Repository. Thread-safe: the segment list is
 loaded up front; map segments (with the
 pack locations of their chunks, one batched query per segment) are loaded
 on demand into a small LRU cache under a lock; chunk data is read with
-pread-style backend reads and verified (blake3) before it is returned.
+ranged backend reads and verified (blake3) before it is returned.
+
+read_chunks() reads many chunks at once: records neighbouring in a pack come
+in one ranged get (ObjectStore.read_records). gc may run beside a reader and
+move live records to a new pack (deleting the old one): a read that finds
+its pack missing, or a record not where the cached location said, drops the
+cached locations of that map segment, asks the index again and retries once
+where the record now is; only then is the chunk reported damaged.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
     from .locks import RepoLock
 
 SEGMENT_CACHE = 64   # decoded segments + chunk locations per image (~200 KB each); a miss costs ~5 ms
+READ_BATCH = 32      # chunks per read_chunks() call in read(): 8 MiB of 256 KiB chunks
 
 
 class BackupImage:
@@ -41,6 +49,7 @@ class BackupImage:
         self._cache: OrderedDict[int, tuple[bytes, dict[bytes, Location]]] = OrderedDict()
         self._lock = threading.Lock()
         self._reader_lock = reader_lock
+        self.relocated = 0      # map segments whose chunk locations were asked again (gc moved them)
         if len(refs) != maps.nsegments(self.nchunks, self._seg_len):
             reader_lock.release()
             raise RepoDamaged(f"backup {info.id}: map has {len(refs)} segments, expected "
@@ -71,6 +80,17 @@ class BackupImage:
                 self._cache.popitem(last=False)
         return hit
 
+    def _relocate(self, seq: int, stale: dict[bytes, Location]) -> dict[bytes, Location]:
+        """The chunk locations of map segment *seq* asked from the index again (the cached
+        ones, *stale*, failed: a repack may have moved the records); replaces the cached ones."""
+        with self._lock:
+            hit = self._cache.pop(seq, None)
+            if hit is not None and hit[1] is not stale:      # another thread refreshed them meanwhile
+                self._cache[seq] = hit
+                return hit[1]
+            self.relocated += 1
+        return self._segment(seq)[1]
+
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.nchunks:
             raise IndexError(f"chunk index {index} out of range 0..{self.nchunks - 1}")
@@ -88,45 +108,88 @@ class BackupImage:
     # -- data -----------------------------------------------------------------
     def read_chunk(self, index: int) -> bytes:
         """Chunk *index*, decompressed and verified; zeros for a zero chunk."""
-        self._check_index(index)
-        n = maps.chunk_len(index, self.size, self.chunk_size)
-        seq, i = divmod(index, self._seg_len)
-        seg = self._segment(seq)
-        if seg is None:
-            return zeros(n)
-        ref = maps.entry(seg[0], i)
-        if ref == ZERO_REF:
-            return zeros(n)
+        return self.read_chunks([index])[0]
+
+    def read_chunks(self, indexes: list[int]) -> list[bytes]:
+        """Chunks *indexes*, each as read_chunk() returns it; raises the ChunkCorrupt of the first
+        damaged one. Neighbouring records come in one ranged read."""
+        out = self.try_chunks(indexes)
+        for r in out:
+            if isinstance(r, ChunkCorrupt):
+                raise r
+        return out      # type: ignore[return-value]
+
+    def try_chunks(self, indexes: list[int]) -> list[bytes | ChunkCorrupt]:
+        """Like read_chunks(), but a damaged chunk's ChunkCorrupt takes its place in the list."""
+        out: list = [None] * len(indexes)
+        want: dict[bytes, tuple[int, list[int]]] = {}      # hash -> (segment, positions in out)
+        segs: dict[int, dict[bytes, Location]] = {}
+        for k, index in enumerate(indexes):
+            self._check_index(index)
+            seq, i = divmod(index, self._seg_len)
+            seg = self._segment(seq)
+            ref = ZERO_REF if seg is None else maps.entry(seg[0], i)
+            if ref == ZERO_REF:
+                out[k] = zeros(maps.chunk_len(index, self.size, self.chunk_size))
+                continue
+            segs[seq] = seg[1]
+            want.setdefault(ref, (seq, []))[1].append(k)
+        errors: dict[bytes, str] = {}        # hash -> why it could not be read
+        pending = list(want)
+        for attempt in range(2):
+            tried = {h: segs[want[h][0]].get(h) for h in pending}
+            items = [(loc, h) for h, loc in tried.items() if loc is not None]
+            for h, loc in tried.items():
+                if loc is None:
+                    errors[h] = "is missing from the index"
+            for (_loc, h), r in zip(items, self._store.read_records(items, REC_CHUNK) if items else []):
+                if isinstance(r, RecordError):
+                    errors[h] = f"is damaged: {r}"
+                else:
+                    errors.pop(h, None)
+                    for k in want[h][1]:
+                        out[k] = r
+            if attempt or not errors:
+                break
+            # a repack may have moved them: ask the index again, retry those it now places elsewhere
+            for seq in {want[h][0] for h in errors}:
+                segs[seq] = self._relocate(seq, segs[seq])
+            pending = [h for h in errors if segs[want[h][0]].get(h) != tried[h]]
+            if not pending:
+                break
+        for h, reason in errors.items():
+            for k in want[h][1]:
+                out[k] = self._damage(indexes[k], h, reason)
+        for k, index in enumerate(indexes):
+            n = maps.chunk_len(index, self.size, self.chunk_size)
+            if not isinstance(out[k], ChunkCorrupt) and len(out[k]) != n:
+                off = index * self.chunk_size
+                out[k] = ChunkCorrupt(f"backup {self.info.id}: chunk at disk offset {off} has {len(out[k])} "
+                                      f"bytes, expected {n}", offset=off, length=n)
+        return out
+
+    def _damage(self, index: int, h: bytes, reason: str) -> ChunkCorrupt:
         off = index * self.chunk_size
-        loc = seg[1].get(ref)
-        if loc is None:
-            raise ChunkCorrupt(f"backup {self.info.id}: chunk {ref.hex()[:16]} at disk offset {off} "
-                               f"(length {n}) is missing from the index", offset=off, length=n,
-                               hint="run `nbdbackup verify`")
-        try:
-            data = self._store.read_record(loc, ref, REC_CHUNK)
-        except RecordError as e:
-            raise ChunkCorrupt(f"backup {self.info.id}: data at disk offset {off} (length {n}) is damaged: {e}",
-                               offset=off, length=n, hint="run `nbdbackup verify`") from None
-        if len(data) != n:
-            raise ChunkCorrupt(f"backup {self.info.id}: chunk at disk offset {off} has {len(data)} bytes, "
-                               f"expected {n}", offset=off, length=n)
-        return data
+        n = maps.chunk_len(index, self.size, self.chunk_size)
+        what = f"chunk {h.hex()[:16]}" if reason.startswith("is missing") else "data"
+        return ChunkCorrupt(f"backup {self.info.id}: {what} at disk offset {off} (length {n}) {reason}",
+                            offset=off, length=n, hint="run `nbdbackup verify`")
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the disk, from verified chunks."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"range {offset}+{length} outside the disk (size {self.size})")
+        if length == 0:
+            return b""
         cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
         out = []
-        pos, end = offset, offset + length
-        while pos < end:
-            idx = pos // cs
-            base = idx * cs
-            take = min(end, base + cs) - pos
-            data = self.read_chunk(idx)
-            out.append(data[pos - base:pos - base + take] if take != len(data) else data)
-            pos += take
+        for lo in range(first, last + 1, READ_BATCH):
+            for idx, data in zip(range(lo, min(last + 1, lo + READ_BATCH)),
+                                 self.read_chunks(list(range(lo, min(last + 1, lo + READ_BATCH))))):
+                base = idx * cs
+                a, b = max(offset, base) - base, min(offset + length, base + len(data)) - base
+                out.append(data if (a, b) == (0, len(data)) else data[a:b])
         return b"".join(out)
 
     def extents(self) -> Iterator[tuple[int, int, bool]]:

@@ -2,6 +2,12 @@
 
 Used by the writer (dedup lookups, loading parent segments) and by images
 (chunk reads). Thread-safe: each call takes its own pooled connection.
+
+read_records() reads many records of a pack in runs: neighbouring records
+(at most RUN_GAP dead bytes apart, a run at most RUN_MAX long) come in ONE
+ranged backend.get(), then each record is split off and checked by the same
+code read_record() uses. On object storage a get is a round trip (1-5 ms), so
+a restore reading 32 neighbouring chunks pays one instead of 32.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from .packs import HEADER_SIZE, REC_SEGMENT, PackFormatError, RecordInfo, pack_o
 from .schema import chunks, packs, segments
 
 _IN_BATCH = 500   # bound on bound parameters per IN (...) query
+RUN_GAP = 64 * 1024         # dead bytes a run reads through rather than start another get
+RUN_MAX = 8 * 1024 * 1024   # longest run one get fetches (bounds a reader's buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,26 +99,44 @@ class ObjectStore:
     # -- reads ----------------------------------------------------------------
     def read_record(self, loc: Location, expected: bytes, rtype: int) -> bytes:
         """Read, decompress and verify one record; RecordError on any damage."""
-        obj = pack_object_name(loc.pack)
+        data = self._get(loc.pack, loc.offset - HEADER_SIZE, HEADER_SIZE + loc.stored_len)
+        return check_record(loc, expected, rtype, data)
+
+    def read_records(self, items: list[tuple[Location, bytes]], rtype: int) -> list[bytes | RecordError]:
+        """Records (location, expected hash) of type *rtype*, each checked as read_record() checks
+        it: its bytes, or the RecordError saying what is wrong with that one record. Records
+        of one pack are read in runs, one backend get per run (see the module docstring)."""
+        out: list[bytes | RecordError] = [RecordError("not read")] * len(items)
+        by_pack: dict[str, list[int]] = {}
+        for k, (loc, _h) in enumerate(items):
+            by_pack.setdefault(loc.pack, []).append(k)
+        for pack, ks in by_pack.items():
+            for run in runs([items[k][0] for k in ks]):
+                first, last = items[ks[run[0]]][0], items[ks[run[-1]]][0]
+                start = first.offset - HEADER_SIZE
+                try:
+                    data = self._get(pack, start, last.offset + last.stored_len - start)
+                except RecordError as e:
+                    for j in run:
+                        out[ks[j]] = e
+                    continue
+                view = memoryview(data)
+                for j in run:
+                    loc, h = items[ks[j]]
+                    a = loc.offset - HEADER_SIZE - start
+                    try:
+                        out[ks[j]] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE + loc.stored_len])
+                    except RecordError as e:
+                        out[ks[j]] = e
+        return out
+
+    def _get(self, pack: str, start: int, length: int) -> bytes:
         try:
-            data = self.backend.get(obj, loc.offset - HEADER_SIZE, HEADER_SIZE + loc.stored_len)
+            return self.backend.get(pack_object_name(pack), start, length)
         except FileNotFoundError:
-            raise RecordError(f"pack {loc.pack} is missing") from None
+            raise RecordError(f"pack {pack} is missing") from None
         except OSError as e:
-            raise RecordError(f"cannot read pack {loc.pack}: {e}") from None
-        if len(data) != HEADER_SIZE + loc.stored_len:
-            raise RecordError(f"pack {loc.pack} is truncated")
-        try:
-            hdr = parse_header(data)
-        except PackFormatError as e:
-            raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
-        if (hdr.type, hdr.hash, hdr.stored_len, hdr.raw_len, hdr.compression) != \
-                (rtype, expected, loc.stored_len, loc.raw_len, loc.compression):
-            raise RecordError(f"pack {loc.pack} at {loc.offset}: record header does not match the index")
-        try:
-            return decode(memoryview(data)[HEADER_SIZE:], loc.compression, loc.raw_len, expected)
-        except DecodeError as e:
-            raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
+            raise RecordError(f"cannot read pack {pack}: {e}") from None
 
     def load_segment(self, h: bytes, loc: Location | None = None) -> bytes:
         """Raw map segment *h*, verified (RepoDamaged when missing or bad). *loc*: its
@@ -128,10 +154,55 @@ class ObjectStore:
         try:
             raw = self.read_record(loc, h, REC_SEGMENT)
         except RecordError as e:
-            raise RepoDamaged(f"map segment {h.hex()[:16]} is damaged: {e}",
-                              hint="run `nbdbackup verify`") from None
+            # gc may have moved the segment to a new pack (and deleted the old) since *loc*
+            # was looked up: ask the index again, and retry once where it now points
+            again = self.segment_locations([h]).get(h)
+            try:
+                if again is None or again == loc:
+                    raise e
+                raw = self.read_record(again, h, REC_SEGMENT)
+            except RecordError as e2:
+                raise RepoDamaged(f"map segment {h.hex()[:16]} is damaged: {e2}",
+                                  hint="run `nbdbackup verify`") from None
         with self._lock:
             self._seg_cache[h] = raw
             while len(self._seg_cache) > self._seg_cache_max:
                 self._seg_cache.popitem(last=False)
         return raw
+
+
+def check_record(loc: Location, expected: bytes, rtype: int, data) -> bytes:
+    """The payload of record *loc* (header + payload bytes in *data*), decompressed, after checking
+    its header against the index and its blake3 against *expected*; RecordError on any damage."""
+    if len(data) != HEADER_SIZE + loc.stored_len:
+        raise RecordError(f"pack {loc.pack} is truncated")
+    try:
+        hdr = parse_header(data[:HEADER_SIZE])
+    except PackFormatError as e:
+        raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
+    if (hdr.type, hdr.hash, hdr.stored_len, hdr.raw_len, hdr.compression) != \
+            (rtype, expected, loc.stored_len, loc.raw_len, loc.compression):
+        raise RecordError(f"pack {loc.pack} at {loc.offset}: record header does not match the index")
+    try:
+        return decode(memoryview(data)[HEADER_SIZE:], loc.compression, loc.raw_len, expected)
+    except DecodeError as e:
+        raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
+
+
+def runs(locs: list[Location], gap: int = RUN_GAP, limit: int = RUN_MAX) -> list[list[int]]:
+    """Positions in *locs* (records of one pack) grouped into runs in pack order: records at most
+    *gap* bytes apart, a run spanning at most *limit* bytes (a longer record is a run alone).
+    Duplicates (the same record twice) share a run."""
+    order = sorted(range(len(locs)), key=lambda k: locs[k].offset)
+    out: list[list[int]] = []
+    start = end = 0
+    for k in order:
+        a = locs[k].offset - HEADER_SIZE
+        b = locs[k].offset + locs[k].stored_len
+        if out and a - end <= gap and max(end, b) - start <= limit:
+            out[-1].append(k)
+            end = max(end, b)
+        else:
+            out.append([k])
+            start, end = a, b
+    return out
