@@ -7,8 +7,9 @@ import pytest
 from helpers.places import make_place
 from helpers.support import nbdbackup
 from nbdbackup.errors import ExitCode, UsageError
+from nbdbackup.repo.index import shown_url as masked_url
+from nbdbackup.repo.index import url_without_password
 from nbdbackup.repo.location import parse_location
-from nbdbackup.repo.urls import masked_url, url_without_password
 
 
 @pytest.mark.parametrize("spec, display", [

@@ -29,6 +29,7 @@ from .chunks import ZERO_REF, DecodeError, decode
 from .exclusive import exclusive_access
 from .ids import now_ms, to_ms
 from .index import make_engine, upgrade, write_txn
+from .index import shown_url as masked_url
 from .indexerrors import index_error
 from .manifest import ManifestError
 from .manifest import decode as decode_manifest
@@ -44,7 +45,6 @@ from .packs import (
 )
 from .schema import chunks, packs, segments
 from .store import record_row
-from .urls import masked_url
 
 _BATCH = 2000
 KEEP_DAMAGED = 3        # index.sqlite.damaged-<UTC> copies kept by default (the newest)

@@ -15,10 +15,9 @@ import os
 from ..errors import UsageError
 from ..fsutil import default_state_dir
 from .config import CONFIG_NAME, RepoConfig, config_bytes, read_config_object
-from .index import check_revision, current_revision, make_engine, upgrade
+from .index import check_revision, current_revision, make_engine, upgrade, url_without_password
+from .index import shown_url as masked_url
 from .location import RepoLocation
-from .locks import FlockLocks
-from .urls import masked_url, url_without_password
 
 INDEX_URL_NAME = "index-url"
 
@@ -98,10 +97,8 @@ def host_lock_dir(repo_id: str) -> str:
 
 def lock_service(loc: RepoLocation, engine, index_url: str, repo_id: str):
     """Flock files for a local repository on SQLite; the index's advisory locks on PostgreSQL."""
-    if engine.dialect.name == "postgresql":
-        from .pglocks import PgLocks
-
-        return PgLocks(index_url, repo_id)
-    if not loc.is_local:
+    if not loc.is_local and engine.dialect.name != "postgresql":
         raise UsageError(f"{loc.display}: an S3 repository needs a PostgreSQL index, not {engine.dialect.name}")
-    return FlockLocks(os.path.join(loc.path, "locks"))
+    from .pglocks import lock_service as for_index
+
+    return for_index(index_url, repo_id, os.path.join(loc.path, "locks") if loc.is_local else "")

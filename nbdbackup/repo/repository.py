@@ -30,7 +30,7 @@ from .config import (
 from .context import RepoContext
 from .ids import check_disk_name, is_backup_id
 from .image import BackupImage
-from .index import check_revision, default_url, make_engine, read_only_mode
+from .index import check_revision, default_url, make_engine, read_only_mode, url_without_password
 from .indexerrors import index_errors
 from .info import BackupInfo
 from .leases import Holds, reader_lease
@@ -40,7 +40,6 @@ from .remote import host_lock_dir, lock_service
 from .schema import backups, chunks, packs, segments
 from .setcommit import commit_writers
 from .store import ObjectStore
-from .urls import url_without_password
 from .writer import BackupWriter
 
 _DIRS = ("packs", "locks", "tmp")

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ...repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
-    from ...repo.urls import masked_url
+    from ...repo.index import shown_url as masked_url
     from ..output import human_bytes, print_json, summary
     from ..repoargs import repo_path, storage_options
 
