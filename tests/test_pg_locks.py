@@ -18,8 +18,8 @@ import pytest
 
 from nbdbackup.errors import LockedError
 from nbdbackup.repo.index import make_engine, upgrade
-from nbdbackup.repo.locks import SHARED_GRACE_S
-from nbdbackup.repo.pglocks import LOCK_DEAD_PEER_S, PgLocks, lock_key, masked_command
+from nbdbackup.repo.locks import SHARED_GRACE_S, masked_command
+from nbdbackup.repo.pglocks import LOCK_DEAD_PEER_S, PgLocks, lock_key
 
 REPO_ID = "0123456789abcdef"
 

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -44,6 +45,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def masked_command(argv: list[str] | None = None) -> str:
+    """The command line for a holder row, passwords of URLs masked."""
+    cmd = " ".join(sys.argv if argv is None else argv)
+    cmd = re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", cmd)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", cmd, flags=re.IGNORECASE)
+
 
 
 class RepoLock:
@@ -84,7 +93,7 @@ class RepoLock:
             return      # a read-only locks/: holder info is a courtesy we cannot give here
         read_holders(self.lock_dir, self.name)   # drops info files of dead holders
         self._info_path = f"{self.path}@{os.getpid()}-{id(self):x}.holder"   # '@' never occurs in lock names
-        info = {"pid": os.getpid(), "host": _HOST, "command": " ".join(sys.argv),
+        info = {"pid": os.getpid(), "host": _HOST, "command": masked_command(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "mode": "exclusive" if self.exclusive else "shared", "purpose": purpose}
         try:

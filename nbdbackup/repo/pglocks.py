@@ -49,9 +49,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -60,7 +58,7 @@ from ..errors import LockedError
 from .index import PG_CONNECT_ARGS, psycopg_url
 from .indexerrors import index_error, pg_where
 from .indexretry import Connector
-from .locks import SHARED_GRACE_S, FlockLocks
+from .locks import SHARED_GRACE_S, FlockLocks, masked_command
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +109,6 @@ def lock_key(repo_id: str, name: str) -> int:
 def _key_halves(key: int) -> dict:
     u = key & 0xFFFF_FFFF_FFFF_FFFF     # pg_locks shows a bigint key as classid (high), objid (low)
     return {"hi": u >> 32, "lo": u & 0xFFFF_FFFF}
-
-
-def masked_command(argv: list[str] | None = None) -> str:
-    """The command line for a holder row, passwords of URLs masked."""
-    cmd = " ".join(sys.argv if argv is None else argv)
-    cmd = re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", cmd)
-    return re.sub(r"(password=)[^&\s]*", r"\1***", cmd, flags=re.IGNORECASE)
 
 
 def _iso(ms: int) -> str:

@@ -21,10 +21,11 @@ from ..errors import UsageError
 from .backuprows import insert_backup
 from .context import RepoContext
 from .ids import from_ms, new_backup_id, now_ms, to_ms
-from .index import write_txn
 from .indexerrors import write_error
+from .indexretry import has_row, retry_write
 from .info import BackupInfo
 from .manifest import encode as encode_manifest
+from .schema import backups
 
 
 def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[int] | None = None,
@@ -59,11 +60,12 @@ def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[
                               source=w.source)
             mh = w.write_manifest(encode_manifest(info, w.segment_len, refs))
             staged.append((info, refs, mh))
-        with write_txn(ctx.index_db) as conn:
+        def commit(conn):       # redone when the connection is lost before its COMMIT (indexretry)
             for w in writers:       # fencing: a lease a gc dropped as dead may have lost its records
                 w.lease.check_held(conn)
             for info, refs, mh in staged:
                 insert_backup(conn, info, refs, mh)
+        retry_write(ctx.index_db, commit, landed=has_row(backups.c.id, staged[0][0].id))
     except BaseException as e:
         for w in writers:
             w.abort()
