@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -261,6 +262,11 @@ def test_vanished_host_frees_its_lock_within_the_keepalive_bound(services, pg_se
     rules = [["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(pg_server.port), "--dport", str(client_port)],
              ["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(client_port), "--dport", str(pg_server.port)]]
     other = services()
+    # should this test be killed before its finally, a watchdog takes the rules out again
+    undo = "; ".join(shlex.join(["iptables", "-D", *r, "-j", "DROP"]) for r in rules)
+    watchdog = subprocess.Popen(["sh", "-c", f'while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; {undo}'],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     for r in rules:
         _iptables("-I", *r, "-j", "DROP")
     try:
@@ -272,6 +278,8 @@ def test_vanished_host_frees_its_lock_within_the_keepalive_bound(services, pg_se
     finally:
         for r in rules:
             _iptables("-D", *r, "-j", "DROP")
+        watchdog.kill()
+        watchdog.wait()
     assert 1.0 <= freed <= 6.0, freed                     # about idle + interval * count = 3 s
     assert other.holders("disk-vde") == []
     other.lock("disk-vde", exclusive=True).release()

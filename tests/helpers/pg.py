@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class PgServer:
     dir: str
     port: int
     env: dict = field(default_factory=dict)     # the tool's export lines (PGHOST, DATABASE_URL...)
+    watchdog: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -125,10 +127,21 @@ def start_pg_server() -> PgServer:
         port = free_port()
         d = base / f"cluster-{port}"
         env = dict(os.environ, PG_PORT=str(port), PG_TEMPLATE=str(tpl))
-        r = subprocess.run([str(tool), "start", str(d)], env=env, capture_output=True, text=True, timeout=120)
-        if r.returncode == 0:
-            return PgServer(dir=str(d), port=port, env=_parse_exports(r.stdout))
-        last = r.stderr
+        start = subprocess.Popen([str(tool), "start", str(d)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        # should this process die without its teardown (SIGKILL, a hung session killed), even while
+        # the server starts, the server must not outlive it: a watchdog stops it then
+        watchdog = subprocess.Popen(
+            ["sh", "-c", 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; '
+                         'while kill -0 "$2" 2>/dev/null; do sleep 1; done; "$3" stop "$4"; rm -rf "$5"',
+             "watchdog", str(os.getpid()), str(start.pid), str(tool), str(d), str(base)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        out, err = start.communicate(timeout=120)
+        if start.returncode == 0:
+            return PgServer(dir=str(d), port=port, env=_parse_exports(out), watchdog=watchdog)
+        watchdog.kill()
+        watchdog.wait()
+        last = err
     shutil.rmtree(base, ignore_errors=True)
     pytest.fail(f"pg-test could not start PostgreSQL: {last}")
 
@@ -140,8 +153,13 @@ def pg_server():
     try:
         yield server
     finally:
-        subprocess.run([str(pg_tool()), "stop", server.dir], capture_output=True, timeout=60)
+        r = subprocess.run([str(pg_tool()), "stop", server.dir], capture_output=True, text=True, timeout=60)
+        if r.returncode:
+            print(f"pg-test stop {server.dir} failed: {r.stderr}", file=sys.stderr)
         shutil.rmtree(os.path.dirname(server.dir), ignore_errors=True)
+        if server.watchdog is not None:
+            server.watchdog.kill()
+            server.watchdog.wait()
 
 
 @pytest.fixture
