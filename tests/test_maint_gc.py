@@ -512,3 +512,33 @@ def test_commit_fencing_a_writer_whose_lease_gc_dropped_commits_nothing(tmp_path
         assert repo.list_backups() == []
     p = nbdbackup("verify", "--repo", path)
     assert p.returncode == 0
+
+
+def test_a_dropped_read_lease_is_taken_again_a_dropped_backup_lease_is_lost(tmp_path):
+    from sqlalchemy import delete, select
+
+    from nbdbackup.repo.leases import Lease
+    from nbdbackup.repo.schema import lease_pins, leases
+
+    path = new_repo_path(tmp_path / "r")
+    with Repository.open(path) as repo:
+        b = write_backup(repo, "vda", b"q" * CS)
+        reader = Lease(repo.index_db, "read", pins=[b.id], renew_s=0.1)
+        writer = Lease(repo.index_db, "backup", renew_s=0.1)
+        try:
+            with repo.index_db.begin() as conn:          # what a gc does to leases it judged dead
+                conn.execute(delete(lease_pins))
+                conn.execute(delete(leases))
+            deadline = time.time() + 10
+            while time.time() < deadline and not writer.lost:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            with repo.index_db.connect() as conn:
+                assert [r[0] for r in conn.execute(select(leases.c.id))] == [reader.id]
+                assert [r[0] for r in conn.execute(select(lease_pins.c.backup_id))] == [b.id]
+            assert writer.lost and not reader.lost
+            p = nbdbackup("forget", "--repo", path, b.id, check=False)
+            assert p.returncode == 3                     # pinned again
+        finally:
+            reader.release()
+            writer.release()

@@ -189,10 +189,14 @@ def test_progress_bar_only_on_a_tty(repo_path):
     assert "gc: mark" in err and "gc: reclaimed" in err
 
 
-def test_backup_forgotten_while_verify_runs_is_named_not_damage(repo_path, monkeypatch):
-    """forget takes no lock: verify must not report a backup forgotten under it as damaged,
-    nor skip it silently: the report names it."""
+def test_backup_being_verified_cannot_be_forgotten(repo_path, monkeypatch):
+    """Was: a backup forgotten while verify runs is named, not damage. Now verify's read lease
+    pins what it checks (gc runs beside it and must not reclaim that data): the forget is
+    refused (exit 3) and the backup is checked."""
+    import pytest
+
     import nbdbackup.repo.verify as V
+    from nbdbackup.errors import LockedError
 
     with Repository.open(repo_path) as repo:
         victim = repo.list_backups("vdb")[0]
@@ -202,31 +206,31 @@ def test_backup_forgotten_while_verify_runs_is_named_not_damage(repo_path, monke
         def forget_then_read(r, pk):
             if pk == victim_pk:
                 from nbdbackup.repo.forget import forget
-                forget(r, [victim.id])
+                with pytest.raises(LockedError, match=f"backup {victim.id} is in use by read pid"):
+                    forget(r, [victim.id])
             return real(r, pk)
 
         monkeypatch.setattr(V, "_segment_refs", forget_then_read)
         report = V.verify(repo)
-    assert report.ok and report.backups_checked == 3
-    assert [b.id for b in report.vanished] == [victim.id]
-    assert report.to_json()["vanished"] == [{"id": victim.id, "disk": "vdb"}]
-    assert f"NOT CHECKED {victim.id} (disk vdb): forgotten while verify ran" in report.problem_lines()
+    assert report.ok and report.backups_checked == 4 and report.vanished == []
 
 
 def test_named_backup_forgotten_before_its_check_is_named(repo_path, monkeypatch):
     """`verify ID` for a backup forgotten between resolving ID and reading its rows: named, not
-    a silent "0 backups checked, all intact"."""
+    a silent "0 backups checked, all intact". (Its lease pins ID once taken; the forget here
+    lands between verify's resolving and its pinning.)"""
+    import nbdbackup.repo.leases as L
     import nbdbackup.repo.verify as V
     from nbdbackup.repo.forget import forget
 
     with Repository.open(repo_path) as repo:
         victim = repo.list_backups("vdb")[0]
-        real = V._listed
+        real = L.Lease
 
-        def forget_then_list(r):
-            forget(r, [victim.id])
-            return real(r)
+        def forget_then_lease(*a, **kw):
+            forget(repo, [victim.id])
+            return real(*a, **kw)
 
-        monkeypatch.setattr(V, "_listed", forget_then_list)
+        monkeypatch.setattr(L, "Lease", forget_then_lease)
         report = V.verify(repo, [victim.id])
     assert report.backups_checked == 0 and [b.id for b in report.vanished] == [victim.id]

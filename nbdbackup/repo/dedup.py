@@ -59,7 +59,7 @@ def stamp_existing(eng, table, hashes: list[bytes], epoch: int) -> set[bytes]:
     is <= epoch deletes it). Cheap path: one plain SELECT; only rows stamped older need the write
     transaction, which stamps them and then re-reads which still exist (a row a gc deleted
     meanwhile is missing from the answer: the caller stores the record again)."""
-    hs = list(dict.fromkeys(hashes))
+    hs = sorted(set(hashes))      # one lock order for every writer (no deadlocks on PostgreSQL)
     fresh: set[bytes] = set()
     stale: list[bytes] = []
     if not hs:
@@ -71,6 +71,7 @@ def stamp_existing(eng, table, hashes: list[bytes], epoch: int) -> set[bytes]:
                 (fresh.add if used >= epoch else stale.append)(bytes(h))
     if not stale:
         return fresh
+    stale.sort()
     with write_txn(eng) as conn:
         for i in range(0, len(stale), _IN_BATCH):
             part = stale[i:i + _IN_BATCH]
@@ -92,4 +93,5 @@ def upsert_rows(conn, table, rows: list[dict], epoch: int) -> None:
     stmt = dialect_insert(table)
     stmt = stmt.on_conflict_do_update(index_elements=[table.c.hash], set_={"used_epoch": stmt.excluded.used_epoch},
                                       where=table.c.used_epoch < stmt.excluded.used_epoch)
-    conn.execute(stmt, [dict(r, used_epoch=epoch) for r in rows])
+    # sorted: writers sharing chunks lock their rows in one order (no deadlock on PostgreSQL)
+    conn.execute(stmt, [dict(r, used_epoch=epoch) for r in sorted(rows, key=lambda r: r["hash"])])

@@ -135,12 +135,29 @@ class Lease:
     def _renew_loop(self, period: float) -> None:
         while not self._stop.wait(period):
             try:
-                if not self.renew():
-                    log.warning("the %s lease %s was dropped by a gc (no heartbeat for %ss?)",
-                                self.kind, self.id[:8], LEASE_TTL_S)
+                if self.renew():
+                    continue
+                if self.kind != "read":     # a writer cannot get back what gc may have reclaimed: fencing
+                    log.warning("the backup lease %s was dropped by a gc (no heartbeat for %ss); this "
+                                "backup will not commit", self.id[:8], LEASE_TTL_S)
                     return
+                self._reinstate()
             except Exception as e:    # the database is away: try again next period
                 log.warning("lease heartbeat failed: %s", e)
+
+    def _reinstate(self) -> None:
+        """A reader whose lease a gc dropped (the index was out of reach past the TTL) takes it
+        again, with the pins of the backups that still exist (a long serve goes on)."""
+        with write_txn(self.eng) as conn:
+            epoch = int(conn.execute(_for_share(select(gc_state.c.epoch).where(gc_state.c.id == 1), conn)).scalar())
+            now = db_now_ms(conn)
+            conn.execute(insert(leases).values(id=self.id, kind=self.kind, host=HOST, pid=os.getpid(),
+                                               command=self.command, started_ms=now, heartbeat_ms=now,
+                                               start_epoch=epoch))
+            pins = _pin(conn, self.id, self.pins, missing_ok=True)
+        lost, self.pins, self.lost = [b for b in self.pins if b not in pins], pins, False
+        log.warning("the read lease %s had been dropped by a gc and was taken again%s", self.id[:8],
+                    f"; backup(s) {', '.join(lost)} were forgotten meanwhile" if lost else "")
 
     def check_held(self, conn) -> None:
         """Inside the commit's transaction: LockedError unless the lease row still exists

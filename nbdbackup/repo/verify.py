@@ -108,8 +108,9 @@ def verify(repo, refs: Iterable[str] | None = None, *, sample_percent: float | N
     lock = repo.lock("readers", exclusive=False, purpose="the repository's reader lock (rebuild-index runs)")
     try:
         with index_errors("verify", repo):    # a read lease pinning what is checked: gc keeps their data
-            lock = Holds(lock, reader_lease(repo.index_db, [repo.resolve(r).id for r in refs or ()]
-                                            or [b.id for b in repo.list_backups()], missing_ok=True))
+            refs = [repo.resolve(r) for r in refs] if refs else None      # NotFound (exit 11) first
+            lock = Holds(lock, reader_lease(repo.index_db, [b.id for b in refs or repo.list_backups()],
+                                            missing_ok=True))
             return _verify(repo, refs, sample_percent, progress, rng or random.Random())
     finally:
         lock.release()

@@ -51,6 +51,13 @@ def run(args) -> int:
         finally:
             for b in bars:
                 b.close()
+    if report.live_leases:
+        log.info("gc ran beside %d running backup(s) or reader(s); kept %d row(s) and %d pack(s) a running "
+                 "backup uses (reclaimed by a later gc once it is done)", len(report.live_leases),
+                 report.kept_in_use, report.young_packs)
+    if report.young_orphans:
+        log.info("left %d unindexed pack file(s) younger than --grace or than a running backup",
+                 report.young_orphans)
     for problem in report.skipped_damaged:
         log.warning("gc left alone: %s (run `nbdbackup verify`)", problem)
     if args.json:

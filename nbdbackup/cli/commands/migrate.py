@@ -9,7 +9,7 @@ HELP = "upgrade the repository's index to the current schema revision"
 DESCRIPTION = (
     "Runs the Alembic migrations that take the index from its revision to the one\n"
     "this nbdbackup uses, and says from which revision to which. Takes the\n"
-    "repository's writer and reader locks exclusively while it runs."
+    "repository's writer, reader and gc locks exclusively while it runs."
 )
 
 
@@ -40,7 +40,8 @@ def run(args) -> int:
             after = before
         else:
             with repo.lock("writers", exclusive=True, purpose="the writer lock (migrate needs it exclusively)"), \
-                    repo.lock("readers", exclusive=True, purpose="the reader lock (migrate needs it exclusively)"):
+                    repo.lock("readers", exclusive=True, purpose="the reader lock (migrate needs it exclusively)"), \
+                    repo.lock("gc", exclusive=True, purpose="the gc lock (migrate needs it exclusively)"):
                 before, after = upgrade(repo.index_db, "head")
     out = {"from": before, "to": after, "changed": before != after}
     if args.json:
