@@ -75,6 +75,13 @@ def test_fleet_backs_up_beside_prune_gc_and_a_served_backup(request, tmp_path, m
     hosts = {h: _start_host(place, h, tmp_path / h) for h in HOSTS}
     served = _wait_for_first_backup(tmp_path / "h0")
     server, sock = _serve(place, tmp_path / "reader")
+    # a client that stays connected, as a VM booted from the backup does: its backup is in use
+    # (Debian's python has libnbd's binding: python3-libnbd)
+    holder = subprocess.Popen(["/usr/bin/python3", "-c", "import nbd, sys, time; h = nbd.NBD(); "
+                               "h.connect_uri(sys.argv[1]); h.pread(4096, 0); print('connected', flush=True); "
+                               "time.sleep(900)", f"nbd+unix:///{served['id']}?socket={sock}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "connected", holder.stderr.read()
     stop = threading.Event()
     maint_runs, reads, problems = [], [], []
 
@@ -109,11 +116,17 @@ def test_fleet_backs_up_beside_prune_gc_and_a_served_backup(request, tmp_path, m
         for h, proc in hosts.items():
             _, err = proc.communicate(timeout=SECONDS + 240)
             assert proc.returncode == 0, f"host {h} failed: {err}"
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+        # the hosts are done; the serve still runs: its backup stays whatever the policy says
+        nbdbackup("--repo", place, "prune", "--keep-last", "1")
+        nbdbackup("--repo", place, "gc", "--grace", "0")
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=300)
-        for proc in hosts.values():
+        for proc in (*hosts.values(), holder):
             kill_if_running(proc)
         server.send_signal(signal.SIGTERM)
         try:
@@ -132,6 +145,7 @@ def test_fleet_backs_up_beside_prune_gc_and_a_served_backup(request, tmp_path, m
     assert served["id"] in listed, "the backup being served was forgotten under the serve"
     assert set(listed) <= set(made), "a backup nobody made is listed"
     assert len(listed) < len(made), "prune forgot nothing"
+    assert len(listed) <= 1 + 2 * len(HOSTS), f"prune --keep-last 1 kept {len(listed)}"   # one per disk + served
     nbdbackup("--repo", place, "verify")
     stats = json.loads(nbdbackup("--repo", place, "--json", "stats").stdout)
     assert stats["dedup_ratio"] > 1.0, stats       # the hosts' shared base content is stored once

@@ -243,11 +243,12 @@ class Repository:
                                                  func.coalesce(func.sum(segments.c.stored_len), 0))).one()
             np_, pack_bytes = conn.execute(select(func.count(), func.coalesce(func.sum(packs.c.size), 0))).one()
             ndisks = conn.execute(select(func.count(func.distinct(backups.c.disk)))).scalar()
+        logical, raw, stored = int(logical), int(raw), int(stored)     # PostgreSQL's SUM is a Decimal
         return {
             "backups": nb, "disks": ndisks,
-            "logical_bytes": int(logical),
-            "unique_bytes": int(raw),
-            "stored_chunk_bytes": int(stored),
+            "logical_bytes": logical,
+            "unique_bytes": raw,
+            "stored_chunk_bytes": stored,
             "map_bytes": int(seg_stored),
             "pack_bytes": int(pack_bytes),
             "chunks": nc, "segments": ns, "packs": np_,
