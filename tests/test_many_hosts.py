@@ -175,7 +175,9 @@ def with_repo_objects_named_by_index(place) -> None:
 def _slow_source(tmp_path, name: str) -> tuple[subprocess.Popen, str]:
     """An NBD export that takes seconds to read (nbdkit's delay filter)."""
     sock = str(tmp_path / f"{name}.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "--filter=delay", "pattern", "size=4M", "rdelay=200ms"],
+    # one request at a time, at most 1 MiB each, 250 ms per read: 8 MiB take about 2-4 s
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "--filter=noparallel", "--filter=blocksize", "--filter=delay",
+                             "pattern", "size=8M", "maxdata=1M", "rdelay=250ms"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while not os.path.exists(sock):
@@ -194,7 +196,7 @@ def test_same_disk_from_two_hosts_and_a_dead_host(request, tmp_path, mode):
                "--connections", "1"]
         a = subprocess.Popen(cmd, env=host_env(str(tmp_path / "A")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-        time.sleep(2.0)                                   # A holds the disk's lock now (it reads for ~6 s)
+        time.sleep(1.0)                                   # A holds the disk's lock now (it reads for seconds)
         assert a.poll() is None, a.stderr.read()
         b = subprocess.run(cmd, env=host_env(str(tmp_path / "B")), capture_output=True, text=True, timeout=120)
         assert b.returncode == 3, b.stderr
