@@ -260,6 +260,18 @@ def alembic_config(eng: Engine):
     return cfg
 
 
+def upgrade_in(conn: Connection, revision: str = "head") -> None:
+    """Upgrade the index reached by *conn* to *revision* inside the caller's open transaction
+    (PostgreSQL: DDL is transactional, so the caller's commit or rollback decides)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", migrations_dir())
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, revision)
+
+
 def upgrade(eng: Engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Upgrade the index to *revision*; returns (from, to)."""
     from alembic import command

@@ -111,6 +111,16 @@ def _rebuild(repo, progress, keep_damaged: int) -> RebuildReport:
     found = _scan(repo.backend, rep, progress)
     repo.index_db.dispose()
     url = repo.index_url
+    if repo.index_db.dialect.name == "postgresql":
+        from .rebuild_pg import rebuild_in_place
+
+        try:
+            rep.old_index, rep.damaged_removed = rebuild_in_place(
+                url, lambda conn: _fill_in(conn, repo, found, rep), keep_damaged)
+        except SQLAlchemyError as e:
+            raise index_error(e, "writing the new index",
+                              damaged_hint="the new index could not be written; the old one is untouched") from None
+        return rep
     if not url.startswith("sqlite:///"):
         _require_empty(url)
         _build(url, repo, found, rep)
@@ -254,19 +264,24 @@ def _require_empty(url: str) -> None:
 
 
 def _fill(eng, repo, found: _Found, rep: RebuildReport) -> None:
-    seg_len = repo.config.segment_len
     with write_txn(eng) as conn:
-        ids = []
-        for row in found.pack_rows:
-            ids.append(conn.execute(insert(packs).values(name=row["name"], size=row["size"],
-                                                         created_ms=to_ms(now_ms()))).inserted_primary_key[0])
-        for rtype, table in ((REC_CHUNK, chunks), (REC_SEGMENT, segments)):
-            rows = [record_row(ids[pidx], h, rec) for h, (pidx, rec) in found.blobs[rtype].items()]
-            for i in range(0, len(rows), _BATCH):
-                conn.execute(insert(table), rows[i:i + _BATCH])
-        rep.chunks, rep.segments = len(found.blobs[REC_CHUNK]), len(found.blobs[REC_SEGMENT])
-        for bid, entry in sorted(found.manifests.items()):
-            _add_backup(conn, repo, bid, entry, seg_len, found, rep)
+        _fill_in(conn, repo, found, rep)
+
+
+def _fill_in(conn, repo, found: _Found, rep: RebuildReport) -> None:
+    """The new index's rows, in the caller's transaction *conn*."""
+    seg_len = repo.config.segment_len
+    ids = []
+    for row in found.pack_rows:
+        ids.append(conn.execute(insert(packs).values(name=row["name"], size=row["size"],
+                                                     created_ms=to_ms(now_ms()))).inserted_primary_key[0])
+    for rtype, table in ((REC_CHUNK, chunks), (REC_SEGMENT, segments)):
+        rows = [record_row(ids[pidx], h, rec) for h, (pidx, rec) in found.blobs[rtype].items()]
+        for i in range(0, len(rows), _BATCH):
+            conn.execute(insert(table), rows[i:i + _BATCH])
+    rep.chunks, rep.segments = len(found.blobs[REC_CHUNK]), len(found.blobs[REC_SEGMENT])
+    for bid, entry in sorted(found.manifests.items()):
+        _add_backup(conn, repo, bid, entry, seg_len, found, rep)
 
 
 def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, rep: RebuildReport) -> None:
