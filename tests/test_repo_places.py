@@ -81,3 +81,20 @@ def test_s3_bucket_states(request, tmp_path):
     assert p.returncode == ExitCode.USAGE and "already a repository" in p.stderr, p.stderr
     p = nbdbackup("--repo", f"s3://{bucket}-missing", "list", check=False)
     assert p.returncode == ExitCode.NO_BUCKET and "Traceback" not in p.stderr, p.stderr
+
+
+def test_s3_credentials_and_endpoint_errors_through_the_cli(request, tmp_path):
+    place = make_place(request, "s3+pg", tmp_path)
+    log = tmp_path / "nbdbackup.log"
+    secret = place.env["AWS_SECRET_ACCESS_KEY"]
+    nbdbackup("--repo", place, "init", "--chunk-size", "64K")
+    p = nbdbackup("--repo", place, "-vv", "--log-file", log, "list")          # works, and logs at debug level
+    p = nbdbackup("--repo", place, "--log-file", log, "list", env={"AWS_SECRET_ACCESS_KEY": "wrong-" + secret},
+                  check=False)
+    assert p.returncode == ExitCode.CREDENTIALS and "Traceback" not in p.stderr, p.stderr
+    p = nbdbackup("--repo", place, "--log-file", log, "list", env={"AWS_ACCESS_KEY_ID": "nobody"}, check=False)
+    assert p.returncode == ExitCode.CREDENTIALS, p.stderr
+    p = nbdbackup("--repo", place, "--json", "--s3-endpoint", "http://127.0.0.1:1", "list", check=False, timeout=120)
+    assert p.returncode == ExitCode.STORAGE_UNREACHABLE and json.loads(p.stdout)["exit_code"] == 17, p.stderr
+    everything = p.stdout + p.stderr + log.read_text()
+    assert secret not in everything and "wrong-" not in everything
