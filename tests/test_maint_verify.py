@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 
 import pytest
 
+from helpers.places import make_place, pack_objects, patch_object, read_object, remove_object, write_object
 from helpers.repo import CHUNK_SIZE as CS
-from helpers.repo import disk_data, new_repo_path, pack_files, write_backup
+from helpers.repo import disk_data, new_repo_path, write_backup
 from helpers.support import nbdbackup, nbdbackup_on_a_tty
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
@@ -19,9 +19,11 @@ from nbdbackup.repo.chunks import ZERO_REF
 SEG = 8   # map positions per segment: several segments per backup
 
 
-@pytest.fixture
-def repo_path(tmp_path):
-    path = new_repo_path(tmp_path / "repo", segment_len=SEG, pack_size=512 * 1024)
+@pytest.fixture(params=["local", "s3+pg"])
+def repo_path(request, tmp_path):
+    """A repository with four backups, locally and on S3 with its index on PostgreSQL."""
+    place = make_place(request, request.param, tmp_path)
+    path = new_repo_path(place.spec, segment_len=SEG, pack_size=512 * 1024, **place.init_options())
     rng = random.Random(7)
     with Repository.open(path) as repo:
         a0 = disk_data(rng, 24)
@@ -86,12 +88,7 @@ def test_flipped_byte_names_backups_and_ranges(repo_path):
     victim = next(h for h in first[1][:10] if h != ZERO_REF)
     with Repository.open(repo_path) as repo:
         loc = repo.store.chunk_locations([victim])[victim]
-    pack = os.path.join(repo_path, P.pack_object_name(loc.pack))
-    with open(pack, "r+b") as f:
-        f.seek(loc.offset + loc.stored_len // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0x40]))
+    patch_object(repo_path, P.pack_object_name(loc.pack), loc.offset + loc.stored_len // 2, xor=0x40)
     rep, p = _verify_json(repo_path, rc=5)
     want = _expected_damage(maps, {victim})
     assert len(want) >= 1
@@ -113,7 +110,7 @@ def test_flipped_byte_names_backups_and_ranges(repo_path):
 
 def test_deleted_pack_names_every_backup_using_it(repo_path):
     maps = _maps(repo_path)
-    assert len(pack_files(repo_path)) >= 2
+    assert len(pack_objects(repo_path)) >= 2
     with Repository.open(repo_path) as repo:
         all_refs = {h for _, refs in maps.values() for h in refs if h != ZERO_REF}
         locs = repo.store.chunk_locations(all_refs)
@@ -124,7 +121,7 @@ def test_deleted_pack_names_every_backup_using_it(repo_path):
     for loc in locs.values():
         counts[loc.pack] = counts.get(loc.pack, 0) + 1
     gone = max(counts, key=counts.get)
-    os.unlink(os.path.join(repo_path, P.pack_object_name(gone)))
+    remove_object(repo_path, P.pack_object_name(gone))
     bad = {h for h, loc in locs.items() if loc.pack == gone}
 
     def lost_segments(bid):
@@ -141,9 +138,7 @@ def test_damaged_map_segment_marks_its_whole_range(repo_path):
         b = repo.list_backups("vdb")[0]
         seg = repo.segment_refs(b.id)[1]          # positions 8..15
         loc = repo.store.segment_locations([seg])[seg]
-    with open(os.path.join(repo_path, P.pack_object_name(loc.pack)), "r+b") as f:
-        f.seek(loc.offset)
-        f.write(b"\xff\xff\xff\xff")
+    patch_object(repo_path, P.pack_object_name(loc.pack), loc.offset, b"\xff\xff\xff\xff")
     rep, _ = _verify_json(repo_path, b.id, rc=5)
     (d,) = rep["damaged"]
     assert d["id"] == b.id and d["ranges"] == [{"offset": 8 * CS, "length": 8 * CS}]
@@ -159,11 +154,11 @@ def test_sample_checks_a_fraction(repo_path):
 
 
 def test_sample_finds_damage_it_reads(repo_path):
-    for path in pack_files(repo_path):        # damage every chunk: any sample must see it
-        data = bytearray(open(path, "rb").read())
+    for name in pack_objects(repo_path):      # damage every chunk: any sample must see it
+        data = bytearray(read_object(repo_path, name))
         for i in range(100, len(data) - 200, 997):
             data[i] ^= 0x01
-        open(path, "wb").write(bytes(data))
+        write_object(repo_path, name, bytes(data))
     _verify_json(repo_path, "--sample", "1", rc=5)
 
 

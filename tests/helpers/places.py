@@ -62,3 +62,65 @@ def make_place(request, mode: str, workdir) -> RepoPlace:
 def object_names(repo, prefix: str = "packs/") -> list[str]:
     """Sorted names of the objects under *prefix* of *repo* (any backend)."""
     return sorted(repo.backend.list(prefix))
+
+
+# --- damage, the way a disk or a bucket suffers it (outside nbdbackup's create-only writes) ---------
+
+def _s3_target(spec: str):
+    import boto3
+    from botocore.config import Config
+
+    from nbdbackup.repo.location import parse_location
+
+    loc = parse_location(spec)
+    client = boto3.client("s3", config=Config(s3={"addressing_style": "path"},
+                                              request_checksum_calculation="when_required",
+                                              response_checksum_validation="when_required"))
+    return client, loc.bucket, (loc.prefix + "/" if loc.prefix else "")
+
+
+def read_object(spec, name: str) -> bytes:
+    spec = str(spec)
+    if not spec.startswith("s3://"):
+        with open(os.path.join(spec, *name.split("/")), "rb") as f:
+            return f.read()
+    c, bucket, prefix = _s3_target(spec)
+    return c.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
+
+
+def write_object(spec, name: str, data: bytes) -> None:
+    """Replace object *name* with *data* (damage: nbdbackup itself never overwrites)."""
+    spec = str(spec)
+    if not spec.startswith("s3://"):
+        with open(os.path.join(spec, *name.split("/")), "wb") as f:
+            f.write(data)
+        return
+    c, bucket, prefix = _s3_target(spec)
+    c.put_object(Bucket=bucket, Key=prefix + name, Body=data)
+
+
+def patch_object(spec, name: str, offset: int, data: bytes | None = None, *, xor: int | None = None) -> None:
+    """Overwrite bytes at *offset* of object *name* with *data*, or flip one byte with *xor*."""
+    raw = bytearray(read_object(spec, name))
+    if xor is not None:
+        raw[offset] ^= xor
+    else:
+        raw[offset:offset + len(data)] = data
+    write_object(spec, name, bytes(raw))
+
+
+def remove_object(spec, name: str) -> None:
+    spec = str(spec)
+    if not spec.startswith("s3://"):
+        os.unlink(os.path.join(spec, *name.split("/")))
+        return
+    c, bucket, prefix = _s3_target(spec)
+    c.delete_object(Bucket=bucket, Key=prefix + name)
+
+
+def pack_objects(spec) -> list[str]:
+    """Sorted names (packs/<xx>/<name>.pack) of the pack objects of repository *spec*."""
+    from nbdbackup.repo import Repository
+
+    with Repository.open(str(spec), check=False) as repo:
+        return sorted(n for n in repo.backend.list("packs/") if n.endswith(".pack"))
