@@ -1,12 +1,12 @@
 """Chunk store: dedup, zero chunks, compression skip, checked reads, damage."""
 
-import os
 
 import pytest
 from sqlalchemy import func, select
 
+from helpers.places import make_place, pack_objects, patch_object, remove_object
 from helpers.repo import CHUNK_SIZE as CS
-from helpers.repo import pack_files, pseudo, read_all, texty, write_backup
+from helpers.repo import new_repo, pseudo, read_all, texty, write_backup
 from nbdbackup.errors import ChunkCorrupt, RepoDamaged
 from nbdbackup.repo import packs as P
 from nbdbackup.repo.chunks import ZERO_REF, prepare
@@ -60,14 +60,17 @@ def test_compressed_data_reads_back(repo):
     assert read_all(repo, info.id) == data
 
 
+@pytest.fixture(params=["local", "s3+pg"])
+def repo(request, tmp_path):
+    """This module's repositories: locally and on S3 with the index on PostgreSQL."""
+    place = make_place(request, request.param, tmp_path)
+    with new_repo(place.spec, **place.init_options()) as r:
+        yield r
+
+
 def _flip_byte_in_chunk_payload(repo, data_chunk_hash):
     loc = repo.store.chunk_locations([data_chunk_hash])[data_chunk_hash]
-    path = os.path.join(repo.path, P.pack_object_name(loc.pack))
-    with open(path, "r+b") as f:
-        f.seek(loc.offset + 10)
-        b = f.read(1)
-        f.seek(loc.offset + 10)
-        f.write(bytes([b[0] ^ 1]))
+    patch_object(repo.path, P.pack_object_name(loc.pack), loc.offset + 10, xor=1)
 
 
 @pytest.mark.parametrize("content", ["random", "text"])
@@ -94,7 +97,7 @@ def test_missing_pack_raises_chunk_corrupt(repo):
     h = prepare(data[:CS], repo.compression_level).hash
     loc = repo.store.chunk_locations([h])[h]
     repo.close()
-    os.unlink(os.path.join(repo.path, P.pack_object_name(loc.pack)))
+    remove_object(repo.path, P.pack_object_name(loc.pack))
     repo = type(repo).open(repo.path)
     with repo.open_image(info.id) as img, pytest.raises(RepoDamaged):
         img.read_chunk(0)
@@ -104,8 +107,8 @@ def test_packs_are_self_describing(repo):
     data = pseudo(10, 5 * CS)
     write_backup(repo, "vda", data)
     types = []
-    for f in pack_files(repo):
-        name = os.path.basename(f)[:-5]
+    for f in pack_objects(repo.path):
+        name = f.rsplit("/", 1)[-1][:-5]
         types += [r.type for r in P.read_records(repo.backend, name)]
     assert types.count(P.REC_CHUNK) == 5
     assert types.count(P.REC_SEGMENT) == 1
