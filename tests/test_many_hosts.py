@@ -22,6 +22,7 @@ import time
 import pytest
 
 from helpers.fleet_host import host_env
+from helpers.nbd_servers import slow_source
 from helpers.places import make_place
 from helpers.support import kill_if_running, nbdbackup, nbdbackup_exe
 
@@ -172,25 +173,11 @@ def with_repo_objects_named_by_index(place) -> None:
     assert stored == indexed, (sorted(stored - indexed)[:5], sorted(indexed - stored)[:5])
 
 
-def _slow_source(tmp_path, name: str) -> tuple[subprocess.Popen, str]:
-    """An NBD export that takes seconds to read (nbdkit's delay filter)."""
-    sock = str(tmp_path / f"{name}.sock")
-    # one request at a time, at most 1 MiB each, 250 ms per read: 8 MiB take about 2-4 s
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "--filter=noparallel", "--filter=blocksize", "--filter=delay",
-                             "pattern", "size=8M", "maxdata=1M", "rdelay=250ms"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-        time.sleep(0.05)
-    return proc, f"nbd+unix:///?socket={sock}"
-
-
 @pytest.mark.parametrize("mode", ["s3+pg", "local+pg"])
 def test_same_disk_from_two_hosts_and_a_dead_host(request, tmp_path, mode):
     place = make_place(request, mode, tmp_path)
     nbdbackup("--repo", place, "init", "--chunk-size", "64K", "-q")
-    src, uri = _slow_source(tmp_path, "slow")
+    src, uri = slow_source(tmp_path, "slow", "pattern", "8M", "250ms")
     try:
         cmd = [nbdbackup_exe(), "--repo", place.spec, "full", "--source", uri, "--disk", "web1-vda",
                "--connections", "1"]

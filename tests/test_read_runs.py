@@ -21,11 +21,11 @@ from nbdbackup.repo.chunks import prepare
 from nbdbackup.repo.store import HEADER_SIZE, RUN_GAP, Location, RecordError, runs
 
 
-class CountingBackend(LocalBackend):
-    """The real LocalBackend, counting its get() calls on pack objects."""
+class CountedGets:
+    """Any backend, counting get() calls on pack objects."""
 
-    def __init__(self, root):
-        super().__init__(str(root), os.path.join(str(root), "tmp"))
+    def __init__(self, inner):
+        self.inner = inner
         self.gets = 0
         self._n_lock = threading.Lock()
 
@@ -33,12 +33,15 @@ class CountingBackend(LocalBackend):
         if name.startswith("packs/"):
             with self._n_lock:
                 self.gets += 1
-        return super().get(name, offset, length)
+        return self.inner.get(name, offset, length)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
-def _reopen(repo) -> tuple[Repository, CountingBackend]:
+def _reopen(repo) -> tuple[Repository, CountedGets]:
     repo.close()
-    be = CountingBackend(repo.path)
+    be = CountedGets(LocalBackend(repo.path, os.path.join(repo.path, "tmp")))
     return Repository.open(repo.path, backend=be), be
 
 
@@ -310,23 +313,6 @@ def test_serve_random_reads_do_not_read_ahead_and_damage_ahead_is_not_an_error(r
 
 
 # -- on a real S3 server (radosgw): ranged GETs in runs, and a repack under an open image ----------
-
-class CountedGets:
-    """Any backend, counting get() calls on pack objects."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.gets = 0
-        self._n_lock = threading.Lock()
-
-    def get(self, name, offset=0, length=None):
-        if name.startswith("packs/"):
-            with self._n_lock:
-                self.gets += 1
-        return self.inner.get(name, offset, length)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_s3_restore_reads_runs_and_a_reader_survives_a_repack(ceph_s3, s3_bucket, tmp_path):

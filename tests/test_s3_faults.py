@@ -11,23 +11,12 @@ import time
 import pytest
 from test_many_hosts import with_repo_objects_named_by_index
 
+from helpers.nbd_servers import slow_source
 from helpers.places import make_place
 from helpers.repo import new_repo_path
 from helpers.support import kill_if_running, nbdbackup, nbdbackup_exe
 
 pytestmark = pytest.mark.slow
-
-
-def _slow_source(tmp_path) -> tuple[subprocess.Popen, str]:
-    sock = str(tmp_path / "slow.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "--filter=noparallel", "--filter=blocksize",
-                             "--filter=delay", "random", "size=12M", "maxdata=1M", "rdelay=300ms"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-        time.sleep(0.05)
-    return proc, f"nbd+unix:///?socket={sock}"
 
 
 @pytest.mark.parametrize("outage_s", [3.0, None])     # back after 3 s; gone for good
@@ -37,7 +26,7 @@ def test_radosgw_stopped_during_a_backup(request, tmp_path, ceph_s3, outage_s):
     base = tmp_path / "base.raw"
     base.write_bytes(os.urandom(1 << 20))
     nbdbackup("--repo", place, "full", "--image", base, "--format", "raw", "--disk", "base")
-    src, uri = _slow_source(tmp_path)
+    src, uri = slow_source(tmp_path, "slow", "random", "12M", "300ms")
     try:
         proc = subprocess.Popen([nbdbackup_exe(), "--repo", place.spec, "--json", "full", "--source", uri,
                                  "--disk", "big", "--connections", "1"],

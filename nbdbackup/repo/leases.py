@@ -29,6 +29,7 @@ from sqlalchemy import delete, insert, select, text, update
 
 from ..errors import LockedError, NotFound
 from .index import read_only_mode, write_txn
+from .locks import pid_alive
 from .schema import backups, gc_state, lease_pins, leases
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,11 @@ def db_now_ms(conn) -> int:
     return int(time.time() * 1000)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def is_dead(row, now: int) -> bool:
     """Is lease *row* (host, pid, heartbeat_ms) dead at *now* (db_now_ms)?"""
     if now - row.heartbeat_ms > LEASE_TTL_S * 1000:
         return True
-    return row.host == HOST and not _pid_alive(row.pid)
+    return row.host == HOST and not pid_alive(row.pid)
 
 
 def describe(row) -> str:

@@ -37,7 +37,8 @@ _HOST = socket.gethostname()
 SHARED_GRACE_S = 0.1
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process *pid* of this host alive (not necessarily ours)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -194,7 +195,7 @@ def read_holders(lock_dir: str, name: str) -> list[dict]:
                 info = json.load(fh)
         except (OSError, ValueError):
             continue
-        if info.get("host") == _HOST and not _pid_alive(int(info.get("pid", 0))):
+        if info.get("host") == _HOST and not pid_alive(int(info.get("pid", 0))):
             try:
                 os.unlink(p)
             except OSError:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 from helpers import support
@@ -95,3 +98,17 @@ def nbd_server(image: Path, tmp: Path, *, name: str = "disk", readonly: bool = F
         "  flush = true\n  fua = true\n  trim = true\n")
     with support.running([exe, "-C", str(conf), "-d"], lambda proc: support.wait_listening(sock, proc=proc)):
         yield f"nbd+unix:///{name}?socket={sock}"
+
+
+def slow_source(tmp_path: Path, name: str, plugin: str, size: str, rdelay: str) -> tuple[subprocess.Popen, str]:
+    """An nbdkit export (*plugin*, e.g. pattern or random) that reads one request of at most 1 MiB at
+    a time, *rdelay* each (the delay filter): a backup of it takes seconds. (process, URI)."""
+    sock = str(tmp_path / f"{name}.sock")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "--filter=noparallel", "--filter=blocksize",
+                             "--filter=delay", plugin, f"size={size}", "maxdata=1M", f"rdelay={rdelay}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+        time.sleep(0.05)
+    return proc, f"nbd+unix:///?socket={sock}"
