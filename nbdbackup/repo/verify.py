@@ -36,8 +36,8 @@ from .packs import REC_CHUNK, pack_object_name
 from .schema import backup_segments, backups
 from .store import Location, RecordError
 
-_BATCH = 64          # chunk reads handed to the thread pool at once
-_THREADS = 2
+_BATCH = 1024        # chunk checks handed to the thread pool at once (in _READ_BATCH groups)
+_THREADS = 4        # checks in flight: decoding needs the cores, S3 needs requests in flight
 
 
 @dataclass
@@ -270,7 +270,8 @@ def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, repor
     locs = store.chunk_locations(hashes)
     bad: dict[bytes, str] = {h: f"chunk {h.hex()[:16]} is missing from the index" for h in hashes if h not in locs}
     packs_used = {loc.pack for loc in locs.values()}
-    gone = {p for p in packs_used if not repo.backend.exists(pack_object_name(p))}
+    stored = set(repo.backend.list("packs/"))         # one listing, not one request per pack
+    gone = {p for p in packs_used if pack_object_name(p) not in stored}
     for h, loc in locs.items():
         if loc.pack in gone:
             bad[h] = f"pack {loc.pack} is missing"
@@ -281,25 +282,40 @@ def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, repor
     total = sum(locs[h].stored_len for _, _, h in todo)
     bar = progress(total) if progress else None
 
-    def check(item) -> tuple[bytes, Location, str | None]:
-        _, _, h = item
-        loc = locs[h]
-        try:
-            store.read_record(loc, h, REC_CHUNK)
-            return h, loc, None
-        except RecordError as e:
-            return h, loc, str(e)
+    def check(batch: list[bytes]) -> list[tuple[bytes, Location, str | None]]:
+        """Neighbouring records of one pack, read in runs (store.read_records), each checked."""
+        got = store.read_records([(locs[h], h) for h in batch], REC_CHUNK)
+        return [(h, locs[h], str(r) if isinstance(r, RecordError) else None) for h, r in zip(batch, got)]
 
     with ThreadPoolExecutor(_THREADS) as pool:
         for i in range(0, len(todo), _BATCH):
-            for h, loc, err in pool.map(check, todo[i:i + _BATCH]):
-                report.chunks_checked += 1
-                report.bytes_checked += loc.stored_len
-                if err:
-                    bad[h] = err
-                if bar is not None:
-                    bar.update(loc.stored_len)
+            for results in pool.map(check, _batches(todo[i:i + _BATCH], locs)):
+                for h, loc, err in results:
+                    report.chunks_checked += 1
+                    report.bytes_checked += loc.stored_len
+                    if err:
+                        bad[h] = err
+                    if bar is not None:
+                        bar.update(loc.stored_len)
     return bad
+
+
+_READ_BATCH = 4 << 20     # bytes of neighbouring records one check reads (a few ranged gets at most)
+
+
+def _batches(todo: list[tuple[str, int, bytes]], locs: dict[bytes, Location]):
+    """(pack, offset, hash), sorted -> lists of hashes of one pack, about _READ_BATCH bytes each."""
+    batch: list[bytes] = []
+    pack, size = None, 0
+    for p, _off, h in todo:
+        if batch and (p != pack or size >= _READ_BATCH):
+            yield batch
+            batch, size = [], 0
+        batch.append(h)
+        pack = p
+        size += locs[h].stored_len
+    if batch:
+        yield batch
 
 
 def _damage(b: BackupInfo, refs, seg_len, store, bad_segments, seg_len_ok, bad_chunks) -> DamagedBackup:
