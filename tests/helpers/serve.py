@@ -44,8 +44,18 @@ class Served:
             if line.startswith("}"):
                 return json.loads(text)
 
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+    def fd_count(self, *, index: bool | None = None) -> int:
+        """Open fds of the server; index=False: those not on the SQLite index (its pooled
+        connections, at most the pool's size, come and go with concurrency); True: only those."""
+        d = f"/proc/{self.proc.pid}/fd"
+        n = 0
+        for fd in os.listdir(d):
+            try:
+                on_index = "index.sqlite" in os.readlink(os.path.join(d, fd))
+            except OSError:
+                continue
+            n += index is None or on_index == index
+        return n
 
     def thread_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))
