@@ -22,6 +22,9 @@ MIN_LEVEL, MAX_LEVEL = -100, 22   # zstd's range
 DEFAULT_LEVEL = -3                # zstd level, measured: docs/design.md "Chunk size and compression level"
 DEFAULT_SEGMENT_LEN = 1024        # map positions per map segment
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+# In object storage a pack is one PUT held in memory until it is stored (4 in flight): 16 MiB
+# (restic's choice too) keeps a backup's memory bounded while a request still carries megabytes.
+DEFAULT_S3_PACK_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
     DEFAULT_PACK_SIZE,
+    DEFAULT_S3_PACK_SIZE,
     DEFAULT_SEGMENT_LEN,
     RepoConfig,
     read_config,
@@ -69,13 +70,15 @@ class Repository:
     @classmethod
     def init(cls, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, index_url: str | None = None,
              compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None,
-             segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int = DEFAULT_PACK_SIZE,
+             segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int | None = None,
              s3_endpoint: str | None = None) -> "Repository":
         """Create a repository and its index (at the head revision).
 
         segment_len (map positions per segment) and pack_size (target pack
         bytes) are tuning knobs, stored in config.json; tests use small ones."""
         loc = parse_location(path)
+        if pack_size is None:
+            pack_size = DEFAULT_PACK_SIZE if loc.is_local else DEFAULT_S3_PACK_SIZE
         cfg = RepoConfig.new(chunk_size, compression_level, segment_len=segment_len, pack_size=pack_size)
         if not loc.is_local:
             remote.init_s3(loc, cfg, index_url, backend or open_backend(loc, s3_endpoint=s3_endpoint))
