@@ -127,6 +127,13 @@ def test_readme_has_two_setup_commands_that_need_no_sudo():
     readme_pkgs = set(install.split("apt-get install -y", 1)[1].split("&&", 1)[0].split())
     assert ci_pkgs <= readme_pkgs, f"README's install misses {sorted(ci_pkgs - readme_pkgs)}"
     assert ".venv/bin/pytest -q tests" in ci
+    # the optional clients the README and CI install are extras the package really has
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("s3", "postgresql"):
+        assert name in extras, f"no extra {name!r} in pyproject.toml"
+    assert "'.[test,s3,postgresql]'" in install and "'.[test,s3,postgresql]'" in ci
 
 
 def test_readme_install_prefix_runs_without_sudo(tmp_path):
