@@ -58,13 +58,20 @@ class Repository:
         self.lock_dir = os.path.join(path, "locks") if self.location.is_local else None
         self.backend = backend or open_backend(self.location, s3_endpoint=s3_endpoint)
         self.locks = lock_service(self.location, engine, index_url, config.repo_id)
-        # locks of this host's own things (an --image file): never shared with other hosts
-        self.host_locks = self.locks if isinstance(self.locks, FlockLocks) else \
-            FlockLocks(host_lock_dir(config.repo_id))
+        self._host_locks = self.locks if isinstance(self.locks, FlockLocks) else None
         self.store = ObjectStore(engine, self.backend)
         # what writers, images and the set commit get instead of the whole repository
         self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
                                    store=self.store, locks=self.locks, lock_wait=lock_wait)
+
+    @property
+    def host_locks(self) -> FlockLocks:
+        """Locks of this host's own things (an --image file), never shared with other hosts: the
+        repository's flock files, or for a PostgreSQL index flock files in this host's state
+        directory (made when first needed, so reading commands write nothing there)."""
+        if self._host_locks is None:
+            self._host_locks = FlockLocks(host_lock_dir(self.config.repo_id))
+        return self._host_locks
 
     # -- life cycle -----------------------------------------------------------
     @classmethod
