@@ -7,8 +7,7 @@ import pytest
 from helpers.places import make_place
 from helpers.support import nbdbackup
 from nbdbackup.errors import ExitCode, UsageError
-from nbdbackup.repo.index import shown_url as masked_url
-from nbdbackup.repo.index import url_without_password
+from nbdbackup.repo.index import shown_url, url_without_password
 from nbdbackup.repo.location import parse_location
 
 
@@ -34,7 +33,7 @@ def test_malformed_repository_urls_are_usage_errors(spec):
 def test_urls_lose_their_password():
     url = "postgresql+psycopg://bob:s3cret@db.example:5432/nbd?sslmode=require"
     assert url_without_password(url) == "postgresql+psycopg://bob@db.example:5432/nbd?sslmode=require"
-    assert "s3cret" not in masked_url(url) and "bob:***@" in masked_url(url)
+    assert "s3cret" not in shown_url(url) and "bob:***@" in shown_url(url)
     assert url_without_password("sqlite:////srv/r/index.sqlite") == "sqlite:////srv/r/index.sqlite"
 
 

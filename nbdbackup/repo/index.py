@@ -79,12 +79,17 @@ def make_engine(url: str, *, read_only: str | None = None) -> Engine:
     return eng
 
 
+def is_postgresql_url(url: str) -> bool:
+    """Does *url* name a PostgreSQL index (any driver: psycopg_url() drives them all with psycopg)?"""
+    return url.partition("://")[0].partition("+")[0] in ("postgresql", "postgres")
+
+
 def psycopg_url(url: str) -> str:
     """*url* with any PostgreSQL driver replaced by psycopg (3), the one nbdbackup ships and whose
     errors it knows: postgresql:// and postgres:// quietly, another named driver with a warning."""
     scheme, sep, rest = url.partition("://")
-    backend, _, driver = scheme.partition("+")
-    if not sep or backend not in ("postgresql", "postgres") or driver == "psycopg":
+    driver = scheme.partition("+")[2]
+    if not sep or not is_postgresql_url(url) or driver == "psycopg":
         return url
     new = f"postgresql+psycopg://{rest}"
     if driver:

@@ -55,7 +55,7 @@ import time
 import uuid
 
 from ..errors import LockedError
-from .index import PG_CONNECT_ARGS, psycopg_url
+from .index import PG_CONNECT_ARGS, is_postgresql_url, psycopg_url
 from .indexerrors import index_error, pg_where
 from .indexretry import Connector
 from .locks import SHARED_GRACE_S, FlockLocks, masked_command
@@ -95,7 +95,7 @@ def scoped_name(name: str) -> str:
 def lock_service(index_url: str, repo_id: str, lock_dir: str):
     """The lock service of a repository: PgLocks when its index is on PostgreSQL (many hosts),
     else FlockLocks in *lock_dir*."""
-    if psycopg_url(index_url).startswith("postgresql+psycopg:"):
+    if is_postgresql_url(index_url):
         return PgLocks(index_url, repo_id)
     return FlockLocks(lock_dir)
 

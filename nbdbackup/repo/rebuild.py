@@ -28,8 +28,7 @@ from .backuprows import insert_backup
 from .chunks import ZERO_REF, DecodeError, decode
 from .exclusive import exclusive_access
 from .ids import now_ms, to_ms
-from .index import make_engine, upgrade, write_txn
-from .index import shown_url as masked_url
+from .index import make_engine, shown_url, upgrade, write_txn
 from .indexerrors import index_error
 from .manifest import ManifestError
 from .manifest import decode as decode_manifest
@@ -258,7 +257,7 @@ def _require_empty(url: str) -> None:
     finally:
         eng.dispose()
     if tables:
-        raise UsageError(f"the index database {masked_url(url)} is not empty; rebuild-index only moves "
+        raise UsageError(f"the index database {shown_url(url)} is not empty; rebuild-index only moves "
                          "SQLite index files aside by itself",
                          hint="give --index-url a new, empty database (or drop the old one's tables), then run again")
 

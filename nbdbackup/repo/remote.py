@@ -15,15 +15,26 @@ import os
 from ..errors import UsageError
 from ..fsutil import default_state_dir
 from .config import CONFIG_NAME, RepoConfig, config_bytes, read_config_object
-from .index import check_revision, current_revision, make_engine, upgrade, url_without_password
-from .index import shown_url as masked_url
+from .index import (
+    check_revision,
+    current_revision,
+    is_postgresql_url,
+    make_engine,
+    shown_url,
+    upgrade,
+    url_without_password,
+)
 from .location import RepoLocation
 
 INDEX_URL_NAME = "index-url"
 
 
-def _is_postgresql(url: str) -> bool:
-    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+def _check_bucket(backend) -> None:
+    """The bucket exists and takes our credentials (NoSuchBucket, CredentialsError...), where the
+    backend can tell (S3)."""
+    check = getattr(backend, "check_bucket", None)
+    if check is not None:
+        check()
 
 
 def create_index(url: str, where: str) -> None:
@@ -32,7 +43,7 @@ def create_index(url: str, where: str) -> None:
     try:
         with eng.connect() as conn:
             if current_revision(conn) is not None:
-                raise UsageError(f"the index at {masked_url(url)} already holds an nbdbackup index; "
+                raise UsageError(f"the index at {shown_url(url)} already holds an nbdbackup index; "
                                  "use an empty database")
         upgrade(eng, "head")
         check_revision(eng, where)
@@ -46,12 +57,10 @@ def init_s3(loc: RepoLocation, cfg: RepoConfig, index_url: str | None, backend) 
         raise UsageError(f"{loc.display}: an S3 repository keeps its index in PostgreSQL",
                          hint="pass --index-url postgresql+psycopg://USER@HOST/DB (or set NBDBACKUP_INDEX_URL); "
                               "the password may come from PGPASSWORD or ~/.pgpass")
-    if not _is_postgresql(index_url):
+    if not is_postgresql_url(index_url):
         raise UsageError(f"{loc.display}: the index of an S3 repository must be PostgreSQL, not "
                          f"{index_url.split(':', 1)[0]}", hint="many hosts share it; pass a postgresql+psycopg:// URL")
-    check = getattr(backend, "check_bucket", None)
-    if check is not None:
-        check()
+    _check_bucket(backend)
     if backend.exists(CONFIG_NAME):
         raise UsageError(f"{loc.display} is already a repository; refusing to initialise over it")
     if next(iter(backend.list("")), None) is not None:
@@ -73,9 +82,7 @@ def init_s3(loc: RepoLocation, cfg: RepoConfig, index_url: str | None, backend) 
 
 def open_s3(loc: RepoLocation, backend, index_url: str | None) -> tuple[RepoConfig, str]:
     """config.json and the index URL of the S3 repository *loc* (--index-url, else the stored one)."""
-    check = getattr(backend, "check_bucket", None)
-    if check is not None:
-        check()
+    _check_bucket(backend)
     cfg = read_config_object(backend, loc.display)
     if not index_url:
         try:

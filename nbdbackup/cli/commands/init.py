@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ...repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
-    from ...repo.index import shown_url as masked_url
+    from ...repo.index import shown_url
     from ..output import human_bytes, print_json, summary
     from ..repoargs import repo_path, storage_options
 
@@ -49,7 +49,7 @@ def run(args) -> int:
     with Repository.init(path, chunk_size=cs, index_url=args.index_url, compression_level=level,
                          **storage_options(args)) as repo:
         out = {"path": repo.path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size,
-               "compression_level": repo.compression_level, "index_url": masked_url(repo.index_url)}
+               "compression_level": repo.compression_level, "index_url": shown_url(repo.index_url)}
     if args.json:
         print_json(out)
     else:
