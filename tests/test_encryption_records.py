@@ -309,3 +309,10 @@ def test_sealed_packs_copied_into_a_plaintext_repository_are_not_read(tmp_path):
     with Repository.open(str(tmp_path / "sealed"), master_key=key) as sealed:
         assert [b.disk for b in sealed.list_backups()] == ["vda"]
         assert len(rep.backups) == 1
+
+
+def test_id_spaces():
+    k = MasterKey.generate()
+    assert SealedCodec(k).id_space == SealedCodec(MasterKey(k.material)).id_space != PLAIN.id_space
+    assert SealedCodec(MasterKey.generate()).id_space != SealedCodec(k).id_space
+    assert k.id_key not in SealedCodec(k).id_space
