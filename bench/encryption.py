@@ -112,16 +112,18 @@ def main() -> int:
                     shutil.rmtree(repo, ignore_errors=True)
                     Repository.init(str(repo), master_key=key if mode == "encrypted" else None).close()
                     kf = str(keyfile) if mode == "encrypted" else "-"
-                    res.setdefault((mode, f"backup {comp}"), []).append(
-                        timed(me + ["backup", str(repo), kf, str(img), comp]))
+                    runs = [(f"backup {comp}", me + ["backup", str(repo), kf, str(img), comp])]
+                    out = work / "restored.raw"
                     if comp == "all":
-                        out = work / "restored.raw"
                         out.unlink(missing_ok=True)
-                        res.setdefault((mode, "restore"), []).append(timed(me + ["restore", str(repo), kf, str(out)]))
-                        if r == 0 and not _same(img, out):
-                            raise SystemExit(f"{mode} restore differs from the image")
-                print(f"round {r + 1} {modes[0]} first: " + "  ".join(
-                    f"{m[0][:5]} {m[1]} {v[-1][0]:.2f}s" for m, v in res.items()), flush=True)
+                        runs.append(("restore", me + ["restore", str(repo), kf, str(out)]))
+                    for what, cmd in runs:
+                        res.setdefault((mode, what), []).append(timed(cmd))
+                        wall, cpu = res[(mode, what)][-1]
+                        print(f"round {r + 1}: {mode:<9} {what:<15} {wall:6.2f} s  {cpu:6.2f} CPU-s  "
+                              f"load {os.getloadavg()[0]:.1f}", flush=True)
+                    if comp == "all" and r == 0 and not _same(img, out):
+                        raise SystemExit(f"{mode} restore differs from the image")
     print()
     print(f"{'measure (median of ' + str(a.rounds) + ')':<26}{'plain MiB/s':>12}{'enc MiB/s':>11}"
           f"{'ratio':>7}{'plain CPU-s':>12}{'enc CPU-s':>10}")

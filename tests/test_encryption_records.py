@@ -14,7 +14,8 @@ import subprocess
 import blake3
 import pytest
 
-from helpers.places import object_names, patch_object, read_object
+from helpers.encryption import haystacks, marked_disk, needles
+from helpers.places import object_names, patch_object
 from helpers.repo import CHUNK_SIZE as CS
 from helpers.repo import new_repo, read_all, write_backup
 from helpers.serve import serve_in_process
@@ -30,30 +31,6 @@ from nbdbackup.repo.forget import forget
 from nbdbackup.repo.gc import collect
 from nbdbackup.repo.rebuild import rebuild_index
 from nbdbackup.repo.verify import verify
-
-MARKER = b"nbdbackup-marker:7c1e-secret-payroll-2026"
-
-
-def marked_disk(seed: int = 1, nchunks: int = 24) -> bytes:
-    """Chunks 0-7 text holding the marker (compressible), 8-15 random holding it (stored raw
-    unless encrypted), 16-19 zero, 20-23 random."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(nchunks):
-        if i < 8:
-            words = b" ".join(rng.choice([b"alpha", b"beta", b"gamma", b"delta", MARKER]) for _ in range(CS // 4))
-            piece = (MARKER + b" " + words)[:CS]
-        elif i < 16:
-            r = bytearray(rng.randbytes(CS))
-            at = rng.randrange(0, CS - len(MARKER))
-            r[at:at + len(MARKER)] = MARKER
-            piece = bytes(r)
-        elif i < 20:
-            piece = bytes(CS)
-        else:
-            piece = rng.randbytes(CS)
-        out.append(piece)
-    return b"".join(out)
 
 
 def sealed_repo(place, key: MasterKey, **kw) -> Repository:
@@ -160,39 +137,6 @@ def test_restore_and_qemu_through_serve(place, tmp_path):
                        check=True, capture_output=True, timeout=120)
 
 
-def _haystacks(place, repo) -> dict[str, bytes]:
-    """Every stored byte of the repository: its objects (packs, config.json...), the files of a
-    local repository (the SQLite index with its -wal and -shm), and a PostgreSQL index's dump."""
-    out = {name: read_object(place.spec, name) for name in object_names(repo, "")}
-    if not place.on_s3:
-        for root, _dirs, files in os.walk(place.spec):
-            for f in files:
-                p = os.path.join(root, f)
-                with open(p, "rb") as fh:
-                    out[p] = fh.read()
-    if place.index_url:
-        pg_dump = "/usr/lib/postgresql/15/bin/pg_dump"
-        url = place.index_url.replace("postgresql+psycopg://", "postgresql://")
-        dump = subprocess.run([pg_dump, "--data-only", url], check=True, capture_output=True, timeout=120).stdout
-        assert b"COPY public.chunks" in dump and b"COPY public.backups" in dump, dump[:2000]
-        out["pg_dump"] = dump
-    return out
-
-
-def _needles(data: bytes) -> dict[str, bytes]:
-    """The marker, and the plaintext blake3 of the marker and of every non-zero chunk: raw and hex."""
-    out = {"marker": MARKER, "marker hex": MARKER.hex().encode()}
-    hashes = {"blake3(marker)": blake3.blake3(MARKER).digest()}
-    for i in range(0, len(data), CS):
-        piece = data[i:i + CS]
-        if piece.count(0) != len(piece):
-            hashes[f"blake3(chunk {i // CS})"] = blake3.blake3(piece).digest()
-    for name, h in hashes.items():
-        out[name] = h
-        out[name + " hex"] = h.hex().encode()
-    return out
-
-
 @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plaintext-control"])
 def test_marker_and_plaintext_hashes_are_nowhere(place, encrypted):
     key = MasterKey.generate() if encrypted else None
@@ -201,9 +145,9 @@ def test_marker_and_plaintext_hashes_are_nowhere(place, encrypted):
         b = write_backup(repo, "vda", data, zero_holes=True)
         inc = write_backup(repo, "vda", data[:CS * 8] + os.urandom(CS) + data[CS * 9:], parent=b, changed=[8])
         assert inc.parent == b.id
-        stacks = _haystacks(place, repo)
+        stacks = haystacks(place, repo)
     assert any(n.endswith(".pack") for n in stacks) and any("config.json" in n for n in stacks)
-    found = {(what, where) for what, needle in _needles(data).items() for where, hay in stacks.items()
+    found = {(what, where) for what, needle in needles(data).items() for where, hay in stacks.items()
              if needle in hay}
     if encrypted:
         assert not found, sorted(found)[:20]
