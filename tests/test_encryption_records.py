@@ -260,3 +260,36 @@ def test_id_spaces():
     assert SealedCodec(k).id_space == SealedCodec(MasterKey(k.material)).id_space != PLAIN.id_space
     assert SealedCodec(MasterKey.generate()).id_space != SealedCodec(k).id_space
     assert k.id_key not in SealedCodec(k).id_space
+
+
+def test_sealing_and_opening_release_the_gil():
+    """prepare() and decode() run in worker threads: with a switch interval far longer than the
+    test, a second thread gets to run only if the first releases the GIL (blake3, zstd and
+    AES-GCM do; a pure Python loop would starve it)."""
+    import sys
+    import threading
+
+    c = SealedCodec(MasterKey.generate())
+    data = [os.urandom(CS * 4) for _ in range(2)]
+    sealed = [c.prepare(d, -3, compress=False) for d in data]
+    for work in (lambda i: c.prepare(data[i], -3, compress=False),
+                 lambda i: c.decode(P.REC_CHUNK, P.COMP_NONE, len(data[i]), sealed[i].hash, sealed[i].payload)):
+        counts, stop = [0, 0], threading.Event()
+
+        def loop(i, work=work, counts=counts, stop=stop):
+            while not stop.is_set():
+                work(i)
+                counts[i] += 1
+                if counts[i] >= 200:
+                    stop.set()
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(100)
+        try:
+            threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        finally:
+            sys.setswitchinterval(old)
+        assert min(counts) >= 20, counts
