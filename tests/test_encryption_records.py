@@ -293,3 +293,11 @@ def test_sealing_and_opening_release_the_gil():
         finally:
             sys.setswitchinterval(old)
         assert min(counts) >= 20, counts
+
+
+def test_a_chunk_prepared_by_another_codec_is_refused(tmp_path):
+    with new_repo(tmp_path / "r", master_key=MasterKey.generate()) as repo:
+        w = repo.writer("vda", kind="full", size=CS)
+        with pytest.raises(ValueError, match="another repository's codec"):
+            w.put(0, PLAIN.prepare(os.urandom(CS), -3))
+        w.abort()
