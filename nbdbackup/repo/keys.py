@@ -289,7 +289,9 @@ def unlock(config, backend, source: KeySource, where: str) -> UnlockedKey | None
         if not docs:
             raise RepoDamaged(f"{where} is encrypted but holds no key object under {KEYS_PREFIX}",
                               hint=f"pass an exported key with {source.option_prefix}key-file FILE")
-    for _attempt in range(3):
+    for attempt in range(3):         # three tries at a prompt, as sudo and ssh give
+        if attempt:
+            print("wrong passphrase, try again", file=sys.stderr)
         passphrase, typed = source.get_passphrase(where)
         for origin, doc in docs:
             master = unwrap(doc, passphrase, f"{where}: {origin}")
@@ -305,7 +307,6 @@ def unlock(config, backend, source: KeySource, where: str) -> UnlockedKey | None
             return found
         if not typed:
             break
-        print("wrong passphrase, try again", file=sys.stderr)
     raise KeyRefused(f"wrong passphrase for {source.label} {where}"
                      + (f" (key file {docs[0][0]})" if in_file else ""),
                      hint="check the passphrase (and the key file); nothing was read or changed")
