@@ -39,7 +39,7 @@ class RepoConfig:
     compression_level: int
     segment_len: int = DEFAULT_SEGMENT_LEN
     pack_size: int = DEFAULT_PACK_SIZE
-    # None: plaintext. Else (repo/keys.py) {"cipher", "id_hash", "key_check", "key": "repository" | "key-file"}
+    # None: plaintext. Set: how records are sealed (repo/codec.py codec_for; repo/keys.py fills it)
     encryption: dict | None = None
 
     @classmethod
@@ -90,8 +90,8 @@ def parse_size(text: str, *, allow_zero: bool = False) -> int:
 
 def config_bytes(cfg: RepoConfig) -> bytes:
     d = asdict(cfg)
-    if d["encryption"] is None:     # a plaintext repository's config.json stays as it was
-        del d["encryption"]
+    if d["encryption"] is None:
+        del d["encryption"]     # a plaintext repository's config.json is as it always was
     return (json.dumps(d, indent=2) + "\n").encode()
 
 
@@ -157,6 +157,8 @@ def parse_config(data: bytes, p: str, path: str) -> RepoConfig:
         cfg = RepoConfig(**{k: v for k, v in d.items() if k in known})
         check_chunk_size(cfg.chunk_size)
         check_level(cfg.compression_level)
+        if cfg.encryption is not None and not isinstance(cfg.encryption, dict):
+            raise TypeError(f"encryption must be an object, not {cfg.encryption!r}")
     except (TypeError, UsageError) as e:
         raise RepoDamaged(f"{p} is invalid: {e}") from None
     return cfg

@@ -26,16 +26,15 @@ from dataclasses import dataclass, replace
 
 from ..errors import KeyRefused, RepoDamaged, RepoFormatError, UsageError
 from ..fsutil import fsync_path
+from .codec import CIPHER, ID_HASH, encryption_config
 from .config import ENCRYPTED_FORMAT
 from .crypto import MASTER_KEY_SIZE, MasterKey
 from .passphrase import KeySource
 
-__all__ = ["KeySource", "KdfParams", "UnlockedKey", "wrap", "unwrap", "unlock", "encryption_config"]
+__all__ = ["KeySource", "KdfParams", "UnlockedKey", "wrap", "unwrap", "unlock"]
 
 KEY_FORMAT = 1
 KEYS_PREFIX = "keys/"
-CIPHER = "aes-256-gcm"
-ID_HASH = "blake3-keyed"
 KEY_IN_REPOSITORY, KEY_IN_FILE = "repository", "key-file"
 # scrypt: memory = 128 * r * n bytes. 128 MiB by default (about 0.6 s on a 2026 server core);
 # below 8 MiB a stolen key object would be too cheap to attack, above 4 GiB nobody can open it.
@@ -232,16 +231,10 @@ def check_key_file_creatable(path: str) -> None:
 
 # -- config.json and unlocking -----------------------------------------------------
 
-def encryption_config(master: MasterKey, repo_id: str, *, in_repository: bool) -> dict:
-    """config.json's `encryption` entry (no secret: a keyed hash binding the key to *repo_id*)."""
-    return {"cipher": CIPHER, "id_hash": ID_HASH, "key_check": master.key_check(repo_id),
-            "key": KEY_IN_REPOSITORY if in_repository else KEY_IN_FILE}
-
-
 def encrypted_config(cfg, key: "UnlockedKey"):
     """*cfg* (a new RepoConfig) as an encrypted repository's, for *key* (new_key)."""
-    return replace(cfg, format=ENCRYPTED_FORMAT,
-                   encryption=encryption_config(key.master, cfg.repo_id, in_repository=not key.in_file))
+    where = KEY_IN_REPOSITORY if key.stored_in_repository else KEY_IN_FILE
+    return replace(cfg, format=ENCRYPTED_FORMAT, encryption=encryption_config(key.master, cfg.repo_id, key=where))
 
 
 @dataclass(frozen=True)
@@ -250,9 +243,19 @@ class UnlockedKey:
     origin: str         # the key object's name, or the key file's path
     doc: dict           # the (wrapped) document that opened: what `key export` writes
     in_file: bool       # origin is a key file
+    given: bool = False     # the caller gave the key itself (library use): stored nowhere by us
+
+    @property
+    def stored_in_repository(self) -> bool:
+        return not self.in_file and not self.given
 
 
-def _check_encryption(enc, where: str) -> str:
+def given_key(master: MasterKey) -> UnlockedKey:
+    """A key the caller holds itself (Repository.init/open(master_key=...): tests, tools)."""
+    return UnlockedKey(master, "the key given", {}, False, given=True)
+
+
+def check_encryption(enc, where: str) -> str:
     if not isinstance(enc, dict) or not isinstance(enc.get("key_check"), str):
         raise RepoDamaged(f"{where}/config.json: its encryption entry is incomplete")
     if enc.get("cipher") != CIPHER or enc.get("id_hash") != ID_HASH:
@@ -269,7 +272,7 @@ def unlock(config, backend, source: KeySource, where: str) -> UnlockedKey | None
     enc = getattr(config, "encryption", None)
     if not enc:
         return None
-    check = _check_encryption(enc, where)
+    check = check_encryption(enc, where)
     cached = source.cache.get(("key", config.repo_id, check))
     if cached is not None:
         return cached
@@ -346,6 +349,8 @@ def new_key(repo_id: str, where: str, source: KeySource, params: KdfParams | Non
 
 def store_new_key(backend, key: UnlockedKey) -> None:
     """Store a new_key() where it belongs (create-only); init calls it before writing config.json."""
+    if key.given:
+        return
     if key.in_file:
         write_key_file(key.origin, key.doc)
     else:
@@ -354,7 +359,7 @@ def store_new_key(backend, key: UnlockedKey) -> None:
 
 def remove_new_key(key: UnlockedKey) -> None:
     """Undo store_new_key's key file after a failed init (a key object goes with the repository)."""
-    if key.in_file:
+    if key.in_file and not key.given:
         try:
             os.unlink(key.origin)
         except FileNotFoundError:

@@ -13,11 +13,12 @@ from typing import Sequence
 
 from sqlalchemy import func, select
 
-from ..errors import NotFound, RepoDamaged, UsageError, is_no_space, storage_error
+from ..errors import KeyRefused, NotFound, RepoDamaged, UsageError, is_no_space, storage_error
 from ..fsutil import write_blocker
 from . import backuprows, keys, remote
 from .backends import StorageBackend
 from .backuprows import INFO_COLUMNS, info_from_row
+from .codec import KeyMismatch, KeyRequired, codec_for
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -52,6 +53,9 @@ class Repository:
     def __init__(self, path: str, config: RepoConfig, engine, index_url: str, *, lock_wait: float = 0.0,
                  backend: StorageBackend | None = None, s3_endpoint: str | None = None,
                  master_key: MasterKey | None = None):
+        # how bytes become records: plaintext, or sealed with the key (KeyRequired / KeyMismatch);
+        # first, so a missing or wrong key opens nothing that would need closing
+        self.codec = codec_for(config, master_key)
         self.location = parse_location(path)
         path = self.path = self.location.display
         self.config = config
@@ -63,10 +67,10 @@ class Repository:
         self.locks = lock_service(self.location, engine, index_url, config.repo_id)
         self._host_locks = self.locks if isinstance(self.locks, FlockLocks) else None
         self.unlocked: UnlockedKey | None = None    # how open() unlocked an encrypted repository (key commands)
-        self.store = ObjectStore(engine, self.backend)
+        self.store = ObjectStore(engine, self.backend, self.codec)
         # what writers, images and the set commit get instead of the whole repository
         self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
-                                   store=self.store, locks=self.locks, lock_wait=lock_wait)
+                                   store=self.store, codec=self.codec, locks=self.locks, lock_wait=lock_wait)
 
     @property
     def host_locks(self) -> FlockLocks:
@@ -83,27 +87,31 @@ class Repository:
              compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None,
              segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int | None = None,
              s3_endpoint: str | None = None, encryption: bool = False, key_source: KeySource | None = None,
-             kdf: KdfParams | None = None) -> "Repository":
+             kdf: KdfParams | None = None, master_key: MasterKey | None = None) -> "Repository":
         """Create a repository and its index (at the head revision).
 
         segment_len (map positions per segment) and pack_size (target pack
         bytes) are tuning knobs, stored in config.json; tests use small ones.
         encryption=True makes a new master key, wrapped under the passphrase of *key_source*
         (default: the environment's, else typed twice) with scrypt *kdf*, stored as a key object
-        in the repository, or only in key_source.key_file when that is given."""
+        in the repository, or only in key_source.key_file when that is given. *master_key*
+        (library use, tests): encrypted with that key, stored nowhere; open it with master_key too."""
         loc = parse_location(path)
         if pack_size is None:
             pack_size = DEFAULT_PACK_SIZE if loc.is_local else DEFAULT_S3_PACK_SIZE
         cfg = RepoConfig.new(chunk_size, compression_level, segment_len=segment_len, pack_size=pack_size)
         source = key_source or KeySource.from_env()
-        new = None
+        new = keys.given_key(master_key) if master_key is not None else None    # library use (tests)
+        encryption = encryption and master_key is None
+        if new:
+            cfg = keys.encrypted_config(cfg, new)
         if not loc.is_local:
             backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
             remote.check_s3_target(loc, index_url, backend)     # before anyone types a passphrase
             if encryption:
                 new = keys.new_key(cfg.repo_id, loc.display, source, kdf)
                 cfg = keys.encrypted_config(cfg, new)
-            objects = [(new.origin, keys.doc_bytes(new.doc))] if new and not new.in_file else []
+            objects = [(new.origin, keys.doc_bytes(new.doc))] if new and new.stored_in_repository else []
             try:
                 if new and new.in_file:
                     keys.store_new_key(backend, new)
@@ -158,7 +166,8 @@ class Repository:
     @classmethod
     def open(cls, path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
              backend: StorageBackend | None = None, check: bool = True,
-             s3_endpoint: str | None = None, key_source: KeySource | None = None) -> "Repository":
+             s3_endpoint: str | None = None, key_source: KeySource | None = None,
+             master_key: MasterKey | None = None) -> "Repository":
         """Open an existing repository.
 
         NotARepository, RepoFormatError (newer format / index needs `nbdbackup migrate`),
@@ -167,6 +176,9 @@ class Repository:
         here, with *key_source* (None: the environment's, else a prompt on a terminal):
         KeyRefused (19) for a wrong passphrase or key, UsageError when none can be had."""
         source = key_source or KeySource.from_env()
+        if master_key is not None:      # library use: the key itself (checked against config.json)
+            return cls._open(path, index_url=index_url, lock_wait=lock_wait, backend=backend, check=check,
+                             s3_endpoint=s3_endpoint, unlock=lambda *_: keys.given_key(master_key))
         return cls._open(path, index_url=index_url, lock_wait=lock_wait, backend=backend, check=check,
                          s3_endpoint=s3_endpoint,
                          unlock=lambda cfg, be, where: keys.unlock(cfg, be, source, where))
@@ -185,6 +197,7 @@ class Repository:
             cfg, url = remote.open_s3(loc, backend, index_url)
         unlocked = None
         if cfg.encryption:      # before the index is touched: a wrong key reads nothing
+            keys.check_encryption(cfg.encryption, loc.display)
             backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
             unlocked = unlock(cfg, backend, loc.display)
         if check and url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
@@ -196,6 +209,12 @@ class Repository:
                 check_revision(eng, loc.display)
             repo = cls(loc.display, cfg, eng, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint,
                        master_key=unlocked.master if unlocked else None)
+        except KeyMismatch:
+            eng.dispose()
+            raise KeyRefused(f"the key given is not the key of {loc.display}") from None
+        except KeyRequired:
+            eng.dispose()
+            raise UsageError(f"{loc.display} is encrypted: its key is needed") from None
         except BaseException:
             eng.dispose()
             raise
