@@ -234,7 +234,8 @@ def check_key_file_creatable(path: str) -> None:
 def encrypted_config(cfg, key: "UnlockedKey"):
     """*cfg* (a new RepoConfig) as an encrypted repository's, for *key* (new_key)."""
     where = KEY_IN_REPOSITORY if key.stored_in_repository else KEY_IN_FILE
-    return replace(cfg, format=ENCRYPTED_FORMAT, encryption=encryption_config(key.master, cfg.repo_id, key=where))
+    enc = {**encryption_config(key.master, cfg.repo_id), "key": where}
+    return replace(cfg, format=ENCRYPTED_FORMAT, encryption=enc)
 
 
 @dataclass(frozen=True)
