@@ -416,3 +416,21 @@ def test_key_source_and_master_key_do_not_show_secrets():
     assert unwrap(doc, PW) == key and unwrap(doc, PW + "x") is None
     for field, value in (("repo_id", "r2"), ("kdf", {**doc["kdf"], "p": 2})):
         assert unwrap({**doc, field: value}, PW) is None        # the wrapping binds them
+
+
+def test_rebuild_index_asks_for_the_passphrase_once(tmp_path):
+    repo, count = tmp_path / "r", tmp_path / "asked"
+    init_encrypted(repo)
+    data = os.urandom(2 * 65536) + b"text " * 30000
+    with open_repo(repo) as r:
+        info = write_backup(r, "vda", data)
+    script = tmp_path / "ask"
+    script.write_text(f"#!/bin/sh\necho x >> '{count}'\nprintf '%s\\n' '{PW}'\n")
+    script.chmod(0o755)
+    (repo / "index.sqlite").unlink()
+    p = cron_like("--repo", repo, "rebuild-index", NBDBACKUP_PASSPHRASE_COMMAND=str(script))
+    assert p.returncode == 0, p.stderr
+    assert count.read_text().count("x") == 1
+    with open_repo(repo) as r:
+        assert [b.id for b in r.list_backups()] == [info.id] and read_all(r, info.id) == data
+    assert cron_like("--repo", repo, "rebuild-index", NBDBACKUP_PASSPHRASE="nope").returncode == 19
