@@ -21,11 +21,11 @@ from helpers.repo import new_repo, read_all, write_backup
 from helpers.serve import serve_in_process
 from helpers.support import require_tool
 from nbdbackup.engine.restore import restore
-from nbdbackup.errors import ChunkCorrupt
+from nbdbackup.errors import ChunkCorrupt, KeyRefused, UsageError
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
 from nbdbackup.repo.chunks import ZERO_REF, DecodeError
-from nbdbackup.repo.codec import PLAIN, KeyMismatch, KeyRequired, SealedCodec, codec_for
+from nbdbackup.repo.codec import PLAIN, SealedCodec, codec_for
 from nbdbackup.repo.crypto import MasterKey
 from nbdbackup.repo.forget import forget
 from nbdbackup.repo.gc import collect
@@ -109,9 +109,9 @@ def test_full_incremental_round_trip_and_keys(place):
         changed[3 * CS + 5:3 * CS + 9] = b"EDIT"
         changed[21 * CS:22 * CS] = os.urandom(CS)
         inc = write_backup(repo, "vda", bytes(changed), parent=full, changed=[3, 21])
-    with pytest.raises(KeyRequired):
+    with pytest.raises(UsageError):
         opened(place, None)
-    with pytest.raises(KeyMismatch):
+    with pytest.raises(KeyRefused):
         opened(place, MasterKey.generate())
     with opened(place, key) as repo:
         assert read_all(repo, full.id) == data
@@ -200,9 +200,9 @@ def test_rebuild_index_of_an_encrypted_repository(place):
     with sealed_repo(place, key) as repo:
         b1 = write_backup(repo, "vda", data, zero_holes=True)
         b2 = write_backup(repo, "vdb", data[:12 * CS], zero_holes=True)
-    with pytest.raises(KeyRequired):
+    with pytest.raises(UsageError):
         rebuild_index(place.spec, index_url=place.index_url)
-    with pytest.raises(KeyMismatch):
+    with pytest.raises(KeyRefused):
         rebuild_index(place.spec, index_url=place.index_url, master_key=MasterKey.generate())
     rep = rebuild_index(place.spec, index_url=place.index_url, master_key=key)
     assert sorted(rep.backups) == sorted([b1.id, b2.id]) and not rep.backups_lost, rep.problem_lines()
