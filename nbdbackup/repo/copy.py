@@ -56,6 +56,7 @@ class CopiedBackup:
     bytes_read: int = 0         # plaintext bytes read from the source
     bytes_sent: int = 0         # record bytes written to the destination (chunks + map segments)
     duration_s: float = 0.0
+    committed: BackupInfo | None = None     # the destination's row (its own read/stored bytes, duration)
 
     def to_json(self) -> dict:
         return {"id": self.info.id, "disk": self.info.disk, "kind": self.info.kind, "parent": self.info.parent,
@@ -199,7 +200,7 @@ def copy_backups(src, dst, infos: list[BackupInfo], *,
                 result.failed.append(CopyFailure([b.id for b in todo or group], e))
                 continue
             for c in copied:
-                dst_ids[c.info.id] = c.info
+                dst_ids[c.info.id] = c.committed      # a later backup's writer checks it as its parent
                 result.copied.append(c)
                 if on_done:
                     on_done(c)
@@ -241,13 +242,15 @@ def _copy_set(src, dst, group: list[BackupInfo], src_by_disk, dst_ids, pool, pro
             _fill(src, dst, w, b, base, job, pool, progress)
             job.duration_s = time.monotonic() - t0
             jobs.append(job)
-        dst.commit_set(writers, read_bytes=[j.bytes_read for j in jobs], duration_s=[j.duration_s for j in jobs])
+        committed = dst.commit_set(writers, read_bytes=[j.bytes_read for j in jobs],
+                                   duration_s=[j.duration_s for j in jobs])
     except BaseException:
         for w in writers:
             w.abort()
         raise
-    for j, w in zip(jobs, writers):
+    for j, w, info in zip(jobs, writers, committed):
         j.bytes_sent = w.stored_bytes
+        j.committed = info
     return jobs
 
 

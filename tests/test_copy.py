@@ -1,0 +1,386 @@
+"""`nbdbackup copy`: backups replicated into a second repository (local and S3+PostgreSQL).
+
+Every copy is restored through the installed CLI and compared with the source's disk bytes (not
+just with the source repository). Damage, crashes (SIGKILL of the copy), a held lock, a chunk size
+mismatch, a dangling parent and the source's retention are each driven for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from helpers.repo import CHUNK_SIZE, disk_data, mixed_image, new_repo, read_all, write_backup
+from helpers.support import kill_if_running, nbdbackup, nbdbackup_exe
+from nbdbackup.repo import Repository
+
+CS = CHUNK_SIZE
+SEED = int(os.environ.get("NBDBACKUP_TEST_SEED", "1312"))
+
+
+# --- where the two repositories live ---------------------------------------------------------
+
+@dataclass
+class Site:
+    spec: str                       # --repo / --to
+    index_url: str | None = None    # a PostgreSQL database of its own (S3), else the SQLite file
+
+    @property
+    def on_s3(self) -> bool:
+        return self.spec.startswith("s3://")
+
+    def init(self, **options) -> Repository:
+        if self.index_url:
+            options["index_url"] = self.index_url
+        return new_repo(self.spec, **options)
+
+    def open(self) -> Repository:
+        return Repository.open(self.spec, index_url=self.index_url)
+
+    def src_args(self) -> list[str]:
+        return ["--repo", self.spec] + (["--index-url", self.index_url] if self.index_url else [])
+
+    def dest_args(self) -> list[str]:
+        return ["--to", self.spec] + (["--dest-index-url", self.index_url] if self.index_url else [])
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@pytest.fixture
+def make_site(request, tmp_path, monkeypatch):
+    """make_site(kind, name): a place for a repository: "local" (a directory) or "s3" (a fresh
+    bucket on the session's radosgw and a fresh PostgreSQL database), removed after the test."""
+    from helpers.ceph import make_bucket, remove_bucket
+
+    cleanups = []
+
+    def make(kind: str, name: str) -> Site:
+        if kind == "local":
+            return Site(str(tmp_path / name))
+        s3 = request.getfixturevalue("ceph_s3")
+        pg = request.getfixturevalue("pg_server")
+        s3.set_env(monkeypatch)
+        monkeypatch.setenv("PGPASSWORD", pg.env.get("PGPASSWORD", "") or "testpass")
+        db = pg.create_database()
+        bucket = make_bucket(s3)
+        cleanups.append(lambda: remove_bucket(s3, bucket))
+        cleanups.append(lambda: pg.drop_database(db))
+        return Site(f"s3://{bucket}", pg.db_url(db))
+
+    yield make
+    for c in reversed(cleanups):
+        c()
+
+
+def _copy(src: Site, dst: Site, *what, check=True, env=None, **kw):
+    p = nbdbackup(*src.src_args(), "--json", "copy", *dst.dest_args(), *what, check=False, env=env, **kw)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def _restore_cli(site: Site, ref: str, tmp_path) -> bytes:
+    out = tmp_path / f"restored-{ref}.raw"
+    out.unlink(missing_ok=True)
+    args = ["--repo", site.spec] + (["--index-url", site.index_url] if site.index_url else [])
+    nbdbackup(*args, "-q", "restore", ref, out)
+    return out.read_bytes()
+
+
+def _changed(a: bytes, b: bytes) -> list[int]:
+    return [i for i in range((len(b) + CS - 1) // CS) if a[i * CS:(i + 1) * CS] != b[i * CS:(i + 1) * CS]]
+
+
+def _same_identity(x, y) -> None:
+    assert (x.id, x.disk, x.kind, x.parent, x.created, x.size, x.set_id) == \
+           (y.id, y.disk, y.kind, y.parent, y.created, y.size, y.set_id)
+
+
+# --- the round trips ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kinds", [("local", "s3"), ("s3", "local")], ids=["local-to-s3", "s3-to-local"])
+def test_copy_round_trip_second_run_and_nightly_incremental(make_site, tmp_path, kinds):
+    rng = random.Random(SEED)
+    src, dst = make_site(kinds[0], "src"), make_site(kinds[1], "dst")
+    disks = {}
+    with src.init() as s:
+        disks["vm1"] = [mixed_image(tmp_path / "vm1.raw", 96 * CS + 1234, SEED)]     # an unaligned tail
+        full = write_backup(s, "vm1", disks["vm1"][0], zero_holes=True)
+        v2 = disk_data(rng, 96, base=disks["vm1"][0][:96 * CS], change=0.2) + disks["vm1"][0][96 * CS:]
+        disks["vm1"].append(v2)
+        inc = write_backup(s, "vm1", v2, parent=full, changed=_changed(disks["vm1"][0], v2))
+        # a two-disk set: it must arrive whole
+        a, b = disk_data(rng, 40), disk_data(rng, 24)
+        ws = []
+        write_backup(s, "db-a", a, set_writers=ws)
+        write_backup(s, "db-b", b, set_writers=ws)
+        set_infos = s.commit_set(ws, read_bytes=[len(a), len(b)], duration_s=0.0)
+        disks["db-a"], disks["db-b"] = [a], [b]
+        src_infos = {i.id: i for i in s.list_backups()}
+    with dst.init():
+        pass
+
+    out = json.loads(_copy(src, dst, "--all").stdout)
+    assert out["backups_copied"] == 4 and out["backups_skipped"] == 0 and out["failed"] == []
+    assert {c["id"] for c in out["copied"]} == set(src_infos)
+    for c in out["copied"]:
+        assert set(c) >= {"id", "disk", "kind", "parent", "base", "bytes_sent", "chunks_read", "chunks_skipped"}
+    assert out["bytes_sent"] == sum(c["bytes_sent"] for c in out["copied"]) > 0
+    with dst.open() as d:
+        got = {i.id: i for i in d.list_backups()}
+    assert set(got) == set(src_infos)
+    for bid, info in src_infos.items():
+        _same_identity(got[bid], info)
+        assert got[bid].bitmap is None and got[bid].checkpoint is None
+    assert {got[i.id].set_id for i in set_infos} == {set_infos[0].set_id}
+    # the incremental was built on its parent: only its changes were read
+    (inc_out,) = [c for c in out["copied"] if c["id"] == inc.id]
+    assert inc_out["base"] == full.id and inc_out["chunks_read"] <= len(_changed(disks["vm1"][0], v2))
+
+    # bit-exact against the source's disk bytes, through the CLI's restore of the destination
+    assert _restore_cli(dst, full.id, tmp_path) == disks["vm1"][0]
+    assert _restore_cli(dst, inc.id, tmp_path) == disks["vm1"][1]
+    assert _restore_cli(dst, set_infos[0].id, tmp_path) == disks["db-a"][0]
+    assert _restore_cli(dst, set_infos[1].id, tmp_path) == disks["db-b"][0]
+    nbdbackup(*dst.src_args(), "verify")
+
+    # a second run copies nothing
+    again = json.loads(_copy(src, dst, "--all").stdout)
+    assert again["backups_copied"] == 0 and again["backups_skipped"] == 4 and again["bytes_sent"] == 0
+
+    # the nightly incremental: only its new chunks (and changed map segments) are sent
+    with src.open() as s:
+        v3 = disk_data(rng, 96, base=v2[:96 * CS], change=0.1) + v2[96 * CS:]
+        inc2 = write_backup(s, "vm1", v3, parent=inc, changed=_changed(v2, v3))
+    night = json.loads(_copy(src, dst, "vm1").stdout)
+    assert [c["id"] for c in night["copied"]] == [inc2.id]
+    assert night["copied"][0]["base"] == inc.id
+    # same compression level, same new chunks, same changed segments: the very bytes the source stored
+    assert night["bytes_sent"] == inc2.stored_bytes > 0
+    assert _restore_cli(dst, inc2.id, tmp_path) == v3
+
+
+def test_set_member_brings_its_set_and_a_copy_of_a_copy(make_site, tmp_path):
+    rng = random.Random(SEED + 1)
+    src, mid, dst = make_site("local", "src"), make_site("local", "mid"), make_site("local", "dst")
+    with src.init() as s:
+        ws = []
+        a, b = disk_data(rng, 8), disk_data(rng, 8)
+        write_backup(s, "a", a, set_writers=ws)
+        write_backup(s, "b", b, set_writers=ws)
+        ia, ib = s.commit_set(ws)
+    mid.init().close()
+    dst.init().close()
+    out = json.loads(_copy(src, mid, ia.id).stdout)
+    assert sorted(c["id"] for c in out["copied"]) == sorted([ia.id, ib.id])
+    _copy(src, dst, "--disk", "b")          # names b's latest, and so its set
+    # a copy of a copy keeps the identity too, and a set already there is skipped
+    out = json.loads(_copy(mid, dst, "--all").stdout)
+    assert out["backups_copied"] == 0 and out["backups_skipped"] == 2
+    with dst.open() as d:
+        for x, y in zip(sorted(d.list_backups(), key=lambda i: i.id), sorted([ia, ib], key=lambda i: i.id)):
+            _same_identity(x, y)
+        assert read_all(d, ia.id) == a and read_all(d, ib.id) == b
+
+
+def test_dangling_parent_in_the_destination(make_site, tmp_path):
+    """An incremental copied without its parent is complete; every command takes the missing id."""
+    rng = random.Random(SEED + 2)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init() as s:
+        v1 = disk_data(rng, 48)
+        full = write_backup(s, "vm1", v1)
+        v2 = disk_data(rng, 48, base=v1, change=0.25)
+        inc = write_backup(s, "vm1", v2, parent=full, changed=_changed(v1, v2))
+    dst.init().close()
+    out = json.loads(_copy(src, dst, inc.id).stdout)
+    assert out["copied"][0]["base"] is None and out["copied"][0]["parent"] == full.id
+    d_args = ["--repo", dst.spec]
+    listed = json.loads(nbdbackup(*d_args, "--json", "list").stdout)
+    assert [(b["id"], b["parent"]) for b in listed] == [(inc.id, full.id)]
+    assert _restore_cli(dst, inc.id, tmp_path) == v2
+    nbdbackup(*d_args, "verify")
+    # an incremental on top of it (its parent's parent is not there)
+    with dst.open() as d:
+        v3 = disk_data(rng, 48, base=v2, change=0.1)
+        inc3 = write_backup(d, "vm1", v3, parent=d.get_backup(inc.id), changed=_changed(v2, v3))
+    assert _restore_cli(dst, inc3.id, tmp_path) == v3
+    nbdbackup(*d_args, "prune", "--keep-last", "1")
+    nbdbackup(*d_args, "gc", "--grace", "0")
+    assert [b["id"] for b in json.loads(nbdbackup(*d_args, "--json", "list").stdout)] == [inc3.id]
+    assert _restore_cli(dst, inc3.id, tmp_path) == v3
+    nbdbackup(*d_args, "verify")
+    nbdbackup(*d_args, "forget", inc3.id)
+    nbdbackup(*d_args, "gc", "--grace", "0")
+    # copying the parent later fills the gap; the copy of inc comes back built on it
+    out = json.loads(_copy(src, dst, "--all").stdout)
+    assert [c["id"] for c in out["copied"]] == [full.id, inc.id]
+    assert out["copied"][1]["base"] == full.id
+    assert _restore_cli(dst, inc.id, tmp_path) == v2
+
+
+def test_source_retention_never_touches_the_destination(make_site, tmp_path):
+    rng = random.Random(SEED + 3)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    datas = {}
+    with src.init() as s:
+        prev = None
+        data = disk_data(rng, 32)
+        for _ in range(3):
+            info = write_backup(s, "vm1", data, parent=prev, changed=None)
+            datas[info.id] = data
+            prev, data = info, disk_data(rng, 32, base=data, change=0.3)
+    dst.init().close()
+    _copy(src, dst, "--all")
+    ids = list(datas)
+    nbdbackup("--repo", src.spec, "forget", ids[0])
+    nbdbackup("--repo", src.spec, "prune", "--keep-last", "1")
+    nbdbackup("--repo", src.spec, "gc", "--grace", "0")
+    with src.open() as s:
+        assert [b.id for b in s.list_backups()] == [ids[2]]
+    with dst.open() as d:
+        assert [b.id for b in d.list_backups()] == ids
+    for bid, data in datas.items():
+        assert _restore_cli(dst, bid, tmp_path) == data
+    nbdbackup("--repo", dst.spec, "verify")
+    # the pruned source's copy run skips what is there and never forgets anything
+    out = json.loads(_copy(src, dst, "--all").stdout)
+    assert out["backups_skipped"] == 1 and out["backups_copied"] == 0
+    with dst.open() as d:
+        assert len(d.list_backups()) == 3
+
+
+# --- refusals and failures ----------------------------------------------------------------------
+
+def test_chunk_size_mismatch_is_refused_before_anything_is_written(make_site, tmp_path):
+    rng = random.Random(SEED + 4)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init() as s:
+        write_backup(s, "vm1", disk_data(rng, 8))
+    dst.init(chunk_size=2 * CS).close()
+    before = sorted(os.listdir(os.path.join(dst.spec, "packs")))
+    p = nbdbackup("--repo", src.spec, "copy", "--to", dst.spec, "--all", check=False)
+    assert p.returncode == 2, p.stderr
+    assert str(CS) in p.stderr and str(2 * CS) in p.stderr and "chunk size" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert sorted(os.listdir(os.path.join(dst.spec, "packs"))) == before
+    with dst.open() as d:
+        assert d.list_backups() == []
+
+
+def test_nothing_named_to_copy_is_a_usage_error(make_site):
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    src.init().close()
+    dst.init().close()
+    for what in ([], ["--all", "vm1"]):
+        p = nbdbackup("--repo", src.spec, "copy", "--to", dst.spec, *what, check=False)
+        assert p.returncode == 2 and "BACKUP" in p.stderr, p.stderr
+
+
+def test_damaged_source_chunk_stops_that_backup_only(make_site, tmp_path):
+    from nbdbackup.repo import maps
+
+    rng = random.Random(SEED + 5)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init() as s:
+        bad_data = disk_data(rng, 16)
+        good_data = disk_data(rng, 16)
+        bad = write_backup(s, "vm1", bad_data)
+        good = write_backup(s, "vm2", good_data)
+        # flip one payload byte of one chunk only vm1 holds
+        with s.open_image(bad) as img:
+            idx = next(i for i in range(img.nchunks) if not img.is_zero(i)
+                       and bad_data[i * CS:(i + 1) * CS] not in
+                       {good_data[j * CS:(j + 1) * CS] for j in range(16)})
+            h = img.chunk_ref(idx)
+        loc = s.store.chunk_locations([h])[h]
+    from nbdbackup.repo.packs import pack_object_name
+    with open(os.path.join(src.spec, pack_object_name(loc.pack)), "r+b") as f:
+        f.seek(loc.offset + loc.stored_len // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x41]))
+    dst.init().close()
+    p = _copy(src, dst, "--all", check=False)
+    assert p.returncode == 9, p.stderr
+    off = idx * CS
+    n = maps.chunk_len(idx, bad.size, CS)
+    assert f"disk offset {off} (length {n})" in p.stderr and bad.id in p.stderr
+    assert "Traceback" not in p.stderr
+    out = json.loads(p.stdout)
+    assert [c["id"] for c in out["copied"]] == [good.id]
+    assert [f["ids"] for f in out["failed"]] == [[bad.id]] and out["failed"][0]["exit_code"] == 9
+    with dst.open() as d:
+        assert [b.id for b in d.list_backups()] == [good.id]
+    nbdbackup("--repo", dst.spec, "verify")
+    assert _restore_cli(dst, good.id, tmp_path) == good_data
+
+
+def test_held_disk_lock_in_the_destination_is_exit_3(make_site):
+    rng = random.Random(SEED + 6)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init() as s:
+        write_backup(s, "vm1", disk_data(rng, 8))
+    with dst.init() as d:
+        held = d.lock("disk-vm1", exclusive=True, purpose="a backup of vm1 on another host")
+        try:
+            p = _copy(src, dst, "--all", check=False)
+        finally:
+            held.release()
+        assert p.returncode == 3, p.stderr
+        assert d.list_backups() == []
+    out = json.loads(_copy(src, dst, "--all").stdout)        # once the lock is free, the copy goes
+    assert out["backups_copied"] == 1
+
+
+# --- crashes ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dest_kind", ["local", "s3"])
+def test_sigkill_at_random_points_then_verify_and_rerun(make_site, tmp_path, dest_kind):
+    rng = random.Random(SEED + 7)
+    src, dst = make_site("local", "src"), make_site(dest_kind, "dst")
+    datas = {}
+    with src.init(pack_size=1 << 20) as s:
+        prev, data = None, disk_data(rng, 512)
+        for k in range(3):
+            info = write_backup(s, f"vm{k % 2}", data)
+            datas[info.id] = data
+            data = disk_data(rng, 512, base=data, change=0.5)
+        del prev
+    dst.init(pack_size=1 << 20).close()
+    cmd = [nbdbackup_exe(), *src.src_args(), "-q", "copy", *dst.dest_args(), "--all"]
+    kills = 0
+    for delay in [rng.uniform(0.4, 2.5) for _ in range(3)]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            time.sleep(delay)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=120)
+        finally:
+            kill_if_running(proc)
+        # consistent after every kill: whatever is listed is whole and verifies
+        v_args = ["--repo", dst.spec] + (["--index-url", dst.index_url] if dst.index_url else [])
+        p = nbdbackup(*v_args, "--json", "verify", check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        with dst.open() as d:
+            for b in d.list_backups():
+                assert read_all(d, b.id) == datas[b.id]
+    assert kills >= 1, "the copy always finished before the kill: give it more data"
+    out = json.loads(_copy(src, dst, "--all").stdout)
+    assert out["backups_copied"] + out["backups_skipped"] == 3
+    with dst.open() as d:
+        assert {b.id for b in d.list_backups()} == set(datas)
+        for bid, data in datas.items():
+            assert read_all(d, bid) == data
+    again = json.loads(_copy(src, dst, "--all").stdout)
+    assert again["backups_copied"] == 0
