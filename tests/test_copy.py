@@ -384,3 +384,36 @@ def test_sigkill_at_random_points_then_verify_and_rerun(make_site, tmp_path, des
             assert read_all(d, bid) == data
     again = json.loads(_copy(src, dst, "--all").stdout)
     assert again["backups_copied"] == 0
+
+
+def test_a_copy_waiting_for_the_disk_lock_skips_what_arrived_meanwhile(make_site):
+    """Two overlapping copy runs (cron): the one that waited (--lock-wait) behind the other finds
+    the backup committed once it holds the disk lock, and skips it instead of failing."""
+    from nbdbackup.progress import NoBar
+    from nbdbackup.repo.copy import copy_backups, select_backups
+
+    rng = random.Random(SEED + 8)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init() as s:
+        write_backup(s, "vm1", disk_data(rng, 8))
+    dst.init().close()
+    procs = []
+
+    def start_other_run(total, desc):
+        if not procs:       # our writer holds disk-vm1 now: the CLI run blocks on it
+            procs.append(subprocess.Popen([nbdbackup_exe(), "--repo", src.spec, "--json", "--lock-wait", "60",
+                                           "copy", "--to", dst.spec, "--all"],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            time.sleep(2.0)
+        return NoBar()
+
+    with src.open() as s, dst.open() as d:
+        result = copy_backups(s, d, select_backups(s, everything=True), progress=start_other_run)
+    assert len(result.copied) == 1
+    try:
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        kill_if_running(procs[0])
+    assert procs[0].returncode == 0, err
+    doc = json.loads(out)
+    assert doc["backups_copied"] == 0 and doc["backups_skipped"] == 1

@@ -195,6 +195,13 @@ def copy_backups(src, dst, infos: list[BackupInfo], *,
                     if src_by_disk[b.disk] is None:
                         src_by_disk[b.disk] = src.list_backups(b.disk)
                 copied = _copy_set(src, dst, todo, src_by_disk, dst_ids, pool, progress)
+            except _ArrivedMeanwhile:
+                dst_ids.update(_dst_backups(dst, {b.disk for b in group}))
+                for b in todo:
+                    result.skipped.append(b)
+                    if on_done:
+                        on_done(b)
+                continue
             except (ChunkCorrupt, RepoDamaged, LockedError, CopyConflict) as e:
                 log.error("copy of %s failed: %s", ", ".join(b.id for b in group), e)
                 result.failed.append(CopyFailure([b.id for b in todo or group], e))
@@ -238,6 +245,8 @@ def _copy_set(src, dst, group: list[BackupInfo], src_by_disk, dst_ids, pool, pro
             w = dst.writer(b.disk, kind="incremental" if base else "full", size=b.size,
                            parent=dst_ids[base.id] if base else None, source=b.source, preserve=b)
             writers.append(w)
+            if _arrived(dst, b):
+                raise _ArrivedMeanwhile(b)
             job = CopiedBackup(b, base.id if base else None)
             _fill(src, dst, w, b, base, job, pool, progress)
             job.duration_s = time.monotonic() - t0
@@ -252,6 +261,21 @@ def _copy_set(src, dst, group: list[BackupInfo], src_by_disk, dst_ids, pool, pro
         j.bytes_sent = w.stored_bytes
         j.committed = info
     return jobs
+
+
+class _ArrivedMeanwhile(Exception):
+    """Another copy run committed this backup while we waited for its disk lock."""
+
+
+def _arrived(dst, b: BackupInfo) -> bool:
+    """Whether *dst* holds *b* by now; asked once its writer holds the disk lock, so a copy run that
+    waited (--lock-wait) behind another one copying the same backup skips it instead of failing."""
+    from ..errors import NotFound
+    try:
+        dst.get_backup(b.id)
+    except NotFound:
+        return False
+    return True
 
 
 def _fill(src, dst, w, b: BackupInfo, base: BackupInfo | None, job: CopiedBackup, pool, progress) -> None:
