@@ -417,3 +417,20 @@ def test_a_copy_waiting_for_the_disk_lock_skips_what_arrived_meanwhile(make_site
     assert procs[0].returncode == 0, err
     doc = json.loads(out)
     assert doc["backups_copied"] == 0 and doc["backups_skipped"] == 1
+
+
+def test_progress_bar_on_a_terminal_and_the_summary_line(make_site, tmp_path):
+    from helpers.support import nbdbackup_on_a_tty
+
+    rng = random.Random(SEED + 9)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init() as s:
+        info = write_backup(s, "vm1", disk_data(rng, 64))
+    dst.init().close()
+    tty = nbdbackup_on_a_tty("--repo", src.spec, "copy", "--to", dst.spec, "--all")
+    assert "copy vm1" in tty and "%|" in tty, tty          # tqdm's bar, named after the disk
+    assert "copied 1 backup(s), skipped 0" in tty and "sent" in tty and "chunk(s) skipped" in tty, tty
+    # without a terminal: no bar, one line per backup on stdout, the summary on stderr
+    p = nbdbackup("--repo", src.spec, "copy", "--to", dst.spec, "--all")
+    assert p.stdout.splitlines() == [f"skipped {info.id}  vm1  (the destination has it)"]
+    assert "%|" not in p.stderr and "copied 0 backup(s), skipped 1" in p.stderr
