@@ -434,3 +434,23 @@ def test_progress_bar_on_a_terminal_and_the_summary_line(make_site, tmp_path):
     p = nbdbackup("--repo", src.spec, "copy", "--to", dst.spec, "--all")
     assert p.stdout.splitlines() == [f"skipped {info.id}  vm1  (the destination has it)"]
     assert "%|" not in p.stderr and "copied 0 backup(s), skipped 1" in p.stderr
+
+
+def test_an_id_the_destination_holds_for_another_disk_is_a_conflict_not_a_skip(make_site):
+    import sqlite3
+
+    rng = random.Random(SEED + 11)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init() as s:
+        a = write_backup(s, "vm1", disk_data(rng, 8))
+        b = write_backup(s, "vm2", disk_data(rng, 8))
+    dst.init().close()
+    _copy(src, dst, a.id)
+    # the destination's row of a.id now claims another disk (what a foreign backup with that id looks like)
+    with sqlite3.connect(os.path.join(dst.spec, "index.sqlite")) as c:
+        c.execute("UPDATE backups SET disk = 'other' WHERE id = ?", (a.id,))
+    p = _copy(src, dst, "--all", check=False)
+    assert p.returncode == 1, p.stderr
+    out = json.loads(p.stdout)
+    assert [f["ids"] for f in out["failed"]] == [[a.id]] and "not a copy of it" in out["failed"][0]["error"]
+    assert [c["id"] for c in out["copied"]] == [b.id] and out["skipped"] == []

@@ -31,11 +31,12 @@ from sqlalchemy import select
 
 from ..errors import ChunkCorrupt, LockedError, NbdBackupError, RepoDamaged, UsageError
 from ..progress import NoBar
-from . import maps
+from . import backuprows, maps
+from .backuprows import INFO_COLUMNS, info_from_row
 from .chunks import ZERO_REF
 from .info import BackupInfo
 from .mapbuilder import inheritable_positions
-from .schema import chunks
+from .schema import backups, chunks
 
 log = logging.getLogger("nbdbackup")
 
@@ -169,7 +170,7 @@ def copy_backups(src, dst, infos: list[BackupInfo], *,
     check_compatible(src, dst)
     t0 = time.monotonic()
     result = CopyResult()
-    dst_ids = _dst_backups(dst, {b.disk for b in infos})
+    dst_ids = _dst_backups(dst, {b.disk for b in infos}, [b.id for b in infos])
     src_by_disk: dict[str, list[BackupInfo]] = {}
     with ThreadPoolExecutor(2, thread_name_prefix="copy-prepare") as pool:
         for group in _groups(infos):
@@ -215,10 +216,16 @@ def copy_backups(src, dst, infos: list[BackupInfo], *,
     return result
 
 
-def _dst_backups(dst, disks: Iterable[str]) -> dict[str, BackupInfo]:
+def _dst_backups(dst, disks: Iterable[str], ids: Iterable[str] = ()) -> dict[str, BackupInfo]:
+    """The destination's backups of *disks* (bases), and those with one of *ids* whatever their disk
+    (a backup there under another disk is a conflict, not a copy to make)."""
     out: dict[str, BackupInfo] = {}
     for d in sorted(set(disks)):
         out.update((b.id, b) for b in dst.list_backups(d))
+    rest = sorted(set(ids) - set(out))
+    for k in range(0, len(rest), _IN_BATCH):
+        rows = backuprows.query(dst.index_db, select(*INFO_COLUMNS).where(backups.c.id.in_(rest[k:k + _IN_BATCH])))
+        out.update((b.id, b) for b in map(info_from_row, rows))
     return out
 
 
