@@ -172,7 +172,8 @@ def copy_backups(src, dst, infos: list[BackupInfo], *,
     result = CopyResult()
     dst_ids = _dst_backups(dst, {b.disk for b in infos}, [b.id for b in infos])
     src_by_disk: dict[str, list[BackupInfo]] = {}
-    with ThreadPoolExecutor(2, thread_name_prefix="copy-prepare") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="copy-read") as reader, \
+            ThreadPoolExecutor(2, thread_name_prefix="copy-prepare") as pool:
         for group in _groups(infos):
             todo = []
             try:
@@ -195,7 +196,7 @@ def copy_backups(src, dst, infos: list[BackupInfo], *,
                     src_by_disk.setdefault(b.disk, None)
                     if src_by_disk[b.disk] is None:
                         src_by_disk[b.disk] = src.list_backups(b.disk)
-                copied = _copy_set(src, dst, todo, src_by_disk, dst_ids, pool, progress)
+                copied = _copy_set(src, dst, todo, src_by_disk, dst_ids, (reader, pool), progress)
             except _ArrivedMeanwhile:
                 dst_ids.update(_dst_backups(dst, {b.disk for b in group}))
                 for b in todo:
@@ -242,7 +243,7 @@ def pick_base(b: BackupInfo, src_backups: list[BackupInfo], dst_ids: dict[str, B
     return max(both, key=lambda s: (s.created, s.id)) if both else None
 
 
-def _copy_set(src, dst, group: list[BackupInfo], src_by_disk, dst_ids, pool, progress) -> list[CopiedBackup]:
+def _copy_set(src, dst, group: list[BackupInfo], src_by_disk, dst_ids, pools, progress) -> list[CopiedBackup]:
     """Write every member of *group* into *dst* and commit them as one set."""
     writers, jobs = [], []
     try:
@@ -255,7 +256,7 @@ def _copy_set(src, dst, group: list[BackupInfo], src_by_disk, dst_ids, pool, pro
             if _arrived(dst, b):
                 raise _ArrivedMeanwhile(b)
             job = CopiedBackup(b, base.id if base else None)
-            _fill(src, dst, w, b, base, job, pool, progress)
+            _fill(src, dst, w, b, base, job, pools, progress)
             job.duration_s = time.monotonic() - t0
             jobs.append(job)
         committed = dst.commit_set(writers, read_bytes=[j.bytes_read for j in jobs],
@@ -285,13 +286,24 @@ def _arrived(dst, b: BackupInfo) -> bool:
     return True
 
 
-def _fill(src, dst, w, b: BackupInfo, base: BackupInfo | None, job: CopiedBackup, pool, progress) -> None:
-    """Put into writer *w* every position of *b* that differs from *base* (all non-zero ones without)."""
+def _fill(src, dst, w, b: BackupInfo, base: BackupInfo | None, job: CopiedBackup, pools, progress) -> None:
+    """Put into writer *w* every position of *b* that differs from *base* (all non-zero ones without).
+    One batch is read (reader thread) while the previous one is prepared (pool) and put (here)."""
+    reader, pool = pools
     cs = b.chunk_size
     seg_len = src.config.segment_len
     same_ids = not is_encrypted(src) and not is_encrypted(dst)      # both plain blake3: ids are equal
     bar = progress(b.size, f"copy {b.disk}") if progress else NoBar()
     images = []
+    pending = None      # the batch being read: a future of (indexes, data, ids, present)
+
+    def read_next(todo: list[int]) -> None:
+        nonlocal pending
+        fut = reader.submit(_read_batch, dst, img, todo, same_ids)
+        if pending is not None:
+            _put_batch(dst, w, img, pending.result(), job, pool)
+        pending = fut
+
     try:
         img = src.open_image(b)       # pins b (no forget, so no gc, while it is read)
         images.append(img)
@@ -320,13 +332,18 @@ def _fill(src, dst, w, b: BackupInfo, base: BackupInfo | None, job: CopiedBackup
                     continue
                 todo.append(i)
                 if len(todo) >= READ_BATCH:
-                    _copy_chunks(dst, w, img, todo, job, pool, same_ids)
+                    read_next(todo)
                     todo = []
             bar.update(_span_bytes(start, n, b.size, cs))
         if todo:
-            _copy_chunks(dst, w, img, todo, job, pool, same_ids)
+            read_next(todo)
+        if pending is not None:
+            batch, pending = pending.result(), None
+            _put_batch(dst, w, img, batch, job, pool)
         w.flush()
     finally:
+        if pending is not None:      # failed meanwhile: let the reader finish with the image first
+            pending.exception()
         for im in images:
             im.close()
         bar.close()
@@ -336,15 +353,17 @@ def _span_bytes(start: int, n: int, size: int, cs: int) -> int:
     return min(size, (start + n) * cs) - start * cs
 
 
-def _copy_chunks(dst, w, img, indexes: list[int], job: CopiedBackup, pool, same_ids: bool) -> None:
-    """Read chunks *indexes* (checked; the first damaged one raises ChunkCorrupt, naming its disk
-    byte range) and put them into *w*, compressing only those the destination lacks."""
+def _read_batch(dst, img, indexes: list[int], same_ids: bool):
+    """Chunks *indexes* read and checked (the first damaged one raises ChunkCorrupt, naming its disk
+    byte range), their ids in the destination's space, and which of those it has already."""
     data = img.read_chunks(indexes)
-    if same_ids:
-        ids = [img.chunk_ref(i) for i in indexes]
-    else:
-        ids = list(pool.map(dst_hash(dst), data))
-    present = _present(dst, ids)
+    ids = [img.chunk_ref(i) for i in indexes] if same_ids else [dst_hash(dst)(d) for d in data]
+    return indexes, data, ids, _present(dst, ids)
+
+
+def _put_batch(dst, w, img, batch, job: CopiedBackup, pool) -> None:
+    """Prepare a read batch for the destination (compressing only what it lacks) and put it."""
+    indexes, data, ids, present = batch
     level = dst.config.compression_level
     prepare = dst_prepare(dst)
     prepared = list(pool.map(lambda d, h: prepare(d, level, h not in present), data, ids))
