@@ -454,3 +454,41 @@ def test_an_id_the_destination_holds_for_another_disk_is_a_conflict_not_a_skip(m
     out = json.loads(p.stdout)
     assert [f["ids"] for f in out["failed"]] == [[a.id]] and "not a copy of it" in out["failed"][0]["error"]
     assert [c["id"] for c in out["copied"]] == [b.id] and out["skipped"] == []
+
+
+def test_real_engine_backups_copied_then_an_incremental_on_a_dangling_parent(make_site, tmp_path):
+    """qemu-nbd exports a qcow2: the source gets a full and an incremental (bitmap b1) from the
+    engine; only the incremental is copied. The destination's own next incremental (bitmap b2,
+    parent = the copy, whose parent is missing) passes the chain check and restores exactly."""
+    from helpers import support
+    from helpers.engine_util import MiB, make_image, qio, snapshot_raw
+
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    img = make_image(tmp_path / "d.qcow2", 16 * MiB)
+    qio(img, "write -q -P 0xa1 0 3M", "write -q -P 0xa2 9M 1M")
+    nbdbackup("--repo", src.spec, "init", "--chunk-size", "64K")
+    nbdbackup("--repo", dst.spec, "init", "--chunk-size", "64K")
+    sock = tmp_path / "s.sock"
+
+    def backup(site, kind, *extra, bitmaps=()):
+        with support.qemu_nbd(img, sock, bitmaps=bitmaps) as uri:
+            p = nbdbackup("--repo", site.spec, "--json", kind, "--source", uri, "--disk", "web", *extra)
+        return json.loads(p.stdout)
+
+    full = backup(src, "full")
+    support.run(["qemu-img", "bitmap", "--add", str(img), "b1"])
+    qio(img, "write -q -P 0xb1 4M 192k", "write -q -z 0 1M")
+    snap1 = snapshot_raw(img, tmp_path / "s1.raw").read_bytes()
+    inc = backup(src, "incremental", "--bitmap", "b1", bitmaps=("b1",))
+    assert inc["parent"] == full["id"]
+    out = json.loads(_copy(src, dst, inc["id"]).stdout)
+    assert out["copied"][0]["base"] is None
+    assert _restore_cli(dst, inc["id"], tmp_path) == snap1
+
+    support.run(["qemu-img", "bitmap", "--add", str(img), "b2"])
+    qio(img, "write -q -P 0xc1 12M 128k")
+    snap2 = snapshot_raw(img, tmp_path / "s2.raw").read_bytes()
+    mine = backup(dst, "incremental", "--bitmap", "b2", "--no-fallback", bitmaps=("b2",))
+    assert mine["kind"] == "incremental" and mine["parent"] == inc["id"] and mine["read_bytes"] == 128 * 1024
+    assert _restore_cli(dst, mine["id"], tmp_path) == snap2
+    nbdbackup("--repo", dst.spec, "verify")
