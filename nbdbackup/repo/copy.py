@@ -236,7 +236,8 @@ def pick_base(b: BackupInfo, src_backups: list[BackupInfo], dst_ids: dict[str, B
     class: disk and chunk size), else None (a full read of its non-zero positions)."""
     both = [s for s in src_backups
             if s.id in dst_ids and s.id != b.id and s.disk == b.disk and s.chunk_size == b.chunk_size
-            and dst_ids[s.id].size == s.size and (s.created, s.id) < (b.created, b.id)]
+            and (dst_ids[s.id].disk, dst_ids[s.id].size) == (s.disk, s.size)
+            and (s.created, s.id) < (b.created, b.id)]
     for s in both:
         if s.id == b.parent:
             return s
