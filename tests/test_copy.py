@@ -492,3 +492,39 @@ def test_real_engine_backups_copied_then_an_incremental_on_a_dangling_parent(mak
     assert mine["kind"] == "incremental" and mine["parent"] == inc["id"] and mine["read_bytes"] == 128 * 1024
     assert _restore_cli(dst, mine["id"], tmp_path) == snap2
     nbdbackup("--repo", dst.spec, "verify")
+
+
+def test_rerun_after_a_kill_does_not_send_again_what_arrived(make_site, tmp_path):
+    """SIGKILL once the destination has indexed a few packs: nothing is listed, and the rerun finds
+    those chunks there (chunks_skipped) and sends less than a copy from scratch."""
+    import sqlite3
+
+    rng = random.Random(SEED + 12)
+    src, dst, fresh = make_site("local", "src"), make_site("local", "dst"), make_site("local", "fresh")
+    with src.init(pack_size=1 << 20) as s:
+        data = disk_data(rng, 640)
+        info = write_backup(s, "vm1", data)
+    dst.init(pack_size=1 << 20).close()
+    fresh.init(pack_size=1 << 20).close()
+    proc = subprocess.Popen([nbdbackup_exe(), "--repo", src.spec, "-q", "copy", "--to", dst.spec, "--all"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with sqlite3.connect(f"file:{dst.spec}/index.sqlite?mode=ro", uri=True) as c:
+                if c.execute("SELECT count(*) FROM packs").fetchone()[0] >= 3:
+                    break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the copy finished before three packs were seen"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        kill_if_running(proc)
+    with dst.open() as d:
+        assert d.list_backups() == []
+    rerun = json.loads(_copy(src, dst, "--all").stdout)
+    scratch = json.loads(_copy(src, fresh, "--all").stdout)
+    assert rerun["backups_copied"] == 1 and rerun["chunks_skipped"] > 0
+    assert rerun["bytes_sent"] < scratch["bytes_sent"]
+    with dst.open() as d:
+        assert read_all(d, info.id) == data
