@@ -332,8 +332,9 @@ class DiskPipeline:
     def _prepare_on_arrival(self, f: Future, out: Future, view: memoryview, offset: int) -> None:
         """Done-callback of a read (on the connection's receiver thread): hash and compress
         its chunks right there, so they change threads once (to the main thread's put)
-        instead of three times. blake3/zstd release the GIL, so receivers of different
-        connections prepare in parallel."""
+        instead of three times. The writer's prepare is the repository codec's: blake3/zstd
+        (and AES-GCM, encrypted) release the GIL, so receivers of different connections
+        prepare in parallel."""
         try:
             e = f.exception()
             if isinstance(e, NbdConnectionError):   # the pool gave up reconnecting: tell the main thread now

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterator
 from ..errors import NbdError, NbdProtocolError, SourceFailed
 from ..nbd.extents import walk_extents
 from ..nbd.proto import CONTEXT_BASE_ALLOCATION
-from ..repo.chunks import HASH_SIZE, ZERO_REF, prepare
+from ..repo.chunks import HASH_SIZE, ZERO_REF
 from ..repo.maps import chunk_len
 from .chunkplan import CLEAN_ZERO, SKIP, chunk_runs, first_resized_chunk
 from .options import BackupOptions
@@ -78,6 +78,7 @@ class _ParentMap:
         self.refs = repo.checked_segment_refs(parent)     # the map the writer will inherit
         self.seg_len = repo.config.segment_len
         self.store = repo.store
+        self.codec = repo.codec     # a read chunk's map entry, as the writer would make it
         self._seq = -1
         self._raw = b""
         self._locs: dict[bytes, Location] = {}
@@ -279,7 +280,7 @@ def _first_mismatch(pool: ConnectionPool, pmap: _ParentMap, indices: list[int], 
         seq, k = divmod(i, pmap.seg_len)
         raw = pmap.segment(seq)
         want = raw[k * HASH_SIZE:(k + 1) * HASH_SIZE] if raw else ZERO_REF
-        return None if prepare(memoryview(data), 0, compress=False).hash == want else i
+        return None if pmap.codec.ref(memoryview(data)) == want else i
 
     for i in indices:
         n = chunk_len(i, size, cs)

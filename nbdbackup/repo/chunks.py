@@ -1,5 +1,7 @@
-"""Chunk preparation (worker threads) and checked decoding.
+"""Chunk preparation (worker threads) and checked decoding: plaintext records.
 
+These functions are PlainCodec's implementation (repo/codec.py); everything
+else goes through a repository's codec, which may be a SealedCodec.
 A chunk id is blake3 of its uncompressed bytes. prepare() runs in worker
 threads: blake3 and zstd release the GIL, so two threads use two cores.
 zstd compressor objects are not thread-safe: one per thread and level.
@@ -33,7 +35,8 @@ class PreparedChunk:
     raw_len: int
     compression: int     # packs.COMP_NONE / COMP_ZSTD
     # what goes into the pack (empty for a zero chunk); raw: the caller's data, not a copy
-    payload: bytes | memoryview
+    payload: bytes | bytearray | memoryview
+    flags: int = 0       # the record header's flags (packs.FLAG_SEALED for an encrypted record)
 
     @property
     def is_zero(self) -> bool:
@@ -90,12 +93,17 @@ def prepare(data, level: int, compress: bool = True) -> PreparedChunk:
     h = hash_bytes(data)
     if not (data[0] or data[n - 1]) and h == zero_hash(n):
         return PreparedChunk(ZERO_REF, n, COMP_NONE, b"")
-    if not compress:
-        return PreparedChunk(h, n, COMP_NONE, data)
+    comp, body = compress_chunk(data, level) if compress else (COMP_NONE, data)
+    return PreparedChunk(h, n, comp, body)
+
+
+def compress_chunk(data, level: int):
+    """(compression, body) of a chunk: zstd when that saves enough, else *data* itself."""
+    n = len(data)
     c = _compressor(level).compress(data)
     if len(c) <= n - (n >> _MIN_SAVING_SHIFT):
-        return PreparedChunk(h, n, COMP_ZSTD, c)
-    return PreparedChunk(h, n, COMP_NONE, data)
+        return COMP_ZSTD, c
+    return COMP_NONE, data
 
 
 def compress_blob(data: bytes, level: int) -> tuple[int, bytes]:
@@ -108,8 +116,9 @@ class DecodeError(ValueError):
     pass
 
 
-def decode(payload: bytes, compression: int, raw_len: int, expected: bytes) -> bytes:
-    """Decompress and verify against *expected* (blake3); DecodeError on any mismatch."""
+def decode(payload: bytes, compression: int, raw_len: int, expected: bytes, hasher=hash_bytes) -> bytes:
+    """Decompress and verify against *expected* (*hasher*: blake3, or a codec's keyed blake3);
+    DecodeError on any mismatch."""
     if compression == COMP_NONE:
         data = payload
     elif compression == COMP_ZSTD:
@@ -121,6 +130,6 @@ def decode(payload: bytes, compression: int, raw_len: int, expected: bytes) -> b
         raise DecodeError(f"unknown compression {compression}")
     if len(data) != raw_len:
         raise DecodeError(f"length {len(data)} != {raw_len}")
-    if hash_bytes(data) != expected:
+    if hasher(data) != expected:
         raise DecodeError("hash mismatch")
     return data.tobytes() if isinstance(data, memoryview) else data

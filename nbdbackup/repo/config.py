@@ -35,6 +35,8 @@ class RepoConfig:
     compression_level: int
     segment_len: int = DEFAULT_SEGMENT_LEN
     pack_size: int = DEFAULT_PACK_SIZE
+    # None: plaintext. Set: how records are sealed (repo/codec.py codec_for; repo/keys.py fills it)
+    encryption: dict | None = None
 
     @classmethod
     def new(cls, chunk_size: int, compression_level: int, *, segment_len: int = DEFAULT_SEGMENT_LEN,
@@ -83,7 +85,10 @@ def parse_size(text: str, *, allow_zero: bool = False) -> int:
 
 
 def config_bytes(cfg: RepoConfig) -> bytes:
-    return (json.dumps(asdict(cfg), indent=2) + "\n").encode()
+    d = asdict(cfg)
+    if d["encryption"] is None:
+        del d["encryption"]     # a plaintext repository's config.json is as it always was
+    return (json.dumps(d, indent=2) + "\n").encode()
 
 
 def write_config(path: str, cfg: RepoConfig) -> None:
@@ -146,6 +151,8 @@ def parse_config(data: bytes, p: str, path: str) -> RepoConfig:
         cfg = RepoConfig(**{k: v for k, v in d.items() if k in known})
         check_chunk_size(cfg.chunk_size)
         check_level(cfg.compression_level)
+        if cfg.encryption is not None and not isinstance(cfg.encryption, dict):
+            raise TypeError(f"encryption must be an object, not {cfg.encryption!r}")
     except (TypeError, UsageError) as e:
         raise RepoDamaged(f"{p} is invalid: {e}") from None
     return cfg

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 
 from .backends import StorageBackend
+from .codec import RecordCodec
 from .config import RepoConfig
 from .locks import FlockLocks, RepoLock
 from .store import ObjectStore
@@ -23,6 +24,7 @@ class RepoContext:
     index_db: Engine           # the index's SQLAlchemy engine (not the engine/ package)
     backend: StorageBackend    # where pack files live
     store: ObjectStore         # record lookups and checked record reads
+    codec: RecordCodec         # how bytes become records and back (plaintext or sealed)
     locks: FlockLocks          # the lock service (flock files here; PostgreSQL for many hosts)
     lock_wait: float           # seconds a lock is waited for before LockedError
 

@@ -28,7 +28,7 @@ from sqlalchemy import and_, delete, exists, select, update
 from ..errors import LockedError, NoSpaceError, RepoDamaged
 from ..progress import NoBar
 from . import maps
-from .chunks import ZERO_REF, DecodeError, decode
+from .chunks import ZERO_REF, DecodeError
 from .ids import now_ms, to_ms
 from .index import write_txn
 from .indexerrors import index_errors
@@ -338,11 +338,13 @@ def _repack_into(repo, builder: PackBuilder, group: list[_Pack], rows: dict, liv
                 continue                          # dead, or a duplicate the index does not use
             payload = backend.get(obj, rec.offset, rec.stored_len)
             try:
-                decode(payload, rec.compression, rec.raw_len, rec.hash)
+                # opened (encrypted) and checked, never re-sealed: the record is copied byte for byte,
+                # its header (the AAD) with it, so it opens in the new pack as in the old
+                repo.codec.decode(rec.type, rec.compression, rec.raw_len, rec.hash, payload, flags=rec.flags)
             except DecodeError as e:
                 rep.skipped_damaged.append(f"pack {pk.name} record at {rec.offset}: {e}; pack not repacked")
                 return 0                        # keep every old pack of this group as it is
-            new = builder.add(rec.type, rec.hash, rec.raw_len, rec.compression, payload)
+            new = builder.add(rec.type, rec.hash, rec.raw_len, rec.compression, payload, rec.flags)
             if table is not None:
                 moved.append((table, rec.hash, new))
             bar.update(HEADER_SIZE + rec.stored_len)

@@ -6,7 +6,8 @@ Repository. Thread-safe: the segment list is
 loaded up front; map segments (with the
 pack locations of their chunks, one batched query per segment) are loaded
 on demand into a small LRU cache under a lock; chunk data is read with
-ranged backend reads and verified (blake3) before it is returned.
+ranged backend reads and verified (the codec: opened, decompressed, its id
+checked) before it is returned.
 
 read_chunks() reads many chunks at once: records neighbouring in a pack come
 in one ranged get (ObjectStore.read_records). gc may run beside a reader and
@@ -96,7 +97,7 @@ class BackupImage:
             raise IndexError(f"chunk index {index} out of range 0..{self.nchunks - 1}")
 
     def chunk_ref(self, index: int) -> bytes:
-        """The map entry of chunk *index*: its blake3 hash, or ZERO_REF."""
+        """The map entry of chunk *index*: its id, or ZERO_REF."""
         self._check_index(index)
         seq, i = divmod(index, self._seg_len)
         seg = self._segment(seq)

@@ -2,7 +2,7 @@
 
 A manifest is JSON: {"format": 1, "info": BackupInfo, "segment_len": n,
 "segments": [hex or null, ...]}. The writer stores it in a pack at commit and
-the index keeps its blake3 as backups.manifest_hash, so the manifest is what
+the index keeps its id (the codec's hash) as backups.manifest_hash, so the manifest is what
 authenticates a backup's index rows: re-encoding the rows must give the same
 bytes (`rows_match`, no record read), and verify compares a decoded manifest
 field by field (`disagreements`). rebuild-index recreates rows from it.
@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass, fields
 
 from ..errors import RepoDamaged
-from .chunks import hash_bytes
 from .info import BackupInfo
 from .packs import REC_MANIFEST, PackFormatError, pack_object_name, read_records, scan_records
 from .store import Location, RecordError
@@ -53,9 +52,11 @@ def decode(raw: bytes) -> Manifest:
     return Manifest(info, seg_len, refs)
 
 
-def rows_match(info: BackupInfo, segment_len: int, refs: list[bytes | None], manifest_hash: bytes | None) -> bool:
-    """Whether the index rows (*info*, *refs*) re-encode to the manifest the index names."""
-    return manifest_hash is not None and hash_bytes(encode(info, segment_len, refs)) == bytes(manifest_hash)
+def rows_match(codec, info: BackupInfo, segment_len: int, refs: list[bytes | None],
+               manifest_hash: bytes | None) -> bool:
+    """Whether the index rows (*info*, *refs*) re-encode to the manifest the index names (its id
+    under *codec*, the repository's: keyed in an encrypted one, so the index cannot forge it)."""
+    return manifest_hash is not None and codec.hash(encode(info, segment_len, refs)) == bytes(manifest_hash)
 
 
 def disagreements(m: Manifest, info: BackupInfo, segment_len: int, refs: list[bytes | None]) -> list[str]:
@@ -111,7 +112,7 @@ def check_rows(repo, info: BackupInfo, refs: list[bytes | None], manifest_hash: 
     """RepoDamaged unless the index rows of *info* agree with its manifest. Re-encoding the rows
     reads nothing; only when that differs (damage, or a manifest an older version encoded
     differently) is the record looked for in the packs and compared field by field."""
-    if rows_match(info, repo.config.segment_len, refs, manifest_hash):
+    if rows_match(repo.codec, info, repo.config.segment_len, refs, manifest_hash):
         return
     hint = ("run `nbdbackup verify` for the details; `nbdbackup rebuild-index` recreates the index "
             "from the manifests in the packs")

@@ -1,6 +1,6 @@
 """MapBuilder: the map of one backup being written, segment by segment.
 
-A map is one entry per chunk position (its blake3 hash or ZERO_REF), split
+A map is one entry per chunk position (its chunk id or ZERO_REF), split
 into segments of segment_len positions (repo/maps.py). Only the segments near
 the furthest position put are open (32 bytes per position); those the engine
 has moved OPEN_WINDOW segments past are finalized, and a late put reopens one.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from . import maps
-from .chunks import HASH_SIZE, hash_bytes
+from .chunks import HASH_SIZE
 
 OPEN_WINDOW = 2          # segments kept open behind the furthest one put
 
@@ -36,15 +36,17 @@ def inheritable_positions(parent_size: int, size: int, cs: int) -> int:
 class MapBuilder:
     def __init__(self, nchunks: int, segment_len: int, *, parent_refs: list[bytes | None],
                  parent_nchunks: int, inherit_upto: int, load: Callable[[bytes], bytes],
-                 is_stored: Callable[[bytes], bool], store: Callable[[bytes, bytes], None]):
+                 is_stored: Callable[[bytes], bool], store: Callable[[bytes, bytes], None],
+                 hash: Callable[[bytes], bytes]):
         """*parent_refs*: the parent's segment list ([] for a full). *load*(hash) -> raw segment;
-        *is_stored*(hash): whether that segment is stored already; *store*(hash, raw) stores one."""
+        *is_stored*(hash): whether that segment is stored already; *store*(hash, raw) stores one;
+        *hash*(raw): a segment's id (the repository codec's)."""
         self.nchunks = nchunks
         self.segment_len = segment_len
         self._parent_refs = parent_refs
         self._parent_nchunks = parent_nchunks
         self._inherit_upto = inherit_upto
-        self._load, self._is_stored, self._store = load, is_stored, store
+        self._load, self._is_stored, self._store, self._hash = load, is_stored, store, hash
         self.open: dict[int, bytearray] = {}          # seq -> raw segment being filled
         self._done: dict[int, bytes | None] = {}      # seq -> finalized segment hash (None = zero)
         self._max_seq = -1
@@ -85,7 +87,7 @@ class MapBuilder:
         if maps.is_all_zero(raw):
             self._done[seq] = None
             return
-        h = hash_bytes(raw)
+        h = self._hash(raw)
         self._done[seq] = h
         if h == self._parent_ref(seq) or self._is_stored(h):
             return

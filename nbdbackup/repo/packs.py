@@ -7,8 +7,10 @@ Layout (all integers little-endian):
     footer entry*                            one per record (52 bytes)
     trailer                                  count, footer length, blake3(footer), b"NBPKEND1"
 
-Record header: magic b"NBRC", type u8, compression u8, 2 reserved bytes,
-raw length u32, stored length u32, blake3 hash of the raw bytes (32 bytes).
+Record header: magic b"NBRC", type u8, compression u8, flags u16 (0, or
+FLAG_SEALED for an encrypted record: repo/codec.py), raw length u32, stored
+length u32, the record's id (32 bytes: blake3 of the raw bytes, keyed in an
+encrypted repository).
 The footer repeats every header with its offset, so the index can be rebuilt
 from packs alone; if the footer is damaged, scan_records() walks the headers.
 """
@@ -38,6 +40,8 @@ REC_MANIFEST = 3   # a backup's metadata + segment list, JSON (see repo/manifest
 COMP_NONE = 0
 COMP_ZSTD = 1
 
+FLAG_SEALED = 1    # payload = nonce || AES-256-GCM(compressed bytes) || tag (repo/codec.py SealedCodec)
+
 _HEADER = struct.Struct("<4sBBHII32s")
 _ENTRY = struct.Struct("<BBHIIQ32s")
 _TRAILER = struct.Struct("<II32s8s")
@@ -58,6 +62,7 @@ class RecordInfo:
     stored_len: int
     offset: int          # offset of the PAYLOAD in the pack (header is HEADER_SIZE before it)
     hash: bytes
+    flags: int = 0       # FLAG_SEALED or 0
 
 
 def pack_object_name(pack: str) -> str:
@@ -144,15 +149,15 @@ class PackBuilder:
             buf = self._buf = bigger
         return buf
 
-    def add(self, rtype: int, h: bytes, raw_len: int, compression: int, payload) -> RecordInfo:
+    def add(self, rtype: int, h: bytes, raw_len: int, compression: int, payload, flags: int = 0) -> RecordInfo:
         n = len(payload)
         buf = self._reserve(HEADER_SIZE + n)
-        _HEADER.pack_into(buf, self.size, RECORD_MAGIC, rtype, compression, 0, raw_len, n, h)
+        _HEADER.pack_into(buf, self.size, RECORD_MAGIC, rtype, compression, flags, raw_len, n, h)
         off = self.size + HEADER_SIZE
         _copy_into(buf, off, payload)
-        self._entries.append(_ENTRY.pack(rtype, compression, 0, raw_len, n, off, h))
+        self._entries.append(_ENTRY.pack(rtype, compression, flags, raw_len, n, off, h))
         self.size = off + n
-        info = RecordInfo(rtype, compression, raw_len, n, off, h)
+        info = RecordInfo(rtype, compression, raw_len, n, off, h, flags)
         self.records.append(info)
         return info
 
@@ -211,14 +216,19 @@ def write_pack(backend, name: str, builder: PackBuilder) -> int:
     return size
 
 
+def header_bytes(rtype: int, compression: int, flags: int, raw_len: int, stored_len: int, h: bytes) -> bytes:
+    """The 48 header bytes PackBuilder.add writes for such a record (a sealed record's AAD)."""
+    return _HEADER.pack(RECORD_MAGIC, rtype, compression, flags, raw_len, stored_len, h)
+
+
 def parse_header(data: bytes) -> RecordInfo:
     """Parse a 48-byte record header (offset is left 0)."""
     if len(data) < HEADER_SIZE:
         raise PackFormatError("truncated record header")
-    magic, rtype, comp, _r, raw_len, stored_len, h = _HEADER.unpack_from(data)
+    magic, rtype, comp, flags, raw_len, stored_len, h = _HEADER.unpack_from(data)
     if magic != RECORD_MAGIC:
         raise PackFormatError("bad record magic")
-    return RecordInfo(rtype, comp, raw_len, stored_len, 0, h)
+    return RecordInfo(rtype, comp, raw_len, stored_len, 0, h, flags)
 
 
 def parse_footer(tail: bytes, pack_size: int) -> list[RecordInfo]:
@@ -236,10 +246,10 @@ def parse_footer(tail: bytes, pack_size: int) -> list[RecordInfo]:
     out = []
     limit = pack_size - TRAILER_SIZE - flen
     for i in range(count):
-        rtype, comp, _r, raw_len, stored_len, off, h = _ENTRY.unpack_from(footer, i * ENTRY_SIZE)
+        rtype, comp, flags, raw_len, stored_len, off, h = _ENTRY.unpack_from(footer, i * ENTRY_SIZE)
         if off + stored_len > limit:
             raise PackFormatError("footer entry points past the records")
-        out.append(RecordInfo(rtype, comp, raw_len, stored_len, off, h))
+        out.append(RecordInfo(rtype, comp, raw_len, stored_len, off, h, flags))
     return out
 
 
@@ -274,5 +284,5 @@ def scan_records(data: bytes) -> Iterator[RecordInfo]:
         off = pos + HEADER_SIZE
         if off + info.stored_len > len(data):
             return
-        yield RecordInfo(info.type, info.compression, info.raw_len, info.stored_len, off, info.hash)
+        yield RecordInfo(info.type, info.compression, info.raw_len, info.stored_len, off, info.hash, info.flags)
         pos = off + info.stored_len

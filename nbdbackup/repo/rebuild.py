@@ -25,7 +25,7 @@ from ..errors import NoSpaceError, UsageError
 from ..fsutil import fsync_path
 from . import maps
 from .backuprows import insert_backup
-from .chunks import ZERO_REF, DecodeError, decode
+from .chunks import ZERO_REF, DecodeError
 from .exclusive import exclusive_access
 from .ids import now_ms, to_ms
 from .index import make_engine, shown_url, upgrade, write_txn
@@ -90,14 +90,18 @@ class _Found:
 
 
 def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
-                  progress=None, keep_damaged: int = KEEP_DAMAGED, s3_endpoint: str | None = None) -> RebuildReport:
+                  progress=None, keep_damaged: int = KEEP_DAMAGED, s3_endpoint: str | None = None,
+                  **open_kw) -> RebuildReport:
     """Rebuild the index of the repository at *path*; *progress*(total_packs) returns a bar.
-    Of the old indexes moved aside (this run's included) the newest *keep_damaged* stay."""
+    Of the old indexes moved aside (this run's included) the newest *keep_damaged* stay.
+    *open_kw* go to Repository.open (an encrypted repository's key: manifests and segments
+    are opened with it, so a record another key sealed is not taken)."""
     from .repository import Repository
 
     if keep_damaged < 1:
         raise UsageError("rebuild-index keeps at least the copy of the index it moves aside")
-    repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False, s3_endpoint=s3_endpoint)
+    repo = Repository.open(path, index_url=index_url, lock_wait=lock_wait, check=False, s3_endpoint=s3_endpoint,
+                           **open_kw)
     try:
         with exclusive_access(repo, "rebuild-index"):
             return _rebuild(repo, progress, keep_damaged)
@@ -107,7 +111,7 @@ def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float =
 
 def _rebuild(repo, progress, keep_damaged: int) -> RebuildReport:
     rep = RebuildReport()
-    found = _scan(repo.backend, rep, progress)
+    found = _scan(repo.backend, repo.codec, rep, progress)
     repo.index_db.dispose()
     url = repo.index_url
     if repo.index_db.dialect.name == "postgresql":
@@ -193,7 +197,7 @@ def _build(url: str, repo, found: "_Found", rep: RebuildReport, *, single_file: 
         fsync_path(url.removeprefix("sqlite:///"))
 
 
-def _scan(backend, rep: RebuildReport, progress) -> _Found:
+def _scan(backend, codec, rep: RebuildReport, progress) -> _Found:
     found = _Found()
     objs = [o for o in backend.list("packs/") if o.endswith(".pack")]
     bar = progress(len(objs)) if progress is not None else None
@@ -218,15 +222,16 @@ def _scan(backend, rep: RebuildReport, progress) -> _Found:
             if rec.type in found.blobs:
                 found.blobs[rec.type].setdefault(rec.hash, (pidx, rec))
             elif rec.type == REC_MANIFEST:
-                _read_manifest(backend, obj, rec, found)
+                _read_manifest(backend, codec, obj, rec, found)
         if bar is not None:
             bar.update(1)
     return found
 
 
-def _read_manifest(backend, obj: str, rec: RecordInfo, found: _Found) -> None:
+def _read_manifest(backend, codec, obj: str, rec: RecordInfo, found: _Found) -> None:
     try:
-        raw = decode(backend.get(obj, rec.offset, rec.stored_len), rec.compression, rec.raw_len, rec.hash)
+        raw = codec.decode(REC_MANIFEST, rec.compression, rec.raw_len, rec.hash,
+                           backend.get(obj, rec.offset, rec.stored_len), flags=rec.flags)
         m = decode_manifest(raw)
     except (DecodeError, ManifestError, OSError):
         return      # a damaged manifest: its backup is reported lost unless a copy is found elsewhere
@@ -299,7 +304,7 @@ def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, 
     if missing:
         rep.backups_lost.append({"id": bid, "reason": f"{len(missing)} map segment(s) not found in any pack"})
         return
-    missing_chunks = _missing_chunks(repo.backend, refs, found)
+    missing_chunks = _missing_chunks(repo.backend, repo.codec, refs, found)
     if missing_chunks is None:
         rep.backups_lost.append({"id": bid, "reason": "a map segment is damaged"})
         return
@@ -309,7 +314,7 @@ def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, 
         rep.backups_incomplete.append({"id": info.id, "missing_chunks": missing_chunks})
 
 
-def _missing_chunks(backend, refs, found: _Found) -> int | None:
+def _missing_chunks(backend, codec, refs, found: _Found) -> int | None:
     """Chunks the backup's map names that no pack holds (None: a segment is unreadable)."""
     chunk_recs = found.blobs[REC_CHUNK]
     n = 0
@@ -317,7 +322,8 @@ def _missing_chunks(backend, refs, found: _Found) -> int | None:
         pidx, rec = found.blobs[REC_SEGMENT][h]
         obj = pack_object_name(found.pack_rows[pidx]["name"])
         try:
-            raw = decode(backend.get(obj, rec.offset, rec.stored_len), rec.compression, rec.raw_len, h)
+            raw = codec.decode(REC_SEGMENT, rec.compression, rec.raw_len, h,
+                               backend.get(obj, rec.offset, rec.stored_len), flags=rec.flags)
         except (DecodeError, OSError):
             return None
         n += sum(1 for e in maps.iter_entries(raw) if e != ZERO_REF and e not in chunk_recs)

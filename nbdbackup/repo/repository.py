@@ -6,6 +6,7 @@ locks/, tmp/. See docs/design.md "Repository" for the invariants.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -18,6 +19,7 @@ from ..fsutil import write_blocker
 from . import backuprows, remote
 from .backends import StorageBackend
 from .backuprows import INFO_COLUMNS, info_from_row
+from .codec import codec_for, encryption_config
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -29,6 +31,7 @@ from .config import (
     write_config,
 )
 from .context import RepoContext
+from .crypto import MasterKey
 from .ids import check_disk_name, is_backup_id
 from .image import BackupImage
 from .index import check_revision, default_url, make_engine, read_only_mode, url_without_password
@@ -48,7 +51,11 @@ _DIRS = ("packs", "locks", "tmp")
 
 class Repository:
     def __init__(self, path: str, config: RepoConfig, engine, index_url: str, *, lock_wait: float = 0.0,
-                 backend: StorageBackend | None = None, s3_endpoint: str | None = None):
+                 backend: StorageBackend | None = None, s3_endpoint: str | None = None,
+                 master_key: MasterKey | None = None):
+        # how bytes become records: plaintext, or sealed with the key (KeyRequired / KeyMismatch);
+        # first, so a missing or wrong key opens nothing that would need closing
+        self.codec = codec_for(config, master_key)
         self.location = parse_location(path)
         path = self.path = self.location.display
         self.config = config
@@ -59,10 +66,10 @@ class Repository:
         self.backend = backend or open_backend(self.location, s3_endpoint=s3_endpoint)
         self.locks = lock_service(self.location, engine, index_url, config.repo_id)
         self._host_locks = self.locks if isinstance(self.locks, FlockLocks) else None
-        self.store = ObjectStore(engine, self.backend)
+        self.store = ObjectStore(engine, self.backend, self.codec)
         # what writers, images and the set commit get instead of the whole repository
         self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
-                                   store=self.store, locks=self.locks, lock_wait=lock_wait)
+                                   store=self.store, codec=self.codec, locks=self.locks, lock_wait=lock_wait)
 
     @property
     def host_locks(self) -> FlockLocks:
@@ -78,7 +85,7 @@ class Repository:
     def init(cls, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, index_url: str | None = None,
              compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None,
              segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int | None = None,
-             s3_endpoint: str | None = None) -> "Repository":
+             s3_endpoint: str | None = None, master_key: MasterKey | None = None) -> "Repository":
         """Create a repository and its index (at the head revision).
 
         segment_len (map positions per segment) and pack_size (target pack
@@ -87,9 +94,12 @@ class Repository:
         if pack_size is None:
             pack_size = DEFAULT_PACK_SIZE if loc.is_local else DEFAULT_S3_PACK_SIZE
         cfg = RepoConfig.new(chunk_size, compression_level, segment_len=segment_len, pack_size=pack_size)
+        if master_key is not None:      # records' hook for encrypted repositories; repo/keys.py replaces it
+            cfg = dataclasses.replace(cfg, encryption=encryption_config(master_key, cfg.repo_id))
         if not loc.is_local:
             remote.init_s3(loc, cfg, index_url, backend or open_backend(loc, s3_endpoint=s3_endpoint))
-            return cls.open(loc.display, index_url=index_url, backend=backend, s3_endpoint=s3_endpoint)
+            return cls.open(loc.display, index_url=index_url, backend=backend, s3_endpoint=s3_endpoint,
+                            master_key=master_key)
         path = loc.path
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{path} exists and is not a directory")
@@ -122,12 +132,12 @@ class Repository:
                     p = os.path.join(path, name)
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
             raise
-        return cls.open(path, index_url=index_url, backend=backend)
+        return cls.open(path, index_url=index_url, backend=backend, master_key=master_key)
 
     @classmethod
     def open(cls, path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
              backend: StorageBackend | None = None, check: bool = True,
-             s3_endpoint: str | None = None) -> "Repository":
+             s3_endpoint: str | None = None, master_key: MasterKey | None = None) -> "Repository":
         """Open an existing repository.
 
         NotARepository, RepoFormatError (newer format / index needs `nbdbackup migrate`),
@@ -148,7 +158,8 @@ class Repository:
         try:
             if check:
                 check_revision(eng, loc.display)
-            return cls(loc.display, cfg, eng, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint)
+            return cls(loc.display, cfg, eng, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint,
+                       master_key=master_key)
         except BaseException:
             eng.dispose()
             raise

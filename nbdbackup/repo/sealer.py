@@ -89,15 +89,15 @@ class PackSealer:
     # -- adding records --------------------------------------------------------
     def add_chunk(self, p: PreparedChunk) -> None:
         self._filling.chunks.add(p.hash)
-        self._add(REC_CHUNK, p.hash, p.raw_len, p.compression, p.payload)
+        self._add(REC_CHUNK, p.hash, p.raw_len, p.compression, p.payload, p.flags)
 
     def add_segment(self, h: bytes, raw: bytes, compression: int, payload: bytes) -> None:
         self._filling.segments[h] = raw
-        self._add(REC_SEGMENT, h, len(raw), compression, payload)
+        self._add(REC_SEGMENT, h, len(raw), compression, payload, self._ctx.codec.flags)
 
     def add_manifest(self, h: bytes, raw_len: int, compression: int, payload: bytes) -> None:
         """The last record of a backup: never seals by itself (the set commit seals and waits)."""
-        self._builder().add(REC_MANIFEST, h, raw_len, compression, payload)
+        self._builder().add(REC_MANIFEST, h, raw_len, compression, payload, self._ctx.codec.flags)
 
     def _builder(self) -> PackBuilder:
         if self._stopped:
@@ -106,9 +106,9 @@ class PackSealer:
             self._pack = PackBuilder(pool=self._buffers)
         return self._pack
 
-    def _add(self, rtype: int, h: bytes, raw_len: int, compression: int, payload: bytes) -> None:
+    def _add(self, rtype: int, h: bytes, raw_len: int, compression: int, payload, flags: int) -> None:
         pack = self._builder()
-        pack.add(rtype, h, raw_len, compression, payload)
+        pack.add(rtype, h, raw_len, compression, payload, flags)
         self.stored_bytes += HEADER_SIZE + len(payload)
         if pack.size >= self._pack_size or len(pack) >= PACK_RECORDS:
             self.seal()

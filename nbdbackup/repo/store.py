@@ -21,7 +21,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from ..errors import RepoDamaged
-from .chunks import DecodeError, decode
+from .chunks import DecodeError
+from .codec import RecordCodec
 from .indexerrors import index_errors
 from .packs import HEADER_SIZE, REC_SEGMENT, PackFormatError, RecordInfo, pack_object_name, parse_header
 from .schema import chunks, packs, segments
@@ -51,9 +52,10 @@ def record_row(pack_id: int, h: bytes, rec: RecordInfo) -> dict:
 
 
 class ObjectStore:
-    def __init__(self, engine: Engine, backend, segment_cache: int = 256):
+    def __init__(self, engine: Engine, backend, codec: RecordCodec, segment_cache: int = 256):
         self.index_db = engine
         self.backend = backend
+        self.codec = codec
         self._seg_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._seg_cache_max = segment_cache
         self._lock = threading.Lock()
@@ -100,7 +102,7 @@ class ObjectStore:
     def read_record(self, loc: Location, expected: bytes, rtype: int) -> bytes:
         """Read, decompress and verify one record; RecordError on any damage."""
         data = self._get(loc.pack, loc.offset - HEADER_SIZE, HEADER_SIZE + loc.stored_len)
-        return check_record(loc, expected, rtype, data)
+        return check_record(loc, expected, rtype, data, self.codec)
 
     def read_records(self, items: list[tuple[Location, bytes]], rtype: int) -> list[bytes | RecordError]:
         """Records (location, expected hash) of type *rtype*, each checked as read_record() checks
@@ -125,7 +127,8 @@ class ObjectStore:
                     loc, h = items[ks[j]]
                     a = loc.offset - HEADER_SIZE - start
                     try:
-                        out[ks[j]] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE + loc.stored_len])
+                        out[ks[j]] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE + loc.stored_len],
+                                                    self.codec)
                     except RecordError as e:
                         out[ks[j]] = e
         return out
@@ -171,9 +174,10 @@ class ObjectStore:
         return raw
 
 
-def check_record(loc: Location, expected: bytes, rtype: int, data) -> bytes:
-    """The payload of record *loc* (header + payload bytes in *data*), decompressed, after checking
-    its header against the index and its blake3 against *expected*; RecordError on any damage."""
+def check_record(loc: Location, expected: bytes, rtype: int, data, codec: RecordCodec) -> bytes:
+    """The payload of record *loc* (header + payload bytes in *data*), decoded by *codec* (opened,
+    decompressed, its id checked against *expected*) after checking its header against the
+    index; RecordError on any damage."""
     if len(data) != HEADER_SIZE + loc.stored_len:
         raise RecordError(f"pack {loc.pack} is truncated")
     try:
@@ -184,7 +188,8 @@ def check_record(loc: Location, expected: bytes, rtype: int, data) -> bytes:
             (rtype, expected, loc.stored_len, loc.raw_len, loc.compression):
         raise RecordError(f"pack {loc.pack} at {loc.offset}: record header does not match the index")
     try:
-        return decode(memoryview(data)[HEADER_SIZE:], loc.compression, loc.raw_len, expected)
+        return codec.decode(rtype, loc.compression, loc.raw_len, expected, memoryview(data)[HEADER_SIZE:],
+                            flags=hdr.flags)
     except DecodeError as e:
         raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
 

@@ -235,7 +235,7 @@ def _check_manifests(repo, targets, manifest_of, seg_len, report, problem_of, no
             problem_of.setdefault(b.id, []).append("the index names no manifest for it (manifest_hash is NULL)")
             continue
         loc = locs.get(mh)
-        matches = refs_b is not None and M.rows_match(b, seg_len, refs_b, mh)
+        matches = refs_b is not None and M.rows_match(repo.codec, b, seg_len, refs_b, mh)
         if loc is None:
             msg = f"its manifest record {mh.hex()[:16]} is in no pack{where}"
             # rows that re-encode to the hash are intact (restore works); rebuild-index would lose it

@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..errors import UsageError
 from . import maps
 from .backuprows import checked_segment_refs
-from .chunks import ZERO_REF, PreparedChunk, compress_blob, hash_bytes, prepare
+from .chunks import ZERO_REF, PreparedChunk
 from .context import RepoContext
 from .dedup import DedupBatch, stamp_existing
 from .ids import check_disk_name
@@ -30,6 +30,7 @@ from .indexerrors import write_error
 from .info import BackupInfo
 from .leases import Lease
 from .mapbuilder import MapBuilder, inheritable_positions
+from .packs import REC_MANIFEST, REC_SEGMENT
 from .schema import chunks, segments
 from .sealer import PackSealer
 from .setcommit import commit_writers
@@ -64,6 +65,7 @@ class BackupWriter:
         self.nchunks = (size + chunk_size - 1) // chunk_size
         self.segment_len = ctx.config.segment_len
         self.compression_level = ctx.config.compression_level
+        self.codec = ctx.codec      # every id, record and blob of this backup goes through it
         self._state = "open"        # open -> committed | aborted
         self._locks = []
         self._sealer = PackSealer(ctx, chunk_size)
@@ -88,7 +90,8 @@ class BackupWriter:
             self.nchunks, self.segment_len, parent_refs=parent_refs,
             parent_nchunks=parent.nchunks if parent is not None else 0,
             inherit_upto=inheritable_positions(parent.size, size, chunk_size) if parent is not None else 0,
-            load=self._load_segment, is_stored=self._segment_stored, store=self._store_segment)
+            load=self._load_segment, is_stored=self._segment_stored, store=self._store_segment,
+            hash=self.codec.hash)
         self._open = self._map.open     # the open segments (tests watch their number)
 
     @property
@@ -98,9 +101,9 @@ class BackupWriter:
 
     # -- worker threads -------------------------------------------------------
     def prepare(self, data, compress: bool = True) -> PreparedChunk:
-        """Zero check, blake3, zstd (unless not *compress*: stored raw). Thread-safe;
-        releases the GIL in blake3/zstd."""
-        return prepare(data, self.compression_level, compress)
+        """Zero check, id, zstd (unless not *compress*: stored raw), sealing when the repository
+        is encrypted: the codec's prepare. Thread-safe; releases the GIL in blake3/zstd/AES-GCM."""
+        return self.codec.prepare(data, self.compression_level, compress)
 
     # -- main thread ----------------------------------------------------------
     def put(self, index: int, prepared: PreparedChunk | None) -> None:
@@ -165,8 +168,7 @@ class BackupWriter:
     def write_manifest(self, manifest: bytes) -> bytes:
         """Store *manifest* as the last record and wait until every pack is durable and
         indexed; the manifest's hash."""
-        h = hash_bytes(manifest)
-        comp, payload = compress_blob(manifest, self.compression_level)
+        h, comp, payload = self.codec.encode_blob(REC_MANIFEST, manifest, self.compression_level)
         self._sealer.add_manifest(h, len(manifest), comp, payload)
         self._sealer.seal_and_wait()
         return h
@@ -194,7 +196,8 @@ class BackupWriter:
         return stamp_existing(self.ctx.index_db, chunks, hashes, self.lease.start_epoch)
 
     def _store_segment(self, h: bytes, raw: bytes) -> None:
-        comp, payload = compress_blob(raw, self.compression_level)
+        h2, comp, payload = self.codec.encode_blob(REC_SEGMENT, raw, self.compression_level)
+        assert h2 == h, "segment id computed by another codec"
         self._sealer.add_segment(h, raw, comp, payload)
 
     def _guard(self, fn, *a):

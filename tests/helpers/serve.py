@@ -120,7 +120,9 @@ class InProcessServer:
 
 
 @contextlib.contextmanager
-def serve_in_process(repo_path: Path, tmp: Path, **server_kwargs):
+def serve_in_process(repo_path: Path, tmp: Path, *, repo_options: dict | None = None, **server_kwargs):
+    """The server of `nbdbackup serve` on a thread of this process; *repo_options*: more
+    Repository.open keywords (an encrypted repository's master_key)."""
     import asyncio
     import threading
 
@@ -128,7 +130,7 @@ def serve_in_process(repo_path: Path, tmp: Path, **server_kwargs):
     from nbdbackup.nbd.server import ListenAddress, NbdServer
     from nbdbackup.repo import Repository
 
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), **(repo_options or {}))
     sock = str(tmp / f"inproc-{time.monotonic_ns()}.sock")
     server = NbdServer(RepoCatalog(repo, ChunkCache(16 << 20)), **server_kwargs)
     loop = asyncio.new_event_loop()

@@ -1,0 +1,311 @@
+"""Encrypted records (issue 13): the codec, and every read and write path of an encrypted repository.
+
+Encrypted repositories are made through the library here (Repository.init(master_key=...));
+test_encryption_cli.py drives the same through `init --encryption`. Each repository-level
+test runs on local+SQLite, local+PostgreSQL and S3+PostgreSQL (the `place` fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+
+import blake3
+import pytest
+
+from helpers.places import object_names, patch_object, read_object
+from helpers.repo import CHUNK_SIZE as CS
+from helpers.repo import new_repo, read_all, write_backup
+from helpers.serve import serve_in_process
+from helpers.support import require_tool
+from nbdbackup.engine.restore import restore
+from nbdbackup.errors import ChunkCorrupt
+from nbdbackup.repo import Repository
+from nbdbackup.repo import packs as P
+from nbdbackup.repo.chunks import ZERO_REF, DecodeError
+from nbdbackup.repo.codec import PLAIN, KeyMismatch, KeyRequired, SealedCodec, codec_for
+from nbdbackup.repo.crypto import MasterKey
+from nbdbackup.repo.forget import forget
+from nbdbackup.repo.gc import collect
+from nbdbackup.repo.rebuild import rebuild_index
+from nbdbackup.repo.verify import verify
+
+MARKER = b"nbdbackup-marker:7c1e-secret-payroll-2026"
+
+
+def marked_disk(seed: int = 1, nchunks: int = 24) -> bytes:
+    """Chunks 0-7 text holding the marker (compressible), 8-15 random holding it (stored raw
+    unless encrypted), 16-19 zero, 20-23 random."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(nchunks):
+        if i < 8:
+            words = b" ".join(rng.choice([b"alpha", b"beta", b"gamma", b"delta", MARKER]) for _ in range(CS // 4))
+            piece = (MARKER + b" " + words)[:CS]
+        elif i < 16:
+            r = bytearray(rng.randbytes(CS))
+            at = rng.randrange(0, CS - len(MARKER))
+            r[at:at + len(MARKER)] = MARKER
+            piece = bytes(r)
+        elif i < 20:
+            piece = bytes(CS)
+        else:
+            piece = rng.randbytes(CS)
+        out.append(piece)
+    return b"".join(out)
+
+
+def sealed_repo(place, key: MasterKey, **kw) -> Repository:
+    return new_repo(place.spec, master_key=key, **place.init_options(), **kw)
+
+
+def opened(place, key: MasterKey | None, **kw) -> Repository:
+    return Repository.open(place.spec, master_key=key, **kw)
+
+
+# --- the codec alone ------------------------------------------------------------------------
+
+def test_sealed_codec_round_trip_and_every_edit_fails():
+    key = MasterKey.generate()
+    c = SealedCodec(key)
+    text = (b"compressible " * 6000)[:CS]
+    noise = os.urandom(CS)
+    for data in (text, noise):
+        p = c.prepare(memoryview(data), -3)
+        assert p.flags == P.FLAG_SEALED and p.hash == c.hash(data) != blake3.blake3(data).digest()
+        if data is noise:
+            assert p.compression == P.COMP_NONE and len(p.payload) == len(data) + 28
+        else:       # compressed, then sealed
+            assert p.compression == P.COMP_ZSTD and len(p.payload) < len(data) // 4
+        assert data not in bytes(p.payload)
+        assert c.decode(P.REC_CHUNK, p.compression, p.raw_len, p.hash, p.payload, flags=P.FLAG_SEALED) == data
+        for where in (0, 11, 12, len(p.payload) // 2, len(p.payload) - 1):     # nonce, ciphertext, tag
+            bad = bytearray(p.payload)
+            bad[where] ^= 0x01
+            with pytest.raises(DecodeError, match="authentication failed"):
+                c.decode(P.REC_CHUNK, p.compression, p.raw_len, p.hash, bad)
+        # the header is the AAD: a record read as another type, compression, length or id fails,
+        # even where the index was changed to agree with an edited header
+        for args in ((P.REC_SEGMENT, p.compression, p.raw_len, p.hash),
+                     (P.REC_CHUNK, 1 - p.compression, p.raw_len, p.hash),
+                     (P.REC_CHUNK, p.compression, p.raw_len - 1, p.hash),
+                     (P.REC_CHUNK, p.compression, p.raw_len, bytes(32 - 1) + b"\1")):
+            with pytest.raises(DecodeError, match="authentication failed"):
+                c.decode(*args, p.payload)
+        with pytest.raises(DecodeError, match="not encrypted"):
+            c.decode(P.REC_CHUNK, p.compression, p.raw_len, p.hash, p.payload, flags=0)
+        with pytest.raises(DecodeError, match="is encrypted"):
+            PLAIN.decode(P.REC_CHUNK, p.compression, p.raw_len, p.hash, p.payload, flags=P.FLAG_SEALED)
+        with pytest.raises(DecodeError, match="authentication failed"):     # another key's record
+            SealedCodec(MasterKey.generate()).decode(P.REC_CHUNK, p.compression, p.raw_len, p.hash, p.payload)
+    a, b = c.prepare(text, -3), c.prepare(text, -3)
+    assert a.hash == b.hash and bytes(a.payload)[:12] != bytes(b.payload)[:12]      # fresh nonce each time
+    assert c.prepare(bytes(CS), -3).hash == ZERO_REF and c.ref(bytes(CS)) == ZERO_REF
+    assert c.ref(text) == c.hash(text)
+    h, comp, payload = c.encode_blob(P.REC_MANIFEST, b'{"x": 1}' * 50, 3)
+    assert c.decode(P.REC_MANIFEST, comp, 400, h, payload) == b'{"x": 1}' * 50
+    with pytest.raises(DecodeError):
+        c.decode(P.REC_SEGMENT, comp, 400, h, payload)
+
+
+def test_master_key_derivations_and_secrecy():
+    key = MasterKey.generate()
+    assert len(key.material) == 64 and len(key.record_key) == len(key.id_key) == 32
+    assert len({key.material[:32], key.record_key, key.id_key}) == 3
+    assert key.record_key == MasterKey(key.material).record_key       # derived, deterministic
+    assert key.key_check("a" * 32) != key.key_check("b" * 32)
+    assert key.material.hex() not in repr(key) + str(key) and "secret" in repr(key)
+    with pytest.raises(ValueError):
+        MasterKey(b"short")
+
+
+# --- repositories -----------------------------------------------------------------------------
+
+def test_full_incremental_round_trip_and_keys(place):
+    key = MasterKey.generate()
+    data = marked_disk(2)
+    with sealed_repo(place, key) as repo:
+        assert repo.codec.encrypted and repo.config.encryption["cipher"] == "aes-256-gcm"
+        full = write_backup(repo, "vda", data, zero_holes=True)
+        changed = bytearray(data)
+        changed[3 * CS + 5:3 * CS + 9] = b"EDIT"
+        changed[21 * CS:22 * CS] = os.urandom(CS)
+        inc = write_backup(repo, "vda", bytes(changed), parent=full, changed=[3, 21])
+    with pytest.raises(KeyRequired):
+        opened(place, None)
+    with pytest.raises(KeyMismatch):
+        opened(place, MasterKey.generate())
+    with opened(place, key) as repo:
+        assert read_all(repo, full.id) == data
+        assert read_all(repo, inc.id) == bytes(changed)
+        assert inc.kind == "incremental" and inc.parent == full.id
+        assert verify(repo).ok
+        # dedup holds inside the repository: the incremental stored its two chunks and a segment
+        assert inc.stored_bytes < 3 * (CS + 48 + 28)
+
+
+def test_restore_and_qemu_through_serve(place, tmp_path):
+    qemu_img = require_tool("qemu-img")
+    key = MasterKey.generate()
+    data = marked_disk(3)
+    src = tmp_path / "src.raw"
+    src.write_bytes(data)
+    with sealed_repo(place, key) as repo:
+        b = write_backup(repo, "vm1", data, zero_holes=True)
+        restore(repo, b.id, str(tmp_path / "out.raw"))
+    assert (tmp_path / "out.raw").read_bytes() == data
+    with serve_in_process(place.spec, tmp_path, repo_options={"master_key": key}) as s:
+        subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), s.uri("vm1")],
+                       check=True, capture_output=True, timeout=120)
+
+
+def _haystacks(place, repo) -> dict[str, bytes]:
+    """Every stored byte of the repository: its objects (packs, config.json...), the files of a
+    local repository (the SQLite index with its -wal and -shm), and a PostgreSQL index's dump."""
+    out = {name: read_object(place.spec, name) for name in object_names(repo, "")}
+    if not place.on_s3:
+        for root, _dirs, files in os.walk(place.spec):
+            for f in files:
+                p = os.path.join(root, f)
+                with open(p, "rb") as fh:
+                    out[p] = fh.read()
+    if place.index_url:
+        pg_dump = "/usr/lib/postgresql/15/bin/pg_dump"
+        url = place.index_url.replace("postgresql+psycopg://", "postgresql://")
+        dump = subprocess.run([pg_dump, "--data-only", url], check=True, capture_output=True, timeout=120).stdout
+        assert b"COPY public.chunks" in dump and b"COPY public.backups" in dump, dump[:2000]
+        out["pg_dump"] = dump
+    return out
+
+
+def _needles(data: bytes) -> dict[str, bytes]:
+    """The marker, and the plaintext blake3 of the marker and of every non-zero chunk: raw and hex."""
+    out = {"marker": MARKER, "marker hex": MARKER.hex().encode()}
+    hashes = {"blake3(marker)": blake3.blake3(MARKER).digest()}
+    for i in range(0, len(data), CS):
+        piece = data[i:i + CS]
+        if piece.count(0) != len(piece):
+            hashes[f"blake3(chunk {i // CS})"] = blake3.blake3(piece).digest()
+    for name, h in hashes.items():
+        out[name] = h
+        out[name + " hex"] = h.hex().encode()
+    return out
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plaintext-control"])
+def test_marker_and_plaintext_hashes_are_nowhere(place, encrypted):
+    key = MasterKey.generate() if encrypted else None
+    data = marked_disk(4)
+    with new_repo(place.spec, master_key=key, **place.init_options()) as repo:
+        b = write_backup(repo, "vda", data, zero_holes=True)
+        inc = write_backup(repo, "vda", data[:CS * 8] + os.urandom(CS) + data[CS * 9:], parent=b, changed=[8])
+        assert inc.parent == b.id
+        stacks = _haystacks(place, repo)
+    assert any(n.endswith(".pack") for n in stacks) and any("config.json" in n for n in stacks)
+    found = {(what, where) for what, needle in _needles(data).items() for where, hay in stacks.items()
+             if needle in hay}
+    if encrypted:
+        assert not found, sorted(found)[:20]
+    else:
+        # the control: the same search finds what a plaintext repository shows (so it can fail)
+        names = {what for what, _ in found}
+        assert "marker" in names and all(f"blake3(chunk {i})" in names for i in range(16)), sorted(names)
+
+
+def _chunk_record(repo, info, index: int):
+    with repo.open_image(info) as img:
+        h = img.chunk_ref(index)
+    loc = repo.store.chunk_locations([h])[h]
+    return P.pack_object_name(loc.pack), loc
+
+
+@pytest.mark.parametrize("part", ["ciphertext", "nonce", "header"])
+def test_tampered_record_is_damage_everywhere(place, tmp_path, part):
+    qemu_io = require_tool("qemu-io")
+    key = MasterKey.generate()
+    data = marked_disk(5)
+    victim = 9          # a random chunk (stored raw before sealing)
+    with sealed_repo(place, key) as repo:
+        b = write_backup(repo, "vm1", data, zero_holes=True)
+        obj, loc = _chunk_record(repo, b, victim)
+    where = {"ciphertext": loc.offset + 12 + 1000, "nonce": loc.offset + 3,
+             "header": loc.offset - P.HEADER_SIZE + 6}[part]       # header: the flags byte
+    patch_object(place.spec, obj, where, xor=0x01)
+    with opened(place, key) as repo:
+        rep = verify(repo)
+        assert not rep.ok and [d.ranges for d in rep.damaged] == [[(victim * CS, CS)]], rep.problem_lines()
+        with pytest.raises(ChunkCorrupt) as e:
+            restore(repo, b.id, str(tmp_path / "out.raw"))
+        assert (e.value.offset, e.value.length) == (victim * CS, CS)
+        assert e.value.exit_code == 9
+        with repo.open_image(b) as img:     # the rest of the disk still reads
+            assert img.read(0, victim * CS) == data[:victim * CS]
+    with serve_in_process(place.spec, tmp_path, repo_options={"master_key": key}) as s:
+        bad = subprocess.run([qemu_io, "-f", "raw", "-r", "-c", f"read {victim * CS} {CS}", s.uri("vm1")],
+                             capture_output=True, text=True, timeout=60)
+        assert "Input/output error" in bad.stdout + bad.stderr, bad
+        fine = subprocess.run([qemu_io, "-f", "raw", "-r", "-c", f"read -P 0 {16 * CS} {CS}", s.uri("vm1")],
+                              capture_output=True, text=True, timeout=60)
+        assert fine.returncode == 0 and "error" not in fine.stdout + fine.stderr, fine
+
+
+def test_rebuild_index_of_an_encrypted_repository(place):
+    key = MasterKey.generate()
+    data = marked_disk(6)
+    with sealed_repo(place, key) as repo:
+        b1 = write_backup(repo, "vda", data, zero_holes=True)
+        b2 = write_backup(repo, "vdb", data[:12 * CS], zero_holes=True)
+    with pytest.raises(KeyRequired):
+        rebuild_index(place.spec, index_url=place.index_url)
+    with pytest.raises(KeyMismatch):
+        rebuild_index(place.spec, index_url=place.index_url, master_key=MasterKey.generate())
+    rep = rebuild_index(place.spec, index_url=place.index_url, master_key=key)
+    assert sorted(rep.backups) == sorted([b1.id, b2.id]) and not rep.backups_lost, rep.problem_lines()
+    with opened(place, key) as repo:
+        assert read_all(repo, b1.id) == data and read_all(repo, b2.id) == data[:12 * CS]
+        assert verify(repo).ok
+
+
+def test_gc_repack_of_an_encrypted_repository_then_restore(place, tmp_path):
+    key = MasterKey.generate()
+    rng = random.Random(7)
+    a = rng.randbytes(CS * 12)
+    b = a[:CS * 3] + rng.randbytes(CS * 2)
+    with sealed_repo(place, key, pack_size=256 * 1024) as repo:     # 4 chunks per pack
+        ba = write_backup(repo, "vda", a)
+        bb = write_backup(repo, "vdb", b)
+        forget(repo, [ba.id])
+        packs_before = set(object_names(repo))
+        rep = collect(repo, repack_threshold=1.0, grace=0)
+        assert rep.packs_repacked >= 1 and rep.packs_written >= 1 and not rep.skipped_damaged, rep
+        assert set(object_names(repo)) - packs_before       # a new pack holds the moved records
+    with opened(place, key) as repo:
+        assert read_all(repo, bb.id) == b
+        restore(repo, bb.id, str(tmp_path / "out.raw"))
+        assert (tmp_path / "out.raw").read_bytes() == b
+        assert verify(repo).ok
+
+
+def test_sealed_packs_copied_into_a_plaintext_repository_are_not_read(tmp_path):
+    """A plaintext repository never reads a sealed record as data (nor the reverse): packs copied
+    over from an encrypted repository give rebuild-index no backup there."""
+    import shutil
+
+    key = MasterKey.generate()
+    with new_repo(tmp_path / "sealed", master_key=key) as sealed:
+        write_backup(sealed, "vda", os.urandom(2 * CS))
+    with new_repo(tmp_path / "plain") as plain:
+        assert codec_for(plain.config, key) is PLAIN        # a key changes nothing for a plaintext one
+        write_backup(plain, "vdb", os.urandom(2 * CS))
+    shutil.copytree(tmp_path / "sealed" / "packs", tmp_path / "plain" / "packs", dirs_exist_ok=True)
+    rep = rebuild_index(str(tmp_path / "plain"))
+    assert [b.split("-")[0] != "" for b in rep.backups] == [True]       # vdb only
+    with Repository.open(str(tmp_path / "plain")) as plain:
+        assert [b.disk for b in plain.list_backups()] == ["vdb"]
+    # and the other way round: the sealed repository ignores the plaintext packs' manifests
+    shutil.copytree(tmp_path / "plain" / "packs", tmp_path / "sealed" / "packs", dirs_exist_ok=True)
+    rep = rebuild_index(str(tmp_path / "sealed"), master_key=key)
+    with Repository.open(str(tmp_path / "sealed"), master_key=key) as sealed:
+        assert [b.disk for b in sealed.list_backups()] == ["vda"]
+        assert len(rep.backups) == 1
