@@ -528,3 +528,57 @@ def test_rerun_after_a_kill_does_not_send_again_what_arrived(make_site, tmp_path
     assert rerun["bytes_sent"] < scratch["bytes_sent"]
     with dst.open() as d:
         assert read_all(d, info.id) == data
+
+
+# --- between id spaces: plaintext -> encrypted, key A -> key B, encrypted -> plaintext ----------
+
+def _open_keyed(site, key):
+    return Repository.open(site.spec, index_url=site.index_url, master_key=key)
+
+
+def _init_keyed(site, key, **options):
+    if site.index_url:
+        options["index_url"] = site.index_url
+    options.setdefault("chunk_size", CS)
+    return Repository.init(site.spec, master_key=key, **options)
+
+
+@pytest.mark.parametrize("direction", ["plain-to-encrypted", "key-a-to-key-b", "encrypted-to-plain"])
+def test_copy_between_id_spaces_maps_ids_and_restores_exactly(make_site, tmp_path, direction):
+    from nbdbackup.repo.copy import copy_backups, select_backups
+    from nbdbackup.repo.crypto import MasterKey
+
+    rng = random.Random(SEED + 10)
+    key_a = MasterKey.generate() if direction != "plain-to-encrypted" else None
+    key_b = MasterKey.generate() if direction != "encrypted-to-plain" else None
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    marker = b"COPY-MARKER-" + os.urandom(8).hex().encode()
+    v1 = bytearray(disk_data(rng, 48))
+    v1[5 * CS + 100:5 * CS + 100 + len(marker)] = marker
+    v1 = bytes(v1)
+    with _init_keyed(src, key_a) as s:
+        full = write_backup(s, "vm1", v1)
+        v2 = disk_data(rng, 48, base=v1, change=0.2)
+        inc = write_backup(s, "vm1", v2, parent=full, changed=_changed(v1, v2))
+    _init_keyed(dst, key_b).close()
+    with _open_keyed(src, key_a) as s, _open_keyed(dst, key_b) as d:
+        r = copy_backups(s, d, select_backups(s, [full.id]))
+        assert [c.info.id for c in r.copied] == [full.id]
+        with s.open_image(full) as si, d.open_image(full.id) as di:
+            # ids differ between the spaces (none of the non-zero entries is shared), data is equal
+            pairs = [(si.chunk_ref(i), di.chunk_ref(i)) for i in range(si.nchunks)]
+            assert all((a == bytes(32)) == (b == bytes(32)) for a, b in pairs)
+            assert not any(a == b for a, b in pairs if a != bytes(32))
+        r = copy_backups(s, d, select_backups(s, everything=True))
+        assert [c.info.id for c in r.copied] == [inc.id] and r.copied[0].base == full.id
+        assert r.copied[0].chunks_read <= len(_changed(v1, v2))
+        assert read_all(d, full.id) == v1 and read_all(d, inc.id) == v2
+        again = copy_backups(s, d, select_backups(s, everything=True))
+        assert again.copied == [] and len(again.skipped) == 2
+        for b in d.list_backups():
+            _same_identity(b, s.get_backup(b.id))
+    if key_b is not None:       # the destination's storage holds neither the marker nor its plaintext id
+        from nbdbackup.repo.chunks import hash_bytes
+        plain_id = hash_bytes(v1[5 * CS:6 * CS])
+        blobs = [p.read_bytes() for p in (tmp_path / "dst").rglob("*") if p.is_file()]
+        assert blobs and not any(marker in b or plain_id in b for b in blobs)

@@ -119,8 +119,7 @@ def _same_place(src, dst) -> bool:
 
 
 def is_encrypted(repo) -> bool:
-    codec = getattr(repo, "codec", None)
-    return bool(codec is not None and codec.encrypted)
+    return repo.codec.encrypted
 
 
 def select_backups(src, refs: Sequence[str] = (), *, disk: str | None = None,
@@ -358,7 +357,7 @@ def _read_batch(dst, img, indexes: list[int], same_ids: bool):
     """Chunks *indexes* read and checked (the first damaged one raises ChunkCorrupt, naming its disk
     byte range), their ids in the destination's space, and which of those it has already."""
     data = img.read_chunks(indexes)
-    ids = [img.chunk_ref(i) for i in indexes] if same_ids else [dst_hash(dst)(d) for d in data]
+    ids = [img.chunk_ref(i) for i in indexes] if same_ids else [dst.codec.hash(d) for d in data]
     return indexes, data, ids, _present(dst, ids)
 
 
@@ -366,7 +365,7 @@ def _put_batch(dst, w, img, batch, job: CopiedBackup, pool) -> None:
     """Prepare a read batch for the destination (compressing only what it lacks) and put it."""
     indexes, data, ids, present = batch
     level = dst.config.compression_level
-    prepare = dst_prepare(dst)
+    prepare = dst.codec.prepare
     prepared = list(pool.map(lambda d, h: prepare(d, level, h not in present), data, ids))
     for i, d, h, p in zip(indexes, data, ids, prepared):
         if p.hash != h:      # the source's id of these bytes is the destination's: a mismatch is a bug
@@ -376,22 +375,6 @@ def _put_batch(dst, w, img, batch, job: CopiedBackup, pool) -> None:
         job.chunks_read += 1
         job.bytes_read += len(d)
         job.chunks_present += h in present
-
-
-def dst_hash(dst) -> Callable[[bytes], bytes]:
-    codec = getattr(dst, "codec", None)
-    if codec is not None:
-        return codec.hash
-    from .chunks import hash_bytes
-    return hash_bytes
-
-
-def dst_prepare(dst):
-    codec = getattr(dst, "codec", None)
-    if codec is not None:
-        return codec.prepare
-    from .chunks import prepare
-    return prepare
 
 
 def _present(dst, ids: list[bytes]) -> set[bytes]:
