@@ -299,7 +299,7 @@ def _fill(src, dst, w, b: BackupInfo, base: BackupInfo | None, job: CopiedBackup
 
     def read_next(todo: list[int]) -> None:
         nonlocal pending
-        fut = reader.submit(_read_batch, dst, img, todo, same_ids)
+        fut = reader.submit(_read_batch, dst, img, todo, None if same_ids else pool)
         if pending is not None:
             _put_batch(dst, w, img, pending.result(), job, pool)
         pending = fut
@@ -353,11 +353,12 @@ def _span_bytes(start: int, n: int, size: int, cs: int) -> int:
     return min(size, (start + n) * cs) - start * cs
 
 
-def _read_batch(dst, img, indexes: list[int], same_ids: bool):
+def _read_batch(dst, img, indexes: list[int], hash_pool):
     """Chunks *indexes* read and checked (the first damaged one raises ChunkCorrupt, naming its disk
-    byte range), their ids in the destination's space, and which of those it has already."""
+    byte range), their ids in the destination's space (hashed in *hash_pool* unless None: the same
+    space, the source's entries), and which of those it has already."""
     data = img.read_chunks(indexes)
-    ids = [img.chunk_ref(i) for i in indexes] if same_ids else [dst.codec.hash(d) for d in data]
+    ids = [img.chunk_ref(i) for i in indexes] if hash_pool is None else list(hash_pool.map(dst.codec.hash, data))
     return indexes, data, ids, _present(dst, ids)
 
 
