@@ -31,6 +31,7 @@ class ExitCode(IntEnum):
     CREDENTIALS = 16         # object storage or index database refused the credentials
     STORAGE_UNREACHABLE = 17 # object storage or index database unreachable or failing, after retries
     NO_BUCKET = 18           # the S3 bucket does not exist
+    KEY_REFUSED = 19         # wrong passphrase, or a key (file) that is not this repository's
     INTERRUPTED = 130        # SIGINT/SIGTERM
 
 
@@ -56,6 +57,7 @@ EXIT_CODE_HELP = {
     ExitCode.STORAGE_UNREACHABLE: "S3 storage or index database unreachable or failing after retries; "
                                   "nothing half-done was committed",
     ExitCode.NO_BUCKET: "the S3 bucket does not exist (create it, or check the name and endpoint)",
+    ExitCode.KEY_REFUSED: "key refused: wrong passphrase, or a key (file) that is not this repository's",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
 }
 
@@ -161,6 +163,12 @@ def storage_error(err: int | None, where: str, what: str, *, repository: bool = 
                 if repository else "run the command as a user who may access it, or change its permissions")
         return PermissionDenied(f"permission denied: {where} ({what})", hint=hint)
     return None
+
+
+class KeyRefused(NbdBackupError):
+    """An encrypted repository's key could not be unlocked: a wrong passphrase, or a key (file)
+    of another repository. Nothing was read or changed."""
+    exit_code = ExitCode.KEY_REFUSED
 
 
 class RepoDamaged(NbdBackupError):

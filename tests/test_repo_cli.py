@@ -97,7 +97,7 @@ def test_error_exit_codes(tmp_path):
     assert p.returncode == 6 and "not an nbdbackup repository" in p.stderr and "Traceback" not in p.stderr
     path = _init(tmp_path)
     cfg = json.load(open(os.path.join(path, "config.json")))
-    cfg["format"] = 2
+    cfg["format"] = 3       # 2 is an encrypted repository's
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     p = nbdbackup("--repo", path, "stats", check=False)
     assert p.returncode == 7 and "newer" in p.stderr

@@ -61,6 +61,12 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     g.add_argument("--log-file", default=d(None), metavar="PATH", help="also append logs to PATH")
     g.add_argument("--lock-wait", type=LOCK_WAIT, default=d(0.0), metavar="SECONDS",
                    help="wait up to SECONDS for a repository lock (default: do not wait)")
+    g.add_argument("--key-file", default=d(os.environ.get("NBDBACKUP_KEY_FILE")), metavar="FILE",
+                   help="an encrypted repository's key kept outside it (`init --encryption --key-file`, "
+                        "`key export`; default: $NBDBACKUP_KEY_FILE)")
+    g.add_argument("--passphrase-file", default=d(None), metavar="FILE",
+                   help="read an encrypted repository's passphrase from FILE (else $NBDBACKUP_PASSPHRASE, "
+                        "$NBDBACKUP_PASSPHRASE_COMMAND, or a prompt on a terminal)")
 
 
 LOCK_WAIT = numbers.seconds(7 * numbers.DAY)
@@ -98,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
-        _add_common(p, suppress=True)
+        # a command with its own subcommands lists their parsers, so `key export FILE --repo R` works too
+        for q in (p, *getattr(p, "subcommand_parsers", ())):
+            _add_common(q, suppress=True)
         p.set_defaults(command_run=mod.run)
     return parser
 

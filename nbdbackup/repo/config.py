@@ -12,7 +12,11 @@ from fractions import Fraction
 
 from ..errors import NotARepository, RepoDamaged, RepoFormatError, UsageError, storage_error
 
-FORMAT = 1                       # repository layout version this code reads and writes
+FORMAT = 2                       # newest repository layout version this code reads and writes
+PLAIN_FORMAT = 1                 # a plaintext repository's: unchanged, older versions still open it
+# An encrypted repository's config says 2, so a version before encryption (which ignores
+# config fields it does not know) refuses it instead of writing plaintext records into it.
+ENCRYPTED_FORMAT = 2
 CONFIG_NAME = "config.json"
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
@@ -47,7 +51,7 @@ class RepoConfig:
             raise UsageError(f"invalid map segment length {segment_len!r}")
         if not isinstance(pack_size, int) or pack_size < 1:
             raise UsageError(f"invalid pack size {pack_size!r}")
-        return cls(FORMAT, uuid.uuid4().hex, chunk_size, compression_level, segment_len, pack_size)
+        return cls(PLAIN_FORMAT, uuid.uuid4().hex, chunk_size, compression_level, segment_len, pack_size)
 
 
 def check_chunk_size(n: int) -> int:
@@ -143,6 +147,8 @@ def parse_config(data: bytes, p: str, path: str) -> RepoConfig:
         fmt = d["format"]
     except (ValueError, KeyError, TypeError) as e:
         raise RepoDamaged(f"{p} is unreadable: {e}") from None
+    if isinstance(fmt, int) and fmt < ENCRYPTED_FORMAT and d.get("encryption"):
+        raise RepoDamaged(f"{p} is invalid: an encrypted repository has format {ENCRYPTED_FORMAT}, not {fmt}")
     if not isinstance(fmt, int) or fmt > FORMAT:
         raise RepoFormatError(f"repository {path} has format {fmt!r}, newer than this tool understands "
                               f"(format {FORMAT})", hint="upgrade nbdbackup")

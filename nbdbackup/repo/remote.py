@@ -51,8 +51,9 @@ def create_index(url: str, where: str) -> None:
         eng.dispose()
 
 
-def init_s3(loc: RepoLocation, cfg: RepoConfig, index_url: str | None, backend) -> None:
-    """Create repository *loc* in its (existing, empty) bucket prefix, with its index at *index_url*."""
+def check_s3_target(loc: RepoLocation, index_url: str | None, backend) -> None:
+    """UsageError (or the bucket's own error) unless repository *loc* can be created there with
+    its index at *index_url*: an existing, empty bucket prefix and a PostgreSQL URL."""
     if not index_url:
         raise UsageError(f"{loc.display}: an S3 repository keeps its index in PostgreSQL",
                          hint="pass --index-url postgresql+psycopg://USER@HOST/DB (or set NBDBACKUP_INDEX_URL); "
@@ -66,13 +67,25 @@ def init_s3(loc: RepoLocation, cfg: RepoConfig, index_url: str | None, backend) 
     if next(iter(backend.list("")), None) is not None:
         raise UsageError(f"{loc.display} is not empty; refusing to initialise over it",
                          hint="choose an empty bucket or another prefix: s3://BUCKET/PREFIX")
+
+
+def init_s3(loc: RepoLocation, cfg: RepoConfig, index_url: str | None, backend,
+            objects: list[tuple[str, bytes]] = ()) -> None:
+    """Create repository *loc* in its (existing, empty) bucket prefix, with its index at *index_url*;
+    *objects* (name, bytes: an encrypted repository's key object) are stored before config.json."""
+    check_s3_target(loc, index_url, backend)
     create_index(index_url, loc.display)
     made = []
     try:
         backend.put(INDEX_URL_NAME, [(url_without_password(index_url) + "\n").encode()])
         made.append(INDEX_URL_NAME)
+        for name, data in objects:
+            backend.put(name, [data])
+            made.append(name)
         backend.put(CONFIG_NAME, [config_bytes(cfg)])   # last, create-only: a second init loses here
     except FileExistsError:
+        for name in made[1:]:       # our key objects (random names); the index-url was left as before
+            backend.delete(name)
         raise UsageError(f"{loc.display} was initialised by another run meanwhile") from None
     except BaseException:
         for name in made:

@@ -6,7 +6,6 @@ locks/, tmp/. See docs/design.md "Repository" for the invariants.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import shutil
@@ -14,12 +13,12 @@ from typing import Sequence
 
 from sqlalchemy import func, select
 
-from ..errors import NotFound, RepoDamaged, UsageError, is_no_space, storage_error
+from ..errors import KeyRefused, NotFound, RepoDamaged, UsageError, is_no_space, storage_error
 from ..fsutil import write_blocker
-from . import backuprows, remote
+from . import backuprows, keys, remote
 from .backends import StorageBackend
 from .backuprows import INFO_COLUMNS, info_from_row
-from .codec import codec_for, encryption_config
+from .codec import KeyMismatch, KeyRequired, codec_for
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -37,6 +36,7 @@ from .image import BackupImage
 from .index import check_revision, default_url, make_engine, read_only_mode, url_without_password
 from .indexerrors import index_errors
 from .info import BackupInfo
+from .keys import KdfParams, KeySource, UnlockedKey
 from .leases import Holds, reader_lease
 from .location import open_backend, parse_location
 from .locks import FlockLocks, RepoLock
@@ -66,6 +66,7 @@ class Repository:
         self.backend = backend or open_backend(self.location, s3_endpoint=s3_endpoint)
         self.locks = lock_service(self.location, engine, index_url, config.repo_id)
         self._host_locks = self.locks if isinstance(self.locks, FlockLocks) else None
+        self.unlocked: UnlockedKey | None = None    # how open() unlocked an encrypted repository (key commands)
         self.store = ObjectStore(engine, self.backend, self.codec)
         # what writers, images and the set commit get instead of the whole repository
         self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
@@ -85,27 +86,51 @@ class Repository:
     def init(cls, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, index_url: str | None = None,
              compression_level: int = DEFAULT_LEVEL, backend: StorageBackend | None = None,
              segment_len: int = DEFAULT_SEGMENT_LEN, pack_size: int | None = None,
-             s3_endpoint: str | None = None, master_key: MasterKey | None = None) -> "Repository":
+             s3_endpoint: str | None = None, encryption: bool = False, key_source: KeySource | None = None,
+             kdf: KdfParams | None = None, master_key: MasterKey | None = None) -> "Repository":
         """Create a repository and its index (at the head revision).
 
         segment_len (map positions per segment) and pack_size (target pack
-        bytes) are tuning knobs, stored in config.json; tests use small ones."""
+        bytes) are tuning knobs, stored in config.json; tests use small ones.
+        encryption=True makes a new master key, wrapped under the passphrase of *key_source*
+        (default: the environment's, else typed twice) with scrypt *kdf*, stored as a key object
+        in the repository, or only in key_source.key_file when that is given. *master_key*
+        (library use, tests): encrypted with that key, stored nowhere; open it with master_key too."""
         loc = parse_location(path)
         if pack_size is None:
             pack_size = DEFAULT_PACK_SIZE if loc.is_local else DEFAULT_S3_PACK_SIZE
         cfg = RepoConfig.new(chunk_size, compression_level, segment_len=segment_len, pack_size=pack_size)
-        if master_key is not None:      # records' hook for encrypted repositories; repo/keys.py replaces it
-            cfg = dataclasses.replace(cfg, encryption=encryption_config(master_key, cfg.repo_id))
+        source = key_source or KeySource.from_env()
+        new = keys.given_key(master_key) if master_key is not None else None    # library use (tests)
+        encryption = encryption and master_key is None
+        if new:
+            cfg = keys.encrypted_config(cfg, new)
         if not loc.is_local:
-            remote.init_s3(loc, cfg, index_url, backend or open_backend(loc, s3_endpoint=s3_endpoint))
-            return cls.open(loc.display, index_url=index_url, backend=backend, s3_endpoint=s3_endpoint,
-                            master_key=master_key)
+            backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
+            remote.check_s3_target(loc, index_url, backend)     # before anyone types a passphrase
+            if encryption:
+                new = keys.new_key(cfg.repo_id, loc.display, source, kdf)
+                cfg = keys.encrypted_config(cfg, new)
+            objects = [(new.origin, keys.doc_bytes(new.doc))] if new and new.stored_in_repository else []
+            try:
+                if new and new.in_file:
+                    keys.store_new_key(backend, new)
+                remote.init_s3(loc, cfg, index_url, backend, objects=objects)
+            except BaseException:
+                if new:
+                    keys.remove_new_key(new)
+                raise
+            return cls._open(loc.display, index_url=index_url, backend=backend, s3_endpoint=s3_endpoint,
+                             unlock=lambda *_: new)
         path = loc.path
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{path} exists and is not a directory")
         if os.path.isdir(path) and os.listdir(path):
             what = "a repository" if os.path.exists(os.path.join(path, "config.json")) else "a non-empty directory"
             raise UsageError(f"{path} is already {what}; refusing to initialise over it")
+        if encryption:
+            new = keys.new_key(cfg.repo_id, loc.display, source, kdf)
+            cfg = keys.encrypted_config(cfg, new)
         created_dir = not os.path.exists(path)
         try:
             try:
@@ -123,8 +148,12 @@ class Repository:
             remote.create_index(url, path)
             if index_url:
                 _write_index_url(path, index_url)
+            if new:
+                keys.store_new_key(backend or open_backend(loc), new)
             write_config(path, cfg)     # last: a directory with config.json is a repository
         except BaseException:
+            if new:
+                keys.remove_new_key(new)
             if created_dir:
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -132,17 +161,32 @@ class Repository:
                     p = os.path.join(path, name)
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
             raise
-        return cls.open(path, index_url=index_url, backend=backend, master_key=master_key)
+        return cls._open(path, index_url=index_url, backend=backend, unlock=lambda *_: new)
 
     @classmethod
     def open(cls, path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
              backend: StorageBackend | None = None, check: bool = True,
-             s3_endpoint: str | None = None, master_key: MasterKey | None = None) -> "Repository":
+             s3_endpoint: str | None = None, key_source: KeySource | None = None,
+             master_key: MasterKey | None = None) -> "Repository":
         """Open an existing repository.
 
         NotARepository, RepoFormatError (newer format / index needs `nbdbackup migrate`),
         RepoDamaged (index missing or unreadable). check=False skips the index
-        revision check (for `migrate` and `rebuild-index`)."""
+        revision check (for `migrate` and `rebuild-index`). An encrypted repository is unlocked
+        here, with *key_source* (None: the environment's, else a prompt on a terminal):
+        KeyRefused (19) for a wrong passphrase or key, UsageError when none can be had."""
+        source = key_source or KeySource.from_env()
+        if master_key is not None:      # library use: the key itself (checked against config.json)
+            return cls._open(path, index_url=index_url, lock_wait=lock_wait, backend=backend, check=check,
+                             s3_endpoint=s3_endpoint, unlock=lambda *_: keys.given_key(master_key))
+        return cls._open(path, index_url=index_url, lock_wait=lock_wait, backend=backend, check=check,
+                         s3_endpoint=s3_endpoint,
+                         unlock=lambda cfg, be, where: keys.unlock(cfg, be, source, where))
+
+    @classmethod
+    def _open(cls, path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
+              backend: StorageBackend | None = None, check: bool = True,
+              s3_endpoint: str | None = None, unlock) -> "Repository":
         loc = parse_location(path)
         if loc.is_local:
             path = loc.path
@@ -151,6 +195,11 @@ class Repository:
         else:
             backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
             cfg, url = remote.open_s3(loc, backend, index_url)
+        unlocked = None
+        if cfg.encryption:      # before the index is touched: a wrong key reads nothing
+            keys.check_encryption(cfg.encryption, loc.display)
+            backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
+            unlocked = unlock(cfg, backend, loc.display)
         if check and url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
             raise RepoDamaged(f"the index of {path} ({url.removeprefix('sqlite:///')}) is missing",
                               hint="`nbdbackup rebuild-index` recreates it from the packs")
@@ -158,11 +207,19 @@ class Repository:
         try:
             if check:
                 check_revision(eng, loc.display)
-            return cls(loc.display, cfg, eng, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint,
-                       master_key=master_key)
+            repo = cls(loc.display, cfg, eng, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint,
+                       master_key=unlocked.master if unlocked else None)
+        except KeyMismatch:
+            eng.dispose()
+            raise KeyRefused(f"the key given is not the key of {loc.display}") from None
+        except KeyRequired:
+            eng.dispose()
+            raise UsageError(f"{loc.display} is encrypted: its key is needed") from None
         except BaseException:
             eng.dispose()
             raise
+        repo.unlocked = unlocked
+        return repo
 
     def index_file_missing(self) -> bool:
         """True when the index is a SQLite file that does not exist (connecting would create it empty)."""

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ...repo.rebuild import KEEP_DAMAGED, rebuild_index
     from ..output import print_json, progress_bar, summary
-    from ..repoargs import repo_path, storage_options
+    from ..repoargs import key_source, repo_path, storage_options
 
     bars = []
 
@@ -41,7 +41,7 @@ def run(args) -> int:
     try:
         report = rebuild_index(repo_path(args), index_url=args.index_url, lock_wait=args.lock_wait,
                                progress=progress, keep_damaged=args.keep_damaged or KEEP_DAMAGED,
-                               **storage_options(args))
+                               key_source=key_source(args), **storage_options(args))
     finally:
         for b in bars:
             b.close()
@@ -61,11 +61,15 @@ def run(args) -> int:
 
 def _listed_ids(args) -> list[str] | None:
     """Backup ids the current index lists, or None when it cannot be read (lost or damaged)."""
+    from ...errors import KeyRefused, UsageError
     from ...repo import Repository
-    from ..repoargs import repo_path, storage_options
+    from ..repoargs import key_source, repo_path, storage_options
 
     try:
-        with Repository.open(repo_path(args), index_url=args.index_url, **storage_options(args)) as repo:
+        with Repository.open(repo_path(args), index_url=args.index_url, key_source=key_source(args),
+                             **storage_options(args)) as repo:
             return [b.id for b in repo.list_backups()]
+    except (KeyRefused, UsageError):    # the key is wanted for the rebuild too: say so once
+        raise
     except Exception:  # best effort: a damaged index is what rebuild-index is for
         return None
