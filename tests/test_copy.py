@@ -582,3 +582,77 @@ def test_copy_between_id_spaces_maps_ids_and_restores_exactly(make_site, tmp_pat
         plain_id = hash_bytes(v1[5 * CS:6 * CS])
         blobs = [p.read_bytes() for p in (tmp_path / "dst").rglob("*") if p.is_file()]
         assert blobs and not any(marker in b or plain_id in b for b in blobs)
+
+
+# --- the CLI with keys: NBDBACKUP_PASSPHRASE for the source, the dest options for DEST ----------
+
+PW_B, PW_C = "copy-test passphrase B", "copy-test passphrase C"
+
+
+def _cli(*args, passphrase=None, dest_passphrase=None, check=False):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBDBACKUP_")}
+    if passphrase:
+        env["NBDBACKUP_PASSPHRASE"] = passphrase
+    if dest_passphrase:
+        env["NBDBACKUP_DEST_PASSPHRASE"] = dest_passphrase
+    p = subprocess.run([nbdbackup_exe(), *map(str, args)], env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr
+    for secret in (PW_B, PW_C):
+        assert secret not in p.stdout and secret not in p.stderr
+    return p
+
+
+def _init_encrypted(site: Site, passphrase: str) -> None:
+    _cli(*site.src_args(), "init", "--encryption", "--kdf-memory", "8", "--chunk-size", "64K",
+         passphrase=passphrase, check=True)
+
+
+def test_cli_plaintext_to_encrypted_s3_then_key_b_to_key_c_then_to_plaintext(make_site, tmp_path):
+    rng = random.Random(SEED + 13)
+    src, enc_b, enc_c, plain = (make_site("local", "src"), make_site("s3", "b"), make_site("local", "c"),
+                                make_site("local", "plain"))
+    with src.init() as s:
+        v1 = disk_data(rng, 64)
+        full = write_backup(s, "vm1", v1)
+        v2 = disk_data(rng, 64, base=v1, change=0.2)
+        inc = write_backup(s, "vm1", v2, parent=full, changed=_changed(v1, v2))
+    _init_encrypted(enc_b, PW_B)
+    _init_encrypted(enc_c, PW_C)
+    plain.init().close()
+
+    # plaintext (local) -> encrypted (S3): the destination's passphrase from NBDBACKUP_DEST_PASSPHRASE
+    p = _cli(*src.src_args(), "--json", "copy", *enc_b.dest_args(), "--all", dest_passphrase=PW_B, check=True)
+    assert json.loads(p.stdout)["backups_copied"] == 2 and "not encrypted" not in p.stderr
+    for bid, data in ((full.id, v1), (inc.id, v2)):
+        out = tmp_path / f"b-{bid}.raw"
+        _cli(*enc_b.src_args(), "restore", bid, out, passphrase=PW_B, check=True)
+        assert out.read_bytes() == data
+    p = _cli(*src.src_args(), "--json", "copy", *enc_b.dest_args(), "--all", dest_passphrase=PW_B, check=True)
+    assert json.loads(p.stdout)["backups_copied"] == 0
+
+    # a wrong destination passphrase is refused (19) before anything is written
+    p = _cli(*enc_b.src_args(), "copy", *enc_c.dest_args(), "--all", passphrase=PW_B, dest_passphrase=PW_B)
+    assert p.returncode == 19, p.stderr
+    # no destination passphrase, no terminal: a usage error naming the ways to give it
+    p = _cli(*enc_b.src_args(), "copy", *enc_c.dest_args(), "--all", passphrase=PW_B)
+    assert p.returncode == 2 and "NBDBACKUP_DEST_PASSPHRASE" in p.stderr, p.stderr
+
+    # key B -> key C, the destination's passphrase from --dest-passphrase-file: re-encrypted
+    pw_file = tmp_path / "pw-c"
+    pw_file.write_text(PW_C + "\n")
+    p = _cli(*enc_b.src_args(), "--json", "copy", *enc_c.dest_args(), "--dest-passphrase-file", pw_file, "--all",
+             passphrase=PW_B, check=True)
+    assert json.loads(p.stdout)["backups_copied"] == 2
+    for bid, data in ((full.id, v1), (inc.id, v2)):
+        out = tmp_path / f"c-{bid}.raw"
+        _cli(*enc_c.src_args(), "restore", bid, out, passphrase=PW_C, check=True)
+        assert out.read_bytes() == data
+    _cli(*enc_c.src_args(), "verify", passphrase=PW_C, check=True)
+
+    # encrypted -> plaintext works, with a warning
+    p = _cli(*enc_c.src_args(), "--json", "copy", *plain.dest_args(), "--all", passphrase=PW_C, check=True)
+    assert "not encrypted" in p.stderr or "unencrypted" in p.stderr, p.stderr
+    assert json.loads(p.stdout)["backups_copied"] == 2
+    assert _restore_cli(plain, inc.id, tmp_path) == v2

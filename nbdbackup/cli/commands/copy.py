@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+
+from ..repoargs import add_dest_options
 
 NAME = "copy"
 HELP = "copy backups into another repository (a second site), sending only what it lacks"
@@ -33,32 +34,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--disk", metavar="NAME", help="copy every backup of disk NAME")
     which.add_argument("--all", action="store_true", help="copy every backup")
-    p.add_argument("--dest-index-url", default=os.environ.get("NBDBACKUP_DEST_INDEX_URL"), metavar="URL",
-                   help="SQLAlchemy URL of the destination's index (default: $NBDBACKUP_DEST_INDEX_URL, else "
-                        "the URL the destination names, else its SQLite file)")
-    p.add_argument("--dest-s3-endpoint", default=None, metavar="URL",
-                   help="S3 endpoint of the destination (default: --s3-endpoint's)")
-
-
-def _open_dest(args):
-    from ...repo import Repository
-
-    return Repository.open(args.to, index_url=args.dest_index_url or None,
-                           lock_wait=float(getattr(args, "lock_wait", 0.0) or 0.0),
-                           s3_endpoint=args.dest_s3_endpoint or getattr(args, "s3_endpoint", None) or None)
+    add_dest_options(p)     # --dest-index-url, --dest-s3-endpoint, the destination's key and passphrase
 
 
 def run(args) -> int:
     from ...errors import LockedError, NbdBackupError, RepoDamaged, UsageError
     from ...repo.copy import check_compatible, copy_backups, is_encrypted, select_backups
     from ..output import human_bytes, print_json, progress_bar, summary
-    from ..repoargs import open_repo
+    from ..repoargs import open_dest_repo, open_repo
 
     if bool(args.backups) + bool(args.disk) + bool(args.all) != 1:
         raise UsageError("name what to copy: BACKUP..., --disk NAME or --all (one of them)")
     with open_repo(args) as src:
         infos = select_backups(src, args.backups, disk=args.disk, everything=args.all)
-        with _open_dest(args) as dst:
+        with open_dest_repo(args) as dst:
             check_compatible(src, dst)
             if is_encrypted(src) and not is_encrypted(dst):
                 from ..output import log
