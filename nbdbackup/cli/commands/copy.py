@@ -22,6 +22,9 @@ DESCRIPTION = (
     "encrypted) as it is read; a damaged one stops that backup's copy (named with its disk\n"
     "byte range), the others go on, and the run exits 9. Backups DEST has already are\n"
     "skipped, so running it again copies nothing. DEST must have the same chunk size.\n"
+    "Either side may be encrypted: DEST's key comes from --dest-key-file,\n"
+    "--dest-passphrase-file, $NBDBACKUP_DEST_PASSPHRASE or $NBDBACKUP_DEST_PASSPHRASE_COMMAND,\n"
+    "and chunks are re-encrypted under it (an encrypted source into a plaintext DEST warns).\n"
     "An interrupted copy leaves nothing half-copied listed in DEST; the next run goes on\n"
     "without sending again what arrived. Retention (forget, prune, gc) is per repository."
 )
