@@ -656,3 +656,37 @@ def test_cli_plaintext_to_encrypted_s3_then_key_b_to_key_c_then_to_plaintext(mak
     assert "not encrypted" in p.stderr or "unencrypted" in p.stderr, p.stderr
     assert json.loads(p.stdout)["backups_copied"] == 2
     assert _restore_cli(plain, inc.id, tmp_path) == v2
+
+
+def test_a_record_failing_authentication_in_an_encrypted_source_is_never_copied(make_site, tmp_path):
+    from nbdbackup.errors import ChunkCorrupt
+    from nbdbackup.repo.copy import copy_backups, select_backups
+    from nbdbackup.repo.crypto import MasterKey
+    from nbdbackup.repo.packs import pack_object_name
+
+    rng = random.Random(SEED + 14)
+    key = MasterKey.generate()
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with _init_keyed(src, key) as s:
+        bad_data, good_data = disk_data(rng, 12), disk_data(rng, 12)
+        bad = write_backup(s, "vm1", bad_data)
+        good = write_backup(s, "vm2", good_data)
+        with s.open_image(bad) as img:
+            idx = next(i for i in range(img.nchunks) if not img.is_zero(i) and bad_data[i * CS:(i + 1) * CS]
+                       not in {good_data[j * CS:(j + 1) * CS] for j in range(12)})
+            h = img.chunk_ref(idx)
+        loc = s.store.chunk_locations([h])[h]
+    with open(os.path.join(src.spec, pack_object_name(loc.pack)), "r+b") as f:
+        f.seek(loc.offset + 3)          # inside the nonce: the record no longer authenticates
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    dst.init().close()
+    with _open_keyed(src, key) as s, dst.open() as d:
+        r = copy_backups(s, d, select_backups(s, everything=True))
+        assert [c.info.id for c in r.copied] == [good.id]
+        (failure,) = r.failed
+        assert failure.ids == [bad.id] and isinstance(failure.error, ChunkCorrupt)
+        assert failure.error.offset == idx * CS
+        assert [b.id for b in d.list_backups()] == [good.id]
+        assert read_all(d, good.id) == good_data
