@@ -690,3 +690,28 @@ def test_a_record_failing_authentication_in_an_encrypted_source_is_never_copied(
         assert failure.error.offset == idx * CS
         assert [b.id for b in d.list_backups()] == [good.id]
         assert read_all(d, good.id) == good_data
+
+
+def test_copies_built_on_a_base_of_another_size_are_exact(make_site):
+    """A disk that grew (to an unaligned size) and shrank again: positions past the base's
+    inheritable ones are always put, so nothing of the base leaks into the copy."""
+    from nbdbackup.repo.copy import copy_backups, select_backups
+
+    rng = random.Random(SEED + 15)
+    src, dst = make_site("local", "src"), make_site("local", "dst")
+    with src.init(segment_len=8) as s:
+        v1 = disk_data(rng, 20)[:20 * CS - 777]
+        b1 = write_backup(s, "vm1", v1)
+        v2 = v1 + disk_data(rng, 7)[:5 * CS + 99]          # grown; the old short chunk now whole
+        b2 = write_backup(s, "vm1", v2, parent=b1, changed=range(19, (len(v2) + CS - 1) // CS))
+        v3 = v2[:9 * CS + 5]                                 # shrunk into a short chunk
+        b3 = write_backup(s, "vm1", v3, parent=b2, changed=[9])
+        v4 = v3 + bytes(3 * CS)                              # grown with zeros
+        b4 = write_backup(s, "vm1", v4, parent=b3, changed=range(9, 13))
+    dst.init(segment_len=16).close()       # another segment length: maps are rebuilt, not copied
+    with src.open() as s, dst.open() as d:
+        copy_backups(s, d, select_backups(s, [b1.id]))
+        r = copy_backups(s, d, select_backups(s, everything=True))
+        assert [(c.info.id, c.base) for c in r.copied] == [(b2.id, b1.id), (b3.id, b2.id), (b4.id, b3.id)]
+        for info, data in ((b1, v1), (b2, v2), (b3, v3), (b4, v4)):
+            assert read_all(d, info.id) == data
