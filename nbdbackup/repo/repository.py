@@ -337,12 +337,12 @@ class Repository:
     # -- write and read -------------------------------------------------------
     def writer(self, disk: str, *, kind: str, size: int, parent: BackupInfo | None = None,
                bitmap: str | None = None, checkpoint: str | None = None, set_id: str | None = None,
-               source: str | None = None) -> BackupWriter:
+               source: str | None = None, preserve: BackupInfo | None = None) -> BackupWriter:
         blocker = write_blocker(self.path) if self.location.is_local else None
         if blocker in (errno.EROFS, errno.EACCES):      # say so before any work, not at the first pack
             raise storage_error(blocker, self.path, f"writing a backup of {disk}")
         return BackupWriter(self.context, disk, kind=kind, size=size, parent=parent, bitmap=bitmap,
-                            checkpoint=checkpoint, set_id=set_id, source=source)
+                            checkpoint=checkpoint, set_id=set_id, source=source, preserve=preserve)
 
     def commit_set(self, writers: Sequence[BackupWriter], *, read_bytes: Sequence[int] | None = None,
                    duration_s: Sequence[float] | float | None = None, created=None,

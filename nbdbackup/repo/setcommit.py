@@ -10,6 +10,9 @@ LEASE_TTL_S) fails the commit with LockedError, since gc may have reclaimed
 records the writer relied on.
 The writers are driven through their public methods (check_open,
 finish_map, write_manifest, mark_committed, abort).
+Copies (repo/copy.py): writers made with `preserve=` commit that backup's id,
+kind, parent, created and set_id instead of new ones; a set is all copies or
+none, and its members must agree on created and set_id.
 """
 
 from __future__ import annotations
@@ -41,22 +44,34 @@ def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[
     n = len(writers)
     rb = list(read_bytes) if read_bytes is not None else [0] * n
     ds = list(duration_s) if isinstance(duration_s, (list, tuple)) else [float(duration_s or 0.0)] * n
+    preserved = [w.preserve for w in writers if w.preserve is not None]
+    if preserved:
+        if len(preserved) != n or len({(p.created, p.set_id) for p in preserved}) != 1:
+            raise UsageError("copied backups are committed together only as one set "
+                             "(same created time and set id), never mixed with new ones")
+        created, set_id = preserved[0].created, preserved[0].set_id
     created = now_ms() if created is None else from_ms(to_ms(created))   # aware UTC, whole ms (naive = UTC)
-    if n > 1:
+    if n > 1 and not preserved:
         set_id = set_id or next((w.set_id for w in writers if w.set_id), None) or uuid.uuid4().hex[:16]
     ids: set[str] = set()
     try:
         staged = []
         for i, w in enumerate(writers):
             refs = w.finish_map()
-            bid = new_backup_id(created)
-            while bid in ids:
+            p = w.preserve
+            if p is not None:       # a copy: the source's identity, this repository's own numbers
+                bid, kind, parent_id = p.id, p.kind, p.parent
+            else:
                 bid = new_backup_id(created)
+                while bid in ids:
+                    bid = new_backup_id(created)
+                kind, parent_id = w.kind, w.parent.id if w.parent else None
             ids.add(bid)
-            info = BackupInfo(id=bid, disk=w.disk, kind=w.kind, parent=w.parent.id if w.parent else None,
+            info = BackupInfo(id=bid, disk=w.disk, kind=kind, parent=parent_id,
                               created=created, size=w.size, chunk_size=w.chunk_size, read_bytes=int(rb[i]),
                               stored_bytes=w.stored_bytes, duration_s=float(ds[i]), bitmap=w.bitmap,
-                              checkpoint=w.checkpoint, set_id=set_id if n > 1 else (set_id or w.set_id),
+                              checkpoint=w.checkpoint,
+                              set_id=set_id if n > 1 or preserved else (set_id or w.set_id),
                               source=w.source)
             mh = w.write_manifest(encode_manifest(info, w.segment_len, refs))
             staged.append((info, refs, mh))

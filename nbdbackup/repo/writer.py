@@ -39,7 +39,10 @@ from .setcommit import commit_writers
 class BackupWriter:
     def __init__(self, ctx: RepoContext, disk: str, *, kind: str, size: int,
                  parent: BackupInfo | None = None, bitmap: str | None = None,
-                 checkpoint: str | None = None, set_id: str | None = None, source: str | None = None):
+                 checkpoint: str | None = None, set_id: str | None = None, source: str | None = None,
+                 preserve: BackupInfo | None = None):
+        """*preserve* (nbdbackup copy): the backup this one copies; its id, kind, parent, created and
+        set_id are committed instead of new ones (*parent* is then only what the map inherits from)."""
         check_disk_name(disk)
         if kind not in ("full", "incremental"):
             raise UsageError(f"backup kind must be 'full' or 'incremental', not {kind!r}")
@@ -57,6 +60,7 @@ class BackupWriter:
         self.ctx = ctx
         self.disk, self.kind, self.size, self.parent = disk, kind, size, parent
         self.bitmap, self.checkpoint, self.set_id, self.source = bitmap, checkpoint, set_id, source
+        self.preserve = preserve
         self.chunk_size = chunk_size
         self.nchunks = (size + chunk_size - 1) // chunk_size
         self.segment_len = ctx.config.segment_len
