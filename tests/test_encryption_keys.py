@@ -28,6 +28,8 @@ from nbdbackup.repo import Repository
 from nbdbackup.repo.keys import KeySource, parse_doc, unwrap
 
 PW = "correct horse battery staple"
+# key storage is the backend's business, the index's only for locks: a directory and a bucket
+LOCAL_AND_S3 = pytest.mark.parametrize("place", ["local", "s3+pg"], indirect=True)
 
 
 def cli(*args, passphrase: str | None = None, check: bool = False, **env) -> subprocess.CompletedProcess:
@@ -221,6 +223,7 @@ def test_prompts_on_a_terminal(tmp_path, monkeypatch):
 
 # --- key files, key export -----------------------------------------------------------------
 
+@LOCAL_AND_S3
 def test_init_with_a_key_file_keeps_nothing_in_the_repository(place, tmp_path):
     kf = tmp_path / "repo.key"
     out = init_encrypted(place, "--key-file", kf)
@@ -259,6 +262,7 @@ def test_key_files_are_never_overwritten_and_belong_to_one_repository(tmp_path):
     assert p.returncode != 0 and not (tmp_path / "c.key").exists()
 
 
+@LOCAL_AND_S3
 def test_key_export_then_key_file(place, tmp_path):
     init_encrypted(place)
     exported = tmp_path / "exported.key"
@@ -285,6 +289,7 @@ def _packs(repo, **source) -> dict[str, str]:
         return {n: hashlib.sha256(r.backend.get(n)).hexdigest() for n in object_names(r, "packs/")}
 
 
+@LOCAL_AND_S3
 def test_key_passphrase_rewraps_without_touching_data(place, tmp_path):
     init_encrypted(place)
     data = os.urandom(3 * 65536) + b"x" * 65536
