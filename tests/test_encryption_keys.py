@@ -439,3 +439,43 @@ def test_rebuild_index_asks_for_the_passphrase_once(tmp_path):
     with open_repo(repo) as r:
         assert [b.id for b in r.list_backups()] == [info.id] and read_all(r, info.id) == data
     assert cron_like("--repo", repo, "rebuild-index", NBDBACKUP_PASSPHRASE="nope").returncode == 19
+
+
+def test_destination_key_sources_for_copy(tmp_path, monkeypatch):
+    import argparse
+
+    from nbdbackup.cli.repoargs import add_dest_options, open_dest_repo
+    from nbdbackup.cli.repoargs import open_repo as open_source
+    from nbdbackup.errors import KeyRefused, UsageError
+
+    src, dst = init_encrypted(tmp_path / "src"), init_encrypted(tmp_path / "dst", passphrase="dest pw")
+
+    def args(*argv):
+        p = argparse.ArgumentParser()
+        add_dest_options(p)
+        p.add_argument("--to")
+        a = p.parse_args(["--to", str(tmp_path / "dst"), *map(str, argv)])
+        a.repo, a.key_file, a.passphrase_file, a.index_url, a.lock_wait = str(tmp_path / "src"), None, None, None, 0
+        return a
+
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", PW)
+    monkeypatch.setenv("NBDBACKUP_DEST_PASSPHRASE", "dest pw")
+    a = args()
+    with open_source(a) as s, open_dest_repo(a) as d:
+        assert (s.repo_id, d.repo_id) == (src["repo_id"], dst["repo_id"]) and s.unlocked and d.unlocked
+    monkeypatch.delenv("NBDBACKUP_DEST_PASSPHRASE")
+    with pytest.raises(UsageError) as e:
+        open_dest_repo(args())
+    assert "destination" in str(e.value) and "NBDBACKUP_DEST_PASSPHRASE" in e.value.hint
+    assert "--dest-passphrase-file" in e.value.hint
+    (tmp_path / "dpw").write_text("dest pw\n")
+    with open_dest_repo(args("--dest-passphrase-file", tmp_path / "dpw")) as d:
+        assert d.repo_id == dst["repo_id"]
+    monkeypatch.setenv("NBDBACKUP_DEST_PASSPHRASE", PW)     # the source's passphrase is not the destination's
+    with pytest.raises(KeyRefused):
+        open_dest_repo(args())
+    exported = tmp_path / "src.key"
+    assert cli("--repo", tmp_path / "src", "key", "export", exported, passphrase=PW).returncode == 0
+    with pytest.raises(KeyRefused) as e:        # another repository's key file
+        open_dest_repo(args("--dest-key-file", exported))
+    assert "--dest-key-file" in e.value.hint
