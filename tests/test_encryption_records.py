@@ -14,46 +14,23 @@ import subprocess
 import blake3
 import pytest
 
-from helpers.places import object_names, patch_object, read_object
+from helpers.encryption import haystacks, marked_disk, needles
+from helpers.places import object_names, patch_object
 from helpers.repo import CHUNK_SIZE as CS
 from helpers.repo import new_repo, read_all, write_backup
 from helpers.serve import serve_in_process
 from helpers.support import require_tool
 from nbdbackup.engine.restore import restore
-from nbdbackup.errors import ChunkCorrupt
+from nbdbackup.errors import ChunkCorrupt, KeyRefused, UsageError
 from nbdbackup.repo import Repository
 from nbdbackup.repo import packs as P
 from nbdbackup.repo.chunks import ZERO_REF, DecodeError
-from nbdbackup.repo.codec import PLAIN, KeyMismatch, KeyRequired, SealedCodec, codec_for
+from nbdbackup.repo.codec import PLAIN, SealedCodec, codec_for
 from nbdbackup.repo.crypto import MasterKey
 from nbdbackup.repo.forget import forget
 from nbdbackup.repo.gc import collect
 from nbdbackup.repo.rebuild import rebuild_index
 from nbdbackup.repo.verify import verify
-
-MARKER = b"nbdbackup-marker:7c1e-secret-payroll-2026"
-
-
-def marked_disk(seed: int = 1, nchunks: int = 24) -> bytes:
-    """Chunks 0-7 text holding the marker (compressible), 8-15 random holding it (stored raw
-    unless encrypted), 16-19 zero, 20-23 random."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(nchunks):
-        if i < 8:
-            words = b" ".join(rng.choice([b"alpha", b"beta", b"gamma", b"delta", MARKER]) for _ in range(CS // 4))
-            piece = (MARKER + b" " + words)[:CS]
-        elif i < 16:
-            r = bytearray(rng.randbytes(CS))
-            at = rng.randrange(0, CS - len(MARKER))
-            r[at:at + len(MARKER)] = MARKER
-            piece = bytes(r)
-        elif i < 20:
-            piece = bytes(CS)
-        else:
-            piece = rng.randbytes(CS)
-        out.append(piece)
-    return b"".join(out)
 
 
 def sealed_repo(place, key: MasterKey, **kw) -> Repository:
@@ -132,9 +109,9 @@ def test_full_incremental_round_trip_and_keys(place):
         changed[3 * CS + 5:3 * CS + 9] = b"EDIT"
         changed[21 * CS:22 * CS] = os.urandom(CS)
         inc = write_backup(repo, "vda", bytes(changed), parent=full, changed=[3, 21])
-    with pytest.raises(KeyRequired):
+    with pytest.raises(UsageError):
         opened(place, None)
-    with pytest.raises(KeyMismatch):
+    with pytest.raises(KeyRefused):
         opened(place, MasterKey.generate())
     with opened(place, key) as repo:
         assert read_all(repo, full.id) == data
@@ -160,39 +137,6 @@ def test_restore_and_qemu_through_serve(place, tmp_path):
                        check=True, capture_output=True, timeout=120)
 
 
-def _haystacks(place, repo) -> dict[str, bytes]:
-    """Every stored byte of the repository: its objects (packs, config.json...), the files of a
-    local repository (the SQLite index with its -wal and -shm), and a PostgreSQL index's dump."""
-    out = {name: read_object(place.spec, name) for name in object_names(repo, "")}
-    if not place.on_s3:
-        for root, _dirs, files in os.walk(place.spec):
-            for f in files:
-                p = os.path.join(root, f)
-                with open(p, "rb") as fh:
-                    out[p] = fh.read()
-    if place.index_url:
-        pg_dump = "/usr/lib/postgresql/15/bin/pg_dump"
-        url = place.index_url.replace("postgresql+psycopg://", "postgresql://")
-        dump = subprocess.run([pg_dump, "--data-only", url], check=True, capture_output=True, timeout=120).stdout
-        assert b"COPY public.chunks" in dump and b"COPY public.backups" in dump, dump[:2000]
-        out["pg_dump"] = dump
-    return out
-
-
-def _needles(data: bytes) -> dict[str, bytes]:
-    """The marker, and the plaintext blake3 of the marker and of every non-zero chunk: raw and hex."""
-    out = {"marker": MARKER, "marker hex": MARKER.hex().encode()}
-    hashes = {"blake3(marker)": blake3.blake3(MARKER).digest()}
-    for i in range(0, len(data), CS):
-        piece = data[i:i + CS]
-        if piece.count(0) != len(piece):
-            hashes[f"blake3(chunk {i // CS})"] = blake3.blake3(piece).digest()
-    for name, h in hashes.items():
-        out[name] = h
-        out[name + " hex"] = h.hex().encode()
-    return out
-
-
 @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plaintext-control"])
 def test_marker_and_plaintext_hashes_are_nowhere(place, encrypted):
     key = MasterKey.generate() if encrypted else None
@@ -201,9 +145,9 @@ def test_marker_and_plaintext_hashes_are_nowhere(place, encrypted):
         b = write_backup(repo, "vda", data, zero_holes=True)
         inc = write_backup(repo, "vda", data[:CS * 8] + os.urandom(CS) + data[CS * 9:], parent=b, changed=[8])
         assert inc.parent == b.id
-        stacks = _haystacks(place, repo)
+        stacks = haystacks(place, repo)
     assert any(n.endswith(".pack") for n in stacks) and any("config.json" in n for n in stacks)
-    found = {(what, where) for what, needle in _needles(data).items() for where, hay in stacks.items()
+    found = {(what, where) for what, needle in needles(data).items() for where, hay in stacks.items()
              if needle in hay}
     if encrypted:
         assert not found, sorted(found)[:20]
@@ -256,9 +200,9 @@ def test_rebuild_index_of_an_encrypted_repository(place):
     with sealed_repo(place, key) as repo:
         b1 = write_backup(repo, "vda", data, zero_holes=True)
         b2 = write_backup(repo, "vdb", data[:12 * CS], zero_holes=True)
-    with pytest.raises(KeyRequired):
+    with pytest.raises(UsageError):
         rebuild_index(place.spec, index_url=place.index_url)
-    with pytest.raises(KeyMismatch):
+    with pytest.raises(KeyRefused):
         rebuild_index(place.spec, index_url=place.index_url, master_key=MasterKey.generate())
     rep = rebuild_index(place.spec, index_url=place.index_url, master_key=key)
     assert sorted(rep.backups) == sorted([b1.id, b2.id]) and not rep.backups_lost, rep.problem_lines()
@@ -309,3 +253,51 @@ def test_sealed_packs_copied_into_a_plaintext_repository_are_not_read(tmp_path):
     with Repository.open(str(tmp_path / "sealed"), master_key=key) as sealed:
         assert [b.disk for b in sealed.list_backups()] == ["vda"]
         assert len(rep.backups) == 1
+
+
+def test_id_spaces():
+    k = MasterKey.generate()
+    assert SealedCodec(k).id_space == SealedCodec(MasterKey(k.material)).id_space != PLAIN.id_space
+    assert SealedCodec(MasterKey.generate()).id_space != SealedCodec(k).id_space
+    assert k.id_key not in SealedCodec(k).id_space
+
+
+def test_sealing_and_opening_release_the_gil():
+    """prepare() and decode() run in worker threads: with a switch interval far longer than the
+    test, a second thread gets to run only if the first releases the GIL (blake3, zstd and
+    AES-GCM do; a pure Python loop would starve it)."""
+    import sys
+    import threading
+
+    c = SealedCodec(MasterKey.generate())
+    data = [os.urandom(CS * 4) for _ in range(2)]
+    sealed = [c.prepare(d, -3, compress=False) for d in data]
+    for work in (lambda i: c.prepare(data[i], -3, compress=False),
+                 lambda i: c.decode(P.REC_CHUNK, P.COMP_NONE, len(data[i]), sealed[i].hash, sealed[i].payload)):
+        counts, stop = [0, 0], threading.Event()
+
+        def loop(i, work=work, counts=counts, stop=stop):
+            while not stop.is_set():
+                work(i)
+                counts[i] += 1
+                if counts[i] >= 200:
+                    stop.set()
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(100)
+        try:
+            threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        finally:
+            sys.setswitchinterval(old)
+        assert min(counts) >= 20, counts
+
+
+def test_a_chunk_prepared_by_another_codec_is_refused(tmp_path):
+    with new_repo(tmp_path / "r", master_key=MasterKey.generate()) as repo:
+        w = repo.writer("vda", kind="full", size=CS)
+        with pytest.raises(ValueError, match="another repository's codec"):
+            w.put(0, PLAIN.prepare(os.urandom(CS), -3))
+        w.abort()

@@ -52,6 +52,7 @@ class KeyMismatch(ValueError):
 class RecordCodec(Protocol):
     encrypted: bool
     flags: int          # the record header flags of the records it writes
+    id_space: bytes     # equal for two codecs exactly when they give the same bytes the same id
 
     def hash(self, data) -> bytes: ...
     def ref(self, data) -> bytes: ...
@@ -71,6 +72,7 @@ class PlainCodec:
 
     encrypted = False
     flags = 0
+    id_space = b"blake3"
 
     def hash(self, data) -> bytes:
         return chunks.hash_bytes(data)
@@ -108,6 +110,8 @@ class SealedCodec:
 
     def __init__(self, key: MasterKey):
         self._id_key = key.id_key
+        # a fingerprint of the id key (not the key): copy compares it to know whether ids carry over
+        self.id_space = blake3.blake3(b"id space", key=key.id_key).digest()
         self._aead = AESGCM(key.record_key)
         self._zero_hashes: dict[int, bytes] = {}
 

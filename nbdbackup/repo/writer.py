@@ -114,6 +114,8 @@ class BackupWriter:
         want = maps.chunk_len(index, self.size, self.chunk_size)
         if prepared.raw_len != want:
             raise ValueError(f"chunk {index} has {prepared.raw_len} bytes, expected {want}")
+        if prepared.flags != self.codec.flags:      # its id and record are another codec's
+            raise ValueError(f"chunk {index} was prepared by another repository's codec")
         self._set(index, prepared.hash)
         if self._batch.add(prepared):
             self._guard(self._batch.flush)
