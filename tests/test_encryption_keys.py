@@ -479,3 +479,32 @@ def test_destination_key_sources_for_copy(tmp_path, monkeypatch):
     with pytest.raises(KeyRefused) as e:        # another repository's key file
         open_dest_repo(args("--dest-key-file", exported))
     assert "--dest-key-file" in e.value.hint
+
+
+@pytest.mark.parametrize("place", ["s3+pg"], indirect=True)
+def test_secrets_never_in_postgresql_lock_holders(place, tmp_path):
+    """On PostgreSQL a holder is a row (command, host, pid...) that every host reads."""
+    from sqlalchemy import create_engine, text
+
+    pw, pwfile = "PGMARK-91d2-secret", tmp_path / "pw"
+    pwfile.write_text(pw)
+    init_encrypted(place, passphrase=pw)
+    with open_repo(place, pw) as r:
+        write_backup(r, "vda", b"rows " * 40000)
+    eng = create_engine(place.index_url)
+    try:
+        for env, extra in (({"NBDBACKUP_PASSPHRASE": pw}, ()), ({}, ("--passphrase-file", str(pwfile))),
+                           ({"NBDBACKUP_PASSPHRASE_COMMAND": f"cat {pwfile}"}, ())):
+            with serve(place.spec, tmp_path, *extra, env=env) as served:
+                client = NbdClient.connect(served.uri("vda"))
+                try:
+                    assert bytes(client.read(0, 5)) == b"rows "
+                    with eng.connect() as conn:
+                        rows = [" ".join(map(str, r)) for r in conn.execute(text("SELECT * FROM lock_holders"))]
+                finally:
+                    client.close()
+            assert rows and any("serve" in r for r in rows), rows
+            assert not any(pw in r for r in rows), rows
+            assert pw not in served.log()
+    finally:
+        eng.dispose()
