@@ -256,7 +256,7 @@ def test_key_files_are_never_overwritten_and_belong_to_one_repository(tmp_path):
     (tmp_path / "junk").write_text("hello")
     p = cli("--repo", tmp_path / "b", "list", "--key-file", tmp_path / "junk", passphrase=PW)
     assert p.returncode == 2 and "not an nbdbackup key" in p.stderr
-    # a failed init removes the key file it made
+    # a failed init leaves no key file behind
     p = cli("--repo", "/proc/nope/r", "init", "--encryption", "--kdf-memory", "8", "--key-file", tmp_path / "c.key",
             passphrase=PW)
     assert p.returncode != 0 and not (tmp_path / "c.key").exists()

@@ -359,9 +359,13 @@ def store_new_key(backend, key: UnlockedKey) -> None:
 
 
 def remove_new_key(key: UnlockedKey) -> None:
-    """Undo store_new_key's key file after a failed init (a key object goes with the repository)."""
+    """Undo store_new_key's key file after a failed init (a key object goes with the repository):
+    only a file holding this very document, never one somebody else made meanwhile."""
     if key.in_file and not key.given:
         try:
-            os.unlink(key.origin)
-        except FileNotFoundError:
+            with open(key.origin, "rb") as f:
+                ours = f.read(_MAX_KEY_DOC) == doc_bytes(key.doc)
+            if ours:
+                os.unlink(key.origin)
+        except OSError:
             pass
