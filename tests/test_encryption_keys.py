@@ -508,3 +508,13 @@ def test_secrets_never_in_postgresql_lock_holders(place, tmp_path):
             assert pw not in served.log()
     finally:
         eng.dispose()
+
+
+def test_a_passphrase_opens_whatever_its_unicode_composition():
+    from nbdbackup.repo.crypto import MasterKey
+    from nbdbackup.repo.keys import KdfParams, wrap
+
+    key = MasterKey.generate()
+    doc = wrap(key, "caf\u00e9 cr\u00e8me", "r1", KdfParams.for_memory(8))      # precomposed
+    assert unwrap(doc, "cafe\u0301 cre\u0300me") == key                         # decomposed, as some keyboards send
+    assert unwrap(doc, "cafe creme") is None

@@ -21,6 +21,7 @@ import os
 import secrets
 import sys
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, replace
 
@@ -78,7 +79,9 @@ class KdfParams:
 def _kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
     from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-    return Scrypt(salt=salt, length=32, n=params.n, r=params.r, p=params.p).derive(passphrase.encode("utf-8"))
+    # NFC: the same passphrase typed on terminals or in files that compose accents differently
+    secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
+    return Scrypt(salt=salt, length=32, n=params.n, r=params.r, p=params.p).derive(secret)
 
 
 def _b64(data: bytes) -> str:
