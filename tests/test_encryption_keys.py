@@ -155,7 +155,9 @@ def test_passphrase_file_and_command_without_a_terminal(tmp_path):
     p = cron_like("--repo", repo, "list", NBDBACKUP_PASSPHRASE_COMMAND=f"printf '%s\\n\\n' '{PW}'")
     assert p.returncode == 19           # only ONE trailing newline goes
     (tmp_path / "wrong").write_text(PW + " ")
-    assert cron_like("--repo", repo, "list", "--passphrase-file", tmp_path / "wrong").returncode == 19
+    p = cron_like("--repo", repo, "list", "--passphrase-file", tmp_path / "wrong")
+    assert p.returncode == 19 and "may be read by other users" in p.stderr      # mode 0644
+    assert "other users" not in cron_like("--repo", repo, "list", "--passphrase-file", pwfile).stderr
     # the command line option beats the environment
     p = cron_like("--repo", repo, "list", "--passphrase-file", pwfile, NBDBACKUP_PASSPHRASE="nope")
     assert p.returncode == 0, p.stderr
@@ -432,10 +434,15 @@ def test_rebuild_index_asks_for_the_passphrase_once(tmp_path):
     script = tmp_path / "ask"
     script.write_text(f"#!/bin/sh\necho x >> '{count}'\nprintf '%s\\n' '{PW}'\n")
     script.chmod(0o755)
+    (key_name,) = key_object_names(repo)
+    key_bytes = (repo / key_name).read_bytes()
     (repo / "index.sqlite").unlink()
     p = cron_like("--repo", repo, "rebuild-index", NBDBACKUP_PASSPHRASE_COMMAND=str(script))
     assert p.returncode == 0, p.stderr
     assert count.read_text().count("x") == 1
+    for maintenance in (["gc", "--grace", "0"], ["verify"]):     # they sweep and check packs/ only
+        assert cli("--repo", repo, *maintenance, passphrase=PW).returncode == 0
+    assert key_object_names(repo) == [key_name] and (repo / key_name).read_bytes() == key_bytes
     with open_repo(repo) as r:
         assert [b.id for b in r.list_backups()] == [info.id] and read_all(r, info.id) == data
     assert cron_like("--repo", repo, "rebuild-index", NBDBACKUP_PASSPHRASE="nope").returncode == 19
