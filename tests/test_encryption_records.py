@@ -15,7 +15,7 @@ import blake3
 import pytest
 
 from helpers.encryption import haystacks, marked_disk, needles
-from helpers.places import object_names, patch_object
+from helpers.places import object_names, patch_object, read_object
 from helpers.repo import CHUNK_SIZE as CS
 from helpers.repo import new_repo, read_all, write_backup
 from helpers.serve import serve_in_process
@@ -301,3 +301,29 @@ def test_a_chunk_prepared_by_another_codec_is_refused(tmp_path):
         with pytest.raises(ValueError, match="another repository's codec"):
             w.put(0, PLAIN.prepare(os.urandom(CS), -3))
         w.abort()
+
+
+def test_sealed_pack_with_a_damaged_footer_is_salvaged(tmp_path):
+    """rebuild-index walks the record headers of a pack whose footer is damaged: the sealed flag
+    comes from each header, and the records open as before."""
+    key = MasterKey.generate()
+    data = marked_disk(8)
+    with new_repo(tmp_path / "r", master_key=key) as repo:
+        b = write_backup(repo, "vda", data, zero_holes=True)
+        packs = object_names(repo)
+    assert len(packs) == 1
+    patch_object(str(tmp_path / "r"), packs[0], len(read_object(str(tmp_path / "r"), packs[0])) - P.TRAILER_SIZE - 5,
+                 xor=0xFF)
+    rep = rebuild_index(str(tmp_path / "r"), master_key=key)
+    assert rep.packs_salvaged and rep.backups == [b.id], rep.problem_lines()
+    with Repository.open(str(tmp_path / "r"), master_key=key) as repo:
+        assert read_all(repo, b.id) == data
+
+
+def test_a_plaintext_repository_is_as_before(tmp_path):
+    import json
+
+    with new_repo(tmp_path / "r") as repo:
+        assert repo.codec is PLAIN and not repo.codec.encrypted
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert "encryption" not in cfg and cfg["format"] == 1
