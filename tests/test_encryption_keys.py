@@ -28,6 +28,8 @@ from nbdbackup.repo import Repository
 from nbdbackup.repo.keys import KeySource, parse_doc, unwrap
 
 PW = "correct horse battery staple"
+# key storage is the backend's business, the index's only for locks: a directory and a bucket
+LOCAL_AND_S3 = pytest.mark.parametrize("place", ["local", "s3+pg"], indirect=True)
 
 
 def cli(*args, passphrase: str | None = None, check: bool = False, **env) -> subprocess.CompletedProcess:
@@ -153,7 +155,9 @@ def test_passphrase_file_and_command_without_a_terminal(tmp_path):
     p = cron_like("--repo", repo, "list", NBDBACKUP_PASSPHRASE_COMMAND=f"printf '%s\\n\\n' '{PW}'")
     assert p.returncode == 19           # only ONE trailing newline goes
     (tmp_path / "wrong").write_text(PW + " ")
-    assert cron_like("--repo", repo, "list", "--passphrase-file", tmp_path / "wrong").returncode == 19
+    p = cron_like("--repo", repo, "list", "--passphrase-file", tmp_path / "wrong")
+    assert p.returncode == 19 and "may be read by other users" in p.stderr      # mode 0644
+    assert "other users" not in cron_like("--repo", repo, "list", "--passphrase-file", pwfile).stderr
     # the command line option beats the environment
     p = cron_like("--repo", repo, "list", "--passphrase-file", pwfile, NBDBACKUP_PASSPHRASE="nope")
     assert p.returncode == 0, p.stderr
@@ -221,6 +225,7 @@ def test_prompts_on_a_terminal(tmp_path, monkeypatch):
 
 # --- key files, key export -----------------------------------------------------------------
 
+@LOCAL_AND_S3
 def test_init_with_a_key_file_keeps_nothing_in_the_repository(place, tmp_path):
     kf = tmp_path / "repo.key"
     out = init_encrypted(place, "--key-file", kf)
@@ -253,12 +258,13 @@ def test_key_files_are_never_overwritten_and_belong_to_one_repository(tmp_path):
     (tmp_path / "junk").write_text("hello")
     p = cli("--repo", tmp_path / "b", "list", "--key-file", tmp_path / "junk", passphrase=PW)
     assert p.returncode == 2 and "not an nbdbackup key" in p.stderr
-    # a failed init removes the key file it made
+    # a failed init leaves no key file behind
     p = cli("--repo", "/proc/nope/r", "init", "--encryption", "--kdf-memory", "8", "--key-file", tmp_path / "c.key",
             passphrase=PW)
     assert p.returncode != 0 and not (tmp_path / "c.key").exists()
 
 
+@LOCAL_AND_S3
 def test_key_export_then_key_file(place, tmp_path):
     init_encrypted(place)
     exported = tmp_path / "exported.key"
@@ -285,6 +291,7 @@ def _packs(repo, **source) -> dict[str, str]:
         return {n: hashlib.sha256(r.backend.get(n)).hexdigest() for n in object_names(r, "packs/")}
 
 
+@LOCAL_AND_S3
 def test_key_passphrase_rewraps_without_touching_data(place, tmp_path):
     init_encrypted(place)
     data = os.urandom(3 * 65536) + b"x" * 65536
@@ -427,10 +434,94 @@ def test_rebuild_index_asks_for_the_passphrase_once(tmp_path):
     script = tmp_path / "ask"
     script.write_text(f"#!/bin/sh\necho x >> '{count}'\nprintf '%s\\n' '{PW}'\n")
     script.chmod(0o755)
+    (key_name,) = key_object_names(repo)
+    key_bytes = (repo / key_name).read_bytes()
     (repo / "index.sqlite").unlink()
     p = cron_like("--repo", repo, "rebuild-index", NBDBACKUP_PASSPHRASE_COMMAND=str(script))
     assert p.returncode == 0, p.stderr
     assert count.read_text().count("x") == 1
+    for maintenance in (["gc", "--grace", "0"], ["verify"]):     # they sweep and check packs/ only
+        assert cli("--repo", repo, *maintenance, passphrase=PW).returncode == 0
+    assert key_object_names(repo) == [key_name] and (repo / key_name).read_bytes() == key_bytes
     with open_repo(repo) as r:
         assert [b.id for b in r.list_backups()] == [info.id] and read_all(r, info.id) == data
     assert cron_like("--repo", repo, "rebuild-index", NBDBACKUP_PASSPHRASE="nope").returncode == 19
+
+
+def test_destination_key_sources_for_copy(tmp_path, monkeypatch):
+    import argparse
+
+    from nbdbackup.cli.repoargs import add_dest_options, open_dest_repo
+    from nbdbackup.cli.repoargs import open_repo as open_source
+    from nbdbackup.errors import KeyRefused, UsageError
+
+    src, dst = init_encrypted(tmp_path / "src"), init_encrypted(tmp_path / "dst", passphrase="dest pw")
+
+    def args(*argv):
+        p = argparse.ArgumentParser()
+        add_dest_options(p)
+        p.add_argument("--to")
+        a = p.parse_args(["--to", str(tmp_path / "dst"), *map(str, argv)])
+        a.repo, a.key_file, a.passphrase_file, a.index_url, a.lock_wait = str(tmp_path / "src"), None, None, None, 0
+        return a
+
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", PW)
+    monkeypatch.setenv("NBDBACKUP_DEST_PASSPHRASE", "dest pw")
+    a = args()
+    with open_source(a) as s, open_dest_repo(a) as d:
+        assert (s.repo_id, d.repo_id) == (src["repo_id"], dst["repo_id"]) and s.unlocked and d.unlocked
+    monkeypatch.delenv("NBDBACKUP_DEST_PASSPHRASE")
+    with pytest.raises(UsageError) as e:
+        open_dest_repo(args())
+    assert "destination" in str(e.value) and "NBDBACKUP_DEST_PASSPHRASE" in e.value.hint
+    assert "--dest-passphrase-file" in e.value.hint
+    (tmp_path / "dpw").write_text("dest pw\n")
+    with open_dest_repo(args("--dest-passphrase-file", tmp_path / "dpw")) as d:
+        assert d.repo_id == dst["repo_id"]
+    monkeypatch.setenv("NBDBACKUP_DEST_PASSPHRASE", PW)     # the source's passphrase is not the destination's
+    with pytest.raises(KeyRefused):
+        open_dest_repo(args())
+    exported = tmp_path / "src.key"
+    assert cli("--repo", tmp_path / "src", "key", "export", exported, passphrase=PW).returncode == 0
+    with pytest.raises(KeyRefused) as e:        # another repository's key file
+        open_dest_repo(args("--dest-key-file", exported))
+    assert "--dest-key-file" in e.value.hint
+
+
+@pytest.mark.parametrize("place", ["s3+pg"], indirect=True)
+def test_secrets_never_in_postgresql_lock_holders(place, tmp_path):
+    """On PostgreSQL a holder is a row (command, host, pid...) that every host reads."""
+    from sqlalchemy import create_engine, text
+
+    pw, pwfile = "PGMARK-91d2-secret", tmp_path / "pw"
+    pwfile.write_text(pw)
+    init_encrypted(place, passphrase=pw)
+    with open_repo(place, pw) as r:
+        write_backup(r, "vda", b"rows " * 40000)
+    eng = create_engine(place.index_url)
+    try:
+        for env, extra in (({"NBDBACKUP_PASSPHRASE": pw}, ()), ({}, ("--passphrase-file", str(pwfile))),
+                           ({"NBDBACKUP_PASSPHRASE_COMMAND": f"cat {pwfile}"}, ())):
+            with serve(place.spec, tmp_path, *extra, env=env) as served:
+                client = NbdClient.connect(served.uri("vda"))
+                try:
+                    assert bytes(client.read(0, 5)) == b"rows "
+                    with eng.connect() as conn:
+                        rows = [" ".join(map(str, r)) for r in conn.execute(text("SELECT * FROM lock_holders"))]
+                finally:
+                    client.close()
+            assert rows and any("serve" in r for r in rows), rows
+            assert not any(pw in r for r in rows), rows
+            assert pw not in served.log()
+    finally:
+        eng.dispose()
+
+
+def test_a_passphrase_opens_whatever_its_unicode_composition():
+    from nbdbackup.repo.crypto import MasterKey
+    from nbdbackup.repo.keys import KdfParams, wrap
+
+    key = MasterKey.generate()
+    doc = wrap(key, "caf\u00e9 cr\u00e8me", "r1", KdfParams.for_memory(8))      # precomposed
+    assert unwrap(doc, "cafe\u0301 cre\u0300me") == key                         # decomposed, as some keyboards send
+    assert unwrap(doc, "cafe creme") is None

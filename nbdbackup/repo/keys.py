@@ -21,6 +21,7 @@ import os
 import secrets
 import sys
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, replace
 
@@ -78,7 +79,9 @@ class KdfParams:
 def _kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
     from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-    return Scrypt(salt=salt, length=32, n=params.n, r=params.r, p=params.p).derive(passphrase.encode("utf-8"))
+    # NFC: the same passphrase typed on terminals or in files that compose accents differently
+    secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
+    return Scrypt(salt=salt, length=32, n=params.n, r=params.r, p=params.p).derive(secret)
 
 
 def _b64(data: bytes) -> str:
@@ -359,9 +362,13 @@ def store_new_key(backend, key: UnlockedKey) -> None:
 
 
 def remove_new_key(key: UnlockedKey) -> None:
-    """Undo store_new_key's key file after a failed init (a key object goes with the repository)."""
+    """Undo store_new_key's key file after a failed init (a key object goes with the repository):
+    only a file holding this very document, never one somebody else made meanwhile."""
     if key.in_file and not key.given:
         try:
-            os.unlink(key.origin)
-        except FileNotFoundError:
+            with open(key.origin, "rb") as f:
+                ours = f.read(_MAX_KEY_DOC) == doc_bytes(key.doc)
+            if ours:
+                os.unlink(key.origin)
+        except OSError:
             pass

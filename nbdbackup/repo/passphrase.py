@@ -12,6 +12,7 @@ A passphrase is never logged, printed, put into an exception or repr().
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shlex
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 
+log = logging.getLogger("nbdbackup")
 COMMAND_TIMEOUT_S = 300.0       # a command may wait for a token or an agent, but not forever
 _MAX_PASSPHRASE = 4096
 
@@ -151,6 +153,8 @@ def _strip_newline(text: str) -> str:
 def _from_file(path: str, option: str) -> str:
     try:
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                log.warning("the passphrase file %s (%s) may be read by other users: chmod 600 it", path, option)
             data = f.read(_MAX_PASSPHRASE * 4 + 3)
     except OSError as e:
         raise UsageError(f"cannot read the passphrase file {path} ({option}): {e.strerror}") from None

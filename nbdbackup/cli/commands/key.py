@@ -93,6 +93,9 @@ def _passphrase(args, repo) -> int:
         print_json({"repo_id": repo.repo_id, **done, "kdf": {"name": "scrypt", "n": params.n, "r": params.r,
                                                              "p": params.p}})
     else:
-        where = f"the key file {done['key_file']}" if "key_file" in done else f"the key object {done['key_object']}"
-        summary(args, f"changed the passphrase of {repo.path} ({where}); the old passphrase no longer opens it")
+        if "key_file" in done:
+            where = f"the key file {done['key_file']}; the old passphrase no longer opens that file"
+        else:
+            where = f"the key object {done['key_object']}; the old passphrase no longer opens the repository"
+        summary(args, f"changed the passphrase of {repo.path} ({where})")
     return 0
