@@ -356,9 +356,18 @@ def test_sigkill_at_random_points_then_verify_and_rerun(make_site, tmp_path, des
             data = disk_data(rng, 512, base=data, change=0.5)
         del prev
     dst.init(pack_size=1 << 20).close()
+    # the kill instants are fractions of how long a whole copy takes here and now (a fixed
+    # delay lets a quiet machine finish before every kill, a busy one die before any pack)
+    scratch = make_site(dest_kind, "scratch")
+    scratch.init(pack_size=1 << 20).close()
+    t0 = time.monotonic()
+    subprocess.run([nbdbackup_exe(), *src.src_args(), "-q", "copy", *scratch.dest_args(), "--all"],
+                   check=True, stdout=subprocess.DEVNULL, timeout=300)
+    whole = time.monotonic() - t0
     cmd = [nbdbackup_exe(), *src.src_args(), "-q", "copy", *dst.dest_args(), "--all"]
     kills = 0
-    for delay in [rng.uniform(0.4, 2.5) for _ in range(3)]:
+    # the first kill lands in the first half of a whole copy; later runs have less left to do
+    for delay in [whole * rng.uniform(0.15, 0.5), whole * rng.uniform(0.1, 0.4), whole * rng.uniform(0.05, 0.3)]:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             time.sleep(delay)
