@@ -46,7 +46,9 @@ _STREAM_RETRIES = 3
 
 
 class S3Backend(StorageBackend):
-    """Objects under s3://*bucket*/*prefix*/. One boto3 client, shared by all threads."""
+    """Objects under s3://*bucket*/*prefix*/. One botocore client, shared by all threads."""
+
+    read_batch_bytes = 8 << 20      # a restore's batches (engine/restore.py): fewer, larger GETs
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, profile: str | None = None, access_key: str | None = None,
