@@ -142,3 +142,19 @@ def test_readme_install_prefix_runs_without_sudo(tmp_path):
     prefix = install.split(";", 1)[0]
     p = run(["/bin/bash", "-c", f'{prefix}; printf "[%s]" "$S"'], env={"PATH": str(tmp_path)})
     assert p.stdout == "[]"
+
+
+def test_cycle_collection_is_off_during_start_up_only():
+    # run() turns the collector off for START_UP_S (imports); a long command must get it back
+    code = ("import gc, sys, time\n"
+            "import nbdbackup.cli.main as m\n"
+            "m.START_UP_S = 0.3\n"
+            "m._exit = lambda rc: None\n"
+            "sys.argv = ['nbdbackup']\n"
+            "m.run()\n"
+            "during = gc.isenabled()\n"
+            "time.sleep(1.0)\n"
+            "print(during, gc.isenabled())\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "True"]

@@ -11,7 +11,7 @@ import pytest
 
 from helpers.repo import CHUNK_SIZE as CS
 from helpers.repo import disk_data, pack_files, pseudo, texty, write_backup
-from nbdbackup.engine.restore import restore
+from nbdbackup.engine.restore import BATCH_BYTES, restore
 from nbdbackup.errors import ChunkCorrupt, LockedError
 from nbdbackup.repo import Repository
 from nbdbackup.repo import gc as gc_mod
@@ -308,6 +308,25 @@ def test_serve_random_reads_do_not_read_ahead_and_damage_ahead_is_not_an_error(r
         finally:
             view.backend.close()
             pool.shutdown()
+    finally:
+        repo.close()
+
+
+@pytest.mark.parametrize("batch_bytes", [None, 32 * CS])
+def test_restore_batches_are_as_large_as_the_backend_asks(repo, tmp_path, batch_bytes):
+    # S3Backend asks for 8 MiB batches (fewer GETs); a backend that says nothing gets 4 MiB ones
+    n = 256
+    data = _distinct(n)
+    info = write_backup(repo, "vda", data)
+    repo, be = _reopen(repo)
+    if batch_bytes:
+        be.read_batch_bytes = batch_bytes
+    try:
+        out = tmp_path / "out.raw"
+        restore(repo, info.id, str(out))
+        assert out.read_bytes() == data
+        batches = -(-n * CS // (batch_bytes or BATCH_BYTES))
+        assert batches <= be.gets <= batches + 4, (be.gets, batches)   # a run per batch (+ packs' ends)
     finally:
         repo.close()
 

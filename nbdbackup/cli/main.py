@@ -249,10 +249,20 @@ def _json_error(reported: Reported | None, rc: int) -> None:
         pass
 
 
+START_UP_S = 2.0     # no cycle collection for this long after start (imports, opening the repository)
+
+
 def run() -> None:
     # A short-lived CLI: collecting cycles every 700 allocations mostly re-walks
-    # what start-up imported (SQLAlchemy builds many objects); collect less often.
+    # what start-up imported (SQLAlchemy builds many objects); collect less often,
+    # and not at all during start-up: its imports make few cycles, and the collections
+    # cost 50-80 ms of a `list` (0.85 -> 0.77 CPU-s median of 12). Long commands get
+    # the collector back after START_UP_S.
     gc.set_threshold(20_000, 20, 20)
+    gc.disable()
+    timer = threading.Timer(START_UP_S, gc.enable)
+    timer.daemon = True
+    timer.start()
     _exit(main())
 
 

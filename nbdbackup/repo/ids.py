@@ -39,8 +39,8 @@ def from_ms(ms: int) -> datetime:
 
 def iso_ms(t: datetime) -> str:
     """ISO 8601 UTC with milliseconds: 2026-11-26T05:40:01.123Z."""
-    t = t.astimezone(timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    # isoformat, its arguments positional: a third of strftime's time (`list` formats one per backup)
+    return t.astimezone(timezone.utc).isoformat("T", "milliseconds").removesuffix("+00:00") + "Z"
 
 
 def new_backup_id(created: datetime) -> str:

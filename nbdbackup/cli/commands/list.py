@@ -31,19 +31,27 @@ def run(args) -> int:
     if args.json:
         print_json([i.to_json() for i in infos])
         return 0
-    rows = []
+    from ...repo.ids import iso_ms
+
+    shown: dict[int, str] = {}      # human_bytes of each byte count: a disk's size repeats
+
+    def size(n: int) -> str:
+        s = shown.get(n)
+        if s is None:
+            s = shown[n] = human_bytes(n)
+        return s
+
+    rows = [("ID", "DISK", "KIND", "CREATED (UTC)", "SIZE", "STORED", "SET")]
     seen_sets: dict[str, int] = {}
     for i in infos:
         mark = ""
         if i.set_id:
             n = seen_sets.setdefault(i.set_id, len(seen_sets) + 1)
             mark = f"set {n} ({i.set_id[:8]})"
-        rows.append((i.id, i.disk, i.kind, i.to_json()["created"], human_bytes(i.size),
-                     human_bytes(i.stored_bytes), mark))
-    head = ("ID", "DISK", "KIND", "CREATED (UTC)", "SIZE", "STORED", "SET")
-    widths = [max(len(str(r[k])) for r in [head, *rows]) for k in range(len(head))]
-    out = [("  ".join(str(c).ljust(w) for c, w in zip(r, widths))).rstrip() for r in [head, *rows]]
-    sys.stdout.write("\n".join(out) + "\n")
+        rows.append((i.id, i.disk, i.kind, iso_ms(i.created), size(i.size), size(i.stored_bytes), mark))
+    # one format string for every row: 10,000 backups print in a few ms, not a few hundred
+    fmt = "  ".join(f"{{:<{max(map(len, column))}}}" for column in zip(*rows))
+    sys.stdout.write("".join(fmt.format(*r).rstrip() + "\n" for r in rows))
     if not infos:
         if not args.disk:
             print("(no backups)", file=sys.stderr)
