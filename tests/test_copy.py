@@ -367,16 +367,22 @@ def test_sigkill_at_random_points_then_verify_and_rerun(make_site, tmp_path, des
     cmd = [nbdbackup_exe(), *src.src_args(), "-q", "copy", *dst.dest_args(), "--all"]
     kills = 0
     # the first kill lands in the first half of a whole copy; later runs have less left to do
-    for delay in [whole * rng.uniform(0.15, 0.5), whole * rng.uniform(0.1, 0.4), whole * rng.uniform(0.05, 0.3)]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    delays = [whole * rng.uniform(0.15, 0.5), whole * rng.uniform(0.1, 0.4), whole * rng.uniform(0.05, 0.3)]
+    for k, delay in enumerate(delays):
+        sig = signal.SIGTERM if k == 1 else signal.SIGKILL     # one polite stop among the kills
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(delay)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
+            signalled = proc.poll() is None
+            if signalled:
+                proc.send_signal(sig)
                 kills += 1
-            proc.wait(timeout=120)
+            _, err = proc.communicate(timeout=120)
         finally:
             kill_if_running(proc)
+        if signalled and sig == signal.SIGTERM and proc.returncode != 0:
+            assert proc.returncode == 130, err
+            assert "run it again: it goes on without sending again" in err, err
         # consistent after every kill: whatever is listed is whole and verifies
         v_args = ["--repo", dst.spec] + (["--index-url", dst.index_url] if dst.index_url else [])
         p = nbdbackup(*v_args, "--json", "verify", check=False)

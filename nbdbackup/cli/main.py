@@ -197,6 +197,8 @@ def _interrupted(args, exc: BaseException, committed: Sequence[str] = ()) -> Rep
     hint = None
     if getattr(args, "command", None) in ("full", "incremental"):
         hint = "run it again; `nbdbackup gc` reclaims the space the interrupted run already wrote"
+    elif getattr(args, "command", None) == "copy":
+        hint = "run it again: it goes on without sending again what already arrived"
     return _say("interrupted; nothing half-done was committed", hint, prefix="")
 
 

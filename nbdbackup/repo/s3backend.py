@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
-import os
 import time
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from ..errors import CredentialsError, NbdBackupError, NoSuchBucket, StorageUnreachable, UsageError
 from .backends import ObjectInfo, StorageBackend, check_name
+from .s3client import ViewsReader, ack_responses_at_once, botocore_session
 
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                     "ExpiredToken", "InvalidSecurity", "AccountProblem", "AllAccessDisabled", "403"}
@@ -67,7 +66,7 @@ class S3Backend(StorageBackend):
         self._endpoint = _shown_endpoint(endpoint_url) if endpoint_url else "(boto3's default endpoint)"
         self._error_types = _error_types()
         try:
-            session = _botocore_session(botocore.session, profile, access_key, secret_key, region)
+            session = botocore_session(botocore.session, profile, access_key, secret_key, region)
             cfg = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
                          response_checksum_validation="when_required", connect_timeout=connect_timeout,
                          read_timeout=read_timeout, retries={"mode": "standard", "total_max_attempts": max_attempts},
@@ -75,7 +74,7 @@ class S3Backend(StorageBackend):
             self.client = session.create_client("s3", endpoint_url=endpoint_url, config=cfg,
                                                 region_name=session.get_config_variable("region") or "us-east-1")
             self._endpoint = _shown_endpoint(self.client.meta.endpoint_url)
-            _ack_responses_at_once(self.client)
+            ack_responses_at_once(self.client)
             creds = session.get_credentials()
             if creds is not None:
                 frozen = creds.get_frozen_credentials()
@@ -306,58 +305,6 @@ class S3Backend(StorageBackend):
         return text.replace(self._secret, "***") if self._secret else text
 
 
-class ViewsReader(io.RawIOBase):
-    """A read-only, seekable file over memoryviews (what boto3 sends as a body): the object's
-    bytes are read from the caller's buffers, a block at a time, never copied whole."""
-
-    def __init__(self, views: list[memoryview]):
-        super().__init__()
-        self._views = [v for v in views if len(v)]
-        self._size = sum(len(v) for v in self._views)
-        self._pos = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def read(self, n: int = -1):
-        """Up to *n* bytes: a memoryview into the caller's buffer when they lie in one part
-        (http.client's sendall and hashlib take it as it is), else a joined copy; b"" at the end."""
-        if n is None or n < 0:
-            n = self._size - self._pos
-        out, pos, start = [], self._pos, 0
-        for v in self._views:
-            end = start + len(v)
-            if pos < end and n > 0:
-                piece = v[pos - start:min(end, pos + n) - start]
-                out.append(piece)
-                pos += len(piece)
-                n -= len(piece)
-            start = end
-        self._pos = pos
-        if not out:
-            return b""
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
 class _ErrorTypes:
     def __init__(self):
         from botocore import exceptions as bx
@@ -368,84 +315,6 @@ class _ErrorTypes:
                        bx.ConnectionClosedError, Urllib3Error, ConnectionError, TimeoutError)
         self.unreachable = self.stream + (bx.EndpointConnectionError, bx.ConnectTimeoutError,
                                           bx.ProxyConnectionError, bx.HTTPClientError)
-
-
-def _botocore_session(botocore_session, profile: str | None, access_key: str | None, secret_key: str | None,
-                      region: str | None):
-    """A botocore session that finds credentials, region and profile where boto3.Session does
-    (boto3's is this plus resource models and transfer helpers we never use: importing boto3
-    costs s3transfer, ~0.1 s), with a data loader that knows only the S3 models."""
-    from botocore.loaders import Loader
-
-    class S3Loader(Loader):
-        def list_available_services(self, type_name):
-            # botocore asks for every model it loads whether the service exists: that lists
-            # ~450 service directories (2 x 50 ms); this client only ever loads S3's
-            return ["s3"]
-
-    session = botocore_session.Session(profile=profile)
-    data_path = session.get_config_variable("data_path")      # AWS_DATA_PATH, kept working
-    extra = [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)] if data_path else []
-    session.register_component("data_loader", S3Loader(extra_search_paths=extra))
-    if access_key or secret_key:
-        session.set_credentials(access_key, secret_key)
-    if region:
-        session.set_config_variable("region", region)
-    return session
-
-
-def _ack_responses_at_once(client) -> None:
-    """Make *client*'s connections ACK each response without TCP's delayed ACK (Linux).
-
-    radosgw (beast, without its tcp_nodelay option, the default) writes a response's headers
-    and its body separately, and Nagle's algorithm holds the body's last short segment back
-    until the headers are ACKed, which the client delays by 40 ms: every GET of less than
-    one segment (64 KiB on loopback: a map segment, config.json) took 48 ms instead of 5, and
-    the tail of longer ones stalled now and then. TCP_QUICKACK, set once the request is sent,
-    ACKs at once; it is not sticky (the kernel falls back to delayed ACKs), hence per request.
-    Changes botocore's connection classes through its http session; without those
-    (another botocore), requests work as before, only slower."""
-    import socket
-
-    if not hasattr(socket, "TCP_QUICKACK"):
-        return
-    try:
-        from botocore import awsrequest
-
-        session = client._endpoint.http_session
-        manager = session._manager
-    except (ImportError, AttributeError):
-        return
-    pools = {}
-    for scheme, pool_cls in (("http", awsrequest.AWSHTTPConnectionPool), ("https", awsrequest.AWSHTTPSConnectionPool)):
-        conn_cls = type(f"QuickAck{pool_cls.ConnectionCls.__name__}", (_QuickAck, pool_cls.ConnectionCls), {})
-        pools[scheme] = type(f"QuickAck{pool_cls.__name__}", (pool_cls,), {"ConnectionCls": conn_cls})
-    session._pool_classes_by_scheme = pools       # what proxy managers are made with
-    manager.pool_classes_by_scheme = pools
-
-
-_SEND_BLOCK = 1 << 20     # bytes of a request body per sendall(); urllib3's default is 16 KiB
-
-
-class _QuickAck:
-    """Mixin for an http.client-style connection: TCP_QUICKACK before each response is read, and a
-    body sent a MiB per sendall() (a 16 MiB pack in 16 calls, not 1024: each is a trip through
-    botocore, http.client and the kernel)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["blocksize"] = _SEND_BLOCK
-        super().__init__(*args, **kwargs)
-
-    def getresponse(self, *args, **kwargs):
-        import socket
-
-        sock = getattr(self, "sock", None)
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            except OSError:         # not TCP (a proxy's unix socket, say): nothing to hurry
-                pass
-        return super().getresponse(*args, **kwargs)
 
 
 def _error_types() -> _ErrorTypes:

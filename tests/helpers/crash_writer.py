@@ -147,11 +147,11 @@ def _arm_kill_point() -> None:
 
 
 def _arm_s3_kill_point(step: str, tick) -> None:
-    from nbdbackup.repo import s3backend
+    from nbdbackup.repo import s3backend, s3client
 
     cls = s3backend.S3Backend
     if step == "upload":                 # death with the body half sent: the PUT never completes
-        real_read = s3backend.ViewsReader.read
+        real_read = s3client.ViewsReader.read
         armed = set()
 
         def read(self, n=-1):
@@ -159,7 +159,7 @@ def _arm_s3_kill_point(step: str, tick) -> None:
                 armed.add(id(self))
                 tick()
             return real_read(self, n)
-        s3backend.ViewsReader.read = read
+        s3client.ViewsReader.read = read
         return
     method = "put_aligned" if step == "put" else "delete"
     real = getattr(cls, method)

@@ -1,0 +1,142 @@
+"""How the S3 backend's botocore client is built and how it talks (repo/s3backend.py uses it).
+
+- The client comes from a botocore session with an S3-only model loader, not from boto3
+  (boto3 adds resource models and s3transfer, which we never use, to every start-up).
+- Its connections ACK responses at once (TCP_QUICKACK) and send bodies a MiB per sendall().
+- Request bodies are read from the caller's pack buffers (ViewsReader), never copied whole.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+
+class ViewsReader(io.RawIOBase):
+    """A read-only, seekable file over memoryviews (what boto3 sends as a body): the object's
+    bytes are read from the caller's buffers, a block at a time, never copied whole."""
+
+    def __init__(self, views: list[memoryview]):
+        super().__init__()
+        self._views = [v for v in views if len(v)]
+        self._size = sum(len(v) for v in self._views)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int = -1):
+        """Up to *n* bytes: a memoryview into the caller's buffer when they lie in one part
+        (http.client's sendall and hashlib take it as it is), else a joined copy; b"" at the end."""
+        if n is None or n < 0:
+            n = self._size - self._pos
+        out, pos, start = [], self._pos, 0
+        for v in self._views:
+            end = start + len(v)
+            if pos < end and n > 0:
+                piece = v[pos - start:min(end, pos + n) - start]
+                out.append(piece)
+                pos += len(piece)
+                n -= len(piece)
+            start = end
+        self._pos = pos
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def botocore_session(botocore_session, profile: str | None, access_key: str | None, secret_key: str | None,
+                      region: str | None):
+    """A botocore session that finds credentials, region and profile where boto3.Session does
+    (boto3's is this plus resource models and transfer helpers we never use: importing boto3
+    costs s3transfer, ~0.1 s), with a data loader that knows only the S3 models."""
+    from botocore.loaders import Loader
+
+    class S3Loader(Loader):
+        def list_available_services(self, type_name):
+            # botocore asks for every model it loads whether the service exists: that lists
+            # ~450 service directories (2 x 50 ms); this client only ever loads S3's
+            return ["s3"]
+
+    session = botocore_session.Session(profile=profile)
+    data_path = session.get_config_variable("data_path")      # AWS_DATA_PATH, kept working
+    extra = [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)] if data_path else []
+    session.register_component("data_loader", S3Loader(extra_search_paths=extra))
+    if access_key or secret_key:
+        session.set_credentials(access_key, secret_key)
+    if region:
+        session.set_config_variable("region", region)
+    return session
+
+
+def ack_responses_at_once(client) -> None:
+    """Make *client*'s connections ACK each response without TCP's delayed ACK (Linux).
+
+    radosgw (beast, without its tcp_nodelay option, the default) writes a response's headers
+    and its body separately, and Nagle's algorithm holds the body's last short segment back
+    until the headers are ACKed, which the client delays by 40 ms: every GET of less than
+    one segment (64 KiB on loopback: a map segment, config.json) took 48 ms instead of 5, and
+    the tail of longer ones stalled now and then. TCP_QUICKACK, set once the request is sent,
+    ACKs at once; it is not sticky (the kernel falls back to delayed ACKs), hence per request.
+    Changes botocore's connection classes through its http session; without those
+    (another botocore), requests work as before, only slower."""
+    import socket
+
+    if not hasattr(socket, "TCP_QUICKACK"):
+        return
+    try:
+        from botocore import awsrequest
+
+        session = client._endpoint.http_session
+        manager = session._manager
+    except (ImportError, AttributeError):
+        return
+    pools = {}
+    for scheme, pool_cls in (("http", awsrequest.AWSHTTPConnectionPool), ("https", awsrequest.AWSHTTPSConnectionPool)):
+        conn_cls = type(f"QuickAck{pool_cls.ConnectionCls.__name__}", (_QuickAck, pool_cls.ConnectionCls), {})
+        pools[scheme] = type(f"QuickAck{pool_cls.__name__}", (pool_cls,), {"ConnectionCls": conn_cls})
+    session._pool_classes_by_scheme = pools       # what proxy managers are made with
+    manager.pool_classes_by_scheme = pools
+
+
+_SEND_BLOCK = 1 << 20     # bytes of a request body per sendall(); urllib3's default is 16 KiB
+
+
+class _QuickAck:
+    """Mixin for an http.client-style connection: TCP_QUICKACK before each response is read, and a
+    body sent a MiB per sendall() (a 16 MiB pack in 16 calls, not 1024: each is a trip through
+    botocore, http.client and the kernel)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["blocksize"] = _SEND_BLOCK
+        super().__init__(*args, **kwargs)
+
+    def getresponse(self, *args, **kwargs):
+        import socket
+
+        sock = getattr(self, "sock", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:         # not TCP (a proxy's unix socket, say): nothing to hurry
+                pass
+        return super().getresponse(*args, **kwargs)
