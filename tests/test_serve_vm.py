@@ -1,13 +1,20 @@
-"""A VM boots from a writable `nbdbackup serve` export and reads a sector 8 MiB in."""
+"""A VM boots from a writable `nbdbackup serve` export and reads a sector 8 MiB in,
+from a plaintext and from an encrypted repository."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 
+import pytest
+
 from helpers import support
 from helpers.repo import new_repo, write_backup
 from helpers.serve import serve, wait_until
+
+from nbdbackup.repo.keys import KdfParams, KeySource
+
+PASSPHRASE = "boot from me"
 
 DEEP_LBA = 16384                      # 8 MiB / 512
 MARKER = b"NBDBACKUP-DEEP-SECTOR-" + os.urandom(6).hex().encode() + b"-OK"
@@ -52,18 +59,22 @@ def boot_sector() -> bytes:
     return bytes(sector)
 
 
-def test_vm_boots_from_writable_export(tmp_path):
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plaintext", "encrypted"])
+def test_vm_boots_from_writable_export(tmp_path, encrypted):
     qemu = support.require_tool("qemu-system-x86_64")
     disk = bytearray(9 * 1024 * 1024)
     disk[:512] = boot_sector()
     disk[DEEP_LBA * 512:DEEP_LBA * 512 + len(MARKER) + 1] = MARKER + b"\0"
-    r = new_repo(tmp_path / "repo")
+    keys = dict(encryption=True, key_source=KeySource(passphrase=PASSPHRASE, interactive=False),
+                kdf=KdfParams.for_memory(8)) if encrypted else {}
+    r = new_repo(tmp_path / "repo", **keys)
     try:
         write_backup(r, "bootdisk", bytes(disk), zero_holes=True)
     finally:
         r.close()
     serial = tmp_path / "serial.txt"
-    with serve(tmp_path / "repo", tmp_path, "--writable") as s:
+    env = {"NBDBACKUP_PASSPHRASE": PASSPHRASE} if encrypted else None
+    with serve(tmp_path / "repo", tmp_path, "--writable", env=env) as s:
         vm = subprocess.Popen([qemu, "-machine", "accel=tcg", "-display", "none", "-m", "32", "-no-reboot",
                                "-serial", f"file:{serial}", "-monitor", "none", "-nodefaults",
                                "-drive", f"file={s.uri('bootdisk')},format=raw,if=ide"],
