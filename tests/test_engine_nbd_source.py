@@ -2,14 +2,17 @@
 
 import json
 
+import pytest
+
 from helpers import support
 from helpers.engine_util import KiB, MiB, backup, init_repo, make_image, nbb, qio, restore_equals, snapshot_raw
 
 
-def test_full_and_incremental_from_uri(tmp_path):
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plaintext", "encrypted"])
+def test_full_and_incremental_from_uri(tmp_path, encrypted):
     img = make_image(tmp_path / "d.qcow2", 32 * MiB)
     qio(img, "write -q -P 0xa1 0 3M", "write -q -P 0xa2 16M 1M")
-    repo = init_repo(tmp_path / "repo", "64K")
+    repo = init_repo(tmp_path / "repo", "64K", encrypted=encrypted)
     sock = tmp_path / "s.sock"
     with support.qemu_nbd(img, sock) as uri:
         full = backup(repo, "full", "--source", uri, "--disk", "web", "--connections", "2")
@@ -36,6 +39,7 @@ def test_full_and_incremental_from_uri(tmp_path):
                       "--since", full["id"])
     assert inc2["parent"] == full["id"]
     assert restore_equals(repo, inc2["id"], snap2, tmp_path)
+    assert ("encryption" in json.loads((repo / "config.json").read_text())) == encrypted
 
 
 def test_uri_fallbacks_and_usage_errors(tmp_path):

@@ -18,7 +18,9 @@ from helpers.qmp_vm import MiB, Qsd, Vm
 
 def nbb(tmp_path, *args, check=True):
     env = {"NBDBACKUP_STATE_DIR": str(tmp_path / "state")}
-    return support.nbdbackup("--repo", str(tmp_path / "repo"), *args, check=check, env=env)
+    pw = tmp_path / "passphrase"        # written by the vm fixture for an encrypted repository
+    key = ["--passphrase-file", str(pw)] if pw.exists() else []
+    return support.nbdbackup("--repo", str(tmp_path / "repo"), *key, *args, check=check, env=env)
 
 
 def restore_bytes(tmp_path, backup_id: str) -> bytes:
@@ -30,15 +32,20 @@ def restore_bytes(tmp_path, backup_id: str) -> bytes:
 
 
 @pytest.fixture
-def vm(tmp_path):
+def vm(tmp_path, request):
+    """A VM with two disks and a repository: plaintext, or encrypted when parametrized with True."""
+    encrypted = getattr(request, "param", False)
     v = Vm(tmp_path, {"vda": 8 * MiB, "vdb": 4 * MiB})
-    nbb(tmp_path, "init", "--chunk-size", "64K")
+    if encrypted:
+        (tmp_path / "passphrase").write_text("qmp test passphrase\n")
+    nbb(tmp_path, "init", "--chunk-size", "64K", *(["--encryption", "--kdf-memory", "8"] if encrypted else []))
     try:
         yield v
     finally:
         v.stop()
 
 
+@pytest.mark.parametrize("vm", [False, True], ids=["plaintext", "encrypted"], indirect=True)
 def test_cli_full_incremental_set_and_restore(vm, tmp_path):
     vm.write("vda", 0, 200_000, 0x61)
     vm.write("vdb", MiB, 4096, 0x62)
@@ -70,6 +77,8 @@ def test_cli_full_incremental_set_and_restore(vm, tmp_path):
     listed = json.loads(nbb(tmp_path, "--json", "list").stdout)
     sets = {b["set_id"] for b in listed}
     assert len(sets) == 2 and len(listed) == 4
+    config = json.loads((tmp_path / "repo" / "config.json").read_text())
+    assert ("encryption" in config) == (tmp_path / "passphrase").exists()
 
 
 def test_cli_usage_errors(vm, tmp_path):

@@ -11,7 +11,6 @@ import pytest
 from helpers import support
 from helpers.repo import new_repo, write_backup
 from helpers.serve import serve, wait_until
-
 from nbdbackup.repo.keys import KdfParams, KeySource
 
 PASSPHRASE = "boot from me"

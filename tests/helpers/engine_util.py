@@ -62,12 +62,22 @@ def same_file(a: Path, b: Path) -> bool:
                 return True
 
 
+def _passphrase_file(repo: Path) -> Path:
+    return Path(f"{repo}.passphrase")
+
+
 def nbb(repo: Path, *args, check=True, **kw) -> subprocess.CompletedProcess:
-    return support.nbdbackup("--repo", str(repo), *args, check=check, **kw)
+    """The CLI on *repo*; an encrypted one (init_repo(encrypted=True)) with its passphrase file."""
+    pw = _passphrase_file(repo)
+    key = ["--passphrase-file", str(pw)] if pw.exists() else []
+    return support.nbdbackup("--repo", str(repo), *key, *args, check=check, **kw)
 
 
-def init_repo(path: Path, chunk_size: str = "64K") -> Path:
-    nbb(path, "init", "--chunk-size", chunk_size)
+def init_repo(path: Path, chunk_size: str = "64K", *, encrypted: bool = False) -> Path:
+    if encrypted:
+        _passphrase_file(path).write_text("engine test passphrase\n")
+        _passphrase_file(path).chmod(0o600)
+    nbb(path, "init", "--chunk-size", chunk_size, *(["--encryption", "--kdf-memory", "8"] if encrypted else []))
     return path
 
 
