@@ -19,12 +19,14 @@ import time
 
 import pytest
 
-from helpers.places import object_names, read_object
+from helpers.places import object_names, read_object, stored_names
 from helpers.repo import read_all, write_backup
 from helpers.serve import serve
 from helpers.support import nbdbackup, nbdbackup_exe, require_tool
+from nbdbackup.errors import RepoDamaged
 from nbdbackup.nbd.client import Client as NbdClient
 from nbdbackup.repo import Repository
+from nbdbackup.repo.crypto import MasterKey
 from nbdbackup.repo.keys import KeySource, parse_doc, unwrap
 
 PW = "correct horse battery staple"
@@ -525,3 +527,68 @@ def test_a_passphrase_opens_whatever_its_unicode_composition():
     doc = wrap(key, "caf\u00e9 cr\u00e8me", "r1", KdfParams.for_memory(8))      # precomposed
     assert unwrap(doc, "cafe\u0301 cre\u0300me") == key                         # decomposed, as some keyboards send
     assert unwrap(doc, "cafe creme") is None
+
+
+# --- what the storage's owner might try -----------------------------------------------------------
+
+def _strip_encryption(spec) -> None:
+    """config.json edited to say plaintext, as anyone who may write the storage could."""
+    from helpers.places import write_object
+
+    cfg = json.loads(read_object(spec, "config.json"))
+    cfg.pop("encryption")
+    cfg["format"] = 1
+    write_object(spec, "config.json", json.dumps(cfg).encode())
+
+
+@LOCAL_AND_S3
+def test_config_stripped_of_its_encryption_is_refused_not_opened_as_plaintext(place, tmp_path):
+    init_encrypted(place)
+    img = tmp_path / "disk.raw"
+    img.write_bytes(b"marker of a downgrade attack " * 4096)
+    _strip_encryption(place)
+    for command in (["list"], ["full", "--image", img, "--format", "raw", "--disk", "vda"]):
+        p = cli("--repo", place, *command, passphrase=PW)
+        assert p.returncode == 9, p.stderr
+        assert "config.json says" in p.stderr and "key objects" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(RepoDamaged, match="config.json says"):   # the library refuses a key for it too
+        Repository.open(str(place), master_key=MasterKey.generate())
+    assert stored_names(place, "packs/") == []      # nothing was written in clear
+
+
+def test_config_stripped_of_a_key_file_repository_is_refused_with_its_key_file(tmp_path):
+    repo, kf, other = tmp_path / "r", tmp_path / "k", tmp_path / "other"
+    init_encrypted(repo, "--key-file", kf)
+    init_encrypted(other, "--key-file", tmp_path / "k2")
+    _strip_encryption(str(repo))
+    p = cli("--repo", repo, "--key-file", kf, "list", passphrase=PW)
+    assert p.returncode == 9 and f"the key file {kf} holds its key" in p.stderr, p.stderr
+    # another repository's key file, or none, is no evidence: such a repository opens as plaintext
+    assert cli("--repo", repo, "--key-file", tmp_path / "k2", "list", passphrase=PW).returncode == 0
+
+
+def test_a_damaged_key_object_does_not_hide_a_good_one(tmp_path):
+    from helpers.places import write_object
+
+    repo = tmp_path / "r"
+    init_encrypted(repo)
+    write_object(str(repo), "keys/" + "0" * 32 + ".json", b"{not json")
+    assert cli("--repo", repo, "list", passphrase=PW).returncode == 0
+    p = cli("--repo", repo, "list", passphrase="wrong")
+    assert p.returncode == 19 and "1 damaged key object(s) skipped" in p.stderr, p.stderr
+
+
+def test_passphrases_in_the_environment_are_not_inherited_by_child_programs(tmp_path):
+    """The destination's passphrase command runs while the source's NBDBACKUP_PASSPHRASE is known:
+    the command (like qemu-nbd and qemu-img) must not see it in its environment."""
+    src, dst, seen = tmp_path / "src", tmp_path / "dst", tmp_path / "env-seen"
+    init_encrypted(src)
+    init_encrypted(dst, passphrase="dest pw")
+    script = tmp_path / "ask.sh"
+    script.write_text(f"#!/bin/sh\nenv > {seen}\necho 'dest pw'\n")
+    script.chmod(0o700)
+    p = cli("--repo", src, "copy", "--to", dst, "--all", passphrase=PW, NBDBACKUP_DEST_PASSPHRASE_COMMAND=str(script))
+    assert p.returncode == 0, p.stderr
+    env_seen = seen.read_text()
+    assert "NBDBACKUP_DEST_PASSPHRASE_COMMAND" in env_seen      # the command ran, with the environment
+    assert PW not in env_seen and "NBDBACKUP_PASSPHRASE=" not in env_seen

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
               "  hint: --log-file needs a writable file path in an existing directory", file=sys.stderr)
         return ExitCode.USAGE
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from ..repo.passphrase import hide_from_children
+
+    hide_from_children()
     # The log file records each run and its outcome (cron users read it, not stderr).
     cmdline = shlex.join(["nbdbackup", *(sys.argv[1:] if argv is None else argv)])
     log.info("run: %s", re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", cmdline), extra=FILE_ONLY)  # no DB passwords

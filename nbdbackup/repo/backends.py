@@ -226,7 +226,9 @@ class LocalBackend(StorageBackend):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         names = []
-        for dirpath, _dirs, files in os.walk(self.root):
+        # walk only below the prefix's directory: listing keys/ must not walk every pack
+        top = os.path.join(self.root, prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        for dirpath, _dirs, files in os.walk(top):
             rel = os.path.relpath(dirpath, self.root)
             for f in files:
                 n = f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"

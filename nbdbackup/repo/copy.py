@@ -292,7 +292,7 @@ def _fill(src, dst, w, b: BackupInfo, base: BackupInfo | None, job: CopiedBackup
     reader, pool = pools
     cs = b.chunk_size
     seg_len = src.config.segment_len
-    same_ids = not is_encrypted(src) and not is_encrypted(dst)      # both plain blake3: ids are equal
+    same_ids = src.codec.id_space == dst.codec.id_space       # the same bytes have the same id in both
     bar = progress(b.size, f"copy {b.disk}") if progress else NoBar()
     images = []
     pending = None      # the batch being read: a future of (indexes, data, ids, present)

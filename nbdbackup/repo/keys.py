@@ -14,14 +14,8 @@ repository's: a wrong passphrase, or another repository's key, is KeyRefused
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
-import secrets
 import sys
-import time
-import unicodedata
 import uuid
 from dataclasses import dataclass, replace
 
@@ -29,125 +23,14 @@ from ..errors import KeyRefused, RepoDamaged, RepoFormatError, UsageError
 from ..fsutil import fsync_path
 from .codec import CIPHER, ID_HASH, encryption_config
 from .config import ENCRYPTED_FORMAT
-from .crypto import MASTER_KEY_SIZE, MasterKey
+from .crypto import MasterKey
+from .keydoc import MAX_KEY_DOC, KdfParams, doc_bytes, parse_doc, unwrap, wrap
 from .passphrase import KeySource
 
 __all__ = ["KeySource", "KdfParams", "UnlockedKey", "wrap", "unwrap", "unlock"]
 
-KEY_FORMAT = 1
 KEYS_PREFIX = "keys/"
 KEY_IN_REPOSITORY, KEY_IN_FILE = "repository", "key-file"
-# scrypt: memory = 128 * r * n bytes. 128 MiB by default (about 0.6 s on a 2026 server core);
-# below 8 MiB a stolen key object would be too cheap to attack, above 4 GiB nobody can open it.
-SCRYPT_R, SCRYPT_P = 8, 1
-KDF_MEMORY_DEFAULT_MIB, KDF_MEMORY_MIN_MIB, KDF_MEMORY_MAX_MIB = 128, 8, 4096
-_SALT_LEN, _NONCE_LEN = 16, 12
-_MAX_KEY_DOC = 64 * 1024
-
-
-@dataclass(frozen=True)
-class KdfParams:
-    """scrypt's cost: n (a power of two), r, p; memory_mib = 128 * r * n / MiB."""
-
-    n: int
-    r: int = SCRYPT_R
-    p: int = SCRYPT_P
-
-    @classmethod
-    def for_memory(cls, mib: int | None = None) -> "KdfParams":
-        mib = KDF_MEMORY_DEFAULT_MIB if mib is None else mib
-        if not isinstance(mib, int) or mib & (mib - 1) or not KDF_MEMORY_MIN_MIB <= mib <= KDF_MEMORY_MAX_MIB:
-            raise UsageError(f"invalid scrypt memory {mib!r} MiB: a power of two from {KDF_MEMORY_MIN_MIB} "
-                             f"to {KDF_MEMORY_MAX_MIB}")
-        return cls(n=mib * (1 << 20) // (128 * SCRYPT_R))
-
-    @property
-    def memory_mib(self) -> int:
-        return 128 * self.r * self.n >> 20
-
-    def checked(self, where: str) -> "KdfParams":
-        """These parameters, if a stored document may carry them (an edited object asking for
-        terabytes of memory is damage, not a reason to exhaust the host)."""
-        ok = (all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.r, self.p))
-              and self.n >= 2 and not self.n & (self.n - 1) and 1 <= self.r <= 64 and 1 <= self.p <= 16
-              and 128 * self.r * self.n <= KDF_MEMORY_MAX_MIB << 20)
-        if not ok:
-            raise RepoDamaged(f"{where}: scrypt parameters out of range (n={self.n!r}, r={self.r!r}, p={self.p!r})")
-        return self
-
-
-def _kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-    # NFC: the same passphrase typed on terminals or in files that compose accents differently
-    secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
-    return Scrypt(salt=salt, length=32, n=params.n, r=params.r, p=params.p).derive(secret)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _aad(doc: dict) -> bytes:
-    """What the wrapping authenticates besides the key: format, cipher, repository and KDF (salt
-    included), so no field of the document can be swapped or edited unnoticed."""
-    bound = {k: doc[k] for k in ("format", "cipher", "repo_id", "kdf")}
-    return b"nbdbackup wrapped master key\0" + json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
-
-
-def wrap(master: MasterKey, passphrase: str, repo_id: str, params: KdfParams | None = None) -> dict:
-    """The key document of *master*, wrapped under *passphrase* for repository *repo_id*."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    params = params or KdfParams.for_memory()
-    salt, nonce = secrets.token_bytes(_SALT_LEN), secrets.token_bytes(_NONCE_LEN)
-    doc = {"format": KEY_FORMAT, "cipher": CIPHER, "repo_id": repo_id,
-           "kdf": {"name": "scrypt", "n": params.n, "r": params.r, "p": params.p, "salt": _b64(salt)},
-           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    wrapped = AESGCM(_kek(passphrase, salt, params)).encrypt(nonce, master.material, _aad(doc))
-    return {**doc, "nonce": _b64(nonce), "wrapped": _b64(wrapped)}
-
-
-def unwrap(doc: dict, passphrase: str, where: str = "key") -> MasterKey | None:
-    """The master key in *doc* (checked by parse_doc), or None when *passphrase* does not open it."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    kdf = doc["kdf"]
-    params = KdfParams(kdf["n"], kdf["r"], kdf["p"]).checked(where)
-    try:
-        salt, nonce, wrapped = (base64.b64decode(x, validate=True) for x in (kdf["salt"], doc["nonce"], doc["wrapped"]))
-    except (binascii.Error, ValueError):
-        raise RepoDamaged(f"{where}: a field is not base64") from None
-    if len(nonce) != _NONCE_LEN or len(wrapped) != MASTER_KEY_SIZE + 16:
-        raise RepoDamaged(f"{where}: nonce or wrapped key of the wrong length")
-    try:
-        return MasterKey(AESGCM(_kek(passphrase, salt, params)).decrypt(nonce, wrapped, _aad(doc)))
-    except InvalidTag:
-        return None
-
-
-def doc_bytes(doc: dict) -> bytes:
-    return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def parse_doc(data: bytes, where: str, *, error=RepoDamaged) -> dict:
-    """The key document in *data* (from *where*); *error* (RepoDamaged for a key object,
-    UsageError for a file the user named) when it is none."""
-    try:
-        doc = json.loads(data)
-        fmt = doc["format"]
-    except (ValueError, KeyError, TypeError):
-        raise error(f"{where} is not an nbdbackup key (no readable key document)") from None
-    if not isinstance(fmt, int) or fmt > KEY_FORMAT:
-        raise RepoFormatError(f"{where} has key format {fmt!r}, newer than this tool understands",
-                              hint="upgrade nbdbackup")
-    kdf = doc.get("kdf")
-    if (doc.get("cipher") != CIPHER or not isinstance(kdf, dict) or kdf.get("name") != "scrypt"
-            or not all(isinstance(doc.get(k), str) for k in ("repo_id", "nonce", "wrapped"))
-            or not all(k in kdf for k in ("n", "r", "p", "salt"))):
-        raise error(f"{where} is not a complete nbdbackup key document")
-    return doc
 
 
 # -- where the key document lives ------------------------------------------------
@@ -166,27 +49,36 @@ def put_key_object(backend, doc: dict) -> str:
     return name
 
 
-def key_objects(backend, where: str) -> list[tuple[str, dict]]:
-    """(name, document) of the repository's key objects; one that vanished between list and get
-    (a `key passphrase` elsewhere replaced it) is skipped, and the listing repeated once."""
+MAX_KEY_OBJECTS = 8      # tried per open, newest first: each costs one scrypt run
+
+
+def key_objects(backend, where: str) -> list[tuple[str, dict | RepoDamaged]]:
+    """(name, document, or the RepoDamaged saying why it is none) of the repository's key objects,
+    the newest MAX_KEY_OBJECTS first (objects planted to make every open slow are not all tried);
+    one that vanished between list and get (a `key passphrase` elsewhere replaced it) is skipped,
+    and the listing repeated once."""
     for _attempt in range(2):
         names = [n for n in backend.list(KEYS_PREFIX) if n.endswith(".json")]
-        out = []
+        out: list = []
         for name in names:
             try:
-                data = backend.get(name, 0, _MAX_KEY_DOC)
+                data = backend.get(name, 0, MAX_KEY_DOC)
             except FileNotFoundError:
                 continue
-            out.append((name, parse_doc(data, f"{where}/{name}")))
+            try:
+                out.append((name, parse_doc(data, f"{where}/{name}")))
+            except RepoDamaged as e:     # one damaged object must not hide a good one
+                out.append((name, e))
         if out or not names:
-            return out
-    return out
+            break
+    out.sort(key=lambda nd: str(nd[1].get("created", "")) if isinstance(nd[1], dict) else "", reverse=True)
+    return out[:MAX_KEY_OBJECTS]
 
 
 def read_key_file(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            data = f.read(_MAX_KEY_DOC)
+            data = f.read(MAX_KEY_DOC)
     except OSError as e:
         raise UsageError(f"cannot read the key file {path}: {e.strerror}") from None
     return parse_doc(data, f"key file {path}", error=UsageError)
@@ -270,11 +162,53 @@ def check_encryption(enc, where: str) -> str:
     return enc["key_check"]
 
 
+def refuse_downgrade(backend, where: str, *, key_given: str | None) -> None:
+    """RepoDamaged when config.json says plaintext but the repository (or the caller) says
+    otherwise. config.json is not authenticated: whoever may write the storage could strip its
+    encryption entry, and the next backup would write plaintext records. Key objects under keys/,
+    or a key the caller gave for this very repository, mean it is encrypted. Passphrases are not
+    evidence (NBDBACKUP_PASSPHRASE may be set for a host's other repositories), nor is a key file
+    of another repository. A repository whose key is kept only in a key file that nobody names
+    cannot be told from a plaintext one by its storage alone (docs/design.md)."""
+    if key_given:
+        reason = key_given
+    elif any(n.endswith(".json") for n in backend.list(KEYS_PREFIX)):
+        reason = f"it holds key objects under {KEYS_PREFIX}"
+    else:
+        return
+    raise RepoDamaged(f"config.json says {where} is not encrypted, but {reason}: config.json may have "
+                      "been altered to make new backups plaintext; nothing was read or written",
+                      hint="restore config.json from a copy (the key objects or key file still hold the key), "
+                           "or open it without a key if it really is a plaintext repository")
+
+
+def _names_this_repository(key_file: str | None, repo_id: str) -> str | None:
+    """Why *key_file* says the repository *repo_id* is encrypted (it holds its key), else None."""
+    if not key_file:
+        return None
+    try:
+        doc = read_key_file(key_file)
+    except (UsageError, RepoFormatError):     # missing, unreadable, not a key: no evidence either way
+        return None
+    if doc["repo_id"] != repo_id:
+        return None
+    return f"the key file {os.path.abspath(key_file)} holds its key"
+
+
+def unlock_given(config, backend, master: MasterKey, where: str) -> UnlockedKey:
+    """given_key(*master*) for Repository.open(master_key=...): refused on a plaintext config.json."""
+    if not getattr(config, "encryption", None):
+        refuse_downgrade(backend, where, key_given="a master key was given")
+    return given_key(master)
+
+
 def unlock(config, backend, source: KeySource, where: str) -> UnlockedKey | None:
     """The repository's master key, from *source* (None for a plaintext repository: nothing is
-    asked). KeyRefused for a wrong passphrase or a key that is not this repository's."""
+    asked, after refuse_downgrade). KeyRefused for a wrong passphrase or a key that is not this
+    repository's."""
     enc = getattr(config, "encryption", None)
     if not enc:
+        refuse_downgrade(backend, where, key_given=_names_this_repository(source.key_file, config.repo_id))
         return None
     check = check_encryption(enc, where)
     cached = source.cache.get(("key", config.repo_id, check))
@@ -300,8 +234,15 @@ def unlock(config, backend, source: KeySource, where: str) -> UnlockedKey | None
         if attempt:
             print("wrong passphrase, try again", file=sys.stderr)
         passphrase, typed = source.get_passphrase(where)
+        damaged = []
         for origin, doc in docs:
-            master = unwrap(doc, passphrase, f"{where}: {origin}")
+            try:
+                if isinstance(doc, RepoDamaged):
+                    raise doc
+                master = unwrap(doc, passphrase, f"{where}: {origin}")
+            except RepoDamaged as e:
+                damaged.append(e)
+                continue
             if master is None:
                 continue
             if not master.matches(config.repo_id, check):
@@ -312,10 +253,14 @@ def unlock(config, backend, source: KeySource, where: str) -> UnlockedKey | None
             found = UnlockedKey(master, origin, doc, in_file)
             source.cache[("key", config.repo_id, check)] = found
             return found
+        if len(damaged) == len(docs):
+            raise damaged[0]
         if not typed:
             break
     raise KeyRefused(f"wrong passphrase for {source.label} {where}"
-                     + (f" (key file {docs[0][0]})" if in_file else ""),
+                     + (f" (key file {docs[0][0]})" if in_file else "")
+                     + " (or its key object is damaged: a wrong passphrase and an altered key look the same)"
+                     + (f"; {len(damaged)} damaged key object(s) skipped" if damaged else ""),
                      hint="check the passphrase (and the key file); nothing was read or changed")
 
 
@@ -367,7 +312,7 @@ def remove_new_key(key: UnlockedKey) -> None:
     if key.in_file and not key.given:
         try:
             with open(key.origin, "rb") as f:
-                ours = f.read(_MAX_KEY_DOC) == doc_bytes(key.doc)
+                ours = f.read(MAX_KEY_DOC) == doc_bytes(key.doc)
             if ours:
                 os.unlink(key.origin)
         except OSError:

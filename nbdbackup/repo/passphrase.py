@@ -26,6 +26,25 @@ COMMAND_TIMEOUT_S = 300.0       # a command may wait for a token or an agent, bu
 _MAX_PASSPHRASE = 4096
 
 
+# Passphrases given in the environment, taken out of os.environ by hide_from_children(): the
+# programs the CLI starts (qemu-nbd, qemu-img, a passphrase command) need not inherit them.
+SECRET_ENV = ("NBDBACKUP_PASSPHRASE", "NBDBACKUP_DEST_PASSPHRASE", "NBDBACKUP_NEW_PASSPHRASE")
+_hidden: dict[str, str] = {}
+
+
+def hide_from_children() -> None:
+    """Move SECRET_ENV out of os.environ into this process's memory (the CLI does it at start)."""
+    for name in SECRET_ENV:
+        value = os.environ.pop(name, None)
+        if value is not None:
+            _hidden[name] = value
+
+
+def env(name: str) -> str | None:
+    """os.environ.get(*name*), or the value hide_from_children() took out of it."""
+    return os.environ.get(name) or _hidden.get(name)
+
+
 @dataclass(frozen=True)
 class KeySource:
     """Where a command gets the key; nothing is asked until needed."""
@@ -46,7 +65,7 @@ class KeySource:
         """The source the environment names (NBDBACKUP_[DEST_]PASSPHRASE, ..._PASSPHRASE_COMMAND,
         ..._KEY_FILE); *key_file* and *passphrase_file* (command-line options) take precedence."""
         pre = "NBDBACKUP_DEST_" if dest else "NBDBACKUP_"
-        return cls(passphrase=os.environ.get(pre + "PASSPHRASE") or None,
+        return cls(passphrase=env(pre + "PASSPHRASE") or None,
                    passphrase_file=passphrase_file or None,
                    passphrase_command=os.environ.get(pre + "PASSPHRASE_COMMAND") or None,
                    key_file=key_file or os.environ.get(pre + "KEY_FILE") or None,
@@ -109,8 +128,8 @@ class KeySource:
         if new_file:
             return _from_file(new_file, f"{self.option_prefix}new-passphrase-file")
         if env_name is not None:
-            if os.environ.get(env_name):
-                return _checked(os.environ[env_name], f"${env_name}")
+            if env(env_name):
+                return _checked(env(env_name), f"${env_name}")
         else:
             given = self.given_passphrase()
             if given is not None:

@@ -178,7 +178,8 @@ class Repository:
         source = key_source or KeySource.from_env()
         if master_key is not None:      # library use: the key itself (checked against config.json)
             return cls._open(path, index_url=index_url, lock_wait=lock_wait, backend=backend, check=check,
-                             s3_endpoint=s3_endpoint, unlock=lambda *_: keys.given_key(master_key))
+                             s3_endpoint=s3_endpoint,
+                             unlock=lambda cfg, be, where: keys.unlock_given(cfg, be, master_key, where))
         return cls._open(path, index_url=index_url, lock_wait=lock_wait, backend=backend, check=check,
                          s3_endpoint=s3_endpoint,
                          unlock=lambda cfg, be, where: keys.unlock(cfg, be, source, where))
@@ -195,11 +196,10 @@ class Repository:
         else:
             backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
             cfg, url = remote.open_s3(loc, backend, index_url)
-        unlocked = None
-        if cfg.encryption:      # before the index is touched: a wrong key reads nothing
+        backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
+        if cfg.encryption:
             keys.check_encryption(cfg.encryption, loc.display)
-            backend = backend or open_backend(loc, s3_endpoint=s3_endpoint)
-            unlocked = unlock(cfg, backend, loc.display)
+        unlocked = unlock(cfg, backend, loc.display)    # before the index is touched: a wrong key reads nothing
         if check and url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
             raise RepoDamaged(f"the index of {path} ({url.removeprefix('sqlite:///')}) is missing",
                               hint="`nbdbackup rebuild-index` recreates it from the packs")

@@ -109,6 +109,20 @@ def patch_object(spec, name: str, offset: int, data: bytes | None = None, *, xor
     write_object(spec, name, bytes(raw))
 
 
+def stored_names(spec, prefix: str = "") -> list[str]:
+    """Sorted names of the objects under *prefix*, straight from the storage (no repository opened)."""
+    spec = str(spec)
+    if not spec.startswith("s3://"):
+        out = []
+        for root, _dirs, files in os.walk(spec):
+            rel = os.path.relpath(root, spec)
+            out += [f if rel == "." else f"{rel}/{f}" for f in files]
+        return sorted(n for n in out if n.startswith(prefix))
+    c, bucket, pre = _s3_target(spec)
+    pages = c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=pre + prefix)
+    return sorted(o["Key"][len(pre):] for page in pages for o in page.get("Contents", []))
+
+
 def remove_object(spec, name: str) -> None:
     spec = str(spec)
     if not spec.startswith("s3://"):

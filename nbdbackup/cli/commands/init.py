@@ -57,6 +57,19 @@ def add_kdf_memory(p: argparse.ArgumentParser, default_help: str = "128") -> Non
                         f"(default {default_help}); more is slower to guess, each open costs it")
 
 
+KDF_WARN_BELOW_MIB = 64
+
+
+def warn_weak_kdf(mib: int | None) -> None:
+    """A key wrapped with little scrypt memory is cheap to guess: fine for tests, said out loud."""
+    if mib is not None and mib < KDF_WARN_BELOW_MIB:
+        import logging
+
+        logging.getLogger("nbdbackup").warning(
+            "--kdf-memory %d: a stolen key object is cheap to attack with less than %d MiB; use it for "
+            "tests or very small machines only", mib, KDF_WARN_BELOW_MIB)
+
+
 def run(args) -> int:
     from ...repo import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Repository
     from ...repo.index import shown_url
@@ -72,6 +85,7 @@ def run(args) -> int:
         from ...errors import UsageError
 
         raise UsageError("--key-file and --kdf-memory are for an encrypted repository", hint="add --encryption")
+    warn_weak_kdf(args.kdf_memory)
     with Repository.init(path, chunk_size=cs, index_url=args.index_url, compression_level=level,
                          encryption=args.encryption, key_source=source,
                          kdf=KdfParams.for_memory(args.kdf_memory), **storage_options(args)) as repo:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .init import add_kdf_memory
+from .init import add_kdf_memory, warn_weak_kdf
 
 NAME = "key"
 HELP = "export an encrypted repository's key, or change its passphrase"
@@ -19,6 +19,9 @@ DESCRIPTION = (
     "No pack or index data is rewritten. In the repository a new key object is\n"
     "written first and the old one deleted after it; with --key-file that file is\n"
     "replaced atomically (other exported copies keep the old passphrase).\n"
+    "The master key stays the same: whoever kept an old passphrase and an old key\n"
+    "document can still decrypt. To rotate the key, `copy` into a new encrypted\n"
+    "repository.\n"
     "\n"
     "Both need the current passphrase, given as for every command (--passphrase-file,\n"
     "$NBDBACKUP_PASSPHRASE, $NBDBACKUP_PASSPHRASE_COMMAND, or a prompt).\n"
@@ -78,6 +81,7 @@ def _passphrase(args, repo) -> int:
 
     old = repo.unlocked
     if args.kdf_memory is not None:
+        warn_weak_kdf(args.kdf_memory)
         params = KdfParams.for_memory(args.kdf_memory)
     else:
         kdf = old.doc["kdf"]
