@@ -380,7 +380,8 @@ def test_sigkill_at_random_points_then_verify_and_rerun(make_site, tmp_path, des
             _, err = proc.communicate(timeout=120)
         finally:
             kill_if_running(proc)
-        if signalled and sig == signal.SIGTERM and proc.returncode != 0:
+        # a SIGTERM before the CLI installed its handler (still starting up) ends it the default way
+        if signalled and sig == signal.SIGTERM and proc.returncode not in (0, -signal.SIGTERM):
             assert proc.returncode == 130, err
             assert "run it again: it goes on without sending again" in err, err
         # consistent after every kill: whatever is listed is whole and verifies

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Sequence
 
 from .. import __version__
+from ..envsecrets import hide_from_children
 from ..errors import (
     EXIT_CODE_HELP,
     CommittedThenFailed,
@@ -161,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbdbackup: error: cannot open log file {args.log_file}: {e.strerror}\n"
               "  hint: --log-file needs a writable file path in an existing directory", file=sys.stderr)
         return ExitCode.USAGE
+    hide_from_children()        # before the SIGTERM handler: nothing here can be half done
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from ..repo.passphrase import hide_from_children
-
-    hide_from_children()
     # The log file records each run and its outcome (cron users read it, not stderr).
     cmdline = shlex.join(["nbdbackup", *(sys.argv[1:] if argv is None else argv)])
     log.info("run: %s", re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", cmdline), extra=FILE_ONLY)  # no DB passwords

@@ -19,30 +19,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from ..envsecrets import env
 from ..errors import UsageError
 
 log = logging.getLogger("nbdbackup")
 COMMAND_TIMEOUT_S = 300.0       # a command may wait for a token or an agent, but not forever
 _MAX_PASSPHRASE = 4096
-
-
-# Passphrases given in the environment, taken out of os.environ by hide_from_children(): the
-# programs the CLI starts (qemu-nbd, qemu-img, a passphrase command) need not inherit them.
-SECRET_ENV = ("NBDBACKUP_PASSPHRASE", "NBDBACKUP_DEST_PASSPHRASE", "NBDBACKUP_NEW_PASSPHRASE")
-_hidden: dict[str, str] = {}
-
-
-def hide_from_children() -> None:
-    """Move SECRET_ENV out of os.environ into this process's memory (the CLI does it at start)."""
-    for name in SECRET_ENV:
-        value = os.environ.pop(name, None)
-        if value is not None:
-            _hidden[name] = value
-
-
-def env(name: str) -> str | None:
-    """os.environ.get(*name*), or the value hide_from_children() took out of it."""
-    return os.environ.get(name) or _hidden.get(name)
 
 
 @dataclass(frozen=True)
