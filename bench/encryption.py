@@ -29,6 +29,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import MiB, bench_workdir, nbdbackup_exe, text_like  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers.engine_util import same_file  # noqa: E402
+
 TARGET = 0.85
 # the passphrase of the encrypted runs (a plaintext repository asks for nothing)
 ENV = dict(os.environ, NBDBACKUP_PASSPHRASE="bench passphrase")
@@ -92,7 +95,7 @@ def main() -> int:
                         wall, cpu = res[(mode, what)][-1]
                         print(f"round {r + 1}: {mode:<9} {what:<15} {wall:6.2f} s  {cpu:6.2f} CPU-s  "
                               f"load {os.getloadavg()[0]:.1f}", flush=True)
-                    if comp == "all" and r == 0 and not _same(img, out):
+                    if comp == "all" and r == 0 and not same_file(img, out):
                         raise SystemExit(f"{mode} restore differs from the image")
     print()
     print(f"{'measure (median of ' + str(a.rounds) + ')':<26}{'plain MiB/s':>12}{'enc MiB/s':>11}"
@@ -112,16 +115,6 @@ def main() -> int:
     print(f"target: encrypted >= {TARGET}x plaintext throughput; 1-min load {os.getloadavg()[0]:.1f} (2 cores)")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
-
-
-def _same(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(16 * MiB), fb.read(16 * MiB)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 if __name__ == "__main__":

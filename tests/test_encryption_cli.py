@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from helpers.encryption import haystacks, marked_disk, needles
+from helpers.encryption import haystacks, marked_disk, needles, qemu_io_read
 from helpers.engine_util import make_image, qio, same_file, snapshot_raw
 from helpers.places import patch_object
 from helpers.repo import CHUNK_SIZE as CS
@@ -99,7 +99,6 @@ def test_cli_qemu_reads_an_encrypted_backup_through_serve(encrypted, tmp_path):
 
 
 def test_cli_tampered_ciphertext(encrypted, tmp_path):
-    qemu_io = require_tool("qemu-io")
     place = encrypted
     data = marked_disk(13)
     img = image_with(tmp_path, data)
@@ -118,11 +117,9 @@ def test_cli_tampered_ciphertext(encrypted, tmp_path):
     r = nbb(place, "restore", bid, tmp_path / "out.raw", check=False)
     assert r.returncode == 9 and str(lo) in r.stderr, r
     with serve(place.spec, tmp_path) as s:
-        bad = subprocess.run([qemu_io, "-f", "raw", "-r", "-c", f"read {lo} {CS}", s.uri("vm1")],
-                             capture_output=True, text=True, timeout=60)
+        bad = qemu_io_read(s.uri("vm1"), lo, CS)
         assert "Input/output error" in bad.stdout + bad.stderr, bad
-        ok = subprocess.run([qemu_io, "-f", "raw", "-r", "-c", f"read 0 {CS}", s.uri("vm1")],
-                            capture_output=True, text=True, timeout=60)
+        ok = qemu_io_read(s.uri("vm1"), 0, CS)
         assert ok.returncode == 0 and "error" not in ok.stdout + ok.stderr, ok
 
 

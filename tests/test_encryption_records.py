@@ -14,7 +14,7 @@ import subprocess
 import blake3
 import pytest
 
-from helpers.encryption import haystacks, marked_disk, needles
+from helpers.encryption import haystacks, marked_disk, needles, qemu_io_read
 from helpers.places import object_names, patch_object, read_object
 from helpers.repo import CHUNK_SIZE as CS
 from helpers.repo import new_repo, read_all, write_backup
@@ -166,7 +166,6 @@ def _chunk_record(repo, info, index: int):
 
 @pytest.mark.parametrize("part", ["ciphertext", "nonce", "header"])
 def test_tampered_record_is_damage_everywhere(place, tmp_path, part):
-    qemu_io = require_tool("qemu-io")
     key = MasterKey.generate()
     data = marked_disk(5)
     victim = 9          # a random chunk (stored raw before sealing)
@@ -186,11 +185,9 @@ def test_tampered_record_is_damage_everywhere(place, tmp_path, part):
         with repo.open_image(b) as img:     # the rest of the disk still reads
             assert img.read(0, victim * CS) == data[:victim * CS]
     with serve_in_process(place.spec, tmp_path, repo_options={"master_key": key}) as s:
-        bad = subprocess.run([qemu_io, "-f", "raw", "-r", "-c", f"read {victim * CS} {CS}", s.uri("vm1")],
-                             capture_output=True, text=True, timeout=60)
+        bad = qemu_io_read(s.uri("vm1"), victim * CS, CS)
         assert "Input/output error" in bad.stdout + bad.stderr, bad
-        fine = subprocess.run([qemu_io, "-f", "raw", "-r", "-c", f"read -P 0 {16 * CS} {CS}", s.uri("vm1")],
-                              capture_output=True, text=True, timeout=60)
+        fine = qemu_io_read(s.uri("vm1"), 16 * CS, CS, pattern=0)
         assert fine.returncode == 0 and "error" not in fine.stdout + fine.stderr, fine
 
 

@@ -68,3 +68,13 @@ def needles(data: bytes) -> dict[str, bytes]:
         out[name] = h
         out[name + " hex"] = h.hex().encode()
     return out
+
+
+def qemu_io_read(uri: str, offset: int, length: int, pattern: int | None = None) -> subprocess.CompletedProcess:
+    """qemu-io's read of *length* bytes at *offset* of NBD export *uri* (with -P: each byte *pattern*)."""
+    from helpers.support import require_tool
+
+    check = f"-P {pattern} " if pattern is not None else ""
+    return subprocess.run([require_tool("qemu-io"), "-f", "raw", "-r", "-c", f"read {check}{offset} {length}", uri],
+                          capture_output=True, text=True, timeout=60)
+
