@@ -592,3 +592,18 @@ def test_passphrases_in_the_environment_are_not_inherited_by_child_programs(tmp_
     env_seen = seen.read_text()
     assert "NBDBACKUP_DEST_PASSPHRASE_COMMAND" in env_seen      # the command ran, with the environment
     assert PW not in env_seen and "NBDBACKUP_PASSPHRASE=" not in env_seen
+
+
+def test_key_file_in_the_environment_serves_encrypted_repositories_only(tmp_path):
+    """A host that sets NBDBACKUP_KEY_FILE for its encrypted repository may still make a plaintext
+    one (only the --key-file flag asks for --encryption), and an encrypted init keeps the key there."""
+    kf = tmp_path / "host.key"
+    plain = cli("--repo", tmp_path / "plain", "init", "--chunk-size", "64K", NBDBACKUP_KEY_FILE=str(kf))
+    assert plain.returncode == 0, plain.stderr
+    assert not kf.exists()
+    flag = cli("--repo", tmp_path / "p2", "init", "--key-file", kf)
+    assert flag.returncode == 2 and "--encryption" in flag.stderr, flag.stderr
+    out = init_encrypted(tmp_path / "enc", NBDBACKUP_KEY_FILE=str(kf))
+    assert out["encryption"]["key"] == "key-file" and kf.exists()
+    assert cli("--repo", tmp_path / "enc", "list", passphrase=PW, NBDBACKUP_KEY_FILE=str(kf)).returncode == 0
+

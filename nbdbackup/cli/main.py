@@ -62,7 +62,8 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     g.add_argument("--log-file", default=d(None), metavar="PATH", help="also append logs to PATH")
     g.add_argument("--lock-wait", type=LOCK_WAIT, default=d(0.0), metavar="SECONDS",
                    help="wait up to SECONDS for a repository lock (default: do not wait)")
-    g.add_argument("--key-file", default=d(os.environ.get("NBDBACKUP_KEY_FILE")), metavar="FILE",
+    # $NBDBACKUP_KEY_FILE is read by KeySource.from_env only: init must tell the flag from the variable
+    g.add_argument("--key-file", default=d(None), metavar="FILE",
                    help="an encrypted repository's key kept outside it (`init --encryption --key-file`, "
                         "`key export`; default: $NBDBACKUP_KEY_FILE)")
     g.add_argument("--passphrase-file", default=d(None), metavar="FILE",
