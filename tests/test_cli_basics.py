@@ -131,9 +131,11 @@ def test_readme_has_two_setup_commands_that_need_no_sudo():
     import tomllib
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for name in ("s3", "postgresql"):
+    for name in ("s3", "postgresql", "libvirt"):
         assert name in extras, f"no extra {name!r} in pyproject.toml"
-    assert "'.[test,s3,postgresql]'" in install and "'.[test,s3,postgresql]'" in ci
+    assert "'.[test,s3,postgresql,libvirt]'" in install and "'.[test,s3,postgresql,libvirt]'" in ci
+    # libvirt-python builds from source against Debian's libvirt
+    assert {"libvirt-dev", "pkg-config", "gcc"} <= readme_pkgs
 
 
 def test_readme_install_prefix_runs_without_sudo(tmp_path):
