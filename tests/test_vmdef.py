@@ -226,6 +226,34 @@ def test_definitions_are_stored_once_read_back_exactly_and_survive_gc(place, tmp
         assert read_all(repo, s2[0].id) == data["web1-vda"]
 
 
+def test_gc_between_storing_a_definition_and_the_commit_keeps_it(place):
+    """The definition's records a writer reuses (an earlier, forgotten set's) are stamped with its
+    lease's epoch: a gc that runs after the writer stored it and before its index commit keeps them."""
+    from helpers.repo import write_backup
+
+    new_repo(place.spec, **place.init_options()).close()
+    vm = vm_def("web1", 30)
+    with open_place(place) as repo, open_place(place) as other:
+        [first] = repo.commit_set([write_backup(repo, "web1-vda", disk(30), set_writers=[])], vm=vm)
+        collect(other, grace=0)         # a new epoch: the first set's records now carry an older one
+        forget(repo, [first.id])        # and are referenced by nobody
+        ws: list = []
+        write_backup(repo, "web1-vda", disk(31), set_writers=ws)
+        gcs = []
+        write_manifest = ws[0].write_manifest
+
+        def gc_first(manifest: bytes) -> bytes:     # the definition is stored by now; not committed
+            gcs.append(collect(other, grace=0))
+            return write_manifest(manifest)
+        ws[0].write_manifest = gc_first
+        [second] = repo.commit_set(ws, vm=vm)
+        assert len(gcs) == 1 and second.vm == first.vm
+        assert repo.vm_definition(second) == vm
+        assert gcs[0].kept_in_use > 0       # kept for the writer's stamps, not for a reference
+        collect(other, grace=0)
+        assert repo.vm_definition(repo.get_backup(second.id)) == vm and verify(repo).ok
+
+
 def test_rebuild_index_keeps_domain_and_definition(place, tmp_path):
     new_repo(place.spec, **place.init_options()).close()
     vm = vm_def("web1", 5)
