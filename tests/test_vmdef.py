@@ -417,3 +417,9 @@ def test_an_index_at_0003_is_refused_then_migrated(place, tmp_path):
             assert repo.vm_definition(new) == vm_def("web1", 21)
             assert repo.latest_domain_set("web1") == [new]
             assert read_all(repo, old.id) == disk(20, 2)
+
+
+def test_info_of_a_backup_without_a_repository_is_a_usage_error():
+    p = nbdbackup("info", "web1-vda", check=False, env={"NBDBACKUP_REPO": ""})
+    assert p.returncode == 2 and "not an NBD URI" in p.stderr and "--repo REPO info BACKUP" in p.stderr
+    assert "Traceback" not in p.stderr
