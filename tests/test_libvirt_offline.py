@@ -1,0 +1,353 @@
+"""Shut-off libvirt domains backed up from their images (sources/libvirt_offline.py), and the
+checkpoint chain across start and stop (sources/libvirt_checkpoints.py), against the real
+libvirtd of qemu:///system.
+
+A running domain's guest writes go through HMP qemu-io on its virtio disk; a shut-off
+domain's images are written with qemu-io on the file, as an admin (or another tool) might.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from helpers import support
+from helpers.engine_util import MiB, init_repo, nbb, qio, random_file, restore_equals, snapshot_raw
+
+pytestmark = pytest.mark.libvirt
+
+URI = "qemu:///system"
+_names = itertools.count()
+
+
+def _virsh(*args, check=True) -> subprocess.CompletedProcess:
+    return support.run([support.require_tool("virsh"), "-c", URI, *args], check=check, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def libvirtd():
+    """The running libvirtd of qemu:///system; started here (and stopped at the end) only
+    when none answers: a shared one is never stopped."""
+    support.require_tool("virsh")
+    started = []
+    if _virsh("list", "--name", check=False).returncode != 0:
+        for daemon in ("virtlogd", "libvirtd"):
+            started.append(subprocess.Popen([support.require_tool(daemon)], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE))
+        deadline = time.monotonic() + 30
+        while _virsh("list", "--name", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "libvirtd did not come up"
+            time.sleep(0.2)
+    yield
+    for proc in reversed(started):
+        support.stop(proc)
+
+
+@pytest.fixture
+def make_domain(libvirtd):
+    """make_domain([(target, fmt, size), ...]) -> (name, {target: image path}): a persistent,
+    shut-off domain (no guest OS); destroyed and undefined (with its checkpoints) afterwards."""
+    made = []
+
+    def make(disks, image_from: dict | None = None):
+        d = Path(tempfile.mkdtemp(prefix="nbdbackup-offline-", dir="/var/tmp"))
+        d.chmod(0o755)       # qemu runs as libvirt-qemu
+        name = f"nbdbackup-test-{os.getpid()}-off{next(_names)}"
+        made.append((name, d))
+        images, devices = {}, []
+        for i, (target, fmt, size) in enumerate(disks):
+            img = d / f"{target}.{fmt}"
+            if image_from and target in image_from:
+                support.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(image_from[target]), str(img)])
+            else:
+                support.run(["qemu-img", "create", "-q", "-f", fmt, str(img), str(size)])
+                qio(img, f"write -q -P {0x11 + i} 0 2M", fmt=fmt)
+            images[target] = img
+            devices.append(f"""<disk type='file' device='disk'>
+      <driver name='qemu' type='{fmt}'/><source file='{img}'/><target dev='{target}' bus='virtio'/>
+    </disk>""")
+        xml = d / "dom.xml"
+        xml.write_text(f"""<domain type='qemu'>
+  <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <devices><emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
+    {"".join(devices)}
+  </devices>
+</domain>
+""")
+        _virsh("define", str(xml))
+        return name, images
+
+    yield make
+    for name, d in made:
+        _virsh("destroy", name, check=False)
+        _virsh("undefine", name, "--checkpoints-metadata", check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --- driving a shut-off backup -----------------------------------------------------------------
+
+def _offline(repo: Path, name: str, kind: str, *flags: str, check: bool = True, popen: bool = False):
+    """One backup of shut-off domain *name* through OfflineDomainSource, in a child process
+    (this file's __main__), as LibvirtSource hands it over."""
+    cmd = [sys.executable, __file__, str(repo), name, kind, *flags]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+        return {b["disk"].rsplit("-", 1)[1]: b for b in json.loads(p.stdout)}, p.stderr
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    import logging
+
+    import libvirt
+
+    from nbdbackup.engine.backup import run_backup
+    from nbdbackup.engine.options import BackupOptions
+    from nbdbackup.errors import NbdBackupError
+    from nbdbackup.repo.repository import Repository
+    from nbdbackup.sources.libvirt_offline import OfflineDomainSource
+
+    logging.basicConfig(level=logging.WARNING, format="nbdbackup: warning: %(message)s", stream=sys.stderr)
+    repo_path, name, kind, *flags = argv
+    conn = libvirt.open(URI)
+    dom = conn.lookupByName(name)
+    disks = _domain_disks(dom.XMLDesc(0))
+    try:
+        with Repository.open(repo_path) as repo:
+            source = OfflineDomainSource(dom, name, disks, {d.target: f"{name}-{d.target}" for d in disks},
+                                         connections=2)
+            results = run_backup(repo, source, kind,
+                                 BackupOptions(connections=2, no_fallback="--no-fallback" in flags))
+    except NbdBackupError as e:
+        print(f"nbdbackup: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    print(json.dumps([r.info.to_json() for r in results]))
+    return 0
+
+
+def _domain_disks(xml: str):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(target=d.find("target").get("dev"), path=d.find("source").get("file"),
+                            fmt=d.find("driver").get("type"), disk_type=d.get("type"))
+            for d in ET.fromstring(xml).findall("./devices/disk") if d.get("device") == "disk"]
+
+
+# --- looking at the state ----------------------------------------------------------------------
+
+def _repo_id(repo: Path) -> str:
+    return json.loads((repo / "config.json").read_text())["repo_id"]
+
+
+def _bitmaps(img: Path) -> dict[str, list[str]]:
+    out = json.loads(support.run(["qemu-img", "info", "-U", "--output=json", str(img)]).stdout)
+    return {b["name"]: b["flags"] for b in (out.get("format-specific") or {}).get("data", {}).get("bitmaps", [])}
+
+
+def _checkpoints(name: str) -> list[str]:
+    return sorted(_virsh("checkpoint-list", name, "--name").stdout.split())
+
+
+def _checkpoint_disks(name: str, checkpoint: str) -> dict[str, str]:
+    xml = ET.fromstring(_virsh("checkpoint-dumpxml", name, checkpoint, "--no-domain").stdout)
+    return {d.get("name"): d.get("checkpoint") for d in xml.findall("./disks/disk")}
+
+
+def _reconcile(name: str, repo: Path, want: str | None) -> str | None:
+    import libvirt
+
+    from nbdbackup.sources.libvirt_checkpoints import reconcile_checkpoints
+
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(name)
+        return reconcile_checkpoints(dom, _repo_id(repo), _domain_disks(dom.XMLDesc(0)), want)
+    finally:
+        conn.close()
+
+
+def _guest_write(name: str, index: int, pattern: int, offset: int, length: int) -> None:
+    qdev = f"/machine/peripheral/virtio-disk{index}/virtio-backend"
+    _virsh("qemu-monitor-command", name, "--hmp", f'qemu-io -d {qdev} "write -P {pattern} {offset} {length}"')
+
+
+def _stop(name: str) -> None:
+    """virsh destroy: qemu gets SIGTERM and writes its persistent bitmaps back."""
+    _virsh("destroy", name)
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+def test_chain_goes_on_across_start_and_stop(make_domain, tmp_path):
+    name, images = make_domain([("vda", "qcow2", 64 * MiB)])
+    img = images["vda"]
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    snaps = {}
+
+    full, _ = _offline(repo, name, "full")
+    full = full["vda"]
+    assert full["kind"] == "full" and full["disk"] == f"{name}-vda" and full["source"] == f"libvirt:{name}/vda"
+    assert full["checkpoint"]
+    snaps[full["id"]] = snapshot_raw(img, tmp_path / "full.raw")
+    assert list(_bitmaps(img)) == [prefix + full["checkpoint"]]
+    # libvirt knows the checkpoint the images now hold: redefined on the inactive domain
+    assert _checkpoints(name) == [prefix + full["checkpoint"]]
+    assert _checkpoint_disks(name, prefix + full["checkpoint"]) == {"vda": "bitmap"}
+
+    qio(img, "write -q -P 0x22 8M 64K")                       # written while shut off
+    inc1, _ = _offline(repo, name, "incremental")
+    inc1 = inc1["vda"]
+    assert inc1["kind"] == "incremental" and inc1["parent"] == full["id"]
+    assert 0 < inc1["read_bytes"] <= 64 * 1024, inc1
+    snaps[inc1["id"]] = snapshot_raw(img, tmp_path / "inc1.raw")
+    assert list(_bitmaps(img)) == [prefix + inc1["checkpoint"]]
+    assert _checkpoints(name) == [prefix + inc1["checkpoint"]]      # the old one's metadata went
+
+    # start: libvirt validates the checkpoint against the running qemu's bitmaps
+    _virsh("start", name)
+    assert _reconcile(name, repo, inc1["checkpoint"]) is None
+    assert _checkpoints(name) == [prefix + inc1["checkpoint"]]
+    _guest_write(name, 0, 0x33, 20 * MiB, 64 * 1024)
+    _stop(name)
+    flags = _bitmaps(img)[prefix + inc1["checkpoint"]]
+    assert "auto" in flags and "in-use" not in flags, flags     # saved by qemu on SIGTERM
+
+    inc2, _ = _offline(repo, name, "incremental")
+    inc2 = inc2["vda"]
+    assert inc2["kind"] == "incremental" and inc2["parent"] == inc1["id"]
+    assert 0 < inc2["read_bytes"] <= 64 * 1024, inc2        # exactly the guest's write
+    snaps[inc2["id"]] = snapshot_raw(img, tmp_path / "inc2.raw")
+    assert _checkpoints(name) == [prefix + inc2["checkpoint"]]
+
+    for backup_id, snap in snaps.items():
+        assert restore_equals(repo, backup_id, snap, tmp_path), backup_id
+
+
+def test_lost_bitmap_means_a_full_and_13_with_no_fallback(make_domain, tmp_path):
+    name, images = make_domain([("vda", "qcow2", 32 * MiB)])
+    img = images["vda"]
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    full, _ = _offline(repo, name, "full")
+    qio(img, "write -q -P 0x44 1M 64K")
+    support.run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(img), prefix + full["vda"]["checkpoint"]])
+
+    p = _offline(repo, name, "incremental", "--no-fallback", check=False)
+    assert p.returncode == 13, p.stdout + p.stderr
+    assert "no dirty bitmap of this repository" in p.stderr, p.stderr
+    assert _bitmaps(img) == {}                                  # the refused run left nothing
+    assert _checkpoints(name) == [prefix + full["vda"]["checkpoint"]]
+
+    again, err = _offline(repo, name, "incremental")
+    assert again["vda"]["kind"] == "full" and "taking a full backup instead" in err, err
+    assert restore_equals(repo, again["vda"]["id"], snapshot_raw(img, tmp_path / "now.raw"), tmp_path)
+    assert _checkpoints(name) == [prefix + again["vda"]["checkpoint"]]
+    # the running domain's reconcile says why an older checkpoint is no base, and drops it
+    _virsh("start", name)
+    why = _reconcile(name, repo, full["vda"]["checkpoint"])
+    assert why and "missing or broken bitmap" in why, why
+    assert _checkpoints(name) == [prefix + again["vda"]["checkpoint"]]
+    assert _reconcile(name, repo, again["vda"]["checkpoint"]) is None
+
+
+def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(make_domain, tmp_path):
+    name, images = make_domain([("vda", "qcow2", 32 * MiB), ("vdb", "raw", 8 * MiB)])
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    full, _ = _offline(repo, name, "full")
+    assert full["vda"]["set_id"] and full["vda"]["set_id"] == full["vdb"]["set_id"]
+    assert full["vda"]["created"] == full["vdb"]["created"]
+    assert full["vda"]["checkpoint"] and full["vdb"]["checkpoint"] is None
+    assert _checkpoint_disks(name, prefix + full["vda"]["checkpoint"]) == {"vda": "bitmap", "vdb": "no"}
+
+    qio(images["vda"], "write -q -P 0x55 3M 64K")
+    qio(images["vdb"], "write -q -P 0x66 5M 64K", fmt="raw")
+    inc, err = _offline(repo, name, "incremental", "--no-fallback")      # a raw disk is no broken chain
+    assert inc["vda"]["kind"] == "incremental" and inc["vda"]["read_bytes"] <= 64 * 1024
+    assert inc["vdb"]["kind"] == "full" and inc["vdb"]["read_bytes"] == 8 * MiB
+    assert "vdb" in err and "not qcow2" in err, err
+    for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
+        snap = tmp_path / f"{target}.raw"
+        support.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(images[target]), str(snap)])
+        assert restore_equals(repo, inc[target]["id"], snap, tmp_path), target
+    assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
+    _virsh("start", name)
+    assert _reconcile(name, repo, inc["vda"]["checkpoint"]) is None
+
+
+def test_killed_offline_run_loses_nothing(make_domain, tmp_path):
+    data = random_file(tmp_path / "data.raw", 96 * MiB, seed=14)
+    name, images = make_domain([("vda", "qcow2", 96 * MiB)], image_from={"vda": data})
+    data.unlink()
+    img = images["vda"]
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    full, _ = _offline(repo, name, "full")
+    full = full["vda"]
+    # change most of the disk so that the incremental reads long enough to be killed
+    change = random_file(tmp_path / "change.raw", 80 * MiB, seed=15)
+    qio(img, f"write -q -s {change} 0 80M", "write -q -P 0x77 90M 64K")
+    change.unlink()
+
+    proc = _offline(repo, name, "incremental", popen=True)
+    deadline = time.monotonic() + 60
+    while not _served(img):                                     # bitmap added, qemu-nbd serving
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.2)                                             # into the read
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [b["id"] for b in json.loads(nbb(repo, "--json", "list").stdout)] == [full["id"]]
+    leftover = set(_bitmaps(img)) - {prefix + full["checkpoint"]}
+    assert len(leftover) == 1, _bitmaps(img)
+
+    qio(img, "write -q -P 0x78 91M 64K")
+    inc, _ = _offline(repo, name, "incremental")
+    inc = inc["vda"]
+    assert inc["kind"] == "incremental" and inc["parent"] == full["id"]
+    assert restore_equals(repo, inc["id"], snapshot_raw(img, tmp_path / "now.raw"), tmp_path)
+    assert list(_bitmaps(img)) == [prefix + inc["checkpoint"]]     # the killed run's bitmap is gone
+    assert _checkpoints(name) == [prefix + inc["checkpoint"]]
+    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith("nbdbackup-nbd-")
+                and _owner_gone(Path(tempfile.gettempdir(), n))]
+
+
+def _served(img: Path) -> bool:
+    """Whether a qemu-nbd of a backup run serves *img* (its private dir names the image)."""
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob("nbdbackup-nbd-*"):
+        try:
+            if (d / "image").read_text() == os.path.realpath(img) and (d / "nbd.sock").exists():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _owner_gone(d: Path) -> bool:
+    try:
+        os.kill(int((d / "owner").read_text()), 0)
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
