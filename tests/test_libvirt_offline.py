@@ -281,7 +281,8 @@ def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(make_domain, tmp
     qio(images["vdb"], "write -q -P 0x66 5M 64K", fmt="raw")
     inc, err = _offline(repo, name, "incremental", "--no-fallback")      # a raw disk is no broken chain
     assert inc["vda"]["kind"] == "incremental" and inc["vda"]["read_bytes"] <= 64 * 1024
-    assert inc["vdb"]["kind"] == "full" and inc["vdb"]["read_bytes"] == 8 * MiB
+    # a full: every allocated byte again (the first 2 MiB and the new write), not just the change
+    assert inc["vdb"]["kind"] == "full" and inc["vdb"]["read_bytes"] >= 2 * MiB + 64 * 1024, inc["vdb"]
     assert "vdb" in err and "not qcow2" in err, err
     for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
         snap = tmp_path / f"{target}.raw"
