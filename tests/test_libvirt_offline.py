@@ -305,16 +305,8 @@ def test_killed_offline_run_loses_nothing(make_domain, tmp_path):
     # change most of the disk so that the incremental reads long enough to be killed
     change = random_file(tmp_path / "change.raw", 80 * MiB, seed=15)
     qio(img, f"write -q -s {change} 0 80M", "write -q -P 0x77 90M 64K")
-    change.unlink()
 
-    proc = _offline(repo, name, "incremental", popen=True)
-    deadline = time.monotonic() + 60
-    while not _served(img):                                     # bitmap added, qemu-nbd serving
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.01)
-    time.sleep(0.2)                                             # into the read
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_when_served(_offline(repo, name, "incremental", popen=True), img, delay=0.2)    # into the read
     assert [b["id"] for b in json.loads(nbb(repo, "--json", "list").stdout)] == [full["id"]]
     leftover = set(_bitmaps(img)) - {prefix + full["checkpoint"]}
     assert len(leftover) == 1, _bitmaps(img)
@@ -328,6 +320,30 @@ def test_killed_offline_run_loses_nothing(make_domain, tmp_path):
     assert _checkpoints(name) == [prefix + inc["checkpoint"]]
     assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith("nbdbackup-nbd-")
                 and _owner_gone(Path(tempfile.gettempdir(), n))]
+
+    # killed again, and then the domain is started: the running side removes the leftover
+    qio(img, f"write -q -s {change} 0 80M")
+    _kill_when_served(_offline(repo, name, "incremental", popen=True), img)
+    assert len(set(_bitmaps(img)) - {prefix + inc["checkpoint"]}) == 1, _bitmaps(img)
+    _virsh("start", name)
+    assert _reconcile(name, repo, inc["checkpoint"]) is None
+    _guest_write(name, 0, 0x79, 92 * MiB, 64 * 1024)
+    _stop(name)
+    assert list(_bitmaps(img)) == [prefix + inc["checkpoint"]]
+    assert _checkpoints(name) == [prefix + inc["checkpoint"]]
+    last, _ = _offline(repo, name, "incremental")
+    assert last["vda"]["kind"] == "incremental" and last["vda"]["parent"] == inc["id"]
+    assert restore_equals(repo, last["vda"]["id"], snapshot_raw(img, tmp_path / "last.raw"), tmp_path)
+
+
+def _kill_when_served(proc: subprocess.Popen, img: Path, delay: float = 0.0) -> None:
+    deadline = time.monotonic() + 60
+    while not _served(img):                                     # bitmap added, qemu-nbd serving
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _served(img: Path) -> bool:

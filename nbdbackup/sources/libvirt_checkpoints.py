@@ -58,6 +58,8 @@ def reconcile_checkpoints(dom, repo_id: str, disks: Sequence[DomainDisk], want: 
         if other != name and _bitmaps_there(dom, checkpoint, disks, libvirt):
             continue        # a real older checkpoint: LibvirtSource.committed() deletes it with its bitmaps
         _drop(dom, checkpoint, libvirt)
+    if dom.isActive():
+        _drop_unknown_bitmaps(dom, prefix, qcow2, set(ours) | {name}, libvirt)
     return reason
 
 
@@ -150,6 +152,35 @@ def _images_lack(name: str, qcow2: Sequence[DomainDisk]) -> str | None:
         if not bitmap.enabled:
             return f"bitmap {name} on {disk.path} is disabled: it did not track every change"
     return None
+
+
+def _drop_unknown_bitmaps(dom, prefix: str, qcow2: Sequence[DomainDisk], known: set, libvirt) -> None:
+    """Bitmaps of this repository in a running domain's images that libvirt has no checkpoint
+    for: left by a killed shut-off backup (its next shut-off backup would remove them) before the
+    domain was started. They only cost guest I/O; libvirt is the only one who may remove them
+    from the running qemu, so each is redefined as a checkpoint and deleted with its bitmaps."""
+    found: dict[str, list[str]] = {}
+    for disk in qcow2:
+        try:
+            names = [b.name for b in image_info(disk.path, disk.fmt, force_share=True).bitmaps]
+        except Exception as e:
+            log.debug("cannot list the bitmaps of %s: %s", disk.path, e)
+            continue
+        for bitmap in names:
+            if bitmap.startswith(prefix) and bitmap not in known:
+                found.setdefault(bitmap, []).append(disk.target)
+    if not found:
+        return
+    targets = domain_disk_targets(dom)
+    for bitmap, on in found.items():
+        try:
+            checkpoint = dom.checkpointCreateXML(checkpoint_xml(bitmap, checkpoint_time(bitmap), on, targets),
+                                                 libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+        except libvirt.libvirtError as e:
+            log.warning("could not remove leftover bitmap %s: %s", bitmap, e.get_error_message())
+            continue
+        log.info("removing bitmap %s, left by a backup that did not commit", bitmap)
+        _drop(dom, checkpoint, libvirt)
 
 
 def _drop(dom, checkpoint, libvirt) -> None:
