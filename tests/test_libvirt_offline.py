@@ -8,10 +8,8 @@ domain's images are written with qemu-io on the file, as an admin (or another to
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,76 +22,21 @@ import pytest
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, qio, random_file, restore_equals, snapshot_raw
+from helpers.libvirt import guest_write, virsh
 
 pytestmark = pytest.mark.libvirt
 
 URI = "qemu:///system"
-_names = itertools.count()
 
 
 def _virsh(*args, check=True) -> subprocess.CompletedProcess:
-    return support.run([support.require_tool("virsh"), "-c", URI, *args], check=check, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def libvirtd():
-    """The running libvirtd of qemu:///system; started here (and stopped at the end) only
-    when none answers: a shared one is never stopped."""
-    support.require_tool("virsh")
-    started = []
-    if _virsh("list", "--name", check=False).returncode != 0:
-        for daemon in ("virtlogd", "libvirtd"):
-            started.append(subprocess.Popen([support.require_tool(daemon)], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE))
-        deadline = time.monotonic() + 30
-        while _virsh("list", "--name", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "libvirtd did not come up"
-            time.sleep(0.2)
-    yield
-    for proc in reversed(started):
-        support.stop(proc)
+    return virsh(*args, check=check)
 
 
 @pytest.fixture
-def make_domain(libvirtd):
-    """make_domain([(target, fmt, size), ...]) -> (name, {target: image path}): a persistent,
-    shut-off domain (no guest OS); destroyed and undefined (with its checkpoints) afterwards."""
-    made = []
-
-    def make(disks, image_from: dict | None = None):
-        d = Path(tempfile.mkdtemp(prefix="nbdbackup-offline-", dir="/var/tmp"))
-        d.chmod(0o755)       # qemu runs as libvirt-qemu
-        name = f"nbdbackup-test-{os.getpid()}-off{next(_names)}"
-        made.append((name, d))
-        images, devices = {}, []
-        for i, (target, fmt, size) in enumerate(disks):
-            img = d / f"{target}.{fmt}"
-            if image_from and target in image_from:
-                support.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(image_from[target]), str(img)])
-            else:
-                support.run(["qemu-img", "create", "-q", "-f", fmt, str(img), str(size)])
-                qio(img, f"write -q -P {0x11 + i} 0 2M", fmt=fmt)
-            images[target] = img
-            devices.append(f"""<disk type='file' device='disk'>
-      <driver name='qemu' type='{fmt}'/><source file='{img}'/><target dev='{target}' bus='virtio'/>
-    </disk>""")
-        xml = d / "dom.xml"
-        xml.write_text(f"""<domain type='qemu'>
-  <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices><emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
-    {"".join(devices)}
-  </devices>
-</domain>
-""")
-        _virsh("define", str(xml))
-        return name, images
-
-    yield make
-    for name, d in made:
-        _virsh("destroy", name, check=False)
-        _virsh("undefine", name, "--checkpoints-metadata", check=False)
-        shutil.rmtree(d, ignore_errors=True)
+def shut_off(libvirt_domain):
+    """shut_off(disks) -> TestDomain: a persistent domain, defined but not running."""
+    return lambda disks=(("qcow2", 64 * MiB),): libvirt_domain(disks, persistent=True, running=False)
 
 
 # --- driving a shut-off backup -----------------------------------------------------------------
@@ -121,16 +64,17 @@ def _main(argv: list[str]) -> int:
     from nbdbackup.engine.options import BackupOptions
     from nbdbackup.errors import NbdBackupError
     from nbdbackup.repo.repository import Repository
+    from nbdbackup.sources.libvirt_domain import backup_disks, disk_name
     from nbdbackup.sources.libvirt_offline import OfflineDomainSource
 
     logging.basicConfig(level=logging.WARNING, format="nbdbackup: warning: %(message)s", stream=sys.stderr)
     repo_path, name, kind, *flags = argv
     conn = libvirt.open(URI)
     dom = conn.lookupByName(name)
-    disks = _domain_disks(dom.XMLDesc(0))
+    disks, _ = backup_disks(dom.XMLDesc(0))
     try:
         with Repository.open(repo_path) as repo:
-            source = OfflineDomainSource(dom, name, disks, {d.target: f"{name}-{d.target}" for d in disks},
+            source = OfflineDomainSource(dom, name, disks, {d.target: disk_name(name, d.target) for d in disks},
                                          connections=2)
             results = run_backup(repo, source, kind,
                                  BackupOptions(connections=2, no_fallback="--no-fallback" in flags))
@@ -139,14 +83,6 @@ def _main(argv: list[str]) -> int:
         return int(e.exit_code)
     print(json.dumps([r.info.to_json() for r in results]))
     return 0
-
-
-def _domain_disks(xml: str):
-    from types import SimpleNamespace
-
-    return [SimpleNamespace(target=d.find("target").get("dev"), path=d.find("source").get("file"),
-                            fmt=d.find("driver").get("type"), disk_type=d.get("type"))
-            for d in ET.fromstring(xml).findall("./devices/disk") if d.get("device") == "disk"]
 
 
 # --- looking at the state ----------------------------------------------------------------------
@@ -173,29 +109,21 @@ def _reconcile(name: str, repo: Path, want: str | None) -> str | None:
     import libvirt
 
     from nbdbackup.sources.libvirt_checkpoints import reconcile_checkpoints
+    from nbdbackup.sources.libvirt_domain import backup_disks
 
     conn = libvirt.open(URI)
     try:
         dom = conn.lookupByName(name)
-        return reconcile_checkpoints(dom, _repo_id(repo), _domain_disks(dom.XMLDesc(0)), want)
+        return reconcile_checkpoints(dom, _repo_id(repo), backup_disks(dom.XMLDesc(0))[0], want)
     finally:
         conn.close()
 
 
-def _guest_write(name: str, index: int, pattern: int, offset: int, length: int) -> None:
-    qdev = f"/machine/peripheral/virtio-disk{index}/virtio-backend"
-    _virsh("qemu-monitor-command", name, "--hmp", f'qemu-io -d {qdev} "write -P {pattern} {offset} {length}"')
-
-
-def _stop(name: str) -> None:
-    """virsh destroy: qemu gets SIGTERM and writes its persistent bitmaps back."""
-    _virsh("destroy", name)
-
-
 # --- tests -------------------------------------------------------------------------------------
 
-def test_chain_goes_on_across_start_and_stop(make_domain, tmp_path):
-    name, images = make_domain([("vda", "qcow2", 64 * MiB)])
+def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
+    dom = shut_off([("qcow2", 64 * MiB)])
+    name, images = dom.name, dom.disks
     img = images["vda"]
     repo = init_repo(tmp_path / "repo", "64K")
     prefix = f"nbdbackup-{_repo_id(repo)}-"
@@ -221,11 +149,11 @@ def test_chain_goes_on_across_start_and_stop(make_domain, tmp_path):
     assert _checkpoints(name) == [prefix + inc1["checkpoint"]]      # the old one's metadata went
 
     # start: libvirt validates the checkpoint against the running qemu's bitmaps
-    _virsh("start", name)
+    dom.start()
     assert _reconcile(name, repo, inc1["checkpoint"]) is None
     assert _checkpoints(name) == [prefix + inc1["checkpoint"]]
-    _guest_write(name, 0, 0x33, 20 * MiB, 64 * 1024)
-    _stop(name)
+    guest_write(dom, "vda", 0x33, 20 * MiB, 64 * 1024)
+    dom.stop()
     flags = _bitmaps(img)[prefix + inc1["checkpoint"]]
     assert "auto" in flags and "in-use" not in flags, flags     # saved by qemu on SIGTERM
 
@@ -240,8 +168,9 @@ def test_chain_goes_on_across_start_and_stop(make_domain, tmp_path):
         assert restore_equals(repo, backup_id, snap, tmp_path), backup_id
 
 
-def test_lost_bitmap_means_a_full_and_13_with_no_fallback(make_domain, tmp_path):
-    name, images = make_domain([("vda", "qcow2", 32 * MiB)])
+def test_lost_bitmap_means_a_full_and_13_with_no_fallback(shut_off, tmp_path):
+    dom = shut_off([("qcow2", 32 * MiB)])
+    name, images = dom.name, dom.disks
     img = images["vda"]
     repo = init_repo(tmp_path / "repo", "64K")
     prefix = f"nbdbackup-{_repo_id(repo)}-"
@@ -260,15 +189,16 @@ def test_lost_bitmap_means_a_full_and_13_with_no_fallback(make_domain, tmp_path)
     assert restore_equals(repo, again["vda"]["id"], snapshot_raw(img, tmp_path / "now.raw"), tmp_path)
     assert _checkpoints(name) == [prefix + again["vda"]["checkpoint"]]
     # the running domain's reconcile says why an older checkpoint is no base, and drops it
-    _virsh("start", name)
+    dom.start()
     why = _reconcile(name, repo, full["vda"]["checkpoint"])
     assert why and "missing or broken bitmap" in why, why
     assert _checkpoints(name) == [prefix + again["vda"]["checkpoint"]]
     assert _reconcile(name, repo, again["vda"]["checkpoint"]) is None
 
 
-def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(make_domain, tmp_path):
-    name, images = make_domain([("vda", "qcow2", 32 * MiB), ("vdb", "raw", 8 * MiB)])
+def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(shut_off, tmp_path):
+    dom = shut_off([("qcow2", 32 * MiB), ("raw", 8 * MiB)])
+    name, images = dom.name, dom.disks
     repo = init_repo(tmp_path / "repo", "64K")
     prefix = f"nbdbackup-{_repo_id(repo)}-"
     full, _ = _offline(repo, name, "full")
@@ -281,23 +211,24 @@ def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(make_domain, tmp
     qio(images["vdb"], "write -q -P 0x66 5M 64K", fmt="raw")
     inc, err = _offline(repo, name, "incremental", "--no-fallback")      # a raw disk is no broken chain
     assert inc["vda"]["kind"] == "incremental" and inc["vda"]["read_bytes"] <= 64 * 1024
-    # a full: every allocated byte again (the first 2 MiB and the new write), not just the change
-    assert inc["vdb"]["kind"] == "full" and inc["vdb"]["read_bytes"] >= 2 * MiB + 64 * 1024, inc["vdb"]
+    # a full: every allocated byte again (the first MiB and the new write), not just the change
+    assert inc["vdb"]["kind"] == "full" and inc["vdb"]["read_bytes"] >= 1 * MiB + 64 * 1024, inc["vdb"]
     assert "vdb" in err and "not qcow2" in err, err
     for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
         snap = tmp_path / f"{target}.raw"
         support.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(images[target]), str(snap)])
         assert restore_equals(repo, inc[target]["id"], snap, tmp_path), target
     assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
-    _virsh("start", name)
+    dom.start()
     assert _reconcile(name, repo, inc["vda"]["checkpoint"]) is None
 
 
-def test_killed_offline_run_loses_nothing(make_domain, tmp_path):
+def test_killed_offline_run_loses_nothing(shut_off, tmp_path):
+    dom = shut_off([("qcow2", 96 * MiB)])
+    name, img = dom.name, dom.disks["vda"]
     data = random_file(tmp_path / "data.raw", 96 * MiB, seed=14)
-    name, images = make_domain([("vda", "qcow2", 96 * MiB)], image_from={"vda": data})
+    qio(img, f"write -q -s {data} 0 96M")
     data.unlink()
-    img = images["vda"]
     repo = init_repo(tmp_path / "repo", "64K")
     prefix = f"nbdbackup-{_repo_id(repo)}-"
     full, _ = _offline(repo, name, "full")
@@ -325,10 +256,10 @@ def test_killed_offline_run_loses_nothing(make_domain, tmp_path):
     qio(img, f"write -q -s {change} 0 80M")
     _kill_when_served(_offline(repo, name, "incremental", popen=True), img)
     assert len(set(_bitmaps(img)) - {prefix + inc["checkpoint"]}) == 1, _bitmaps(img)
-    _virsh("start", name)
+    dom.start()
     assert _reconcile(name, repo, inc["checkpoint"]) is None
-    _guest_write(name, 0, 0x79, 92 * MiB, 64 * 1024)
-    _stop(name)
+    guest_write(dom, "vda", 0x79, 92 * MiB, 64 * 1024)
+    dom.stop()
     assert list(_bitmaps(img)) == [prefix + inc["checkpoint"]]
     assert _checkpoints(name) == [prefix + inc["checkpoint"]]
     last, _ = _offline(repo, name, "incremental")
