@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -42,47 +41,22 @@ def shut_off(libvirt_domain):
 # --- driving a shut-off backup -----------------------------------------------------------------
 
 def _offline(repo: Path, name: str, kind: str, *flags: str, check: bool = True, popen: bool = False):
-    """One backup of shut-off domain *name* through OfflineDomainSource, in a child process
-    (this file's __main__), as LibvirtSource hands it over."""
-    cmd = [sys.executable, __file__, str(repo), name, kind, *flags]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    """`nbdbackup KIND --libvirt NAME` of a shut-off domain (the CLI hands it to
+    OfflineDomainSource); with check, ({target: backup}, stderr)."""
+    return _backup(repo, name, kind, *flags, check=check, popen=popen)
+
+
+def _backup(repo: Path, name: str, kind: str, *flags: str, check: bool = True, popen: bool = False):
+    args = ["--repo", str(repo), "--json", kind, "--libvirt", name, "--connections", "2", *flags]
     if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-        return {b["disk"].rsplit("-", 1)[1]: b for b in json.loads(p.stdout)}, p.stderr
-    return p
-
-
-def _main(argv: list[str]) -> int:
-    import logging
-
-    import libvirt
-
-    from nbdbackup.engine.backup import run_backup
-    from nbdbackup.engine.options import BackupOptions
-    from nbdbackup.errors import NbdBackupError
-    from nbdbackup.repo.repository import Repository
-    from nbdbackup.sources.libvirt_domain import backup_disks, disk_name
-    from nbdbackup.sources.libvirt_offline import OfflineDomainSource
-
-    logging.basicConfig(level=logging.WARNING, format="nbdbackup: warning: %(message)s", stream=sys.stderr)
-    repo_path, name, kind, *flags = argv
-    conn = libvirt.open(URI)
-    dom = conn.lookupByName(name)
-    disks, _ = backup_disks(dom.XMLDesc(0))
-    try:
-        with Repository.open(repo_path) as repo:
-            source = OfflineDomainSource(dom, name, disks, {d.target: disk_name(name, d.target) for d in disks},
-                                         connections=2)
-            results = run_backup(repo, source, kind,
-                                 BackupOptions(connections=2, no_fallback="--no-fallback" in flags))
-    except NbdBackupError as e:
-        print(f"nbdbackup: error: {e}", file=sys.stderr)
-        return int(e.exit_code)
-    print(json.dumps([r.info.to_json() for r in results]))
-    return 0
+        return subprocess.Popen([support.nbdbackup_exe(), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    p = support.nbdbackup(*args, check=False)
+    if not check:
+        return p
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    return {b["disk"].rsplit("-", 1)[1]: b for b in (out if isinstance(out, list) else [out])}, p.stderr
 
 
 # --- looking at the state ----------------------------------------------------------------------
@@ -296,6 +270,3 @@ def _owner_gone(d: Path) -> bool:
     except (OSError, ValueError):
         return True
 
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
