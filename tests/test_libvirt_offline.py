@@ -21,7 +21,7 @@ import pytest
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, qio, random_file, restore_equals, snapshot_raw
-from helpers.libvirt import guest_write, virsh
+from helpers.libvirt import disk_now, guest_write, virsh
 
 pytestmark = pytest.mark.libvirt
 
@@ -270,3 +270,48 @@ def _owner_gone(d: Path) -> bool:
     except (OSError, ValueError):
         return True
 
+
+
+@pytest.mark.parametrize("disks", [[("qcow2", 64 * MiB)], [("qcow2", 32 * MiB), ("raw", 8 * MiB)]],
+                         ids=["qcow2", "qcow2+raw"])
+def test_running_and_shut_off_backups_are_one_chain(libvirt_domain, tmp_path, disks):
+    """running full -> guest write -> stop -> shut-off incremental -> write to the image ->
+    start -> running incremental -> guest write -> stop -> shut-off incremental."""
+    dom = libvirt_domain(disks, persistent=True, running=True)
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    snaps: dict[str, Path] = {}
+    step = iter(range(100))
+
+    def backup(kind: str, *, expect: str, parent: dict | None, dirty_max: int | None = 64 * 1024):
+        got, err = _backup(repo, dom.name, kind)
+        vda = got["vda"]
+        assert vda["kind"] == expect and vda["parent"] == (parent["id"] if parent else None), (vda, err)
+        if dirty_max is not None:
+            assert 0 < vda["read_bytes"] <= dirty_max, vda      # only the change
+        assert _checkpoints(dom.name) == [prefix + vda["checkpoint"]]
+        for target, info in got.items():
+            assert info["source"] == f"libvirt:{dom.name}/{target}"
+            snaps[info["id"]] = disk_now(dom.disks[target], tmp_path / f"{target}-{next(step)}.raw")
+        if "vdb" in got:            # raw: a full each time, and never a checkpoint
+            assert got["vdb"]["kind"] == "full" and got["vdb"]["checkpoint"] is None
+            assert got["vdb"]["set_id"] == vda["set_id"]
+            assert kind == "full" or "not qcow2" in err, err
+        return vda
+
+    full = backup("full", expect="full", parent=None, dirty_max=None)
+    guest_write(dom, "vda", 0x33, 4 * MiB, 64 * 1024)
+    dom.stop()
+    flags = _bitmaps(dom.disks["vda"])[prefix + full["checkpoint"]]
+    assert "auto" in flags and "in-use" not in flags, flags        # qemu saved it on SIGTERM
+
+    off1 = backup("incremental", expect="incremental", parent=full)
+    qio(dom.disks["vda"], "write -q -P 0x44 12M 64K")                # while shut off
+    dom.start()
+    run1 = backup("incremental", expect="incremental", parent=off1)  # libvirt's job sees that write
+    guest_write(dom, "vda", 0x55, 30 * MiB, 64 * 1024)
+    dom.stop()
+    backup("incremental", expect="incremental", parent=run1)
+
+    for backup_id, snap in snaps.items():
+        assert restore_equals(repo, backup_id, snap, tmp_path), backup_id
