@@ -102,15 +102,34 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     repo = init_repo(tmp_path / "repo", "64K")
     prefix = f"nbdbackup-{_repo_id(repo)}-"
     snaps = {}
+    # another tool's and another repository's checkpoints, and another repository's bitmap
+    # that libvirt does not know: never used, never removed
+    foreign = ["virtnbdbackup.0", "nbdbackup-" + "0" * 32 + "-20261201T000000Z-00000000"]
+    dom.start()
+    for checkpoint in foreign:
+        _virsh("checkpoint-create-as", name, checkpoint, "--diskspec", "vda,checkpoint=bitmap")
+    dom.stop()
+    foreign_bitmap = "nbdbackup-" + "f" * 32 + "-20261201T000000Z-ffffffff"
+    support.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", str(img), foreign_bitmap])
+
+    def checkpoints() -> list[str]:
+        every = _checkpoints(name)
+        assert set(foreign) <= set(every), every
+        return [c for c in every if c not in foreign]
+
+    def bitmaps() -> list[str]:
+        every = _bitmaps(img)
+        assert set(foreign) | {foreign_bitmap} <= set(every), every
+        return [b for b in every if b.startswith(prefix)]
 
     full, _ = _offline(repo, name, "full")
     full = full["vda"]
     assert full["kind"] == "full" and full["disk"] == f"{name}-vda" and full["source"] == f"libvirt:{name}/vda"
     assert full["checkpoint"]
     snaps[full["id"]] = snapshot_raw(img, tmp_path / "full.raw")
-    assert list(_bitmaps(img)) == [prefix + full["checkpoint"]]
+    assert bitmaps() == [prefix + full["checkpoint"]]
     # libvirt knows the checkpoint the images now hold: redefined on the inactive domain
-    assert _checkpoints(name) == [prefix + full["checkpoint"]]
+    assert checkpoints() == [prefix + full["checkpoint"]]
     assert _checkpoint_disks(name, prefix + full["checkpoint"]) == {"vda": "bitmap"}
 
     qio(img, "write -q -P 0x22 8M 64K")                       # written while shut off
@@ -119,13 +138,13 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     assert inc1["kind"] == "incremental" and inc1["parent"] == full["id"]
     assert 0 < inc1["read_bytes"] <= 64 * 1024, inc1
     snaps[inc1["id"]] = snapshot_raw(img, tmp_path / "inc1.raw")
-    assert list(_bitmaps(img)) == [prefix + inc1["checkpoint"]]
-    assert _checkpoints(name) == [prefix + inc1["checkpoint"]]      # the old one's metadata went
+    assert bitmaps() == [prefix + inc1["checkpoint"]]
+    assert checkpoints() == [prefix + inc1["checkpoint"]]      # the old one's metadata went
 
     # start: libvirt validates the checkpoint against the running qemu's bitmaps
     dom.start()
     assert _reconcile(name, repo, inc1["checkpoint"]) is None
-    assert _checkpoints(name) == [prefix + inc1["checkpoint"]]
+    assert checkpoints() == [prefix + inc1["checkpoint"]]
     guest_write(dom, "vda", 0x33, 20 * MiB, 64 * 1024)
     dom.stop()
     flags = _bitmaps(img)[prefix + inc1["checkpoint"]]
@@ -136,8 +155,9 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     assert inc2["kind"] == "incremental" and inc2["parent"] == inc1["id"]
     assert 0 < inc2["read_bytes"] <= 64 * 1024, inc2        # exactly the guest's write
     snaps[inc2["id"]] = snapshot_raw(img, tmp_path / "inc2.raw")
-    assert _checkpoints(name) == [prefix + inc2["checkpoint"]]
+    assert checkpoints() == [prefix + inc2["checkpoint"]]
 
+    assert all("auto" in _bitmaps(img)[b] for b in [*foreign, foreign_bitmap])
     for backup_id, snap in snaps.items():
         assert restore_equals(repo, backup_id, snap, tmp_path), backup_id
 
