@@ -186,7 +186,8 @@ class LibvirtSource(Source):
                 continue
             if os.path.exists(os.path.join(d, "frozen")):
                 log.warning("thawing the guest file systems of %s, frozen by an interrupted run", self.domain)
-                self._thaw()
+                if not self._thaw():
+                    continue        # the marker stays: every run tries again (and says so)
             shutil.rmtree(d, ignore_errors=True)
         for c in self._our_checkpoints():
             name = c.getName()
