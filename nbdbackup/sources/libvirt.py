@@ -85,6 +85,7 @@ class LibvirtSource(Source):
         self._new_checkpoint: str | None = None  # full libvirt name of the checkpoint this run made
         self._outcome: str | None = None
         self._vm: VmDefinition | None = None
+        self._reconciled = False                 # reconcile_checkpoints ran in this run
 
     # -- helpers -----------------------------------------------------------------------
     def _names(self, disks: list[DomainDisk]) -> dict[str, str]:
@@ -177,18 +178,21 @@ class LibvirtSource(Source):
                               + "): they are not one set")
         [checkpoint] = checkpoints
         full_name = self._prefix + checkpoint
-        missing = self._not_covered(full_name, qcow2, libvirt)
-        if missing:
-            # libvirt does not know it (a shut-off backup made it, or its metadata was lost):
-            # redefine it from the images' bitmaps, validated by libvirt against the running qemu
-            why = reconcile_checkpoints(self.dom, self._repo_id, qcow2, checkpoint)
-            if why is None:
-                missing = self._not_covered(full_name, qcow2, libvirt)
-                why = f"does not cover disk {', '.join(names[t] for t in missing)}" if missing else None
-            if why:
+        known = not self._not_covered(full_name, qcow2, libvirt)
+        # Always, even when libvirt knows it: libvirt's metadata says nothing about qemu's
+        # bitmaps (one removed while shut off makes backupBegin fail). REDEFINE_VALIDATE checks
+        # them against the running qemu, and redefines a checkpoint a shut-off backup made.
+        self._reconciled = True
+        why = reconcile_checkpoints(self.dom, self._repo_id, qcow2, checkpoint)
+        if why is None:
+            missing = self._not_covered(full_name, qcow2, libvirt)
+            why = f"it does not cover disk {', '.join(names[t] for t in missing)}" if missing else None
+        if why:
+            if not known:
                 return None, {}, (f"libvirt no longer knows checkpoint {full_name} of the latest backups "
                                   f"(deleted by hand, or the domain was redefined), and it cannot be "
                                   f"taken back from the images: {why}")
+            return None, {}, f"checkpoint {full_name} of the latest backups cannot be used: {why}"
         return checkpoint, latest, None
 
     def _not_covered(self, full_name: str, qcow2: list[DomainDisk], libvirt) -> list[str]:
@@ -247,6 +251,10 @@ class LibvirtSource(Source):
             if reason:
                 raise_if_no_fallback(", ".join(names[d.target] for d in qcow2), reason, no_fallback)
                 log.warning("%s: %s; taking a full backup instead", self.domain, reason)
+        if qcow2 and not self._reconciled:
+            # a full: only tidy up (metadata of our checkpoints whose bitmaps are gone, our bitmaps
+            # libvirt has no checkpoint for); its answer about "no checkpoint" does not matter
+            reconcile_checkpoints(self.dom, self._repo_id, qcow2, None)
 
         self._run_dir = make_run_dir(repo.repo_id, self.dom.UUIDString(), xml)
         checkpoint = new_checkpoint() if qcow2 else None
