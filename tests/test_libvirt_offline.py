@@ -340,3 +340,47 @@ def test_running_and_shut_off_backups_are_one_chain(libvirt_domain, tmp_path, di
 
     for backup_id, snap in snaps.items():
         assert restore_equals(repo, backup_id, snap, tmp_path), backup_id
+
+
+def test_killed_qemu_means_a_full(libvirt_domain, tmp_path):
+    """qemu killed outright (a host crash, an OOM kill): a checkpoint libvirt made while it ran
+    never reached the image (qemu writes new persistent bitmaps when it closes the image), and a
+    bitmap it loaded at start is left marked in-use (it may miss writes). Either way the next
+    shut-off backup is a full with the reason (13 with --no-fallback), and the chain starts
+    again from there."""
+    dom = libvirt_domain([("qcow2", 32 * MiB)], persistent=True, running=True)
+    img = dom.disks["vda"]
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+
+    def kill_qemu(pattern: int) -> None:
+        guest_write(dom, "vda", pattern, 2 * MiB, 64 * 1024)
+        os.kill(int(Path(f"/run/libvirt/qemu/{dom.name}.pid").read_text()), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while dom.is_active():
+            assert time.monotonic() < deadline, "libvirt did not notice qemu's death"
+            time.sleep(0.1)
+
+    def full_instead(why: str) -> dict:
+        p = _offline(repo, dom.name, "incremental", "--no-fallback", check=False)
+        assert p.returncode == 13 and why in p.stderr, p.stdout + p.stderr
+        got, err = _offline(repo, dom.name, "incremental")
+        assert got["vda"]["kind"] == "full" and why in err, err
+        assert restore_equals(repo, got["vda"]["id"], snapshot_raw(img, tmp_path / "now.raw"), tmp_path)
+        assert list(_bitmaps(img)) == [prefix + got["vda"]["checkpoint"]]
+        assert _checkpoints(dom.name) == [prefix + got["vda"]["checkpoint"]]
+        return got["vda"]
+
+    running, _ = _backup(repo, dom.name, "full")
+    kill_qemu(0x66)
+    assert prefix + running["vda"]["checkpoint"] not in _bitmaps(img)
+    first = full_instead("no dirty bitmap of this repository")
+
+    dom.start()                     # qemu loads the bitmap the shut-off full added...
+    kill_qemu(0x67)                 # ...and dies holding it
+    assert "in-use" in _bitmaps(img)[prefix + first["checkpoint"]]
+    second = full_instead("in-use")
+
+    qio(img, "write -q -P 0x68 9M 64K")
+    last, _ = _offline(repo, dom.name, "incremental")
+    assert last["vda"]["kind"] == "incremental" and last["vda"]["parent"] == second["id"]
