@@ -126,6 +126,7 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     full = full["vda"]
     assert full["kind"] == "full" and full["disk"] == f"{name}-vda" and full["source"] == f"libvirt:{name}/vda"
     assert full["checkpoint"]
+    assert full["domain"] == name and full["vm"], full         # the set carries the domain's definition
     snaps[full["id"]] = snapshot_raw(img, tmp_path / "full.raw")
     assert bitmaps() == [prefix + full["checkpoint"]]
     # libvirt knows the checkpoint the images now hold: redefined on the inactive domain
