@@ -385,3 +385,34 @@ def test_killed_qemu_means_a_full(libvirt_domain, tmp_path):
     qio(img, "write -q -P 0x68 9M 64K")
     last, _ = _offline(repo, dom.name, "incremental")
     assert last["vda"]["kind"] == "incremental" and last["vda"]["parent"] == second["id"]
+
+
+def test_domain_started_under_a_shut_off_backup_is_refused_clearly(libvirt_domain, tmp_path):
+    """LibvirtSource saw the domain shut off, then it started: its images are qemu's now. The
+    shut-off source says so (exit 3) and leaves no bitmap or checkpoint behind."""
+    import libvirt
+
+    from nbdbackup.engine.backup import run_backup
+    from nbdbackup.engine.options import BackupOptions
+    from nbdbackup.errors import LockedError
+    from nbdbackup.repo.repository import Repository
+    from nbdbackup.sources.libvirt_domain import backup_disks, disk_name
+    from nbdbackup.sources.libvirt_offline import OfflineDomainSource
+
+    dom = libvirt_domain([("qcow2", 32 * MiB)], persistent=True, running=False)
+    repo = init_repo(tmp_path / "repo", "64K")
+    conn = libvirt.open(URI)
+    try:
+        vdom = conn.lookupByName(dom.name)
+        disks, _ = backup_disks(vdom.XMLDesc(0))
+        source = OfflineDomainSource(vdom, dom.name, disks, {d.target: disk_name(dom.name, d.target) for d in disks})
+        dom.start()
+        with Repository.open(str(repo)) as r, pytest.raises(LockedError, match="was started") as e:
+            run_backup(r, source, "full", BackupOptions(connections=2))
+        assert e.value.exit_code == 3
+    finally:
+        conn.close()
+    assert _checkpoints(dom.name) == []
+    assert nbb(repo, "--json", "list").stdout.strip() == "[]"
+    dom.stop()
+    assert _bitmaps(dom.disks["vda"]) == {}

@@ -60,7 +60,8 @@ def reconcile_checkpoints(dom, repo_id: str, disks: Sequence[DomainDisk], want: 
             continue        # a real older checkpoint: LibvirtSource.committed() deletes it with its bitmaps
         _drop(dom, checkpoint, libvirt)
     if dom.isActive():
-        _drop_unknown_bitmaps(dom, prefix, qcow2, set(ours) | {name}, libvirt)
+        known = {c.getName() for c in dom.listAllCheckpoints() if c.getName().startswith(prefix)}
+        _drop_unknown_bitmaps(dom, prefix, qcow2, known, libvirt)
     return reason
 
 
