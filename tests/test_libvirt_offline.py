@@ -416,3 +416,22 @@ def test_domain_started_under_a_shut_off_backup_is_refused_clearly(libvirt_domai
     assert nbb(repo, "--json", "list").stdout.strip() == "[]"
     dom.stop()
     assert _bitmaps(dom.disks["vda"]) == {}
+
+
+def test_bitmap_deleted_while_shut_off_then_a_running_backup(shut_off, tmp_path):
+    """libvirt still has the checkpoint, but its bitmap was removed from the image while the
+    domain was shut off: the running backup must not trust libvirt's metadata alone."""
+    dom = shut_off([("qcow2", 32 * MiB)])
+    img = dom.disks["vda"]
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    full, _ = _offline(repo, dom.name, "full")
+    support.run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(img), prefix + full["vda"]["checkpoint"]])
+    qio(img, "write -q -P 0x45 5M 64K")
+    dom.start()
+    p = _backup(repo, dom.name, "incremental", "--no-fallback", check=False)
+    assert p.returncode == 13, p.stdout + p.stderr
+    got, err = _backup(repo, dom.name, "incremental")
+    assert got["vda"]["kind"] == "full" and "taking a full backup instead" in err, err
+    assert restore_equals(repo, got["vda"]["id"], disk_now(img, tmp_path / "now.raw"), tmp_path)
+    assert _checkpoints(dom.name) == [prefix + got["vda"]["checkpoint"]]
