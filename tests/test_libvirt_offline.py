@@ -21,16 +21,9 @@ import pytest
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, qio, random_file, restore_equals, snapshot_raw
-from helpers.libvirt import disk_now, guest_write, virsh
+from helpers.libvirt import URI, disk_now, guest_write, virsh
 
 pytestmark = pytest.mark.libvirt
-
-URI = "qemu:///system"
-
-
-def _virsh(*args, check=True) -> subprocess.CompletedProcess:
-    return virsh(*args, check=check)
-
 
 @pytest.fixture
 def shut_off(libvirt_domain):
@@ -71,11 +64,11 @@ def _bitmaps(img: Path) -> dict[str, list[str]]:
 
 
 def _checkpoints(name: str) -> list[str]:
-    return sorted(_virsh("checkpoint-list", name, "--name").stdout.split())
+    return sorted(virsh("checkpoint-list", name, "--name").stdout.split())
 
 
 def _checkpoint_disks(name: str, checkpoint: str) -> dict[str, str]:
-    xml = ET.fromstring(_virsh("checkpoint-dumpxml", name, checkpoint, "--no-domain").stdout)
+    xml = ET.fromstring(virsh("checkpoint-dumpxml", name, checkpoint, "--no-domain").stdout)
     return {d.get("name"): d.get("checkpoint") for d in xml.findall("./disks/disk")}
 
 
@@ -107,7 +100,7 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     foreign = ["virtnbdbackup.0", "nbdbackup-" + "0" * 32 + "-20261201T000000Z-00000000"]
     dom.start()
     for checkpoint in foreign:
-        _virsh("checkpoint-create-as", name, checkpoint, "--diskspec", "vda,checkpoint=bitmap")
+        virsh("checkpoint-create-as", name, checkpoint, "--diskspec", "vda,checkpoint=bitmap")
     dom.stop()
     foreign_bitmap = "nbdbackup-" + "f" * 32 + "-20261201T000000Z-ffffffff"
     support.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", str(img), foreign_bitmap])
@@ -216,7 +209,7 @@ def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(shut_off, tmp_pa
     assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
     # libvirt lost the checkpoint (as when a run is killed between its commit and the redefine):
     # the running side's reconcile brings it back from the bitmap qemu has
-    _virsh("checkpoint-delete", name, prefix + inc["vda"]["checkpoint"], "--metadata")
+    virsh("checkpoint-delete", name, prefix + inc["vda"]["checkpoint"], "--metadata")
     dom.start()
     assert _reconcile(name, repo, inc["vda"]["checkpoint"]) is None
     assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
