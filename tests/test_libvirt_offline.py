@@ -21,16 +21,9 @@ import pytest
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, qio, random_file, restore_equals, snapshot_raw
-from helpers.libvirt import disk_now, guest_write, virsh
+from helpers.libvirt import URI, disk_now, guest_write, virsh
 
 pytestmark = pytest.mark.libvirt
-
-URI = "qemu:///system"
-
-
-def _virsh(*args, check=True) -> subprocess.CompletedProcess:
-    return virsh(*args, check=check)
-
 
 @pytest.fixture
 def shut_off(libvirt_domain):
@@ -71,11 +64,11 @@ def _bitmaps(img: Path) -> dict[str, list[str]]:
 
 
 def _checkpoints(name: str) -> list[str]:
-    return sorted(_virsh("checkpoint-list", name, "--name").stdout.split())
+    return sorted(virsh("checkpoint-list", name, "--name").stdout.split())
 
 
 def _checkpoint_disks(name: str, checkpoint: str) -> dict[str, str]:
-    xml = ET.fromstring(_virsh("checkpoint-dumpxml", name, checkpoint, "--no-domain").stdout)
+    xml = ET.fromstring(virsh("checkpoint-dumpxml", name, checkpoint, "--no-domain").stdout)
     return {d.get("name"): d.get("checkpoint") for d in xml.findall("./disks/disk")}
 
 
@@ -107,7 +100,7 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     foreign = ["virtnbdbackup.0", "nbdbackup-" + "0" * 32 + "-20261201T000000Z-00000000"]
     dom.start()
     for checkpoint in foreign:
-        _virsh("checkpoint-create-as", name, checkpoint, "--diskspec", "vda,checkpoint=bitmap")
+        virsh("checkpoint-create-as", name, checkpoint, "--diskspec", "vda,checkpoint=bitmap")
     dom.stop()
     foreign_bitmap = "nbdbackup-" + "f" * 32 + "-20261201T000000Z-ffffffff"
     support.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", str(img), foreign_bitmap])
@@ -126,6 +119,7 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     full = full["vda"]
     assert full["kind"] == "full" and full["disk"] == f"{name}-vda" and full["source"] == f"libvirt:{name}/vda"
     assert full["checkpoint"]
+    assert full["domain"] == name and full["vm"], full         # the set carries the domain's definition
     snaps[full["id"]] = snapshot_raw(img, tmp_path / "full.raw")
     assert bitmaps() == [prefix + full["checkpoint"]]
     # libvirt knows the checkpoint the images now hold: redefined on the inactive domain
@@ -215,7 +209,7 @@ def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(shut_off, tmp_pa
     assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
     # libvirt lost the checkpoint (as when a run is killed between its commit and the redefine):
     # the running side's reconcile brings it back from the bitmap qemu has
-    _virsh("checkpoint-delete", name, prefix + inc["vda"]["checkpoint"], "--metadata")
+    virsh("checkpoint-delete", name, prefix + inc["vda"]["checkpoint"], "--metadata")
     dom.start()
     assert _reconcile(name, repo, inc["vda"]["checkpoint"]) is None
     assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
@@ -340,3 +334,97 @@ def test_running_and_shut_off_backups_are_one_chain(libvirt_domain, tmp_path, di
 
     for backup_id, snap in snaps.items():
         assert restore_equals(repo, backup_id, snap, tmp_path), backup_id
+
+
+def test_killed_qemu_means_a_full(libvirt_domain, tmp_path):
+    """qemu killed outright (a host crash, an OOM kill): a checkpoint libvirt made while it ran
+    never reached the image (qemu writes new persistent bitmaps when it closes the image), and a
+    bitmap it loaded at start is left marked in-use (it may miss writes). Either way the next
+    shut-off backup is a full with the reason (13 with --no-fallback), and the chain starts
+    again from there."""
+    dom = libvirt_domain([("qcow2", 32 * MiB)], persistent=True, running=True)
+    img = dom.disks["vda"]
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+
+    def kill_qemu(pattern: int) -> None:
+        guest_write(dom, "vda", pattern, 2 * MiB, 64 * 1024)
+        os.kill(int(Path(f"/run/libvirt/qemu/{dom.name}.pid").read_text()), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while dom.is_active():
+            assert time.monotonic() < deadline, "libvirt did not notice qemu's death"
+            time.sleep(0.1)
+
+    def full_instead(why: str) -> dict:
+        p = _offline(repo, dom.name, "incremental", "--no-fallback", check=False)
+        assert p.returncode == 13 and why in p.stderr, p.stdout + p.stderr
+        got, err = _offline(repo, dom.name, "incremental")
+        assert got["vda"]["kind"] == "full" and why in err, err
+        assert restore_equals(repo, got["vda"]["id"], snapshot_raw(img, tmp_path / "now.raw"), tmp_path)
+        assert list(_bitmaps(img)) == [prefix + got["vda"]["checkpoint"]]
+        assert _checkpoints(dom.name) == [prefix + got["vda"]["checkpoint"]]
+        return got["vda"]
+
+    running, _ = _backup(repo, dom.name, "full")
+    kill_qemu(0x66)
+    assert prefix + running["vda"]["checkpoint"] not in _bitmaps(img)
+    first = full_instead("no dirty bitmap of this repository")
+
+    dom.start()                     # qemu loads the bitmap the shut-off full added...
+    kill_qemu(0x67)                 # ...and dies holding it
+    assert "in-use" in _bitmaps(img)[prefix + first["checkpoint"]]
+    second = full_instead("in-use")
+
+    qio(img, "write -q -P 0x68 9M 64K")
+    last, _ = _offline(repo, dom.name, "incremental")
+    assert last["vda"]["kind"] == "incremental" and last["vda"]["parent"] == second["id"]
+
+
+def test_domain_started_under_a_shut_off_backup_is_refused_clearly(libvirt_domain, tmp_path):
+    """LibvirtSource saw the domain shut off, then it started: its images are qemu's now. The
+    shut-off source says so (exit 3) and leaves no bitmap or checkpoint behind."""
+    import libvirt
+
+    from nbdbackup.engine.backup import run_backup
+    from nbdbackup.engine.options import BackupOptions
+    from nbdbackup.errors import LockedError
+    from nbdbackup.repo.repository import Repository
+    from nbdbackup.sources.libvirt_domain import backup_disks, disk_name
+    from nbdbackup.sources.libvirt_offline import OfflineDomainSource
+
+    dom = libvirt_domain([("qcow2", 32 * MiB)], persistent=True, running=False)
+    repo = init_repo(tmp_path / "repo", "64K")
+    conn = libvirt.open(URI)
+    try:
+        vdom = conn.lookupByName(dom.name)
+        disks, _ = backup_disks(vdom.XMLDesc(0))
+        source = OfflineDomainSource(vdom, dom.name, disks, {d.target: disk_name(dom.name, d.target) for d in disks})
+        dom.start()
+        with Repository.open(str(repo)) as r, pytest.raises(LockedError, match="was started") as e:
+            run_backup(r, source, "full", BackupOptions(connections=2))
+        assert e.value.exit_code == 3
+    finally:
+        conn.close()
+    assert _checkpoints(dom.name) == []
+    assert nbb(repo, "--json", "list").stdout.strip() == "[]"
+    dom.stop()
+    assert _bitmaps(dom.disks["vda"]) == {}
+
+
+def test_bitmap_deleted_while_shut_off_then_a_running_backup(shut_off, tmp_path):
+    """libvirt still has the checkpoint, but its bitmap was removed from the image while the
+    domain was shut off: the running backup must not trust libvirt's metadata alone."""
+    dom = shut_off([("qcow2", 32 * MiB)])
+    img = dom.disks["vda"]
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    full, _ = _offline(repo, dom.name, "full")
+    support.run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(img), prefix + full["vda"]["checkpoint"]])
+    qio(img, "write -q -P 0x45 5M 64K")
+    dom.start()
+    p = _backup(repo, dom.name, "incremental", "--no-fallback", check=False)
+    assert p.returncode == 13, p.stdout + p.stderr
+    got, err = _backup(repo, dom.name, "incremental")
+    assert got["vda"]["kind"] == "full" and "taking a full backup instead" in err, err
+    assert restore_equals(repo, got["vda"]["id"], disk_now(img, tmp_path / "now.raw"), tmp_path)
+    assert _checkpoints(dom.name) == [prefix + got["vda"]["checkpoint"]]

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def reconcile_checkpoints(dom, repo_id: str, disks: Sequence[DomainDisk], want: str | None) -> str | None:
-    """Make libvirt know exactly checkpoint *want* of this repository (a BackupInfo.checkpoint,
-    without prefix) on every qcow2 disk of *disks*, and no other checkpoint of this repository.
+    """Make libvirt know checkpoint *want* of this repository (a BackupInfo.checkpoint, without
+    prefix) on every qcow2 disk of *disks*, and no checkpoint of this repository whose bitmaps
+    are gone.
 
     Returns None when that holds and every such disk really has the bitmap (present, persistent,
     recording, not left in use by a qemu that died: libvirt's REDEFINE_VALIDATE on a running
@@ -59,7 +60,8 @@ def reconcile_checkpoints(dom, repo_id: str, disks: Sequence[DomainDisk], want: 
             continue        # a real older checkpoint: LibvirtSource.committed() deletes it with its bitmaps
         _drop(dom, checkpoint, libvirt)
     if dom.isActive():
-        _drop_unknown_bitmaps(dom, prefix, qcow2, set(ours) | {name}, libvirt)
+        known = {c.getName() for c in dom.listAllCheckpoints() if c.getName().startswith(prefix)}
+        _drop_unknown_bitmaps(dom, prefix, qcow2, known, libvirt)
     return reason
 
 
