@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 from helpers import libvirt as lv
 from helpers import support
 from helpers.engine_util import MiB, init_repo, make_image, nbb, qio, same_file
-from helpers.libvirt import disk_now, make_domain, virsh
+from helpers.libvirt import disk_now, guest_write, make_domain, virsh
 from nbdbackup.engine.backup import run_backup
 from nbdbackup.engine.options import BackupOptions
 from nbdbackup.engine.vm_xml import DomainXmlError, RestoredDisk, rewrite_domain_xml
@@ -243,6 +245,12 @@ def stored_set(libvirt_domain, tmp_path):
     return repo, dom, infos, raw
 
 
+def _bytes_at(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
 def _restored_equal(path: Path, expected: Path, tmp: Path) -> bool:
     out = disk_now(path, tmp / f"check-{path.name}.raw")
     try:
@@ -349,3 +357,56 @@ def test_bad_arguments(stored_set, tmp_path):
     for args, words in cases:
         p = nbb(repo, *args, check=False)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+# --- end to end: a running domain backed up with --libvirt, brought back beside itself ------
+
+@pytest.fixture
+def qemu_dir():
+    """A 0755 directory under /var/tmp: qemu (libvirt-qemu) must reach the restored images."""
+    d = Path(tempfile.mkdtemp(prefix="nbdbackup-restore-vm-", dir="/var/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_running_domain_back_as_a_running_copy(libvirt_domain, tmp_path, qemu_dir, undefine):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 8 * MiB)], cdrom=True, persistent=True,
+                         running=False, tag="live")
+    f = dom.dir / "iface.xml"
+    f.write_text(IFACES[0])
+    virsh("attach-device", dom.name, str(f), "--config")
+    dom.start()
+    repo = init_repo(tmp_path / "repo")
+    full = json.loads(nbb(repo, "--json", "full", "--libvirt", dom.name).stdout)
+    assert {b["disk"] for b in full} == {f"{dom.name}-vda", f"{dom.name}-vdb"}
+    guest_write(dom, "vda", 0x33, 3 * MiB, 128 * 1024)
+    guest_write(dom, "vdb", 0x44, 5 * MiB, 64 * 1024)
+    inc = json.loads(nbb(repo, "--json", "incremental", "--libvirt", dom.name).stdout)
+    assert {b["kind"] for b in inc} == {"incremental"} and len({b["set_id"] for b in inc}) == 1
+    # What the set holds, as plain restores (qemu-img convert -U of the running original may miss
+    # writes whose qcow2 metadata qemu has not flushed yet); the guest's writes must be in it.
+    backed_up = {}
+    for b in inc:
+        t = b["disk"].rsplit("-", 1)[1]
+        backed_up[t] = tmp_path / f"{t}.raw"
+        nbb(repo, "restore", b["id"], str(backed_up[t]))
+    assert _bytes_at(backed_up["vda"], 3 * MiB, 4) == b"\x33" * 4
+    assert _bytes_at(backed_up["vdb"], 5 * MiB, 4) == b"\x44" * 4
+
+    copy = f"{dom.name}-copy"
+    undefine.append(copy)
+    out = json.loads(nbb(repo, "--json", "restore", "--libvirt", dom.name, "--to-dir", str(qemu_dir),
+                         "--name", copy, "--start").stdout)
+    assert out["started"] and out["defined"] and out["set_id"] == inc[0]["set_id"]
+    assert {d["backup"]["id"] for d in out["disks"]} == {b["id"] for b in inc}
+    assert out["kept_disks"] == [f"hdc (cdrom) keeps {dom.dir}/cd.iso"]
+    assert virsh("domstate", copy).stdout.strip() == "running"
+    assert virsh("domstate", dom.name).stdout.strip() == "running"          # the original runs on
+    live, orig = virsh("dumpxml", copy).stdout, virsh("dumpxml", dom.name).stdout
+    assert ET.fromstring(live).findtext("uuid") != ET.fromstring(orig).findtext("uuid")
+    assert len(_macs(live)) == 1 and _macs(live) != _macs(orig)
+    for t in ("vda", "vdb"):
+        restored = qemu_dir / f"{copy}-{t}.qcow2"
+        assert _sources(live)[t][1] == str(restored)
+        assert _restored_equal(restored, backed_up[t], tmp_path), t
