@@ -176,6 +176,32 @@ def test_rewrite_drops_storage_and_live_leftovers(real_domain):
     assert out.find("sysinfo/system/entry") is None
 
 
+def test_rewrite_keeps_disks_not_in_the_backup(real_domain):
+    dom, xml = real_domain
+    only_vda = {"vda": RestoredDisk("/r/vda.qcow2", "qcow2")}
+    r = rewrite_domain_xml(xml, only_vda, new_name="copy")
+    assert r.kept == [f"vdb (not in the backup) keeps {dom.disks['vdb']}", f"hdc (cdrom) keeps {dom.dir}/cd.iso"]
+    assert r.shared_writable == ["vdb"]               # the copy would write the original's image
+    assert _sources(r.xml)["vdb"] == ("file", str(dom.disks["vdb"]), "qcow2")
+    assert rewrite_domain_xml(xml, only_vda).shared_writable == []    # the same domain: its own disk
+
+
+def test_rewrite_of_a_transient_domains_live_xml(libvirt_domain, tmp_path, undefine):
+    """A transient domain's definition is its live XML (ids, aliases, labels of this run):
+    libvirt must take the rewritten copy as a persistent domain."""
+    dom = libvirt_domain(disks=[("qcow2", 1 * MiB)], fill=None, tag="live-xml")
+    live = virsh("dumpxml", dom.name).stdout
+    assert ET.fromstring(live).get("id")
+    r = rewrite_domain_xml(live, {"vda": RestoredDisk(str(tmp_path / "c-vda.qcow2"), "qcow2")},
+                           new_name=f"{dom.name}-c", uuid=str(uuid.uuid4()))
+    assert ET.fromstring(r.xml).get("id") is None
+    f = tmp_path / "c.xml"
+    f.write_text(r.xml)
+    virsh("define", "--validate", str(f))
+    undefine.append(r.name)
+    assert _sources(_inactive_xml(r.name))["vda"] == ("file", str(tmp_path / "c-vda.qcow2"), "qcow2")
+
+
 def test_rewrite_refuses_what_it_cannot_do(real_domain):
     _, xml = real_domain
     with pytest.raises(DomainXmlError, match="no disk with target vdz"):
@@ -305,6 +331,15 @@ def test_refs_raw_format_and_no_define(stored_set, tmp_path):
     assert _sources(xml)["vdb"] == ("file", str(tmp_path / "a" / f"{dom.name}-vdb.raw"), "raw")
     assert ET.fromstring(xml).findtext("uuid") == ET.fromstring(_inactive_xml(dom.name)).findtext("uuid")
     assert virsh("domstate", "other", check=False).returncode != 0
+    # the summary a person reads: a line per disk, one for what stayed, one for the domain
+    p = nbb(repo, "restore", "--libvirt", dom.name, "--to-dir", str(tmp_path / "c"))
+    lines = p.stderr.splitlines()
+    assert [ln.split(" (")[0] for ln in lines[:2]] == [f"restored {i.id}" for i in infos], p.stderr
+    assert lines[2] == f"not restored: hdc (cdrom) keeps {dom.dir}/cd.iso", p.stderr
+    assert lines[3].startswith(f"domain {dom.name}: not defined (--define)") and "_VARS.fd" in lines[3], p.stderr
+    (tmp_path / "file").write_text("")
+    p = _restore_vm(repo, dom.name, "--to-dir", str(tmp_path / "file"), check=False)
+    assert p.returncode == 2 and "not a directory" in p.stderr, p.stderr
 
 
 def test_same_name_refused_without_force_replaced_with_it(stored_set, tmp_path):

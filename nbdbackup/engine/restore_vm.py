@@ -127,6 +127,8 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
         raise UsageError(f"the domain's name {name!r} cannot start a file name here",
                          hint="give the restored domain another name with --name")
     to_dir = os.path.abspath(to_dir)
+    if os.path.lexists(to_dir) and not os.path.isdir(to_dir):
+        raise UsageError(f"--to-dir {to_dir} is not a directory")
     targets = {disk_target(b, vm.domain): b for b in members}
     paths = {t: os.path.join(to_dir, f"{name}-{t}.{fmt}") for t in targets}
     nvram_path = os.path.join(to_dir, f"{name}_VARS.fd") if vm.nvram is not None else None
