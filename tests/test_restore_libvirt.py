@@ -315,6 +315,26 @@ def test_restore_set_as_a_copy_and_define_it(stored_set, tmp_path, undefine):
     assert _sources(orig)["vda"][1] == str(dom.disks["vda"])          # the original is as it was
 
 
+def test_restore_vm_in_every_place(place, libvirt_domain, tmp_path, undefine):
+    """The definition and the disks come back from local+SQLite, local+PostgreSQL, S3+PostgreSQL."""
+    dom = libvirt_domain(disks=[("qcow2", 4 * MiB), ("qcow2", 2 * MiB)], nvram=True, persistent=True,
+                         running=False, tag="place")
+    qio(dom.disks["vdb"], "write -P 0x5a 1M 64K")
+    support.nbdbackup("--repo", place, "init", "--chunk-size", "64K")
+    with Repository.open(place.spec, index_url=place.index_url) as r:
+        infos = [res.info for res in run_backup(r, DomainImages(dom), "full", BackupOptions(connections=2))]
+    copy = f"{dom.name}-copy"
+    undefine.append(copy)
+    d = tmp_path / "out"
+    out = json.loads(support.nbdbackup("--repo", place, "--json", "restore", "--libvirt", dom.name,
+                                       "--to-dir", str(d), "--name", copy, "--define").stdout)
+    assert out["defined"] and {x["backup"]["id"] for x in out["disks"]} == {i.id for i in infos}
+    for t, img in dom.disks.items():
+        assert _restored_equal(d / f"{copy}-{t}.qcow2", disk_now(img, tmp_path / f"{t}.raw"), tmp_path), t
+    assert (d / f"{copy}_VARS.fd").read_bytes() == dom.nvram.read_bytes()
+    assert _sources(_inactive_xml(copy))["vdb"][1] == str(d / f"{copy}-vdb.qcow2")
+
+
 def test_refs_raw_format_and_no_define(stored_set, tmp_path):
     """A backup id and a set id prefix name the same set; --format raw; without --define
     nothing reaches libvirt, the XML is still written."""
