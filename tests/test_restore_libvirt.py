@@ -271,6 +271,10 @@ def stored_set(libvirt_domain, tmp_path):
     return repo, dom, infos, raw
 
 
+def _as_list(out) -> list:
+    return out if isinstance(out, list) else [out]     # one disk: the backup's record itself
+
+
 def _bytes_at(path: Path, offset: int, n: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
@@ -465,3 +469,34 @@ def test_running_domain_back_as_a_running_copy(libvirt_domain, tmp_path, qemu_di
         restored = qemu_dir / f"{copy}-{t}.qcow2"
         assert _sources(live)[t][1] == str(restored)
         assert _restored_equal(restored, backed_up[t], tmp_path), t
+
+
+def test_domain_restored_over_itself_backs_up_again(libvirt_domain, tmp_path, qemu_dir):
+    """Disaster recovery in place: the shut-off domain's definition replaced (--force) by the
+    restored one; this repository's checkpoints of the old images go, so the next incremental
+    is a full of the restored disks (with a warning), not a job libvirt refuses."""
+    other_ckpt = "othertool-1"
+    dom = libvirt_domain(disks=[("qcow2", 8 * MiB)], persistent=True, running=True, tag="again")
+    repo = init_repo(tmp_path / "repo")
+    [full] = _as_list(json.loads(nbb(repo, "--json", "full", "--libvirt", dom.name).stdout))
+    (dom.dir / "ck.xml").write_text(f"<domaincheckpoint><name>{other_ckpt}</name></domaincheckpoint>")
+    virsh("checkpoint-create", dom.name, str(dom.dir / "ck.xml"))
+    ours = [c for c in dom.checkpoints() if c != other_ckpt]
+    assert len(ours) == 1
+    dom.stop()
+    p = nbb(repo, "--json", "restore", "--libvirt", dom.name, "--to-dir", str(qemu_dir), "--start", check=False)
+    assert p.returncode == 2 and "exists" in p.stderr, p.stderr
+    out = json.loads(nbb(repo, "--json", "restore", "--libvirt", dom.name, "--to-dir", str(qemu_dir),
+                         "--start", "--force").stdout)
+    assert out["replaced"] and out["started"] and out["checkpoints_dropped"] == ours
+    assert dom.checkpoints() == [other_ckpt]                 # another tool's checkpoint is not ours
+    restored = qemu_dir / f"{dom.name}-vda.qcow2"
+    assert _sources(virsh("dumpxml", dom.name).stdout)["vda"][1] == str(restored)
+    guest_write(dom, "vda", 0x66, 2 * MiB, 64 * 1024)
+    p = nbb(repo, "--json", "incremental", "--libvirt", dom.name)
+    [again] = _as_list(json.loads(p.stdout))
+    assert again["kind"] == "full" and again["parent"] is None, again
+    plain = tmp_path / "again.raw"
+    nbb(repo, "restore", again["id"], str(plain))
+    assert _bytes_at(plain, 2 * MiB, 4) == b"\x66" * 4 and _bytes_at(plain, 0, 4) == b"\x11" * 4
+    assert full["id"] != again["id"]

@@ -60,6 +60,7 @@ class VmRestoreResult:
     kept: list[str] = field(default_factory=list)          # disks that keep their sources
     macs_removed: int = 0
     replaced: bool = False           # an existing (shut-off) domain's definition was replaced
+    checkpoints_dropped: list[str] = field(default_factory=list)   # this repository's, of the replaced domain
     defined: bool = False
     started: bool = False
     duration_s: float = 0.0
@@ -165,6 +166,8 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
         if conn is not None:
             dom = _define(conn, rewritten.xml, xml_path, connect_uri)
             result.defined = True
+            if replace is not None:
+                result.checkpoints_dropped = _drop_our_checkpoints(dom, repo.repo_id)
             if start:
                 _start(dom, name, connect_uri)
                 result.started = True
@@ -233,6 +236,37 @@ def _define(conn, xml: str, xml_path: str, uri: str):
         raise NbdBackupError(f"libvirt refused the restored definition on {uri}: {e.get_error_message()}",
                              hint=f"the disks and {xml_path} are restored; fix the XML and "
                                   f"`virsh -c {uri} define {xml_path}`") from None
+
+
+def _drop_our_checkpoints(dom, repo_id: str) -> list[str]:
+    """The replaced domain runs on restored images, which hold no dirty bitmaps: this
+    repository's checkpoints of it now describe nothing, and a backup job from one would be
+    refused ("missing or broken bitmap"). Their metadata goes, so that the next backup is a
+    full (with the source's warning). Other repositories' and tools' checkpoints are never ours
+    to touch."""
+    import libvirt
+
+    from ..sources.libvirt_domain import checkpoint_prefix
+
+    prefix = checkpoint_prefix(repo_id)
+    dropped = []
+    try:
+        checkpoints = dom.listAllCheckpoints()
+    except libvirt.libvirtError as e:
+        log.warning("could not list the checkpoints of %s: %s", dom.name(), e.get_error_message())
+        return dropped
+    for c in checkpoints:
+        if not c.getName().startswith(prefix):
+            continue
+        try:
+            c.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            dropped.append(c.getName())
+        except libvirt.libvirtError as e:
+            log.warning("could not drop checkpoint %s of %s: %s", c.getName(), dom.name(), e.get_error_message())
+    if dropped:
+        log.info("dropped %d checkpoint(s) of this repository from %s: the restored images have no bitmaps",
+                 len(dropped), dom.name())
+    return dropped
 
 
 def _start(dom, name: str, uri: str) -> None:

@@ -114,7 +114,8 @@ def _run_vm(args) -> int:
         output.print_json({
             "domain": r.domain, "source_domain": r.source_domain, "set_id": r.set_id, "uuid": r.uuid,
             "xml": r.xml_path, "nvram": r.nvram_path, "defined": r.defined, "started": r.started,
-            "replaced": r.replaced, "macs_removed": r.macs_removed, "kept_disks": r.kept,
+            "replaced": r.replaced, "checkpoints_dropped": r.checkpoints_dropped,
+            "macs_removed": r.macs_removed, "kept_disks": r.kept,
             "duration_s": round(r.duration_s, 3),
             "disks": [{"target": d.target, "path": d.path, "backup": d.result.backup.to_json(),
                        "data_bytes": d.result.data_bytes, "zero_bytes": d.result.zero_bytes,
@@ -135,6 +136,8 @@ def _run_vm(args) -> int:
     renamed = f" (backed up as {r.source_domain}, new UUID, {r.macs_removed} MAC address(es) left to libvirt)" \
         if r.domain != r.source_domain else ""
     replaced = ", replacing the shut-off domain's definition" if r.replaced else ""
+    if r.checkpoints_dropped:
+        replaced += f" (and this repository's {len(r.checkpoints_dropped)} checkpoint(s): the next backup is a full)"
     output.summary(args, f"domain {r.domain}{renamed}: {state} on {args.connect}{replaced}; "
                          f"XML {r.xml_path}{extra}; {r.duration_s:.1f}s")
     return 0
