@@ -25,6 +25,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_backups_domain_created", "backups")
-    with op.batch_alter_table("backups") as b:
-        b.drop_column("vm")
-        b.drop_column("domain")
+    # plain ALTER TABLE DROP COLUMN (SQLite >= 3.35, PostgreSQL): a batch "move and copy" of
+    # backups would fail on the foreign key backup_segments holds on it
+    op.drop_column("backups", "vm")
+    op.drop_column("backups", "domain")
