@@ -346,8 +346,9 @@ def test_refs_raw_format_and_no_define(stored_set, tmp_path):
     by_id = json.loads(_restore_vm(repo, infos[1].id, "--to-dir", str(tmp_path / "a"), "--format", "raw").stdout)
     by_set = json.loads(_restore_vm(repo, infos[0].set_id[:8], "--to-dir", str(tmp_path / "b"),
                                     "--name", "other").stdout)
+    by_disk = json.loads(_restore_vm(repo, f"{dom.name}-vdb", "--to-dir", str(tmp_path / "d")).stdout)
     assert {x["backup"]["id"] for x in by_id["disks"]} == {i.id for i in infos} == \
-        {x["backup"]["id"] for x in by_set["disks"]}
+        {x["backup"]["id"] for x in by_set["disks"]} == {x["backup"]["id"] for x in by_disk["disks"]}
     assert not by_id["defined"] and by_id["domain"] == dom.name
     for t in ("vda", "vdb"):
         assert same_file(tmp_path / "a" / f"{dom.name}-{t}.raw", raw[t])

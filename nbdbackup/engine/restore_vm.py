@@ -68,7 +68,8 @@ class VmRestoreResult:
 
 def find_set(repo: Repository, ref: str) -> list[BackupInfo]:
     """The members of the set *ref* names: a backup id (its set), a set id (or a unique prefix
-    of at least 8 digits), or a libvirt domain name (its newest set)."""
+    of at least 8 digits), a libvirt domain name (its newest set), or a disk name (the set of
+    that disk's latest backup)."""
     if _BACKUP_ID_RE.match(ref):
         return repo.set_members(repo.get_backup(ref))
     exact = _set_by_id(repo, ref, prefix=False) if _SET_ID_RE.match(ref) else []
@@ -81,6 +82,9 @@ def find_set(repo: Repository, ref: str) -> list[BackupInfo]:
         found = _set_by_id(repo, ref, prefix=True)
         if found:
             return found
+    latest = repo.latest(ref) if DOMAIN_NAME_RE.match(ref) else None
+    if latest is not None:
+        return repo.set_members(latest)
     raise NotFound(f"no backup id, set id or libvirt domain {ref!r} in this repository",
                    hint="`nbdbackup list` shows backup ids and sets; a domain is found by the name it "
                         "had when `full|incremental --libvirt` backed it up")
