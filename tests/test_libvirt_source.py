@@ -24,6 +24,7 @@ from helpers import support
 from helpers.engine_util import init_repo, nbb, restore_equals
 from helpers.libvirt import MiB, disk_now, guest_write, virsh
 from nbdbackup.errors import NotFound, UsageError
+from nbdbackup.repo.repository import Repository
 from nbdbackup.sources import libvirt_domain as ld
 
 CHUNK = 256 * 1024
@@ -146,6 +147,12 @@ def test_full_incremental_restore_bit_exact(libvirt_domain, tmp_path):
     assert by["vda"]["checkpoint"] == by["vdb"]["checkpoint"] is not None and by["vdc"]["checkpoint"] is None
     assert all(b["source"] == f"libvirt:{dom.name}/{t}" for t, b in by.items())
     _assert_clean(repo, dom, by["vda"]["checkpoint"])
+    # the set carries the domain's definition: a transient domain's live XML, stored once
+    assert {b["domain"] for b in full} == {dom.name} and len({b["vm"] for b in full}) == 1
+    with Repository.open(str(repo)) as r:
+        vm = r.vm_definition(r.get_backup(by["vda"]["id"]))
+    assert vm.domain == dom.name and f"<name>{dom.name}</name>" in vm.xml and "<alias name=" in vm.xml
+    assert vm.nvram is None and vm.nvram_path is None
     first = {t: disk_now(p, tmp_path / f"first-{t}.raw") for t, p in dom.disks.items()}
 
     guest_write(dom, "vda", 0x33, 5 * MiB, 64 * 1024)
@@ -306,3 +313,14 @@ def test_refusals(libvirt_domain, tmp_path):
     finally:
         virsh("domjobabort", dom.name, check=False)
     assert nbb(repo, "--json", "list").stdout.strip() == "[]"
+
+
+def test_persistent_definition_and_nvram(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB)], persistent=True, nvram=True)
+    repo = init_repo(tmp_path / "repo", "256K")
+    [full], _ = _run(repo, "full", dom)
+    with Repository.open(str(repo)) as r:
+        vm = r.vm_definition(r.get_backup(full["id"]))
+    # the persistent (inactive) definition: no run-time aliases or labels; and the NVRAM bytes
+    assert vm.domain == dom.name and "<alias name=" not in vm.xml and f"<nvram>{dom.nvram}</nvram>" in vm.xml
+    assert vm.nvram_path == str(dom.nvram) and vm.nvram == dom.nvram.read_bytes() and len(vm.nvram) == 128 * 1024

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from ..errors import LockedError, SourceUnreachable, UsageError
 from ..repo.ids import check_disk_name
 from .base import DiskPlan, Source, raise_if_no_fallback
 from .image import DIRTY_PREFIX, new_checkpoint
+from .libvirt_checkpoints import reconcile_checkpoints
 from .libvirt_domain import (
     DEFAULT_URI,
     DomainDisk,
@@ -40,11 +42,15 @@ from .libvirt_domain import (
 if TYPE_CHECKING:
     from ..repo.info import BackupInfo
     from ..repo.repository import Repository
+    from ..repo.vmdef import VmDefinition
 
 log = logging.getLogger(__name__)
 
 RAW_REASON = ("{target} is {fmt}, not qcow2: libvirt keeps checkpoints (dirty bitmaps) only in qcow2 "
               "images, so it is backed up in full every time")
+
+
+JOB_END_TIMEOUT = 60.0
 
 
 def run_base() -> str:
@@ -91,6 +97,7 @@ class LibvirtSource(Source):
         self._job = False                       # our backup job may be running
         self._new_checkpoint: str | None = None  # full libvirt name of the checkpoint this run made
         self._outcome: str | None = None
+        self._vm: VmDefinition | None = None
 
     # -- helpers -----------------------------------------------------------------------
     def _names(self, disks: list[DomainDisk]) -> dict[str, str]:
@@ -146,6 +153,14 @@ class LibvirtSource(Source):
             if self._job_socket() is not None:      # still there: say so; the next run ends it
                 raise SourceUnreachable(f"could not end the backup job of {self.domain}: "
                                         f"{e.get_error_message()}") from None
+        # abortJob can return while libvirt still winds the job down (qemu's block jobs
+        # conclude asynchronously): wait, so that no job outlives the run
+        deadline = time.monotonic() + JOB_END_TIMEOUT
+        while self._job_socket() is not None:
+            if time.monotonic() > deadline:
+                raise SourceUnreachable(f"the backup job of {self.domain} did not end within "
+                                        f"{JOB_END_TIMEOUT:.0f}s of abortJob", hint="see virsh domjobinfo")
+            time.sleep(0.05)
 
     def _our_checkpoints(self) -> list:
         return [c for c in self.dom.listAllCheckpoints(0) if c.getName().startswith(self._prefix)]
@@ -200,19 +215,32 @@ class LibvirtSource(Source):
                               + "): they are not one set")
         [checkpoint] = checkpoints
         full_name = self._prefix + checkpoint
+        missing = self._not_covered(full_name, qcow2, libvirt)
+        if missing:
+            # libvirt does not know it (a shut-off backup made it, or its metadata was lost):
+            # redefine it from the images' bitmaps, validated by libvirt against the running qemu
+            why = reconcile_checkpoints(self.dom, self._repo_id, qcow2, checkpoint)
+            if why is None:
+                missing = self._not_covered(full_name, qcow2, libvirt)
+                why = f"does not cover disk {', '.join(names[t] for t in missing)}" if missing else None
+            if why:
+                return None, {}, (f"libvirt no longer knows checkpoint {full_name} of the latest backups "
+                                  f"(deleted by hand, or the domain was redefined), and it cannot be "
+                                  f"taken back from the images: {why}")
+        return checkpoint, latest, None
+
+    def _not_covered(self, full_name: str, qcow2: list[DomainDisk], libvirt) -> list[str]:
+        """The targets of *qcow2* that libvirt's checkpoint *full_name* has no bitmap for (all
+        of them when libvirt does not know it)."""
         try:
             ckpt = self.dom.checkpointLookupByName(full_name, 0)
         except libvirt.libvirtError as e:
             if _error_code(e) != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                 raise
-            return None, {}, (f"libvirt no longer knows checkpoint {full_name} of the latest backups "
-                              "(deleted by hand, or the domain was redefined)")
+            return [d.target for d in qcow2]
         covered = {d.get("name") for d in ET.fromstring(ckpt.getXMLDesc(0)).findall("./disks/disk")
                    if d.get("checkpoint") == "bitmap"}
-        missing = [names[d.target] for d in qcow2 if d.target not in covered]
-        if missing:
-            return None, {}, f"checkpoint {full_name} does not cover disk {', '.join(missing)}"
-        return checkpoint, latest, None
+        return [d.target for d in qcow2 if d.target not in covered]
 
     # -- Source interface ----------------------------------------------------------------------
     def prepare(self, repo: Repository, kind: str, no_fallback: bool) -> list[DiskPlan]:
@@ -227,6 +255,7 @@ class LibvirtSource(Source):
         if not disks:
             raise UsageError(f"domain {self.domain} has no disk to back up (skipped: {', '.join(skipped)})")
         names = self._names(disks)
+        self._vm = self._read_definition()
         if not self.dom.isActive():
             from .libvirt_offline import OfflineDomainSource
 
@@ -413,8 +442,43 @@ class LibvirtSource(Source):
                     pass
                 self.conn = None
 
-    def vm_definition(self):
+    def vm_definition(self) -> VmDefinition | None:
+        """The domain's definition as prepare() read it (the moment the set was taken)."""
+        return self._vm
+
+    def _read_definition(self) -> VmDefinition:
+        """The domain XML to keep (the persistent definition, or a transient domain's live one;
+        never VIR_DOMAIN_XML_SECURE, so no VNC/SPICE passwords reach the repository) and its
+        UEFI variable store."""
+        from ..repo.vmdef import VmDefinition
+
+        libvirt = _libvirt()
+        persistent = bool(self.dom.isPersistent())
+        xml = self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if persistent else 0)
+        nvram_path = _nvram_path(xml)
+        nvram = None
+        if nvram_path:
+            try:
+                with open(nvram_path, "rb") as f:
+                    nvram = f.read()
+            except FileNotFoundError:   # libvirt makes it from the template at the first start
+                log.warning("%s names NVRAM file %s, which does not exist (yet): not stored",
+                            self.domain, nvram_path)
+            except OSError as e:
+                raise SourceUnreachable(f"cannot read the NVRAM (UEFI variables) of {self.domain} at "
+                                        f"{nvram_path}: {e.strerror or e}",
+                                        hint="run as a user who may read it (root, as libvirtd)") from None
+        return VmDefinition(domain=self.domain, xml=xml, nvram=nvram, nvram_path=nvram_path)
+
+
+def _nvram_path(xml: str) -> str | None:
+    """<os><nvram>PATH</nvram>, or the newer <nvram type='file'><source file='PATH'/>."""
+    el = ET.fromstring(xml).find("./os/nvram")
+    if el is None:
         return None
+    source = el.find("source")
+    path = source.get("file") if source is not None else (el.text or "").strip()
+    return path or None
 
 
 def _qemu_ids(xml: str) -> tuple[int | None, int | None]:
