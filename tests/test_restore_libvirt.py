@@ -431,8 +431,8 @@ def qemu_dir():
 
 
 def test_running_domain_back_as_a_running_copy(libvirt_domain, tmp_path, qemu_dir, undefine):
-    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 8 * MiB)], cdrom=True, persistent=True,
-                         running=False, tag="live")
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 8 * MiB)], cdrom=True, nvram=True,
+                         persistent=True, running=False, tag="live")
     f = dom.dir / "iface.xml"
     f.write_text(IFACES[0])
     virsh("attach-device", dom.name, str(f), "--config")
@@ -470,6 +470,9 @@ def test_running_domain_back_as_a_running_copy(libvirt_domain, tmp_path, qemu_di
         restored = qemu_dir / f"{copy}-{t}.qcow2"
         assert _sources(live)[t][1] == str(restored)
         assert _restored_equal(restored, backed_up[t], tmp_path), t
+    nvram = qemu_dir / f"{copy}_VARS.fd"
+    assert out["nvram"] == str(nvram) and _nvram(live) == str(nvram) and _nvram(orig) == str(dom.nvram)
+    assert nvram.read_bytes() == dom.nvram.read_bytes()
 
 
 def test_domain_restored_over_itself_backs_up_again(libvirt_domain, tmp_path, qemu_dir):
