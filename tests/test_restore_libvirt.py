@@ -504,3 +504,25 @@ def test_domain_restored_over_itself_backs_up_again(libvirt_domain, tmp_path, qe
     nbb(repo, "restore", again["id"], str(plain))
     assert _bytes_at(plain, 2 * MiB, 4) == b"\x66" * 4 and _bytes_at(plain, 0, 4) == b"\x11" * 4
     assert full["id"] != again["id"]
+
+
+def test_shut_off_domain_from_an_encrypted_repository(libvirt_domain, tmp_path, undefine):
+    """`full --libvirt` of a shut-off domain (its images) into an encrypted repository: the
+    definition and NVRAM come back from sealed records; the XML's text is in no pack."""
+    dom = libvirt_domain(disks=[("qcow2", 4 * MiB), ("raw", 2 * MiB)], nvram=True, persistent=True,
+                         running=False, tag="sealed")
+    repo = init_repo(tmp_path / "repo", encrypted=True)
+    backups = _as_list(json.loads(nbb(repo, "--json", "full", "--libvirt", dom.name).stdout))
+    assert {b["domain"] for b in backups} == {dom.name}
+    packs = b"".join(p.read_bytes() for p in (repo / "packs").rglob("*.pack"))
+    assert dom.name.encode() not in packs and b"<domain" not in packs
+    copy = f"{dom.name}-copy"
+    undefine.append(copy)
+    d = tmp_path / "out"
+    out = json.loads(nbb(repo, "--json", "restore", "--libvirt", dom.name, "--to-dir", str(d), "--name", copy,
+                         "--format", "raw", "--define").stdout)
+    assert out["defined"] and [x["target"] for x in out["disks"]] == ["vda", "vdb"]
+    for t, img in dom.disks.items():
+        assert same_file(d / f"{copy}-{t}.raw", disk_now(img, tmp_path / f"{t}.raw")), t
+    assert (d / f"{copy}_VARS.fd").read_bytes() == dom.nvram.read_bytes()
+    assert _sources(_inactive_xml(copy))["vdb"] == ("file", str(d / f"{copy}-vdb.raw"), "raw")
