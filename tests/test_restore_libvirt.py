@@ -407,6 +407,27 @@ def test_missing_and_non_libvirt_sets(stored_set, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+class WithoutVdb(DomainImages):
+    """A definition that lacks one of the set's disks (a domain edited between XML and read)."""
+
+    def vm_definition(self):
+        vm = super().vm_definition()
+        root = ET.fromstring(vm.xml)
+        devices = root.find("devices")
+        devices.remove(next(d for d in devices.iterfind("disk") if d.find("target").get("dev") == "vdb"))
+        return VmDefinition(vm.domain, ET.tostring(root, encoding="unicode"), vm.nvram, vm.nvram_path)
+
+
+def test_definition_without_a_disk_of_the_set(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 2 * MiB), ("qcow2", 2 * MiB)], persistent=True, running=False, tag="odd")
+    repo = init_repo(tmp_path / "repo")
+    with Repository.open(str(repo)) as r:
+        run_backup(r, WithoutVdb(dom), "full", BackupOptions(connections=1))
+    p = _restore_vm(repo, dom.name, "--to-dir", str(tmp_path / "out"), check=False)
+    assert p.returncode == 1 and "no disk with target vdb" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_arguments(stored_set, tmp_path):
     repo, dom, infos, raw = stored_set
     cases = [(["restore", "--libvirt", dom.name], "--to-dir"),

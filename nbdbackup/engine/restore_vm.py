@@ -21,7 +21,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import NbdBackupError, NotFound, RepoDamaged, UsageError
+from ..errors import NbdBackupError, NotFound, UsageError
 from ..fsutil import fsync_path
 from .restore import RestoreResult, restore
 from .vm_xml import DomainXmlError, RestoredDisk, RewrittenXml, domain_uuid, rewrite_domain_xml
@@ -106,8 +106,8 @@ def disk_target(info: BackupInfo, domain: str) -> str:
         return src.rsplit("/", 1)[1]
     if info.disk.startswith(domain + "-"):          # the default disk name DOMAIN-TARGET
         return info.disk[len(domain) + 1:]
-    raise RepoDamaged(f"backup {info.id} ({info.disk}) does not say which disk of domain {domain} it holds "
-                      f"(source {info.source!r})")
+    raise NbdBackupError(f"backup {info.id} ({info.disk}) does not say which disk of domain {domain} it holds "
+                         f"(source {info.source!r})", hint="restore it with `nbdbackup restore BACKUP TARGET`")
 
 
 def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None = None, fmt: str = "qcow2",
@@ -193,7 +193,10 @@ def _rewrite(vm: VmDefinition, disks: dict[str, RestoredDisk], **kw) -> Rewritte
     try:
         return rewrite_domain_xml(vm.xml, disks, **kw)
     except DomainXmlError as e:
-        raise RepoDamaged(f"the stored definition of domain {vm.domain} cannot be restored: {e}") from None
+        # authenticated with the set (not damage): XML this code cannot rewrite, or a set whose
+        # disks the definition does not have
+        raise NbdBackupError(f"the stored definition of domain {vm.domain} cannot be rewritten: {e}",
+                             hint="restore the disks one by one with `nbdbackup restore BACKUP TARGET`") from None
 
 
 def _check_free(conn, name: str, uri: str, *, force: bool, want_uuid: str | None) -> str | None:
