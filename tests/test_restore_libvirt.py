@@ -396,6 +396,19 @@ def test_running_domain_refused_even_with_force(stored_set, libvirt_domain, tmp_
     assert not d.exists() and running.is_active()
 
 
+def test_start_that_fails_leaves_the_domain_defined(stored_set, tmp_path, undefine):
+    """pytest's tmp_path is under a 0700 directory: qemu (libvirt-qemu) cannot open the images."""
+    repo, dom, infos, raw = stored_set
+    copy = f"{dom.name}-nostart"
+    undefine.append(copy)
+    d = tmp_path / "out"
+    p = _restore_vm(repo, dom.name, "--to-dir", str(d), "--name", copy, "--start", check=False)
+    assert p.returncode == 1 and f"domain {copy} is defined" in p.stderr and "did not start" in p.stderr, p.stderr
+    assert "qemu runs as its own user" in p.stderr and "Traceback" not in p.stderr
+    assert virsh("domstate", copy).stdout.strip() == "shut off"
+    assert _restored_equal(d / f"{copy}-vda.qcow2", raw["vda"], tmp_path)
+
+
 def test_missing_and_non_libvirt_sets(stored_set, tmp_path):
     repo, dom, infos, raw = stored_set
     p = _restore_vm(repo, "no-such-domain", "--to-dir", str(tmp_path / "x"), check=False)
