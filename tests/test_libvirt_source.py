@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import time
@@ -324,3 +325,24 @@ def test_persistent_definition_and_nvram(libvirt_domain, tmp_path):
     # the persistent (inactive) definition: no run-time aliases or labels; and the NVRAM bytes
     assert vm.domain == dom.name and "<alias name=" not in vm.xml and f"<nvram>{dom.nvram}</nvram>" in vm.xml
     assert vm.nvram_path == str(dom.nvram) and vm.nvram == dom.nvram.read_bytes() and len(vm.nvram) == 128 * 1024
+
+
+def test_a_killed_runs_freeze_is_thawed_by_the_next_run(libvirt_domain, tmp_path):
+    """A run killed between fsFreeze and fsThaw leaves its run dir with `frozen`: the next run
+    thaws (here libvirt refuses, the domain has no guest agent) and keeps the marker until a
+    thaw succeeds; the backup itself goes on."""
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB)])
+    repo = init_repo(tmp_path / "repo", "256K")
+    left = Path(f"/run/nbdbackup-libvirt-{_repo_id(repo)}-killed00")
+    left.mkdir(mode=0o700)
+    try:
+        (left / "domain").write_text(virsh("domuuid", dom.name).stdout.strip() + "\n")
+        (left / "frozen").touch()
+        [full], err = _run(repo, "full", dom)
+        assert "thawing the guest file systems" in err and "could not thaw" in err and "guest agent" in err, err
+        assert full["kind"] == "full" and (left / "frozen").exists()
+        (left / "frozen").unlink()          # as after a successful thaw: the dir goes
+        _run(repo, "full", dom)
+        assert not left.exists()
+    finally:
+        shutil.rmtree(left, ignore_errors=True)

@@ -18,8 +18,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -38,6 +36,19 @@ from .libvirt_domain import (
     lookup_domain,
     open_connection,
 )
+from .libvirt_job import (
+    backup_xml,
+    binding,
+    checkpoint_xml,
+    delete_checkpoint,
+    end_job,
+    error_code,
+    job_socket,
+    make_run_dir,
+    read_definition,
+    run_dir_prefix,
+    thaw,
+)
 
 if TYPE_CHECKING:
     from ..repo.info import BackupInfo
@@ -48,30 +59,6 @@ log = logging.getLogger(__name__)
 
 RAW_REASON = ("{target} is {fmt}, not qcow2: libvirt keeps checkpoints (dirty bitmaps) only in qcow2 "
               "images, so it is backed up in full every time")
-
-
-JOB_END_TIMEOUT = 60.0
-
-
-def run_base() -> str:
-    """Where private run directories go: /run when we may write there (root), else $TMPDIR."""
-    return "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
-
-
-def run_dir_prefix(repo_id: str) -> str:
-    """Every run directory of this repository starts with this: a backup job whose NBD socket
-    is under it was started by us (and is stale when we hold the domain's lock)."""
-    return os.path.join(run_base(), f"nbdbackup-libvirt-{repo_id}-")
-
-
-def _libvirt():
-    import libvirt
-
-    return libvirt
-
-
-def _error_code(e) -> int:
-    return e.get_error_code() if hasattr(e, "get_error_code") else -1
 
 
 class LibvirtSource(Source):
@@ -130,37 +117,11 @@ class LibvirtSource(Source):
                               hint="wait for it to finish, or pass --lock-wait SECONDS") from None
 
     def _job_socket(self) -> str | None:
-        """The NBD socket of the domain's backup job; None when it runs none. ('' when the
-        job has no unix socket: a push job or a TCP server.)"""
-        libvirt = _libvirt()
-        try:
-            xml = self.dom.backupGetXMLDesc(0)
-        except libvirt.libvirtError as e:
-            if _error_code(e) == libvirt.VIR_ERR_NO_DOMAIN_BACKUP:
-                return None
-            raise SourceUnreachable(f"cannot ask libvirt about {self.domain}'s backup job: "
-                                    f"{e.get_error_message()}") from None
-        server = ET.fromstring(xml).find("server")
-        return (server.get("socket") or "") if server is not None else ""
+        return job_socket(self.dom, self.domain)
 
     def _end_job(self) -> None:
-        """Stop our pull job (libvirt then removes its NBD export and scratch files)."""
-        libvirt = _libvirt()
         self._job = False
-        try:
-            self.dom.abortJob()
-        except libvirt.libvirtError as e:
-            if self._job_socket() is not None:      # still there: say so; the next run ends it
-                raise SourceUnreachable(f"could not end the backup job of {self.domain}: "
-                                        f"{e.get_error_message()}") from None
-        # abortJob can return while libvirt still winds the job down (qemu's block jobs
-        # conclude asynchronously): wait, so that no job outlives the run
-        deadline = time.monotonic() + JOB_END_TIMEOUT
-        while self._job_socket() is not None:
-            if time.monotonic() > deadline:
-                raise SourceUnreachable(f"the backup job of {self.domain} did not end within "
-                                        f"{JOB_END_TIMEOUT:.0f}s of abortJob", hint="see virsh domjobinfo")
-            time.sleep(0.05)
+        end_job(self.dom, self.domain)
 
     def _our_checkpoints(self) -> list:
         return [c for c in self.dom.listAllCheckpoints(0) if c.getName().startswith(self._prefix)]
@@ -186,7 +147,8 @@ class LibvirtSource(Source):
                 continue
             if os.path.exists(os.path.join(d, "frozen")):
                 log.warning("thawing the guest file systems of %s, frozen by an interrupted run", self.domain)
-                self._thaw()
+                if not thaw(self.dom, self.domain):
+                    continue        # the marker stays: every run tries again (and says so)
             shutil.rmtree(d, ignore_errors=True)
         for c in self._our_checkpoints():
             name = c.getName()
@@ -195,13 +157,13 @@ class LibvirtSource(Source):
                 # change since the parent's backup, so nothing is lost
                 log.warning("deleting checkpoint %s of domain %s: no committed backup of this repository "
                             "records it (left by an interrupted or failed run)", name, self.domain)
-                c.delete(0)
+                delete_checkpoint(c)
 
     # -- the chain ---------------------------------------------------------------------------
     def _chain(self, repo: Repository, qcow2: list[DomainDisk],
                names: dict[str, str]) -> tuple[str | None, dict[str, BackupInfo], str | None]:
         """(checkpoint to read changes since, parent backup per target, None) or (None, {}, reason)."""
-        libvirt = _libvirt()
+        libvirt = binding()
         latest = {d.target: repo.latest(names[d.target]) for d in qcow2}
         for t, info in latest.items():
             if info is None:
@@ -235,7 +197,7 @@ class LibvirtSource(Source):
         try:
             ckpt = self.dom.checkpointLookupByName(full_name, 0)
         except libvirt.libvirtError as e:
-            if _error_code(e) != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            if error_code(e) != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                 raise
             return [d.target for d in qcow2]
         covered = {d.get("name") for d in ET.fromstring(ckpt.getXMLDesc(0)).findall("./disks/disk")
@@ -255,7 +217,7 @@ class LibvirtSource(Source):
         if not disks:
             raise UsageError(f"domain {self.domain} has no disk to back up (skipped: {', '.join(skipped)})")
         names = self._names(disks)
-        self._vm = self._read_definition()
+        self._vm = read_definition(self.dom, self.domain)
         if not self.dom.isActive():
             from .libvirt_offline import OfflineDomainSource
 
@@ -286,11 +248,12 @@ class LibvirtSource(Source):
                 raise_if_no_fallback(", ".join(names[d.target] for d in qcow2), reason, no_fallback)
                 log.warning("%s: %s; taking a full backup instead", self.domain, reason)
 
-        self._make_run_dir(xml)
+        self._run_dir = make_run_dir(repo.repo_id, self.dom.UUIDString(), xml)
         checkpoint = new_checkpoint() if qcow2 else None
-        backup_xml = self._backup_xml(all_targets, disks, since)
-        checkpoint_xml = self._checkpoint_xml(all_targets, qcow2, checkpoint, repo.repo_id) if checkpoint else None
-        self._begin(backup_xml, checkpoint_xml, checkpoint)
+        job_xml = backup_xml(self._prefix, self._run_dir, self.scratch_dir, all_targets, disks, since)
+        ckpt_xml = checkpoint_xml(self._prefix + checkpoint, all_targets, [d.target for d in qcow2],
+                                  repo.repo_id) if checkpoint else None
+        self._begin(job_xml, ckpt_xml, checkpoint)
 
         sock = os.path.join(self._run_dir, "nbd.sock")
         plans = []
@@ -308,50 +271,8 @@ class LibvirtSource(Source):
             ))
         return plans
 
-    def _make_run_dir(self, xml: str) -> None:
-        d = tempfile.mkdtemp(prefix=os.path.basename(run_dir_prefix(self._repo_id)), dir=run_base())
-        self._run_dir = d
-        with open(os.path.join(d, "domain"), "w") as f:
-            f.write(self.dom.UUIDString() + "\n")
-        # qemu (libvirt-qemu on Debian) creates the socket and the scratch files in it
-        uid, gid = _qemu_ids(xml)
-        if uid is not None and os.geteuid() == 0:
-            os.chown(d, uid, gid if gid is not None else -1)
-
-    def _backup_xml(self, all_targets: list[str], disks: list[DomainDisk], since: str | None) -> str:
-        root = ET.Element("domainbackup", mode="pull")
-        if since is not None:
-            ET.SubElement(root, "incremental").text = self._prefix + since
-        ET.SubElement(root, "server", transport="unix", socket=os.path.join(self._run_dir, "nbd.sock"))
-        el = ET.SubElement(root, "disks")
-        chosen = {d.target: d for d in disks}
-        scratch = os.path.abspath(self.scratch_dir) if self.scratch_dir else self._run_dir
-        tag = os.path.basename(self._run_dir)
-        for t in all_targets:
-            d = chosen.get(t)
-            if d is None:
-                ET.SubElement(el, "disk", name=t, backup="no")
-                continue
-            attrs = {"name": t, "backup": "yes", "type": "file", "backupmode": "full"}
-            if since is not None and d.fmt == "qcow2":
-                attrs.update(backupmode="incremental", incremental=self._prefix + since)
-            disk = ET.SubElement(el, "disk", attrs)
-            ET.SubElement(disk, "scratch", file=os.path.join(scratch, f"{tag}-{t}.scratch"))
-        return ET.tostring(root, encoding="unicode")
-
-    def _checkpoint_xml(self, all_targets: list[str], qcow2: list[DomainDisk], checkpoint: str,
-                        repo_id: str) -> str:
-        root = ET.Element("domaincheckpoint")
-        ET.SubElement(root, "name").text = self._prefix + checkpoint
-        ET.SubElement(root, "description").text = f"nbdbackup repository {repo_id}"
-        el = ET.SubElement(root, "disks")
-        bitmap = {d.target for d in qcow2}
-        for t in all_targets:
-            ET.SubElement(el, "disk", name=t, checkpoint="bitmap" if t in bitmap else "no")
-        return ET.tostring(root, encoding="unicode")
-
-    def _begin(self, backup_xml: str, checkpoint_xml: str | None, checkpoint: str | None) -> None:
-        libvirt = _libvirt()
+    def _begin(self, job_xml: str, ckpt_xml: str | None, checkpoint: str | None) -> None:
+        libvirt = binding()
         frozen_marker = os.path.join(self._run_dir, "frozen")
         if self.quiesce:
             open(frozen_marker, "w").close()    # a run killed while frozen: the next one thaws
@@ -367,22 +288,14 @@ class LibvirtSource(Source):
             # set before the call: a lost reply may still have made the job and checkpoint
             self._job = True
             self._new_checkpoint = self._prefix + checkpoint if checkpoint else None
-            self.dom.backupBegin(backup_xml, checkpoint_xml, 0)
+            self.dom.backupBegin(job_xml, ckpt_xml, 0)
         except libvirt.libvirtError as e:
             raise SourceUnreachable(f"libvirt refused the backup job of {self.domain}: {e.get_error_message()}",
                                     hint="see libvirtd's log; with --scratch-dir, qemu's user must be able "
                                          "to write there") from None
         finally:
-            if self.quiesce and self._thaw():
+            if self.quiesce and thaw(self.dom, self.domain):
                 os.unlink(frozen_marker)
-
-    def _thaw(self) -> bool:
-        try:
-            self.dom.fsThaw(None, 0)
-            return True
-        except Exception as e:   # the marker stays: the next run tries again
-            log.warning("could not thaw the file systems of %s: %s", self.domain, e)
-            return False
 
     # -- outcome ------------------------------------------------------------------------------
     def committed(self, plans: list[DiskPlan], infos: list[BackupInfo]) -> None:
@@ -396,10 +309,7 @@ class LibvirtSource(Source):
             return                  # no qcow2 disk: no chain to advance
         for c in self._our_checkpoints():
             if c.getName() != keep:
-                try:
-                    c.delete(0)     # older bases of this repository are no longer needed
-                except Exception as e:   # committed: a leftover checkpoint only costs guest I/O
-                    log.warning("could not delete old checkpoint %s: %s", c.getName(), e)
+                delete_checkpoint(c)    # older bases of this repository are no longer needed
 
     def failed(self, exc: BaseException | None) -> None:
         if self.delegate is not None:
@@ -415,12 +325,14 @@ class LibvirtSource(Source):
         new, self._new_checkpoint = self._new_checkpoint, None
         if new is None:
             return
-        libvirt = _libvirt()
+        libvirt = binding()
         try:
-            self.dom.checkpointLookupByName(new, 0).delete(0)
+            checkpoint = self.dom.checkpointLookupByName(new, 0)
         except libvirt.libvirtError as e:
-            if _error_code(e) != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:   # the next run deletes it
-                log.warning("could not delete checkpoint %s of the failed run: %s", new, e.get_error_message())
+            if error_code(e) != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:   # the next run deletes it
+                log.warning("could not find checkpoint %s of the failed run: %s", new, e.get_error_message())
+            return
+        delete_checkpoint(checkpoint)
 
     def close(self) -> None:
         try:
@@ -445,50 +357,3 @@ class LibvirtSource(Source):
     def vm_definition(self) -> VmDefinition | None:
         """The domain's definition as prepare() read it (the moment the set was taken)."""
         return self._vm
-
-    def _read_definition(self) -> VmDefinition:
-        """The domain XML to keep (the persistent definition, or a transient domain's live one;
-        never VIR_DOMAIN_XML_SECURE, so no VNC/SPICE passwords reach the repository) and its
-        UEFI variable store."""
-        from ..repo.vmdef import VmDefinition
-
-        libvirt = _libvirt()
-        persistent = bool(self.dom.isPersistent())
-        xml = self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if persistent else 0)
-        nvram_path = _nvram_path(xml)
-        nvram = None
-        if nvram_path:
-            try:
-                with open(nvram_path, "rb") as f:
-                    nvram = f.read()
-            except FileNotFoundError:   # libvirt makes it from the template at the first start
-                log.warning("%s names NVRAM file %s, which does not exist (yet): not stored",
-                            self.domain, nvram_path)
-            except OSError as e:
-                raise SourceUnreachable(f"cannot read the NVRAM (UEFI variables) of {self.domain} at "
-                                        f"{nvram_path}: {e.strerror or e}",
-                                        hint="run as a user who may read it (root, as libvirtd)") from None
-        return VmDefinition(domain=self.domain, xml=xml, nvram=nvram, nvram_path=nvram_path)
-
-
-def _nvram_path(xml: str) -> str | None:
-    """<os><nvram>PATH</nvram>, or the newer <nvram type='file'><source file='PATH'/>."""
-    el = ET.fromstring(xml).find("./os/nvram")
-    if el is None:
-        return None
-    source = el.find("source")
-    path = source.get("file") if source is not None else (el.text or "").strip()
-    return path or None
-
-
-def _qemu_ids(xml: str) -> tuple[int | None, int | None]:
-    """The uid and gid qemu runs as, from the live XML's DAC seclabel ("+64055:+64055")."""
-    for sec in ET.fromstring(xml).findall("seclabel"):
-        label = sec.find("label")
-        if sec.get("model") == "dac" and label is not None and label.text:
-            uid, _, gid = label.text.partition(":")
-            try:
-                return int(uid.lstrip("+")), int(gid.lstrip("+")) if gid else None
-            except ValueError:
-                return None, None
-    return None, None
