@@ -374,6 +374,27 @@ def test_encrypted_repository_seals_it_and_copy_carries_it_both_ways(tmp_path, m
         assert repo.vm_definition(got[0]) == vm and repo.vm_definition(repo.get_backup(direct[0].id)) == vm
 
 
+def test_copy_into_every_place_carries_the_definition(place, tmp_path):
+    """A local plaintext source copied into local+SQLite, local+PG and S3+PG (whole sets, once)."""
+    from nbdbackup.repo.copy import copy_backups, select_backups
+
+    vm = vm_def("web1", 40)
+    src_path = tmp_path / "src"
+    new_repo(src_path).close()
+    new_repo(place.spec, **place.init_options()).close()
+    with served(tmp_path, {"web1-vda": disk(40), "web1-vdb": disk(41, 2)}) as uris:
+        with Repository.open(str(src_path)) as s:
+            src = backup(s, uris, vm)
+    with Repository.open(str(src_path)) as s, open_place(place) as d:
+        r = copy_backups(s, d, select_backups(s, everything=True))
+        assert not r.failed and len(r.copied) == 2
+        got = [d.get_backup(b.id) for b in src]
+        assert got == [c.committed for c in r.copied]
+        assert [(g.domain, g.vm, g.set_id) for g in got] == [(b.domain, b.vm, b.set_id) for b in src]
+        assert d.vm_definition(got[1]) == vm and d.latest_domain_set("web1") == got
+        assert copy_backups(s, d, select_backups(s, everything=True)).copied == []    # idempotent
+
+
 # --- migration ------------------------------------------------------------------------------------
 
 def test_an_index_at_0003_is_refused_then_migrated(place, tmp_path):
@@ -396,3 +417,9 @@ def test_an_index_at_0003_is_refused_then_migrated(place, tmp_path):
             assert repo.vm_definition(new) == vm_def("web1", 21)
             assert repo.latest_domain_set("web1") == [new]
             assert read_all(repo, old.id) == disk(20, 2)
+
+
+def test_info_of_a_backup_without_a_repository_is_a_usage_error():
+    p = nbdbackup("info", "web1-vda", check=False, env={"NBDBACKUP_REPO": ""})
+    assert p.returncode == 2 and "not an NBD URI" in p.stderr and "--repo REPO info BACKUP" in p.stderr
+    assert "Traceback" not in p.stderr

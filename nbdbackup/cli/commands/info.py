@@ -61,7 +61,12 @@ def run(args) -> int:
     from .. import output
     from ..nbdargs import client_options
 
-    if "://" not in args.uri and getattr(args, "repo", None):
+    if "://" not in args.uri:
+        if not getattr(args, "repo", None):
+            from ...errors import UsageError
+            raise UsageError(f"{args.uri!r} is not an NBD URI, and no repository was given to find a backup in",
+                             hint="an export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; "
+                                  "a backup: nbdbackup --repo REPO info BACKUP")
         from ._backupinfo import run_backup_info
         return run_backup_info(args, args.uri)
     uri = parse_uri(args.uri)
