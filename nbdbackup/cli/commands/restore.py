@@ -1,4 +1,5 @@
-"""`nbdbackup restore BACKUP TARGET`: write a backup back out, bit-exact."""
+"""`nbdbackup restore BACKUP TARGET`: write a backup back out, bit-exact;
+`nbdbackup restore --libvirt SET_OR_DOMAIN --to-dir DIR`: bring a libvirt domain back."""
 
 from __future__ import annotations
 
@@ -18,26 +19,64 @@ DESCRIPTION = (
     "named .nbdbackup-restore-<target name>-<8 hex digits>, and renamed into place when\n"
     "complete. A restore that is killed leaves it behind; the next restore to the same\n"
     "target removes such leftovers and says so (a restore still running holds a lock\n"
-    "on its file, which is kept)."
+    "on its file, which is kept).\n"
+    "\n"
+    "--libvirt SET_OR_DOMAIN --to-dir DIR restores a whole libvirt domain from a set taken\n"
+    "with `full|incremental --libvirt`. SET_OR_DOMAIN is a backup id (its set), a set id\n"
+    "(`list` shows its first 8 digits; a unique prefix of 8 or more works), a domain name\n"
+    "(its newest set) or a disk name (its latest backup's set). Every disk of the set is\n"
+    "restored to DIR/<NAME>-<target>.<format> (qcow2 unless --format raw), the UEFI\n"
+    "variables (when stored) to DIR/<NAME>_VARS.fd (mode 0600), and the domain XML,\n"
+    "rewritten to use them, to DIR/<NAME>.xml. NAME is --name, else the domain's own name.\n"
+    "Disks that were not backed up (CD-ROMs, read-only, shareable or excluded disks) keep\n"
+    "their sources. --name gives the domain a new name, a new UUID and new MAC addresses,\n"
+    "so it can run beside the original. --define defines it on --connect, --start also\n"
+    "starts it. An existing domain of that name is replaced only with --force and only\n"
+    "when it is shut off; a running one is never touched."
 )
 
 
 def add_arguments(p) -> None:
     from ..backupargs import DEFAULT_CONNECTIONS, connections_type
 
-    p.add_argument("backup", metavar="BACKUP", help="backup id, or disk name for its latest backup")
-    p.add_argument("target", metavar="TARGET", help="file path, block device or NBD URI")
-    p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
-                   help="format of a file target (default raw)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing file or block device")
+    p.add_argument("backup", metavar="BACKUP", nargs="?", help="backup id, or disk name for its latest backup")
+    p.add_argument("target", metavar="TARGET", nargs="?", help="file path, block device or NBD URI")
+    p.add_argument("--format", choices=("raw", "qcow2"), default=None,
+                   help="format of a file target (default raw; with --libvirt qcow2)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing file or block device (--libvirt: also replace a shut-off "
+                        "domain's definition)")
     p.add_argument("--connections", type=connections_type, default=DEFAULT_CONNECTIONS, metavar="N",
                    help=f"parallel connections to an NBD target (default {DEFAULT_CONNECTIONS})")
+    g = p.add_argument_group("a whole libvirt domain")
+    g.add_argument("--libvirt", metavar="SET_OR_DOMAIN",
+                   help="restore every disk of a --libvirt backup set and its domain definition")
+    g.add_argument("--to-dir", metavar="DIR", help="directory for the restored disks, NVRAM and XML")
+    g.add_argument("--name", metavar="NEW", help="a new domain name (with a new UUID and MAC addresses)")
+    g.add_argument("--define", action="store_true", help="define the restored domain on --connect")
+    g.add_argument("--start", action="store_true", help="define and start the restored domain")
+    g.add_argument("--connect", metavar="URI", default="qemu:///system",
+                   help="libvirt connection URI for --define/--start (default qemu:///system)")
+
+
+_VM_ONLY = ("to_dir", "name", "define", "start")
 
 
 def run(args) -> int:
     from ...engine.restore import restore
+    from ...errors import UsageError
     from .. import output
     from ..repoargs import open_repo
+
+    if args.libvirt is not None:
+        return _run_vm(args)
+    given = [f"--{o.replace('_', '-')}" for o in _VM_ONLY if getattr(args, o)]
+    if given:
+        raise UsageError(f"{', '.join(given)} only go with --libvirt SET_OR_DOMAIN")
+    if args.backup is None or args.target is None:
+        raise UsageError("restore needs BACKUP and TARGET (or --libvirt SET_OR_DOMAIN --to-dir DIR)",
+                         hint="see `nbdbackup restore --help`")
+    args.format = args.format or "raw"
 
     with open_repo(args) as repo:
         r = restore(repo, args.backup, args.target, fmt=args.format, force=args.force,
@@ -53,4 +92,53 @@ def run(args) -> int:
         output.summary(args, f"restored {r.backup.id} ({r.backup.disk}, {hb(r.backup.size)}) to {r.target}: "
                              f"{hb(r.data_bytes)} data, {hb(r.zero_bytes)} zero, "
                              f"{r.duration_s:.1f}s ({hb(rate)}/s)")
+    return 0
+
+
+def _run_vm(args) -> int:
+    from ...engine.restore_vm import restore_vm
+    from ...errors import UsageError
+    from .. import output
+    from ..repoargs import open_repo
+
+    if args.backup is not None:
+        raise UsageError(f"--libvirt takes no BACKUP or TARGET (got {args.backup!r})",
+                         hint="restore --libvirt SET_OR_DOMAIN --to-dir DIR [--name NEW] [--define] [--start]")
+    if not args.to_dir:
+        raise UsageError("--libvirt needs --to-dir DIR: where the disks, NVRAM and XML go")
+    with open_repo(args) as repo:
+        r = restore_vm(repo, args.libvirt, args.to_dir, new_name=args.name, fmt=args.format or "qcow2",
+                       force=args.force, define=args.define, start=args.start, connect_uri=args.connect,
+                       connections=args.connections,
+                       progress=lambda total, desc: output.progress_bar(args, total, desc))
+    if args.json:
+        output.print_json({
+            "domain": r.domain, "source_domain": r.source_domain, "set_id": r.set_id, "uuid": r.uuid,
+            "xml": r.xml_path, "nvram": r.nvram_path, "defined": r.defined, "started": r.started,
+            "replaced": r.replaced, "checkpoints_dropped": r.checkpoints_dropped,
+            "macs_removed": r.macs_removed, "kept_disks": r.kept,
+            "duration_s": round(r.duration_s, 3),
+            "disks": [{"target": d.target, "path": d.path, "backup": d.result.backup.to_json(),
+                       "data_bytes": d.result.data_bytes, "zero_bytes": d.result.zero_bytes,
+                       "duration_s": round(d.result.duration_s, 3),
+                       "leftovers_removed": [{"path": p, "bytes": n} for p, n in d.result.leftovers_removed]}
+                      for d in r.disks]})
+        return 0
+    hb = output.human_bytes
+    for d in r.disks:
+        b = d.result.backup
+        output.summary(args, f"restored {b.id} ({b.disk}, {hb(b.size)}) to {d.path}: "
+                             f"{hb(d.result.data_bytes)} data, {hb(d.result.zero_bytes)} zero, "
+                             f"{d.result.duration_s:.1f}s")
+    for k in r.kept:
+        output.summary(args, f"not restored: {k}")
+    state = "defined and started" if r.started else "defined" if r.defined else "not defined (--define)"
+    extra = f", UEFI variables {r.nvram_path}" if r.nvram_path else ""
+    renamed = f" (backed up as {r.source_domain}, new UUID, {r.macs_removed} MAC address(es) left to libvirt)" \
+        if r.domain != r.source_domain else ""
+    replaced = ", replacing the shut-off domain's definition" if r.replaced else ""
+    if r.checkpoints_dropped:
+        replaced += f" (and this repository's {len(r.checkpoints_dropped)} checkpoint(s): the next backup is a full)"
+    output.summary(args, f"domain {r.domain}{renamed}: {state} on {args.connect}{replaced}; "
+                         f"XML {r.xml_path}{extra}; {r.duration_s:.1f}s")
     return 0
