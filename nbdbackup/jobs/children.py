@@ -133,7 +133,11 @@ def run_all(children: list[Child], concurrency: int, *, grace_s: float = 120.0) 
             try:
                 c.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(c.proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(c.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                c.proc.wait()
             c.poll()
         raise
 

@@ -70,6 +70,8 @@ class KeyLines:
         """The key's line, else its table's header line, else 1."""
         if key is not None and key in self.keys.get(table, {}):
             return self.keys[table][key]
+        if table == ("", 0) and (key, 0) in self.headers:     # an unknown [table] at the top
+            return self.headers[(key, 0)]
         return self.headers.get(table, 1)
 
 

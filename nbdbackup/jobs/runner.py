@@ -182,7 +182,9 @@ class RunReport:
 def plan(job: Job, *, full: bool) -> list[SourceRun]:
     runs = []
     for spec, target, error in expand(job):
-        kind = "full" if full or spec.options.get("full") else "incremental"
+        # an NBD export without a bitmap has no record of changes: every run is a full
+        no_bitmap = spec.kind == "nbd" and "bitmap" not in spec.options
+        kind = "full" if full or spec.options.get("full") or no_bitmap else "incremental"
         r = SourceRun(spec=spec, target=target, kind=kind)
         if error:
             r.error, r.exit_code = error, 4
