@@ -442,3 +442,27 @@ keep-last = 1
     web = backups_of(repo, "web")
     assert [x["id"] for x in web] == [by_disk(doc)["web"]["id"]]
     assert len(backups_of(repo, "db")) == 2
+
+
+# --- examples ----------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_example_job_file_and_units():
+    import shlex
+
+    from nbdbackup.cli.main import build_parser
+    from nbdbackup.jobs.jobfile import load
+
+    job = load(str(EXAMPLES / "fleet.toml"))
+    assert [s.kind for s in job.sources] == ["libvirt", "libvirt", "image"]
+    assert job.prune == {"daily": 7, "weekly": 4, "monthly": 6} and job.concurrency == 2
+    assert job.metrics_file.startswith("/var/lib/prometheus/node-exporter/")
+    unit = (EXAMPLES / "nbdbackup-run.service").read_text()
+    execs = [shlex.split(ln.split("=", 1)[1]) for ln in unit.splitlines() if ln.startswith("ExecStart")]
+    commands = [build_parser().parse_args(argv[1:]) for argv in execs]
+    assert [c.command for c in commands] == ["run", "gc"]
+    assert commands[0].jobfile == "/etc/nbdbackup/fleet.toml"
+    assert "OnCalendar=" in (EXAMPLES / "nbdbackup-run.timer").read_text()
+    assert "time() - nbdbackup_last_success_timestamp_seconds > 26*3600" in unit
