@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ..errors import EXIT_CODE_HELP, NbdBackupError
+from ..errors import EXIT_CODE_HELP, NbdBackupError, NotFound
 from .children import Child, base_argv, run_all
 from .jobfile import RULES, Job, SourceSpec
 
@@ -61,44 +61,41 @@ class SourceRun:
                 "duration_s": round(self.duration_s, 3), "backups": self.backups}
 
 
-def expand(job: Job) -> list[tuple[SourceSpec, str, str | None]]:
+def expand(job: Job) -> list[tuple[SourceSpec, str, NbdBackupError | None]]:
     """(spec, target, error) per source to run: a libvirt glob becomes one per matching domain
     (sorted), or one failed entry when it matches none or libvirt cannot be asked. A domain
     that two sources name runs once, with the first source's options."""
     out, seen = [], set()
     for spec in job.sources:
-        if not spec.is_glob:
-            targets, error = [spec.target], None
-        else:
-            targets, error = _domains(spec.target, spec.options.get("connect", job.connect))
-            if error:
-                out.append((spec, spec.target, error))
+        uri = spec.options.get("connect", job.connect) if spec.kind == "libvirt" else None
+        targets = [spec.target]
+        if spec.is_glob:
+            try:
+                targets = _domains(spec.target, uri)
+            except NbdBackupError as e:
+                out.append((spec, spec.target, e))
                 continue
             if not targets:
-                out.append((spec, spec.target, f"no libvirt domain matches {spec.target!r}"))
+                out.append((spec, spec.target, NotFound(f"no libvirt domain on {uri} matches {spec.target!r}")))
                 continue
         for t in targets:
-            key = (spec.kind, t, spec.options.get("connect", job.connect) if spec.kind == "libvirt" else None)
-            if key in seen:
+            if (spec.kind, t, uri) in seen:
                 log.warning("%s:%s is named by more than one source; backed up once, with the options "
                             "of the first (source #%d's repeat skipped)", spec.kind, t, spec.number)
                 continue
-            seen.add(key)
+            seen.add((spec.kind, t, uri))
             out.append((spec, t, None))
     return out
 
 
-def _domains(pattern: str, uri: str) -> tuple[list[str], str | None]:
+def _domains(pattern: str, uri: str) -> list[str]:
     from ..sources.libvirt_domain import domain_names, open_connection
 
+    conn = open_connection(uri)     # UsageError without the binding, SourceUnreachable without libvirtd
     try:
-        conn = open_connection(uri)
-        try:
-            return domain_names(conn, pattern), None
-        finally:
-            conn.close()
-    except NbdBackupError as e:
-        return [], f"cannot list libvirt domains on {uri}: {e}"
+        return domain_names(conn, pattern)
+    finally:
+        conn.close()
 
 
 def repo_argv(job: Job, args) -> list[str]:
@@ -186,8 +183,8 @@ def plan(job: Job, *, full: bool) -> list[SourceRun]:
         no_bitmap = spec.kind == "nbd" and "bitmap" not in spec.options
         kind = "full" if full or spec.options.get("full") or no_bitmap else "incremental"
         r = SourceRun(spec=spec, target=target, kind=kind)
-        if error:
-            r.error, r.exit_code = error, 4
+        if error is not None:
+            r.error, r.hint, r.exit_code = str(error), error.hint, int(error.exit_code)
         runs.append(r)
     return runs
 
