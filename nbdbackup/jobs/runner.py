@@ -102,8 +102,11 @@ def repo_argv(job: Job, args) -> list[str]:
     """The options every child gets: where the repository is and how to open it (secrets
     only by file name or environment), --json, and the run's own logging options."""
     a = [*base_argv(), "--repo", job.repository, "--json"]
-    for opt, value in (("--index-url", job.index_url), ("--s3-endpoint", job.s3_endpoint),
-                       ("--key-file", job.key_file), ("--passphrase-file", job.passphrase_file),
+    # the job's settings; the run's own options (or $NBDBACKUP_INDEX_URL) where the job has none
+    for opt, value in (("--index-url", job.index_url or getattr(args, "index_url", None)),
+                       ("--s3-endpoint", job.s3_endpoint or getattr(args, "s3_endpoint", None)),
+                       ("--key-file", job.key_file or getattr(args, "key_file", None)),
+                       ("--passphrase-file", job.passphrase_file or getattr(args, "passphrase_file", None)),
                        ("--log-file", getattr(args, "log_file", None))):
         if value:
             a += [opt, value]
