@@ -199,7 +199,8 @@ def test_concurrency_runs_two_at_once_and_passphrase_stays_out_of_argv(tmp_path)
     assert sorted(b["disk"] for b in got) == ["d0", "d1", "d2"]
 
 
-def test_sigkill_of_run_takes_its_children_along(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_takes_its_children_along(tmp_path, sig):
     init_repo(tmp_path / "repo")
     raw = random_file(tmp_path / "big.raw", 160 * MiB)       # random: slow to compress, time to kill
     img = tmp_path / "big.qcow2"
@@ -217,8 +218,8 @@ def test_sigkill_of_run_takes_its_children_along(tmp_path):
         kids = _children(proc.pid)
         family = set(kids) | {g for k in kids for g in _children(k)}
         assert any("qemu-nbd" in " ".join(_cmdline(g)) for g in family), "the backup never started qemu-nbd"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        assert proc.wait(60) == (-signal.SIGKILL if sig == signal.SIGKILL else ExitCode.INTERRUPTED)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and
                                                   Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"
