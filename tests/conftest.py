@@ -15,7 +15,7 @@ from helpers.pki import Pki, make_test_pki
 from helpers.places import REPO_MODES, RepoPlace, make_place
 from helpers.repo import REPO_BACKENDS, backend_options, new_repo
 
-pytest_plugins = ["helpers.ceph", "helpers.pg"]
+pytest_plugins = ["helpers.ceph", "helpers.pg", "helpers.libvirt"]
 
 # --- the environment ------------------------------------------------------------------
 

@@ -1,0 +1,227 @@
+"""libvirt for the tests: the shared libvirtd, throw-away domains, guest writes.
+
+    def test_x(libvirt_domain, tmp_path):           # fixtures: libvirtd, libvirt_domain
+        dom = libvirt_domain(disks=[("qcow2", 64 * MiB), ("raw", 16 * MiB)], cdrom=True)
+        guest_write(dom, "vda", 0x33, 1 * MiB, 64 * 1024)
+        disk_now(dom.disks["vda"], tmp_path / "vda.raw")
+
+libvirtd (and virtlogd) are shared with every engineer's tests running at the same time:
+the running daemon is used, one is started only when none answers, and a shared one is
+never stopped. Domains are named nbdbackup-test-<pid>-<n>, have no guest OS (TCG, 64 MiB,
+sitting in the firmware) and are always destroyed and undefined at the end. qemu runs as
+libvirt's own user, so images live in a 0755 directory under /var/tmp.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from . import support
+
+URI = "qemu:///system"
+MiB = 1024 * 1024
+_counter = itertools.count(1)
+
+
+def virsh(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
+    """virsh -c qemu:///system ARGS (AssertionError with its output when check and it fails)."""
+    return support.run([support.require_tool("virsh"), "-c", URI, *args], check=check, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def libvirtd():
+    """The connection URI of a libvirtd that answers: the running one, else one started here
+    (and only that one stopped at the end)."""
+    support.require_tool("virsh")
+    started = []
+    if virsh("list", "--name", check=False).returncode != 0:
+        for daemon in ("virtlogd", "libvirtd"):
+            exe = support.require_tool(daemon)
+            started.append(subprocess.Popen([exe], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        deadline = time.monotonic() + 30
+        while virsh("list", "--name", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "libvirtd did not come up: " + started[-1].stderr.read1().decode()
+            time.sleep(0.2)
+    yield URI
+    for proc in reversed(started):
+        support.stop(proc)
+
+
+@dataclass
+class TestDomain:
+    name: str
+    dir: Path                               # 0755 directory with its images and XML
+    disks: dict[str, Path]                  # target -> image, in XML order ("vda", "vdb", ...)
+    formats: dict[str, str]                 # target -> "qcow2" | "raw"
+    persistent: bool
+    xml: str                                # the XML it was created/defined from
+    cdrom: str | None = None                # the CD-ROM's target ("hdc") when it has one
+    nvram: Path | None = None
+    removed: bool = field(default=False, repr=False)
+
+    __test__ = False        # not a pytest test class
+
+    def is_active(self) -> bool:
+        return virsh("domstate", self.name).stdout.strip() in ("running", "paused", "in shutdown")
+
+    def start(self) -> None:
+        virsh("start", self.name)
+
+    def stop(self) -> None:
+        """virsh destroy: qemu gets SIGTERM and saves the persistent bitmaps into the images."""
+        virsh("destroy", self.name)
+
+    def checkpoints(self) -> list[str]:
+        """libvirt's checkpoint names of this domain, sorted."""
+        return sorted(virsh("checkpoint-list", self.name, "--name").stdout.split())
+
+    def job_running(self) -> bool:
+        out = virsh("domjobinfo", self.name).stdout
+        return not any(line.split(":", 1)[-1].strip().lower() == "none"
+                       for line in out.splitlines() if line.startswith("Job type"))
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        self.removed = True
+        virsh("destroy", self.name, check=False)
+        if self.persistent:
+            virsh("undefine", self.name, "--checkpoints-metadata", "--nvram", check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _qemu_img(*args) -> None:
+    support.run([support.require_tool("qemu-img"), *args])
+
+
+def _disk_xml(target: str, path: Path, fmt: str) -> str:
+    return f"""    <disk type='file' device='disk'>
+      <driver name='qemu' type='{fmt}'/>
+      <source file='{path}'/>
+      <target dev='{target}' bus='virtio'/>
+    </disk>
+"""
+
+
+def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent: bool = False,
+                running: bool = True, fill: int | None = 0x11, nvram: bool = False,
+                tag: str = "") -> TestDomain:
+    """A new domain with one virtio disk per (format, size) in *disks* (targets vda, vdb, ...),
+    each with its first MiB written with byte *fill* (None: left empty); *cdrom*: an IDE CD-ROM
+    hdc with a small file in it; *nvram*: a pflash NVRAM file (SeaBIOS as the loader).
+    Transient domains are always running. The caller removes it (the fixture does)."""
+    if not persistent and not running:
+        raise ValueError("a transient domain only exists while it runs")
+    name = f"nbdbackup-test-{os.getpid()}-{next(_counter)}{'-' + tag if tag else ''}"
+    d = Path(tempfile.mkdtemp(prefix="nbdbackup-libvirt-", dir="/var/tmp"))
+    d.chmod(0o755)
+    images: dict[str, Path] = {}
+    formats: dict[str, str] = {}
+    devices = ""
+    for i, (fmt, size) in enumerate(disks):
+        target = "vd" + chr(ord("a") + i)
+        img = d / f"{target}.{fmt}"
+        _qemu_img("create", "-q", "-f", fmt, str(img), str(size))
+        if fill is not None:
+            support.run([support.require_tool("qemu-io"), "-f", fmt, "-c", f"write -q -P {fill} 0 1M", str(img)])
+        images[target], formats[target] = img, fmt
+        devices += _disk_xml(target, img, fmt)
+    if cdrom:
+        iso = d / "cd.iso"
+        iso.write_bytes(b"\x42" * (2 * MiB))
+        devices += f"""    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file='{iso}'/>
+      <target dev='hdc' bus='ide'/>
+      <readonly/>
+    </disk>
+"""
+    loader = ""
+    nvram_path = None
+    if nvram:
+        nvram_path = d / "VARS.fd"
+        nvram_path.write_bytes(bytes(range(256)) * 512)     # 128 KiB, recognisable
+        bios = "/usr/share/seabios/bios-256k.bin"
+        loader = (f"<loader readonly='yes' type='pflash'>{bios}</loader>"
+                  f"<nvram>{nvram_path}</nvram>")
+    xml = f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{loader}<boot dev='hd'/></os>
+  {"<features><acpi/></features>" if nvram else ""}
+  <devices>
+    <emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
+{devices}  </devices>
+</domain>
+"""
+    xml_file = d / "dom.xml"
+    xml_file.write_text(xml)
+    dom = TestDomain(name=name, dir=d, disks=images, formats=formats, persistent=persistent, xml=xml,
+                     cdrom="hdc" if cdrom else None, nvram=nvram_path)
+    try:
+        if persistent:
+            virsh("define", str(xml_file))
+            if running:
+                dom.start()
+        else:
+            virsh("create", str(xml_file))
+    except BaseException:
+        dom.remove()
+        raise
+    return dom
+
+
+@pytest.fixture
+def libvirt_domain(libvirtd):
+    """make_domain as a factory; every domain it made is removed after the test."""
+    made: list[TestDomain] = []
+
+    def factory(*args, **kw) -> TestDomain:
+        dom = make_domain(*args, **kw)
+        made.append(dom)
+        return dom
+
+    yield factory
+    for dom in reversed(made):
+        dom.remove()
+
+
+def _qdev(dom: TestDomain, target: str) -> str:
+    """The qdev path of *target*'s virtio device, from the live XML's alias (vdb -> virtio-disk1)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(virsh("dumpxml", dom.name).stdout)
+    for disk in root.findall("./devices/disk"):
+        if disk.find("target").get("dev") == target:
+            alias = disk.find("alias").get("name")
+            return f"/machine/peripheral/{alias}/virtio-backend"
+    raise AssertionError(f"{dom.name} has no disk {target}")
+
+
+def guest_write(dom: TestDomain | str, target: str, pattern: int, offset: int, length: int) -> None:
+    """What the guest would write: HMP qemu-io on *target*'s device of the running domain."""
+    if isinstance(dom, str):
+        dom = TestDomain(name=dom, dir=Path("/nonexistent"), disks={}, formats={}, persistent=False, xml="")
+    out = virsh("qemu-monitor-command", dom.name, "--hmp",
+                f'qemu-io -d {_qdev(dom, target)} "write -P {pattern} {offset} {length}"').stdout
+    assert "error" not in out.lower() and "fail" not in out.lower(), out
+
+
+def disk_now(path: Path | str, out: Path | str) -> Path:
+    """The disk's current contents as a raw file *out* (-U: a running qemu holds the image's
+    lock; the caller makes sure nothing writes meanwhile)."""
+    info = json.loads(support.run([support.require_tool("qemu-img"), "info", "-U", "--output=json",
+                                   str(path)]).stdout)
+    _qemu_img("convert", "-U", "-f", info["format"], "-O", "raw", str(path), str(out))
+    return Path(out)
