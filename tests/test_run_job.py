@@ -467,3 +467,20 @@ def test_example_job_file_and_units():
     assert commands[0].jobfile == "/etc/nbdbackup/fleet.toml"
     assert "OnCalendar=" in (EXAMPLES / "nbdbackup-run.timer").read_text()
     assert "time() - nbdbackup_last_success_timestamp_seconds > 26*3600" in unit
+
+
+def test_unreachable_libvirt_fails_its_glob_only(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    qio(make_image(tmp_path / "web.qcow2", 1 * MiB), "write -P 0x61 0 64K")
+    job = write_job(tmp_path / "job.toml", f"""
+repository = "repo"
+[[source]]
+libvirt = "web*"
+connect = "qemu+unix:///system?socket={tmp_path}/no-libvirtd.sock"
+[[source]]
+image = "web.qcow2"
+""")
+    doc = run_json(job, check_rc=ExitCode.SOME_SOURCES_FAILED)
+    glob = next(s for s in doc["sources"] if s["source"] == "libvirt:web*")
+    assert glob["exit_code"] == ExitCode.SOURCE_UNREACHABLE and "cannot connect to libvirt" in glob["error"]
+    assert [b["disk"] for b in backups_of(repo)] == ["web"]
