@@ -32,7 +32,7 @@ def run(args) -> int:
 
     from ...errors import ExitCode
     from ...jobs import jobfile, runner
-    from ..output import print_json
+    from ..output import FILE_ONLY, log, print_json
 
     job = jobfile.load(args.jobfile)
     if args.dry_run:
@@ -54,10 +54,12 @@ def run(args) -> int:
         from ...jobs.metrics import render, write_atomically
 
         write_atomically(metrics_file, render(report))
+    table = summary_table(report)
     if args.json:
         print_json(report_json(report))
     elif not args.quiet:
-        print(summary_table(report), file=sys.stderr)
+        print(table, file=sys.stderr)
+    log.info("%s", table, extra=FILE_ONLY)     # the record a timer's --log-file keeps, even with --quiet
     return ExitCode.OK if report.ok else ExitCode.SOME_SOURCES_FAILED
 
 
