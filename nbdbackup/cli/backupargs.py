@@ -1,7 +1,8 @@
 """Options shared by `full` and `incremental`, and the choice of source.
 
-Exactly one source option is given: --source URI (any NBD export) or
---image PATH (an offline qcow2 the tool manages). Other sources add their
+Exactly one source option is given: --source URI (any NBD export),
+--image PATH (an offline qcow2 the tool manages), --qmp SOCKET (a running
+qemu) or --libvirt DOMAIN (a whole libvirt domain). Other sources add their
 option here and a branch in build_source().
 """
 
@@ -27,16 +28,21 @@ def add_backup_arguments(p: argparse.ArgumentParser, *, incremental: bool) -> No
                           "recognises is backed up as raw, with a warning)")
     src.add_argument("--qmp", metavar="SOCKET",
                      help="a running qemu's QMP unix socket: live backup of the --node disks by fleecing")
+    src.add_argument("--libvirt", metavar="DOMAIN",
+                     help="a libvirt domain by name: all its disks as one set (running: libvirt's backup "
+                          "job in pull mode with checkpoints; shut off: from its images)")
     p.add_argument("--disk", metavar="NAME", action="append",
                    help="disk name in the repository (required with --source; with --qmp one per --node, "
                         "default the NODE; default with --image: "
-                        "the image's file name without extension)")
+                        "the image's file name without extension; with --libvirt TARGET=NAME, repeatable, "
+                        "default DOMAIN-TARGET)")
     p.add_argument("--connections", type=connections_type, default=DEFAULT_CONNECTIONS, metavar="N",
                    help=f"parallel NBD connections when the export allows it (default {DEFAULT_CONNECTIONS})")
     p.add_argument("--compress-all", action="store_true",
                    help="compress every chunk, even when that makes the backup CPU-bound (default: adaptive, "
                         "a chunk is stored raw when all cores are busy)")
     add_qmp_arguments(p)     # --- QMP live-VM options (owner: sources/qmp) ---
+    add_libvirt_arguments(p)  # --- libvirt domain options (owner: sources/libvirt) ---
     if incremental:
         p.add_argument("--bitmap", metavar="BITMAP",
                        help="with --source: read changes from the export's qemu:dirty-bitmap:BITMAP")
@@ -58,13 +64,18 @@ def build_source(args, kind: str):
     """The Source object for the options given; UsageError on a bad combination."""
     from ..errors import UsageError
 
-    chosen = [o for o in ("source", "image", "qmp") if getattr(args, o, None)]
+    chosen = [o for o in ("source", "image", "qmp", "libvirt") if getattr(args, o, None)]
     if len(chosen) != 1:
-        raise UsageError("give exactly one of --source URI, --image PATH or --qmp SOCKET")
+        raise UsageError("give exactly one of --source URI, --image PATH, --qmp SOCKET or --libvirt DOMAIN")
     bitmap = getattr(args, "bitmap", None)
     since = getattr(args, "since", None)
     if args.format and not args.image:
         raise UsageError("--format is for --image")
+    if args.libvirt:
+        return build_libvirt_source(args, bitmap or since)
+    used = [f"--{o.replace('_', '-')}" for o in LIBVIRT_ONLY if getattr(args, o, None)]
+    if used:
+        raise UsageError(f"{', '.join(used)}: only with --libvirt DOMAIN")
     if args.qmp:
         return build_qmp_source(args, bitmap or since)
     if args.node:
@@ -99,8 +110,9 @@ def add_qmp_arguments(p: argparse.ArgumentParser) -> None:
                    help="block node name, drive id or device id to back up; repeat for one "
                         "consistent point in time over several disks")
     g.add_argument("--scratch-dir", metavar="DIR",
-                   help="where the temporary fleecing overlays go (default: a new temporary directory); "
-                        "needs room for what the guest rewrites during the backup")
+                   help="where the temporary fleecing overlays (--qmp) or libvirt's scratch files "
+                        "(--libvirt; qemu's user must be able to write there) go (default: a new private "
+                        "directory); needs room for what the guest rewrites during the backup")
     g.add_argument("--nbd-server", metavar="URI",
                    help="qemu already runs an NBD server (nbd-server-start was done by someone else): "
                         "its address, e.g. nbd+unix:///?socket=PATH or nbd://HOST:PORT")
@@ -127,6 +139,50 @@ def build_qmp_source(args, bitmap_or_since):
                      qga=args.qga, state_dir=args.state_dir)
 
 # --- end of QMP options --------------------------------------------------------
+
+
+# --- libvirt domain options (owner: sources/libvirt; keep this block together) ------
+
+LIBVIRT_ONLY = ("connect", "exclude_disk", "quiesce")
+
+
+def add_libvirt_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("libvirt domain (with --libvirt)")
+    g.add_argument("--connect", metavar="URI",
+                   help="libvirt connection URI, as virsh -c (default qemu:///system)")
+    g.add_argument("--exclude-disk", metavar="TARGET", action="append",
+                   help="do not back up this disk (its target, e.g. vdb); repeatable. CD-ROMs, read-only "
+                        "and shareable disks are always skipped (and named)")
+    g.add_argument("--quiesce", action="store_true",
+                   help="freeze the guest's file systems through the guest agent (libvirt's fsFreeze) "
+                        "for the moment the point in time is taken; always thawed afterwards")
+
+
+def build_libvirt_source(args, bitmap_or_since):
+    from ..errors import UsageError
+    from ..sources.libvirt import LibvirtSource
+    from ..sources.libvirt_domain import DEFAULT_URI
+
+    if bitmap_or_since:
+        raise UsageError("--bitmap and --since are for --source; with --libvirt the tool tracks its own "
+                         "checkpoints and parents")
+    for opt in ("node", "nbd_server", "qga"):
+        if getattr(args, opt, None):
+            raise UsageError(f"--{opt.replace('_', '-')} is for --qmp"
+                             + ("; with --libvirt use --quiesce (libvirt's own guest agent)" if opt == "qga" else ""))
+    names = {}
+    for spec in args.disk or ():
+        target, sep, name = spec.partition("=")
+        if not sep or not target or not name:
+            raise UsageError(f"--disk {spec!r}: with --libvirt give TARGET=NAME (e.g. --disk vda=web1-root)")
+        if target in names:
+            raise UsageError(f"--disk names disk {target} twice")
+        names[target] = name
+    return LibvirtSource(args.libvirt, args.connect or DEFAULT_URI, exclude=args.exclude_disk or (),
+                         names=names, quiesce=args.quiesce, scratch_dir=args.scratch_dir,
+                         connections=args.connections)
+
+# --- end of libvirt options -------------------------------------------------------
 
 
 def run_backup_command(args, kind: str) -> int:
