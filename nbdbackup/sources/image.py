@@ -46,11 +46,18 @@ def new_checkpoint() -> str:
 
 
 class ImageSource(Source):
-    def __init__(self, path: str, disk: str | None = None, *, connections: int = 4, fmt: str | None = None):
+    """One image. *checkpoint* (a new_checkpoint() value) is the generation this run opens,
+    when a caller backs several images up as one set (a shut-off libvirt domain: one
+    checkpoint for all its disks); *source* is what the backup records as its source."""
+
+    def __init__(self, path: str, disk: str | None = None, *, connections: int = 4, fmt: str | None = None,
+                 checkpoint: str | None = None, source: str | None = None):
         self.path = os.path.abspath(path)
         self.format = fmt           # None: probed by qemu-img
         self.disk = disk or default_disk_name(path)
         self.connections = max(1, connections)
+        self.checkpoint = checkpoint
+        self.source = source or f"image:{self.path}"
         self.nbd: QemuNbd | None = None
         self._added: str | None = None      # bitmap this run created (dropped on failure)
         self._prefix = ""
@@ -123,7 +130,7 @@ class ImageSource(Source):
                 kind = "full"
         checkpoint = None
         if info.format == "qcow2":
-            checkpoint = new_checkpoint()
+            checkpoint = self.checkpoint or new_checkpoint()
             bitmap_add(self.path, self._prefix + checkpoint)
             self._added = self._prefix + checkpoint     # only once it exists: failed() removes it
         self.nbd = QemuNbd(self.path, info.format, connections=self.connections,
@@ -134,7 +141,7 @@ class ImageSource(Source):
             bitmap=bitmap.name if bitmap else None,
             parent_id=parent.id if parent else None,
             checkpoint=checkpoint, fallback_reason=reason,
-            extra={"source": f"image:{self.path}", "format": info.format},
+            extra={"source": self.source, "format": info.format},
         )]
 
     def committed(self, plans: list[DiskPlan], infos: list[BackupInfo]) -> None:

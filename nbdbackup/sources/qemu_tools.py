@@ -90,11 +90,13 @@ class ImageInfo:
     corrupt: bool = False       # qcow2's own corrupt flag
 
 
-def image_info(path: str, fmt: str | None = None) -> ImageInfo:
-    """`qemu-img info` (format probed unless *fmt*); fails with LockedError when a writer has the image open."""
+def image_info(path: str, fmt: str | None = None, *, force_share: bool = False) -> ImageInfo:
+    """`qemu-img info` (format probed unless *fmt*); fails with LockedError when a writer has the image open.
+    *force_share* (-U) reads an image a running qemu holds: only for the names in its header,
+    whose bitmap flags then say in-use and whose contents may be mid-change."""
     if not os.path.exists(path):
         raise SourceUnreachable(f"image {path} does not exist")
-    args = ["info", "--output=json"] + (["-f", fmt] if fmt else [])
+    args = ["info", "--output=json"] + (["-f", fmt] if fmt else []) + (["-U"] if force_share else [])
     try:
         out = json.loads(qemu_img(path, *args))
     except SourceUnreachable as e:
