@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -22,7 +21,7 @@ import pytest
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, qio, random_file, restore_equals, snapshot_raw
-from helpers.libvirt import guest_write, virsh
+from helpers.libvirt import disk_now, guest_write, virsh
 
 pytestmark = pytest.mark.libvirt
 
@@ -42,47 +41,22 @@ def shut_off(libvirt_domain):
 # --- driving a shut-off backup -----------------------------------------------------------------
 
 def _offline(repo: Path, name: str, kind: str, *flags: str, check: bool = True, popen: bool = False):
-    """One backup of shut-off domain *name* through OfflineDomainSource, in a child process
-    (this file's __main__), as LibvirtSource hands it over."""
-    cmd = [sys.executable, __file__, str(repo), name, kind, *flags]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    """`nbdbackup KIND --libvirt NAME` of a shut-off domain (the CLI hands it to
+    OfflineDomainSource); with check, ({target: backup}, stderr)."""
+    return _backup(repo, name, kind, *flags, check=check, popen=popen)
+
+
+def _backup(repo: Path, name: str, kind: str, *flags: str, check: bool = True, popen: bool = False):
+    args = ["--repo", str(repo), "--json", kind, "--libvirt", name, "--connections", "2", *flags]
     if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-        return {b["disk"].rsplit("-", 1)[1]: b for b in json.loads(p.stdout)}, p.stderr
-    return p
-
-
-def _main(argv: list[str]) -> int:
-    import logging
-
-    import libvirt
-
-    from nbdbackup.engine.backup import run_backup
-    from nbdbackup.engine.options import BackupOptions
-    from nbdbackup.errors import NbdBackupError
-    from nbdbackup.repo.repository import Repository
-    from nbdbackup.sources.libvirt_domain import backup_disks, disk_name
-    from nbdbackup.sources.libvirt_offline import OfflineDomainSource
-
-    logging.basicConfig(level=logging.WARNING, format="nbdbackup: warning: %(message)s", stream=sys.stderr)
-    repo_path, name, kind, *flags = argv
-    conn = libvirt.open(URI)
-    dom = conn.lookupByName(name)
-    disks, _ = backup_disks(dom.XMLDesc(0))
-    try:
-        with Repository.open(repo_path) as repo:
-            source = OfflineDomainSource(dom, name, disks, {d.target: disk_name(name, d.target) for d in disks},
-                                         connections=2)
-            results = run_backup(repo, source, kind,
-                                 BackupOptions(connections=2, no_fallback="--no-fallback" in flags))
-    except NbdBackupError as e:
-        print(f"nbdbackup: error: {e}", file=sys.stderr)
-        return int(e.exit_code)
-    print(json.dumps([r.info.to_json() for r in results]))
-    return 0
+        return subprocess.Popen([support.nbdbackup_exe(), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    p = support.nbdbackup(*args, check=False)
+    if not check:
+        return p
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    return {b["disk"].rsplit("-", 1)[1]: b for b in (out if isinstance(out, list) else [out])}, p.stderr
 
 
 # --- looking at the state ----------------------------------------------------------------------
@@ -128,15 +102,34 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     repo = init_repo(tmp_path / "repo", "64K")
     prefix = f"nbdbackup-{_repo_id(repo)}-"
     snaps = {}
+    # another tool's and another repository's checkpoints, and another repository's bitmap
+    # that libvirt does not know: never used, never removed
+    foreign = ["virtnbdbackup.0", "nbdbackup-" + "0" * 32 + "-20261201T000000Z-00000000"]
+    dom.start()
+    for checkpoint in foreign:
+        _virsh("checkpoint-create-as", name, checkpoint, "--diskspec", "vda,checkpoint=bitmap")
+    dom.stop()
+    foreign_bitmap = "nbdbackup-" + "f" * 32 + "-20261201T000000Z-ffffffff"
+    support.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", str(img), foreign_bitmap])
+
+    def checkpoints() -> list[str]:
+        every = _checkpoints(name)
+        assert set(foreign) <= set(every), every
+        return [c for c in every if c not in foreign]
+
+    def bitmaps() -> list[str]:
+        every = _bitmaps(img)
+        assert set(foreign) | {foreign_bitmap} <= set(every), every
+        return [b for b in every if b.startswith(prefix)]
 
     full, _ = _offline(repo, name, "full")
     full = full["vda"]
     assert full["kind"] == "full" and full["disk"] == f"{name}-vda" and full["source"] == f"libvirt:{name}/vda"
     assert full["checkpoint"]
     snaps[full["id"]] = snapshot_raw(img, tmp_path / "full.raw")
-    assert list(_bitmaps(img)) == [prefix + full["checkpoint"]]
+    assert bitmaps() == [prefix + full["checkpoint"]]
     # libvirt knows the checkpoint the images now hold: redefined on the inactive domain
-    assert _checkpoints(name) == [prefix + full["checkpoint"]]
+    assert checkpoints() == [prefix + full["checkpoint"]]
     assert _checkpoint_disks(name, prefix + full["checkpoint"]) == {"vda": "bitmap"}
 
     qio(img, "write -q -P 0x22 8M 64K")                       # written while shut off
@@ -145,13 +138,13 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     assert inc1["kind"] == "incremental" and inc1["parent"] == full["id"]
     assert 0 < inc1["read_bytes"] <= 64 * 1024, inc1
     snaps[inc1["id"]] = snapshot_raw(img, tmp_path / "inc1.raw")
-    assert list(_bitmaps(img)) == [prefix + inc1["checkpoint"]]
-    assert _checkpoints(name) == [prefix + inc1["checkpoint"]]      # the old one's metadata went
+    assert bitmaps() == [prefix + inc1["checkpoint"]]
+    assert checkpoints() == [prefix + inc1["checkpoint"]]      # the old one's metadata went
 
     # start: libvirt validates the checkpoint against the running qemu's bitmaps
     dom.start()
     assert _reconcile(name, repo, inc1["checkpoint"]) is None
-    assert _checkpoints(name) == [prefix + inc1["checkpoint"]]
+    assert checkpoints() == [prefix + inc1["checkpoint"]]
     guest_write(dom, "vda", 0x33, 20 * MiB, 64 * 1024)
     dom.stop()
     flags = _bitmaps(img)[prefix + inc1["checkpoint"]]
@@ -162,8 +155,9 @@ def test_chain_goes_on_across_start_and_stop(shut_off, tmp_path):
     assert inc2["kind"] == "incremental" and inc2["parent"] == inc1["id"]
     assert 0 < inc2["read_bytes"] <= 64 * 1024, inc2        # exactly the guest's write
     snaps[inc2["id"]] = snapshot_raw(img, tmp_path / "inc2.raw")
-    assert _checkpoints(name) == [prefix + inc2["checkpoint"]]
+    assert checkpoints() == [prefix + inc2["checkpoint"]]
 
+    assert all("auto" in _bitmaps(img)[b] for b in [*foreign, foreign_bitmap])
     for backup_id, snap in snaps.items():
         assert restore_equals(repo, backup_id, snap, tmp_path), backup_id
 
@@ -219,8 +213,13 @@ def test_raw_disk_is_full_each_time_beside_an_incremental_qcow2(shut_off, tmp_pa
         support.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(images[target]), str(snap)])
         assert restore_equals(repo, inc[target]["id"], snap, tmp_path), target
     assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
+    # libvirt lost the checkpoint (as when a run is killed between its commit and the redefine):
+    # the running side's reconcile brings it back from the bitmap qemu has
+    _virsh("checkpoint-delete", name, prefix + inc["vda"]["checkpoint"], "--metadata")
     dom.start()
     assert _reconcile(name, repo, inc["vda"]["checkpoint"]) is None
+    assert _checkpoints(name) == [prefix + inc["vda"]["checkpoint"]]
+    assert _checkpoint_disks(name, prefix + inc["vda"]["checkpoint"]) == {"vda": "bitmap", "vdb": "no"}
 
 
 def test_killed_offline_run_loses_nothing(shut_off, tmp_path):
@@ -297,5 +296,47 @@ def _owner_gone(d: Path) -> bool:
         return True
 
 
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+
+@pytest.mark.parametrize("disks", [[("qcow2", 64 * MiB)], [("qcow2", 32 * MiB), ("raw", 8 * MiB)]],
+                         ids=["qcow2", "qcow2+raw"])
+def test_running_and_shut_off_backups_are_one_chain(libvirt_domain, tmp_path, disks):
+    """running full -> guest write -> stop -> shut-off incremental -> write to the image ->
+    start -> running incremental -> guest write -> stop -> shut-off incremental."""
+    dom = libvirt_domain(disks, persistent=True, running=True)
+    repo = init_repo(tmp_path / "repo", "64K")
+    prefix = f"nbdbackup-{_repo_id(repo)}-"
+    snaps: dict[str, Path] = {}
+    step = iter(range(100))
+
+    def backup(kind: str, *, expect: str, parent: dict | None, dirty_max: int | None = 64 * 1024):
+        got, err = _backup(repo, dom.name, kind)
+        vda = got["vda"]
+        assert vda["kind"] == expect and vda["parent"] == (parent["id"] if parent else None), (vda, err)
+        if dirty_max is not None:
+            assert 0 < vda["read_bytes"] <= dirty_max, vda      # only the change
+        assert _checkpoints(dom.name) == [prefix + vda["checkpoint"]]
+        for target, info in got.items():
+            assert info["source"] == f"libvirt:{dom.name}/{target}"
+            snaps[info["id"]] = disk_now(dom.disks[target], tmp_path / f"{target}-{next(step)}.raw")
+        if "vdb" in got:            # raw: a full each time, and never a checkpoint
+            assert got["vdb"]["kind"] == "full" and got["vdb"]["checkpoint"] is None
+            assert got["vdb"]["set_id"] == vda["set_id"]
+            assert kind == "full" or "not qcow2" in err, err
+        return vda
+
+    full = backup("full", expect="full", parent=None, dirty_max=None)
+    guest_write(dom, "vda", 0x33, 4 * MiB, 64 * 1024)
+    dom.stop()
+    flags = _bitmaps(dom.disks["vda"])[prefix + full["checkpoint"]]
+    assert "auto" in flags and "in-use" not in flags, flags        # qemu saved it on SIGTERM
+
+    off1 = backup("incremental", expect="incremental", parent=full)
+    qio(dom.disks["vda"], "write -q -P 0x44 12M 64K")                # while shut off
+    dom.start()
+    run1 = backup("incremental", expect="incremental", parent=off1)  # libvirt's job sees that write
+    guest_write(dom, "vda", 0x55, 30 * MiB, 64 * 1024)
+    dom.stop()
+    backup("incremental", expect="incremental", parent=run1)
+
+    for backup_id, snap in snaps.items():
+        assert restore_equals(repo, backup_id, snap, tmp_path), backup_id

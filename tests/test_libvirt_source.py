@@ -1,15 +1,96 @@
-"""LibvirtSource against the shared libvirtd: running domains backed up in pull mode."""
+"""--libvirt DOMAIN against the shared libvirtd: running domains backed up in pull mode with
+the repository's own checkpoints (sources/libvirt.py), and the plumbing under it.
+
+Domains are TCG guests without an OS (helpers.libvirt); their "guest writes" are HMP
+qemu-io on the disk's device. Runs that must fail in the middle of a read are caught by
+their private run dir (the NBD socket libvirt made) and stopped with SIGSTOP, so the fault
+lands mid-read every time, not by luck of timing.
+"""
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 
+from helpers import support
+from helpers.engine_util import init_repo, nbb, restore_equals
 from helpers.libvirt import MiB, disk_now, guest_write, virsh
 from nbdbackup.errors import NotFound, UsageError
 from nbdbackup.sources import libvirt_domain as ld
 
+CHUNK = 256 * 1024
 
-def test_helpers_and_plumbing(libvirt_domain, libvirtd, tmp_path):
+
+def _run(repo: Path, kind: str, dom, *args, code: int = 0) -> tuple[list[dict], str]:
+    """`nbdbackup --json KIND --libvirt DOMAIN ARGS`: (the backups, stderr); asserts the exit code."""
+    p = nbb(repo, "--json", kind, "--libvirt", dom.name, *args, check=False)
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    if code:
+        return [], p.stderr
+    out = json.loads(p.stdout)
+    return (out if isinstance(out, list) else [out]), p.stderr
+
+
+def _by_target(dom, backups: list[dict]) -> dict[str, dict]:
+    return {b["disk"][len(dom.name) + 1:]: b for b in backups}
+
+
+def _repo_id(repo: Path) -> str:
+    return json.loads((repo / "config.json").read_text())["repo_id"]
+
+
+def _ours(repo: Path, dom) -> list[str]:
+    """The domain's checkpoints that belong to *repo*."""
+    prefix = ld.checkpoint_prefix(_repo_id(repo))
+    return [c for c in dom.checkpoints() if c.startswith(prefix)]
+
+
+def _run_dirs(dom) -> list[str]:
+    uuid = virsh("domuuid", dom.name).stdout.strip()
+    found = []
+    for d in glob.glob("/run/nbdbackup-libvirt-*"):
+        try:
+            if Path(d, "domain").read_text().strip() == uuid:
+                found.append(d)
+        except OSError:
+            pass
+    return found
+
+
+def _stopped_mid_read(repo: Path, kind: str, dom, *args) -> subprocess.Popen:
+    """Start a run and SIGSTOP it as soon as libvirt's NBD socket for it exists (backupBegin
+    returned, the read has begun or is about to)."""
+    cmd = [support.nbdbackup_exe(), "--repo", str(repo), "--json", kind, "--libvirt", dom.name, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(os.path.exists(os.path.join(d, "nbd.sock")) for d in _run_dirs(dom)):
+        assert proc.poll() is None, ("the run ended before its read began", proc.communicate())
+        assert time.monotonic() < deadline, "the run never started libvirt's backup job"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGSTOP)
+    assert dom.job_running(), "the backup job is not running"
+    return proc
+
+
+def _assert_clean(repo: Path, dom, committed_checkpoint: str | None) -> None:
+    """No job, no run dir, and of this repository's checkpoints only the latest committed one."""
+    assert not dom.job_running()
+    assert _run_dirs(dom) == []
+    prefix = ld.checkpoint_prefix(_repo_id(repo))
+    assert _ours(repo, dom) == ([prefix + committed_checkpoint] if committed_checkpoint else [])
+
+
+# --- the plumbing -----------------------------------------------------------------------
+
+def test_plumbing_and_helpers(libvirt_domain, libvirtd, tmp_path):
     dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("raw", 8 * MiB)], cdrom=True, persistent=True)
     assert dom.is_active() and dom.checkpoints() == [] and not dom.job_running()
     guest_write(dom, "vdb", 0x55, 2 * MiB, 64 * 1024)
@@ -18,16 +99,210 @@ def test_helpers_and_plumbing(libvirt_domain, libvirtd, tmp_path):
     conn = ld.open_connection(libvirtd)
     d = ld.lookup_domain(conn, dom.name)
     disks, skipped = ld.backup_disks(d.XMLDesc(0))
-    assert [(x.target, x.fmt, x.path) for x in disks] == [
-        ("vda", "qcow2", str(dom.disks["vda"])), ("vdb", "raw", str(dom.disks["vdb"]))]
+    assert [(x.target, x.fmt, x.path, x.disk_type) for x in disks] == [
+        ("vda", "qcow2", str(dom.disks["vda"]), "file"), ("vdb", "raw", str(dom.disks["vdb"]), "file")]
     assert skipped == ["hdc (cdrom)"]
     assert ld.backup_disks(d.XMLDesc(0), ["vdb"])[1] == ["vdb (--exclude-disk)", "hdc (cdrom)"]
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="vdz"):
         ld.backup_disks(d.XMLDesc(0), ["vdz"])
     with pytest.raises(NotFound, match="qemu:///system"):
         ld.lookup_domain(conn, dom.name + "-nope")
     assert dom.name in ld.domain_names(conn, "nbdbackup-test-*")
     assert ld.domain_names(conn, dom.name) == [dom.name]
+    assert ld.checkpoint_prefix("abc") == "nbdbackup-abc-" and ld.disk_name("web1", "vda") == "web1-vda"
     dom.stop()
-    assert not dom.is_active()
-    assert virsh("domstate", dom.name).stdout.strip() == "shut off"
+    assert not dom.is_active() and virsh("domstate", dom.name).stdout.strip() == "shut off"
+
+
+def test_backup_disks_skips_what_cannot_be_backed_up():
+    xml = """<domain><devices>
+      <disk type='file' device='disk'><driver type='qcow2'/><source file='/a.qcow2'/><target dev='vda'/></disk>
+      <disk type='block' device='disk'><driver type='raw'/><source dev='/dev/sdz'/><target dev='vdb'/></disk>
+      <disk type='file' device='disk'><source file='/ro'/><target dev='vdc'/><readonly/></disk>
+      <disk type='file' device='disk'><source file='/sh'/><target dev='vdd'/><shareable/></disk>
+      <disk type='network' device='disk'><source protocol='rbd' name='p/x'/><target dev='vde'/></disk>
+      <disk type='file' device='cdrom'><target dev='hdc'/><readonly/></disk>
+      <disk type='file' device='floppy'><source file='/f'/><target dev='fda'/></disk>
+    </devices></domain>"""
+    disks, skipped = ld.backup_disks(xml)
+    assert disks == [ld.DomainDisk("vda", "/a.qcow2", "qcow2", "file"),
+                     ld.DomainDisk("vdb", "/dev/sdz", "raw", "block")]
+    assert skipped == ["vdc (read-only)", "vdd (shareable)", "vde (network disk: not supported)", "hdc (cdrom)",
+                       "fda (floppy)"]
+
+
+# --- backups of a running domain ------------------------------------------------------------
+
+def test_full_incremental_restore_bit_exact(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 32 * MiB), ("qcow2", 16 * MiB), ("raw", 8 * MiB)], cdrom=True)
+    repo = init_repo(tmp_path / "repo", "256K")
+
+    full, err = _run(repo, "full", dom)
+    by = _by_target(dom, full)
+    assert sorted(by) == ["vda", "vdb", "vdc"]                        # hdc, the CD-ROM, is not there
+    assert "hdc (cdrom)" in err and "vdc is raw, not qcow2" in err and "full every time" in err, err
+    assert len({b["created"] for b in full}) == 1 and len({b["set_id"] for b in full}) == 1
+    assert full[0]["set_id"] is not None and all(b["kind"] == "full" for b in full)
+    assert by["vda"]["checkpoint"] == by["vdb"]["checkpoint"] is not None and by["vdc"]["checkpoint"] is None
+    assert all(b["source"] == f"libvirt:{dom.name}/{t}" for t, b in by.items())
+    _assert_clean(repo, dom, by["vda"]["checkpoint"])
+    first = {t: disk_now(p, tmp_path / f"first-{t}.raw") for t, p in dom.disks.items()}
+
+    guest_write(dom, "vda", 0x33, 5 * MiB, 64 * 1024)
+    guest_write(dom, "vdb", 0x44, 10 * MiB + 4096, 8192)
+    guest_write(dom, "vdc", 0x55, 3 * MiB, 4096)
+    inc, err = _run(repo, "incremental", dom)
+    iby = _by_target(dom, inc)
+    assert [iby[t]["kind"] for t in ("vda", "vdb", "vdc")] == ["incremental", "incremental", "full"]
+    assert iby["vda"]["parent"] == by["vda"]["id"] and iby["vdb"]["parent"] == by["vdb"]["id"]
+    # one dirty chunk each (the chain check's sample of clean chunks is not counted as read)
+    assert iby["vda"]["read_bytes"] == CHUNK and iby["vdb"]["read_bytes"] == CHUNK, iby
+    assert iby["vdc"]["read_bytes"] >= MiB                              # the raw disk, whole again
+    assert "vdc is raw" in err and "taking a full" not in err, err
+    assert len({b["set_id"] for b in inc}) == 1 and inc[0]["set_id"] != full[0]["set_id"]
+    _assert_clean(repo, dom, iby["vda"]["checkpoint"])
+    second = {t: disk_now(p, tmp_path / f"second-{t}.raw") for t, p in dom.disks.items()}
+
+    for t in dom.disks:
+        assert first[t].read_bytes() != second[t].read_bytes()
+        assert restore_equals(repo, by[t]["id"], first[t], tmp_path), t
+        assert restore_equals(repo, iby[t]["id"], second[t], tmp_path), t
+
+
+def test_exclude_disk_and_disk_names(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 16 * MiB)])
+    repo = init_repo(tmp_path / "repo", "256K")
+    _, err = _run(repo, "full", dom, "--exclude-disk", "vdz", code=2)
+    assert "vdz" in err and "vda, vdb" in err, err
+    _, err = _run(repo, "full", dom, "--disk", "vda", code=2)
+    assert "TARGET=NAME" in err, err
+    [only], err = _run(repo, "full", dom, "--exclude-disk", "vdb", "--disk", "vda=root-disk")
+    assert only["disk"] == "root-disk" and "vdb (--exclude-disk)" in err, err
+    guest_write(dom, "vda", 0x66, 2 * MiB, 4096)
+    [inc], _ = _run(repo, "incremental", dom, "--exclude-disk", "vdb", "--disk", "vda=root-disk")
+    assert inc["kind"] == "incremental" and inc["parent"] == only["id"] and inc["read_bytes"] == CHUNK
+    # now with vdb: it has no backup yet, so the set's chain is not whole: a full, with a warning
+    both, err = _run(repo, "incremental", dom, "--disk", "vda=root-disk")
+    assert sorted((b["disk"], b["kind"]) for b in both) == sorted([("root-disk", "full"), (f"{dom.name}-vdb", "full")])
+    assert f"disk {dom.name}-vdb has no backup" in err and "taking a full backup instead" in err, err
+    _assert_clean(repo, dom, both[0]["checkpoint"])
+
+
+def test_failure_mid_read_keeps_the_chain(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 96 * MiB), ("qcow2", 16 * MiB)], busy=64 * MiB)
+    repo = init_repo(tmp_path / "repo", "256K")
+    full, _ = _run(repo, "full", dom)
+    ckpt = full[0]["checkpoint"]
+    guest_write(dom, "vda", 0x33, 90 * MiB, 64 * 1024)
+    guest_write(dom, "vdb", 0x34, 1 * MiB, 4096)
+    before = dom.checkpoints()
+
+    # the job ends under the reader (as an admin's domjobabort would): the run fails
+    proc = _stopped_mid_read(repo, "incremental", dom)
+    virsh("domjobabort", dom.name)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode in (4, 10, 12), (proc.returncode, out, err)
+    assert "Traceback" not in err and "nbdbackup: error" in err, err
+    assert dom.checkpoints() == before and not dom.job_running() and _run_dirs(dom) == []
+    assert [b["id"] for b in json.loads(nbb(repo, "--json", "list").stdout)] == [b["id"] for b in full]
+
+    guest_write(dom, "vdb", 0x35, 2 * MiB, 4096)
+    inc, _ = _run(repo, "incremental", dom)
+    iby = _by_target(dom, inc)
+    assert all(b["kind"] == "incremental" for b in inc) and iby["vdb"]["read_bytes"] == 2 * CHUNK
+    assert iby["vda"]["read_bytes"] == CHUNK
+    _assert_clean(repo, dom, iby["vda"]["checkpoint"])
+    assert iby["vda"]["checkpoint"] != ckpt
+    for t, p in dom.disks.items():       # every write, from before and after the failed run
+        assert restore_equals(repo, iby[t]["id"], disk_now(p, tmp_path / f"{t}.raw"), tmp_path), t
+
+
+def test_sigkill_mid_read_then_rerun(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 96 * MiB)], busy=64 * MiB, persistent=True)
+    repo = init_repo(tmp_path / "repo", "256K")
+    [full], _ = _run(repo, "full", dom)
+    guest_write(dom, "vda", 0x77, 80 * MiB, 4096)
+
+    proc = _stopped_mid_read(repo, "incremental", dom)
+    proc.kill()
+    proc.communicate()
+    # what the killed run left: its job, its checkpoint (no backup records it), its run dir
+    assert dom.job_running() and len(dom.checkpoints()) == 2 and _run_dirs(dom)
+
+    guest_write(dom, "vda", 0x78, 81 * MiB, 4096)
+    [inc], err = _run(repo, "incremental", dom)
+    assert "left by an interrupted run" in err and "no committed backup of this repository records" in err, err
+    assert inc["kind"] == "incremental" and inc["parent"] == full["id"] and inc["read_bytes"] == 2 * CHUNK
+    _assert_clean(repo, dom, inc["checkpoint"])
+    assert restore_equals(repo, inc["id"], disk_now(dom.disks["vda"], tmp_path / "vda.raw"), tmp_path)
+
+
+def test_other_checkpoints_are_never_touched(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB)])
+    a = init_repo(tmp_path / "a", "256K")
+    b = init_repo(tmp_path / "b", "256K")
+    # another tool's checkpoint, made the way it would (libvirt's own API, through virsh)
+    virsh("checkpoint-create-as", dom.name, "othertool-1")
+    [fa], _ = _run(a, "full", dom)
+    [fb], _ = _run(b, "full", dom)
+    guest_write(dom, "vda", 0x21, 3 * MiB, 4096)
+    [ia], _ = _run(a, "incremental", dom)
+    [ib], _ = _run(b, "incremental", dom)
+    assert (ia["kind"], ia["parent"], ib["kind"], ib["parent"]) == ("incremental", fa["id"], "incremental", fb["id"])
+    pa, pb = (ld.checkpoint_prefix(_repo_id(r)) for r in (a, b))
+    assert sorted(dom.checkpoints()) == sorted(["othertool-1", pa + ia["checkpoint"], pb + ib["checkpoint"]])
+    # a new full of A drops A's older checkpoint, and only that one
+    [fa2], _ = _run(a, "full", dom)
+    assert sorted(dom.checkpoints()) == sorted(["othertool-1", pa + fa2["checkpoint"], pb + ib["checkpoint"]])
+    [ib2], _ = _run(b, "incremental", dom)
+    assert ib2["kind"] == "incremental" and ib2["parent"] == ib["id"]
+
+
+def test_no_fallback_after_the_checkpoint_was_deleted(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB)])
+    repo = init_repo(tmp_path / "repo", "256K")
+    [full], _ = _run(repo, "full", dom)
+    [ckpt] = _ours(repo, dom)
+    virsh("checkpoint-delete", dom.name, ckpt)
+    _, err = _run(repo, "incremental", dom, "--no-fallback", code=13)
+    assert f"libvirt no longer knows checkpoint {ckpt}" in err, err
+    assert dom.checkpoints() == [] and not dom.job_running() and _run_dirs(dom) == []
+    [again], err = _run(repo, "incremental", dom)
+    assert again["kind"] == "full" and "taking a full backup instead" in err, err
+    _assert_clean(repo, dom, again["checkpoint"])
+
+
+def test_refusals(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB)])
+    repo = init_repo(tmp_path / "repo", "256K")
+    p = nbb(repo, "full", "--libvirt", dom.name + "-missing", check=False)
+    assert p.returncode == 11 and "no libvirt domain named" in p.stderr and "qemu:///system" in p.stderr, p.stderr
+    p = nbb(repo, "full", "--libvirt", dom.name, "--connect", "qemu+unix:///system?socket=/nonexistent.sock",
+            check=False)
+    assert p.returncode == 4 and "cannot connect to libvirt" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = nbb(repo, "full", "--image", "/x.qcow2", "--exclude-disk", "vda", check=False)
+    assert p.returncode == 2 and "only with --libvirt" in p.stderr, p.stderr
+
+    # --quiesce without a guest agent: refused before anything is made
+    _, err = _run(repo, "full", dom, "--quiesce", code=4)
+    assert "cannot freeze" in err and "guest agent" in err, err
+    assert dom.checkpoints() == [] and not dom.job_running() and _run_dirs(dom) == []
+
+    # another backup job (not ours) runs on the domain: exit 3, naming it, and it is left alone
+    other = dom.dir / "other"           # qemu's user must reach it: not under tmp_path (0700)
+    other.mkdir()
+    qemu_user = pwd.getpwnam("libvirt-qemu")
+    os.chown(other, qemu_user.pw_uid, qemu_user.pw_gid)
+    bx = tmp_path / "backup.xml"
+    bx.write_text(f"<domainbackup mode='pull'><server transport='unix' socket='{other}/s.sock'/>"
+                  f"<disks><disk name='vda' backup='yes' type='file'><scratch file='{other}/vda.s'/></disk>"
+                  "</disks></domainbackup>")
+    virsh("backup-begin", dom.name, "--backupxml", str(bx))
+    try:
+        _, err = _run(repo, "full", dom, code=3)
+        assert f"{other}/s.sock" in err and "not this repository's" in err, err
+        assert dom.job_running()
+    finally:
+        virsh("domjobabort", dom.name, check=False)
+    assert nbb(repo, "--json", "list").stdout.strip() == "[]"

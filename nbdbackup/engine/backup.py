@@ -82,12 +82,13 @@ def run_backup(repo: Repository, source: Source, kind: str, opts: BackupOptions)
     writers: list[tuple[BackupWriter, DiskStats, float]] = []
     try:
         plans = source.prepare(repo, kind, opts.no_fallback)
+        vm = source.vm_definition()     # stored once with the set, named by every member
         results = []
         for plan in plans:
             w, stats, started = _backup_disk(repo, plan, opts)
             writers.append((w, stats, started))
             results.append(BackupResult(None, stats, plan.fallback_reason))
-        infos = _commit(repo, writers)
+        infos = _commit(repo, writers, vm)
         for r, info in zip(results, infos):
             r.info = info
     except BaseException as exc:
@@ -110,14 +111,14 @@ def run_backup(repo: Repository, source: Source, kind: str, opts: BackupOptions)
     return results
 
 
-def _commit(repo: Repository, writers: list[tuple[BackupWriter, DiskStats, float]]) -> list[BackupInfo]:
+def _commit(repo: Repository, writers: list[tuple[BackupWriter, DiskStats, float]], vm) -> list[BackupInfo]:
     if len(writers) == 1:
         w, stats, started = writers[0]
-        return [w.commit(read_bytes=stats.read_bytes, duration_s=time.monotonic() - started)]
+        return [w.commit(read_bytes=stats.read_bytes, duration_s=time.monotonic() - started, vm=vm)]
     now = time.monotonic()
     return repo.commit_set([w for w, _, _ in writers],
                            read_bytes=[s.read_bytes for _, s, _ in writers],
-                           duration_s=[now - t for _, _, t in writers])
+                           duration_s=[now - t for _, _, t in writers], vm=vm)
 
 
 def _abort_quietly(w: BackupWriter) -> None:

@@ -18,7 +18,7 @@ from .schema import backup_segments, backups
 INFO_COLUMNS = (backups.c.id, backups.c.disk, backups.c.kind, backups.c.parent, backups.c.created_ms,
                 backups.c.size, backups.c.chunk_size, backups.c.read_bytes, backups.c.stored_bytes,
                 backups.c.duration_s, backups.c.bitmap, backups.c.checkpoint, backups.c.set_id,
-                backups.c.source)
+                backups.c.source, backups.c.domain, backups.c.vm)
 
 READ_HINT = "run `nbdbackup verify`; `nbdbackup rebuild-index` recreates the index"
 
@@ -27,7 +27,7 @@ def info_from_row(r) -> BackupInfo:
     """A row selected with INFO_COLUMNS, as a BackupInfo."""
     return BackupInfo(id=r[0], disk=r[1], kind=r[2], parent=r[3], created=from_ms(r[4]), size=r[5],
                       chunk_size=r[6], read_bytes=r[7], stored_bytes=r[8], duration_s=r[9], bitmap=r[10],
-                      checkpoint=r[11], set_id=r[12], source=r[13])
+                      checkpoint=r[11], set_id=r[12], source=r[13], domain=r[14], vm=r[15])
 
 
 def insert_backup(conn, info: BackupInfo, refs: list[bytes | None], manifest_hash: bytes) -> None:
@@ -36,7 +36,7 @@ def insert_backup(conn, info: BackupInfo, refs: list[bytes | None], manifest_has
         id=info.id, disk=info.disk, kind=info.kind, parent=info.parent, created_ms=to_ms(info.created),
         size=info.size, chunk_size=info.chunk_size, read_bytes=info.read_bytes, stored_bytes=info.stored_bytes,
         duration_s=info.duration_s, bitmap=info.bitmap, checkpoint=info.checkpoint, set_id=info.set_id,
-        source=info.source, manifest_hash=manifest_hash)).inserted_primary_key[0]
+        source=info.source, domain=info.domain, vm=info.vm, manifest_hash=manifest_hash)).inserted_primary_key[0]
     if refs:
         conn.execute(insert(backup_segments),
                      [{"backup_pk": pk, "seq": s, "segment_hash": r} for s, r in enumerate(refs)])
@@ -65,6 +65,21 @@ def segment_refs(engine, backup_id: str) -> list[bytes | None]:
     if refs is None:
         raise RepoDamaged(f"backup {backup_id}: map rows are not contiguous", hint="run `nbdbackup verify`")
     return refs
+
+
+def set_members(engine, info: BackupInfo) -> list[BackupInfo]:
+    """Every backup of *info*'s set, ordered by disk (`[info]` when it has no set id)."""
+    if info.set_id is None:
+        return [info]
+    return [info_from_row(r) for r in query(engine, select(*INFO_COLUMNS).where(
+        backups.c.set_id == info.set_id).order_by(backups.c.disk, backups.c.id))]
+
+
+def latest_domain_set(engine, domain: str) -> list[BackupInfo]:
+    """The members of the newest set whose backups name libvirt domain *domain*; [] when none."""
+    rows = query(engine, select(*INFO_COLUMNS).where(backups.c.domain == domain)
+                 .order_by(backups.c.created_ms.desc(), backups.c.id.desc()).limit(1))
+    return set_members(engine, info_from_row(rows[0])) if rows else []
 
 
 def checked_segment_refs(repo, info: BackupInfo) -> list[bytes | None]:

@@ -259,8 +259,10 @@ def _copy_set(src, dst, group: list[BackupInfo], src_by_disk, dst_ids, pools, pr
             _fill(src, dst, w, b, base, job, pools, progress)
             job.duration_s = time.monotonic() - t0
             jobs.append(job)
+        # the set's VM definition: read and checked in the source, stored anew by DEST's codec
+        vm = src.vm_definition(next((b for b in group if b.vm), group[0]))
         committed = dst.commit_set(writers, read_bytes=[j.bytes_read for j in jobs],
-                                   duration_s=[j.duration_s for j in jobs])
+                                   duration_s=[j.duration_s for j in jobs], vm=vm)
     except BaseException:
         for w in writers:
             w.abort()

@@ -27,7 +27,7 @@ from sqlalchemy import and_, delete, exists, select, update
 
 from ..errors import LockedError, NoSpaceError, RepoDamaged
 from ..progress import NoBar
-from . import maps
+from . import maps, vmstore
 from .chunks import ZERO_REF, DecodeError
 from .ids import now_ms, to_ms
 from .index import write_txn
@@ -145,6 +145,9 @@ def _collect(repo, rep: GcReport, threshold: float, progress, grace: float) -> G
         live_manifests = {bytes(r[0]) for r in conn.execute(select(backups.c.manifest_hash))}
         live_segs = {bytes(r[0]) for r in conn.execute(
             select(backup_segments.c.segment_hash).where(backup_segments.c.segment_hash.is_not(None)).distinct())}
+        # a VM definition is a segment listing chunks (repo/vmstore.py): marked like a map's
+        live_segs.update(vmstore.segment_of(r[0]) for r in conn.execute(
+            select(backups.c.vm).where(backups.c.vm.is_not(None)).distinct()))
     live_chunks: set[bytes] = set()
     bar = _bar(progress, len(live_segs), "gc: mark", "segment")
     for h in live_segs:

@@ -24,6 +24,8 @@ class BackupInfo:
     checkpoint: str | None = None
     set_id: str | None = None
     source: str | None = None
+    domain: str | None = None       # libvirt domain name (a libvirt source's backups)
+    vm: str | None = None           # the stored VM definition (opaque; only repo/vmstore.py reads it)
 
     @property
     def nchunks(self) -> int:
@@ -33,6 +35,10 @@ class BackupInfo:
         # Not dataclasses.asdict: it deep-copies every field, 10x slower for `list` of 10k backups.
         d = {f: getattr(self, f) for f in _FIELDS}
         d["created"] = iso_ms(self.created)
+        # absent, not null, when unset: a backup without a VM keeps the manifest bytes it always had
+        for f in _OMIT_WHEN_NONE:
+            if d[f] is None:
+                del d[f]
         return d
 
     @classmethod
@@ -47,3 +53,4 @@ class BackupInfo:
 
 
 _FIELDS = tuple(f.name for f in fields(BackupInfo))
+_OMIT_WHEN_NONE = ("domain", "vm")

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from sqlalchemy import insert, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import NoSpaceError, UsageError
+from ..errors import NoSpaceError, RepoDamaged, UsageError
 from ..fsutil import fsync_path
-from . import maps
+from . import maps, vmstore
 from .backuprows import insert_backup
 from .chunks import ZERO_REF, DecodeError
 from .exclusive import exclusive_access
@@ -308,6 +308,13 @@ def _add_backup(conn, repo, bid: str, entry: dict, seg_len: int, found: _Found, 
     if missing_chunks is None:
         rep.backups_lost.append({"id": bid, "reason": "a map segment is damaged"})
         return
+    if info.vm is not None:     # its VM definition (repo/vmstore.py): no disk bytes depend on it
+        try:
+            vm_seg = vmstore.segment_of(info.vm)
+        except RepoDamaged:
+            vm_seg = b""
+        vm_missing = _missing_chunks(repo.backend, repo.codec, [vm_seg], found) if vm_seg in segs else None
+        missing_chunks += 1 if vm_missing is None else vm_missing
     insert_backup(conn, info, refs, entry["hash"])
     rep.backups.append(info.id)
     if missing_chunks:

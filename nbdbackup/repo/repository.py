@@ -11,11 +11,11 @@ import os
 import shutil
 from typing import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from ..errors import KeyRefused, NotFound, RepoDamaged, UsageError, is_no_space, storage_error
 from ..fsutil import write_blocker
-from . import backuprows, keys, remote
+from . import backuprows, keys, remote, vmstore
 from .backends import StorageBackend
 from .backuprows import INFO_COLUMNS, info_from_row
 from .codec import KeyMismatch, KeyRequired, codec_for
@@ -41,9 +41,11 @@ from .leases import Holds, reader_lease
 from .location import open_backend, parse_location
 from .locks import FlockLocks, RepoLock
 from .remote import host_lock_dir, lock_service
-from .schema import backups, chunks, packs, segments
+from .schema import backups
 from .setcommit import commit_writers
+from .stats import repo_stats
 from .store import ObjectStore
+from .vmdef import VmDefinition
 from .writer import BackupWriter
 
 _DIRS = ("packs", "locks", "tmp")
@@ -310,29 +312,7 @@ class Repository:
         """Totals over the repository (definitions: `nbdbackup stats --help`)."""
         with index_errors("reading the index", index_db=self.index_db,
                           damaged_hint="`nbdbackup rebuild-index` recreates the index"):
-            return self._stats()
-
-    def _stats(self) -> dict:
-        with self.index_db.connect() as conn:
-            nb, logical = conn.execute(select(func.count(), func.coalesce(func.sum(backups.c.size), 0))).one()
-            nc, raw, stored = conn.execute(select(func.count(), func.coalesce(func.sum(chunks.c.raw_len), 0),
-                                                  func.coalesce(func.sum(chunks.c.stored_len), 0))).one()
-            ns, seg_stored = conn.execute(select(func.count(),
-                                                 func.coalesce(func.sum(segments.c.stored_len), 0))).one()
-            np_, pack_bytes = conn.execute(select(func.count(), func.coalesce(func.sum(packs.c.size), 0))).one()
-            ndisks = conn.execute(select(func.count(func.distinct(backups.c.disk)))).scalar()
-        logical, raw, stored = int(logical), int(raw), int(stored)     # PostgreSQL's SUM is a Decimal
-        return {
-            "backups": nb, "disks": ndisks,
-            "logical_bytes": logical,
-            "unique_bytes": raw,
-            "stored_chunk_bytes": stored,
-            "map_bytes": int(seg_stored),
-            "pack_bytes": int(pack_bytes),
-            "chunks": nc, "segments": ns, "packs": np_,
-            "dedup_ratio": round(logical / raw, 3) if raw else None,
-            "compression_ratio": round(raw / stored, 3) if stored else None,
-        }
+            return repo_stats(self.index_db)
 
     # -- write and read -------------------------------------------------------
     def writer(self, disk: str, *, kind: str, size: int, parent: BackupInfo | None = None,
@@ -346,10 +326,11 @@ class Repository:
 
     def commit_set(self, writers: Sequence[BackupWriter], *, read_bytes: Sequence[int] | None = None,
                    duration_s: Sequence[float] | float | None = None, created=None,
-                   set_id: str | None = None) -> list[BackupInfo]:
-        """Commit several disks' writers in ONE index transaction (same set_id, same created)."""
+                   set_id: str | None = None, vm: VmDefinition | None = None) -> list[BackupInfo]:
+        """Commit several disks' writers in ONE index transaction (same set_id, same created);
+        *vm*: the VM definition stored once with the set (every member names it)."""
         return commit_writers(self.context, writers, read_bytes=read_bytes, duration_s=duration_s,
-                              created=created, set_id=set_id)
+                              created=created, set_id=set_id, vm=vm)
 
     def open_image(self, ref) -> BackupImage:
         """A checked reader of a backup; holds the shared readers lock (rebuild-index waits) and a
@@ -363,6 +344,26 @@ class Repository:
             lk.release()
             raise
         return BackupImage(self.context, info, refs, lk)
+
+    def vm_definition(self, info: BackupInfo) -> VmDefinition | None:
+        """The VM definition stored with *info*'s set (None when it has none). *info*'s index rows
+        are checked against its manifest first, so a `vm` or `domain` edited in the index is
+        RepoDamaged (exit 9), as is a definition record that is missing, damaged or fails auth."""
+        if info.vm is None:
+            return None
+        self.checked_segment_refs(info)
+        try:
+            return vmstore.load(self.context, info.vm)
+        except RepoDamaged as e:
+            raise RepoDamaged(f"backup {info.id}: {e}", hint=e.hint) from None
+
+    def set_members(self, info: BackupInfo) -> list[BackupInfo]:
+        """Every backup of *info*'s set by disk (`[info]` when it has no set id)."""
+        return backuprows.set_members(self.index_db, info)
+
+    def latest_domain_set(self, domain: str) -> list[BackupInfo]:
+        """The newest set of libvirt domain *domain* (its members by disk); [] when none."""
+        return backuprows.latest_domain_set(self.index_db, domain)
 
     def checked_segment_refs(self, info: BackupInfo) -> list[bytes | None]:
         """The map of *info*, checked against the backup's manifest (backuprows.checked_segment_refs)."""

@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-INDEX_REVISION = "0003"
+INDEX_REVISION = "0004"
 
 metadata = MetaData()
 
@@ -76,9 +76,13 @@ backups = Table(
     Column("checkpoint", String(255)),
     Column("set_id", String(64)),
     Column("source", Text),
+    # added in 0004: the libvirt domain and its stored definition (repo/vmstore.py)
+    Column("domain", String(255)),
+    Column("vm", String(128)),
     Index("ix_backups_disk_created", "disk", "created_ms"),
     Index("ix_backups_disk_checkpoint", "disk", "checkpoint"),
     Index("ix_backups_set_id", "set_id"),
+    Index("ix_backups_domain_created", "domain", "created_ms"),
 )
 
 # The map of a backup: segment seq -> segment hash (NULL = all-zero segment).

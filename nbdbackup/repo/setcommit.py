@@ -33,8 +33,10 @@ from .schema import backups
 
 def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[int] | None = None,
                    duration_s: Sequence[float] | float | None = None, created=None,
-                   set_id: str | None = None) -> list[BackupInfo]:
-    """Commit *writers* (BackupWriter) in ONE index transaction with one created time and set id."""
+                   set_id: str | None = None, vm=None) -> list[BackupInfo]:
+    """Commit *writers* (BackupWriter) in ONE index transaction with one created time and set id.
+    *vm* (a VmDefinition): stored once, by the first writer (under its lease), and named by
+    every backup of the set (`domain`, `vm`: in the manifests too)."""
     if not writers:
         return []
     for w in writers:
@@ -55,6 +57,8 @@ def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[
         set_id = set_id or next((w.set_id for w in writers if w.set_id), None) or uuid.uuid4().hex[:16]
     ids: set[str] = set()
     try:
+        vm_ref = writers[0].store_vm_definition(vm.encode()) if vm is not None else None
+        domain = vm.domain if vm is not None else None
         staged = []
         for i, w in enumerate(writers):
             refs = w.finish_map()
@@ -72,7 +76,7 @@ def commit_writers(ctx: RepoContext, writers: Sequence, *, read_bytes: Sequence[
                               stored_bytes=w.stored_bytes, duration_s=float(ds[i]), bitmap=w.bitmap,
                               checkpoint=w.checkpoint,
                               set_id=set_id if n > 1 or preserved else (set_id or w.set_id),
-                              source=w.source)
+                              source=w.source, domain=domain, vm=vm_ref)
             mh = w.write_manifest(encode_manifest(info, w.segment_len, refs))
             staged.append((info, refs, mh))
         def commit(conn):       # redone when the connection is lost before its COMMIT (indexretry)

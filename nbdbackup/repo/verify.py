@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged
 from . import manifest as M
-from . import maps
+from . import maps, vmstore
 from .backuprows import INFO_COLUMNS, info_from_row, refs_from_rows
 from .chunks import HASH_SIZE, ZERO_REF
 from .indexerrors import index_errors
@@ -65,6 +65,7 @@ class VerifyReport:
     bytes_checked: int = 0         # stored bytes read
     segments_checked: int = 0
     manifests_checked: int = 0
+    vm_definitions_checked: int = 0
     sample_percent: float | None = None
     damaged: list[DamagedBackup] = field(default_factory=list)
     vanished: list[BackupInfo] = field(default_factory=list)   # forgotten while verify ran: not checked
@@ -95,6 +96,7 @@ class VerifyReport:
         return {"ok": self.ok, "backups_checked": self.backups_checked, "chunks_total": self.chunks_total,
                 "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
                 "segments_checked": self.segments_checked, "manifests_checked": self.manifests_checked,
+                "vm_definitions_checked": self.vm_definitions_checked,
                 "sample_percent": self.sample_percent, "index_check": self.index_check,
                 "index_problems": self.index_problems,
                 "damaged": [d.to_json() for d in self.damaged],
@@ -222,6 +224,27 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
         d.problems += note_of.get(b.id, [])
         if d.ranges or d.problems:
             report.damaged.append(d)
+    _check_vm_definitions(repo, targets, report)
+
+
+def _check_vm_definitions(repo, targets: list[BackupInfo], report: VerifyReport) -> None:
+    """Read and decode every VM definition the backups name (each distinct one once, whatever
+    the sample: it is small); a bad one damages every backup naming it (no disk bytes lost)."""
+    bad: dict[str, str] = {}
+    for ref in dict.fromkeys(b.vm for b in targets if b.vm is not None):
+        try:
+            vmstore.load(repo.context, ref)
+            report.vm_definitions_checked += 1
+        except RepoDamaged as e:
+            bad[ref] = str(e)
+    damaged = {d.backup.id: d for d in report.damaged}
+    for b in targets:
+        if b.vm in bad:
+            d = damaged.get(b.id)
+            if d is None:
+                d = damaged[b.id] = DamagedBackup(b)
+                report.damaged.append(d)
+            d.problems.append(f"its VM definition cannot be read: {bad[b.vm]}")
 
 
 def _check_manifests(repo, targets, manifest_of, seg_len, report, problem_of, note_of) -> None:

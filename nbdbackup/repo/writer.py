@@ -20,7 +20,7 @@ pack is filled while a few sealed ones are written.
 from __future__ import annotations
 
 from ..errors import UsageError
-from . import maps
+from . import maps, vmstore
 from .backuprows import checked_segment_refs
 from .chunks import ZERO_REF, PreparedChunk
 from .context import RepoContext
@@ -146,9 +146,10 @@ class BackupWriter:
         finally:
             self._release()
 
-    def commit(self, *, read_bytes: int, duration_s: float, created=None) -> BackupInfo:
+    def commit(self, *, read_bytes: int, duration_s: float, created=None, vm=None) -> BackupInfo:
+        """*vm*: the VmDefinition to store with it (repo/vmstore.py), or None."""
         return commit_writers(self.ctx, [self], read_bytes=[read_bytes], duration_s=[duration_s],
-                              created=created, set_id=self.set_id)[0]
+                              created=created, set_id=self.set_id, vm=vm)[0]
 
     def __enter__(self):
         return self
@@ -174,6 +175,13 @@ class BackupWriter:
         self._sealer.add_manifest(h, len(manifest), comp, payload)
         self._sealer.seal_and_wait()
         return h
+
+    def store_vm_definition(self, encoded: bytes) -> str:
+        """Store a VM definition's encoding as chunk records listed by one segment record
+        (repo/vmstore.py), deduplicated and stamped with this writer's lease like its own
+        chunks; the `vm` reference naming it."""
+        self.check_open()
+        return self._guard(self._store_pieces, encoded)
 
     def mark_committed(self) -> None:
         """The set commit's transaction committed: stop the sealer and release the locks."""
@@ -201,6 +209,20 @@ class BackupWriter:
         h2, comp, payload = self.codec.encode_blob(REC_SEGMENT, raw, self.compression_level)
         assert h2 == h, "segment id computed by another codec"
         self._sealer.add_segment(h, raw, comp, payload)
+
+    def _store_pieces(self, encoded: bytes) -> str:
+        entries = bytearray()
+        for piece in vmstore.pieces(encoded, self.chunk_size):
+            p = self.codec.prepare(piece, self.compression_level)
+            entries += p.hash
+            if not p.is_zero and self._batch.add(p):
+                self._batch.flush()
+        self._batch.flush()
+        raw = bytes(entries)
+        h = self.codec.hash(raw)
+        if not self._segment_stored(h):
+            self._store_segment(h, raw)
+        return vmstore.ref_of(h)
 
     def _guard(self, fn, *a):
         """Run a write step; any failure aborts the writer (nothing half-committed)."""

@@ -5,6 +5,7 @@ turns "back up these disks" into NBD exports the engine reads, and owns the
 bitmap lifecycle around the commit. The engine calls, in order:
 
     plans = source.prepare(repo, kind, no_fallback)   # exports are up
+    vm = source.vm_definition()      # stored with the set (None: no VM definition)
     ... read each plan.uri, write a backup per plan ...
     source.committed(plans, infos)   # only after the index commit succeeded
 or  source.failed(exc)               # on any failure before/at commit
@@ -21,6 +22,7 @@ from ..errors import ChainBroken
 if TYPE_CHECKING:
     from ..repo.info import BackupInfo
     from ..repo.repository import Repository
+    from ..repo.vmdef import VmDefinition
 
 
 @dataclass
@@ -49,6 +51,11 @@ class Source:
 
     def prepare(self, repo: Repository, kind: str, no_fallback: bool) -> list[DiskPlan]:
         raise NotImplementedError
+
+    def vm_definition(self) -> VmDefinition | None:
+        """Called once after prepare(): the VM definition to store with every backup of this
+        run's set (a libvirt domain's XML and NVRAM), or None."""
+        return None
 
     def committed(self, plans: list[DiskPlan], infos: list[BackupInfo]) -> None:
         """All backups of *plans* are committed: advance bitmaps."""

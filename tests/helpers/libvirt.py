@@ -115,10 +115,12 @@ def _disk_xml(target: str, path: Path, fmt: str) -> str:
 
 def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent: bool = False,
                 running: bool = True, fill: int | None = 0x11, nvram: bool = False,
-                tag: str = "") -> TestDomain:
+                tag: str = "", busy: int = 0) -> TestDomain:
     """A new domain with one virtio disk per (format, size) in *disks* (targets vda, vdb, ...),
     each with its first MiB written with byte *fill* (None: left empty); *cdrom*: an IDE CD-ROM
-    hdc with a small file in it; *nvram*: a pflash NVRAM file (SeaBIOS as the loader).
+    hdc with a small file in it; *nvram*: a pflash NVRAM file (SeaBIOS as the loader); *busy*:
+    this many bytes of random (incompressible) data in vda from 1 MiB on, so that reading it
+    takes a while (for faults in the middle of a read).
     Transient domains are always running. The caller removes it (the fixture does)."""
     if not persistent and not running:
         raise ValueError("a transient domain only exists while it runs")
@@ -134,6 +136,12 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
         _qemu_img("create", "-q", "-f", fmt, str(img), str(size))
         if fill is not None:
             support.run([support.require_tool("qemu-io"), "-f", fmt, "-c", f"write -q -P {fill} 0 1M", str(img)])
+        if busy and i == 0:
+            noise = d / "noise.bin"
+            noise.write_bytes(os.urandom(busy))
+            support.run([support.require_tool("qemu-io"), "-f", fmt, "-c", f"write -q -s {noise} 1M {busy}",
+                         str(img)])
+            noise.unlink()
         images[target], formats[target] = img, fmt
         devices += _disk_xml(target, img, fmt)
     if cdrom:
@@ -210,12 +218,15 @@ def _qdev(dom: TestDomain, target: str) -> str:
 
 
 def guest_write(dom: TestDomain | str, target: str, pattern: int, offset: int, length: int) -> None:
-    """What the guest would write: HMP qemu-io on *target*'s device of the running domain."""
+    """What the guest would write: HMP qemu-io on *target*'s device of the running domain, then
+    a flush (as a guest's fsync would)."""
     if isinstance(dom, str):
         dom = TestDomain(name=dom, dir=Path("/nonexistent"), disks={}, formats={}, persistent=False, xml="")
-    out = virsh("qemu-monitor-command", dom.name, "--hmp",
-                f'qemu-io -d {_qdev(dom, target)} "write -P {pattern} {offset} {length}"').stdout
-    assert "error" not in out.lower() and "fail" not in out.lower(), out
+    qdev = _qdev(dom, target)
+    # the flush writes qemu's cached qcow2 metadata to the image, so disk_now() sees the write
+    for cmd in (f"write -P {pattern} {offset} {length}", "flush"):
+        out = virsh("qemu-monitor-command", dom.name, "--hmp", f'qemu-io -d {qdev} "{cmd}"').stdout
+        assert "error" not in out.lower() and "fail" not in out.lower(), out
 
 
 def disk_now(path: Path | str, out: Path | str) -> Path:

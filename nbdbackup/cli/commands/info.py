@@ -1,23 +1,27 @@
-"""`nbdbackup info URI`: what an NBD export offers, without reading it."""
+"""`nbdbackup info URI`: what an NBD export offers, without reading it; `nbdbackup --repo R info
+BACKUP`: one backup (its set, its libvirt domain, whether a VM definition is stored)."""
 
 from __future__ import annotations
 
 NAME = "info"
-HELP = "show an NBD export's size, flags, block sizes and meta contexts"
+HELP = "show an NBD export's size, flags, block sizes and meta contexts, or one backup"
 DESCRIPTION = (
     "Connect to an NBD server and describe the export named by URI\n"
     "(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds:// for TLS):\n"
     "size, read-only, multi-conn and the other transmission flags, the block\n"
     "sizes, and the meta contexts (base:allocation, qemu:dirty-bitmap:NAME, ...)\n"
     "the server offers. Nothing is read and the export is left untouched.\n"
-    "With --list, list the server's exports instead."
+    "With --list, list the server's exports instead.\n\n"
+    "With --repo and a BACKUP (an id, or a disk name for its latest backup) instead of a\n"
+    "URI: the backup, the other members of its set, its libvirt domain and whether a\n"
+    "VM definition is stored with it (read and checked: a damaged one is exit 9)."
 )
 
 
 def add_arguments(p) -> None:
     from ..nbdargs import add_client_arguments
 
-    p.add_argument("uri", metavar="URI", help="NBD URI of the export")
+    p.add_argument("uri", metavar="URI|BACKUP", help="NBD URI of the export, or (with --repo) a backup")
     p.add_argument("--list", action="store_true", help="list the server's exports (NBD_OPT_LIST)")
     add_client_arguments(p)
 
@@ -57,6 +61,9 @@ def run(args) -> int:
     from .. import output
     from ..nbdargs import client_options
 
+    if "://" not in args.uri and getattr(args, "repo", None):
+        from ._backupinfo import run_backup_info
+        return run_backup_info(args, args.uri)
     uri = parse_uri(args.uri)
     tls, timeout = client_options(args, uri)
     if args.list:
