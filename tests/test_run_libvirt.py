@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, random_file, restore_equals
@@ -158,7 +159,8 @@ def test_a_failure_in_one_domain_loses_no_change_and_spares_the_others(domains, 
     guest_write(small, "vda", 0x78, 1 * MiB, 64 * KiB)
 
     # a full (192 MiB of random data to read: time to act), its job aborted in the middle of the read
-    proc = subprocess.Popen([support.nbdbackup_exe(), "--json", "run", "--full", str(job)],
+    prom = tmp_path / "nbdbackup.prom"
+    proc = subprocess.Popen([support.nbdbackup_exe(), "--json", "run", "--full", "--metrics-file", str(prom), str(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_job(big, proc)
@@ -172,6 +174,13 @@ def test_a_failure_in_one_domain_loses_no_change_and_spares_the_others(domains, 
     assert sources(doc)[f"libvirt:{small.name}"]["result"] == "ok"
     assert by_disk(doc)[f"{small.name}-vda"]["kind"] == "full"
     assert big.checkpoints() == checkpoints                      # its chain is as it was
+    # the metrics know the failed domain's disk from the repository (source libvirt:DOMAIN/vda)
+    metrics = {(f.name, s.labels.get("disk")): s.value
+               for f in text_string_to_metric_families(prom.read_text()) for s in f.samples}
+    assert metrics[("nbdbackup_last_run_success", f"{big.name}-vda")] == 0
+    assert metrics[("nbdbackup_last_run_success", f"{small.name}-vda")] == 1
+    assert metrics[("nbdbackup_repository_backups", f"{big.name}-vda")] == 1
+    assert ("nbdbackup_last_success_timestamp_seconds", f"{big.name}-vda") in metrics
     known_checkpoints_only(big, repo)
 
     again = by_disk(run_json(job))                               # the next run sees the earlier write
