@@ -160,16 +160,25 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _watch(proc: subprocess.Popen, interval: float = 0.01) -> tuple[int, list[list[str]]]:
-    """Until *proc* exits: the most backup children seen at once, and every child's cmdline."""
-    most, seen = 0, {}
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def _watch(proc: subprocess.Popen, interval: float = 0.01) -> tuple[int, list[list[str]], set[bytes]]:
+    """Until *proc* exits: the most backup children seen at once, every child's cmdline, and the
+    environments of the programs those children start (qemu-nbd)."""
+    most, seen, grand_envs = 0, {}, set()
     while proc.poll() is None:
         kids = {k: _cmdline(k) for k in _children(proc.pid)}
         backups = [k for k, c in kids.items() if "incremental" in c or "full" in c]
         most = max(most, len(backups))
         seen.update({k: c for k, c in kids.items() if c and c != [""]})
+        grand_envs.update(_environ(g) for k in backups for g in _children(k))
         time.sleep(interval)
-    return most, list(seen.values())
+    return most, list(seen.values()), grand_envs
 
 
 def test_concurrency_runs_two_at_once_and_passphrase_stays_out_of_argv(tmp_path):
@@ -183,13 +192,16 @@ def test_concurrency_runs_two_at_once_and_passphrase_stays_out_of_argv(tmp_path)
                     + "".join(f'[[source]]\nimage = "d{i}.qcow2"\n' for i in range(3)))
     proc = subprocess.Popen([support.nbdbackup_exe(), "run", "--json", str(job)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, **env))
-    most, cmdlines = _watch(proc)
+    most, cmdlines, grand_envs = _watch(proc)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert most == 2, f"{most} backups at once with concurrency = 2"
     assert len([c for c in cmdlines if "--image" in c]) == 3
     for c in cmdlines:
         assert PASSPHRASE not in " ".join(c), c
+    # the children took it out of their environment before starting qemu-nbd (envsecrets)
+    assert grand_envs - {b""}, "no program started by a child was seen"
+    assert not [e for e in grand_envs if PASSPHRASE.encode() in e]
     assert PASSPHRASE not in out + err
     spans = sorted((s["started"], s["ended"]) for s in json.loads(out)["sources"])
     assert spans[1][0] < spans[0][1], f"the first two did not overlap: {spans}"
