@@ -32,6 +32,7 @@ class ExitCode(IntEnum):
     STORAGE_UNREACHABLE = 17 # object storage or index database unreachable or failing, after retries
     NO_BUCKET = 18           # the S3 bucket does not exist
     KEY_REFUSED = 19         # wrong passphrase, or a key (file) that is not this repository's
+    SOME_SOURCES_FAILED = 20 # `run`: some of the job's sources (or its prune) failed; the others are committed
     INTERRUPTED = 130        # SIGINT/SIGTERM
 
 
@@ -58,6 +59,8 @@ EXIT_CODE_HELP = {
                                   "nothing half-done was committed",
     ExitCode.NO_BUCKET: "the S3 bucket does not exist (create it, or check the name and endpoint)",
     ExitCode.KEY_REFUSED: "key refused: wrong passphrase, or a key (file) that is not this repository's",
+    ExitCode.SOME_SOURCES_FAILED: "run: some sources of the job (or its prune) failed; the others' backups "
+                                  "are committed (see the summary)",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
 }
 
