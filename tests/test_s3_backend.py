@@ -299,3 +299,49 @@ def test_a_small_get_does_not_wait_for_a_delayed_ack(ceph_s3, s3_bucket):
         b.get("small", 10, 100)
         times.append(time.perf_counter() - t)
     assert sorted(times)[len(times) // 2] < 0.030, times
+
+
+def test_gets_go_around_botocore_and_read_the_same_bytes(ceph_s3, s3_bucket):
+    """Ranged GETs are sent directly (signed here, through the client's pool): botocore's
+    GetObject runs only where the direct route cannot serve (past the end, a name needing
+    percent-encoding, a missing object), and every answer is the one botocore gives."""
+    import os
+
+    b = ceph_s3.backend(s3_bucket)
+    calls = []
+    b.client.meta.events.register("before-parameter-build.s3.GetObject",
+                                  lambda params, **kw: calls.append(params["Key"]))
+    data = os.urandom(3 << 20)
+    b.put("packs/ab/x.pack", [data])
+    reads = [(0, None), (0, 1), (5, 70_000), (1 << 20, 1 << 20), (len(data) - 10, 100), (len(data) - 1, None)]
+    assert [b.get("packs/ab/x.pack", o, n) for o, n in reads] == \
+        [data[o:None if n is None else o + n] for o, n in reads]
+    assert calls == []
+    assert b.get("packs/ab/x.pack", len(data) + 1, 10) == b""          # 416: botocore says "past the end"
+    b.put("odd name+ä", [b"odd"])
+    assert b.get("odd name+ä") == b"odd"
+    with pytest.raises(FileNotFoundError):
+        b.get("packs/ab/none.pack", 0, 10)
+    assert calls == ["packs/ab/x.pack", "odd name+ä", "packs/ab/none.pack"]
+    direct = ceph_s3.client().get_object(Bucket=s3_bucket, Key="packs/ab/x.pack", Range="bytes=7-99")["Body"].read()
+    assert b.get("packs/ab/x.pack", 7, 93) == direct == data[7:100]
+
+
+def test_a_refused_direct_get_hands_over_to_botocore_for_good(ceph_s3, s3_bucket, fault_proxy):
+    """A 403 (or a redirect) on the direct route: botocore asks again and names the error; later
+    GETs go through botocore alone. A 503 is botocore's to retry, the direct route stays."""
+    b = ceph_s3.backend(s3_bucket, endpoint_url=fault_proxy.endpoint)
+    b.put("o", [b"0123456789"])
+    fault_proxy.fail(2, 503, "SlowDown")
+    assert b.get("o", 2, 3) == b"234"
+    assert fault_proxy.failed == 2                  # direct, then botocore's first; its retry got it
+    fault_proxy.fail(None, 403, "AccessDenied")
+    with pytest.raises(CredentialsError):
+        b.get("o", 0, 5)
+    assert fault_proxy.failed == 4                  # direct, then botocore (a 403 is not retried)
+    fault_proxy.passthrough()
+    assert b.get("o", 0, 5) == b"01234"
+    fault_proxy.fail(None, 403, "AccessDenied")
+    with pytest.raises(CredentialsError):
+        b.get("o", 0, 5)
+    assert fault_proxy.failed == 5                  # botocore only now

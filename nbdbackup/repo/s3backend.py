@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from ..errors import CredentialsError, NbdBackupError, NoSuchBucket, StorageUnreachable, UsageError
 from .backends import ObjectInfo, StorageBackend, check_name
-from .s3client import ViewsReader, ack_responses_at_once, botocore_session
+from .s3client import BodyBrokeOff, DirectGets, NotServed, ViewsReader, ack_responses_at_once, botocore_session
 
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                     "ExpiredToken", "InvalidSecurity", "AccountProblem", "AllAccessDisabled", "403"}
@@ -79,6 +79,7 @@ class S3Backend(StorageBackend):
             if creds is not None:
                 frozen = creds.get_frozen_credentials()
                 self._secret, self.access_key = frozen.secret_key, frozen.access_key
+            self._direct = DirectGets(self.client, bucket, creds, connect_timeout, read_timeout)
         except Exception as e:          # ProfileNotFound, a malformed endpoint or config file
             raise self._translate(e, "setting up the S3 client") from None
 
@@ -161,6 +162,14 @@ class S3Backend(StorageBackend):
             args["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
         what = f"reading {name}"
         for attempt in range(_STREAM_RETRIES):
+            if attempt == 0 and self._direct.enabled:
+                try:
+                    return self._direct.get(key, args.get("Range"))
+                except NotServed:
+                    pass                # the same request through botocore, as the first attempt
+                except BodyBrokeOff:
+                    time.sleep(0.1)
+                    continue            # counts as an attempt, as a botocore body that broke off
             try:
                 resp = self.client.get_object(**args)
             except self._error_types.client as e:
