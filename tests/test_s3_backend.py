@@ -345,3 +345,33 @@ def test_a_refused_direct_get_hands_over_to_botocore_for_good(ceph_s3, s3_bucket
     with pytest.raises(CredentialsError):
         b.get("o", 0, 5)
     assert fault_proxy.failed == 5                  # botocore only now
+
+
+def test_scratch_reads_reuse_one_buffer_per_thread_and_fall_back(ceph_s3, s3_bucket, fault_proxy):
+    """get_scratch() reads a range into the thread's own buffer (the same memory each time, so
+    no fresh pages per GET), gives exactly get()'s bytes, and where the direct GET fails (its
+    body breaks off, a 503) returns get()'s answer, retried, instead."""
+    import os
+    import threading
+
+    b = ceph_s3.backend(s3_bucket, endpoint_url=fault_proxy.endpoint)
+    data = os.urandom(2 << 20)
+    b.put("packs/ab/x.pack", [data])
+    first = b.get_scratch("packs/ab/x.pack", 10, 1 << 20)
+    assert isinstance(first, memoryview) and first == data[10:10 + (1 << 20)]
+    second = b.get_scratch("packs/ab/x.pack", 5, 100)
+    assert bytes(second) == data[5:105]
+    assert second.obj is first.obj                       # the same buffer, read into again
+    assert bytes(b.get_scratch("packs/ab/x.pack", len(data) - 3, 10)) == data[-3:]
+    other = []
+    t = threading.Thread(target=lambda: other.append(b.get_scratch("packs/ab/x.pack", 0, 50)))
+    t.start()
+    t.join()
+    assert other[0] == data[:50] and other[0].obj is not first.obj
+    fault_proxy.lose_answers(1, keep=5000)               # the direct body breaks off
+    assert bytes(b.get_scratch("packs/ab/x.pack", 0, 1 << 20)) == data[:1 << 20]
+    fault_proxy.fail(2, 503, "SlowDown")
+    assert bytes(b.get_scratch("packs/ab/x.pack", 7, 1000)) == data[7:1007]
+    assert fault_proxy.failed == 3
+    with pytest.raises(FileNotFoundError):
+        b.get_scratch("packs/ab/none.pack", 0, 10)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import threading
 import time
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
@@ -42,6 +43,7 @@ CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_P
                     "~/.aws/credentials, ~/.aws/config), and that --s3-endpoint (or AWS_ENDPOINT_URL) names the "
                     "server those keys belong to")
 _STREAM_RETRIES = 3
+_SCRATCH_MAX = 16 << 20     # largest read buffer a thread keeps (a restore's runs are up to 8 MiB)
 
 
 class S3Backend(StorageBackend):
@@ -60,6 +62,7 @@ class S3Backend(StorageBackend):
             raise UsageError("S3 repositories need boto3 (its botocore), which is not installed",
                              hint="install nbdbackup[s3] (pip install 'nbdbackup[s3]')") from None
         self.bucket = bucket
+        self._tls = threading.local()
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self._secret = secret_key
         self.access_key = access_key
@@ -188,6 +191,24 @@ class S3Backend(StorageBackend):
             finally:
                 body.close()
         raise AssertionError("unreachable")
+
+    def get_scratch(self, name: str, offset: int, length: int):
+        """get()'s bytes, possibly as a memoryview of a buffer this thread reuses: valid only
+        until the thread's next get_scratch() (the store decodes records out of it at once)."""
+        if length > 0 and self._direct.enabled:
+            try:
+                return self._direct.get(self._key(name), f"bytes={offset}-{offset + length - 1}", self._scratch)
+            except (NotServed, BodyBrokeOff):
+                pass                    # get() asks again, with its retries and error names
+        return self.get(name, offset, length)
+
+    def _scratch(self, n: int) -> bytearray:
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = bytearray(n)
+            if n <= _SCRATCH_MAX:       # kept for the thread's next read (a bigger one is not)
+                self._tls.buf = buf
+        return buf
 
     def _head(self, name: str) -> dict:
         return self._call(f"looking up {name}", self.client.head_object, name=name,

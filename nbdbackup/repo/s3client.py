@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import io
 import os
 import re
@@ -175,15 +176,15 @@ class DirectGets:
         try:
             import urllib3
 
-            http = client._endpoint.http_session
+            http_session = client._endpoint.http_session
             base = client.meta.endpoint_url.rstrip("/")
             url = urlsplit(base)
             if (url.scheme not in ("http", "https") or url.path or credentials is None
-                    or not _PLAIN_KEY.fullmatch(bucket) or http._proxy_config.proxy_url_for(base)):
+                    or not _PLAIN_KEY.fullmatch(bucket) or http_session._proxy_config.proxy_url_for(base)):
                 return
-            self._manager = http._manager
+            self._manager = http_session._manager
             self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-            self._errors = (urllib3.exceptions.HTTPError, OSError)
+            self._errors = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
         except (ImportError, AttributeError):
             return
         self._base, self._host, self._bucket = base, url.netloc, bucket
@@ -192,9 +193,12 @@ class DirectGets:
         self._keys: tuple[str, bytes] | None = None        # (day, signing key) of the last request
         self.enabled = True
 
-    def get(self, key: str, range_header: str | None) -> bytes:
+    def get(self, key: str, range_header: str | None, into=None):
         """The object's bytes (*range_header*: "bytes=A-B" or None for all of it); NotServed
-        when the direct route did not get them, BodyBrokeOff when the body broke off."""
+        when the direct route did not get them, BodyBrokeOff when the body broke off.
+        *into*: a function giving a writable buffer of at least n bytes; the body is then read
+        into it (no allocation: a fresh 8 MiB bytes object costs 2048 page faults, ~2 ms) and a
+        memoryview of it returned."""
         if not (self.enabled and _PLAIN_KEY.fullmatch(key)):
             raise NotServed()
         path = f"/{self._bucket}/{key}"
@@ -211,11 +215,26 @@ class DirectGets:
                     self.enabled = False            # another region or signature: botocore's job
                 raise NotServed()
             try:
-                return resp.read()                  # raises when fewer bytes than Content-Length came
-            except self._errors as e:
+                if into is None:
+                    return resp.read()              # raises when fewer bytes than Content-Length came
+                return self._read_into(resp, into)
+            except (*self._errors, BodyBrokeOff) as e:
+                resp.close()                        # not back into the pool half read
                 raise BodyBrokeOff(str(e)) from None
         finally:
             resp.release_conn()
+
+    @staticmethod
+    def _read_into(resp, into) -> memoryview:
+        n = int(resp.headers["Content-Length"])
+        view = memoryview(into(n))[:n]
+        fp, got = resp._fp, 0                       # http.client's response: readinto() fills *view* itself
+        while got < n:
+            k = fp.readinto(view[got:])
+            if not k:
+                raise BodyBrokeOff(f"body ended after {got} of {n} bytes")
+            got += k
+        return view
 
     def _sign(self, path: str, headers: dict[str, str]) -> dict[str, str]:
         creds = self._credentials.get_frozen_credentials()

@@ -117,7 +117,7 @@ class ObjectStore:
                 first, last = items[ks[run[0]]][0], items[ks[run[-1]]][0]
                 start = first.offset - HEADER_SIZE
                 try:
-                    data = self._get(pack, start, last.offset + last.stored_len - start)
+                    data = self._get(pack, start, last.offset + last.stored_len - start, scratch=True)
                 except RecordError as e:
                     for j in run:
                         out[ks[j]] = e
@@ -133,8 +133,13 @@ class ObjectStore:
                         out[ks[j]] = e
         return out
 
-    def _get(self, pack: str, start: int, length: int) -> bytes:
+    def _get(self, pack: str, start: int, length: int, scratch: bool = False) -> bytes:
+        """*scratch*: the bytes may sit in a buffer the backend reuses for this thread's next
+        read (get_scratch, S3): every record is decoded out of them before that."""
+        get = getattr(self.backend, "get_scratch", None) if scratch else None
         try:
+            if get is not None:
+                return get(pack_object_name(pack), start, length)
             return self.backend.get(pack_object_name(pack), start, length)
         except FileNotFoundError:
             raise RecordError(f"pack {pack} is missing") from None
