@@ -347,31 +347,38 @@ def test_a_refused_direct_get_hands_over_to_botocore_for_good(ceph_s3, s3_bucket
     assert fault_proxy.failed == 5                  # botocore only now
 
 
-def test_scratch_reads_reuse_one_buffer_per_thread_and_fall_back(ceph_s3, s3_bucket, fault_proxy):
-    """get_scratch() reads a range into the thread's own buffer (the same memory each time, so
-    no fresh pages per GET), gives exactly get()'s bytes, and where the direct GET fails (its
-    body breaks off, a 503) returns get()'s answer, retried, instead."""
+def test_reading_reuses_a_few_buffers_and_falls_back_to_get(ceph_s3, s3_bucket, fault_proxy):
+    """reading() reads a range into a pooled buffer (the same memory again once handed back, so
+    no fresh pages per GET), gives exactly get()'s bytes, keeps at most 8 idle buffers, and where
+    the direct GET fails (its body breaks off, a 503) yields get()'s answer, retried, instead."""
     import os
-    import threading
+    from contextlib import ExitStack
 
     b = ceph_s3.backend(s3_bucket, endpoint_url=fault_proxy.endpoint)
     data = os.urandom(2 << 20)
     b.put("packs/ab/x.pack", [data])
-    first = b.get_scratch("packs/ab/x.pack", 10, 1 << 20)
-    assert isinstance(first, memoryview) and first == data[10:10 + (1 << 20)]
-    second = b.get_scratch("packs/ab/x.pack", 5, 100)
-    assert bytes(second) == data[5:105]
-    assert second.obj is first.obj                       # the same buffer, read into again
-    assert bytes(b.get_scratch("packs/ab/x.pack", len(data) - 3, 10)) == data[-3:]
-    other = []
-    t = threading.Thread(target=lambda: other.append(b.get_scratch("packs/ab/x.pack", 0, 50)))
-    t.start()
-    t.join()
-    assert other[0] == data[:50] and other[0].obj is not first.obj
+    with b.reading("packs/ab/x.pack", 10, 1 << 20) as first:
+        assert isinstance(first, memoryview) and first == data[10:10 + (1 << 20)]
+        with b.reading("packs/ab/x.pack", 5, 100) as inner:     # held at once: another buffer
+            assert bytes(inner) == data[5:105] and inner.obj is not first.obj
+            buffers = {id(first.obj), id(inner.obj)}
+    for _ in range(3):
+        with b.reading("packs/ab/x.pack", 5, 100) as again:
+            assert bytes(again) == data[5:105] and id(again.obj) in buffers     # handed out again
+    with b.reading("packs/ab/x.pack", len(data) - 3, 10) as tail:
+        assert bytes(tail) == data[-3:]
+    with ExitStack() as stack:
+        views = [stack.enter_context(b.reading("packs/ab/x.pack", k, 1000)) for k in range(10)]
+        assert [bytes(v) for v in views] == [data[k:k + 1000] for k in range(10)]
+        assert len({id(v.obj) for v in views}) == 10
+    assert len(b._free) == 8                             # idle buffers kept: bounded
     fault_proxy.lose_answers(1, keep=5000)               # the direct body breaks off
-    assert bytes(b.get_scratch("packs/ab/x.pack", 0, 1 << 20)) == data[:1 << 20]
+    with b.reading("packs/ab/x.pack", 0, 1 << 20) as v:
+        assert bytes(v) == data[:1 << 20]
     fault_proxy.fail(2, 503, "SlowDown")
-    assert bytes(b.get_scratch("packs/ab/x.pack", 7, 1000)) == data[7:1007]
+    with b.reading("packs/ab/x.pack", 7, 1000) as v:
+        assert bytes(v) == data[7:1007]
     assert fault_proxy.failed == 3
     with pytest.raises(FileNotFoundError):
-        b.get_scratch("packs/ab/none.pack", 0, 10)
+        with b.reading("packs/ab/none.pack", 0, 10):
+            pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -117,29 +118,44 @@ class ObjectStore:
                 first, last = items[ks[run[0]]][0], items[ks[run[-1]]][0]
                 start = first.offset - HEADER_SIZE
                 try:
-                    data = self._get(pack, start, last.offset + last.stored_len - start, scratch=True)
-                except RecordError as e:
+                    with self._reading(pack, start, last.offset + last.stored_len - start) as data:
+                        view = memoryview(data)
+                        for j in run:
+                            loc, h = items[ks[j]]
+                            a = loc.offset - HEADER_SIZE - start
+                            try:
+                                out[ks[j]] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE + loc.stored_len],
+                                                            self.codec)
+                            except RecordError as e:
+                                out[ks[j]] = e
+                        view.release()
+                except RecordError as e:        # the run could not be read
                     for j in run:
-                        out[ks[j]] = e
-                    continue
-                view = memoryview(data)
-                for j in run:
-                    loc, h = items[ks[j]]
-                    a = loc.offset - HEADER_SIZE - start
-                    try:
-                        out[ks[j]] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE + loc.stored_len],
-                                                    self.codec)
-                    except RecordError as e:
                         out[ks[j]] = e
         return out
 
-    def _get(self, pack: str, start: int, length: int, scratch: bool = False) -> bytes:
-        """*scratch*: the bytes may sit in a buffer the backend reuses for this thread's next
-        read (get_scratch, S3): every record is decoded out of them before that."""
-        get = getattr(self.backend, "get_scratch", None) if scratch else None
+    @contextmanager
+    def _reading(self, pack: str, start: int, length: int):
+        """A run's bytes for the with block: from the backend's reusable buffers where it has
+        them (S3Backend.reading: every record is decoded before the block ends), else get()."""
+        reading = getattr(self.backend, "reading", None)
+        if reading is None:
+            yield self._get(pack, start, length)
+            return
         try:
-            if get is not None:
-                return get(pack_object_name(pack), start, length)
+            cm = reading(pack_object_name(pack), start, length)
+            data = cm.__enter__()
+        except FileNotFoundError:
+            raise RecordError(f"pack {pack} is missing") from None
+        except OSError as e:
+            raise RecordError(f"cannot read pack {pack}: {e}") from None
+        try:
+            yield data
+        finally:
+            cm.__exit__(None, None, None)
+
+    def _get(self, pack: str, start: int, length: int) -> bytes:
+        try:
             return self.backend.get(pack_object_name(pack), start, length)
         except FileNotFoundError:
             raise RecordError(f"pack {pack} is missing") from None
