@@ -213,6 +213,10 @@ class DirectGets:
             if resp.status != (206 if range_header else 200):
                 if resp.status in (301, 302, 307, 400, 403):
                     self.enabled = False            # another region or signature: botocore's job
+                if resp.status < 300:
+                    resp.close()                    # a body we did not ask for (all of it?): unread
+                else:
+                    resp.drain_conn()               # a short error document: the connection stays usable
                 raise NotServed()
             try:
                 if into is None:
