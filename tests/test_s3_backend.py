@@ -382,3 +382,37 @@ def test_reading_reuses_a_few_buffers_and_falls_back_to_get(ceph_s3, s3_bucket, 
     with pytest.raises(FileNotFoundError):
         with b.reading("packs/ab/none.pack", 0, 10):
             pass
+
+
+def test_after_a_pooled_read_a_restore_threads_chunks_reuse_memory(ceph_s3, s3_bucket):
+    """With read buffers pooled nothing large is freed any more, which left glibc's thresholds
+    low: a restore thread's batch of decompressed chunks (32 x 256 KiB), once freed, was handed
+    back to the kernel and faulted in again, page by page, for the next batch. The first pooled
+    read raises them (checked in a fresh process: pytest's own heap says nothing)."""
+    import subprocess
+
+    script = """
+import resource, sys, threading
+from nbdbackup.repo.s3backend import S3Backend
+b = S3Backend({bucket!r}, endpoint_url={endpoint!r}, access_key={ak!r}, secret_key={sk!r}, region={region!r})
+b.put("packs/ab/y.pack", [b"y" * 100_000])
+faults = []
+def restore_like():
+    with b.reading("packs/ab/y.pack", 0, 100_000) as v:
+        assert v == b"y" * 100_000
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for i in range(20):
+        batch = [bytes([i]) * (256 << 10) for _ in range(32)]     # as zstd's outputs
+        del batch
+    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+t = threading.Thread(target=restore_like)
+t.start()
+t.join()
+print(faults[0])
+""".format(bucket=s3_bucket, endpoint=ceph_s3.endpoint, ak=ceph_s3.access_key, sk=ceph_s3.secret_key,
+           region=ceph_s3.region)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    faults = int(out.stdout.split()[-1])
+    # the first batch faults its 8 MiB in (2048 pages); each of the 19 more did too (~28000)
+    assert faults < 8000, f"{faults} page faults for 20 batches of chunks"

@@ -221,6 +221,7 @@ class S3Backend(StorageBackend):
             for k, buf in enumerate(self._free):
                 if len(buf) >= n:
                     return self._free.pop(k)
+        _raise_malloc_threshold()
         return bytearray(-(-n // _SCRATCH_UNIT) * _SCRATCH_UNIT)
 
     def _give(self, buf: bytearray) -> None:
@@ -351,6 +352,23 @@ class S3Backend(StorageBackend):
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
+
+
+_malloc_threshold_raised = False
+
+
+def _raise_malloc_threshold() -> None:
+    """Free one 9 MiB block, once per process. glibc's malloc gives each block above its mmap
+    threshold (128 KiB at start) fresh pages, zeroed and faulted in on first touch, and raises
+    the threshold to the size of the largest such block freed. The freed 8 MiB GET bodies used
+    to do that; with pooled read buffers nothing that large is freed, and every 256 KiB chunk a
+    restore decompressed became a fresh mapping: 512 MiB from radosgw took 1.37 s of system
+    time instead of 0.82 (4 runs each). Other allocators: one short-lived allocation, no harm."""
+    global _malloc_threshold_raised
+    if not _malloc_threshold_raised:
+        _malloc_threshold_raised = True
+        block = bytes(9 * _SCRATCH_UNIT)
+        del block
 
 
 class _ErrorTypes:
