@@ -7,7 +7,8 @@ read_records() reads many records of a pack in runs: neighbouring records
 (at most RUN_GAP dead bytes apart, a run at most RUN_MAX long) come in ONE
 ranged backend.get(), then each record is split off and checked by the same
 code read_record() uses. On object storage a get is a round trip (1-5 ms), so
-a restore reading 32 neighbouring chunks pays one instead of 32.
+a restore reading 32 neighbouring chunks pays one instead of 32. A backend with
+reading() (S3) lends a reused buffer for the run while its records are decoded.
 """
 
 from __future__ import annotations
@@ -128,7 +129,6 @@ class ObjectStore:
                                                             self.codec)
                             except RecordError as e:
                                 out[ks[j]] = e
-                        view.release()
                 except RecordError as e:        # the run could not be read
                     for j in run:
                         out[ks[j]] = e
