@@ -12,7 +12,8 @@ peak RSS of the full backup into S3 < 256 MiB.
 Besides wall times it prints CPU seconds: of our process (with its children)
 and of the servers it talks to (radosgw + ceph-osd + ceph-mon, PostgreSQL),
 read from /proc before and after each S3 run. On a machine where all of them
-share the same cores, the S3 run's wall time cannot drop below the sum.
+share the same cores, the S3 run's wall time cannot drop below the sum. And the
+requests radosgw counted per S3 run (all, GET with HEAD, PUT), from its admin socket.
 The package's bytecode is compiled first, as a pip install does (an editable
 install under PYTHONDONTWRITEBYTECODE=1 recompiles every module each run).
 
@@ -100,6 +101,20 @@ def server_cpu(ceph: CephS3, pg) -> dict[str, float]:
     return out
 
 
+def rgw_requests(ceph: CephS3) -> dict[str, int]:
+    """radosgw's request counters so far (its admin socket's perf dump): all, GETs (HEADs
+    included) and PUTs; {} when the socket cannot be asked."""
+    import json
+
+    try:
+        out = subprocess.run(["ceph", "--admin-daemon", str(ceph.dir / "run" / "client.rgw.asok"), "perf", "dump"],
+                             capture_output=True, timeout=20, check=True).stdout
+        rgw = json.loads(out)["rgw"]
+        return {"requests": rgw["req"], "GET": rgw["get"], "PUT": rgw["put"]}
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+        return {}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -119,6 +134,7 @@ def main() -> int:
         os.environ.update(env)
         res = {k: [] for k in ("full_local", "full_s3", "restore_local", "restore_s3", "rss_s3", "rss_local")}
         cpu: dict[str, list[dict[str, float]]] = {}     # "full_s3" ... -> per round {process: CPU s}
+        reqs: dict[str, list[dict[str, int]]] = {}      # "full", "restore" -> per round radosgw's counts
         try:
             for r in range(a.rounds):
                 order = ("local", "s3") if r % 2 == 0 else ("s3", "local")
@@ -137,9 +153,12 @@ def main() -> int:
                     for op, cmd in (("full", ["full", "--image", str(img), "--format", "raw", "--disk", "bench",
                                               "--compress-all"]),
                                     ("restore", ["restore", "bench", str(out)])):
-                        before = server_cpu(ceph, pg)
+                        before, asked = server_cpu(ceph, pg), rgw_requests(ceph) if where == "s3" else {}
                         t, m, ours = timed([exe, "--repo", spec, "-q", *cmd])
                         after = server_cpu(ceph, pg)
+                        if asked:
+                            done = rgw_requests(ceph)
+                            reqs.setdefault(op, []).append({k: done[k] - asked[k] for k in done})
                         res[f"{op}_{where}"].append(t)
                         if op == "full":
                             res[f"rss_{where}"].append(m)
@@ -176,6 +195,10 @@ def main() -> int:
             med_cpu = {p: statistics.median(r[p] for r in rounds) for p in procs}
             parts = "  ".join(f"{p} {v:.2f}" for p, v in med_cpu.items())
             print(f"  {run:<14} {parts}  total {sum(med_cpu.values()):.2f}  (wall {med[run]:.2f} s, 2 cores)")
+        for op, rounds in reqs.items():
+            counts = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            shown = ", ".join(f"{k} {v:.0f}" for k, v in counts.items())
+            print(f"  {op + '_s3':<14} radosgw requests (medians): {shown}")
         ok = full_ratio >= 0.8 and restore_ratio >= 0.8 and max(res["rss_s3"]) < 256 * MiB
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1

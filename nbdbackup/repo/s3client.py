@@ -8,8 +8,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.client
 import io
 import os
+import re
+import time
+from urllib.parse import urlsplit
 
 
 class ViewsReader(io.RawIOBase):
@@ -140,3 +146,125 @@ class _QuickAck:
             except OSError:         # not TCP (a proxy's unix socket, say): nothing to hurry
                 pass
         return super().getresponse(*args, **kwargs)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9._~/-]+")     # needs no percent-encoding in a URL or a SigV4 path
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+class NotServed(Exception):
+    """The direct GET did not get the bytes (any answer but the expected 2xx, or no answer):
+    the caller asks through botocore, which retries, follows redirects and names the error."""
+
+
+class DirectGets:
+    """GETs of objects (or byte ranges) sent straight through the client's urllib3 pool, signed
+    here with SigV4, bypassing botocore's request pipeline (events, endpoint rules, parameter
+    checks, response parsing): ~0.9 ms of CPU per GET instead of ~3.2 ms on radosgw over
+    loopback, which for a restore's hundred 8 MiB GETs is most of what the client spends per
+    request. Only a 2xx answer with the whole body counts (urllib3 checks Content-Length); any
+    other answer raises NotServed and the caller repeats the request through botocore, so errors,
+    retries and redirects keep botocore's behaviour. An answer suggesting the direct route is wrong
+    here (a redirect, 400, 403) turns it off for good.
+
+    Used only where the URL is certain: a path-style endpoint without a path of its own and no
+    proxy, and keys that need no percent-encoding. Anything else (another botocore without
+    these internals) leaves .enabled False."""
+
+    def __init__(self, client, bucket: str, credentials, connect_timeout: float, read_timeout: float):
+        self.enabled = False
+        try:
+            import urllib3
+
+            http_session = client._endpoint.http_session
+            base = client.meta.endpoint_url.rstrip("/")
+            url = urlsplit(base)
+            if (url.scheme not in ("http", "https") or url.path or credentials is None
+                    or not _PLAIN_KEY.fullmatch(bucket) or http_session._proxy_config.proxy_url_for(base)):
+                return
+            self._manager = http_session._manager
+            self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+            self._errors = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+        except (ImportError, AttributeError):
+            return
+        self._base, self._host, self._bucket = base, url.netloc, bucket
+        self._region = client.meta.region_name
+        self._credentials = credentials
+        self._keys: tuple[str, bytes] | None = None        # (day, signing key) of the last request
+        self.enabled = True
+
+    def get(self, key: str, range_header: str | None, into=None):
+        """The object's bytes (*range_header*: "bytes=A-B" or None for all of it); NotServed
+        when the direct route did not get them, BodyBrokeOff when the body broke off.
+        *into*: a function giving a writable buffer of at least n bytes; the body is then read
+        into it (no allocation: a fresh 8 MiB bytes object costs 2048 page faults, ~2 ms) and a
+        memoryview of it returned."""
+        if not (self.enabled and _PLAIN_KEY.fullmatch(key)):
+            raise NotServed()
+        path = f"/{self._bucket}/{key}"
+        headers = {"Range": range_header} if range_header else {}
+        try:
+            resp = self._manager.urlopen("GET", self._base + path, headers=self._sign(path, headers),
+                                         preload_content=False, retries=False, redirect=False,
+                                         timeout=self._timeout)
+        except self._errors:
+            raise NotServed() from None             # botocore connects again, with its retries
+        try:
+            if resp.status != (206 if range_header else 200):
+                if resp.status in (301, 302, 307, 400, 403):
+                    self.enabled = False            # another region or signature: botocore's job
+                if resp.status < 300:
+                    resp.close()                    # a body we did not ask for (all of it?): unread
+                else:
+                    resp.drain_conn()               # a short error document: the connection stays usable
+                raise NotServed()
+            try:
+                if into is None:
+                    return resp.read()              # raises when fewer bytes than Content-Length came
+                return self._read_into(resp, into)
+            except (*self._errors, BodyBrokeOff) as e:
+                resp.close()                        # not back into the pool half read
+                raise BodyBrokeOff(str(e)) from None
+        finally:
+            resp.release_conn()
+
+    @staticmethod
+    def _read_into(resp, into) -> memoryview:
+        n = int(resp.headers["Content-Length"])
+        view = memoryview(into(n))[:n]
+        fp, got = resp._fp, 0                       # http.client's response: readinto() fills *view* itself
+        while got < n:
+            k = fp.readinto(view[got:])
+            if not k:
+                raise BodyBrokeOff(f"body ended after {got} of {n} bytes")
+            got += k
+        return view
+
+    def _sign(self, path: str, headers: dict[str, str]) -> dict[str, str]:
+        creds = self._credentials.get_frozen_credentials()
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        day = amz_date[:8]
+        h = {"host": self._host, "x-amz-content-sha256": _EMPTY_SHA256, "x-amz-date": amz_date}
+        if creds.token:
+            h["x-amz-security-token"] = creds.token
+        h.update((k.lower(), v) for k, v in headers.items())
+        names = sorted(h)
+        signed = ";".join(names)
+        canonical = "\n".join(("GET", path, "", "".join(f"{n}:{h[n].strip()}\n" for n in names), signed,
+                               _EMPTY_SHA256))
+        scope = f"{day}/{self._region}/s3/aws4_request"
+        to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        cached = self._keys
+        if cached is None or cached[0] != day + creds.secret_key:
+            k = ("AWS4" + creds.secret_key).encode()
+            for part in (day, self._region, "s3", "aws4_request"):
+                k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+            self._keys = cached = (day + creds.secret_key, k)
+        sig = hmac.new(cached[1], to_sign.encode(), hashlib.sha256).hexdigest()
+        h["authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
+                              f"SignedHeaders={signed}, Signature={sig}")
+        return h                                    # Host too: exactly what was signed
+
+
+class BodyBrokeOff(Exception):
+    """A direct GET's body ended before its Content-Length."""

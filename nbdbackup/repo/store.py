@@ -7,13 +7,15 @@ read_records() reads many records of a pack in runs: neighbouring records
 (at most RUN_GAP dead bytes apart, a run at most RUN_MAX long) come in ONE
 ranged backend.get(), then each record is split off and checked by the same
 code read_record() uses. On object storage a get is a round trip (1-5 ms), so
-a restore reading 32 neighbouring chunks pays one instead of 32.
+a restore reading 32 neighbouring chunks pays one instead of 32. A backend with
+reading() (S3) lends a reused buffer for the run while its records are decoded.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -117,21 +119,40 @@ class ObjectStore:
                 first, last = items[ks[run[0]]][0], items[ks[run[-1]]][0]
                 start = first.offset - HEADER_SIZE
                 try:
-                    data = self._get(pack, start, last.offset + last.stored_len - start)
-                except RecordError as e:
+                    with self._reading(pack, start, last.offset + last.stored_len - start) as data:
+                        view = memoryview(data)
+                        for j in run:
+                            loc, h = items[ks[j]]
+                            a = loc.offset - HEADER_SIZE - start
+                            try:
+                                out[ks[j]] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE + loc.stored_len],
+                                                            self.codec)
+                            except RecordError as e:
+                                out[ks[j]] = e
+                except RecordError as e:        # the run could not be read
                     for j in run:
                         out[ks[j]] = e
-                    continue
-                view = memoryview(data)
-                for j in run:
-                    loc, h = items[ks[j]]
-                    a = loc.offset - HEADER_SIZE - start
-                    try:
-                        out[ks[j]] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE + loc.stored_len],
-                                                    self.codec)
-                    except RecordError as e:
-                        out[ks[j]] = e
         return out
+
+    @contextmanager
+    def _reading(self, pack: str, start: int, length: int):
+        """A run's bytes for the with block: from the backend's reusable buffers where it has
+        them (S3Backend.reading: every record is decoded before the block ends), else get()."""
+        reading = getattr(self.backend, "reading", None)
+        if reading is None:
+            yield self._get(pack, start, length)
+            return
+        try:
+            cm = reading(pack_object_name(pack), start, length)
+            data = cm.__enter__()
+        except FileNotFoundError:
+            raise RecordError(f"pack {pack} is missing") from None
+        except OSError as e:
+            raise RecordError(f"cannot read pack {pack}: {e}") from None
+        try:
+            yield data
+        finally:
+            cm.__exit__(None, None, None)
 
     def _get(self, pack: str, start: int, length: int) -> bytes:
         try:
