@@ -346,3 +346,23 @@ def test_a_killed_runs_freeze_is_thawed_by_the_next_run(libvirt_domain, tmp_path
         assert not left.exists()
     finally:
         shutil.rmtree(left, ignore_errors=True)
+
+
+def test_every_repository_place(place, libvirt_domain, tmp_path):
+    """local+SQLite, local+PostgreSQL, S3+PostgreSQL: the host lock, the chain queries and the
+    set commit of a --libvirt run are the same everywhere."""
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 8 * MiB)])
+    support.nbdbackup("--repo", place, "init", "--chunk-size", "256K")
+    with Repository.open(place.spec) as r:
+        prefix = ld.checkpoint_prefix(r.repo_id)
+    full = json.loads(support.nbdbackup("--repo", place, "--json", "full", "--libvirt", dom.name).stdout)
+    guest_write(dom, "vdb", 0x5a, 3 * MiB, 4096)
+    inc = json.loads(support.nbdbackup("--repo", place, "--json", "incremental", "--libvirt", dom.name).stdout)
+    iby = _by_target(dom, inc)
+    assert [iby[t]["kind"] for t in ("vda", "vdb")] == ["incremental", "incremental"]
+    assert iby["vda"]["read_bytes"] == 0 and iby["vdb"]["read_bytes"] == CHUNK
+    assert len({b["set_id"] for b in full}) == 1 and len({b["set_id"] for b in inc}) == 1
+    assert dom.checkpoints() == [prefix + iby["vda"]["checkpoint"]] and not dom.job_running()
+    out = tmp_path / "vdb.raw"
+    support.nbdbackup("--repo", place, "restore", iby["vdb"]["id"], out)
+    assert out.read_bytes() == disk_now(dom.disks["vdb"], tmp_path / "now.raw").read_bytes()
