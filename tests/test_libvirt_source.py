@@ -366,3 +366,26 @@ def test_every_repository_place(place, libvirt_domain, tmp_path):
     out = tmp_path / "vdb.raw"
     support.nbdbackup("--repo", place, "restore", iby["vdb"]["id"], out)
     assert out.read_bytes() == disk_now(dom.disks["vdb"], tmp_path / "now.raw").read_bytes()
+
+
+def test_untrustworthy_chains_fall_back(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 8 * MiB)])
+    repo = init_repo(tmp_path / "repo", "256K")
+    _run(repo, "full", dom)
+    # a run without vdb moves vda's chain on: the disks' latest backups now disagree
+    [vda_only], _ = _run(repo, "incremental", dom, "--exclude-disk", "vdb")
+    assert vda_only["kind"] == "incremental"
+    _, err = _run(repo, "incremental", dom, "--no-fallback", code=13)
+    assert "different checkpoints" in err and "not one set" in err, err
+    both, err = _run(repo, "incremental", dom)
+    assert all(b["kind"] == "full" for b in both) and "taking a full backup instead" in err, err
+    # the latest set forgotten: the latest backups are older ones whose checkpoint is gone
+    guest_write(dom, "vda", 0x42, 4 * MiB, 4096)
+    inc, _ = _run(repo, "incremental", dom)
+    assert all(b["kind"] == "incremental" for b in inc)
+    nbb(repo, "forget", inc[0]["id"])
+    again, err = _run(repo, "incremental", dom)
+    assert all(b["kind"] == "full" for b in again) and "libvirt no longer knows checkpoint" in err, err
+    _assert_clean(repo, dom, again[0]["checkpoint"])
+    by = _by_target(dom, again)
+    assert restore_equals(repo, by["vda"]["id"], disk_now(dom.disks["vda"], tmp_path / "vda.raw"), tmp_path)
