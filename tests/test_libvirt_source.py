@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -389,3 +390,10 @@ def test_untrustworthy_chains_fall_back(libvirt_domain, tmp_path):
     _assert_clean(repo, dom, again[0]["checkpoint"])
     by = _by_target(dom, again)
     assert restore_equals(repo, by["vda"]["id"], disk_now(dom.disks["vda"], tmp_path / "vda.raw"), tmp_path)
+
+
+def test_without_the_binding_the_message_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libvirt", None)      # what `import libvirt` meets when not installed
+    with pytest.raises(UsageError) as e:
+        ld.open_connection()
+    assert "pip install 'nbdbackup[libvirt]'" in e.value.user_message()
