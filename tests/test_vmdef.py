@@ -423,3 +423,30 @@ def test_info_of_a_backup_without_a_repository_is_a_usage_error():
     p = nbdbackup("info", "web1-vda", check=False, env={"NBDBACKUP_REPO": ""})
     assert p.returncode == 2 and "not an NBD URI" in p.stderr and "--repo REPO info BACKUP" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_definition_that_cannot_be_had_fails_the_run_and_commits_nothing(tmp_path):
+    """vm_definition() is part of the run: when it fails (or gives an unnamed domain) no backup of
+    the set is committed and the source hears `failed` (so it keeps its changes)."""
+    from nbdbackup.errors import SourceFailed
+
+    class Failing(VmDouble):
+        def __init__(self, uris, vm, exc):
+            super().__init__(uris, vm)
+            self.exc, self.outcome = exc, None
+
+        def vm_definition(self):
+            if self.exc is not None:
+                raise self.exc
+            return self.vm
+
+        def failed(self, exc):
+            self.outcome = exc
+
+    with served(tmp_path, {"web1-vda": disk(50, 2), "web1-vdb": disk(51, 2)}) as uris, \
+            new_repo(tmp_path / "r") as repo:
+        for src, want in ((Failing(uris, None, SourceFailed("libvirt went away")), SourceFailed),
+                          (Failing(uris, VmDefinition("", "<domain/>"), None), ValueError)):
+            with pytest.raises(want):
+                run_backup(repo, src, "full", BackupOptions(connections=1))
+            assert isinstance(src.outcome, want) and repo.list_backups() == []
