@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -346,3 +347,53 @@ def test_a_killed_runs_freeze_is_thawed_by_the_next_run(libvirt_domain, tmp_path
         assert not left.exists()
     finally:
         shutil.rmtree(left, ignore_errors=True)
+
+
+def test_every_repository_place(place, libvirt_domain, tmp_path):
+    """local+SQLite, local+PostgreSQL, S3+PostgreSQL: the host lock, the chain queries and the
+    set commit of a --libvirt run are the same everywhere."""
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 8 * MiB)])
+    support.nbdbackup("--repo", place, "init", "--chunk-size", "256K")
+    with Repository.open(place.spec) as r:
+        prefix = ld.checkpoint_prefix(r.repo_id)
+    full = json.loads(support.nbdbackup("--repo", place, "--json", "full", "--libvirt", dom.name).stdout)
+    guest_write(dom, "vdb", 0x5a, 3 * MiB, 4096)
+    inc = json.loads(support.nbdbackup("--repo", place, "--json", "incremental", "--libvirt", dom.name).stdout)
+    iby = _by_target(dom, inc)
+    assert [iby[t]["kind"] for t in ("vda", "vdb")] == ["incremental", "incremental"]
+    assert iby["vda"]["read_bytes"] == 0 and iby["vdb"]["read_bytes"] == CHUNK
+    assert len({b["set_id"] for b in full}) == 1 and len({b["set_id"] for b in inc}) == 1
+    assert dom.checkpoints() == [prefix + iby["vda"]["checkpoint"]] and not dom.job_running()
+    out = tmp_path / "vdb.raw"
+    support.nbdbackup("--repo", place, "restore", iby["vdb"]["id"], out)
+    assert out.read_bytes() == disk_now(dom.disks["vdb"], tmp_path / "now.raw").read_bytes()
+
+
+def test_untrustworthy_chains_fall_back(libvirt_domain, tmp_path):
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB), ("qcow2", 8 * MiB)])
+    repo = init_repo(tmp_path / "repo", "256K")
+    _run(repo, "full", dom)
+    # a run without vdb moves vda's chain on: the disks' latest backups now disagree
+    [vda_only], _ = _run(repo, "incremental", dom, "--exclude-disk", "vdb")
+    assert vda_only["kind"] == "incremental"
+    _, err = _run(repo, "incremental", dom, "--no-fallback", code=13)
+    assert "different checkpoints" in err and "not one set" in err, err
+    both, err = _run(repo, "incremental", dom)
+    assert all(b["kind"] == "full" for b in both) and "taking a full backup instead" in err, err
+    # the latest set forgotten: the latest backups are older ones whose checkpoint is gone
+    guest_write(dom, "vda", 0x42, 4 * MiB, 4096)
+    inc, _ = _run(repo, "incremental", dom)
+    assert all(b["kind"] == "incremental" for b in inc)
+    nbb(repo, "forget", inc[0]["id"])
+    again, err = _run(repo, "incremental", dom)
+    assert all(b["kind"] == "full" for b in again) and "libvirt no longer knows checkpoint" in err, err
+    _assert_clean(repo, dom, again[0]["checkpoint"])
+    by = _by_target(dom, again)
+    assert restore_equals(repo, by["vda"]["id"], disk_now(dom.disks["vda"], tmp_path / "vda.raw"), tmp_path)
+
+
+def test_without_the_binding_the_message_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libvirt", None)      # what `import libvirt` meets when not installed
+    with pytest.raises(UsageError) as e:
+        ld.open_connection()
+    assert "pip install 'nbdbackup[libvirt]'" in e.value.user_message()

@@ -225,6 +225,9 @@ class LibvirtSource(Source):
         if not self.dom.isActive():
             from .libvirt_offline import OfflineDomainSource
 
+            if self.quiesce:
+                log.warning("--quiesce: domain %s is shut off, there is nothing to freeze", self.domain)
+
             self.delegate = OfflineDomainSource(self.dom, self.domain, disks, names, connections=self.connections)
             return self.delegate.prepare(repo, kind, no_fallback)
         return self._prepare_running(repo, kind, no_fallback, xml, disks, names)
