@@ -18,6 +18,9 @@ ALLOWED_PRIVATE = {
     # botocore has no public way to choose its connection classes (TCP_QUICKACK, 1 MiB sends:
     # repo/s3client.py); without these attributes requests work as before, only slower
     "client._endpoint", "session._manager", "session._pool_classes_by_scheme",
+    # DirectGets (repo/s3client.py) sends GETs through botocore's own urllib3 pool, and reads a
+    # body into a caller's buffer with http.client's readinto; without them it turns itself off
+    "http_session._manager", "http_session._proxy_config", "resp._fp",
 }
 
 

@@ -371,7 +371,7 @@ def test_reading_reuses_a_few_buffers_and_falls_back_to_get(ceph_s3, s3_bucket, 
         views = [stack.enter_context(b.reading("packs/ab/x.pack", k, 1000)) for k in range(10)]
         assert [bytes(v) for v in views] == [data[k:k + 1000] for k in range(10)]
         assert len({id(v.obj) for v in views}) == 10
-    assert len(b._free) == 8                             # idle buffers kept: bounded
+    assert b._buffers.idle == 8                             # idle buffers kept: bounded
     fault_proxy.lose_answers(1, keep=5000)               # the direct body breaks off
     with b.reading("packs/ab/x.pack", 0, 1 << 20) as v:
         assert bytes(v) == data[:1 << 20]

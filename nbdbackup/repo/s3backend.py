@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import threading
 import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -33,7 +32,15 @@ from urllib.parse import urlsplit
 
 from ..errors import CredentialsError, NbdBackupError, NoSuchBucket, StorageUnreachable, UsageError
 from .backends import ObjectInfo, StorageBackend, check_name
-from .s3client import BodyBrokeOff, DirectGets, NotServed, ViewsReader, ack_responses_at_once, botocore_session
+from .s3client import (
+    BodyBrokeOff,
+    DirectGets,
+    NotServed,
+    ReadBuffers,
+    ViewsReader,
+    ack_responses_at_once,
+    botocore_session,
+)
 
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                     "ExpiredToken", "InvalidSecurity", "AccountProblem", "AllAccessDisabled", "403"}
@@ -44,9 +51,6 @@ CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_P
                     "~/.aws/credentials, ~/.aws/config), and that --s3-endpoint (or AWS_ENDPOINT_URL) names the "
                     "server those keys belong to")
 _STREAM_RETRIES = 3
-_SCRATCH_UNIT = 1 << 20     # read buffers come in whole MiB (a restore's runs are up to 8 MiB + a header)
-_SCRATCH_MAX = 16 << 20     # largest idle read buffer kept
-_SCRATCH_KEEP = 8           # idle read buffers kept (a restore reads 8 runs at once)
 
 
 class S3Backend(StorageBackend):
@@ -65,8 +69,7 @@ class S3Backend(StorageBackend):
             raise UsageError("S3 repositories need boto3 (its botocore), which is not installed",
                              hint="install nbdbackup[s3] (pip install 'nbdbackup[s3]')") from None
         self.bucket = bucket
-        self._free: list[bytearray] = []        # idle read buffers (reading())
-        self._free_lock = threading.Lock()
+        self._buffers = ReadBuffers()           # idle read buffers (reading())
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self._secret = secret_key
         self.access_key = access_key
@@ -200,9 +203,8 @@ class S3Backend(StorageBackend):
     def reading(self, name: str, offset: int, length: int):
         """get()'s bytes for the with block only: the direct GET's body read into a pooled
         buffer (no fresh 8 MiB object, so no 2048 page faults, per GET), handed back when the
-        block ends; the store decodes a run's records inside it. At most _SCRATCH_KEEP idle
-        buffers of up to _SCRATCH_MAX bytes are kept, whatever the number of threads."""
-        buf = self._take(length) if length > 0 and self._direct.enabled else None
+        block ends; the store decodes a run's records inside it (ReadBuffers bounds what is kept)."""
+        buf = self._buffers.take(length) if length > 0 and self._direct.enabled else None
         try:
             data = None
             if buf is not None:
@@ -214,20 +216,7 @@ class S3Backend(StorageBackend):
             yield self.get(name, offset, length) if data is None else data
         finally:
             if buf is not None:
-                self._give(buf)
-
-    def _take(self, n: int) -> bytearray:
-        with self._free_lock:
-            for k, buf in enumerate(self._free):
-                if len(buf) >= n:
-                    return self._free.pop(k)
-        _raise_malloc_threshold()
-        return bytearray(-(-n // _SCRATCH_UNIT) * _SCRATCH_UNIT)
-
-    def _give(self, buf: bytearray) -> None:
-        with self._free_lock:
-            if len(self._free) < _SCRATCH_KEEP and len(buf) <= _SCRATCH_MAX:
-                self._free.append(buf)
+                self._buffers.give(buf)
 
     def _head(self, name: str) -> dict:
         return self._call(f"looking up {name}", self.client.head_object, name=name,
@@ -352,23 +341,6 @@ class S3Backend(StorageBackend):
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
-
-
-_malloc_threshold_raised = False
-
-
-def _raise_malloc_threshold() -> None:
-    """Free one 9 MiB block, once per process. glibc's malloc gives each block above its mmap
-    threshold (128 KiB at start) fresh pages, zeroed and faulted in on first touch, and raises
-    the threshold to the size of the largest such block freed. The freed 8 MiB GET bodies used
-    to do that; with pooled read buffers nothing that large is freed, and every 256 KiB chunk a
-    restore decompressed became a fresh mapping: 512 MiB from radosgw took 1.37 s of system
-    time instead of 0.82 (4 runs each). Other allocators: one short-lived allocation, no harm."""
-    global _malloc_threshold_raised
-    if not _malloc_threshold_raised:
-        _malloc_threshold_raised = True
-        block = bytes(9 * _SCRATCH_UNIT)
-        del block
 
 
 class _ErrorTypes:

@@ -14,6 +14,7 @@ import http.client
 import io
 import os
 import re
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -268,3 +269,50 @@ class DirectGets:
 
 class BodyBrokeOff(Exception):
     """A direct GET's body ended before its Content-Length."""
+
+
+class ReadBuffers:
+    """Idle read buffers for S3Backend.reading(): at most KEEP of up to MAX bytes, whatever the
+    number of threads (a restore reads 8 runs at once)."""
+
+    UNIT = 1 << 20      # whole MiB (a restore's runs are up to 8 MiB + a header)
+    MAX = 16 << 20
+    KEEP = 8
+
+    def __init__(self):
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytearray:
+        with self._lock:
+            for k, buf in enumerate(self._free):
+                if len(buf) >= n:
+                    return self._free.pop(k)
+        _raise_malloc_threshold()
+        return bytearray(-(-n // self.UNIT) * self.UNIT)
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self.KEEP and len(buf) <= self.MAX:
+                self._free.append(buf)
+
+
+_malloc_threshold_raised = False
+
+
+def _raise_malloc_threshold() -> None:
+    """Free one 9 MiB block, once per process. glibc's malloc gives each block above its mmap
+    threshold (128 KiB at start) fresh pages, zeroed and faulted in on first touch, and raises
+    the threshold to the size of the largest such block freed. The freed 8 MiB GET bodies used
+    to do that; with pooled read buffers nothing that large is freed, and every 256 KiB chunk a
+    restore decompressed became a fresh mapping: 512 MiB from radosgw took 1.37 s of system
+    time instead of 0.82 (4 runs each). Other allocators: one short-lived allocation, no harm."""
+    global _malloc_threshold_raised
+    if not _malloc_threshold_raised:
+        _malloc_threshold_raised = True
+        block = bytes(9 * ReadBuffers.UNIT)
+        del block
