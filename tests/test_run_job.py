@@ -280,6 +280,13 @@ BAD_JOBS = [
     pytest.param('repository = "repo"\n' + GOOD_SOURCE + '[[source]]\nlibvirt = "web*"\ndisk = { vda = "w" }\n',
                  6, "'disk': renames one domain's disks", id="glob-with-disk-names"),
     pytest.param('repository = "repo"\n' + GOOD_SOURCE + '\n[prune]\n', 5, "keeps nothing", id="empty-prune"),
+    pytest.param('repository = "repo"\nindex-url = "postgresql://u@db/x?password=hunter2"\n' + GOOD_SOURCE, 2,
+                 "'index-url': has a password", id="url-password-query"),
+    pytest.param('repository = "repo"\n' + GOOD_SOURCE + 'disk = "a\\u0000b"\n', 4, "NUL", id="nul"),
+    pytest.param('repository = "repo"\n' + GOOD_SOURCE + 'disk = "--help"\n', 4, "must not start with '-'",
+                 id="option-shaped"),
+    pytest.param('repository = "repo"\n' + GOOD_SOURCE + 'disk = "../x"\n', 4, "invalid disk name",
+                 id="bad-disk-name"),
 ]
 
 
@@ -496,3 +503,20 @@ image = "web.qcow2"
     glob = next(s for s in doc["sources"] if s["source"] == "libvirt:web*")
     assert glob["exit_code"] == ExitCode.SOURCE_UNREACHABLE and "cannot connect to libvirt" in glob["error"]
     assert [b["disk"] for b in backups_of(repo)] == ["web"]
+
+
+def test_the_index_url_reaches_children_by_their_environment_only(tmp_path):
+    """/proc/PID/cmdline is world-readable: a password in $NBDBACKUP_INDEX_URL (or --index-url)
+    must not go onto a child's command line, nor into --dry-run's commands."""
+    from types import SimpleNamespace
+
+    from nbdbackup.jobs.jobfile import load
+    from nbdbackup.jobs.runner import repo_argv, repo_environment
+
+    job = load(str(write_job(tmp_path / "job.toml", 'repository = "repo"\n' + GOOD_SOURCE)))
+    url = "postgresql+psycopg://u:hunter2-secret@db.example/nbd"
+    args = SimpleNamespace(index_url=url, verbose=0, lock_wait=0)
+    assert "hunter2" not in " ".join(repo_argv(job, args)) and "--index-url" not in repo_argv(job, args)
+    assert repo_environment(job, args) == {"NBDBACKUP_INDEX_URL": url}
+    p = run_job(tmp_path / "job.toml", "--dry-run", "--json", env=dict(os.environ, NBDBACKUP_INDEX_URL=url))
+    assert "hunter2" not in p.stdout + p.stderr

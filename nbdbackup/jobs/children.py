@@ -105,11 +105,12 @@ class Child:
                 pass
 
 
-def run_all(children: list[Child], concurrency: int, *, grace_s: float = 120.0) -> None:
+def run_all(children: list[Child], concurrency: int, *, grace_s: float = 90.0,
+            extra_env: dict[str, str] | None = None) -> None:
     """Run *children*, at most *concurrency* at once, from this (the main) thread: the
     parent-death signal follows the thread that forked. On SIGINT/SIGTERM (KeyboardInterrupt
     or Interrupted here) every running child is told to stop, and waited for, before it goes on."""
-    environment = child_environment()
+    environment = child_environment() | (extra_env or {})
     waiting = list(children)
     running: list[Child] = []
     try:

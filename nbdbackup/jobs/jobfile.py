@@ -116,7 +116,20 @@ def _str(v):
         raise ValueError(f"must be a string, not {_tname(v)}")
     if not v.strip():
         raise ValueError("must not be empty")
+    if "\0" in v:
+        raise ValueError("must not hold a NUL character")
+    if v.startswith("-"):       # it goes onto a child's command line, where it would be an option
+        raise ValueError(f"must not start with '-' ({v!r})")
     return v
+
+
+def _disk_name(v):
+    from ..repo.ids import check_disk_name
+
+    try:
+        return check_disk_name(_str(v))     # the same rule the repository applies
+    except UsageError as e:
+        raise ValueError(f"{e} ({e.hint})") from None
 
 
 def _bool(v):
@@ -157,7 +170,7 @@ def _disk_map(v):
     """{ vda = "web1-root" }: the repository's disk name of each target."""
     if not isinstance(v, dict) or not v:
         raise ValueError(f'must be a table of target = "name", e.g. {{ vda = "web1-root" }}, not {_tname(v)}')
-    return {_str(t): _str(n) for t, n in v.items()}
+    return {_str(t): _disk_name(n) for t, n in v.items()}
 
 
 def _choice(*allowed: str) -> Callable:
@@ -186,16 +199,16 @@ COMMON_SOURCE_KEYS: dict[str, Callable | str] = {
 SOURCE_KEYS: dict[str, dict[str, Callable | str]] = {
     "libvirt": {"connect": _str, "disk": _disk_map, "exclude-disk": _strlist, "quiesce": _bool,
                 "scratch-dir": PATH},
-    "image": {"disk": _str, "format": _choice("qcow2", "raw")},
+    "image": {"disk": _disk_name, "format": _choice("qcow2", "raw")},
     "qmp": {"node": _strlist, "disk": _strlist, "scratch-dir": PATH, "nbd-server": _str, "qga": PATH,
             "state-dir": PATH},
-    "nbd": {"disk": _str, "bitmap": _str},
+    "nbd": {"disk": _disk_name, "bitmap": _str},
 }
 PRUNE_KEYS = {f"keep-{r}": _int(0, 1_000_000) for r in RULES}
 
 # Keys someone might use to write a secret inline; refused with where it belongs instead.
 _SECRET_KEY = re.compile(r"pass(word|phrase)?$|secret|token|credential|^key$|access-key", re.I)
-_URL_PASSWORD = re.compile(r"://[^/:@\s]*:[^@\s]*@")
+_URL_PASSWORD = re.compile(r"://[^/:@\s]*:[^@\s]*@|[?&]password=", re.I)
 
 
 def load(path: str) -> Job:

@@ -103,8 +103,8 @@ def repo_argv(job: Job, args) -> list[str]:
     only by file name or environment), --json, and the run's own logging options."""
     a = [*base_argv(), "--repo", job.repository, "--json"]
     # the job's settings; the run's own options (or $NBDBACKUP_INDEX_URL) where the job has none
-    for opt, value in (("--index-url", job.index_url or getattr(args, "index_url", None)),
-                       ("--s3-endpoint", job.s3_endpoint or getattr(args, "s3_endpoint", None)),
+    # the index URL goes by the environment (repo_environment): /proc/PID/cmdline is world-readable
+    for opt, value in (("--s3-endpoint", job.s3_endpoint or getattr(args, "s3_endpoint", None)),
                        ("--key-file", job.key_file or getattr(args, "key_file", None)),
                        ("--passphrase-file", job.passphrase_file or getattr(args, "passphrase_file", None)),
                        ("--log-file", getattr(args, "log_file", None))):
@@ -114,6 +114,13 @@ def repo_argv(job: Job, args) -> list[str]:
         a += ["--lock-wait", str(args.lock_wait)]
     a += ["-v"] * int(getattr(args, "verbose", 0) or 0)
     return a
+
+
+def repo_environment(job: Job, args) -> dict[str, str]:
+    """What every child gets in its environment besides os.environ: the index URL (which may
+    carry a password from $NBDBACKUP_INDEX_URL or --index-url), never on a command line."""
+    url = job.index_url or getattr(args, "index_url", None)
+    return {"NBDBACKUP_INDEX_URL": url} if url else {}
 
 
 def source_argv(spec: SourceSpec, target: str, kind: str, job: Job) -> list[str]:
@@ -204,7 +211,8 @@ def run_job(job: Job, args, *, full: bool) -> RunReport:
     for r in report.sources:
         if r.error is None:
             r.child = Child(r.label, common + source_argv(r.spec, r.target, r.kind, job))
-    run_all([r.child for r in report.sources if r.child], job.concurrency)
+    run_all([r.child for r in report.sources if r.child], job.concurrency,
+            extra_env=repo_environment(job, args))
     for r in report.sources:
         if r.child:
             _take_result(r)
@@ -240,7 +248,7 @@ def _backup_summary(d: dict) -> dict:
 
 def _child(job: Job, args, label: str, argv: list[str]) -> Child:
     c = Child(label, repo_argv(job, args) + argv)
-    run_all([c], 1)
+    run_all([c], 1, extra_env=repo_environment(job, args))
     return c
 
 
