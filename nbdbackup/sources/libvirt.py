@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import LockedError, SourceUnreachable, UsageError
+from ..errors import LockedError, SourceFailed, SourceUnreachable, UsageError
 from ..repo.ids import check_disk_name
 from .base import DiskPlan, Source, raise_if_no_fallback
 from .image import DIRTY_PREFIX, new_checkpoint
@@ -37,6 +37,7 @@ from .libvirt_domain import (
     open_connection,
 )
 from .libvirt_job import (
+    THAW_ATTEMPTS,
     backup_xml,
     binding,
     checkpoint_xml,
@@ -45,7 +46,9 @@ from .libvirt_job import (
     error_code,
     job_socket,
     make_run_dir,
+    mark_frozen,
     read_definition,
+    read_run_dir_domain,
     run_dir_prefix,
     thaw,
 )
@@ -86,6 +89,7 @@ class LibvirtSource(Source):
         self._outcome: str | None = None
         self._vm: VmDefinition | None = None
         self._reconciled = False                 # reconcile_checkpoints ran in this run
+        self._keep_run_dir = False               # it holds `frozen`: a guest this run could not thaw
 
     # -- helpers -----------------------------------------------------------------------
     def _names(self, disks: list[DomainDisk]) -> dict[str, str]:
@@ -140,12 +144,8 @@ class LibvirtSource(Source):
             self._end_job()
         uuid = self.dom.UUIDString()
         for d in glob.glob(glob.escape(prefix) + "*"):
-            try:
-                with open(os.path.join(d, "domain")) as f:
-                    if f.read().strip() != uuid:
-                        continue            # another domain's run: its own next run cleans it
-            except OSError:
-                continue
+            if read_run_dir_domain(d) != uuid:
+                continue            # another domain's run (its own next run cleans it), or not ours
             if os.path.exists(os.path.join(d, "frozen")):
                 log.warning("thawing the guest file systems of %s, frozen by an interrupted run", self.domain)
                 if not thaw(self.dom, self.domain):
@@ -286,7 +286,7 @@ class LibvirtSource(Source):
         libvirt = binding()
         frozen_marker = os.path.join(self._run_dir, "frozen")
         if self.quiesce:
-            open(frozen_marker, "w").close()    # a run killed while frozen: the next one thaws
+            mark_frozen(frozen_marker)      # a run killed while frozen: the next one thaws
             try:
                 self.dom.fsFreeze(None, 0)
             except libvirt.libvirtError as e:
@@ -295,18 +295,28 @@ class LibvirtSource(Source):
                                         f"{e.get_error_message()}",
                                         hint="the guest needs qemu-guest-agent and a guest agent channel; "
                                              "or back up without --quiesce") from None
+        refused = None
         try:
             # set before the call: a lost reply may still have made the job and checkpoint
             self._job = True
             self._new_checkpoint = self._prefix + checkpoint if checkpoint else None
             self.dom.backupBegin(job_xml, ckpt_xml, 0)
         except libvirt.libvirtError as e:
-            raise SourceUnreachable(f"libvirt refused the backup job of {self.domain}: {e.get_error_message()}",
-                                    hint="see libvirtd's log; with --scratch-dir, qemu's user must be able "
-                                         "to write there") from None
-        finally:
-            if self.quiesce and thaw(self.dom, self.domain):
-                os.unlink(frozen_marker)
+            refused = SourceUnreachable(f"libvirt refused the backup job of {self.domain}: {e.get_error_message()}",
+                                        hint="see libvirtd's log; with --scratch-dir, qemu's user must be able "
+                                             "to write there")
+        if self.quiesce:
+            if not thaw(self.dom, self.domain, attempts=THAW_ATTEMPTS):
+                # the marker (and its run dir) stay, so every later run tries again; this run fails,
+                # so nobody reads "success" while the guest's I/O hangs
+                self._keep_run_dir = True
+                raise SourceFailed(f"--quiesce: the file systems of {self.domain} are still FROZEN: "
+                                   f"libvirt could not thaw them ({THAW_ATTEMPTS} attempts)",
+                                   hint=f"thaw them now: virsh domfsthaw {self.domain}; the next backup of "
+                                        "this domain tries again too")
+            os.unlink(frozen_marker)
+        if refused is not None:
+            raise refused
 
     # -- outcome ------------------------------------------------------------------------------
     def committed(self, plans: list[DiskPlan], infos: list[BackupInfo]) -> None:
@@ -352,9 +362,9 @@ class LibvirtSource(Source):
             elif self.dom is not None and self._job and not self._outcome:
                 self.failed(None)
         finally:
-            if self._run_dir:
+            if self._run_dir and not self._keep_run_dir:
                 shutil.rmtree(self._run_dir, ignore_errors=True)
-                self._run_dir = None
+            self._run_dir = None
             lock, self._lock = self._lock, None
             if lock is not None:
                 lock.release()

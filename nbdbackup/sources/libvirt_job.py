@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -162,13 +163,45 @@ def delete_checkpoint(checkpoint) -> None:
         log.warning("could not delete checkpoint %s: %s; %s", checkpoint.getName(), first, e.get_error_message())
 
 
-def thaw(dom, domain: str) -> bool:
+THAW_ATTEMPTS = 3
+
+
+def thaw(dom, domain: str, attempts: int = 1) -> bool:
+    """fsThaw, *attempts* times a second apart (a guest agent that timed out once often answers
+    the next call); False when every attempt failed (the caller keeps its marker)."""
+    for attempt in range(attempts):
+        try:
+            dom.fsThaw(None, 0)
+            return True
+        except Exception as e:   # the caller keeps its marker: the next run tries again
+            log.warning("could not thaw the file systems of %s: %s", domain, e)
+            if attempt + 1 < attempts:
+                time.sleep(1.0)
+    return False
+
+
+def mark_frozen(path: str) -> None:
+    """Create the `frozen` marker as root in a directory qemu's user owns: never through a
+    name planted there (O_EXCL | O_NOFOLLOW), so nothing else is created or truncated."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+
+
+def read_run_dir_domain(run_dir: str) -> str | None:
+    """The UUID a run directory names, or None. Its `domain` file is read only when it is a
+    regular file that root (this user) owns: qemu's user owns the directory and could plant a
+    FIFO (every later run would hang on it) or a link there."""
     try:
-        dom.fsThaw(None, 0)
-        return True
-    except Exception as e:   # the caller keeps its marker: the next run tries again
-        log.warning("could not thaw the file systems of %s: %s", domain, e)
-        return False
+        fd = os.open(os.path.join(run_dir, "domain"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        return os.read(fd, 200).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
 
 
 # -- the definition stored with the set --------------------------------------------------------
