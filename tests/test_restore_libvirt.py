@@ -560,3 +560,22 @@ def test_shut_off_domain_from_an_encrypted_repository(libvirt_domain, tmp_path, 
         assert same_file(d / f"{copy}-{t}.raw", disk_now(img, tmp_path / f"{t}.raw")), t
     assert (d / f"{copy}_VARS.fd").read_bytes() == dom.nvram.read_bytes()
     assert _sources(_inactive_xml(copy))["vdb"] == ("file", str(d / f"{copy}-vdb.raw"), "raw")
+
+
+def test_a_copy_that_would_share_a_writable_disk_is_not_defined_without_force(libvirt_domain, tmp_path,
+                                                                                undefine):
+    """--exclude-disk vdb: the copy keeps vdb's source, the original's image. Defining it would
+    let two domains write one image: refused, naming the disk, unless --force."""
+    dom = libvirt_domain(disks=[("qcow2", 4 * MiB), ("qcow2", 2 * MiB)], persistent=True, running=False,
+                         tag="shared")
+    repo = init_repo(tmp_path / "repo")
+    nbb(repo, "full", "--libvirt", dom.name, "--exclude-disk", "vdb")
+    copy = f"{dom.name}-c"
+    undefine.append(copy)
+    d = tmp_path / "out"
+    p = _restore_vm(repo, dom.name, "--to-dir", str(d), "--name", copy, "--define", check=False)
+    assert p.returncode == 2 and "disk vdb" in p.stderr and "same image" in p.stderr, p.stderr
+    assert virsh("domstate", copy, check=False).returncode != 0 and not d.exists()
+    out = json.loads(_restore_vm(repo, dom.name, "--to-dir", str(d), "--name", copy, "--define",
+                                 "--force").stdout)
+    assert out["defined"] and _sources(_inactive_xml(copy))["vdb"][1] == str(dom.disks["vdb"])

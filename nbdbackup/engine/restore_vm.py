@@ -152,6 +152,12 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
                 uuid = replace          # redefine the existing domain instead of clashing with it
         rewritten = _rewrite(vm, {t: RestoredDisk(p, fmt) for t, p in paths.items()},
                              new_name=new_name, uuid=uuid, nvram_path=nvram_path)
+        if rewritten.shared_writable and define and not force:
+            shared = ", ".join(rewritten.shared_writable)
+            raise UsageError(f"disk {shared} of {vm.domain} was not in the backup and keeps its source, so "
+                             f"the new domain {name} would write the same image as {vm.domain}",
+                             hint="restore without --define/--start and edit the written XML, or pass --force "
+                                  "to define it anyway")
         for t in rewritten.shared_writable:
             log.warning("disk %s of %s was not in the backup and keeps its source: the new domain %s "
                         "would use the same image as the original", t, vm.domain, name)

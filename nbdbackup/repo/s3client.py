@@ -231,7 +231,10 @@ class DirectGets:
 
     @staticmethod
     def _read_into(resp, into) -> memoryview:
-        n = int(resp.headers["Content-Length"])
+        length = resp.headers.get("Content-Length", "")
+        if not length.isdigit():        # a chunked answer: no size to read into; botocore's job
+            raise BodyBrokeOff("the answer has no Content-Length")
+        n = int(length)
         view = memoryview(into(n))[:n]
         fp, got = resp._fp, 0                       # http.client's response: readinto() fills *view* itself
         while got < n:

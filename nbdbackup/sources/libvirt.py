@@ -113,7 +113,8 @@ class LibvirtSource(Source):
     def _lock_domain(self, repo: Repository) -> None:
         """One run of this repository per domain on this host; the holder owns the domain's
         leftovers, so only a lock holder may clean them up."""
-        key = hashlib.sha256(f"{self.connect_uri}\0{self.dom.UUIDString()}".encode()).hexdigest()[:16]
+        # by UUID alone: qemu:///system and qemu+unix:///system name the same domain
+        key = hashlib.sha256(self.dom.UUIDString().encode()).hexdigest()[:16]
         try:
             self._lock = repo.host_locks.lock(f"libvirt-{key}", exclusive=True, wait=repo.lock_wait,
                                               purpose=f"the lock of libvirt domain {self.domain}")
