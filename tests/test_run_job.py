@@ -520,3 +520,23 @@ def test_the_index_url_reaches_children_by_their_environment_only(tmp_path):
     assert repo_environment(job, args) == {"NBDBACKUP_INDEX_URL": url}
     p = run_job(tmp_path / "job.toml", "--dry-run", "--json", env=dict(os.environ, NBDBACKUP_INDEX_URL=url))
     assert "hunter2" not in p.stdout + p.stderr
+
+
+def test_metrics_keep_a_disk_the_jobs_libvirt_sources_no_longer_back_up():
+    """A domain undefined (or renamed) since: its disks' last success stays in the file, so the
+    26-hour alert fires instead of the series vanishing; disks of other domains stay out."""
+    from nbdbackup.jobs.metrics import render
+    from nbdbackup.jobs.runner import RunReport
+
+    listing = [{"disk": "gone-vda", "created": "2026-11-30T01:00:00.000Z", "source": "libvirt:gone/vda"},
+               {"disk": "gone-vda", "created": "2026-11-29T01:00:00.000Z", "source": "libvirt:gone/vda"},
+               {"disk": "db-vda", "created": "2026-11-30T01:00:00.000Z", "source": "libvirt:db/vda"}]
+    report = RunReport(started=1.0, ended=2.0, listing=listing, libvirt_patterns=["g*"])
+    values = check_exposition(render(report))
+    assert values["nbdbackup_last_success_timestamp_seconds"] == {"gone-vda": 1796000400.0}
+    assert values["nbdbackup_repository_backups"] == {"gone-vda": 2}
+    assert "nbdbackup_last_run_success" not in values          # this run did not try it
+    assert values["nbdbackup_run_listing_success"] == {"": 1}
+    unlisted = check_exposition(render(RunReport(started=1.0, ended=2.0, listing=None,
+                                                 libvirt_patterns=["g*"])))
+    assert unlisted["nbdbackup_run_listing_success"] == {"": 0}

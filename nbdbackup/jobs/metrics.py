@@ -4,6 +4,7 @@ never sees half a file). docs/jobs.md lists every metric."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import tempfile
 from datetime import datetime
@@ -30,6 +31,8 @@ RUN_FAMILIES = (
     ("nbdbackup_run_sources", "Sources the last run backed up or tried to"),
     ("nbdbackup_run_sources_failed", "Sources of the last run that failed"),
     ("nbdbackup_run_prune_success", "1 when the last run's prune succeeded or had nothing to do, else 0"),
+    ("nbdbackup_run_listing_success",
+     "1 when the last run could list the repository (the per-disk last success and backups), else 0"),
 )
 
 
@@ -69,6 +72,15 @@ def disk_rows(report: RunReport) -> dict[str, dict[str, float]]:
             disks = sorted({b["disk"] for b in listing if (b.get("source") or "").startswith(prefix)})
         for d in disks:
             rows.setdefault(d, {"success": 0, "duration": s.duration_s, "read": 0, "stored": 0})
+    # a disk the job's libvirt sources backed up before but not in this run (the domain gone or
+    # renamed, a disk no longer backed up): its last success stays, so the stale alert fires
+    # instead of the series vanishing
+    for b in listing:
+        source = b.get("source") or ""
+        if source.startswith("libvirt:") and b["disk"] not in rows:
+            domain = source[len("libvirt:"):].split("/", 1)[0]
+            if any(fnmatch.fnmatchcase(domain, p) for p in report.libvirt_patterns):
+                rows[b["disk"]] = {}
     for d, row in rows.items():
         if d in newest:
             row["last_success"] = newest[d]
@@ -95,7 +107,8 @@ def render(report: RunReport) -> str:
     family(*SOURCE_FAMILY, [(f'{{source="{escape_label(s.label)}"}}', 1 if s.ok else 0)
                             for s in report.sources])
     run_values = (report.started, report.ended, len(report.sources), len(report.failed),
-                  1 if report.prune is None or report.prune["result"] == "ok" else 0)
+                  1 if report.prune is None or report.prune["result"] == "ok" else 0,
+                  1 if report.listing is not None else 0)
     for (name, help_text), v in zip(RUN_FAMILIES, run_values):
         family(name, help_text, [("", v)])
     return "\n".join(out) + "\n"

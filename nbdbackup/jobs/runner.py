@@ -176,6 +176,7 @@ class RunReport:
     prune: dict | None = None          # {"result", "exit_code", "error", "disks", "removed"}
     listing: list[dict] | None = None  # the repository's backups after the run (for the metrics)
     listing_error: str | None = None
+    libvirt_patterns: list[str] = field(default_factory=list)   # the job's libvirt names and globs
 
     @property
     def failed(self) -> list[SourceRun]:
@@ -205,7 +206,8 @@ def commands(job: Job, runs: list[SourceRun], args) -> list[list[str]]:
 
 
 def run_job(job: Job, args, *, full: bool) -> RunReport:
-    report = RunReport(started=time.time())
+    report = RunReport(started=time.time(),
+                       libvirt_patterns=[s.target for s in job.sources if s.kind == "libvirt"])
     report.sources = plan(job, full=full)
     common = repo_argv(job, args)
     for r in report.sources:
