@@ -297,25 +297,30 @@ class LibvirtSource(Source):
                                         hint="the guest needs qemu-guest-agent and a guest agent channel; "
                                              "or back up without --quiesce") from None
         refused = None
+        thawed = True
         try:
-            # set before the call: a lost reply may still have made the job and checkpoint
-            self._job = True
-            self._new_checkpoint = self._prefix + checkpoint if checkpoint else None
-            self.dom.backupBegin(job_xml, ckpt_xml, 0)
-        except libvirt.libvirtError as e:
-            refused = SourceUnreachable(f"libvirt refused the backup job of {self.domain}: {e.get_error_message()}",
-                                        hint="see libvirtd's log; with --scratch-dir, qemu's user must be able "
-                                             "to write there")
-        if self.quiesce:
-            if not thaw(self.dom, self.domain, attempts=THAW_ATTEMPTS):
-                # the marker (and its run dir) stay, so every later run tries again; this run fails,
-                # so nobody reads "success" while the guest's I/O hangs
-                self._keep_run_dir = True
-                raise SourceFailed(f"--quiesce: the file systems of {self.domain} are still FROZEN: "
-                                   f"libvirt could not thaw them ({THAW_ATTEMPTS} attempts)",
-                                   hint=f"thaw them now: virsh domfsthaw {self.domain}; the next backup of "
-                                        "this domain tries again too")
-            os.unlink(frozen_marker)
+            try:
+                # set before the call: a lost reply may still have made the job and checkpoint
+                self._job = True
+                self._new_checkpoint = self._prefix + checkpoint if checkpoint else None
+                self.dom.backupBegin(job_xml, ckpt_xml, 0)
+            except libvirt.libvirtError as e:
+                refused = SourceUnreachable(f"libvirt refused the backup job of {self.domain}: "
+                                            f"{e.get_error_message()}",
+                                            hint="see libvirtd's log; with --scratch-dir, qemu's user must be "
+                                                 "able to write there")
+        finally:        # whatever happened (an interrupt too): thaw now
+            if self.quiesce:
+                thawed = thaw(self.dom, self.domain, attempts=THAW_ATTEMPTS)
+                if thawed:
+                    os.unlink(frozen_marker)
+                else:   # the marker and its run dir stay: every later run tries again
+                    self._keep_run_dir = True
+        if not thawed:  # fail the run: nobody may read "success" while the guest's I/O hangs
+            raise SourceFailed(f"--quiesce: the file systems of {self.domain} are still FROZEN: "
+                               f"libvirt could not thaw them ({THAW_ATTEMPTS} attempts)",
+                               hint=f"thaw them now: virsh domfsthaw {self.domain}; the next backup of "
+                                    "this domain tries again too")
         if refused is not None:
             raise refused
 
