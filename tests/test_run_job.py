@@ -480,12 +480,20 @@ def test_example_job_file_and_units():
     assert job.prune == {"daily": 7, "weekly": 4, "monthly": 6} and job.concurrency == 2
     assert job.metrics_file.startswith("/var/lib/prometheus/node-exporter/")
     unit = (EXAMPLES / "nbdbackup-run.service").read_text()
-    execs = [shlex.split(ln.split("=", 1)[1]) for ln in unit.splitlines() if ln.startswith("ExecStart")]
+    execs = [shlex.split(ln.split("=", 1)[1].lstrip("-")) for ln in unit.splitlines()
+             if ln.startswith(("ExecStart=", "ExecStopPost="))]
     commands = [build_parser().parse_args(argv[1:]) for argv in execs]
-    assert [c.command for c in commands] == ["run", "gc"]
+    assert [c.command for c in commands] == ["run", "gc"]      # gc after every run, failed or not
     assert commands[0].jobfile == "/etc/nbdbackup/fleet.toml"
     assert "OnCalendar=" in (EXAMPLES / "nbdbackup-run.timer").read_text()
     assert "time() - nbdbackup_last_success_timestamp_seconds > 26*3600" in unit
+    # systemd must leave the run's 90 s stop grace for its sources to end their jobs
+    import inspect
+
+    from nbdbackup.jobs import children
+    grace = inspect.signature(children.run_all).parameters["grace_s"].default
+    stop = int(next(ln for ln in unit.splitlines() if ln.startswith("TimeoutStopSec=")).split("=")[1])
+    assert stop > grace, (stop, grace)
 
 
 def test_unreachable_libvirt_fails_its_glob_only(tmp_path):
