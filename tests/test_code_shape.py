@@ -114,3 +114,13 @@ def test_no_module_reaches_into_private_members():
             if what not in ALLOWED_PRIVATE:
                 reaching.append(f"{path.relative_to(ROOT)}:{node.lineno}: {what}")
     assert not reaching, "\n".join(reaching)
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages by hand: a new one left out works in an editable
+    install and is missing from a real one (ModuleNotFoundError in CI, and for users)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
