@@ -14,43 +14,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, restore_equals
+from helpers.libvirt import virsh
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "libvirt-pull-backup.sh"
 DISK_QDEV = "/machine/peripheral/virtio-disk0/virtio-backend"
 
 
 def _virsh(*args, check=True) -> subprocess.CompletedProcess:
-    return support.run([support.require_tool("virsh"), "-c", "qemu:///system", *args], check=check, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def libvirt():
-    """libvirtd (and virtlogd) for qemu:///system: the running ones, else started here and
-    stopped at the end."""
-    support.require_tool("virsh")
-    started = []
-    if _virsh("list", "--name", check=False).returncode != 0:
-        for daemon in ("virtlogd", "libvirtd"):
-            exe = support.require_tool(daemon)
-            started.append(subprocess.Popen([exe], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        deadline = time.monotonic() + 30
-        while _virsh("list", "--name", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "libvirtd did not come up: " + started[-1].stderr.read1().decode()
-            time.sleep(0.2)
-    yield
-    for proc in reversed(started):
-        support.stop(proc)
+    return virsh(*args, check=check)
 
 
 @pytest.fixture
-def vm(libvirt):
+def vm(libvirtd):
     """A running transient domain with a 64 MiB qcow2 virtio disk (vda)."""
     # qemu runs as libvirt-qemu: the image's directory must be one it can enter
     d = Path(tempfile.mkdtemp(prefix="nbdbackup-libvirt-", dir="/var/tmp"))

@@ -205,7 +205,7 @@ def commands(job: Job, runs: list[SourceRun], args) -> list[list[str]]:
     return [common + source_argv(r.spec, r.target, r.kind, job) for r in runs if r.error is None]
 
 
-def run_job(job: Job, args, *, full: bool) -> RunReport:
+def run_job(job: Job, args, *, full: bool, list_repository: bool = True) -> RunReport:
     report = RunReport(started=time.time(),
                        libvirt_patterns=[s.target for s in job.sources if s.kind == "libvirt"])
     report.sources = plan(job, full=full)
@@ -221,7 +221,8 @@ def run_job(job: Job, args, *, full: bool) -> RunReport:
     backed_up = sorted({b["disk"] for r in report.sources if r.ok for b in r.backups})
     if job.prune and backed_up:
         report.prune = _prune(job, args, backed_up)
-    report.listing, report.listing_error = _listing(job, args)
+    if list_repository:         # only the metrics need it: one more child process otherwise
+        report.listing, report.listing_error = _listing(job, args)
     report.ended = time.time()
     return report
 

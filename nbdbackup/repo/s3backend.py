@@ -162,7 +162,9 @@ class S3Backend(StorageBackend):
 
     # -- reading ------------------------------------------------------------------------
 
-    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+    def get(self, name: str, offset: int = 0, length: int | None = None, *, into=None) -> bytes:
+        """The object's bytes (a range of them). *into* (reading()'s): a function giving a buffer
+        the direct GET reads the body into; a memoryview of it is returned then."""
         key = self._key(name)
         if length is not None and length <= 0:
             self.size(name)             # FileNotFoundError for a missing object, as elsewhere
@@ -174,7 +176,7 @@ class S3Backend(StorageBackend):
         for attempt in range(_STREAM_RETRIES):
             if attempt == 0 and self._direct.enabled:
                 try:
-                    return self._direct.get(key, args.get("Range"))
+                    return self._direct.get(key, args.get("Range"), into)
                 except NotServed:
                     pass                # the same request through botocore, as the first attempt
                 except BodyBrokeOff:
@@ -206,14 +208,9 @@ class S3Backend(StorageBackend):
         block ends; the store decodes a run's records inside it (ReadBuffers bounds what is kept)."""
         buf = self._buffers.take(length) if length > 0 and self._direct.enabled else None
         try:
-            data = None
-            if buf is not None:
-                try:
-                    data = self._direct.get(self._key(name), f"bytes={offset}-{offset + length - 1}",
-                                            lambda n: buf if n <= len(buf) else bytearray(n))
-                except (NotServed, BodyBrokeOff):
-                    pass                # get() asks again, with its retries and error names
-            yield self.get(name, offset, length) if data is None else data
+            # one request: get() tries the direct GET first and falls back to botocore itself
+            into = (lambda n: buf if n <= len(buf) else bytearray(n)) if buf is not None else None
+            yield self.get(name, offset, length, into=into)
         finally:
             if buf is not None:
                 self._buffers.give(buf)

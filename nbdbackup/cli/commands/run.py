@@ -48,8 +48,8 @@ def run(args) -> int:
             for c in cmds:
                 print(shlex.join(c))
         return ExitCode.OK if all(r.error is None for r in runs) else ExitCode.SOME_SOURCES_FAILED
-    report = runner.run_job(job, args, full=args.full)
     metrics_file = args.metrics_file or job.metrics_file
+    report = runner.run_job(job, args, full=args.full, list_repository=bool(metrics_file))
     if metrics_file:
         from ...jobs.metrics import render, write_atomically
 
