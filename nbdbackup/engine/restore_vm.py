@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import NbdBackupError, NotFound, UsageError
 from ..fsutil import fsync_path
+from ..repo.ids import DISK_NAME_RE
 from .restore import RestoreResult, restore
 from .vm_xml import DomainXmlError, RestoredDisk, RewrittenXml, domain_uuid, rewrite_domain_xml
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A domain name that is safe as the start of a file name (and the disk names' own rule).
-DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+DOMAIN_NAME_RE = DISK_NAME_RE      # a name that also starts file names in --to-dir: the same rule
 _SET_ID_RE = re.compile(r"^[0-9a-f]{8,32}$")
 _BACKUP_ID_RE = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{4}$")
 FORMATS = ("qcow2", "raw")

@@ -59,12 +59,6 @@ def parse_domain(xml: str) -> ET.Element:
     return root
 
 
-def disk_targets(xml: str) -> list[str]:
-    """Target devs of every <disk> of the domain, in XML order."""
-    root = parse_domain(xml)
-    return [t.get("dev") for d in root.iterfind("devices/disk") if (t := d.find("target")) is not None]
-
-
 def domain_uuid(xml: str) -> str | None:
     el = parse_domain(xml).find("uuid")
     return el.text.strip() if el is not None and el.text and el.text.strip() else None
