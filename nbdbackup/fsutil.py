@@ -18,6 +18,32 @@ def fsync_path(path: str, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+def write_atomically(path: str, data: bytes, mode: int) -> None:
+    """*data* at *path* with *mode*, whole or not at all: a temporary file beside it (O_EXCL,
+    so never through a planted name), fsynced, renamed over the old one (a symlink there is
+    replaced, not followed), the directory fsynced. A reader sees the old file or the new."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            mv = memoryview(data)
+            while mv:
+                mv = mv[os.write(fd, mv):]
+            os.fchmod(fd, mode)         # exactly *mode*, whatever the umask
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_path(directory, directory=True)
+
+
 def write_blocker(path: str) -> int | None:
     """Why nothing can be written at *path* (a directory, or a file and its directory), as an
     errno: EROFS when its file system is mounted read-only, ENOSPC when it has (almost) no

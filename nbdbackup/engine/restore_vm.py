@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import NbdBackupError, NotFound, UsageError
-from ..fsutil import fsync_path
+from ..fsutil import write_atomically
 from ..repo.ids import DISK_NAME_RE
 from .restore import RestoreResult, restore
 from .vm_xml import DomainXmlError, RestoredDisk, RewrittenXml, domain_uuid, rewrite_domain_xml
@@ -172,8 +171,8 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
             r = restore(repo, info, paths[t], fmt=fmt, force=force, connections=connections, progress=progress)
             result.disks.append(RestoredVmDisk(t, paths[t], r))
         if nvram_path is not None:
-            _write_file(nvram_path, vm.nvram, 0o600)
-        _write_file(xml_path, rewritten.xml.encode(), 0o644 & ~_umask())
+            write_atomically(nvram_path, vm.nvram, 0o600)
+        write_atomically(xml_path, rewritten.xml.encode(), 0o644 & ~_umask())
         if conn is not None:
             dom = _define(conn, rewritten.xml, xml_path, connect_uri)
             result.defined = True
@@ -309,29 +308,6 @@ def _refuse_existing(paths: list[str], *, force: bool) -> None:
     dirs = [p for p in existing if os.path.isdir(p)]
     if dirs:
         raise UsageError(f"{', '.join(dirs)} {'is a directory' if len(dirs) == 1 else 'are directories'}")
-
-
-def _write_file(path: str, data: bytes, mode: int) -> None:
-    """Write *path* atomically (temp file beside it, fsync, rename) with *mode*."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            mv = memoryview(data)
-            while mv:
-                mv = mv[os.write(fd, mv):]
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_path(os.path.dirname(path), directory=True)
 
 
 def _umask() -> int:

@@ -5,10 +5,9 @@ never sees half a file). docs/jobs.md lists every metric."""
 from __future__ import annotations
 
 import fnmatch
-import os
-import tempfile
 from datetime import datetime
 
+from ..fsutil import write_atomically
 from .runner import RunReport
 
 # (name, help) of each family; every one is a gauge (a textfile is rewritten each run, so
@@ -114,25 +113,6 @@ def render(report: RunReport) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_atomically(path: str, text: str) -> None:
-    """*text* at *path*, mode 0644, replacing the old file in one rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def write_metrics(path: str, text: str) -> None:
+    """*text* at *path*, mode 0644 (node_exporter reads it), replacing the old file in one rename."""
+    write_atomically(path, text.encode(), 0o644)

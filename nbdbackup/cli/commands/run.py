@@ -51,9 +51,9 @@ def run(args) -> int:
     metrics_file = args.metrics_file or job.metrics_file
     report = runner.run_job(job, args, full=args.full, list_repository=bool(metrics_file))
     if metrics_file:
-        from ...jobs.metrics import render, write_atomically
+        from ...jobs.metrics import render, write_metrics
 
-        write_atomically(metrics_file, render(report))
+        write_metrics(metrics_file, render(report))
     table = summary_table(report)
     if args.json:
         print_json(report_json(report))
