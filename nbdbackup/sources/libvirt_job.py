@@ -118,6 +118,9 @@ def job_socket(dom, domain: str) -> str | None:
     has no unix socket: a push job or a TCP server)."""
     libvirt = binding()
     try:
+        # ask for the job first: a failed backupGetXMLDesc is an error line in libvirtd's log
+        if not dom.isActive() or dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+            return None
         xml = dom.backupGetXMLDesc(0)
     except libvirt.libvirtError as e:
         if error_code(e) == libvirt.VIR_ERR_NO_DOMAIN_BACKUP:

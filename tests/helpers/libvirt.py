@@ -38,23 +38,33 @@ def virsh(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
     return support.run([support.require_tool("virsh"), "-c", URI, *args], check=check, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def libvirtd():
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory):
     """The connection URI of a libvirtd that answers: the running one, else one started here
-    (and only that one stopped at the end)."""
+    (and only that one stopped at the end of the session).
+
+    A daemon started here logs into files, never into a pipe: libvirtd logs every failed call
+    (the tests make hundreds) to stderr, and once an unread pipe's 64 KiB fill up, its logging
+    thread blocks with the log lock held and every later call, `virsh destroy` too, hangs."""
     support.require_tool("virsh")
     _kvm_device_as_udev_sets_it()
-    started = []
+    started: list[tuple[subprocess.Popen, Path]] = []
     if virsh("list", "--name", check=False).returncode != 0:
+        logs = tmp_path_factory.mktemp("libvirtd-logs")
         for daemon in ("virtlogd", "libvirtd"):
             exe = support.require_tool(daemon)
-            started.append(subprocess.Popen([exe], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            log = logs / f"{daemon}.log"
+            with log.open("wb") as out:
+                started.append((subprocess.Popen([exe], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                                 start_new_session=True), log))
         deadline = time.monotonic() + 30
         while virsh("list", "--name", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "libvirtd did not come up: " + started[-1].stderr.read1().decode()
+            proc, log = started[-1]
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                f"libvirtd did not come up; the end of {log}:\n" + log.read_text(errors="replace")[-4000:]
             time.sleep(0.2)
     yield URI
-    for proc in reversed(started):
+    for proc, _log in reversed(started):
         support.stop(proc)
 
 
