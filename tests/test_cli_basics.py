@@ -122,8 +122,10 @@ def test_readme_has_two_setup_commands_that_need_no_sudo():
     assert tests == ".venv/bin/pytest -q tests"
     # what .ci/run installs, the README's command installs too
     ci = (ROOT / ".ci" / "run").read_text()
-    ci_pkgs = set(re.search(r"apt-get install -y --no-install-recommends \\\n(.+?)\n\n", ci, re.S)
-                  .group(1).replace("\\", " ").split())
+    ci_block = re.search(r"apt-get install -y --no-install-recommends \\\n(.+?)\n\n", ci, re.S).group(1)
+    continued = ci_block.splitlines()[:-1]
+    assert all(line.endswith(" \\") for line in continued), f".ci/run: a package line lost its backslash: {ci_block}"
+    ci_pkgs = set(ci_block.replace("\\", " ").split())
     readme_pkgs = set(install.split("apt-get install -y", 1)[1].split("&&", 1)[0].split())
     assert ci_pkgs <= readme_pkgs, f"README's install misses {sorted(ci_pkgs - readme_pkgs)}"
     assert ".venv/bin/pytest -q tests" in ci
