@@ -260,6 +260,7 @@ def _drop_our_checkpoints(dom, repo_id: str) -> list[str]:
     import libvirt
 
     from ..sources.libvirt_domain import checkpoint_prefix
+    from ..sources.libvirt_job import delete_checkpoint
 
     prefix = checkpoint_prefix(repo_id)
     dropped = []
@@ -271,11 +272,8 @@ def _drop_our_checkpoints(dom, repo_id: str) -> list[str]:
     for c in checkpoints:
         if not c.getName().startswith(prefix):
             continue
-        try:
-            c.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        if delete_checkpoint(c, with_bitmaps=False):
             dropped.append(c.getName())
-        except libvirt.libvirtError as e:
-            log.warning("could not drop checkpoint %s of %s: %s", c.getName(), dom.name(), e.get_error_message())
     if dropped:
         log.info("dropped %d checkpoint(s) of this repository from %s: the restored images have no bitmaps",
                  len(dropped), dom.name())

@@ -32,6 +32,7 @@ from .libvirt_domain import (
     DomainDisk,
     backup_disks,
     checkpoint_prefix,
+    checkpoint_xml,
     disk_name,
     lookup_domain,
     open_connection,
@@ -40,7 +41,6 @@ from .libvirt_job import (
     THAW_ATTEMPTS,
     backup_xml,
     binding,
-    checkpoint_xml,
     delete_checkpoint,
     end_job,
     error_code,
@@ -264,7 +264,7 @@ class LibvirtSource(Source):
         checkpoint = new_checkpoint() if qcow2 else None
         job_xml = backup_xml(self._prefix, self._run_dir, self.scratch_dir, all_targets, disks, since)
         ckpt_xml = checkpoint_xml(self._prefix + checkpoint, all_targets, [d.target for d in qcow2],
-                                  repo.repo_id) if checkpoint else None
+                                  description=f"nbdbackup repository {repo.repo_id}") if checkpoint else None
         self._begin(job_xml, ckpt_xml, checkpoint)
 
         sock = os.path.join(self._run_dir, "nbd.sock")

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .image import bitmap_prefix
+from .libvirt_domain import checkpoint_xml
+from .libvirt_job import delete_checkpoint
 from .qemu_tools import image_info
 
 if TYPE_CHECKING:
@@ -58,26 +60,11 @@ def reconcile_checkpoints(dom, repo_id: str, disks: Sequence[DomainDisk], want: 
             continue
         if other != name and _bitmaps_there(dom, checkpoint, disks, libvirt):
             continue        # a real older checkpoint: LibvirtSource.committed() deletes it with its bitmaps
-        _drop(dom, checkpoint, libvirt)
+        delete_checkpoint(checkpoint, with_bitmaps=bool(dom.isActive()))
     if dom.isActive():
         known = {c.getName() for c in dom.listAllCheckpoints() if c.getName().startswith(prefix)}
         _drop_unknown_bitmaps(dom, prefix, qcow2, known, libvirt)
     return reason
-
-
-def checkpoint_xml(name: str, created: int, bitmap_targets: Sequence[str], all_targets: Sequence[str]) -> str:
-    """The <domaincheckpoint> for REDEFINE: *bitmap_targets* hold bitmap *name*, every other
-    disk of the domain is listed with checkpoint='no' (libvirt would otherwise pick a default)."""
-    root = ET.Element("domaincheckpoint")
-    ET.SubElement(root, "name").text = name
-    ET.SubElement(root, "creationTime").text = str(created)
-    disks = ET.SubElement(root, "disks")
-    for target in all_targets:
-        if target in bitmap_targets:
-            ET.SubElement(disks, "disk", name=target, checkpoint="bitmap", bitmap=name)
-        else:
-            ET.SubElement(disks, "disk", name=target, checkpoint="no")
-    return ET.tostring(root, encoding="unicode")
 
 
 def domain_disk_targets(dom) -> list[str]:
@@ -108,7 +95,7 @@ def _redefine(dom, name: str, qcow2: Sequence[DomainDisk], known, libvirt) -> st
             created = int(got) if got else created
         except (libvirt.libvirtError, ValueError, ET.ParseError):
             pass
-    xml = checkpoint_xml(name, created, [d.target for d in qcow2], domain_disk_targets(dom))
+    xml = checkpoint_xml(name, domain_disk_targets(dom), [d.target for d in qcow2], created=created)
     flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
     if active:
         flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
@@ -176,30 +163,10 @@ def _drop_unknown_bitmaps(dom, prefix: str, qcow2: Sequence[DomainDisk], known: 
     targets = domain_disk_targets(dom)
     for bitmap, on in found.items():
         try:
-            checkpoint = dom.checkpointCreateXML(checkpoint_xml(bitmap, checkpoint_time(bitmap), on, targets),
+            checkpoint = dom.checkpointCreateXML(checkpoint_xml(bitmap, targets, on, created=checkpoint_time(bitmap)),
                                                  libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
         except libvirt.libvirtError as e:
             log.warning("could not remove leftover bitmap %s: %s", bitmap, e.get_error_message())
             continue
         log.info("removing bitmap %s, left by a backup that did not commit", bitmap)
-        _drop(dom, checkpoint, libvirt)
-
-
-def _drop(dom, checkpoint, libvirt) -> None:
-    """Forget a checkpoint of ours. On a running domain libvirt deletes its bitmaps too; where
-    they are gone already (a shut-off backup removed them from the images) or the domain is
-    shut off (the images' bitmaps are ImageSource's business then), the metadata only."""
-    name = checkpoint.getName()
-    if dom.isActive():
-        try:
-            checkpoint.delete(0)
-            log.debug("deleted checkpoint %s", name)
-            return
-        except libvirt.libvirtError as e:     # "bitmap ... not found in backing chain"
-            log.debug("deleting checkpoint %s with its bitmaps failed (%s); dropping its metadata",
-                      name, e.get_error_message())
-    try:
-        checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-        log.debug("dropped the metadata of checkpoint %s", name)
-    except libvirt.libvirtError as e:
-        log.warning("could not remove libvirt checkpoint %s: %s", name, e.get_error_message())
+        delete_checkpoint(checkpoint, with_bitmaps=bool(dom.isActive()))

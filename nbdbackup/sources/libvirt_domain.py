@@ -76,6 +76,28 @@ def checkpoint_prefix(repo_id: str) -> str:
     return bitmap_prefix(repo_id)
 
 
+def checkpoint_xml(name: str, all_targets: Sequence[str], bitmap_targets: Sequence[str], *,
+                   description: str | None = None, created: int | None = None) -> str:
+    """<domaincheckpoint> *name*: a bitmap of that name on *bitmap_targets*, checkpoint='no' on
+    every other disk of the domain (libvirt would otherwise pick a default for them).
+    *created* (epoch seconds) makes it the XML for REDEFINE, which also names each bitmap."""
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    if description is not None:
+        ET.SubElement(root, "description").text = description
+    if created is not None:
+        ET.SubElement(root, "creationTime").text = str(created)
+    disks = ET.SubElement(root, "disks")
+    for target in all_targets:
+        if target not in bitmap_targets:
+            ET.SubElement(disks, "disk", name=target, checkpoint="no")
+        elif created is not None:
+            ET.SubElement(disks, "disk", name=target, checkpoint="bitmap", bitmap=name)
+        else:
+            ET.SubElement(disks, "disk", name=target, checkpoint="bitmap")
+    return ET.tostring(root, encoding="unicode")
+
+
 @dataclass(frozen=True)
 class DomainDisk:
     target: str          # "vda"

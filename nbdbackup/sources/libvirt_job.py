@@ -102,17 +102,6 @@ def backup_xml(prefix: str, run_dir: str, scratch_dir: str | None, all_targets: 
     return ET.tostring(root, encoding="unicode")
 
 
-def checkpoint_xml(name: str, all_targets: Sequence[str], bitmap_targets: Sequence[str], repo_id: str) -> str:
-    """<domaincheckpoint> *name* with a bitmap on *bitmap_targets*, checkpoint='no' elsewhere."""
-    root = ET.Element("domaincheckpoint")
-    ET.SubElement(root, "name").text = name
-    ET.SubElement(root, "description").text = f"nbdbackup repository {repo_id}"
-    el = ET.SubElement(root, "disks")
-    for t in all_targets:
-        ET.SubElement(el, "disk", name=t, checkpoint="bitmap" if t in bitmap_targets else "no")
-    return ET.tostring(root, encoding="unicode")
-
-
 def job_socket(dom, domain: str) -> str | None:
     """The NBD socket of the domain's backup job; None when it runs none ('' when the job
     has no unix socket: a push job or a TCP server)."""
@@ -149,21 +138,29 @@ def end_job(dom, domain: str) -> None:
         time.sleep(0.05)
 
 
-def delete_checkpoint(checkpoint) -> None:
-    """Delete a checkpoint of ours with its bitmaps; where the bitmaps are gone already (a
-    shut-off backup removed them from the images) libvirt refuses that, so its metadata only.
-    Warns instead of failing: a checkpoint left over is never a base (no backup records it)
-    or costs only guest I/O (an older one), and the next run tries again."""
+def delete_checkpoint(checkpoint, *, with_bitmaps: bool = True) -> bool:
+    """Delete a checkpoint of ours, with its bitmaps when *with_bitmaps* (a running domain: libvirt
+    removes them from qemu), else or where the bitmaps are gone already (a shut-off backup removed
+    them from the images; libvirt refuses then) its metadata only. Warns instead of failing: a
+    checkpoint left over is never a base (no backup records it) or costs only guest I/O (an
+    older one), and the next run tries again. True when it is gone."""
     libvirt = binding()
-    try:
-        checkpoint.delete(0)
-        return
-    except libvirt.libvirtError as e:
-        first = e.get_error_message()
+    name = checkpoint.getName()
+    first = ""
+    if with_bitmaps:
+        try:
+            checkpoint.delete(0)
+            log.debug("deleted checkpoint %s", name)
+            return True
+        except libvirt.libvirtError as e:     # "bitmap ... not found in backing chain"
+            first = e.get_error_message() + "; "
     try:
         checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        log.debug("dropped the metadata of checkpoint %s", name)
+        return True
     except libvirt.libvirtError as e:
-        log.warning("could not delete checkpoint %s: %s; %s", checkpoint.getName(), first, e.get_error_message())
+        log.warning("could not delete checkpoint %s: %s%s", name, first, e.get_error_message())
+        return False
 
 
 THAW_ATTEMPTS = 3

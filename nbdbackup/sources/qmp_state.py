@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import LockedError, UsageError
+from ..fsutil import write_atomically
 from .image import bitmap_prefix
 
 DIRTY_PREFIX = "qemu:dirty-bitmap:"
@@ -121,12 +122,7 @@ class StateFile:
             except FileNotFoundError:
                 pass
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(self.data, indent=1).encode(), 0o600)
 
     def add(self, key: str, value: str) -> None:
         items = self.data.setdefault(key, [])
