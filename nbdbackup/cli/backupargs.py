@@ -208,8 +208,12 @@ def run_backup_command(args, kind: str) -> int:
 
 
 def result_json(result) -> dict:
-    """The backup's record, plus the incremental's chain check when one ran."""
+    """The backup's record, plus the incremental's chain check when one ran and the chunks
+    adaptive compression left raw (with why) when there were any."""
     d = result.info.to_json()
+    if getattr(result.stats, "uncompressed_chunks", 0):
+        d["uncompressed_chunks"] = result.stats.uncompressed_chunks
+        d["uncompressed_reason"] = result.stats.raw_reason
     check = getattr(result.stats, "chain_check", None)
     if check is not None:
         d["chain_check"] = check.to_json()
@@ -240,8 +244,8 @@ def summary_line(result) -> str:
     # compression: non-zero data read -> compressed; dedup: compressed -> new bytes stored
     # (stored includes the backup's map records, so tiny backups show a low dedup ratio)
     comp = f"{st.data_bytes / st.packed_bytes:.2f}x" if st.packed_bytes else "-"
-    if getattr(st, "uncompressed_chunks", 0):   # adaptive compression skipped these (cores busy)
-        comp += f" ({st.uncompressed_chunks} chunks not compressed: CPU busy)"
+    if getattr(st, "uncompressed_chunks", 0):   # adaptive compression skipped these
+        comp += f" ({st.uncompressed_chunks} chunks not compressed: {st.raw_reason or 'CPU busy'})"
     dedup = f"{st.packed_bytes / info.stored_bytes:.2f}x" if info.stored_bytes and st.packed_bytes else "-"
     rate = info.read_bytes / info.duration_s if info.duration_s else 0.0
     return (f"{info.kind} backup {info.id} of {info.disk} ({hb(info.size)}): read {hb(info.read_bytes)}, "

@@ -64,6 +64,7 @@ class DiskStats:
     read_chunks: int = 0
     inherited_chunks: int = 0
     uncompressed_chunks: int = 0    # stored raw without trying zstd: the CPU was busy (adaptive)
+    raw_reason: str = ""            # why they were, for the summary line
     chain_check: ChainCheck | None = None   # the chain check of an asked-for incremental
 
 
@@ -258,6 +259,8 @@ class DiskPipeline:
             if gc_was_enabled:
                 gc.enable()
             bar.close()
+        if stats.uncompressed_chunks:
+            stats.raw_reason = self.gate.raw_reason()
         return stats
 
     def _submit(self, first: int, count: int) -> None:
