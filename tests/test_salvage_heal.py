@@ -356,7 +356,7 @@ def test_verify_since_checks_only_what_was_not_verified_lately(damaged_repo):
     with Repository.open(str(path)) as repo, repo.index_db.begin() as conn:       # verified 8 days ago
         conn.execute(backups.update().where(backups.c.id == info.id)
                      .values(verified_ms=stamped[info.id] - 8 * 86_400_000))
-    rep = _verify(path, "--outdated-after", "7", rc=0)
+    rep = _verify(path, "--since", "7", rc=0)
     assert rep["backups_checked"] == 1 and rep["skipped_recent"] == 1 and rep["damaged"] == []
     assert _verified_ms(path)[info.id] >= stamped[info.id]
 

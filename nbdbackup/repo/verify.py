@@ -97,13 +97,18 @@ def _integrity_check(repo, report: VerifyReport) -> None:
         report.index_problems.extend(f"integrity_check: {r}" for r in rows)
 
 
-def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo, int | None]]:
-    """(pk, manifest_hash, info, verified_ms) of every backup, by a scan of the table (no lookup by id)."""
-    q = select(backups.c.pk, backups.c.manifest_hash, backups.c.verified_ms, *INFO_COLUMNS).order_by(
+def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
+    """(pk, manifest_hash, info) of every backup, by a scan of the table (no lookup by id)."""
+    q = select(backups.c.pk, backups.c.manifest_hash, *INFO_COLUMNS).order_by(
         backups.c.created_ms, backups.c.disk, backups.c.id)
     with repo.index_db.connect() as conn:
-        return [(r[0], bytes(r[1]) if r[1] is not None else None, info_from_row(r[3:]), r[2])
-                for r in conn.execute(q)]
+        return [(r[0], bytes(r[1]) if r[1] is not None else None, info_from_row(r[2:])) for r in conn.execute(q)]
+
+
+def _verified_since(repo, cutoff_ms: int) -> set[int]:
+    """pks of the backups a verify found clean at or after *cutoff_ms*."""
+    with repo.index_db.connect() as conn:
+        return {r[0] for r in conn.execute(select(backups.c.pk).where(backups.c.verified_ms >= cutoff_ms))}
 
 
 def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyReport) -> None:
@@ -121,9 +126,9 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
     started_ms = to_ms(now_ms())
     if report.since_days is not None:     # a nightly slice: what was not verified clean lately
         cutoff = started_ms - int(report.since_days * 86_400_000)
-        recent = [row for row in rows if row[3] is not None and row[3] >= cutoff]
-        report.skipped_recent = len(recent)
-        rows = [row for row in rows if row[3] is None or row[3] < cutoff]
+        recent = _verified_since(repo, cutoff)
+        report.skipped_recent = sum(1 for row in rows if row[0] in recent)
+        rows = [row for row in rows if row[0] not in recent]
     marks = damage.marks(repo.index_db)
     seg_len = repo.config.segment_len
     store = repo.store
@@ -138,7 +143,7 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
     targets: list[BackupInfo] = []
     manifest_of: dict[str, tuple[bytes | None, list[bytes | None] | None]] = {}
     pk_of: dict[str, int] = {}
-    for pk, mh, b, _verified in rows:
+    for pk, mh, b in rows:
         refs_b = _segment_refs(repo, pk)      # an unreadable index raises (exit 9), not "damaged"
         expected = maps.nsegments(b.nchunks, seg_len)
         if (refs_b is None or len(refs_b) != expected) and not _still_listed(repo, pk):

@@ -25,10 +25,11 @@ DESCRIPTION = (
     "last run (HEALED) and what remains (REMAINS). A full backup heals every chunk of\n"
     "the disk it reads; an incremental only the chunks it re-reads.\n"
     "\n"
-    "--since DAYS (alias --outdated-after) checks only the backups no verify found clean\n"
-    "within the last DAYS days (a run without --sample records when each backup was\n"
-    "found clean); a nightly `nbdbackup verify --since 7` checks a large repository in\n"
-    "slices, each backup about once a week. A damaged backup is checked every time."
+    "--since DAYS checks only the backups that no verify found clean within the last\n"
+    "DAYS days (a run without --sample records when each backup was found clean);\n"
+    "a nightly `nbdbackup verify --since 7` checks each backup about once a week: the\n"
+    "night's new backups and those last found clean more than 7 days ago. A damaged\n"
+    "backup is checked every time."
 )
 
 
@@ -37,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", type=numbers.real(0, 100, lo_open=True, noun="percentage", suffix="%"),
                    metavar="PERCENT",
                    help="check only a random PERCENT of the distinct chunks (e.g. 10)")
-    p.add_argument("--since", "--outdated-after", dest="since", metavar="DAYS",
+    # one name (not also --outdated-after): one spelling in help, docs and job files
+    p.add_argument("--since", metavar="DAYS",
                    type=numbers.real(0, 36500, noun="number of days"),
                    help="check only backups not verified clean within the last DAYS days (e.g. 7)")
 
