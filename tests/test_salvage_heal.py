@@ -394,3 +394,51 @@ def test_an_index_at_0004_is_migrated(pristine, tmp_path):
     assert _verified_ms(dst)[info.id] is not None
     with Repository.open(str(dst)) as repo, repo.index_db.connect() as conn:
         assert conn.execute(packs.select()).all()
+
+
+def test_salvage_of_a_libvirt_set_names_the_damage_per_disk(tmp_path):
+    """restore --libvirt --salvage: each disk salvaged on its own, the domain XML still written."""
+    from nbdbackup.repo.vmdef import VmDefinition
+
+    xml = ("<domain type='kvm'><name>web1</name><devices>"
+           + "".join(f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                     f"<source file='/var/lib/libvirt/images/web1-{t}.qcow2'/><target dev='{t}' bus='virtio'/></disk>"
+                     for t in ("vda", "vdb"))
+           + "</devices></domain>")
+    path = new_repo_path(tmp_path / "repo", segment_len=SEG)
+    data = {"vda": disk(4), "vdb": disk(5)}
+    with Repository.open(path) as repo:
+        ws: list = []
+        for t, d in data.items():
+            write_backup(repo, f"web1-{t}", d, zero_holes=True, set_writers=ws, source=f"libvirt:web1/{t}")
+        members = repo.commit_set(ws, vm=VmDefinition("web1", xml))
+    vdb = next(b for b in members if b.disk == "web1-vdb")
+    _, refs = refs_of(path, vdb.id)
+    flip(path, location(path, refs[1]))
+    want = ranges([1], vdb.size)
+    p = nbb(path, "--json", "restore", "--libvirt", "web1", "--to-dir", str(tmp_path / "out"), "--format", "raw",
+            "--salvage", check=False)
+    assert p.returncode == 5 and "salvaged with 1 damaged range in 1 disk" in p.stderr, p.stderr
+    got = {d["target"]: d for d in json.loads(p.stdout)["disks"]}
+    assert got["vda"]["damaged"] == [] and got["vdb"]["damaged"] == want
+    assert (tmp_path / "out" / "web1-vda.raw").read_bytes() == data["vda"]
+    assert (tmp_path / "out" / "web1-vdb.raw").read_bytes() == salvaged_bytes(data["vdb"], want)
+    assert (tmp_path / "out" / "web1.xml").exists()
+
+
+def test_a_damaged_map_segment_heals_like_a_chunk(damaged_repo, tmp_path):
+    """Segments are content-addressed too: the next full backup of the same disk builds the same
+    segment, stores it afresh, and the old backup's map reads again."""
+    path, info, data = damaged_repo
+    with Repository.open(str(path)) as repo:
+        seg = segment_refs(repo.index_db, info.id)[1]
+    flip(path, location(path, seg, table=None))
+    rep = _verify(path, rc=5)
+    assert rep["damaged"][0]["ranges"] == ranges(range(SEG, 2 * SEG), info.size)
+    assert [(m["kind"], m["id"]) for m in rep["damage_remaining"]] == [("segment", seg.hex())]
+    with Repository.open(str(path)) as repo:
+        write_backup(repo, "vda", data, zero_holes=True)
+    rep = _verify(path, rc=0)
+    assert [(m["kind"], m["id"]) for m in rep["healed"]] == [("segment", seg.hex())]
+    nbb(path, "restore", info.id, str(tmp_path / "x.raw"))
+    assert (tmp_path / "x.raw").read_bytes() == data
