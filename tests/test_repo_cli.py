@@ -86,9 +86,9 @@ def test_older_index_refused_then_migrate(tmp_path):
     p = nbdbackup("--repo", path, "list", check=False)
     assert p.returncode == 7 and "nbdbackup migrate" in p.stderr and "0001" in p.stderr
     p = nbdbackup("--repo", path, "migrate")
-    assert "from revision 0001 to 0004" in p.stderr
+    assert "from revision 0001 to 0005" in p.stderr
     p = nbdbackup("--repo", path, "--json", "migrate")
-    assert json.loads(p.stdout) == {"from": "0004", "to": "0004", "changed": False}
+    assert json.loads(p.stdout) == {"from": "0005", "to": "0005", "changed": False}
     assert nbdbackup("--repo", path, "list", "--json").stdout.strip() == "[]"
 
 

@@ -410,7 +410,7 @@ def test_an_index_at_0003_is_refused_then_migrated(place, tmp_path):
         p = cli(place, "list", check=False)
         assert p.returncode == 7 and "nbdbackup migrate" in p.stderr and "0003" in p.stderr, p.stderr
         p = cli(place, "migrate")
-        assert "from revision 0003 to 0004" in p.stderr
+        assert "from revision 0003 to 0005" in p.stderr
         with open_place(place) as repo:
             assert repo.list_backups() == [old]
             [new] = backup(repo, {"web1-vda": uris["web1-vda"]}, vm_def("web1", 21))

@@ -16,6 +16,11 @@ less client CPU, 0.1-0.2 s less radosgw+OSD CPU); on a local repository
 so it stays at 4 MiB. Zero ranges are reproduced:
 holes in a fresh file, BLKZEROOUT on a device, WRITE_ZEROES on NBD. Success
 is reported only after the target flushed (fsync / NBD FLUSH).
+
+salvage=True (restore --salvage) restores what can be read: a chunk that is
+missing or fails its check, and every position of a map segment that cannot
+be read, is written as zeros and its disk byte range listed (merged, sorted)
+in RestoreResult.damaged; the caller must not call that success.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import NoSpaceError, is_no_space
+from ..errors import ChunkCorrupt, NoSpaceError, is_no_space
 from ..progress import NoBar
 from .restore_targets import open_target
 
@@ -52,16 +57,19 @@ class RestoreResult:
     zero_bytes: int = 0     # bytes reproduced as zeros
     duration_s: float = 0.0
     leftovers_removed: list = field(default_factory=list)   # (path, bytes) of killed restores' temp files
+    damaged: list = field(default_factory=list)     # salvage: merged (offset, length) written as zeros
+    salvage: bool = False
 
 
 def restore(repo: Repository, ref: str, target: str, *, fmt: str = "raw", force: bool = False, connections: int = 4,
-            progress: Callable[[int, str], ProgressBar] | None = None, inflight_bytes: int = 64 << 20) -> RestoreResult:
+            progress: Callable[[int, str], ProgressBar] | None = None, inflight_bytes: int = 64 << 20,
+            salvage: bool = False) -> RestoreResult:
     started = time.monotonic()
     info = repo.resolve(ref)
     img = repo.open_image(info)
     try:
         size, cs = img.size, img.chunk_size
-        result = RestoreResult(info, target)
+        result = RestoreResult(info, target, salvage=salvage)
         t = open_target(target, size, fmt=fmt, force=force, connections=connections)
         result.leftovers_removed = getattr(t, "leftovers_removed", [])
         bar = progress(size, f"restore {info.disk}") if progress else NoBar()
@@ -69,6 +77,7 @@ def restore(repo: Repository, ref: str, target: str, *, fmt: str = "raw", force:
             _copy(img, t, result, bar, workers=max(READ_WORKERS, connections), inflight=max(4, inflight_bytes // cs),
                   batch_bytes=getattr(repo.backend, "read_batch_bytes", BATCH_BYTES))
             t.finish()
+            result.damaged = merge_ranges(result.damaged)
         except BaseException as e:
             t.abort()
             if is_no_space(e):
@@ -87,13 +96,29 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
           batch_bytes: int = BATCH_BYTES) -> None:
     cs, size = img.chunk_size, img.size
     batch = max(1, batch_bytes // cs)
+    damaged = result.damaged if result.salvage else None     # list.append is thread-safe
+    lost_segments: list[int] = []
 
     def copy_batch(first: int, end: int) -> int:
         n = 0
-        for i, data in zip(range(first, end), img.read_chunks(list(range(first, end)))):
+        indexes = list(range(first, end))
+        got = img.try_chunks(indexes) if damaged is not None else img.read_chunks(indexes)
+        for i, data in zip(indexes, got):
+            if isinstance(data, ChunkCorrupt):      # salvage: zeros there, and say where
+                log.warning("salvage: %s; written as zeros", data)
+                damaged.append((data.offset, data.length))
+                if t.needs_zeroing:
+                    t.zero(data.offset, data.length)
+                n += data.length
+                continue
             t.write(i * cs, data)
             n += len(data)
         return n
+
+    def segment_lost(offset: int, length: int, e) -> None:
+        log.warning("salvage: %s; bytes %d-%d written as zeros", e, offset, offset + length - 1)
+        damaged.append((offset, length))
+        lost_segments.append(length)        # the extents loop counts the span as zero bytes
 
     pending: deque = deque()
     limit = max(workers, inflight // batch)      # batches queued ahead (each holds nothing until it runs)
@@ -106,7 +131,7 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbdbackup-restore") as ex:
         try:
-            for offset, length, is_zero in img.extents():
+            for offset, length, is_zero in img.extents(segment_lost if damaged is not None else None):
                 if is_zero:
                     if t.needs_zeroing:
                         t.zero(offset, length)
@@ -118,7 +143,21 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
                     pending.append(ex.submit(copy_batch, lo, min(end, lo + batch)))
                     drain(limit)
             drain(0)
+            # data_bytes: what came from stored chunks; the damaged ranges are zeros, not data
+            result.data_bytes -= sum(n for _, n in (damaged or ())) - sum(lost_segments)
+            result.zero_bytes -= sum(lost_segments)
         except BaseException:
             for f in pending:
                 f.cancel()
             raise
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) ranges sorted, with touching or overlapping ones merged."""
+    out: list[list[int]] = []
+    for off, n in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
+        else:
+            out.append([off, n])
+    return [(o, n) for o, n in out]

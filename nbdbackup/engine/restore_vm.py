@@ -113,7 +113,9 @@ def disk_target(info: BackupInfo, domain: str) -> str:
 def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None = None, fmt: str = "qcow2",
                force: bool = False, define: bool = False, start: bool = False,
                connect_uri: str = "qemu:///system", connections: int = 4,
-               progress: Callable[[int, str], ProgressBar] | None = None) -> VmRestoreResult:
+               progress: Callable[[int, str], ProgressBar] | None = None, salvage: bool = False) -> VmRestoreResult:
+    """*salvage*: each disk as restore(salvage=True) writes it (its damaged ranges as zeros, listed
+    in its result); the domain is still written, defined and started as asked."""
     started_at = time.monotonic()
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}: use qcow2 or raw")
@@ -168,7 +170,8 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
                                  kept=rewritten.kept, macs_removed=rewritten.macs_removed,
                                  replaced=replace is not None)
         for t, info in targets.items():
-            r = restore(repo, info, paths[t], fmt=fmt, force=force, connections=connections, progress=progress)
+            r = restore(repo, info, paths[t], fmt=fmt, force=force, connections=connections, progress=progress,
+                        salvage=salvage)
             result.disks.append(RestoredVmDisk(t, paths[t], r))
         if nvram_path is not None:
             write_atomically(nvram_path, vm.nvram, 0o600)

@@ -29,6 +29,7 @@ from ..errors import LockedError, NoSpaceError, RepoDamaged
 from ..progress import NoBar
 from . import maps, vmstore
 from .chunks import ZERO_REF, DecodeError
+from .damage import forget_deleted
 from .ids import now_ms, to_ms
 from .index import write_txn
 from .indexerrors import index_errors
@@ -279,6 +280,7 @@ def _delete_rows(eng, dead_rows: dict, pack_ids: list[int], cut: int, rep: GcRep
             for i in range(0, len(hashes), _IN_BATCH):
                 n[table.name] += conn.execute(delete(table).where(table.c.hash.in_(hashes[i:i + _IN_BATCH]),
                                                                   table.c.used_epoch < cut)).rowcount
+            forget_deleted(conn, table, hashes)      # a deleted record's damage mark means nothing now
         gone = _delete_unnamed_packs(conn, pack_ids)
     rep.chunks_deleted, rep.segments_deleted = n["chunks"], n["segments"]
     return gone

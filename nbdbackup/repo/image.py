@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import ChunkCorrupt, RepoDamaged
 from . import maps
@@ -193,13 +193,23 @@ class BackupImage:
                 out.append(data if (a, b) == (0, len(data)) else data[a:b])
         return b"".join(out)
 
-    def extents(self) -> Iterator[tuple[int, int, bool]]:
-        """Merged (offset, length, is_zero) runs covering the disk."""
+    def extents(self, on_damaged: Callable[[int, int, RepoDamaged], None] | None = None
+                ) -> Iterator[tuple[int, int, bool]]:
+        """Merged (offset, length, is_zero) runs covering the disk. *on_damaged* (restore
+        --salvage): a map segment that cannot be read is reported to it as (offset, length,
+        error) and its span yielded as zero, instead of raising."""
         cs, L = self.chunk_size, self._seg_len
         run_start, run_zero = 0, None
         for seq in range(len(self._refs)):
             start, n = maps.segment_span(seq, L, self.nchunks)
-            seg = self._segment(seq)
+            try:
+                seg = self._segment(seq)
+            except RepoDamaged as e:
+                if on_damaged is None:
+                    raise
+                end = min((start + n) * cs, self.size)
+                on_damaged(start * cs, end - start * cs, e)
+                seg = None
             if seg is None:          # all-zero segment: one piece, nothing loaded
                 pieces = [(start, True)]
             else:

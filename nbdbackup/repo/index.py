@@ -36,7 +36,7 @@ from .schema import INDEX_REVISION
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite"
-KNOWN_REVISIONS = ("0001", "0002", "0003", "0004")   # oldest first; the last one is INDEX_REVISION
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005")   # oldest first; the last one is INDEX_REVISION
 BUSY_TIMEOUT_MS = 60_000
 
 # libpq connection parameters for PostgreSQL (a URL's own ?key=value wins): a dead or unreachable

@@ -87,6 +87,9 @@ class _Found:
     pack_rows: list[dict] = field(default_factory=list)
     blobs: dict = field(default_factory=lambda: {REC_CHUNK: {}, REC_SEGMENT: {}})  # type -> hash -> (pack, rec)
     manifests: dict[str, dict] = field(default_factory=dict)     # backup id -> (manifest, hash)
+    # the same chunk or segment id in more than one record (a healed damaged copy and its fresh
+    # copy, or two writers that stored it at once): (type, hash) -> the other candidates
+    duplicates: dict = field(default_factory=dict)
 
 
 def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float = 0.0,
@@ -220,12 +223,31 @@ def _scan(backend, codec, rep: RebuildReport, progress) -> _Found:
         found.pack_rows.append({"name": name, "size": size})
         for rec in recs:
             if rec.type in found.blobs:
-                found.blobs[rec.type].setdefault(rec.hash, (pidx, rec))
+                first = found.blobs[rec.type].setdefault(rec.hash, (pidx, rec))
+                if first[0] != pidx or first[1].offset != rec.offset:
+                    found.duplicates.setdefault((rec.type, rec.hash), []).append((pidx, rec))
             elif rec.type == REC_MANIFEST:
                 _read_manifest(backend, codec, obj, rec, found)
         if bar is not None:
             bar.update(1)
+    _choose_readable(backend, codec, found)
     return found
+
+
+def _choose_readable(backend, codec, found: _Found) -> None:
+    """For an id held by several records, index one that reads and checks fine (the first in
+    scan order otherwise): a damaged copy beside a healed one must not win by pack order.
+    Only duplicates are read, which are rare."""
+    for (rtype, h), others in found.duplicates.items():
+        for pidx, rec in [found.blobs[rtype][h], *others]:
+            obj = pack_object_name(found.pack_rows[pidx]["name"])
+            try:
+                codec.decode(rtype, rec.compression, rec.raw_len, h, backend.get(obj, rec.offset, rec.stored_len),
+                             flags=rec.flags)
+            except (DecodeError, OSError):
+                continue
+            found.blobs[rtype][h] = (pidx, rec)
+            break
 
 
 def _read_manifest(backend, codec, obj: str, rec: RecordInfo, found: _Found) -> None:

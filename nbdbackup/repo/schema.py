@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-INDEX_REVISION = "0004"
+INDEX_REVISION = "0005"
 
 metadata = MetaData()
 
@@ -79,6 +79,8 @@ backups = Table(
     # added in 0004: the libvirt domain and its stored definition (repo/vmstore.py)
     Column("domain", String(255)),
     Column("vm", String(128)),
+    # added in 0005: when a verify last found it clean (verify --since); NULL: never, or damaged
+    Column("verified_ms", BigInteger),
     Index("ix_backups_disk_created", "disk", "created_ms"),
     Index("ix_backups_disk_checkpoint", "disk", "checkpoint"),
     Index("ix_backups_set_id", "set_id"),
@@ -137,4 +139,22 @@ lock_holders = Table(
     Column("mode", String(16), nullable=False),
     Column("purpose", Text),
     Index("ix_lock_holders_lock_name", "lock_name"),
+)
+
+
+# -- 0005: damage and healing (docs/design.md "Damage and healing") ----------------------------
+
+# A chunk or map segment a verify found damaged: kind "chunk" or "segment", its id, where the bad
+# copy was (pack name and payload offset; NULL when the index had no row), why, when. A writer
+# that stores a fresh copy points the record's row at it and sets healed_ms; the next verify that
+# reads it fine reports it healed and deletes the mark. Index-only state: rebuild-index drops it.
+damaged_records = Table(
+    "damaged_records", metadata,
+    Column("kind", String(16), primary_key=True),
+    Column("hash", LargeBinary(32), primary_key=True),
+    Column("pack", String(32)),
+    Column("offset", BigInteger),
+    Column("reason", Text, nullable=False),
+    Column("found_ms", BigInteger, nullable=False),
+    Column("healed_ms", BigInteger),
 )

@@ -21,6 +21,7 @@ from sqlalchemy import insert
 
 from .chunks import PreparedChunk
 from .context import RepoContext
+from .damage import heal_rows
 from .dedup import upsert_rows
 from .ids import now_ms, to_ms
 from .indexretry import has_row, retry_write
@@ -59,6 +60,7 @@ class PackSealer:
     def __init__(self, ctx: RepoContext, chunk_size: int, epoch: int = 0):
         self._ctx = ctx
         self.epoch = epoch      # the writer's lease start epoch: stamped on its packs and rows
+        self.heal: dict[str, set[bytes]] = {}   # table name -> damaged ids whose rows move to our copy
         self._pack_size = ctx.config.pack_size
         self._pack: PackBuilder | None = None         # the pack being filled
         self._filling = SealJob()                     # its chunks and segments
@@ -153,8 +155,16 @@ class PackSealer:
             for table, rtype in ((chunks, REC_CHUNK), (segments, REC_SEGMENT)):
                 recs = {r.hash: r for r in pack.records if r.type == rtype}
                 # a row another writer indexed meanwhile stays and is stamped (it is used now)
-                upsert_rows(conn, table, [record_row(pid, h, r) for h, r in recs.items()], self.epoch)
+                rows = [record_row(pid, h, r) for h, r in recs.items()]
+                upsert_rows(conn, table, rows, self.epoch)
+                healing = self.heal.get(table.name)
+                if healing:     # a fresh copy of a damaged record: its row points here from now on
+                    heal_rows(conn, table, [r for r in rows if r["hash"] in healing], self.epoch)
         retry_write(self._ctx.index_db, index, landed=has_row(packs.c.name, pack.name))
+        for table, rtype in ((chunks, REC_CHUNK), (segments, REC_SEGMENT)):
+            healing = self.heal.get(table.name)
+            if healing:     # healed: later puts of the same id deduplicate against our copy
+                healing.difference_update(r.hash for r in pack.records if r.type == rtype)
 
     # -- ending ----------------------------------------------------------------
     def discard(self) -> None:

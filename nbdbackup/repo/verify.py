@@ -11,6 +11,14 @@ are noticed without reading; (3) each backup's map is walked again and the
 positions whose segment or chunk is bad become disk byte ranges. A backup
 forgotten while verify runs is named in the report, never skipped silently.
 Memory: the set of distinct chunk hashes, not the maps.
+
+Damage marks (repo/damage.py): every chunk or map segment found bad is
+recorded, so that the next backup storing the same bytes heals it; a marked
+record this run reads fine is reported healed and its mark deleted. Marked
+chunks are always read, whatever the sample. A full (unsampled) run stamps
+backups.verified_ms on each backup it found clean and clears it on each
+damaged one; `since_days` checks only backups not verified clean within that
+many days (verify --since).
 """
 
 from __future__ import annotations
@@ -18,108 +26,49 @@ from __future__ import annotations
 import math
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import RepoDamaged
+from . import damage, maps, vmstore
 from . import manifest as M
-from . import maps, vmstore
 from .backuprows import INFO_COLUMNS, info_from_row, refs_from_rows
 from .chunks import HASH_SIZE, ZERO_REF
+from .ids import now_ms, to_ms
 from .indexerrors import index_errors
 from .info import BackupInfo
 from .leases import Holds, reader_lease
 from .packs import REC_CHUNK, pack_object_name
 from .schema import backup_segments, backups
 from .store import Location, RecordError
+from .verifyreport import DamagedBackup, VerifyReport
+from .verifystate import record_verified, update_marks
 
 _BATCH = 1024        # chunk checks handed to the thread pool at once (in _READ_BATCH groups)
 _THREADS = 4        # checks in flight: decoding needs the cores, S3 needs requests in flight
 
 
-@dataclass
-class DamagedBackup:
-    backup: BackupInfo
-    ranges: list[tuple[int, int]] = field(default_factory=list)   # (offset, length) disk bytes
-    problems: list[str] = field(default_factory=list)
-    index_rows_bad: bool = False      # its index rows cannot be trusted (rebuild-index remakes them)
-
-    @property
-    def damaged_bytes(self) -> int:
-        return sum(n for _, n in self.ranges)
-
-    def to_json(self) -> dict:
-        return {"id": self.backup.id, "disk": self.backup.disk, "damaged_bytes": self.damaged_bytes,
-                "ranges": [{"offset": o, "length": n} for o, n in self.ranges], "problems": self.problems,
-                "index_rows_bad": self.index_rows_bad}
-
-
-@dataclass
-class VerifyReport:
-    backups_checked: int = 0
-    chunks_total: int = 0          # distinct non-zero chunks the backups reference
-    chunks_checked: int = 0        # read and hashed (all, or the sample)
-    bytes_checked: int = 0         # stored bytes read
-    segments_checked: int = 0
-    manifests_checked: int = 0
-    vm_definitions_checked: int = 0
-    sample_percent: float | None = None
-    damaged: list[DamagedBackup] = field(default_factory=list)
-    vanished: list[BackupInfo] = field(default_factory=list)   # forgotten while verify ran: not checked
-    index_check: str = "not run"      # "ok", "damaged", or "skipped (<dialect>)"
-    index_problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.damaged and not self.index_problems
-
-    def problem_lines(self) -> list[str]:
-        out = [f"INDEX DAMAGED: {p}" for p in self.index_problems[:20]]
-        if len(self.index_problems) > 20:
-            out.append(f"  ... {len(self.index_problems) - 20} more index problem(s) (see --json)")
-        out += [f"NOT CHECKED {b.id} (disk {b.disk}): forgotten while verify ran" for b in self.vanished]
-        for d in self.damaged:
-            out.append(f"DAMAGED {d.backup.id} (disk {d.backup.disk}): {d.damaged_bytes} bytes in "
-                       f"{len(d.ranges)} range(s)")
-            for o, n in d.ranges[:50]:
-                out.append(f"  bytes {o}-{o + n - 1} (offset {o}, length {n})")
-            if len(d.ranges) > 50:
-                out.append(f"  ... {len(d.ranges) - 50} more range(s) (see --json)")
-            for p in d.problems[:10]:
-                out.append(f"  cause: {p}")
-        return out
-
-    def to_json(self) -> dict:
-        return {"ok": self.ok, "backups_checked": self.backups_checked, "chunks_total": self.chunks_total,
-                "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
-                "segments_checked": self.segments_checked, "manifests_checked": self.manifests_checked,
-                "vm_definitions_checked": self.vm_definitions_checked,
-                "sample_percent": self.sample_percent, "index_check": self.index_check,
-                "index_problems": self.index_problems,
-                "damaged": [d.to_json() for d in self.damaged],
-                "vanished": [{"id": b.id, "disk": b.disk} for b in self.vanished]}
-
-
 def verify(repo, refs: Iterable[str] | None = None, *, sample_percent: float | None = None,
-           progress: Callable[[int], object] | None = None, rng: random.Random | None = None) -> VerifyReport:
+           progress: Callable[[int], object] | None = None, rng: random.Random | None = None,
+           since_days: float | None = None) -> VerifyReport:
     """Check the backups *refs* (ids or disk names; None = all). *progress*(total_bytes)
-    returns an object with update(n), called as chunks are read."""
+    returns an object with update(n), called as chunks are read. *since_days*: skip the
+    backups a verify found clean within that many days."""
     lock = repo.lock("readers", exclusive=False, purpose="the repository's reader lock (rebuild-index runs)")
     try:
         with index_errors("verify", repo):    # a read lease pinning what is checked: gc keeps their data
             refs = [repo.resolve(r) for r in refs] if refs else None      # NotFound (exit 11) first
             lock = Holds(lock, reader_lease(repo.index_db, [b.id for b in refs or repo.list_backups()],
                                             missing_ok=True))
-            return _verify(repo, refs, sample_percent, progress, rng or random.Random())
+            return _verify(repo, refs, sample_percent, progress, rng or random.Random(), since_days)
     finally:
         lock.release()
 
 
-def _verify(repo, refs, sample_percent, progress, rng) -> VerifyReport:
-    report = VerifyReport(sample_percent=sample_percent)
+def _verify(repo, refs, sample_percent, progress, rng, since_days=None) -> VerifyReport:
+    report = VerifyReport(sample_percent=sample_percent, since_days=since_days)
     _integrity_check(repo, report)
     try:
         _verify_backups(repo, refs, sample_percent, progress, rng, report)
@@ -156,6 +105,12 @@ def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
         return [(r[0], bytes(r[1]) if r[1] is not None else None, info_from_row(r[2:])) for r in conn.execute(q)]
 
 
+def _verified_since(repo, cutoff_ms: int) -> set[int]:
+    """pks of the backups a verify found clean at or after *cutoff_ms*."""
+    with repo.index_db.connect() as conn:
+        return {r[0] for r in conn.execute(select(backups.c.pk).where(backups.c.verified_ms >= cutoff_ms))}
+
+
 def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyReport) -> None:
     if refs:
         chosen = {}
@@ -168,6 +123,13 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
         report.vanished.extend(b for bid, b in chosen.items() if bid not in found)
     else:
         rows = _listed(repo)
+    started_ms = to_ms(now_ms())
+    if report.since_days is not None:     # a nightly slice: what was not verified clean lately
+        cutoff = started_ms - int(report.since_days * 86_400_000)
+        recent = _verified_since(repo, cutoff)
+        report.skipped_recent = sum(1 for row in rows if row[0] in recent)
+        rows = [row for row in rows if row[0] not in recent]
+    marks = damage.marks(repo.index_db)
     seg_len = repo.config.segment_len
     store = repo.store
 
@@ -180,6 +142,7 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
     chunk_hashes: set[bytes] = set()
     targets: list[BackupInfo] = []
     manifest_of: dict[str, tuple[bytes | None, list[bytes | None] | None]] = {}
+    pk_of: dict[str, int] = {}
     for pk, mh, b in rows:
         refs_b = _segment_refs(repo, pk)      # an unreadable index raises (exit 9), not "damaged"
         expected = maps.nsegments(b.nchunks, seg_len)
@@ -187,6 +150,7 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
             report.vanished.append(b)         # forgotten while we ran (forget needs no lock)
             continue
         targets.append(b)
+        pk_of[b.id] = pk
         manifest_of[b.id] = (mh, refs_b)
         if refs_b is None:
             problem_of[b.id] = ["map rows in the index are not contiguous"]
@@ -212,7 +176,9 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
 
     # pass 2: chunks
     report.chunks_total = len(chunk_hashes)
-    bad_chunks = _check_chunks(repo, chunk_hashes, sample_percent, progress, rng, report)
+    marked_chunks = {h for kind, h in marks if kind == "chunk"}
+    bad_chunks, checked, chunk_locs = _check_chunks(repo, chunk_hashes, sample_percent, progress, rng, report,
+                                                    always=marked_chunks)
 
     # pass 3: damage per backup, as disk byte ranges
     for b in targets:
@@ -225,6 +191,8 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
         if d.ranges or d.problems:
             report.damaged.append(d)
     _check_vm_definitions(repo, targets, report)
+    update_marks(repo, report, marks, bad_chunks, checked, chunk_locs, bad_segments, set(seg_len_ok), started_ms)
+    record_verified(repo, report, targets, pk_of, started_ms)
 
 
 def _check_vm_definitions(repo, targets: list[BackupInfo], report: VerifyReport) -> None:
@@ -288,7 +256,8 @@ def _still_listed(repo, pk: int) -> bool:
         return conn.execute(select(backups.c.pk).where(backups.c.pk == pk)).first() is not None
 
 
-def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, report) -> dict[bytes, str]:
+def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, report, always=frozenset()):
+    """(bad: id -> why, the ids read, their locations). *always*: ids read whatever the sample."""
     store = repo.store
     locs = store.chunk_locations(hashes)
     bad: dict[bytes, str] = {h: f"chunk {h.hex()[:16]} is missing from the index" for h in hashes if h not in locs}
@@ -301,7 +270,8 @@ def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, repor
     todo = sorted(((loc.pack, loc.offset, h) for h, loc in locs.items() if loc.pack not in gone))
     if sample_percent is not None and todo:
         k = min(len(todo), max(1, math.ceil(len(todo) * sample_percent / 100)))
-        todo = sorted(rng.sample(todo, k))
+        marked = [t for t in todo if t[2] in always]      # marked damaged: was it healed?
+        todo = sorted(set(rng.sample(todo, k)) | set(marked))
     total = sum(locs[h].stored_len for _, _, h in todo)
     bar = progress(total) if progress else None
 
@@ -320,7 +290,7 @@ def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, repor
                         bad[h] = err
                     if bar is not None:
                         bar.update(loc.stored_len)
-    return bad
+    return bad, {h for _, _, h in todo}, locs
 
 
 _READ_BATCH = 4 << 20     # bytes of neighbouring records one check reads (a few ranged gets at most)

@@ -24,6 +24,7 @@ from . import maps, vmstore
 from .backuprows import checked_segment_refs
 from .chunks import ZERO_REF, PreparedChunk
 from .context import RepoContext
+from .damage import marked_ids
 from .dedup import DedupBatch, stamp_existing
 from .ids import check_disk_name
 from .indexerrors import write_error
@@ -81,6 +82,10 @@ class BackupWriter:
             self.lease = Lease(ctx.index_db, "backup", pins=[parent.id] if parent is not None else [])
             self._locks.append(self.lease)
             self._sealer.epoch = self.lease.start_epoch
+            # ids a verify found damaged: never deduplicated against, so a fresh copy heals them
+            # (one query per writer; the table is nearly always empty)
+            self._damaged = marked_ids(ctx.index_db)
+            self._sealer.heal = {chunks.name: self._damaged["chunk"], segments.name: self._damaged["segment"]}
             parent_refs = checked_segment_refs(ctx, parent) if parent is not None else []
         except BaseException:
             self._sealer.stop()
@@ -199,11 +204,14 @@ class BackupWriter:
         return raw if raw is not None else self.ctx.store.load_segment(h)
 
     def _segment_stored(self, h: bytes) -> bool:
-        return self._sealer.has_segment(h) or bool(stamp_existing(self.ctx.index_db, segments, [h],
-                                                                  self.lease.start_epoch))
+        if self._sealer.has_segment(h):
+            return True
+        return h not in self._damaged["segment"] and bool(stamp_existing(self.ctx.index_db, segments, [h],
+                                                                         self.lease.start_epoch))
 
     def _stamp_chunks(self, hashes: list[bytes]) -> set[bytes]:
-        return stamp_existing(self.ctx.index_db, chunks, hashes, self.lease.start_epoch)
+        have = stamp_existing(self.ctx.index_db, chunks, hashes, self.lease.start_epoch)
+        return have - self._damaged["chunk"] if self._damaged["chunk"] else have
 
     def _store_segment(self, h: bytes, raw: bytes) -> None:
         h2, comp, payload = self.codec.encode_blob(REC_SEGMENT, raw, self.compression_level)

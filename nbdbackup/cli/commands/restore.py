@@ -21,6 +21,13 @@ DESCRIPTION = (
     "target removes such leftovers and says so (a restore still running holds a lock\n"
     "on its file, which is kept).\n"
     "\n"
+    "--salvage restores everything that can be read from a damaged backup: each chunk that\n"
+    "is missing or fails its check (hash, AEAD tag), and each map segment that is gone, is\n"
+    "written as zeros and named (one line per merged range; --json: \"damaged\", a list of\n"
+    "{offset, length}). It then exits 5, \"salvaged with N damaged ranges\", never plain\n"
+    "success; with nothing damaged it exits 0 with an empty list. Without --salvage a\n"
+    "restore stops at the first damage (exit 9) and names its range.\n"
+    "\n"
     "--libvirt SET_OR_DOMAIN --to-dir DIR restores a whole libvirt domain from a set taken\n"
     "with `full|incremental --libvirt`. SET_OR_DOMAIN is a backup id (its set), a set id\n"
     "(`list` shows its first 8 digits; a unique prefix of 8 or more works), a domain name\n"
@@ -48,6 +55,9 @@ def add_arguments(p) -> None:
                         "domain's definition)")
     p.add_argument("--connections", type=connections_type, default=DEFAULT_CONNECTIONS, metavar="N",
                    help=f"parallel connections to an NBD target (default {DEFAULT_CONNECTIONS})")
+    p.add_argument("--salvage", action="store_true",
+                   help="restore what is readable, zeros where chunks or map segments are damaged; "
+                        "name those ranges and exit 5")
     g = p.add_argument_group("a whole libvirt domain")
     g.add_argument("--libvirt", metavar="SET_OR_DOMAIN",
                    help="restore every disk of a --libvirt backup set and its domain definition")
@@ -80,19 +90,39 @@ def run(args) -> int:
 
     with open_repo(args) as repo:
         r = restore(repo, args.backup, args.target, fmt=args.format, force=args.force,
-                    connections=args.connections,
+                    connections=args.connections, salvage=args.salvage,
                     progress=lambda total, desc: output.progress_bar(args, total, desc))
     if args.json:
-        output.print_json({"backup": r.backup.to_json(), "target": r.target, "data_bytes": r.data_bytes,
-                           "zero_bytes": r.zero_bytes, "duration_s": round(r.duration_s, 3),
-                           "leftovers_removed": [{"path": p, "bytes": n} for p, n in r.leftovers_removed]})
+        doc = {"backup": r.backup.to_json(), "target": r.target, "data_bytes": r.data_bytes,
+               "zero_bytes": r.zero_bytes, "duration_s": round(r.duration_s, 3),
+               "leftovers_removed": [{"path": p, "bytes": n} for p, n in r.leftovers_removed]}
+        if args.salvage:
+            doc["damaged"] = [{"offset": o, "length": n} for o, n in r.damaged]
+        output.print_json(doc)
     else:
         hb = output.human_bytes
         rate = r.data_bytes / r.duration_s if r.duration_s else 0.0
         output.summary(args, f"restored {r.backup.id} ({r.backup.disk}, {hb(r.backup.size)}) to {r.target}: "
                              f"{hb(r.data_bytes)} data, {hb(r.zero_bytes)} zero, "
                              f"{r.duration_s:.1f}s ({hb(rate)}/s)")
+    if args.salvage:
+        return _salvaged(args, r.backup.id, r.damaged)
     return 0
+
+
+def _salvaged(args, what: str, damaged: list[tuple[int, int]]) -> int:
+    """restore --salvage's verdict: the damaged ranges named, exit 5 when there are any."""
+    from ...errors import VerifyFailed
+
+    if not args.json and not args.quiet:
+        for o, n in damaged:
+            print(f"DAMAGED bytes {o}-{o + n - 1} (offset {o}, length {n}): written as zeros")
+    if not damaged:
+        return 0
+    raise VerifyFailed(f"{what}: salvaged with {len(damaged)} damaged range{'s' * (len(damaged) != 1)} "
+                       f"({sum(n for _, n in damaged)} bytes written as zeros)",
+                       hint="`nbdbackup verify` records the damage; the next backup of the same disk "
+                            "heals the chunks it reads again")
 
 
 def _run_vm(args) -> int:
@@ -109,7 +139,7 @@ def _run_vm(args) -> int:
     with open_repo(args) as repo:
         r = restore_vm(repo, args.libvirt, args.to_dir, new_name=args.name, fmt=args.format or "qcow2",
                        force=args.force, define=args.define, start=args.start, connect_uri=args.connect,
-                       connections=args.connections,
+                       connections=args.connections, salvage=args.salvage,
                        progress=lambda total, desc: output.progress_bar(args, total, desc))
     if args.json:
         output.print_json({
@@ -121,9 +151,11 @@ def _run_vm(args) -> int:
             "disks": [{"target": d.target, "path": d.path, "backup": d.result.backup.to_json(),
                        "data_bytes": d.result.data_bytes, "zero_bytes": d.result.zero_bytes,
                        "duration_s": round(d.result.duration_s, 3),
-                       "leftovers_removed": [{"path": p, "bytes": n} for p, n in d.result.leftovers_removed]}
+                       "leftovers_removed": [{"path": p, "bytes": n} for p, n in d.result.leftovers_removed],
+                       **({"damaged": [{"offset": o, "length": n} for o, n in d.result.damaged]}
+                          if args.salvage else {})}
                       for d in r.disks]})
-        return 0
+        return _vm_salvaged(args, r)
     hb = output.human_bytes
     for d in r.disks:
         b = d.result.backup
@@ -141,4 +173,23 @@ def _run_vm(args) -> int:
         replaced += f" (and this repository's {len(r.checkpoints_dropped)} checkpoint(s): the next backup is a full)"
     output.summary(args, f"domain {r.domain}{renamed}: {state} on {args.connect}{replaced}; "
                          f"XML {r.xml_path}{extra}; {r.duration_s:.1f}s")
-    return 0
+    return _vm_salvaged(args, r)
+
+
+def _vm_salvaged(args, r) -> int:
+    """--libvirt --salvage: every disk's damaged ranges named; exit 5 when any disk has some."""
+    if not args.salvage:
+        return 0
+    from ...errors import VerifyFailed
+
+    damaged = [(d, o, n) for d in r.disks for o, n in d.result.damaged]
+    if not args.json and not args.quiet:
+        for d, o, n in damaged:
+            print(f"DAMAGED {d.target} ({d.path}) bytes {o}-{o + n - 1} (offset {o}, length {n}): "
+                  "written as zeros")
+    if not damaged:
+        return 0
+    plural = "s" * (len(damaged) != 1)
+    raise VerifyFailed(f"domain {r.domain}: salvaged with {len(damaged)} damaged range{plural} in "
+                       f"{len({d.target for d, _, _ in damaged})} disk(s)",
+                       hint="`nbdbackup verify` records the damage; the next backup heals the chunks it reads again")
