@@ -50,6 +50,7 @@ RECONNECT_DELAY = 10            # s qemu holds a request while it reconnects to 
 SERVER_START_TIMEOUT = 60.0
 DEFAULT_WAIT = 600.0            # s --qmp waits for a qemu with DEST open
 POLL_S = 0.5
+RECONNECT_GRACE = 60.0          # s a resumed copy retries while qemu has not reconnected yet
 JOB_PREFIX = "nbdbackup-live-"
 
 
@@ -510,15 +511,23 @@ def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, spe
             log.info("a stream job %s of an earlier run is still running: following it", job)
             if speed:
                 qmp.cmd("block-job-set-speed", {"device": job, "speed": speed})
-        else:
-            stream = {"job-id": job, "device": node["node-name"], "on-error": "report"}
-            if speed:
-                stream["speed"] = speed
+        first = time.monotonic()
+        while True:
+            if not followed:
+                _start_stream(qmp, state, qmp_socket, node["node-name"], job, speed)
             try:
-                qmp.cmd("block-stream", stream)
-            except QmpCommandError as e:
-                raise _copy_failed(state, qmp_socket, f"block-stream refused: {e.desc}") from None
-        moved = _follow(qmp, events, state, qmp_socket, job, progress)
+                moved = _follow(qmp, events, state, qmp_socket, job, progress)
+                break
+            except _JobFailed as e:
+                # qemu reconnects to a restarted server on its own, retrying with a growing
+                # pause (up to 16 s in qemu 7.2); until then a new stream fails at once
+                if time.monotonic() - first < RECONNECT_GRACE and _serves(state, timeout=5.0):
+                    log.info("the copy failed (%s) while the server answers: qemu has not reconnected "
+                             "yet; trying again", e)
+                    followed = False
+                    time.sleep(2.0)
+                    continue
+                raise _copy_failed(state, qmp_socket, str(e)) from None
         _check_no_backing(qmp, state)
         return _done(state, moved, time.monotonic() - t0, job, followed=followed, stop=stop_our_server)
     except SourceFailed as e:
@@ -527,6 +536,20 @@ def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, spe
         raise
     finally:
         qmp.close()
+
+
+class _JobFailed(Exception):
+    """The stream job ended with an error (its message)."""
+
+
+def _start_stream(qmp, state: LiveState, qmp_socket: str, node: str, job: str, speed: int) -> None:
+    stream = {"job-id": job, "device": node, "on-error": "report"}
+    if speed:
+        stream["speed"] = speed
+    try:
+        qmp.cmd("block-stream", stream)
+    except QmpCommandError as e:
+        raise _copy_failed(state, qmp_socket, f"block-stream refused: {e.desc}") from None
 
 
 def _follow(qmp, events, state: LiveState, qmp_socket: str, job: str, progress) -> int:
@@ -552,7 +575,7 @@ def _follow(qmp, events, state: LiveState, qmp_socket: str, job: str, progress) 
                 # BLOCK_JOB_COMPLETED
                 if "error" in data or data.get("offset") != data.get("len"):
                     msg = data.get("error") or error or "the job ended early"
-                    raise _copy_failed(state, qmp_socket, f"{msg} at {data.get('offset')} of {data.get('len')} bytes")
+                    raise _JobFailed(f"{msg} at {data.get('offset')} of {data.get('len')} bytes")
                 bar.update(max(0, int(data["len"]) - shown))
                 return int(data["len"])
             if not qmp.connected:
@@ -563,7 +586,7 @@ def _follow(qmp, events, state: LiveState, qmp_socket: str, job: str, progress) 
                 # the event may still be on its way; a job gone without one for long is lost
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > 10.0:
-                    raise _copy_failed(state, qmp_socket, f"the job {job} vanished without a completion event")
+                    raise _JobFailed(f"the job {job} vanished without a completion event")
                 continue
             offset = int(j.get("offset", 0))
             if offset > shown:
