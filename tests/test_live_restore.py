@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -170,6 +171,14 @@ def live(tmp_path, backup):
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    for state in tmp_path.glob("*.nbdbackup-live.json"):     # servers killed above leave their dirs
+        st = json.loads(state.read_text())
+        if st.get("server_pid") and st["server_pid"] not in pids:    # restarted by a --resume
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(st["server_pid"], signal.SIGKILL)
+        run_dir = st.get("run_dir")
+        if run_dir and os.path.basename(run_dir).startswith("live-"):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _cli(repo: str, *args, **kw):
@@ -254,7 +263,8 @@ def _start_dest(repo: str, dest: Path, live) -> dict:
     doc = json.loads(p.stdout)
     live.pids.add(doc["server_pid"])
     assert doc["state_file"] == f"{dest}.nbdbackup-live.json" and _alive(doc["server_pid"])
-    assert "--resume" in doc["resume_command"] and doc["stop_command"] == f"kill {doc['server_pid']}"
+    assert "--resume" in doc["resume_command"]
+    assert doc["stop_command"] == f"kill {doc['server_pid']} && rm -r {os.path.dirname(doc['socket'])}"
     return doc
 
 

@@ -201,7 +201,7 @@ def start_server(state: LiveState, environment: dict[str, str]) -> None:
     from ..nbd.server import clear_stale_socket
 
     clear_stale_socket(state.socket)
-    logf = open(state.server_log, "ab")
+    logf = os.fdopen(os.open(state.server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
     try:
         proc = subprocess.Popen(state.server_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=logf, env=environment, start_new_session=True, close_fds=True)
@@ -267,7 +267,9 @@ def stop_server(state: LiveState) -> bool:
 
 
 def stop_command(state: LiveState) -> str:
-    return f"kill {state.server_pid}" if state.server_pid else "(the server is yours: --server)"
+    if not state.server_pid:
+        return "(the server is yours: --server)"
+    return f"kill {state.server_pid} && rm -r {shlex.quote(state.run_dir)}"
 
 
 # --- making DEST -----------------------------------------------------------------------
