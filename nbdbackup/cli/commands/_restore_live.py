@@ -25,6 +25,9 @@ def add_arguments(g) -> None:
                    help="use this running `nbdbackup serve` (nbd+unix:///?socket=PATH or nbd://HOST:PORT) "
                         "instead of starting one")
     g.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the qemu running on DEST: drive the copy")
+    g.add_argument("--domain", metavar="DOMAIN",
+                   help="libvirt domain whose disk is DEST: drive the copy through libvirt's blockPull "
+                        "(--start starts it when shut off; --connect URI)")
     g.add_argument("--wait", type=numbers.seconds(7 * numbers.DAY), default=600.0, metavar="SECS",
                    help="how long --qmp waits for qemu to answer (default 600)")
     g.add_argument("--speed", type=numbers.size(0, 1 << 50), default=0, metavar="BYTES_PER_S",
@@ -35,7 +38,7 @@ def add_arguments(g) -> None:
                    help="give the server's socket to GROUP (e.g. libvirt-qemu) for a qemu running as another user")
 
 
-LIVE_ONLY = ("server", "qmp", "resume", "socket_group")
+LIVE_ONLY = ("server", "qmp", "domain", "resume", "socket_group")
 
 
 def _repo_argv(args) -> list[str]:
@@ -77,6 +80,7 @@ def _environment(args) -> dict[str, str]:
 
 
 def run(args) -> int:
+    import contextlib
     import shlex
 
     from ...engine import live_restore as live
@@ -96,6 +100,13 @@ def run(args) -> int:
                          hint="restore --live BACKUP DEST.qcow2 [--qmp SOCKET]")
     if args.resume and args.force:
         raise UsageError("--resume continues DEST; --force would replace it: choose one")
+    if args.qmp and args.domain:
+        raise UsageError("--qmp or --domain: one drives the copy, not both")
+    if args.domain and not args.socket_group and not args.resume:
+        import grp
+
+        with contextlib.suppress(KeyError):
+            args.socket_group = grp.getgrnam("libvirt-qemu").gr_name    # qemu's user under libvirt
     if args.resume and args.server:
         raise UsageError("--resume takes the server from DEST's state file; drop --server")
 
@@ -108,11 +119,13 @@ def run(args) -> int:
     if prep.server_started:
         output.summary(args, f"nbdbackup: serving {st.backup} on {st.socket} (pid {st.server_pid}); "
                              f"stop it with `{live.stop_command(st)}` (state: {st.path})")
-    if args.qmp is None:
+    bar = lambda total, desc: output.progress_bar(args, total, desc)  # noqa: E731
+    if args.domain:
+        r = live.copy_domain(st, args.domain, args.connect, start=args.start, speed=args.speed, progress=bar)
+    elif args.qmp is None:
         return _instructions(args, prep, resume_cmd)
-
-    r = live.copy(st, args.qmp, wait_s=args.wait, speed=args.speed,
-                  progress=lambda total, desc: output.progress_bar(args, total, desc))
+    else:
+        r = live.copy(st, args.qmp, wait_s=args.wait, speed=args.speed, progress=bar)
     if args.json:
         output.print_json({"dest": st.dest, "backup": st.backup, "disk": st.disk, "size": st.size,
                            "bytes": r.bytes, "seconds": round(r.duration_s, 3), "job": r.job,
