@@ -679,19 +679,33 @@ def copy_domain(state: LiveState, domain: str, connect_uri: str, *, start: bool 
         if not has_backing:
             _check_header_no_backing(state)
             return _done(state, 0, time.monotonic() - t0, job, followed=False, stop=True, already=True)
+        first = time.monotonic()
         try:
             followed = bool(dom.blockJobInfo(target, 0))
-            if followed:
-                log.info("a block job on %s of %s is still running: following it", target, domain)
-                if speed:
-                    dom.blockJobSetSpeed(target, speed, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
-            else:
-                dom.blockPull(target, speed, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES if speed else 0)
         except libvirt.libvirtError as e:
-            raise _domain_failed(state, domain, f"blockPull refused: {e.get_error_message()}") from None
-        _follow_domain(dom, libvirt, state, domain, target, progress)
-        found = _disk_of(dom, state.dest)
-        if found is None or found[1]:
+            raise _domain_failed(state, domain, f"blockJobInfo failed: {e.get_error_message()}") from None
+        if followed:
+            log.info("a block job on %s of %s is still running: following it", target, domain)
+        pulling = followed
+        while True:
+            try:
+                if not pulling:
+                    dom.blockPull(target, speed, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES if speed else 0)
+                elif speed:
+                    dom.blockJobSetSpeed(target, speed, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
+            except libvirt.libvirtError as e:
+                raise _domain_failed(state, domain, f"blockPull refused: {e.get_error_message()}") from None
+            _follow_domain(dom, libvirt, state, domain, target, progress)
+            found = _disk_of(dom, state.dest)
+            if found is not None and not found[1]:
+                break
+            # as in copy(): qemu may not have reconnected to a restarted server yet
+            if time.monotonic() - first < RECONNECT_GRACE and _serves(state, timeout=5.0):
+                log.info("the block job ended with the backing in place while the server answers: "
+                         "qemu has not reconnected yet; trying again")
+                pulling = False
+                time.sleep(2.0)
+                continue
             raise _domain_failed(state, domain, "the block job ended but the disk still has its backing store "
                                                 f"(qemu's error is in /var/log/libvirt/qemu/{domain}.log)")
         _check_header_no_backing(state)
