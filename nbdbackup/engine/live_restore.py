@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shlex
-import signal
-import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 from ..errors import (
     LiveCopyFailed,
-    NbdBackupError,
     NotFound,
     QmpCommandError,
     SourceFailed,
@@ -39,266 +33,30 @@ from ..errors import (
     UsageError,
     storage_error,
 )
-from ..fsutil import write_atomically
 from ..progress import NoBar
+from .live_state import (
+    POLL_S,
+    RECONNECT_GRACE,
+    LiveCopyResult,
+    LivePrepared,
+    LiveState,
+    backing_string,
+    check_header_no_backing,
+    copy_failed,
+    finish,
+    make_run_dir,
+    qemu_img,
+    read_backing,
+    server_argv,
+    serves,
+    start_server,
+    stop_server,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_SUFFIX = ".nbdbackup-live.json"
-STATE_FORMAT = 1
-RECONNECT_DELAY = 10            # s qemu holds a request while it reconnects to a restarted server
-SERVER_START_TIMEOUT = 60.0
 DEFAULT_WAIT = 600.0            # s --qmp waits for a qemu with DEST open
-POLL_S = 0.5
-RECONNECT_GRACE = 60.0          # s a resumed copy retries while qemu has not reconnected yet
 JOB_PREFIX = "nbdbackup-live-"
-
-
-@dataclass
-class LiveState:
-    """The state file next to DEST: where its backing export is served, by whom."""
-    dest: str                       # absolute path of DEST
-    backup: str                     # the backup id DEST's backing names
-    disk: str
-    size: int
-    socket: str | None              # the unix socket of the export (None: TCP --server)
-    backing: str                    # DEST's backing string, exactly as written into it
-    server_pid: int | None = None   # a serve we started (None with --server)
-    server_argv: list[str] = field(default_factory=list)    # how to start it again (no secret)
-    server_log: str | None = None
-    server_uri: str | None = None   # --server as given
-    run_dir: str | None = None      # our private directory holding the socket
-    created: str = ""
-    format: int = STATE_FORMAT
-
-    @property
-    def path(self) -> str:
-        return state_path(self.dest)
-
-    @property
-    def ours(self) -> bool:
-        return self.server_pid is not None
-
-    def save(self) -> None:
-        write_atomically(self.path, (json.dumps(asdict(self), indent=2) + "\n").encode(), 0o600)
-
-    @classmethod
-    def load(cls, dest: str) -> "LiveState":
-        p = state_path(dest)
-        try:
-            with open(p, "rb") as f:
-                raw = json.loads(f.read())
-        except FileNotFoundError:
-            raise UsageError(f"--resume: {p} does not exist: {dest} was not made by `restore --live` "
-                             "(or its copy finished and the state was removed)",
-                             hint="start a new one with `restore --live BACKUP DEST.qcow2`") from None
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--resume: cannot read {p}: {e}") from None
-        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
-            raise UsageError(f"--resume: {p} is not a state file of this version of restore --live")
-        try:
-            return cls(**raw)
-        except TypeError as e:
-            raise UsageError(f"--resume: {p} is not a valid state file: {e}") from None
-
-
-@dataclass
-class LivePrepared:
-    state: LiveState
-    resumed: bool
-    server_started: bool            # this run started (or restarted) the serve process
-
-
-@dataclass
-class LiveCopyResult:
-    state: LiveState
-    bytes: int
-    duration_s: float
-    job: str
-    followed: bool                  # a job of a killed run was still running: we only followed it
-    server_stopped: bool
-    already_complete: bool = False
-
-
-def state_path(dest: str) -> str:
-    return os.path.abspath(dest) + STATE_SUFFIX
-
-
-def backing_string(socket_path: str | None, host: str | None, port: int | None, export: str) -> str:
-    """The json: backing of DEST: raw over nbd (a backing file needs a format; json:{"driver":
-    "nbd"} with -F raw is refused), reconnecting to a restarted server on its own."""
-    server = ({"type": "unix", "path": socket_path} if socket_path
-              else {"type": "inet", "host": host, "port": str(port or 10809)})
-    return "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd", "server": server, "export": export,
-                                                            "reconnect-delay": RECONNECT_DELAY}},
-                                separators=(",", ":"))
-
-
-def read_backing(path: str) -> str | None:
-    """The backing file name in a qcow2 header (None: no backing), read without opening the
-    backing (qemu-img info would connect to the server)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(72)
-            if len(head) < 20 or head[:4] != b"QFI\xfb":
-                raise UsageError(f"{path} is not a qcow2 image: not made by `restore --live`")
-            off, size = struct.unpack_from(">QI", head, 8)
-            if not off:
-                return None
-            f.seek(off)
-            return f.read(size).decode("utf-8", "replace")
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist", hint="start with `restore --live BACKUP DEST.qcow2`") from None
-
-
-# --- the server ------------------------------------------------------------------------
-
-def _pid_is_our_server(pid: int | None, socket_path: str | None) -> bool:
-    """True when *pid* runs `nbdbackup serve` on *socket_path* (not a reused pid)."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"serve" in argv and any(a.endswith(socket_path.encode()) for a in argv if socket_path)
-
-
-def _serves(state: LiveState, timeout: float = 10.0) -> bool:
-    """Whether the export answers with the backup's size."""
-    from ..nbd.client import Client
-
-    uri = (f"nbd+unix:///{state.backup}?socket={state.socket}" if state.socket
-           else _uri_with_export(state.server_uri, state.backup))
-    try:
-        info = Client.query_info(uri, timeout=timeout)
-    except (NbdBackupError, OSError) as e:
-        log.info("export %s does not answer: %s", uri, e)
-        return False
-    if info.size != state.size:
-        raise SourceUnreachable(f"the server at {uri} serves {state.backup} with {info.size} bytes, not "
-                                f"{state.size}: not the same backup")
-    return True
-
-
-def _uri_with_export(uri: str | None, export: str) -> str:
-    from ..nbd.uri import parse_uri
-
-    return str(parse_uri(uri).with_export(export))
-
-
-def server_argv(args_repo: list[str], socket_path: str, socket_group: str | None) -> list[str]:
-    argv = [sys.executable, "-m", "nbdbackup", *args_repo, "serve", "--listen", f"unix:{socket_path}"]
-    if socket_group:
-        argv += ["--socket-group", socket_group]
-    return argv
-
-
-def start_server(state: LiveState, environment: dict[str, str]) -> None:
-    """Start `nbdbackup serve` as its own process (new session: neither a killed command nor
-    the terminal's SIGINT/SIGHUP reaches it), wait until the export answers, record its pid."""
-    from ..nbd.server import clear_stale_socket
-
-    clear_stale_socket(state.socket)
-    logf = os.fdopen(os.open(state.server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
-    try:
-        proc = subprocess.Popen(state.server_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=logf, env=environment, start_new_session=True, close_fds=True)
-    finally:
-        logf.close()
-    state.server_pid = proc.pid
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            state.server_pid = None
-            raise SourceUnreachable(f"the NBD server for {state.backup} exited at start with {proc.returncode}: "
-                                    f"{_tail(state.server_log)}")
-        if os.path.exists(state.socket) and _serves(state, timeout=5.0):
-            return
-        time.sleep(0.1)
-    _stop_pid(proc.pid)
-    state.server_pid = None
-    raise SourceUnreachable(f"the NBD server for {state.backup} did not answer within "
-                            f"{SERVER_START_TIMEOUT:.0f}s: {_tail(state.server_log)}")
-
-
-def _tail(path: str | None, n: int = 1500) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - n))
-            return f.read().decode("utf-8", "replace").strip() or "(no output)"
-    except (OSError, TypeError):
-        return "(no log)"
-
-
-def _stop_pid(pid: int, timeout: float = 30.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def stop_server(state: LiveState) -> bool:
-    """Stop the serve we started (checked by its command line first), remove its directory."""
-    stopped = False
-    if _pid_is_our_server(state.server_pid, state.socket):
-        _stop_pid(state.server_pid)
-        stopped = True
-    if state.run_dir:
-        for name in os.listdir(state.run_dir) if os.path.isdir(state.run_dir) else ():
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(state.run_dir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(state.run_dir)
-    return stopped
-
-
-def stop_command(state: LiveState) -> str:
-    if not state.server_pid:
-        return "(the server is yours: --server)"
-    return f"kill {state.server_pid} && rm -r {shlex.quote(state.run_dir)}"
-
-
-# --- making DEST -----------------------------------------------------------------------
-
-def _make_run_dir(socket_group: str | None) -> str:
-    """A private directory for the socket under serve's runtime directory; with a group
-    (qemu as libvirt-qemu), the runtime directory and it are searchable by that group."""
-    from ..nbd.server_socket import check_private_dir, runtime_dir, set_private_dir_access, socket_access
-
-    base = runtime_dir()
-    access = socket_access(None, socket_group)
-    if socket_group:
-        set_private_dir_access(base, access)
-    else:
-        check_private_dir(base)
-    d = os.path.join(base, f"live-{os.urandom(4).hex()}")
-    os.mkdir(d, 0o700)
-    if socket_group:
-        set_private_dir_access(d, access)
-    return d
-
-
-def _qemu_img() -> str:
-    import shutil
-
-    path = shutil.which("qemu-img") or ("/usr/bin/qemu-img" if os.path.exists("/usr/bin/qemu-img") else None)
-    if not path:
-        raise SourceUnreachable("qemu-img not found", hint="install Debian's qemu-utils package")
-    return path
 
 
 def _create_dest(state: LiveState, force: bool) -> None:
@@ -307,7 +65,7 @@ def _create_dest(state: LiveState, force: bool) -> None:
     dest = state.dest
     d = os.path.dirname(dest)
     tmp = os.path.join(d, f".nbdbackup-live-{os.path.basename(dest)}-{os.urandom(4).hex()}")
-    cmd = [_qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", state.backing, tmp, str(state.size)]
+    cmd = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", state.backing, tmp, str(state.size)]
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     try:
         if p.returncode != 0:
@@ -362,12 +120,12 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
         state = LiveState(dest, info.id, info.disk, info.size, u.socket_path,
                           backing_string(u.socket_path, u.host, u.port, info.id), server_uri=server_uri,
                           created=now)
-        if not _serves(state):
+        if not serves(state):
             raise SourceUnreachable(f"--server {server_uri} does not serve backup {info.id}",
                                     hint="is `nbdbackup serve` running on that repository?")
         started = False
     else:
-        run_dir = _make_run_dir(socket_group)
+        run_dir = make_run_dir(socket_group)
         sock = os.path.join(run_dir, "serve.sock")
         state = LiveState(dest, info.id, info.disk, info.size, sock, backing_string(sock, None, None, info.id),
                           server_argv=server_argv(repo_argv, sock, socket_group),
@@ -406,7 +164,7 @@ def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str
     if repo is not None:
         repo.get_backup(state.backup)       # NotFound when it was forgotten meanwhile
     started = False
-    if _serves(state, timeout=5.0):
+    if serves(state, timeout=5.0):
         pass
     elif state.server_argv:
         log.warning("the NBD server of %s (pid %s) is not running: starting it again", dest, state.server_pid)
@@ -419,8 +177,6 @@ def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str
     return LivePrepared(state, resumed=True, server_started=started)
 
 
-# --- instructions ------------------------------------------------------------------------
-
 def qemu_command(state: LiveState, qmp_socket: str = "/path/to/qmp.sock") -> str:
     return shlex.join(["qemu-system-x86_64", "-m", "1G", "-qmp", f"unix:{qmp_socket},server=on,wait=off",
                        "-blockdev", f"driver=file,node-name=restore-file,filename={state.dest}",
@@ -432,8 +188,6 @@ def libvirt_snippet(state: LiveState) -> str:
     return (f"<disk type='file' device='disk'>\n  <driver name='qemu' type='qcow2'/>\n"
             f"  <source file='{state.dest}'/>\n  <target dev='vda' bus='virtio'/>\n</disk>")
 
-
-# --- the copy ----------------------------------------------------------------------------
 
 def job_id(dest: str) -> str:
     import hashlib
@@ -474,21 +228,6 @@ def _vm_gone(state: LiveState, qmp_socket: str, what: str) -> LiveCopyFailed:
              f"`nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp {shlex.quote(qmp_socket)}`")
 
 
-def _copy_failed(state: LiveState, qmp_socket: str, message: str) -> LiveCopyFailed:
-    resume = f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp {shlex.quote(qmp_socket)}"
-    if state.ours:
-        alive = _pid_is_our_server(state.server_pid, state.socket)
-        server = (f"the NBD server (pid {state.server_pid}) is still running: look at {state.server_log}"
-                  if alive else f"the NBD server is not running: start it again with "
-                  f"`{shlex.join(state.server_argv)}` (the --resume below also does)")
-    else:
-        server = f"check that --server {state.server_uri} serves {state.backup}, and restart it"
-    return LiveCopyFailed(
-        f"qemu's copy into {state.dest} failed: {message}",
-        hint=f"{server}; then `{resume}`. The guest keeps running: ranges copied and its writes are fine, "
-             "ranges not yet copied read as errors until the server is back")
-
-
 def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, speed: int = 0,
          progress: Callable | None = None, stop_our_server: bool = True) -> LiveCopyResult:
     """Wait for a qemu with DEST open on *qmp_socket*, stream the backing into DEST (or follow
@@ -504,7 +243,7 @@ def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, spe
         job = job_id(state.dest)
         if not node.get("backing_file"):
             _check_no_backing(qmp, state)
-            return _done(state, 0, time.monotonic() - t0, job, followed=False, stop=stop_our_server,
+            return finish(state, 0, time.monotonic() - t0, job, followed=False, stop=stop_our_server,
                          already=True)
         events = qmp.listen(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED", "SHUTDOWN"])
         running = {j["device"]: j for j in qmp.cmd("query-block-jobs")}
@@ -523,15 +262,15 @@ def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, spe
             except _JobFailed as e:
                 # qemu reconnects to a restarted server on its own, retrying with a growing
                 # pause (up to 16 s in qemu 7.2); until then a new stream fails at once
-                if time.monotonic() - first < RECONNECT_GRACE and _serves(state, timeout=5.0):
+                if time.monotonic() - first < RECONNECT_GRACE and serves(state, timeout=5.0):
                     log.info("the copy failed (%s) while the server answers: qemu has not reconnected "
                              "yet; trying again", e)
                     followed = False
                     time.sleep(2.0)
                     continue
-                raise _copy_failed(state, qmp_socket, str(e)) from None
+                raise copy_failed(state, qmp_socket, str(e)) from None
         _check_no_backing(qmp, state)
-        return _done(state, moved, time.monotonic() - t0, job, followed=followed, stop=stop_our_server)
+        return finish(state, moved, time.monotonic() - t0, job, followed=followed, stop=stop_our_server)
     except SourceFailed as e:
         if not qmp.connected:
             raise _vm_gone(state, qmp_socket, str(e)) from None
@@ -551,7 +290,7 @@ def _start_stream(qmp, state: LiveState, qmp_socket: str, node: str, job: str, s
     try:
         qmp.cmd("block-stream", stream)
     except QmpCommandError as e:
-        raise _copy_failed(state, qmp_socket, f"block-stream refused: {e.desc}") from None
+        raise copy_failed(state, qmp_socket, f"block-stream refused: {e.desc}") from None
 
 
 def _follow(qmp, events, state: LiveState, qmp_socket: str, job: str, progress) -> int:
@@ -572,7 +311,7 @@ def _follow(qmp, events, state: LiveState, qmp_socket: str, job: str, progress) 
                     error = f"{data.get('operation', 'I/O')} error ({data.get('action')})"
                     continue
                 if ev["event"] == "BLOCK_JOB_CANCELLED":
-                    raise _copy_failed(state, qmp_socket, f"the job {job} was cancelled at "
+                    raise copy_failed(state, qmp_socket, f"the job {job} was cancelled at "
                                                           f"{data.get('offset')} of {data.get('len')} bytes")
                 # BLOCK_JOB_COMPLETED
                 if "error" in data or data.get("offset") != data.get("len"):
@@ -604,155 +343,4 @@ def _check_no_backing(qmp, state: LiveState) -> None:
     if node is None or node.get("backing_file"):
         raise LiveCopyFailed(f"qemu still shows a backing file for {state.dest} after the copy",
                              hint="run the --resume again; report this if it persists")
-    _check_header_no_backing(state)
-
-
-def _check_header_no_backing(state: LiveState) -> None:
-    p = subprocess.run([_qemu_img(), "info", "-U", "--output=json", state.dest], stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SourceFailed(f"qemu-img info {state.dest} failed after the copy: {p.stderr.strip()}")
-    if "backing-filename" in json.loads(p.stdout):
-        raise LiveCopyFailed(f"{state.dest} still names a backing file after the copy",
-                             hint="run the --resume again; report this if it persists")
-
-
-def forget_state(state: LiveState) -> None:
-    """DEST is an ordinary image now: nothing left to resume."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state.path)
-
-
-def _done(state: LiveState, moved: int, seconds: float, job: str, *, followed: bool, stop: bool,
-          already: bool = False) -> LiveCopyResult:
-    stopped = False
-    if stop and state.ours:
-        stopped = stop_server(state)
-    forget_state(state)
-    return LiveCopyResult(state, moved, seconds, job, followed, stopped, already_complete=already)
-
-
-# --- the copy through libvirt --------------------------------------------------------------
-
-def _disk_of(dom, dest: str) -> tuple[str, bool] | None:
-    """(target, has a backing) of the domain's disk whose source file is DEST; None: none is."""
-    import xml.etree.ElementTree as ET
-
-    real = os.path.realpath(dest)
-    for disk in ET.fromstring(dom.XMLDesc(0)).findall("./devices/disk"):
-        src, tgt = disk.find("source"), disk.find("target")
-        if src is None or tgt is None or not src.get("file"):
-            continue
-        if os.path.realpath(src.get("file")) == real:
-            backing = disk.find("backingStore")
-            return tgt.get("dev"), backing is not None and backing.find("source") is not None
-    return None
-
-
-def copy_domain(state: LiveState, domain: str, connect_uri: str, *, start: bool = False, speed: int = 0,
-                progress: Callable | None = None) -> LiveCopyResult:
-    """The copy through libvirt: virDomainBlockPull (block-stream; libvirt leaves qemu's
-    on-error at its default, report) on the domain's disk whose source is DEST, followed by
-    virDomainGetBlockJobInfo; done when the job is gone and the disk has no backing store."""
-    from ..sources.libvirt_domain import _binding, lookup_domain, open_connection
-
-    libvirt = _binding()
-    t0 = time.monotonic()
-    conn = open_connection(connect_uri)
-    try:
-        dom = lookup_domain(conn, domain)
-        if not dom.isActive():
-            if not start:
-                raise UsageError(f"domain {domain} is not running", hint="start it, or pass --start")
-            try:
-                dom.create()
-            except libvirt.libvirtError as e:
-                raise SourceUnreachable(f"cannot start domain {domain}: {e.get_error_message()}",
-                                        hint=f"qemu runs as libvirt's user: it must reach {state.dest} and "
-                                             f"{state.socket} (--socket-group libvirt-qemu)") from None
-        found = _disk_of(dom, state.dest)
-        if found is None:
-            raise NotFound(f"domain {domain} has no disk whose source is {state.dest}",
-                           hint=f"give the domain a <disk> with <source file='{state.dest}'/>")
-        target, has_backing = found
-        job = f"{domain}:{target}"
-        if not has_backing:
-            _check_header_no_backing(state)
-            return _done(state, 0, time.monotonic() - t0, job, followed=False, stop=True, already=True)
-        first = time.monotonic()
-        try:
-            followed = bool(dom.blockJobInfo(target, 0))
-        except libvirt.libvirtError as e:
-            raise _domain_failed(state, domain, f"blockJobInfo failed: {e.get_error_message()}") from None
-        if followed:
-            log.info("a block job on %s of %s is still running: following it", target, domain)
-        pulling = followed
-        while True:
-            try:
-                if not pulling:
-                    dom.blockPull(target, speed, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES if speed else 0)
-                elif speed:
-                    dom.blockJobSetSpeed(target, speed, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
-            except libvirt.libvirtError as e:
-                raise _domain_failed(state, domain, f"blockPull refused: {e.get_error_message()}") from None
-            _follow_domain(dom, libvirt, state, domain, target, progress)
-            found = _disk_of(dom, state.dest)
-            if found is not None and not found[1]:
-                break
-            # as in copy(): qemu may not have reconnected to a restarted server yet
-            if time.monotonic() - first < RECONNECT_GRACE and _serves(state, timeout=5.0):
-                log.info("the block job ended with the backing in place while the server answers: "
-                         "qemu has not reconnected yet; trying again")
-                pulling = False
-                time.sleep(2.0)
-                continue
-            raise _domain_failed(state, domain, "the block job ended but the disk still has its backing store "
-                                                f"(qemu's error is in /var/log/libvirt/qemu/{domain}.log)")
-        _check_header_no_backing(state)
-        return _done(state, state.size, time.monotonic() - t0, job, followed=followed, stop=True)
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
-def _follow_domain(dom, libvirt, state: LiveState, domain: str, target: str, progress) -> None:
-    bar = progress(state.size, f"live restore {state.backup}") if progress else NoBar()
-    shown = 0
-    try:
-        while True:
-            try:
-                info = dom.blockJobInfo(target, 0)
-            except libvirt.libvirtError as e:
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isActive():
-                        raise _domain_failed(state, domain, e.get_error_message()) from None
-                raise _domain_gone(state, domain) from None
-            if not info:
-                if not dom.isActive():
-                    raise _domain_gone(state, domain)
-                bar.update(max(0, state.size - shown))
-                return
-            cur = int(info.get("cur", 0))
-            if cur > shown:
-                bar.update(cur - shown)
-                shown = cur
-            time.sleep(POLL_S)
-    finally:
-        bar.close()
-
-
-def _resume_domain_cmd(state: LiveState, domain: str) -> str:
-    return f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --domain {shlex.quote(domain)}"
-
-
-def _domain_gone(state: LiveState, domain: str) -> LiveCopyFailed:
-    return LiveCopyFailed(f"the VM went away during the live restore of {state.dest} (domain {domain} "
-                          "is not running)",
-                          hint=f"{state.dest} keeps what was copied and what the guest wrote; "
-                               f"`{_resume_domain_cmd(state, domain)} --start`")
-
-
-def _domain_failed(state: LiveState, domain: str, message: str) -> LiveCopyFailed:
-    e = _copy_failed(state, "SOCKET", message)
-    return LiveCopyFailed(str(e), hint=e.hint.replace(
-        f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp SOCKET", _resume_domain_cmd(state, domain)))
+    check_header_no_backing(state)

@@ -78,7 +78,7 @@ class Qmp:
 
         listener = EventListener(names)
         self._client.register_listener(listener)
-        return EventQueue(self, listener)
+        return EventQueue(self._run, listener)
 
     @property
     def connected(self) -> bool:
@@ -108,15 +108,15 @@ class Qmp:
 class EventQueue:
     """Events of one Qmp.listen(), taken in order; get() waits at most *timeout* seconds."""
 
-    def __init__(self, qmp: Qmp, listener):
-        self._qmp = qmp
+    def __init__(self, run, listener):
+        self._run = run             # Qmp._run: a coroutine on the session's loop, with a timeout
         self._listener = listener
 
     def get(self, timeout: float) -> dict | None:
         """The next event as a dict ({"event": NAME, "data": {...}, "timestamp": ...}), or None
         when none came within *timeout* seconds."""
         try:
-            return dict(self._qmp._run(self._listener.get(), timeout))
+            return dict(self._run(self._listener.get(), timeout))
         except FutureTimeout:
             return None
 

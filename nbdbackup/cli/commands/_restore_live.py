@@ -84,6 +84,8 @@ def run(args) -> int:
     import shlex
 
     from ...engine import live_restore as live
+    from ...engine.live_libvirt import copy_domain
+    from ...engine.live_state import stop_command
     from ...errors import UsageError
     from .. import output
     from ..repoargs import open_repo
@@ -118,10 +120,10 @@ def run(args) -> int:
     resume_cmd = shlex.join(["nbdbackup", "restore", "--live", "--resume", st.dest, "--qmp", "QMP_SOCKET"])
     if prep.server_started:
         output.summary(args, f"nbdbackup: serving {st.backup} on {st.socket} (pid {st.server_pid}); "
-                             f"stop it with `{live.stop_command(st)}` (state: {st.path})")
+                             f"stop it with `{stop_command(st)}` (state: {st.path})")
     bar = lambda total, desc: output.progress_bar(args, total, desc)  # noqa: E731
     if args.domain:
-        r = live.copy_domain(st, args.domain, args.connect, start=args.start, speed=args.speed, progress=bar)
+        r = copy_domain(st, args.domain, args.connect, start=args.start, speed=args.speed, progress=bar)
     elif args.qmp is None:
         return _instructions(args, prep, resume_cmd)
     else:
@@ -146,12 +148,13 @@ def _instructions(args, prep, resume_cmd: str) -> int:
     import sys
 
     from ...engine import live_restore as live
+    from ...engine.live_state import forget_state, read_backing, stop_command, stop_server
     from .. import output
 
     st = prep.state
-    if prep.resumed and not live.read_backing(st.dest):
-        stopped = live.stop_server(st) if st.ours else False
-        live.forget_state(st)
+    if prep.resumed and not read_backing(st.dest):
+        stopped = stop_server(st) if st.ours else False
+        forget_state(st)
         output.summary(args, f"{st.dest} is complete already (no backing file)"
                              + ("; its server stopped" if stopped else ""))
         return 0
@@ -161,7 +164,7 @@ def _instructions(args, prep, resume_cmd: str) -> int:
                            "backing": st.backing, "socket": st.socket, "server_pid": st.server_pid,
                            "server_log": st.server_log, "state_file": st.path, "qemu_command": qemu,
                            "libvirt_disk": live.libvirt_snippet(st), "resume_command": resume_cmd,
-                           "stop_command": live.stop_command(st) if st.ours else None})
+                           "stop_command": stop_command(st) if st.ours else None})
         return 0
     if not args.quiet:
         print(f"{st.dest} is ready: backed by backup {st.backup} ({st.disk}, {output.human_bytes(st.size)}).\n"
@@ -169,7 +172,7 @@ def _instructions(args, prep, resume_cmd: str) -> int:
               f"or in a libvirt domain (qemu must reach {st.socket}: see --socket-group):\n"
               + "".join(f"  {line}\n" for line in live.libvirt_snippet(st).splitlines())
               + f"Then copy the backup into it while the guest runs:\n  {resume_cmd}\n"
-              + (f"The server keeps running until the copy is done; stop it with `{live.stop_command(st)}` "
+              + (f"The server keeps running until the copy is done; stop it with `{stop_command(st)}` "
                  f"(state in {st.path})." if st.ours else
                  f"Keep --server {st.server_uri} running until the copy is done."), file=sys.stderr)
     return 0

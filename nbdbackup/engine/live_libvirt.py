@@ -1,0 +1,150 @@
+"""restore --live --domain: the copy through libvirt (virDomainBlockPull = qemu's block-stream,
+followed by virDomainGetBlockJobInfo). Sequence in docs/live-restore.md."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import time
+from collections.abc import Callable
+
+from ..errors import LiveCopyFailed, NotFound, SourceUnreachable, UsageError
+from ..progress import NoBar
+from .live_state import (
+    POLL_S,
+    RECONNECT_GRACE,
+    LiveCopyResult,
+    LiveState,
+    check_header_no_backing,
+    copy_failed,
+    finish,
+    serves,
+)
+
+log = logging.getLogger("nbdbackup.engine.live_restore")
+
+
+def _disk_of(dom, dest: str) -> tuple[str, bool] | None:
+    """(target, has a backing) of the domain's disk whose source file is DEST; None: none is."""
+    import xml.etree.ElementTree as ET
+
+    real = os.path.realpath(dest)
+    for disk in ET.fromstring(dom.XMLDesc(0)).findall("./devices/disk"):
+        src, tgt = disk.find("source"), disk.find("target")
+        if src is None or tgt is None or not src.get("file"):
+            continue
+        if os.path.realpath(src.get("file")) == real:
+            backing = disk.find("backingStore")
+            return tgt.get("dev"), backing is not None and backing.find("source") is not None
+    return None
+
+
+def copy_domain(state: LiveState, domain: str, connect_uri: str, *, start: bool = False, speed: int = 0,
+                progress: Callable | None = None) -> LiveCopyResult:
+    """The copy through libvirt: virDomainBlockPull (block-stream; libvirt leaves qemu's
+    on-error at its default, report) on the domain's disk whose source is DEST, followed by
+    virDomainGetBlockJobInfo; done when the job is gone and the disk has no backing store."""
+    from ..sources.libvirt_domain import lookup_domain, open_connection
+
+    conn = open_connection(connect_uri)     # UsageError without the binding
+    import libvirt
+    t0 = time.monotonic()
+    try:
+        dom = lookup_domain(conn, domain)
+        if not dom.isActive():
+            if not start:
+                raise UsageError(f"domain {domain} is not running", hint="start it, or pass --start")
+            try:
+                dom.create()
+            except libvirt.libvirtError as e:
+                raise SourceUnreachable(f"cannot start domain {domain}: {e.get_error_message()}",
+                                        hint=f"qemu runs as libvirt's user: it must reach {state.dest} and "
+                                             f"{state.socket} (--socket-group libvirt-qemu)") from None
+        found = _disk_of(dom, state.dest)
+        if found is None:
+            raise NotFound(f"domain {domain} has no disk whose source is {state.dest}",
+                           hint=f"give the domain a <disk> with <source file='{state.dest}'/>")
+        target, has_backing = found
+        job = f"{domain}:{target}"
+        if not has_backing:
+            check_header_no_backing(state)
+            return finish(state, 0, time.monotonic() - t0, job, followed=False, stop=True, already=True)
+        first = time.monotonic()
+        try:
+            followed = bool(dom.blockJobInfo(target, 0))
+        except libvirt.libvirtError as e:
+            raise _domain_failed(state, domain, f"blockJobInfo failed: {e.get_error_message()}") from None
+        if followed:
+            log.info("a block job on %s of %s is still running: following it", target, domain)
+        pulling = followed
+        while True:
+            try:
+                if not pulling:
+                    dom.blockPull(target, speed, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES if speed else 0)
+                elif speed:
+                    dom.blockJobSetSpeed(target, speed, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
+            except libvirt.libvirtError as e:
+                raise _domain_failed(state, domain, f"blockPull refused: {e.get_error_message()}") from None
+            _follow_domain(dom, libvirt, state, domain, target, progress)
+            found = _disk_of(dom, state.dest)
+            if found is not None and not found[1]:
+                break
+            # as in copy(): qemu may not have reconnected to a restarted server yet
+            if time.monotonic() - first < RECONNECT_GRACE and serves(state, timeout=5.0):
+                log.info("the block job ended with the backing in place while the server answers: "
+                         "qemu has not reconnected yet; trying again")
+                pulling = False
+                time.sleep(2.0)
+                continue
+            raise _domain_failed(state, domain, "the block job ended but the disk still has its backing store "
+                                                f"(qemu's error is in /var/log/libvirt/qemu/{domain}.log)")
+        check_header_no_backing(state)
+        return finish(state, state.size, time.monotonic() - t0, job, followed=followed, stop=True)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _follow_domain(dom, libvirt, state: LiveState, domain: str, target: str, progress) -> None:
+    bar = progress(state.size, f"live restore {state.backup}") if progress else NoBar()
+    shown = 0
+    try:
+        while True:
+            try:
+                info = dom.blockJobInfo(target, 0)
+            except libvirt.libvirtError as e:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.isActive():
+                        raise _domain_failed(state, domain, e.get_error_message()) from None
+                raise _domain_gone(state, domain) from None
+            if not info:
+                if not dom.isActive():
+                    raise _domain_gone(state, domain)
+                bar.update(max(0, state.size - shown))
+                return
+            cur = int(info.get("cur", 0))
+            if cur > shown:
+                bar.update(cur - shown)
+                shown = cur
+            time.sleep(POLL_S)
+    finally:
+        bar.close()
+
+
+def _resume_domain_cmd(state: LiveState, domain: str) -> str:
+    return f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --domain {shlex.quote(domain)}"
+
+
+def _domain_gone(state: LiveState, domain: str) -> LiveCopyFailed:
+    return LiveCopyFailed(f"the VM went away during the live restore of {state.dest} (domain {domain} "
+                          "is not running)",
+                          hint=f"{state.dest} keeps what was copied and what the guest wrote; "
+                               f"`{_resume_domain_cmd(state, domain)} --start`")
+
+
+def _domain_failed(state: LiveState, domain: str, message: str) -> LiveCopyFailed:
+    e = copy_failed(state, "SOCKET", message)
+    return LiveCopyFailed(str(e), hint=e.hint.replace(
+        f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp SOCKET", _resume_domain_cmd(state, domain)))
