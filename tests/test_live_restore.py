@@ -369,3 +369,57 @@ def test_refusals(tmp_path, backup, live):
     # no state file at all
     p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", dest, check=False)
     assert p.returncode == 2 and "was not made by `restore --live`" in p.stderr, p.stderr
+
+
+def test_user_server(tmp_path, backup, live):
+    """--server URI: the user's serve; the command checks it serves the id, never stops it."""
+    from helpers.serve import serve
+
+    repo, bid, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    with serve(Path(repo), tmp_path) as s:
+        p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, "--server",
+                              f"nbd+unix:///?socket={s.sock}", "--json")
+        doc = json.loads(p.stdout)
+        assert doc["server_pid"] is None and doc["stop_command"] is None and doc["socket"] == s.sock
+        vm = live(dest)
+        vm.start()
+        vm.write(3 * MiB, 64 * 1024, 0x42)
+        rc, out, err = _finish(_cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--json"))
+        assert rc == 0, err
+        assert not json.loads(out)["server_stopped"] and s.alive()
+        _check_result(vm, dest, tmp_path)
+
+
+def test_encrypted_repository_and_force(tmp_path, live):
+    """The server we start opens an encrypted repository with the passphrase from our
+    environment; it is in neither the state file nor the server's command line. --force
+    replaces a live restore and stops its server."""
+    from nbdbackup.repo.keys import KdfParams, KeySource
+
+    secret = "live and let live " + os.urandom(4).hex()
+    data = random.Random(3).randbytes(4 * MiB) + bytes(4 * MiB)
+    r = new_repo(tmp_path / "repo", encryption=True, kdf=KdfParams.for_memory(8),
+                 key_source=KeySource(passphrase=secret, interactive=False))
+    try:
+        write_backup(r, "sealed", data, zero_holes=True)
+    finally:
+        r.close()
+    dest = tmp_path / "dest.qcow2"
+    env = {"NBDBACKUP_PASSPHRASE": secret}
+    first = json.loads(support.nbdbackup("--repo", tmp_path / "repo", "restore", "--live", "sealed", dest,
+                                         "--json", env=env).stdout)
+    live.pids.add(first["server_pid"])
+    assert secret not in Path(first["state_file"]).read_text()
+    assert secret.encode() not in Path(f"/proc/{first['server_pid']}/cmdline").read_bytes()
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(data)
+    c = support.run([support.require_tool("qemu-img"), "compare", "-U", "-f", "qcow2", "-F", "raw", str(dest),
+                     str(raw)], check=False)           # DEST read through its backing: the server decrypts
+    assert c.returncode == 0, c.stdout + c.stderr
+    second = json.loads(support.nbdbackup("--repo", tmp_path / "repo", "restore", "--live", "sealed", dest,
+                                          "--force", "--json", env=env).stdout)
+    live.pids.add(second["server_pid"])
+    assert second["server_pid"] != first["server_pid"] and _alive(second["server_pid"])
+    assert support_wait(lambda: not _alive(first["server_pid"]))
+    assert not os.path.exists(os.path.dirname(first["socket"]))

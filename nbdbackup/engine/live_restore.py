@@ -50,6 +50,7 @@ from .live_state import (
     server_argv,
     serves,
     start_server,
+    state_path,
     stop_server,
 )
 
@@ -109,6 +110,14 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
     if not os.path.isdir(os.path.dirname(dest)):
         raise UsageError(f"{os.path.dirname(dest)} is not a directory: DEST's directory must exist")
     info = repo.resolve(ref)
+    if force and os.path.exists(state_path(dest)):
+        # the live restore --force replaces: its server would serve nobody any more
+        with contextlib.suppress(UsageError):
+            old = LiveState.load(dest)
+            if old.ours:
+                log.warning("stopping the server (pid %s) of the live restore into %s that --force replaces",
+                            old.server_pid, dest)
+                stop_server(old)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if server_uri:
         from ..nbd.uri import parse_uri
