@@ -385,9 +385,11 @@ def test_user_server(tmp_path, backup, live):
         vm = live(dest)
         vm.start()
         vm.write(3 * MiB, 64 * 1024, 0x42)
-        rc, out, err = _finish(_cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--json"))
-        assert rc == 0, err
-        assert not json.loads(out)["server_stopped"] and s.alive()
+        tty = support.nbdbackup_on_a_tty("--repo", repo, "restore", "--live", "--resume", dest, "--qmp",
+                                         vm.qmp_sock, "--speed", 64 * MiB)
+        assert f"live restore {bid}:" in tty and "%|" in tty, tty        # a progress bar on a terminal
+        assert "it has no backing file now" in tty and "stopped" not in tty, tty
+        assert s.alive()
         _check_result(vm, dest, tmp_path)
 
 
