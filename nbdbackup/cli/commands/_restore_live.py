@@ -82,11 +82,12 @@ def _environment(args) -> dict[str, str]:
 def run(args) -> int:
     import contextlib
     import shlex
+    import sys
 
     from ...engine import live_restore as live
     from ...engine.live_libvirt import copy_domain
     from ...engine.live_state import stop_command
-    from ...errors import UsageError
+    from ...errors import Interrupted, UsageError
     from .. import output
     from ..repoargs import open_repo
 
@@ -122,12 +123,20 @@ def run(args) -> int:
         output.summary(args, f"nbdbackup: serving {st.backup} on {st.socket} (pid {st.server_pid}); "
                              f"stop it with `{stop_command(st)}` (state: {st.path})")
     bar = lambda total, desc: output.progress_bar(args, total, desc)  # noqa: E731
-    if args.domain:
-        r = copy_domain(st, args.domain, args.connect, start=args.start, speed=args.speed, progress=bar)
-    elif args.qmp is None:
+    if args.qmp is None and not args.domain:
         return _instructions(args, prep, resume_cmd)
-    else:
-        r = live.copy(st, args.qmp, wait_s=args.wait, speed=args.speed, progress=bar)
+    try:
+        if args.domain:
+            r = copy_domain(st, args.domain, args.connect, start=args.start, speed=args.speed, progress=bar)
+        else:
+            r = live.copy(st, args.qmp, wait_s=args.wait, speed=args.speed, progress=bar)
+    except (KeyboardInterrupt, Interrupted):
+        # only this command stops: qemu's job and the server go on
+        again = resume_cmd.replace("--qmp QMP_SOCKET", f"--domain {shlex.quote(args.domain)}" if args.domain
+                                   else f"--qmp {shlex.quote(args.qmp)}")
+        print(f"nbdbackup: the copy into {st.dest} goes on in qemu (if it started) and the server keeps "
+              f"serving; follow it again with `{again}`", file=sys.stderr)
+        raise
     if args.json:
         output.print_json({"dest": st.dest, "backup": st.backup, "disk": st.disk, "size": st.size,
                            "bytes": r.bytes, "seconds": round(r.duration_s, 3), "job": r.job,
