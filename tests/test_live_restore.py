@@ -299,6 +299,10 @@ def test_killed_command_then_resume(tmp_path, backup, live):
 
 
 def test_server_killed_mid_copy_then_resume(tmp_path, backup, live):
+    """The server dies mid-copy: exit 24 with the exact command to start it again; run that
+    command (as a user would), then --resume: it finds the new server and completes."""
+    import re
+
     repo, bid, _ = backup
     dest = tmp_path / "dest.qcow2"
     doc = _start_dest(repo, dest, live)
@@ -314,16 +318,20 @@ def test_server_killed_mid_copy_then_resume(tmp_path, backup, live):
         support.kill_if_running(proc)
     assert rc == 24, err
     assert "copy into" in err and "failed" in err and "Traceback" not in err, err
-    assert "not running: start it again with" in err and "--resume" in err, err
     assert vm.job() is None                     # on-error=report: the job ended, qemu kept running
     vm.read_ok(offset // 2 & ~0xFFFF, 64 * 1024)  # the guest's write is intact
+    m = re.search(r"not running: start it again with `([^`]+)`", err)
+    assert m and "--resume" in err, err
+    subprocess.run(["bash", "-c", m.group(1)], check=True, timeout=30)
+    assert support_wait(lambda: os.path.exists(doc["socket"]), timeout=30)
     rc, out, err = _finish(_cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--json"))
     assert rc == 0, err
-    assert "starting it again" in err
+    assert "starting it again" not in err, err  # the server started by hand was found
     res = json.loads(out)
     live.pids.add(res["server_pid"])
     assert res["server_stopped"] and not res["followed_running_job"] and res["server_pid"] != doc["server_pid"]
     assert support_wait(lambda: not _alive(res["server_pid"]))
+    assert not os.path.exists(os.path.dirname(doc["socket"]))
     _check_result(vm, dest, tmp_path)
 
 

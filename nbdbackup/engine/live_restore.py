@@ -37,14 +37,17 @@ from ..progress import NoBar
 from .live_state import (
     POLL_S,
     RECONNECT_GRACE,
+    SERVER_START_TIMEOUT,
     LiveCopyResult,
     LivePrepared,
     LiveState,
     backing_string,
     check_header_no_backing,
     copy_failed,
+    find_server_pid,
     finish,
     make_run_dir,
+    pid_is_our_server,
     qemu_img,
     read_backing,
     server_argv,
@@ -173,6 +176,15 @@ def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str
     if repo is not None:
         repo.get_backup(state.backup)       # NotFound when it was forgotten meanwhile
     started = False
+    if state.ours and not pid_is_our_server(state.server_pid, state.socket):
+        # started again by hand (the hint's command): adopt it, and give it time to come up
+        if (pid := find_server_pid(state.socket)) is not None:
+            state.server_pid = pid
+            state.save()
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while pid_is_our_server(pid, state.socket) and not serves(state, timeout=5.0) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
     if serves(state, timeout=5.0):
         pass
     elif state.server_argv:

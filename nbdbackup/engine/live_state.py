@@ -137,6 +137,17 @@ def pid_is_our_server(pid: int | None, socket_path: str | None) -> bool:
     return b"serve" in argv and any(a.endswith(socket_path.encode()) for a in argv if socket_path)
 
 
+def find_server_pid(socket_path: str | None) -> int | None:
+    """The pid of a `nbdbackup serve` on *socket_path* (one the user started again with the
+    command the hint gave), found by command line; None when there is none."""
+    if not socket_path:
+        return None
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid() and pid_is_our_server(int(name), socket_path):
+            return int(name)
+    return None
+
+
 def serves(state: LiveState, timeout: float = 10.0) -> bool:
     """Whether the export answers with the backup's size."""
     from ..nbd.client import Client
@@ -226,10 +237,12 @@ def stop_pid(pid: int, timeout: float = 30.0) -> None:
 def stop_server(state: LiveState) -> bool:
     """Stop the serve we started (checked by its command line first), remove its directory."""
     stopped = False
-    if pid_is_our_server(state.server_pid, state.socket):
-        stop_pid(state.server_pid)
+    pid = state.server_pid if pid_is_our_server(state.server_pid, state.socket) else find_server_pid(state.socket)
+    if pid:
+        stop_pid(pid)
+        state.server_pid = pid
         stopped = True
-    if state.run_dir:
+    if state.run_dir and not find_server_pid(state.socket):      # never a live server's socket
         for name in os.listdir(state.run_dir) if os.path.isdir(state.run_dir) else ():
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(state.run_dir, name))
@@ -271,13 +284,19 @@ def qemu_img() -> str:
     return path
 
 
+def restart_command(state: LiveState) -> str:
+    """A shell command starting our server again as start_server does: its own session, its log."""
+    return (f"setsid -f {shlex.join(state.server_argv)} </dev/null >/dev/null "
+            f"2>>{shlex.quote(state.server_log or '/dev/null')}")
+
+
 def copy_failed(state: LiveState, qmp_socket: str, message: str) -> LiveCopyFailed:
     resume = f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp {shlex.quote(qmp_socket)}"
     if state.ours:
         alive = pid_is_our_server(state.server_pid, state.socket)
         server = (f"the NBD server (pid {state.server_pid}) is still running: look at {state.server_log}"
                   if alive else f"the NBD server is not running: start it again with "
-                  f"`{shlex.join(state.server_argv)}` (the --resume below also does)")
+                  f"`{restart_command(state)}` (the --resume below also does)")
     else:
         server = f"check that --server {state.server_uri} serves {state.backup}, and restart it"
     return LiveCopyFailed(
