@@ -138,7 +138,7 @@ def test_domain_live_restore_killed_and_resumed(setup, tmp_path):
     assert cur is not None and cur < SIZE - 16 * MiB        # qemu's job goes on without the command
     write(SIZE - 64 * 1024, 64 * 1024, 0x63)
     p = support.run([support.nbdbackup_exe(), "--repo", repo, "restore", "--live", "--resume", str(dest),
-                     "--domain", name, "--json"], check=False, timeout=180)
+                     "--domain", name, "--speed", "0", "--json"], check=False, timeout=180)
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["followed_running_job"] and res["server_stopped"], res

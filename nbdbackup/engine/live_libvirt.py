@@ -41,7 +41,7 @@ def _disk_of(dom, dest: str) -> tuple[str, bool] | None:
     return None
 
 
-def copy_domain(state: LiveState, domain: str, connect_uri: str, *, start: bool = False, speed: int = 0,
+def copy_domain(state: LiveState, domain: str, connect_uri: str, *, start: bool = False, speed: int | None = None,
                 progress: Callable | None = None) -> LiveCopyResult:
     """The copy through libvirt: virDomainBlockPull (block-stream; libvirt leaves qemu's
     on-error at its default, report) on the domain's disk whose source is DEST, followed by
@@ -82,8 +82,8 @@ def copy_domain(state: LiveState, domain: str, connect_uri: str, *, start: bool 
         while True:
             try:
                 if not pulling:
-                    dom.blockPull(target, speed, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES if speed else 0)
-                elif speed:
+                    dom.blockPull(target, speed or 0, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
+                elif speed is not None:         # 0: no limit
                     dom.blockJobSetSpeed(target, speed, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
             except libvirt.libvirtError as e:
                 raise _domain_failed(state, domain, f"blockPull refused: {e.get_error_message()}") from None

@@ -249,7 +249,7 @@ def _vm_gone(state: LiveState, qmp_socket: str, what: str) -> LiveCopyFailed:
              f"`nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp {shlex.quote(qmp_socket)}`")
 
 
-def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, speed: int = 0,
+def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, speed: int | None = None,
          progress: Callable | None = None, stop_our_server: bool = True) -> LiveCopyResult:
     """Wait for a qemu with DEST open on *qmp_socket*, stream the backing into DEST (or follow
     a killed run's job), check the backing is gone, stop our server."""
@@ -273,7 +273,7 @@ def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, spe
         followed = job in running
         if followed:
             log.info("a stream job %s of an earlier run is still running: following it", job)
-            if speed:
+            if speed is not None:       # 0: no limit
                 qmp.cmd("block-job-set-speed", {"device": job, "speed": speed})
         first = time.monotonic()
         while True:
@@ -306,7 +306,7 @@ class _JobFailed(Exception):
     """The stream job ended with an error (its message)."""
 
 
-def _start_stream(qmp, state: LiveState, qmp_socket: str, node: str, job: str, speed: int) -> None:
+def _start_stream(qmp, state: LiveState, qmp_socket: str, node: str, job: str, speed: int | None) -> None:
     stream = {"job-id": job, "device": node, "on-error": "report"}
     if speed:
         stream["speed"] = speed

@@ -30,8 +30,9 @@ def add_arguments(g) -> None:
                         "(--start starts it when shut off; --connect URI)")
     g.add_argument("--wait", type=numbers.seconds(7 * numbers.DAY), default=600.0, metavar="SECS",
                    help="how long --qmp waits for qemu to answer (default 600)")
-    g.add_argument("--speed", type=numbers.size(0, 1 << 50), default=0, metavar="BYTES_PER_S",
-                   help="rate limit of the copy, bytes per second (default: none)")
+    g.add_argument("--speed", type=numbers.size(0, 1 << 50), default=None, metavar="BYTES_PER_S",
+                   help="rate limit of the copy, bytes per second (default: none; with --resume of a running "
+                        "copy: its limit is kept, 0 lifts it)")
     g.add_argument("--resume", action="store_true",
                    help="continue a live restore into DEST (restarts its server when it is not running)")
     g.add_argument("--socket-group", metavar="GROUP",
@@ -93,6 +94,10 @@ def run(args) -> int:
 
     if args.libvirt is not None:
         raise UsageError("--live and --libvirt do not go together")
+    given = [f"--{o.replace('_', '-')}" for o in ("to_dir", "name", "define") if getattr(args, o)]
+    if given or (args.start and not args.domain):
+        raise UsageError(f"{', '.join(given) or '--start'} {'do' if len(given) > 1 else 'does'} not go with --live"
+                         + ("" if given else " without --domain"))
     if args.format not in (None, "qcow2"):
         raise UsageError("--live makes a qcow2 DEST (its backing is the export); --format raw does not apply")
     ref, dest = args.backup, args.target
@@ -129,6 +134,9 @@ def run(args) -> int:
         if args.domain:
             r = copy_domain(st, args.domain, args.connect, start=args.start, speed=args.speed, progress=bar)
         else:
+            if not args.quiet and not args.json:
+                print(f"nbdbackup: waiting (up to {args.wait:.0f}s, --wait) for a qemu with {st.dest} open on "
+                      f"{args.qmp}", file=sys.stderr, flush=True)
             r = live.copy(st, args.qmp, wait_s=args.wait, speed=args.speed, progress=bar)
     except (KeyboardInterrupt, Interrupted):
         # only this command stops: qemu's job and the server go on
