@@ -129,8 +129,9 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
         if u.tls:
             raise UsageError(f"--server {server_uri}: qemu's backing over TLS needs its own tls-creds object; "
                              "restore --live uses a unix socket or plain TCP", hint="serve on a unix socket")
-        state = LiveState(dest, info.id, info.disk, info.size, u.socket_path,
-                          backing_string(u.socket_path, u.host, u.port, info.id), server_uri=server_uri,
+        sock = os.path.abspath(u.socket_path) if u.socket_path else None     # qemu runs elsewhere
+        state = LiveState(dest, info.id, info.disk, info.size, sock,
+                          backing_string(sock, u.host, u.port, info.id), server_uri=server_uri,
                           created=now)
         if not serves(state):
             raise SourceUnreachable(f"--server {server_uri} does not serve backup {info.id}",
