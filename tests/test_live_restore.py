@@ -434,3 +434,18 @@ def test_encrypted_repository_and_force(tmp_path, live):
     assert second["server_pid"] != first["server_pid"] and _alive(second["server_pid"])
     assert support_wait(lambda: not _alive(first["server_pid"]))
     assert not os.path.exists(os.path.dirname(first["socket"]))
+
+
+def test_server_opens_every_place(place, tmp_path, live):
+    """The serve the command starts opens the repository wherever it lives (PostgreSQL index,
+    S3 objects: through the environment it inherits); DEST reads the backup through it."""
+    support.nbdbackup("--repo", place, "init", "--chunk-size", "64K")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(random.Random(5).randbytes(2 * MiB) + bytes(2 * MiB))
+    support.nbdbackup("--repo", place, "full", "--image", raw, "--format", "raw", "--disk", "placed")
+    dest = tmp_path / "dest.qcow2"
+    doc = json.loads(support.nbdbackup("--repo", place, "restore", "--live", "placed", dest, "--json").stdout)
+    live.pids.add(doc["server_pid"])
+    c = support.run([support.require_tool("qemu-img"), "compare", "-U", "-f", "qcow2", "-F", "raw", str(dest),
+                     str(raw)], check=False)
+    assert c.returncode == 0, c.stdout + c.stderr
