@@ -266,7 +266,7 @@ def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, spe
         if not node.get("backing_file"):
             _check_no_backing(qmp, state)
             return finish(state, 0, time.monotonic() - t0, job, followed=False, stop=stop_our_server,
-                         already=True)
+                          already=True)
         # no SHUTDOWN: a guest powered off under -no-shutdown leaves qemu (and the job) running;
         # qemu itself gone is the QMP session closing
         events = qmp.listen(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"])

@@ -28,6 +28,7 @@ POLL_S = 0.5
 RECONNECT_GRACE = 60.0          # s a resumed copy retries while qemu has not reconnected yet
 RECONNECT_DELAY = 10            # s qemu holds a request while it reconnects to a restarted server
 
+
 @dataclass
 class LiveState:
     """The state file next to DEST: where its backing export is served, by whom."""
@@ -322,7 +323,7 @@ def forget_state(state: LiveState) -> None:
 
 
 def finish(state: LiveState, moved: int, seconds: float, job: str, *, followed: bool, stop: bool,
-          already: bool = False) -> LiveCopyResult:
+           already: bool = False) -> LiveCopyResult:
     stopped = False
     if stop and state.ours:
         stopped = stop_server(state)
