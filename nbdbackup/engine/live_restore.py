@@ -199,7 +199,7 @@ def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str
     return LivePrepared(state, resumed=True, server_started=started)
 
 
-def qemu_command(state: LiveState, qmp_socket: str = "/path/to/qmp.sock") -> str:
+def qemu_command(state: LiveState, qmp_socket: str) -> str:
     return shlex.join(["qemu-system-x86_64", "-m", "1G", "-qmp", f"unix:{qmp_socket},server=on,wait=off",
                        "-blockdev", f"driver=file,node-name=restore-file,filename={state.dest}",
                        "-blockdev", "driver=qcow2,node-name=restore,file=restore-file",
@@ -217,7 +217,7 @@ def job_id(dest: str) -> str:
     return JOB_PREFIX + hashlib.blake2s(os.path.abspath(dest).encode(), digest_size=6).hexdigest()
 
 
-def _connect_qmp(path: str, wait_s: float):
+def _connect_qmp(path: str, wait_s: float, state: LiveState):
     from ..sources.qmp_conn import Qmp
 
     deadline = time.monotonic() + wait_s
@@ -229,8 +229,10 @@ def _connect_qmp(path: str, wait_s: float):
             last = e
         if time.monotonic() >= deadline:
             raise SourceUnreachable(f"no qemu answered on QMP socket {path} within {wait_s:.0f}s ({last})",
-                                    hint="start the VM on DEST with `-qmp unix:PATH,server=on,wait=off`, or "
-                                         "give --wait more seconds") from None
+                                    hint=f"start the VM on {state.dest} with `-qmp unix:{path},server=on,"
+                                         f"wait=off`, then `nbdbackup restore --live --resume "
+                                         f"{shlex.quote(state.dest)} --qmp {shlex.quote(path)}` (the server "
+                                         "keeps serving meanwhile)") from None
         time.sleep(1.0)
 
 
@@ -255,7 +257,7 @@ def copy(state: LiveState, qmp_socket: str, *, wait_s: float = DEFAULT_WAIT, spe
     """Wait for a qemu with DEST open on *qmp_socket*, stream the backing into DEST (or follow
     a killed run's job), check the backing is gone, stop our server."""
     t0 = time.monotonic()
-    qmp = _connect_qmp(qmp_socket, wait_s)
+    qmp = _connect_qmp(qmp_socket, wait_s, state)
     try:
         node = find_dest_node(qmp, state.dest)
         if node is None:

@@ -175,7 +175,7 @@ def _instructions(args, prep, resume_cmd: str) -> int:
         output.summary(args, f"{st.dest} is complete already (no backing file)"
                              + ("; its server stopped" if stopped else ""))
         return 0
-    qemu = live.qemu_command(st)
+    qemu = live.qemu_command(st, "QMP_SOCKET")
     if args.json:
         output.print_json({"dest": st.dest, "backup": st.backup, "disk": st.disk, "size": st.size,
                            "backing": st.backing, "socket": st.socket, "server_pid": st.server_pid,
