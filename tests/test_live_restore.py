@@ -375,6 +375,15 @@ def test_refusals(tmp_path, backup, live):
     Path(f"{other}.nbdbackup-live.json").write_text(json.dumps(st))
     p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", other, check=False)
     assert p.returncode == 2 and "backing file is not the export" in p.stderr, p.stderr
+    # a qemu that does not have DEST open: refused, nothing started in it
+    plain = tmp_path / "plain.qcow2"
+    support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(plain), "1M"])
+    vm = live(plain)
+    vm.start()
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", tmp_path / "ours.qcow2", "--qmp",
+                          vm.qmp_sock, check=False)
+    assert p.returncode == 11 and "has no qcow2 node on" in p.stderr, p.stderr
+    assert vm.job() is None and _alive(doc["server_pid"])
     # no state file at all
     p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", dest, check=False)
     assert p.returncode == 2 and "was not made by `restore --live`" in p.stderr, p.stderr
