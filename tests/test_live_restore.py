@@ -445,7 +445,7 @@ def test_encrypted_repository_and_force(tmp_path, live):
     assert not os.path.exists(os.path.dirname(first["socket"]))
 
 
-@pytest.mark.parametrize("place", ["local+pg", "s3+pg"], indirect=True)    # local: every other test
+@pytest.mark.parametrize("place", ["s3+pg"], indirect=True)     # its index is on PostgreSQL too; local: all others
 def test_server_opens_every_place(place, tmp_path, live):
     """The serve the command starts opens the repository wherever it lives (PostgreSQL index,
     S3 objects: through the environment it inherits); DEST reads the backup through it."""
