@@ -179,3 +179,121 @@ def test_domain_server_killed_then_resume(setup, tmp_path):
     c = support.run([support.require_tool("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", str(dest),
                      str(expected)], check=False)
     assert c.returncode == 0, c.stdout + c.stderr
+
+
+# --- DOMAIN missing: defined from the backup's stored definition (a `full --libvirt` set) ------
+
+IFACE = "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='virtio'/></interface>"
+
+
+@pytest.fixture
+def qemu_dir():
+    """A 0755 directory under /var/tmp: qemu (libvirt-qemu) must reach DEST and the NVRAM."""
+    d = Path(tempfile.mkdtemp(prefix="nbdbackup-live-def-", dir="/var/tmp"))
+    d.chmod(0o755)
+    yield d
+    for state in d.glob("*.nbdbackup-live.json"):           # servers of a failed test
+        st = json.loads(state.read_text())
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(st.get("server_pid"), signal.SIGKILL)
+        if st.get("run_dir"):
+            shutil.rmtree(st["run_dir"], ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def undefine():
+    names: list[str] = []
+    yield names
+    for n in names:
+        virsh("destroy", n, check=False)
+        virsh("undefine", n, "--nvram", check=False)
+
+
+def _xml_of(name: str):
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(virsh("dumpxml", name).stdout)
+
+
+def _nbb(repo, *args, timeout=180):
+    return support.run([support.nbdbackup_exe(), "--repo", str(repo), *map(str, args)], check=False, timeout=timeout)
+
+
+def test_missing_domain_defined_from_the_stored_definition(libvirt_domain, tmp_path, qemu_dir, undefine):
+    from helpers.engine_util import init_repo
+
+    dom = libvirt_domain(disks=[("qcow2", 24 * MiB)], nvram=True, persistent=True, running=False, tag="ldef",
+                         busy=6 * MiB)
+    (dom.dir / "iface.xml").write_text(IFACE)
+    virsh("attach-device", dom.name, str(dom.dir / "iface.xml"), "--config")
+    dom.start()
+    repo = init_repo(tmp_path / "repo")
+    p = _nbb(repo, "--json", "full", "--libvirt", dom.name)
+    assert p.returncode == 0, p.stderr
+    [full] = (lambda j: j if isinstance(j, list) else [j])(json.loads(p.stdout))
+    backed_up = tmp_path / "backed-up.raw"
+    assert _nbb(repo, "restore", full["id"], backed_up).returncode == 0
+
+    # the stored name while that domain exists (without DEST): refused before anything is made
+    clash = qemu_dir / "clash.qcow2"
+    p = _nbb(repo, "restore", "--live", full["id"], clash, "--domain", dom.name, "--start")
+    assert p.returncode == 2 and "never redefines an existing domain" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not list(qemu_dir.iterdir())
+
+    new = f"{dom.name}-new"
+    undefine.append(new)
+    dest = qemu_dir / "dest.qcow2"
+    p = _nbb(repo, "--json", "restore", "--live", full["id"], dest, "--domain", new, "--start")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["domain_defined"] and res["server_stopped"] and res["bytes"] == 24 * MiB, res
+    assert virsh("domstate", new).stdout.strip() == "running"
+    assert virsh("domstate", dom.name).stdout.strip() == "running"        # the original runs on
+    live, orig = _xml_of(new), _xml_of(dom.name)
+    assert [d.find("source").get("file") for d in live.iterfind("devices/disk")] == [str(dest)]
+    assert live.findtext("uuid") != orig.findtext("uuid")
+    macs = [m.get("address") for x in (live, orig) for m in x.iterfind("devices/interface/mac")]
+    assert len(macs) == 2 and macs[0] != macs[1], macs
+    nvram = qemu_dir / f"{new}_VARS.fd"
+    assert live.findtext("os/nvram").strip() == str(nvram) and nvram.read_bytes() == dom.nvram.read_bytes()
+    assert (nvram.stat().st_mode & 0o077) == 0
+    assert res["domain_xml"] == str(qemu_dir / f"{new}.xml")
+    guest_write(new, "vda", 0x5a, 2 * MiB, 64 * 1024)                   # the guest runs on DEST
+    virsh("destroy", new)
+    info = json.loads(support.run([support.require_tool("qemu-img"), "info", "--output=json", str(dest)]).stdout)
+    assert "backing-filename" not in info, info
+    expected = bytearray(backed_up.read_bytes())
+    expected[2 * MiB:2 * MiB + 64 * 1024] = b"\x5a" * (64 * 1024)
+    backed_up.write_bytes(expected)
+    c = support.run([support.require_tool("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", str(dest),
+                     str(backed_up)], check=False)
+    assert c.returncode == 0, c.stdout + c.stderr
+
+    # the same new name again: it exists now, without DEST2 as its disk
+    p = _nbb(repo, "restore", "--live", full["id"], qemu_dir / "dest2.qcow2", "--domain", new)
+    assert p.returncode == 2 and "never redefines" in p.stderr, p.stderr
+    assert not (qemu_dir / "dest2.qcow2").exists()
+
+
+def test_missing_domain_without_a_definition_or_with_other_disks(libvirt_domain, tmp_path, qemu_dir):
+    from helpers.engine_util import init_repo
+
+    repo = init_repo(tmp_path / "repo")
+    dom = libvirt_domain(disks=[("qcow2", 4 * MiB), ("qcow2", 4 * MiB)], persistent=True, tag="ldef2")
+    p = _nbb(repo, "--json", "full", "--libvirt", dom.name)
+    assert p.returncode == 0, p.stderr
+    vda = next(b for b in json.loads(p.stdout) if b["disk"].endswith("-vda"))
+    missing = f"nbdbackup-test-{os.getpid()}-nosuch"
+    p = _nbb(repo, "restore", "--live", vda["id"], qemu_dir / "a.qcow2", "--domain", missing, "--start")
+    assert p.returncode == 2 and "one of 2 disks" in p.stderr and "restore --libvirt" in p.stderr, p.stderr
+
+    plain = tmp_path / "plain.raw"
+    plain.write_bytes(b"\x42" * (2 * MiB))
+    p = _nbb(repo, "--json", "full", "--image", plain, "--format", "raw", "--disk", "plain")
+    assert p.returncode == 0, p.stderr
+    p = _nbb(repo, "restore", "--live", "plain", qemu_dir / "b.qcow2", "--domain", missing, "--start")
+    assert p.returncode == 11, p.stderr
+    assert "no stored definition" in p.stderr and f"<source file='{qemu_dir}/b.qcow2'/>" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not list(qemu_dir.iterdir())
+    assert virsh("domstate", missing, check=False).returncode != 0

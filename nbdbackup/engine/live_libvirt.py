@@ -9,6 +9,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import LiveCopyFailed, NotFound, SourceUnreachable, UsageError
 from ..progress import NoBar
@@ -148,3 +149,106 @@ def _domain_failed(state: LiveState, domain: str, message: str) -> LiveCopyFaile
     e = copy_failed(state, "SOCKET", message)
     return LiveCopyFailed(str(e), hint=e.hint.replace(
         f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp SOCKET", _resume_domain_cmd(state, domain)))
+
+
+@dataclass
+class DomainPlan:
+    """A domain restore --live defines from the backup's stored definition (DOMAIN missing)."""
+    domain: str
+    source_domain: str              # its name when it was backed up
+    target: str                     # the backup's disk in it ("vda"), now DEST
+    xml: str                        # the rewritten definition
+    xml_path: str                   # written beside DEST
+    nvram: bytes | None
+    nvram_path: str | None
+    uuid: str | None
+
+
+def plan_domain(repo, ref: str, dest: str, domain: str, connect_uri: str, *, force: bool = False) -> DomainPlan | None:
+    """Before anything is made: None when DOMAIN exists with DEST as a disk (the copy runs in it);
+    else the definition to make from the backup's --libvirt set. Refusals: an existing DOMAIN
+    without DEST (never replaced), a backup without a stored definition (NotFound), a set with
+    other disks or a kept writable disk (the new domain would write the original's images)."""
+    import uuid as uuidlib
+
+    from ..sources.libvirt_domain import open_connection
+    from .live_restore import disk_snippet
+    from .restore_vm import (
+        DOMAIN_NAME_RE,
+        check_free,
+        disk_target,
+        lookup_or_none,
+        refuse_existing,
+        rewrite,
+        stored_uuid,
+    )
+    from .vm_xml import RestoredDisk
+
+    dest = os.path.abspath(dest)
+    conn = open_connection(connect_uri)
+    try:
+        dom = lookup_or_none(conn.lookupByName, domain)
+        if dom is not None:
+            if _disk_of(dom, dest) is None:
+                raise UsageError(f"domain {domain} exists on {connect_uri} and has no disk whose source is {dest}: "
+                                 "restore --live never redefines an existing domain",
+                                 hint="give a new name with --domain NEW (defined from the backup's stored "
+                                      f"definition), or give {domain} a <disk> with <source file='{dest}'/>")
+            return None
+        info = repo.resolve(ref)
+        vm = repo.vm_definition(info)
+        if vm is None:
+            raise NotFound(f"no libvirt domain {domain!r} on {connect_uri}, and backup {info.id} ({info.disk}) has "
+                           "no stored definition to define it from (not taken with --libvirt)",
+                           hint="define a domain whose disk is DEST, e.g. with\n" + disk_snippet(dest)
+                                + f"\nthen `nbdbackup restore --live {info.id} {dest} --domain NAME --start`")
+        others = [b for b in repo.set_members(info) if b.id != info.id]
+        if others:
+            raise UsageError(f"backup {info.id} is one of {len(others) + 1} disks of a set of domain {vm.domain} "
+                             f"(also {', '.join(b.disk for b in others)}): a domain defined from it would run "
+                             f"those disks on {vm.domain}'s images",
+                             hint="restore the whole set with `nbdbackup restore --libvirt SET --to-dir DIR "
+                                  "--name NEW --start`, or define a domain whose disk is DEST yourself and "
+                                  "pass it with --domain")
+        if not DOMAIN_NAME_RE.match(domain):
+            raise UsageError(f"invalid --domain {domain!r} for a new domain",
+                             hint="use 1-64 characters from A-Z a-z 0-9 . _ + -, starting with a letter or digit")
+        target = disk_target(info, vm.domain)
+        new_name = domain if domain != vm.domain else None
+        uuid = str(uuidlib.uuid4()) if new_name is not None else None
+        check_free(conn, domain, connect_uri, force=False, want_uuid=uuid or stored_uuid(vm))
+        d = os.path.dirname(dest)
+        nvram_path = os.path.join(d, f"{domain}_VARS.fd") if vm.nvram is not None else None
+        xml_path = os.path.join(d, f"{domain}.xml")
+        rewritten = rewrite(vm, {target: RestoredDisk(dest, "qcow2")}, new_name=new_name, uuid=uuid,
+                            nvram_path=nvram_path)
+        if rewritten.shared_writable:
+            raise UsageError(f"disk {', '.join(rewritten.shared_writable)} of {vm.domain} was not in the backup and "
+                             f"keeps its source: the new domain {domain} would write the same image as {vm.domain}",
+                             hint="define a domain whose disk is DEST yourself and pass it with --domain")
+        refuse_existing([p for p in (nvram_path, xml_path) if p], force=force)
+        return DomainPlan(domain, vm.domain, target, rewritten.xml, xml_path, vm.nvram, nvram_path, rewritten.uuid)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def define_planned(plan: DomainPlan, connect_uri: str) -> None:
+    """After DEST exists: the NVRAM (0600) and XML beside it, then the definition (the name and
+    UUID checked again: another may have taken them meanwhile)."""
+    from ..fsutil import write_atomically
+    from ..sources.libvirt_domain import open_connection
+    from .restore_vm import check_free, define_domain
+
+    if plan.nvram_path is not None:
+        write_atomically(plan.nvram_path, plan.nvram, 0o600)
+    write_atomically(plan.xml_path, plan.xml.encode(), 0o644)
+    conn = open_connection(connect_uri)
+    try:
+        check_free(conn, plan.domain, connect_uri, force=False, want_uuid=plan.uuid)
+        define_domain(conn, plan.xml, plan.xml_path, connect_uri)
+        log.info("defined domain %s on %s from the stored definition of %s (%s is %s)", plan.domain, connect_uri,
+                 plan.source_domain, plan.target, plan.xml_path)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()

@@ -207,8 +207,12 @@ def qemu_command(state: LiveState, qmp_socket: str) -> str:
 
 
 def libvirt_snippet(state: LiveState) -> str:
+    return disk_snippet(state.dest)
+
+
+def disk_snippet(dest: str) -> str:
     return (f"<disk type='file' device='disk'>\n  <driver name='qemu' type='qcow2'/>\n"
-            f"  <source file='{state.dest}'/>\n  <target dev='vda' bus='virtio'/>\n</disk>")
+            f"  <source file='{dest}'/>\n  <target dev='vda' bus='virtio'/>\n</disk>")
 
 
 def job_id(dest: str) -> str:

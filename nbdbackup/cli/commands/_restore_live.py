@@ -27,7 +27,8 @@ def add_arguments(g) -> None:
     g.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the qemu running on DEST: drive the copy")
     g.add_argument("--domain", metavar="DOMAIN",
                    help="libvirt domain whose disk is DEST: drive the copy through libvirt's blockPull "
-                        "(--start starts it when shut off; --connect URI)")
+                        "(--start starts it when shut off; --connect URI); a DOMAIN that does not exist is "
+                        "defined from a --libvirt backup's stored definition and started")
     g.add_argument("--wait", type=numbers.seconds(7 * numbers.DAY), default=600.0, metavar="SECS",
                    help="how long --qmp waits for qemu to answer (default 600)")
     g.add_argument("--speed", type=numbers.size(0, 1 << 50), default=None, metavar="BYTES_PER_S",
@@ -86,7 +87,7 @@ def run(args) -> int:
     import sys
 
     from ...engine import live_restore as live
-    from ...engine.live_libvirt import copy_domain
+    from ...engine.live_libvirt import copy_domain, define_planned, plan_domain
     from ...engine.live_state import stop_command
     from ...errors import Interrupted, UsageError
     from .. import output
@@ -118,7 +119,10 @@ def run(args) -> int:
     if args.resume and args.server:
         raise UsageError("--resume takes the server from DEST's state file; drop --server")
 
+    plan = None
     with open_repo(args) as repo:
+        if args.domain and not args.resume:     # refusals before DEST or a server exist
+            plan = plan_domain(repo, ref, dest, args.domain, args.connect, force=args.force)
         prep = live.prepare(repo, ref, dest, server_uri=args.server, repo_argv=_repo_argv(args),
                             environment=_environment(args), socket_group=args.socket_group,
                             force=args.force, resume=args.resume)
@@ -132,7 +136,13 @@ def run(args) -> int:
         return _instructions(args, prep, resume_cmd)
     try:
         if args.domain:
-            r = copy_domain(st, args.domain, args.connect, start=args.start, speed=args.speed, progress=bar)
+            if plan is not None:
+                define_planned(plan, args.connect)
+                output.summary(args, f"nbdbackup: defined domain {plan.domain} on {args.connect} from the "
+                                     f"stored definition of {plan.source_domain}, {plan.target} on {st.dest} "
+                                     f"({plan.xml_path})")
+            r = copy_domain(st, args.domain, args.connect, start=args.start or plan is not None, speed=args.speed,
+                            progress=bar)
         else:
             if not args.quiet and not args.json:
                 print(f"nbdbackup: waiting (up to {args.wait:.0f}s, --wait) for a qemu with {st.dest} open on "
@@ -149,7 +159,9 @@ def run(args) -> int:
         output.print_json({"dest": st.dest, "backup": st.backup, "disk": st.disk, "size": st.size,
                            "bytes": r.bytes, "seconds": round(r.duration_s, 3), "job": r.job,
                            "followed_running_job": r.followed, "already_complete": r.already_complete,
-                           "server_stopped": r.server_stopped, "server_pid": st.server_pid})
+                           "server_stopped": r.server_stopped, "server_pid": st.server_pid,
+                           "domain_defined": plan is not None, "domain_xml": plan.xml_path if plan else None,
+                           "nvram": plan.nvram_path if plan else None})
     else:
         hb = output.human_bytes
         how = "already complete" if r.already_complete else \
