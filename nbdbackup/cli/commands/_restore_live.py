@@ -14,7 +14,10 @@ DESCRIPTION = (
     "Without --qmp/--domain the command prints how to start the VM and exits. With --qmp SOCKET\n"
     "it waits for a qemu with DEST open on that QMP socket and has it copy the backup into\n"
     "DEST (block-stream) while the guest runs; when done, DEST has no backing file and the\n"
-    "server it started stops. --resume continues after a killed command or a failed copy."
+    "server it started stops. --resume continues after a killed command or a failed copy.\n"
+    "--domain DOMAIN does the same through libvirt; a DOMAIN that does not exist is defined from\n"
+    "the definition a --libvirt backup stored (its disk on DEST, a new UUID and MACs for a new\n"
+    "name, NVRAM beside DEST) and started."
 )
 
 
