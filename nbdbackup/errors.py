@@ -33,6 +33,7 @@ class ExitCode(IntEnum):
     NO_BUCKET = 18           # the S3 bucket does not exist
     KEY_REFUSED = 19         # wrong passphrase, or a key (file) that is not this repository's
     SOME_SOURCES_FAILED = 20 # `run`: some of the job's sources (or its prune) failed; the others are committed
+    LIVE_COPY_FAILED = 24    # restore --live: qemu's copy job failed, or the VM went away
     INTERRUPTED = 130        # SIGINT/SIGTERM
 
 
@@ -61,6 +62,8 @@ EXIT_CODE_HELP = {
     ExitCode.KEY_REFUSED: "key refused: wrong passphrase, or a key (file) that is not this repository's",
     ExitCode.SOME_SOURCES_FAILED: "run: some sources of the job (or its prune) failed; the others' backups "
                                   "are committed (see the summary)",
+    ExitCode.LIVE_COPY_FAILED: "restore --live: qemu's copy job failed or the VM went away; the VM's disk "
+                               "keeps what was copied and written (see the hint, then --resume)",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
 }
 
@@ -204,6 +207,12 @@ class QmpCommandError(SourceFailed):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+
+class LiveCopyFailed(NbdBackupError):
+    """restore --live: the block-stream job ended with an error, or the VM (its QMP session) went away."""
+
+    exit_code = ExitCode.LIVE_COPY_FAILED
 
 
 class ChainBroken(NbdBackupError):

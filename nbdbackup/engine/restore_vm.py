@@ -149,10 +149,10 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
         conn = open_connection(connect_uri)
     try:
         if conn is not None:
-            replace = _check_free(conn, name, connect_uri, force=force, want_uuid=uuid or _stored_uuid(vm))
+            replace = check_free(conn, name, connect_uri, force=force, want_uuid=uuid or stored_uuid(vm))
             if replace is not None:
                 uuid = replace          # redefine the existing domain instead of clashing with it
-        rewritten = _rewrite(vm, {t: RestoredDisk(p, fmt) for t, p in paths.items()},
+        rewritten = rewrite(vm, {t: RestoredDisk(p, fmt) for t, p in paths.items()},
                              new_name=new_name, uuid=uuid, nvram_path=nvram_path)
         if rewritten.shared_writable and define and not force:
             shared = ", ".join(rewritten.shared_writable)
@@ -163,7 +163,7 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
         for t in rewritten.shared_writable:
             log.warning("disk %s of %s was not in the backup and keeps its source: the new domain %s "
                         "would use the same image as the original", t, vm.domain, name)
-        _refuse_existing([*paths.values(), *([nvram_path] if nvram_path else []), xml_path], force=force)
+        refuse_existing([*paths.values(), *([nvram_path] if nvram_path else []), xml_path], force=force)
         os.makedirs(to_dir, exist_ok=True)
         result = VmRestoreResult(domain=name, source_domain=vm.domain, set_id=members[0].set_id,
                                  uuid=rewritten.uuid, xml_path=xml_path, nvram_path=nvram_path,
@@ -177,7 +177,7 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
             write_atomically(nvram_path, vm.nvram, 0o600)
         write_atomically(xml_path, rewritten.xml.encode(), 0o644 & ~_umask())
         if conn is not None:
-            dom = _define(conn, rewritten.xml, xml_path, connect_uri)
+            dom = define_domain(conn, rewritten.xml, xml_path, connect_uri)
             result.defined = True
             if replace is not None:
                 result.checkpoints_dropped = _drop_our_checkpoints(dom, repo.repo_id)
@@ -191,14 +191,14 @@ def restore_vm(repo: Repository, ref: str, to_dir: str, *, new_name: str | None 
     return result
 
 
-def _stored_uuid(vm: VmDefinition) -> str | None:
+def stored_uuid(vm: VmDefinition) -> str | None:
     try:
         return domain_uuid(vm.xml)
     except DomainXmlError:
         return None             # _rewrite reports it
 
 
-def _rewrite(vm: VmDefinition, disks: dict[str, RestoredDisk], **kw) -> RewrittenXml:
+def rewrite(vm: VmDefinition, disks: dict[str, RestoredDisk], **kw) -> RewrittenXml:
     try:
         return rewrite_domain_xml(vm.xml, disks, **kw)
     except DomainXmlError as e:
@@ -208,10 +208,10 @@ def _rewrite(vm: VmDefinition, disks: dict[str, RestoredDisk], **kw) -> Rewritte
                              hint="restore the disks one by one with `nbdbackup restore BACKUP TARGET`") from None
 
 
-def _check_free(conn, name: str, uri: str, *, force: bool, want_uuid: str | None) -> str | None:
+def check_free(conn, name: str, uri: str, *, force: bool, want_uuid: str | None) -> str | None:
     """Refuse a name (or UUID) another domain holds; with --force a shut-off domain of that name
     may be replaced: its UUID is returned, so that the definition replaces it."""
-    dom = _lookup(conn.lookupByName, name)
+    dom = lookup_or_none(conn.lookupByName, name)
     if dom is not None:
         if dom.isActive():
             raise UsageError(f"domain {name} is running on {uri}: a restore never replaces a running domain",
@@ -225,14 +225,14 @@ def _check_free(conn, name: str, uri: str, *, force: bool, want_uuid: str | None
             raise UsageError(f"domain {name} on {uri} is transient", hint="restore it with --name NEW")
         return dom.UUIDString()
     if want_uuid:
-        other = _lookup(conn.lookupByUUIDString, want_uuid)
+        other = lookup_or_none(conn.lookupByUUIDString, want_uuid)
         if other is not None:
             raise UsageError(f"domain {other.name()} on {uri} has the UUID {want_uuid} of the backed-up domain",
                              hint="restore it with --name NEW (it gets a new UUID)")
     return None
 
 
-def _lookup(fn, key):
+def lookup_or_none(fn, key):
     import libvirt
 
     try:
@@ -243,7 +243,7 @@ def _lookup(fn, key):
         raise NbdBackupError(f"libvirt: {e.get_error_message()}") from None
 
 
-def _define(conn, xml: str, xml_path: str, uri: str):
+def define_domain(conn, xml: str, xml_path: str, uri: str):
     import libvirt
 
     try:
@@ -301,7 +301,7 @@ def _close_quietly(conn) -> None:
         log.debug("closing the libvirt connection: %s", e)
 
 
-def _refuse_existing(paths: list[str], *, force: bool) -> None:
+def refuse_existing(paths: list[str], *, force: bool) -> None:
     existing = [p for p in paths if os.path.lexists(p)]
     if existing and not force:
         raise UsageError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; "

@@ -72,6 +72,19 @@ class Qmp:
             raise SourceFailed(f"QMP connection to {self.path} failed during {name}: {_reason(e)}") from None
         return res
 
+    def listen(self, names: list[str]) -> "EventQueue":
+        """Queue the events *names* from now on (register before the command that causes them)."""
+        from qemu.qmp import EventListener
+
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        return EventQueue(self._run, listener)
+
+    @property
+    def connected(self) -> bool:
+        """False once qemu closed the session (it quit or was killed)."""
+        return self._client.runstate.name == "RUNNING"
+
     def close(self) -> None:
         if self._loop.is_closed():
             return
@@ -90,6 +103,22 @@ class Qmp:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class EventQueue:
+    """Events of one Qmp.listen(), taken in order; get() waits at most *timeout* seconds."""
+
+    def __init__(self, run, listener):
+        self._run = run             # Qmp._run: a coroutine on the session's loop, with a timeout
+        self._listener = listener
+
+    def get(self, timeout: float) -> dict | None:
+        """The next event as a dict ({"event": NAME, "data": {...}, "timestamp": ...}), or None
+        when none came within *timeout* seconds."""
+        try:
+            return dict(self._run(self._listener.get(), timeout))
+        except FutureTimeout:
+            return None
 
 
 def _reason(e: BaseException) -> str:

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+from ._restore_live import DESCRIPTION as LIVE_DESCRIPTION
+from ._restore_live import LIVE_ONLY
+from ._restore_live import add_arguments as add_live_arguments
+from ._restore_live import run as run_live
+
 NAME = "restore"
 HELP = "restore a backup to a raw/qcow2 file, a block device or an NBD export"
 DESCRIPTION = (
@@ -41,6 +46,7 @@ DESCRIPTION = (
     "starts it. An existing domain of that name is replaced only with --force and only\n"
     "when it is shut off; a running one is never touched."
 )
+DESCRIPTION += LIVE_DESCRIPTION
 
 
 def add_arguments(p) -> None:
@@ -67,6 +73,7 @@ def add_arguments(p) -> None:
     g.add_argument("--start", action="store_true", help="define and start the restored domain")
     g.add_argument("--connect", metavar="URI", default="qemu:///system",
                    help="libvirt connection URI for --define/--start (default qemu:///system)")
+    add_live_arguments(p.add_argument_group("instant recovery (--live)"))
 
 
 _VM_ONLY = ("to_dir", "name", "define", "start")
@@ -78,6 +85,11 @@ def run(args) -> int:
     from .. import output
     from ..repoargs import open_repo
 
+    if args.live:
+        return run_live(args)
+    live_only = [f"--{o.replace('_', '-')}" for o in LIVE_ONLY if getattr(args, o)]
+    if live_only:
+        raise UsageError(f"{', '.join(live_only)} only go with --live")
     if args.libvirt is not None:
         return _run_vm(args)
     given = [f"--{o.replace('_', '-')}" for o in _VM_ONLY if getattr(args, o)]

@@ -1,0 +1,331 @@
+"""restore --live's state: the state file next to DEST, the serve process we start for it
+(own session, its pid checked by command line before it is signalled), the checks and the
+end that the QMP and libvirt copies share. Sequence in docs/live-restore.md."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from ..errors import LiveCopyFailed, NbdBackupError, SourceFailed, SourceUnreachable, UsageError
+from ..fsutil import write_atomically
+
+log = logging.getLogger("nbdbackup.engine.live_restore")
+
+STATE_SUFFIX = ".nbdbackup-live.json"
+STATE_FORMAT = 1
+SERVER_START_TIMEOUT = 60.0
+POLL_S = 0.5
+RECONNECT_GRACE = 60.0          # s a resumed copy retries while qemu has not reconnected yet
+RECONNECT_DELAY = 10            # s qemu holds a request while it reconnects to a restarted server
+
+
+@dataclass
+class LiveState:
+    """The state file next to DEST: where its backing export is served, by whom."""
+    dest: str                       # absolute path of DEST
+    backup: str                     # the backup id DEST's backing names
+    disk: str
+    size: int
+    socket: str | None              # the unix socket of the export (None: TCP --server)
+    backing: str                    # DEST's backing string, exactly as written into it
+    server_pid: int | None = None   # a serve we started (None with --server)
+    server_argv: list[str] = field(default_factory=list)    # how to start it again (no secret)
+    server_log: str | None = None
+    server_uri: str | None = None   # --server as given
+    run_dir: str | None = None      # our private directory holding the socket
+    created: str = ""
+    format: int = STATE_FORMAT
+
+    @property
+    def path(self) -> str:
+        return state_path(self.dest)
+
+    @property
+    def ours(self) -> bool:
+        return self.server_pid is not None
+
+    def save(self) -> None:
+        write_atomically(self.path, (json.dumps(asdict(self), indent=2) + "\n").encode(), 0o600)
+
+    @classmethod
+    def load(cls, dest: str) -> "LiveState":
+        p = state_path(dest)
+        try:
+            with open(p, "rb") as f:
+                raw = json.loads(f.read())
+        except FileNotFoundError:
+            raise UsageError(f"--resume: {p} does not exist: {dest} was not made by `restore --live` "
+                             "(or its copy finished and the state was removed)",
+                             hint="start a new one with `restore --live BACKUP DEST.qcow2`") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--resume: cannot read {p}: {e}") from None
+        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
+            raise UsageError(f"--resume: {p} is not a state file of this version of restore --live")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise UsageError(f"--resume: {p} is not a valid state file: {e}") from None
+
+
+@dataclass
+class LivePrepared:
+    state: LiveState
+    resumed: bool
+    server_started: bool            # this run started (or restarted) the serve process
+
+
+@dataclass
+class LiveCopyResult:
+    state: LiveState
+    bytes: int
+    duration_s: float
+    job: str
+    followed: bool                  # a job of a killed run was still running: we only followed it
+    server_stopped: bool
+    already_complete: bool = False
+
+
+def state_path(dest: str) -> str:
+    return os.path.abspath(dest) + STATE_SUFFIX
+
+
+def backing_string(socket_path: str | None, host: str | None, port: int | None, export: str) -> str:
+    """The json: backing of DEST: raw over nbd (a backing file needs a format; json:{"driver":
+    "nbd"} with -F raw is refused), reconnecting to a restarted server on its own."""
+    server = ({"type": "unix", "path": socket_path} if socket_path
+              else {"type": "inet", "host": host, "port": str(port or 10809)})
+    return "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd", "server": server, "export": export,
+                                                            "reconnect-delay": RECONNECT_DELAY}},
+                                separators=(",", ":"))
+
+
+def read_backing(path: str) -> str | None:
+    """The backing file name in a qcow2 header (None: no backing), read without opening the
+    backing (qemu-img info would connect to the server)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(72)
+            if len(head) < 20 or head[:4] != b"QFI\xfb":
+                raise UsageError(f"{path} is not a qcow2 image: not made by `restore --live`")
+            off, size = struct.unpack_from(">QI", head, 8)
+            if not off:
+                return None
+            f.seek(off)
+            return f.read(size).decode("utf-8", "replace")
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist", hint="start with `restore --live BACKUP DEST.qcow2`") from None
+
+
+def pid_is_our_server(pid: int | None, socket_path: str | None) -> bool:
+    """True when *pid* runs `nbdbackup serve` on *socket_path* (not a reused pid)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"serve" in argv and any(a.endswith(socket_path.encode()) for a in argv if socket_path)
+
+
+def find_server_pid(socket_path: str | None) -> int | None:
+    """The pid of a `nbdbackup serve` on *socket_path* (one the user started again with the
+    command the hint gave), found by command line; None when there is none."""
+    if not socket_path:
+        return None
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid() and pid_is_our_server(int(name), socket_path):
+            return int(name)
+    return None
+
+
+def serves(state: LiveState, timeout: float = 10.0) -> bool:
+    """Whether the export answers with the backup's size."""
+    from ..nbd.client import Client
+
+    uri = (f"nbd+unix:///{state.backup}?socket={state.socket}" if state.socket
+           else uri_with_export(state.server_uri, state.backup))
+    try:
+        info = Client.query_info(uri, timeout=timeout)
+    except (NbdBackupError, OSError) as e:
+        log.info("export %s does not answer: %s", uri, e)
+        return False
+    if info.size != state.size:
+        raise SourceUnreachable(f"the server at {uri} serves {state.backup} with {info.size} bytes, not "
+                                f"{state.size}: not the same backup")
+    return True
+
+
+def uri_with_export(uri: str | None, export: str) -> str:
+    from ..nbd.uri import parse_uri
+
+    return str(parse_uri(uri).with_export(export))
+
+
+def server_argv(args_repo: list[str], socket_path: str, socket_group: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "nbdbackup", *args_repo, "serve", "--listen", f"unix:{socket_path}"]
+    if socket_group:
+        argv += ["--socket-group", socket_group]
+    return argv
+
+
+def start_server(state: LiveState, environment: dict[str, str]) -> None:
+    """Start `nbdbackup serve` as its own process (new session: neither a killed command nor
+    the terminal's SIGINT/SIGHUP reaches it), wait until the export answers, record its pid."""
+    from ..nbd.server import clear_stale_socket
+
+    clear_stale_socket(state.socket)
+    logf = os.fdopen(os.open(state.server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
+    try:
+        proc = subprocess.Popen(state.server_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=logf, env=environment, start_new_session=True, close_fds=True)
+    finally:
+        logf.close()
+    state.server_pid = proc.pid
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            state.server_pid = None
+            raise SourceUnreachable(f"the NBD server for {state.backup} exited at start with {proc.returncode}: "
+                                    f"{log_tail(state.server_log)}")
+        if os.path.exists(state.socket) and serves(state, timeout=5.0):
+            return
+        time.sleep(0.1)
+    stop_pid(proc.pid)
+    state.server_pid = None
+    raise SourceUnreachable(f"the NBD server for {state.backup} did not answer within "
+                            f"{SERVER_START_TIMEOUT:.0f}s: {log_tail(state.server_log)}")
+
+
+def log_tail(path: str | None, n: int = 1500) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode("utf-8", "replace").strip() or "(no output)"
+    except (OSError, TypeError):
+        return "(no log)"
+
+
+def stop_pid(pid: int, timeout: float = 30.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def stop_server(state: LiveState) -> bool:
+    """Stop the serve we started (checked by its command line first), remove its directory."""
+    stopped = False
+    pid = state.server_pid if pid_is_our_server(state.server_pid, state.socket) else find_server_pid(state.socket)
+    if pid:
+        stop_pid(pid)
+        state.server_pid = pid
+        stopped = True
+    if state.run_dir and not find_server_pid(state.socket):      # never a live server's socket
+        for name in os.listdir(state.run_dir) if os.path.isdir(state.run_dir) else ():
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(state.run_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(state.run_dir)
+    return stopped
+
+
+def stop_command(state: LiveState) -> str:
+    if not state.server_pid:
+        return "(the server is yours: --server)"
+    return f"kill {state.server_pid} && rm -r {shlex.quote(state.run_dir)}"
+
+
+def make_run_dir(socket_group: str | None) -> str:
+    """A private directory for the socket under serve's runtime directory; with a group
+    (qemu as libvirt-qemu), the runtime directory and it are searchable by that group."""
+    from ..nbd.server_socket import check_private_dir, runtime_dir, set_private_dir_access, socket_access
+
+    base = runtime_dir()
+    access = socket_access(None, socket_group)
+    if socket_group:
+        set_private_dir_access(base, access)
+    else:
+        check_private_dir(base)
+    d = os.path.join(base, f"live-{os.urandom(4).hex()}")
+    os.mkdir(d, 0o700)
+    if socket_group:
+        set_private_dir_access(d, access)
+    return d
+
+
+def qemu_img() -> str:
+    import shutil
+
+    path = shutil.which("qemu-img") or ("/usr/bin/qemu-img" if os.path.exists("/usr/bin/qemu-img") else None)
+    if not path:
+        raise SourceUnreachable("qemu-img not found", hint="install Debian's qemu-utils package")
+    return path
+
+
+def restart_command(state: LiveState) -> str:
+    """A shell command starting our server again as start_server does: its own session, its log."""
+    return (f"setsid -f {shlex.join(state.server_argv)} </dev/null >/dev/null "
+            f"2>>{shlex.quote(state.server_log or '/dev/null')}")
+
+
+def copy_failed(state: LiveState, qmp_socket: str, message: str) -> LiveCopyFailed:
+    resume = f"nbdbackup restore --live --resume {shlex.quote(state.dest)} --qmp {shlex.quote(qmp_socket)}"
+    if state.ours:
+        alive = pid_is_our_server(state.server_pid, state.socket)
+        server = (f"the NBD server (pid {state.server_pid}) is still running: look at {state.server_log}"
+                  if alive else f"the NBD server is not running: start it again with "
+                  f"`{restart_command(state)}` (the --resume below also does)")
+    else:
+        server = f"check that --server {state.server_uri} serves {state.backup}, and restart it"
+    return LiveCopyFailed(
+        f"qemu's copy into {state.dest} failed: {message}",
+        hint=f"{server}; then `{resume}`. The guest keeps running: ranges copied and its writes are fine, "
+             "ranges not yet copied read as errors until the server is back")
+
+
+def check_header_no_backing(state: LiveState) -> None:
+    p = subprocess.run([qemu_img(), "info", "-U", "--output=json", state.dest], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SourceFailed(f"qemu-img info {state.dest} failed after the copy: {p.stderr.strip()}")
+    if "backing-filename" in json.loads(p.stdout):
+        raise LiveCopyFailed(f"{state.dest} still names a backing file after the copy",
+                             hint="run the --resume again; report this if it persists")
+
+
+def forget_state(state: LiveState) -> None:
+    """DEST is an ordinary image now: nothing left to resume."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state.path)
+
+
+def finish(state: LiveState, moved: int, seconds: float, job: str, *, followed: bool, stop: bool,
+           already: bool = False) -> LiveCopyResult:
+    stopped = False
+    if stop and state.ours:
+        stopped = stop_server(state)
+    forget_state(state)
+    return LiveCopyResult(state, moved, seconds, job, followed, stopped, already_complete=already)

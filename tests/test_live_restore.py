@@ -1,0 +1,461 @@
+"""`restore --live`: a TCG qemu (no guest OS) runs on DEST.qcow2 while qemu's block-stream copies
+a 256 MiB backup into it; guest writes (HMP qemu-io through the device's block backend) go to
+blocks already copied and not yet copied; the command is SIGKILLed and resumed, the server
+killed and restarted. Every end state is compared with the backup plus exactly those writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import support
+from helpers.repo import new_repo, write_backup
+
+MiB = 1024 * 1024
+SIZE = 256 * MiB
+SPEED = 24 * MiB            # bytes/s: the copy takes ~10 s, time enough to act mid-copy
+DEV = "vdisk"
+
+
+def _disk_bytes() -> bytes:
+    """Real data: 40 MiB random, 16 MiB of a repeating text, patterned blocks, zero holes."""
+    rnd = random.Random(15)
+    d = bytearray(SIZE)
+    d[0:24 * MiB] = rnd.randbytes(24 * MiB)
+    d[64 * MiB:80 * MiB] = (b"nbdbackup live restore " * (16 * MiB // 23 + 1))[:16 * MiB]
+    for i in range(96, 256, 8):                 # a MiB of its own byte every 8 MiB, up to the end
+        d[i * MiB:(i + 1) * MiB] = bytes([i]) * MiB
+    d[200 * MiB:216 * MiB] = rnd.randbytes(16 * MiB)
+    return bytes(d)
+
+
+@pytest.fixture(scope="module")
+def backup(tmp_path_factory):
+    """(repo path, backup id, disk bytes): one 256 MiB backup shared by the module's tests."""
+    tmp = tmp_path_factory.mktemp("live-repo")
+    data = _disk_bytes()
+    r = new_repo(tmp / "repo")
+    try:
+        info = write_backup(r, "live", data, zero_holes=True)
+    finally:
+        r.close()
+    return str(tmp / "repo"), info.id, data
+
+
+class GuestVm:
+    """qemu on DEST: one QMP socket for the tool, one for the test (query-block-jobs, HMP writes);
+    a byte model of the disk the guest should see (the backup + its writes)."""
+
+    def __init__(self, tmp: Path, dest: Path, data: bytes):
+        self.tmp, self.dest = tmp, dest
+        self.qmp_sock = str(tmp / "qmp.sock")
+        self.watch_sock = str(tmp / "watch.sock")
+        self.model = bytearray(data)
+        self.proc = None
+        self.mon = None
+
+    def start(self) -> None:
+        for s in (self.qmp_sock, self.watch_sock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(s)
+        cmd = [support.require_tool("qemu-system-x86_64"), "-machine", "pc,accel=tcg", "-m", "64", "-S",
+               "-nodefaults", "-display", "none",
+               "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
+               "-qmp", f"unix:{self.watch_sock},server=on,wait=off",
+               "-blockdev", f"driver=file,node-name=dest-file,filename={self.dest}",
+               "-blockdev", "driver=qcow2,node-name=dest,file=dest-file",
+               "-device", f"virtio-blk-pci,drive=dest,id={DEV}"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        support.wait_for_path(self.watch_sock, proc=self.proc)
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        for attempt in range(100):
+            self.mon = QEMUMonitorProtocol(self.watch_sock)
+            try:
+                self.mon.connect()
+                break
+            except Exception:
+                if attempt == 99 or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        self.mon.settimeout(30)
+
+    def cmd(self, name: str, **args):
+        r = self.mon.cmd_raw(name, args or None)
+        assert "error" not in r, f"QMP {name}: {r['error']}"
+        return r["return"]
+
+    def hmp_io(self, line: str) -> str:
+        return self.cmd("human-monitor-command",
+                        **{"command-line": f'qemu-io -d /machine/peripheral/{DEV}/virtio-backend "{line}"'})
+
+    def write(self, offset: int, length: int, pattern: int) -> None:
+        out = self.hmp_io(f"write -P {pattern:#x} {offset} {length}")
+        assert "error" not in out.lower() and "fail" not in out.lower(), out
+        self.model[offset:offset + length] = bytes([pattern]) * length
+
+    def read_ok(self, offset: int, length: int) -> None:
+        """The guest reads what the model says (a single-byte range: qemu-io read -P)."""
+        want = self.model[offset]
+        assert self.model[offset:offset + length] == bytes([want]) * length
+        out = self.hmp_io(f"read -P {want:#x} {offset} {length}")
+        assert "error" not in out.lower() and "fail" not in out.lower() and "mismatch" not in out.lower(), out
+
+    def job(self) -> dict | None:
+        jobs = self.cmd("query-block-jobs")
+        return jobs[0] if jobs else None
+
+    def wait_offset(self, at_least: int, timeout: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            j = self.job()
+            if j and j["offset"] >= at_least:
+                return j["offset"]
+            time.sleep(0.1)
+        raise AssertionError(f"the copy did not reach {at_least} within {timeout}s: {self.job()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.mon.cmd_raw("quit")
+            self.proc.wait(15)
+        except Exception:
+            support.kill_if_running(self.proc)
+        finally:
+            with contextlib.suppress(Exception):
+                self.mon.close()
+            self.proc = None
+
+
+def _state(dest: Path) -> dict:
+    return json.loads(Path(f"{dest}.nbdbackup-live.json").read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+@pytest.fixture
+def live(tmp_path, backup):
+    """A GuestVm factory; every server the tool started (its pids from the state file, read
+    while the test runs) and every VM are stopped at the end."""
+    vms, pids = [], set()
+
+    def make(dest: Path) -> GuestVm:
+        vm = GuestVm(tmp_path, dest, backup[2])
+        vms.append(vm)
+        return vm
+
+    make.pids = pids
+    yield make
+    for vm in vms:
+        vm.stop()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for state in tmp_path.glob("*.nbdbackup-live.json"):     # servers killed above leave their dirs
+        st = json.loads(state.read_text())
+        if st.get("server_pid") and st["server_pid"] not in pids:    # restarted by a --resume
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(st["server_pid"], signal.SIGKILL)
+        run_dir = st.get("run_dir")
+        if run_dir and os.path.basename(run_dir).startswith("live-"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _cli(repo: str, *args, **kw):
+    return subprocess.Popen([support.nbdbackup_exe(), "--repo", repo, *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"restore --live did not finish in {timeout}s: {err}") from None
+    return proc.returncode, out, err
+
+
+def _check_result(vm: GuestVm, dest: Path, tmp: Path) -> None:
+    """No backing file any more, and DEST equals the backup with exactly the guest's writes."""
+    vm.stop()       # qemu's caches flushed; DEST's header final
+    info = json.loads(support.run([support.require_tool("qemu-img"), "info", "--output=json", str(dest)]).stdout)
+    assert "backing-filename" not in info, info
+    expected = tmp / "expected.raw"
+    expected.write_bytes(vm.model)
+    p = support.run([support.require_tool("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", str(dest),
+                     str(expected)], check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not Path(f"{dest}.nbdbackup-live.json").exists()
+
+
+def _writes_around(vm: GuestVm, offset: int) -> None:
+    """Guest writes to blocks the copy has done and to blocks it has not reached: whole and
+    partial clusters, one across a cluster boundary."""
+    done = (offset // 2) & ~0xFFFF
+    assert done >= 2 * MiB
+    vm.write(done, 64 * 1024, 0x5A)
+    vm.write(done // 2 + 512, 4096, 0x5B)                 # partial cluster in copied ground
+    ahead = offset + 64 * MiB
+    assert ahead + 2 * MiB < SIZE
+    vm.write(ahead + 4096, 8192, 0xA5)                    # partial cluster not yet copied
+    vm.write(ahead + MiB - 4096, 8192, 0xA6)              # across a cluster boundary
+    vm.write(SIZE - 64 * 1024, 64 * 1024, 0xA7)           # the last cluster
+
+
+def test_live_restore_with_guest_writes(tmp_path, backup, live):
+    repo, bid, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    proc = _cli(repo, "restore", "--live", "live", dest, "--qmp", tmp_path / "qmp.sock", "--speed", SPEED,
+                "--json")
+    try:
+        support.wait_for_path(f"{dest}.nbdbackup-live.json", timeout=60, proc=proc)
+        support.wait_for_path(dest, timeout=60, proc=proc)
+        st = _state(dest)
+        live.pids.add(st["server_pid"])
+        assert st["backup"] == bid and f'"export":"{bid}"' in st["backing"]     # the id, never the alias
+        vm = live(dest)
+        vm.start()
+        offset = vm.wait_offset(16 * MiB)
+        _writes_around(vm, offset)
+        rc, out, err = _finish(proc)
+    finally:
+        support.kill_if_running(proc)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["backup"] == bid and doc["bytes"] == SIZE and doc["server_stopped"] and not doc["followed_running_job"]
+    assert support_wait(lambda: not _alive(st["server_pid"]))
+    vm.read_ok(SIZE - 64 * 1024, 64 * 1024)
+    _check_result(vm, dest, tmp_path)
+
+
+def support_wait(pred, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def _start_dest(repo: str, dest: Path, live) -> dict:
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, "--json")
+    doc = json.loads(p.stdout)
+    live.pids.add(doc["server_pid"])
+    assert doc["state_file"] == f"{dest}.nbdbackup-live.json" and _alive(doc["server_pid"])
+    assert "--resume" in doc["resume_command"]
+    assert doc["stop_command"] == f"kill {doc['server_pid']} && rm -r {os.path.dirname(doc['socket'])}"
+    return doc
+
+
+def test_killed_command_then_resume(tmp_path, backup, live):
+    repo, bid, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    doc = _start_dest(repo, dest, live)
+    vm = live(dest)
+    vm.start()
+    proc = _cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--speed", SPEED, "--json")
+    try:
+        offset = vm.wait_offset(16 * MiB)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        support.kill_if_running(proc)
+        proc.stdout.close()
+        proc.stderr.close()
+    # the server is its own process: the guest still reads ranges not yet copied
+    assert _alive(doc["server_pid"])
+    j = vm.job()
+    assert j is not None and j["offset"] < SIZE - 64 * MiB, j
+    vm.read_ok(248 * MiB, MiB)                      # a patterned MiB far ahead of the copy
+    _writes_around(vm, vm.job()["offset"])
+    rc, out, err = _finish(_cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--speed", 0,
+                                "--json"))                  # 0: lift the running job's limit
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["followed_running_job"] and res["server_stopped"], res
+    assert support_wait(lambda: not _alive(doc["server_pid"]))
+    assert offset > 0
+    _check_result(vm, dest, tmp_path)
+
+
+def test_server_killed_mid_copy_then_resume(tmp_path, backup, live):
+    """The server dies mid-copy: exit 24 with the exact command to start it again; run that
+    command (as a user would), then --resume: it finds the new server and completes."""
+    import re
+
+    repo, bid, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    doc = _start_dest(repo, dest, live)
+    vm = live(dest)
+    vm.start()
+    proc = _cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--speed", SPEED)
+    try:
+        offset = vm.wait_offset(16 * MiB)
+        vm.write(offset // 2 & ~0xFFFF, 64 * 1024, 0x3C)      # copied ground: still writable
+        os.kill(doc["server_pid"], signal.SIGKILL)
+        rc, out, err = _finish(proc, timeout=90)
+    finally:
+        support.kill_if_running(proc)
+    assert rc == 24, err
+    assert "copy into" in err and "failed" in err and "Traceback" not in err, err
+    assert vm.job() is None                     # on-error=report: the job ended, qemu kept running
+    vm.read_ok(offset // 2 & ~0xFFFF, 64 * 1024)  # the guest's write is intact
+    m = re.search(r"not running: start it again with `([^`]+)`", err)
+    assert m and "--resume" in err, err
+    subprocess.run(["bash", "-c", m.group(1)], check=True, timeout=30)
+    assert support_wait(lambda: os.path.exists(doc["socket"]), timeout=30)
+    rc, out, err = _finish(_cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--json"))
+    assert rc == 0, err
+    assert "starting it again" not in err, err  # the server started by hand was found
+    res = json.loads(out)
+    live.pids.add(res["server_pid"])
+    assert res["server_stopped"] and not res["followed_running_job"] and res["server_pid"] != doc["server_pid"]
+    assert support_wait(lambda: not _alive(res["server_pid"]))
+    assert not os.path.exists(os.path.dirname(doc["socket"]))
+    _check_result(vm, dest, tmp_path)
+
+
+def test_vm_gone_mid_copy(tmp_path, backup, live):
+    repo, _, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    doc = _start_dest(repo, dest, live)
+    vm = live(dest)
+    vm.start()
+    proc = _cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--speed", SPEED)
+    try:
+        vm.wait_offset(8 * MiB)
+        support.kill_if_running(vm.proc)
+        rc, out, err = _finish(proc, timeout=60)
+    finally:
+        support.kill_if_running(proc)
+    assert rc == 24, err
+    assert "the VM went away" in err and "Traceback" not in err, err
+    assert _alive(doc["server_pid"])            # kept for the VM's next start
+    assert Path(doc["state_file"]).exists()
+
+
+def test_refusals(tmp_path, backup, live):
+    repo, _, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    dest.write_bytes(b"precious")
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, check=False)
+    assert p.returncode == 2 and "exists" in p.stderr and "--force" in p.stderr, p.stderr
+    assert dest.read_bytes() == b"precious"
+    assert not Path(f"{dest}.nbdbackup-live.json").exists()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".nbdbackup-live-")] == []
+
+    # --resume of a qcow2 whose backing is not ours (a state file that names another backing)
+    doc = _start_dest(repo, tmp_path / "ours.qcow2", live)
+    other = tmp_path / "other.qcow2"
+    support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", "-F", "raw", "-u",
+                 "-b", "/elsewhere/disk.raw", str(other), str(SIZE)])
+    st = json.loads(Path(doc["state_file"]).read_text())
+    st["dest"] = str(other)
+    Path(f"{other}.nbdbackup-live.json").write_text(json.dumps(st))
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", other, check=False)
+    assert p.returncode == 2 and "backing file is not the export" in p.stderr, p.stderr
+    # a qemu that does not have DEST open: refused, nothing started in it
+    plain = tmp_path / "plain.qcow2"
+    support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(plain), "1M"])
+    vm = live(plain)
+    vm.start()
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", tmp_path / "ours.qcow2", "--qmp",
+                          vm.qmp_sock, check=False)
+    assert p.returncode == 11 and "has no qcow2 node on" in p.stderr, p.stderr
+    assert vm.job() is None and _alive(doc["server_pid"])
+    # no state file at all
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", dest, check=False)
+    assert p.returncode == 2 and "was not made by `restore --live`" in p.stderr, p.stderr
+
+
+def test_user_server(tmp_path, backup, live):
+    """--server URI: the user's serve; the command checks it serves the id, never stops it."""
+    from helpers.serve import serve
+
+    repo, bid, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    with serve(Path(repo), tmp_path) as s:
+        p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, "--server",
+                              f"nbd+unix:///?socket={s.sock}", "--json")
+        doc = json.loads(p.stdout)
+        assert doc["server_pid"] is None and doc["stop_command"] is None and doc["socket"] == s.sock
+        vm = live(dest)
+        vm.start()
+        vm.write(3 * MiB, 64 * 1024, 0x42)
+        tty = support.nbdbackup_on_a_tty("--repo", repo, "restore", "--live", "--resume", dest, "--qmp",
+                                         vm.qmp_sock, "--speed", 64 * MiB)
+        assert f"live restore {bid}:" in tty and "%|" in tty, tty        # a progress bar on a terminal
+        assert "it has no backing file now" in tty and "stopped" not in tty, tty
+        assert s.alive()
+        _check_result(vm, dest, tmp_path)
+
+
+def test_encrypted_repository_and_force(tmp_path, live):
+    """The server we start opens an encrypted repository with the passphrase from our
+    environment; it is in neither the state file nor the server's command line. --force
+    replaces a live restore and stops its server."""
+    from nbdbackup.repo.keys import KdfParams, KeySource
+
+    secret = "live and let live " + os.urandom(4).hex()
+    data = random.Random(3).randbytes(4 * MiB) + bytes(4 * MiB)
+    r = new_repo(tmp_path / "repo", encryption=True, kdf=KdfParams.for_memory(8),
+                 key_source=KeySource(passphrase=secret, interactive=False))
+    try:
+        write_backup(r, "sealed", data, zero_holes=True)
+    finally:
+        r.close()
+    dest = tmp_path / "dest.qcow2"
+    env = {"NBDBACKUP_PASSPHRASE": secret}
+    first = json.loads(support.nbdbackup("--repo", tmp_path / "repo", "restore", "--live", "sealed", dest,
+                                         "--json", env=env).stdout)
+    live.pids.add(first["server_pid"])
+    assert secret not in Path(first["state_file"]).read_text()
+    assert secret.encode() not in Path(f"/proc/{first['server_pid']}/cmdline").read_bytes()
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(data)
+    c = support.run([support.require_tool("qemu-img"), "compare", "-U", "-f", "qcow2", "-F", "raw", str(dest),
+                     str(raw)], check=False)           # DEST read through its backing: the server decrypts
+    assert c.returncode == 0, c.stdout + c.stderr
+    second = json.loads(support.nbdbackup("--repo", tmp_path / "repo", "restore", "--live", "sealed", dest,
+                                          "--force", "--json", env=env).stdout)
+    live.pids.add(second["server_pid"])
+    assert second["server_pid"] != first["server_pid"] and _alive(second["server_pid"])
+    assert support_wait(lambda: not _alive(first["server_pid"]))
+    assert not os.path.exists(os.path.dirname(first["socket"]))
+
+
+@pytest.mark.parametrize("place", ["s3+pg"], indirect=True)     # its index is on PostgreSQL too; local: all others
+def test_server_opens_every_place(place, tmp_path, live):
+    """The serve the command starts opens the repository wherever it lives (PostgreSQL index,
+    S3 objects: through the environment it inherits); DEST reads the backup through it."""
+    support.nbdbackup("--repo", place, "init", "--chunk-size", "64K")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(random.Random(5).randbytes(2 * MiB) + bytes(2 * MiB))
+    support.nbdbackup("--repo", place, "full", "--image", raw, "--format", "raw", "--disk", "placed")
+    dest = tmp_path / "dest.qcow2"
+    doc = json.loads(support.nbdbackup("--repo", place, "restore", "--live", "placed", dest, "--json").stdout)
+    live.pids.add(doc["server_pid"])
+    c = support.run([support.require_tool("qemu-img"), "compare", "-U", "-f", "qcow2", "-F", "raw", str(dest),
+                     str(raw)], check=False)
+    assert c.returncode == 0, c.stdout + c.stderr
