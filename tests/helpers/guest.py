@@ -397,7 +397,7 @@ class PlainGuest:
         self.console = self.tmp / "console.log"
         self.node = "node-vda"
         cmd = [support.require_tool("qemu-system-x86_64"), "-machine", "pc,accel=tcg", "-m", "256",
-               "-nodefaults", "-display", "none", "-no-reboot",
+               "-nodefaults", "-display", "none", "-no-reboot", "-S",
                "-kernel", str(os_.kernel), "-initrd", str(os_.initrd), "-append", os_.cmdline,
                "-serial", f"file:{self.console}",
                "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
@@ -407,16 +407,48 @@ class PlainGuest:
                "-device", f"virtio-blk-pci,drive={self.node},id=vda",
                "-chardev", f"socket,id=qga0,path={self.agent_sock},server=on,wait=off",
                "-device", "virtio-serial-pci",
-               "-device", f"virtserialport,chardev=qga0,name={AGENT_CHANNEL}"]
+               "-device", f"virtserialport,chardev=qga0,name={AGENT_CHANNEL},id=qga-port"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.agent = SocketAgent(self.agent_sock)
+        self.mon = None
         try:
-            support.wait_listening(self.agent_sock, proc=self.proc)
-            self.boot_seconds = wait_ready(self.agent, self.console, "plain qemu guest", self.proc)
+            start = time.monotonic()
+            self._wait_for_the_agents_port()
+            self.boot_seconds = time.monotonic() - start + wait_ready(self.agent, self.console,
+                                                                       "plain qemu guest", self.proc)
         except BaseException:
             self.stop()
             raise
 
+    def _wait_for_the_agents_port(self) -> None:
+        """Start the paused VM and wait until the guest opens the agent's port (the event
+        libvirt waits for too). Only then may a client connect: a client that sent a command
+        while no agent listened, and left, was seen to make the channel answer nobody after."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        support.wait_listening(self.watch_sock, proc=self.proc)
+        self.mon = QEMUMonitorProtocol(self.watch_sock)
+        self.mon.connect()
+        self.mon.cmd("cont")
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                ev = self.mon.pull_event(wait=1.0)
+            except Exception:       # no event within the second (the binding's timeout error)
+                ev = None
+            if ev and ev.get("event") == "VSERPORT_CHANGE" and ev["data"].get("id") == "qga-port" \
+                    and ev["data"].get("open"):
+                return
+        log = self.console.read_text(errors="replace")[-6000:] if self.console.exists() else "(no console log)"
+        raise AssertionError(f"the guest never opened the agent's port within {BOOT_TIMEOUT:.0f}s "
+                             f"(qemu: {self.proc.poll()}); its serial console:\n{log}")
+
     def stop(self) -> None:
+        if self.mon is not None:
+            with contextlib.suppress(Exception):
+                self.mon.close()
+            self.mon = None
         support.stop(self.proc)
