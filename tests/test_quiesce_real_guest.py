@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -41,12 +42,12 @@ def _backups(repo: Path, *args, code: int = 0) -> list[dict] | subprocess.Comple
     return out if isinstance(out, list) else [out]
 
 
-def _on_disk(repo: Path, backup_id: str, name: str, tmp: Path) -> bytes | None:
-    """/NAME as the backup's ext4 has it on the disk (None: not there)."""
+def _on_disk(repo: Path, backup_id: str, names: list[str], tmp: Path) -> dict[str, bytes | None]:
+    """{NAME: /NAME as the backup's ext4 has it on the disk (None: not there)}."""
     raw = tmp / f"{backup_id}.raw"
     nbb(repo, "restore", backup_id, str(raw))
     try:
-        return guest.ext4_file(raw, name)
+        return {name: guest.ext4_file(raw, name) for name in names}
     finally:
         raw.unlink()
 
@@ -61,17 +62,29 @@ def _write_unsynced(agent, name: str) -> bytes:
 # --- a libvirt domain -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def domain(libvirtd, tmp_path_factory):
+def guests(libvirtd, tmp_path_factory):
+    """(the libvirt domain, its agent, the plain qemu guest): both boot at once (the boot is
+    most of this module's time), the plain one is waited for only by the test that uses it."""
     os_ = guest.guest_os()
-    image = guest.make_ext4_qcow2(tmp_path_factory.mktemp("guest-disk") / "vda.qcow2")
-    dom = make_domain((("image", image),), guest=os_, tag="agent")
+    d = tmp_path_factory.mktemp("guests")
+    plain = guest.PlainGuest(d, os_, guest.make_ext4_qcow2(d / "plain-vda.qcow2"), wait=False)
+    dom = None
     try:
+        start = time.monotonic()
+        dom = make_domain((("image", guest.make_ext4_qcow2(d / "vda.qcow2")),), guest=os_, tag="agent")
         agent = guest.LibvirtAgent(dom.name)
-        seconds = guest.wait_ready(agent, dom.console, dom.name)
-        print(f"\nlibvirt guest {dom.name}: agent answered {seconds:.1f}s after start (TCG)")
-        yield dom, agent
+        guest.wait_ready(agent, dom.console, dom.name)
+        print(f"\nlibvirt guest {dom.name}: agent answered {time.monotonic() - start:.1f}s after start (TCG)")
+        yield dom, agent, plain
     finally:
-        dom.remove()
+        if dom is not None:
+            dom.remove()
+        plain.stop()
+
+
+@pytest.fixture
+def domain(guests):
+    return guests[0], guests[1]
 
 
 @pytest.fixture
@@ -92,13 +105,12 @@ def test_libvirt_quiesce_really_freezes_and_thaws(libvirt_guest, tmp_path):
     repo = init_repo(tmp_path / "repo", "64K")
     control = _write_unsynced(agent, "control")
     [plain] = _backups(repo, "full", "--libvirt", dom.name)
-    assert _on_disk(repo, plain["id"], "control", tmp_path) in (None, b""), \
+    assert _on_disk(repo, plain["id"], ["control"], tmp_path)["control"] in (None, b""), \
         "the unsynced write is on the disk without a freeze: this test could not tell a freeze happened"
 
     fresh = _write_unsynced(agent, "quiesced")
     [frozen] = _backups(repo, "full", "--libvirt", dom.name, "--quiesce")
-    assert _on_disk(repo, frozen["id"], "quiesced", tmp_path) == fresh
-    assert _on_disk(repo, frozen["id"], "control", tmp_path) == control
+    assert _on_disk(repo, frozen["id"], ["quiesced", "control"], tmp_path) == {"quiesced": fresh, "control": control}
 
     assert guest.freeze_status(agent) == "thawed"
     assert guest.guest_sh(agent, "echo again > /mnt/after && cat /mnt/after") == "again\n"
@@ -164,16 +176,12 @@ def test_libvirt_sigkill_while_frozen_then_the_next_run_thaws(libvirt_guest, tmp
 
 # --- a plain qemu with the agent on a unix socket (--qmp ... --qga) ------------------------------
 
-@pytest.fixture(scope="module")
-def plain_guest(tmp_path_factory):
-    d = tmp_path_factory.mktemp("plain-guest")
-    image = guest.make_ext4_qcow2(d / "vda.qcow2")
-    vm = guest.PlainGuest(d, guest.guest_os(), image)
+@pytest.fixture
+def plain_guest(guests):
+    vm = guests[2]
+    vm.wait_booted()
     print(f"\nplain qemu guest: agent answered {vm.boot_seconds:.1f}s after start (TCG)")
-    try:
-        yield vm
-    finally:
-        vm.stop()
+    return vm
 
 
 def test_qmp_qga_really_freezes_and_thaws(plain_guest, tmp_path):
@@ -184,14 +192,14 @@ def test_qmp_qga_really_freezes_and_thaws(plain_guest, tmp_path):
         common = ("--qmp", vm.qmp_sock, "--node", vm.node, "--disk", "plain-vda")
         control = _write_unsynced(agent, "control")
         [plain] = _backups(repo, "full", *common)
-        assert _on_disk(repo, plain["id"], "control", tmp_path) in (None, b""), \
+        assert _on_disk(repo, plain["id"], ["control"], tmp_path)["control"] in (None, b""), \
             "the unsynced write is on the disk without a freeze: this test could not tell a freeze happened"
 
         fresh = _write_unsynced(agent, "quiesced")
         [frozen] = _backups(repo, "incremental", *common, "--qga", vm.agent_sock)
         assert frozen["kind"] == "incremental"
-        assert _on_disk(repo, frozen["id"], "quiesced", tmp_path) == fresh
-        assert _on_disk(repo, frozen["id"], "control", tmp_path) == control
+        assert _on_disk(repo, frozen["id"], ["quiesced", "control"], tmp_path) == \
+            {"quiesced": fresh, "control": control}
 
         assert guest.freeze_status(agent) == "thawed"
         assert guest.guest_sh(agent, "echo again > /mnt/after && cat /mnt/after") == "again\n"

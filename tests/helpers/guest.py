@@ -24,7 +24,8 @@ How it is built (no root, no mount, no network; cached, so only the first sessio
 The guest runs either as a libvirt domain (helpers.libvirt.make_domain(guest=...): kernel,
 initrd and cmdline in <os>, the agent channel, the serial console to a file) or as a plain
 qemu-system-x86_64 with a QMP socket and the agent's channel on a unix socket (PlainGuest).
-Both run under TCG, as every other test VM does.
+Both run under TCG, as every other test VM does (CI need not have /dev/kvm); the tests print
+how long the boot took.
 
 Files are written and read back through the agent (guest-exec of busybox sh) and read out of a
 restored raw image with debugfs (e2fsprogs), which needs neither root nor a mount.
@@ -388,7 +389,9 @@ class PlainGuest:
     """The guest in qemu-system-x86_64 (TCG) with its disk as block node `node-vda`, a QMP
     socket for the tool, one for the test, and the agent's channel on a unix socket."""
 
-    def __init__(self, tmp: Path, os_: GuestOs, disk: Path):
+    def __init__(self, tmp: Path, os_: GuestOs, disk: Path, *, wait: bool = True):
+        """Start it; with *wait*, return once the agent answers (else call wait_booted()), so
+        that a test module can boot it while it boots another guest."""
         self.tmp = Path(tmp)
         self.disk = disk
         self.qmp_sock = str(self.tmp / "qmp.sock")
@@ -412,25 +415,37 @@ class PlainGuest:
                                      stderr=subprocess.PIPE, text=True)
         self.agent = SocketAgent(self.agent_sock)
         self.mon = None
+        self.boot_seconds: float | None = None
         try:
-            start = time.monotonic()
-            self._wait_for_the_agents_port()
-            self.boot_seconds = time.monotonic() - start + wait_ready(self.agent, self.console,
-                                                                       "plain qemu guest", self.proc)
+            self._start = time.monotonic()
+            self._cont()
+            if wait:
+                self.wait_booted()
         except BaseException:
             self.stop()
             raise
 
-    def _wait_for_the_agents_port(self) -> None:
-        """Start the paused VM and wait until the guest opens the agent's port (the event
-        libvirt waits for too). Only then may a client connect: a client that sent a command
-        while no agent listened, and left, was seen to make the channel answer nobody after."""
+    def _cont(self) -> None:
+        """Connect the watching monitor to the paused VM (so no event is missed), then run it."""
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         support.wait_listening(self.watch_sock, proc=self.proc)
         self.mon = QEMUMonitorProtocol(self.watch_sock)
         self.mon.connect()
         self.mon.cmd("cont")
+
+    def wait_booted(self) -> float:
+        """Wait until the agent answers; seconds since the start."""
+        if self.boot_seconds is None:
+            self._wait_for_the_agents_port()
+            wait_ready(self.agent, self.console, "plain qemu guest", self.proc)
+            self.boot_seconds = time.monotonic() - self._start
+        return self.boot_seconds
+
+    def _wait_for_the_agents_port(self) -> None:
+        """Wait until the guest opens the agent's port (the event libvirt waits for too). Only
+        then may a client connect: a client that sent a command while no agent listened, and
+        left, was seen to make the channel answer nobody after."""
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
