@@ -93,6 +93,7 @@ SLOW_MODULES = {      # one per line, sorted: branches add to it without conflic
     "test_maint_crash",
     "test_maint_rebuild",
     "test_qmp_cli",
+    "test_quiesce_real_guest",
     "test_repo_tamper",
     "test_restore_libvirt",
     "test_run_job",

@@ -98,6 +98,7 @@ class TestDomain:
     xml: str                                # the XML it was created/defined from
     cdrom: str | None = None                # the CD-ROM's target ("hdc") when it has one
     nvram: Path | None = None
+    console: Path | None = None             # the serial console's log (a domain with a guest OS)
     removed: bool = field(default=False, repr=False)
 
     __test__ = False        # not a pytest test class
@@ -146,12 +147,15 @@ def _disk_xml(target: str, path: Path, fmt: str) -> str:
 
 def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent: bool = False,
                 running: bool = True, fill: int | None = 0x11, nvram: bool = False,
-                tag: str = "", busy: int = 0) -> TestDomain:
+                tag: str = "", busy: int = 0, guest=None) -> TestDomain:
     """A new domain with one virtio disk per (format, size) in *disks* (targets vda, vdb, ...),
     each with its first MiB written with byte *fill* (None: left empty); *cdrom*: an IDE CD-ROM
     hdc with a small file in it; *nvram*: a pflash NVRAM file (SeaBIOS as the loader); *busy*:
     this many bytes of random (incompressible) data in vda from 1 MiB on, so that reading it
     takes a while (for faults in the middle of a read).
+    *guest*: a helpers.guest.GuestOs to boot (kernel, initrd, cmdline; 256 MiB, the guest agent's
+    channel, the serial console to dom.console), with vda a copy of the image *disks*[0] names as
+    ("image", PATH) instead of a (format, size).
     Transient domains are always running. The caller removes it (the fixture does)."""
     if not persistent and not running:
         raise ValueError("a transient domain only exists while it runs")
@@ -163,6 +167,13 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
     devices = ""
     for i, (fmt, size) in enumerate(disks):
         target = "vd" + chr(ord("a") + i)
+        if fmt == "image":          # (image, PATH): a copy of a prepared qcow2 image
+            fmt, source = "qcow2", Path(size)
+            img = d / f"{target}.{fmt}"
+            shutil.copyfile(source, img)
+            images[target], formats[target] = img, fmt
+            devices += _disk_xml(target, img, fmt)
+            continue
         img = d / f"{target}.{fmt}"
         _qemu_img("create", "-q", "-f", fmt, str(img), str(size))
         if fill is not None:
@@ -193,11 +204,21 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
         bios = "/usr/share/seabios/bios-256k.bin"
         loader = (f"<loader readonly='yes' type='pflash'>{bios}</loader>"
                   f"<nvram>{nvram_path}</nvram>")
+    memory, boot, console = 64, "<boot dev='hd'/>", None
+    if guest is not None:
+        # copies in the domain's directory: libvirt chowns a domain's kernel and initrd to qemu's user
+        kernel, initrd = shutil.copyfile(guest.kernel, d / "vmlinuz"), shutil.copyfile(guest.initrd, d / "initrd")
+        memory, console = 256, d / "console.log"
+        boot = f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{guest.cmdline}</cmdline>"
+        devices += f"""    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <console type='file'><source path='{console}'/><target type='serial' port='0'/></console>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+"""
     xml = f"""<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>64</memory>
+  <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>{loader}<boot dev='hd'/></os>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{loader}{boot}</os>
   {"<features><acpi/></features>" if nvram else ""}
   <devices>
     <emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
@@ -207,7 +228,7 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
     xml_file = d / "dom.xml"
     xml_file.write_text(xml)
     dom = TestDomain(name=name, dir=d, disks=images, formats=formats, persistent=persistent, xml=xml,
-                     cdrom="hdc" if cdrom else None, nvram=nvram_path)
+                     cdrom="hdc" if cdrom else None, nvram=nvram_path, console=console)
     try:
         if persistent:
             virsh("define", str(xml_file))
