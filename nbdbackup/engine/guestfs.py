@@ -1,0 +1,557 @@
+"""Files out of a backup, without root: our own NBD server + libguestfs's appliance.
+
+served_backup() exports one backup, read-only, from an in-process NbdServer on a unix
+socket in a private 0700 directory. GuestfsSession drives one `guestfish --listen`
+(Debian's libguestfs-tools; python3-guestfs imports only in Debian's own python) with
+one `guestfish --remote` call per command, so each command's stdout and stderr are its
+own. The appliance (a small VM) reads the disk over NBD: no kernel nbd module, no loop
+device, nothing mounted on the host. One appliance launch per session: it is slow
+(about 25 s under TCG here).
+
+guestfish's remote commands are prefixed with "-" so that an error does not make the
+server exit; an error is then recognised by "libguestfs: error:" on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import posixpath
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ApplianceFailed, NbdBackupError, NoFilesystem, PathNotFound, UsageError
+
+GUESTFISH = "guestfish"
+TCG_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
+APPLIANCE_HINT = ("check the appliance with `libguestfs-test-tool`; on a machine without working KVM set "
+                  "LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg (slower)")
+NOT_A_FILESYSTEM = ("unknown", "swap")
+STAT_BATCH = 256        # names per lstatnslist call
+
+
+class GuestfsError(NbdBackupError):
+    """A guestfish command failed; .text: libguestfs's message."""
+
+    def __init__(self, command: str, text: str):
+        super().__init__(f"libguestfs {command}: {text}")
+        self.command = command
+        self.text = text
+
+
+@dataclass
+class Filesystem:
+    device: str          # libguestfs's name: /dev/sda1, /dev/VG/LV, /dev/sda
+    type: str            # ext4, xfs, ntfs, ... or "unknown"
+    size: int | None = None
+    label: str | None = None
+    uuid: str | None = None
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "type": self.type, "size": self.size, "label": self.label,
+                "uuid": self.uuid}
+
+
+@dataclass
+class DiskLayout:
+    size: int
+    partition_table: str | None          # "msdos", "gpt" or None (no partition table)
+    partitions: list[str]
+    filesystems: list[Filesystem]        # every one libguestfs found, "unknown" ones too
+
+    @property
+    def mountable(self) -> list[Filesystem]:
+        return [f for f in self.filesystems if f.type not in NOT_A_FILESYSTEM]
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "partition_table": self.partition_table, "partitions": self.partitions,
+                "filesystems": [f.to_json() for f in self.filesystems]}
+
+
+@dataclass
+class Entry:
+    name: str
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    target: str | None = None     # a symlink's target
+
+    @property
+    def mode_string(self) -> str:
+        return stat.filemode(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "mode": self.mode_string, "mode_octal": f"{stat.S_IMODE(self.mode):04o}",
+                "type": _type_name(self.mode), "nlink": self.nlink, "uid": self.uid, "gid": self.gid,
+                "size": self.size, "mtime": self.mtime_ns / 1e9, "target": self.target}
+
+
+@dataclass
+class Extracted:
+    path: str            # in the backup
+    to: str              # on the host
+    type: str
+    files: int = 0       # regular files written
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)    # unsafe or special members, with why
+
+
+def _type_name(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
+                       (stat.S_ISCHR, "char-device"), (stat.S_ISBLK, "block-device"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "unknown"
+
+
+def _quote_list_item(s: str) -> str:
+    """One item of a guestfish string-list argument (space-separated, double quotes escape)."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _parse_structs(text: str) -> list[dict]:
+    """guestfish's struct-list output ("[0] = {", "  key: value", "}") as dicts; a single
+    struct (no brackets) gives one dict."""
+    out: list[dict] = []
+    cur: dict | None = None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("{"):
+            cur = {}
+            out.append(cur)
+        elif s == "}":
+            cur = None
+        elif ": " in s or s.endswith(":"):
+            k, _, v = s.partition(":")
+            if cur is None:
+                cur = {}
+                out.append(cur)
+            cur[k.strip()] = v.strip()
+    return out
+
+
+def _entry(name: str, d: dict) -> Entry | None:
+    if int(d.get("st_ino", -1)) == -1:
+        return None         # lstatnslist's answer for a name that does not exist
+    return Entry(name=name, mode=int(d["st_mode"]), nlink=int(d["st_nlink"]), uid=int(d["st_uid"]),
+                 gid=int(d["st_gid"]), size=int(d["st_size"]),
+                 mtime_ns=int(d["st_mtime_sec"]) * 10**9 + int(d["st_mtime_nsec"]))
+
+
+def normalize_path(path: str) -> str:
+    if not path or "\0" in path:
+        raise UsageError(f"bad path {path!r}", hint="give a path inside the filesystem, e.g. /etc/hostname")
+    return posixpath.normpath("/" + path.lstrip("/")) if path != "/" else "/"
+
+
+def check_device(device: str) -> str:
+    if not device.startswith("/dev/") or any(c.isspace() for c in device) or ".." in device.split("/"):
+        raise UsageError(f"--fs {device!r} is not a device name",
+                         hint="give one of the devices `nbdbackup files BACKUP` lists, e.g. /dev/sda1 "
+                              "or /dev/VG/LV")
+    return device
+
+
+class GuestfsSession:
+    """One libguestfs appliance on one disk: add_nbd(), launch(), then layout()/mount()/
+    stat()/listdir()/extract() as often as needed; close() (or `with`) ends it."""
+
+    def __init__(self, *, env: dict | None = None, warn=None):
+        if shutil.which(GUESTFISH) is None:
+            raise UsageError("guestfish not found: `files` needs libguestfs",
+                             hint="apt install libguestfs-tools")
+        self.base_env = dict(os.environ if env is None else env)
+        self.warn = warn or (lambda msg: None)
+        self.pid: int | None = None
+        self.env: dict = {}
+        self.drive: tuple | None = None
+        self.launch_s: float | None = None
+        self.tcg_fallback = False
+        self.mounted: str | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- the guestfish server --------------------------------------------------------
+    def _start(self, env: dict) -> None:
+        self.env = env
+        # The server it forks keeps stderr: a file, not a pipe that would never reach EOF.
+        with tempfile.TemporaryFile() as errf:
+            try:
+                p = subprocess.run([GUESTFISH, "--listen", "--ro"], stdout=subprocess.PIPE, stderr=errf,
+                                   text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                raise ApplianceFailed("guestfish --listen did not start within 60 s", hint=APPLIANCE_HINT) from None
+            errf.seek(0)
+            p.stderr = errf.read(4000).decode(errors="replace")
+        # "GUESTFISH_PID=1234; export GUESTFISH_PID"
+        pid = None
+        for part in p.stdout.replace("\n", ";").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == "GUESTFISH_PID" and v.strip().isdigit():
+                pid = int(v)
+        if p.returncode != 0 or pid is None:
+            raise ApplianceFailed(f"guestfish --listen failed: {(p.stderr or p.stdout).strip()[:500]}",
+                                  hint=APPLIANCE_HINT)
+        self.pid = pid
+
+    def _stop(self) -> None:
+        pid, self.pid = self.pid, None
+        self.mounted = None
+        if pid is None:
+            return
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            subprocess.run([GUESTFISH, f"--remote={pid}", "exit"], env=self.env, capture_output=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+        # It exits by itself; make sure of it (it is our child's child, known only by pid).
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+    def close(self) -> None:
+        self._stop()
+
+    def call(self, command: str, *args: str, timeout: float = 3600) -> str:
+        """Run one guestfish command in the appliance; its stdout, or GuestfsError."""
+        if self.pid is None:
+            raise ApplianceFailed("the libguestfs appliance is not running", hint=APPLIANCE_HINT)
+        try:
+            p = subprocess.run([GUESTFISH, f"--remote={self.pid}", "--", "-" + command, *args],
+                               capture_output=True, env=self.env, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise GuestfsError(command, f"no answer within {timeout:.0f} s") from None
+        err = p.stderr.decode(errors="replace")
+        if "libguestfs: error:" in err or p.returncode != 0:
+            lines = [ln.split("libguestfs: error:", 1)[-1].strip() for ln in err.splitlines() if ln.strip()]
+            text = lines[0] if lines else f"guestfish exited {p.returncode}"
+            if "server is not running" in err:
+                raise ApplianceFailed(f"the libguestfs appliance went away during {command}: {text}",
+                                      hint=APPLIANCE_HINT)
+            raise GuestfsError(command, text)
+        return p.stdout.decode(errors="surrogateescape")
+
+    # --- launch ------------------------------------------------------------------------
+    def add_nbd(self, socket_path: str, export: str) -> None:
+        self.drive = (socket_path, export)
+
+    def launch(self) -> None:
+        """Start the appliance on the drive. When the user chose no backend and KVM fails
+        (here qemu aborts), try once more under TCG and say so."""
+        user_chose = any(k in self.base_env for k in TCG_ENV)
+        try:
+            self._launch(self.base_env)
+            return
+        except ApplianceFailed as e:
+            first = e
+        if user_chose or not os.path.exists("/dev/kvm"):
+            raise first
+        self.warn(f"the libguestfs appliance failed to start with KVM ({first}); retrying under TCG "
+                  "(slower). To skip this attempt, set LIBGUESTFS_BACKEND=direct "
+                  "LIBGUESTFS_BACKEND_SETTINGS=force_tcg in the environment")
+        self.tcg_fallback = True
+        self._launch({**self.base_env, **TCG_ENV})
+
+    def _launch(self, env: dict) -> None:
+        socket_path, export = self.drive
+        self._start(env)
+        try:
+            self.call("add", export, "protocol:nbd", f"server:unix:{socket_path}",
+                      "format:raw", "readonly:true", timeout=60)
+            t0 = time.monotonic()
+            try:
+                self.call("run", timeout=900)
+            except GuestfsError as e:
+                raise ApplianceFailed(f"the libguestfs appliance cannot start: {e.text}",
+                                      hint=APPLIANCE_HINT) from None
+            self.launch_s = time.monotonic() - t0
+        except BaseException:
+            self._stop()
+            raise
+
+    # --- what is on the disk -------------------------------------------------------
+    def layout(self) -> DiskLayout:
+        size = int(self.call("blockdev-getsize64", "/dev/sda").strip())
+        try:
+            table = self.call("part-get-parttype", "/dev/sda").strip() or None
+        except GuestfsError:
+            table = None        # no partition table: a filesystem on the whole disk, a PV, or nothing
+        partitions = self.call("list-partitions").split()
+        filesystems = []
+        for line in self.call("list-filesystems").splitlines():
+            dev, sep, fstype = line.rpartition(": ")
+            if not sep:
+                continue
+            fs = Filesystem(dev, fstype.strip())
+            with contextlib.suppress(GuestfsError, ValueError):
+                fs.size = int(self.call("blockdev-getsize64", dev).strip())
+            if fs.type not in NOT_A_FILESYSTEM:
+                with contextlib.suppress(GuestfsError):
+                    fs.label = self.call("vfs-label", dev).strip() or None
+                with contextlib.suppress(GuestfsError):
+                    fs.uuid = self.call("vfs-uuid", dev).strip() or None
+            filesystems.append(fs)
+        return DiskLayout(size, table, partitions, filesystems)
+
+    def choose(self, layout: DiskLayout, device: str | None) -> Filesystem:
+        """The filesystem PATH refers to: --fs DEVICE, or the disk's only one."""
+        usable = layout.mountable
+        choices = ", ".join(f"{f.device} ({f.type})" for f in usable)
+        if not usable:
+            found = ", ".join(f"{f.device} ({f.type})" for f in layout.filesystems) or "nothing"
+            raise NoFilesystem(f"no filesystem found on the backup's disk (libguestfs found: {found}; "
+                               f"partition table: {layout.partition_table or 'none'})",
+                               hint="is this the right backup? `nbdbackup files BACKUP` lists what the disk holds")
+        if device is None:
+            if len(usable) > 1:
+                raise UsageError(f"the disk holds {len(usable)} filesystems: {choices}",
+                                 hint="pick one with --fs DEVICE")
+            return usable[0]
+        check_device(device)
+        for f in layout.filesystems:
+            if f.device == device:
+                if f.type in NOT_A_FILESYSTEM:
+                    raise NoFilesystem(f"{device} holds no filesystem ({f.type})",
+                                       hint=f"the filesystems on this disk: {choices}")
+                return f
+        raise UsageError(f"--fs {device}: no such filesystem on this disk", hint=f"choose one of: {choices}")
+
+    def mount(self, fs: Filesystem) -> None:
+        if self.mounted == fs.device:
+            return
+        if self.mounted:
+            self.call("umount-all")
+            self.mounted = None
+        try:
+            self.call("mount-ro", fs.device, "/")
+        except GuestfsError as e:
+            raise NbdBackupError(f"cannot mount {fs.device} ({fs.type}) read-only in the appliance: {e.text}",
+                                 hint="the appliance may lack support for this filesystem") from None
+        self.mounted = fs.device
+
+    # --- paths --------------------------------------------------------------------
+    def _lstat_many(self, directory: str, names: list[str]) -> list[Entry | None]:
+        out: list[Entry | None] = []
+        for i in range(0, len(names), STAT_BATCH):
+            batch = names[i:i + STAT_BATCH]
+            structs = None
+            if not any("\n" in n for n in batch):
+                structs = _parse_structs(self.call("lstatnslist", directory,
+                                                   " ".join(_quote_list_item(n) for n in batch)))
+            if structs is None or len(structs) != len(batch):
+                # A name the list syntax could not carry: one call each (slower, exact).
+                structs = [self._lstat_one(posixpath.join(directory, n)) for n in batch]
+            out += [None if d is None else _entry(n, d) for n, d in zip(batch, structs)]
+        return out
+
+    def _lstat_one(self, path: str) -> dict | None:
+        try:
+            return (_parse_structs(self.call("lstatns", path)) or [None])[0]
+        except GuestfsError as e:
+            if "No such file or directory" in e.text or "Not a directory" in e.text:
+                return None
+            raise
+
+    def stat(self, path: str) -> Entry:
+        """lstat of *path* in the mounted filesystem; PathNotFound when it does not exist."""
+        path = normalize_path(path)
+        parent, name = posixpath.split(path)
+        if path == "/":
+            d = self._lstat_one("/")
+            entry = _entry("/", d) if d else None
+        else:
+            try:
+                entry = self._lstat_many(parent, [name])[0]
+            except GuestfsError as e:
+                if "No such file or directory" not in e.text and "Not a directory" not in e.text:
+                    raise
+                entry = None
+        if entry is None:
+            raise PathNotFound(f"{path} does not exist in {self.mounted}",
+                               hint=f"list its directory: nbdbackup files BACKUP {parent}")
+        if stat.S_ISLNK(entry.mode):
+            entry.target = self.call("readlink", path).rstrip("\n")
+        return entry
+
+    def listdir(self, path: str) -> list[Entry]:
+        """The entries of directory *path* (or the one entry, when it is not a directory)."""
+        path = normalize_path(path)
+        top = self.stat(path)
+        if not top.is_dir:
+            top.name = path
+            return [top]
+        with tempfile.TemporaryDirectory(prefix="nbdbackup-ls-") as tmp:
+            names_file = os.path.join(tmp, "names")
+            self.call("ls0", path, names_file)
+            with open(names_file, "rb") as f:
+                names = [n.decode(errors="surrogateescape") for n in f.read().split(b"\0") if n]
+        names.sort()
+        entries = [e for e in self._lstat_many(path, names) if e is not None]
+        for e in entries:
+            if stat.S_ISLNK(e.mode):
+                with contextlib.suppress(GuestfsError):
+                    e.target = self.call("readlink", posixpath.join(path, e.name)).rstrip("\n")
+        return entries
+
+    # --- extract ------------------------------------------------------------------
+    def extract(self, paths: list[str], to: str, *, force: bool = False) -> list[Extracted]:
+        """Copy *paths* (files, directories, symlinks) into directory *to*, each under its
+        own base name, keeping modes and mtimes. Nothing existing in *to* is overwritten
+        unless *force*. Every path is checked before anything is written."""
+        if not os.path.isdir(to):
+            raise UsageError(f"--to {to}: not a directory", hint="create it first, or give an existing directory")
+        plan = []
+        for p in paths:
+            p = normalize_path(p)
+            entry = self.stat(p)
+            dest = os.path.join(to, posixpath.basename(p)) if p != "/" else to
+            plan.append((p, entry, dest))
+        dests = [d for _, _, d in plan]
+        if len(set(dests)) != len(dests):
+            raise UsageError("two --extract paths have the same base name; they would land on the same "
+                             "place in --to", hint="extract them one call and directory at a time")
+        if not force:
+            for p, entry, dest in plan:
+                if os.path.lexists(dest) and not (entry.is_dir and os.path.isdir(dest) and not os.path.islink(dest)):
+                    raise UsageError(f"{dest} exists; not overwriting it", hint="remove it, or pass --force")
+        out = []
+        for p, entry, dest in plan:
+            if entry.is_dir:
+                out.append(self._extract_dir(p, dest, force))
+            elif stat.S_ISREG(entry.mode):
+                out.append(self._extract_file(p, entry, dest))
+            elif stat.S_ISLNK(entry.mode):
+                _replace(dest, lambda tmp, e=entry: os.symlink(e.target, tmp))
+                out.append(Extracted(p, dest, "symlink"))
+            else:
+                out.append(Extracted(p, dest, _type_name(entry.mode),
+                                     skipped=[f"{p}: a {_type_name(entry.mode)} is not extracted"]))
+        return out
+
+    def _extract_file(self, path: str, entry: Entry, dest: str) -> Extracted:
+        def write(tmp: str) -> None:
+            self.call("download", path, tmp)
+            os.chmod(tmp, stat.S_IMODE(entry.mode) & 0o777)
+            os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
+        _replace(dest, write)
+        return Extracted(path, dest, "file", files=1, bytes=entry.size)
+
+    def _extract_dir(self, path: str, dest: str, force: bool) -> Extracted:
+        result = Extracted(path, dest, "directory")
+        # The archive goes next to its destination: a big directory may not fit in /tmp.
+        fd, tar_path = tempfile.mkstemp(prefix=".nbdbackup-files-", suffix=".tar", dir=os.path.dirname(dest) or ".")
+        os.close(fd)
+        try:
+            self.call("tar-out", path, tar_path, "numericowner:true")
+            with tarfile.open(tar_path) as tf:
+                members = tf.getmembers()
+                if not force:
+                    existing = [m.name for m in members if not m.isdir()
+                                and os.path.lexists(os.path.join(dest, m.name))]
+                    if existing:
+                        raise UsageError(f"{len(existing)} file(s) under {dest} exist, e.g. "
+                                         f"{os.path.join(dest, existing[0])}; not overwriting them",
+                                         hint="remove them, or pass --force")
+                os.makedirs(dest, exist_ok=True)
+
+                def keep_modes(member: tarfile.TarInfo, dest_path: str):
+                    # data_filter refuses absolute names, "..", links leaving dest and device
+                    # nodes; what it refuses is skipped and reported, not fatal.
+                    try:
+                        safe = tarfile.data_filter(member, dest_path)
+                    except tarfile.FilterError as e:
+                        result.skipped.append(f"{member.name}: {e}")
+                        return None
+                    if safe.isfile() or safe.isdir():
+                        safe = safe.replace(mode=member.mode & 0o777, deep=False)   # no setuid/setgid/sticky
+                    if force and not safe.isdir():
+                        target = os.path.join(dest_path, safe.name)
+                        if os.path.lexists(target) and not os.path.isdir(target):
+                            os.unlink(target)    # never write through an existing symlink
+                    if safe.isfile():
+                        result.files += 1
+                        result.bytes += safe.size
+                    return safe
+
+                tf.extractall(dest, filter=keep_modes)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tar_path)
+        return result
+
+
+def _replace(dest: str, make) -> None:
+    """make(tmp) creates a temporary next to *dest*; it then replaces *dest* atomically."""
+    tmp = os.path.join(os.path.dirname(dest) or ".", f".nbdbackup-files-{os.getpid()}-{os.path.basename(dest)}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        make(tmp)
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise UsageError(f"{dest} is a directory; not replacing it with a file", hint="remove it first")
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@dataclass
+class ServedBackup:
+    socket: str
+    export: str
+    info: object        # BackupInfo
+
+
+@contextlib.contextmanager
+def served_backup(repo, ref: str, *, workers: int = 4, cache_bytes: int = 64 << 20):
+    """Serve backup *ref* (an id or a disk name), read-only and alone, on a unix socket
+    (mode 0600) in a private 0700 directory; yields a ServedBackup. The server runs on its
+    own event loop thread, reading through *repo* (encrypted ones too)."""
+    import logging
+
+    from ..nbd.server import ListenAddress, NbdServer
+    from .exports import ChunkCache, OneBackupCatalog
+
+    info = repo.resolve(ref)
+    logging.getLogger("nbdbackup.server").setLevel(logging.WARNING)
+    # 0700. guestfish splits the server:unix:PATH list on spaces: keep them out of PATH.
+    base = tempfile.gettempdir()
+    private = tempfile.mkdtemp(prefix="nbdbackup-files-", dir=base if not any(c.isspace() for c in base) else "/tmp")
+    sock = os.path.join(private, "nbd.sock")
+    server = NbdServer(OneBackupCatalog(repo, ChunkCache(cache_bytes), info.id), workers=workers)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="nbd-files-server", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(ListenAddress(unix=sock)), loop).result(30)
+        yield ServedBackup(sock, info.id, info)
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        if not thread.is_alive():
+            loop.close()
+        shutil.rmtree(private, ignore_errors=True)
