@@ -183,6 +183,8 @@ class GuestfsSession:
         self.launch_s: float | None = None
         self.tcg_fallback = False
         self.mounted: str | None = None
+        self.errors = None
+        self.errors_seen = 0
 
     def __enter__(self):
         return self
@@ -193,15 +195,16 @@ class GuestfsSession:
     # --- the guestfish server --------------------------------------------------------
     def _start(self, env: dict) -> None:
         self.env = env
-        # The server it forks keeps stderr: a file, not a pipe that would never reach EOF.
-        with tempfile.TemporaryFile() as errf:
-            try:
-                p = subprocess.run([GUESTFISH, "--listen", "--ro"], stdout=subprocess.PIPE, stderr=errf,
-                                   text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
-            except subprocess.TimeoutExpired:
-                raise ApplianceFailed("guestfish --listen did not start within 60 s", hint=APPLIANCE_HINT) from None
-            errf.seek(0)
-            p.stderr = errf.read(4000).decode(errors="replace")
+        # The server it forks writes the errors of remote commands to ITS stderr, not the
+        # client's: a file we keep, read after each call (and not a pipe: it would never
+        # reach EOF).
+        self.errors = tempfile.TemporaryFile()
+        try:
+            p = subprocess.run([GUESTFISH, "--listen", "--ro"], stdout=subprocess.PIPE, stderr=self.errors,
+                               text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ApplianceFailed("guestfish --listen did not start within 60 s", hint=APPLIANCE_HINT) from None
+        p.stderr = self._new_errors()
         # "GUESTFISH_PID=1234; export GUESTFISH_PID"
         pid = None
         for part in p.stdout.replace("\n", ";").split(";"):
@@ -213,10 +216,20 @@ class GuestfsSession:
                                   hint=APPLIANCE_HINT)
         self.pid = pid
 
+    def _new_errors(self) -> str:
+        """What the guestfish server wrote to stderr since the last look."""
+        self.errors.seek(self.errors_seen)
+        text = self.errors.read()
+        self.errors_seen += len(text)
+        return text.decode(errors="replace")
+
     def _stop(self) -> None:
         pid, self.pid = self.pid, None
         self.mounted = None
         if pid is None:
+            if self.errors is not None:
+                self.errors.close()
+                self.errors, self.errors_seen = None, 0
             return
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run([GUESTFISH, f"--remote={pid}", "exit"], env=self.env, capture_output=True,
@@ -226,10 +239,12 @@ class GuestfsSession:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                return
+                break
             time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        self._stop()        # closes the error file
 
     def close(self) -> None:
         self._stop()
@@ -243,7 +258,7 @@ class GuestfsSession:
                                capture_output=True, env=self.env, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise GuestfsError(command, f"no answer within {timeout:.0f} s") from None
-        err = p.stderr.decode(errors="replace")
+        err = p.stderr.decode(errors="replace") + self._new_errors()
         if "libguestfs: error:" in err or p.returncode != 0:
             lines = [ln.split("libguestfs: error:", 1)[-1].strip() for ln in err.splitlines() if ln.strip()]
             text = lines[0] if lines else f"guestfish exited {p.returncode}"
