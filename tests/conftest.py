@@ -82,7 +82,7 @@ SLOW_MODULES = {
     "test_engine_chain_check", "test_engine_fallbacks", "test_engine_image_race", "test_engine_libvirt",
     "test_engine_points_in_time", "test_maint_crash", "test_maint_rebuild", "test_qmp_cli", "test_repo_tamper",
     "test_serve_fuzz", "test_copy", "test_encryption_cli", "test_libvirt_source", "test_libvirt_offline",
-    "test_restore_libvirt", "test_run_libvirt", "test_run_job", "test_vmdef",
+    "test_restore_libvirt", "test_run_libvirt", "test_run_job", "test_vmdef", "test_files",
 }
 
 _module_markers: dict[Path, list[str]] = {}

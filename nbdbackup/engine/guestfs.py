@@ -119,11 +119,6 @@ def _type_name(mode: int) -> str:
     return "unknown"
 
 
-def _quote_list_item(s: str) -> str:
-    """One item of a guestfish string-list argument (space-separated, double quotes escape)."""
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def _parse_structs(text: str) -> list[dict]:
     """guestfish's struct-list output ("[0] = {", "  key: value", "}") as dicts; a single
     struct (no brackets) gives one dict."""
@@ -368,18 +363,20 @@ class GuestfsSession:
 
     # --- paths --------------------------------------------------------------------
     def _lstat_many(self, directory: str, names: list[str]) -> list[Entry | None]:
-        out: list[Entry | None] = []
-        for i in range(0, len(names), STAT_BATCH):
-            batch = names[i:i + STAT_BATCH]
-            structs = None
-            if not any("\n" in n for n in batch):
-                structs = _parse_structs(self.call("lstatnslist", directory,
-                                                   " ".join(_quote_list_item(n) for n in batch)))
-            if structs is None or len(structs) != len(batch):
-                # A name the list syntax could not carry: one call each (slower, exact).
-                structs = [self._lstat_one(posixpath.join(directory, n)) for n in batch]
-            out += [None if d is None else _entry(n, d) for n, d in zip(batch, structs)]
-        return out
+        # guestfish splits a string list on white space and takes quotes literally: names
+        # with either go one `lstatns` call each (slower, exact), the others in batches.
+        plain = [n for n in names if not any(c.isspace() or c in "\"'\\" for c in n)]
+        found: dict[str, dict | None] = {}
+        for i in range(0, len(plain), STAT_BATCH):
+            batch = plain[i:i + STAT_BATCH]
+            structs = _parse_structs(self.call("lstatnslist", directory, " ".join(batch)))
+            if len(structs) != len(batch):
+                raise GuestfsError("lstatnslist", f"{len(structs)} answers for {len(batch)} names")
+            found.update(zip(batch, structs))
+        for n in names:
+            if n not in found:
+                found[n] = self._lstat_one(posixpath.join(directory, n))
+        return [None if found[n] is None else _entry(n, found[n]) for n in names]
 
     def _lstat_one(self, path: str) -> dict | None:
         try:
