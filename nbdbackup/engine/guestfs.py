@@ -34,6 +34,7 @@ TCG_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force
 APPLIANCE_HINT = ("check the appliance with `libguestfs-test-tool`; on a machine without working KVM set "
                   "LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg (slower)")
 NOT_A_FILESYSTEM = ("unknown", "swap")
+CHILD_SECRETS = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STAT_BATCH = 256        # names per lstatnslist call
 
 
@@ -170,7 +171,8 @@ class GuestfsSession:
         if shutil.which(GUESTFISH) is None:
             raise UsageError("guestfish not found: `files` needs libguestfs",
                              hint="apt install libguestfs-tools")
-        self.base_env = dict(os.environ if env is None else env)
+        # guestfish and its qemu need none of the repository's secrets.
+        self.base_env = {k: v for k, v in (os.environ if env is None else env).items() if k not in CHILD_SECRETS}
         self.warn = warn or (lambda msg: None)
         self.pid: int | None = None
         self.env: dict = {}
