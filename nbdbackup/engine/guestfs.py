@@ -21,19 +21,28 @@ import posixpath
 import shutil
 import stat
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ApplianceFailed, NbdBackupError, NoFilesystem, PathNotFound, UsageError
+from .guestfs_model import (
+    NOT_A_FILESYSTEM,
+    DiskLayout,
+    Entry,
+    Extracted,
+    Filesystem,
+    check_device,
+    entry_from,
+    normalize_path,
+    parse_structs,
+)
 
 GUESTFISH = "guestfish"
 TCG_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
 APPLIANCE_HINT = ("check the appliance with `libguestfs-test-tool`; on a machine without working KVM set "
                   "LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg (slower)")
-NOT_A_FILESYSTEM = ("unknown", "swap")
 CHILD_SECRETS = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STAT_BATCH = 256        # names per lstatnslist call
 
@@ -45,122 +54,6 @@ class GuestfsError(NbdBackupError):
         super().__init__(f"libguestfs {command}: {text}")
         self.command = command
         self.text = text
-
-
-@dataclass
-class Filesystem:
-    device: str          # libguestfs's name: /dev/sda1, /dev/VG/LV, /dev/sda
-    type: str            # ext4, xfs, ntfs, ... or "unknown"
-    size: int | None = None
-    label: str | None = None
-    uuid: str | None = None
-
-    def to_json(self) -> dict:
-        return {"device": self.device, "type": self.type, "size": self.size, "label": self.label,
-                "uuid": self.uuid}
-
-
-@dataclass
-class DiskLayout:
-    size: int
-    partition_table: str | None          # "msdos", "gpt" or None (no partition table)
-    partitions: list[str]
-    filesystems: list[Filesystem]        # every one libguestfs found, "unknown" ones too
-
-    @property
-    def mountable(self) -> list[Filesystem]:
-        return [f for f in self.filesystems if f.type not in NOT_A_FILESYSTEM]
-
-    def to_json(self) -> dict:
-        return {"size": self.size, "partition_table": self.partition_table, "partitions": self.partitions,
-                "filesystems": [f.to_json() for f in self.filesystems]}
-
-
-@dataclass
-class Entry:
-    name: str
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    target: str | None = None     # a symlink's target
-
-    @property
-    def mode_string(self) -> str:
-        return stat.filemode(self.mode)
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "mode": self.mode_string, "mode_octal": f"{stat.S_IMODE(self.mode):04o}",
-                "type": _type_name(self.mode), "nlink": self.nlink, "uid": self.uid, "gid": self.gid,
-                "size": self.size, "mtime": self.mtime_ns / 1e9, "target": self.target}
-
-
-@dataclass
-class Extracted:
-    path: str            # in the backup
-    to: str              # on the host
-    type: str
-    files: int = 0       # regular files written
-    bytes: int = 0
-    skipped: list[str] = field(default_factory=list)    # unsafe or special members, with why
-
-
-def _type_name(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
-                       (stat.S_ISCHR, "char-device"), (stat.S_ISBLK, "block-device"),
-                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return name
-    return "unknown"
-
-
-def _parse_structs(text: str) -> list[dict]:
-    """guestfish's struct-list output ("[0] = {", "  key: value", "}") as dicts; a single
-    struct (no brackets) gives one dict."""
-    out: list[dict] = []
-    cur: dict | None = None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("[") and s.endswith("{"):
-            cur = {}
-            out.append(cur)
-        elif s == "}":
-            cur = None
-        elif ": " in s or s.endswith(":"):
-            k, _, v = s.partition(":")
-            if cur is None:
-                cur = {}
-                out.append(cur)
-            cur[k.strip()] = v.strip()
-    return out
-
-
-def _entry(name: str, d: dict) -> Entry | None:
-    if int(d.get("st_ino", -1)) == -1:
-        return None         # lstatnslist's answer for a name that does not exist
-    return Entry(name=name, mode=int(d["st_mode"]), nlink=int(d["st_nlink"]), uid=int(d["st_uid"]),
-                 gid=int(d["st_gid"]), size=int(d["st_size"]),
-                 mtime_ns=int(d["st_mtime_sec"]) * 10**9 + int(d["st_mtime_nsec"]))
-
-
-def normalize_path(path: str) -> str:
-    if not path or "\0" in path:
-        raise UsageError(f"bad path {path!r}", hint="give a path inside the filesystem, e.g. /etc/hostname")
-    return posixpath.normpath("/" + path.lstrip("/")) if path != "/" else "/"
-
-
-def check_device(device: str) -> str:
-    if not device.startswith("/dev/") or any(c.isspace() for c in device) or ".." in device.split("/"):
-        raise UsageError(f"--fs {device!r} is not a device name",
-                         hint="give one of the devices `nbdbackup files BACKUP` lists, e.g. /dev/sda1 "
-                              "or /dev/VG/LV")
-    return device
 
 
 class GuestfsSession:
@@ -371,18 +264,18 @@ class GuestfsSession:
         found: dict[str, dict | None] = {}
         for i in range(0, len(plain), STAT_BATCH):
             batch = plain[i:i + STAT_BATCH]
-            structs = _parse_structs(self.call("lstatnslist", directory, " ".join(batch)))
+            structs = parse_structs(self.call("lstatnslist", directory, " ".join(batch)))
             if len(structs) != len(batch):
                 raise GuestfsError("lstatnslist", f"{len(structs)} answers for {len(batch)} names")
             found.update(zip(batch, structs))
         for n in names:
             if n not in found:
                 found[n] = self._lstat_one(posixpath.join(directory, n))
-        return [None if found[n] is None else _entry(n, found[n]) for n in names]
+        return [None if found[n] is None else entry_from(n, found[n]) for n in names]
 
     def _lstat_one(self, path: str) -> dict | None:
         try:
-            return (_parse_structs(self.call("lstatns", path)) or [None])[0]
+            return (parse_structs(self.call("lstatns", path)) or [None])[0]
         except GuestfsError as e:
             if "No such file or directory" in e.text or "Not a directory" in e.text:
                 return None
@@ -394,7 +287,7 @@ class GuestfsSession:
         parent, name = posixpath.split(path)
         if path == "/":
             d = self._lstat_one("/")
-            entry = _entry("/", d) if d else None
+            entry = entry_from("/", d) if d else None
         else:
             try:
                 entry = self._lstat_many(parent, [name])[0]
@@ -431,104 +324,9 @@ class GuestfsSession:
 
     # --- extract ------------------------------------------------------------------
     def extract(self, paths: list[str], to: str, *, force: bool = False) -> list[Extracted]:
-        """Copy *paths* (files, directories, symlinks) into directory *to*, each under its
-        own base name, keeping modes and mtimes. Nothing existing in *to* is overwritten
-        unless *force*. Every path is checked before anything is written."""
-        if not os.path.isdir(to):
-            raise UsageError(f"--to {to}: not a directory", hint="create it first, or give an existing directory")
-        plan = []
-        for p in paths:
-            p = normalize_path(p)
-            entry = self.stat(p)
-            dest = os.path.join(to, posixpath.basename(p)) if p != "/" else to
-            plan.append((p, entry, dest))
-        dests = [d for _, _, d in plan]
-        if len(set(dests)) != len(dests):
-            raise UsageError("two --extract paths have the same base name; they would land on the same "
-                             "place in --to", hint="extract them one call and directory at a time")
-        if not force:
-            for p, entry, dest in plan:
-                if os.path.lexists(dest) and not (entry.is_dir and os.path.isdir(dest) and not os.path.islink(dest)):
-                    raise UsageError(f"{dest} exists; not overwriting it", hint="remove it, or pass --force")
-        out = []
-        for p, entry, dest in plan:
-            if entry.is_dir:
-                out.append(self._extract_dir(p, dest, force))
-            elif stat.S_ISREG(entry.mode):
-                out.append(self._extract_file(p, entry, dest))
-            elif stat.S_ISLNK(entry.mode):
-                _replace(dest, lambda tmp, e=entry: os.symlink(e.target, tmp))
-                out.append(Extracted(p, dest, "symlink"))
-            else:
-                out.append(Extracted(p, dest, _type_name(entry.mode),
-                                     skipped=[f"{p}: a {_type_name(entry.mode)} is not extracted"]))
-        return out
-
-    def _extract_file(self, path: str, entry: Entry, dest: str) -> Extracted:
-        def write(tmp: str) -> None:
-            self.call("download", path, tmp)
-            os.chmod(tmp, stat.S_IMODE(entry.mode) & 0o777)
-            os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
-        _replace(dest, write)
-        return Extracted(path, dest, "file", files=1, bytes=entry.size)
-
-    def _extract_dir(self, path: str, dest: str, force: bool) -> Extracted:
-        result = Extracted(path, dest, "directory")
-        # The archive goes next to its destination: a big directory may not fit in /tmp.
-        fd, tar_path = tempfile.mkstemp(prefix=".nbdbackup-files-", suffix=".tar", dir=os.path.dirname(dest) or ".")
-        os.close(fd)
-        try:
-            self.call("tar-out", path, tar_path, "numericowner:true")
-            with tarfile.open(tar_path) as tf:
-                members = tf.getmembers()
-                if not force:
-                    existing = [m.name for m in members if not m.isdir()
-                                and os.path.lexists(os.path.join(dest, m.name))]
-                    if existing:
-                        raise UsageError(f"{len(existing)} file(s) under {dest} exist, e.g. "
-                                         f"{os.path.join(dest, existing[0])}; not overwriting them",
-                                         hint="remove them, or pass --force")
-                os.makedirs(dest, exist_ok=True)
-
-                def keep_modes(member: tarfile.TarInfo, dest_path: str):
-                    # data_filter refuses absolute names, "..", links leaving dest and device
-                    # nodes; what it refuses is skipped and reported, not fatal.
-                    try:
-                        safe = tarfile.data_filter(member, dest_path)
-                    except tarfile.FilterError as e:
-                        result.skipped.append(f"{member.name}: {e}")
-                        return None
-                    if safe.isfile() or safe.isdir():
-                        safe = safe.replace(mode=member.mode & 0o777, deep=False)   # no setuid/setgid/sticky
-                    if force and not safe.isdir():
-                        target = os.path.join(dest_path, safe.name)
-                        if os.path.lexists(target) and not os.path.isdir(target):
-                            os.unlink(target)    # never write through an existing symlink
-                    if safe.isfile():
-                        result.files += 1
-                        result.bytes += safe.size
-                    return safe
-
-                tf.extractall(dest, filter=keep_modes)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tar_path)
-        return result
-
-
-def _replace(dest: str, make) -> None:
-    """make(tmp) creates a temporary next to *dest*; it then replaces *dest* atomically."""
-    tmp = os.path.join(os.path.dirname(dest) or ".", f".nbdbackup-files-{os.getpid()}-{os.path.basename(dest)}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    try:
-        make(tmp)
-        if os.path.isdir(dest) and not os.path.islink(dest):
-            raise UsageError(f"{dest} is a directory; not replacing it with a file", hint="remove it first")
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        """Copy *paths* into directory *to* (see guestfs_extract.extract)."""
+        from .guestfs_extract import extract
+        return extract(self, paths, to, force=force)
 
 
 @dataclass
