@@ -33,6 +33,9 @@ class ExitCode(IntEnum):
     NO_BUCKET = 18           # the S3 bucket does not exist
     KEY_REFUSED = 19         # wrong passphrase, or a key (file) that is not this repository's
     SOME_SOURCES_FAILED = 20 # `run`: some of the job's sources (or its prune) failed; the others are committed
+    NO_FILESYSTEM = 21       # `files`: no filesystem found on the backup's disk
+    PATH_NOT_FOUND = 22      # `files`: the path does not exist in the backup's filesystem
+    APPLIANCE_FAILED = 23    # `files`: libguestfs's appliance cannot start
     LIVE_COPY_FAILED = 24    # restore --live: qemu's copy job failed, or the VM went away
     INTERRUPTED = 130        # SIGINT/SIGTERM
 
@@ -62,6 +65,10 @@ EXIT_CODE_HELP = {
     ExitCode.KEY_REFUSED: "key refused: wrong passphrase, or a key (file) that is not this repository's",
     ExitCode.SOME_SOURCES_FAILED: "run: some sources of the job (or its prune) failed; the others' backups "
                                   "are committed (see the summary)",
+    ExitCode.NO_FILESYSTEM: "files: no filesystem found on the backup's disk",
+    ExitCode.PATH_NOT_FOUND: "files: the path does not exist in the backup's filesystem",
+    ExitCode.APPLIANCE_FAILED: "files: the libguestfs appliance cannot start (see `libguestfs-test-tool`; "
+                               "without KVM set LIBGUESTFS_BACKEND_SETTINGS=force_tcg)",
     ExitCode.LIVE_COPY_FAILED: "restore --live: qemu's copy job failed or the VM went away; the VM's disk "
                                "keeps what was copied and written (see the hint, then --resume)",
     ExitCode.INTERRUPTED: "interrupted by SIGINT/SIGTERM; nothing half-done was committed",
@@ -169,6 +176,18 @@ def storage_error(err: int | None, where: str, what: str, *, repository: bool = 
                 if repository else "run the command as a user who may access it, or change its permissions")
         return PermissionDenied(f"permission denied: {where} ({what})", hint=hint)
     return None
+
+
+class NoFilesystem(NbdBackupError):
+    exit_code = ExitCode.NO_FILESYSTEM
+
+
+class PathNotFound(NbdBackupError):
+    exit_code = ExitCode.PATH_NOT_FOUND
+
+
+class ApplianceFailed(NbdBackupError):
+    exit_code = ExitCode.APPLIANCE_FAILED
 
 
 class KeyRefused(NbdBackupError):

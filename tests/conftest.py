@@ -86,6 +86,7 @@ SLOW_MODULES = {      # one per line, sorted: branches add to it without conflic
     "test_engine_image_race",
     "test_engine_libvirt",
     "test_engine_points_in_time",
+    "test_files",
     "test_libvirt_offline",
     "test_libvirt_source",
     "test_live_restore",

@@ -172,3 +172,18 @@ class RepoCatalog:
         except BaseException:
             img.close()
             raise
+
+
+class OneBackupCatalog(RepoCatalog):
+    """A RepoCatalog that exports one backup only, under its id: `files` hands its
+    socket to libguestfs's qemu, which has no business seeing the other backups."""
+
+    def __init__(self, repo: Repository, cache: ChunkCache, backup_id: str):
+        super().__init__(repo, cache)
+        self.backup_id = backup_id
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return [(self.backup_id, self.describe(self.backup_id))]
+
+    def resolve(self, name: str) -> str | None:
+        return self.backup_id if name == self.backup_id else None
