@@ -43,6 +43,30 @@ def isolated_environment(_clean_session_environment):
         os.environ.update(saved)
 
 
+_HOST_DIRS = ("/", "/tmp", "/var/tmp", "/run", "/etc")
+
+
+def _owner_and_mode(path: str) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_mode, st.st_uid, st.st_gid
+
+
+@pytest.fixture(autouse=True, scope="module")
+def host_directories_untouched():
+    """The suite runs as root: a test (or the code under test, e.g. an extraction following a
+    planted link) that changes the owner or mode of /, /tmp, /var/tmp, /run or /etc would break
+    every later test in odd ways (PostgreSQL's fixture failed once when /tmp lost its x bits).
+    Each module is checked; a change is put back and named, so the run stays sane and red."""
+    before = {d: _owner_and_mode(d) for d in _HOST_DIRS}
+    yield
+    changed = {d: (b, _owner_and_mode(d)) for d, b in before.items() if _owner_and_mode(d) != b}
+    for d, ((mode, uid, gid), _now) in changed.items():
+        os.chown(d, uid, gid, follow_symlinks=False)
+        os.chmod(d, mode & 0o7777)
+    assert not changed, "this module changed host directories (put back): " + ", ".join(
+        f"{d}: {oct(b[0])} {b[1]}:{b[2]} -> {oct(a[0])} {a[1]}:{a[2]}" for d, (b, a) in changed.items())
+
+
 # --- shared fixtures ------------------------------------------------------------------
 
 @pytest.fixture(params=REPO_BACKENDS)
