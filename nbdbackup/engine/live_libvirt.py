@@ -216,7 +216,10 @@ def plan_domain(repo, ref: str, dest: str, domain: str, connect_uri: str, *, for
         target = disk_target(info, vm.domain)
         new_name = domain if domain != vm.domain else None
         uuid = str(uuidlib.uuid4()) if new_name is not None else None
-        check_free(conn, domain, connect_uri, force=False, want_uuid=uuid or stored_uuid(vm))
+        try:
+            check_free(conn, domain, connect_uri, force=False, want_uuid=uuid or stored_uuid(vm))
+        except UsageError as e:     # its hint speaks restore --libvirt's --name
+            raise UsageError(str(e), hint=(e.hint or "").replace("--name NEW", "--domain NEW")) from None
         d = os.path.dirname(dest)
         nvram_path = os.path.join(d, f"{domain}_VARS.fd") if vm.nvram is not None else None
         xml_path = os.path.join(d, f"{domain}.xml")
