@@ -155,6 +155,7 @@ def _domain_failed(state: LiveState, domain: str, message: str) -> LiveCopyFaile
 class DomainPlan:
     """A domain restore --live defines from the backup's stored definition (DOMAIN missing)."""
     domain: str
+    backup: str                     # the backup id it was planned for (DEST's backing must name it)
     source_domain: str              # its name when it was backed up
     target: str                     # the backup's disk in it ("vda"), now DEST
     xml: str                        # the rewritten definition
@@ -230,7 +231,8 @@ def plan_domain(repo, ref: str, dest: str, domain: str, connect_uri: str, *, for
                              f"keeps its source: the new domain {domain} would write the same image as {vm.domain}",
                              hint="define a domain whose disk is DEST yourself and pass it with --domain")
         refuse_existing([p for p in (nvram_path, xml_path) if p], force=force)
-        return DomainPlan(domain, vm.domain, target, rewritten.xml, xml_path, vm.nvram, nvram_path, rewritten.uuid)
+        return DomainPlan(domain, info.id, vm.domain, target, rewritten.xml, xml_path, vm.nvram, nvram_path,
+                          rewritten.uuid)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
