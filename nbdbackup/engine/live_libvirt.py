@@ -252,8 +252,8 @@ def define_planned(plan: DomainPlan, connect_uri: str) -> None:
     try:
         check_free(conn, plan.domain, connect_uri, force=False, want_uuid=plan.uuid)
         define_domain(conn, plan.xml, plan.xml_path, connect_uri)
-        log.info("defined domain %s on %s from the stored definition of %s (%s is %s)", plan.domain, connect_uri,
-                 plan.source_domain, plan.target, plan.xml_path)
+        log.info("defined domain %s on %s from the stored definition of %s (its %s on DEST; XML in %s)",
+                 plan.domain, connect_uri, plan.source_domain, plan.target, plan.xml_path)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
