@@ -223,8 +223,8 @@ def _nbb(repo, *args, timeout=180):
 def test_missing_domain_defined_from_the_stored_definition(libvirt_domain, tmp_path, qemu_dir, undefine):
     from helpers.engine_util import init_repo
 
-    dom = libvirt_domain(disks=[("qcow2", 24 * MiB)], nvram=True, persistent=True, running=False, tag="ldef",
-                         busy=6 * MiB)
+    dom = libvirt_domain(disks=[("qcow2", 16 * MiB)], nvram=True, persistent=True, running=False, tag="ldef",
+                         busy=3 * MiB)
     (dom.dir / "iface.xml").write_text(IFACE)
     virsh("attach-device", dom.name, str(dom.dir / "iface.xml"), "--config")
     dom.start()
@@ -247,7 +247,7 @@ def test_missing_domain_defined_from_the_stored_definition(libvirt_domain, tmp_p
     p = _nbb(repo, "--json", "restore", "--live", full["id"], dest, "--domain", new, "--start")
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
-    assert res["domain_defined"] and res["server_stopped"] and res["bytes"] == 24 * MiB, res
+    assert res["domain_defined"] and res["server_stopped"] and res["bytes"] == 16 * MiB, res
     assert virsh("domstate", new).stdout.strip() == "running"
     assert virsh("domstate", dom.name).stdout.strip() == "running"        # the original runs on
     live, orig = _xml_of(new), _xml_of(dom.name)
@@ -265,9 +265,9 @@ def test_missing_domain_defined_from_the_stored_definition(libvirt_domain, tmp_p
     assert "backing-filename" not in info, info
     expected = bytearray(backed_up.read_bytes())
     expected[2 * MiB:2 * MiB + 64 * 1024] = b"\x5a" * (64 * 1024)
-    backed_up.write_bytes(expected)
+    (tmp_path / "expected.raw").write_bytes(expected)
     c = support.run([support.require_tool("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", str(dest),
-                     str(backed_up)], check=False)
+                     str(tmp_path / "expected.raw")], check=False)
     assert c.returncode == 0, c.stdout + c.stderr
 
     # the same new name again: it exists now, without DEST2 as its disk
@@ -275,12 +275,30 @@ def test_missing_domain_defined_from_the_stored_definition(libvirt_domain, tmp_p
     assert p.returncode == 2 and "never redefines" in p.stderr, p.stderr
     assert not (qemu_dir / "dest2.qcow2").exists()
 
+    # the stored name once the original is gone: defined with its own UUID and MAC
+    orig_uuid, orig_mac = orig.findtext("uuid"), macs[1]
+    virsh("destroy", dom.name)
+    virsh("undefine", dom.name, "--nvram", "--checkpoints-metadata")
+    dest3 = qemu_dir / "dest3.qcow2"
+    p = _nbb(repo, "--json", "restore", "--live", full["id"], dest3, "--domain", dom.name)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["domain_defined"]
+    again = _xml_of(dom.name)           # dom.remove() undefines it at the end
+    assert again.findtext("uuid") == orig_uuid
+    assert [m.get("address") for m in again.iterfind("devices/interface/mac")] == [orig_mac]
+    assert [d.find("source").get("file") for d in again.iterfind("devices/disk")] == [str(dest3)]
+    virsh("destroy", dom.name)
+    c = support.run([support.require_tool("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", str(dest3),
+                     str(backed_up)], check=False)
+    assert c.returncode == 0, c.stdout + c.stderr
+
 
 def test_missing_domain_without_a_definition_or_with_other_disks(libvirt_domain, tmp_path, qemu_dir):
     from helpers.engine_util import init_repo
 
     repo = init_repo(tmp_path / "repo")
-    dom = libvirt_domain(disks=[("qcow2", 4 * MiB), ("qcow2", 4 * MiB)], persistent=True, tag="ldef2")
+    dom = libvirt_domain(disks=[("qcow2", 4 * MiB), ("qcow2", 4 * MiB)], persistent=True, running=False,
+                         tag="ldef2")        # shut off: backed up from its images, no qemu to boot
     p = _nbb(repo, "--json", "full", "--libvirt", dom.name)
     assert p.returncode == 0, p.stderr
     vda = next(b for b in json.loads(p.stdout) if b["disk"].endswith("-vda"))

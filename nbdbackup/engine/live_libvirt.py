@@ -155,6 +155,7 @@ def _domain_failed(state: LiveState, domain: str, message: str) -> LiveCopyFaile
 class DomainPlan:
     """A domain restore --live defines from the backup's stored definition (DOMAIN missing)."""
     domain: str
+    backup: str                     # the backup id it was planned for (DEST's backing must name it)
     source_domain: str              # its name when it was backed up
     target: str                     # the backup's disk in it ("vda"), now DEST
     xml: str                        # the rewritten definition
@@ -216,7 +217,10 @@ def plan_domain(repo, ref: str, dest: str, domain: str, connect_uri: str, *, for
         target = disk_target(info, vm.domain)
         new_name = domain if domain != vm.domain else None
         uuid = str(uuidlib.uuid4()) if new_name is not None else None
-        check_free(conn, domain, connect_uri, force=False, want_uuid=uuid or stored_uuid(vm))
+        try:
+            check_free(conn, domain, connect_uri, force=False, want_uuid=uuid or stored_uuid(vm))
+        except UsageError as e:     # its hint speaks restore --libvirt's --name
+            raise UsageError(str(e), hint=(e.hint or "").replace("--name NEW", "--domain NEW")) from None
         d = os.path.dirname(dest)
         nvram_path = os.path.join(d, f"{domain}_VARS.fd") if vm.nvram is not None else None
         xml_path = os.path.join(d, f"{domain}.xml")
@@ -227,7 +231,8 @@ def plan_domain(repo, ref: str, dest: str, domain: str, connect_uri: str, *, for
                              f"keeps its source: the new domain {domain} would write the same image as {vm.domain}",
                              hint="define a domain whose disk is DEST yourself and pass it with --domain")
         refuse_existing([p for p in (nvram_path, xml_path) if p], force=force)
-        return DomainPlan(domain, vm.domain, target, rewritten.xml, xml_path, vm.nvram, nvram_path, rewritten.uuid)
+        return DomainPlan(domain, info.id, vm.domain, target, rewritten.xml, xml_path, vm.nvram, nvram_path,
+                          rewritten.uuid)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -247,8 +252,8 @@ def define_planned(plan: DomainPlan, connect_uri: str) -> None:
     try:
         check_free(conn, plan.domain, connect_uri, force=False, want_uuid=plan.uuid)
         define_domain(conn, plan.xml, plan.xml_path, connect_uri)
-        log.info("defined domain %s on %s from the stored definition of %s (%s is %s)", plan.domain, connect_uri,
-                 plan.source_domain, plan.target, plan.xml_path)
+        log.info("defined domain %s on %s from the stored definition of %s (its %s on DEST; XML in %s)",
+                 plan.domain, connect_uri, plan.source_domain, plan.target, plan.xml_path)
     finally:
         with contextlib.suppress(Exception):
             conn.close()

@@ -126,6 +126,8 @@ def run(args) -> int:
     with open_repo(args) as repo:
         if args.domain and not args.resume:     # refusals before DEST or a server exist
             plan = plan_domain(repo, ref, dest, args.domain, args.connect, force=args.force)
+            if plan is not None:
+                ref = plan.backup       # a disk name resolved once: DEST serves what was planned
         prep = live.prepare(repo, ref, dest, server_uri=args.server, repo_argv=_repo_argv(args),
                             environment=_environment(args), socket_group=args.socket_group,
                             force=args.force, resume=args.resume)
