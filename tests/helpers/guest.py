@@ -4,8 +4,9 @@ How it is built (no root, no mount, no network; cached, so only the first sessio
 
 - Kernel: Debian's /boot/vmlinuz-VER (linux-image-amd64), the newest one whose modules are in
   /lib/modules/VER. Its virtio and ext4 drivers are modules there.
-- Initramfs: a newc cpio written here in Python (uncompressed, about 11 MiB) holding busybox-static (/bin/busybox, applets installed by
-  /init), /usr/sbin/qemu-ga (qemu-guest-agent) and the shared libraries `ldd` names for it,
+- Initramfs: a newc cpio written here in Python (uncompressed, about 11 MiB) holding
+  busybox-static (/bin/busybox, applets installed by /init), /usr/sbin/qemu-ga
+  (qemu-guest-agent) and the shared libraries `ldd` names for it,
   the kernel modules `modprobe --show-depends` lists for virtio_pci, virtio_blk,
   virtio_console and ext4 (in that order; crc32c-intel fails to load under TCG, which has no
   SSE4.2, and crc32c_generic serves ext4 instead), /dev/console, and INIT below. It is cached as
