@@ -4,11 +4,12 @@ How it is built (no root, no mount, no network; cached, so only the first sessio
 
 - Kernel: Debian's /boot/vmlinuz-VER (linux-image-amd64), the newest one whose modules are in
   /lib/modules/VER. Its virtio and ext4 drivers are modules there.
-- Initramfs: a newc cpio written here in Python (no compression: under TCG unpacking gzip
-  costs more than reading 20 MiB) holding busybox-static (/bin/busybox, applets installed by
-  /init), /usr/sbin/qemu-ga (qemu-guest-agent) and the shared libraries `ldd` names for it,
+- Initramfs: a newc cpio written here in Python (uncompressed, about 11 MiB) holding
+  busybox-static (/bin/busybox, applets installed by /init), /usr/sbin/qemu-ga
+  (qemu-guest-agent) and the shared libraries `ldd` names for it,
   the kernel modules `modprobe --show-depends` lists for virtio_pci, virtio_blk,
-  virtio_console and ext4 (in that order), /dev/console, and INIT below. It is cached as
+  virtio_console and ext4 (in that order; crc32c-intel fails to load under TCG, which has no
+  SSE4.2, and crc32c_generic serves ext4 instead), /dev/console, and INIT below. It is cached as
   /var/tmp/nbdbackup-guest/initramfs-<sha256 of every input>.cpio, so a new kernel, qemu-ga,
   busybox or /init makes a new one; it is written under a temporary name and renamed, so
   concurrent sessions never read half a file.
@@ -231,6 +232,10 @@ def initramfs() -> Path:
             cpio.close()
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
+        for old in CACHE_DIR.glob("initramfs-*.cpio"):     # of older inputs; a day: no session uses it
+            with contextlib.suppress(OSError):
+                if old != out and time.time() - old.stat().st_mtime > 86400:
+                    old.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
