@@ -351,6 +351,9 @@ def test_verify_since_checks_only_what_was_not_verified_lately(damaged_repo):
     _verify(path, rc=0)
     stamped = _verified_ms(path)
     assert all(v is not None and v >= before - 5 for v in stamped.values())
+    from nbdbackup.repo.ids import from_ms, iso_ms
+    listed = {b["id"]: b["verified"] for b in json.loads(nbb(path, "--json", "list").stdout)}
+    assert listed == {bid: iso_ms(from_ms(ms)) for bid, ms in stamped.items()}
 
     rep = _verify(path, "--since", "7", rc=0)
     assert rep["backups_checked"] == 0 and rep["skipped_recent"] == 2

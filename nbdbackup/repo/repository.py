@@ -268,6 +268,11 @@ class Repository:
             q = q.where(backups.c.disk == disk)
         return [info_from_row(r) for r in self._query(q)]
 
+    def verified_times(self) -> dict[str, int]:
+        """backup id -> when a verify last found it clean (ms); backups never found clean are absent."""
+        q = select(backups.c.id, backups.c.verified_ms).where(backups.c.verified_ms.is_not(None))
+        return {r[0]: r[1] for r in self._query(q)}
+
     def get_backup(self, backup_id: str) -> BackupInfo:
         rows = self._query(select(*INFO_COLUMNS).where(backups.c.id == backup_id))
         if not rows:

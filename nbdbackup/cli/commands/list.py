@@ -28,10 +28,13 @@ def run(args) -> int:
     with open_repo(args) as repo:
         infos = repo.list_backups(args.disk)
         others = sorted(repo.disks()) if args.disk and not infos else []
-    if args.json:
-        print_json([i.to_json() for i in infos])
+        verified = repo.verified_times() if args.json else {}
+    from ...repo.ids import from_ms, iso_ms
+
+    if args.json:       # "verified": when a verify last found it clean (verify --since), else null
+        print_json([dict(i.to_json(), verified=iso_ms(from_ms(verified[i.id])) if i.id in verified else None)
+                    for i in infos])
         return 0
-    from ...repo.ids import iso_ms
 
     shown: dict[int, str] = {}      # human_bytes of each byte count: a disk's size repeats
 
