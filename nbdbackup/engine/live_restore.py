@@ -50,7 +50,6 @@ from .live_state import (
     pid_is_our_server,
     qemu_img,
     read_backing,
-    server_argv,
     serves,
     start_server,
     state_path,
@@ -106,7 +105,7 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
     when it is not running."""
     dest = os.path.abspath(dest)
     if resume:
-        return _prepare_resume(repo, ref, dest, environment)
+        return _prepare_resume(repo, ref, dest, repo_argv, environment)
     if os.path.lexists(dest) and not force:
         raise UsageError(f"{dest} exists; not overwriting it",
                          hint="pass --force to replace it, or --resume to continue a live restore into it")
@@ -141,10 +140,10 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
         run_dir = make_run_dir(socket_group)
         sock = os.path.join(run_dir, "serve.sock")
         state = LiveState(dest, info.id, info.disk, info.size, sock, backing_string(sock, None, None, info.id),
-                          server_argv=server_argv(repo_argv, sock, socket_group),
-                          server_log=os.path.join(run_dir, "serve.log"), run_dir=run_dir, created=now)
+                          server_log=os.path.join(run_dir, "serve.log"), run_dir=run_dir,
+                          socket_group=socket_group, created=now)
         try:
-            start_server(state, environment)
+            start_server(state, repo_argv, environment)
         except BaseException:
             stop_server(state)
             raise
@@ -161,7 +160,8 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
     return LivePrepared(state, resumed=False, server_started=started)
 
 
-def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str]) -> LivePrepared:
+def _prepare_resume(repo, ref: str | None, dest: str, repo_argv: list[str],
+                    environment: dict[str, str]) -> LivePrepared:
     state = LiveState.load(dest)
     if os.path.abspath(state.dest) != dest:
         raise UsageError(f"--resume: {state.path} is about {state.dest}, not {dest}")
@@ -188,9 +188,9 @@ def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str
                 time.sleep(0.2)
     if serves(state, timeout=5.0):
         pass
-    elif state.server_argv:
+    elif state.ours or state.run_dir:
         log.warning("the NBD server of %s (pid %s) is not running: starting it again", dest, state.server_pid)
-        start_server(state, environment)
+        start_server(state, repo_argv, environment)
         state.save()
         started = True
     else:

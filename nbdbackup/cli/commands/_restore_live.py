@@ -126,7 +126,10 @@ def run(args) -> int:
     resume_cmd = shlex.join(["nbdbackup", "restore", "--live", "--resume", st.dest, "--qmp", "QMP_SOCKET"])
     if prep.server_started:
         output.summary(args, f"nbdbackup: serving {st.backup} on {st.socket} (pid {st.server_pid}); "
-                             f"stop it with `{stop_command(st)}` (state: {st.path})")
+                             f"stop it with `{stop_command(st)}` (state: {st.path})"
+                             + (f"; its socket is given to group {st.socket_group}: that group's processes "
+                                f"(every qemu of libvirt) can read backup {st.backup}, and only it"
+                                if st.socket_group else ""))
     bar = lambda total, desc: output.progress_bar(args, total, desc)  # noqa: E731
     if args.qmp is None and not args.domain:
         return _instructions(args, prep, resume_cmd)
