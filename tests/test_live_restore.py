@@ -606,3 +606,78 @@ def test_serve_export_allow_list(tmp_path):
     p = support.nbdbackup("--repo", tmp_path / "repo", "serve", "--listen", f"unix:{tmp_path}/x.sock",
                           "--export", "one", check=False)
     assert p.returncode == 2 and "full id" in p.stderr, p.stderr
+
+
+def test_resume_after_reboot_restarts_a_scoped_server(tmp_path, backup, live):
+    """The started serve exports only the backup, runs with -P; after a reboot (the tmpfs run
+    dir gone, the server dead) --resume makes the dir again and restarts the server."""
+    repo, bid, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    doc = _start_dest(repo, dest, live)
+    with open(f"/proc/{doc['server_pid']}/cmdline", "rb") as f:
+        argv = [a.decode() for a in f.read().rstrip(b"\0").split(b"\0")]
+    assert argv[1:4] == ["-P", "-m", "nbdbackup"], argv
+    assert argv[argv.index("--export") + 1] == bid, argv
+    from nbdbackup.errors import NbdBackupError
+    from nbdbackup.nbd.client import Client
+
+    with pytest.raises(NbdBackupError):                 # the disk alias is not served
+        Client.query_info(f"nbd+unix:///live?socket={doc['socket']}")
+    os.kill(doc["server_pid"], signal.SIGKILL)
+    assert support_wait(lambda: not _alive(doc["server_pid"]))
+    shutil.rmtree(os.path.dirname(doc["socket"]))
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", dest, "--json", check=False)
+    assert p.returncode == 0, p.stderr
+    again = json.loads(p.stdout)
+    live.pids.add(again["server_pid"])
+    assert again["server_pid"] != doc["server_pid"] and _alive(again["server_pid"])
+    assert again["socket"] == doc["socket"] and stat_mode(os.path.dirname(doc["socket"])) == 0o700
+    assert Client.query_info(f"nbd+unix:///{bid}?socket={doc['socket']}").size == SIZE
+
+
+def stat_mode(path: str) -> int:
+    return os.stat(path).st_mode & 0o7777
+
+
+def test_writable_server_refused(tmp_path, backup):
+    from helpers.serve import serve
+
+    repo, _, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    with serve(Path(repo), tmp_path, "--writable") as s:
+        p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, "--server",
+                              f"nbd+unix:///?socket={s.sock}", check=False)
+    assert p.returncode != 0 and "writable" in p.stderr and "internal" not in p.stderr, p.stderr
+    assert not dest.exists() and not Path(f"{dest}.nbdbackup-live.json").exists()
+
+
+def test_temp_name_swapped_for_a_symlink(tmp_path, monkeypatch):
+    """Someone swaps the freshly made temp image for a symlink to a root file: that file is
+    neither chmodded nor linked as DEST, and nothing is left behind."""
+    from nbdbackup.engine import live_restore as lr
+    from nbdbackup.engine.live_state import LiveState, backing_string
+    from nbdbackup.errors import SourceUnreachable
+
+    victim = tmp_path / "victim"
+    victim.write_text("a root file")
+    os.chmod(victim, 0o644)
+    real_run = subprocess.run
+
+    def run_then_swap(cmd, *a, **kw):
+        if "create" not in cmd:
+            return real_run(cmd, *a, **kw)
+        # the image made (no server behind the backing here: -u), then swapped by "someone"
+        real_run([*cmd[:-2], "-u", *cmd[-2:]], check=True)
+        os.unlink(cmd[-2])
+        os.symlink(victim, cmd[-2])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(lr.subprocess, "run", run_then_swap)
+    dest = tmp_path / "dest.qcow2"
+    st = LiveState(str(dest), "b" * 16, "live", MiB, "/nowhere.sock",
+                   backing_string("/nowhere.sock", None, None, "b" * 16))
+    for force in (False, True):
+        with pytest.raises(SourceUnreachable, match="replaced"):
+            lr._create_dest(st, force)
+        assert stat_mode(str(victim)) == 0o644 and victim.read_text() == "a root file"
+        assert not os.path.lexists(dest) and sorted(os.listdir(tmp_path)) == ["victim"]

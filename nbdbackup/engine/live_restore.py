@@ -50,6 +50,7 @@ from .live_state import (
     pid_is_our_server,
     qemu_img,
     read_backing,
+    server_argv,
     serves,
     start_server,
     state_path,
@@ -63,32 +64,49 @@ JOB_PREFIX = "nbdbackup-live-"
 
 
 def _create_dest(state: LiveState, force: bool) -> None:
-    """qemu-img create under a temporary name in DEST's directory, then linked (or, with
-    --force, renamed) into place: DEST appears complete or not at all."""
+    """qemu-img create in a private (0700) temporary directory in DEST's directory, then
+    linked (or, with --force, renamed) into place: DEST appears complete or not at all. Nobody
+    else can swap the temp name there; it is still opened O_NOFOLLOW, checked and fchmodded
+    by fd, and linked without following a symlink."""
+    import stat
+    import tempfile
+
     dest = state.dest
     d = os.path.dirname(dest)
-    tmp = os.path.join(d, f".nbdbackup-live-{os.path.basename(dest)}-{os.urandom(4).hex()}")
-    cmd = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", state.backing, tmp, str(state.size)]
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".nbdbackup-live-", dir=d)
+    tmp = os.path.join(tmp_dir, "new.qcow2")
     try:
+        cmd = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", state.backing, tmp, str(state.size)]
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if p.returncode != 0:
             why = (p.stderr or p.stdout).strip()
             err = storage_error(errno.ENOSPC, dest, "creating it", repository=False) \
                 if "No space" in why else None
             raise err or SourceUnreachable(f"qemu-img create {dest} failed: {why}")
-        os.chmod(tmp, 0o600)        # the guest's disk: its writes land here
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceUnreachable(f"the new image for {dest} was replaced while it was made: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise SourceUnreachable(f"the new image for {dest} was replaced while it was made")
+            os.fchmod(fd, 0o600)        # the guest's disk: its writes land here
+        finally:
+            os.close(fd)
         if force:
             os.replace(tmp, dest)
         else:
             try:
-                os.link(tmp, dest)      # fails on an existing DEST, even one made in between
+                os.link(tmp, dest, follow_symlinks=False)  # fails on an existing DEST, even one made in between
             except FileExistsError:
                 raise UsageError(f"{dest} exists; not overwriting it", hint="pass --force to replace it, or "
                                  "--resume to continue a live restore into it") from None
-            os.unlink(tmp)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp_dir)
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -163,6 +181,8 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
 def _prepare_resume(repo, ref: str | None, dest: str, repo_argv: list[str],
                     environment: dict[str, str]) -> LivePrepared:
     state = LiveState.load(dest)
+    if state.run_dir:       # the restart hint shows it: rebuilt, never the recorded one
+        state.server_argv = server_argv(repo_argv, state.socket, state.socket_group, state.backup)
     if os.path.abspath(state.dest) != dest:
         raise UsageError(f"--resume: {state.path} is about {state.dest}, not {dest}")
     if ref is not None and ref not in (state.backup, state.disk):

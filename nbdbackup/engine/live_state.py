@@ -130,9 +130,7 @@ class LiveState:
             if self.run_dir is not None or self.server_pid is not None or self.server_log is not None:
                 return "a --server state names a server of ours"
             return None
-        from ..nbd.server_socket import runtime_dir
-
-        base = runtime_dir()
+        base = live_base()
         if self.run_dir is None or os.path.dirname(self.run_dir) != base \
                 or not RUN_DIR_RE.fullmatch(os.path.basename(self.run_dir)):
             return f"run_dir {str(self.run_dir)[:80]!r} is not a live-XXXXXXXX directory in {base}"
@@ -344,14 +342,14 @@ def stop_server(state: LiveState) -> bool:
 def check_run_dir(run_dir: str, *, create: bool = False) -> bool:
     """*run_dir* is a live-XXXXXXXX directory of ours in serve's runtime directory (made
     again, private, when *create* and it is gone: /run is a tmpfs)."""
-    from ..nbd.server_socket import check_private_dir, runtime_dir
+    from ..nbd.server_socket import open_traverse_only_dir
 
-    base = runtime_dir()
+    base = live_base()
     if os.path.dirname(run_dir) != base or not RUN_DIR_RE.fullmatch(os.path.basename(run_dir)):
         raise UsageError(f"{run_dir} is not a live restore's directory in {base}")
     made = False
     if create and not os.path.lexists(run_dir):
-        check_private_dir(base)
+        open_traverse_only_dir(base)
         os.mkdir(run_dir, 0o700)
         made = True
     st = os.lstat(run_dir)
@@ -385,13 +383,22 @@ def stop_command(state: LiveState) -> str:
     return f"kill {state.server_pid} && rm -r {shlex.quote(state.run_dir)}"
 
 
-def make_run_dir(socket_group: str | None) -> str:
-    """A private directory for the socket under serve's runtime directory; with a group
-    (qemu as libvirt-qemu), the runtime directory and it are searchable by that group."""
-    from ..nbd.server_socket import check_private_dir, runtime_dir
+def live_base() -> str:
+    """Where the run dirs go: next to serve's runtime directory, never in it (serve sets that
+    one's mode and group for its own socket, under a running live restore), 0711 so qemu of
+    another user passes through to its run dir, which alone is granted to the group."""
+    from ..nbd.server_socket import runtime_dir
 
-    base = runtime_dir()
-    check_private_dir(base)
+    return runtime_dir() + "-live"
+
+
+def make_run_dir(socket_group: str | None) -> str:
+    """A private directory for the socket under live_base(); with a group (qemu as
+    libvirt-qemu) it is searchable by that group, and nothing else is re-permissioned."""
+    from ..nbd.server_socket import open_traverse_only_dir
+
+    base = live_base()
+    open_traverse_only_dir(base)
     d = os.path.join(base, f"live-{os.urandom(4).hex()}")
     os.mkdir(d, 0o700)
     try:
@@ -406,9 +413,7 @@ def grant_run_dir(run_dir: str, socket_group: str | None) -> None:
     from ..nbd.server_socket import set_private_dir_access, socket_access
 
     if socket_group:
-        access = socket_access(None, socket_group)
-        set_private_dir_access(os.path.dirname(run_dir), access)
-        set_private_dir_access(run_dir, access)
+        set_private_dir_access(run_dir, socket_access(None, socket_group))
 
 
 def qemu_img() -> str:
