@@ -426,11 +426,14 @@ def test_encrypted_repository_and_force(tmp_path, live):
     finally:
         r.close()
     dest = tmp_path / "dest.qcow2"
-    env = {"NBDBACKUP_PASSPHRASE": secret}
+    other = "not for the server " + os.urandom(4).hex()
+    env = {"NBDBACKUP_PASSPHRASE": secret, "NBDBACKUP_DEST_PASSPHRASE": other, "NBDBACKUP_NEW_PASSPHRASE": other}
     first = json.loads(support.nbdbackup("--repo", tmp_path / "repo", "restore", "--live", "sealed", dest,
                                          "--json", env=env).stdout)
     live.pids.add(first["server_pid"])
     assert secret not in Path(first["state_file"]).read_text()
+    # a process living for hours keeps only the secret it needs
+    assert other.encode() not in Path(f"/proc/{first['server_pid']}/environ").read_bytes()
     assert secret.encode() not in Path(f"/proc/{first['server_pid']}/cmdline").read_bytes()
     raw = tmp_path / "data.raw"
     raw.write_bytes(data)
@@ -476,7 +479,7 @@ def _valid_state(dest: Path):
 
 
 def test_state_file_is_trusted_only_when_ours(tmp_path):
-    from nbdbackup.engine.live_state import LiveState, remove_run_dir
+    from nbdbackup.engine.live_state import LiveState
     from nbdbackup.errors import UsageError
 
     dest = tmp_path / "d.qcow2"
@@ -519,6 +522,8 @@ def test_state_file_is_trusted_only_when_ours(tmp_path):
         path.write_text(good)
         os.chmod(path, 0o600)
         # stop_server's clean-up unlinks only the two names it made, never anything else there
+        from nbdbackup.engine.live_state import remove_run_dir
+
         keep = Path(st.run_dir) / "precious"
         keep.write_text("x")
         Path(st.socket).write_text("")
@@ -557,8 +562,10 @@ def test_children_ignore_a_planted_package_in_cwd(tmp_path):
     planted.mkdir()
     (planted / "__init__.py").write_text("")
     (planted / "__main__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted')\n")
-    serve = server_argv(["--repo", str(tmp_path / "nope")], "/x.sock", None, "b" * 16)
-    for argv in (base_argv(), serve[:serve.index("--repo")]):
+    for argv in (base_argv(), "serve"):
+        if argv == "serve":
+            argv = server_argv(["--repo", str(tmp_path / "nope")], "/x.sock", None, "b" * 16)
+            argv = argv[:argv.index("--repo")]
         p = subprocess.run([*argv, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and not (tmp_path / "ran").exists(), (argv, p.stdout, p.stderr)
 

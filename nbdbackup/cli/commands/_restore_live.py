@@ -68,10 +68,10 @@ def _environment(args) -> dict[str, str]:
     from ...envsecrets import SECRET_ENV, env
     from ..repoargs import key_source
 
-    e = dict(os.environ)
-    for name in SECRET_ENV:
-        if (value := env(name)) is not None:
-            e[name] = value
+    # only the repository's passphrase: the server lives for hours, and serve needs no other
+    e = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    if (value := env("NBDBACKUP_PASSPHRASE")) is not None:
+        e["NBDBACKUP_PASSPHRASE"] = value
     typed = key_source(args).cache.get("passphrase")
     if typed is not None and "NBDBACKUP_PASSPHRASE" not in e:
         e["NBDBACKUP_PASSPHRASE"] = typed
