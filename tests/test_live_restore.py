@@ -640,6 +640,11 @@ def test_resume_after_reboot_restarts_a_scoped_server(tmp_path, backup, live):
     assert again["server_pid"] != doc["server_pid"] and _alive(again["server_pid"])
     assert again["socket"] == doc["socket"] and stat_mode(os.path.dirname(doc["socket"])) == 0o700
     assert Client.query_info(f"nbd+unix:///{bid}?socket={doc['socket']}").size == SIZE
+    # DEST deleted, its server running: a fresh run does not orphan that server
+    dest.unlink()
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, check=False)
+    assert p.returncode == 2 and "server still runs" in p.stderr, p.stderr
+    assert _alive(again["server_pid"]) and _state(dest)["server_pid"] == again["server_pid"]
 
 
 def stat_mode(path: str) -> int:

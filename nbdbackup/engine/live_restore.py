@@ -130,11 +130,20 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
     if not os.path.isdir(os.path.dirname(dest)):
         raise UsageError(f"{os.path.dirname(dest)} is not a directory: DEST's directory must exist")
     info = repo.resolve(ref)
+    if os.path.lexists(state_path(dest)) and not force:
+        # DEST gone, its state left: its server may still run, and only this file finds it
+        try:
+            old = LiveState.load(dest)
+        except UsageError:
+            old = None          # not ours, or not valid: overwritten, nothing of it used
+        if old is not None and old.run_dir and find_server_pid(old.socket):
+            raise UsageError(f"{state_path(dest)} names a live restore whose server still runs "
+                             f"(socket {old.socket})", hint="pass --force to stop it and start anew")
     if force and os.path.exists(state_path(dest)):
         # the live restore --force replaces: its server would serve nobody any more
         with contextlib.suppress(UsageError):
             old = LiveState.load(dest)
-            if old.ours:
+            if old.ours or old.run_dir:     # pid None: killed before it was recorded
                 log.warning("stopping the server (pid %s) of the live restore into %s that --force replaces",
                             old.server_pid, dest)
                 stop_server(old)
@@ -161,9 +170,12 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
                           server_log=os.path.join(run_dir, "serve.log"), run_dir=run_dir,
                           socket_group=socket_group, created=now)
         try:
+            state.save()        # before the server: a crash in between leaves a record that finds it
             start_server(state, repo_argv, environment)
         except BaseException:
             stop_server(state)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(state.path)
             raise
         started = True
     try:
