@@ -693,3 +693,36 @@ def test_temp_name_swapped_for_a_symlink(tmp_path, monkeypatch):
             lr._create_dest(st, force)
         assert stat_mode(str(victim)) == 0o644 and victim.read_text() == "a root file"
         assert not os.path.lexists(dest) and sorted(os.listdir(tmp_path)) == ["victim"]
+
+
+def test_qmp_event_taken_at_a_timeout_is_not_lost():
+    """An event the listener takes just after get() timed out is returned by the next get()
+    (it was dropped with the cancelled future: a finished copy then looked like exit 24)."""
+    import asyncio
+    import threading
+
+    from nbdbackup.sources.qmp_conn import EventQueue
+
+    class OneEventListener:          # qemu.qmp's EventListener: get() takes the next queued event
+        def __init__(self):
+            self.events = [{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "j"}}]
+
+        async def get(self):
+            # the dequeue runs to its end even when the caller gives up at that moment
+            return await asyncio.shield(self._take())
+
+        async def _take(self):
+            await asyncio.sleep(0.3)
+            return self.events.pop() if self.events else await asyncio.sleep(3600)
+
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        q = EventQueue(loop, OneEventListener())
+        assert q.get(0.1) is None
+        time.sleep(0.4)                  # the event is taken meanwhile
+        assert q.get(2.0) == {"event": "BLOCK_JOB_COMPLETED", "data": {"device": "j"}}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
