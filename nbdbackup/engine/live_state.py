@@ -437,7 +437,8 @@ def copy_failed(state: LiveState, qmp_socket: str, message: str) -> LiveCopyFail
         alive = pid_is_our_server(state.server_pid, state.socket)
         server = (f"the NBD server (pid {state.server_pid}) is still running: look at {state.server_log}"
                   if alive else f"the NBD server is not running: start it again with "
-                  f"`{restart_command(state)}` (the --resume below also does)")
+                  f"`{restart_command(state)}` with NBDBACKUP_PASSPHRASE / NBDBACKUP_INDEX_URL set as for "
+                  f"this command if it needs them (the --resume below does it for you)")
     else:
         server = f"check that --server {state.server_uri} serves {state.backup}, and restart it"
     return LiveCopyFailed(
