@@ -426,11 +426,14 @@ def test_encrypted_repository_and_force(tmp_path, live):
     finally:
         r.close()
     dest = tmp_path / "dest.qcow2"
-    env = {"NBDBACKUP_PASSPHRASE": secret}
+    other = "not for the server " + os.urandom(4).hex()
+    env = {"NBDBACKUP_PASSPHRASE": secret, "NBDBACKUP_DEST_PASSPHRASE": other, "NBDBACKUP_NEW_PASSPHRASE": other}
     first = json.loads(support.nbdbackup("--repo", tmp_path / "repo", "restore", "--live", "sealed", dest,
                                          "--json", env=env).stdout)
     live.pids.add(first["server_pid"])
     assert secret not in Path(first["state_file"]).read_text()
+    # a process living for hours keeps only the secret it needs
+    assert other.encode() not in Path(f"/proc/{first['server_pid']}/environ").read_bytes()
     assert secret.encode() not in Path(f"/proc/{first['server_pid']}/cmdline").read_bytes()
     raw = tmp_path / "data.raw"
     raw.write_bytes(data)
@@ -459,3 +462,267 @@ def test_server_opens_every_place(place, tmp_path, live):
     c = support.run([support.require_tool("qemu-img"), "compare", "-U", "-f", "qcow2", "-F", "raw", str(dest),
                      str(raw)], check=False)
     assert c.returncode == 0, c.stdout + c.stderr
+
+
+# --- the security review's findings (state file trust, cwd, export scope, read-only, pids) ---
+
+def _valid_state(dest: Path):
+    """A state file as a fresh run writes it, its run dir made by make_run_dir."""
+    from nbdbackup.engine.live_state import LiveState, backing_string, make_run_dir
+
+    run_dir = make_run_dir(None)
+    sock = os.path.join(run_dir, "serve.sock")
+    st = LiveState(str(dest), "b" * 16, "live", SIZE, sock, backing_string(sock, None, None, "b" * 16),
+                   server_pid=None, server_log=os.path.join(run_dir, "serve.log"), run_dir=run_dir)
+    st.save()
+    return st
+
+
+def test_state_file_is_trusted_only_when_ours(tmp_path):
+    from nbdbackup.engine.live_state import LiveState
+    from nbdbackup.errors import UsageError
+
+    dest = tmp_path / "d.qcow2"
+    st = _valid_state(dest)
+    path = Path(st.path)
+    try:
+        assert LiveState.load(str(dest)).run_dir == st.run_dir          # ours: accepted
+        good = path.read_text()
+
+        def refused(text: str | None = None, *, mode: int = 0o600, uid: int | None = None, match: str = ""):
+            if path.is_symlink() or path.exists():
+                path.unlink()
+            path.write_text(good if text is None else text)
+            os.chmod(path, mode)
+            if uid is not None:
+                os.chown(path, uid, -1)
+            with pytest.raises(UsageError, match=match):
+                LiveState.load(str(dest))
+
+        doc = json.loads(good)
+        refused(mode=0o620, match="writable by group or others")
+        refused(mode=0o602, match="writable by group or others")
+        if os.geteuid() == 0:
+            refused(uid=65534, match="belongs to uid 65534")
+        refused(json.dumps(dict(doc, run_dir="/etc")), match="run_dir")
+        refused(json.dumps(dict(doc, run_dir=os.path.dirname(st.run_dir) + "/live-../../etc")), match="run_dir")
+        refused(json.dumps(dict(doc, socket="/tmp/x.sock")), match="socket or server_log")
+        refused(json.dumps(dict(doc, server_log="/etc/passwd")), match="socket or server_log")
+        refused(json.dumps(dict(doc, socket=5)), match="socket is int")          # LOW-5: no internal error
+        refused(json.dumps(dict(doc, size="x")), match="size is str")
+        refused(json.dumps(dict(doc, server_argv="sh")), match="server_argv")
+        refused(json.dumps(dict(doc, server_uri="nbd://h", server_pid=1234)), match="names a server of ours")
+        path.unlink()
+        target = tmp_path / "elsewhere.json"
+        target.write_text(good)
+        path.symlink_to(target)
+        with pytest.raises(UsageError, match="symlink"):
+            LiveState.load(str(dest))
+        path.unlink()
+        path.write_text(good)
+        os.chmod(path, 0o600)
+        # stop_server's clean-up unlinks only the two names it made, never anything else there
+        from nbdbackup.engine.live_state import remove_run_dir
+
+        keep = Path(st.run_dir) / "precious"
+        keep.write_text("x")
+        Path(st.socket).write_text("")
+        remove_run_dir(st.run_dir)
+        assert os.listdir(st.run_dir) == ["precious"]
+    finally:
+        shutil.rmtree(st.run_dir, ignore_errors=True)
+
+
+def test_planted_state_file_unlinks_nothing(tmp_path, backup):
+    """The PoC: DEST without backing and a state file naming a victim directory as run_dir;
+    --resume (the command the tool prints) must refuse it, not empty the directory."""
+    repo, bid, _ = backup
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file").write_text("keep")
+    dest = tmp_path / "d.qcow2"
+    support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(dest), "1M"])
+    planted = {"dest": str(dest), "backup": bid, "disk": "live", "size": SIZE, "socket": str(victim / "s"),
+               "backing": "x", "server_pid": 1234, "server_argv": ["/bin/sh", "-c", f"touch {tmp_path}/ran"],
+               "server_log": str(victim / "l"), "server_uri": None, "run_dir": str(victim), "created": "",
+               "format": 1}
+    Path(f"{dest}.nbdbackup-live.json").write_text(json.dumps(planted))
+    os.chmod(f"{dest}.nbdbackup-live.json", 0o600)
+    for extra in ([], ["--qmp", tmp_path / "none.sock"]):
+        p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", dest, *extra, check=False)
+        assert p.returncode == 2 and "not a valid state file" in p.stderr and "internal" not in p.stderr, p.stderr
+    assert (victim / "file").read_text() == "keep" and not (tmp_path / "ran").exists()
+
+
+def test_children_ignore_a_planted_package_in_cwd(tmp_path):
+    from nbdbackup.engine.live_state import server_argv
+    from nbdbackup.jobs.children import base_argv
+
+    planted = tmp_path / "nbdbackup"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    (planted / "__main__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted')\n")
+    for argv in (base_argv(), "serve"):
+        if argv == "serve":
+            argv = server_argv(["--repo", str(tmp_path / "nope")], "/x.sock", None, "b" * 16)
+            argv = argv[:argv.index("--repo")]
+        p = subprocess.run([*argv, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and not (tmp_path / "ran").exists(), (argv, p.stdout, p.stderr)
+
+
+def test_pid_identity_is_exact(tmp_path):
+    from nbdbackup.engine.live_state import find_server_pid, pid_is_our_server, stop_pid
+
+    sock = "/run/nbdbackup/live-0123abcd/serve.sock"
+    script = "import time; time.sleep(60)"
+    exact = subprocess.Popen(["python3", "-c", script, "serve", "--listen", f"unix:{sock}", "--export", "x"])
+    suffix = subprocess.Popen(["python3", "-c", script, "serve", "--listen", f"unix:/other{sock}"])
+    try:
+        support_wait(lambda: pid_is_our_server(exact.pid, sock))
+        assert pid_is_our_server(exact.pid, sock)
+        assert not pid_is_our_server(suffix.pid, sock) and not pid_is_our_server(exact.pid, "serve.sock")
+        assert find_server_pid(sock) == exact.pid
+        stop_pid(suffix.pid, timeout=5, socket_path=sock)       # not the server: not signalled
+        assert suffix.poll() is None
+        stop_pid(exact.pid, timeout=5, socket_path=sock)      # reaps it: our child here
+        assert not _alive(exact.pid) and suffix.poll() is None
+    finally:
+        for p in (exact, suffix):
+            p.kill()
+            p.wait()
+
+
+def test_serve_export_allow_list(tmp_path):
+    """serve --export ID: that backup only; other ids and the disk aliases are not there."""
+    from helpers.serve import serve
+    from nbdbackup.errors import NbdBackupError
+    from nbdbackup.nbd.client import Client
+
+    r = new_repo(tmp_path / "repo")
+    try:
+        one = write_backup(r, "one", b"\1" * MiB).id
+        two = write_backup(r, "two", b"\2" * MiB).id
+    finally:
+        r.close()
+    with serve(tmp_path / "repo", tmp_path, "--export", one) as s:
+        assert Client.query_info(s.uri(one)).size == MiB
+        for name in (two, "one", "two"):
+            with pytest.raises(NbdBackupError):
+                Client.query_info(s.uri(name))
+        assert one in s.log() and two not in s.log()        # the banner lists only the allowed one
+    p = support.nbdbackup("--repo", tmp_path / "repo", "serve", "--listen", f"unix:{tmp_path}/x.sock",
+                          "--export", "one", check=False)
+    assert p.returncode == 2 and "full id" in p.stderr, p.stderr
+
+
+def test_resume_after_reboot_restarts_a_scoped_server(tmp_path, backup, live):
+    """The started serve exports only the backup, runs with -P; after a reboot (the tmpfs run
+    dir gone, the server dead) --resume makes the dir again and restarts the server."""
+    repo, bid, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    doc = _start_dest(repo, dest, live)
+    with open(f"/proc/{doc['server_pid']}/cmdline", "rb") as f:
+        argv = [a.decode() for a in f.read().rstrip(b"\0").split(b"\0")]
+    assert argv[1:4] == ["-P", "-m", "nbdbackup"], argv
+    assert argv[argv.index("--export") + 1] == bid, argv
+    from nbdbackup.errors import NbdBackupError
+    from nbdbackup.nbd.client import Client
+
+    with pytest.raises(NbdBackupError):                 # the disk alias is not served
+        Client.query_info(f"nbd+unix:///live?socket={doc['socket']}")
+    os.kill(doc["server_pid"], signal.SIGKILL)
+    assert support_wait(lambda: not _alive(doc["server_pid"]))
+    shutil.rmtree(os.path.dirname(doc["socket"]))
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", dest, "--json", check=False)
+    assert p.returncode == 0, p.stderr
+    again = json.loads(p.stdout)
+    live.pids.add(again["server_pid"])
+    assert again["server_pid"] != doc["server_pid"] and _alive(again["server_pid"])
+    assert again["socket"] == doc["socket"] and stat_mode(os.path.dirname(doc["socket"])) == 0o700
+    assert Client.query_info(f"nbd+unix:///{bid}?socket={doc['socket']}").size == SIZE
+    # DEST deleted, its server running: a fresh run does not orphan that server
+    dest.unlink()
+    p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, check=False)
+    assert p.returncode == 2 and "server still runs" in p.stderr, p.stderr
+    assert _alive(again["server_pid"]) and _state(dest)["server_pid"] == again["server_pid"]
+
+
+def stat_mode(path: str) -> int:
+    return os.stat(path).st_mode & 0o7777
+
+
+def test_writable_server_refused(tmp_path, backup):
+    from helpers.serve import serve
+
+    repo, _, _ = backup
+    dest = tmp_path / "dest.qcow2"
+    with serve(Path(repo), tmp_path, "--writable") as s:
+        p = support.nbdbackup("--repo", repo, "restore", "--live", "live", dest, "--server",
+                              f"nbd+unix:///?socket={s.sock}", check=False)
+    assert p.returncode != 0 and "writable" in p.stderr and "internal" not in p.stderr, p.stderr
+    assert not dest.exists() and not Path(f"{dest}.nbdbackup-live.json").exists()
+
+
+def test_temp_name_swapped_for_a_symlink(tmp_path, monkeypatch):
+    """Someone swaps the freshly made temp image for a symlink to a root file: that file is
+    neither chmodded nor linked as DEST, and nothing is left behind."""
+    from nbdbackup.engine import live_restore as lr
+    from nbdbackup.engine.live_state import LiveState, backing_string
+    from nbdbackup.errors import SourceUnreachable
+
+    victim = tmp_path / "victim"
+    victim.write_text("a root file")
+    os.chmod(victim, 0o644)
+    real_run = subprocess.run
+
+    def run_then_swap(cmd, *a, **kw):
+        if "create" not in cmd:
+            return real_run(cmd, *a, **kw)
+        # the image made (no server behind the backing here: -u), then swapped by "someone"
+        real_run([*cmd[:-2], "-u", *cmd[-2:]], check=True)
+        os.unlink(cmd[-2])
+        os.symlink(victim, cmd[-2])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(lr.subprocess, "run", run_then_swap)
+    dest = tmp_path / "dest.qcow2"
+    st = LiveState(str(dest), "b" * 16, "live", MiB, "/nowhere.sock",
+                   backing_string("/nowhere.sock", None, None, "b" * 16))
+    for force in (False, True):
+        with pytest.raises(SourceUnreachable, match="replaced"):
+            lr._create_dest(st, force)
+        assert stat_mode(str(victim)) == 0o644 and victim.read_text() == "a root file"
+        assert not os.path.lexists(dest) and sorted(os.listdir(tmp_path)) == ["victim"]
+
+
+def test_qmp_event_taken_at_a_timeout_is_not_lost():
+    """An event the listener takes just after get() timed out is returned by the next get()
+    (it was dropped with the cancelled future: a finished copy then looked like exit 24)."""
+    import asyncio
+    import threading
+
+    from nbdbackup.sources.qmp_conn import EventQueue
+
+    class OneEventListener:          # qemu.qmp's EventListener: get() takes the next queued event
+        def __init__(self):
+            self.events = [{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "j"}}]
+
+        async def get(self):
+            # the dequeue runs to its end even when the caller gives up at that moment
+            return await asyncio.shield(self._take())
+
+        async def _take(self):
+            await asyncio.sleep(0.3)
+            return self.events.pop() if self.events else await asyncio.sleep(3600)
+
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        q = EventQueue(loop, OneEventListener())
+        assert q.get(0.1) is None
+        time.sleep(0.4)                  # the event is taken meanwhile
+        assert q.get(2.0) == {"event": "BLOCK_JOB_COMPLETED", "data": {"device": "j"}}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)

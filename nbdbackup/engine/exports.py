@@ -118,13 +118,18 @@ class RepoBackend:
 
 
 class RepoCatalog:
-    def __init__(self, repo: Repository, cache: ChunkCache):
+    def __init__(self, repo: Repository, cache: ChunkCache, only: frozenset[str] | None = None):
         self.repo = repo
         self.cache = cache
+        # serve --export: only these backup ids, by id (no disk aliases): a socket given to
+        # another group (qemu under libvirt) then reads this backup and nothing else
+        self.only = only
 
     def _names(self) -> dict:
         """Export name -> BackupInfo: ids, then disk names for the latest backup."""
         backups = self.repo.list_backups()
+        if self.only is not None:
+            return {b.id: b for b in backups if b.id in self.only}
         names = {b.id: b for b in backups}
         latest: dict = {}
         for b in backups:
@@ -149,14 +154,17 @@ class RepoCatalog:
 
         The repository validates the name (ids and disk names have fixed
         shapes); anything else is simply not an export."""
-        if not name or "\0" in name:
+        if not name or "\0" in name or (self.only is not None and name not in self.only):
             return None
         try:
-            return self.repo.resolve(name).id
+            key = self.repo.resolve(name).id
         except (NotFound, UsageError):
             return None
+        return key if self.only is None or key in self.only else None
 
     def _info(self, key: str):
+        if self.only is not None and key not in self.only:
+            raise NotFound(f"{key} is not exported")
         return self.repo.get_backup(key)      # NotFound if it was deleted meanwhile
 
     def describe(self, key: str) -> str:
@@ -166,6 +174,8 @@ class RepoCatalog:
         return self._info(key).size
 
     def open(self, key: str) -> RepoBackend:
+        if self.only is not None and key not in self.only:
+            raise NotFound(f"{key} is not exported")
         img = self.repo.open_image(self.repo.resolve(key))
         try:
             return RepoBackend(img, key, self.cache)

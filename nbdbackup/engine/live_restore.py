@@ -64,32 +64,49 @@ JOB_PREFIX = "nbdbackup-live-"
 
 
 def _create_dest(state: LiveState, force: bool) -> None:
-    """qemu-img create under a temporary name in DEST's directory, then linked (or, with
-    --force, renamed) into place: DEST appears complete or not at all."""
+    """qemu-img create in a private (0700) temporary directory in DEST's directory, then
+    linked (or, with --force, renamed) into place: DEST appears complete or not at all. Nobody
+    else can swap the temp name there; it is still opened O_NOFOLLOW, checked and fchmodded
+    by fd, and linked without following a symlink."""
+    import stat
+    import tempfile
+
     dest = state.dest
     d = os.path.dirname(dest)
-    tmp = os.path.join(d, f".nbdbackup-live-{os.path.basename(dest)}-{os.urandom(4).hex()}")
-    cmd = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", state.backing, tmp, str(state.size)]
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".nbdbackup-live-", dir=d)
+    tmp = os.path.join(tmp_dir, "new.qcow2")
     try:
+        cmd = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", state.backing, tmp, str(state.size)]
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if p.returncode != 0:
             why = (p.stderr or p.stdout).strip()
             err = storage_error(errno.ENOSPC, dest, "creating it", repository=False) \
                 if "No space" in why else None
             raise err or SourceUnreachable(f"qemu-img create {dest} failed: {why}")
-        os.chmod(tmp, 0o600)        # the guest's disk: its writes land here
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceUnreachable(f"the new image for {dest} was replaced while it was made: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise SourceUnreachable(f"the new image for {dest} was replaced while it was made")
+            os.fchmod(fd, 0o600)        # the guest's disk: its writes land here
+        finally:
+            os.close(fd)
         if force:
             os.replace(tmp, dest)
         else:
             try:
-                os.link(tmp, dest)      # fails on an existing DEST, even one made in between
+                os.link(tmp, dest, follow_symlinks=False)  # fails on an existing DEST, even one made in between
             except FileExistsError:
                 raise UsageError(f"{dest} exists; not overwriting it", hint="pass --force to replace it, or "
                                  "--resume to continue a live restore into it") from None
-            os.unlink(tmp)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp_dir)
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -106,18 +123,27 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
     when it is not running."""
     dest = os.path.abspath(dest)
     if resume:
-        return _prepare_resume(repo, ref, dest, environment)
+        return _prepare_resume(repo, ref, dest, repo_argv, environment)
     if os.path.lexists(dest) and not force:
         raise UsageError(f"{dest} exists; not overwriting it",
                          hint="pass --force to replace it, or --resume to continue a live restore into it")
     if not os.path.isdir(os.path.dirname(dest)):
         raise UsageError(f"{os.path.dirname(dest)} is not a directory: DEST's directory must exist")
     info = repo.resolve(ref)
+    if os.path.lexists(state_path(dest)) and not force:
+        # DEST gone, its state left: its server may still run, and only this file finds it
+        try:
+            old = LiveState.load(dest)
+        except UsageError:
+            old = None          # not ours, or not valid: overwritten, nothing of it used
+        if old is not None and old.run_dir and find_server_pid(old.socket):
+            raise UsageError(f"{state_path(dest)} names a live restore whose server still runs "
+                             f"(socket {old.socket})", hint="pass --force to stop it and start anew")
     if force and os.path.exists(state_path(dest)):
         # the live restore --force replaces: its server would serve nobody any more
         with contextlib.suppress(UsageError):
             old = LiveState.load(dest)
-            if old.ours:
+            if old.ours or old.run_dir:     # pid None: killed before it was recorded
                 log.warning("stopping the server (pid %s) of the live restore into %s that --force replaces",
                             old.server_pid, dest)
                 stop_server(old)
@@ -141,12 +167,15 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
         run_dir = make_run_dir(socket_group)
         sock = os.path.join(run_dir, "serve.sock")
         state = LiveState(dest, info.id, info.disk, info.size, sock, backing_string(sock, None, None, info.id),
-                          server_argv=server_argv(repo_argv, sock, socket_group),
-                          server_log=os.path.join(run_dir, "serve.log"), run_dir=run_dir, created=now)
+                          server_log=os.path.join(run_dir, "serve.log"), run_dir=run_dir,
+                          socket_group=socket_group, created=now)
         try:
-            start_server(state, environment)
+            state.save()        # before the server: a crash in between leaves a record that finds it
+            start_server(state, repo_argv, environment)
         except BaseException:
             stop_server(state)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(state.path)
             raise
         started = True
     try:
@@ -161,8 +190,11 @@ def prepare(repo, ref: str | None, dest: str, *, server_uri: str | None, repo_ar
     return LivePrepared(state, resumed=False, server_started=started)
 
 
-def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str]) -> LivePrepared:
+def _prepare_resume(repo, ref: str | None, dest: str, repo_argv: list[str],
+                    environment: dict[str, str]) -> LivePrepared:
     state = LiveState.load(dest)
+    if state.run_dir:       # the restart hint shows it: rebuilt, never the recorded one
+        state.server_argv = server_argv(repo_argv, state.socket, state.socket_group, state.backup)
     if os.path.abspath(state.dest) != dest:
         raise UsageError(f"--resume: {state.path} is about {state.dest}, not {dest}")
     if ref is not None and ref not in (state.backup, state.disk):
@@ -188,9 +220,9 @@ def _prepare_resume(repo, ref: str | None, dest: str, environment: dict[str, str
                 time.sleep(0.2)
     if serves(state, timeout=5.0):
         pass
-    elif state.server_argv:
+    elif state.ours or state.run_dir:
         log.warning("the NBD server of %s (pid %s) is not running: starting it again", dest, state.server_pid)
-        start_server(state, environment)
+        start_server(state, repo_argv, environment)
         state.save()
         started = True
     else:

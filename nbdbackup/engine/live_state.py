@@ -8,8 +8,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -24,6 +26,12 @@ log = logging.getLogger("nbdbackup.engine.live_restore")
 STATE_SUFFIX = ".nbdbackup-live.json"
 STATE_FORMAT = 1
 SERVER_START_TIMEOUT = 60.0
+SOCKET_NAME, LOG_NAME = "serve.sock", "serve.log"   # the only names in a run dir
+RUN_DIR_RE = re.compile(r"live-[0-9a-f]{8}")
+GROUP_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+# `python -P`: the caller's cwd is not put on sys.path, so a ./nbdbackup planted where the
+# command runs (an image pool) is not what we run (as root, with the passphrase in the env)
+PYTHON_M = [sys.executable, "-P", "-m", "nbdbackup"]
 POLL_S = 0.5
 RECONNECT_GRACE = 60.0          # s a resumed copy retries while qemu has not reconnected yet
 RECONNECT_DELAY = 10            # s qemu holds a request while it reconnects to a restarted server
@@ -43,6 +51,7 @@ class LiveState:
     server_log: str | None = None
     server_uri: str | None = None   # --server as given
     run_dir: str | None = None      # our private directory holding the socket
+    socket_group: str | None = None  # the group the socket was given to (qemu under libvirt)
     created: str = ""
     format: int = STATE_FORMAT
 
@@ -59,22 +68,76 @@ class LiveState:
 
     @classmethod
     def load(cls, dest: str) -> "LiveState":
+        """The state file, trusted only when it is ours: a regular file (not a symlink) owned by
+        our euid that nobody else can write, with every field of the right type and every path
+        where restore --live puts it. Whoever can write DEST's directory can plant one, and we
+        unlink, start and signal from it (often as root)."""
         p = state_path(dest)
         try:
-            with open(p, "rb") as f:
-                raw = json.loads(f.read())
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UsageError(f"--resume: {p} does not exist: {dest} was not made by `restore --live` "
                              "(or its copy finished and the state was removed)",
                              hint="start a new one with `restore --live BACKUP DEST.qcow2`") from None
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise UsageError(f"--resume: cannot read {p}: {e.strerror}"
+                             + (" (a symlink: not trusting it)" if e.errno == 40 else "")) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"--resume: {p} is not a regular file: not trusting it")
+            if st.st_uid != os.geteuid():
+                raise UsageError(f"--resume: {p} belongs to uid {st.st_uid}, not to us: not trusting it",
+                                 hint="restore --live writes it 0600 as the user who runs it")
+            if st.st_mode & 0o022:
+                raise UsageError(f"--resume: {p} is writable by group or others (mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}): not trusting it")
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                raw = json.loads(f.read(1 << 20))
+        except ValueError as e:
             raise UsageError(f"--resume: cannot read {p}: {e}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
             raise UsageError(f"--resume: {p} is not a state file of this version of restore --live")
         try:
-            return cls(**raw)
+            state = cls(**raw)
         except TypeError as e:
             raise UsageError(f"--resume: {p} is not a valid state file: {e}") from None
+        if why := state.invalid():
+            raise UsageError(f"--resume: {p} is not a valid state file: {why}")
+        return state
+
+    def invalid(self) -> str | None:
+        """Why the fields cannot be ours (None: they can)."""
+        types = {"dest": str, "backup": str, "disk": str, "size": int, "socket": (str, type(None)),
+                 "backing": str, "server_pid": (int, type(None)), "server_argv": list,
+                 "server_log": (str, type(None)), "server_uri": (str, type(None)),
+                 "run_dir": (str, type(None)), "socket_group": (str, type(None)), "created": str}
+        for name, want in types.items():
+            value = getattr(self, name)
+            if not isinstance(value, want) or isinstance(value, bool):
+                return f"{name} is {type(value).__name__} {str(value)[:40]!r}"
+        if self.size < 0 or (self.server_pid is not None and self.server_pid <= 1):
+            return "size or server_pid out of range"
+        if not all(isinstance(a, str) for a in self.server_argv):
+            return "server_argv is not a list of strings"
+        if self.socket_group is not None and not GROUP_RE.fullmatch(self.socket_group):
+            return f"socket_group {self.socket_group[:40]!r} is not a group name"
+        if self.server_uri is not None:         # --server: the user's server, nothing of ours
+            if self.run_dir is not None or self.server_pid is not None or self.server_log is not None:
+                return "a --server state names a server of ours"
+            return None
+        base = live_base()
+        if self.run_dir is None or os.path.dirname(self.run_dir) != base \
+                or not RUN_DIR_RE.fullmatch(os.path.basename(self.run_dir)):
+            return f"run_dir {str(self.run_dir)[:80]!r} is not a live-XXXXXXXX directory in {base}"
+        if self.socket != os.path.join(self.run_dir, SOCKET_NAME) \
+                or self.server_log != os.path.join(self.run_dir, LOG_NAME):
+            return "socket or server_log is not in run_dir"
+        return None
 
 
 @dataclass
@@ -127,15 +190,19 @@ def read_backing(path: str) -> str | None:
 
 
 def pid_is_our_server(pid: int | None, socket_path: str | None) -> bool:
-    """True when *pid* runs `nbdbackup serve` on *socket_path* (not a reused pid)."""
-    if not pid:
+    """True when *pid* is ours (euid) and runs `nbdbackup serve --listen unix:SOCKET` on
+    exactly *socket_path* (not a reused pid, nor another user's decoy)."""
+    if not pid or not socket_path:
         return False
     try:
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return False
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            argv = f.read().rstrip(b"\0").split(b"\0")
     except OSError:
         return False
-    return b"serve" in argv and any(a.endswith(socket_path.encode()) for a in argv if socket_path)
+    want = [b"serve", b"--listen", f"unix:{socket_path}".encode()]
+    return any(argv[i:i + 3] == want for i in range(len(argv) - 2))
 
 
 def find_server_pid(socket_path: str | None) -> int | None:
@@ -160,6 +227,11 @@ def serves(state: LiveState, timeout: float = 10.0) -> bool:
     except (NbdBackupError, OSError) as e:
         log.info("export %s does not answer: %s", uri, e)
         return False
+    if not info.read_only:
+        # a --writable serve shares one overlay among its clients and drops it on restart:
+        # the guest's base would change under it
+        raise SourceUnreachable(f"the server at {uri} exports {state.backup} writable: DEST's backing must "
+                                "not change", hint="serve it read-only (without --writable)")
     if info.size != state.size:
         raise SourceUnreachable(f"the server at {uri} serves {state.backup} with {info.size} bytes, not "
                                 f"{state.size}: not the same backup")
@@ -172,23 +244,29 @@ def uri_with_export(uri: str | None, export: str) -> str:
     return str(parse_uri(uri).with_export(export))
 
 
-def server_argv(args_repo: list[str], socket_path: str, socket_group: str | None) -> list[str]:
-    argv = [sys.executable, "-m", "nbdbackup", *args_repo, "serve", "--listen", f"unix:{socket_path}"]
+def server_argv(args_repo: list[str], socket_path: str, socket_group: str | None, backup: str) -> list[str]:
+    """The serve we start: only *backup* exported (qemu's group must not read every other
+    backup), read-only. Always built from validated fields, never read back from a file."""
+    argv = [*PYTHON_M, *args_repo, "serve", "--listen", f"unix:{socket_path}", "--export", backup]
     if socket_group:
         argv += ["--socket-group", socket_group]
     return argv
 
 
-def start_server(state: LiveState, environment: dict[str, str]) -> None:
+def start_server(state: LiveState, repo_argv: list[str], environment: dict[str, str]) -> None:
     """Start `nbdbackup serve` as its own process (new session: neither a killed command nor
     the terminal's SIGINT/SIGHUP reaches it), wait until the export answers, record its pid."""
     from ..nbd.server import clear_stale_socket
 
+    state.server_argv = server_argv(repo_argv, state.socket, state.socket_group, state.backup)
+    if check_run_dir(state.run_dir, create=True):     # gone after a reboot (tmpfs): made again
+        grant_run_dir(state.run_dir, state.socket_group)
     clear_stale_socket(state.socket)
-    logf = os.fdopen(os.open(state.server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
+    logf = os.fdopen(os.open(state.server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, 0o600), "ab")
     try:
         proc = subprocess.Popen(state.server_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=logf, env=environment, start_new_session=True, close_fds=True)
+                                stderr=logf, env=environment, start_new_session=True, close_fds=True, cwd="/")
     finally:
         logf.close()
     state.server_pid = proc.pid
@@ -217,22 +295,35 @@ def log_tail(path: str | None, n: int = 1500) -> str:
         return "(no log)"
 
 
-def stop_pid(pid: int, timeout: float = 30.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+def stop_pid(pid: int, timeout: float = 30.0, socket_path: str | None = None) -> None:
+    """SIGTERM, then SIGKILL after *timeout*, through a pidfd taken while the pid was checked
+    (a pid reused meanwhile is never signalled); with *socket_path* it is checked again
+    before the SIGKILL."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        if socket_path and not pid_is_our_server(pid, socket_path):
             return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return
+            try:
+                signal.pidfd_send_signal(pidfd, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
+        if socket_path is None or pid_is_our_server(pid, socket_path):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
 
 
 def stop_server(state: LiveState) -> bool:
@@ -240,16 +331,50 @@ def stop_server(state: LiveState) -> bool:
     stopped = False
     pid = state.server_pid if pid_is_our_server(state.server_pid, state.socket) else find_server_pid(state.socket)
     if pid:
-        stop_pid(pid)
+        stop_pid(pid, socket_path=state.socket)
         state.server_pid = pid
         stopped = True
     if state.run_dir and not find_server_pid(state.socket):      # never a live server's socket
-        for name in os.listdir(state.run_dir) if os.path.isdir(state.run_dir) else ():
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(state.run_dir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(state.run_dir)
+        remove_run_dir(state.run_dir)
     return stopped
+
+
+def check_run_dir(run_dir: str, *, create: bool = False) -> bool:
+    """*run_dir* is a live-XXXXXXXX directory of ours in serve's runtime directory (made
+    again, private, when *create* and it is gone: /run is a tmpfs)."""
+    from ..nbd.server_socket import open_traverse_only_dir
+
+    base = live_base()
+    if os.path.dirname(run_dir) != base or not RUN_DIR_RE.fullmatch(os.path.basename(run_dir)):
+        raise UsageError(f"{run_dir} is not a live restore's directory in {base}")
+    made = False
+    if create and not os.path.lexists(run_dir):
+        open_traverse_only_dir(base)
+        os.mkdir(run_dir, 0o700)
+        made = True
+    st = os.lstat(run_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UsageError(f"{run_dir} is not a private directory of ours (a symlink, another owner, or "
+                         "writable by others): not using it")
+    return made
+
+
+def remove_run_dir(run_dir: str) -> None:
+    """Unlink the two names we put there, then the directory: never anything else."""
+    try:
+        check_run_dir(run_dir)
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except (OSError, UsageError) as e:
+        log.info("not removing %s: %s", run_dir, e)
+        return
+    try:
+        for name in (SOCKET_NAME, LOG_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(run_dir)
 
 
 def stop_command(state: LiveState) -> str:
@@ -258,22 +383,37 @@ def stop_command(state: LiveState) -> str:
     return f"kill {state.server_pid} && rm -r {shlex.quote(state.run_dir)}"
 
 
-def make_run_dir(socket_group: str | None) -> str:
-    """A private directory for the socket under serve's runtime directory; with a group
-    (qemu as libvirt-qemu), the runtime directory and it are searchable by that group."""
-    from ..nbd.server_socket import check_private_dir, runtime_dir, set_private_dir_access, socket_access
+def live_base() -> str:
+    """Where the run dirs go: next to serve's runtime directory, never in it (serve sets that
+    one's mode and group for its own socket, under a running live restore), 0711 so qemu of
+    another user passes through to its run dir, which alone is granted to the group."""
+    from ..nbd.server_socket import runtime_dir
 
-    base = runtime_dir()
-    access = socket_access(None, socket_group)
-    if socket_group:
-        set_private_dir_access(base, access)
-    else:
-        check_private_dir(base)
+    return runtime_dir() + "-live"
+
+
+def make_run_dir(socket_group: str | None) -> str:
+    """A private directory for the socket under live_base(); with a group (qemu as
+    libvirt-qemu) it is searchable by that group, and nothing else is re-permissioned."""
+    from ..nbd.server_socket import open_traverse_only_dir
+
+    base = live_base()
+    open_traverse_only_dir(base)
     d = os.path.join(base, f"live-{os.urandom(4).hex()}")
     os.mkdir(d, 0o700)
-    if socket_group:
-        set_private_dir_access(d, access)
+    try:
+        grant_run_dir(d, socket_group)
+    except BaseException:
+        os.rmdir(d)         # not left behind
+        raise
     return d
+
+
+def grant_run_dir(run_dir: str, socket_group: str | None) -> None:
+    from ..nbd.server_socket import set_private_dir_access, socket_access
+
+    if socket_group:
+        set_private_dir_access(run_dir, socket_access(None, socket_group))
 
 
 def qemu_img() -> str:
@@ -287,7 +427,7 @@ def qemu_img() -> str:
 
 def restart_command(state: LiveState) -> str:
     """A shell command starting our server again as start_server does: its own session, its log."""
-    return (f"setsid -f {shlex.join(state.server_argv)} </dev/null >/dev/null "
+    return (f"setsid -f {shlex.join(state.server_argv)} </dev/null >/dev/null "   # cwd-safe: python -P
             f"2>>{shlex.quote(state.server_log or '/dev/null')}")
 
 
@@ -297,7 +437,8 @@ def copy_failed(state: LiveState, qmp_socket: str, message: str) -> LiveCopyFail
         alive = pid_is_our_server(state.server_pid, state.socket)
         server = (f"the NBD server (pid {state.server_pid}) is still running: look at {state.server_log}"
                   if alive else f"the NBD server is not running: start it again with "
-                  f"`{restart_command(state)}` (the --resume below also does)")
+                  f"`{restart_command(state)}` with NBDBACKUP_PASSPHRASE / NBDBACKUP_INDEX_URL set as for "
+                  f"this command if it needs them (the --resume below does it for you)")
     else:
         server = f"check that --server {state.server_uri} serves {state.backup}, and restart it"
     return LiveCopyFailed(

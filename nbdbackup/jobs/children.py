@@ -144,5 +144,6 @@ def run_all(children: list[Child], concurrency: int, *, grace_s: float = 90.0,
 
 
 def base_argv() -> list[str]:
-    """How a child is started: this interpreter, this package."""
-    return [sys.executable, "-m", "nbdbackup"]
+    """How a child is started: this interpreter, this package; -P keeps the cwd off sys.path,
+    so a ./nbdbackup where the job runs is never imported instead."""
+    return [sys.executable, "-P", "-m", "nbdbackup"]

@@ -102,6 +102,16 @@ def check_private_dir(path: str) -> None:
     os.close(_open_private_dir(path))
 
 
+def open_traverse_only_dir(path: str) -> None:
+    """*path* ours (made if missing), 0711: others may pass through to a name they know but
+    not list it; what lies beneath guards itself (restore --live's per-run directories)."""
+    fd = _open_private_dir(path)
+    try:
+        os.fchmod(fd, 0o711)
+    finally:
+        os.close(fd)
+
+
 def set_private_dir_access(path: str, access: SocketAccess) -> None:
     """0700, plus search (x) for the group or for others when the socket lets them in;
     the group is the socket's (ours unless --socket-group), so an earlier run's grant

@@ -78,7 +78,7 @@ class Qmp:
 
         listener = EventListener(names)
         self._client.register_listener(listener)
-        return EventQueue(self._run, listener)
+        return EventQueue(self._loop, listener)
 
     @property
     def connected(self) -> bool:
@@ -108,17 +108,27 @@ class Qmp:
 class EventQueue:
     """Events of one Qmp.listen(), taken in order; get() waits at most *timeout* seconds."""
 
-    def __init__(self, run, listener):
-        self._run = run             # Qmp._run: a coroutine on the session's loop, with a timeout
+    def __init__(self, loop, listener):
+        self._loop = loop           # the session's loop (Qmp's thread)
         self._listener = listener
+        # one listener.get() kept alive across timed-out calls: cancelling it could drop an
+        # event it took just as the timeout struck (a lost BLOCK_JOB_COMPLETED became exit 24)
+        self._pending = None
 
     def get(self, timeout: float) -> dict | None:
         """The next event as a dict ({"event": NAME, "data": {...}, "timestamp": ...}), or None
         when none came within *timeout* seconds."""
+        if self._pending is None:
+            self._pending = asyncio.run_coroutine_threadsafe(self._listener.get(), self._loop)
         try:
-            return dict(self._run(self._listener.get(), timeout))
+            event = self._pending.result(timeout)
         except FutureTimeout:
             return None
+        except BaseException:
+            self._pending = None
+            raise
+        self._pending = None
+        return dict(event)
 
 
 def _reason(e: BaseException) -> str:

@@ -72,10 +72,10 @@ def _environment(args) -> dict[str, str]:
     from ...envsecrets import SECRET_ENV, env
     from ..repoargs import key_source
 
-    e = dict(os.environ)
-    for name in SECRET_ENV:
-        if (value := env(name)) is not None:
-            e[name] = value
+    # only the repository's passphrase: the server lives for hours, and serve needs no other
+    e = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    if (value := env("NBDBACKUP_PASSPHRASE")) is not None:
+        e["NBDBACKUP_PASSPHRASE"] = value
     typed = key_source(args).cache.get("passphrase")
     if typed is not None and "NBDBACKUP_PASSPHRASE" not in e:
         e["NBDBACKUP_PASSPHRASE"] = typed
@@ -135,7 +135,10 @@ def run(args) -> int:
     resume_cmd = shlex.join(["nbdbackup", "restore", "--live", "--resume", st.dest, "--qmp", "QMP_SOCKET"])
     if prep.server_started:
         output.summary(args, f"nbdbackup: serving {st.backup} on {st.socket} (pid {st.server_pid}); "
-                             f"stop it with `{stop_command(st)}` (state: {st.path})")
+                             f"stop it with `{stop_command(st)}` (state: {st.path})"
+                             + (f"; its socket is given to group {st.socket_group}: that group's processes "
+                                f"(every qemu of libvirt) can read backup {st.backup}, and only it"
+                                if st.socket_group else ""))
     bar = lambda total, desc: output.progress_bar(args, total, desc)  # noqa: E731
     if args.qmp is None and not args.domain:
         return _instructions(args, prep, resume_cmd)

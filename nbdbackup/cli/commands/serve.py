@@ -9,7 +9,8 @@ HELP = "serve backups over NBD (each backup by id, each disk's latest by disk na
 DESCRIPTION = """\
 Serve the repository's backups over NBD. Every backup is an export named by
 its id; each disk name is an alias of that disk's latest backup, bound when a
-client connects. Read-only unless --writable, which gives each backup a
+client connects; --export ID (repeatable) serves only those backups, by id
+(no aliases). Read-only unless --writable, which gives each backup a
 copy-on-write overlay (shared by all its clients, discarded when the server
 stops); the repository is never modified. Stop with SIGTERM or Ctrl-C."""
 
@@ -27,6 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--socket-group", metavar="GROUP",
                    help="give the unix socket (and search access to its private directory) to GROUP, "
                         "e.g. libvirt-qemu, so qemu running as another user can connect")
+    p.add_argument("--export", action="append", metavar="BACKUP_ID", dest="exports",
+                   help="serve only this backup (by its full id; repeatable); other ids and the disk-name "
+                        "aliases are refused and not listed. Use it whenever the socket is given to others")
     p.add_argument("--insecure-tcp", action="store_true",
                    help="allow TCP without TLS: anyone who can reach the port reads every backup (warns)")
     p.add_argument("--writable", action="store_true",
@@ -142,7 +146,14 @@ def run(args) -> int:
                 raise UsageError(f"cannot make an overlay directory in {base or tempfile.gettempdir()}: {why}",
                                  hint="give --overlay-dir a writable directory") from None
         cache = ChunkCache(args.cache_size)
-        catalog = RepoCatalog(repo, cache)
+        only = None
+        if args.exports:
+            for ref in args.exports:
+                if repo.resolve(ref).id != ref:
+                    raise UsageError(f"--export {ref}: give a backup's full id, not a disk name or a prefix "
+                                     f"(it is {repo.resolve(ref).id})")
+            only = frozenset(args.exports)
+        catalog = RepoCatalog(repo, cache, only)
         server = NbdServer(catalog, writable=args.writable, overlay_dir=overlay_dir, tls=tls,
                            workers=args.workers, max_clients=args.max_connections,
                            max_handshakes=args.max_handshakes)
