@@ -121,8 +121,9 @@ class RepoCatalog:
     def __init__(self, repo: Repository, cache: ChunkCache, only: frozenset[str] | None = None):
         self.repo = repo
         self.cache = cache
-        # serve --export: only these backup ids, by id (no disk aliases): a socket given to
-        # another group (qemu under libvirt) then reads this backup and nothing else
+        # serve --export, restore --live, files: only these backup ids, by id (no disk
+        # aliases): a socket handed to another program (qemu under libvirt, libguestfs's
+        # appliance) then reads these backups and nothing else
         self.only = only
 
     def _names(self) -> dict:
@@ -182,18 +183,3 @@ class RepoCatalog:
         except BaseException:
             img.close()
             raise
-
-
-class OneBackupCatalog(RepoCatalog):
-    """A RepoCatalog that exports one backup only, under its id: `files` hands its
-    socket to libguestfs's qemu, which has no business seeing the other backups."""
-
-    def __init__(self, repo: Repository, cache: ChunkCache, backup_id: str):
-        super().__init__(repo, cache)
-        self.backup_id = backup_id
-
-    def list_exports(self) -> list[tuple[str, str]]:
-        return [(self.backup_id, self.describe(self.backup_id))]
-
-    def resolve(self, name: str) -> str | None:
-        return self.backup_id if name == self.backup_id else None

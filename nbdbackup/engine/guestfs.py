@@ -344,7 +344,7 @@ def served_backup(repo, ref: str, *, workers: int = 4, cache_bytes: int = 64 << 
     import logging
 
     from ..nbd.server import ListenAddress, NbdServer
-    from .exports import ChunkCache, OneBackupCatalog
+    from .exports import ChunkCache, RepoCatalog
 
     info = repo.resolve(ref)
     logging.getLogger("nbdbackup.server").setLevel(logging.WARNING)
@@ -352,7 +352,7 @@ def served_backup(repo, ref: str, *, workers: int = 4, cache_bytes: int = 64 << 
     base = tempfile.gettempdir()
     private = tempfile.mkdtemp(prefix="nbdbackup-files-", dir=base if not any(c.isspace() for c in base) else "/tmp")
     sock = os.path.join(private, "nbd.sock")
-    server = NbdServer(OneBackupCatalog(repo, ChunkCache(cache_bytes), info.id), workers=workers)
+    server = NbdServer(RepoCatalog(repo, ChunkCache(cache_bytes), only=frozenset({info.id})), workers=workers)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="nbd-files-server", daemon=True)
     thread.start()
