@@ -178,10 +178,12 @@ def test_gpt_ext4_xfs_ntfs_list_extract_and_missing(gpt_disk, tmp_path):
         assert (tmp_path / "xfsdir" / "inside.txt").read_bytes() == gpt_disk["nested"].read_bytes()
         assert stat.S_IMODE((tmp_path / "xfsdir").stat().st_mode) == 0o750
 
-        ntfs = by_dev.get("/dev/sda3")
-        if ntfs is not None and ntfs.type == "ntfs":        # the appliance supports NTFS (see docs/files.md)
-            g.mount(ntfs)
-            assert isinstance(g.listdir("/"), list)
+        ntfs = by_dev["/dev/sda3"]          # Debian's appliance mounts NTFS (ntfs-3g)
+        assert (ntfs.type, ntfs.label) == ("ntfs", "winfs")
+        g.mount(ntfs)
+        assert g.stat("/").is_dir
+        with pytest.raises(PathNotFound):
+            g.listdir("/nothing-here")
 
 
 @pytest.fixture(scope="module")
