@@ -29,11 +29,45 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files in --to")
 
 
+_C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b",
+              "\f": "\\f", "\v": "\\v", "\x1b": "\\e"}
+
+
+def shown(text: str | None, encoding: str | None = None) -> str:
+    """A guest-chosen string (name, link target, label) made safe for a terminal, like
+    `ls -b`: C0/C1 controls, DEL, format characters (bidi overrides), bytes that are not
+    UTF-8 (surrogateescape'd) and characters stdout cannot encode become backslash escapes
+    (\\n, \\ooo per byte); a backslash is doubled, so the escaped form is unambiguous."""
+    import sys
+    import unicodedata
+
+    if text is None:
+        return ""
+    encoding = encoding or getattr(sys.stdout, "encoding", None) or "ascii"
+    out = []
+    for ch in text:
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+            continue
+        cp = ord(ch)
+        if 0xDC80 <= cp <= 0xDCFF:                  # a non-UTF-8 byte of the guest's name
+            out.append(f"\\{cp - 0xDC00:03o}")
+            continue
+        printable = unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+        if printable:
+            try:
+                ch.encode(encoding)
+            except (UnicodeEncodeError, LookupError):
+                printable = False
+        out.append(ch if printable else "".join(f"\\{b:03o}" for b in ch.encode("utf-8", "surrogatepass")))
+    return "".join(out)
+
+
 def _ls_line(e) -> str:
     import datetime
 
     mtime = datetime.datetime.fromtimestamp(e.mtime_ns / 1e9, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    name = e.name + (f" -> {e.target}" if e.target is not None else "")
+    name = shown(e.name) + (f" -> {shown(e.target)}" if e.target is not None else "")
     return f"{e.mode_string} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {e.size:>12} {mtime} {name}"
 
 
@@ -77,9 +111,9 @@ def run(args) -> int:
             print(f"backup {info.id} (disk {info.disk}, {hb(layout.size)}): "
                   f"partition table {layout.partition_table or 'none'}")
             for f in layout.filesystems:
-                extra = "".join(f"  {k} {v}" for k, v in (("label", f.label), ("uuid", f.uuid)) if v)
+                extra = "".join(f"  {k} {shown(v)}" for k, v in (("label", f.label), ("uuid", f.uuid)) if v)
                 size = hb(f.size) if f.size is not None else "?"
-                print(f"  {f.device:<20} {f.type:<10} {size:>10}{extra}")
+                print(f"  {shown(f.device):<20} {shown(f.type):<10} {size:>10}{extra}")
             if not layout.filesystems:
                 print("  (no filesystems found)")
             return 0
@@ -93,8 +127,8 @@ def run(args) -> int:
                      "skipped": x.skipped} for x in done]})
             for x in done:
                 for s in x.skipped:
-                    warn(f"skipped {s}")
-                output.summary(args, f"extracted {x.path} ({x.type}) to {x.to}: {x.files} file(s), "
+                    warn(f"skipped {shown(s)}")
+                output.summary(args, f"extracted {shown(x.path)} ({x.type}) to {shown(x.to)}: {x.files} file(s), "
                                      f"{output.human_bytes(x.bytes)}")
             return 0
         entries = g.listdir(args.path)
