@@ -9,9 +9,13 @@ BACKUP is a backup id, or a disk name meaning that disk's latest backup.
 Without PATH: the disk's partition table, partitions and filesystems.
 With PATH: the directory (or file) at PATH, like `ls -l`.
 --extract PATH... --to DIR copies files, symlinks and whole directories into DIR,
-each under its base name, keeping modes (not setuid/setgid/sticky) and mtimes;
-an existing file in DIR is not overwritten without --force. Unsafe archive members
-(absolute or escaping links, device nodes) are skipped and reported.
+each under its base name, keeping mtimes and modes & 0755 (no setuid/setgid/sticky,
+no group/other write); DIR itself is never chmodded. An existing name in DIR is
+refused without --force, and replaced whole with it (never merged, never written
+through). Symlinks are kept as symlinks, never followed, when their target stays
+inside what is extracted; absolute or escaping ones, device nodes, fifos, and
+anything below a symlink are skipped and reported; hard links become copies.
+Guest names are printed escaped like `ls -b`; --json keeps them exact.
 When the disk holds several filesystems, --fs DEVICE (as listed, e.g. /dev/sda1 or
 /dev/VG/LV) picks one. The backup is served read-only by an NBD server inside this
 command, on a private unix socket, and read by libguestfs's appliance (guestfish):
@@ -26,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--fs", metavar="DEVICE", help="the filesystem PATH is in, when the disk has several")
     p.add_argument("--extract", metavar="PATH", nargs="+", help="files or directories to copy out")
     p.add_argument("--to", metavar="DIR", help="where --extract puts them (an existing directory)")
-    p.add_argument("--force", action="store_true", help="overwrite existing files in --to")
+    p.add_argument("--force", action="store_true", help="replace existing names in --to (whole; never through a symlink)")
 
 
 _C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b",
