@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--fs", metavar="DEVICE", help="the filesystem PATH is in, when the disk has several")
     p.add_argument("--extract", metavar="PATH", nargs="+", help="files or directories to copy out")
     p.add_argument("--to", metavar="DIR", help="where --extract puts them (an existing directory)")
-    p.add_argument("--force", action="store_true", help="replace existing names in --to (whole; never through a symlink)")
+    p.add_argument("--force", action="store_true", help="replace existing names in --to (whole, never via a link)")
 
 
 _C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b",
