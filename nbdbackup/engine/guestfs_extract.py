@@ -76,7 +76,7 @@ def _extract_one(g, path: str, entry: Entry, name: str | None, to: str, to_fd: i
         result = Extracted(path, dest, "directory")
         os.mkdir("tree", 0o700, dir_fd=priv_fd)
         tar_path = os.path.join(private, "archive.tar")
-        _need_space(priv_fd, _du_bytes(g, path), f"the archive of {path}")
+        _need_space(priv_fd, 2 * _du_bytes(g, path), f"{path} (its archive, then its tree)")
         g.call("tar-out", path, tar_path, "numericowner:true", timeout=None)
         tree_fd = os.open("tree", _DIR_FLAGS, dir_fd=priv_fd)
         try:
