@@ -9,9 +9,13 @@ BACKUP is a backup id, or a disk name meaning that disk's latest backup.
 Without PATH: the disk's partition table, partitions and filesystems.
 With PATH: the directory (or file) at PATH, like `ls -l`.
 --extract PATH... --to DIR copies files, symlinks and whole directories into DIR,
-each under its base name, keeping modes (not setuid/setgid/sticky) and mtimes;
-an existing file in DIR is not overwritten without --force. Unsafe archive members
-(absolute or escaping links, device nodes) are skipped and reported.
+each under its base name, keeping mtimes and modes & 0755 (no setuid/setgid/sticky,
+no group/other write); DIR itself is never chmodded. An existing name in DIR is
+refused without --force, and replaced whole with it (never merged, never written
+through). Symlinks are kept as symlinks, never followed, when their target stays
+inside what is extracted; absolute or escaping ones, device nodes, fifos, and
+anything below a symlink are skipped and reported; hard links become copies.
+Guest names are printed escaped like `ls -b`; --json keeps them exact.
 When the disk holds several filesystems, --fs DEVICE (as listed, e.g. /dev/sda1 or
 /dev/VG/LV) picks one. The backup is served read-only by an NBD server inside this
 command, on a private unix socket, and read by libguestfs's appliance (guestfish):
@@ -26,14 +30,48 @@ def add_arguments(p) -> None:
     p.add_argument("--fs", metavar="DEVICE", help="the filesystem PATH is in, when the disk has several")
     p.add_argument("--extract", metavar="PATH", nargs="+", help="files or directories to copy out")
     p.add_argument("--to", metavar="DIR", help="where --extract puts them (an existing directory)")
-    p.add_argument("--force", action="store_true", help="overwrite existing files in --to")
+    p.add_argument("--force", action="store_true", help="replace existing names in --to (whole, never via a link)")
+
+
+_C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b",
+              "\f": "\\f", "\v": "\\v", "\x1b": "\\e"}
+
+
+def shown(text: str | None, encoding: str | None = None) -> str:
+    """A guest-chosen string (name, link target, label) made safe for a terminal, like
+    `ls -b`: C0/C1 controls, DEL, format characters (bidi overrides), bytes that are not
+    UTF-8 (surrogateescape'd) and characters stdout cannot encode become backslash escapes
+    (\\n, \\ooo per byte); a backslash is doubled, so the escaped form is unambiguous."""
+    import sys
+    import unicodedata
+
+    if text is None:
+        return ""
+    encoding = encoding or getattr(sys.stdout, "encoding", None) or "ascii"
+    out = []
+    for ch in text:
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+            continue
+        cp = ord(ch)
+        if 0xDC80 <= cp <= 0xDCFF:                  # a non-UTF-8 byte of the guest's name
+            out.append(f"\\{cp - 0xDC00:03o}")
+            continue
+        printable = unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+        if printable:
+            try:
+                ch.encode(encoding)
+            except (UnicodeEncodeError, LookupError):
+                printable = False
+        out.append(ch if printable else "".join(f"\\{b:03o}" for b in ch.encode("utf-8", "surrogatepass")))
+    return "".join(out)
 
 
 def _ls_line(e) -> str:
     import datetime
 
     mtime = datetime.datetime.fromtimestamp(e.mtime_ns / 1e9, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    name = e.name + (f" -> {e.target}" if e.target is not None else "")
+    name = shown(e.name) + (f" -> {shown(e.target)}" if e.target is not None else "")
     return f"{e.mode_string} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {e.size:>12} {mtime} {name}"
 
 
@@ -77,9 +115,9 @@ def run(args) -> int:
             print(f"backup {info.id} (disk {info.disk}, {hb(layout.size)}): "
                   f"partition table {layout.partition_table or 'none'}")
             for f in layout.filesystems:
-                extra = "".join(f"  {k} {v}" for k, v in (("label", f.label), ("uuid", f.uuid)) if v)
+                extra = "".join(f"  {k} {shown(v)}" for k, v in (("label", f.label), ("uuid", f.uuid)) if v)
                 size = hb(f.size) if f.size is not None else "?"
-                print(f"  {f.device:<20} {f.type:<10} {size:>10}{extra}")
+                print(f"  {shown(f.device):<20} {shown(f.type):<10} {size:>10}{extra}")
             if not layout.filesystems:
                 print("  (no filesystems found)")
             return 0
@@ -93,8 +131,8 @@ def run(args) -> int:
                      "skipped": x.skipped} for x in done]})
             for x in done:
                 for s in x.skipped:
-                    warn(f"skipped {s}")
-                output.summary(args, f"extracted {x.path} ({x.type}) to {x.to}: {x.files} file(s), "
+                    warn(f"skipped {shown(s)}")
+                output.summary(args, f"extracted {shown(x.path)} ({x.type}) to {shown(x.to)}: {x.files} file(s), "
                                      f"{output.human_bytes(x.bytes)}")
             return 0
         entries = g.listdir(args.path)
