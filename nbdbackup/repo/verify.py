@@ -16,9 +16,11 @@ Damage marks (repo/damage.py): every chunk or map segment found bad is
 recorded, so that the next backup storing the same bytes heals it; a marked
 record this run reads fine is reported healed and its mark deleted. Marked
 chunks are always read, whatever the sample. A full (unsampled) run stamps
-backups.verified_ms on each backup it found clean and clears it on each
+backups.verified_ms on each backup it found clean; every run clears it on each
 damaged one; `since_days` checks only backups not verified clean within that
-many days (verify --since).
+many days, and always those naming a record with an unhealed mark (verify
+--since). Chunks found bad are looked up again (gc may have moved them) before
+they count as damage.
 """
 
 from __future__ import annotations
