@@ -541,3 +541,36 @@ def test_a_pack_that_cannot_be_read_is_no_damage(tmp_path, monkeypatch):
         with pytest.raises(StorageUnreachable):
             verify(repo)
         assert not marks(repo.index_db)
+
+
+def test_two_verifies_recording_one_mark_at_once_both_succeed_on_postgresql(pg_url):
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from nbdbackup.repo import damage
+    from nbdbackup.repo.index import write_txn
+    from nbdbackup.repo.schema import metadata
+    eng = create_engine(pg_url)
+    try:
+        metadata.create_all(eng)
+        mark = damage.Mark("chunk", bytes(range(32)), "p1", 64, "hash mismatch", 1)
+        inserted, done = threading.Event(), threading.Event()
+
+        def first_verify():     # holds its insert uncommitted while the second one records
+            with write_txn(eng) as conn:
+                conn.execute(damaged_records.insert().values(kind="chunk", hash=mark.hash, pack="p1", offset=64,
+                                                             reason="first", found_ms=1))
+                inserted.set()
+                done.wait(2)
+        t = threading.Thread(target=first_verify)
+        t.start()
+        assert inserted.wait(30)
+        timer = threading.Timer(1.0, done.set)
+        timer.start()
+        damage.record(eng, [mark])          # waits for the first, then must not hit the primary key
+        t.join()
+        got = damage.marks(eng)
+        assert list(got) == [("chunk", mark.hash)] and got[("chunk", mark.hash)].reason == "hash mismatch"
+    finally:
+        eng.dispose()
