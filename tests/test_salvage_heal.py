@@ -574,3 +574,12 @@ def test_two_verifies_recording_one_mark_at_once_both_succeed_on_postgresql(pg_u
         assert list(got) == [("chunk", mark.hash)] and got[("chunk", mark.hash)].reason == "hash mismatch"
     finally:
         eng.dispose()
+
+
+def test_rebuild_index_names_an_id_whose_every_copy_is_damaged(damaged_repo):
+    from nbdbackup.repo.rebuild import rebuild_index
+    path, info, data, h, bad, good = _healed_repo(damaged_repo)
+    flip(path, good)                    # now both copies fail their check
+    rep = rebuild_index(str(path))
+    assert rep.no_good_copy == [f"chunk {h.hex()}"]
+    assert any(h.hex() in line and "every stored copy is damaged" in line for line in rep.problem_lines())
