@@ -13,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+from sqlalchemy import select
 
 from helpers.places import patch_object, remove_object, stored_names
 from helpers.repo import CHUNK_SIZE as CS
@@ -441,3 +442,144 @@ def test_a_damaged_map_segment_heals_like_a_chunk(damaged_repo, tmp_path):
     rep = _verify(path, rc=0)
     assert [(m["kind"], m["id"]) for m in rep["healed"]] == [("segment", seg.hex())]
     _intact(path, info, data)
+
+
+# -- the review's findings (heal-fix) ------------------------------------------------------------
+
+def _shared_pair(tmp_path):
+    """Backups A and B sharing their first 8 chunks, both verified clean, then one shared
+    chunk flipped in its pack: (path, A, B)."""
+    path = new_repo_path(str(tmp_path / "r"), segment_len=8, pack_size=256 * 1024)
+    rng = random.Random(15)
+    d1 = b"".join(rng.randbytes(CS) for _ in range(16))
+    d2 = d1[:8 * CS] + b"".join(rng.randbytes(CS) for _ in range(8))
+    with Repository.open(path) as repo:
+        a, b = write_backup(repo, "vda", d1), write_backup(repo, "vdb", d2)
+        assert verify(repo).ok
+        h = repo.open_image(repo.resolve(a.id)).chunk_ref(0)
+        loc = repo.store.chunk_locations([h])[h]
+    patch_object(path, P.pack_object_name(loc.pack), loc.offset + loc.stored_len // 2, xor=0x5A)
+    return path, a, b
+
+
+def test_verify_since_never_skips_a_backup_known_damaged_by_a_sample(tmp_path):
+    path, a, b = _shared_pair(tmp_path)
+    with Repository.open(path) as repo:
+        r = verify(repo, sample_percent=100)
+        assert {d.backup.id for d in r.damaged} == {a.id, b.id}
+        r = verify(repo, since_days=7)          # the sample's damage cleared both stamps
+        assert (r.backups_checked, r.skipped_recent, r.ok) == (2, 0, False)
+
+
+def test_verify_since_checks_a_clean_stamped_backup_sharing_a_marked_chunk(tmp_path):
+    path, a, b = _shared_pair(tmp_path)
+    with Repository.open(path) as repo:
+        r = verify(repo, [b.id])                # only B checked: A keeps its clean stamp
+        assert [d.backup.id for d in r.damaged] == [b.id]
+        with repo.index_db.connect() as c:
+            assert c.execute(select(backups.c.verified_ms).where(backups.c.id == a.id)).scalar() is not None
+        r = verify(repo, since_days=7)          # A names the marked chunk: checked, not skipped
+        assert r.skipped_recent == 0 and {d.backup.id for d in r.damaged} == {a.id, b.id}
+
+
+def test_a_late_older_heal_neither_moves_the_row_back_nor_lowers_its_epoch(tmp_path):
+    from nbdbackup.repo.damage import heal_rows, marks
+    from nbdbackup.repo.dedup import upsert_rows
+    from nbdbackup.repo.index import write_txn
+    path, a, b = _shared_pair(tmp_path)
+    with Repository.open(path) as repo:
+        verify(repo, [a.id])
+        (kind, h), = marks(repo.index_db)
+        cols = (chunks.c.pack_id, chunks.c.offset, chunks.c.stored_len, chunks.c.raw_len, chunks.c.compression)
+        with repo.index_db.connect() as c:
+            pid, off, sl, rl, comp = c.execute(select(*cols).where(chunks.c.hash == h)).first()
+        row = dict(hash=h, pack_id=pid, stored_len=sl, raw_len=rl, compression=comp)
+        for epoch, offset in ((10, off + 1000), (3, off + 2000)):     # W2 (S=10) seals first, then W1 (S=3)
+            with write_txn(repo.index_db) as c:       # as PackSealer's index transaction does
+                upsert_rows(c, chunks, [dict(row, offset=offset)], epoch)
+                heal_rows(c, chunks, [dict(row, offset=offset)], epoch)
+        with repo.index_db.connect() as c:
+            now = c.execute(select(chunks.c.offset, chunks.c.used_epoch).where(chunks.c.hash == h)).first()
+            healed = c.execute(select(damaged_records.c.healed_ms)).scalar()
+        assert tuple(now) == (off + 1000, 10) and healed is not None
+
+
+def test_verify_beside_a_repack_marks_nothing(tmp_path):
+    from nbdbackup.repo.damage import marks
+    from nbdbackup.repo.forget import forget
+    from nbdbackup.repo.gc import collect
+    path = new_repo_path(str(tmp_path / "r"), pack_size=256 * 1024)
+    rng = random.Random(3)
+    xs, ys = [rng.randbytes(CS) for _ in range(8)], [rng.randbytes(CS) for _ in range(8)]
+    with Repository.open(path) as repo:
+        mix = write_backup(repo, "mix", b"".join(x + y for x, y in zip(xs, ys)))
+        a = write_backup(repo, "vda", b"".join(xs))
+        forget(repo, [mix.id])
+    with Repository.open(path) as repo, Repository.open(path) as other:
+        listing = repo.backend.list
+        repacked = []
+
+        def list_then_gc(prefix, *k, **kw):     # gc's repack lands between the lookup and the reads
+            if prefix == "packs/" and not repacked:
+                repacked.append(collect(other, repack_threshold=0.99, grace=0).packs_repacked)
+            return listing(prefix, *k, **kw)
+        repo.backend.list = list_then_gc
+        r = verify(repo, [a.id])
+        assert repacked[0] > 0 and r.ok and not marks(repo.index_db)
+
+
+def test_a_pack_that_cannot_be_read_is_no_damage(tmp_path, monkeypatch):
+    import errno
+
+    from nbdbackup.errors import StorageUnreachable
+    from nbdbackup.repo.damage import marks
+    path, a, b = _shared_pair(tmp_path)
+    with Repository.open(path) as repo:
+        def eio(*_a, **_k):        # a flaky mount: the bytes are not known bad, only unread
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(repo.backend, "get", eio)
+        with pytest.raises(StorageUnreachable):
+            verify(repo)
+        assert not marks(repo.index_db)
+
+
+def test_two_verifies_recording_one_mark_at_once_both_succeed_on_postgresql(pg_url):
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from nbdbackup.repo import damage
+    from nbdbackup.repo.index import write_txn
+    from nbdbackup.repo.schema import metadata
+    eng = create_engine(pg_url)
+    try:
+        metadata.create_all(eng)
+        mark = damage.Mark("chunk", bytes(range(32)), "p1", 64, "hash mismatch", 1)
+        inserted, done = threading.Event(), threading.Event()
+
+        def first_verify():     # holds its insert uncommitted while the second one records
+            with write_txn(eng) as conn:
+                conn.execute(damaged_records.insert().values(kind="chunk", hash=mark.hash, pack="p1", offset=64,
+                                                             reason="first", found_ms=1))
+                inserted.set()
+                done.wait(2)
+        t = threading.Thread(target=first_verify)
+        t.start()
+        assert inserted.wait(30)
+        timer = threading.Timer(1.0, done.set)
+        timer.start()
+        damage.record(eng, [mark])          # waits for the first, then must not hit the primary key
+        t.join()
+        got = damage.marks(eng)
+        assert list(got) == [("chunk", mark.hash)] and got[("chunk", mark.hash)].reason == "hash mismatch"
+    finally:
+        eng.dispose()
+
+
+def test_rebuild_index_names_an_id_whose_every_copy_is_damaged(damaged_repo):
+    from nbdbackup.repo.rebuild import rebuild_index
+    path, info, data, h, bad, good = _healed_repo(damaged_repo)
+    flip(path, good)                    # now both copies fail their check
+    rep = rebuild_index(str(path))
+    assert rep.no_good_copy == [f"chunk {h.hex()}"]
+    assert any(h.hex() in line and "every stored copy is damaged" in line for line in rep.problem_lines())

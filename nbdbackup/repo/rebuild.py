@@ -62,6 +62,7 @@ class RebuildReport:
     backups_incomplete: list[dict] = field(default_factory=list)  # {"id", "missing_chunks"}
     old_index: str | None = None
     damaged_removed: list[str] = field(default_factory=list)    # older moved-aside copies deleted
+    no_good_copy: list[str] = field(default_factory=list)       # "chunk ID": every duplicate failed its check
 
     def problem_lines(self) -> list[str]:
         out = [f"pack {p}: footer damaged, records recovered from their headers" for p in self.packs_salvaged]
@@ -69,6 +70,8 @@ class RebuildReport:
         out += [f"backup {b['id']} cannot be recovered: {b['reason']}" for b in self.backups_lost]
         out += [f"backup {b['id']} recovered with {b['missing_chunks']} chunk(s) missing "
                 "(run `nbdbackup verify` for the byte ranges)" for b in self.backups_incomplete]
+        out += [f"{r}: every stored copy is damaged; the first is indexed (run `nbdbackup verify`)"
+                for r in self.no_good_copy]
         return out
 
     def summary_line(self) -> str:
@@ -230,14 +233,16 @@ def _scan(backend, codec, rep: RebuildReport, progress) -> _Found:
                 _read_manifest(backend, codec, obj, rec, found)
         if bar is not None:
             bar.update(1)
-    _choose_readable(backend, codec, found)
+    rep.no_good_copy = _choose_readable(backend, codec, found)
     return found
 
 
-def _choose_readable(backend, codec, found: _Found) -> None:
+def _choose_readable(backend, codec, found: _Found) -> list[str]:
     """For an id held by several records, index one that reads and checks fine (the first in
     scan order otherwise): a damaged copy beside a healed one must not win by pack order.
-    Only duplicates are read, which are rare."""
+    Only duplicates are read, which are rare. Returns the ids ("chunk ID") no copy of which
+    checked fine: reported, not silently indexed."""
+    no_good: list[str] = []
     for (rtype, h), others in found.duplicates.items():
         for pidx, rec in [found.blobs[rtype][h], *others]:
             obj = pack_object_name(found.pack_rows[pidx]["name"])
@@ -248,6 +253,9 @@ def _choose_readable(backend, codec, found: _Found) -> None:
                 continue
             found.blobs[rtype][h] = (pidx, rec)
             break
+        else:
+            no_good.append(f"{'chunk' if rtype == REC_CHUNK else 'map segment'} {h.hex()}")
+    return sorted(no_good)
 
 
 def _read_manifest(backend, codec, obj: str, rec: RecordInfo, found: _Found) -> None:

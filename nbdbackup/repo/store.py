@@ -22,7 +22,7 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from ..errors import RepoDamaged
+from ..errors import RepoDamaged, StorageUnreachable, storage_error
 from .chunks import DecodeError
 from .codec import RecordCodec
 from .indexerrors import index_errors
@@ -148,7 +148,7 @@ class ObjectStore:
         except FileNotFoundError:
             raise RecordError(f"pack {pack} is missing") from None
         except OSError as e:
-            raise RecordError(f"cannot read pack {pack}: {e}") from None
+            raise _read_error(pack, e) from None
         try:
             yield data
         finally:
@@ -160,7 +160,7 @@ class ObjectStore:
         except FileNotFoundError:
             raise RecordError(f"pack {pack} is missing") from None
         except OSError as e:
-            raise RecordError(f"cannot read pack {pack}: {e}") from None
+            raise _read_error(pack, e) from None
 
     def load_segment(self, h: bytes, loc: Location | None = None) -> bytes:
         """Raw map segment *h*, verified (RepoDamaged when missing or bad). *loc*: its
@@ -193,6 +193,15 @@ class ObjectStore:
             while len(self._seg_cache) > self._seg_cache_max:
                 self._seg_cache.popitem(last=False)
         return raw
+
+
+def _read_error(pack: str, e: OSError):
+    """A pack that exists but cannot be read (EACCES, EIO or ETIMEDOUT of a flaky mount) says
+    nothing about its bytes: not a RecordError (that is damage: verify marks it, salvage
+    zero-fills it) but the storage's own error, which aborts the command."""
+    return (storage_error(e.errno, f"pack {pack}", "reading the repository")
+            or StorageUnreachable(f"cannot read pack {pack}: {e.strerror or e}",
+                                  hint="check the repository's file system (mount, disk) and run the command again"))
 
 
 def check_record(loc: Location, expected: bytes, rtype: int, data, codec: RecordCodec) -> bytes:

@@ -16,9 +16,11 @@ Damage marks (repo/damage.py): every chunk or map segment found bad is
 recorded, so that the next backup storing the same bytes heals it; a marked
 record this run reads fine is reported healed and its mark deleted. Marked
 chunks are always read, whatever the sample. A full (unsampled) run stamps
-backups.verified_ms on each backup it found clean and clears it on each
+backups.verified_ms on each backup it found clean; every run clears it on each
 damaged one; `since_days` checks only backups not verified clean within that
-many days (verify --since).
+many days, and always those naming a record with an unhealed mark (verify
+--since). Chunks found bad are looked up again (gc may have moved them) before
+they count as damage.
 """
 
 from __future__ import annotations
@@ -105,6 +107,37 @@ def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
         return [(r[0], bytes(r[1]) if r[1] is not None else None, info_from_row(r[2:])) for r in conn.execute(q)]
 
 
+def _naming_marks(repo, pks: list[int], marks) -> set[int]:
+    """pks of *pks* whose map names a segment or chunk with an unhealed mark, or whose map
+    cannot be read (that is damage too): their maps are read (small), not their chunks."""
+    bad_segs = {h for (kind, h), m in marks.items() if kind == "segment" and m.healed_ms is None}
+    bad_chunks = {h for (kind, h), m in marks.items() if kind == "chunk" and m.healed_ms is None}
+    if not bad_segs and not bad_chunks:
+        return set()
+    out: set[int] = set()
+    for pk in pks:
+        refs = _segment_refs(repo, pk)
+        if refs is None:
+            out.add(pk)
+            continue
+        for h in refs:
+            if h is None:
+                continue
+            if h in bad_segs:
+                out.add(pk)
+                break
+            if bad_chunks:
+                try:
+                    raw = repo.store.load_segment(h)
+                except RepoDamaged:
+                    out.add(pk)
+                    break
+                if any(e in bad_chunks for e in maps.iter_entries(raw)):
+                    out.add(pk)
+                    break
+    return out
+
+
 def _verified_since(repo, cutoff_ms: int) -> set[int]:
     """pks of the backups a verify found clean at or after *cutoff_ms*."""
     with repo.index_db.connect() as conn:
@@ -124,12 +157,15 @@ def _verify_backups(repo, refs, sample_percent, progress, rng, report: VerifyRep
     else:
         rows = _listed(repo)
     started_ms = to_ms(now_ms())
+    marks = damage.marks(repo.index_db)
     if report.since_days is not None:     # a nightly slice: what was not verified clean lately
         cutoff = started_ms - int(report.since_days * 86_400_000)
         recent = _verified_since(repo, cutoff)
+        # a backup naming a record still marked damaged is known bad: checked every time,
+        # whatever its stamp (another backup's verify found the shared record bad)
+        recent -= _naming_marks(repo, [row[0] for row in rows if row[0] in recent], marks)
         report.skipped_recent = sum(1 for row in rows if row[0] in recent)
         rows = [row for row in rows if row[0] not in recent]
-    marks = damage.marks(repo.index_db)
     seg_len = repo.config.segment_len
     store = repo.store
 
@@ -290,7 +326,30 @@ def _check_chunks(repo, hashes: set[bytes], sample_percent, progress, rng, repor
                         bad[h] = err
                     if bar is not None:
                         bar.update(loc.stored_len)
-    return bad, {h for _, _, h in todo}, locs
+    read = {h for _, _, h in todo}
+    _recheck_moved(store, bad, locs, read)
+    return bad, read, locs
+
+
+def _recheck_moved(store, bad: dict[bytes, str], locs: dict[bytes, Location], read: set[bytes]) -> None:
+    """gc's repack may have moved records (and deleted their old pack) since *locs* was looked
+    up, as restore's read path knows (image.try_chunks): ask the index again for the ids found
+    bad and read once more those it now places elsewhere. Only what still fails is damage."""
+    if not bad:
+        return
+    again = store.chunk_locations(list(bad))
+    moved = sorted(h for h in bad if again.get(h) is not None and again[h] != locs.get(h))
+    if not moved:
+        return
+    for h in moved:
+        locs[h] = again[h]
+    got = store.read_records([(locs[h], h) for h in moved], REC_CHUNK)
+    for h, r in zip(moved, got):
+        read.add(h)
+        if isinstance(r, RecordError):
+            bad[h] = str(r)
+        else:
+            del bad[h]
 
 
 _READ_BATCH = 4 << 20     # bytes of neighbouring records one check reads (a few ranged gets at most)

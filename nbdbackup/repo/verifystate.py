@@ -41,13 +41,15 @@ def update_marks(repo, report, marks, bad_chunks, checked_chunks, chunk_locs, ba
 
 
 def record_verified(repo, report, targets, pk_of, now: int) -> None:
-    """backups.verified_ms: now on each backup found clean, NULL on each damaged one. Only a
-    whole run counts: a sample proves nothing about the chunks it did not read."""
-    if report.sample_percent is not None or report.index_problems:
-        return
+    """backups.verified_ms: NULL on each damaged backup, whatever the run (a sample that found
+    damage proves it: `verify --since` must not skip it); now on each backup found clean, but
+    only by a whole run (a sample proves nothing about the chunks it did not read)."""
     bad = {d.backup.id for d in report.damaged}
-    clean = sorted(pk_of[b.id] for b in targets if b.id not in bad)
     damaged = sorted(pk_of[b.id] for b in targets if b.id in bad)
+    whole = report.sample_percent is None and not report.index_problems
+    clean = sorted(pk_of[b.id] for b in targets if b.id not in bad) if whole else []
+    if not clean and not damaged:
+        return
 
     def write():
         with write_txn(repo.index_db) as conn:
