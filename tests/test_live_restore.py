@@ -555,7 +555,7 @@ def test_planted_state_file_unlinks_nothing(tmp_path, backup):
 
 
 def test_children_ignore_a_planted_package_in_cwd(tmp_path):
-    from nbdbackup.engine.live_state import server_argv
+    from nbdbackup.engine.live_server import server_argv
     from nbdbackup.jobs.children import base_argv
 
     planted = tmp_path / "nbdbackup"
@@ -571,7 +571,7 @@ def test_children_ignore_a_planted_package_in_cwd(tmp_path):
 
 
 def test_pid_identity_is_exact(tmp_path):
-    from nbdbackup.engine.live_state import find_server_pid, pid_is_our_server, stop_pid
+    from nbdbackup.engine.live_server import find_server_pid, pid_is_our_server, stop_pid
 
     sock = "/run/nbdbackup/live-0123abcd/serve.sock"
     script = "import time; time.sleep(60)"

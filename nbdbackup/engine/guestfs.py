@@ -27,12 +27,13 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ApplianceFailed, NbdBackupError, NoFilesystem, PathNotFound, UsageError
-from .guestfs_model import (
+from .guestfs_model import (  # noqa: F401 - GuestfsError is part of this module's API
     NOT_A_FILESYSTEM,
     DiskLayout,
     Entry,
     Extracted,
     Filesystem,
+    GuestfsError,
     check_device,
     entry_from,
     normalize_path,
@@ -45,15 +46,6 @@ APPLIANCE_HINT = ("check the appliance with `libguestfs-test-tool`; on a machine
                   "LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg (slower)")
 CHILD_SECRETS = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STAT_BATCH = 256        # names per lstatnslist call
-
-
-class GuestfsError(NbdBackupError):
-    """A guestfish command failed; .text: libguestfs's message."""
-
-    def __init__(self, command: str, text: str):
-        super().__init__(f"libguestfs {command}: {text}")
-        self.command = command
-        self.text = text
 
 
 class GuestfsSession:

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 
 from ..errors import NbdBackupError, NoSpaceError, UsageError
-from .guestfs_model import Entry, Extracted, normalize_path, type_name
+from .guestfs_model import Entry, Extracted, GuestfsError, normalize_path, type_name
 
 # Host modes: the guest's permission bits without setuid/setgid/sticky and without group or
 # other write (a guest's 1777 /tmp must not become a root-owned world-writable directory).
@@ -302,7 +302,6 @@ def _need_space(dir_fd: int, size: int, what: str) -> None:
 def _du_bytes(g, path: str) -> int:
     """What a directory's archive will need, from the appliance's `du` (KiB, allocated
     blocks: a sparse file counts less than tar will write; _write_file checks again per file)."""
-    from .guestfs import GuestfsError
     try:
         return int(g.call("du", path).strip() or 0) * 1024
     except (ValueError, GuestfsError):

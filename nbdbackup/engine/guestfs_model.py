@@ -7,9 +7,19 @@ import posixpath
 import stat
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import NbdBackupError, UsageError
 
 NOT_A_FILESYSTEM = ("unknown", "swap")
+
+
+class GuestfsError(NbdBackupError):
+    """A guestfish command failed; .text: libguestfs's message."""
+
+    def __init__(self, command: str, text: str):
+        super().__init__(f"libguestfs {command}: {text}")
+        self.command = command
+        self.text = text
+
 
 
 @dataclass

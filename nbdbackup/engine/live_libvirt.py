@@ -13,16 +13,8 @@ from dataclasses import dataclass
 
 from ..errors import LiveCopyFailed, NotFound, SourceUnreachable, UsageError
 from ..progress import NoBar
-from .live_state import (
-    POLL_S,
-    RECONNECT_GRACE,
-    LiveCopyResult,
-    LiveState,
-    check_header_no_backing,
-    copy_failed,
-    finish,
-    serves,
-)
+from .live_server import check_header_no_backing, copy_failed, finish, serves
+from .live_state import POLL_S, RECONNECT_GRACE, LiveCopyResult, LiveState
 
 log = logging.getLogger("nbdbackup.engine.live_restore")
 
@@ -173,7 +165,7 @@ def plan_domain(repo, ref: str, dest: str, domain: str, connect_uri: str, *, for
     import uuid as uuidlib
 
     from ..sources.libvirt_domain import open_connection
-    from .live_restore import disk_snippet
+    from .live_server import disk_snippet
     from .restore_vm import (
         DOMAIN_NAME_RE,
         check_free,

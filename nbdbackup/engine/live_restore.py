@@ -34,6 +34,18 @@ from ..errors import (
     storage_error,
 )
 from ..progress import NoBar
+from .live_server import (
+    check_header_no_backing,
+    copy_failed,
+    find_server_pid,
+    finish,
+    pid_is_our_server,
+    qemu_img,
+    server_argv,
+    serves,
+    start_server,
+    stop_server,
+)
 from .live_state import (
     POLL_S,
     RECONNECT_GRACE,
@@ -42,19 +54,9 @@ from .live_state import (
     LivePrepared,
     LiveState,
     backing_string,
-    check_header_no_backing,
-    copy_failed,
-    find_server_pid,
-    finish,
     make_run_dir,
-    pid_is_our_server,
-    qemu_img,
     read_backing,
-    server_argv,
-    serves,
-    start_server,
     state_path,
-    stop_server,
 )
 
 log = logging.getLogger(__name__)
@@ -229,22 +231,6 @@ def _prepare_resume(repo, ref: str | None, dest: str, repo_argv: list[str],
         raise SourceUnreachable(f"--server {state.server_uri} does not serve {state.backup}",
                                 hint="start that server again, then run the --resume again")
     return LivePrepared(state, resumed=True, server_started=started)
-
-
-def qemu_command(state: LiveState, qmp_socket: str) -> str:
-    return shlex.join(["qemu-system-x86_64", "-m", "1G", "-qmp", f"unix:{qmp_socket},server=on,wait=off",
-                       "-blockdev", f"driver=file,node-name=restore-file,filename={state.dest}",
-                       "-blockdev", "driver=qcow2,node-name=restore,file=restore-file",
-                       "-device", "virtio-blk-pci,drive=restore"]) + " ..."
-
-
-def libvirt_snippet(state: LiveState) -> str:
-    return disk_snippet(state.dest)
-
-
-def disk_snippet(dest: str) -> str:
-    return (f"<disk type='file' device='disk'>\n  <driver name='qemu' type='qcow2'/>\n"
-            f"  <source file='{dest}'/>\n  <target dev='vda' bus='virtio'/>\n</disk>")
 
 
 def job_id(dest: str) -> str:

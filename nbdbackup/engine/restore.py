@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import ChunkCorrupt, NoSpaceError, is_no_space
 from ..progress import NoBar
+from ..repo.maps import merge_ranges
 from .restore_targets import open_target
 
 if TYPE_CHECKING:
@@ -150,14 +151,3 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
             for f in pending:
                 f.cancel()
             raise
-
-
-def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(offset, length) ranges sorted, with touching or overlapping ones merged."""
-    out: list[list[int]] = []
-    for off, n in sorted(ranges):
-        if out and off <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
-        else:
-            out.append([off, n])
-    return [(o, n) for o, n in out]

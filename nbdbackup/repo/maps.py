@@ -49,3 +49,15 @@ def iter_entries(raw: bytes):
 
 __all__ = ["ZERO_REF", "HASH_SIZE", "nsegments", "segment_span", "chunk_len", "entry", "is_all_zero",
            "zero_segment", "iter_entries"]
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """(offset, length) ranges sorted, with touching or overlapping ones merged (the damaged
+    ranges verify and restore --salvage name)."""
+    out: list[list[int]] = []
+    for off, n in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
+        else:
+            out.append([off, n])
+    return [(o, n) for o, n in out]

@@ -389,18 +389,6 @@ def _damage(b: BackupInfo, refs, seg_len, store, bad_segments, seg_len_ok, bad_c
             if e in bad_chunks:
                 positions.append(start + i)
                 causes[bad_chunks[e]] = None
-    d.ranges = _ranges(positions, b.size, b.chunk_size)
+    d.ranges = maps.merge_ranges((p * b.chunk_size, maps.chunk_len(p, b.size, b.chunk_size)) for p in positions)
     d.problems = list(causes)
     return d
-
-
-def _ranges(positions: list[int], size: int, cs: int) -> list[tuple[int, int]]:
-    """Chunk positions -> merged (offset, length) disk byte ranges."""
-    out: list[list[int]] = []
-    for p in sorted(set(positions)):
-        off, n = p * cs, maps.chunk_len(p, size, cs)
-        if out and out[-1][0] + out[-1][1] == off:
-            out[-1][1] += n
-        else:
-            out.append([off, n])
-    return [(o, n) for o, n in out]

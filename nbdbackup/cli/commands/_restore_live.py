@@ -184,8 +184,8 @@ def run(args) -> int:
 def _instructions(args, prep, resume_cmd: str) -> int:
     import sys
 
-    from ...engine import live_restore as live
-    from ...engine.live_state import forget_state, read_backing, stop_command, stop_server
+    from ...engine.live_server import forget_state, libvirt_snippet, qemu_command, stop_server
+    from ...engine.live_state import read_backing, stop_command
     from .. import output
 
     st = prep.state
@@ -195,19 +195,19 @@ def _instructions(args, prep, resume_cmd: str) -> int:
         output.summary(args, f"{st.dest} is complete already (no backing file)"
                              + ("; its server stopped" if stopped else ""))
         return 0
-    qemu = live.qemu_command(st, "QMP_SOCKET")
+    qemu = qemu_command(st, "QMP_SOCKET")
     if args.json:
         output.print_json({"dest": st.dest, "backup": st.backup, "disk": st.disk, "size": st.size,
                            "backing": st.backing, "socket": st.socket, "server_pid": st.server_pid,
                            "server_log": st.server_log, "state_file": st.path, "qemu_command": qemu,
-                           "libvirt_disk": live.libvirt_snippet(st), "resume_command": resume_cmd,
+                           "libvirt_disk": libvirt_snippet(st), "resume_command": resume_cmd,
                            "stop_command": stop_command(st) if st.ours else None})
         return 0
     if not args.quiet:
         print(f"{st.dest} is ready: backed by backup {st.backup} ({st.disk}, {output.human_bytes(st.size)}).\n"
               f"Start the VM on it, with a QMP socket for the copy, e.g.:\n  {qemu}\n"
               f"or in a libvirt domain (qemu must reach {st.socket}: see --socket-group):\n"
-              + "".join(f"  {line}\n" for line in live.libvirt_snippet(st).splitlines())
+              + "".join(f"  {line}\n" for line in libvirt_snippet(st).splitlines())
               + f"Then copy the backup into it while the guest runs:\n  {resume_cmd}\n"
               + (f"The server keeps running until the copy is done; stop it with `{stop_command(st)}` "
                  f"(state in {st.path})." if st.ours else
