@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,4 +119,5 @@ def test_libvirt_pull_mode_full_then_incremental(vm, tmp_path):
     last_ckpt = (state / f"{name}-vda.last").read_text().split()
     assert checkpoints == [last_ckpt[0]] and last_ckpt[1] == inc["id"], (checkpoints, last_ckpt)
     assert "None" in _virsh("domjobinfo", name).stdout or "none" in _virsh("domjobinfo", name).stdout.lower()
-    assert not [p for p in os.listdir("/run") if p.startswith("nbdbackup-")]      # its private run dirs
+    # its private run dirs (mktemp's nbdbackup-XXXXXX; /run/nbdbackup-live and others are not its)
+    assert not [p for p in os.listdir("/run") if re.fullmatch(r"nbdbackup-[A-Za-z0-9]{6}", p)]

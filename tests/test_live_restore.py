@@ -573,7 +573,7 @@ def test_children_ignore_a_planted_package_in_cwd(tmp_path):
 def test_pid_identity_is_exact(tmp_path):
     from nbdbackup.engine.live_server import find_server_pid, pid_is_our_server, stop_pid
 
-    sock = "/run/nbdbackup/live-0123abcd/serve.sock"
+    sock = f"/run/nbdbackup/live-{os.getpid():08x}/serve.sock"      # unique to this run
     script = "import time; time.sleep(60)"
     exact = subprocess.Popen(["python3", "-c", script, "serve", "--listen", f"unix:{sock}", "--export", "x"])
     suffix = subprocess.Popen(["python3", "-c", script, "serve", "--listen", f"unix:/other{sock}"])
@@ -581,6 +581,8 @@ def test_pid_identity_is_exact(tmp_path):
         support_wait(lambda: pid_is_our_server(exact.pid, sock))
         assert pid_is_our_server(exact.pid, sock)
         assert not pid_is_our_server(suffix.pid, sock) and not pid_is_our_server(exact.pid, "serve.sock")
+        # the /proc scan sees every process of a busy machine: give it the same bounded wait
+        support_wait(lambda: find_server_pid(sock) == exact.pid)
         assert find_server_pid(sock) == exact.pid
         stop_pid(suffix.pid, timeout=5, socket_path=sock)       # not the server: not signalled
         assert suffix.poll() is None
