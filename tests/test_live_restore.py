@@ -19,6 +19,7 @@ import pytest
 
 from helpers import support
 from helpers.repo import new_repo, write_backup
+from helpers.serve import wait_until
 
 MiB = 1024 * 1024
 SIZE = 256 * MiB
@@ -244,18 +245,9 @@ def test_live_restore_with_guest_writes(tmp_path, backup, live):
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["backup"] == bid and doc["bytes"] == SIZE and doc["server_stopped"] and not doc["followed_running_job"]
-    assert support_wait(lambda: not _alive(st["server_pid"]))
+    assert wait_until(lambda: not _alive(st["server_pid"]), timeout=15)
     vm.read_ok(SIZE - 64 * 1024, 64 * 1024)
     _check_result(vm, dest, tmp_path)
-
-
-def support_wait(pred, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def _start_dest(repo: str, dest: Path, live) -> dict:
@@ -294,7 +286,7 @@ def test_killed_command_then_resume(tmp_path, backup, live):
     assert rc == 0, err
     res = json.loads(out)
     assert res["followed_running_job"] and res["server_stopped"], res
-    assert support_wait(lambda: not _alive(doc["server_pid"]))
+    assert wait_until(lambda: not _alive(doc["server_pid"]), timeout=15)
     assert offset > 0
     _check_result(vm, dest, tmp_path)
 
@@ -324,14 +316,14 @@ def test_server_killed_mid_copy_then_resume(tmp_path, backup, live):
     m = re.search(r"not running: start it again with `([^`]+)`", err)
     assert m and "--resume" in err, err
     subprocess.run(["bash", "-c", m.group(1)], check=True, timeout=30)
-    assert support_wait(lambda: os.path.exists(doc["socket"]), timeout=30)
+    assert wait_until(lambda: os.path.exists(doc["socket"]), timeout=30)
     rc, out, err = _finish(_cli(repo, "restore", "--live", "--resume", dest, "--qmp", vm.qmp_sock, "--json"))
     assert rc == 0, err
     assert "starting it again" not in err, err  # the server started by hand was found
     res = json.loads(out)
     live.pids.add(res["server_pid"])
     assert res["server_stopped"] and not res["followed_running_job"] and res["server_pid"] != doc["server_pid"]
-    assert support_wait(lambda: not _alive(res["server_pid"]))
+    assert wait_until(lambda: not _alive(res["server_pid"]), timeout=15)
     assert not os.path.exists(os.path.dirname(doc["socket"]))
     _check_result(vm, dest, tmp_path)
 
@@ -444,7 +436,7 @@ def test_encrypted_repository_and_force(tmp_path, live):
                                           "--force", "--json", env=env).stdout)
     live.pids.add(second["server_pid"])
     assert second["server_pid"] != first["server_pid"] and _alive(second["server_pid"])
-    assert support_wait(lambda: not _alive(first["server_pid"]))
+    assert wait_until(lambda: not _alive(first["server_pid"]), timeout=15)
     assert not os.path.exists(os.path.dirname(first["socket"]))
 
 
@@ -578,11 +570,11 @@ def test_pid_identity_is_exact(tmp_path):
     exact = subprocess.Popen(["python3", "-c", script, "serve", "--listen", f"unix:{sock}", "--export", "x"])
     suffix = subprocess.Popen(["python3", "-c", script, "serve", "--listen", f"unix:/other{sock}"])
     try:
-        support_wait(lambda: pid_is_our_server(exact.pid, sock))
+        wait_until(lambda: pid_is_our_server(exact.pid, sock), timeout=15)
         assert pid_is_our_server(exact.pid, sock)
         assert not pid_is_our_server(suffix.pid, sock) and not pid_is_our_server(exact.pid, "serve.sock")
         # the /proc scan sees every process of a busy machine: give it the same bounded wait
-        support_wait(lambda: find_server_pid(sock) == exact.pid)
+        wait_until(lambda: find_server_pid(sock) == exact.pid, timeout=15)
         assert find_server_pid(sock) == exact.pid
         stop_pid(suffix.pid, timeout=5, socket_path=sock)       # not the server: not signalled
         assert suffix.poll() is None
@@ -633,7 +625,7 @@ def test_resume_after_reboot_restarts_a_scoped_server(tmp_path, backup, live):
     with pytest.raises(NbdBackupError):                 # the disk alias is not served
         Client.query_info(f"nbd+unix:///live?socket={doc['socket']}")
     os.kill(doc["server_pid"], signal.SIGKILL)
-    assert support_wait(lambda: not _alive(doc["server_pid"]))
+    assert wait_until(lambda: not _alive(doc["server_pid"]), timeout=15)
     shutil.rmtree(os.path.dirname(doc["socket"]))
     p = support.nbdbackup("--repo", repo, "restore", "--live", "--resume", dest, "--json", check=False)
     assert p.returncode == 0, p.stderr
