@@ -70,7 +70,9 @@ def join(pieces, off, length) -> bytes:
 
 
 ranges = st.integers(0, SIZE - 1).flatmap(lambda o: st.tuples(st.just(o), st.integers(1, min(3 * CS, SIZE - o))))
-ops = st.lists(st.tuples(st.sampled_from(["write", "zero", "read"]), ranges, st.integers(0, 255)), max_size=25)
+# *_now: the server's inline paths (write_cached/zero_cached), falling back as the server does
+ops = st.lists(st.tuples(st.sampled_from(["write", "zero", "read", "write_now", "zero_now"]), ranges,
+                         st.integers(0, 255)), max_size=25)
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -89,8 +91,17 @@ def test_view_matches_model(tmp_path_factory, seed, ops):
                 payload = bytes([byte]) * n
                 await view.write(off, payload)
                 model[off:off + n] = payload
+            elif op == "write_now":
+                payload = bytes([byte]) * n
+                if not view.write_cached(off, payload):
+                    await view.write(off, payload)
+                model[off:off + n] = payload
             elif op == "zero":
                 await view.zero(off, n)
+                model[off:off + n] = bytes(n)
+            elif op == "zero_now":
+                if not view.zero_cached(off, n):
+                    await view.zero(off, n)
                 model[off:off + n] = bytes(n)
             else:
                 fast = view.read_cached(off, n)

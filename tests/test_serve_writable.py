@@ -161,3 +161,23 @@ def test_new_backup_visible_and_alias_binds_at_connect(tmp_path):
                 by_id.greet()
                 by_id.go(infos["vm1"].id)      # the old backup's overlay is shared by id
                 assert by_id.read(0, 5) == b"guest"
+
+
+def test_parallel_loads_match_a_shadow_copy(tmp_path):
+    """libnbd's aio-parallel and synch-parallel loads (bench/libnbd_load.py): 8 connections
+    reading and writing at once, inline and in tasks, every read checked against a shadow."""
+    support.require_tool("/usr/bin/python3")
+    size = 8 << 20
+    r = new_repo(tmp_path / "repo")
+    try:
+        data = mixed_image(tmp_path / "big.raw", size, 7)
+        write_backup(r, "big", data, zero_holes=True)
+    finally:
+        r.close()
+    load = os.path.join(os.path.dirname(__file__), "..", "bench", "libnbd_load.py")
+    for kind in ("aio", "synch"):
+        # A fresh server each time: the shadow starts as the backup's bytes.
+        with serve(tmp_path / "repo", tmp_path, "--writable", "--cache-size", "4M") as s:
+            p = support.run(["/usr/bin/python3", load, kind, s.uri("big"), str(tmp_path / "big.raw"),
+                             "--seconds", "1"])
+            assert '"ops"' in p.stdout, p.stdout

@@ -66,8 +66,9 @@ class Overlay:
             lo = max(offset, start)
             hi = min(offset + length, start + blen)
             piece = mv[lo - offset:hi - offset]
-            if lo == start and hi == start + blen:
-                self._pwrite_all(piece, start)
+            if (lo == start and hi == start + blen) or self.state[b] == DATA:
+                # A whole block, or one the file already holds: only the new bytes are written.
+                self._pwrite_all(piece, lo)
             else:
                 buf = bytearray(self._block_bytes(b, backing))
                 buf[lo - start:hi - start] = piece

@@ -205,7 +205,13 @@ class Connection:
                 data = await self._payload(flags, off, length, cookie, allowed)
                 if data is None:
                     continue
-                await self._spawn(self._write(cookie, flags, off, data), cookie, write=True, cost=len(data))
+                # Inline when no backup read is needed, unless a slower write is still in
+                # flight: an inline write never overtakes one.
+                if not self.write_tasks and view.write_cached(off, data):
+                    self.reply_ok(cookie)
+                    await self._drain()
+                else:
+                    await self._spawn(self._write(cookie, flags, off, data), cookie, write=True, cost=len(data))
                 continue
             if typ == proto.CMD_DISC:      # never answered, whatever its flags
                 return
@@ -226,7 +232,9 @@ class Connection:
                 self.reply_err(cookie, proto.EPERM, "export is read-only")
             elif length == 0:
                 self.reply_ok(cookie)
-            else:   # TRIM / WRITE_ZEROES: both leave zeroes (TRIM may leave anything)
+            elif not self.write_tasks and view.zero_cached(off, length):
+                self.reply_ok(cookie)   # TRIM / WRITE_ZEROES: both leave zeroes (TRIM may leave anything)
+            else:
                 await self._spawn(self._zero(cookie, off, length), cookie, write=True)
             await self._drain()
 
@@ -247,11 +255,14 @@ class Connection:
             if not length:
                 self.reply_ok(cookie)
                 return None
-            return await asyncio.wait_for(self.reader.readexactly(length), PAYLOAD_TIMEOUT)
+            # asyncio.timeout, not wait_for: wait_for makes a task of every payload read
+            async with asyncio.timeout(PAYLOAD_TIMEOUT):
+                return await self.reader.readexactly(length)
         left = length
         while left:
             n = min(left, 1 << 20)
-            await asyncio.wait_for(self.reader.readexactly(n), PAYLOAD_TIMEOUT)
+            async with asyncio.timeout(PAYLOAD_TIMEOUT):
+                await self.reader.readexactly(n)
             left -= n
         self.reply_err(cookie, err, msg)
         return None

@@ -25,8 +25,8 @@ import asyncio
 from concurrent.futures import Executor
 from typing import Protocol
 
-from . import proto
 from .overlay import BACKING, DATA, Overlay
+from .server_extents import view_extents
 
 Piece = tuple  # (offset, length, memoryview | None); None means zeroes
 
@@ -216,12 +216,12 @@ class ExportView:
                 out[i] = r
         return out
 
-    def _chunks(self, lo: int, hi: int) -> range:
+    def chunk_range(self, lo: int, hi: int) -> range:
         return range(lo // self.cs, (hi - 1) // self.cs + 1)
 
     def _backing_pieces(self, lo: int, hi: int, chunks: dict[int, bytes], out: list) -> None:
         cs = self.cs
-        for i in self._chunks(lo, hi):
+        for i in self.chunk_range(lo, hi):
             c0 = i * cs
             a = max(lo, c0)
             b = min(hi, c0 + cs)
@@ -230,7 +230,7 @@ class ExportView:
             else:
                 out.append((a, b - a, memoryview(chunks[i])[a - c0:b - c0]))
 
-    def _segments(self, lo: int, hi: int):
+    def segments(self, lo: int, hi: int):
         """(start, end, overlay state) runs over [lo, hi)."""
         ov = self.overlay
         if ov is None or ov.written == 0:
@@ -247,15 +247,23 @@ class ExportView:
             yield p, e, st
             p = e
 
+    def _cached_chunks(self, lo: int, hi: int) -> dict[int, bytes] | None:
+        """The non-zero chunks under [lo, hi) when all are cached, else None."""
+        chunks = {}
+        for i in self.chunk_range(lo, hi):
+            if not self.backend.is_zero(i):
+                data = self.backend.cached_chunk(i)
+                if data is None:
+                    return None
+                chunks[i] = data
+        return chunks
+
     # --- reads ----------------------------------------------------------------
     def read_cached(self, off: int, length: int) -> list | None:
-        """Fast path: the pieces of a read served from cache alone, or None."""
+        """Fast path: the pieces of a read served from cache and overlay alone, or None."""
         ov = self.overlay
         if ov is not None and ov.written:
-            st = ov.state
-            for b in range(off // ov.block, (off + length - 1) // ov.block + 1):
-                if st[b] != BACKING:
-                    return None
+            return self._read_cached_overlay(off, length)
         cs = self.cs
         i = off // cs
         if (off + length - 1) // cs == i:   # the common case: inside one chunk
@@ -266,30 +274,44 @@ class ExportView:
                 return None
             a = off - i * cs
             return [(off, length, memoryview(data)[a:a + length])]
-        chunks = {}
-        for i in self._chunks(off, off + length):
-            if not self.backend.is_zero(i):
-                data = self.backend.cached_chunk(i)
-                if data is None:
-                    return None
-                chunks[i] = data
+        chunks = self._cached_chunks(off, off + length)
+        if chunks is None:
+            return None
         out: list = []
         self._backing_pieces(off, off + length, chunks, out)
+        return out
+
+    def _read_cached_overlay(self, off: int, length: int) -> list | None:
+        segs = list(self.segments(off, off + length))
+        found = []
+        for a, b, st in segs:
+            chunks = self._cached_chunks(a, b) if st == BACKING else None
+            if st == BACKING and chunks is None:
+                return None
+            found.append(chunks)
+        out: list = []
+        for (a, b, st), chunks in zip(segs, found):
+            if st == BACKING:
+                self._backing_pieces(a, b, chunks, out)
+            elif st == DATA:
+                out.append((a, b - a, memoryview(self.overlay.pread(a, b - a))))
+            else:
+                out.append((a, b - a, None))
         return out
 
     async def read(self, off: int, length: int) -> list:
         """Pieces covering [off, off+length) in order. Raises ChunkReadError."""
         need = set()
-        for a, b, st in self._segments(off, off + length):
+        for a, b, st in self.segments(off, off + length):
             if st == BACKING:
-                need.update(i for i in self._chunks(a, b) if not self.backend.is_zero(i))
+                need.update(i for i in self.chunk_range(a, b) if not self.backend.is_zero(i))
         chunks = await self.fetch(sorted(need), read_ahead=True)
         # Assemble after the await: the overlay may have changed meanwhile, and
         # what we return must be one consistent state.
         out: list = []
-        for a, b, st in self._segments(off, off + length):
+        for a, b, st in self.segments(off, off + length):
             if st == BACKING:
-                missing = [i for i in self._chunks(a, b) if not self.backend.is_zero(i) and i not in chunks]
+                missing = [i for i in self.chunk_range(a, b) if not self.backend.is_zero(i) and i not in chunks]
                 if missing:   # block was BACKING before the await too: states never return to it
                     chunks.update(await self.fetch(missing))
                 self._backing_pieces(a, b, chunks, out)
@@ -300,20 +322,52 @@ class ExportView:
         return out
 
     async def prefetch(self, off: int, length: int) -> None:
-        await self.fetch([i for i in self._chunks(off, off + length) if not self.backend.is_zero(i)])
+        await self.fetch([i for i in self.chunk_range(off, off + length) if not self.backend.is_zero(i)])
 
     # --- writes (overlay only) -----------------------------------------------
-    async def _backing_blocks(self, blocks: list[int]) -> dict[int, bytes]:
+    def _spans(self, blocks: list[int]) -> list[tuple[int, int]]:
         ov = self.overlay
-        spans = [(b * ov.block, b * ov.block + ov.block_len(b)) for b in blocks]
-        need = sorted({i for lo, hi in spans for i in self._chunks(lo, hi) if not self.backend.is_zero(i)})
-        chunks = await self.fetch(need)
+        return [(b * ov.block, b * ov.block + ov.block_len(b)) for b in blocks]
+
+    def _join_blocks(self, blocks: list[int], spans: list, chunks: dict[int, bytes]) -> dict[int, bytes]:
         out = {}
         for b, (lo, hi) in zip(blocks, spans):
             pieces: list = []
             self._backing_pieces(lo, hi, chunks, pieces)
             out[b] = b"".join(bytes(p[1]) if p[2] is None else p[2] for p in pieces)
         return out
+
+    async def _backing_blocks(self, blocks: list[int]) -> dict[int, bytes]:
+        spans = self._spans(blocks)
+        need = sorted({i for lo, hi in spans for i in self.chunk_range(lo, hi) if not self.backend.is_zero(i)})
+        return self._join_blocks(blocks, spans, await self.fetch(need))
+
+    def _cached_blocks(self, blocks: list[int]) -> dict[int, bytes] | None:
+        spans = self._spans(blocks)
+        chunks: dict[int, bytes] = {}
+        for lo, hi in spans:
+            got = self._cached_chunks(lo, hi)
+            if got is None:
+                return None
+            chunks.update(got)
+        return self._join_blocks(blocks, spans, chunks)
+
+    def write_cached(self, off: int, data) -> bool:
+        """Fast path: apply a write at once when the backup bytes it needs are cached (or none
+        are); False (nothing done) when they must be read first: then use write()."""
+        backing = self._cached_blocks(self.overlay.backing_blocks_needed(off, len(data)))
+        if backing is None:
+            return False
+        self.overlay.write(off, data, backing)
+        return True
+
+    def zero_cached(self, off: int, length: int) -> bool:
+        """zero() when no backup read is needed; False (nothing done) otherwise."""
+        backing = self._cached_blocks(self.overlay.backing_blocks_needed(off, length))
+        if backing is None:
+            return False
+        self.overlay.zero(off, length, backing)
+        return True
 
     async def write(self, off: int, data) -> None:
         backing = await self._backing_blocks(self.overlay.backing_blocks_needed(off, len(data)))
@@ -332,39 +386,4 @@ class ExportView:
     # --- block status ---------------------------------------------------------
     def extents(self, off: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """base:allocation extents (length, flags) from *off*, clamped to the request."""
-        hz = proto.STATE_HOLE | proto.STATE_ZERO
-        out: list[list[int]] = []
-
-        def add(n: int, flags: int) -> bool:
-            if out and out[-1][1] == flags:
-                out[-1][0] += n
-            elif len(out) >= max_extents:
-                return False
-            else:
-                out.append([n, flags])
-            return True
-
-        cs = self.cs
-        for a, b, st in self._segments(off, off + length):
-            if st == DATA:
-                ok = add(b - a, 0)
-            elif st != BACKING:
-                ok = add(b - a, hz)
-            else:
-                ok = True
-                for i in self._chunks(a, b):
-                    lo = max(a, i * cs)
-                    hi = min(b, (i + 1) * cs)
-                    if not add(hi - lo, hz if self.backend.is_zero(i) else 0):
-                        ok = False
-                        break
-            if not ok:
-                break
-        # Extent lengths are u32 on the wire.
-        res = []
-        for n, f in out:
-            while n > 0:
-                step = min(n, 0xFFFFF000)
-                res.append((step, f))
-                n -= step
-        return res[:max_extents]
+        return view_extents(self, off, length, max_extents)
