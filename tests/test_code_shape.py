@@ -14,7 +14,8 @@ MAX_LINES = 400
 # Private names of the standard library, each used on purpose.
 ALLOWED_PRIVATE = {
     "os._exit",                 # the CLI and a forked child skip interpreter teardown
-    "self.reader._buffer",      # asyncio has no public way to see what STARTTLS left behind
+    "self.reader._buffer",      # asyncio has no public way to see what STARTTLS left behind,
+                                # or whether the next request is already buffered (server_conn)
     # botocore has no public way to choose its connection classes (TCP_QUICKACK, 1 MiB sends:
     # repo/s3client.py); without these attributes requests work as before, only slower
     "client._endpoint", "session._manager", "session._pool_classes_by_scheme",

@@ -36,6 +36,7 @@ MAX_INFLIGHT = 64          # concurrent slow requests per connection
 READ_BUDGET = 96 << 20     # bytes of slow reads and writes in flight per connection (bounds memory)
 DRAIN_LIMIT = 64 << 20     # oversized write payloads up to this are drained; beyond: disconnect
 MAX_EXTENTS = 65536
+CORK_BYTES = 1 << 20       # held-back fast replies are sent once they reach this
 
 # FUA is valid on every command once SEND_FUA is advertised (the spec: accept,
 # even if only by ignoring it).
@@ -65,12 +66,26 @@ class Connection:
         self.slots = asyncio.Semaphore(MAX_INFLIGHT)
         self.read_bytes = 0
         self.closed = False
+        self.cork: list | None = None    # replies held back while more requests are buffered
+        self.cork_bytes = 0
 
     # --- replies -----------------------------------------------------------------
     def _out(self, data) -> None:
         # A vanished client's replies are dropped quietly (asyncio would log each one).
-        if not self.closed and not self.writer.transport.is_closing():
+        if self.cork is not None:
+            self.cork.append(data)
+            self.cork_bytes += len(data)
+        elif not self.closed and not self.writer.transport.is_closing():
             self.writer.write(data)
+
+    def _uncork(self) -> None:
+        """Send the held-back replies in one write (one syscall, one wake-up of the client)."""
+        parts, self.cork = self.cork, None
+        if parts:
+            self._out(b"".join(parts) if len(parts) > 1 else parts[0])
+
+    def _buffered(self) -> int:
+        return len(self.reader._buffer)    # asyncio keeps no public accessor for it
 
     async def _drain(self) -> None:
         t = self.writer.transport
@@ -99,7 +114,7 @@ class Connection:
         if len(pieces) == 1 and pieces[0][2] is not None:   # the hot path
             off, n, d = pieces[0]
             hdr = SR_DATA.pack(XMAGIC, DONE, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off)
-            if n >= 65536 and not self.closed and not self.writer.transport.is_closing():
+            if n >= 65536 and self.cork is None and not self.closed and not self.writer.transport.is_closing():
                 # Two back-to-back writes (nothing can come between them on the
                 # loop) spare a copy of the data.
                 self.writer.write(hdr)
@@ -135,6 +150,7 @@ class Connection:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as e:
             log.debug("client gone: %s", e)
         finally:
+            self._uncork()
             await self._finish()
 
     async def _finish(self) -> None:
@@ -189,6 +205,9 @@ class Connection:
         view = self.view
         size = view.size
         while True:
+            # Held-back replies never wait for the client: only for requests already here.
+            if self.cork is not None and self._buffered() < REQUEST.size:
+                self._uncork()
             magic, flags, typ, cookie, off, length = REQUEST.unpack(await read(28))
             if magic != REQUEST_MAGIC:
                 log.warning("bad request magic %#x: disconnecting the client", magic)
@@ -198,21 +217,37 @@ class Connection:
                     and length <= self.max_block:
                 pieces = view.read_cached(off, length)
                 if pieces is not None:
+                    # While the next request is already here (a client with many in
+                    # flight), replies wait to go out together.
+                    if self.cork is None:
+                        self.cork, self.cork_bytes = [], 0
                     self.reply_read(cookie, pieces, False)
+                    if self.cork_bytes < CORK_BYTES:
+                        continue
+                    self._uncork()
                     await self._drain()
                     continue
             if typ == proto.CMD_WRITE:
+                if self._buffered() < length:
+                    self._uncork()     # the payload may take a while: send what is ready
                 data = await self._payload(flags, off, length, cookie, allowed)
                 if data is None:
                     continue
                 # Inline when no backup read is needed, unless a slower write is still in
                 # flight: an inline write never overtakes one.
                 if not self.write_tasks and view.write_cached(off, data):
+                    if self.cork is None:
+                        self.cork, self.cork_bytes = [], 0
                     self.reply_ok(cookie)
+                    if self.cork_bytes < CORK_BYTES:
+                        continue
+                    self._uncork()
                     await self._drain()
                 else:
+                    self._uncork()
                     await self._spawn(self._write(cookie, flags, off, data), cookie, write=True, cost=len(data))
                 continue
+            self._uncork()
             if typ == proto.CMD_DISC:      # never answered, whatever its flags
                 return
             if allowed is None or flags & ~allowed:
@@ -255,6 +290,8 @@ class Connection:
             if not length:
                 self.reply_ok(cookie)
                 return None
+            if self._buffered() >= length:     # here already: no wait, so no timer
+                return await self.reader.readexactly(length)
             # asyncio.timeout, not wait_for: wait_for makes a task of every payload read
             async with asyncio.timeout(PAYLOAD_TIMEOUT):
                 return await self.reader.readexactly(length)
