@@ -181,3 +181,31 @@ def test_parallel_loads_match_a_shadow_copy(tmp_path):
             p = support.run(["/usr/bin/python3", load, kind, s.uri("big"), str(tmp_path / "big.raw"),
                              "--seconds", "1"])
             assert '"ops"' in p.stdout, p.stdout
+
+
+def test_batched_replies_never_wait_for_the_client(tmp_path):
+    """Replies to pipelined requests go out together, but never wait for more input: not for
+    a request that is not sent yet, nor for the rest of a write payload."""
+    path, data, infos = _repo(tmp_path)
+    with serve(path, tmp_path, "--writable") as s, RawClient(s) as c:
+        c.greet()
+        c.go("vm1", structured=False)
+        assert c.read(0, 4096) == data["vm1"][:4096]        # chunk 0 is cached now
+        req = proto.REQUEST.pack
+        reads = b"".join(req(proto.REQUEST_MAGIC, 0, proto.CMD_READ, 10 + k, k * 4096, 4096) for k in range(3))
+        payload = b"\xab" * 4096
+        c.s.sendall(reads + req(proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 20, 8192, 4096) + payload[:2048])
+        for k in range(3):         # answered while the write payload is still incomplete
+            assert c.reply(10 + k, 4096).data == data["vm1"][k * 4096:(k + 1) * 4096]
+        c.s.sendall(payload[2048:])
+        assert c.reply(20).error == 0
+        # Pipelined reads, inline writes and a FLUSH in one send: every reply comes, in order.
+        c.s.sendall(reads + req(proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 21, 100, 4) + b"wxyz"
+                    + req(proto.REQUEST_MAGIC, 0, proto.CMD_FLUSH, 22, 0, 0))
+        expect = bytearray(data["vm1"][:3 * 4096])
+        expect[8192:12288] = payload
+        for k in range(3):
+            assert c.reply(10 + k, 4096).data == bytes(expect[k * 4096:(k + 1) * 4096])
+        assert c.reply(21).error == 0 and c.reply(22).error == 0
+        expect[100:104] = b"wxyz"
+        assert c.read(0, 3 * 4096) == bytes(expect)
