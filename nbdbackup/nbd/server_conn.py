@@ -114,9 +114,10 @@ class Connection:
         if len(pieces) == 1 and pieces[0][2] is not None:   # the hot path
             off, n, d = pieces[0]
             hdr = SR_DATA.pack(XMAGIC, DONE, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off)
-            if n >= 65536 and self.cork is None and not self.closed and not self.writer.transport.is_closing():
+            if n >= 65536 and not self.closed and not self.writer.transport.is_closing():
                 # Two back-to-back writes (nothing can come between them on the
-                # loop) spare a copy of the data.
+                # loop) spare a copy of the data; held-back replies go first.
+                self._uncork()
                 self.writer.write(hdr)
                 self.writer.write(d)
             else:
