@@ -56,6 +56,14 @@ class Overlay:
             self.written += 1
         self.state[b] = st
 
+    def write_in_place(self, offset: int, data) -> bool:
+        """A write inside one block the file already holds: written at once, True; else False."""
+        b = offset // self.block
+        if self.state[b] != DATA or (offset + len(data) - 1) // self.block != b:
+            return False
+        self._pwrite_all(data, offset)
+        return True
+
     def write(self, offset: int, data, backing: dict[int, bytes]) -> None:
         """Write *data* at *offset*; *backing* maps partial BACKING blocks to their bytes."""
         mv = memoryview(data)

@@ -228,12 +228,16 @@ class Connection:
                     self._uncork()
                     await self._drain()
                     continue
-            if typ == proto.CMD_WRITE:
+            if typ == proto.CMD_WRITE and not flags & ~_FUA and 0 < length <= self.max_block \
+                    and off + length <= size and view.writable and self._buffered() >= length:
+                data = await read(length)      # here already: returns without waiting
+            elif typ == proto.CMD_WRITE:
                 if self._buffered() < length:
                     self._uncork()     # the payload may take a while: send what is ready
                 data = await self._payload(flags, off, length, cookie, allowed)
                 if data is None:
                     continue
+            if typ == proto.CMD_WRITE:
                 # Inline when no backup read is needed, unless a slower write is still in
                 # flight: an inline write never overtakes one.
                 if not self.write_tasks and view.write_cached(off, data):

@@ -355,6 +355,8 @@ class ExportView:
     def write_cached(self, off: int, data) -> bool:
         """Fast path: apply a write at once when the backup bytes it needs are cached (or none
         are); False (nothing done) when they must be read first: then use write()."""
+        if self.overlay.write_in_place(off, data):     # the common small write
+            return True
         backing = self._cached_blocks(self.overlay.backing_blocks_needed(off, len(data)))
         if backing is None:
             return False
