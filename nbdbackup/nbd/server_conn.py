@@ -1,9 +1,11 @@
 """Transmission phase for one client: parse requests, answer per the NBD spec.
 
-Requests whose data is cached are answered inline (no task, no thread hop);
-the rest run as tasks so a slow chunk read never stalls other requests on
-the connection. Each reply is written with one write() call, so replies
-from concurrent tasks never interleave.
+Requests that need no backup read (cached reads, writes whose backing bytes
+are cached) are answered inline (no task, no thread hop), their replies
+batched while more requests are buffered; the rest run as tasks so a slow
+chunk read never stalls other requests on the connection. Each reply is
+written with one write() call, so replies from concurrent tasks never
+interleave.
 """
 
 from __future__ import annotations
