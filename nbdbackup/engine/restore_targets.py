@@ -1,6 +1,7 @@
 """Where a restore writes: a sparse file, a block device, or an NBD export.
 
-Every target offers write(offset, data) (thread-safe), zero(offset, length)
+Every target offers write(offset, data) and write_run(offset, buffers) (neighbouring
+chunks, one pwritev on a file or device; both thread-safe), zero(offset, length)
 for ranges that must read back as zeros, finish() which makes the data
 durable (fsync / NBD FLUSH) and puts it in place, and abort() which leaves
 an existing file as it was.
@@ -18,13 +19,14 @@ import struct
 import subprocess
 
 from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError, is_no_space
-from ..fsutil import fsync_path
+from ..fsutil import fsync_path, start_writeback
 
 log = logging.getLogger(__name__)
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 ZERO_STEP = 8 << 20
+_IOV_MAX = 1024                       # buffers per pwritev (Linux UIO_MAXIOV)
 
 # A file target is written to TEMP_PREFIX<target name>-<8 hex digits> beside it (plus
 # <that>.qcow2 while converting), flock'ed by its writer until renamed into place.
@@ -137,10 +139,21 @@ class FileTarget:
                                     hint="restore to a file system that can hold the whole disk") from None
 
     def write(self, offset: int, data: bytes) -> None:
-        mv = memoryview(data)
-        while mv:
-            n = os.pwrite(self.fd, mv, offset)
-            mv, offset = mv[n:], offset + n
+        self.write_run(offset, [data])
+
+    def write_run(self, offset: int, buffers: list) -> None:
+        """*buffers* written back to back from *offset*, then their writeback started: the
+        final fsync would otherwise find the whole disk dirty in the page cache and wait
+        for all of it (512 MiB bench disk: fsync 0.56 s after a 0.6 s copy)."""
+        start, views = offset, [memoryview(b) for b in buffers]
+        while views:
+            n = os.pwritev(self.fd, views[:_IOV_MAX], offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
+        start_writeback(self.fd, start, offset - start)
 
     def zero(self, offset: int, length: int) -> None:
         pass    # holes of the fresh file read as zeros
@@ -203,7 +216,10 @@ class BlockDeviceTarget:
         self.path, self.size = path, size
 
     def write(self, offset: int, data: bytes) -> None:
-        FileTarget.write(self, offset, data)
+        FileTarget.write_run(self, offset, [data])
+
+    def write_run(self, offset: int, buffers: list) -> None:
+        FileTarget.write_run(self, offset, buffers)
 
     def zero(self, offset: int, length: int) -> None:
         try:
@@ -245,6 +261,17 @@ class NbdTarget:
 
     def write(self, offset: int, data: bytes) -> None:
         self.pool.write(offset, data)
+
+    def write_run(self, offset: int, buffers: list) -> None:
+        # all sent before any reply is awaited: a run's chunks are in flight together
+        sent = []
+        for b in buffers:
+            sent.append(self.pool.submit_write(offset, b))
+            offset += len(b)
+        for f in sent:
+            f.exception()           # every write settled before the first error is raised
+        for f in sent:
+            f.result()
 
     def zero(self, offset: int, length: int) -> None:
         self.pool.write_zeroes(offset, length)
