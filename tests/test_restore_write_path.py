@@ -84,3 +84,25 @@ def test_nbd_target_gets_every_run(saved, tmp_path):
     with support.qemu_nbd(target, tmp_path / "t.sock", readonly=False, connections=4, fmt="raw") as uri:
         nbb(repo, "restore", "--connections", "4", info["id"], uri)
     assert same_file(target, raw)
+
+
+
+def test_nbd_target_gets_early_flushes_then_a_last_one(saved, tmp_path, monkeypatch):
+    from helpers.nbd_servers import nbdkit
+    from nbdbackup.engine import restore_targets
+    from nbdbackup.engine.restore import restore
+    from nbdbackup.repo import Repository
+
+    repo, info, raw = saved
+    monkeypatch.setattr(restore_targets, "FLUSH_EVERY", 1 * MiB)      # the fixture writes 4 MiB of data
+    log = tmp_path / "nbdkit.log"
+    with nbdkit(tmp_path / "t.sock", "memory", f"size={info['size']}", f"logfile={log}",
+                filters=("log",)) as uri:
+        with Repository.open(str(repo)) as r:
+            restore(r, info["id"], uri, connections=2)
+        support.run(["nbdcopy", uri, str(tmp_path / "back.raw")])
+    assert same_file(tmp_path / "back.raw", raw)
+    ops = re.findall(r"connection=\d+ (Write|Flush|Zero) ", log.read_text())
+    assert ops.count("Flush") >= 2, ops
+    assert ops[-1] == "Flush"                                   # the last one after every write
+    assert "Write" in ops[ops.index("Flush"):]                  # an early one, data still to come

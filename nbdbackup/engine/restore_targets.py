@@ -17,6 +17,7 @@ import secrets
 import stat
 import struct
 import subprocess
+import threading
 
 from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError, is_no_space
 from ..fsutil import fsync_path, start_writeback
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 ZERO_STEP = 8 << 20
+FLUSH_EVERY = 64 << 20                # NBD target: an early FLUSH sent after this many bytes written
 _IOV_MAX = 1024                       # buffers per pwritev (Linux UIO_MAXIOV)
 
 # A file target is written to TEMP_PREFIX<target name>-<8 hex digits> beside it (plus
@@ -258,6 +260,9 @@ class NbdTarget:
             self.pool.close()
             raise UsageError(f"NBD target {uri} has {self.pool.size} bytes, the backup has {size}",
                              hint="create or resize the target to exactly the backup's size")
+        self._lock = threading.Lock()
+        self._unflushed = 0         # bytes written since the last early FLUSH was sent
+        self._flushes: list = []    # early FLUSHes not known to have succeeded
 
     def write(self, offset: int, data: bytes) -> None:
         self.pool.write(offset, data)
@@ -272,12 +277,23 @@ class NbdTarget:
             f.exception()           # every write settled before the first error is raised
         for f in sent:
             f.result()
+        with self._lock:
+            self._unflushed += sum(len(b) for b in buffers)
+            if self._unflushed < FLUSH_EVERY:
+                return
+            self._unflushed = 0
+            # The server's writeback starts now, beside the copy, not all in finish()'s FLUSH
+            # (512 MiB bench disk into qemu-nbd: that one waited 0.55-0.6 s). Not awaited here.
+            self._flushes = [f for f in self._flushes if not f.done() or f.exception()]
+            self._flushes.append(self.pool.submit_flush())
 
     def zero(self, offset: int, length: int) -> None:
         self.pool.write_zeroes(offset, length)
 
     def finish(self) -> None:
         # With multi-conn one FLUSH covers every connection; without it there is only one.
+        for f in self._flushes:
+            f.result()              # an early flush that failed fails the restore
         self.pool.flush()
         self.pool.close()
 
