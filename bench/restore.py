@@ -3,6 +3,7 @@
 
     python bench/restore.py [--size-mib 512] [--rounds 5] [--latency-ms 0,2] [--code DIR] [--keep DIR]
     python bench/restore.py --s3 BUCKET ...      # packs on S3 (S3_ENDPOINT_URL, AWS_* from ceph-s3)
+    python bench/restore.py --vs-nbdcopy [--rounds 5] [--size-mib 512]   # the CLI against nbdcopy --flush
 
 Makes a disk of mixed data (half random, a third text, the rest zero, in 1 MiB runs), backs
 it up (256 KiB chunks) into a local repository, then restores it --rounds times per
@@ -16,6 +17,10 @@ a local SQLite file beside the config): the restore then reads with real ranged 
 --code DIR runs the nbdbackup package found in DIR (say, an older checkout) on the same
 repository: run the script alternately with and without it to compare two versions; the
 repository (in --keep, or made afresh) is the same for both.
+
+--vs-nbdcopy (bench/restore_vs_nbdcopy.py) times the installed CLI, `nbdbackup restore`, of a
+default backup of the same disk against `nbdcopy --flush` copying it from qemu-nbd serving the
+raw disk, into a fresh raw file and into a fresh raw file served by qemu-nbd, alternating.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ def parse_args():
     return ap.parse_args()
 
 
+if "--vs-nbdcopy" in sys.argv:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import restore_vs_nbdcopy
+
+    sys.exit(restore_vs_nbdcopy.main([a for a in sys.argv[1:] if a != "--vs-nbdcopy"]))
 args = parse_args()
 sys.path.insert(0, os.path.abspath(args.code) if args.code else
                 os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

@@ -104,16 +104,22 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
         n = 0
         indexes = list(range(first, end))
         got = img.try_chunks(indexes) if damaged is not None else img.read_chunks(indexes)
+        run_at, run = first * cs, []       # neighbouring good chunks: one write_run
         for i, data in zip(indexes, got):
             if isinstance(data, ChunkCorrupt):      # salvage: zeros there, and say where
+                if run:
+                    t.write_run(run_at, run)
+                run_at, run = (i + 1) * cs, []
                 log.warning("salvage: %s; written as zeros", data)
                 damaged.append((data.offset, data.length))
                 if t.needs_zeroing:
                     t.zero(data.offset, data.length)
                 n += data.length
                 continue
-            t.write(i * cs, data)
+            run.append(data)
             n += len(data)
+        if run:
+            t.write_run(run_at, run)
         return n
 
     def segment_lost(offset: int, length: int, e) -> None:

@@ -1,6 +1,7 @@
 """Where a restore writes: a sparse file, a block device, or an NBD export.
 
-Every target offers write(offset, data) (thread-safe), zero(offset, length)
+Every target offers write(offset, data) and write_run(offset, buffers) (neighbouring
+chunks, one pwritev on a file or device; both thread-safe), zero(offset, length)
 for ranges that must read back as zeros, finish() which makes the data
 durable (fsync / NBD FLUSH) and puts it in place, and abort() which leaves
 an existing file as it was.
@@ -16,15 +17,18 @@ import secrets
 import stat
 import struct
 import subprocess
+import threading
 
 from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError, is_no_space
-from ..fsutil import fsync_path
+from ..fsutil import fsync_path, start_writeback
 
 log = logging.getLogger(__name__)
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 ZERO_STEP = 8 << 20
+FLUSH_EVERY = 64 << 20                # NBD target: an early FLUSH sent after this many bytes written
+_IOV_MAX = 1024                       # buffers per pwritev (Linux UIO_MAXIOV)
 
 # A file target is written to TEMP_PREFIX<target name>-<8 hex digits> beside it (plus
 # <that>.qcow2 while converting), flock'ed by its writer until renamed into place.
@@ -137,10 +141,21 @@ class FileTarget:
                                     hint="restore to a file system that can hold the whole disk") from None
 
     def write(self, offset: int, data: bytes) -> None:
-        mv = memoryview(data)
-        while mv:
-            n = os.pwrite(self.fd, mv, offset)
-            mv, offset = mv[n:], offset + n
+        self.write_run(offset, [data])
+
+    def write_run(self, offset: int, buffers: list) -> None:
+        """*buffers* written back to back from *offset*, then their writeback started: the
+        final fsync would otherwise find the whole disk dirty in the page cache and wait
+        for all of it (512 MiB bench disk: fsync 0.56 s after a 0.6 s copy)."""
+        start, views = offset, [memoryview(b) for b in buffers]
+        while views:
+            n = os.pwritev(self.fd, views[:_IOV_MAX], offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
+        start_writeback(self.fd, start, offset - start)
 
     def zero(self, offset: int, length: int) -> None:
         pass    # holes of the fresh file read as zeros
@@ -203,7 +218,10 @@ class BlockDeviceTarget:
         self.path, self.size = path, size
 
     def write(self, offset: int, data: bytes) -> None:
-        FileTarget.write(self, offset, data)
+        FileTarget.write_run(self, offset, [data])
+
+    def write_run(self, offset: int, buffers: list) -> None:
+        FileTarget.write_run(self, offset, buffers)
 
     def zero(self, offset: int, length: int) -> None:
         try:
@@ -242,15 +260,40 @@ class NbdTarget:
             self.pool.close()
             raise UsageError(f"NBD target {uri} has {self.pool.size} bytes, the backup has {size}",
                              hint="create or resize the target to exactly the backup's size")
+        self._lock = threading.Lock()
+        self._unflushed = 0         # bytes written since the last early FLUSH was sent
+        self._flushes: list = []    # early FLUSHes not known to have succeeded
 
     def write(self, offset: int, data: bytes) -> None:
         self.pool.write(offset, data)
+
+    def write_run(self, offset: int, buffers: list) -> None:
+        # all sent before any reply is awaited: a run's chunks are in flight together
+        sent = []
+        for b in buffers:
+            sent.append(self.pool.submit_write(offset, b))
+            offset += len(b)
+        for f in sent:
+            f.exception()           # every write settled before the first error is raised
+        for f in sent:
+            f.result()
+        with self._lock:
+            self._unflushed += sum(len(b) for b in buffers)
+            if self._unflushed < FLUSH_EVERY:
+                return
+            self._unflushed = 0
+            # The server's writeback starts now, beside the copy, not all in finish()'s FLUSH
+            # (512 MiB bench disk into qemu-nbd: that one waited 0.55-0.6 s). Not awaited here.
+            self._flushes = [f for f in self._flushes if not f.done() or f.exception()]
+            self._flushes.append(self.pool.submit_flush())
 
     def zero(self, offset: int, length: int) -> None:
         self.pool.write_zeroes(offset, length)
 
     def finish(self) -> None:
         # With multi-conn one FLUSH covers every connection; without it there is only one.
+        for f in self._flushes:
+            f.result()              # an early flush that failed fails the restore
         self.pool.flush()
         self.pool.close()
 

@@ -232,9 +232,12 @@ class ConnectionPool:
     def write_zeroes(self, offset: int, length: int, **kw) -> None:
         self.submit_write_zeroes(offset, length, **kw).result()
 
+    def submit_flush(self) -> Future:
+        return self._submit(lambda c: c.submit_flush())
+
     def flush(self) -> None:
         """With multi-conn one flush covers writes completed on every connection."""
-        self._submit(lambda c: c.submit_flush()).result()
+        self.submit_flush().result()
 
     def submit_block_status(self, offset: int, length: int, req_one: bool = False) -> Future:
         return self._submit(lambda c: c.submit_block_status(offset, length, req_one))
