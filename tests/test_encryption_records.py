@@ -213,7 +213,7 @@ def test_gc_repack_of_an_encrypted_repository_then_restore(place, tmp_path):
     rng = random.Random(7)
     a = rng.randbytes(CS * 12)
     b = a[:CS * 3] + rng.randbytes(CS * 2)
-    with sealed_repo(place, key, pack_size=256 * 1024) as repo:     # 4 chunks per pack
+    with sealed_repo(place, key, pack_size=4 * (CS + 128)) as repo:    # 4 sealed chunks per pack
         ba = write_backup(repo, "vda", a)
         bb = write_backup(repo, "vdb", b)
         forget(repo, [ba.id])

@@ -308,7 +308,7 @@ def test_backups_and_readers_start_and_finish_while_gc_runs(tmp_path):
 
 
 def test_threshold_one_repacks_only_packs_with_dead_records(tmp_path):
-    path = new_repo_path(tmp_path / "r", pack_size=256 * 1024)      # 4 chunks per pack
+    path = new_repo_path(tmp_path / "r", pack_size=4 * (CS + 128))     # 4 chunks per pack
     rng = random.Random(11)
     with Repository.open(path) as repo:
         a = rng.randbytes(CS * 12)

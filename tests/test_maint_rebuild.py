@@ -130,7 +130,7 @@ def test_rebuild_waits_for_writers(tmp_path):
 
 
 def test_lost_chunk_pack_is_reported_as_incomplete(tmp_path):
-    path = new_repo_path(tmp_path / "r", pack_size=256 * 1024, segment_len=4)
+    path = new_repo_path(tmp_path / "r", pack_size=4 * (CS + 128), segment_len=4)
     rng = random.Random(12)
     with Repository.open(path) as repo:
         d0 = rng.randbytes(10 * CS)                      # incompressible: 4 chunks per pack

@@ -6,8 +6,8 @@ the data straight into a reused buffer and prepares its chunks right there
 (blake3, zero check, adaptive zstd: these release the GIL). The main thread
 puts prepared chunks into the writer in disk order (dedup lookups are batched
 there; raw chunks are copied into the pack from the read buffer, not before).
-At most `inflight_bytes` are in flight (or two READs per connection, when
-that is more), so memory does not depend on the disk size. Nothing is
+At most `inflight_bytes` are in flight (or two READs, when that is more),
+so memory depends neither on the disk size nor on the chunk size beyond that. Nothing is
 committed unless every chunk was read; the source learns the outcome
 (committed/failed) so it can advance or keep its bitmaps.
 """
@@ -190,7 +190,8 @@ class DiskPipeline:
     The main thread submits READs (up to `span` chunks each); each connection's receiver
     thread prepares a READ's chunks as it arrives (_prepare_on_arrival), and the main
     thread puts them, oldest READ first. Bounds, in chunks: `inflight_max` in READs not
-    yet put (inflight_bytes, or two READs per connection when that is more), in at most
+    yet put (inflight_bytes, or two READs when that is more: not two per connection, which
+    with 16 MiB chunks would be 128 MiB; 32 MiB in flight keep a server busy), in at most
     `max_reads` READs; read buffers put are held until the writer's next flush (every
     `flush_chunks`)."""
 
@@ -201,7 +202,7 @@ class DiskPipeline:
         self.full = plan.kind == "full"
         self.stats = DiskStats()
         self.span = span = max(1, min(READ_SPAN, pool.max_payload) // cs)
-        self.inflight_max = max(2 * len(pool.clients) * span, opts.inflight_bytes // cs)
+        self.inflight_max = max(2 * span, opts.inflight_bytes // cs)
         self.flush_chunks = max(span, FLUSH_BYTES // cs)
         self.max_reads = -(-self.inflight_max // span)     # short runs make short READs
         self.pending: deque[InFlightRead] = deque()        # in disk order

@@ -5,7 +5,8 @@ then are its records indexed (one transaction per pack): the write-order
 invariant of docs/design.md. The pack row and its record rows carry the
 writer's lease start epoch (packs.epoch, used_epoch): gc keeps them while the
 writer lives. Up to SEALS_IN_FLIGHT sealed packs are being
-written at once (their fsyncs overlap the hashing of the next pack); until a
+written at once (their fsyncs overlap the hashing of the next pack), fewer when
+their buffers would pass PACK_MEMORY (large packs or chunks); until a
 pack is indexed its records still count as present (has_chunk, segment), so
 a chunk is never stored twice by one writer.
 """
@@ -44,6 +45,16 @@ log = logging.getLogger(__name__)
 
 PACK_RECORDS = 32768     # seal a pack at this many records even if small (bounds memory and footer size)
 SEALS_IN_FLIGHT = 3      # packs written + fsync'ed + indexed at once in the background (fsyncs overlap)
+# Pack buffers' bound, the one being filled included: 32 MiB packs get 1 + 2 (16 MiB ones,
+# on S3, 1 + 3), so that a backup stays under 256 MiB RSS at every chunk size.
+PACK_MEMORY = 100 << 20
+
+
+def seals_in_flight(pack_size: int, chunk_size: int) -> int:
+    """Sealed packs written at once: SEALS_IN_FLIGHT, or fewer (at least 1) when their
+    buffers and the one being filled would hold more than PACK_MEMORY."""
+    filled = max(pack_size, HEADER_SIZE + chunk_size)   # a pack's bytes at its seal (PackSealer._add)
+    return max(1, min(SEALS_IN_FLIGHT, PACK_MEMORY // filled - 1))
 
 
 @dataclass
@@ -67,11 +78,13 @@ class PackSealer:
         self._writing: deque[SealJob] = deque()       # sealed, oldest first
         self._executor: ThreadPoolExecutor | None = None
         self._stopped = False
-        # pack buffers: one being filled, SEALS_IN_FLIGHT being written. A pack overshoots
-        # pack_size by at most one record (a raw chunk) before it is sealed, and its footer
-        # lists at most PACK_RECORDS records (pages never touched cost nothing).
-        self._buffers = BufferPool(self._pack_size + HEADER_SIZE + chunk_size + PACK_RECORDS * ENTRY_SIZE
-                                   + TRAILER_SIZE, keep=SEALS_IN_FLIGHT + 1)
+        # pack buffers: one being filled, self.seals being written. A pack is sealed before a
+        # record would take it past pack_size (so a buffer holds at most pack_size bytes of
+        # records, or one record larger than that), and its footer lists at most PACK_RECORDS
+        # records (pages never touched cost nothing).
+        self.seals = seals_in_flight(self._pack_size, chunk_size)
+        self._buffers = BufferPool(max(self._pack_size, HEADER_SIZE + chunk_size) + PACK_RECORDS * ENTRY_SIZE
+                                   + TRAILER_SIZE, keep=self.seals + 1)
         self.stored_bytes = 0     # record bytes of chunks and segments (manifests not counted)
 
     # -- what is stored but maybe not indexed yet -------------------------------
@@ -90,10 +103,12 @@ class PackSealer:
 
     # -- adding records --------------------------------------------------------
     def add_chunk(self, p: PreparedChunk) -> None:
+        self._make_room(len(p.payload))
         self._filling.chunks.add(p.hash)
         self._add(REC_CHUNK, p.hash, p.raw_len, p.compression, p.payload, p.flags)
 
     def add_segment(self, h: bytes, raw: bytes, compression: int, payload: bytes) -> None:
+        self._make_room(len(payload))
         self._filling.segments[h] = raw
         self._add(REC_SEGMENT, h, len(raw), compression, payload, self._ctx.codec.flags)
 
@@ -108,6 +123,13 @@ class PackSealer:
             self._pack = PackBuilder(pool=self._buffers)
         return self._pack
 
+    def _make_room(self, payload_len: int) -> None:
+        """Seal the pack being filled if a record of *payload_len* bytes would take it past
+        pack_size (before the record is counted in it: see add_chunk)."""
+        pack = self._pack
+        if pack is not None and len(pack) and pack.size + HEADER_SIZE + payload_len > self._pack_size:
+            self.seal()
+
     def _add(self, rtype: int, h: bytes, raw_len: int, compression: int, payload, flags: int) -> None:
         pack = self._builder()
         pack.add(rtype, h, raw_len, compression, payload, flags)
@@ -117,8 +139,8 @@ class PackSealer:
 
     # -- sealing ---------------------------------------------------------------
     def seal(self) -> None:
-        """Hand the current pack to a background thread (waiting while SEALS_IN_FLIGHT are busy)."""
-        while len(self._writing) >= SEALS_IN_FLIGHT:
+        """Hand the current pack to a background thread (waiting while self.seals are busy)."""
+        while len(self._writing) >= self.seals:
             self._wait_oldest()
         pack, self._pack = self._pack, None
         if pack is None or not len(pack):
@@ -126,7 +148,7 @@ class PackSealer:
                 pack.release()
             return
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(SEALS_IN_FLIGHT, thread_name_prefix="nbdbackup-seal")
+            self._executor = ThreadPoolExecutor(self.seals, thread_name_prefix="nbdbackup-seal")
         job, self._filling = self._filling, SealJob()
         job.future = self._executor.submit(self._write_pack, pack)
         self._writing.append(job)
