@@ -279,6 +279,38 @@ def test_serve_reads_a_multi_chunk_request_in_one_batch_and_reads_ahead(repo):
         repo.close()
 
 
+def test_a_steady_sequential_reader_meets_no_misses_after_the_first_two(repo, monkeypatch):
+    from nbdbackup.nbd import server_view
+    monkeypatch.setattr(server_view, "READ_AHEAD", 8 * CS)     # a window of 8 chunks, 40 to read
+    n = 48
+    data = _distinct(n)
+    info = write_backup(repo, "vda", data)
+    repo, _be = _reopen(repo)
+    try:
+        view, pool = _view_of(repo, info)
+        try:
+            import asyncio
+
+            async def go():
+                out = []
+                for off in range(8 * CS, n * CS, CS // 2):
+                    pieces = view.read_cached(off, CS // 2)
+                    if pieces is None:
+                        pieces = await view.read(off, CS // 2)
+                    else:
+                        await asyncio.sleep(0.002)      # the client's turn: read-ahead runs meanwhile
+                    out.append(b"".join(bytes(p[2]) for p in pieces))
+                return b"".join(out)
+            assert asyncio.run(go()) == data[8 * CS:]
+            # chunk 8 (no stream yet) and 9 (the stream found): then each window starts the next
+            assert view.misses == 2, view.misses
+        finally:
+            view.backend.close()
+            pool.shutdown()
+    finally:
+        repo.close()
+
+
 def test_serve_random_reads_do_not_read_ahead_and_damage_ahead_is_not_an_error(repo):
     n = 48
     data = _distinct(n)
