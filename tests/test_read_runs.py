@@ -28,12 +28,21 @@ class CountedGets:
         self.inner = inner
         self.gets = 0
         self._n_lock = threading.Lock()
+        if hasattr(inner, "get_ranges"):
+            self.get_ranges = self._get_ranges
 
     def get(self, name, offset=0, length=None):
         if name.startswith("packs/"):
             with self._n_lock:
                 self.gets += 1
         return self.inner.get(name, offset, length)
+
+    def _get_ranges(self, name, ranges):
+        """The local backend's many ranges in one call: one get of a run, as a ranged get is."""
+        if name.startswith("packs/"):
+            with self._n_lock:
+                self.gets += 1
+        return self.inner.get_ranges(name, ranges)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -104,6 +113,30 @@ def test_read_records_one_get_per_run_and_damage_stays_per_record(repo):
             with pytest.raises(ChunkCorrupt) as ei:
                 img.read(0, len(data))
             assert ei.value.offset == 5 * CS
+    finally:
+        repo.close()
+
+
+def test_local_runs_read_each_header_and_payload_alone_and_skip_dead_bytes(repo):
+    data = _distinct(6)
+    write_backup(repo, "vda", data)
+    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(6)]
+    repo, be = _reopen(repo)
+    asked = []
+    inner = be.get_ranges
+    be.get_ranges = lambda name, ranges: asked.append(list(ranges)) or inner(name, ranges)
+    try:
+        locs = repo.store.chunk_locations(hs)
+        pick = [hs[1], hs[3], hs[4]]          # a gap of one small text chunk between 1 and 3
+        assert locs[hs[3]].offset - locs[hs[1]].offset - locs[hs[1]].stored_len <= RUN_GAP
+        be.gets = 0
+        got = repo.store.read_records([(locs[h], h) for h in pick], P.REC_CHUNK)
+        assert got == [data[i * CS:(i + 1) * CS] for i in (1, 3, 4)]
+        assert be.gets == 1 and len(asked) == 1           # one run, one call
+        assert asked[0] == [r for h in pick for r in ((locs[h].offset - HEADER_SIZE, HEADER_SIZE),
+                                                       (locs[h].offset, locs[h].stored_len))]
+        raw = [r for h, r in zip(pick, got) if locs[h].compression == P.COMP_NONE]
+        assert raw and all(type(r) is bytes for r in raw)
     finally:
         repo.close()
 
