@@ -28,12 +28,21 @@ class CountedGets:
         self.inner = inner
         self.gets = 0
         self._n_lock = threading.Lock()
+        if hasattr(inner, "get_ranges"):
+            self.get_ranges = self._get_ranges
 
     def get(self, name, offset=0, length=None):
         if name.startswith("packs/"):
             with self._n_lock:
                 self.gets += 1
         return self.inner.get(name, offset, length)
+
+    def _get_ranges(self, name, ranges):
+        """The local backend's many ranges in one call: one get of a run, as a ranged get is."""
+        if name.startswith("packs/"):
+            with self._n_lock:
+                self.gets += 1
+        return self.inner.get_ranges(name, ranges)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -104,6 +113,30 @@ def test_read_records_one_get_per_run_and_damage_stays_per_record(repo):
             with pytest.raises(ChunkCorrupt) as ei:
                 img.read(0, len(data))
             assert ei.value.offset == 5 * CS
+    finally:
+        repo.close()
+
+
+def test_local_runs_read_each_header_and_payload_alone_and_skip_dead_bytes(repo):
+    data = _distinct(6)
+    write_backup(repo, "vda", data)
+    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(6)]
+    repo, be = _reopen(repo)
+    asked = []
+    inner = be.get_ranges
+    be.get_ranges = lambda name, ranges: asked.append(list(ranges)) or inner(name, ranges)
+    try:
+        locs = repo.store.chunk_locations(hs)
+        pick = [hs[1], hs[3], hs[4]]          # a gap of one small text chunk between 1 and 3
+        assert locs[hs[3]].offset - locs[hs[1]].offset - locs[hs[1]].stored_len <= RUN_GAP
+        be.gets = 0
+        got = repo.store.read_records([(locs[h], h) for h in pick], P.REC_CHUNK)
+        assert got == [data[i * CS:(i + 1) * CS] for i in (1, 3, 4)]
+        assert be.gets == 1 and len(asked) == 1           # one run, one call
+        assert asked[0] == [r for h in pick for r in ((locs[h].offset - HEADER_SIZE, HEADER_SIZE),
+                                                       (locs[h].offset, locs[h].stored_len))]
+        raw = [r for h, r in zip(pick, got) if locs[h].compression == P.COMP_NONE]
+        assert raw and all(type(r) is bytes for r in raw)
     finally:
         repo.close()
 
@@ -272,6 +305,38 @@ def test_serve_reads_a_multi_chunk_request_in_one_batch_and_reads_ahead(repo):
             got = _served(view, [(off, step) for off in range(20 * CS, n * CS, step)])
             assert got == data[20 * CS:]
             assert be.gets <= 6, be.gets                 # 44 chunks: read ahead, 16 per batch
+        finally:
+            view.backend.close()
+            pool.shutdown()
+    finally:
+        repo.close()
+
+
+def test_a_steady_sequential_reader_meets_no_misses_after_the_first_two(repo, monkeypatch):
+    from nbdbackup.nbd import server_view
+    monkeypatch.setattr(server_view, "READ_AHEAD", 8 * CS)     # a window of 8 chunks, 40 to read
+    n = 48
+    data = _distinct(n)
+    info = write_backup(repo, "vda", data)
+    repo, _be = _reopen(repo)
+    try:
+        view, pool = _view_of(repo, info)
+        try:
+            import asyncio
+
+            async def go():
+                out = []
+                for off in range(8 * CS, n * CS, CS // 2):
+                    pieces = view.read_cached(off, CS // 2)
+                    if pieces is None:
+                        pieces = await view.read(off, CS // 2)
+                    else:
+                        await asyncio.sleep(0.002)      # the client's turn: read-ahead runs meanwhile
+                    out.append(b"".join(bytes(p[2]) for p in pieces))
+                return b"".join(out)
+            assert asyncio.run(go()) == data[8 * CS:]
+            # chunk 8 (no stream yet) and 9 (the stream found): then each window starts the next
+            assert view.misses == 2, view.misses
         finally:
             view.backend.close()
             pool.shutdown()

@@ -16,7 +16,9 @@ object storage one ranged get for a run of records, not one per chunk. When
 the misses continue a sequential stream (a read starting where an earlier
 one ended), READ_AHEAD bytes of the chunks after it join the batch; they land
 in the backend's cache and are not waited for. At most MAX_AHEAD chunks are
-being read ahead per view, so read-ahead never holds more than that.
+being read ahead per view, so read-ahead never holds more than that. When a
+reader touches the middle chunk of a read-ahead window (a cache hit, usually),
+the next window starts reading: a steady sequential reader meets no misses.
 """
 
 from __future__ import annotations
@@ -26,14 +28,12 @@ from concurrent.futures import Executor
 from typing import Protocol
 
 from .overlay import BACKING, DATA, Overlay
+from .server_ahead import READ_AHEAD, ReadAhead
 from .server_extents import view_extents
 
 Piece = tuple  # (offset, length, memoryview | None); None means zeroes
 
 BATCH_BYTES = 1 << 20      # neighbouring chunks read in one backend call
-READ_AHEAD = 4 << 20       # read past a sequential miss
-MAX_AHEAD = 64             # chunks being read ahead per view, at most
-_STREAMS = 32              # sequential streams remembered per view
 
 
 class ExportBackend(Protocol):
@@ -65,7 +65,7 @@ class ChunkReadError(Exception):
         self.chunk = chunk
 
 
-class ExportView:
+class ExportView(ReadAhead):
     def __init__(self, backend: ExportBackend, pool: Executor, overlay: Overlay | None = None):
         self.backend = backend
         self.key = backend.key
@@ -79,6 +79,8 @@ class ExportView:
         self._ahead = max(0, READ_AHEAD // self.cs)
         self._ahead_busy = 0                  # chunks being read ahead now
         self._next: dict[int, None] = {}      # chunk indexes where a sequential stream goes on
+        self._triggers: dict[int, int] = {}   # chunk in a read-ahead window -> where the next starts
+        self.misses = 0                       # chunks a reader had to start reading itself
 
     @property
     def writable(self) -> bool:
@@ -157,32 +159,6 @@ class ExportView:
                         f.set_result(r)
             loop.run_in_executor(self.pool, self._read_batch, g).add_done_callback(done)
 
-    def _read_ahead_of(self, idxs: list[int]) -> list[int]:
-        """For misses *idxs* (sorted): the chunks to read ahead, when they continue a stream."""
-        if not idxs or not self._ahead:
-            return []
-        first, last = idxs[0], idxs[-1]
-        hit = first if first in self._next else first + 1 if first + 1 in self._next else None
-        if hit is None:
-            self._remember(last + 1)
-            return []
-        end = min(last + 1 + self._ahead, -(-self.size // self.cs))
-        del self._next[hit]
-        room = MAX_AHEAD - self._ahead_busy
-        out = []
-        for i in range(last + 1, end):
-            if len(out) >= room:
-                break
-            if not self.backend.is_zero(i) and i not in self._inflight and not self.backend.cached_chunk(i):
-                out.append(i)
-        self._remember(end)
-        return out
-
-    def _remember(self, i: int) -> None:
-        self._next[i] = None
-        while len(self._next) > _STREAMS:
-            del self._next[next(iter(self._next))]
-
     async def fetch(self, idxs, *, read_ahead: bool = False) -> dict[int, bytes]:
         """Chunk bytes for *idxs* (non-zero chunks, sorted), reading missing ones in the pool.
 
@@ -202,6 +178,7 @@ class ExportView:
                 missing.append(i)
         ahead = self._read_ahead_of(missing) if read_ahead else []
         if missing:
+            self.misses += len(missing)
             self._start(missing + ahead, loop, frozenset(ahead))
         for i in idxs:
             if i not in out:
@@ -261,6 +238,8 @@ class ExportView:
     # --- reads ----------------------------------------------------------------
     def read_cached(self, off: int, length: int) -> list | None:
         """Fast path: the pieces of a read served from cache and overlay alone, or None."""
+        if self._triggers:
+            self._touch(off // self.cs, (off + length - 1) // self.cs)
         ov = self.overlay
         if ov is not None and ov.written:
             return self._read_cached_overlay(off, length)

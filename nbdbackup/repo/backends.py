@@ -1,13 +1,11 @@
-"""Storage backends for pack files: a small interface, a local directory and memory
-(S3: s3backend.py).
+"""Storage backends for pack files: an interface, a local directory, memory (S3: s3backend.py).
 
 A backend stores named immutable objects ("packs/ab/abcd....pack"). put() is
 atomic, durable when it returns, and create-only: the object is either complete
 under its name or absent, and a name that exists is never overwritten (put()
 raises FileExistsError, leaving the old object as it was), so two writers (two
-hosts on one bucket) can never clobber each other. Readers use get() with
-ranges; objects are never modified.
-"""
+hosts on one bucket) can never clobber each other. Readers use get() with ranges
+(the local backend: get_ranges(), many at once); objects are never modified."""
 
 from __future__ import annotations
 
@@ -197,11 +195,13 @@ class LocalBackend(StorageBackend):
                 os.close(fd)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.get_ranges(name, [(offset, length)])[0]
+
+    def get_ranges(self, name: str, ranges) -> list[bytes]:
+        """get() of each (offset, length) of one object: one open, a pread each (no copy to split)."""
         fd = self._acquire(name)
         try:
-            if length is None:
-                length = os.fstat(fd).st_size - offset
-            return os.pread(fd, max(length, 0), offset)
+            return [os.pread(fd, max(os.fstat(fd).st_size - a if n is None else n, 0), a) for a, n in ranges]
         finally:
             self._release(name)
 
