@@ -82,9 +82,32 @@ class Connection:
 
     def _uncork(self) -> None:
         """Send the held-back replies in one write (one syscall, one wake-up of the client)."""
-        parts, self.cork = self.cork, None
+        parts, self.cork, self.cork_bytes = self.cork, None, 0
         if parts:
             self._out(b"".join(parts) if len(parts) > 1 else parts[0])
+
+    def _hold(self) -> None:
+        self.cork = [] if self.cork is None else self.cork
+
+    async def _after_inline(self) -> None:
+        """Keep holding replies while they are few; else send them, and wait while the
+        client leaves more than the transport's bound unread (as after every reply)."""
+        if self.cork is not None and self.cork_bytes < CORK_BYTES:
+            return
+        self._uncork()
+        await self._drain()
+
+    @staticmethod
+    def _try(fn, *args):
+        """fn(*args) of an inline path, or the OSError it raised (overlay file trouble)."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            return e
+
+    def _io_error(self, cookie: int, e: OSError) -> None:     # what _guard answers for a task
+        log.error("I/O error, answering %s: %s", "ENOSPC" if is_no_space(e) else "EIO", e)
+        self.reply_err(cookie, proto.ENOSPC if is_no_space(e) else proto.EIO, "server I/O error")
 
     def _buffered(self) -> int:
         return len(self.reader._buffer)    # asyncio keeps no public accessor for it
@@ -211,6 +234,7 @@ class Connection:
             # Held-back replies never wait for the client: only for requests already here.
             if self.cork is not None and self._buffered() < REQUEST.size:
                 self._uncork()
+                await self._drain()
             magic, flags, typ, cookie, off, length = REQUEST.unpack(await read(28))
             if magic != REQUEST_MAGIC:
                 log.warning("bad request magic %#x: disconnecting the client", magic)
@@ -218,17 +242,16 @@ class Connection:
             allowed = ALLOWED_FLAGS.get(typ)
             if typ == proto.CMD_READ and flags == 0 and length and off + length <= size \
                     and length <= self.max_block:
-                pieces = view.read_cached(off, length)
+                pieces = self._try(view.read_cached, off, length)
                 if pieces is not None:
                     # While the next request is already here (a client with many in
                     # flight), replies wait to go out together.
-                    if self.cork is None:
-                        self.cork, self.cork_bytes = [], 0
-                    self.reply_read(cookie, pieces, False)
-                    if self.cork_bytes < CORK_BYTES:
-                        continue
-                    self._uncork()
-                    await self._drain()
+                    self._hold()
+                    if isinstance(pieces, OSError):
+                        self._io_error(cookie, pieces)
+                    else:
+                        self.reply_read(cookie, pieces, False)
+                    await self._after_inline()
                     continue
             if typ == proto.CMD_WRITE and not flags & ~_FUA and 0 < length <= self.max_block \
                     and off + length <= size and view.writable and self._buffered() >= length:
@@ -242,14 +265,14 @@ class Connection:
             if typ == proto.CMD_WRITE:
                 # Inline when no backup read is needed, unless a slower write is still in
                 # flight: an inline write never overtakes one.
-                if not self.write_tasks and view.write_cached(off, data):
-                    if self.cork is None:
-                        self.cork, self.cork_bytes = [], 0
-                    self.reply_ok(cookie)
-                    if self.cork_bytes < CORK_BYTES:
-                        continue
-                    self._uncork()
-                    await self._drain()
+                done = not self.write_tasks and self._try(view.write_cached, off, data)
+                if done:
+                    self._hold()
+                    if isinstance(done, OSError):
+                        self._io_error(cookie, done)
+                    else:
+                        self.reply_ok(cookie)
+                    await self._after_inline()
                 else:
                     self._uncork()
                     await self._spawn(self._write(cookie, flags, off, data), cookie, write=True, cost=len(data))
@@ -274,10 +297,14 @@ class Connection:
                 self.reply_err(cookie, proto.EPERM, "export is read-only")
             elif length == 0:
                 self.reply_ok(cookie)
-            elif not self.write_tasks and view.zero_cached(off, length):
-                self.reply_ok(cookie)   # TRIM / WRITE_ZEROES: both leave zeroes (TRIM may leave anything)
-            else:
-                await self._spawn(self._zero(cookie, off, length), cookie, write=True)
+            else:   # TRIM / WRITE_ZEROES: both leave zeroes (TRIM may leave anything)
+                done = not self.write_tasks and self._try(view.zero_cached, off, length)
+                if isinstance(done, OSError):
+                    self._io_error(cookie, done)
+                elif done:
+                    self.reply_ok(cookie)
+                else:
+                    await self._spawn(self._zero(cookie, off, length), cookie, write=True)
             await self._drain()
 
     async def _payload(self, flags, off, length, cookie, allowed) -> bytes | None:
@@ -323,8 +350,10 @@ class Connection:
         elif length == 0:
             self.reply_ok(cookie)
         else:
-            pieces = self.view.read_cached(off, length)
-            if pieces is not None:
+            pieces = self._try(self.view.read_cached, off, length)
+            if isinstance(pieces, OSError):
+                self._io_error(cookie, pieces)
+            elif pieces is not None:
                 self.reply_read(cookie, pieces, df)
             else:
                 await self._spawn(self._read_slow(cookie, off, length, df), cookie, cost=length)

@@ -1,0 +1,100 @@
+"""Requests the server answers inline (cached reads, overlay writes): bounded memory for a
+client that reads no replies, and the overlay's I/O errors answered, not a dropped client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+from helpers.repo import new_repo, write_backup
+from helpers.serve import RawClient, serve, serve_in_process, wait_until
+from nbdbackup.errors import is_no_space
+from nbdbackup.nbd import proto
+
+MiB = 1 << 20
+
+
+def _random_backup(tmp_path, size: int, chunk: int) -> tuple:
+    data = os.urandom(size)
+    with new_repo(tmp_path / "repo", chunk_size=chunk) as r:
+        write_backup(r, "vm1", data)
+    return tmp_path / "repo", data
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_reads_no_replies_holds_bounded_memory(tmp_path):
+    """Cached 1 MiB reads (one chunk each: the reply path that writes header and data
+    without a copy), 400 of them pipelined, replies never read: the server stops reading
+    that client's requests once about a MiB of replies waits, instead of queueing 400 MiB."""
+    path, data = _random_backup(tmp_path, 2 * MiB, MiB)
+    with serve(path, tmp_path, "--cache-size", "16M") as s:
+        with RawClient(s) as warm:
+            warm.greet()
+            warm.go("vm1")
+            assert warm.read(0, 2 * MiB) == data       # both chunks cached now
+        base = _rss(s.proc.pid)
+        c = RawClient(s)
+        try:
+            c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            c.greet()
+            c.go("vm1")
+            reqs = b"".join(proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_READ, k, (k % 2) * MiB, MiB)
+                            for k in range(400))
+
+            def send():
+                try:
+                    c.s.sendall(reqs)      # blocks once the server stops reading: that is the point
+                except OSError:
+                    pass
+            t = threading.Thread(target=send, daemon=True)
+            t.start()
+            time.sleep(3)
+            grown = _rss(s.proc.pid) - base
+            assert grown < 64 * MiB, f"server RSS grew {grown / MiB:.0f} MiB for a client that reads nothing"
+        finally:
+            c.close()
+        assert wait_until(lambda: not t.is_alive())
+        with RawClient(s) as ok:       # the server goes on serving
+            ok.greet()
+            ok.go("vm1")
+            assert ok.read(MiB - 10, 20) == data[MiB - 10:MiB + 10]
+        assert s.alive() and "Traceback" not in s.log()
+
+
+def test_overlay_write_error_on_the_inline_path_is_answered(tmp_path):
+    """A small write into an overlay block already written goes straight to the overlay file
+    on the event loop. When that file's disk is full (its fd pointed at /dev/full) the write
+    gets ENOSPC, as a write in a task does, and the client stays connected."""
+    path, data = _random_backup(tmp_path, 2 * MiB, 64 << 10)
+    with serve_in_process(path, tmp_path, writable=True, overlay_dir=str(tmp_path)) as s, RawClient(s) as c:
+        c.greet()
+        c.go("vm1")
+        assert c.request(proto.CMD_WRITE, 0, 65536, payload=b"a" * 65536).error == 0   # block 0: DATA
+        (view,) = s.server.views.values()
+        full = os.open("/dev/full", os.O_RDWR)
+        saved = os.dup(view.overlay.fd)
+        try:
+            os.dup2(full, view.overlay.fd)
+            try:
+                os.pwrite(full, b"x", 0)
+                raise AssertionError("/dev/full accepted a write")
+            except OSError as e:
+                assert is_no_space(e)
+            assert c.request(proto.CMD_WRITE, 4096, 4096, payload=b"b" * 4096).error == proto.ENOSPC
+            assert c.request(proto.CMD_FLUSH, 0, 0).error == 0                             # still connected
+        finally:
+            os.dup2(saved, view.overlay.fd)
+            os.close(saved)
+            os.close(full)
+        assert c.read(0, 8192) == b"a" * 8192        # the failed write changed nothing
+        assert c.request(proto.CMD_WRITE, 4096, 4096, payload=b"c" * 4096).error == 0
+        assert c.read(4096, 4096) == b"c" * 4096
