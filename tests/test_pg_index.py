@@ -412,7 +412,9 @@ def test_postgresql_restarted_during_a_backup(tmp_path, pg_server, pg_url, delay
     backup completes (pack transactions redone, connections made anew) or fails with exit 17
     and commits nothing; what is committed reads back bit-exact."""
     repo = new_repo(tmp_path / "repo", index_url=pg_url, pack_size=4 * CS)
-    data = pseudo(11, 400 * CS)
+    # big enough that the backup still runs at the later restart on a quiet, fast machine
+    # (400 chunks once took under 0.6 s there)
+    data = pseudo(11, 1600 * CS)
     marks = {}
 
     def restart():
