@@ -105,7 +105,7 @@ class Connection:
         except OSError as e:
             return e
 
-    def _io_error(self, cookie: int, e: OSError) -> None:     # what _guard answers for a task
+    def _io_error(self, cookie: int, e: OSError) -> None:     # inline paths and tasks alike
         log.error("I/O error, answering %s: %s", "ENOSPC" if is_no_space(e) else "EIO", e)
         self.reply_err(cookie, proto.ENOSPC if is_no_space(e) else proto.EIO, "server I/O error")
 
@@ -214,8 +214,7 @@ class Connection:
             log.error("read error, answering EIO: %s", e)
             self.reply_err(cookie, proto.EIO, "backup data is damaged in this range")
         except OSError as e:   # overlay file trouble (e.g. its disk is full)
-            log.error("I/O error, answering EIO: %s", e)
-            self.reply_err(cookie, proto.ENOSPC if is_no_space(e) else proto.EIO, "server I/O error")
+            self._io_error(cookie, e)
         except asyncio.CancelledError:
             raise
         except Exception:      # a bug must not take the connection (or the server) down
