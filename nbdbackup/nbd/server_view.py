@@ -270,13 +270,17 @@ class ExportView(ReadAhead):
             found.append(chunks)
         out: list = []
         for (a, b, st), chunks in zip(segs, found):
-            if st == BACKING:
-                self._backing_pieces(a, b, chunks, out)
-            elif st == DATA:
-                out.append((a, b - a, memoryview(self.overlay.pread(a, b - a))))
-            else:
-                out.append((a, b - a, None))
+            self._segment_pieces(a, b, st, chunks, out)
         return out
+
+    def _segment_pieces(self, a: int, b: int, st: int, chunks: dict[int, bytes] | None, out: list) -> None:
+        """The pieces of segment [a, b) in overlay state *st*; *chunks*: its backup chunks (BACKING)."""
+        if st == BACKING:
+            self._backing_pieces(a, b, chunks, out)
+        elif st == DATA:
+            out.append((a, b - a, memoryview(self.overlay.pread(a, b - a))))
+        else:
+            out.append((a, b - a, None))
 
     async def read(self, off: int, length: int) -> list:
         """Pieces covering [off, off+length) in order. Raises ChunkReadError."""
@@ -293,11 +297,7 @@ class ExportView(ReadAhead):
                 missing = [i for i in self.chunk_range(a, b) if not self.backend.is_zero(i) and i not in chunks]
                 if missing:   # block was BACKING before the await too: states never return to it
                     chunks.update(await self.fetch(missing))
-                self._backing_pieces(a, b, chunks, out)
-            elif st == DATA:
-                out.append((a, b - a, memoryview(self.overlay.pread(a, b - a))))
-            else:
-                out.append((a, b - a, None))
+            self._segment_pieces(a, b, st, chunks, out)
         return out
 
     async def prefetch(self, off: int, length: int) -> None:
