@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,13 +33,26 @@ def nbdbackup_exe() -> str:
 @contextmanager
 def bench_workdir(keep: str | None):
     """*keep* (created, left in place), else a fresh directory in /var/tmp removed afterwards."""
-    work = Path(keep or tempfile.mkdtemp(prefix="nbdbackup-bench-", dir="/var/tmp"))
+    # absolute: servers started with paths in it run from other directories
+    work = Path(keep or tempfile.mkdtemp(prefix="nbdbackup-bench-", dir="/var/tmp")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
         yield work
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_for_socket(proc: subprocess.Popen, sock: Path, timeout: float = 30.0) -> None:
+    """Until *proc* (a server) listens on *sock*; exits with a message if it died or took too long."""
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[0]} exited ({proc.returncode}) before listening on {sock}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"{proc.args[0]} did not listen on {sock} within {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def text_like(path: Path, size: int, seed: int = 2) -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MiB, bench_workdir, nbdbackup_exe, text_like  # noqa: E402
+from _common import MiB, bench_workdir, nbdbackup_exe, text_like, wait_for_socket  # noqa: E402
 
 
 def make_image(work: Path) -> Path:
@@ -73,8 +73,7 @@ def main() -> int:
         sock = work / "nbd.sock"
         srv = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "-k", str(sock), "-f", "qcow2", str(img)])
         try:
-            while not sock.exists():
-                time.sleep(0.02)
+            wait_for_socket(srv, sock)
             uri = f"nbd+unix:///?socket={sock}"
             ours, theirs, rss, cpu_ours, cpu_theirs, loads = [], [], [], [], [], []
             for r in range(a.rounds):

@@ -29,8 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import blake3  # noqa: E402
+from _common import wait_for_socket  # noqa: E402
 
 from nbdbackup.nbd.pool import ConnectionPool  # noqa: E402
 
@@ -132,8 +134,7 @@ def main() -> int:
         proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", str(a.connections + 1), "-k", str(sock),
                                  "-f", "raw", str(img)], stderr=subprocess.DEVNULL)
         try:
-            while not sock.exists():
-                time.sleep(0.02)
+            wait_for_socket(proc, sock)
             uri = f"nbd+unix:///?socket={sock}"
             run_nbdcopy(uri, a.connections)       # warm the page cache for both sides
             theirs, ours, digests = [], [], set()
