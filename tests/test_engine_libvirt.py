@@ -14,14 +14,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from helpers import support
 from helpers.engine_util import MiB, init_repo, nbb, restore_equals
-from helpers.libvirt import virsh
+from helpers.libvirt import disk_xml, domain_dir, domain_xml, virsh
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "libvirt-pull-backup.sh"
 DISK_QDEV = "/machine/peripheral/virtio-disk0/virtio-backend"
@@ -35,28 +34,13 @@ def _virsh(*args, check=True) -> subprocess.CompletedProcess:
 def vm(libvirtd):
     """A running transient domain with a 64 MiB qcow2 virtio disk (vda)."""
     # qemu runs as libvirt-qemu: the image's directory must be one it can enter
-    d = Path(tempfile.mkdtemp(prefix="nbdbackup-libvirt-", dir="/var/tmp"))
-    d.chmod(0o755)
+    d = domain_dir()
     img = d / "vm.qcow2"
     support.run([support.require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(img), "64M"])
     support.run([support.require_tool("qemu-io"), "-f", "qcow2", "-c", "write -q -P 0x11 0 2M", str(img)])
     name = f"nbdbackup-test-{os.getpid()}"
     xml = d / "dom.xml"
-    xml.write_text(f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices>
-    <emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{img}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-""")
+    xml.write_text(domain_xml(name, disk_xml("vda", img, "qcow2")))
     _virsh("create", str(xml))
     try:
         yield name, img

@@ -12,14 +12,13 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import support
-from helpers.libvirt import guest_write, virsh
+from helpers.libvirt import disk_xml, domain_dir, domain_xml, guest_write, virsh
 from helpers.repo import new_repo, write_backup
 
 MiB = 1024 * 1024
@@ -42,26 +41,11 @@ def setup(tmp_path, libvirtd):
         info = write_backup(r, "ldisk", bytes(data), zero_holes=True)
     finally:
         r.close()
-    d = Path(tempfile.mkdtemp(prefix="nbdbackup-live-", dir="/var/tmp"))
-    d.chmod(0o755)
+    d = domain_dir("nbdbackup-live-")
     dest = d / "dest.qcow2"
     name = f"nbdbackup-test-{os.getpid()}-live"
     xml = d / "dom.xml"
-    xml.write_text(f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices>
-    <emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{dest}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-""")
+    xml.write_text(domain_xml(name, disk_xml("vda", dest, "qcow2")))
     virsh("define", str(xml))
     pids: set[int] = set()
     try:
@@ -189,8 +173,7 @@ IFACE = "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='v
 @pytest.fixture
 def qemu_dir():
     """A 0755 directory under /var/tmp: qemu (libvirt-qemu) must reach DEST and the NVRAM."""
-    d = Path(tempfile.mkdtemp(prefix="nbdbackup-live-def-", dir="/var/tmp"))
-    d.chmod(0o755)
+    d = domain_dir("nbdbackup-live-def-")
     yield d
     for state in d.glob("*.nbdbackup-live.json"):           # servers of a failed test
         st = json.loads(state.read_text())

@@ -136,7 +136,31 @@ def _qemu_img(*args) -> None:
     support.run([support.require_tool("qemu-img"), *args])
 
 
-def _disk_xml(target: str, path: Path, fmt: str) -> str:
+def domain_dir(prefix: str = "nbdbackup-libvirt-") -> Path:
+    """A new 0755 directory under /var/tmp for a domain's images: qemu runs as libvirt-qemu,
+    which must be able to enter it."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def domain_xml(name: str, devices: str, *, memory: int = 64, os_boot: str = "<boot dev='hd'/>",
+               features: str = "") -> str:
+    """The XML of a TCG domain *name* (*memory* MiB, one vCPU) with *devices* (disk_xml...)."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{os_boot}</os>
+  {features}
+  <devices>
+    <emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
+{devices}  </devices>
+</domain>
+"""
+
+
+def disk_xml(target: str, path: Path, fmt: str) -> str:
     return f"""    <disk type='file' device='disk'>
       <driver name='qemu' type='{fmt}'/>
       <source file='{path}'/>
@@ -160,8 +184,7 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
     if not persistent and not running:
         raise ValueError("a transient domain only exists while it runs")
     name = f"nbdbackup-test-{os.getpid()}-{next(_counter)}{'-' + tag if tag else ''}"
-    d = Path(tempfile.mkdtemp(prefix="nbdbackup-libvirt-", dir="/var/tmp"))
-    d.chmod(0o755)
+    d = domain_dir()
     images: dict[str, Path] = {}
     formats: dict[str, str] = {}
     devices = ""
@@ -172,7 +195,7 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
             img = d / f"{target}.{fmt}"
             shutil.copyfile(source, img)
             images[target], formats[target] = img, fmt
-            devices += _disk_xml(target, img, fmt)
+            devices += disk_xml(target, img, fmt)
             continue
         img = d / f"{target}.{fmt}"
         _qemu_img("create", "-q", "-f", fmt, str(img), str(size))
@@ -185,7 +208,7 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
                          str(img)])
             noise.unlink()
         images[target], formats[target] = img, fmt
-        devices += _disk_xml(target, img, fmt)
+        devices += disk_xml(target, img, fmt)
     if cdrom:
         iso = d / "cd.iso"
         iso.write_bytes(b"\x42" * (2 * MiB))
@@ -214,17 +237,8 @@ def make_domain(disks=(("qcow2", 64 * MiB),), *, cdrom: bool = False, persistent
     <console type='file'><source path='{console}'/><target type='serial' port='0'/></console>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
 """
-    xml = f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>{memory}</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>{loader}{boot}</os>
-  {"<features><acpi/></features>" if nvram else ""}
-  <devices>
-    <emulator>{support.require_tool("qemu-system-x86_64")}</emulator>
-{devices}  </devices>
-</domain>
-"""
+    xml = domain_xml(name, devices, memory=memory, os_boot=loader + boot,
+                     features="<features><acpi/></features>" if nvram else "")
     xml_file = d / "dom.xml"
     xml_file.write_text(xml)
     dom = TestDomain(name=name, dir=d, disks=images, formats=formats, persistent=persistent, xml=xml,
