@@ -77,19 +77,7 @@ class GuestVm:
                "-device", f"virtio-blk-pci,drive=dest,id={DEV}"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
-        support.wait_for_path(self.watch_sock, proc=self.proc)
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        for attempt in range(100):
-            self.mon = QEMUMonitorProtocol(self.watch_sock)
-            try:
-                self.mon.connect()
-                break
-            except Exception:
-                if attempt == 99 or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        self.mon.settimeout(30)
+        self.mon = support.qmp_connect(self.watch_sock, self.proc)
 
     def cmd(self, name: str, **args):
         r = self.mon.cmd_raw(name, args or None)

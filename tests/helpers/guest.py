@@ -432,11 +432,7 @@ class PlainGuest:
 
     def _cont(self) -> None:
         """Connect the watching monitor to the paused VM (so no event is missed), then run it."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        support.wait_listening(self.watch_sock, proc=self.proc)
-        self.mon = QEMUMonitorProtocol(self.watch_sock)
-        self.mon.connect()
+        self.mon = support.qmp_connect(self.watch_sock, self.proc, timeout=None)
         self.mon.cmd("cont")
 
     def wait_booted(self) -> float:

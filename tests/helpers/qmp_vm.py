@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from helpers import support
@@ -53,21 +52,8 @@ class Vm:
                     "-device", f"ide-hd,drive={self.node(dev)},id={dev}"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
-        support.wait_for_path(self.watch_sock, proc=self.proc)
         support.wait_for_path(self.qmp_sock, proc=self.proc)
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        # the socket file appears at bind(), a moment before qemu listens on it
-        for attempt in range(100):
-            self.mon = QEMUMonitorProtocol(self.watch_sock)
-            try:
-                self.mon.connect()
-                break
-            except Exception:
-                if attempt == 99 or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        self.mon.settimeout(30)
+        self.mon = support.qmp_connect(self.watch_sock, self.proc)
 
     def cmd(self, _cmd: str, **args):
         r = self.mon.cmd_raw(_cmd, args or None)

@@ -93,6 +93,19 @@ def wait_listening(sock: str | Path, timeout: float = 15.0, proc: subprocess.Pop
     raise AssertionError(f"{sock} exists but nothing listens on it")
 
 
+def qmp_connect(sock: str | Path, proc: subprocess.Popen | None = None, timeout: float | None = 30.0):
+    """A QMP monitor connected to qemu's *sock* once it listens (qemu.qmp's legacy client),
+    its commands timing out after *timeout* seconds (None: never)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    wait_listening(sock, proc=proc)
+    mon = QEMUMonitorProtocol(str(sock))
+    mon.connect()
+    if timeout is not None:
+        mon.settimeout(timeout)
+    return mon
+
+
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
