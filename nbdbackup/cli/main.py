@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from .. import __version__
+from .. import __version__, collector
 from ..envsecrets import hide_from_children
 from ..errors import (
     EXIT_CODE_HELP,
@@ -262,10 +262,10 @@ def run() -> None:
     # what start-up imported (SQLAlchemy builds many objects); collect less often,
     # and not at all during start-up: its imports make few cycles, and the collections
     # cost 50-80 ms of a `list` (0.85 -> 0.77 CPU-s median of 12). Long commands get
-    # the collector back after START_UP_S.
+    # the collector back after START_UP_S, with start-up's objects frozen (collector.py).
     gc.set_threshold(20_000, 20, 20)
-    gc.disable()
-    timer = threading.Timer(START_UP_S, gc.enable)
+    collector.hold()
+    timer = threading.Timer(START_UP_S, collector.start_up_done)
     timer.daemon = True
     timer.start()
     _exit(main())

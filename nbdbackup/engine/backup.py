@@ -14,7 +14,6 @@ committed unless every chunk was read; the source learns the outcome
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from .. import collector
 from ..errors import (
     CommittedThenFailed,
     CommittedThenInterrupted,
@@ -227,8 +227,7 @@ class DiskPipeline:
         pending, inflight_max, max_reads = self.pending, self.inflight_max, self.max_reads
         # The pipeline makes no reference cycles worth collecting; a collection
         # pass would walk every object of the process for nothing.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
+        collector.hold()
         try:
             for run in runs:
                 if run.action == SKIP:
@@ -257,8 +256,7 @@ class DiskPipeline:
             raise SourceFailed(f"source {self.plan.disk} failed during the backup: {e}",
                                hint="nothing was committed; check the NBD server and retry") from None
         finally:
-            if gc_was_enabled:
-                gc.enable()
+            collector.release()
             bar.close()
         if stats.uncompressed_chunks:
             stats.raw_reason = self.gate.raw_reason()
