@@ -122,6 +122,11 @@ def _pg_error(kind: str, e: BaseException, what: str, where: str | None) -> NbdB
     if kind == "busy":
         return LockedError(f"the index stayed locked by other runs for too long while {what}: {detail}",
                            hint="nothing was committed; run again when the repository is less busy")
+    if "ssl" in detail.lower() or "certificate" in detail.lower():
+        return StorageUnreachable(f"TLS with the index database at {at} failed while {what}: {detail}",
+                                  hint="check sslmode and sslrootcert in --index-url (libpq's names; "
+                                       "verify-full needs the CA that signed the server's certificate) and "
+                                       "that the server has ssl = on; nothing half-done was committed")
     return StorageUnreachable(f"cannot reach the index database at {at} while {what}: {detail}",
                               hint="check that PostgreSQL runs and that host and port in --index-url are right; "
                                    "nothing half-done was committed")

@@ -328,6 +328,9 @@ class S3Backend(StorageBackend):
                 return StorageUnreachable(f"{where} kept failing while {what}, after retries ({msg})",
                                           hint="check that the S3 service is up, then run the command again")
             return NbdBackupError(f"{where} refused a request while {what} ({msg})")
+        if kind == "SSLError":          # botocore's: the certificate check (not retried: it would fail again)
+            return StorageUnreachable(self._scrub(f"TLS: the certificate of {where} was not accepted "
+                                                  f"while {what}: {e}"), hint=TLS_HINT)
         if isinstance(e, self._error_types.unreachable):
             return StorageUnreachable(self._scrub(f"cannot reach {where} while {what}, after retries: {e}"),
                                       hint="check --s3-endpoint (AWS_ENDPOINT_URL), that the S3 service "
@@ -338,6 +341,10 @@ class S3Backend(StorageBackend):
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
+
+
+TLS_HINT = ("if the endpoint uses a private CA, point AWS_CA_BUNDLE (or ca_bundle in ~/.aws/config) "
+            "at its certificate; else check that --s3-endpoint names the host its certificate is for")
 
 
 class _ErrorTypes:

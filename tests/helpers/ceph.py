@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -203,17 +204,23 @@ class FaultProxy:
     HTTP *status* (an S3 XML error *code*) and their connection closed; lose_answers(n): the
     next *n* requests are carried out but their answers dropped; hang(): requests are read and
     never answered. Otherwise a connection is piped through untouched. .failed counts
-    the requests answered with an error."""
+    the requests answered with an error. *tls*: (certificate, key) files: clients speak
+    HTTPS to the proxy (.endpoint says so), which speaks plain HTTP to radosgw."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, tls: tuple[str, str] | None = None):
         self.target_port = target_port
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._tls = None
+        if tls is not None:
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(*tls)
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._left: int | None = 0
         self._status, self._code, self._hang, self._lose, self._keep = 503, "ServiceUnavailable", False, False, 0
         self.failed = 0
+        self.connections = 0                # accepted (with TLS: past the handshake)
         self._conns: list[socket.socket] = []
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -263,7 +270,14 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self._tls is not None:
+            try:
+                conn = self._tls.wrap_socket(conn, server_side=True)
+            except OSError:         # the client refused our certificate (ssl.SSLError is an OSError)
+                conn.close()
+                return
         with self._lock:
+            self.connections += 1
             hang = self._hang
             failing = self._left is None or self._left > 0
             if failing and not hang:
