@@ -19,6 +19,7 @@ in the backend's cache and are not waited for. At most MAX_AHEAD chunks are
 being read ahead per view, so read-ahead never holds more than that. When a
 reader touches the middle chunk of a read-ahead window (a cache hit, usually),
 the next window starts reading: a steady sequential reader meets no misses.
+Writes that need backup bytes (partial overlay blocks) read ahead alike.
 """
 
 from __future__ import annotations
@@ -319,7 +320,8 @@ class ExportView(ReadAhead):
     async def _backing_blocks(self, blocks: list[int]) -> dict[int, bytes]:
         spans = self._spans(blocks)
         need = sorted({i for lo, hi in spans for i in self.chunk_range(lo, hi) if not self.backend.is_zero(i)})
-        return self._join_blocks(blocks, spans, await self.fetch(need))
+        # Read-ahead too: a sequential writer of partial blocks needs each chunk's bytes in turn.
+        return self._join_blocks(blocks, spans, await self.fetch(need, read_ahead=True))
 
     def _cached_blocks(self, blocks: list[int]) -> dict[int, bytes] | None:
         spans = self._spans(blocks)
@@ -336,6 +338,8 @@ class ExportView(ReadAhead):
         are); False (nothing done) when they must be read first: then use write()."""
         if self.overlay.write_in_place(off, data):     # the common small write
             return True
+        if self._triggers:
+            self._touch(off // self.cs, (off + len(data) - 1) // self.cs)
         backing = self._cached_blocks(self.overlay.backing_blocks_needed(off, len(data)))
         if backing is None:
             return False
