@@ -13,7 +13,7 @@ import logging
 
 from . import proto
 from .server_handshake import Session
-from .server_replies import Replies
+from .server_replies import CORK_BYTES, Replies
 from .server_view import ChunkReadError, ExportView
 
 log = logging.getLogger("nbdbackup.server")
@@ -29,6 +29,7 @@ MAX_INFLIGHT = 64          # concurrent slow requests per connection
 READ_BUDGET = 96 << 20     # bytes of slow reads and writes in flight per connection (bounds memory)
 DRAIN_LIMIT = 64 << 20     # oversized write payloads up to this are drained; beyond: disconnect
 MAX_EXTENTS = 65536
+SMALL_READ = 32768         # reads up to this are answered in one pass over the buffer (replies held)
 
 # FUA is valid on every command once SEND_FUA is advertised (the spec: accept,
 # even if only by ignoring it).
@@ -129,6 +130,11 @@ class Connection(Replies):
         view = self.view
         size = view.size
         while True:
+            answered = self._answer_buffered_reads()
+            if answered:
+                await read(answered)       # here already: returns without waiting
+                await self._after_inline()
+                continue
             # Held-back replies never wait for the client: only for requests already here.
             if self.cork is not None and self._buffered() < REQUEST.size:
                 self._uncork()
@@ -204,6 +210,31 @@ class Connection(Replies):
                 else:
                     await self._spawn(self._zero(cookie, off, length), cookie, write=True)
             await self._drain()
+
+    def _answer_buffered_reads(self) -> int:
+        """Answer the small plain READs at the head of the reader's buffer that cache and
+        overlay can answer, replies held: one pass, no await per request. Returns the bytes
+        of the requests answered, which the caller consumes; stops at anything else."""
+        buf = self.reader._buffer
+        have = len(buf)
+        pos = 0
+        view = self.view
+        limit = min(self.max_block, SMALL_READ)
+        while have - pos >= REQUEST.size and self.cork_bytes < CORK_BYTES:
+            magic, flags, typ, cookie, off, length = REQUEST.unpack_from(buf, pos)
+            if magic != REQUEST_MAGIC or typ != proto.CMD_READ or flags or not 0 < length <= limit \
+                    or off + length > view.size:
+                break
+            pieces = self._try(view.read_cached, off, length)
+            if pieces is None:
+                break
+            self._hold()
+            if isinstance(pieces, OSError):
+                self._io_error(cookie, pieces)
+            else:
+                self.reply_read(cookie, pieces, False)
+            pos += REQUEST.size
+        return pos
 
     async def _payload(self, flags, off, length, cookie, allowed) -> bytes | None:
         """Read a WRITE's payload, or drain it and answer the error."""

@@ -100,6 +100,9 @@ class Replies:
                 self._uncork()
                 self.writer.write(hdr)
                 self.writer.write(d)
+            elif self.cork is not None:    # joined once, with the other held replies
+                self.cork += (hdr, d)
+                self.cork_bytes += len(hdr) + n
             else:
                 self._out(b"".join((hdr, d)))
             return

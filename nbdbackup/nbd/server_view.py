@@ -82,6 +82,9 @@ class ExportView(ReadAhead):
         self._next: dict[int, None] = {}      # chunk indexes where a sequential stream goes on
         self._triggers: dict[int, int] = {}   # chunk in a read-ahead window -> where the next starts
         self.misses = 0                       # chunks a reader had to start reading itself
+        # The chunk the last one-chunk cached read found: small reads come in runs on one
+        # chunk, and its bytes never change (checked once, when the cache was filled).
+        self._hot_i, self._hot = -1, b""
 
     @property
     def writable(self) -> bool:
@@ -247,11 +250,15 @@ class ExportView(ReadAhead):
         cs = self.cs
         i = off // cs
         if (off + length - 1) // cs == i:   # the common case: inside one chunk
-            if self.backend.is_zero(i):
+            if self._hot_i == i:
+                data = self._hot
+            elif self.backend.is_zero(i):
                 return [(off, length, None)]
-            data = self.backend.cached_chunk(i)
-            if data is None:
-                return None
+            else:
+                data = self.backend.cached_chunk(i)
+                if data is None:
+                    return None
+                self._hot_i, self._hot = i, data
             a = off - i * cs
             return [(off, length, memoryview(data)[a:a + length])]
         chunks = self._cached_chunks(off, off + length)
