@@ -29,7 +29,7 @@ MAX_INFLIGHT = 64          # concurrent slow requests per connection
 READ_BUDGET = 96 << 20     # bytes of slow reads and writes in flight per connection (bounds memory)
 DRAIN_LIMIT = 64 << 20     # oversized write payloads up to this are drained; beyond: disconnect
 MAX_EXTENTS = 65536
-SMALL_READ = 32768         # reads up to this are answered in one pass over the buffer (replies held)
+SMALL_REQUEST = 32768      # reads and writes up to this are answered in one pass over the buffer
 
 # FUA is valid on every command once SEND_FUA is advertised (the spec: accept,
 # even if only by ignoring it).
@@ -130,7 +130,7 @@ class Connection(Replies):
         view = self.view
         size = view.size
         while True:
-            answered = self._answer_buffered_reads()
+            answered = self._answer_buffered()
             if answered:
                 await read(answered)       # here already: returns without waiting
                 await self._after_inline()
@@ -211,30 +211,86 @@ class Connection(Replies):
                     await self._spawn(self._zero(cookie, off, length), cookie, write=True)
             await self._drain()
 
-    def _answer_buffered_reads(self) -> int:
-        """Answer the small plain READs at the head of the reader's buffer that cache and
-        overlay can answer, replies held: one pass, no await per request. Returns the bytes
-        of the requests answered, which the caller consumes; stops at anything else."""
+    def _answer_buffered(self) -> int:
+        """Answer the small requests at the head of the reader's buffer that need no backup
+        read (plain READs from cache and overlay, WRITEs with their payload here), replies
+        held: one pass, no await per request. Neighbouring writes into written overlay blocks
+        go to the file in one pwritev. Returns the bytes of the requests answered, which the
+        caller consumes; stops at anything else."""
         buf = self.reader._buffer
         have = len(buf)
         pos = 0
         view = self.view
-        limit = min(self.max_block, SMALL_READ)
+        ov = view.overlay
+        limit = min(self.max_block, SMALL_REQUEST)
+        run: list = []         # (offset, cookie, payload) of in-place writes not yet written
         while have - pos >= REQUEST.size and self.cork_bytes < CORK_BYTES:
             magic, flags, typ, cookie, off, length = REQUEST.unpack_from(buf, pos)
-            if magic != REQUEST_MAGIC or typ != proto.CMD_READ or flags or not 0 < length <= limit \
-                    or off + length > view.size:
+            if magic != REQUEST_MAGIC or not 0 < length <= limit or off + length > view.size:
                 break
-            pieces = self._try(view.read_cached, off, length)
-            if pieces is None:
+            if typ == proto.CMD_READ and not flags:
+                self._write_run(run)                 # a read sees every write sent before it
+                run = []
+                pieces = self._try(view.read_cached, off, length)
+                if pieces is None:
+                    break
+                self._hold()
+                if isinstance(pieces, OSError):
+                    self._io_error(cookie, pieces)
+                else:
+                    self.reply_read(cookie, pieces, False)
+                pos += REQUEST.size
+                continue
+            if typ != proto.CMD_WRITE or flags & ~_FUA or ov is None or self.write_tasks \
+                    or have - pos < REQUEST.size + length:
                 break
-            self._hold()
-            if isinstance(pieces, OSError):
-                self._io_error(cookie, pieces)
+            data = bytes(buf[pos + REQUEST.size:pos + REQUEST.size + length])
+            if ov.in_place(off, length) and len(run) < 256:
+                run.append((off, cookie, data))
             else:
-                self.reply_read(cookie, pieces, False)
-            pos += REQUEST.size
+                self._write_run(run)
+                run = []
+                done = self._try(view.write_cached, off, data)
+                if not done:
+                    break                            # needs a backup read: the general path
+                self._hold()
+                if isinstance(done, OSError):
+                    self._io_error(cookie, done)
+                else:
+                    self.reply_ok(cookie)
+            pos += REQUEST.size + length
+        self._write_run(run)
         return pos
+
+    def _write_run(self, run: list) -> None:
+        """Write and answer in-place writes; those that do not overlap commute, so each run
+        of neighbours (clients send them in any order) is one pwritev."""
+        if not run:
+            return
+        ov = self.view.overlay
+        by_off = sorted(run, key=lambda w: w[0])
+        if any(a[0] + len(a[2]) > b[0] for a, b in zip(by_off, by_off[1:])):
+            chains = [[w] for w in run]          # overlapping: one at a time, in order
+        else:
+            chains = [[by_off[0]]]
+            for w in by_off[1:]:
+                last = chains[-1][-1]
+                if last[0] + len(last[2]) == w[0]:
+                    chains[-1].append(w)
+                else:
+                    chains.append([w])
+        failed = {}
+        for chain in chains:
+            err = self._try(ov.pwrite_run, [d for _, _, d in chain], chain[0][0])
+            if err is not None:    # one write: one answer for all of it (a failed write may be partial)
+                failed.update((id(w), err) for w in chain)
+        self._hold()
+        for w in run:
+            cookie = w[1]
+            if id(w) in failed:
+                self._io_error(cookie, failed[id(w)])
+            else:
+                self.reply_ok(cookie)
 
     async def _payload(self, flags, off, length, cookie, allowed) -> bytes | None:
         """Read a WRITE's payload, or drain it and answer the error."""
