@@ -1,6 +1,6 @@
 """Benchmark `nbdbackup serve` against qemu-nbd serving the same disk as a raw file.
 
-    python bench/serve.py [--size 1G] [--chunk-size 1M] [--seconds 5] [--keep DIR]
+    python bench/serve.py [--size 1G] [--chunk-size 1M] [--seconds 5] [--keep DIR] [--only small,w4k]
 
 Measured in one run, as ratios to qemu-nbd (issue 16's targets):
   streaming     nbdcopy EXPORT null:, cache smaller than the data   target >= 0.6x qemu-nbd
@@ -174,12 +174,17 @@ def libnbd_load(kind: str, uri: str, disk: str, seconds: float) -> float:
     return json.loads(p.stdout)["iops"]
 
 
+MEASURES = ("stream", "warm", "small", "aio", "synch", "w4k", "w64k", "start")
+
+
 def writable_round(start, uri: str, disk: str, a, res: dict, who: str) -> None:
     """One fresh writable server per measure: each load starts from the backup's data."""
     for name, fn in (("aio", lambda: libnbd_load("aio", uri, disk, a.seconds)),
                      ("synch", lambda: libnbd_load("synch", uri, disk, a.seconds)),
                      ("w4k", lambda: writes(uri, a.count, 4096)),
                      ("w64k", lambda: writes(uri, a.count // 4, 65536))):
+        if name not in a.only:
+            continue
         p = start()
         try:
             key = (who, name)
@@ -213,7 +218,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per measure; the best counts")
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each libnbd load")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
+    ap.add_argument("--only", default=",".join(MEASURES),
+                    help=f"comma-separated measures to run (default: all of {','.join(MEASURES)}); "
+                         "small reads always follow a cold stream")
     a = ap.parse_args()
+    a.only = set(a.only.split(","))
+    if a.only - set(MEASURES):
+        ap.error(f"unknown measures: {', '.join(sorted(a.only - set(MEASURES)))}")
     size, chunk = parse_size(a.size), parse_size(a.chunk_size)
     work = a.keep or tempfile.mkdtemp(prefix="nbdbackup-bench-")
     os.makedirs(work, exist_ok=True)
@@ -235,20 +246,25 @@ def main() -> None:
         # The machine may be shared: alternate the servers and keep each one's best run.
         q_stream = q_small = o_stream_cold = o_small = o_stream_warm = 0.0
         q_cpu, o_cpu, w_cpu = [], [], []
-        for _ in range(a.repeat):
+        reads = bool(a.only & {"stream", "warm", "small"})
+        for _ in range(a.repeat if reads else 0):
             q = start_qemu(disk, s_qemu)
             try:
                 q_stream = max(q_stream, stream(u_qemu, size, q, q_cpu))
-                q_small = max(q_small, small_reads(u_qemu, a.count))
+                if "small" in a.only:
+                    q_small = max(q_small, small_reads(u_qemu, a.count))
             finally:
                 stop(q)
             o = start_ours(repo, s_ours, "256M")
             try:
                 # cache smaller than the disk: every chunk is read, decompressed and checked
                 o_stream_cold = max(o_stream_cold, stream(u_ours, size, o, o_cpu))
-                o_small = max(o_small, small_reads(u_ours, a.count))
+                if "small" in a.only:
+                    o_small = max(o_small, small_reads(u_ours, a.count))
             finally:
                 stop(o)
+            if "warm" not in a.only:
+                continue
             o = start_ours(repo, s_ours, str(2 * size))
             try:
                 stream(u_ours, size)                         # fill the cache
@@ -262,25 +278,36 @@ def main() -> None:
         for _ in range(a.repeat):
             writable_round(lambda: start_qemu(disk, s_qemu, q_ov), u_qemu, disk, a, wres, "q")
             writable_round(lambda: start_ours(repo, s_ours, "256M", ovdir), u_ours, disk, a, wres, "o")
-        rows.append(("stream nbdcopy -> null: (MiB/s)", q_stream, o_stream_cold, 0.6))
-        rows.append(("  same, chunks cached (MiB/s)", q_stream, o_stream_warm, 1.0))
-        rows.append(("server CPU s per GiB streamed", min(q_cpu), min(o_cpu), None))
-        rows.append(("  same, chunks cached", min(q_cpu), min(w_cpu), None))
-        rows.append(("4 KiB reads, depth 16 (IOPS)", q_small, o_small, 1.0))
-        rows.append(("aio-parallel, writable (IOPS)", wres["q", "aio"], wres["o", "aio"], 0.8))
-        rows.append(("synch-parallel, writable (IOPS)", wres["q", "synch"], wres["o", "synch"], 0.8))
-        rows.append(("4 KiB writes, depth 16 (MiB/s)", wres["q", "w4k"], wres["o", "w4k"], 0.8))
-        rows.append(("64 KiB writes, depth 16 (MiB/s)", wres["q", "w64k"], wres["o", "w64k"], 0.8))
-        t_q = [ttfb(lambda: start_qemu(disk, s_qemu), s_qemu, "bench") for _ in range(a.repeat)]
-        t_o = [ttfb(lambda: start_ours(repo, s_ours, "256M"), s_ours, "bench") for _ in range(a.repeat)]
-        q_start, q_first = min(t[0] for t in t_q), min(t[1] for t in t_q)
-        o_start, o_first = min(t[0] for t in t_o), min(t[1] for t in t_o)
-        rows.append(("start -> listening (ms)", q_start, o_start, None))
-        rows.append(("connect + first 4 KiB read (ms)", q_first, o_first, None))
+        if reads:
+            rows.append(("stream nbdcopy -> null: (MiB/s)", q_stream, o_stream_cold, 0.6))
+        if "warm" in a.only:
+            rows.append(("  same, chunks cached (MiB/s)", q_stream, o_stream_warm, 1.0))
+        if reads:
+            rows.append(("server CPU s per GiB streamed", min(q_cpu), min(o_cpu), None))
+        if "warm" in a.only:
+            rows.append(("  same, chunks cached", min(q_cpu), min(w_cpu), None))
+        if "small" in a.only:
+            rows.append(("4 KiB reads, depth 16 (IOPS)", q_small, o_small, 1.0))
+        for name, label, unit in (("aio", "aio-parallel, writable", "IOPS"),
+                                  ("synch", "synch-parallel, writable", "IOPS"),
+                                  ("w4k", "4 KiB writes, depth 16", "MiB/s"),
+                                  ("w64k", "64 KiB writes, depth 16", "MiB/s")):
+            if name in a.only:
+                rows.append((f"{label} ({unit})", wres["q", name], wres["o", name], 0.8))
+        if "start" in a.only:
+            t_q = [ttfb(lambda: start_qemu(disk, s_qemu), s_qemu, "bench") for _ in range(a.repeat)]
+            t_o = [ttfb(lambda: start_ours(repo, s_ours, "256M"), s_ours, "bench") for _ in range(a.repeat)]
+            q_start, q_first = min(t[0] for t in t_q), min(t[1] for t in t_q)
+            o_start, o_first = min(t[0] for t in t_o), min(t[1] for t in t_o)
+            rows.append(("start -> listening (ms)", q_start, o_start, None))
+            rows.append(("connect + first 4 KiB read (ms)", q_first, o_first, None))
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
+    print_rows(a, rows)
 
+
+def print_rows(a, rows: list) -> None:
     print(f"\nnbdbackup serve vs qemu-nbd, {a.size} disk, chunk size {a.chunk_size}, {os.cpu_count()} CPUs, "
           f"best of {a.repeat}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (a shared machine makes wall-clock ratios noisy)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -101,3 +102,135 @@ def test_overlay_write_error_on_the_inline_path_is_answered(tmp_path):
         assert c.read(65536, 4096) == data[65536:65536 + 4096]
         assert c.request(proto.CMD_WRITE, 4096, 4096, payload=b"c" * 4096).error == 0
         assert c.read(4096, 4096) == b"c" * 4096
+
+
+def _assemble(r, off: int, length: int) -> bytes:
+    buf = bytearray(length)
+    for t, body in r.chunks:
+        if t == proto.REPLY_TYPE_OFFSET_DATA:
+            o = proto.U64.unpack_from(body)[0] - off
+            buf[o:o + len(body) - 8] = body[8:]
+        elif t == proto.REPLY_TYPE_OFFSET_HOLE:
+            o, n = proto.OFFSET_HOLE_STRUCT.unpack(body)
+            buf[o - off:o - off + n] = bytes(n)
+    return bytes(buf)
+
+
+def test_pipelined_small_reads_answered_in_one_pass_see_writes_in_between(tmp_path):
+    """Hundreds of requests sent in one go, all answerable from cache and overlay: small reads
+    (inside a chunk, across chunks, over zero chunks, over overlay blocks), a few bigger reads,
+    writes and a bad request in between. Each read must see exactly the writes sent before
+    it, and every request gets its own answer, in order."""
+    import random
+    cs = 64 << 10
+    data = bytearray(os.urandom(16 * cs))
+    data[3 * cs:5 * cs] = bytes(2 * cs)                  # zero chunks: holes
+    with new_repo(tmp_path / "repo", chunk_size=cs) as r:
+        write_backup(r, "vm1", bytes(data))
+    model = bytearray(data)
+    rnd = random.Random(7)
+    with serve(tmp_path / "repo", tmp_path, "--writable", "--cache-size", "16M") as s, RawClient(s) as c:
+        c.greet()
+        c.go("vm1")
+        assert c.read(0, len(data)) == data               # every chunk cached
+        reqs, expect = [], []
+        for k in range(600):
+            cookie = k + 1
+            pick = rnd.random()
+            if pick < 0.08:
+                off, n = rnd.randrange(len(data) - 5000), rnd.randrange(1, 5000)
+                payload = os.urandom(n)
+                reqs.append(proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, cookie, off, n) + payload)
+                model[off:off + n] = payload
+                expect.append((cookie, None, 0))
+            elif pick < 0.1:
+                reqs.append(proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_READ, cookie, len(data) - 10, 4096))
+                expect.append((cookie, None, proto.EINVAL))
+            else:
+                n = rnd.choice([1, 512, 4096, 4096, 32768, 32769, 200000])
+                off = rnd.randrange(len(data) - n)
+                reqs.append(proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_READ, cookie, off, n))
+                expect.append((cookie, (off, n, bytes(model[off:off + n])), 0))
+        c.s.sendall(b"".join(reqs))
+        for cookie, read, err in expect:
+            rep = c.reply(cookie, read[1] if read else 0)
+            assert rep.error == err, (cookie, rep.error)
+            if read:
+                assert _assemble(rep, read[0], read[1]) == read[2], cookie
+        assert s.alive() and "Traceback" not in s.log()
+
+
+def test_many_small_reads_of_a_chunk_being_read_and_a_client_that_leaves(tmp_path):
+    """Hundreds of 4 KiB reads land on chunks not yet cached (each chunk's first read starts
+    it, the others wait for that read): bit-exact answers for a client that takes them, and
+    a client that sends the same and hangs up mid-way leaves the server serving."""
+    cs = MiB
+    path, data = _random_backup(tmp_path, 8 * cs, cs)
+    reqs = b"".join(proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_READ, k + 1, (k * 4096 * 37) % (8 * cs), 4096)
+                    for k in range(1000))
+    with serve(path, tmp_path, "--cache-size", "4M") as s:
+        with RawClient(s) as gone:                       # leaves with its replies unread
+            gone.greet()
+            gone.go("vm1")
+            gone.s.sendall(reqs)
+            gone.recv(100)
+        with RawClient(s) as c:
+            c.greet()
+            c.go("vm1")
+            c.s.sendall(reqs)
+            got = {}
+            for _ in range(1000):
+                magic, flags, typ, ck, ln = struct.unpack(">IHHQI", c.recv(20))
+                assert magic == proto.STRUCTURED_REPLY_MAGIC and typ == proto.REPLY_TYPE_OFFSET_DATA, typ
+                body = c.recv(ln)
+                got[ck] = (proto.U64.unpack_from(body)[0], body[8:])
+            for k in range(1000):
+                off = (k * 4096 * 37) % (8 * cs)
+                assert got[k + 1] == (off, data[off:off + 4096]), k
+        assert s.alive() and "Traceback" not in s.log()
+
+
+def test_pipelined_writes_in_written_blocks_land_in_order_and_in_any_order(tmp_path):
+    """Batches of small writes into overlay blocks already written, all here at once: neighbours
+    sent out of order (as qemu sends them) become one pwritev, overlapping ones must land
+    in the order sent, FUA writes too, and reads between them see exactly what came before."""
+    import random
+    cs = 64 << 10
+    data = os.urandom(8 * cs)
+    with new_repo(tmp_path / "repo", chunk_size=cs) as r:
+        write_backup(r, "vm1", data)
+    model = bytearray(data)
+    rnd = random.Random(3)
+    with serve(tmp_path / "repo", tmp_path, "--writable") as s, RawClient(s) as c:
+        c.greet()
+        c.go("vm1")
+        fill = os.urandom(len(data))
+        for off in range(0, len(data), cs):              # every block written: DATA
+            assert c.request(proto.CMD_WRITE, off, cs, payload=fill[off:off + cs]).error == 0
+        model[:] = fill
+        cookie = 0
+        for _round in range(20):
+            reqs, expect = [], []
+            base = rnd.randrange(0, len(data) - 64 * 1024, 4096)
+            offs = [base + 4096 * k for k in range(16)]
+            rnd.shuffle(offs)
+            for off in offs[:12] + [base + 100, base + 100, base + 5000] + offs[12:]:
+                cookie += 1
+                n = 4096 if off % 4096 == 0 else 3000
+                payload = os.urandom(n)
+                flags = proto.CMD_FLAG_FUA if cookie % 5 == 0 else 0
+                reqs.append(proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, proto.CMD_WRITE, cookie, off, n) + payload)
+                model[off:off + n] = payload
+                expect.append((cookie, None))
+                if cookie % 7 == 0:
+                    cookie += 1
+                    reqs.append(proto.REQUEST.pack(proto.REQUEST_MAGIC, 0, proto.CMD_READ, cookie, base, 65536))
+                    expect.append((cookie, bytes(model[base:base + 65536])))
+            c.s.sendall(b"".join(reqs))
+            for ck, want in expect:
+                rep = c.reply(ck, 65536 if want else 0)
+                assert rep.error == 0, (ck, rep.error)
+                if want is not None:
+                    assert _assemble(rep, base, 65536) == want, ck
+        assert c.read(0, len(data)) == model
+        assert s.alive() and "Traceback" not in s.log()

@@ -146,3 +146,36 @@ def test_damaged_chunk_raises_not_wrong_bytes(tmp_path):
         assert join(asyncio.run(view.read(other * CS, CS)), other * CS, CS) == data[other * CS:(other + 1) * CS]
     finally:
         pool.shutdown()
+
+
+def test_a_sequential_writer_of_partial_blocks_reads_ahead(tmp_path, monkeypatch):
+    """Each first write into a block needs the backup's bytes of that block: a steady
+    sequential writer starts read-ahead as a reader does, so only its first two chunks
+    are misses (each miss would hold up every write behind it), and the bytes are right."""
+    from nbdbackup.nbd import server_view
+    monkeypatch.setattr(server_view, "READ_AHEAD", 8 * CS)
+    rnd = __import__("random").Random(5)
+    data = rnd.randbytes(48 * CS)                 # no zero chunks: every block needs a read
+    model = bytearray(data)
+    pool = ThreadPoolExecutor(2)
+    ov = Overlay(str(tmp_path / "x.overlay"), len(data), block=BLOCK)
+    view = ExportView(MemBackend(data), pool, ov)
+
+    async def run():
+        for off in range(8 * CS, len(data), BLOCK // 2):
+            payload = bytes([off // BLOCK % 251]) * (BLOCK // 4)     # a quarter of the half-block
+            if view.write_cached(off, payload):
+                await asyncio.sleep(0.002)        # the client's turn: read-ahead runs meanwhile
+            else:
+                await view.write(off, payload)
+            model[off:off + len(payload)] = payload
+        misses = view.misses
+        return misses, join(await view.read(0, len(data)), 0, len(data))
+
+    try:
+        misses, got = asyncio.run(run())
+        assert got == model
+        assert misses == 2, misses      # chunk 8 (no stream yet) and 9 (the stream found)
+    finally:
+        ov.close()
+        pool.shutdown()

@@ -56,6 +56,18 @@ class Overlay:
             self.written += 1
         self.state[b] = st
 
+    def in_place(self, offset: int, length: int) -> bool:
+        """A write of [offset, offset+length) lies inside one block the file already holds."""
+        b = offset // self.block
+        return self.state[b] == DATA and (offset + length - 1) // self.block == b
+
+    def pwrite_run(self, datas: list, offset: int) -> None:
+        """Contiguous in-place writes (see in_place) from *offset*, in one system call."""
+        total = sum(len(d) for d in datas)
+        n = os.pwritev(self.fd, datas, offset)
+        if n < total:      # a short write: the rest one buffer at a time
+            self._pwrite_all(memoryview(b"".join(datas))[n:], offset + n)
+
     def write_in_place(self, offset: int, data) -> bool:
         """A write inside one block the file already holds: written at once, True; else False."""
         b = offset // self.block

@@ -2,43 +2,34 @@
 
 Requests that need no backup read (cached reads, writes whose backing bytes
 are cached) are answered inline (no task, no thread hop), their replies
-batched while more requests are buffered; the rest run as tasks so a slow
-chunk read never stalls other requests on the connection. Each reply is
-written with one write() call, so replies from concurrent tasks never
-interleave.
+batched while more requests are buffered (server_replies); the rest run as
+tasks so a slow chunk read never stalls other requests on the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 
-from ..errors import is_no_space
 from . import proto
 from .server_handshake import Session
+from .server_replies import CORK_BYTES, Replies
 from .server_view import ChunkReadError, ExportView
 
 log = logging.getLogger("nbdbackup.server")
 
 REQUEST = proto.REQUEST
 REQUEST_MAGIC = proto.REQUEST_MAGIC
-SIMPLE = proto.SIMPLE_REPLY
 SR = proto.STRUCTURED_REPLY
-SR_DATA = struct.Struct(">IHHQIQ")   # structured reply header + OFFSET_DATA offset, packed at once
-SR_HOLE = struct.Struct(">IHHQIQI")  # structured reply header + OFFSET_HOLE payload
-SR_ERR = struct.Struct(">IHHQIIH")   # structured reply header + error payload head
-SMAGIC = proto.SIMPLE_REPLY_MAGIC
 XMAGIC = proto.STRUCTURED_REPLY_MAGIC
 DONE = proto.REPLY_FLAG_DONE
 
 PAYLOAD_TIMEOUT = 60.0     # once a write header arrived, its payload must follow
-SEND_TIMEOUT = 120.0       # a client that stops reading replies is dropped
 MAX_INFLIGHT = 64          # concurrent slow requests per connection
 READ_BUDGET = 96 << 20     # bytes of slow reads and writes in flight per connection (bounds memory)
 DRAIN_LIMIT = 64 << 20     # oversized write payloads up to this are drained; beyond: disconnect
 MAX_EXTENTS = 65536
-CORK_BYTES = 1 << 20       # held-back fast replies are sent once they reach this
+SMALL_REQUEST = 32768      # reads and writes up to this are answered in one pass over the buffer
 
 # FUA is valid on every command once SEND_FUA is advertised (the spec: accept,
 # even if only by ignoring it).
@@ -54,48 +45,18 @@ ALLOWED_FLAGS = {
 }
 
 
-class Connection:
+class Connection(Replies):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Session,
                  max_block: int):
+        super().__init__(writer, session.structured)
         self.reader = reader
-        self.writer = writer
         self.view: ExportView = session.view
-        self.structured = session.structured
         self.ctx_id = next(iter(session.contexts), None)
         self.max_block = max_block
         self.tasks: set[asyncio.Task] = set()
         self.write_tasks: set[asyncio.Task] = set()
         self.slots = asyncio.Semaphore(MAX_INFLIGHT)
         self.read_bytes = 0
-        self.closed = False
-        self.cork: list | None = None    # replies held back while more requests are buffered
-        self.cork_bytes = 0
-
-    # --- replies -----------------------------------------------------------------
-    def _out(self, data) -> None:
-        # A vanished client's replies are dropped quietly (asyncio would log each one).
-        if self.cork is not None:
-            self.cork.append(data)
-            self.cork_bytes += len(data)
-        elif not self.closed and not self.writer.transport.is_closing():
-            self.writer.write(data)
-
-    def _uncork(self) -> None:
-        """Send the held-back replies in one write (one syscall, one wake-up of the client)."""
-        parts, self.cork, self.cork_bytes = self.cork, None, 0
-        if parts:
-            self._out(b"".join(parts) if len(parts) > 1 else parts[0])
-
-    def _hold(self) -> None:
-        self.cork = [] if self.cork is None else self.cork
-
-    async def _after_inline(self) -> None:
-        """Keep holding replies while they are few; else send them, and wait while the
-        client leaves more than the transport's bound unread (as after every reply)."""
-        if self.cork is not None and self.cork_bytes < CORK_BYTES:
-            return
-        self._uncork()
-        await self._drain()
 
     @staticmethod
     def _try(fn, *args):
@@ -105,69 +66,8 @@ class Connection:
         except OSError as e:
             return e
 
-    def _io_error(self, cookie: int, e: OSError) -> None:     # inline paths and tasks alike
-        log.error("I/O error, answering %s: %s", "ENOSPC" if is_no_space(e) else "EIO", e)
-        self.reply_err(cookie, proto.ENOSPC if is_no_space(e) else proto.EIO, "server I/O error")
-
     def _buffered(self) -> int:
         return len(self.reader._buffer)    # asyncio keeps no public accessor for it
-
-    async def _drain(self) -> None:
-        t = self.writer.transport
-        if t is not None and t.get_write_buffer_size() > (1 << 20):
-            await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT)
-
-    def reply_ok(self, cookie: int) -> None:
-        if self.structured:
-            self._out(SR.pack(XMAGIC, DONE, proto.REPLY_TYPE_NONE, cookie, 0))
-        else:
-            self._out(SIMPLE.pack(SMAGIC, 0, cookie))
-
-    def reply_err(self, cookie: int, err: int, msg: str = "") -> None:
-        if self.structured:
-            m = msg.encode()[:512]
-            self._out(SR_ERR.pack(XMAGIC, DONE, proto.REPLY_TYPE_ERROR, cookie, 6 + len(m), err, len(m)) + m)
-        else:
-            self._out(SIMPLE.pack(SMAGIC, err, cookie))
-
-    def reply_read(self, cookie: int, pieces: list, df: bool) -> None:
-        if not self.structured:
-            parts = [SIMPLE.pack(SMAGIC, 0, cookie)]
-            parts += [bytes(n) if d is None else d for _, n, d in pieces]
-            self._out(b"".join(parts))
-            return
-        if len(pieces) == 1 and pieces[0][2] is not None:   # the hot path
-            off, n, d = pieces[0]
-            hdr = SR_DATA.pack(XMAGIC, DONE, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off)
-            if n >= 65536 and not self.closed and not self.writer.transport.is_closing():
-                # Two back-to-back writes (nothing can come between them on the
-                # loop) spare a copy of the data; held-back replies go first.
-                self._uncork()
-                self.writer.write(hdr)
-                self.writer.write(d)
-            else:
-                self._out(b"".join((hdr, d)))
-            return
-        # Runs: consecutive data pieces become one OFFSET_DATA chunk; zero pieces
-        # become OFFSET_HOLE, unless DF asks for one chunk with everything.
-        runs: list[list] = []
-        for off, n, d in pieces:
-            is_data = df or d is not None
-            if runs and runs[-1][0] == is_data:
-                runs[-1][2] += n
-                runs[-1][3].append(bytes(n) if d is None else d)
-            else:
-                runs.append([is_data, off, n, [bytes(n) if d is None else d]])
-        parts = []
-        last = len(runs) - 1
-        for k, (is_data, off, n, datas) in enumerate(runs):
-            fl = DONE if k == last else 0
-            if is_data:
-                parts.append(SR_DATA.pack(XMAGIC, fl, proto.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, off))
-                parts += datas
-            else:
-                parts.append(SR_HOLE.pack(XMAGIC, fl, proto.REPLY_TYPE_OFFSET_HOLE, cookie, 12, off, n))
-        self._out(b"".join(parts))
 
     # --- the request loop -------------------------------------------------------
     async def serve(self) -> None:
@@ -230,6 +130,11 @@ class Connection:
         view = self.view
         size = view.size
         while True:
+            answered = self._answer_buffered()
+            if answered:
+                await read(answered)       # here already: returns without waiting
+                await self._after_inline()
+                continue
             # Held-back replies never wait for the client: only for requests already here.
             if self.cork is not None and self._buffered() < REQUEST.size:
                 self._uncork()
@@ -305,6 +210,87 @@ class Connection:
                 else:
                     await self._spawn(self._zero(cookie, off, length), cookie, write=True)
             await self._drain()
+
+    def _answer_buffered(self) -> int:
+        """Answer the small requests at the head of the reader's buffer that need no backup
+        read (plain READs from cache and overlay, WRITEs with their payload here), replies
+        held: one pass, no await per request. Neighbouring writes into written overlay blocks
+        go to the file in one pwritev. Returns the bytes of the requests answered, which the
+        caller consumes; stops at anything else."""
+        buf = self.reader._buffer
+        have = len(buf)
+        pos = 0
+        view = self.view
+        ov = view.overlay
+        limit = min(self.max_block, SMALL_REQUEST)
+        run: list = []         # (offset, cookie, payload) of in-place writes not yet written
+        while have - pos >= REQUEST.size and self.cork_bytes < CORK_BYTES:
+            magic, flags, typ, cookie, off, length = REQUEST.unpack_from(buf, pos)
+            if magic != REQUEST_MAGIC or not 0 < length <= limit or off + length > view.size:
+                break
+            if typ == proto.CMD_READ and not flags:
+                self._write_run(run)                 # a read sees every write sent before it
+                run = []
+                pieces = self._try(view.read_cached, off, length)
+                if pieces is None:
+                    break
+                self._hold()
+                if isinstance(pieces, OSError):
+                    self._io_error(cookie, pieces)
+                else:
+                    self.reply_read(cookie, pieces, False)
+                pos += REQUEST.size
+                continue
+            if typ != proto.CMD_WRITE or flags & ~_FUA or ov is None or self.write_tasks \
+                    or have - pos < REQUEST.size + length:
+                break
+            data = bytes(buf[pos + REQUEST.size:pos + REQUEST.size + length])
+            if ov.in_place(off, length) and len(run) < 256:
+                run.append((off, cookie, data))
+            else:
+                self._write_run(run)
+                run = []
+                done = self._try(view.write_cached, off, data)
+                if not done:
+                    break                            # needs a backup read: the general path
+                self._hold()
+                if isinstance(done, OSError):
+                    self._io_error(cookie, done)
+                else:
+                    self.reply_ok(cookie)
+            pos += REQUEST.size + length
+        self._write_run(run)
+        return pos
+
+    def _write_run(self, run: list) -> None:
+        """Write and answer in-place writes; those that do not overlap commute, so each run
+        of neighbours (clients send them in any order) is one pwritev."""
+        if not run:
+            return
+        ov = self.view.overlay
+        by_off = sorted(run, key=lambda w: w[0])
+        if any(a[0] + len(a[2]) > b[0] for a, b in zip(by_off, by_off[1:])):
+            chains = [[w] for w in run]          # overlapping: one at a time, in order
+        else:
+            chains = [[by_off[0]]]
+            for w in by_off[1:]:
+                last = chains[-1][-1]
+                if last[0] + len(last[2]) == w[0]:
+                    chains[-1].append(w)
+                else:
+                    chains.append([w])
+        failed = {}
+        for chain in chains:
+            err = self._try(ov.pwrite_run, [d for _, _, d in chain], chain[0][0])
+            if err is not None:    # one write: one answer for all of it (a failed write may be partial)
+                failed.update((id(w), err) for w in chain)
+        self._hold()
+        for w in run:
+            cookie = w[1]
+            if id(w) in failed:
+                self._io_error(cookie, failed[id(w)])
+            else:
+                self.reply_ok(cookie)
 
     async def _payload(self, flags, off, length, cookie, allowed) -> bytes | None:
         """Read a WRITE's payload, or drain it and answer the error."""

@@ -19,6 +19,7 @@ in the backend's cache and are not waited for. At most MAX_AHEAD chunks are
 being read ahead per view, so read-ahead never holds more than that. When a
 reader touches the middle chunk of a read-ahead window (a cache hit, usually),
 the next window starts reading: a steady sequential reader meets no misses.
+Writes that need backup bytes (partial overlay blocks) read ahead alike.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class ExportView(ReadAhead):
         self._next: dict[int, None] = {}      # chunk indexes where a sequential stream goes on
         self._triggers: dict[int, int] = {}   # chunk in a read-ahead window -> where the next starts
         self.misses = 0                       # chunks a reader had to start reading itself
+        # The chunk the last one-chunk cached read found: small reads come in runs on one
+        # chunk, and its bytes never change (checked once, when the cache was filled).
+        self._hot_i, self._hot = -1, b""
 
     @property
     def writable(self) -> bool:
@@ -246,11 +250,15 @@ class ExportView(ReadAhead):
         cs = self.cs
         i = off // cs
         if (off + length - 1) // cs == i:   # the common case: inside one chunk
-            if self.backend.is_zero(i):
+            if self._hot_i == i:
+                data = self._hot
+            elif self.backend.is_zero(i):
                 return [(off, length, None)]
-            data = self.backend.cached_chunk(i)
-            if data is None:
-                return None
+            else:
+                data = self.backend.cached_chunk(i)
+                if data is None:
+                    return None
+                self._hot_i, self._hot = i, data
             a = off - i * cs
             return [(off, length, memoryview(data)[a:a + length])]
         chunks = self._cached_chunks(off, off + length)
@@ -319,7 +327,8 @@ class ExportView(ReadAhead):
     async def _backing_blocks(self, blocks: list[int]) -> dict[int, bytes]:
         spans = self._spans(blocks)
         need = sorted({i for lo, hi in spans for i in self.chunk_range(lo, hi) if not self.backend.is_zero(i)})
-        return self._join_blocks(blocks, spans, await self.fetch(need))
+        # Read-ahead too: a sequential writer of partial blocks needs each chunk's bytes in turn.
+        return self._join_blocks(blocks, spans, await self.fetch(need, read_ahead=True))
 
     def _cached_blocks(self, blocks: list[int]) -> dict[int, bytes] | None:
         spans = self._spans(blocks)
@@ -336,6 +345,8 @@ class ExportView(ReadAhead):
         are); False (nothing done) when they must be read first: then use write()."""
         if self.overlay.write_in_place(off, data):     # the common small write
             return True
+        if self._triggers:
+            self._touch(off // self.cs, (off + len(data) - 1) // self.cs)
         backing = self._cached_blocks(self.overlay.backing_blocks_needed(off, len(data)))
         if backing is None:
             return False
