@@ -144,7 +144,10 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbdbackup-restore") as ex:
         try:
-            for offset, length, is_zero in img.extents(segment_lost if damaged is not None else None):
+            # per segment: the first batches go out once the first segment is loaded, and the
+            # next segments load (a GET and a query each on S3) while those batches are read
+            for offset, length, is_zero in img.extents(segment_lost if damaged is not None else None,
+                                                       per_segment=True):
                 if is_zero:
                     if t.needs_zeroing:
                         t.zero(offset, length)

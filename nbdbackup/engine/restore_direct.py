@@ -101,6 +101,4 @@ class DirectWriter:
             os.close(self.fd)
             self.fd = -1
         with self._lock:
-            for buf in self._free:
-                buf.close()
-            self._free.clear()
+            self._free.clear()      # unmapped with their last reference (a failed write's traceback may hold one)
