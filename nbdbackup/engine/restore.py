@@ -9,7 +9,8 @@ it was read from, about 2 x the batch size, so at most workers x 2 x that
 (local: 4 workers, 32 MiB; S3: 8, 128 MiB); batches waiting their turn hold
 nothing. A backend whose reads wait on round trips asks for more workers
 (read_workers): on radosgw over loopback 8 batches in flight restored ~1.4x
-faster than 4. On local packs the work is CPU and the target's I/O, and 8
+faster than 4; so does an NBD target (min_workers: each batch waits for its
+writes' replies). On local packs the work is CPU and the target's I/O, and 8
 threads only took turns at the GIL and the file's lock (in-process restore
 of the 512 MiB bench disk, 4 workers and one pwritev at a time: CPU 1.3 -> 1.0 s,
 medians of 10 on a busy machine).
@@ -80,7 +81,8 @@ def restore(repo: Repository, ref: str, target: str, *, fmt: str = "raw", force:
         result.leftovers_removed = getattr(t, "leftovers_removed", [])
         bar = progress(size, f"restore {info.disk}") if progress else NoBar()
         try:
-            workers = max(getattr(repo.backend, "read_workers", READ_WORKERS), connections)
+            workers = max(getattr(repo.backend, "read_workers", READ_WORKERS), getattr(t, "min_workers", 0),
+                          connections)
             _copy(img, t, result, bar, workers=workers, inflight=max(4, inflight_bytes // cs),
                   batch_bytes=getattr(repo.backend, "read_batch_bytes", BATCH_BYTES))
             t.finish()

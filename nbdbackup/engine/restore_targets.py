@@ -260,6 +260,7 @@ class NbdTarget:
     """An existing writable export of exactly the disk's size, written over a pool."""
 
     needs_zeroing = True
+    min_workers = 8     # each batch waits for its writes' replies: with 4, qemu-nbd idled (restore 1.5 -> 2.0 s)
 
     def __init__(self, uri: str, size: int, *, connections: int):
         from ..nbd.pool import ConnectionPool
