@@ -28,6 +28,23 @@ def test_readme_exit_code_table_matches_code():
         assert rows[str(int(code))].replace("`", "") == EXIT_CODE_HELP[code].replace("`", "")
 
 
+def test_only_the_command_run_gets_its_parser_built():
+    from nbdbackup.cli.main import build_parser, command_named
+
+    assert command_named(["--repo", "restore", "-q", "rebuild-index", "--keep-damaged", "2"]) == "rebuild_index"
+    assert command_named(["--lock-wait", "5", "restore", "--help"]) == "restore"
+    for unsure in ([], ["--help", "restore"], ["-q", "-h"], ["--version"], ["--lock-wait", "x", "list"],
+                   ["--repo"]):
+        assert command_named(unsure) is None, unsure
+    assert command_named(["--re", "r", "list"]) == "list"       # abbreviated, as the whole parser takes it
+    one = build_parser("rebuild_index")
+    args = one.parse_args(["--repo", "r", "rebuild-index", "--keep-damaged", "2", "--json"])
+    assert (args.command, args.repo, args.keep_damaged, args.json) == ("rebuild-index", "r", 2, True)
+    # a word naming no command: every command's parser, so the error lists the choices
+    p = nbdbackup("--repo", "r", "lis", check=False)
+    assert p.returncode == ExitCode.USAGE and "invalid choice: 'lis'" in p.stderr and "'restore'" in p.stderr
+
+
 def test_no_command_is_usage_error():
     p = nbdbackup(check=False)
     assert p.returncode == ExitCode.USAGE

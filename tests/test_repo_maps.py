@@ -242,6 +242,19 @@ def test_extents_merge_across_zero_segments(tmp_path):
         assert list(img.extents()) == [(0, 10 * CS + 1, True)]
 
 
+def test_extents_per_segment_end_at_each_segment_and_come_as_it_loads(tmp_path):
+    repo = _repo(tmp_path)
+    data = pseudo(23, 10 * CS) + bytes(6 * CS) + pseudo(24, 3 * CS + 100)     # segments of SEG = 4
+    info = write_backup(repo, "vda", data)
+    with repo.open_image(info) as img:
+        runs = img.extents(per_segment=True)
+        assert next(runs) == (0, 4 * CS, False)
+        assert list(img._cache) == [0]          # the first run came before segment 1 was loaded
+        assert list(runs) == [(4 * CS, 4 * CS, False), (8 * CS, 2 * CS, False), (10 * CS, 2 * CS, True),
+                              (12 * CS, 4 * CS, True), (16 * CS, 3 * CS + 100, False)]
+        assert list(img.extents()) == [(0, 10 * CS, False), (10 * CS, 6 * CS, True), (16 * CS, 3 * CS + 100, False)]
+
+
 def test_writer_keeps_few_segments_open(tmp_path):
     repo = _repo(tmp_path)
     data = pseudo(22, 64 * CS)

@@ -1,7 +1,9 @@
-"""How a restore writes a file: one pwritev per run of neighbouring chunks, writeback started
-right after it (sync_file_range), zero chunks never written; seen by strace and SEEK_DATA."""
+"""How a restore writes a file: one O_DIRECT pwrite per run of neighbouring chunks (where that
+is refused, one pwritev, writeback started right after it by
+sync_file_range), zero chunks never written; seen by strace and SEEK_DATA."""
 
 import os
+import random
 import re
 
 import pytest
@@ -41,33 +43,71 @@ def _data_extents(path):
     return out
 
 
-def test_writes_runs_starts_writeback_and_leaves_zeros_unwritten(saved, tmp_path):
-    repo, info, raw = saved
-    out, trace = tmp_path / "out.raw", tmp_path / "strace.log"
+def _strace_restore(repo, info, out, trace):
+    """The restore's writes to its temp file, by strace: (direct, buffered, writeback started),
+    each a list of (offset, length); direct = pwrite64 on the O_DIRECT descriptor."""
     strace = support.require_tool("strace")
     # -ff: one log per thread, so no call is split by another thread's; -s 0: no data in it
-    support.run([strace, "-ff", "-qq", "-s", "0", "-e", "trace=pwrite64,pwritev,pwritev2,sync_file_range",
+    support.run([strace, "-ff", "-qq", "-s", "0", "-e",
+                 "trace=openat,pwrite64,pwritev,pwritev2,sync_file_range",
                  "-o", str(trace), support.nbdbackup_exe(), "--repo", str(repo), "restore", info["id"], str(out)])
+    log = "".join(p.read_text() for p in trace.parent.glob(trace.name + ".*"))
+    temp_fd = re.search(r'openat\(AT_FDCWD, "[^"]*/\.nbdbackup-restore-[^"]*", O_RDWR\|O_CREAT\|O_EXCL[^)]*\) = (\d+)',
+                        log).group(1)
+    direct_fd = re.search(rf'openat\(AT_FDCWD, "/proc/self/fd/{temp_fd}", O_WRONLY\|O_DIRECT[^)]*\) = (\d+)', log)
+    direct_fd = direct_fd.group(1) if direct_fd else None
+    direct = [(int(o), int(n)) for o, n in re.findall(rf'pwrite64\({direct_fd}, ""\.\.\., \d+, (\d+)\)\s+= (\d+)',
+                                                       log)] if direct_fd else []
+    buffered = [(int(o), int(n)) for o, n in
+                re.findall(rf"pwritev2?\({temp_fd}, \[.*?\], \d+, (\d+)(?:, 0)?\)\s+= (\d+)", log)]
+    assert not re.search(rf"pwrite64\({temp_fd},", log)
+    started = [(int(o), int(n)) for o, n in
+               re.findall(rf"sync_file_range\({temp_fd}, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\)", log)]
+    return direct, buffered, started
+
+
+SAVED_RUNS = [(0, 3 * MiB), (8 * MiB, 1 * MiB), (12 * MiB, 64 * 1024)]
+
+
+def test_writes_runs_past_the_page_cache_and_leaves_zeros_unwritten(saved, tmp_path):
+    repo, info, raw = saved
+    out = tmp_path / "out.raw"
+    direct, buffered, started = _strace_restore(repo, info, out, tmp_path / "strace.log")
     assert same_file(out, raw)
-    log = "".join(p.read_text() for p in tmp_path.glob("strace.log.*"))
-    calls = re.findall(r"pwritev2?\((\d+), \[.*?\], \d+, (\d+)(?:, 0)?\)\s+= (\d+)", log)
-    fds = {fd for fd, _, _ in calls}
-    assert len(fds) == 1, calls
-    writes = [(int(o), int(n)) for _, o, n in calls]
-    assert not re.search(rf"pwrite64\({fds.pop()},", log)          # SQLite's own writes aside
-    # 4 MiB batches of 64 KiB chunks: the 3 MiB run is one pwritev, not 48 writes
-    assert (0, 3 * MiB) in writes and len(writes) == 3, writes
-    started = {(int(o), int(n)) for o, n in re.findall(r"sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\)",
-                                                        log)}
-    assert set(writes) <= started
+    # O_DIRECT from an aligned buffer: one pwrite per run (the 3 MiB run is one, not 48),
+    # nothing through the page cache, so no writeback to start
+    assert sorted(direct) == SAVED_RUNS, direct
+    assert buffered == [] and started == []
     # nothing written where the disk is zero: the file's only data is the three runs
+    assert _data_extents(out) == [(0, 3 * MiB), (8 * MiB, 9 * MiB), (12 * MiB, 12 * MiB + 64 * 1024)]
+
+
+def test_where_o_direct_is_refused_writes_runs_and_starts_writeback(saved, tmp_path, monkeypatch):
+    from nbdbackup.engine import restore_direct, restore_targets
+    from nbdbackup.engine.restore import restore
+    from nbdbackup.repo import Repository
+
+    repo, info, raw = saved
+    monkeypatch.setattr(restore_direct, "_O_DIRECT", 0)        # as where the open is refused
+    writes, started = [], []
+    pwritev_all, start_writeback = restore_targets._pwritev_all, restore_targets.start_writeback
+    monkeypatch.setattr(restore_targets, "_pwritev_all",
+                        lambda fd, off, bufs: writes.append((off, sum(map(len, bufs)))) or pwritev_all(fd, off, bufs))
+    monkeypatch.setattr(restore_targets, "start_writeback",
+                        lambda fd, off, n: started.append((off, n)) or start_writeback(fd, off, n))
+    out = tmp_path / "out.raw"
+    with Repository.open(str(repo)) as r:
+        restore(r, info["id"], str(out))
+    assert same_file(out, raw)
+    # 4 MiB batches of 64 KiB chunks: the 3 MiB run is one pwritev, not 48 writes
+    assert sorted(writes) == SAVED_RUNS and sorted(started) == SAVED_RUNS, (writes, started)
     assert _data_extents(out) == [(0, 3 * MiB), (8 * MiB, 9 * MiB), (12 * MiB, 12 * MiB + 64 * 1024)]
 
 
 def test_write_run_of_more_buffers_than_one_pwritev_takes(tmp_path):
     out = tmp_path / "many.raw"
-    pieces = [bytes([i % 251]) * 512 for i in range(3000)]       # > IOV_MAX (1024) buffers
-    t = FileTarget(str(out), 4096 + 3000 * 512)
+    pieces = [bytes([i % 251]) * 512 for i in range(3001)]       # > IOV_MAX (1024) buffers, not whole pages
+    t = FileTarget(str(out), 4096 + 3001 * 512)
     try:
         t.write_run(4096, pieces)
         t.finish()
@@ -75,6 +115,29 @@ def test_write_run_of_more_buffers_than_one_pwritev_takes(tmp_path):
         t.abort()
         raise
     assert out.read_bytes() == bytes(4096) + b"".join(pieces)
+
+
+def test_direct_runs_longer_than_a_buffer_and_an_unaligned_tail(tmp_path):
+    from nbdbackup.engine import restore_direct
+
+    out = tmp_path / "direct.raw"
+    rnd = random.Random(3)
+    # 5 buffers of odd sizes (summing to whole pages) across 2.5 aligned buffers' worth
+    sizes = [restore_direct.UNIT - 4096, 8192 + 100, restore_direct.UNIT // 2 - 100, 4096, restore_direct.UNIT]
+    pieces = [rnd.randbytes(n) for n in sizes]
+    tail = rnd.randbytes(4096 + 100)                  # the disk's last chunk: not whole pages
+    size = 8192 + sum(sizes) + len(tail)
+    t = FileTarget(str(out), size)
+    try:
+        assert t._direct is not None, "the test's file system should take O_DIRECT"
+        assert t._direct.write_run(8192, pieces)
+        assert not t._direct.write_run(8192 + sum(sizes), [tail])      # the caller writes it buffered
+        t.write_run(8192 + sum(sizes), [tail])
+        t.finish()
+    except BaseException:
+        t.abort()
+        raise
+    assert out.read_bytes() == bytes(8192) + b"".join(pieces) + tail
 
 
 def test_nbd_target_gets_every_run(saved, tmp_path):

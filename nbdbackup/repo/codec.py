@@ -26,8 +26,6 @@ import os
 from typing import Protocol
 
 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import chunks
 from .chunks import ZERO_REF, DecodeError, PreparedChunk
@@ -112,6 +110,11 @@ class SealedCodec:
         self._id_key = key.id_key
         # a fingerprint of the id key (not the key): copy compares it to know whether ids carry over
         self.id_space = blake3.blake3(b"id space", key=key.id_key).digest()
+        # imported here: a plaintext repository's commands never load cryptography (~11 ms of a restore's start)
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._invalid_tag = InvalidTag
         self._aead = AESGCM(key.record_key)
         self._zero_hashes: dict[int, bytes] = {}
 
@@ -169,7 +172,7 @@ class SealedCodec:
         aad = header_bytes(rtype, compression, FLAG_SEALED, raw_len, n, expected)
         try:
             body = self._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
-        except InvalidTag:
+        except self._invalid_tag:
             raise DecodeError("authentication failed: the record or its header was altered "
                               "(or it was written with another key)") from None
         return chunks.decode(body, compression, raw_len, expected, self.hash)

@@ -193,11 +193,13 @@ class BackupImage:
                 out.append(data if (a, b) == (0, len(data)) else data[a:b])
         return b"".join(out)
 
-    def extents(self, on_damaged: Callable[[int, int, RepoDamaged], None] | None = None
-                ) -> Iterator[tuple[int, int, bool]]:
+    def extents(self, on_damaged: Callable[[int, int, RepoDamaged], None] | None = None, *,
+                per_segment: bool = False) -> Iterator[tuple[int, int, bool]]:
         """Merged (offset, length, is_zero) runs covering the disk. *on_damaged* (restore
         --salvage): a map segment that cannot be read is reported to it as (offset, length,
-        error) and its span yielded as zero, instead of raising."""
+        error) and its span yielded as zero, instead of raising. *per_segment* (restore): runs
+        end at each map segment's end, so a run is yielded as soon as its segment is loaded,
+        not once the first segment that differs is (one long data run: after every segment)."""
         cs, L = self.chunk_size, self._seg_len
         run_start, run_zero = 0, None
         for seq in range(len(self._refs)):
@@ -219,6 +221,9 @@ class BackupImage:
                     if run_zero is not None:
                         yield run_start, pos * cs - run_start, run_zero
                     run_start, run_zero = pos * cs, z
+            if per_segment and run_zero is not None:
+                yield run_start, min((start + n) * cs, self.size) - run_start, run_zero
+                run_zero = None
         if run_zero is not None:
             yield run_start, self.size - run_start, run_zero
 

@@ -57,6 +57,7 @@ class S3Backend(StorageBackend):
     """Objects under s3://*bucket*/*prefix*/. One botocore client, shared by all threads."""
 
     read_batch_bytes = 8 << 20      # a restore's batches (engine/restore.py): fewer, larger GETs
+    read_workers = 8                # and more of them at once: each waits a round trip
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, profile: str | None = None, access_key: str | None = None,
