@@ -59,7 +59,8 @@ EXIT_CODE_HELP = {
                         "(reading commands work on a read-only repository)",
     ExitCode.PERMISSION_DENIED: "permission denied: this user may not read or write a file the command needs",
     ExitCode.CREDENTIALS: "wrong or missing credentials for the S3 storage or the index database",
-    ExitCode.STORAGE_UNREACHABLE: "S3 storage or index database unreachable or failing after retries; "
+    ExitCode.STORAGE_UNREACHABLE: "S3 storage or index database unreachable or failing after retries, "
+                                  "or its TLS certificate not accepted; "
                                   "nothing half-done was committed",
     ExitCode.NO_BUCKET: "the S3 bucket does not exist (create it, or check the name and endpoint)",
     ExitCode.KEY_REFUSED: "key refused: wrong passphrase, or a key (file) that is not this repository's",
