@@ -34,7 +34,8 @@ def test_only_the_command_run_gets_its_parser_built():
     assert command_named(["--repo", "restore", "-q", "rebuild-index", "--keep-damaged", "2"]) == "rebuild_index"
     assert command_named(["--lock-wait", "5", "restore", "--help"]) == "restore"
     for unsure in ([], ["--help", "restore"], ["-q", "-h"], ["--version"], ["--lock-wait", "x", "list"],
-                   ["--repo"]):
+                   ["--repo"], ["--he", "restore"], ["-qh", "restore"], ["--repo", "R", "--hel", "key", "export", "F"],
+                   ["--vers", "list"], ["rebuild_index"], ["--", "restore", "B", "T"]):
         assert command_named(unsure) is None, unsure
     assert command_named(["--re", "r", "list"]) == "list"       # abbreviated, as the whole parser takes it
     one = build_parser("rebuild_index")
@@ -43,6 +44,10 @@ def test_only_the_command_run_gets_its_parser_built():
     # a word naming no command: every command's parser, so the error lists the choices
     p = nbdbackup("--repo", "r", "lis", check=False)
     assert p.returncode == ExitCode.USAGE and "invalid choice: 'lis'" in p.stderr and "'restore'" in p.stderr
+    p = nbdbackup("--repo", "r", "rebuild_index", check=False)       # a module's name, not a command's
+    assert p.returncode == ExitCode.USAGE and "'restore'" in p.stderr and "'rebuild-index'" in p.stderr
+    p = nbdbackup("--he", "restore")                                   # abbreviated help: every command listed
+    assert "rebuild-index" in p.stdout and "serve" in p.stdout
 
 
 def test_no_command_is_usage_error():

@@ -140,6 +140,35 @@ def test_direct_runs_longer_than_a_buffer_and_an_unaligned_tail(tmp_path):
     assert out.read_bytes() == bytes(8192) + b"".join(pieces) + tail
 
 
+def test_a_failing_direct_reopen_falls_back_and_leaks_nothing(tmp_path, monkeypatch):
+    """Any error reopening the file O_DIRECT (here EMFILE) leaves the target buffered: the
+    restore goes on, and no descriptor or temporary file is left behind."""
+    import errno
+
+    out = tmp_path / "fallback.raw"
+    real_open = os.open
+
+    def no_fd_for_proc(path, *a, **kw):
+        if str(path).startswith("/proc/self/fd/"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *a, **kw)
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "open", no_fd_for_proc)
+    t = FileTarget(str(out), 2 * MiB)
+    try:
+        assert t._direct is None
+        t.write_run(0, [b"\x5a" * MiB])
+        t.finish()
+    except BaseException:
+        t.abort()
+        raise
+    monkeypatch.setattr(os, "open", real_open)
+    assert out.read_bytes() == b"\x5a" * MiB + bytes(MiB)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fallback.raw"]
+
+
 def test_nbd_target_gets_every_run(saved, tmp_path):
     repo, info, raw = saved
     target = make_image(tmp_path / "target.raw", info["size"], fmt="raw")

@@ -109,11 +109,22 @@ def command_named(argv: Sequence[str]) -> str | None:
         word = peek.parse_known_args(argv)[0].word
     except (_NotSure, argparse.ArgumentError):
         return None
-    if not word or word.startswith("-") or word not in argv:
-        return None
-    if {"-h", "--help", "--version"} & set(argv[:list(argv).index(word)]):
+    if not word or word.startswith("-") or "_" in word or word not in argv:
+        return None     # ("_": a module's name typed, not a command's: the whole parser lists the choices)
+    if any(_asks_help_or_version(a) for a in argv[:list(argv).index(word)]):
         return None
     return word.replace("-", "_")
+
+
+def _asks_help_or_version(arg: str) -> bool:
+    """*arg* (before the command word) may be -h/--help/--version, abbreviated or combined
+    (`--he`, `-qh`), or the `--` that ends options: the whole parser must answer it."""
+    if arg == "--":
+        return True
+    if arg.startswith("--"):
+        name = arg.split("=", 1)[0]
+        return len(name) > 2 and ("--help".startswith(name) or "--version".startswith(name))
+    return arg.startswith("-") and "h" in arg[1:]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Where a restore writes: a sparse file, a block device, or an NBD export.
 
 Every target offers write(offset, data) and write_run(offset, buffers) (neighbouring
-chunks, one pwritev on a file or device; both thread-safe), zero(offset, length)
+chunks: O_DIRECT pwrites from an aligned buffer on a raw file, else one pwritev on a file
+or device; both thread-safe), zero(offset, length)
 for ranges that must read back as zeros, finish() which makes the data
 durable (fsync / NBD FLUSH) and puts it in place, and abort() which leaves
 an existing file as it was.
