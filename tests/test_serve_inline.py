@@ -10,7 +10,7 @@ import threading
 import time
 
 from helpers.repo import new_repo, write_backup
-from helpers.serve import RawClient, serve, serve_in_process, wait_until
+from helpers.serve import RawClient, assemble_read, serve, serve_in_process, wait_until
 from nbdbackup.errors import is_no_space
 from nbdbackup.nbd import proto
 
@@ -105,15 +105,7 @@ def test_overlay_write_error_on_the_inline_path_is_answered(tmp_path):
 
 
 def _assemble(r, off: int, length: int) -> bytes:
-    buf = bytearray(length)
-    for t, body in r.chunks:
-        if t == proto.REPLY_TYPE_OFFSET_DATA:
-            o = proto.U64.unpack_from(body)[0] - off
-            buf[o:o + len(body) - 8] = body[8:]
-        elif t == proto.REPLY_TYPE_OFFSET_HOLE:
-            o, n = proto.OFFSET_HOLE_STRUCT.unpack(body)
-            buf[o - off:o - off + n] = bytes(n)
-    return bytes(buf)
+    return assemble_read(r.chunks, off, length)
 
 
 def test_pipelined_small_reads_answered_in_one_pass_see_writes_in_between(tmp_path):

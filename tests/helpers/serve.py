@@ -280,15 +280,7 @@ class RawClient:
         ck = self.send(typ, off, length, flags, payload)
         r = self.reply(ck, length if typ == proto.CMD_READ else 0)
         if typ == proto.CMD_READ and r.error == 0 and r.chunks:
-            buf = bytearray(length)
-            for t, body in r.chunks:
-                if t == proto.REPLY_TYPE_OFFSET_DATA:
-                    o = proto.U64.unpack_from(body)[0] - off
-                    buf[o:o + len(body) - 8] = body[8:]
-                elif t == proto.REPLY_TYPE_OFFSET_HOLE:
-                    o, n = proto.OFFSET_HOLE_STRUCT.unpack(body)
-                    buf[o - off:o - off + n] = bytes(n)
-            r.data = bytes(buf)
+            r.data = assemble_read(r.chunks, off, length)
         return r
 
     def read(self, off: int, length: int, flags: int = 0) -> bytes:
@@ -308,3 +300,16 @@ def wait_until(pred, timeout: float = 10.0) -> bool:
 
 def sigterm(proc) -> None:
     proc.send_signal(signal.SIGTERM)
+
+
+def assemble_read(chunks, off: int, length: int) -> bytes:
+    """The bytes a structured READ reply's (type, body) *chunks* give for [off, off+length)."""
+    buf = bytearray(length)
+    for t, body in chunks:
+        if t == proto.REPLY_TYPE_OFFSET_DATA:
+            o = proto.U64.unpack_from(body)[0] - off
+            buf[o:o + len(body) - 8] = body[8:]
+        elif t == proto.REPLY_TYPE_OFFSET_HOLE:
+            o, n = proto.OFFSET_HOLE_STRUCT.unpack(body)
+            buf[o - off:o - off + n] = bytes(n)
+    return bytes(buf)
