@@ -70,3 +70,27 @@ def test_index_tls_required_but_not_offered(tmp_path, pg_url):
     assert "TLS with the index database at 127.0.0.1:" in p.stderr, p.stderr
     assert "server does not support SSL" in p.stderr and "sslmode" in p.stderr, p.stderr
     assert not (tmp_path / "repo" / "config.json").exists()
+
+
+@pytest.mark.parametrize("message, kind", [
+    ("server does not support SSL, but SSL was required", "tls"),
+    ("SSL error: certificate verify failed", "tls"),
+    ('root certificate file "/etc/nbdbackup/db-ca.pem" does not exist', "tls"),
+    ("SSL SYSCALL error: EOF detected", "unreachable"),              # a TLS connection lost: retried
+    ('connection to server at "pg-ssl.example" (10.0.0.9), port 5432 failed: Connection refused', "unreachable"),
+])
+def test_libpq_tls_words_are_told_from_a_lost_connection(message, kind):
+    """libpq gives connection failures no SQLSTATE: its words decide. TLS refused is not retried
+    and gets the TLS hint; a connection lost mid-TLS, or a host whose name holds "ssl", is the
+    network's (retried, with the network's hint)."""
+    import psycopg
+
+    from nbdbackup.repo.indexerrors import index_error, pg_failure
+    from nbdbackup.repo.indexretry import connection_lost
+
+    e = psycopg.OperationalError(message)
+    assert pg_failure(e) == kind
+    assert connection_lost(e) == (kind == "unreachable")
+    err = index_error(e, "connecting to the index", path=None, where="db.example:5432")
+    assert err.exit_code == 17
+    assert ("sslmode" in err.hint) == (kind == "tls"), err.hint

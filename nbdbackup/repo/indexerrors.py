@@ -60,12 +60,17 @@ _PG_UNREACHABLE = ("connection refused", "timeout expired", "timed out", "server
                    "consuming input failed", "sending query failed", "connection is lost", "connection is closed",
                    "the connection is closed", "no connection to the server", "host is down", "broken pipe")
 _PG_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
+# libpq's words when TLS itself is refused (not "SSL SYSCALL error", a connection lost mid-TLS)
+_PG_TLS = ("server does not support ssl", "certificate verify failed", "ssl error:", "root certificate file",
+           "certificate present, but not private key", "could not load private key file",
+           "could not read certificate file")
 
 
 def pg_failure(e: BaseException) -> str | None:
     """What a PostgreSQL (psycopg) error *e* (or the SQLAlchemy error wrapping it) means:
-    "credentials", "unreachable" (refused, timed out, lost, server shutting down), "no-database",
-    "busy" (lock_timeout) or None (anything else: a query's own error)."""
+    "credentials", "tls" (TLS asked for and refused: retrying cannot change it), "unreachable"
+    (refused, timed out, lost, server shutting down), "no-database", "busy" (lock_timeout) or
+    None (anything else: a query's own error)."""
     orig = getattr(e, "orig", None) or e
     if not type(orig).__module__.startswith("psycopg"):
         return None
@@ -77,6 +82,8 @@ def pg_failure(e: BaseException) -> str | None:
         return "no-database"
     if state == "55P03":
         return "busy"
+    if not state and any(t in low for t in _PG_TLS):
+        return "tls"
     if state.startswith(_PG_UNREACHABLE_STATES) or any(s in low for s in _PG_UNREACHABLE):
         return "unreachable"
     if getattr(e, "connection_invalidated", False):
@@ -122,7 +129,7 @@ def _pg_error(kind: str, e: BaseException, what: str, where: str | None) -> NbdB
     if kind == "busy":
         return LockedError(f"the index stayed locked by other runs for too long while {what}: {detail}",
                            hint="nothing was committed; run again when the repository is less busy")
-    if "ssl" in detail.lower() or "certificate" in detail.lower():
+    if kind == "tls":
         return StorageUnreachable(f"TLS with the index database at {at} failed while {what}: {detail}",
                                   hint="check sslmode and sslrootcert in --index-url (libpq's names; "
                                        "verify-full needs the CA that signed the server's certificate) and "

@@ -329,7 +329,7 @@ class S3Backend(StorageBackend):
                 return StorageUnreachable(f"{where} kept failing while {what}, after retries ({msg})",
                                           hint="check that the S3 service is up, then run the command again")
             return NbdBackupError(f"{where} refused a request while {what} ({msg})")
-        if kind == "SSLError":          # botocore's: the certificate check (not retried: it would fail again)
+        if kind == "SSLError":          # botocore's, after its (quick) retries: the certificate check
             return StorageUnreachable(self._scrub(f"TLS: the certificate of {where} was not accepted "
                                                   f"while {what}: {e}"), hint=TLS_HINT)
         if isinstance(e, self._error_types.unreachable):
