@@ -12,7 +12,8 @@ peak RSS of the full backup into S3 < 256 MiB.
 Besides wall times it prints CPU seconds: of our process (with its children)
 and of the servers it talks to (radosgw + ceph-osd + ceph-mon, PostgreSQL),
 read from /proc before and after each S3 run. On a machine where all of them
-share the same cores, the S3 run's wall time cannot drop below the sum. And the
+share the same cores, the S3 run's wall time cannot drop below that sum over the cores,
+which caps the ratio (printed). And the
 requests radosgw counted per S3 run (all, GET with HEAD, PUT), from its admin socket.
 The package's bytecode is compiled first, as a pip install does (an editable
 install under PYTHONDONTWRITEBYTECODE=1 recompiles every module each run).
@@ -219,11 +220,20 @@ def main() -> int:
             print(f"{'peak RSS, full into local (MiB)':<40}{max(res['rss_local']) / MiB:>10.0f}")
         print()
         print("CPU seconds per run (medians; nbdbackup includes its children, e.g. qemu-nbd):")
+        cores = os.cpu_count() or 1
+        totals = {}
         for run, rounds in cpu.items():
             procs = rounds[0].keys()
             med_cpu = {p: statistics.median(r[p] for r in rounds) for p in procs}
             parts = "  ".join(f"{p} {v:.2f}" for p, v in med_cpu.items())
-            print(f"  {run:<14} {parts}  total {sum(med_cpu.values()):.2f}  (wall {med[run]:.2f} s, 2 cores)")
+            totals[run] = sum(med_cpu.values())
+            print(f"  {run:<14} {parts}  total {totals[run]:.2f}  (wall {med[run]:.2f} s, {cores} cores)")
+        # the servers share our cores: an S3 run cannot take less than all its CPU over the cores
+        for op in ("full", "restore"):
+            if f"{op}_s3" in totals and f"{op}_local" in med:
+                floor = totals[f"{op}_s3"] / cores
+                print(f"  {op}: S3 run's CPU / {cores} cores = {floor:.2f} s, so S3 speed / local speed "
+                      f"cannot pass {med[f'{op}_local'] / floor:.2f} on this machine")
         for op, rounds in reqs.items():
             counts = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
             shown = ", ".join(f"{k} {v:.0f}" for k, v in counts.items())
