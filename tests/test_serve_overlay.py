@@ -179,3 +179,45 @@ def test_a_sequential_writer_of_partial_blocks_reads_ahead(tmp_path, monkeypatch
     finally:
         ov.close()
         pool.shutdown()
+
+
+def test_the_kept_chunk_stays_recent_in_the_cache():
+    """Small reads of the chunk the view keeps (the hot chunk) skip the cache's lookup; the view
+    still touches it now and then, so the busiest chunk is not the one the LRU evicts."""
+    import os
+
+    from nbdbackup.engine.exports import ChunkCache
+
+    class LruBackend(MemBackend):
+        def __init__(self, data):
+            super().__init__(data)
+            self.lru = ChunkCache(2 * CS)       # room for two chunks
+
+        def cached_chunk(self, i):
+            return self.lru.get(i.to_bytes(8, "big"))
+
+        def read_chunk(self, i):
+            d = self.data[i * CS:(i + 1) * CS]
+            self.lru.put(i.to_bytes(8, "big"), d)
+            return d
+
+    data = os.urandom(20 * CS)
+    backend = LruBackend(data)
+    pool = ThreadPoolExecutor(2)
+    view = ExportView(backend, pool, None)
+    hot = 0
+
+    async def run():
+        await view.read(hot * CS, 4096)                 # a miss: the chunk enters the cache
+        for other in (4, 8, 12):                        # apart: no read-ahead
+            for n in range(200):
+                pieces = view.read_cached(hot * CS + n * 16, 16)
+                assert pieces is not None and bytes(pieces[0][2]) == data[n * 16:n * 16 + 16]
+            assert join(await view.read(other * CS, CS), other * CS, CS) == data[other * CS:(other + 1) * CS]
+
+    try:
+        asyncio.run(run())
+    finally:
+        pool.shutdown()
+    assert backend.cached_chunk(hot) is not None, "the busiest chunk was evicted"
+    assert backend.cached_chunk(4) is None          # the one the LRU let go instead

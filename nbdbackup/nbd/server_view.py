@@ -35,6 +35,7 @@ from .server_extents import view_extents
 Piece = tuple  # (offset, length, memoryview | None); None means zeroes
 
 BATCH_BYTES = 1 << 20      # neighbouring chunks read in one backend call
+HOT_TOUCH_EVERY = 64       # reads from the kept chunk per cache lookup that keeps it recent
 
 
 class ExportBackend(Protocol):
@@ -85,6 +86,7 @@ class ExportView(ReadAhead):
         # The chunk the last one-chunk cached read found: small reads come in runs on one
         # chunk, and its bytes never change (checked once, when the cache was filled).
         self._hot_i, self._hot = -1, b""
+        self._hot_hits = 0
 
     @property
     def writable(self) -> bool:
@@ -252,6 +254,12 @@ class ExportView(ReadAhead):
         if (off + length - 1) // cs == i:   # the common case: inside one chunk
             if self._hot_i == i:
                 data = self._hot
+                self._hot_hits += 1
+                # reads from the kept chunk skip the cache's lookup: now and then make one, or
+                # the LRU sees the busiest chunk as idle, evicts it, and spanning reads and
+                # read-ahead fetch it from the packs again
+                if not self._hot_hits % HOT_TOUCH_EVERY:
+                    self.backend.cached_chunk(i)
             elif self.backend.is_zero(i):
                 return [(off, length, None)]
             else:
