@@ -66,6 +66,23 @@ def write_blocker(path: str) -> int | None:
     return None
 
 
+IOV_MAX = 1024              # buffers per readv/writev call (Linux UIO_MAXIOV)
+
+
+def pwritev_all(fd: int, offset: int, buffers: list) -> int:
+    """*buffers* written back to back from *offset* (short writes continued, IOV_MAX
+    buffers per call); the end offset."""
+    views = [memoryview(b) for b in buffers]
+    while views:
+        n = os.pwritev(fd, views[:IOV_MAX], offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return offset
+
+
 def anonymous_map(size: int) -> mmap.mmap:
     """Page-aligned private memory. MAP_PRIVATE: mmap's default for anonymous maps
     is shared (shmem), whose page faults cost half as much again."""

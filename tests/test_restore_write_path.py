@@ -90,8 +90,8 @@ def test_where_o_direct_is_refused_writes_runs_and_starts_writeback(saved, tmp_p
     repo, info, raw = saved
     monkeypatch.setattr(restore_direct, "_O_DIRECT", 0)        # as where the open is refused
     writes, started = [], []
-    pwritev_all, start_writeback = restore_targets._pwritev_all, restore_targets.start_writeback
-    monkeypatch.setattr(restore_targets, "_pwritev_all",
+    pwritev_all, start_writeback = restore_targets.pwritev_all, restore_targets.start_writeback
+    monkeypatch.setattr(restore_targets, "pwritev_all",
                         lambda fd, off, bufs: writes.append((off, sum(map(len, bufs)))) or pwritev_all(fd, off, bufs))
     monkeypatch.setattr(restore_targets, "start_writeback",
                         lambda fd, off, n: started.append((off, n)) or start_writeback(fd, off, n))

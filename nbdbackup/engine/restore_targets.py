@@ -21,7 +21,7 @@ import subprocess
 import threading
 
 from ..errors import NbdBackupError, NoSpaceError, SourceUnreachable, UsageError, is_no_space
-from ..fsutil import fsync_path, start_writeback
+from ..fsutil import fsync_path, pwritev_all, start_writeback
 from .restore_direct import DirectWriter
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 ZERO_STEP = 8 << 20
 FLUSH_EVERY = 64 << 20                # NBD target: an early FLUSH sent after this many bytes written
-_IOV_MAX = 1024                       # buffers per pwritev (Linux UIO_MAXIOV)
 
 # A file target is written to TEMP_PREFIX<target name>-<8 hex digits> beside it (plus
 # <that>.qcow2 while converting), flock'ed by its writer until renamed into place.
@@ -159,7 +158,7 @@ class FileTarget:
         if self._direct is not None and self._direct.write_run(offset, buffers):
             return
         with self._write_lock:
-            end = _pwritev_all(self.fd, offset, buffers)
+            end = pwritev_all(self.fd, offset, buffers)
         start_writeback(self.fd, offset, end - offset)
 
     def zero(self, offset: int, length: int) -> None:
@@ -233,7 +232,7 @@ class BlockDeviceTarget:
         self.write_run(offset, [data])
 
     def write_run(self, offset: int, buffers: list) -> None:
-        end = _pwritev_all(self.fd, offset, buffers)
+        end = pwritev_all(self.fd, offset, buffers)
         start_writeback(self.fd, offset, end - offset)
 
     def zero(self, offset: int, length: int) -> None:
@@ -337,19 +336,6 @@ def open_target(target: str, size: int, *, fmt: str, force: bool, connections: i
         raise UsageError(f"{target} is neither a regular file nor a block device; refusing to replace it",
                          hint="restore to a new file path, a block device or an NBD URI")
     return FileTarget(target, size, fmt=fmt, force=force)
-
-
-def _pwritev_all(fd: int, offset: int, buffers: list) -> int:
-    """*buffers* written back to back from *offset* (short writes continued); the end offset."""
-    views = [memoryview(b) for b in buffers]
-    while views:
-        n = os.pwritev(fd, views[:_IOV_MAX], offset)
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
-    return offset
 
 
 def _create_locked_temp(d: str, prefix: str) -> tuple[int, str]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from ..fsutil import pwritev_all
+
 BACKING = 0
 DATA = 1
 ZERO = 2
@@ -63,15 +65,11 @@ class Overlay:
 
     def pwrite_run(self, datas: list, offset: int) -> None:
         """Contiguous in-place writes (see in_place) from *offset*, in one system call."""
-        total = sum(len(d) for d in datas)
-        n = os.pwritev(self.fd, datas, offset)
-        if n < total:      # a short write: the rest one buffer at a time
-            self._pwrite_all(memoryview(b"".join(datas))[n:], offset + n)
+        pwritev_all(self.fd, offset, datas)
 
     def write_in_place(self, offset: int, data) -> bool:
         """A write inside one block the file already holds: written at once, True; else False."""
-        b = offset // self.block
-        if self.state[b] != DATA or (offset + len(data) - 1) // self.block != b:
+        if not self.in_place(offset, len(data)):
             return False
         self._pwrite_all(data, offset)
         return True

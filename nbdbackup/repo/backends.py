@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..errors import NoSpaceError, storage_error
-from ..fsutil import fsync_path
+from ..fsutil import IOV_MAX, fsync_path
 
 
 @dataclass(frozen=True)
@@ -339,14 +339,13 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
-_IOV_MAX = 1024
 
 
 def _write_all(fd: int, parts: Iterable[bytes]) -> None:
     """Write every part, up to IOV_MAX of them per writev() call."""
     pending = [memoryview(p) for p in parts if len(p)]
     while pending:
-        batch = pending[:_IOV_MAX]
+        batch = pending[:IOV_MAX]
         n = os.writev(fd, batch)
         done = 0
         while done < len(batch) and n >= len(batch[done]):
