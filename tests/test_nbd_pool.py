@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -115,6 +116,44 @@ def test_requests_lost_with_a_dropped_connection_are_retried(tmp_path):
             got = read_all(pool, size, step=65536)
             assert got == data
             assert len(conns) == 2 and pool.connections == 1
+
+
+def test_server_gone_with_many_requests_in_flight_fails_them_within_one_round(tmp_path):
+    """Every connection drops with reads outstanding and the server is gone: one round of
+    reconnect attempts decides for all of them (a round per lost request took minutes)."""
+    from nbdbackup.errors import NbdConnectionError
+
+    inflight = 32
+    received = threading.Semaphore(0)
+
+    def handler(conn, srv):
+        srv.negotiate(conn)
+        while True:             # take requests, answer none
+            srv.read_request(conn)
+            received.release()
+
+    srv = FakeServer(tmp_path / "s", handler, size=1 << 20, flags=proto.FLAG_CAN_MULTI_CONN)
+    srv.__enter__()
+    try:
+        with ConnectionPool(srv.uri, connections=4, timeout=30) as pool:
+            assert pool.connections == 4
+            futs = [pool.submit_read(i * 4096, 4096) for i in range(inflight)]
+            for _ in range(inflight):
+                assert received.acquire(timeout=10), "the reads never reached the server"
+            started = time.monotonic()
+            srv.vanish()
+            errors = [f.exception(timeout=60) for f in futs]
+            took = time.monotonic() - started
+            assert all(isinstance(e, NbdConnectionError) for e in errors), errors
+            # one round sleeps 0.5 + 1 + 2 s between its attempts
+            assert took < 8, f"{inflight} lost reads took {took:.1f}s to fail"
+            assert all("could not reconnect" in str(e) for e in errors), errors[0]
+            t0 = time.monotonic()
+            with pytest.raises(NbdConnectionError, match="could not reconnect"):
+                pool.read(0, 4096)              # and a new request learns it at once
+            assert time.monotonic() - t0 < 1
+    finally:
+        srv.__exit__(None, None, None)
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):

@@ -42,7 +42,8 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._next = 0
         self._closed = False
-        self._gave_up: tuple[Client, NbdConnectionError] | None = None   # (dead connection, why not replaced)
+        # why a full round of reconnect attempts failed: the server is gone, for every connection
+        self._gave_up: NbdConnectionError | None = None
         first = Client.connect(self.uri, **self._connect_args)
         self.clients: list[Client] = [first]
         self.notes: list[str] = []      # why there are fewer connections than asked (for summaries)
@@ -137,9 +138,10 @@ class ConnectionPool:
                 alive = [c for c in self.clients if c.alive]
                 if alive:
                     return alive[0]
-            if self._gave_up is not None and self._gave_up[0] is dead:
-                # Every request lost with *dead* lands here: one round of reconnect attempts is enough.
-                raise NbdConnectionError(str(self._gave_up[1]))
+            if self._gave_up is not None:
+                # Every request lost with any dropped connection lands here: one round of reconnect
+                # attempts is enough (a round each took minutes with many requests in flight).
+                raise NbdConnectionError(str(self._gave_up))
             last: Exception | None = None
             for attempt in range((self.retries if retries is None else retries) + 1):
                 if attempt:
@@ -154,7 +156,7 @@ class ConnectionPool:
             else:
                 err = NbdConnectionError(f"lost the connection to {self.uri} and could not reconnect: {last}")
                 if retries is None:     # a full round failed (not a quick try by _replace_or_drop)
-                    self._gave_up = (dead, err)
+                    self._gave_up = err
                 raise err
             if new.size != dead.size or set(new.contexts) != set(dead.contexts):
                 new.close()

@@ -64,6 +64,16 @@ class FakeServer:
         self._thread.join(5)
         self._sock.close()
 
+    def vanish(self) -> None:
+        """Go away as a killed server does: nobody listens any more, then every connection drops."""
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(5)
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
     def _serve(self):
         while not self._stop.is_set():
             try:
