@@ -84,15 +84,17 @@ class Handshake:
         if self.bytes_read + n > self.limits.max_bytes:
             raise Disconnect(f"client sent more than {self.limits.max_bytes} bytes during the handshake")
         self.bytes_read += n
+        timeout = self._timeout()       # first: past the deadline it raises, and no coroutine is left unawaited
         try:
-            return await asyncio.wait_for(self.reader.readexactly(n), self._timeout())
+            return await asyncio.wait_for(self.reader.readexactly(n), timeout)
         except asyncio.TimeoutError:
             raise self._timed_out("client silent during handshake") from None
 
     async def _send(self, data: bytes) -> None:
         self.writer.write(data)
+        timeout = self._timeout()
         try:
-            await asyncio.wait_for(self.writer.drain(), self._timeout())
+            await asyncio.wait_for(self.writer.drain(), timeout)
         except asyncio.TimeoutError:
             raise self._timed_out("client does not read during handshake") from None
 
