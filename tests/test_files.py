@@ -13,10 +13,12 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from helpers import support
 from helpers.repo import new_repo_path
 from helpers.support import nbdbackup, require_tool, run
 from nbdbackup.engine.guestfs import GuestfsSession, served_backup
@@ -270,6 +272,70 @@ def test_cli_lists_a_directory(cli_repo):
     assert line.endswith(" nested.conf")
     from datetime import datetime, timezone
     assert datetime.fromtimestamp(mtime, timezone.utc).strftime("%Y-%m-%d %H:%M") in line
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat_line = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat_line.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkill_leaves_no_guestfish_or_appliance(cli_repo):
+    """guestfish --listen is our child's child, out of PR_SET_PDEATHSIG's reach: a SIGKILLed
+    `files` used to leave it and its qemu running; the watchdog ends them."""
+    tag = f"NBDBACKUP_TEST_TAG={os.getpid()}-{time.monotonic_ns()}".encode()   # inherited by guestfish
+    env = {**os.environ, **TCG, "NBDBACKUP_TEST_TAG": tag.split(b"=", 1)[1].decode()}
+    proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", cli_repo["repo"], "files", "mbr", "/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        servers, appliance = [], []
+        while not appliance:        # kill it once the appliance's qemu runs
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no appliance started within 120 s"
+            servers = [p for p in _tagged(tag) if _comm(p) == "guestfish" and p not in _children(proc.pid)]
+            appliance = [c for g in servers for c in _children(g) if "qemu" in _comm(c)]
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.communicate()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in [*servers, *appliance]):
+        assert time.monotonic() < deadline, f"guestfish {servers} or its qemu {appliance} outlived `files`"
+        time.sleep(0.1)
+
+
+def _tagged(tag: bytes) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if tag in Path(f"/proc/{d}/environ").read_bytes().split(b"\0"):
+                    out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def test_cli_disk_without_filesystem_exits_21(cli_repo):

@@ -39,6 +39,7 @@ from .guestfs_model import (  # noqa: F401 - GuestfsError is part of this module
     normalize_path,
     parse_structs,
 )
+from .guestfs_watchdog import Watchdog
 
 GUESTFISH = "guestfish"
 TCG_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
@@ -67,6 +68,7 @@ class GuestfsSession:
         self.mounted: str | None = None
         self.errors = None
         self.errors_seen = 0
+        self.watchdog: Watchdog | None = None
 
     def __enter__(self):
         return self
@@ -97,6 +99,7 @@ class GuestfsSession:
             raise ApplianceFailed(f"guestfish --listen failed: {(p.stderr or p.stdout).strip()[:500]}",
                                   hint=APPLIANCE_HINT)
         self.pid = pid
+        self.watchdog = Watchdog(pid)
 
     def _new_errors(self) -> str:
         """What the guestfish server wrote to stderr since the last look."""
@@ -126,6 +129,9 @@ class GuestfsSession:
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+        dog, self.watchdog = self.watchdog, None
+        if dog is not None:
+            dog.release()
         self._stop()        # closes the error file
 
     def close(self) -> None:
