@@ -274,19 +274,6 @@ def test_cli_lists_a_directory(cli_repo):
     assert datetime.fromtimestamp(mtime, timezone.utc).strftime("%Y-%m-%d %H:%M") in line
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat_line = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat_line.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d))
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -307,8 +294,8 @@ def test_sigkill_leaves_no_guestfish_or_appliance(cli_repo):
         while not appliance:        # kill it once the appliance's qemu runs
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no appliance started within 120 s"
-            servers = [p for p in _tagged(tag) if _comm(p) == "guestfish" and p not in _children(proc.pid)]
-            appliance = [c for g in servers for c in _children(g) if "qemu" in _comm(c)]
+            servers = [p for p in _tagged(tag) if _comm(p) == "guestfish" and p not in support.child_pids(proc.pid)]
+            appliance = [c for g in servers for c in support.child_pids(g) if "qemu" in _comm(c)]
             time.sleep(0.05)
     finally:
         proc.kill()

@@ -140,19 +140,6 @@ image = "db.qcow2"
     assert any(ln.startswith(f"[image:{tmp}/gone.qcow2] nbdbackup: error:") for ln in lines), lines
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d))
-    return out
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -172,11 +159,11 @@ def _watch(proc: subprocess.Popen, interval: float = 0.01) -> tuple[int, list[li
     environments of the programs those children start (qemu-nbd)."""
     most, seen, grand_envs = 0, {}, set()
     while proc.poll() is None:
-        kids = {k: _cmdline(k) for k in _children(proc.pid)}
+        kids = {k: _cmdline(k) for k in support.child_pids(proc.pid)}
         backups = [k for k, c in kids.items() if "incremental" in c or "full" in c]
         most = max(most, len(backups))
         seen.update({k: c for k, c in kids.items() if c and c != [""]})
-        grand_envs.update(_environ(g) for k in backups for g in _children(k))
+        grand_envs.update(_environ(g) for k in backups for g in support.child_pids(k))
         time.sleep(interval)
     return most, list(seen.values()), grand_envs
 
@@ -225,10 +212,11 @@ def test_killed_run_takes_its_children_along(tmp_path, sig):
         deadline = time.monotonic() + 60
         family: set[int] = set()
         while time.monotonic() < deadline and not any("qemu-nbd" in " ".join(_cmdline(g))
-                                                      for k in _children(proc.pid) for g in _children(k)):
+                                                      for k in support.child_pids(proc.pid)
+                                                      for g in support.child_pids(k)):
             time.sleep(0.02)
-        kids = _children(proc.pid)
-        family = set(kids) | {g for k in kids for g in _children(k)}
+        kids = support.child_pids(proc.pid)
+        family = set(kids) | {g for k in kids for g in support.child_pids(k)}
         assert any("qemu-nbd" in " ".join(_cmdline(g)) for g in family), "the backup never started qemu-nbd"
         proc.send_signal(sig)
         assert proc.wait(60) == (-signal.SIGKILL if sig == signal.SIGKILL else ExitCode.INTERRUPTED)

@@ -165,6 +165,20 @@ def qemu_nbd(image: str | Path, sock: str | Path, *, fmt: str = "qcow2", connect
         yield f"nbd+unix:///?socket={sock}"
 
 
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is *pid* (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat_line = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat_line.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
 def nbdbackup_exe() -> str:
     """The installed console script beside this interpreter (never the source tree)."""
     exe = Path(sys.executable).parent / "nbdbackup"
