@@ -5,15 +5,18 @@ a load balancer). A certificate from a private CA is accepted through AWS_CA_BUN
 users expect, and everything works through it (GETs sent directly too); a certificate nobody
 vouches for is refused before anything is written, with exit 17 and a hint that names the fix.
 PostgreSQL: TLS asked for in --index-url (libpq's sslmode) and not had is exit 17 with a hint
-about TLS, not about the network."""
+about TLS, not about the network; a server that takes only TLS, verified against a private CA
+(sslmode=verify-full, sslrootcert), serves every command, and one from another CA is refused."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from helpers.ceph import FaultProxy
+from helpers.pg import running_pg_server
 from helpers.places import make_place
 from helpers.support import nbdbackup
 
@@ -76,6 +79,9 @@ def test_index_tls_required_but_not_offered(tmp_path, pg_url):
     ("server does not support SSL, but SSL was required", "tls"),
     ("SSL error: certificate verify failed", "tls"),
     ('root certificate file "/etc/nbdbackup/db-ca.pem" does not exist', "tls"),
+    ('pg_hba.conf rejects connection for host "10.0.0.2", user "nbd", database "idx", no encryption', "tls"),
+    ('no pg_hba.conf entry for host "10.0.0.2", user "nbd", database "idx", no encryption', "tls"),
+    ('no pg_hba.conf entry for host "10.0.0.2", user "nbd", database "idx", SSL encryption', "credentials"),
     ("SSL SYSCALL error: EOF detected", "unreachable"),              # a TLS connection lost: retried
     ('connection to server at "pg-ssl.example" (10.0.0.9), port 5432 failed: Connection refused', "unreachable"),
 ])
@@ -92,5 +98,61 @@ def test_libpq_tls_words_are_told_from_a_lost_connection(message, kind):
     assert pg_failure(e) == kind
     assert connection_lost(e) == (kind == "unreachable")
     err = index_error(e, "connecting to the index", path=None, where="db.example:5432")
-    assert err.exit_code == 17
+    assert err.exit_code == (16 if kind == "credentials" else 17)
     assert ("sslmode" in err.hint) == (kind == "tls"), err.hint
+
+
+@pytest.fixture(scope="module")
+def tls_pg(pki):
+    """A PostgreSQL of its own that takes TCP connections over TLS only (the session's has none)."""
+    import psycopg
+
+    with running_pg_server() as server:
+        server.enable_tls(pki.server / "server-cert.pem", pki.server / "server-key.pem")
+        deadline = time.monotonic() + 15          # pg_reload_conf() only signals the postmaster
+        while True:
+            try:
+                psycopg.connect(host="127.0.0.1", port=server.port, user="test", password="testpass",
+                                dbname="test", sslmode="require").close()
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, "the server did not take TLS after its reload"
+                time.sleep(0.1)
+        yield server
+
+
+def _tls_url(server, name: str, ca) -> str:
+    return server.db_url(name) + f"?sslmode=verify-full&sslrootcert={ca / 'ca-cert.pem'}"
+
+
+def test_index_over_verified_tls_serves_every_command(tmp_path, tls_pg, pki):
+    name = tls_pg.create_database()
+    # the server refuses TCP without TLS: everything below went over TLS
+    p = nbdbackup("--repo", tmp_path / "probe", "--index-url", tls_pg.db_url(name) + "?sslmode=disable", "init",
+                  check=False)
+    assert p.returncode == 17 and "Traceback" not in p.stderr and "no encryption" in p.stderr, p.stderr
+    assert "TLS with the index database" in p.stderr and "sslmode=require" in p.stderr, p.stderr
+    url = _tls_url(tls_pg, name, pki.ca_only)
+    repo = tmp_path / "repo"
+    outputs = [nbdbackup("--repo", repo, "--index-url", url, "init")]
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(2 << 20) + b"text " * (200 << 10) + bytes(1 << 20))
+    outputs.append(nbdbackup("--repo", repo, "--index-url", url, "full", "--image", disk, "--format", "raw",
+                             "--disk", "d"))
+    outputs.append(nbdbackup("--repo", repo, "--index-url", url, "verify"))
+    out = tmp_path / "out.raw"
+    outputs.append(nbdbackup("--repo", repo, "--index-url", url, "restore", "d", out))
+    assert out.read_bytes() == disk.read_bytes()
+    listed = nbdbackup("--repo", repo, "--index-url", url, "--json", "list")
+    assert '"d"' in listed.stdout
+    assert not any("testpass" in o.stdout + o.stderr for o in [*outputs, listed])
+
+
+def test_index_certificate_of_another_ca_refused_with_a_hint(tmp_path, tls_pg, pki):
+    name = tls_pg.create_database()
+    p = nbdbackup("--repo", tmp_path / "repo", "--index-url", _tls_url(tls_pg, name, pki.other), "init",
+                  check=False)
+    assert p.returncode == 17, p.stderr
+    assert "Traceback" not in p.stderr and "testpass" not in p.stderr
+    assert "certificate verify failed" in p.stderr and "sslrootcert" in p.stderr, p.stderr
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())

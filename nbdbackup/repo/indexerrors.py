@@ -64,6 +64,8 @@ _PG_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
 _PG_TLS = ("server does not support ssl", "certificate verify failed", "ssl error:", "root certificate file",
            "certificate present, but not private key", "could not load private key file",
            "could not read certificate file")
+# pg_hba.conf's words for a connection refused because it is not TLS ("..., no encryption")
+_PG_TLS_REQUIRED = "no encryption"
 
 
 def pg_failure(e: BaseException) -> str | None:
@@ -76,6 +78,8 @@ def pg_failure(e: BaseException) -> str | None:
         return None
     state = getattr(orig, "sqlstate", None) or ""
     low = str(orig).lower()
+    if not state and low.rstrip().rstrip(".").endswith(_PG_TLS_REQUIRED):
+        return "tls"        # before "no pg_hba.conf entry": the server takes only TLS from here
     if state.startswith("28") or (not state and any(s in low for s in _PG_CREDENTIALS)):
         return "credentials"
     if state == "3D000" or (not state and "database" in low and "does not exist" in low):
@@ -131,9 +135,10 @@ def _pg_error(kind: str, e: BaseException, what: str, where: str | None) -> NbdB
                            hint="nothing was committed; run again when the repository is less busy")
     if kind == "tls":
         return StorageUnreachable(f"TLS with the index database at {at} failed while {what}: {detail}",
-                                  hint="check sslmode and sslrootcert in --index-url (libpq's names; "
-                                       "verify-full needs the CA that signed the server's certificate) and "
-                                       "that the server has ssl = on; nothing half-done was committed")
+                                  hint="check sslmode and sslrootcert in --index-url (libpq's names: a server "
+                                       "that takes only TLS needs sslmode=require or verify-full, and "
+                                       "verify-full the CA that signed the server's certificate) and that the "
+                                       "server has ssl = on; nothing half-done was committed")
     return StorageUnreachable(f"cannot reach the index database at {at} while {what}: {detail}",
                               hint="check that PostgreSQL runs and that host and port in --index-url are right; "
                                    "nothing half-done was committed")

@@ -9,6 +9,7 @@ FAILS when it is missing (never skips): .ci/run installs it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shlex
@@ -99,6 +100,20 @@ class PgServer:
     def stop(self) -> None:
         self._pg_ctl("-m", "fast", "stop")
 
+    def enable_tls(self, cert: Path, key: Path) -> None:
+        """Serve TLS with *cert*/*key* and refuse every TCP connection without it (pg_hba)."""
+        data = Path(self.dir) / "data"
+        for src, name in ((cert, "server.crt"), (key, "server.key")):
+            shutil.copy(src, data / name)
+            os.chmod(data / name, 0o600)
+            if os.geteuid() == 0:
+                shutil.chown(data / name, "postgres", "postgres")
+        hba = data / "pg_hba.conf"
+        hba.write_text("hostnossl all all all reject\n" + hba.read_text())
+        with self.admin() as c:
+            c.execute("ALTER SYSTEM SET ssl = on")
+            c.execute("SELECT pg_reload_conf()")
+
     def start(self) -> None:
         self._pg_ctl("-o", f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.dir}",
                      "start")
@@ -149,6 +164,13 @@ def start_pg_server() -> PgServer:
 @pytest.fixture(scope="session")
 def pg_server():
     """A PostgreSQL 15 server for the session (PgServer: .url admin URL, .port, .dir, .env, .restart())."""
+    with running_pg_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_pg_server():
+    """A fresh server of its own, stopped and removed at the end."""
     server = start_pg_server()
     try:
         yield server
