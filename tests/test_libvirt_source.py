@@ -72,9 +72,10 @@ def _run_dirs(dom) -> list[str]:
 def _stopped_mid_read(repo: Path, kind: str, dom, *args, connected: bool = False) -> subprocess.Popen:
     """Start a run and SIGSTOP it as soon as libvirt's NBD socket for it exists (backupBegin
     returned, the read has begun or is about to); with *connected*, only once its connections
-    to that socket are up and past their handshakes. qemu 7.2 never finishes nbd-server-stop
-    (libvirt's job and domain hang until qemu dies) when the job ends while a client is still
-    negotiating: a test that ends the job under a reader must stop it after the handshakes."""
+    to that socket are up and past their handshakes. With Debian 12's qemu 7.2 and libvirt 9.0,
+    a job that ends while a client still negotiates never finishes its teardown (libvirt's
+    qemu-event worker holds the domain's job until qemu dies; seen here, cause not traced): a
+    test that ends the job under a reader must stop it after the handshakes."""
     cmd = [support.nbdbackup_exe(), "--repo", str(repo), "--json", kind, "--libvirt", dom.name, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
