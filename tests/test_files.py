@@ -284,8 +284,9 @@ def _alive(pid: int) -> bool:
 def test_sigkill_leaves_no_guestfish_or_appliance(cli_repo):
     """guestfish --listen is our child's child, out of PR_SET_PDEATHSIG's reach: a SIGKILLed
     `files` used to leave it and its qemu running; the watchdog ends them."""
-    tag = f"NBDBACKUP_TEST_TAG={os.getpid()}-{time.monotonic_ns()}".encode()   # inherited by guestfish
-    env = {**os.environ, **TCG, "NBDBACKUP_TEST_TAG": tag.split(b"=", 1)[1].decode()}
+    value = f"{os.getpid()}-{time.monotonic_ns()}"         # inherited by guestfish
+    tag = f"NBDBACKUP_TEST_TAG={value}".encode()
+    env = {**os.environ, **TCG, "NBDBACKUP_TEST_TAG": value}
     proc = subprocess.Popen([support.nbdbackup_exe(), "--repo", cli_repo["repo"], "files", "mbr", "/"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
@@ -294,7 +295,8 @@ def test_sigkill_leaves_no_guestfish_or_appliance(cli_repo):
         while not appliance:        # kill it once the appliance's qemu runs
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no appliance started within 120 s"
-            servers = [p for p in _tagged(tag) if _comm(p) == "guestfish" and p not in support.child_pids(proc.pid)]
+            ours = support.child_pids(proc.pid)     # guestfish --listen's parent, not the server
+            servers = [p for p in _tagged(tag) if _comm(p) == "guestfish" and p not in ours]
             appliance = [c for g in servers for c in support.child_pids(g) if "qemu" in _comm(c)]
             time.sleep(0.05)
     finally:

@@ -132,9 +132,7 @@ def test_server_gone_with_many_requests_in_flight_fails_them_within_one_round(tm
             srv.read_request(conn)
             received.release()
 
-    srv = FakeServer(tmp_path / "s", handler, size=1 << 20, flags=proto.FLAG_CAN_MULTI_CONN)
-    srv.__enter__()
-    try:
+    with FakeServer(tmp_path / "s", handler, size=1 << 20, flags=proto.FLAG_CAN_MULTI_CONN) as srv:
         with ConnectionPool(srv.uri, connections=4, timeout=30) as pool:
             assert pool.connections == 4
             futs = [pool.submit_read(i * 4096, 4096) for i in range(inflight)]
@@ -152,8 +150,6 @@ def test_server_gone_with_many_requests_in_flight_fails_them_within_one_round(tm
             with pytest.raises(NbdConnectionError, match="could not reconnect"):
                 pool.read(0, 4096)              # and a new request learns it at once
             assert time.monotonic() - t0 < 1
-    finally:
-        srv.__exit__(None, None, None)
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):

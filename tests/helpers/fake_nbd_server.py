@@ -56,16 +56,11 @@ class FakeServer:
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-            c.close()
-        self._thread.join(5)
-        self._sock.close()
+        self.vanish()
 
     def vanish(self) -> None:
-        """Go away as a killed server does: nobody listens any more, then every connection drops."""
+        """Go away as a killed server does: nobody listens any more, then every connection drops
+        (a second call, or __exit__ after it, does nothing more)."""
         self._stop.set()
         self._sock.close()
         self._thread.join(5)
