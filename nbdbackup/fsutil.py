@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 
 LOW_SPACE = 1 << 20     # below this much free room, a write (SQLite's -wal/-shm included) is about to fail
 
@@ -81,6 +82,61 @@ def pwritev_all(fd: int, offset: int, buffers: list) -> int:
         if n:
             views[0] = views[0][n:]
     return offset
+
+
+def preadv_all(fd: int, offset: int, buffers: list) -> int:
+    """*buffers* filled back to back from *offset* (short reads continued, IOV_MAX buffers per
+    call) up to the end of the file; the bytes read (fewer than asked only at the end)."""
+    views = [memoryview(b) for b in buffers]
+    got = 0
+    while views:
+        n = os.preadv(fd, views[:IOV_MAX], offset + got)
+        if not n:
+            break
+        got += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return got
+
+
+def scatter(data, buffers: list) -> int:
+    """*data* copied into *buffers* back to back, as far as it goes; the bytes copied."""
+    pos = 0
+    with memoryview(data) as src:
+        for b in buffers:
+            if pos == len(src):
+                break
+            n = min(len(b), len(src) - pos)
+            b[:n] = src[pos:pos + n]
+            pos += n
+    return pos
+
+
+class BufferPool:
+    """Reused page-aligned buffers of *size* bytes: one per thread that ever held one at once
+    (a fresh 4 MiB buffer costs 1024 page faults, and in a VM each may fault in the host too)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free: list = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return anonymous_map(self.size)
+
+    def give(self, buf) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+    def clear(self) -> None:
+        """Drop the idle buffers (unmapped with their last reference)."""
+        with self._lock:
+            self._free.clear()
 
 
 def anonymous_map(size: int) -> mmap.mmap:

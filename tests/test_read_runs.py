@@ -44,6 +44,13 @@ class CountedGets:
                 self.gets += 1
         return self.inner.get_ranges(name, ranges)
 
+    def get_into(self, name, offset, buffers):
+        """A get of a run into the reader's buffers (what restore uses): one get, as a ranged get is."""
+        if name.startswith("packs/"):
+            with self._n_lock:
+                self.gets += 1
+        return self.inner.get_into(name, offset, buffers)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
@@ -137,6 +144,77 @@ def test_local_runs_read_each_header_and_payload_alone_and_skip_dead_bytes(repo)
                                                        (locs[h].offset, locs[h].stored_len))]
         raw = [r for h, r in zip(pick, got) if locs[h].compression == P.COMP_NONE]
         assert raw and all(type(r) is bytes for r in raw)
+    finally:
+        repo.close()
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_read_records_into_buffers_raw_straight_in_and_damage_per_record(tmp_path, sealed):
+    from helpers.repo import new_repo
+    from nbdbackup.repo.crypto import MasterKey
+
+    repo = new_repo(tmp_path / "repo", master_key=MasterKey.generate() if sealed else None)
+    data = _distinct(8)
+    write_backup(repo, "vda", data)
+    with repo.open_image(repo.list_backups()[0]) as img:
+        img.chunk_ref(0)
+        hs = [img.chunk_ref(i) for i in range(8)]
+    repo, be = _reopen(repo) if not sealed else (repo, None)
+    try:
+        store = repo.store
+        locs = store.chunk_locations(hs)
+        raw = {h for h in hs if locs[h].compression == P.COMP_NONE}
+        assert raw and len(raw) < 8                       # both kinds in the run
+        bad = locs[hs[3]]
+        with open(os.path.join(repo.path, P.pack_object_name(bad.pack)), "r+b") as f:
+            f.seek(bad.offset + 11)
+            byte = f.read(1)
+            f.seek(bad.offset + 11)
+            f.write(bytes([byte[0] ^ 0x10]))
+        seen = []
+        inner = store.backend.get_into
+        store.backend.get_into = lambda name, off, bufs: seen.append(list(bufs)) or inner(name, off, bufs)
+        # every record, the first one twice, the last one into no buffer (bytes of its own)
+        items = [(locs[h], h) for h in hs] + [(locs[hs[0]], hs[0])]
+        dests = [memoryview(bytearray(CS)) for _ in items[:-2]] + [None, memoryview(bytearray(CS))]
+        got = store.read_records(items, P.REC_CHUNK, dests)
+        assert len(seen) == 1                               # one run, one get
+        for k, ((loc, h), r) in enumerate(zip(items, got)):
+            want = data[hs.index(h) * CS:(hs.index(h) + 1) * CS]
+            if h == hs[3]:
+                assert isinstance(r, RecordError), r
+                assert ("authentication failed" if sealed else "hash mismatch") in str(r)
+            elif dests[k] is None:
+                assert type(r) is bytes and r == want
+            else:
+                assert r is dests[k] and bytes(r) == want
+        # a raw plaintext payload is read into its dest itself; compressed or sealed ones are not
+        straight = [d for d in dests if d is not None and any(b is d for b in seen[0])]
+        assert len(straight) == (0 if sealed else len(raw - {hs[-1]}))
+        # the image reads into one buffer the same way, a damaged chunk's place named
+        with repo.open_image(repo.list_backups()[0]) as img:
+            whole = memoryview(bytearray(8 * CS))
+            out = img.try_chunks(list(range(8)), whole)
+            assert [isinstance(r, ChunkCorrupt) for r in out] == [i == 3 for i in range(8)]
+            assert bytes(whole[:3 * CS]) == data[:3 * CS] and bytes(whole[4 * CS:]) == data[4 * CS:]
+    finally:
+        repo.close()
+
+
+def test_read_into_a_truncated_pack_is_damage_for_the_records_past_its_end(repo):
+    data = _distinct(6)
+    write_backup(repo, "vda", data)
+    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(6)]
+    repo, be = _reopen(repo)
+    try:
+        locs = repo.store.chunk_locations(hs)
+        cut = locs[hs[4]]
+        os.truncate(os.path.join(repo.path, P.pack_object_name(cut.pack)), cut.offset + 10)
+        be.close()
+        dests = [memoryview(bytearray(CS)) for _ in hs]
+        got = repo.store.read_records([(locs[h], h) for h in hs], P.REC_CHUNK, dests)
+        assert [bytes(r) for r in got[:4]] == [data[i * CS:(i + 1) * CS] for i in range(4)]
+        assert all(isinstance(r, RecordError) and "truncated" in str(r) for r in got[4:])
     finally:
         repo.close()
 

@@ -34,6 +34,20 @@ def test_put_get_ranges(backend):
     assert backend.get("packs/ab/x.pack", 9, 10) == b"ld"   # short read past the end
 
 
+def test_get_into_fills_buffers_back_to_back(backend):
+    body = bytes(range(256)) * 40
+    backend.put("packs/ab/y.pack", [body])
+    bufs = [bytearray(n) for n in (3, 1000, 0, 4000)]
+    assert backend.get_into("packs/ab/y.pack", 5, [memoryview(b) for b in bufs]) == 5003
+    assert b"".join(bufs) == body[5:5008]
+    # past the end: filled as far as the object goes, the count says how far
+    tail = [bytearray(100), bytearray(100)]
+    assert backend.get_into("packs/ab/y.pack", len(body) - 150, [memoryview(b) for b in tail]) == 150
+    assert bytes(tail[0]) + bytes(tail[1][:50]) == body[-150:]
+    with pytest.raises(FileNotFoundError):
+        backend.get_into("packs/00/none.pack", 0, [memoryview(bytearray(1))])
+
+
 def test_missing_object(backend):
     assert not backend.exists("packs/00/none.pack")
     with pytest.raises(FileNotFoundError):

@@ -140,6 +140,31 @@ def test_direct_runs_longer_than_a_buffer_and_an_unaligned_tail(tmp_path):
     assert out.read_bytes() == bytes(8192) + b"".join(pieces) + tail
 
 
+def test_a_run_in_an_aligned_buffer_is_written_from_it_and_others_are_copied(tmp_path):
+    from nbdbackup.engine.restore_direct import UNIT
+    from nbdbackup.fsutil import anonymous_map
+
+    out = tmp_path / "aligned.raw"
+    rnd = random.Random(4)
+    reader_buf = anonymous_map(2 * UNIT)             # what restore decodes a batch into
+    reader_buf[:] = rnd.randbytes(2 * UNIT)
+    odd = bytearray(rnd.randbytes(8192 + 1))         # a run not on a page boundary in memory
+    t = FileTarget(str(out), 3 * UNIT)
+    try:
+        with memoryview(reader_buf) as whole:
+            assert t._direct.write_run(0, [whole[4096:4096 + UNIT + 8192]])
+        assert t._direct._buffers._free == []        # written from the reader's buffer, no copy
+        assert t._direct.write_run(2 * UNIT, [memoryview(odd)[1:]])
+        assert len(t._direct._buffers._free) == 1     # copied into an aligned one first
+        t.finish()
+    except BaseException:
+        t.abort()
+        raise
+    got = out.read_bytes()
+    assert got[:UNIT + 8192] == reader_buf[4096:4096 + UNIT + 8192]
+    assert got[2 * UNIT:2 * UNIT + 8192] == odd[1:]
+
+
 def test_a_failing_direct_reopen_falls_back_and_leaks_nothing(tmp_path, monkeypatch):
     """Any error reopening the file O_DIRECT (here EMFILE) leaves the target buffered: the
     restore goes on, and no descriptor or temporary file is left behind."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ChunkCorrupt, NoSpaceError, is_no_space
+from ..fsutil import BufferPool
 from ..progress import NoBar
 from ..repo.maps import merge_ranges
 from .restore_targets import open_target
@@ -109,26 +110,38 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
     damaged = result.damaged if result.salvage else None     # list.append is thread-safe
     lost_segments: list[int] = []
 
+    buffers = BufferPool(batch * cs)    # one per batch being copied: chunks decoded straight into it
+
     def copy_batch(first: int, end: int) -> int:
-        n = 0
         indexes = list(range(first, end))
-        got = img.try_chunks(indexes) if damaged is not None else img.read_chunks(indexes)
-        run_at, run = first * cs, []       # neighbouring good chunks: one write_run
+        buf = buffers.take()
+        try:
+            with memoryview(buf) as whole:
+                return write_batch(indexes, whole)
+        finally:
+            buffers.give(buf)
+
+    def write_batch(indexes: list[int], whole: memoryview) -> int:
+        n = 0
+        got = img.try_chunks(indexes, whole) if damaged is not None else img.read_chunks(indexes, whole)
+        run_at = indexes[0] * cs       # neighbouring good chunks, whole[lo:hi]: one write_run
+        lo = hi = 0
         for i, data in zip(indexes, got):
             if isinstance(data, ChunkCorrupt):      # salvage: zeros there, and say where
-                if run:
-                    t.write_run(run_at, run)
-                run_at, run = (i + 1) * cs, []
+                if hi > lo:
+                    t.write_run(run_at, [whole[lo:hi]])
+                run_at, lo = (i + 1) * cs, hi + data.length
+                hi = lo
                 log.warning("salvage: %s; written as zeros", data)
                 damaged.append((data.offset, data.length))
                 if t.needs_zeroing:
                     t.zero(data.offset, data.length)
                 n += data.length
                 continue
-            run.append(data)
+            hi += len(data)
             n += len(data)
-        if run:
-            t.write_run(run_at, run)
+        if hi > lo:
+            t.write_run(run_at, [whole[lo:hi]])
         return n
 
     def segment_lost(offset: int, length: int, e) -> None:

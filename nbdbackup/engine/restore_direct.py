@@ -16,11 +16,11 @@ alignment); the caller is told by write_run() returning False.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
-import threading
 
-from ..fsutil import anonymous_map
+from ..fsutil import BufferPool
 
 ALIGN = 4096                # offsets, lengths and buffer addresses: what every device takes
 UNIT = 4 << 20              # bytes per aligned buffer and per direct pwrite
@@ -33,8 +33,7 @@ class DirectWriter:
     def __init__(self, fd: int):
         self.fd = fd
         self.refused = False        # the device refused an alignment: every run buffered from then on
-        self._free: list = []       # idle aligned buffers: at most one per writer thread ever made
-        self._lock = threading.Lock()
+        self._buffers = BufferPool(UNIT)    # for runs not already in an aligned buffer
 
     @classmethod
     def open(cls, fd: int) -> "DirectWriter | None":
@@ -53,7 +52,10 @@ class DirectWriter:
         written) when this run cannot go direct: the caller writes it through the page cache."""
         if self.refused or offset % ALIGN or sum(len(b) for b in buffers) % ALIGN:
             return False
-        buf = self._take()
+        if len(buffers) == 1 and _aligned(buffers[0]):
+            with memoryview(buffers[0]) as whole:      # the reader's own aligned buffer: no copy
+                return self._write(whole, offset)
+        buf = self._buffers.take()
         try:
             with memoryview(buf) as out:
                 fill = 0
@@ -70,7 +72,7 @@ class DirectWriter:
                                 offset, fill = offset + fill, 0
                 return not fill or self._write(out[:fill], offset)
         finally:
-            self._give(buf)
+            self._buffers.give(buf)
 
     def _write(self, view: memoryview, offset: int) -> bool:
         done = 0
@@ -84,20 +86,17 @@ class DirectWriter:
             return False
         return True
 
-    def _take(self):
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return anonymous_map(UNIT)          # page-aligned
-
-    def _give(self, buf) -> None:
-        with self._lock:
-            self._free.append(buf)
-
     def close(self) -> None:
         """Once no write runs any more (finish, abort)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        with self._lock:
-            self._free.clear()      # unmapped with their last reference (a failed write's traceback may hold one)
+        self._buffers.clear()       # unmapped with their last reference (a failed write's traceback may hold one)
+
+
+def _aligned(buf) -> bool:
+    """*buf* starts on an ALIGN boundary (only a writable buffer can say where it is)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % ALIGN == 0
+    except (TypeError, ValueError):     # read-only (bytes) or empty
+        return False

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 ZERO_STEP = 8 << 20
+WRITE_REQUEST = 256 << 10     # NBD target: bytes per WRITE (nbdcopy's default request size)
 FLUSH_EVERY = 64 << 20                # NBD target: an early FLUSH sent after this many bytes written
 
 # A file target is written to TEMP_PREFIX<target name>-<8 hex digits> beside it (plus
@@ -281,13 +282,18 @@ class NbdTarget:
         self.pool.write(offset, data)
 
     def write_run(self, offset: int, buffers: list) -> None:
-        # all sent before any reply is awaited: a run's chunks are in flight together
+        # all sent before any reply is awaited: a run's requests are in flight together; every
+        # one settled before this returns or raises (the caller reuses the buffers)
         sent = []
-        for b in buffers:
-            sent.append(self.pool.submit_write(offset, b))
-            offset += len(b)
-        for f in sent:
-            f.exception()           # every write settled before the first error is raised
+        try:
+            for b in buffers:
+                with memoryview(b) as view:
+                    for at in range(0, len(view), WRITE_REQUEST):
+                        sent.append(self.pool.submit_write(offset + at, view[at:at + WRITE_REQUEST]))
+                    offset += len(view)
+        finally:
+            for f in sent:
+                f.exception()
         for f in sent:
             f.result()
         with self._lock:

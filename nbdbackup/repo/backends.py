@@ -5,7 +5,8 @@ atomic, durable when it returns, and create-only: the object is either complete
 under its name or absent, and a name that exists is never overwritten (put()
 raises FileExistsError, leaving the old object as it was), so two writers (two
 hosts on one bucket) can never clobber each other. Readers use get() with ranges
-(the local backend: get_ranges(), many at once); objects are never modified."""
+(the local backend: get_ranges(), many at once), or get_into() the reader's own
+buffers; objects are never modified."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..errors import NoSpaceError, storage_error
-from ..fsutil import IOV_MAX, fsync_path
+from ..fsutil import IOV_MAX, fsync_path, preadv_all, scatter
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class StorageBackend:
         Raises FileNotFoundError for a missing object. May return fewer bytes
         when the range runs past the end (the caller checks)."""
         raise NotImplementedError
+
+    def get_into(self, name: str, offset: int, buffers: list) -> int:
+        """*buffers* (writable) filled back to back with the bytes from *offset*; the bytes
+        filled, fewer than asked only where the object ends. FileNotFoundError as get()."""
+        return scatter(self.get(name, offset, sum(len(b) for b in buffers)), buffers)
 
     def size(self, name: str) -> int:
         raise NotImplementedError
@@ -202,6 +208,15 @@ class LocalBackend(StorageBackend):
         fd = self._acquire(name)
         try:
             return [os.pread(fd, max(os.fstat(fd).st_size - a if n is None else n, 0), a) for a, n in ranges]
+        finally:
+            self._release(name)
+
+    def get_into(self, name: str, offset: int, buffers: list) -> int:
+        """One preadv (per IOV_MAX buffers) straight into the reader's buffers: a raw chunk goes
+        from the page cache to where it is written out, with no bytes object between."""
+        fd = self._acquire(name)
+        try:
+            return preadv_all(fd, offset, buffers)
         finally:
             self._release(name)
 

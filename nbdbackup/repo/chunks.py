@@ -133,3 +133,39 @@ def decode(payload: bytes, compression: int, raw_len: int, expected: bytes, hash
     if hasher(data) != expected:
         raise DecodeError("hash mismatch")
     return data.tobytes() if isinstance(data, memoryview) else data
+
+
+def decode_into(payload, compression: int, raw_len: int, expected: bytes, dest: memoryview,
+                hasher=hash_bytes) -> memoryview:
+    """decode() into *dest* (exactly *raw_len* writable bytes), which it returns once checked.
+    *payload* None: a raw record's bytes were read into *dest* already (no copy at all).
+    zstd decompresses straight into *dest*: a restore's buffers are reused, so it pays no
+    page faults for fresh output (a third of its decompression's CPU when measured)."""
+    if len(dest) != raw_len:
+        raise DecodeError(f"length {len(dest)} != {raw_len}")
+    if compression == COMP_NONE:
+        if payload is not None:
+            if len(payload) != raw_len:
+                raise DecodeError(f"length {len(payload)} != {raw_len}")
+            dest[:] = payload
+    elif compression == COMP_ZSTD:
+        if payload is None:
+            raise DecodeError("compressed record read as raw")
+        try:
+            with _decompressor().stream_reader(payload, read_across_frames=False) as r:
+                got = 0
+                while got < raw_len:
+                    n = r.readinto(dest[got:])
+                    if not n:
+                        break
+                    got += n
+                extra = r.read(1)
+        except zstandard.ZstdError as e:
+            raise DecodeError(f"zstd: {e}") from None
+        if got != raw_len or extra:
+            raise DecodeError(f"zstd gave {got}{'+' * bool(extra)} bytes, expected {raw_len}")
+    else:
+        raise DecodeError(f"unknown compression {compression}")
+    if hasher(dest) != expected:
+        raise DecodeError("hash mismatch")
+    return dest

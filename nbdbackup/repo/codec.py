@@ -58,6 +58,8 @@ class RecordCodec(Protocol):
     def encode_blob(self, rtype: int, raw: bytes, level: int) -> tuple[bytes, int, bytes]: ...
     def decode(self, rtype: int, compression: int, raw_len: int, expected: bytes, stored,
                flags: int | None = None) -> bytes: ...
+    def decode_into(self, rtype: int, compression: int, raw_len: int, expected: bytes, stored,
+                    dest: memoryview, flags: int | None = None) -> memoryview: ...
 
 
 def _is_zero(data, h: bytes, zero_hash) -> bool:
@@ -87,17 +89,27 @@ class PlainCodec:
 
     def decode(self, rtype: int, compression: int, raw_len: int, expected: bytes, stored,
                flags: int | None = None) -> bytes:
-        if flags is not None and flags != 0:
-            raise DecodeError("record is encrypted (sealed), but this repository is not: "
-                              "not this repository's record" if flags == FLAG_SEALED
-                              else f"unknown record flags {flags:#x}")
+        _check_plain(flags)
         return chunks.decode(stored, compression, raw_len, expected)
+
+    def decode_into(self, rtype: int, compression: int, raw_len: int, expected: bytes, stored,
+                    dest: memoryview, flags: int | None = None) -> memoryview:
+        """decode() into *dest*; *stored* None: a raw payload read into *dest* already."""
+        _check_plain(flags)
+        return chunks.decode_into(stored, compression, raw_len, expected, dest)
 
     def __repr__(self) -> str:
         return "PlainCodec()"
 
 
 PLAIN = PlainCodec()
+
+
+def _check_plain(flags: int | None) -> None:
+    if flags is not None and flags != 0:
+        raise DecodeError("record is encrypted (sealed), but this repository is not: "
+                          "not this repository's record" if flags == FLAG_SEALED
+                          else f"unknown record flags {flags:#x}")
 
 
 class SealedCodec:
@@ -162,6 +174,19 @@ class SealedCodec:
 
     def decode(self, rtype: int, compression: int, raw_len: int, expected: bytes, stored,
                flags: int | None = None) -> bytes:
+        body = self._open(rtype, compression, raw_len, expected, stored, flags)
+        return chunks.decode(body, compression, raw_len, expected, self.hash)
+
+    def decode_into(self, rtype: int, compression: int, raw_len: int, expected: bytes, stored,
+                    dest: memoryview, flags: int | None = None) -> memoryview:
+        """decode() into *dest* (AES-GCM gives the body as fresh bytes; zstd's output goes to *dest*)."""
+        if stored is None:
+            raise DecodeError("encrypted record read as raw")
+        body = self._open(rtype, compression, raw_len, expected, stored, flags)
+        return chunks.decode_into(body, compression, raw_len, expected, dest, self.hash)
+
+    def _open(self, rtype: int, compression: int, raw_len: int, expected: bytes, stored, flags: int | None):
+        """The record's body (still compressed when it was), authenticated and decrypted."""
         if flags is not None and flags != FLAG_SEALED:
             raise DecodeError("record is not encrypted, but this repository is: not this repository's record"
                               if flags == 0 else f"unknown record flags {flags:#x}")
@@ -171,11 +196,10 @@ class SealedCodec:
         view = memoryview(stored)
         aad = header_bytes(rtype, compression, FLAG_SEALED, raw_len, n, expected)
         try:
-            body = self._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
+            return self._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
         except self._invalid_tag:
             raise DecodeError("authentication failed: the record or its header was altered "
                               "(or it was written with another key)") from None
-        return chunks.decode(body, compression, raw_len, expected, self.hash)
 
 
 def codec_for(config, key: MasterKey | None) -> RecordCodec:

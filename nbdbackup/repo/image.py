@@ -38,6 +38,20 @@ SEGMENT_CACHE = 64   # decoded segments + chunk locations per image (~200 KB eac
 READ_BATCH = 32      # chunks per read_chunks() call in read(): 8 MiB of 256 KiB chunks
 
 
+def _zero_fill(place: memoryview) -> memoryview:
+    place[:] = zeros(len(place))
+    return place
+
+
+def _copy_into(data, place: memoryview):
+    """*data* (a chunk read for another position, or as bytes) put in its *place*; a chunk of
+    the wrong length stays as it is, for the length check to refuse."""
+    if len(data) != len(place):
+        return data
+    place[:] = data
+    return place
+
+
 class BackupImage:
     def __init__(self, ctx: "RepoContext", info: BackupInfo, refs: list[bytes | None], reader_lock: "RepoLock"):
         self.info = info
@@ -111,27 +125,35 @@ class BackupImage:
         """Chunk *index*, decompressed and verified; zeros for a zero chunk."""
         return self.read_chunks([index])[0]
 
-    def read_chunks(self, indexes: list[int]) -> list[bytes]:
+    def read_chunks(self, indexes: list[int], into: memoryview | None = None) -> list[bytes | memoryview]:
         """Chunks *indexes*, each as read_chunk() returns it; raises the ChunkCorrupt of the first
-        damaged one. Neighbouring records come in one ranged read."""
-        out = self.try_chunks(indexes)
+        damaged one. Neighbouring records come in one ranged read. *into*: see try_chunks()."""
+        out = self.try_chunks(indexes, into)
         for r in out:
             if isinstance(r, ChunkCorrupt):
                 raise r
         return out      # type: ignore[return-value]
 
-    def try_chunks(self, indexes: list[int]) -> list[bytes | ChunkCorrupt]:
-        """Like read_chunks(), but a damaged chunk's ChunkCorrupt takes its place in the list."""
+    def try_chunks(self, indexes: list[int], into: memoryview | None = None) -> list[bytes | memoryview | ChunkCorrupt]:
+        """Like read_chunks(), but a damaged chunk's ChunkCorrupt takes its place in the list.
+        *into*: a writable buffer the chunks are decoded into back to back (it must hold them
+        all); each good chunk is then a memoryview of its place there, and a damaged one's
+        place holds no data to rely on."""
         out: list = [None] * len(indexes)
+        places: list = [None] * len(indexes)                # each chunk's part of *into*
         want: dict[bytes, tuple[int, list[int]]] = {}      # hash -> (segment, positions in out)
         segs: dict[int, dict[bytes, Location]] = {}
+        at = 0
         for k, index in enumerate(indexes):
             self._check_index(index)
+            n = maps.chunk_len(index, self.size, self.chunk_size)
+            if into is not None:
+                places[k], at = into[at:at + n], at + n
             seq, i = divmod(index, self._seg_len)
             seg = self._segment(seq)
             ref = ZERO_REF if seg is None else maps.entry(seg[0], i)
             if ref == ZERO_REF:
-                out[k] = zeros(maps.chunk_len(index, self.size, self.chunk_size))
+                out[k] = zeros(n) if into is None else _zero_fill(places[k])
                 continue
             segs[seq] = seg[1]
             want.setdefault(ref, (seq, []))[1].append(k)
@@ -143,13 +165,18 @@ class BackupImage:
             for h, loc in tried.items():
                 if loc is None:
                     errors[h] = "is missing from the index"
-            for (_loc, h), r in zip(items, self._store.read_records(items, REC_CHUNK) if items else []):
+            dests = None
+            if into is not None:    # a record of another length than its place: read as bytes, refused below
+                dests = [places[want[h][1][0]] for _, h in items]
+                dests = [d if d is not None and len(d) == loc.raw_len else None
+                         for d, (loc, _) in zip(dests, items)]
+            for (_loc, h), r in zip(items, self._store.read_records(items, REC_CHUNK, dests) if items else []):
                 if isinstance(r, RecordError):
                     errors[h] = f"is damaged: {r}"
                 else:
                     errors.pop(h, None)
                     for k in want[h][1]:
-                        out[k] = r
+                        out[k] = r if into is None or r is places[k] else _copy_into(r, places[k])
             if attempt or not errors:
                 break
             # a repack may have moved them: ask the index again, retry those it now places elsewhere

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from ..errors import CredentialsError, NbdBackupError, NoSuchBucket, StorageUnreachable, UsageError
+from ..fsutil import scatter
 from .backends import ObjectInfo, StorageBackend, check_name
 from .s3client import (
     BodyBrokeOff,
@@ -215,6 +216,11 @@ class S3Backend(StorageBackend):
         finally:
             if buf is not None:
                 self._buffers.give(buf)
+
+    def get_into(self, name: str, offset: int, buffers: list) -> int:
+        """Through reading()'s pooled buffer: a GET's body is read there, then spread out."""
+        with self.reading(name, offset, sum(len(b) for b in buffers)) as data:
+            return scatter(data, buffers)
 
     def _head(self, name: str) -> dict:
         return self._call(f"looking up {name}", self.client.head_object, name=name,

@@ -26,10 +26,11 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from ..errors import RepoDamaged, StorageUnreachable, storage_error
+from ..fsutil import anonymous_map
 from .chunks import DecodeError
 from .codec import RecordCodec
 from .indexerrors import index_errors
-from .packs import HEADER_SIZE, REC_SEGMENT, PackFormatError, RecordInfo, pack_object_name, parse_header
+from .packs import COMP_NONE, HEADER_SIZE, REC_SEGMENT, PackFormatError, RecordInfo, pack_object_name, parse_header
 from .schema import chunks, packs, segments
 
 _IN_BATCH = 500   # bound on bound parameters per IN (...) query
@@ -109,17 +110,23 @@ class ObjectStore:
         data = self._get(loc.pack, loc.offset - HEADER_SIZE, HEADER_SIZE + loc.stored_len)
         return check_record(loc, expected, rtype, data, self.codec)
 
-    def read_records(self, items: list[tuple[Location, bytes]], rtype: int) -> list[bytes | RecordError]:
+    def read_records(self, items: list[tuple[Location, bytes]], rtype: int,
+                     dests: list[memoryview | None] | None = None) -> list[bytes | memoryview | RecordError]:
         """Records (location, expected hash) of type *rtype*, each checked as read_record() checks
         it: its bytes, or the RecordError saying what is wrong with that one record. Records
-        of one pack are read in runs, one backend get per run (see the module docstring)."""
-        out: list[bytes | RecordError] = [RecordError("not read")] * len(items)
+        of one pack are read in runs, one backend get per run (see the module docstring).
+        *dests*: per item, a writable buffer of exactly its raw length to decode it into (then
+        that buffer is its result), or None for bytes of its own."""
+        out: list[bytes | memoryview | RecordError] = [RecordError("not read")] * len(items)
         by_pack: dict[str, list[int]] = {}
         for k, (loc, _h) in enumerate(items):
             by_pack.setdefault(loc.pack, []).append(k)
         ranged = getattr(self.backend, "get_ranges", None)
         for pack, ks in by_pack.items():
             for run in runs([items[k][0] for k in ks]):
+                if dests is not None:
+                    self._read_run_into(pack, [ks[j] for j in run], items, rtype, dests, out)
+                    continue
                 if ranged is not None:
                     self._read_ranged(pack, [ks[j] for j in run], items, rtype, out)
                     continue
@@ -159,6 +166,69 @@ class ObjectStore:
                 if isinstance(got, RecordError):
                     raise got
                 out[k] = check_record(loc, h, rtype, got[2 * n], self.codec, payload=got[2 * n + 1])
+            except RecordError as e:
+                out[k] = e
+
+    def _read_run_into(self, pack: str, ks: list[int], items, rtype: int, dests: list, out: list) -> None:
+        """Records *ks* of *items* (one run of *pack*, in pack order) read with one get_into():
+        a raw plaintext record's payload lands in its dest, everything else (headers, the dead
+        bytes between records, compressed or sealed payloads) in this thread's scratch buffer."""
+        direct = not self.codec.encrypted
+        start = items[ks[0]][0].offset - HEADER_SIZE
+        parts: list[tuple[int, int, int, bool]] = []       # item, header at, payload at, payload in dest
+        pos = fill = 0                                      # pack offset - start; bytes of scratch used
+        spans: list[tuple[int, int]] = []                  # scratch (at, length) of each view, -1: a dest
+        for k in ks:
+            loc = items[k][0]
+            a = loc.offset - HEADER_SIZE - start
+            if a < pos:             # the same record twice: read once, copied below
+                parts.append((k, -1, -1, False))
+                continue
+            if a > pos:
+                spans.append((fill, a - pos))
+                fill += a - pos
+            spans.append((fill, HEADER_SIZE))
+            hdr_at, fill = fill, fill + HEADER_SIZE
+            dest = dests[k]
+            if direct and dest is not None and loc.compression == COMP_NONE and len(dest) == loc.stored_len:
+                spans.append((-1, k))
+                parts.append((k, hdr_at, -1, True))
+            else:
+                spans.append((fill, loc.stored_len))
+                parts.append((k, hdr_at, fill, False))
+                fill += loc.stored_len
+            pos = a + HEADER_SIZE + loc.stored_len
+        scratch = _scratch(fill)
+        views = [dests[n] if at < 0 else scratch[at:at + n] for at, n in spans]
+        try:
+            got = self.backend.get_into(pack_object_name(pack), start, views)
+        except FileNotFoundError:
+            for k, *_ in parts:
+                out[k] = RecordError(f"pack {pack} is missing")
+            return
+        except OSError as e:
+            raise _read_error(pack, e) from None
+        first: dict[int, int] = {}         # record offset -> item it was read for
+        for k, hdr_at, body_at, in_dest in parts:
+            loc, h = items[k]
+            try:
+                if hdr_at < 0:
+                    if loc.offset not in first:
+                        raise RecordError(f"pack {pack} at {loc.offset}: overlaps the record before it")
+                    done = out[first[loc.offset]]
+                    if isinstance(done, RecordError):
+                        raise done
+                    out[k] = _copy_to(done, dests[k])
+                    continue
+                first[loc.offset] = k
+                if loc.offset + loc.stored_len - start > got:
+                    raise RecordError(f"pack {pack} is truncated")
+                hdr = scratch[hdr_at:hdr_at + HEADER_SIZE]
+                payload = None if in_dest else scratch[body_at:body_at + loc.stored_len]
+                if dests[k] is None:
+                    out[k] = check_record(loc, h, rtype, hdr, self.codec, payload=payload)
+                else:
+                    out[k] = check_record(loc, h, rtype, hdr, self.codec, payload=payload, dest=dests[k])
             except RecordError as e:
                 out[k] = e
 
@@ -233,11 +303,16 @@ def _read_error(pack: str, e: OSError):
 
 
 def check_record(loc: Location, expected: bytes, rtype: int, data, codec: RecordCodec,
-                 payload=None) -> bytes:
+                 payload=None, dest: memoryview | None = None):
     """The payload of record *loc* (header + payload bytes in *data*, or the header there and
     the payload in *payload*), decoded by *codec* (opened, decompressed, its id checked against
-    *expected*) after checking its header against the index; RecordError on any damage."""
-    if payload is None:
+    *expected*) after checking its header against the index; RecordError on any damage.
+    *dest*: decoded into that buffer (exactly raw_len bytes), which is returned; *payload* None
+    with a *dest*: the raw payload was read into *dest* itself."""
+    if dest is not None and payload is None:
+        if len(data) != HEADER_SIZE or len(dest) != loc.stored_len:
+            raise RecordError(f"pack {loc.pack} is truncated")
+    elif payload is None:
         if len(data) != HEADER_SIZE + loc.stored_len:
             raise RecordError(f"pack {loc.pack} is truncated")
         payload = memoryview(data)[HEADER_SIZE:]
@@ -251,9 +326,31 @@ def check_record(loc: Location, expected: bytes, rtype: int, data, codec: Record
             (rtype, expected, loc.stored_len, loc.raw_len, loc.compression):
         raise RecordError(f"pack {loc.pack} at {loc.offset}: record header does not match the index")
     try:
+        if dest is not None:
+            return codec.decode_into(rtype, loc.compression, loc.raw_len, expected, payload, dest, flags=hdr.flags)
         return codec.decode(rtype, loc.compression, loc.raw_len, expected, payload, flags=hdr.flags)
     except DecodeError as e:
         raise RecordError(f"pack {loc.pack} at {loc.offset}: {e}") from None
+
+
+_tls = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """This thread's scratch buffer, at least *n* bytes (kept between calls: a run's headers
+    and compressed payloads land in the same pages each time, not in fresh ones)."""
+    buf = getattr(_tls, "scratch", None)
+    if buf is None or len(buf) < n:
+        buf = _tls.scratch = memoryview(anonymous_map(max(n, 1 << 20)))
+    return buf
+
+
+def _copy_to(data, dest: memoryview | None):
+    """A duplicate's result: *data* itself (bytes) or copied into its own *dest*."""
+    if dest is None:
+        return bytes(data)
+    dest[:] = data
+    return dest
 
 
 def runs(locs: list[Location], gap: int = RUN_GAP, limit: int = RUN_MAX) -> list[list[int]]:
