@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import threading
+from collections import deque
 
 LOW_SPACE = 1 << 20     # below this much free room, a write (SQLite's -wal/-shm included) is about to fail
 
@@ -155,15 +156,11 @@ def default_state_dir() -> str:
     return os.path.join(base, "nbdbackup")
 
 
-_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 _sync_file_range = None     # libc's, loaded on first use; False where there is none
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing [offset, offset+length) of *fd* to disk now, without
-    waiting (sync_file_range SYNC_FILE_RANGE_WRITE, as nbdcopy does after each write): the
-    final fsync then waits for the tail, not the whole file. A hint only: fsync still
-    decides durability and reports errors, so any failure here is ignored."""
+def _libc_sync_file_range():
     global _sync_file_range
     if _sync_file_range is None:
         import ctypes
@@ -175,5 +172,48 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
             _sync_file_range = f
         except (OSError, AttributeError):
             _sync_file_range = False
-    if _sync_file_range:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)    # the call releases the GIL
+    return _sync_file_range
+
+
+class WritebackWindow:
+    """Writeback of a file being written, kept close behind the writes (nbdcopy's way with a
+    file it writes): after each write its range is handed to the disk at once
+    (sync_file_range WRITE, no waiting); once more than *window* bytes are in flight, the
+    oldest ranges are waited for and, with *evict*, dropped from the page cache
+    (POSIX_FADV_DONTNEED). So the disk writes beside the copy, the final fsync waits only
+    for the last window, and the page cache holds about a window of the file: its pages
+    are used again, not fresh ones each time (in a VM fresh pages may each fault in the
+    host too). fsync still decides durability. An error of a wait is raised: the kernel
+    reports a writeback error once per descriptor, so a later fsync might not see it."""
+
+    def __init__(self, fd: int, window: int = 32 << 20, *, evict: bool = True):
+        self.fd, self.window, self.evict = fd, window, evict
+        self._ranges: deque[tuple[int, int]] = deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def wrote(self, offset: int, length: int) -> None:
+        srf = _libc_sync_file_range()
+        if not srf or length <= 0:
+            return
+        srf(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE)     # a hint; the call releases the GIL
+        due = []
+        with self._lock:
+            self._ranges.append((offset, length))
+            self._bytes += length
+            while self._bytes > self.window:
+                due.append(self._ranges.popleft())
+                self._bytes -= due[-1][1]
+        for off, n in due:
+            if srf(self.fd, off, n, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
+                   | _SYNC_FILE_RANGE_WAIT_AFTER) != 0:
+                e = _last_errno()
+                raise OSError(e, os.strerror(e))
+            if self.evict:
+                os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+
+
+def _last_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()

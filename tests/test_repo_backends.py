@@ -7,7 +7,8 @@ import time
 import pytest
 
 from nbdbackup.errors import NoSpaceError
-from nbdbackup.repo.backends import LocalBackend, MemoryBackend
+from nbdbackup.repo.backends import LocalBackend
+from nbdbackup.repo.memory_backend import MemoryBackend
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

@@ -221,7 +221,7 @@ def test_second_writer_of_same_disk_is_locked(tmp_path):
 
 
 def test_memory_backend_repository(tmp_path):
-    from nbdbackup.repo.backends import MemoryBackend
+    from nbdbackup.repo.memory_backend import MemoryBackend
     be = MemoryBackend()
     repo = new_repo(tmp_path / "r", segment_len=SEG, backend=be)
     data = pseudo(17, 6 * CS + 1)

@@ -3,8 +3,8 @@
 import pytest
 
 from nbdbackup.repo import packs as P
-from nbdbackup.repo.backends import MemoryBackend
 from nbdbackup.repo.chunks import hash_bytes
+from nbdbackup.repo.memory_backend import MemoryBackend
 
 
 def _pack(records):

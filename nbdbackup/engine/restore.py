@@ -4,11 +4,11 @@ Chunks are read only through BackupImage.read_chunks (decompressed and hash
 checked; the NBD server uses the same path), in batches of neighbouring
 chunks (BATCH_BYTES of disk: on object storage one ranged get per run of
 neighbouring records, not one per chunk), several batches in flight on a
-small thread pool. Memory: each running batch holds its chunks and the run
-it was read from, about 2 x the batch size, so at most workers x 2 x that
-(local: 4 workers, 32 MiB; S3: 8, 128 MiB), plus one 4 MiB aligned buffer per
-worker for a raw file target's O_DIRECT writes (restore_direct.py); batches waiting
-their turn hold nothing. A backend whose reads wait on round trips asks for more workers
+small thread pool. Each batch is decoded straight into a pooled page-aligned buffer of
+its size (BackupImage.read_chunks into=) and written from there. Memory: each running
+batch holds that buffer and at most a run of scratch (headers, compressed payloads), so
+at most workers x (batch + 8 MiB) (local: 4 workers, 48 MiB; S3: 8, 128 MiB); batches
+waiting their turn hold nothing. A backend whose reads wait on round trips asks for more workers
 (read_workers): on radosgw over loopback 8 batches in flight restored ~1.4x
 faster than 4; so does an NBD target (min_workers: each batch waits for its
 writes' replies). On local packs the work is CPU and the target's I/O, and 8

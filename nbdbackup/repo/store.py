@@ -12,6 +12,9 @@ reading() (S3) lends a reused buffer for the run while its records are decoded.
 A backend with get_ranges() (local files) reads each header and payload of a run
 into bytes of their own in one call: a raw chunk's payload is then returned as
 read, not copied out of the run (and dead bytes between records are not read).
+Given buffers to decode into (dests), a run is one get_into() instead: raw
+plaintext payloads are read into their buffers, the rest into a per-thread
+scratch buffer, and each record is decoded into its buffer (codec.decode_into).
 """
 
 from __future__ import annotations
