@@ -3,6 +3,7 @@ that survive a repack: a reader holding locations of a pack gc rewrote looks the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -148,6 +149,19 @@ def test_local_runs_read_each_header_and_payload_alone_and_skip_dead_bytes(repo)
         repo.close()
 
 
+class LendsBuffers(CountedGets):
+    """A backend that lends a buffer per run, as S3Backend.reading() does."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.lent = 0
+
+    @contextlib.contextmanager
+    def reading(self, name, offset, length):
+        self.lent += 1
+        yield bytearray(self.inner.get(name, offset, length))
+
+
 @pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
 def test_read_records_into_buffers_raw_straight_in_and_damage_per_record(tmp_path, sealed):
     from helpers.repo import new_repo
@@ -197,6 +211,34 @@ def test_read_records_into_buffers_raw_straight_in_and_damage_per_record(tmp_pat
             out = img.try_chunks(list(range(8)), whole)
             assert [isinstance(r, ChunkCorrupt) for r in out] == [i == 3 for i in range(8)]
             assert bytes(whole[:3 * CS]) == data[:3 * CS] and bytes(whole[4 * CS:]) == data[4 * CS:]
+    finally:
+        repo.close()
+
+
+def test_read_records_into_buffers_from_a_lent_run_buffer(repo):
+    data = _distinct(8)
+    write_backup(repo, "vda", data)
+    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(8)]
+    repo.close()
+    be = LendsBuffers(LocalBackend(repo.path, os.path.join(repo.path, "tmp")))
+    repo = Repository.open(repo.path, backend=be)
+    try:
+        locs = repo.store.chunk_locations(hs)
+        bad = locs[hs[6]]
+        with open(os.path.join(repo.path, P.pack_object_name(bad.pack)), "r+b") as f:
+            f.seek(bad.offset + 3)
+            byte = f.read(1)
+            f.seek(bad.offset + 3)
+            f.write(bytes([byte[0] ^ 1]))
+        items = [(locs[h], h) for h in hs] + [(locs[hs[2]], hs[2])]
+        dests = [memoryview(bytearray(CS)) for _ in items]
+        got = repo.store.read_records(items, P.REC_CHUNK, dests)
+        assert be.lent == 1                     # one run, one lent buffer, decoded from there
+        for k, ((loc, h), r) in enumerate(zip(items, got)):
+            if h == hs[6]:          # a text chunk: zstd refuses its frame, or blake3 its bytes
+                assert isinstance(r, RecordError) and f"at {bad.offset}: " in str(r)
+            else:
+                assert r is dests[k] and bytes(r) == data[hs.index(h) * CS:(hs.index(h) + 1) * CS]
     finally:
         repo.close()
 

@@ -176,8 +176,11 @@ class ObjectStore:
         """Records *ks* of *items* (one run of *pack*, in pack order) read with one get_into():
         a raw plaintext record's payload lands in its dest, everything else (headers, the dead
         bytes between records, compressed or sealed payloads) in this thread's scratch buffer."""
-        direct = not self.codec.encrypted
         start = items[ks[0]][0].offset - HEADER_SIZE
+        if getattr(self.backend, "reading", None) is not None:
+            self._decode_run_into(pack, start, ks, items, rtype, dests, out)
+            return
+        direct = not self.codec.encrypted
         parts: list[tuple[int, int, int, bool]] = []       # item, header at, payload at, payload in dest
         pos = fill = 0                                      # pack offset - start; bytes of scratch used
         spans: list[tuple[int, int]] = []                  # scratch (at, length) of each view, -1: a dest
@@ -233,6 +236,27 @@ class ObjectStore:
                 else:
                     out[k] = check_record(loc, h, rtype, hdr, self.codec, payload=payload, dest=dests[k])
             except RecordError as e:
+                out[k] = e
+
+    def _decode_run_into(self, pack: str, start: int, ks: list[int], items, rtype: int, dests: list,
+                         out: list) -> None:
+        """_read_run_into() through a backend that lends a buffer for the run (S3): each record
+        decoded from there into its dest, with no scratch copy between."""
+        end = max(items[k][0].offset + items[k][0].stored_len for k in ks)
+        try:
+            with self._reading(pack, start, end - start) as data:
+                view = memoryview(data)
+                for k in ks:
+                    loc, h = items[k]
+                    a = loc.offset - HEADER_SIZE - start
+                    try:
+                        out[k] = check_record(loc, h, rtype, view[a:a + HEADER_SIZE], self.codec,
+                                              payload=view[a + HEADER_SIZE:a + HEADER_SIZE + loc.stored_len],
+                                              dest=dests[k])
+                    except RecordError as e:
+                        out[k] = e
+        except RecordError as e:        # the run could not be read
+            for k in ks:
                 out[k] = e
 
     @contextmanager
