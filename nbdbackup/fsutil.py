@@ -78,10 +78,7 @@ def pwritev_all(fd: int, offset: int, buffers: list) -> int:
     while views:
         n = os.pwritev(fd, views[:IOV_MAX], offset)
         offset += n
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
+        _advance(views, n)
     return offset
 
 
@@ -95,11 +92,16 @@ def preadv_all(fd: int, offset: int, buffers: list) -> int:
         if not n:
             break
         got += n
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
+        _advance(views, n)
     return got
+
+
+def _advance(views: list, n: int) -> None:
+    """Drop the first *n* bytes of *views* (what one vectored call moved)."""
+    while views and n >= len(views[0]):
+        n -= len(views.pop(0))
+    if n:
+        views[0] = views[0][n:]
 
 
 def scatter(data, buffers: list) -> int:

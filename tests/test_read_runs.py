@@ -67,6 +67,29 @@ def _distinct(n: int) -> bytes:
     return b"".join(pseudo(1000 + i, CS) if i % 2 else texty(i, CS) for i in range(n))
 
 
+def _hashes(repo, data: bytes, n: int) -> list[bytes]:
+    """The ids of the first *n* chunks of *data* in *repo*."""
+    return [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(n)]
+
+
+def _saved(repo, n: int):
+    """*n* distinct chunks backed up as vda, the repository reopened on a counting backend:
+    (repository, backend, data, chunk ids)."""
+    data = _distinct(n)
+    write_backup(repo, "vda", data)
+    hs = _hashes(repo, data, n)
+    return (*_reopen(repo), data, hs)
+
+
+def _flip(repo, loc: Location, at: int, mask: int) -> None:
+    """Damage record *loc* in its pack: the byte *at* into its payload xor *mask*."""
+    with open(os.path.join(repo.path, P.pack_object_name(loc.pack)), "r+b") as f:
+        f.seek(loc.offset + at)
+        byte = f.read(1)
+        f.seek(loc.offset + at)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 # -- grouping -----------------------------------------------------------------------
 
 def _loc(offset: int, stored: int) -> Location:
@@ -87,19 +110,12 @@ def test_runs_group_neighbours_split_on_gaps_and_length():
 
 
 def test_read_records_one_get_per_run_and_damage_stays_per_record(repo):
-    data = _distinct(12)
-    write_backup(repo, "vda", data)
-    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(12)]
-    repo, be = _reopen(repo)
+    repo, be, data, hs = _saved(repo, 12)
     try:
         locs = repo.store.chunk_locations(hs)
         assert len({locs[h].pack for h in hs}) == 1
         bad = locs[hs[5]]
-        with open(os.path.join(repo.path, P.pack_object_name(bad.pack)), "r+b") as f:
-            f.seek(bad.offset + 7)
-            byte = f.read(1)
-            f.seek(bad.offset + 7)
-            f.write(bytes([byte[0] ^ 0x40]))
+        _flip(repo, bad, 7, 0x40)
         items = [(locs[h], h) for h in reversed(hs)] + [(locs[hs[0]], hs[0])]
         be.gets = 0
         got = repo.store.read_records(items, P.REC_CHUNK)
@@ -126,10 +142,7 @@ def test_read_records_one_get_per_run_and_damage_stays_per_record(repo):
 
 
 def test_local_runs_read_each_header_and_payload_alone_and_skip_dead_bytes(repo):
-    data = _distinct(6)
-    write_backup(repo, "vda", data)
-    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(6)]
-    repo, be = _reopen(repo)
+    repo, be, data, hs = _saved(repo, 6)
     asked = []
     inner = be.get_ranges
     be.get_ranges = lambda name, ranges: asked.append(list(ranges)) or inner(name, ranges)
@@ -180,11 +193,7 @@ def test_read_records_into_buffers_raw_straight_in_and_damage_per_record(tmp_pat
         raw = {h for h in hs if locs[h].compression == P.COMP_NONE}
         assert raw and len(raw) < 8                       # both kinds in the run
         bad = locs[hs[3]]
-        with open(os.path.join(repo.path, P.pack_object_name(bad.pack)), "r+b") as f:
-            f.seek(bad.offset + 11)
-            byte = f.read(1)
-            f.seek(bad.offset + 11)
-            f.write(bytes([byte[0] ^ 0x10]))
+        _flip(repo, bad, 11, 0x10)
         seen = []
         inner = store.backend.get_into
         store.backend.get_into = lambda name, off, bufs: seen.append(list(bufs)) or inner(name, off, bufs)
@@ -218,18 +227,14 @@ def test_read_records_into_buffers_raw_straight_in_and_damage_per_record(tmp_pat
 def test_read_records_into_buffers_from_a_lent_run_buffer(repo):
     data = _distinct(8)
     write_backup(repo, "vda", data)
-    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(8)]
+    hs = _hashes(repo, data, 8)
     repo.close()
     be = LendsBuffers(LocalBackend(repo.path, os.path.join(repo.path, "tmp")))
     repo = Repository.open(repo.path, backend=be)
     try:
         locs = repo.store.chunk_locations(hs)
         bad = locs[hs[6]]
-        with open(os.path.join(repo.path, P.pack_object_name(bad.pack)), "r+b") as f:
-            f.seek(bad.offset + 3)
-            byte = f.read(1)
-            f.seek(bad.offset + 3)
-            f.write(bytes([byte[0] ^ 1]))
+        _flip(repo, bad, 3, 1)
         items = [(locs[h], h) for h in hs] + [(locs[hs[2]], hs[2])]
         dests = [memoryview(bytearray(CS)) for _ in items]
         got = repo.store.read_records(items, P.REC_CHUNK, dests)
@@ -244,10 +249,7 @@ def test_read_records_into_buffers_from_a_lent_run_buffer(repo):
 
 
 def test_read_into_a_truncated_pack_is_damage_for_the_records_past_its_end(repo):
-    data = _distinct(6)
-    write_backup(repo, "vda", data)
-    hs = [prepare(data[i * CS:(i + 1) * CS], repo.compression_level).hash for i in range(6)]
-    repo, be = _reopen(repo)
+    repo, be, data, hs = _saved(repo, 6)
     try:
         locs = repo.store.chunk_locations(hs)
         cut = locs[hs[4]]
