@@ -42,6 +42,10 @@ from .guestfs_model import (  # noqa: F401 - GuestfsError is part of this module
 from .guestfs_watchdog import Watchdog
 
 GUESTFISH = "guestfish"
+LAUNCH_S = 900          # the appliance's boot, at most (TCG on a busy machine: minutes)
+# With KVM it boots in seconds; where nested KVM hangs at boot (seen in a Firecracker VM: stuck
+# after SeaBIOS's "Booting from ROM", qemu never aborts) waiting LAUNCH_S would look like a hang.
+KVM_LAUNCH_S = 60
 TCG_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
 APPLIANCE_HINT = ("check the appliance with `libguestfs-test-tool`; on a machine without working KVM set "
                   "LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg (slower)")
@@ -164,12 +168,13 @@ class GuestfsSession:
         """Start the appliance on the drive. When the user chose no backend and KVM fails
         (here qemu aborts), try once more under TCG and say so."""
         user_chose = any(k in self.base_env for k in TCG_ENV)
+        may_retry = not user_chose and os.path.exists("/dev/kvm")
         try:
-            self._launch(self.base_env)
+            self._launch(self.base_env, run_timeout=KVM_LAUNCH_S if may_retry else LAUNCH_S)
             return
         except ApplianceFailed as e:
             first = e
-        if user_chose or not os.path.exists("/dev/kvm"):
+        if not may_retry:
             raise first
         self.warn(f"the libguestfs appliance failed to start with KVM ({first}); retrying under TCG "
                   "(slower). To skip this attempt, set LIBGUESTFS_BACKEND=direct "
@@ -177,7 +182,7 @@ class GuestfsSession:
         self.tcg_fallback = True
         self._launch({**self.base_env, **TCG_ENV})
 
-    def _launch(self, env: dict) -> None:
+    def _launch(self, env: dict, *, run_timeout: float = 0) -> None:
         socket_path, export = self.drive
         self._start(env)
         try:
@@ -185,7 +190,7 @@ class GuestfsSession:
                       "format:raw", "readonly:true", timeout=60)
             t0 = time.monotonic()
             try:
-                self.call("run", timeout=900)
+                self.call("run", timeout=run_timeout or LAUNCH_S)
             except GuestfsError as e:
                 raise ApplianceFailed(f"the libguestfs appliance cannot start: {e.text}",
                                       hint=APPLIANCE_HINT) from None
