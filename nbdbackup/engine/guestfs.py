@@ -182,7 +182,7 @@ class GuestfsSession:
         self.tcg_fallback = True
         self._launch({**self.base_env, **TCG_ENV})
 
-    def _launch(self, env: dict, *, run_timeout: float = 0) -> None:
+    def _launch(self, env: dict, *, run_timeout: float = LAUNCH_S) -> None:
         socket_path, export = self.drive
         self._start(env)
         try:
@@ -190,7 +190,7 @@ class GuestfsSession:
                       "format:raw", "readonly:true", timeout=60)
             t0 = time.monotonic()
             try:
-                self.call("run", timeout=run_timeout or LAUNCH_S)
+                self.call("run", timeout=run_timeout)
             except GuestfsError as e:
                 raise ApplianceFailed(f"the libguestfs appliance cannot start: {e.text}",
                                       hint=APPLIANCE_HINT) from None
