@@ -117,31 +117,6 @@ def scatter(data, buffers: list) -> int:
     return pos
 
 
-class BufferPool:
-    """Reused page-aligned buffers of *size* bytes: one per thread that ever held one at once
-    (a fresh 4 MiB buffer costs 1024 page faults, and in a VM each may fault in the host too)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._free: list = []
-        self._lock = threading.Lock()
-
-    def take(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return anonymous_map(self.size)
-
-    def give(self, buf) -> None:
-        with self._lock:
-            self._free.append(buf)
-
-    def clear(self) -> None:
-        """Drop the idle buffers (unmapped with their last reference)."""
-        with self._lock:
-            self._free.clear()
-
-
 def anonymous_map(size: int) -> mmap.mmap:
     """Page-aligned private memory. MAP_PRIVATE: mmap's default for anonymous maps
     is shared (shmem), whose page faults cost half as much again."""

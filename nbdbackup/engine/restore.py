@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ChunkCorrupt, NoSpaceError, is_no_space
-from ..fsutil import BufferPool
 from ..progress import NoBar
 from ..repo.maps import merge_ranges
+from ..repo.packs import BufferPool
 from .restore_targets import open_target
 
 if TYPE_CHECKING:
@@ -110,16 +110,16 @@ def _copy(img: BackupImage, t: Target, result: RestoreResult, bar: ProgressBar, 
     damaged = result.damaged if result.salvage else None     # list.append is thread-safe
     lost_segments: list[int] = []
 
-    buffers = BufferPool(batch * cs)    # one per batch being copied: chunks decoded straight into it
+    buffers = BufferPool(batch * cs, keep=workers)     # one per batch being copied: chunks decoded into it
 
     def copy_batch(first: int, end: int) -> int:
         indexes = list(range(first, end))
-        buf = buffers.take()
+        buf = buffers.get()
         try:
             with memoryview(buf) as whole:
                 return write_batch(indexes, whole)
         finally:
-            buffers.give(buf)
+            buffers.put(buf)
 
     def write_batch(indexes: list[int], whole: memoryview) -> int:
         n = 0
