@@ -231,10 +231,7 @@ class ObjectStore:
                     raise RecordError(f"pack {pack} is truncated")
                 hdr = scratch[hdr_at:hdr_at + HEADER_SIZE]
                 payload = None if in_dest else scratch[body_at:body_at + loc.stored_len]
-                if dests[k] is None:
-                    out[k] = check_record(loc, h, rtype, hdr, self.codec, payload=payload)
-                else:
-                    out[k] = check_record(loc, h, rtype, hdr, self.codec, payload=payload, dest=dests[k])
+                out[k] = check_record(loc, h, rtype, hdr, self.codec, payload=payload, dest=dests[k])
             except RecordError as e:
                 out[k] = e
 
