@@ -230,7 +230,7 @@ def test_killed_offline_run_loses_nothing(shut_off, tmp_path):
     change = random_file(tmp_path / "change.raw", 80 * MiB, seed=15)
     qio(img, f"write -q -s {change} 0 80M", "write -q -P 0x77 90M 64K")
 
-    _kill_when_served(_offline(repo, name, "incremental", popen=True), img, delay=0.2)    # into the read
+    _kill_when_served(_offline(repo, name, "incremental", popen=True), img, delay=0.05)   # into the read
     assert [b["id"] for b in json.loads(nbb(repo, "--json", "list").stdout)] == [full["id"]]
     leftover = set(_bitmaps(img)) - {prefix + full["checkpoint"]}
     assert len(leftover) == 1, _bitmaps(img)
