@@ -32,7 +32,7 @@ from sqlalchemy import select
 from ..errors import ChunkCorrupt, LockedError, NbdBackupError, RepoDamaged, UsageError
 from ..progress import NoBar
 from . import backuprows, maps
-from .backuprows import INFO_COLUMNS, info_from_row
+from .backuprows import info_columns, info_from_row
 from .chunks import ZERO_REF
 from .info import BackupInfo
 from .mapbuilder import inheritable_positions
@@ -224,7 +224,7 @@ def _dst_backups(dst, disks: Iterable[str], ids: Iterable[str] = ()) -> dict[str
         out.update((b.id, b) for b in dst.list_backups(d))
     rest = sorted(set(ids) - set(out))
     for k in range(0, len(rest), _IN_BATCH):
-        rows = backuprows.query(dst.index_db, select(*INFO_COLUMNS).where(backups.c.id.in_(rest[k:k + _IN_BATCH])))
+        rows = backuprows.query(dst.index_db, select(*info_columns()).where(backups.c.id.in_(rest[k:k + _IN_BATCH])))
         out.update((b.id, b) for b in map(info_from_row, rows))
     return out
 

@@ -15,29 +15,36 @@ the read-then-insert of a pack's records (sealer) stays atomic between hosts.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import importlib.resources
 import logging
 import os
+import threading
 from pathlib import Path
-
-from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from typing import TYPE_CHECKING
 
 from ..errors import RepoDamaged, RepoFormatError
 from ..fsutil import write_blocker
+from . import indexsql
 from .indexerrors import index_errors
-from .indexretry import install_connect_retry
-from .schema import INDEX_REVISION
+from .indexsql import (  # noqa: F401  (write_txn: its home for callers)
+    BUSY_TIMEOUT_MS,
+    INDEX_REVISION,
+    EngineIndex,
+    IndexSql,
+    SqliteIndex,
+    index_sql,
+    write_txn,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite"
 KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005")   # oldest first; the last one is INDEX_REVISION
-BUSY_TIMEOUT_MS = 60_000
 
 # libpq connection parameters for PostgreSQL (a URL's own ?key=value wins): a dead or unreachable
 # server is found in seconds, not in TCP's minutes
@@ -52,9 +59,43 @@ def default_url(repo_path: str) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(repo_path, INDEX_FILE))}"
 
 
+class IndexHandle:
+    """The index of an open repository: its URL, the SQLAlchemy engine (made when first asked
+    for: a restore from a local SQLite index never needs it) and the IndexSql the read path and
+    the leases use (indexsql: sqlite3 itself for a SQLite file, else the engine)."""
+
+    def __init__(self, url: str, *, read_only: str | None = None):
+        self.url, self.read_only = url, read_only
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+        path = _sqlite_file(url)
+        self.sql: IndexSql = SqliteIndex(path, read_only) if path else EngineIndex(self.engine)
+        self.dialect = self.sql.dialect
+
+    @property
+    def error_target(self):
+        return self.sql.error_target
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = make_engine(self.url, read_only=self.read_only)
+            return self._engine
+
+    def dispose(self) -> None:
+        self.sql.close()
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
+
+
 def make_engine(url: str, *, read_only: str | None = None) -> Engine:
     """An engine for *url*. read_only ("ro", or "immutable" on a read-only file system) opens a
     SQLite index file read-only: a reading command then works where nothing can be written."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
     is_sqlite = url.startswith("sqlite")
     kw = {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}} if is_sqlite else {}
     url = psycopg_url(url)
@@ -110,6 +151,10 @@ def _pg_engine_args(url: str) -> dict:
 
 
 def _pg_setup(eng: Engine) -> None:
+    from sqlalchemy import event
+
+    from .indexretry import install_connect_retry
+
     install_connect_retry(eng)
 
     @event.listens_for(eng, "begin")
@@ -142,9 +187,8 @@ def read_only_mode(url: str) -> str | None:
 
 def _read_only_creator(path: str, *, immutable: bool):
     import sqlite3
-    from urllib.parse import quote
 
-    uri = f"file:{quote(os.path.abspath(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+    uri = indexsql.sqlite_uri(path, "immutable" if immutable else "ro")
 
     def connect():
         return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -183,6 +227,8 @@ def url_without_password(url: str) -> str:
 
 
 def _sqlite_setup(eng: Engine, *, read_only: bool = False) -> None:
+    from sqlalchemy import event
+
     # pysqlite's own transaction handling defers BEGIN and cannot do BEGIN
     # IMMEDIATE; take it over so writers queue on busy_timeout instead of
     # failing with "database is locked" on a read->write upgrade.
@@ -190,10 +236,9 @@ def _sqlite_setup(eng: Engine, *, read_only: bool = False) -> None:
     def _on_connect(dbapi_conn, _rec):
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        if not read_only:       # a read-only connection keeps the file's journal mode (WAL)
-            cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
+        # the settings of indexsql's own connections; a read-only one keeps the file's journal mode
+        for pragma in indexsql.SQLITE_PRAGMAS if read_only else indexsql.SQLITE_RW_PRAGMAS:
+            cur.execute(pragma)
         cur.close()
 
     @event.listens_for(eng, "begin")
@@ -202,32 +247,18 @@ def _sqlite_setup(eng: Engine, *, read_only: bool = False) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-@contextlib.contextmanager
-def write_txn(eng: Engine):
-    """A write transaction (BEGIN IMMEDIATE on SQLite); commits on success."""
-    with eng.connect().execution_options(nbdbackup_write=True) as conn:
-        with conn.begin():
-            yield conn
-
-
 def current_revision(conn: Connection) -> str | None:
     """The index's Alembic revision, None for an empty database."""
-    if conn.dialect.name == "sqlite":   # cheap check, no inspector (list must start fast)
-        found = conn.execute(text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'")
-                             ).scalar()
-    else:
-        found = inspect(conn).has_table("alembic_version")
-    if not found:
-        return None
-    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return indexsql.current_revision(indexsql.sql_conn(conn))
 
 
-def check_revision(eng: Engine, where: str) -> None:
-    """RepoFormatError unless the index is at INDEX_REVISION."""
-    with index_errors(f"reading the index of {where}", index_db=eng,
+def check_revision(index, where: str) -> None:
+    """RepoFormatError unless the index (an IndexSql or an engine) is at INDEX_REVISION."""
+    index = index_sql(index)
+    with index_errors(f"reading the index of {where}", index_db=index,
                       damaged_hint="check --index-url; `nbdbackup rebuild-index` recreates it from the packs"):
-        with eng.connect() as conn:
-            rev = current_revision(conn)
+        with index.read() as conn:
+            rev = indexsql.current_revision(conn)
     if rev == INDEX_REVISION:
         return
     if rev is None:

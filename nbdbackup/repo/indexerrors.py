@@ -20,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
-
-from sqlalchemy.exc import SQLAlchemyError
+import sys
 
 from ..errors import (
     CredentialsError,
@@ -41,8 +40,18 @@ REBUILD_HINT = ("an interrupted step leaves at most orphans for the next gc; "
 _FS_CODES = ("SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_FULL", "SQLITE_PERM")
 
 
+def is_index_error(e: BaseException) -> bool:
+    """Is *e* a database error: sqlite3's own, or SQLAlchemy's (only when it was imported: a
+    restore from a local SQLite index never imports it)?"""
+    if isinstance(e, sqlite3.Error):
+        return True
+    exc = sys.modules.get("sqlalchemy.exc")
+    return exc is not None and isinstance(e, exc.SQLAlchemyError)
+
+
 def index_path(engine_or_url) -> str | None:
-    """The SQLite index file of an engine or URL, None for other databases (and :memory:)."""
+    """The SQLite index file of an engine, IndexSql or URL, None for other databases (and :memory:)."""
+    engine_or_url = getattr(engine_or_url, "error_target", engine_or_url)
     url = getattr(engine_or_url, "url", engine_or_url)
     url = url.render_as_string(hide_password=False) if hasattr(url, "render_as_string") else str(url)
     if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
@@ -103,6 +112,7 @@ def pg_where(engine_or_url) -> str:
     """host:port (or the socket directory) of a PostgreSQL engine or URL, for messages."""
     from sqlalchemy.engine import make_url
 
+    engine_or_url = getattr(engine_or_url, "error_target", engine_or_url)
     url = getattr(engine_or_url, "url", engine_or_url)
     try:
         url = make_url(url)
@@ -181,8 +191,10 @@ def index_errors(what: str, repo=None, *, index_db=None, damaged_hint: str = REB
     full or read-only file system apart."""
     try:
         yield
-    except SQLAlchemyError as e:
-        index_db = index_db if index_db is not None else getattr(repo, "index_db", None)
+    except Exception as e:
+        if not is_index_error(e):
+            raise
+        index_db = index_db if index_db is not None else getattr(repo, "index", None) or getattr(repo, "index_db", None)
         path = index_path(index_db) if index_db is not None else None
         where = pg_where(index_db) if index_db is not None and path is None else None
         raise index_error(e, what, path=path, damaged_hint=damaged_hint, where=where) from None
@@ -193,7 +205,7 @@ def write_error(e: BaseException, repo_path: str, engine) -> BaseException:
     itself when it is neither): the one mapping shared with index open, locks and rebuild."""
     if isinstance(e, OSError):
         return storage_error(e.errno, e.filename or repo_path, "writing a backup") or e
-    if isinstance(e, SQLAlchemyError):
+    if is_index_error(e):
         path = index_path(engine)
         return index_error(e, "writing the index", path=path, where=None if path else pg_where(engine),
                            damaged_hint="nothing was committed; `nbdbackup verify` checks the repository")

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from .indexerrors import index_error, is_index_error, pg_failure, pg_where
 
-from .indexerrors import index_error, pg_failure, pg_where
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,8 @@ def install_connect_retry(eng: Engine) -> None:
     """Retry the DB-API connect of *eng* while the server is unreachable (see the module doc);
     when it stays so, raise the documented error (StorageUnreachable, CredentialsError...) at
     once: every caller, wrapped in index_errors or not, then reports it the same way."""
+    from sqlalchemy import event
+
     connector = Connector(pg_where(eng))
 
     @event.listens_for(eng, "do_connect")
@@ -101,7 +102,9 @@ def retry_read(fn: Callable[[], T], *, budget: float = RECONNECT_S) -> T:
     while True:
         try:
             return fn()
-        except SQLAlchemyError as e:
+        except Exception as e:
+            if not is_index_error(e):
+                raise
             pause = _pause(attempt)
             if not connection_lost(e) or time.monotonic() + pause > deadline:
                 raise
@@ -131,7 +134,9 @@ def retry_write(eng: Engine, body: Callable[[Connection], T], *,
                 committing = True
                 trans.commit()
             return result
-        except SQLAlchemyError as e:
+        except Exception as e:
+            if not is_index_error(e):
+                raise
             pause = _pause(attempt)
             if not connection_lost(e) or time.monotonic() + pause > deadline:
                 raise

@@ -115,10 +115,11 @@ def host_lock_dir(repo_id: str) -> str:
     return d
 
 
-def lock_service(loc: RepoLocation, engine, index_url: str, repo_id: str):
-    """Flock files for a local repository on SQLite; the index's advisory locks on PostgreSQL."""
-    if not loc.is_local and engine.dialect.name != "postgresql":
-        raise UsageError(f"{loc.display}: an S3 repository needs a PostgreSQL index, not {engine.dialect.name}")
+def lock_service(loc: RepoLocation, dialect: str, index_url: str, repo_id: str):
+    """Flock files for a local repository on SQLite; the index's advisory locks on PostgreSQL
+    (*dialect*: the index's, "sqlite" or "postgresql")."""
+    if not loc.is_local and dialect != "postgresql":
+        raise UsageError(f"{loc.display}: an S3 repository needs a PostgreSQL index, not {dialect}")
     from .pglocks import lock_service as for_index
 
     return for_index(index_url, repo_id, os.path.join(loc.path, "locks") if loc.is_local else "")

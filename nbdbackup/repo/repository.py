@@ -9,15 +9,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from typing import Sequence
-
-from sqlalchemy import select
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import KeyRefused, NotFound, RepoDamaged, UsageError, is_no_space, storage_error
 from ..fsutil import write_blocker
 from . import backuprows, keys, remote, vmstore
 from .backends import StorageBackend
-from .backuprows import INFO_COLUMNS, info_from_row
 from .codec import KeyMismatch, KeyRequired, codec_for
 from .config import (
     DEFAULT_CHUNK_SIZE,
@@ -33,7 +30,7 @@ from .context import RepoContext
 from .crypto import MasterKey
 from .ids import check_disk_name, is_backup_id
 from .image import BackupImage
-from .index import check_revision, default_url, make_engine, read_only_mode, url_without_password
+from .index import IndexHandle, check_revision, default_url, read_only_mode, url_without_password
 from .indexerrors import index_errors
 from .info import BackupInfo
 from .keys import KdfParams, KeySource, UnlockedKey
@@ -41,18 +38,17 @@ from .leases import Holds, reader_lease
 from .location import open_backend, parse_location
 from .locks import FlockLocks, RepoLock
 from .remote import host_lock_dir, lock_service
-from .schema import backups
-from .setcommit import commit_writers
-from .stats import repo_stats
 from .store import ObjectStore
 from .vmdef import VmDefinition
-from .writer import BackupWriter
+
+if TYPE_CHECKING:       # writers, stats and Core queries import SQLAlchemy: a restore does without
+    from .writer import BackupWriter
 
 _DIRS = ("packs", "locks", "tmp")
 
 
 class Repository:
-    def __init__(self, path: str, config: RepoConfig, engine, index_url: str, *, lock_wait: float = 0.0,
+    def __init__(self, path: str, config: RepoConfig, index: IndexHandle, index_url: str, *, lock_wait: float = 0.0,
                  backend: StorageBackend | None = None, s3_endpoint: str | None = None,
                  master_key: MasterKey | None = None):
         # how bytes become records: plaintext, or sealed with the key (KeyRequired / KeyMismatch);
@@ -61,18 +57,28 @@ class Repository:
         self.location = parse_location(path)
         path = self.path = self.location.display
         self.config = config
-        self.index_db = engine
+        self.index = index
         self.index_url = index_url
         self.lock_wait = lock_wait
         self.lock_dir = os.path.join(path, "locks") if self.location.is_local else None
         self.backend = backend or open_backend(self.location, s3_endpoint=s3_endpoint)
-        self.locks = lock_service(self.location, engine, index_url, config.repo_id)
+        self.locks = lock_service(self.location, index.dialect, index_url, config.repo_id)
         self._host_locks = self.locks if isinstance(self.locks, FlockLocks) else None
         self.unlocked: UnlockedKey | None = None    # how open() unlocked an encrypted repository (key commands)
-        self.store = ObjectStore(engine, self.backend, self.codec)
+        self.store = ObjectStore(index, self.backend, self.codec)
         # what writers, images and the set commit get instead of the whole repository
-        self.context = RepoContext(path=path, config=config, index_db=engine, backend=self.backend,
+        self.context = RepoContext(path=path, config=config, index=index, backend=self.backend,
                                    store=self.store, codec=self.codec, locks=self.locks, lock_wait=lock_wait)
+
+    @property
+    def index_db(self):
+        """The index's SQLAlchemy engine (made when first asked for)."""
+        return self.index.engine
+
+    @property
+    def sql(self):
+        """The index for the read path's text statements and the leases (indexsql.IndexSql)."""
+        return self.index.sql
 
     @property
     def host_locks(self) -> FlockLocks:
@@ -205,20 +211,20 @@ class Repository:
         if check and url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
             raise RepoDamaged(f"the index of {path} ({url.removeprefix('sqlite:///')}) is missing",
                               hint="`nbdbackup rebuild-index` recreates it from the packs")
-        eng = make_engine(url, read_only=read_only_mode(url))
+        index = IndexHandle(url, read_only=read_only_mode(url))
         try:
             if check:
-                check_revision(eng, loc.display)
-            repo = cls(loc.display, cfg, eng, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint,
+                check_revision(index.sql, loc.display)
+            repo = cls(loc.display, cfg, index, url, lock_wait=lock_wait, backend=backend, s3_endpoint=s3_endpoint,
                        master_key=unlocked.master if unlocked else None)
         except KeyMismatch:
-            eng.dispose()
+            index.dispose()
             raise KeyRefused(f"the key given is not the key of {loc.display}") from None
         except KeyRequired:
-            eng.dispose()
+            index.dispose()
             raise UsageError(f"{loc.display} is encrypted: its key is needed") from None
         except BaseException:
-            eng.dispose()
+            index.dispose()
             raise
         repo.unlocked = unlocked
         return repo
@@ -232,7 +238,7 @@ class Repository:
     def close(self) -> None:
         self.locks.close()
         self.backend.close()
-        self.index_db.dispose()
+        self.index.dispose()
 
     def __enter__(self):
         return self
@@ -258,31 +264,22 @@ class Repository:
         return self.context.lock(name, exclusive=exclusive, purpose=purpose, wait=wait)
 
     # -- queries --------------------------------------------------------------
-    def _query(self, stmt):
-        return backuprows.query(self.index_db, stmt)
-
     def list_backups(self, disk: str | None = None) -> list[BackupInfo]:
         """Committed backups, oldest first."""
-        q = select(*INFO_COLUMNS).order_by(backups.c.created_ms, backups.c.disk, backups.c.id)
-        if disk is not None:
-            q = q.where(backups.c.disk == disk)
-        return [info_from_row(r) for r in self._query(q)]
+        return backuprows.list_backups(self.sql, disk)
 
     def verified_times(self) -> dict[str, int]:
         """backup id -> when a verify last found it clean (ms); backups never found clean are absent."""
-        q = select(backups.c.id, backups.c.verified_ms).where(backups.c.verified_ms.is_not(None))
-        return {r[0]: r[1] for r in self._query(q)}
+        return backuprows.verified_times(self.sql)
 
     def get_backup(self, backup_id: str) -> BackupInfo:
-        rows = self._query(select(*INFO_COLUMNS).where(backups.c.id == backup_id))
-        if not rows:
+        info = backuprows.get_backup(self.sql, backup_id)
+        if info is None:
             raise NotFound(f"no backup with id {backup_id!r}", hint="see `nbdbackup list`")
-        return info_from_row(rows[0])
+        return info
 
     def latest(self, disk: str) -> BackupInfo | None:
-        rows = self._query(select(*INFO_COLUMNS).where(backups.c.disk == disk)
-                           .order_by(backups.c.created_ms.desc(), backups.c.id.desc()).limit(1))
-        return info_from_row(rows[0]) if rows else None
+        return backuprows.latest(self.sql, disk)
 
     def resolve(self, ref: str) -> BackupInfo:
         """A backup id, or a disk name meaning that disk's latest backup."""
@@ -302,19 +299,19 @@ class Repository:
 
     def find_by_checkpoint(self, disk: str, checkpoint: str) -> BackupInfo | None:
         """The (latest) backup of *disk* that opened bitmap generation *checkpoint*."""
-        rows = self._query(select(*INFO_COLUMNS).where(backups.c.disk == disk, backups.c.checkpoint == checkpoint)
-                           .order_by(backups.c.created_ms.desc()).limit(1))
-        return info_from_row(rows[0]) if rows else None
+        return backuprows.find_by_checkpoint(self.sql, disk, checkpoint)
 
     def disks(self) -> list[str]:
-        return [r[0] for r in self._query(select(backups.c.disk).distinct().order_by(backups.c.disk))]
+        return backuprows.disks(self.sql)
 
     def segment_refs(self, backup_id: str) -> list[bytes | None]:
         """The map of a backup: segment hashes in order (None = all-zero segment)."""
-        return backuprows.segment_refs(self.index_db, backup_id)
+        return backuprows.segment_refs(self.sql, backup_id)
 
     def stats(self) -> dict:
         """Totals over the repository (definitions: `nbdbackup stats --help`)."""
+        from .stats import repo_stats
+
         with index_errors("reading the index", index_db=self.index_db,
                           damaged_hint="`nbdbackup rebuild-index` recreates the index"):
             return repo_stats(self.index_db)
@@ -326,6 +323,8 @@ class Repository:
         blocker = write_blocker(self.path) if self.location.is_local else None
         if blocker in (errno.EROFS, errno.EACCES):      # say so before any work, not at the first pack
             raise storage_error(blocker, self.path, f"writing a backup of {disk}")
+        from .writer import BackupWriter
+
         return BackupWriter(self.context, disk, kind=kind, size=size, parent=parent, bitmap=bitmap,
                             checkpoint=checkpoint, set_id=set_id, source=source, preserve=preserve)
 
@@ -334,6 +333,8 @@ class Repository:
                    set_id: str | None = None, vm: VmDefinition | None = None) -> list[BackupInfo]:
         """Commit several disks' writers in ONE index transaction (same set_id, same created);
         *vm*: the VM definition stored once with the set (every member names it)."""
+        from .setcommit import commit_writers
+
         return commit_writers(self.context, writers, read_bytes=read_bytes, duration_s=duration_s,
                               created=created, set_id=set_id, vm=vm)
 
@@ -343,7 +344,7 @@ class Repository:
         info = ref if isinstance(ref, BackupInfo) else self.resolve(ref)
         lk = self.lock("readers", exclusive=False, purpose="the repository's reader lock (rebuild-index runs)")
         try:
-            lk = Holds(lk, reader_lease(self.index_db, [info.id]))
+            lk = Holds(lk, reader_lease(self.sql, [info.id]))
             refs = self.checked_segment_refs(info)
         except BaseException:
             lk.release()

@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-INDEX_REVISION = "0005"
+from .indexsql import INDEX_REVISION  # noqa: E402,F401  (one place: the read path needs it without SQLAlchemy)
 
 metadata = MetaData()
 

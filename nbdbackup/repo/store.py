@@ -23,18 +23,20 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
-
-from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import RepoDamaged, StorageUnreachable, storage_error
 from ..fsutil import anonymous_map
 from .chunks import DecodeError
 from .codec import RecordCodec
 from .indexerrors import index_errors
+from .indexsql import in_list
 from .packs import COMP_NONE, HEADER_SIZE, REC_SEGMENT, PackFormatError, RecordInfo, pack_object_name, parse_header
-from .schema import chunks, packs, segments
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from .index import IndexHandle
 
 _IN_BATCH = 500   # bound on bound parameters per IN (...) query
 RUN_GAP = 64 * 1024         # dead bytes a run reads through rather than start another get
@@ -61,51 +63,41 @@ def record_row(pack_id: int, h: bytes, rec: RecordInfo) -> dict:
 
 
 class ObjectStore:
-    def __init__(self, engine: Engine, backend, codec: RecordCodec, segment_cache: int = 256):
-        self.index_db = engine
+    def __init__(self, index: IndexHandle, backend, codec: RecordCodec, segment_cache: int = 256):
+        self.index = index
         self.backend = backend
         self.codec = codec
         self._seg_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._seg_cache_max = segment_cache
         self._lock = threading.Lock()
 
+    @property
+    def index_db(self) -> Engine:
+        return self.index.engine
+
     # -- lookups --------------------------------------------------------------
-    def _locations(self, table, hashes: Iterable[bytes]) -> dict[bytes, Location]:
+    def _locations(self, table: str, hashes: Iterable[bytes]) -> dict[bytes, Location]:
         hs = list(dict.fromkeys(hashes))
         out: dict[bytes, Location] = {}
         if not hs:
             return out
-        q = select(table.c.hash, packs.c.name, table.c.offset, table.c.stored_len, table.c.raw_len,
-                   table.c.compression).join(packs, packs.c.id == table.c.pack_id)
-        with index_errors("reading the index", index_db=self.index_db,
+        sql = self.index.sql
+        with index_errors("reading the index", index_db=sql,
                           damaged_hint="`nbdbackup rebuild-index` recreates the index from the packs"):
-            with self.index_db.connect() as conn:
+            with sql.read() as conn:
                 for i in range(0, len(hs), _IN_BATCH):
-                    for row in conn.execute(q.where(table.c.hash.in_(hs[i:i + _IN_BATCH]))):
+                    marks, params = in_list("h", hs[i:i + _IN_BATCH])
+                    for row in conn.rows(f'SELECT t.hash, p.name, t."offset", t.stored_len, t.raw_len, '
+                                         f't.compression FROM {table} t JOIN packs p ON p.id = t.pack_id '
+                                         f'WHERE t.hash IN ({marks})', params):
                         out[bytes(row[0])] = Location(*row[1:])
         return out
 
     def chunk_locations(self, hashes: Iterable[bytes]) -> dict[bytes, Location]:
-        return self._locations(chunks, hashes)
+        return self._locations("chunks", hashes)
 
     def segment_locations(self, hashes: Iterable[bytes]) -> dict[bytes, Location]:
-        return self._locations(segments, hashes)
-
-    def existing(self, table, hashes: list[bytes], conn=None) -> set[bytes]:
-        """Which of *hashes* have a row in *table* (chunks or segments)."""
-        found: set[bytes] = set()
-        hs = list(dict.fromkeys(hashes))
-
-        def run(c):
-            for i in range(0, len(hs), _IN_BATCH):
-                found.update(bytes(r[0]) for r in c.execute(select(table.c.hash).where(
-                    table.c.hash.in_(hs[i:i + _IN_BATCH]))))
-        if conn is not None:
-            run(conn)
-        elif hs:
-            with self.index_db.connect() as c:
-                run(c)
-        return found
+        return self._locations("segments", hashes)
 
     # -- reads ----------------------------------------------------------------
     def read_record(self, loc: Location, expected: bytes, rtype: int) -> bytes:

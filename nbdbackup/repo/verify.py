@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import RepoDamaged
 from . import damage, maps, vmstore
 from . import manifest as M
-from .backuprows import INFO_COLUMNS, info_from_row, refs_from_rows
+from .backuprows import info_columns, info_from_row, refs_from_rows
 from .chunks import HASH_SIZE, ZERO_REF
 from .ids import now_ms, to_ms
 from .indexerrors import index_errors
@@ -101,7 +101,7 @@ def _integrity_check(repo, report: VerifyReport) -> None:
 
 def _listed(repo) -> list[tuple[int, bytes | None, BackupInfo]]:
     """(pk, manifest_hash, info) of every backup, by a scan of the table (no lookup by id)."""
-    q = select(backups.c.pk, backups.c.manifest_hash, *INFO_COLUMNS).order_by(
+    q = select(backups.c.pk, backups.c.manifest_hash, *info_columns()).order_by(
         backups.c.created_ms, backups.c.disk, backups.c.id)
     with repo.index_db.connect() as conn:
         return [(r[0], bytes(r[1]) if r[1] is not None else None, info_from_row(r[2:])) for r in conn.execute(q)]
