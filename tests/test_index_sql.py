@@ -148,3 +148,28 @@ def test_a_read_only_sqlite_index_gives_no_lease(tmp_path):
             assert conn.scalar("SELECT id FROM backups") == info.id
     finally:
         index.close()
+
+
+def test_sqlite_connections_are_pooled_not_kept_per_thread(tmp_path):
+    """Threads that come and go (a serve's clients) leave at most KEEP_IDLE connections open."""
+    import threading
+
+    new_repo(tmp_path / "repo").close()
+    index = SqliteIndex(str(tmp_path / "repo" / "index.sqlite"))
+    gate = threading.Barrier(12)
+
+    def read():
+        with index.read() as conn:
+            gate.wait(timeout=30)       # all twelve at once: twelve connections
+            assert conn.scalar("SELECT count(*) FROM backups") == 0
+    threads = [threading.Thread(target=read) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(index._idle) == SqliteIndex.KEEP_IDLE
+    kept = list(index._idle)
+    index.close()
+    assert index._idle == []
+    with pytest.raises(sqlite3.ProgrammingError):
+        kept[0].execute("SELECT 1")

@@ -120,38 +120,42 @@ class IndexSql:
 
 
 class SqliteIndex(IndexSql):
-    """The SQLite index file *path* through sqlite3, one connection per thread (as SQLAlchemy's
-    pool gives each thread its own); *mode*: index.read_only_mode()."""
+    """The SQLite index file *path* through sqlite3; *mode*: index.read_only_mode(). Each
+    transaction takes an idle connection or opens one, and gives it back (at most KEEP_IDLE
+    kept), as SQLAlchemy's pool does: threads that come and go (a serve's) leave nothing open."""
 
     dialect = "sqlite"
+    KEEP_IDLE = 8
 
     def __init__(self, path: str, mode: str | None = None):
         self.path, self.mode = path, mode
         self.read_only = mode is not None
         self.error_target = f"sqlite:///{path}"
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite_connect(self.path, self.mode)
-            with self._lock:
-                self._all.append(conn)
-            self._local.conn = conn
-        return conn
 
     @contextlib.contextmanager
     def _txn(self, begin: str) -> Iterator[SqlConn]:
-        conn = self._conn()
-        conn.execute(begin)
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = sqlite_connect(self.path, self.mode)
         try:
-            yield LiteConn(conn)
+            conn.execute(begin)
+            try:
+                yield LiteConn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.close()        # whatever state it is in, it is not handed out again
             raise
-        conn.execute("COMMIT")
+        with self._lock:
+            if len(self._idle) < self.KEEP_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def read(self):
         return self._txn("BEGIN")
@@ -161,10 +165,9 @@ class SqliteIndex(IndexSql):
 
     def close(self) -> None:
         with self._lock:
-            conns, self._all = self._all, []
+            conns, self._idle = self._idle, []
         for c in conns:
             c.close()
-        self._local = threading.local()
 
 
 @contextlib.contextmanager

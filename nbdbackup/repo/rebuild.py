@@ -118,9 +118,9 @@ def rebuild_index(path: str, *, index_url: str | None = None, lock_wait: float =
 def _rebuild(repo, progress, keep_damaged: int) -> RebuildReport:
     rep = RebuildReport()
     found = _scan(repo.backend, repo.codec, rep, progress)
-    repo.index_db.dispose()
+    repo.index.dispose()        # the old index file's connections (engine and sqlite3) closed
     url = repo.index_url
-    if repo.index_db.dialect.name == "postgresql":
+    if repo.index.dialect == "postgresql":
         from .rebuild_pg import rebuild_in_place
 
         try:
