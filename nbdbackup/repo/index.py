@@ -90,6 +90,22 @@ class IndexHandle:
                 self._engine.dispose()
 
 
+class IndexAccess:
+    """index_db and sql for a holder of an IndexHandle in .index (Repository, RepoContext)."""
+
+    index: IndexHandle
+
+    @property
+    def index_db(self) -> Engine:
+        """The index's SQLAlchemy engine (not the engine/ package), made when first asked for."""
+        return self.index.engine
+
+    @property
+    def sql(self) -> IndexSql:
+        """The index for the read path's text statements and the leases (indexsql)."""
+        return self.index.sql
+
+
 def make_engine(url: str, *, read_only: str | None = None) -> Engine:
     """An engine for *url*. read_only ("ro", or "immutable" on a read-only file system) opens a
     SQLite index file read-only: a reading command then works where nothing can be written."""

@@ -30,7 +30,7 @@ from .context import RepoContext
 from .crypto import MasterKey
 from .ids import check_disk_name, is_backup_id
 from .image import BackupImage
-from .index import IndexHandle, check_revision, default_url, read_only_mode, url_without_password
+from .index import IndexAccess, IndexHandle, check_revision, default_url, read_only_mode, url_without_password
 from .indexerrors import index_errors
 from .info import BackupInfo
 from .keys import KdfParams, KeySource, UnlockedKey
@@ -47,7 +47,7 @@ if TYPE_CHECKING:       # writers, stats and Core queries import SQLAlchemy: a r
 _DIRS = ("packs", "locks", "tmp")
 
 
-class Repository:
+class Repository(IndexAccess):
     def __init__(self, path: str, config: RepoConfig, index: IndexHandle, index_url: str, *, lock_wait: float = 0.0,
                  backend: StorageBackend | None = None, s3_endpoint: str | None = None,
                  master_key: MasterKey | None = None):
@@ -69,16 +69,6 @@ class Repository:
         # what writers, images and the set commit get instead of the whole repository
         self.context = RepoContext(path=path, config=config, index=index, backend=self.backend,
                                    store=self.store, codec=self.codec, locks=self.locks, lock_wait=lock_wait)
-
-    @property
-    def index_db(self):
-        """The index's SQLAlchemy engine (made when first asked for)."""
-        return self.index.engine
-
-    @property
-    def sql(self):
-        """The index for the read path's text statements and the leases (indexsql.IndexSql)."""
-        return self.index.sql
 
     @property
     def host_locks(self) -> FlockLocks:
