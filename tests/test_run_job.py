@@ -163,7 +163,10 @@ def _watch(proc: subprocess.Popen, interval: float = 0.01) -> tuple[int, list[li
         backups = [k for k, c in kids.items() if "incremental" in c or "full" in c]
         most = max(most, len(backups))
         seen.update({k: c for k, c in kids.items() if c and c != [""]})
-        grand_envs.update(_environ(g) for k in backups for g in support.child_pids(k))
+        # a grandchild still between fork and exec shows the child's own environment (the one
+        # the child was started with), not what it will run with: only exec'd programs count
+        grand_envs.update(_environ(g) for k in backups for g in support.child_pids(k)
+                          if _cmdline(g) not in ([], [""], kids[k]))
         time.sleep(interval)
     return most, list(seen.values()), grand_envs
 

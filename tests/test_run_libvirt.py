@@ -170,8 +170,8 @@ def test_a_failure_in_one_domain_loses_no_change_and_spares_the_others(domains, 
         support.kill_if_running(proc)
     assert proc.returncode == ExitCode.SOME_SOURCES_FAILED, err
     doc = json.loads(out)
-    assert sources(doc)[f"libvirt:{big.name}"]["result"] == "failed"
-    assert sources(doc)[f"libvirt:{small.name}"]["result"] == "ok"
+    assert sources(doc)[f"libvirt:{big.name}"]["result"] == "failed", err
+    assert sources(doc)[f"libvirt:{small.name}"]["result"] == "ok", err
     assert by_disk(doc)[f"{small.name}-vda"]["kind"] == "full"
     assert big.checkpoints() == checkpoints                      # its chain is as it was
     # the metrics know the failed domain's disk from the repository (source libvirt:DOMAIN/vda)

@@ -87,7 +87,8 @@ def _pin(conn: SqlConn, lease_id: str, backup_ids: Iterable[str], *, missing_ok:
 
 
 class Lease:
-    """A held lease; release() deletes it (and its pins). A context manager too."""
+    """A held lease; release() deletes it (and its pins). A context manager too. *index*: an
+    IndexSql or a SQLAlchemy engine (the statements are the same text on either)."""
 
     def __init__(self, index: IndexSql, kind: str, *, pins: Iterable[str] = (), missing_ok: bool = False,
                  renew_s: float | None = None):
