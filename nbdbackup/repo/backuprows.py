@@ -2,8 +2,9 @@
 
 Reads (listing, lookups, a backup's map checked against its manifest) and the
 insert of a committed backup (set commit, rebuild-index) all go through here.
-What a reader needs (a backup by id, a disk's latest, its map) is text SQL on an
-IndexSql (indexsql: no SQLAlchemy for a local SQLite index); the rest is Core.
+What readers and `list` need (a backup by id, a disk's latest, the listing, a map and
+its manifest hash) is text SQL on an IndexSql (indexsql: no SQLAlchemy for a local
+SQLite index); set and domain lookups and the insert are Core.
 """
 
 from __future__ import annotations
